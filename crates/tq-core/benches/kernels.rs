@@ -1,0 +1,86 @@
+//! Kernel benchmarks for tq-core: rotations, codebook search and the nibble scan.
+#![allow(clippy::expect_used)]
+//!
+//! Run with `cargo bench -p tq-core`. Pools are larger than the caches where the kernel streams
+//! memory, so the prefetcher sees the real access pattern.
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use tq_core::{Codebook, Rotation, RotationKind, SeededRng, rng::stream, scan};
+
+fn gaussians(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = SeededRng::new(seed, stream::DATA);
+    (0..n).map(|_| r.gaussian() as f32).collect()
+}
+
+fn rotations(c: &mut Criterion) {
+    let mut g = c.benchmark_group("rotate_batch");
+    for d in [128usize, 200] {
+        let n = 4096;
+        let xs = gaussians(n * d, 1);
+        let mut out = vec![0.0; n * d];
+        g.throughput(Throughput::Elements(n as u64));
+        for kind in [RotationKind::Haar, RotationKind::Hadamard] {
+            let rot = Rotation::new(kind, d, 7).expect("valid dim");
+            g.bench_with_input(BenchmarkId::new(kind.name(), d), &d, |b, _| {
+                b.iter(|| rot.apply_batch(black_box(&xs), &mut out).expect("sizes match"))
+            });
+        }
+    }
+    g.finish();
+}
+
+fn codebook_search(c: &mut Criterion) {
+    let mut g = c.benchmark_group("quantize_slice");
+    let ys: Vec<f32> = gaussians(128 * 1024, 2).iter().map(|v| v / 128f32.sqrt()).collect();
+    let mut out = vec![0u8; ys.len()];
+    g.throughput(Throughput::Elements(ys.len() as u64));
+    for bits in [2u32, 4, 8] {
+        let cb = Codebook::get(128, bits).expect("valid codebook");
+        g.bench_with_input(BenchmarkId::from_parameter(bits), &bits, |b, _| {
+            b.iter(|| cb.quantize_slice(black_box(&ys), &mut out))
+        });
+    }
+    g.finish();
+}
+
+fn nibble_scan(c: &mut Criterion) {
+    let mut g = c.benchmark_group("scan_block");
+    // d = 128 at 4 bits: 64-byte rows; 64 MiB of blocks defeats the caches.
+    let row_bytes = 64;
+    let blocks = (64 << 20) / scan::block_bytes(row_bytes);
+    let mut r = SeededRng::new(3, stream::DATA);
+    let data: Vec<u8> = (0..blocks * scan::block_bytes(row_bytes)).map(|_| r.next_u64() as u8).collect();
+    let tables: Vec<u8> = (0..scan::block_bytes(row_bytes)).map(|_| r.next_u64() as u8).collect();
+    g.throughput(Throughput::Elements((blocks * scan::BLOCK) as u64));
+    let mut out = [0u32; scan::BLOCK];
+    g.bench_function("simd_d128_b4", |b| {
+        b.iter(|| {
+            let mut acc = 0u32;
+            for blk in data.chunks_exact(scan::block_bytes(row_bytes)) {
+                scan::scan_block(blk, &tables, &mut out);
+                acc = acc.wrapping_add(out[0]);
+            }
+            black_box(acc)
+        })
+    });
+    g.bench_function("scalar_d128_b4", |b| {
+        b.iter(|| {
+            let mut acc = 0u32;
+            for blk in data.chunks_exact(scan::block_bytes(row_bytes)).take(blocks / 16) {
+                scan::scan_block_scalar(blk, &tables, &mut out);
+                acc = acc.wrapping_add(out[0]);
+            }
+            black_box(acc)
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(2));
+    targets = rotations, codebook_search, nibble_scan
+}
+criterion_main!(benches);

@@ -1,0 +1,199 @@
+//! Bit packing of b-bit codes, `b` in `1..=8`.
+//!
+//! **Layout (baked into stored codes and read by the GPU kernels):** code `i` of a row occupies
+//! stream bits `i*b .. i*b + b`, least significant bit first, and stream bit `k` is bit `k % 8` of
+//! byte `k / 8` (LSB-first in little-endian bytes, so reading the bytes as little-endian `u32` words
+//! gives the same stream). A row of `n` codes takes `ceil(n*b/8)` bytes; unused high bits of the
+//! last byte are zero. For `b` in {1, 2, 4} every nibble of a packed row holds whole codes, which is
+//! what the look-up-table scan kernels in [`crate::scan`] rely on.
+
+use crate::{Error, Result};
+
+/// Number of bytes holding `n` codes of `bits` bits: `ceil(n * bits / 8)`.
+#[inline]
+pub const fn packed_len(n: usize, bits: u32) -> usize {
+    (n * bits as usize).div_ceil(8)
+}
+
+fn check_bits(bits: u32) -> Result<()> {
+    if (1..=8).contains(&bits) {
+        Ok(())
+    } else {
+        Err(Error::BitsOutOfRange { bits })
+    }
+}
+
+/// Packs `codes` (each `< 2^bits`) into `out`, which must be exactly `packed_len(codes.len(), bits)`
+/// bytes long. O(n).
+///
+/// # Errors
+/// [`Error::BitsOutOfRange`], [`Error::LengthMismatch`] for a wrong `out` length, and
+/// [`Error::CodeOutOfRange`] for a code that does not fit (nothing useful is left in `out` then).
+pub fn pack(codes: &[u8], bits: u32, out: &mut [u8]) -> Result<()> {
+    check_bits(bits)?;
+    let expected = packed_len(codes.len(), bits);
+    if out.len() != expected {
+        return Err(Error::LengthMismatch {
+            what: "packed codes",
+            expected,
+            got: out.len(),
+        });
+    }
+    let max = ((1u32 << bits) - 1) as u8;
+    if let Some((index, &code)) = codes.iter().enumerate().find(|&(_, &c)| c > max) {
+        return Err(Error::CodeOutOfRange { index, code, bits });
+    }
+    pack_unchecked(codes, bits, out);
+    Ok(())
+}
+
+/// [`pack`] without validation, for kernels whose codes are in range by construction.
+/// Out-of-range codes are masked to `bits` bits; lengths are checked with `debug_assert!`.
+pub fn pack_unchecked(codes: &[u8], bits: u32, out: &mut [u8]) {
+    debug_assert!((1..=8).contains(&bits));
+    debug_assert_eq!(out.len(), packed_len(codes.len(), bits));
+    match bits {
+        8 => out.copy_from_slice(codes),
+        4 => {
+            for (o, pair) in out.iter_mut().zip(codes.chunks(2)) {
+                let hi = pair.get(1).copied().unwrap_or(0);
+                *o = (pair[0] & 0x0f) | (hi << 4);
+            }
+        }
+        _ => {
+            let mask = (1u64 << bits) - 1;
+            let mut acc: u64 = 0;
+            let mut nbits = 0u32;
+            let mut pos = 0;
+            for &c in codes {
+                acc |= (c as u64 & mask) << nbits;
+                nbits += bits;
+                while nbits >= 8 {
+                    out[pos] = acc as u8;
+                    pos += 1;
+                    acc >>= 8;
+                    nbits -= 8;
+                }
+            }
+            if nbits > 0 {
+                out[pos] = acc as u8;
+            }
+        }
+    }
+}
+
+/// Unpacks `out.len()` codes of `bits` bits from `packed`, which must be exactly
+/// `packed_len(out.len(), bits)` bytes long. O(n).
+///
+/// # Errors
+/// [`Error::BitsOutOfRange`] and [`Error::LengthMismatch`].
+pub fn unpack(packed: &[u8], bits: u32, out: &mut [u8]) -> Result<()> {
+    check_bits(bits)?;
+    let expected = packed_len(out.len(), bits);
+    if packed.len() != expected {
+        return Err(Error::LengthMismatch {
+            what: "packed codes",
+            expected,
+            got: packed.len(),
+        });
+    }
+    unpack_unchecked(packed, bits, out);
+    Ok(())
+}
+
+/// [`unpack`] without validation (lengths are checked with `debug_assert!`).
+pub fn unpack_unchecked(packed: &[u8], bits: u32, out: &mut [u8]) {
+    debug_assert!((1..=8).contains(&bits));
+    debug_assert_eq!(packed.len(), packed_len(out.len(), bits));
+    match bits {
+        8 => out.copy_from_slice(packed),
+        4 => {
+            for (pair, &b) in out.chunks_mut(2).zip(packed) {
+                pair[0] = b & 0x0f;
+                if let Some(h) = pair.get_mut(1) {
+                    *h = b >> 4;
+                }
+            }
+        }
+        _ => {
+            let mask = (1u64 << bits) - 1;
+            let mut acc: u64 = 0;
+            let mut nbits = 0u32;
+            let mut bytes = packed.iter();
+            for o in out.iter_mut() {
+                while nbits < bits {
+                    acc |= (*bytes.next().unwrap_or(&0) as u64) << nbits;
+                    nbits += 8;
+                }
+                *o = (acc & mask) as u8;
+                acc >>= bits;
+                nbits -= bits;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The bit order is part of the stored format: re-derive it for one example per width.
+    #[test]
+    fn layout_is_lsb_first() {
+        let mut out = [0u8; 2];
+        pack(&[1, 2, 3, 0, 1, 2, 3, 1], 2, &mut out).unwrap();
+        assert_eq!(out, [0b00_11_10_01, 0b01_11_10_01]);
+        let mut out = [0u8; 2];
+        pack(&[5, 7, 1], 3, &mut out).unwrap();
+        // stream: 101 111 100 -> byte0 bits0..7 = 1,0,1,1,1,1,1,0 ; byte1 bit0 = 0
+        assert_eq!(out, [0b0111_1101, 0b0000_0000]);
+        let mut out = [0u8; 1];
+        pack(&[0xA, 0x3], 4, &mut out).unwrap();
+        assert_eq!(out, [0x3A]);
+    }
+
+    #[test]
+    fn errors_are_typed() {
+        let mut out = [0u8; 1];
+        assert_eq!(
+            pack(&[4], 2, &mut out),
+            Err(Error::CodeOutOfRange {
+                index: 0,
+                code: 4,
+                bits: 2
+            })
+        );
+        assert!(matches!(
+            pack(&[1, 1], 0, &mut out),
+            Err(Error::BitsOutOfRange { bits: 0 })
+        ));
+        assert!(matches!(
+            pack(&[1; 9], 1, &mut out),
+            Err(Error::LengthMismatch { .. })
+        ));
+        let mut codes = [0u8; 3];
+        assert!(matches!(
+            unpack(&[0], 4, &mut codes),
+            Err(Error::LengthMismatch { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(bits in 1u32..=8, raw in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let codes: Vec<u8> = raw.iter().map(|c| (*c as u32 & ((1 << bits) - 1)) as u8).collect();
+            let mut packed = vec![0u8; packed_len(codes.len(), bits)];
+            pack(&codes, bits, &mut packed).unwrap();
+            let mut back = vec![0u8; codes.len()];
+            unpack(&packed, bits, &mut back).unwrap();
+            prop_assert_eq!(&back, &codes);
+            // unused high bits of the last byte are zero
+            let used = codes.len() * bits as usize;
+            if !used.is_multiple_of(8) {
+                let last = *packed.last().unwrap();
+                prop_assert_eq!(last >> (used % 8), 0);
+            }
+        }
+    }
+}

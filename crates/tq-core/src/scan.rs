@@ -1,0 +1,275 @@
+//! Look-up-table scanning of packed codes in blocks of 32 rows (the "fast scan" layout).
+//!
+//! A packed row of `row_bytes` bytes is a stream of `2 * row_bytes` nibbles (nibble `n` is bits
+//! `4n..4n+4` of the LSB-first stream, see [`crate::bitpack`]). A **block** stores 32 rows with their
+//! nibbles transposed: for each nibble position `n`, 16 bytes, where byte `i` holds nibble `n` of
+//! row `i` in its low half and nibble `n` of row `i + 16` in its high half. A block therefore takes
+//! exactly `32 * row_bytes` bytes: the layout is a permutation of the row-major bits, no padding
+//! inside a block (a partially filled last block keeps zero rows).
+//!
+//! **Baked into stored data:** this permutation, which the batch containers of tq-quant keep in
+//! memory and which the GPU kernels read.
+//!
+//! For bit widths that divide 4 (1, 2, 4) every nibble holds whole codes, so any additive per-row
+//! score `Σ_j g_j(code_j)` is a sum of one 16-entry table per nibble position. [`scan_block`] sums
+//! such tables quantized to `u8` for all 32 rows at once: with AVX2 one `vpshufb` performs 32
+//! look-ups, accumulated in `u16` lanes and flushed to `u32` every 256 nibble pairs, so no sum can
+//! overflow (`256 · 255 < 65536`). [`scan_block_scalar`] is the specification.
+//!
+//! [`QuantizedLut`] turns float tables into `u8` tables with one shared step `Δ` and a per-table
+//! offset: `score ≈ offset + Δ · Σ u8`. Each entry is rounded to the nearest step, so the error of
+//! one table is at most `Δ/2` and the error of a score over `P` tables has standard deviation
+//! `Δ · sqrt(P / 12)` when the roundings are independent.
+
+/// Rows per block.
+pub const BLOCK: usize = 32;
+
+/// Bytes of one block of rows of `row_bytes` bytes: `32 * row_bytes`.
+#[inline]
+pub const fn block_bytes(row_bytes: usize) -> usize {
+    BLOCK * row_bytes
+}
+
+/// Writes row-major packed `row` (of `row_bytes` bytes) into slot `slot < 32` of `block`,
+/// replacing what was there. O(row_bytes).
+pub fn write_row(block: &mut [u8], slot: usize, row: &[u8]) {
+    debug_assert!(slot < BLOCK);
+    debug_assert_eq!(block.len(), block_bytes(row.len()));
+    let (i, shift, keep) = if slot < 16 {
+        (slot, 0, 0xF0u8)
+    } else {
+        (slot - 16, 4, 0x0Fu8)
+    };
+    for (k, &byte) in row.iter().enumerate() {
+        let lo = byte & 0x0F;
+        let hi = byte >> 4;
+        let p0 = &mut block[(2 * k) * 16 + i];
+        *p0 = (*p0 & keep) | (lo << shift);
+        let p1 = &mut block[(2 * k + 1) * 16 + i];
+        *p1 = (*p1 & keep) | (hi << shift);
+    }
+}
+
+/// Reads slot `slot < 32` of `block` back into row-major packed bytes `out`. O(row_bytes).
+pub fn read_row(block: &[u8], slot: usize, out: &mut [u8]) {
+    debug_assert!(slot < BLOCK);
+    debug_assert_eq!(block.len(), block_bytes(out.len()));
+    let (i, shift) = if slot < 16 { (slot, 0) } else { (slot - 16, 4) };
+    for (k, o) in out.iter_mut().enumerate() {
+        let lo = (block[(2 * k) * 16 + i] >> shift) & 0x0F;
+        let hi = (block[(2 * k + 1) * 16 + i] >> shift) & 0x0F;
+        *o = lo | (hi << 4);
+    }
+}
+
+/// `u8` look-up tables for [`scan_block`]: `16 * positions` bytes, table `n` at `16n..16n+16`.
+#[derive(Debug, Clone, Default)]
+pub struct QuantizedLut {
+    /// The tables, 16 bytes per nibble position.
+    pub tables: Vec<u8>,
+    /// Sum of the per-table minima: added to every score.
+    pub offset: f32,
+    /// The shared step `Δ`: one unit of the `u8` sum is worth `Δ`.
+    pub step: f32,
+}
+
+impl QuantizedLut {
+    /// Quantizes float tables (`16 * positions` values) to `u8` with a shared step
+    /// `Δ = max_n (max T_n - min T_n) / 255` and per-table offsets `min T_n`. Reuses `self`'s
+    /// allocation. O(positions · 16).
+    pub fn quantize_from(&mut self, tables: &[f32]) {
+        debug_assert_eq!(tables.len() % 16, 0);
+        let mut offset = 0.0f64;
+        let mut range = 0.0f32;
+        for t in tables.chunks_exact(16) {
+            let (lo, hi) = t
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                    (a.min(v), b.max(v))
+                });
+            range = range.max(hi - lo);
+        }
+        let step = if range > 0.0 { range / 255.0 } else { 1.0 };
+        let inv = 1.0 / step;
+        self.tables.clear();
+        self.tables.reserve(tables.len());
+        for t in tables.chunks_exact(16) {
+            let lo = t.iter().copied().fold(f32::INFINITY, f32::min);
+            offset += lo as f64;
+            self.tables.extend(
+                t.iter()
+                    .map(|&v| ((v - lo) * inv).round().clamp(0.0, 255.0) as u8),
+            );
+        }
+        self.offset = offset as f32;
+        self.step = step;
+    }
+
+    /// Converts a `u8` table sum to a score.
+    #[inline]
+    pub fn score(&self, sum: u32) -> f32 {
+        self.offset + self.step * sum as f32
+    }
+}
+
+/// `out[r] = Σ_n tables[16n + nibble_n(row r)]` for the 32 rows of `block` (see the module docs).
+/// `tables.len()` must be `16 * positions` with `positions = 2 * row_bytes`
+/// (`debug_assert!`). Runtime-dispatched: AVX2 when the CPU has it, else [`scan_block_scalar`].
+#[inline]
+pub fn scan_block(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
+    debug_assert_eq!(block.len() % 32, 0);
+    debug_assert_eq!(tables.len(), block.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: AVX2 support was checked at run time.
+            unsafe { x86::scan_block_avx2(block, tables, out) };
+            return;
+        }
+    }
+    scan_block_scalar(block, tables, out)
+}
+
+/// Scalar twin of [`scan_block`], the specification.
+pub fn scan_block_scalar(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
+    out.fill(0);
+    for (pos, (bytes, table)) in block
+        .chunks_exact(16)
+        .zip(tables.chunks_exact(16))
+        .enumerate()
+    {
+        let _ = pos;
+        for (i, &b) in bytes.iter().enumerate() {
+            out[i] += table[(b & 0x0F) as usize] as u32;
+            out[i + 16] += table[(b >> 4) as usize] as u32;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    use std::sync::OnceLock;
+    static AVX2: OnceLock<bool> = OnceLock::new();
+    *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::BLOCK;
+    use std::arch::x86_64::*;
+
+    /// AVX2 body of `scan_block`: two nibble positions (32 bytes of codes, two 16-byte tables) per
+    /// step; `u16` accumulators flushed to `u32` every 256 steps.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn scan_block_avx2(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
+        out.fill(0);
+        let steps = block.len() / 32;
+        let mask = _mm256_set1_epi8(0x0F);
+        let zero = _mm256_setzero_si256();
+        let mut done = 0;
+        while done < steps {
+            let chunk = (steps - done).min(256);
+            let (mut a0, mut a1, mut a2, mut a3) = (zero, zero, zero, zero);
+            for s in done..done + chunk {
+                // SAFETY: `s * 32 + 32 <= block.len() == tables.len()`; unaligned loads.
+                let (x, t) = unsafe {
+                    (
+                        _mm256_loadu_si256(block.as_ptr().add(s * 32) as *const __m256i),
+                        _mm256_loadu_si256(tables.as_ptr().add(s * 32) as *const __m256i),
+                    )
+                };
+                let lo = _mm256_and_si256(x, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), mask);
+                let rl = _mm256_shuffle_epi8(t, lo);
+                let rh = _mm256_shuffle_epi8(t, hi);
+                a0 = _mm256_add_epi16(a0, _mm256_unpacklo_epi8(rl, zero));
+                a1 = _mm256_add_epi16(a1, _mm256_unpackhi_epi8(rl, zero));
+                a2 = _mm256_add_epi16(a2, _mm256_unpacklo_epi8(rh, zero));
+                a3 = _mm256_add_epi16(a3, _mm256_unpackhi_epi8(rh, zero));
+            }
+            done += chunk;
+            // Lane 0 holds the even nibble position, lane 1 the odd one: add the two lanes.
+            for (k, acc) in [a0, a1, a2, a3].into_iter().enumerate() {
+                let mut lanes = [0u16; 16];
+                // SAFETY: `lanes` is 32 bytes.
+                unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc) };
+                for j in 0..8 {
+                    out[k * 8 + j] += lanes[j] as u32 + lanes[j + 8] as u32;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::{SeededRng, stream};
+
+    fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+        let mut r = SeededRng::new(seed, stream::DATA);
+        (0..n).map(|_| r.next_u64() as u8).collect()
+    }
+
+    #[test]
+    fn write_read_round_trip() {
+        for row_bytes in [1usize, 3, 8, 64, 65] {
+            let mut block = vec![0u8; block_bytes(row_bytes)];
+            let rows: Vec<Vec<u8>> = (0..BLOCK)
+                .map(|i| random_bytes(row_bytes, i as u64))
+                .collect();
+            for (i, r) in rows.iter().enumerate() {
+                write_row(&mut block, i, r);
+            }
+            // overwrite one slot: neighbours stay intact
+            write_row(&mut block, 5, &rows[5]);
+            let mut out = vec![0u8; row_bytes];
+            for (i, r) in rows.iter().enumerate() {
+                read_row(&block, i, &mut out);
+                assert_eq!(&out, r);
+            }
+        }
+    }
+
+    #[test]
+    fn scan_parity_over_awkward_sizes() {
+        // row_bytes up to 300 exercises the u16 flush (positions/2 > 256).
+        for row_bytes in [1usize, 7, 8, 15, 16, 17, 63, 64, 65, 127, 128, 129, 300] {
+            let block = random_bytes(block_bytes(row_bytes), row_bytes as u64);
+            let tables = random_bytes(block.len(), 1000 + row_bytes as u64);
+            let (mut a, mut b) = ([0u32; BLOCK], [0u32; BLOCK]);
+            scan_block(&block, &tables, &mut a);
+            scan_block_scalar(&block, &tables, &mut b);
+            assert_eq!(a, b, "row_bytes={row_bytes}");
+            // and against an independent read-back of every row
+            let mut row = vec![0u8; row_bytes];
+            for (slot, &got) in b.iter().enumerate() {
+                read_row(&block, slot, &mut row);
+                let want: u32 = (0..2 * row_bytes)
+                    .map(|n| {
+                        tables[16 * n + ((row[n / 2] >> (4 * (n % 2))) & 0x0F) as usize] as u32
+                    })
+                    .sum();
+                assert_eq!(got, want);
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_lut_error_is_within_half_a_step_per_table() {
+        let mut r = SeededRng::new(9, stream::DATA);
+        let tables: Vec<f32> = (0..16 * 40).map(|_| r.gaussian() as f32).collect();
+        let mut q = QuantizedLut::default();
+        q.quantize_from(&tables);
+        for n in 0..40 {
+            let lo = tables[16 * n..16 * n + 16]
+                .iter()
+                .copied()
+                .fold(f32::INFINITY, f32::min);
+            for v in 0..16 {
+                let back = lo + q.step * q.tables[16 * n + v] as f32;
+                assert!((back - tables[16 * n + v]).abs() <= 0.5001 * q.step);
+            }
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! Float kernels with runtime SIMD dispatch (pulp) and their scalar twins.
+//!
+//! Each kernel `foo` dispatches once per call through a process-wide [`pulp::Arch`] chosen at first
+//! use; `foo_scalar` is the specification it is tested against. Reductions use several independent
+//! accumulators, so their rounding differs from the scalar twin by a few ulps (the parity tests
+//! bound it); element-wise kernels are bit-identical to their twins.
+
+use std::sync::OnceLock;
+
+use pulp::{Arch, Simd, WithSimd};
+
+/// The process-wide SIMD dispatcher.
+#[inline]
+pub fn arch() -> Arch {
+    static ARCH: OnceLock<Arch> = OnceLock::new();
+    *ARCH.get_or_init(Arch::new)
+}
+
+struct Dot<'a>(&'a [f32], &'a [f32]);
+
+impl WithSimd for Dot<'_> {
+    type Output = f32;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> f32 {
+        let (a, at) = S::as_simd_f32s(self.0);
+        let (b, bt) = S::as_simd_f32s(self.1);
+        let mut acc = [simd.splat_f32s(0.0); 4];
+        let mut ac = a.chunks_exact(4);
+        let mut bc = b.chunks_exact(4);
+        for (x, y) in (&mut ac).zip(&mut bc) {
+            for k in 0..4 {
+                acc[k] = simd.mul_add_f32s(x[k], y[k], acc[k]);
+            }
+        }
+        for (x, y) in ac.remainder().iter().zip(bc.remainder()) {
+            acc[0] = simd.mul_add_f32s(*x, *y, acc[0]);
+        }
+        let s = simd.add_f32s(simd.add_f32s(acc[0], acc[1]), simd.add_f32s(acc[2], acc[3]));
+        let mut total = simd.reduce_sum_f32s(s);
+        for (x, y) in at.iter().zip(bt) {
+            total += x * y;
+        }
+        total
+    }
+}
+
+/// `Σ a_i b_i`. `a` and `b` must have equal lengths (checked with `debug_assert!`). O(n).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    arch().dispatch(Dot(a, b))
+}
+
+/// Scalar twin of [`dot`] (sequential sum).
+pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `out[i] = #{ j : ys[i] > sorted[j] }`: the code of each value for a sorted boundary list (ties
+/// take the lower code, NaN gives 0). `out.len() == ys.len()` (checked with `debug_assert!`).
+/// O(n · sorted.len()); used for `sorted.len() <= 15`.
+pub fn count_below(sorted: &[f32], ys: &[f32], out: &mut [u8]) {
+    debug_assert_eq!(ys.len(), out.len());
+    arch().dispatch(
+        #[inline(always)]
+        || {
+            out.fill(0);
+            for &b in sorted {
+                for (o, &y) in out.iter_mut().zip(ys) {
+                    *o += (y > b) as u8;
+                }
+            }
+        },
+    )
+}
+
+/// Scalar twin of [`count_below`].
+pub fn count_below_scalar(sorted: &[f32], ys: &[f32], out: &mut [u8]) {
+    for (o, &y) in out.iter_mut().zip(ys) {
+        *o = sorted.iter().filter(|&&b| y > b).count() as u8;
+    }
+}
+
+/// Unnormalised fast Walsh-Hadamard transform in place (`x ← H x` with `H` the ±1 Sylvester matrix).
+/// `x.len()` must be a power of two (checked with `debug_assert!`). O(n log n).
+pub fn fwht(x: &mut [f32]) {
+    debug_assert!(x.len().is_power_of_two());
+    arch().dispatch(
+        #[inline(always)]
+        || fwht_body(x),
+    )
+}
+
+/// Scalar twin of [`fwht`] (same butterflies, no SIMD dispatch).
+pub fn fwht_scalar(x: &mut [f32]) {
+    fwht_body(x)
+}
+
+#[inline(always)]
+fn fwht_body(x: &mut [f32]) {
+    let n = x.len();
+    let mut h = 1;
+    while h < n {
+        for block in x.chunks_exact_mut(2 * h) {
+            let (a, b) = block.split_at_mut(h);
+            for (u, v) in a.iter_mut().zip(b.iter_mut()) {
+                let (s, t) = (*u + *v, *u - *v);
+                *u = s;
+                *v = t;
+            }
+        }
+        h *= 2;
+    }
+}
+
+/// `x[i] *= s[i]`. Lengths must match (checked with `debug_assert!`).
+#[inline]
+pub fn mul_in_place(x: &mut [f32], s: &[f32]) {
+    debug_assert_eq!(x.len(), s.len());
+    arch().dispatch(
+        #[inline(always)]
+        || {
+            for (a, b) in x.iter_mut().zip(s) {
+                *a *= *b;
+            }
+        },
+    )
+}
+
+/// `x[i] *= s`.
+#[inline]
+pub fn scale_in_place(x: &mut [f32], s: f32) {
+    arch().dispatch(
+        #[inline(always)]
+        || {
+            for a in x.iter_mut() {
+                *a *= s;
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::{SeededRng, stream};
+
+    const SIZES: [usize; 14] = [0, 1, 7, 8, 15, 16, 17, 63, 64, 65, 127, 128, 129, 1000];
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = SeededRng::new(seed, stream::DATA);
+        (0..n).map(|_| r.gaussian() as f32).collect()
+    }
+
+    /// SIMD and scalar sums differ only by reassociation: each partial sum carries at most
+    /// n·eps·Σ|a_i b_i| of rounding error, so that bound (with eps = 2^-23) is the tolerance.
+    #[test]
+    fn dot_parity() {
+        for n in SIZES {
+            let (a, b) = (data(n, 1), data(n, 2));
+            let bound = n as f32
+                * f32::EPSILON
+                * dot_scalar(
+                    &a.iter().map(|v| v.abs()).collect::<Vec<_>>(),
+                    &b.iter().map(|v| v.abs()).collect::<Vec<_>>(),
+                );
+            assert!(
+                (dot(&a, &b) - dot_scalar(&a, &b)).abs() <= bound + 1e-30,
+                "n={n}"
+            );
+        }
+    }
+
+    #[test]
+    fn count_below_parity() {
+        let bounds = [-0.5f32, -0.1, 0.0, 0.2, 0.7];
+        for n in SIZES {
+            let ys = data(n, 3);
+            let (mut a, mut b) = (vec![0u8; n], vec![0u8; n]);
+            count_below(&bounds, &ys, &mut a);
+            count_below_scalar(&bounds, &ys, &mut b);
+            assert_eq!(a, b, "n={n}");
+        }
+    }
+
+    #[test]
+    fn fwht_parity_and_involution() {
+        for n in [1usize, 2, 4, 8, 16, 64, 128, 1024] {
+            let x = data(n, 4);
+            let (mut a, mut b) = (x.clone(), x.clone());
+            fwht(&mut a);
+            fwht_scalar(&mut b);
+            assert_eq!(a, b);
+            fwht(&mut a);
+            for (u, v) in a.iter().zip(&x) {
+                assert!((u / n as f32 - v).abs() < 1e-5 * (1.0 + v.abs()));
+            }
+        }
+    }
+}
