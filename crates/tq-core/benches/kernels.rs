@@ -24,7 +24,10 @@ fn rotations(c: &mut Criterion) {
         for kind in [RotationKind::Haar, RotationKind::Hadamard] {
             let rot = Rotation::new(kind, d, 7).expect("valid dim");
             g.bench_with_input(BenchmarkId::new(kind.name(), d), &d, |b, _| {
-                b.iter(|| rot.apply_batch(black_box(&xs), &mut out).expect("sizes match"))
+                b.iter(|| {
+                    rot.apply_batch(black_box(&xs), &mut out)
+                        .expect("sizes match")
+                })
             });
         }
     }
@@ -33,7 +36,10 @@ fn rotations(c: &mut Criterion) {
 
 fn codebook_search(c: &mut Criterion) {
     let mut g = c.benchmark_group("quantize_slice");
-    let ys: Vec<f32> = gaussians(128 * 1024, 2).iter().map(|v| v / 128f32.sqrt()).collect();
+    let ys: Vec<f32> = gaussians(128 * 1024, 2)
+        .iter()
+        .map(|v| v / 128f32.sqrt())
+        .collect();
     let mut out = vec![0u8; ys.len()];
     g.throughput(Throughput::Elements(ys.len() as u64));
     for bits in [2u32, 4, 8] {
@@ -51,8 +57,12 @@ fn nibble_scan(c: &mut Criterion) {
     let row_bytes = 64;
     let blocks = (64 << 20) / scan::block_bytes(row_bytes);
     let mut r = SeededRng::new(3, stream::DATA);
-    let data: Vec<u8> = (0..blocks * scan::block_bytes(row_bytes)).map(|_| r.next_u64() as u8).collect();
-    let tables: Vec<u8> = (0..scan::block_bytes(row_bytes)).map(|_| r.next_u64() as u8).collect();
+    let data: Vec<u8> = (0..blocks * scan::block_bytes(row_bytes))
+        .map(|_| r.next_u64() as u8)
+        .collect();
+    let tables: Vec<u8> = (0..scan::block_bytes(row_bytes))
+        .map(|_| r.next_u64() as u8)
+        .collect();
     g.throughput(Throughput::Elements((blocks * scan::BLOCK) as u64));
     let mut out = [0u32; scan::BLOCK];
     g.bench_function("simd_d128_b4", |b| {
@@ -68,7 +78,10 @@ fn nibble_scan(c: &mut Criterion) {
     g.bench_function("scalar_d128_b4", |b| {
         b.iter(|| {
             let mut acc = 0u32;
-            for blk in data.chunks_exact(scan::block_bytes(row_bytes)).take(blocks / 16) {
+            for blk in data
+                .chunks_exact(scan::block_bytes(row_bytes))
+                .take(blocks / 16)
+            {
                 scan::scan_block_scalar(blk, &tables, &mut out);
                 acc = acc.wrapping_add(out[0]);
             }

@@ -368,7 +368,13 @@ fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
 }
 
 fn haar_matrix(d: usize, seed: u64) -> Vec<f32> {
-    let mut rng = SeededRng::new(seed, stream::HAAR);
+    orthonormal_rows(&mut SeededRng::new(seed, stream::HAAR), d)
+}
+
+/// A Haar-distributed `d × d` orthogonal matrix (row-major f32) drawn from `rng`: `d²` Gaussians
+/// row by row, orthonormalised in order by CGS2 (see the module docs). Deterministic for a given
+/// generator state on every platform. O(d³).
+pub fn orthonormal_rows(rng: &mut SeededRng, d: usize) -> Vec<f32> {
     let mut q: Vec<f64> = (0..d * d).map(|_| rng.gaussian()).collect();
     let mut coeff = vec![0.0f64; d];
     for k in 0..d {

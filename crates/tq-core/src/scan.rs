@@ -146,6 +146,29 @@ pub fn scan_block_scalar(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
     }
 }
 
+/// Float twin of [`scan_block_scalar`]: `out[r] = Σ_n tables[16n + nibble_n(row r)]` with `f32`
+/// tables (the exact path used for reference scores and re-ranking). O(32 · positions).
+pub fn scan_block_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
+    debug_assert_eq!(tables.len(), block.len());
+    out.fill(0.0);
+    for (bytes, table) in block.chunks_exact(16).zip(tables.chunks_exact(16)) {
+        for (i, &b) in bytes.iter().enumerate() {
+            out[i] += table[(b & 0x0F) as usize];
+            out[i + 16] += table[(b >> 4) as usize];
+        }
+    }
+}
+
+/// `Σ_n tables[16n + nibble_n(row)]` for one row-major packed row. O(row_bytes).
+pub fn score_row_f32(row: &[u8], tables: &[f32]) -> f32 {
+    debug_assert_eq!(tables.len(), 32 * row.len());
+    let mut s = 0.0f32;
+    for (k, &b) in row.iter().enumerate() {
+        s += tables[32 * k + (b & 0x0F) as usize] + tables[32 * k + 16 + (b >> 4) as usize];
+    }
+    s
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
     use std::sync::OnceLock;

@@ -1,0 +1,3 @@
+//! b
+#![allow(clippy::expect_used)]
+fn main() {}

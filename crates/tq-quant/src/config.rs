@@ -1,0 +1,161 @@
+//! Quantizer configurations: everything needed to rebuild a quantizer (matrices are regenerated
+//! from the seed, never stored).
+
+use serde::{Deserialize, Serialize};
+use tq_core::RotationKind;
+
+use crate::{Error, Result};
+
+/// Largest dimension accepted for a dense Haar rotation or a dense QJL matrix (`d²` floats).
+pub const MAX_DENSE_DIM: usize = 4096;
+/// Largest dimension accepted at all.
+pub const MAX_DIM: usize = 1 << 20;
+
+/// How the QJL projection `S` is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SketchKind {
+    /// i.i.d. standard Gaussian entries, as in the papers.
+    #[default]
+    Gaussian,
+    /// Rows of independent Haar orthogonal `d × d` blocks scaled by `sqrt(d)`: still unbiased,
+    /// lower variance.
+    Orthogonal,
+}
+
+impl SketchKind {
+    /// Lower-case name, as used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            SketchKind::Gaussian => "gaussian",
+            SketchKind::Orthogonal => "orthogonal",
+        }
+    }
+}
+
+impl std::str::FromStr for SketchKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "gaussian" => Ok(Self::Gaussian),
+            "orthogonal" => Ok(Self::Orthogonal),
+            other => Err(format!(
+                "unknown sketch '{other}' (expected gaussian or orthogonal)"
+            )),
+        }
+    }
+}
+
+/// Configuration of a [`MseQuantizer`](crate::MseQuantizer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MseConfig {
+    /// Vector dimension `d >= 2`.
+    pub dim: usize,
+    /// Bits per coordinate, `1..=8`.
+    pub bits: u32,
+    /// The random rotation.
+    pub rotation: RotationKind,
+    /// Seed of the rotation.
+    pub seed: u64,
+}
+
+/// Configuration of a [`ProdQuantizer`](crate::ProdQuantizer): `bits - 1` bits of MSE codes plus
+/// one QJL sign bit per coordinate (sketch size `m = d`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProdConfig {
+    /// Vector dimension `d >= 2`.
+    pub dim: usize,
+    /// Total bits per coordinate, `1..=8` (`1` is a pure QJL sketch of the vector).
+    pub bits: u32,
+    /// The random rotation.
+    pub rotation: RotationKind,
+    /// How the QJL matrix is drawn.
+    pub sketch: SketchKind,
+    /// Seed of the rotation and of the QJL matrix (independent streams).
+    pub seed: u64,
+}
+
+/// Configuration of a stand-alone [`QjlSketch`](crate::QjlSketch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QjlConfig {
+    /// Vector dimension `d >= 2`.
+    pub dim: usize,
+    /// Sketch size `m >= 1` (sign bits per vector).
+    pub sketch_dim: usize,
+    /// How `S` is drawn.
+    pub sketch: SketchKind,
+    /// Seed of `S`.
+    pub seed: u64,
+}
+
+pub(crate) fn check_dim(dim: usize, dense: bool) -> Result<()> {
+    if dim < 2 {
+        return Err(tq_core::Error::DimTooSmall { dim, min: 2 }.into());
+    }
+    let (max, what) = if dense {
+        (MAX_DENSE_DIM, "a dense rotation or sketch")
+    } else {
+        (MAX_DIM, "a quantizer")
+    };
+    if dim > max {
+        return Err(Error::DimTooLarge { what, dim, max });
+    }
+    Ok(())
+}
+
+impl MseConfig {
+    /// Validates the configuration.
+    ///
+    /// # Errors
+    /// [`Error::Core`] for `dim < 2`, [`Error::DimTooLarge`], [`Error::BitsOutOfRange`].
+    pub fn validate(&self) -> Result<()> {
+        check_dim(self.dim, self.rotation == RotationKind::Haar)?;
+        if !(1..=8).contains(&self.bits) {
+            return Err(Error::BitsOutOfRange {
+                quantizer: "TurboQuant_mse",
+                bits: self.bits,
+                min: 1,
+                max: 8,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl ProdConfig {
+    /// Validates the configuration.
+    ///
+    /// # Errors
+    /// As [`MseConfig::validate`]; the dense QJL matrix limits `dim` to [`MAX_DENSE_DIM`].
+    pub fn validate(&self) -> Result<()> {
+        check_dim(self.dim, true)?;
+        if !(1..=8).contains(&self.bits) {
+            return Err(Error::BitsOutOfRange {
+                quantizer: "TurboQuant_prod",
+                bits: self.bits,
+                min: 1,
+                max: 8,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl QjlConfig {
+    /// Validates the configuration.
+    ///
+    /// # Errors
+    /// [`Error::Core`] for `dim < 2`, [`Error::DimTooLarge`], [`Error::SketchSizeOutOfRange`] for
+    /// `m` outside `1..=MAX_DENSE_DIM` (or `m·d` over `MAX_DENSE_DIM²`).
+    pub fn validate(&self) -> Result<()> {
+        check_dim(self.dim, true)?;
+        let max = MAX_DENSE_DIM * MAX_DENSE_DIM / self.dim;
+        if self.sketch_dim == 0 || self.sketch_dim > max.min(MAX_DIM) {
+            return Err(Error::SketchSizeOutOfRange {
+                m: self.sketch_dim,
+                max: max.min(MAX_DIM),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,127 @@
+//! The error type of tq-quant.
+
+use thiserror::Error;
+
+/// Errors raised by the quantizers, batches and their serialization.
+#[derive(Debug, Clone, PartialEq, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An error from the primitives (dimension, bit width, lengths).
+    #[error(transparent)]
+    Core(#[from] tq_core::Error),
+    /// A bit width outside the range a quantizer accepts.
+    #[error("bit width {bits} is out of range for {quantizer} (expected {min}..={max})")]
+    BitsOutOfRange {
+        /// The quantizer the width was given to.
+        quantizer: &'static str,
+        /// The width given.
+        bits: u32,
+        /// Smallest accepted width.
+        min: u32,
+        /// Largest accepted width.
+        max: u32,
+    },
+    /// A dimension too large for the chosen construction (it would allocate unboundedly).
+    #[error("dimension {dim} exceeds the supported maximum {max} for {what}")]
+    DimTooLarge {
+        /// What the limit applies to.
+        what: &'static str,
+        /// The dimension given.
+        dim: usize,
+        /// The largest accepted dimension.
+        max: usize,
+    },
+    /// A sketch size outside `1..=max`.
+    #[error("sketch size {m} is out of range (expected 1..={max})")]
+    SketchSizeOutOfRange {
+        /// The sketch size given.
+        m: usize,
+        /// The largest accepted sketch size.
+        max: usize,
+    },
+    /// A vector of the wrong length.
+    #[error("dimension mismatch: expected {expected}, got {got}")]
+    DimMismatch {
+        /// Required length.
+        expected: usize,
+        /// Given length.
+        got: usize,
+    },
+    /// A NaN or infinite input value.
+    #[error("non-finite value {value} at index {index}")]
+    NonFinite {
+        /// Flat index of the first non-finite value.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// A row index past the end of a batch.
+    #[error("row {index} is out of range for a batch of {len} rows")]
+    RowOutOfRange {
+        /// The index given.
+        index: usize,
+        /// The batch length.
+        len: usize,
+    },
+    /// Two objects built from different configurations were combined.
+    #[error("configuration mismatch: {0}")]
+    ConfigMismatch(String),
+    /// Bytes that are not a valid saved batch; `what` names the part that is wrong.
+    #[error("invalid saved batch ({what}): {detail}")]
+    InvalidFormat {
+        /// The tensor, metadata key or header part at fault.
+        what: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A saved batch written by an unsupported format version.
+    #[error("unsupported format version {found} (this build reads version {supported})")]
+    UnsupportedVersion {
+        /// The version in the file.
+        found: String,
+        /// The version this build reads.
+        supported: u32,
+    },
+    /// An I/O error while reading or writing a file.
+    #[error("i/o error on {path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The system's message.
+        message: String,
+    },
+}
+
+/// Result alias for tq-quant.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Rejects non-finite values, reporting the first one.
+pub(crate) fn check_finite(xs: &[f32]) -> Result<()> {
+    if let Some((index, &value)) = xs.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::NonFinite { index, value });
+    }
+    Ok(())
+}
+
+/// Rejects a vector whose length is not `dim`.
+pub(crate) fn check_dim(xs: &[f32], dim: usize) -> Result<()> {
+    if xs.len() != dim {
+        return Err(Error::DimMismatch {
+            expected: dim,
+            got: xs.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Rejects a row-major batch whose length is not a multiple of `dim`.
+pub(crate) fn check_batch(xs: &[f32], dim: usize) -> Result<usize> {
+    if !xs.len().is_multiple_of(dim) {
+        return Err(Error::DimMismatch {
+            expected: dim,
+            got: xs.len() % dim,
+        });
+    }
+    check_finite(xs)?;
+    Ok(xs.len() / dim)
+}

@@ -1,0 +1,354 @@
+//! Saving and loading batches as safetensors.
+//!
+//! **Format (version 1).** A safetensors file whose `__metadata__` holds `format = "tq-batch"`,
+//! `version = "1"`, `kind = "mse" | "prod"` and `config` (the quantizer configuration as JSON:
+//! dimension, bits, rotation, sketch, seed; matrices are regenerated from the seed, never stored).
+//! Tensors, all row-major and little-endian:
+//!
+//! | tensor | dtype | shape | kind |
+//! |---|---|---|---|
+//! | `codes` | U8 | `[n, ceil(d·b'/8)]` packed LSB-first (`b' = b` for mse, `b - 1` for prod; absent when `b' = 0`) | both |
+//! | `norms` | F32 | `[n]` | both |
+//! | `residual_norms` | F32 | `[n]` | prod |
+//! | `signs` | U8 | `[n, ceil(d/8)]`, bit `j` = sign of `(S r)_j >= 0` | prod |
+//!
+//! Rows are stored row-major (the interchange layout, readable from numpy); the in-memory 32-row
+//! block layout is rebuilt on load. Loading validates everything before use: header and offsets
+//! (by the safetensors crate), metadata keys, format version, configuration, tensor names, dtypes
+//! and shapes against the configuration, row counts, unused padding bits, and finite non-negative
+//! norms. Any defect is an [`Error`], never a panic; allocations are bounded by the input size
+//! (plus the quantizer's own matrices, which [`crate::config`] caps).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::config::{MseConfig, ProdConfig};
+use crate::{Error, MseBatch, MseQuantizer, PackedRows, ProdBatch, ProdQuantizer, Result};
+
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+const FORMAT_NAME: &str = "tq-batch";
+
+/// A batch read from disk.
+#[derive(Debug, Clone)]
+pub enum SavedBatch {
+    /// A `TurboQuant_mse` batch.
+    Mse(MseBatch),
+    /// A `TurboQuant_prod` batch.
+    Prod(ProdBatch),
+}
+
+fn bad(what: &'static str, detail: impl Into<String>) -> Error {
+    Error::InvalidFormat {
+        what,
+        detail: detail.into(),
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn serialize(
+    kind: &str,
+    config_json: String,
+    tensors: Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)>,
+) -> Result<Vec<u8>> {
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), FORMAT_NAME.to_string());
+    meta.insert("version".to_string(), FORMAT_VERSION.to_string());
+    meta.insert("kind".to_string(), kind.to_string());
+    meta.insert("config".to_string(), config_json);
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, dtype, shape, data) in &tensors {
+        let view = TensorView::new(*dtype, shape.clone(), data)
+            .map_err(|e| bad("tensor", e.to_string()))?;
+        views.push((*name, view));
+    }
+    safetensors::serialize(views, Some(meta)).map_err(|e| bad("header", e.to_string()))
+}
+
+impl MseBatch {
+    /// Serializes the batch (format in the [module docs](crate::io)). O(n · row_bytes).
+    ///
+    /// # Errors
+    /// [`Error::InvalidFormat`] only if the safetensors writer rejects the tensors (not expected).
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let q = self.quantizer();
+        let n = self.len();
+        let config = serde_json::to_string(q.config()).map_err(|e| bad("config", e.to_string()))?;
+        serialize(
+            "mse",
+            config,
+            vec![
+                (
+                    "codes",
+                    Dtype::U8,
+                    vec![n, q.row_bytes()],
+                    self.codes().to_row_major(),
+                ),
+                ("norms", Dtype::F32, vec![n], f32_bytes(self.norms())),
+            ],
+        )
+    }
+}
+
+impl ProdBatch {
+    /// Serializes the batch (format in the [module docs](crate::io)).
+    ///
+    /// # Errors
+    /// [`Error::InvalidFormat`] only if the safetensors writer rejects the tensors (not expected).
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let q = self.quantizer();
+        let n = self.len();
+        let config = serde_json::to_string(q.config()).map_err(|e| bad("config", e.to_string()))?;
+        let mut tensors = Vec::new();
+        if let Some(c) = self.codes() {
+            tensors.push((
+                "codes",
+                Dtype::U8,
+                vec![n, q.code_bytes()],
+                c.to_row_major(),
+            ));
+        }
+        tensors.push(("norms", Dtype::F32, vec![n], f32_bytes(self.norms())));
+        tensors.push((
+            "residual_norms",
+            Dtype::F32,
+            vec![n],
+            f32_bytes(self.residual_norms()),
+        ));
+        tensors.push((
+            "signs",
+            Dtype::U8,
+            vec![n, q.sign_bytes()],
+            self.signs().to_row_major(),
+        ));
+        serialize("prod", config, tensors)
+    }
+}
+
+impl SavedBatch {
+    /// Serializes whichever batch this is.
+    ///
+    /// # Errors
+    /// As [`MseBatch::to_safetensors`].
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        match self {
+            SavedBatch::Mse(b) => b.to_safetensors(),
+            SavedBatch::Prod(b) => b.to_safetensors(),
+        }
+    }
+
+    /// Parses and validates a saved batch (see the [module docs](crate::io)).
+    ///
+    /// # Errors
+    /// [`Error::InvalidFormat`] naming the part at fault, [`Error::UnsupportedVersion`], or a
+    /// configuration error.
+    pub fn from_safetensors(bytes: &[u8]) -> Result<SavedBatch> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad("header", e.to_string()))?;
+        let (_, header) =
+            SafeTensors::read_metadata(bytes).map_err(|e| bad("header", e.to_string()))?;
+        let meta = header
+            .metadata()
+            .as_ref()
+            .ok_or_else(|| bad("__metadata__", "missing"))?;
+        let get = |k: &'static str| {
+            meta.get(k)
+                .ok_or_else(|| bad("__metadata__", format!("missing key '{k}'")))
+        };
+        if get("format")? != FORMAT_NAME {
+            return Err(bad(
+                "__metadata__",
+                format!("format is '{}', expected '{FORMAT_NAME}'", get("format")?),
+            ));
+        }
+        let version = get("version")?;
+        if version.parse::<u32>().ok() != Some(FORMAT_VERSION) {
+            return Err(Error::UnsupportedVersion {
+                found: version.chars().take(32).collect(),
+                supported: FORMAT_VERSION,
+            });
+        }
+        let config = get("config")?;
+        let names: Vec<&str> = st.names();
+        let kind = get("kind")?.as_str();
+        let allowed: &[&str] = match kind {
+            "mse" => &["codes", "norms"],
+            "prod" => &["codes", "norms", "residual_norms", "signs"],
+            other => {
+                return Err(bad(
+                    "__metadata__",
+                    format!(
+                        "unknown kind '{}'",
+                        other.chars().take(32).collect::<String>()
+                    ),
+                ));
+            }
+        };
+        if let Some(extra) = names.iter().find(|n| !allowed.contains(n)) {
+            return Err(bad(
+                "tensors",
+                format!(
+                    "unexpected tensor '{}'",
+                    extra.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        match kind {
+            "mse" => {
+                let cfg: MseConfig =
+                    serde_json::from_str(config).map_err(|e| bad("config", e.to_string()))?;
+                cfg.validate()?;
+                // Shapes are checked against the configuration before the quantizer is built.
+                let norms = read_f32(&st, "norms", None)?;
+                let n = norms.len();
+                let row_bytes = tq_core::bitpack::packed_len(cfg.dim, cfg.bits);
+                let codes = read_rows(&st, "codes", n, row_bytes, cfg.dim * cfg.bits as usize)?;
+                let q = Arc::new(MseQuantizer::new(cfg)?);
+                Ok(SavedBatch::Mse(MseBatch::from_parts(q, codes, norms)?))
+            }
+            _ => {
+                let cfg: ProdConfig =
+                    serde_json::from_str(config).map_err(|e| bad("config", e.to_string()))?;
+                cfg.validate()?;
+                let norms = read_f32(&st, "norms", None)?;
+                let n = norms.len();
+                let residual_norms = read_f32(&st, "residual_norms", Some(n))?;
+                let code_bits = cfg.dim * (cfg.bits as usize - 1);
+                let codes = if cfg.bits > 1 {
+                    Some(read_rows(
+                        &st,
+                        "codes",
+                        n,
+                        code_bits.div_ceil(8),
+                        code_bits,
+                    )?)
+                } else {
+                    if names.contains(&"codes") {
+                        return Err(bad(
+                            "codes",
+                            "present for a 1-bit prod batch, which has no MSE codes",
+                        ));
+                    }
+                    None
+                };
+                let signs = read_rows(&st, "signs", n, cfg.dim.div_ceil(8), cfg.dim)?;
+                let q = Arc::new(ProdQuantizer::new(cfg)?);
+                Ok(SavedBatch::Prod(ProdBatch::from_parts(
+                    q,
+                    codes,
+                    signs,
+                    norms,
+                    residual_norms,
+                )?))
+            }
+        }
+    }
+
+    /// Writes the batch to `path`.
+    ///
+    /// # Errors
+    /// [`Error::Io`].
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = self.to_safetensors()?;
+        std::fs::write(path, bytes).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads and validates a batch from `path`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] and those of [`SavedBatch::from_safetensors`].
+    pub fn load(path: &Path) -> Result<SavedBatch> {
+        let bytes = std::fs::read(path).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_safetensors(&bytes)
+    }
+}
+
+fn tensor<'a>(st: &SafeTensors<'a>, name: &'static str, dtype: Dtype) -> Result<TensorView<'a>> {
+    let t = st.tensor(name).map_err(|_| bad(name, "missing"))?;
+    if t.dtype() != dtype {
+        return Err(bad(
+            name,
+            format!("dtype {:?}, expected {dtype:?}", t.dtype()),
+        ));
+    }
+    Ok(t)
+}
+
+/// A 1-D F32 tensor of finite non-negative values (of length `n` when given).
+fn read_f32(st: &SafeTensors<'_>, name: &'static str, n: Option<usize>) -> Result<Vec<f32>> {
+    let t = tensor(st, name, Dtype::F32)?;
+    let len = match t.shape() {
+        [len] => *len,
+        other => return Err(bad(name, format!("shape {other:?}, expected [n]"))),
+    };
+    if let Some(n) = n
+        && len != n
+    {
+        return Err(bad(name, format!("{len} rows, expected {n}")));
+    }
+    let v: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if v.len() != len {
+        return Err(bad(name, "data length does not match the shape"));
+    }
+    if let Some((i, x)) = v
+        .iter()
+        .enumerate()
+        .find(|(_, x)| !x.is_finite() || **x < 0.0)
+    {
+        return Err(bad(
+            name,
+            format!("value {x} at row {i} is not a finite non-negative norm"),
+        ));
+    }
+    Ok(v)
+}
+
+/// A 2-D U8 tensor `[n, row_bytes]` whose bits past `used_bits` in each row are zero.
+fn read_rows(
+    st: &SafeTensors<'_>,
+    name: &'static str,
+    n: usize,
+    row_bytes: usize,
+    used_bits: usize,
+) -> Result<PackedRows> {
+    let t = tensor(st, name, Dtype::U8)?;
+    if t.shape() != [n, row_bytes] {
+        return Err(bad(
+            name,
+            format!("shape {:?}, expected [{n}, {row_bytes}]", t.shape()),
+        ));
+    }
+    let data = t.data();
+    if data.len() != n * row_bytes {
+        return Err(bad(name, "data length does not match the shape"));
+    }
+    let spare = row_bytes * 8 - used_bits;
+    if spare > 0 {
+        let mask = !(0xFFu8 >> spare);
+        if let Some(i) = data
+            .chunks_exact(row_bytes)
+            .position(|r| r[row_bytes - 1] & mask != 0)
+        {
+            return Err(bad(
+                name,
+                format!("row {i} has bits set past the last code"),
+            ));
+        }
+    }
+    Ok(PackedRows::from_row_major(row_bytes, data))
+}

@@ -1,0 +1,42 @@
+//! TurboQuant quantizers over the tq-core primitives.
+//!
+//! - [`MseQuantizer`] (`TurboQuant_mse`): near-optimal mean squared error at `b` bits per coordinate;
+//! - [`ProdQuantizer`] (`TurboQuant_prod`): unbiased inner products from `b - 1` MSE bits plus a
+//!   1-bit QJL sketch of the residual;
+//! - [`QjlSketch`]: the stand-alone QJL sign sketch with any sketch size;
+//! - [`MseBatch`] / [`ProdBatch`]: packed, growable batches with parallel quantization, scoring on
+//!   the packed codes through per-query look-up tables, top-k search, and safetensors I/O
+//!   ([`io`]).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tq_quant::{MseBatch, MseConfig, MseQuantizer, RotationKind};
+//!
+//! let q = Arc::new(MseQuantizer::new(MseConfig { dim: 64, bits: 4, rotation: RotationKind::Hadamard, seed: 7 })?);
+//! let data: Vec<f32> = (0..64 * 100).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+//! let mut batch = MseBatch::new(q.clone());
+//! batch.extend(&data)?;
+//! assert_eq!(batch.bytes_per_vector(), 64 * 4 / 8 + 4);
+//! let query = q.prepare_query(&data[..64])?;
+//! let hits = batch.top_k(&query, 3);
+//! assert_eq!(hits.len(), 3);
+//! # Ok::<(), tq_quant::Error>(())
+//! ```
+
+pub mod config;
+mod error;
+pub mod io;
+pub mod mse;
+pub mod packed;
+pub mod prod;
+pub mod qjl;
+pub mod score;
+
+pub use config::{MseConfig, ProdConfig, QjlConfig, SketchKind};
+pub use error::{Error, Result};
+pub use mse::{MseBatch, MseQuantizer, MseQuery};
+pub use packed::PackedRows;
+pub use prod::{ProdBatch, ProdQuantizer, ProdQuery};
+pub use qjl::QjlSketch;
+pub use score::Hit;
+pub use tq_core::RotationKind;

@@ -1,0 +1,603 @@
+//! `TurboQuant_mse`: rotate, quantize every coordinate with the Lloyd-Max codebook, bit-pack.
+//!
+//! A vector `x` is stored as its norm `‖x‖` (f32) and the `b`-bit codes of `y = Π x / ‖x‖`
+//! (`ceil(d·b/8)` bytes). It decodes to `x̃ = ‖x‖ · Πᵀ c[codes]`, and inner products are estimated
+//! as `⟨q, x̃⟩ = ‖x‖ · ⟨Π q, c[codes]⟩` without decoding: the query is rotated once and each row is
+//! scored with per-query look-up tables ([`crate::score`]). The zero vector is stored with norm 0
+//! and the codes of `y = 0`, so it decodes to 0 exactly.
+//!
+//! The estimator is biased: `E⟨q, x̃⟩ ≈ (1 - D_mse/2)·⟨q, x⟩`-like shrinkage, and exactly
+//! `(2/π)·⟨q, x⟩` at `b = 1` for large `d` (DESIGN §2); [`crate::ProdQuantizer`] removes the bias.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use tq_core::scan::{self, BLOCK};
+use tq_core::{Codebook, Rotation, bitpack, simd};
+
+use crate::config::MseConfig;
+use crate::error::{check_batch, check_dim, check_finite};
+use crate::packed::PackedRows;
+use crate::score::{self, Hit, Tables};
+use crate::{Error, Result};
+
+/// A `TurboQuant_mse` quantizer: the rotation and codebook of one [`MseConfig`].
+#[derive(Debug, Clone)]
+pub struct MseQuantizer {
+    config: MseConfig,
+    rotation: Rotation,
+    codebook: Arc<Codebook>,
+    row_bytes: usize,
+}
+
+/// Reusable buffers for encoding.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    pub(crate) ys: Vec<f32>,
+    pub(crate) codes: Vec<u8>,
+    pub(crate) packed: Vec<u8>,
+}
+
+impl MseQuantizer {
+    /// Builds the quantizer (regenerates the rotation from the seed; fetches the cached codebook).
+    ///
+    /// # Errors
+    /// See [`MseConfig::validate`].
+    pub fn new(config: MseConfig) -> Result<Self> {
+        config.validate()?;
+        let rotation = Rotation::new(config.rotation, config.dim, config.seed)?;
+        let codebook = Codebook::get(config.dim, config.bits)?;
+        Ok(Self {
+            config,
+            rotation,
+            codebook,
+            row_bytes: bitpack::packed_len(config.dim, config.bits),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MseConfig {
+        &self.config
+    }
+
+    /// Dimension `d`.
+    pub fn dim(&self) -> usize {
+        self.config.dim
+    }
+
+    /// Bits per coordinate.
+    pub fn bits(&self) -> u32 {
+        self.config.bits
+    }
+
+    /// The rotation `Π`.
+    pub fn rotation(&self) -> &Rotation {
+        &self.rotation
+    }
+
+    /// The codebook.
+    pub fn codebook(&self) -> &Codebook {
+        &self.codebook
+    }
+
+    /// Packed code bytes per vector: `ceil(d·b/8)`.
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
+    /// Stored bytes per vector: codes plus the f32 norm.
+    pub fn bytes_per_vector(&self) -> usize {
+        self.row_bytes + 4
+    }
+
+    /// Rotates `n` rows and scales each to unit norm: `ys[i] = Π xs[i] / ‖xs[i]‖` (zero rows stay
+    /// zero), `norms[i] = ‖xs[i]‖`. Inputs are trusted.
+    pub(crate) fn rotate_unit(&self, xs: &[f32], ys: &mut [f32], norms: &mut [f32]) {
+        let d = self.dim();
+        if self.rotation.apply_batch(xs, ys).is_err() {
+            debug_assert!(false, "rotate_unit: sizes");
+        }
+        for ((x, y), n) in xs
+            .chunks_exact(d)
+            .zip(ys.chunks_exact_mut(d))
+            .zip(norms.iter_mut())
+        {
+            let norm = simd::dot(x, x).sqrt();
+            *n = norm;
+            if norm > 0.0 {
+                simd::scale_in_place(y, 1.0 / norm);
+            } else {
+                y.fill(0.0);
+            }
+        }
+    }
+
+    /// Codes and packed bytes of one rotated unit row.
+    #[inline]
+    pub(crate) fn code_row(&self, y: &[f32], codes: &mut [u8], packed: &mut [u8]) {
+        self.codebook.quantize_slice(y, codes);
+        bitpack::pack_unchecked(codes, self.bits(), packed);
+    }
+
+    /// Encodes up to 32 trusted rows into slots `first_slot..` of one block, writing their norms.
+    pub(crate) fn encode_block(
+        &self,
+        xs: &[f32],
+        block: &mut [u8],
+        first_slot: usize,
+        norms: &mut [f32],
+        s: &mut Scratch,
+    ) {
+        let d = self.dim();
+        let n = xs.len() / d;
+        s.ys.resize(n * d, 0.0);
+        s.codes.resize(d, 0);
+        s.packed.resize(self.row_bytes, 0);
+        self.rotate_unit(xs, &mut s.ys, norms);
+        for (k, y) in s.ys.chunks_exact(d).enumerate() {
+            self.code_row(y, &mut s.codes, &mut s.packed);
+            scan::write_row(block, first_slot + k, &s.packed);
+        }
+    }
+
+    /// Quantizes one vector: returns its packed codes (`row_bytes` bytes) and norm. O(d log d)
+    /// (Hadamard) or O(d²) (Haar).
+    ///
+    /// # Errors
+    /// [`Error::DimMismatch`], [`Error::NonFinite`].
+    pub fn quantize(&self, x: &[f32]) -> Result<(Vec<u8>, f32)> {
+        let mut packed = vec![0u8; self.row_bytes];
+        let norm = self.quantize_into(x, &mut packed)?;
+        Ok((packed, norm))
+    }
+
+    /// Quantizes one vector into `packed` (`row_bytes` bytes) and returns its norm.
+    ///
+    /// # Errors
+    /// [`Error::DimMismatch`], [`Error::NonFinite`], `Core(LengthMismatch)` for a wrong `packed`.
+    pub fn quantize_into(&self, x: &[f32], packed: &mut [u8]) -> Result<f32> {
+        check_dim(x, self.dim())?;
+        check_finite(x)?;
+        if packed.len() != self.row_bytes {
+            return Err(tq_core::Error::LengthMismatch {
+                what: "packed row",
+                expected: self.row_bytes,
+                got: packed.len(),
+            }
+            .into());
+        }
+        let mut y = vec![0.0; self.dim()];
+        let mut norm = [0.0f32];
+        self.rotate_unit(x, &mut y, &mut norm);
+        let mut codes = vec![0u8; self.dim()];
+        self.code_row(&y, &mut codes, packed);
+        Ok(norm[0])
+    }
+
+    /// Rotated-domain reconstruction `c[codes]` of one packed row (unit scale).
+    pub(crate) fn decode_rotated(&self, packed: &[u8], codes: &mut [u8], out: &mut [f32]) {
+        bitpack::unpack_unchecked(packed, self.bits(), codes);
+        let c = self.codebook.centroids();
+        for (o, &k) in out.iter_mut().zip(codes.iter()) {
+            *o = c[k as usize];
+        }
+    }
+
+    /// Decodes one packed row: `out = norm · Πᵀ c[codes]`.
+    ///
+    /// # Errors
+    /// `Core(LengthMismatch)` for a `packed` of the wrong length, [`Error::DimMismatch`] for `out`.
+    pub fn dequantize_into(&self, packed: &[u8], norm: f32, out: &mut [f32]) -> Result<()> {
+        if packed.len() != self.row_bytes {
+            return Err(tq_core::Error::LengthMismatch {
+                what: "packed row",
+                expected: self.row_bytes,
+                got: packed.len(),
+            }
+            .into());
+        }
+        check_dim(out, self.dim())?;
+        let mut codes = vec![0u8; self.dim()];
+        let mut y = vec![0.0; self.dim()];
+        self.decode_rotated(packed, &mut codes, &mut y);
+        self.rotation.apply_inverse_unchecked(&y, out);
+        simd::scale_in_place(out, norm);
+        Ok(())
+    }
+
+    /// Prepares a query for scoring: rotates it once and builds its look-up tables. O(d log d + 16·d).
+    ///
+    /// # Errors
+    /// [`Error::DimMismatch`], [`Error::NonFinite`].
+    pub fn prepare_query(&self, q: &[f32]) -> Result<MseQuery> {
+        check_dim(q, self.dim())?;
+        check_finite(q)?;
+        let mut rotated = vec![0.0; self.dim()];
+        self.rotation.apply_unchecked(q, &mut rotated);
+        Ok(self.query_from_rotated(rotated))
+    }
+
+    pub(crate) fn query_from_rotated(&self, rotated: Vec<f32>) -> MseQuery {
+        let tables = if score::nibble_friendly(self.bits()) {
+            Some(Tables::new(score::nibble_tables(
+                &rotated,
+                self.codebook.centroids(),
+                self.bits(),
+                2 * self.row_bytes,
+            )))
+        } else {
+            None
+        };
+        MseQuery {
+            rotated,
+            tables,
+            centroids: self.codebook.centroids().to_vec(),
+        }
+    }
+}
+
+/// A query prepared for one [`MseQuantizer`]: the rotated query and its look-up tables.
+#[derive(Debug, Clone)]
+pub struct MseQuery {
+    rotated: Vec<f32>,
+    tables: Option<Tables>,
+    centroids: Vec<f32>,
+}
+
+impl MseQuery {
+    /// The rotated query `Π q`.
+    pub fn rotated(&self) -> &[f32] {
+        &self.rotated
+    }
+
+    /// `⟨Π q, c[codes]⟩` for one row-major packed row, in f32 (the exact path). `codes` is scratch
+    /// of length `d`.
+    pub(crate) fn row_dot(&self, packed: &[u8], bits: u32, codes: &mut [u8]) -> f32 {
+        match &self.tables {
+            Some(t) => scan::score_row_f32(packed, &t.exact),
+            None => {
+                bitpack::unpack_unchecked(packed, bits, codes);
+                self.rotated
+                    .iter()
+                    .zip(codes.iter())
+                    .map(|(q, &k)| q * self.centroids[k as usize])
+                    .sum()
+            }
+        }
+    }
+
+    /// Unit-scale dots of the rows of block `b` (exact f32 path) into `out` (`<= 32` rows).
+    pub(crate) fn block_dots_exact(&self, rows: &PackedRows, b: usize, bits: u32, out: &mut [f32]) {
+        match &self.tables {
+            Some(t) => {
+                let mut acc = [0.0f32; BLOCK];
+                scan::scan_block_f32(rows.block(b), &t.exact, &mut acc);
+                out.copy_from_slice(&acc[..out.len()]);
+            }
+            None => {
+                let mut packed = vec![0u8; rows.row_bytes()];
+                let mut codes = vec![0u8; self.rotated.len()];
+                for (k, o) in out.iter_mut().enumerate() {
+                    rows.read_row(b * BLOCK + k, &mut packed);
+                    *o = self.row_dot(&packed, bits, &mut codes);
+                }
+            }
+        }
+    }
+
+    /// Unit-scale dots of block `b` through the `u8` tables (fast path), or the exact path when the
+    /// width has no nibble tables.
+    pub(crate) fn block_dots_fast(&self, rows: &PackedRows, b: usize, bits: u32, out: &mut [f32]) {
+        match &self.tables {
+            Some(t) => {
+                let mut acc = [0u32; BLOCK];
+                scan::scan_block(rows.block(b), &t.fast.tables, &mut acc);
+                for (o, &a) in out.iter_mut().zip(&acc) {
+                    *o = t.fast.score(a);
+                }
+            }
+            None => self.block_dots_exact(rows, b, bits, out),
+        }
+    }
+
+    /// True when the fast path differs from the exact one (u8 tables in use).
+    pub fn has_fast_path(&self) -> bool {
+        self.tables.is_some()
+    }
+}
+
+/// A growable batch of `TurboQuant_mse` codes: packed codes in the 32-row block layout and one f32
+/// norm per row. Bytes per vector: `ceil(d·b/8) + 4`.
+#[derive(Debug, Clone)]
+pub struct MseBatch {
+    quantizer: Arc<MseQuantizer>,
+    codes: PackedRows,
+    norms: Vec<f32>,
+}
+
+impl MseBatch {
+    /// An empty batch for `quantizer`.
+    pub fn new(quantizer: Arc<MseQuantizer>) -> Self {
+        let codes = PackedRows::new(quantizer.row_bytes());
+        Self {
+            quantizer,
+            codes,
+            norms: Vec::new(),
+        }
+    }
+
+    /// Assembles a batch from parts (used by deserialization; lengths are checked).
+    ///
+    /// # Errors
+    /// [`Error::ConfigMismatch`] when the parts disagree with each other or the quantizer.
+    pub fn from_parts(
+        quantizer: Arc<MseQuantizer>,
+        codes: PackedRows,
+        norms: Vec<f32>,
+    ) -> Result<Self> {
+        if codes.row_bytes() != quantizer.row_bytes() || codes.len() != norms.len() {
+            return Err(Error::ConfigMismatch(format!(
+                "codes of {} rows x {} bytes with {} norms for rows of {} bytes",
+                codes.len(),
+                codes.row_bytes(),
+                norms.len(),
+                quantizer.row_bytes()
+            )));
+        }
+        Ok(Self {
+            quantizer,
+            codes,
+            norms,
+        })
+    }
+
+    /// The quantizer.
+    pub fn quantizer(&self) -> &Arc<MseQuantizer> {
+        &self.quantizer
+    }
+
+    /// Number of vectors.
+    pub fn len(&self) -> usize {
+        self.norms.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.norms.is_empty()
+    }
+
+    /// The packed codes.
+    pub fn codes(&self) -> &PackedRows {
+        &self.codes
+    }
+
+    /// The stored norms.
+    pub fn norms(&self) -> &[f32] {
+        &self.norms
+    }
+
+    /// Exact stored bytes per vector: `ceil(d·b/8) + 4`.
+    pub fn bytes_per_vector(&self) -> usize {
+        self.quantizer.bytes_per_vector()
+    }
+
+    /// Bytes held in memory (codes with the last block's padding, and norms).
+    pub fn memory_bytes(&self) -> usize {
+        self.codes.memory_bytes() + 4 * self.norms.len()
+    }
+
+    /// Appends one vector. O(d log d) or O(d²).
+    ///
+    /// # Errors
+    /// [`Error::DimMismatch`], [`Error::NonFinite`] (nothing is appended then).
+    pub fn push(&mut self, x: &[f32]) -> Result<()> {
+        check_dim(x, self.quantizer.dim())?;
+        self.extend(x)
+    }
+
+    /// Appends `n = xs.len() / d` row-major vectors, quantizing whole blocks in parallel on the
+    /// current rayon pool.
+    ///
+    /// # Errors
+    /// [`Error::DimMismatch`] if `xs.len()` is not a multiple of `d`, [`Error::NonFinite`] (nothing
+    /// is appended then).
+    pub fn extend(&mut self, xs: &[f32]) -> Result<()> {
+        let d = self.quantizer.dim();
+        let n = check_batch(xs, d)?;
+        let start = self.len();
+        self.codes.resize_rows(start + n);
+        self.norms.resize(start + n, 0.0);
+        let q = &*self.quantizer;
+        // Fill the partially used last block first, then whole blocks in parallel.
+        let head = ((BLOCK - start % BLOCK) % BLOCK).min(n);
+        if head > 0 {
+            let mut s = Scratch::default();
+            let b = start / BLOCK;
+            q.encode_block(
+                &xs[..head * d],
+                self.codes.block_mut(b),
+                start % BLOCK,
+                &mut self.norms[start..start + head],
+                &mut s,
+            );
+        }
+        let first_block = (start + head) / BLOCK;
+        let bb = scan::block_bytes(q.row_bytes());
+        let rest = &xs[head * d..];
+        let norms = &mut self.norms[start + head..];
+        self.codes
+            .blocks_mut_from(first_block)
+            .par_chunks_mut(bb)
+            .zip(rest.par_chunks(BLOCK * d))
+            .zip(norms.par_chunks_mut(BLOCK))
+            .for_each_init(Scratch::default, |s, ((block, x), nrm)| {
+                q.encode_block(x, block, 0, nrm, s)
+            });
+        Ok(())
+    }
+
+    /// Keeps the first `n` rows (no-op when `n >= len`).
+    pub fn truncate(&mut self, n: usize) {
+        if n < self.len() {
+            self.codes.resize_rows(n);
+            self.norms.truncate(n);
+        }
+    }
+
+    fn check_row(&self, i: usize) -> Result<()> {
+        if i >= self.len() {
+            return Err(Error::RowOutOfRange {
+                index: i,
+                len: self.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies the packed codes of row `i` (row-major, `row_bytes` bytes) into `out`.
+    ///
+    /// # Errors
+    /// [`Error::RowOutOfRange`], `Core(LengthMismatch)`.
+    pub fn row_codes(&self, i: usize, out: &mut [u8]) -> Result<()> {
+        self.check_row(i)?;
+        if out.len() != self.codes.row_bytes() {
+            return Err(tq_core::Error::LengthMismatch {
+                what: "packed row",
+                expected: self.codes.row_bytes(),
+                got: out.len(),
+            }
+            .into());
+        }
+        self.codes.read_row(i, out);
+        Ok(())
+    }
+
+    /// Decodes row `i` into `out` (length `d`).
+    ///
+    /// # Errors
+    /// [`Error::RowOutOfRange`], [`Error::DimMismatch`].
+    pub fn dequantize_row(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        self.check_row(i)?;
+        let mut packed = vec![0u8; self.codes.row_bytes()];
+        self.codes.read_row(i, &mut packed);
+        self.quantizer.dequantize_into(&packed, self.norms[i], out)
+    }
+
+    /// Decodes every row (row-major `len · d` floats).
+    pub fn dequantize_all(&self) -> Vec<f32> {
+        let d = self.quantizer.dim();
+        let mut out = vec![0.0; self.len() * d];
+        out.par_chunks_mut(d).enumerate().for_each_init(
+            || {
+                (
+                    vec![0u8; self.codes.row_bytes()],
+                    vec![0u8; d],
+                    vec![0.0f32; d],
+                )
+            },
+            |(packed, codes, y), (i, o)| {
+                self.codes.read_row(i, packed);
+                self.quantizer.decode_rotated(packed, codes, y);
+                self.quantizer.rotation().apply_inverse_unchecked(y, o);
+                simd::scale_in_place(o, self.norms[i]);
+            },
+        );
+        out
+    }
+
+    fn check_out(&self, out: &[f32]) -> Result<()> {
+        if out.len() != self.len() {
+            return Err(tq_core::Error::LengthMismatch {
+                what: "score output",
+                expected: self.len(),
+                got: out.len(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Inner-product estimates `‖x_i‖ · ⟨Π q, c[codes_i]⟩` for every row, through the `u8` tables
+    /// (fast path; exact for widths without nibble tables). Parallel on the current rayon pool for
+    /// large batches.
+    ///
+    /// # Errors
+    /// `Core(LengthMismatch)` when `out.len() != len`.
+    pub fn score_into(&self, query: &MseQuery, out: &mut [f32]) -> Result<()> {
+        self.check_out(out)?;
+        let bits = self.quantizer.bits();
+        score::for_each_block(out, |b, o| {
+            query.block_dots_fast(&self.codes, b, bits, o);
+            for (v, &n) in o.iter_mut().zip(&self.norms[b * BLOCK..]) {
+                *v *= n;
+            }
+        });
+        Ok(())
+    }
+
+    /// As [`MseBatch::score_into`] with the exact `f32` tables.
+    ///
+    /// # Errors
+    /// `Core(LengthMismatch)` when `out.len() != len`.
+    pub fn score_exact_into(&self, query: &MseQuery, out: &mut [f32]) -> Result<()> {
+        self.check_out(out)?;
+        let bits = self.quantizer.bits();
+        score::for_each_block(out, |b, o| {
+            query.block_dots_exact(&self.codes, b, bits, o);
+            for (v, &n) in o.iter_mut().zip(&self.norms[b * BLOCK..]) {
+                *v *= n;
+            }
+        });
+        Ok(())
+    }
+
+    /// The `k` rows with the largest estimated inner product, best first: fast scores for all rows,
+    /// then the best `max(4k, k + 32)` re-scored with the exact tables. O(n + k log k).
+    pub fn top_k(&self, query: &MseQuery, k: usize) -> Vec<Hit> {
+        let mut scores = vec![0.0; self.len()];
+        let _ = self.score_into(query, &mut scores);
+        if !query.has_fast_path() {
+            let idx = score::top_candidates(&scores, k);
+            return score::finish_hits(
+                idx.into_iter()
+                    .map(|i| Hit {
+                        index: i,
+                        score: scores[i],
+                    })
+                    .collect(),
+                k,
+            );
+        }
+        let cand = score::top_candidates(&scores, score::rerank_candidates(k));
+        let mut packed = vec![0u8; self.codes.row_bytes()];
+        let mut codes = vec![0u8; self.quantizer.dim()];
+        let bits = self.quantizer.bits();
+        let hits = cand
+            .into_iter()
+            .map(|i| {
+                self.codes.read_row(i, &mut packed);
+                Hit {
+                    index: i,
+                    score: self.norms[i] * query.row_dot(&packed, bits, &mut codes),
+                }
+            })
+            .collect();
+        score::finish_hits(hits, k)
+    }
+
+    /// The exact top-k: every row scored with the `f32` tables.
+    pub fn top_k_exact(&self, query: &MseQuery, k: usize) -> Vec<Hit> {
+        let mut scores = vec![0.0; self.len()];
+        let _ = self.score_exact_into(query, &mut scores);
+        let idx = score::top_candidates(&scores, k);
+        score::finish_hits(
+            idx.into_iter()
+                .map(|i| Hit {
+                    index: i,
+                    score: scores[i],
+                })
+                .collect(),
+            k,
+        )
+    }
+}

@@ -1,0 +1,119 @@
+//! Query-side scoring machinery shared by the batches: nibble tables, block-parallel loops and
+//! top-k selection.
+//!
+//! For bit widths 1, 2 and 4 a packed row is a sequence of nibbles that each hold `4 / b` whole
+//! codes, so `⟨Π q, ỹ⟩ = Σ_n T_n[nibble_n]` with one 16-entry table per nibble position:
+//! `T_n[v] = Σ_k q_{n·4/b + k} · c[(v >> k·b) & (2^b - 1)]` (coordinates past `d` contribute 0).
+//! The fast path sums those tables quantized to `u8` ([`QuantizedLut`]) with the SIMD scan
+//! kernel; the exact path sums the `f32` tables. Other widths decode each row (exact path only).
+
+use rayon::prelude::*;
+use tq_core::scan::{BLOCK, QuantizedLut};
+
+/// Rows from which scoring is split across the rayon pool.
+pub const PARALLEL_MIN_ROWS: usize = 1 << 14;
+
+/// One search result.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hit {
+    /// Row index in the batch.
+    pub index: usize,
+    /// Estimated inner product.
+    pub score: f32,
+}
+
+/// Whether codes of `bits` bits tile nibbles exactly.
+#[inline]
+pub(crate) fn nibble_friendly(bits: u32) -> bool {
+    matches!(bits, 1 | 2 | 4)
+}
+
+/// Float nibble tables for `weights` (length `d`, zero-padded past `d`) and a codebook `values`
+/// (`2^bits` entries) over `positions` nibbles.
+pub(crate) fn nibble_tables(
+    weights: &[f32],
+    values: &[f32],
+    bits: u32,
+    positions: usize,
+) -> Vec<f32> {
+    let per = (4 / bits) as usize;
+    let mask = (1usize << bits) - 1;
+    let mut t = vec![0.0f32; 16 * positions];
+    for (n, table) in t.chunks_exact_mut(16).enumerate() {
+        for (v, e) in table.iter_mut().enumerate() {
+            let mut s = 0.0f32;
+            for k in 0..per {
+                let j = n * per + k;
+                if let Some(&w) = weights.get(j) {
+                    s += w * values[(v >> (k * bits as usize)) & mask];
+                }
+            }
+            *e = s;
+        }
+    }
+    t
+}
+
+/// The tables of a query: `f32` for the exact path and `u8` for the fast path.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tables {
+    pub(crate) exact: Vec<f32>,
+    pub(crate) fast: QuantizedLut,
+}
+
+impl Tables {
+    pub(crate) fn new(exact: Vec<f32>) -> Self {
+        let mut fast = QuantizedLut::default();
+        fast.quantize_from(&exact);
+        Self { exact, fast }
+    }
+}
+
+/// Runs `f(block, out_chunk)` for every 32-row chunk of `out`, in parallel on the current rayon
+/// pool when there are at least [`PARALLEL_MIN_ROWS`] rows.
+pub(crate) fn for_each_block<F>(out: &mut [f32], f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    if out.len() >= PARALLEL_MIN_ROWS && rayon::current_num_threads() > 1 {
+        out.par_chunks_mut(BLOCK * 8)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (k, o) in chunk.chunks_mut(BLOCK).enumerate() {
+                    f(c * 8 + k, o)
+                }
+            });
+    } else {
+        for (b, o) in out.chunks_mut(BLOCK).enumerate() {
+            f(b, o)
+        }
+    }
+}
+
+/// Indices of the `c` largest `scores` (unordered). O(n).
+pub(crate) fn top_candidates(scores: &[f32], c: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    let c = c.min(idx.len());
+    if c == 0 {
+        return Vec::new();
+    }
+    if c < idx.len() {
+        idx.select_nth_unstable_by(c - 1, |&a, &b| scores[b].total_cmp(&scores[a]));
+        idx.truncate(c);
+    }
+    idx
+}
+
+/// Sorts hits by descending score (ties by ascending index) and keeps `k`.
+pub(crate) fn finish_hits(mut hits: Vec<Hit>, k: usize) -> Vec<Hit> {
+    hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
+    hits.truncate(k);
+    hits
+}
+
+/// Candidates re-ranked exactly for a fast top-k: enough that the `u8` table error (a small
+/// fraction of the quantization error) cannot push a true top-k row out of the candidate set in
+/// practice.
+pub(crate) fn rerank_candidates(k: usize) -> usize {
+    (4 * k).max(k + 32)
+}

@@ -1,0 +1,350 @@
+//! Accuracy against the paper's reference numbers (DESIGN §2), with fixed seeds and tolerances
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! derived from the sampling error of each estimate.
+
+use std::sync::Arc;
+
+use tq_core::{Codebook, RotationKind, SeededRng, rng::stream};
+use tq_quant::{
+    MseBatch, MseConfig, MseQuantizer, ProdBatch, ProdConfig, ProdQuantizer, SketchKind,
+};
+
+/// DESIGN §2 `D_mse(b)`, b = 1..=4.
+fn reference(d: usize) -> [f64; 4] {
+    match d {
+        64 => [0.35839, 0.11453, 0.03339, 0.00913],
+        128 => [0.36089, 0.11600, 0.03397, 0.00931],
+        1536 => [0.36317, 0.11736, 0.03450, 0.00949],
+        _ => unreachable!(),
+    }
+}
+
+fn unit_vectors(n: usize, d: usize, seed: u64) -> Vec<f32> {
+    let mut r = SeededRng::new(seed, stream::DATA);
+    let mut v = Vec::with_capacity(n * d);
+    for _ in 0..n {
+        let x: Vec<f64> = (0..d).map(|_| r.gaussian()).collect();
+        let norm = x.iter().map(|a| a * a).sum::<f64>().sqrt();
+        v.extend(x.iter().map(|a| (a / norm) as f32));
+    }
+    v
+}
+
+/// Mean and standard error of a sample.
+fn mean_se(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let m = xs.iter().sum::<f64>() / n;
+    let var = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0);
+    (m, (var / n).sqrt())
+}
+
+/// Per-vector relative distortions `‖x - x̃‖² / ‖x‖²` of a batch.
+fn distortions(q: MseQuantizer, xs: &[f32]) -> Vec<f64> {
+    let d = q.dim();
+    let mut b = MseBatch::new(Arc::new(q));
+    b.extend(xs).unwrap();
+    let back = b.dequantize_all();
+    xs.chunks_exact(d)
+        .zip(back.chunks_exact(d))
+        .map(|(x, y)| {
+            let e: f64 = x.iter().zip(y).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            let n: f64 = x.iter().map(|a| (*a as f64).powi(2)).sum();
+            e / n
+        })
+        .collect()
+}
+
+/// Tolerance check for a measured mean: the relative deviation from `want` must be below `rel`,
+/// and the sample must be large enough that a correct implementation passes with overwhelming
+/// probability: the relative standard error must be at most `rel / 4` (the assertion then fails a
+/// correct implementation with probability below 1e-4, a 4-sigma event).
+fn assert_close_rel(label: &str, mean: f64, se: f64, want: f64, rel: f64) {
+    assert!(
+        se / want <= rel / 4.0,
+        "{label}: sample too small (se {se}, want {want})"
+    );
+    assert!(
+        (mean - want).abs() / want < rel,
+        "{label}: measured {mean:.6} ± {se:.6}, reference {want}"
+    );
+}
+
+#[test]
+fn mse_distortion_matches_reference_haar() {
+    for (d, n) in [(64usize, 6000usize), (128, 4000), (1536, 400)] {
+        let xs = unit_vectors(n, d, d as u64);
+        for b in 1..=4u32 {
+            let q = MseQuantizer::new(MseConfig {
+                dim: d,
+                bits: b,
+                rotation: RotationKind::Haar,
+                seed: 5,
+            })
+            .unwrap();
+            let (m, se) = mean_se(&distortions(q, &xs));
+            assert_close_rel(
+                &format!("haar d={d} b={b}"),
+                m,
+                se,
+                reference(d)[b as usize - 1],
+                0.02,
+            );
+        }
+    }
+}
+
+#[test]
+fn mse_distortion_matches_reference_hadamard_including_non_power_of_two() {
+    for (d, n) in [
+        (64usize, 3000usize),
+        (128, 2000),
+        (1536, 300),
+        (80, 3000),
+        (200, 2000),
+        (576, 600),
+    ] {
+        let xs = unit_vectors(n, d, 100 + d as u64);
+        for b in 1..=4u32 {
+            let q = MseQuantizer::new(MseConfig {
+                dim: d,
+                bits: b,
+                rotation: RotationKind::Hadamard,
+                seed: 9,
+            })
+            .unwrap();
+            let want = match d {
+                64 | 128 | 1536 => reference(d)[b as usize - 1],
+                _ => Codebook::get(d, b).unwrap().distortion(),
+            };
+            let (m, se) = mean_se(&distortions(q, &xs));
+            assert_close_rel(&format!("hadamard d={d} b={b}"), m, se, want, 0.03);
+        }
+    }
+}
+
+fn walsh(d: usize, row: usize) -> Vec<f32> {
+    let scale = 1.0 / (d.next_power_of_two() as f32).sqrt();
+    (0..d)
+        .map(|j| {
+            let sign = if (row & j).count_ones().is_multiple_of(2) { 1.0 } else { -1.0 };
+            sign * scale
+        })
+        .collect()
+}
+
+/// A structured vector quantized under many independent rotations (seeds) must see the same mean
+/// distortion as a random vector: the rotation's randomness is what makes the coordinate law hold.
+#[test]
+fn structured_inputs_get_random_input_distortion() {
+    for kind in [RotationKind::Hadamard, RotationKind::Haar] {
+        for d in [128usize, 96] {
+            let b = 2;
+            let want = Codebook::get(d, b).unwrap().distortion();
+            let mut one_hot = vec![0.0f32; d];
+            one_hot[3] = 1.0;
+            let constant = vec![1.0 / (d as f32).sqrt(); d];
+            for (name, x) in [
+                ("one-hot", one_hot),
+                ("constant", constant),
+                ("walsh", walsh(d, 5)),
+            ] {
+                let seeds = 600;
+                let ds: Vec<f64> = (0..seeds)
+                    .flat_map(|s| {
+                        let q = MseQuantizer::new(MseConfig {
+                            dim: d,
+                            bits: b,
+                            rotation: kind,
+                            seed: s,
+                        })
+                        .unwrap();
+                        distortions(q, &x)
+                    })
+                    .collect();
+                let (m, se) = mean_se(&ds);
+                assert_close_rel(&format!("{kind:?} d={d} {name}"), m, se, want, 0.03);
+            }
+        }
+    }
+}
+
+/// (π/2)·D_mse(b-1) at d = 128 (DESIGN §2).
+const PROD_BOUND_128: [f64; 4] = [std::f64::consts::FRAC_PI_2, 0.5669, 0.1822, 0.0534];
+
+/// Prod estimates for `pairs` unit pairs `(x, y)` with `⟨x, y⟩ ≈ 0.6`, each under its own
+/// quantizer (seed), so that averages are over the quantizer's randomness as in the paper.
+fn prod_errors(cfg: ProdConfig, pairs: usize, seed: u64) -> Vec<f64> {
+    let d = cfg.dim;
+    let xs = unit_vectors(pairs, d, seed);
+    let zs = unit_vectors(pairs, d, seed + 1);
+    (0..pairs)
+        .map(|i| {
+            let x = &xs[i * d..(i + 1) * d];
+            let y: Vec<f32> = x
+                .iter()
+                .zip(&zs[i * d..(i + 1) * d])
+                .map(|(a, b)| 0.6 * a + 0.8 * b)
+                .collect();
+            let q = Arc::new(
+                ProdQuantizer::new(ProdConfig {
+                    seed: cfg.seed + i as u64,
+                    ..cfg
+                })
+                .unwrap(),
+            );
+            let mut batch = ProdBatch::new(q.clone());
+            batch.push(x).unwrap();
+            let mut score = [0.0f32];
+            batch
+                .score_exact_into(&q.prepare_query(&y).unwrap(), &mut score)
+                .unwrap();
+            let truth: f64 = y
+                .iter()
+                .zip(x)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum();
+            score[0] as f64 - truth
+        })
+        .collect()
+}
+
+/// Unbiasedness: the mean error is within 3 standard errors of 0. Variance bound:
+/// `d·E[err²] <= (π/2)·D_mse(b-1)·(1 + tol)` where `tol` is 4 relative standard errors of the
+/// mean of `err²` (its relative standard error is estimated from the sample).
+#[test]
+fn prod_is_unbiased_and_within_the_variance_bound() {
+    let d = 128;
+    for sketch in [SketchKind::Gaussian, SketchKind::Orthogonal] {
+        for b in 1..=4u32 {
+            let cfg = ProdConfig {
+                dim: d,
+                bits: b,
+                rotation: RotationKind::Hadamard,
+                sketch,
+                seed: 21,
+            };
+            let errs = prod_errors(cfg, 2000, 40 + b as u64);
+            let (bias, se) = mean_se(&errs);
+            assert!(
+                bias.abs() < 3.0 * se,
+                "{sketch:?} b={b}: bias {bias} se {se}"
+            );
+            let sq: Vec<f64> = errs.iter().map(|e| e * e * d as f64).collect();
+            let (m, sem) = mean_se(&sq);
+            let bound = PROD_BOUND_128[b as usize - 1];
+            assert!(
+                m <= bound * (1.0 + 4.0 * sem / m),
+                "{sketch:?} b={b}: d·E[err²] = {m} > {bound}"
+            );
+        }
+    }
+}
+
+/// At b = 1 TurboQuant_mse shrinks inner products: for q = x the estimate is `d·c²` with `c` the
+/// 1-bit centroid (`c·sqrt(d) = E|z|`, so `d·c² -> 2/π`); the mean over many vectors must match
+/// that within 4 standard errors and 2/π within 1%.
+#[test]
+fn mse_one_bit_shrinks_by_two_over_pi() {
+    let d = 128;
+    let q = Arc::new(
+        MseQuantizer::new(MseConfig {
+            dim: d,
+            bits: 1,
+            rotation: RotationKind::Haar,
+            seed: 3,
+        })
+        .unwrap(),
+    );
+    let xs = unit_vectors(2000, d, 77);
+    let mut batch = MseBatch::new(q.clone());
+    batch.extend(&xs).unwrap();
+    let mut scores = vec![0.0; 2000];
+    let ests: Vec<f64> = (0..2000)
+        .map(|i| {
+            let query = q.prepare_query(&xs[i * d..(i + 1) * d]).unwrap();
+            batch.score_exact_into(&query, &mut scores).unwrap();
+            scores[i] as f64
+        })
+        .collect();
+    let (m, se) = mean_se(&ests);
+    let c = q.codebook().centroids_f64()[1];
+    let theory = d as f64 * c * c;
+    assert!(
+        (m - theory).abs() < 4.0 * se + 1e-6,
+        "mean {m} theory {theory}"
+    );
+    assert!((m - 2.0 / std::f64::consts::PI).abs() / (2.0 / std::f64::consts::PI) < 0.01);
+}
+
+/// The u8 tables of the fast path add error; it must stay at most 1/5 of the quantization error
+/// (root mean square over all query/row pairs).
+#[test]
+fn fast_path_error_is_a_fifth_of_quantization_error_or_less() {
+    let d = 128;
+    let xs = unit_vectors(2048, d, 1);
+    let qs = unit_vectors(20, d, 2);
+    let truth = |qi: usize, i: usize| -> f64 {
+        qs[qi * d..(qi + 1) * d]
+            .iter()
+            .zip(&xs[i * d..(i + 1) * d])
+            .map(|(a, b)| (*a as f64) * (*b as f64))
+            .sum()
+    };
+    for b in [1u32, 2, 4] {
+        let q = Arc::new(
+            MseQuantizer::new(MseConfig {
+                dim: d,
+                bits: b,
+                rotation: RotationKind::Hadamard,
+                seed: 1,
+            })
+            .unwrap(),
+        );
+        let mut batch = MseBatch::new(q.clone());
+        batch.extend(&xs).unwrap();
+        let (mut fast_err, mut quant_err) = (0.0f64, 0.0f64);
+        let (mut fast, mut exact) = (vec![0.0; 2048], vec![0.0; 2048]);
+        for qi in 0..20 {
+            let query = q.prepare_query(&qs[qi * d..(qi + 1) * d]).unwrap();
+            batch.score_into(&query, &mut fast).unwrap();
+            batch.score_exact_into(&query, &mut exact).unwrap();
+            for i in 0..2048 {
+                fast_err += ((fast[i] - exact[i]) as f64).powi(2);
+                quant_err += (exact[i] as f64 - truth(qi, i)).powi(2);
+            }
+        }
+        let ratio = (fast_err / quant_err).sqrt();
+        assert!(
+            ratio <= 0.2,
+            "mse b={b}: fast/quantization RMSE ratio {ratio}"
+        );
+    }
+    for b in [2u32, 3, 5] {
+        let cfg = ProdConfig {
+            dim: d,
+            bits: b,
+            rotation: RotationKind::Hadamard,
+            sketch: SketchKind::Gaussian,
+            seed: 1,
+        };
+        let q = Arc::new(ProdQuantizer::new(cfg).unwrap());
+        let mut batch = ProdBatch::new(q.clone());
+        batch.extend(&xs).unwrap();
+        let (mut fast_err, mut quant_err) = (0.0f64, 0.0f64);
+        let (mut fast, mut exact) = (vec![0.0; 2048], vec![0.0; 2048]);
+        for qi in 0..20 {
+            let query = q.prepare_query(&qs[qi * d..(qi + 1) * d]).unwrap();
+            batch.score_into(&query, &mut fast).unwrap();
+            batch.score_exact_into(&query, &mut exact).unwrap();
+            for i in 0..2048 {
+                fast_err += ((fast[i] - exact[i]) as f64).powi(2);
+                quant_err += (exact[i] as f64 - truth(qi, i)).powi(2);
+            }
+        }
+        let ratio = (fast_err / quant_err).sqrt();
+        assert!(
+            ratio <= 0.2,
+            "prod b={b}: fast/quantization RMSE ratio {ratio}"
+        );
+    }
+}

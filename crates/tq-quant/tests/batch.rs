@@ -1,0 +1,261 @@
+//! Batch behaviour: layout, determinism, prefix independence, errors, top-k.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use tq_core::{RotationKind, SeededRng, rng::stream};
+use tq_quant::{
+    Error, MseBatch, MseConfig, MseQuantizer, ProdBatch, ProdConfig, ProdQuantizer, SketchKind,
+};
+
+fn gaussian_rows(n: usize, d: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut r = SeededRng::new(seed, stream::DATA);
+    (0..n * d).map(|_| r.gaussian() as f32 * scale).collect()
+}
+
+fn mse(d: usize, bits: u32, rotation: RotationKind) -> Arc<MseQuantizer> {
+    Arc::new(
+        MseQuantizer::new(MseConfig {
+            dim: d,
+            bits,
+            rotation,
+            seed: 17,
+        })
+        .unwrap(),
+    )
+}
+
+fn prod(d: usize, bits: u32) -> Arc<ProdQuantizer> {
+    Arc::new(
+        ProdQuantizer::new(ProdConfig {
+            dim: d,
+            bits,
+            rotation: RotationKind::Hadamard,
+            sketch: SketchKind::Gaussian,
+            seed: 17,
+        })
+        .unwrap(),
+    )
+}
+
+#[test]
+fn bytes_per_vector_is_exact() {
+    for d in [64usize, 96, 128, 200, 7] {
+        for b in 1..=8u32 {
+            assert_eq!(
+                mse(d, b, RotationKind::Hadamard).bytes_per_vector(),
+                (d * b as usize).div_ceil(8) + 4
+            );
+            assert_eq!(
+                prod(d, b).bytes_per_vector(),
+                (d * (b as usize - 1)).div_ceil(8) + d.div_ceil(8) + 8
+            );
+        }
+    }
+}
+
+#[test]
+fn fill_order_never_changes_codes() {
+    for (d, b) in [(128usize, 4u32), (96, 3), (7, 2), (200, 1)] {
+        let q = mse(d, b, RotationKind::Haar);
+        let xs = gaussian_rows(100, d, 1, 3.0);
+        let mut whole = MseBatch::new(q.clone());
+        whole.extend(&xs).unwrap();
+        let mut pieces = MseBatch::new(q.clone());
+        for chunk in [1usize, 40, 3, 31, 25] {
+            let start = pieces.len();
+            pieces.extend(&xs[start * d..(start + chunk) * d]).unwrap();
+        }
+        let mut single = MseBatch::new(q.clone());
+        for x in xs.chunks_exact(d) {
+            single.push(x).unwrap();
+        }
+        assert_eq!(whole.codes(), pieces.codes());
+        assert_eq!(whole.codes(), single.codes());
+        assert_eq!(whole.norms(), single.norms());
+        // and the same as quantizing alone
+        let mut row = vec![0u8; q.row_bytes()];
+        for i in [0usize, 31, 32, 99] {
+            whole.row_codes(i, &mut row).unwrap();
+            let (alone, norm) = q.quantize(&xs[i * d..(i + 1) * d]).unwrap();
+            assert_eq!(row, alone);
+            assert_eq!(norm, whole.norms()[i]);
+        }
+        let pq = prod(d, b + 1);
+        let mut pw = ProdBatch::new(pq.clone());
+        pw.extend(&xs).unwrap();
+        let mut ps = ProdBatch::new(pq);
+        for x in xs.chunks_exact(d) {
+            ps.push(x).unwrap();
+        }
+        assert_eq!(pw.signs(), ps.signs());
+        assert_eq!(pw.codes(), ps.codes());
+        assert_eq!(pw.residual_norms(), ps.residual_norms());
+    }
+}
+
+/// Codes for a fixed seed and input are pinned: they must not change across platforms or builds.
+#[test]
+fn codes_are_pinned() {
+    let xs = gaussian_rows(64, 96, 5, 1.0);
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for rotation in [RotationKind::Hadamard, RotationKind::Haar] {
+        let mut b = MseBatch::new(mse(96, 3, rotation));
+        b.extend(&xs).unwrap();
+        for byte in b.codes().to_row_major() {
+            h = (h ^ byte as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    assert_eq!(h, PINNED_HASH, "codes changed: {h:#x}");
+}
+const PINNED_HASH: u64 = 0x9259_bbac_1447_c37a;
+
+#[test]
+fn zero_vector_and_any_norm() {
+    let d = 64;
+    let q = mse(d, 4, RotationKind::Hadamard);
+    let mut b = MseBatch::new(q.clone());
+    let mut xs = vec![0.0f32; d];
+    xs.extend(gaussian_rows(1, d, 2, 1e3));
+    xs.extend(gaussian_rows(1, d, 3, 1e-3));
+    b.extend(&xs).unwrap();
+    let mut out = vec![1.0; d];
+    b.dequantize_row(0, &mut out).unwrap();
+    assert!(out.iter().all(|&v| v == 0.0));
+    for i in 1..3 {
+        b.dequantize_row(i, &mut out).unwrap();
+        let x = &xs[i * d..(i + 1) * d];
+        let err: f32 = x
+            .iter()
+            .zip(&out)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f32>()
+            / x.iter().map(|a| a * a).sum::<f32>();
+        assert!(err < 0.05, "relative error {err}");
+    }
+}
+
+#[test]
+fn typed_errors() {
+    let q = mse(16, 2, RotationKind::Hadamard);
+    let mut b = MseBatch::new(q.clone());
+    assert_eq!(
+        b.push(&[0.0; 15]),
+        Err(Error::DimMismatch {
+            expected: 16,
+            got: 15
+        })
+    );
+    let mut bad = vec![0.5f32; 32];
+    bad[20] = f32::INFINITY;
+    assert!(matches!(
+        b.extend(&bad),
+        Err(Error::NonFinite { index: 20, .. })
+    ));
+    assert!(b.is_empty(), "nothing appended on error");
+    assert!(matches!(
+        b.extend(&[0.0; 17]),
+        Err(Error::DimMismatch { .. })
+    ));
+    assert!(matches!(
+        q.prepare_query(&[f32::NAN; 16]),
+        Err(Error::NonFinite { .. })
+    ));
+    let mut out = vec![0.0; 16];
+    assert!(matches!(
+        b.dequantize_row(0, &mut out),
+        Err(Error::RowOutOfRange { index: 0, len: 0 })
+    ));
+    for bits in [0u32, 9] {
+        let r = MseQuantizer::new(MseConfig {
+            dim: 16,
+            bits,
+            rotation: RotationKind::Hadamard,
+            seed: 0,
+        });
+        assert!(matches!(r, Err(Error::BitsOutOfRange { .. })));
+        let r = ProdQuantizer::new(ProdConfig {
+            dim: 16,
+            bits,
+            rotation: RotationKind::Hadamard,
+            sketch: SketchKind::Gaussian,
+            seed: 0,
+        });
+        assert!(matches!(r, Err(Error::BitsOutOfRange { .. })));
+    }
+    let r = MseQuantizer::new(MseConfig {
+        dim: 1,
+        bits: 2,
+        rotation: RotationKind::Hadamard,
+        seed: 0,
+    });
+    assert!(matches!(
+        r,
+        Err(Error::Core(tq_core::Error::DimTooSmall { .. }))
+    ));
+    let r = MseQuantizer::new(MseConfig {
+        dim: 5000,
+        bits: 2,
+        rotation: RotationKind::Haar,
+        seed: 0,
+    });
+    assert!(matches!(r, Err(Error::DimTooLarge { .. })));
+    let mut scores = vec![0.0; 3];
+    let query = q.prepare_query(&[0.1; 16]).unwrap();
+    assert!(matches!(
+        b.score_into(&query, &mut scores),
+        Err(Error::Core(_))
+    ));
+}
+
+#[test]
+fn top_k_matches_exact_top_k_and_scores_parallel_equal_serial() {
+    let d = 128;
+    let n = 20_000;
+    let xs = gaussian_rows(n, d, 8, 1.0);
+    let qs = gaussian_rows(10, d, 9, 1.0);
+    for b in [2u32, 3, 4] {
+        let q = mse(d, b, RotationKind::Hadamard);
+        let mut batch = MseBatch::new(q.clone());
+        batch.extend(&xs).unwrap();
+        let mut agree = 0;
+        for qv in qs.chunks_exact(d) {
+            let query = q.prepare_query(qv).unwrap();
+            let fast = batch.top_k(&query, 10);
+            let exact = batch.top_k_exact(&query, 10);
+            assert_eq!(fast.len(), 10);
+            assert!(fast.windows(2).all(|w| w[0].score >= w[1].score));
+            agree += fast
+                .iter()
+                .filter(|h| exact.iter().any(|e| e.index == h.index))
+                .count();
+            let mut par = vec![0.0; n];
+            batch.score_into(&query, &mut par).unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            let mut ser = vec![0.0; n];
+            pool.install(|| batch.score_into(&query, &mut ser)).unwrap();
+            assert_eq!(par, ser);
+        }
+        // Re-ranking with exact scores makes the fast top-10 the exact top-10 up to ties.
+        assert!(agree >= 99, "b={b}: {agree}/100 of the exact top-10 found");
+    }
+}
+
+#[test]
+fn truncate_then_append_is_consistent() {
+    let d = 64;
+    let q = prod(d, 4);
+    let xs = gaussian_rows(70, d, 4, 1.0);
+    let mut a = ProdBatch::new(q.clone());
+    a.extend(&xs).unwrap();
+    a.truncate(33);
+    a.extend(&xs[33 * d..]).unwrap();
+    let mut b = ProdBatch::new(q);
+    b.extend(&xs).unwrap();
+    assert_eq!(a.signs(), b.signs());
+    assert_eq!(a.codes(), b.codes());
+    assert_eq!(a.norms(), b.norms());
+}
