@@ -96,10 +96,39 @@ pub fn fwht_scalar(x: &mut [f32]) {
     fwht_body(x)
 }
 
+/// The body of [`fwht`] for callers that are already inside a SIMD dispatch (it is inlined into
+/// their target-feature context).
+#[inline(always)]
+pub fn fwht_inline(x: &mut [f32]) {
+    fwht_body(x)
+}
+
 #[inline(always)]
 fn fwht_body(x: &mut [f32]) {
     let n = x.len();
     let mut h = 1;
+    if n >= 8 {
+        // Stages h = 1, 2, 4 as one 8-point transform per chunk.
+        for c in x.chunks_exact_mut(8) {
+            let (a0, a1) = (c[0] + c[1], c[0] - c[1]);
+            let (a2, a3) = (c[2] + c[3], c[2] - c[3]);
+            let (a4, a5) = (c[4] + c[5], c[4] - c[5]);
+            let (a6, a7) = (c[6] + c[7], c[6] - c[7]);
+            let (b0, b2) = (a0 + a2, a0 - a2);
+            let (b1, b3) = (a1 + a3, a1 - a3);
+            let (b4, b6) = (a4 + a6, a4 - a6);
+            let (b5, b7) = (a5 + a7, a5 - a7);
+            c[0] = b0 + b4;
+            c[4] = b0 - b4;
+            c[1] = b1 + b5;
+            c[5] = b1 - b5;
+            c[2] = b2 + b6;
+            c[6] = b2 - b6;
+            c[3] = b3 + b7;
+            c[7] = b3 - b7;
+        }
+        h = 8;
+    }
     while h < n {
         for block in x.chunks_exact_mut(2 * h) {
             let (a, b) = block.split_at_mut(h);

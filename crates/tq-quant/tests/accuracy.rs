@@ -126,7 +126,11 @@ fn walsh(d: usize, row: usize) -> Vec<f32> {
     let scale = 1.0 / (d.next_power_of_two() as f32).sqrt();
     (0..d)
         .map(|j| {
-            let sign = if (row & j).count_ones().is_multiple_of(2) { 1.0 } else { -1.0 };
+            let sign = if (row & j).count_ones().is_multiple_of(2) {
+                1.0
+            } else {
+                -1.0
+            };
             sign * scale
         })
         .collect()
