@@ -1,0 +1,149 @@
+//! End-to-end runs of the `tq-bench` binary: reports, file formats and error handling.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tq-bench")).args(args).output().expect("runs")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("stdout is exactly one JSON object")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tq-bench-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn vectors(n: usize, d: usize) -> Vec<f32> {
+    (0..n * d).map(|i| (((i * 7919) % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (i / d % 5) as f32)).collect()
+}
+
+fn write_npy(path: &PathBuf, n: usize, d: usize, data: &[f32], fortran: bool) {
+    let mut h = format!("{{'descr': '<f4', 'fortran_order': {}, 'shape': ({n}, {d}), }}", if fortran { "True" } else { "False" });
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((h.len() as u16).to_le_bytes());
+    out.extend(h.as_bytes());
+    if fortran {
+        for j in 0..d {
+            for i in 0..n {
+                out.extend(data[i * d + j].to_le_bytes());
+            }
+        }
+    } else {
+        out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn synthetic_json_report_has_the_documented_fields() {
+    let out = bench(&["synthetic", "--quick", "--json", "--bits", "2,4", "--vectors", "3000", "--queries", "20", "--threads", "1"]);
+    let r = json(&out);
+    for key in ["source", "seed", "dim", "rotation", "quantizer", "vectors", "queries", "threads", "results"] {
+        assert!(r.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(r["source"], "synthetic");
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for (x, bits) in results.iter().zip([2u64, 4]) {
+        assert_eq!(x["bits"], bits);
+        for key in ["d_mse", "ip_bias", "ip_rmse", "ip_mse_times_d", "bytes_per_vector", "quantize_vectors_per_s", "score_keys_per_s"] {
+            assert!(x[key].is_number(), "missing {key}");
+        }
+        for k in ["1", "4", "16"] {
+            assert!(x["recall_1_at_k"][k].is_number());
+        }
+        assert_eq!(x["bytes_per_vector"], 128 * bits / 8 + 4);
+        // 3000 unit vectors: D_mse within 5% of the theory (sampling error ~0.5%).
+        let (m, t) = (x["d_mse"].as_f64().unwrap(), x["d_mse_theory"].as_f64().unwrap());
+        assert!((m - t).abs() / t < 0.05, "d_mse {m} theory {t}");
+    }
+    // A table without --json.
+    let out = bench(&["synthetic", "--quick", "--bits", "1", "--vectors", "500", "--queries", "5"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("d_mse"));
+}
+
+#[test]
+fn prod_report_carries_the_bound() {
+    let out = bench(&["synthetic", "--json", "--quantizer", "prod", "--sketch", "orthogonal", "--bits", "3", "--vectors", "2000", "--queries", "10", "--dim", "96"]);
+    let r = json(&out);
+    assert_eq!(r["sketch"], "orthogonal");
+    let x = &r["results"][0];
+    assert!(x["ip_mse_times_d_bound"].is_number());
+    assert_eq!(x["bytes_per_vector"], 96 * 2 / 8 + 96 / 8 + 8);
+}
+
+#[test]
+fn vectors_reads_npy_c_and_fortran_fvecs_and_safetensors() {
+    let (n, d) = (600, 40);
+    let data = vectors(n, d);
+    let c = tmp("c.npy");
+    write_npy(&c, n, d, &data, false);
+    let f = tmp("f.npy");
+    write_npy(&f, n, d, &data, true);
+    let fv = tmp("v.fvecs");
+    let mut bytes = Vec::new();
+    for row in data.chunks_exact(d) {
+        bytes.extend((d as i32).to_le_bytes());
+        bytes.extend(row.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    std::fs::write(&fv, bytes).unwrap();
+    let st = tmp("v.safetensors");
+    let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, d], &raw).unwrap();
+    std::fs::write(&st, safetensors::serialize([("vectors", view)], None).unwrap()).unwrap();
+    let mut reports = Vec::new();
+    for p in [&c, &f, &fv, &st] {
+        let r = json(&bench(&["vectors", "--input", p.to_str().unwrap(), "--bits", "4", "--json", "--num-queries", "50"]));
+        assert_eq!(r["dim"], d);
+        assert_eq!(r["vectors"], n - 50);
+        assert_eq!(r["queries"], 50);
+        reports.push(r["results"][0]["d_mse"].as_f64().unwrap());
+    }
+    // Same data in every format gives the same measurement.
+    assert!(reports.windows(2).all(|w| w[0] == w[1]), "{reports:?}");
+    // Explicit queries file.
+    let r = json(&bench(&["vectors", "--input", c.to_str().unwrap(), "--queries", f.to_str().unwrap(), "--num-queries", "7", "--bits", "2", "--json"]));
+    assert_eq!(r["queries"], 7);
+    assert_eq!(r["vectors"], n);
+}
+
+#[test]
+fn bad_input_is_a_one_line_error() {
+    let bad = tmp("bad.npy");
+    std::fs::write(&bad, b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f8',").unwrap();
+    let nan = tmp("nan.npy");
+    let mut data = vectors(20, 4);
+    data[13] = f32::NAN;
+    write_npy(&nan, 20, 4, &data, false);
+    let missing = tmp("missing.fvecs");
+    let cases: Vec<Vec<String>> = vec![
+        vec!["vectors".into(), "--input".into(), bad.display().to_string()],
+        vec!["vectors".into(), "--input".into(), nan.display().to_string()],
+        vec!["vectors".into(), "--input".into(), missing.display().to_string()],
+        vec!["vectors".into(), "--input".into(), "x.csv".into()],
+        vec!["synthetic".into(), "--bits".into(), "9".into(), "--quick".into()],
+        vec!["synthetic".into(), "--dim".into(), "1".into()],
+    ];
+    for args in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = bench(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(!err.contains("panicked"));
+    }
+    let out = bench(&["vectors", "--input", nan.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("row 3"));
+}
