@@ -19,7 +19,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("tq-kv", &["tq-quant", "tq-core"]),
     ("tq-gpu", &["tq-quant", "tq-core"]),
     ("tq-onnx", &["tq-kv", "tq-quant", "tq-core"]),
-    ("tq-bench", &["tq-onnx", "tq-gpu", "tq-kv", "tq-quant", "tq-core"]),
+    (
+        "tq-bench",
+        &["tq-onnx", "tq-gpu", "tq-kv", "tq-quant", "tq-core"],
+    ),
 ];
 
 /// Largest file allowed in the source tree.
@@ -30,10 +33,14 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("tidy") => tidy(&workspace_root()),
         Some("-h" | "--help") | None => {
-            println!("usage: cargo xtask <command>\n\ncommands:\n  tidy    check crate layering, lints inheritance, member list and file sizes");
+            println!(
+                "usage: cargo xtask <command>\n\ncommands:\n  tidy    check crate layering, lints inheritance, member list and file sizes"
+            );
             return ExitCode::SUCCESS;
         }
-        Some(other) => Err(anyhow::anyhow!("unknown command '{other}' (try: cargo xtask --help)")),
+        Some(other) => Err(anyhow::anyhow!(
+            "unknown command '{other}' (try: cargo xtask --help)"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -45,12 +52,17 @@ fn main() -> ExitCode {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 fn read_toml(path: &Path) -> Result<toml::Table> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    text.parse::<toml::Table>().with_context(|| format!("cannot parse {}", path.display()))
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.parse::<toml::Table>()
+        .with_context(|| format!("cannot parse {}", path.display()))
 }
 
 /// All dependency tables of a manifest: top-level and `target.*` normal, dev and build.
@@ -89,24 +101,45 @@ fn tidy(root: &Path) -> Result<()> {
     let mut problems = Vec::new();
     for member in &members {
         let manifest = read_toml(&root.join(member).join("Cargo.toml"))?;
-        let name = manifest.get("package").and_then(|p| p.get("name")).and_then(|n| n.as_str()).unwrap_or("?").to_string();
-        let folder = Path::new(member).file_name().and_then(|f| f.to_str()).unwrap_or("");
+        let name = manifest
+            .get("package")
+            .and_then(|p| p.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("?")
+            .to_string();
+        let folder = Path::new(member)
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or("");
         if folder != name {
-            problems.push(format!("{member}: folder name '{folder}' differs from package name '{name}'"));
+            problems.push(format!(
+                "{member}: folder name '{folder}' differs from package name '{name}'"
+            ));
         }
-        let inherits = manifest.get("lints").and_then(|l| l.get("workspace")).and_then(|w| w.as_bool()) == Some(true);
+        let inherits = manifest
+            .get("lints")
+            .and_then(|l| l.get("workspace"))
+            .and_then(|w| w.as_bool())
+            == Some(true);
         if !inherits {
             problems.push(format!("{name}: missing `[lints] workspace = true`"));
         }
-        let tq_deps: Vec<String> = dependency_names(&manifest).into_iter().filter(|d| d.starts_with("tq-")).collect();
+        let tq_deps: Vec<String> = dependency_names(&manifest)
+            .into_iter()
+            .filter(|d| d.starts_with("tq-"))
+            .collect();
         if name.starts_with("tq-") {
             let Some((_, allowed)) = ALLOWED.iter().find(|(n, _)| *n == name) else {
-                problems.push(format!("{name}: not in xtask's layering table; add it to ALLOWED"));
+                problems.push(format!(
+                    "{name}: not in xtask's layering table; add it to ALLOWED"
+                ));
                 continue;
             };
             for dep in tq_deps {
                 if !allowed.contains(&dep.as_str()) {
-                    problems.push(format!("{name} depends on {dep}, which is not below it (allowed: {allowed:?})"));
+                    problems.push(format!(
+                        "{name} depends on {dep}, which is not below it (allowed: {allowed:?})"
+                    ));
                 }
             }
         }
@@ -121,7 +154,10 @@ fn tidy(root: &Path) -> Result<()> {
     }
     check_sizes(root, root, &mut problems)?;
     if problems.is_empty() {
-        println!("tidy: {} members, layering and file sizes OK", members.len());
+        println!(
+            "tidy: {} members, layering and file sizes OK",
+            members.len()
+        );
         Ok(())
     } else {
         for p in &problems {
@@ -132,7 +168,10 @@ fn tidy(root: &Path) -> Result<()> {
 }
 
 fn check_sizes(root: &Path, dir: &Path, problems: &mut Vec<String>) -> Result<()> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?.flatten() {
+    for e in std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .flatten()
+    {
         let path = e.path();
         let name = e.file_name().to_string_lossy().to_string();
         if matches!(name.as_str(), "target" | "artifacts" | ".git" | "data") {
@@ -142,7 +181,11 @@ fn check_sizes(root: &Path, dir: &Path, problems: &mut Vec<String>) -> Result<()
         if meta.is_dir() {
             check_sizes(root, &path, problems)?;
         } else if meta.len() > MAX_FILE_BYTES {
-            let rel = path.strip_prefix(root).unwrap_or(&path).display().to_string();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
             problems.push(format!("{rel} is {} bytes (limit {MAX_FILE_BYTES}): generate it with a script into a git-ignored folder", meta.len()));
         }
     }
@@ -175,7 +218,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("xtask-tidy-{}", std::process::id()));
         let core = dir.join("crates/tq-core");
         std::fs::create_dir_all(&core).unwrap();
-        std::fs::write(dir.join("Cargo.toml"), "[workspace]\nmembers = [\"crates/tq-core\"]\n").unwrap();
+        std::fs::write(
+            dir.join("Cargo.toml"),
+            "[workspace]\nmembers = [\"crates/tq-core\"]\n",
+        )
+        .unwrap();
         std::fs::write(core.join("Cargo.toml"), "[package]\nname = \"tq-core\"\n[dependencies]\ntq-quant = \"1\"\n[lints]\nworkspace = true\n").unwrap();
         let err = tidy(&dir).unwrap_err();
         std::fs::remove_dir_all(&dir).unwrap();

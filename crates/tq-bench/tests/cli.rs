@@ -5,11 +5,18 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn bench(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tq-bench")).args(args).output().expect("runs")
+    Command::new(env!("CARGO_BIN_EXE_tq-bench"))
+        .args(args)
+        .output()
+        .expect("runs")
 }
 
 fn json(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("stdout is exactly one JSON object")
 }
 
@@ -20,11 +27,16 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn vectors(n: usize, d: usize) -> Vec<f32> {
-    (0..n * d).map(|i| (((i * 7919) % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (i / d % 5) as f32)).collect()
+    (0..n * d)
+        .map(|i| (((i * 7919) % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (i / d % 5) as f32))
+        .collect()
 }
 
 fn write_npy(path: &PathBuf, n: usize, d: usize, data: &[f32], fortran: bool) {
-    let mut h = format!("{{'descr': '<f4', 'fortran_order': {}, 'shape': ({n}, {d}), }}", if fortran { "True" } else { "False" });
+    let mut h = format!(
+        "{{'descr': '<f4', 'fortran_order': {}, 'shape': ({n}, {d}), }}",
+        if fortran { "True" } else { "False" }
+    );
     while (10 + h.len() + 1) % 64 != 0 {
         h.push(' ');
     }
@@ -46,9 +58,31 @@ fn write_npy(path: &PathBuf, n: usize, d: usize, data: &[f32], fortran: bool) {
 
 #[test]
 fn synthetic_json_report_has_the_documented_fields() {
-    let out = bench(&["synthetic", "--quick", "--json", "--bits", "2,4", "--vectors", "3000", "--queries", "20", "--threads", "1"]);
+    let out = bench(&[
+        "synthetic",
+        "--quick",
+        "--json",
+        "--bits",
+        "2,4",
+        "--vectors",
+        "3000",
+        "--queries",
+        "20",
+        "--threads",
+        "1",
+    ]);
     let r = json(&out);
-    for key in ["source", "seed", "dim", "rotation", "quantizer", "vectors", "queries", "threads", "results"] {
+    for key in [
+        "source",
+        "seed",
+        "dim",
+        "rotation",
+        "quantizer",
+        "vectors",
+        "queries",
+        "threads",
+        "results",
+    ] {
         assert!(r.get(key).is_some(), "missing {key}");
     }
     assert_eq!(r["source"], "synthetic");
@@ -56,7 +90,15 @@ fn synthetic_json_report_has_the_documented_fields() {
     assert_eq!(results.len(), 2);
     for (x, bits) in results.iter().zip([2u64, 4]) {
         assert_eq!(x["bits"], bits);
-        for key in ["d_mse", "ip_bias", "ip_rmse", "ip_mse_times_d", "bytes_per_vector", "quantize_vectors_per_s", "score_keys_per_s"] {
+        for key in [
+            "d_mse",
+            "ip_bias",
+            "ip_rmse",
+            "ip_mse_times_d",
+            "bytes_per_vector",
+            "quantize_vectors_per_s",
+            "score_keys_per_s",
+        ] {
             assert!(x[key].is_number(), "missing {key}");
         }
         for k in ["1", "4", "16"] {
@@ -64,18 +106,45 @@ fn synthetic_json_report_has_the_documented_fields() {
         }
         assert_eq!(x["bytes_per_vector"], 128 * bits / 8 + 4);
         // 3000 unit vectors: D_mse within 5% of the theory (sampling error ~0.5%).
-        let (m, t) = (x["d_mse"].as_f64().unwrap(), x["d_mse_theory"].as_f64().unwrap());
+        let (m, t) = (
+            x["d_mse"].as_f64().unwrap(),
+            x["d_mse_theory"].as_f64().unwrap(),
+        );
         assert!((m - t).abs() / t < 0.05, "d_mse {m} theory {t}");
     }
     // A table without --json.
-    let out = bench(&["synthetic", "--quick", "--bits", "1", "--vectors", "500", "--queries", "5"]);
+    let out = bench(&[
+        "synthetic",
+        "--quick",
+        "--bits",
+        "1",
+        "--vectors",
+        "500",
+        "--queries",
+        "5",
+    ]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("d_mse"));
 }
 
 #[test]
 fn prod_report_carries_the_bound() {
-    let out = bench(&["synthetic", "--json", "--quantizer", "prod", "--sketch", "orthogonal", "--bits", "3", "--vectors", "2000", "--queries", "10", "--dim", "96"]);
+    let out = bench(&[
+        "synthetic",
+        "--json",
+        "--quantizer",
+        "prod",
+        "--sketch",
+        "orthogonal",
+        "--bits",
+        "3",
+        "--vectors",
+        "2000",
+        "--queries",
+        "10",
+        "--dim",
+        "96",
+    ]);
     let r = json(&out);
     assert_eq!(r["sketch"], "orthogonal");
     let x = &r["results"][0];
@@ -100,11 +169,25 @@ fn vectors_reads_npy_c_and_fortran_fvecs_and_safetensors() {
     std::fs::write(&fv, bytes).unwrap();
     let st = tmp("v.safetensors");
     let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, d], &raw).unwrap();
-    std::fs::write(&st, safetensors::serialize([("vectors", view)], None).unwrap()).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, d], &raw).unwrap();
+    std::fs::write(
+        &st,
+        safetensors::serialize([("vectors", view)], None).unwrap(),
+    )
+    .unwrap();
     let mut reports = Vec::new();
     for p in [&c, &f, &fv, &st] {
-        let r = json(&bench(&["vectors", "--input", p.to_str().unwrap(), "--bits", "4", "--json", "--num-queries", "50"]));
+        let r = json(&bench(&[
+            "vectors",
+            "--input",
+            p.to_str().unwrap(),
+            "--bits",
+            "4",
+            "--json",
+            "--num-queries",
+            "50",
+        ]));
         assert_eq!(r["dim"], d);
         assert_eq!(r["vectors"], n - 50);
         assert_eq!(r["queries"], 50);
@@ -113,7 +196,18 @@ fn vectors_reads_npy_c_and_fortran_fvecs_and_safetensors() {
     // Same data in every format gives the same measurement.
     assert!(reports.windows(2).all(|w| w[0] == w[1]), "{reports:?}");
     // Explicit queries file.
-    let r = json(&bench(&["vectors", "--input", c.to_str().unwrap(), "--queries", f.to_str().unwrap(), "--num-queries", "7", "--bits", "2", "--json"]));
+    let r = json(&bench(&[
+        "vectors",
+        "--input",
+        c.to_str().unwrap(),
+        "--queries",
+        f.to_str().unwrap(),
+        "--num-queries",
+        "7",
+        "--bits",
+        "2",
+        "--json",
+    ]));
     assert_eq!(r["queries"], 7);
     assert_eq!(r["vectors"], n);
 }
@@ -128,11 +222,28 @@ fn bad_input_is_a_one_line_error() {
     write_npy(&nan, 20, 4, &data, false);
     let missing = tmp("missing.fvecs");
     let cases: Vec<Vec<String>> = vec![
-        vec!["vectors".into(), "--input".into(), bad.display().to_string()],
-        vec!["vectors".into(), "--input".into(), nan.display().to_string()],
-        vec!["vectors".into(), "--input".into(), missing.display().to_string()],
+        vec![
+            "vectors".into(),
+            "--input".into(),
+            bad.display().to_string(),
+        ],
+        vec![
+            "vectors".into(),
+            "--input".into(),
+            nan.display().to_string(),
+        ],
+        vec![
+            "vectors".into(),
+            "--input".into(),
+            missing.display().to_string(),
+        ],
         vec!["vectors".into(), "--input".into(), "x.csv".into()],
-        vec!["synthetic".into(), "--bits".into(), "9".into(), "--quick".into()],
+        vec![
+            "synthetic".into(),
+            "--bits".into(),
+            "9".into(),
+            "--quick".into(),
+        ],
         vec!["synthetic".into(), "--dim".into(), "1".into()],
     ];
     for args in cases {
