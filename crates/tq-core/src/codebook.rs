@@ -391,14 +391,12 @@ impl Codebook {
     /// NaN maps to code 0. O(bits).
     #[inline]
     pub fn quantize(&self, y: f32) -> u8 {
+        // Branchless binary search over the 2^b - 1 boundaries: `pos + step - 1 < 2^b - 1` always.
         let b = &self.boundaries;
         let mut pos = 0usize;
-        let mut step = b.len().div_ceil(2).next_power_of_two();
+        let mut step = 1usize << (self.bits - 1);
         while step > 0 {
-            let probe = pos + step;
-            if probe <= b.len() && y > b[probe - 1] {
-                pos = probe;
-            }
+            pos += step * (y > b[pos + step - 1]) as usize;
             step >>= 1;
         }
         pos as u8

@@ -108,7 +108,14 @@ impl Rotation {
                 let mut rng = SeededRng::new(seed, stream::HADAMARD);
                 let rounds = (0..HADAMARD_ROUNDS)
                     .map(|_| {
-                        let signs = (0..dim).map(|_| rng.sign()).collect();
+                        // With one block per round (d a power of two) the 1/sqrt(d) normalisation
+                        // is folded into the signs, saving a pass over the vector.
+                        let fold = if block == dim {
+                            1.0 / (dim as f32).sqrt()
+                        } else {
+                            1.0
+                        };
+                        let signs = (0..dim).map(|_| rng.sign() * fold).collect();
                         let perm = if block < dim {
                             rng.permutation(dim)
                         } else {
@@ -289,7 +296,12 @@ impl Rotation {
             return;
         };
         let (d, p) = (self.dim, *block);
-        let norm = 1.0 / (p as f32).sqrt();
+        // `None`: the normalisation is folded into the signs (single block per round).
+        let norm = if p < d {
+            Some(1.0 / (p as f32).sqrt())
+        } else {
+            None
+        };
         simd::arch().dispatch(HadamardOp {
             rows,
             rounds,
@@ -306,7 +318,7 @@ struct HadamardOp<'a> {
     rounds: &'a [Round],
     d: usize,
     p: usize,
-    norm: f32,
+    norm: Option<f32>,
     inverse: bool,
 }
 
@@ -358,7 +370,7 @@ pub const LANES: usize = 8;
 
 /// One forward or inverse round on one row.
 #[inline(always)]
-fn row_step(x: &mut [f32], tmp: &mut [f32], r: &Round, p: usize, norm: f32, forward: bool) {
+fn row_step(x: &mut [f32], tmp: &mut [f32], r: &Round, p: usize, norm: Option<f32>, forward: bool) {
     let d = x.len();
     if forward {
         for (v, s) in x.iter_mut().zip(&r.signs) {
@@ -398,7 +410,7 @@ fn row_rounds(
     tmp: &mut [f32],
     rounds: &[Round],
     p: usize,
-    norm: f32,
+    norm: Option<f32>,
     inverse: bool,
 ) {
     if inverse {
@@ -425,7 +437,7 @@ fn lanes_signs(x: &mut [[f32; LANES]], signs: &[f32]) {
 /// pass (radix 4) to halve the memory traffic; every element still sees exactly the additions of
 /// [`block_pass`], in the same order, so the results are bit-identical.
 #[inline(always)]
-fn lanes_pass(x: &mut [[f32; LANES]], norm: f32) {
+fn lanes_pass(x: &mut [[f32; LANES]], norm: Option<f32>) {
     let n = x.len();
     let mut h = 1;
     while 4 * h <= n {
@@ -463,9 +475,11 @@ fn lanes_pass(x: &mut [[f32; LANES]], norm: f32) {
             }
         }
     }
-    for v in x.iter_mut() {
-        for l in v.iter_mut() {
-            *l *= norm;
+    if let Some(norm) = norm {
+        for v in x.iter_mut() {
+            for l in v.iter_mut() {
+                *l *= norm;
+            }
         }
     }
 }
@@ -477,7 +491,7 @@ fn lanes_rounds(
     tmp: &mut [[f32; LANES]],
     rounds: &[Round],
     p: usize,
-    norm: f32,
+    norm: Option<f32>,
     inverse: bool,
 ) {
     let d = x.len();
@@ -514,10 +528,12 @@ fn lanes_rounds(
 
 /// Normalised Walsh-Hadamard transform of one power-of-two block (inlined into the dispatch).
 #[inline(always)]
-fn block_pass(x: &mut [f32], norm: f32) {
+fn block_pass(x: &mut [f32], norm: Option<f32>) {
     simd::fwht_inline(x);
-    for v in x.iter_mut() {
-        *v *= norm;
+    if let Some(norm) = norm {
+        for v in x.iter_mut() {
+            *v *= norm;
+        }
     }
 }
 

@@ -50,6 +50,29 @@ pub fn write_row(block: &mut [u8], slot: usize, row: &[u8]) {
     }
 }
 
+/// Writes `rows.len() / row_bytes <= 32` row-major packed rows into slots `0..` of `block`,
+/// replacing the whole block (later slots become zero). Same result as [`write_row`] per row,
+/// without read-modify-write. O(32 · row_bytes).
+pub fn write_block(rows: &[u8], row_bytes: usize, block: &mut [u8]) {
+    debug_assert_eq!(block.len(), block_bytes(row_bytes));
+    let count = rows.len() / row_bytes;
+    debug_assert!(count <= BLOCK);
+    let byte = |slot: usize, k: usize| {
+        if slot < count {
+            rows[slot * row_bytes + k]
+        } else {
+            0
+        }
+    };
+    for k in 0..row_bytes {
+        for i in 0..16 {
+            let (a, b) = (byte(i, k), byte(i + 16, k));
+            block[(2 * k) * 16 + i] = (a & 0x0F) | (b << 4);
+            block[(2 * k + 1) * 16 + i] = (a >> 4) | (b & 0xF0);
+        }
+    }
+}
+
 /// Reads slot `slot < 32` of `block` back into row-major packed bytes `out`. O(row_bytes).
 pub fn read_row(block: &[u8], slot: usize, out: &mut [u8]) {
     debug_assert!(slot < BLOCK);
@@ -169,6 +192,68 @@ pub fn score_row_f32(row: &[u8], tables: &[f32]) -> f32 {
     s
 }
 
+/// Nibble `pos` of row `slot` of a block.
+#[inline(always)]
+fn nibble(block: &[u8], pos: usize, slot: usize) -> u8 {
+    let b = block[pos * 16 + (slot & 15)];
+    if slot < 16 { b & 0x0F } else { b >> 4 }
+}
+
+/// The 3-bit code of coordinate `j` of row `slot`, read from the block's nibbles.
+#[inline(always)]
+fn code3(block: &[u8], j: usize, slot: usize) -> usize {
+    let bit = 3 * j;
+    let (pos, off) = (bit / 4, bit % 4);
+    let mut v = (nibble(block, pos, slot) >> off) as usize;
+    if off > 1 {
+        v |= (nibble(block, pos + 1, slot) as usize) << (4 - off);
+    }
+    v & 7
+}
+
+/// Coordinates covered by 3-bit rows of `row_bytes` bytes (the scan reads `⌊8·row_bytes/3⌋`
+/// codes; the padding codes past `d` are 0 and must have all-zero tables).
+pub const fn coords3(row_bytes: usize) -> usize {
+    8 * row_bytes / 3
+}
+
+/// 3-bit scan: `out[r] = Σ_j tables[16j + code_j(row r)]` with one 16-byte table per coordinate
+/// (entries 8..16 unused). `tables.len()` must be `16 * coords3(row_bytes)` (`debug_assert!`).
+/// Four coordinates span exactly three nibbles; the AVX2 kernel rebuilds the four codes of 32 rows
+/// from three nibble vectors with shifts and masks and looks them up with `vpshufb`.
+pub fn scan_block_b3(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
+    debug_assert_eq!(tables.len(), 16 * coords3(block.len() / BLOCK));
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: AVX2 support was checked at run time.
+            unsafe { x86::scan_block_b3_avx2(block, tables, out) };
+            return;
+        }
+    }
+    scan_block_b3_scalar(block, tables, out)
+}
+
+/// Scalar twin of [`scan_block_b3`].
+pub fn scan_block_b3_scalar(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
+    let coords = tables.len() / 16;
+    for (slot, o) in out.iter_mut().enumerate() {
+        *o = (0..coords)
+            .map(|j| tables[16 * j + code3(block, j, slot)] as u32)
+            .sum();
+    }
+}
+
+/// Float twin of [`scan_block_b3_scalar`] (the exact path).
+pub fn scan_block_b3_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
+    let coords = tables.len() / 16;
+    for (slot, o) in out.iter_mut().enumerate() {
+        *o = (0..coords)
+            .map(|j| tables[16 * j + code3(block, j, slot)])
+            .sum();
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
     use std::sync::OnceLock;
@@ -180,6 +265,78 @@ fn has_avx2() -> bool {
 mod x86 {
     use super::BLOCK;
     use std::arch::x86_64::*;
+
+    /// AVX2 body of `scan_block_b3`: groups of three nibble positions (four coordinates) per step,
+    /// the remaining coordinates through the scalar decoder.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn scan_block_b3_avx2(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
+        out.fill(0);
+        let coords = tables.len() / 16;
+        let groups = coords / 4;
+        let low = _mm256_set1_epi8(0x0F);
+        let m1 = _mm256_set1_epi8(1);
+        let m3 = _mm256_set1_epi8(3);
+        let m7 = _mm256_set1_epi8(7);
+        let zero = _mm256_setzero_si256();
+        let mut g = 0;
+        while g < groups {
+            let chunk = (groups - g).min(64);
+            let (mut lo, mut hi) = (zero, zero);
+            for gg in g..g + chunk {
+                // Nibbles of 32 rows: lane 0 rows 0..15, lane 1 rows 16..31.
+                let mut e = [zero; 3];
+                for (k, ek) in e.iter_mut().enumerate() {
+                    // SAFETY: nibble position 3gg+k < 2·row_bytes, so 16 bytes are in the block.
+                    let b = unsafe {
+                        _mm_loadu_si128(block.as_ptr().add((3 * gg + k) * 16) as *const __m128i)
+                    };
+                    let l = _mm_and_si128(b, _mm256_castsi256_si128(low));
+                    let h = _mm_and_si128(_mm_srli_epi16(b, 4), _mm256_castsi256_si128(low));
+                    *ek = _mm256_inserti128_si256(_mm256_castsi128_si256(l), h, 1);
+                }
+                let c0 = _mm256_and_si256(e[0], m7);
+                let c1 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(e[0], 3), m1),
+                    _mm256_slli_epi16(_mm256_and_si256(e[1], m3), 1),
+                );
+                let c2 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(e[1], 2), m3),
+                    _mm256_slli_epi16(_mm256_and_si256(e[2], m1), 2),
+                );
+                let c3 = _mm256_and_si256(_mm256_srli_epi16(e[2], 1), m7);
+                for (k, c) in [c0, c1, c2, c3].into_iter().enumerate() {
+                    // SAFETY: table 4gg+k < coords, 16 bytes each.
+                    let t = unsafe {
+                        _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                            tables.as_ptr().add((4 * gg + k) * 16) as *const __m128i,
+                        ))
+                    };
+                    let r = _mm256_shuffle_epi8(t, c);
+                    lo = _mm256_add_epi16(lo, _mm256_unpacklo_epi8(r, zero));
+                    hi = _mm256_add_epi16(hi, _mm256_unpackhi_epi8(r, zero));
+                }
+            }
+            g += chunk;
+            let mut a = [0u16; 16];
+            let mut b = [0u16; 16];
+            // SAFETY: 32-byte arrays.
+            unsafe {
+                _mm256_storeu_si256(a.as_mut_ptr() as *mut __m256i, lo);
+                _mm256_storeu_si256(b.as_mut_ptr() as *mut __m256i, hi);
+            }
+            for j in 0..8 {
+                out[j] += a[j] as u32;
+                out[16 + j] += a[8 + j] as u32;
+                out[8 + j] += b[j] as u32;
+                out[24 + j] += b[8 + j] as u32;
+            }
+        }
+        for j in 4 * groups..coords {
+            for (slot, o) in out.iter_mut().enumerate() {
+                *o += tables[16 * j + super::code3(block, j, slot)] as u32;
+            }
+        }
+    }
 
     /// AVX2 body of `scan_block`: two nibble positions (32 bytes of codes, two 16-byte tables) per
     /// step; `u16` accumulators flushed to `u32` every 256 steps.
@@ -229,6 +386,44 @@ mod tests {
     use super::*;
     use crate::rng::{SeededRng, stream};
 
+    #[test]
+    fn scan_b3_parity_over_awkward_sizes() {
+        for d in [
+            1usize, 4, 5, 7, 8, 15, 16, 17, 63, 64, 65, 127, 128, 129, 700,
+        ] {
+            let row_bytes = crate::bitpack::packed_len(d, 3);
+            let mut block = vec![0u8; block_bytes(row_bytes)];
+            let mut rows = Vec::new();
+            for slot in 0..BLOCK {
+                let codes: Vec<u8> = random_bytes(d, 7 * d as u64 + slot as u64)
+                    .iter()
+                    .map(|c| c & 7)
+                    .collect();
+                let mut packed = vec![0u8; row_bytes];
+                crate::bitpack::pack(&codes, 3, &mut packed).unwrap();
+                write_row(&mut block, slot, &packed);
+                rows.push(codes);
+            }
+            let coords = coords3(row_bytes);
+            let mut tables = random_bytes(16 * coords, 99 + d as u64);
+            for j in d..coords {
+                tables[16 * j..16 * j + 16].fill(0);
+            }
+            let (mut a, mut b) = ([0u32; BLOCK], [0u32; BLOCK]);
+            scan_block_b3(&block, &tables, &mut a);
+            scan_block_b3_scalar(&block, &tables, &mut b);
+            assert_eq!(a, b, "d={d}");
+            for (slot, codes) in rows.iter().enumerate() {
+                let want: u32 = codes
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &c)| tables[16 * j + c as usize] as u32)
+                    .sum();
+                assert_eq!(b[slot], want, "d={d} slot {slot}");
+            }
+        }
+    }
+
     fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
         let mut r = SeededRng::new(seed, stream::DATA);
         (0..n).map(|_| r.next_u64() as u8).collect()
@@ -246,6 +441,12 @@ mod tests {
             }
             // overwrite one slot: neighbours stay intact
             write_row(&mut block, 5, &rows[5]);
+            let mut whole = vec![0xAAu8; block_bytes(row_bytes)];
+            write_block(&rows[..20].concat(), row_bytes, &mut whole);
+            for i in 20..BLOCK {
+                write_row(&mut whole, i, &rows[i]);
+            }
+            assert_eq!(whole, block);
             let mut out = vec![0u8; row_bytes];
             for (i, r) in rows.iter().enumerate() {
                 read_row(&block, i, &mut out);

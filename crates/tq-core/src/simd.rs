@@ -56,22 +56,86 @@ pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// `Σ x_i²` with a summation order that does not depend on the CPU: 8 interleaved partial sums
+/// combined pairwise, no fused multiply-add. Vectorises to one 8-lane register where available and
+/// gives the same bits everywhere, so norms (and the codes derived from them) are portable. O(n).
+#[inline]
+pub fn sum_squares_fixed(x: &[f32]) -> f32 {
+    struct Op<'a>(&'a [f32]);
+    impl WithSimd for Op<'_> {
+        type Output = f32;
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, _simd: S) -> f32 {
+            sum_squares_body(self.0)
+        }
+    }
+    arch().dispatch(Op(x))
+}
+
+/// Scalar twin of [`sum_squares_fixed`] (the same operations, without dispatch).
+pub fn sum_squares_fixed_scalar(x: &[f32]) -> f32 {
+    sum_squares_body(x)
+}
+
+#[inline(always)]
+fn sum_squares_body(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            acc[l] += c[l] * c[l];
+        }
+    }
+    for (l, v) in chunks.remainder().iter().enumerate() {
+        acc[l] += v * v;
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
 /// `out[i] = #{ j : ys[i] > sorted[j] }`: the code of each value for a sorted boundary list (ties
 /// take the lower code, NaN gives 0). `out.len() == ys.len()` (checked with `debug_assert!`).
-/// O(n · sorted.len()); used for `sorted.len() <= 15`.
+/// O(n · sorted.len()); used for `sorted.len() <= 15`. Counts are kept in 32-bit lanes (one compare
+/// and one subtract per boundary and 8 values with AVX2).
 pub fn count_below(sorted: &[f32], ys: &[f32], out: &mut [u8]) {
     debug_assert_eq!(ys.len(), out.len());
-    arch().dispatch(
-        #[inline(always)]
-        || {
-            out.fill(0);
+    arch().dispatch(CountBelow { sorted, ys, out })
+}
+
+struct CountBelow<'a> {
+    sorted: &'a [f32],
+    ys: &'a [f32],
+    out: &'a mut [u8],
+}
+
+impl WithSimd for CountBelow<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let CountBelow { sorted, ys, out } = self;
+        let lanes = S::F32_LANES;
+        let (head, tail) = S::as_simd_f32s(ys);
+        let mut buf = [0u32; 64];
+        for (k, &y) in head.iter().enumerate() {
+            let (one, zero) = (simd.splat_u32s(1), simd.splat_u32s(0));
+            let mut acc = zero;
             for &b in sorted {
-                for (o, &y) in out.iter_mut().zip(ys) {
-                    *o += (y > b) as u8;
-                }
+                let m = simd.greater_than_f32s(y, simd.splat_f32s(b));
+                acc = simd.add_u32s(acc, simd.select_u32s(m, one, zero));
             }
-        },
-    )
+            let (cells, _) = S::as_mut_simd_u32s(&mut buf[..lanes]);
+            cells[0] = acc;
+            for (o, &c) in out[k * lanes..(k + 1) * lanes]
+                .iter_mut()
+                .zip(&buf[..lanes])
+            {
+                *o = c as u8;
+            }
+        }
+        let done = head.len() * lanes;
+        for (o, &y) in out[done..].iter_mut().zip(tail) {
+            *o = sorted.iter().filter(|&&b| y > b).count() as u8;
+        }
+    }
 }
 
 /// Scalar twin of [`count_below`].
@@ -85,10 +149,15 @@ pub fn count_below_scalar(sorted: &[f32], ys: &[f32], out: &mut [u8]) {
 /// `x.len()` must be a power of two (checked with `debug_assert!`). O(n log n).
 pub fn fwht(x: &mut [f32]) {
     debug_assert!(x.len().is_power_of_two());
-    arch().dispatch(
+    struct Op<'a>(&'a mut [f32]);
+    impl WithSimd for Op<'_> {
+        type Output = ();
         #[inline(always)]
-        || fwht_body(x),
-    )
+        fn with_simd<S: Simd>(self, _simd: S) {
+            fwht_body(self.0)
+        }
+    }
+    arch().dispatch(Op(x))
 }
 
 /// Scalar twin of [`fwht`] (same butterflies, no SIMD dispatch).
@@ -146,27 +215,33 @@ fn fwht_body(x: &mut [f32]) {
 #[inline]
 pub fn mul_in_place(x: &mut [f32], s: &[f32]) {
     debug_assert_eq!(x.len(), s.len());
-    arch().dispatch(
+    struct Op<'a>(&'a mut [f32], &'a [f32]);
+    impl WithSimd for Op<'_> {
+        type Output = ();
         #[inline(always)]
-        || {
-            for (a, b) in x.iter_mut().zip(s) {
+        fn with_simd<S: Simd>(self, _simd: S) {
+            for (a, b) in self.0.iter_mut().zip(self.1) {
                 *a *= *b;
             }
-        },
-    )
+        }
+    }
+    arch().dispatch(Op(x, s))
 }
 
 /// `x[i] *= s`.
 #[inline]
 pub fn scale_in_place(x: &mut [f32], s: f32) {
-    arch().dispatch(
+    struct Op<'a>(&'a mut [f32], f32);
+    impl WithSimd for Op<'_> {
+        type Output = ();
         #[inline(always)]
-        || {
-            for a in x.iter_mut() {
-                *a *= s;
+        fn with_simd<S: Simd>(self, _simd: S) {
+            for a in self.0.iter_mut() {
+                *a *= self.1;
             }
-        },
-    )
+        }
+    }
+    arch().dispatch(Op(x, s))
 }
 
 #[cfg(test)]
@@ -195,6 +270,18 @@ mod tests {
                 );
             assert!(
                 (dot(&a, &b) - dot_scalar(&a, &b)).abs() <= bound + 1e-30,
+                "n={n}"
+            );
+        }
+    }
+
+    #[test]
+    fn sum_squares_is_bitwise_equal_to_its_twin() {
+        for n in SIZES {
+            let x = data(n, 5);
+            assert_eq!(
+                sum_squares_fixed(&x).to_bits(),
+                sum_squares_fixed_scalar(&x).to_bits(),
                 "n={n}"
             );
         }

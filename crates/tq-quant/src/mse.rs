@@ -102,7 +102,7 @@ impl MseQuantizer {
             .zip(ys.chunks_exact_mut(d))
             .zip(norms.iter_mut())
         {
-            let norm = simd::dot(x, x).sqrt();
+            let norm = simd::sum_squares_fixed(x).sqrt();
             *n = norm;
             if norm > 0.0 {
                 simd::scale_in_place(y, 1.0 / norm);
@@ -120,6 +120,7 @@ impl MseQuantizer {
     }
 
     /// Encodes up to 32 trusted rows into slots `first_slot..` of one block, writing their norms.
+    /// A block filled from slot 0 is written whole (its later slots become zero).
     pub(crate) fn encode_block(
         &self,
         xs: &[f32],
@@ -130,13 +131,20 @@ impl MseQuantizer {
     ) {
         let d = self.dim();
         let n = xs.len() / d;
+        let rb = self.row_bytes;
         s.ys.resize(n * d, 0.0);
         s.codes.resize(d, 0);
-        s.packed.resize(self.row_bytes, 0);
+        s.packed.resize(n * rb, 0);
         self.rotate_unit(xs, &mut s.ys, norms);
-        for (k, y) in s.ys.chunks_exact(d).enumerate() {
-            self.code_row(y, &mut s.codes, &mut s.packed);
-            scan::write_row(block, first_slot + k, &s.packed);
+        for (y, p) in s.ys.chunks_exact(d).zip(s.packed.chunks_exact_mut(rb)) {
+            self.code_row(y, &mut s.codes, p);
+        }
+        if first_slot == 0 {
+            scan::write_block(&s.packed, rb, block);
+        } else {
+            for (k, p) in s.packed.chunks_exact(rb).enumerate() {
+                scan::write_row(block, first_slot + k, p);
+            }
         }
     }
 
@@ -218,16 +226,12 @@ impl MseQuantizer {
     }
 
     pub(crate) fn query_from_rotated(&self, rotated: Vec<f32>) -> MseQuery {
-        let tables = if score::nibble_friendly(self.bits()) {
-            Some(Tables::new(score::nibble_tables(
-                &rotated,
-                self.codebook.centroids(),
-                self.bits(),
-                2 * self.row_bytes,
-            )))
-        } else {
-            None
-        };
+        let tables = Tables::for_codes(
+            &rotated,
+            self.codebook.centroids(),
+            self.bits(),
+            self.row_bytes,
+        );
         MseQuery {
             rotated,
             tables,
@@ -254,8 +258,8 @@ impl MseQuery {
     /// of length `d`.
     pub(crate) fn row_dot(&self, packed: &[u8], bits: u32, codes: &mut [u8]) -> f32 {
         match &self.tables {
-            Some(t) => scan::score_row_f32(packed, &t.exact),
-            None => {
+            Some(t) if t.kind == score::TableKind::Nibble => scan::score_row_f32(packed, &t.exact),
+            _ => {
                 bitpack::unpack_unchecked(packed, bits, codes);
                 self.rotated
                     .iter()
@@ -269,11 +273,7 @@ impl MseQuery {
     /// Unit-scale dots of the rows of block `b` (exact f32 path) into `out` (`<= 32` rows).
     pub(crate) fn block_dots_exact(&self, rows: &PackedRows, b: usize, bits: u32, out: &mut [f32]) {
         match &self.tables {
-            Some(t) => {
-                let mut acc = [0.0f32; BLOCK];
-                scan::scan_block_f32(rows.block(b), &t.exact, &mut acc);
-                out.copy_from_slice(&acc[..out.len()]);
-            }
+            Some(t) => t.block_exact(rows.block(b), out),
             None => {
                 let mut packed = vec![0u8; rows.row_bytes()];
                 let mut codes = vec![0u8; self.rotated.len()];
@@ -289,13 +289,7 @@ impl MseQuery {
     /// width has no nibble tables.
     pub(crate) fn block_dots_fast(&self, rows: &PackedRows, b: usize, bits: u32, out: &mut [f32]) {
         match &self.tables {
-            Some(t) => {
-                let mut acc = [0u32; BLOCK];
-                scan::scan_block(rows.block(b), &t.fast.tables, &mut acc);
-                for (o, &a) in out.iter_mut().zip(&acc) {
-                    *o = t.fast.score(a);
-                }
-            }
+            Some(t) => t.block_fast(rows.block(b), out),
             None => self.block_dots_exact(rows, b, bits, out),
         }
     }

@@ -118,22 +118,23 @@ impl ProdQuantizer {
         s.ys.resize(n * d, 0.0);
         match (&self.mse, code_block) {
             (Some(mse), Some(block)) => {
+                let rb = mse.row_bytes();
                 s.codes.resize(d, 0);
-                s.packed.resize(mse.row_bytes(), 0);
+                s.packed.resize(n * rb, 0);
                 mse.rotate_unit(xs, &mut s.ys, norms);
                 let c = mse.codebook().centroids();
-                for (k, y) in s.ys.chunks_exact_mut(d).enumerate() {
-                    mse.code_row(y, &mut s.codes, &mut s.packed);
-                    scan::write_row(block, first_slot + k, &s.packed);
+                for (y, p) in s.ys.chunks_exact_mut(d).zip(s.packed.chunks_exact_mut(rb)) {
+                    mse.code_row(y, &mut s.codes, p);
                     for (v, &code) in y.iter_mut().zip(s.codes.iter()) {
                         *v -= c[code as usize];
                     }
                 }
+                write_rows(&s.packed, rb, block, first_slot);
             }
             _ => {
                 s.ys.copy_from_slice(xs);
                 for (y, n) in s.ys.chunks_exact_mut(d).zip(norms.iter_mut()) {
-                    let norm = simd::dot(y, y).sqrt();
+                    let norm = simd::sum_squares_fixed(y).sqrt();
                     *n = norm;
                     if norm > 0.0 {
                         simd::scale_in_place(y, 1.0 / norm);
@@ -142,16 +143,17 @@ impl ProdQuantizer {
             }
         }
         for (r, g) in s.ys.chunks_exact(d).zip(gammas.iter_mut()) {
-            *g = simd::dot(r, r).sqrt();
+            *g = simd::sum_squares_fixed(r).sqrt();
         }
         let m = self.qjl.sketch_dim();
+        let sb = self.sign_bytes();
         let mut proj = vec![0.0f32; n * m];
         self.qjl.project_batch_unchecked(&s.ys, &mut proj);
-        let mut signs = vec![0u8; self.sign_bytes()];
-        for (k, p) in proj.chunks_exact(m).enumerate() {
-            QjlSketch::pack_signs(p, &mut signs);
-            scan::write_row(sign_block, first_slot + k, &signs);
+        let mut signs = vec![0u8; n * sb];
+        for (p, out) in proj.chunks_exact(m).zip(signs.chunks_exact_mut(sb)) {
+            QjlSketch::pack_signs(p, out);
         }
+        write_rows(&signs, sb, sign_block, first_slot);
     }
 
     /// Prepares a query: `Π q` and its MSE tables, `S Π q` and its sign tables. O(d² ) for the sketch.
@@ -171,12 +173,10 @@ impl ProdQuantizer {
         };
         let mut sq = vec![0.0; self.qjl.sketch_dim()];
         self.qjl.project_unchecked(&rotated, &mut sq);
-        let tables = Tables::new(score::nibble_tables(
-            &sq,
-            &[-1.0, 1.0],
-            1,
-            2 * self.sign_bytes(),
-        ));
+        let tables = Tables::new(
+            score::TableKind::Nibble,
+            score::nibble_tables(&sq, &[-1.0, 1.0], 1, 2 * self.sign_bytes()),
+        );
         Ok(ProdQuery {
             mse,
             sq,
@@ -209,6 +209,17 @@ impl ProdQuantizer {
             None => out.copy_from_slice(&y),
         }
         simd::scale_in_place(out, norm);
+    }
+}
+
+/// Writes row-major packed rows into a block from `first_slot` (whole-block write from slot 0).
+fn write_rows(rows: &[u8], row_bytes: usize, block: &mut [u8], first_slot: usize) {
+    if first_slot == 0 {
+        scan::write_block(rows, row_bytes, block);
+    } else {
+        for (k, r) in rows.chunks_exact(row_bytes).enumerate() {
+            scan::write_row(block, first_slot + k, r);
+        }
     }
 }
 
@@ -473,13 +484,9 @@ impl ProdBatch {
             }
             let mut sign = [0.0f32; BLOCK];
             if fast {
-                let mut acc = [0u32; BLOCK];
-                scan::scan_block(self.signs.block(b), &query.tables.fast.tables, &mut acc);
-                for (s, &a) in sign.iter_mut().zip(&acc) {
-                    *s = query.tables.fast.score(a);
-                }
+                query.tables.block_fast(self.signs.block(b), &mut sign);
             } else {
-                scan::scan_block_f32(self.signs.block(b), &query.tables.exact, &mut sign);
+                query.tables.block_exact(self.signs.block(b), &mut sign);
             }
             let base = b * BLOCK;
             for (k, v) in o.iter_mut().enumerate() {

@@ -134,7 +134,7 @@ impl QjlSketch {
         let mut proj = vec![0.0; self.sketch_dim()];
         self.project_unchecked(k, &mut proj);
         Self::pack_signs(&proj, signs);
-        Ok(simd::dot(k, k).sqrt())
+        Ok(simd::sum_squares_fixed(k).sqrt())
     }
 
     /// Sketches `k`, returning the packed signs and `‖k‖`.

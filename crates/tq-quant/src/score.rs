@@ -22,10 +22,39 @@ pub struct Hit {
     pub score: f32,
 }
 
-/// Whether codes of `bits` bits tile nibbles exactly.
+/// How a width's rows are scanned with look-up tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum TableKind {
+    /// Widths 1, 2, 4: one table per nibble covering `4 / b` codes.
+    #[default]
+    Nibble,
+    /// Width 3: one table per coordinate, codes rebuilt from three nibbles per four coordinates.
+    Code3,
+}
+
+/// The table scheme for codes of `bits` bits, if any (widths 5-8 have none: exact path only).
 #[inline]
-pub(crate) fn nibble_friendly(bits: u32) -> bool {
-    matches!(bits, 1 | 2 | 4)
+pub(crate) fn table_kind(bits: u32) -> Option<TableKind> {
+    match bits {
+        1 | 2 | 4 => Some(TableKind::Nibble),
+        3 => Some(TableKind::Code3),
+        _ => None,
+    }
+}
+
+/// Per-coordinate tables for 3-bit codes: `16 · coords` floats, table `j` holds
+/// `weights[j] · values[0..8]` and repeats entry 0 in its unused entries 8..16 (so they do not
+/// widen the table's range); coordinates past `weights.len()` get all-zero tables.
+pub(crate) fn code3_tables(weights: &[f32], values: &[f32], coords: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; 16 * coords];
+    for (j, table) in t.chunks_exact_mut(16).enumerate() {
+        if let Some(&w) = weights.get(j) {
+            for (v, e) in table.iter_mut().enumerate() {
+                *e = w * values[if v < 8 { v } else { 0 }];
+            }
+        }
+    }
+    t
 }
 
 /// Float nibble tables for `weights` (length `d`, zero-padded past `d`) and a codebook `values`
@@ -57,15 +86,60 @@ pub(crate) fn nibble_tables(
 /// The tables of a query: `f32` for the exact path and `u8` for the fast path.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Tables {
+    pub(crate) kind: TableKind,
     pub(crate) exact: Vec<f32>,
     pub(crate) fast: QuantizedLut,
 }
 
 impl Tables {
-    pub(crate) fn new(exact: Vec<f32>) -> Self {
+    pub(crate) fn new(kind: TableKind, exact: Vec<f32>) -> Self {
         let mut fast = QuantizedLut::default();
         fast.quantize_from(&exact);
-        Self { exact, fast }
+        Self { kind, exact, fast }
+    }
+
+    /// Builds the tables of `weights` (a rotated query) against codebook `values` for rows of
+    /// `row_bytes` bytes of `bits`-bit codes; `None` for widths without a table scheme.
+    pub(crate) fn for_codes(
+        weights: &[f32],
+        values: &[f32],
+        bits: u32,
+        row_bytes: usize,
+    ) -> Option<Self> {
+        Some(match table_kind(bits)? {
+            TableKind::Nibble => Self::new(
+                TableKind::Nibble,
+                nibble_tables(weights, values, bits, 2 * row_bytes),
+            ),
+            TableKind::Code3 => Self::new(
+                TableKind::Code3,
+                code3_tables(weights, values, tq_core::scan::coords3(row_bytes)),
+            ),
+        })
+    }
+
+    /// Fast (u8) dots of the 32 rows of `block`.
+    #[inline]
+    pub(crate) fn block_fast(&self, block: &[u8], out: &mut [f32]) {
+        let mut acc = [0u32; BLOCK];
+        match self.kind {
+            TableKind::Nibble => tq_core::scan::scan_block(block, &self.fast.tables, &mut acc),
+            TableKind::Code3 => tq_core::scan::scan_block_b3(block, &self.fast.tables, &mut acc),
+        }
+        for (o, &a) in out.iter_mut().zip(&acc) {
+            *o = self.fast.score(a);
+        }
+    }
+
+    /// Exact (f32) dots of the 32 rows of `block`.
+    #[inline]
+    pub(crate) fn block_exact(&self, block: &[u8], out: &mut [f32]) {
+        let mut acc = [0.0f32; BLOCK];
+        match self.kind {
+            TableKind::Nibble => tq_core::scan::scan_block_f32(block, &self.exact, &mut acc),
+            TableKind::Code3 => tq_core::scan::scan_block_b3_f32(block, &self.exact, &mut acc),
+        }
+        out.copy_from_slice(&acc[..out.len()]);
     }
 }
 

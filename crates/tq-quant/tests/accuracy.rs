@@ -294,7 +294,7 @@ fn fast_path_error_is_a_fifth_of_quantization_error_or_less() {
             .map(|(a, b)| (*a as f64) * (*b as f64))
             .sum()
     };
-    for b in [1u32, 2, 4] {
+    for b in [1u32, 2, 3, 4] {
         let q = Arc::new(
             MseQuantizer::new(MseConfig {
                 dim: d,
@@ -323,7 +323,7 @@ fn fast_path_error_is_a_fifth_of_quantization_error_or_less() {
             "mse b={b}: fast/quantization RMSE ratio {ratio}"
         );
     }
-    for b in [2u32, 3, 5] {
+    for b in [2u32, 3, 4, 5] {
         let cfg = ProdConfig {
             dim: d,
             bits: b,
