@@ -443,8 +443,8 @@ mod tests {
             write_row(&mut block, 5, &rows[5]);
             let mut whole = vec![0xAAu8; block_bytes(row_bytes)];
             write_block(&rows[..20].concat(), row_bytes, &mut whole);
-            for i in 20..BLOCK {
-                write_row(&mut whole, i, &rows[i]);
+            for (i, r) in rows.iter().enumerate().skip(20) {
+                write_row(&mut whole, i, r);
             }
             assert_eq!(whole, block);
             let mut out = vec![0u8; row_bytes];
