@@ -54,12 +54,9 @@ pub fn pack_unchecked(codes: &[u8], bits: u32, out: &mut [u8]) {
     debug_assert_eq!(out.len(), packed_len(codes.len(), bits));
     match bits {
         8 => out.copy_from_slice(codes),
-        4 => {
-            for (o, pair) in out.iter_mut().zip(codes.chunks(2)) {
-                let hi = pair.get(1).copied().unwrap_or(0);
-                *o = (pair[0] & 0x0f) | (hi << 4);
-            }
-        }
+        4 => pack_whole::<2, 4>(codes, out),
+        2 => pack_whole::<4, 2>(codes, out),
+        1 => pack_whole::<8, 1>(codes, out),
         _ => {
             let mask = (1u64 << bits) - 1;
             let mut acc: u64 = 0;
@@ -79,6 +76,29 @@ pub fn pack_unchecked(codes: &[u8], bits: u32, out: &mut [u8]) {
                 out[pos] = acc as u8;
             }
         }
+    }
+}
+
+/// Packing for widths that divide 8 (`PER = 8 / BITS` codes per byte): fixed-size chunks so the
+/// loop vectorises; the tail byte is zero-padded.
+#[inline(always)]
+fn pack_whole<const PER: usize, const BITS: u32>(codes: &[u8], out: &mut [u8]) {
+    let mask = ((1u32 << BITS) - 1) as u8;
+    let mut chunks = codes.chunks_exact(PER);
+    for (o, c) in out.iter_mut().zip(&mut chunks) {
+        let mut byte = 0u8;
+        for (k, &v) in c.iter().enumerate() {
+            byte |= (v & mask) << (k as u32 * BITS);
+        }
+        *o = byte;
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut byte = 0u8;
+        for (k, &v) in rest.iter().enumerate() {
+            byte |= (v & mask) << (k as u32 * BITS);
+        }
+        out[codes.len() / PER] = byte;
     }
 }
 

@@ -342,17 +342,9 @@ impl pulp::WithSimd for HadamardOp<'_> {
             while done < n {
                 let group = (n - done).min(LANES);
                 let chunk = &mut rows[done * d..(done + group) * d];
-                for (l, row) in chunk.chunks_exact(d).enumerate() {
-                    for (b, &v) in buf.iter_mut().zip(row) {
-                        b[l] = v;
-                    }
-                }
+                transpose_in(chunk, d, &mut buf);
                 lanes_rounds(&mut buf, &mut tmp, rounds, p, norm, inverse);
-                for (l, row) in chunk.chunks_exact_mut(d).enumerate() {
-                    for (v, b) in row.iter_mut().zip(&buf) {
-                        *v = b[l];
-                    }
-                }
+                transpose_out(&buf, d, chunk);
                 done += group;
             }
         }
@@ -367,6 +359,134 @@ impl pulp::WithSimd for HadamardOp<'_> {
 
 /// Rows transformed together by the transposed Hadamard path.
 pub const LANES: usize = 8;
+
+/// Rows `chunk` (`group <= 8` rows of `d`) into lanes: `buf[j][l] = row_l[j]`.
+#[inline(always)]
+fn transpose_in(chunk: &[f32], d: usize, buf: &mut [[f32; LANES]]) {
+    let group = chunk.len() / d;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if group == LANES && x86_transpose::available() {
+            // SAFETY: AVX availability was checked at run time; lengths are `8 · d`.
+            unsafe { x86_transpose::rows_to_lanes(chunk, d, buf) };
+            return;
+        }
+    }
+    for (l, row) in chunk.chunks_exact(d).enumerate() {
+        for (b, &v) in buf.iter_mut().zip(row) {
+            b[l] = v;
+        }
+    }
+}
+
+/// Lanes back into rows: `row_l[j] = buf[j][l]` for the `chunk.len() / d` rows of `chunk`.
+#[inline(always)]
+fn transpose_out(buf: &[[f32; LANES]], d: usize, chunk: &mut [f32]) {
+    let group = chunk.len() / d;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if group == LANES && x86_transpose::available() {
+            // SAFETY: AVX availability was checked at run time; lengths are `8 · d`.
+            unsafe { x86_transpose::lanes_to_rows(buf, d, chunk) };
+            return;
+        }
+    }
+    for (l, row) in chunk.chunks_exact_mut(d).enumerate() {
+        for (v, b) in row.iter_mut().zip(buf) {
+            *v = b[l];
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_transpose {
+    use super::LANES;
+    use std::arch::x86_64::*;
+
+    pub(super) fn available() -> bool {
+        use std::sync::OnceLock;
+        static AVX: OnceLock<bool> = OnceLock::new();
+        *AVX.get_or_init(|| std::arch::is_x86_feature_detected!("avx"))
+    }
+
+    /// 8×8 transpose of the registers `r` in place (unpack, shuffle, lane permute).
+    #[inline]
+    #[target_feature(enable = "avx")]
+    fn transpose8(r: &mut [__m256; 8]) {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        r[0] = _mm256_permute2f128_ps::<0x20>(u0, u4);
+        r[1] = _mm256_permute2f128_ps::<0x20>(u1, u5);
+        r[2] = _mm256_permute2f128_ps::<0x20>(u2, u6);
+        r[3] = _mm256_permute2f128_ps::<0x20>(u3, u7);
+        r[4] = _mm256_permute2f128_ps::<0x31>(u0, u4);
+        r[5] = _mm256_permute2f128_ps::<0x31>(u1, u5);
+        r[6] = _mm256_permute2f128_ps::<0x31>(u2, u6);
+        r[7] = _mm256_permute2f128_ps::<0x31>(u3, u7);
+    }
+
+    /// `buf[j][l] = rows[l·d + j]` for 8 rows.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn rows_to_lanes(rows: &[f32], d: usize, buf: &mut [[f32; LANES]]) {
+        debug_assert!(rows.len() == 8 * d && buf.len() == d);
+        let full = d / 8 * 8;
+        for j in (0..full).step_by(8) {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (l, v) in r.iter_mut().enumerate() {
+                // SAFETY: l·d + j + 8 <= 8·d.
+                *v = unsafe { _mm256_loadu_ps(rows.as_ptr().add(l * d + j)) };
+            }
+            transpose8(&mut r);
+            for (k, v) in r.iter().enumerate() {
+                // SAFETY: j + k < d; each element is 8 floats.
+                unsafe { _mm256_storeu_ps(buf.as_mut_ptr().add(j + k) as *mut f32, *v) };
+            }
+        }
+        for j in full..d {
+            for l in 0..8 {
+                buf[j][l] = rows[l * d + j];
+            }
+        }
+    }
+
+    /// `rows[l·d + j] = buf[j][l]` for 8 rows.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn lanes_to_rows(buf: &[[f32; LANES]], d: usize, rows: &mut [f32]) {
+        debug_assert!(rows.len() == 8 * d && buf.len() == d);
+        let full = d / 8 * 8;
+        for j in (0..full).step_by(8) {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (k, v) in r.iter_mut().enumerate() {
+                // SAFETY: j + k < d.
+                *v = unsafe { _mm256_loadu_ps(buf.as_ptr().add(j + k) as *const f32) };
+            }
+            transpose8(&mut r);
+            for (l, v) in r.iter().enumerate() {
+                // SAFETY: l·d + j + 8 <= 8·d.
+                unsafe { _mm256_storeu_ps(rows.as_mut_ptr().add(l * d + j), *v) };
+            }
+        }
+        for j in full..d {
+            for l in 0..8 {
+                rows[l * d + j] = buf[j][l];
+            }
+        }
+    }
+}
 
 /// One forward or inverse round on one row.
 #[inline(always)]
@@ -439,47 +559,41 @@ fn lanes_signs(x: &mut [[f32; LANES]], signs: &[f32]) {
 #[inline(always)]
 fn lanes_pass(x: &mut [[f32; LANES]], norm: Option<f32>) {
     let n = x.len();
+    // Flat views: element j's lanes are floats 8j..8j+8, so a block of h elements is one
+    // contiguous run of 8h floats and every butterfly is a plain element-wise loop.
+    let flat = x.as_flattened_mut();
     let mut h = 1;
     while 4 * h <= n {
-        for blk in x.chunks_exact_mut(4 * h) {
-            let (ab, ce) = blk.split_at_mut(2 * h);
-            let (a, b) = ab.split_at_mut(h);
-            let (c, e) = ce.split_at_mut(h);
-            for (((a, b), c), e) in a
-                .iter_mut()
-                .zip(b.iter_mut())
-                .zip(c.iter_mut())
-                .zip(e.iter_mut())
-            {
-                for l in 0..LANES {
-                    let (s0, d0) = (a[l] + b[l], a[l] - b[l]);
-                    let (s1, d1) = (c[l] + e[l], c[l] - e[l]);
-                    a[l] = s0 + s1;
-                    c[l] = s0 - s1;
-                    b[l] = d0 + d1;
-                    e[l] = d0 - d1;
-                }
+        let w = h * LANES;
+        for blk in flat.chunks_exact_mut(4 * w) {
+            let (ab, ce) = blk.split_at_mut(2 * w);
+            let (a, b) = ab.split_at_mut(w);
+            let (c, e) = ce.split_at_mut(w);
+            for i in 0..w {
+                let (s0, d0) = (a[i] + b[i], a[i] - b[i]);
+                let (s1, d1) = (c[i] + e[i], c[i] - e[i]);
+                a[i] = s0 + s1;
+                c[i] = s0 - s1;
+                b[i] = d0 + d1;
+                e[i] = d0 - d1;
             }
         }
         h *= 4;
     }
     if h < n {
-        for blk in x.chunks_exact_mut(2 * h) {
-            let (a, b) = blk.split_at_mut(h);
-            for (u, v) in a.iter_mut().zip(b.iter_mut()) {
-                for l in 0..LANES {
-                    let (s, t) = (u[l] + v[l], u[l] - v[l]);
-                    u[l] = s;
-                    v[l] = t;
-                }
+        let w = h * LANES;
+        for blk in flat.chunks_exact_mut(2 * w) {
+            let (a, b) = blk.split_at_mut(w);
+            for i in 0..w {
+                let (s, t) = (a[i] + b[i], a[i] - b[i]);
+                a[i] = s;
+                b[i] = t;
             }
         }
     }
     if let Some(norm) = norm {
-        for v in x.iter_mut() {
-            for l in v.iter_mut() {
-                *l *= norm;
-            }
+        for v in flat.iter_mut() {
+            *v *= norm;
         }
     }
 }

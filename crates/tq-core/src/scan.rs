@@ -57,18 +57,19 @@ pub fn write_block(rows: &[u8], row_bytes: usize, block: &mut [u8]) {
     debug_assert_eq!(block.len(), block_bytes(row_bytes));
     let count = rows.len() / row_bytes;
     debug_assert!(count <= BLOCK);
-    let byte = |slot: usize, k: usize| {
+    let zero = vec![0u8; if count < BLOCK { row_bytes } else { 0 }];
+    let row = |slot: usize| {
         if slot < count {
-            rows[slot * row_bytes + k]
+            &rows[slot * row_bytes..(slot + 1) * row_bytes]
         } else {
-            0
+            &zero[..]
         }
     };
-    for k in 0..row_bytes {
-        for i in 0..16 {
-            let (a, b) = (byte(i, k), byte(i + 16, k));
-            block[(2 * k) * 16 + i] = (a & 0x0F) | (b << 4);
-            block[(2 * k + 1) * 16 + i] = (a >> 4) | (b & 0xF0);
+    for i in 0..16 {
+        let (a, b) = (row(i), row(i + 16));
+        for (k, (&x, &y)) in a.iter().zip(b).enumerate() {
+            block[32 * k + i] = (x & 0x0F) | (y << 4);
+            block[32 * k + 16 + i] = (x >> 4) | (y & 0xF0);
         }
     }
 }

@@ -97,7 +97,14 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// Rejects non-finite values, reporting the first one.
 pub(crate) fn check_finite(xs: &[f32]) -> Result<()> {
-    if let Some((index, &value)) = xs.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+    // Branch-free scan in chunks (vectorises); the exact position is looked up only on failure.
+    const EXP: u32 = 0x7f80_0000;
+    let bad = xs.chunks(256).any(|c| {
+        c.iter()
+            .fold(0u32, |acc, v| acc | ((v.to_bits() & EXP == EXP) as u32))
+            != 0
+    });
+    if bad && let Some((index, &value)) = xs.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         return Err(Error::NonFinite { index, value });
     }
     Ok(())
