@@ -57,7 +57,26 @@ pub fn pack_unchecked(codes: &[u8], bits: u32, out: &mut [u8]) {
         4 => pack_whole::<2, 4>(codes, out),
         2 => pack_whole::<4, 2>(codes, out),
         1 => pack_whole::<8, 1>(codes, out),
-        _ => {
+        3 => {
+            // Eight codes fill exactly three bytes; the tail goes through the generic path.
+            let full = codes.len() / 8;
+            for (c, o) in codes.chunks_exact(8).zip(out.chunks_exact_mut(3)) {
+                let mut w = 0u32;
+                for (k, &v) in c.iter().enumerate() {
+                    w |= ((v & 7) as u32) << (3 * k);
+                }
+                o.copy_from_slice(&w.to_le_bytes()[..3]);
+            }
+            pack_generic(&codes[8 * full..], 3, &mut out[3 * full..]);
+        }
+        _ => pack_generic(codes, bits, out),
+    }
+}
+
+/// Bit-accumulator packing for any width (the reference layout).
+fn pack_generic(codes: &[u8], bits: u32, out: &mut [u8]) {
+    {
+        {
             let mask = (1u64 << bits) - 1;
             let mut acc: u64 = 0;
             let mut nbits = 0u32;

@@ -108,10 +108,17 @@ impl QjlSketch {
     /// Packs the signs of a projection (`bit j = proj[j] >= 0`) into `out` (`ceil(m/8)` bytes).
     pub(crate) fn pack_signs(proj: &[f32], out: &mut [u8]) {
         out.fill(0);
-        for (j, &v) in proj.iter().enumerate() {
-            if v >= 0.0 {
-                out[j / 8] |= 1 << (j % 8);
+        let mut chunks = proj.chunks_exact(8);
+        for (o, c) in out.iter_mut().zip(&mut chunks) {
+            let mut byte = 0u8;
+            for (k, &v) in c.iter().enumerate() {
+                byte |= ((v >= 0.0) as u8) << k;
             }
+            *o = byte;
+        }
+        let full = proj.len() / 8;
+        for (k, &v) in chunks.remainder().iter().enumerate() {
+            out[full] |= ((v >= 0.0) as u8) << k;
         }
     }
 
