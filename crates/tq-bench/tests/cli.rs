@@ -258,3 +258,20 @@ fn bad_input_is_a_one_line_error() {
     let out = bench(&["vectors", "--input", nan.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("row 3"));
 }
+
+/// On real embeddings (GloVe, any norms) the random rotation still gives the theoretical
+/// distortion: 1900 vectors × 50 coordinates put the relative standard error near 1%, so 5% is
+/// a 5-sigma tolerance.
+#[test]
+fn real_glove_fixture_meets_the_theory() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/glove-2k.npy");
+    for rotation in ["hadamard", "haar"] {
+        let r = json(&bench(&["vectors", "--input", path, "--bits", "2,4", "--num-queries", "100", "--rotation", rotation, "--json"]));
+        assert_eq!(r["dim"], 50);
+        for x in r["results"].as_array().unwrap() {
+            let (m, t) = (x["d_mse"].as_f64().unwrap(), x["d_mse_theory"].as_f64().unwrap());
+            assert!((m - t).abs() / t < 0.05, "{rotation}: d_mse {m} theory {t}");
+            assert!(x["recall_1_at_k"]["16"].as_f64().unwrap() > 0.9);
+        }
+    }
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Regenerates fixtures/glove-2k.npy: the first 2000 GloVe 6B 50d vectors (PDDL-1.0) as a C-order
+# float32 .npy, used by the CLI tests as a small real embedding set. Checking is the default
+# (the committed file is used as is); run this only to regenerate it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/fetch-glove.sh
+python3 - <<'PY'
+import ast, struct
+src = open("data/glove-6b-50d.npy", "rb").read()
+hlen = struct.unpack("<H", src[8:10])[0]
+header = ast.literal_eval(src[10:10 + hlen].decode("latin1"))
+rows, dim = header["shape"]
+assert header["descr"] == "<f4" and header["fortran_order"], header
+data = src[10 + hlen:]
+keep = 2000
+out = bytearray()
+for i in range(keep):
+    for j in range(dim):
+        k = 4 * (j * rows + i)
+        out += data[k:k + 4]
+h = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d), }" % (keep, dim)
+h += " " * ((64 - (10 + len(h) + 1) % 64) % 64) + "\n"
+with open("fixtures/glove-2k.npy", "wb") as f:
+    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h.encode("latin1") + bytes(out))
+print("wrote fixtures/glove-2k.npy", keep, "x", dim)
+PY
