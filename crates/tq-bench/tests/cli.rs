@@ -266,10 +266,24 @@ fn bad_input_is_a_one_line_error() {
 fn real_glove_fixture_meets_the_theory() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/glove-2k.npy");
     for rotation in ["hadamard", "haar"] {
-        let r = json(&bench(&["vectors", "--input", path, "--bits", "2,4", "--num-queries", "100", "--rotation", rotation, "--json"]));
+        let r = json(&bench(&[
+            "vectors",
+            "--input",
+            path,
+            "--bits",
+            "2,4",
+            "--num-queries",
+            "100",
+            "--rotation",
+            rotation,
+            "--json",
+        ]));
         assert_eq!(r["dim"], 50);
         for x in r["results"].as_array().unwrap() {
-            let (m, t) = (x["d_mse"].as_f64().unwrap(), x["d_mse_theory"].as_f64().unwrap());
+            let (m, t) = (
+                x["d_mse"].as_f64().unwrap(),
+                x["d_mse_theory"].as_f64().unwrap(),
+            );
             assert!((m - t).abs() / t < 0.05, "{rotation}: d_mse {m} theory {t}");
             assert!(x["recall_1_at_k"]["16"].as_f64().unwrap() > 0.9);
         }

@@ -75,6 +75,7 @@ fn nibble_scan(c: &mut Criterion) {
             black_box(acc)
         })
     });
+    g.throughput(Throughput::Elements((blocks / 16 * scan::BLOCK) as u64));
     g.bench_function("scalar_d128_b4", |b| {
         b.iter(|| {
             let mut acc = 0u32;
