@@ -499,6 +499,56 @@ impl MseBatch {
         out
     }
 
+    /// `out_rot += Σ_i weights[i] · ‖x_i‖ · c[codes_i]`: the weighted sum of the decoded rows kept
+    /// in the rotated domain (apply `Πᵀ` once to the total). Rows with weight 0 are skipped a block
+    /// at a time. O(n · d).
+    ///
+    /// # Errors
+    /// `Core(LengthMismatch)` unless `weights.len() == len`, [`Error::DimMismatch`] unless
+    /// `out_rot.len() == d`.
+    pub fn accumulate_rotated(&self, weights: &[f32], out_rot: &mut [f32]) -> Result<()> {
+        if weights.len() != self.len() {
+            return Err(tq_core::Error::LengthMismatch {
+                what: "weights",
+                expected: self.len(),
+                got: weights.len(),
+            }
+            .into());
+        }
+        check_dim(out_rot, self.quantizer.dim())?;
+        let bits = self.quantizer.bits();
+        let c = self.quantizer.codebook().centroids();
+        for (b, (w, n)) in weights
+            .chunks(BLOCK)
+            .zip(self.norms.chunks(BLOCK))
+            .enumerate()
+        {
+            let mut w32 = [0.0f32; BLOCK];
+            let mut any = false;
+            for ((o, &wi), &ni) in w32.iter_mut().zip(w).zip(n) {
+                *o = wi * ni;
+                any |= *o != 0.0;
+            }
+            if any {
+                scan::accumulate_block(self.codes.block(b), bits, c, &w32, out_rot);
+            }
+        }
+        Ok(())
+    }
+
+    /// `out = Σ_i weights[i] · x̃_i` (decoded rows), computed in the rotated domain and rotated back
+    /// once: O(n · d + one rotation), no per-row decoding to the original domain.
+    ///
+    /// # Errors
+    /// As [`MseBatch::accumulate_rotated`] (`out` must have length `d`).
+    pub fn weighted_sum(&self, weights: &[f32], out: &mut [f32]) -> Result<()> {
+        let mut rot = vec![0.0f32; self.quantizer.dim()];
+        self.accumulate_rotated(weights, &mut rot)?;
+        check_dim(out, self.quantizer.dim())?;
+        self.quantizer.rotation().apply_inverse_unchecked(&rot, out);
+        Ok(())
+    }
+
     fn check_out(&self, out: &[f32]) -> Result<()> {
         if out.len() != self.len() {
             return Err(tq_core::Error::LengthMismatch {

@@ -259,3 +259,51 @@ fn truncate_then_append_is_consistent() {
     assert_eq!(a.codes(), b.codes());
     assert_eq!(a.norms(), b.norms());
 }
+
+/// The rotated-domain weighted sum equals the weighted sum of the dequantized rows to float
+/// rounding (relative 1e-4 of the magnitude), for every width and an awkward dimension.
+#[test]
+fn weighted_sum_equals_sum_of_dequantized_rows() {
+    for (d, rotation) in [
+        (128usize, RotationKind::Hadamard),
+        (96, RotationKind::Haar),
+        (7, RotationKind::Hadamard),
+    ] {
+        for bits in 1..=8u32 {
+            let q = mse(d, bits, rotation);
+            let xs = gaussian_rows(77, d, 31, 2.0);
+            let mut b = MseBatch::new(q);
+            b.extend(&xs).unwrap();
+            let weights: Vec<f32> = (0..77)
+                .map(|i| {
+                    if i % 9 == 0 {
+                        0.0
+                    } else {
+                        (i as f32 * 0.37).sin()
+                    }
+                })
+                .collect();
+            let mut got = vec![0.0; d];
+            b.weighted_sum(&weights, &mut got).unwrap();
+            let deq = b.dequantize_all();
+            let mut want = vec![0.0f32; d];
+            let mut mag = 0.0f32;
+            for (w, row) in weights.iter().zip(deq.chunks_exact(d)) {
+                for (o, v) in want.iter_mut().zip(row) {
+                    *o += w * v;
+                    mag += (w * v).abs();
+                }
+            }
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * mag / d as f32 + 1e-6,
+                    "d={d} bits={bits}: {g} vs {w}"
+                );
+            }
+            assert!(matches!(
+                b.weighted_sum(&weights[1..], &mut got),
+                Err(Error::Core(_))
+            ));
+        }
+    }
+}
