@@ -1,0 +1,85 @@
+//! The error type of tq-kv.
+
+use thiserror::Error;
+
+/// Errors raised by the KV caches.
+#[derive(Debug, Clone, PartialEq, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An error from the quantizers.
+    #[error(transparent)]
+    Quant(#[from] tq_quant::Error),
+    /// A slice whose length does not fit the cache's shape.
+    #[error("{what}: expected {expected} values, got {got}")]
+    Shape {
+        /// What the slice holds.
+        what: &'static str,
+        /// The length required.
+        expected: usize,
+        /// The length given.
+        got: usize,
+    },
+    /// A NaN or infinite value in keys, values or queries.
+    #[error("non-finite value {value} in {what} at index {index}")]
+    NonFinite {
+        /// Which input.
+        what: &'static str,
+        /// Flat index of the first non-finite value.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// A precision specification that cannot be used.
+    #[error("invalid precision '{spec}': {reason}")]
+    InvalidPrecision {
+        /// The specification given.
+        spec: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// An outlier channel list that does not fit the head dimension.
+    #[error("invalid outlier channels: {reason}")]
+    InvalidChannels {
+        /// Why they were rejected.
+        reason: String,
+    },
+    /// Query and KV head counts that do not form grouped-query attention.
+    #[error(
+        "{n_q_heads} query heads cannot share {n_kv_heads} kv heads (need a positive multiple)"
+    )]
+    HeadCounts {
+        /// Query heads.
+        n_q_heads: usize,
+        /// KV heads.
+        n_kv_heads: usize,
+    },
+    /// A causal limit past the cached tokens.
+    #[error("query attends to {limit} tokens but the cache holds {len}")]
+    PositionOutOfRange {
+        /// Tokens the query asked to attend to.
+        limit: usize,
+        /// Tokens in the cache.
+        len: usize,
+    },
+}
+
+/// Result alias for tq-kv.
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn check_len(what: &'static str, got: usize, expected: usize) -> Result<()> {
+    if got != expected {
+        return Err(Error::Shape {
+            what,
+            expected,
+            got,
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_finite(what: &'static str, xs: &[f32]) -> Result<()> {
+    if let Some((index, &value)) = xs.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::NonFinite { what, index, value });
+    }
+    Ok(())
+}

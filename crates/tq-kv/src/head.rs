@@ -1,0 +1,381 @@
+//! [`HeadCache`]: the quantized keys and values of one attention head, with attention computed on
+//! the packed codes (DESIGN §3).
+//!
+//! Tokens are appended at the end. Keys and values are quantized independently, each with its own
+//! strategy and [`Precision`]. An optional full-precision window keeps the most recent `W` tokens
+//! as f32 and quantizes each token when it ages out, so a token's code never depends on how the
+//! cache was filled (one token at a time, in blocks, or restored).
+//!
+//! Attention for a query `q`: `s_t = ⟨q, k̃_t⟩ / sqrt(d)` through the per-query look-up tables of
+//! the key codes (exact dot products for window tokens), a max-subtracted softmax, and
+//! `Σ_t p_t ṽ_t` accumulated in the rotated domain of the value quantizer and rotated back once per
+//! query. With [`ScoreMode::Exact`] the result equals attention over the dequantized cache up to
+//! float rounding; [`ScoreMode::Fast`] scores through `u8` tables (see tq-quant).
+
+use half::{bf16, f16};
+use serde::{Deserialize, Serialize};
+use tq_core::RotationKind;
+
+use crate::error::{check_finite, check_len};
+use crate::precision::Precision;
+use crate::store::{KeyStrategy, Store};
+use crate::{Error, Result};
+
+/// How key scores are computed from the codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreMode {
+    /// `u8` look-up tables and the SIMD scan (extra error well below the quantization error).
+    #[default]
+    Fast,
+    /// `f32` look-up tables: the same function as scoring the dequantized keys.
+    Exact,
+}
+
+/// Configuration of one head's cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadConfig {
+    /// Head dimension `d >= 2`.
+    pub head_dim: usize,
+    /// Key quantizer.
+    pub key_strategy: KeyStrategy,
+    /// Key bits.
+    pub key_precision: Precision,
+    /// Value bits (values always use TurboQuant_mse).
+    pub value_precision: Precision,
+    /// Most recent tokens kept in f32 (0: quantize every token at once).
+    pub window: usize,
+    /// Rotation of every quantizer.
+    pub rotation: RotationKind,
+    /// Seed of the key quantizers; the value quantizers use an independent derived seed.
+    pub seed: u64,
+    /// How key scores are computed.
+    pub score_mode: ScoreMode,
+}
+
+impl HeadConfig {
+    /// MSE keys and values at the given precisions, no window, Hadamard rotation, seed 0, fast scores.
+    pub fn new(head_dim: usize, key_precision: Precision, value_precision: Precision) -> Self {
+        Self {
+            head_dim,
+            key_strategy: KeyStrategy::Mse,
+            key_precision,
+            value_precision,
+            window: 0,
+            rotation: RotationKind::Hadamard,
+            seed: 0,
+            score_mode: ScoreMode::Fast,
+        }
+    }
+}
+
+/// Outlier channels for split precisions (ascending channel indices), per tensor.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outliers {
+    /// Key outlier channels (needed when the key precision is a split).
+    pub keys: Option<Vec<usize>>,
+    /// Value outlier channels (needed when the value precision is a split).
+    pub values: Option<Vec<usize>>,
+}
+
+const VALUE_SEED_OFFSET: u64 = 0x5641_4c55_4553_0001;
+
+/// The cache of one attention head.
+#[derive(Debug, Clone)]
+pub struct HeadCache {
+    config: HeadConfig,
+    keys: Store,
+    values: Store,
+    window_keys: Vec<f32>,
+    window_values: Vec<f32>,
+}
+
+impl HeadCache {
+    /// An empty cache.
+    ///
+    /// # Errors
+    /// Invalid dimension or precision, or missing / malformed outlier channels for a split.
+    pub fn new(config: HeadConfig, outliers: &Outliers) -> Result<Self> {
+        let d = config.head_dim;
+        let keys = Store::new(
+            d,
+            config.key_precision,
+            config.key_strategy,
+            outliers.keys.as_deref(),
+            config.rotation,
+            config.seed,
+        )?;
+        let values = Store::new(
+            d,
+            config.value_precision,
+            KeyStrategy::Mse,
+            outliers.values.as_deref(),
+            config.rotation,
+            config.seed ^ VALUE_SEED_OFFSET,
+        )?;
+        Ok(Self {
+            config,
+            keys,
+            values,
+            window_keys: Vec::new(),
+            window_values: Vec::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &HeadConfig {
+        &self.config
+    }
+
+    /// The outlier channels in use.
+    pub fn outliers(&self) -> Outliers {
+        Outliers {
+            keys: self.keys.outliers().map(<[usize]>::to_vec),
+            values: self.values.outliers().map(<[usize]>::to_vec),
+        }
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.keys.len() + self.window_len()
+    }
+
+    /// True when no token is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tokens held as codes.
+    pub fn quantized_len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Tokens held in the f32 window.
+    pub fn window_len(&self) -> usize {
+        self.window_keys.len() / self.config.head_dim
+    }
+
+    /// Exact bytes held: codes and scalars of the quantized tokens plus the f32 window.
+    pub fn memory_bytes(&self) -> usize {
+        let q = self.quantized_len();
+        q * (self.keys.bytes_per_vector() + self.values.bytes_per_vector())
+            + 4 * (self.window_keys.len() + self.window_values.len())
+    }
+
+    /// Bytes the same tokens take as f16 keys and values.
+    pub fn f16_bytes(&self) -> usize {
+        2 * 2 * self.len() * self.config.head_dim
+    }
+
+    /// Appends `n = keys.len() / d` tokens (row-major f32 keys and values, any norms).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when the lengths are not `n · d` for the same `n`, [`Error::NonFinite`];
+    /// nothing is appended then.
+    pub fn append(&mut self, keys: &[f32], values: &[f32]) -> Result<()> {
+        let d = self.config.head_dim;
+        if !keys.len().is_multiple_of(d) {
+            return Err(Error::Shape {
+                what: "keys",
+                expected: keys.len() / d * d,
+                got: keys.len(),
+            });
+        }
+        check_len("values", values.len(), keys.len())?;
+        check_finite("keys", keys)?;
+        check_finite("values", values)?;
+        let w = self.config.window;
+        if w == 0 {
+            self.keys.extend(keys)?;
+            return self.values.extend(values);
+        }
+        self.window_keys.extend_from_slice(keys);
+        self.window_values.extend_from_slice(values);
+        let over = self.window_len().saturating_sub(w);
+        if over > 0 {
+            let aged_k: Vec<f32> = self.window_keys.drain(..over * d).collect();
+            let aged_v: Vec<f32> = self.window_values.drain(..over * d).collect();
+            self.keys.extend(&aged_k)?;
+            self.values.extend(&aged_v)?;
+        }
+        Ok(())
+    }
+
+    /// [`HeadCache::append`] for f16 inputs (converted exactly to f32).
+    ///
+    /// # Errors
+    /// As [`HeadCache::append`].
+    pub fn append_f16(&mut self, keys: &[f16], values: &[f16]) -> Result<()> {
+        let k: Vec<f32> = keys.iter().map(|v| v.to_f32()).collect();
+        let v: Vec<f32> = values.iter().map(|v| v.to_f32()).collect();
+        self.append(&k, &v)
+    }
+
+    /// [`HeadCache::append`] for bf16 inputs (converted exactly to f32).
+    ///
+    /// # Errors
+    /// As [`HeadCache::append`].
+    pub fn append_bf16(&mut self, keys: &[bf16], values: &[bf16]) -> Result<()> {
+        let k: Vec<f32> = keys.iter().map(|v| v.to_f32()).collect();
+        let v: Vec<f32> = values.iter().map(|v| v.to_f32()).collect();
+        self.append(&k, &v)
+    }
+
+    /// Keeps the first `n` tokens (speculative-decoding rollback). Tokens that were already
+    /// quantized stay quantized: the window then holds only tokens that never aged out.
+    pub fn truncate(&mut self, n: usize) {
+        let d = self.config.head_dim;
+        let q = self.quantized_len();
+        if n >= q {
+            let keep = (n - q).min(self.window_len());
+            self.window_keys.truncate(keep * d);
+            self.window_values.truncate(keep * d);
+        } else {
+            self.keys.truncate(n);
+            self.values.truncate(n);
+            self.window_keys.clear();
+            self.window_values.clear();
+        }
+    }
+
+    /// Removes every token.
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    fn reconstruct(&self, store: &Store, window: &[f32]) -> Result<Vec<f32>> {
+        let d = self.config.head_dim;
+        let mut out = vec![0.0f32; self.len() * d];
+        let q = self.quantized_len();
+        for (i, row) in out[..q * d].chunks_exact_mut(d).enumerate() {
+            store.reconstruct(i, row)?;
+        }
+        out[q * d..].copy_from_slice(window);
+        Ok(out)
+    }
+
+    /// All keys decoded to f32 (`len · d`, row-major; window tokens exact).
+    ///
+    /// # Errors
+    /// Only on internal inconsistency (not expected).
+    pub fn keys(&self) -> Result<Vec<f32>> {
+        self.reconstruct(&self.keys, &self.window_keys)
+    }
+
+    /// All values decoded to f32 (`len · d`, row-major; window tokens exact).
+    ///
+    /// # Errors
+    /// Only on internal inconsistency (not expected).
+    pub fn values(&self) -> Result<Vec<f32>> {
+        self.reconstruct(&self.values, &self.window_values)
+    }
+
+    fn check_query(&self, q: &[f32]) -> Result<()> {
+        check_len("query", q.len(), self.config.head_dim)?;
+        check_finite("query", q)
+    }
+
+    /// Raw attention scores `⟨q, k̃_t⟩ / sqrt(d)` for every token into `out` (`len` values).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for a wrong `q` or `out` length, [`Error::NonFinite`].
+    pub fn scores(&self, q: &[f32], out: &mut [f32]) -> Result<()> {
+        self.check_query(q)?;
+        check_len("scores", out.len(), self.len())?;
+        self.scores_unchecked(q, out)
+    }
+
+    fn scores_unchecked(&self, q: &[f32], out: &mut [f32]) -> Result<()> {
+        let d = self.config.head_dim;
+        let qn = self.quantized_len();
+        let scale = 1.0 / (d as f32).sqrt();
+        if qn > 0 {
+            let prepared = self.keys.prepare(q)?;
+            self.keys.scores(
+                &prepared,
+                &mut out[..qn],
+                self.config.score_mode == ScoreMode::Fast,
+            )?;
+        }
+        for (o, k) in out[qn..].iter_mut().zip(self.window_keys.chunks_exact(d)) {
+            *o = tq_core::simd::dot(q, k);
+        }
+        for o in out.iter_mut() {
+            *o *= scale;
+        }
+        Ok(())
+    }
+
+    /// Attention output `softmax(q K̃ᵀ / sqrt(d)) Ṽ` over all tokens into `out` (`d` values).
+    /// An empty cache gives zeros. O(len · d).
+    ///
+    /// # Errors
+    /// [`Error::Shape`], [`Error::NonFinite`].
+    pub fn attend(&self, q: &[f32], out: &mut [f32]) -> Result<()> {
+        self.check_query(q)?;
+        check_len("output", out.len(), self.config.head_dim)?;
+        self.attend_limit(q, self.len(), out)
+    }
+
+    /// Attention for a block of `m` queries (row-major `m · d`), query `i` attending to the first
+    /// `limits[i]` tokens (causal masking by position; `1 <= limits[i] <= len`), into `out`
+    /// (`m · d`).
+    ///
+    /// # Errors
+    /// [`Error::Shape`], [`Error::NonFinite`], [`Error::PositionOutOfRange`].
+    pub fn attend_block(&self, queries: &[f32], limits: &[usize], out: &mut [f32]) -> Result<()> {
+        let d = self.config.head_dim;
+        check_len("queries", queries.len(), limits.len() * d)?;
+        check_len("output", out.len(), queries.len())?;
+        check_finite("queries", queries)?;
+        if let Some(&limit) = limits.iter().find(|&&l| l == 0 || l > self.len()) {
+            return Err(Error::PositionOutOfRange {
+                limit,
+                len: self.len(),
+            });
+        }
+        for ((q, &l), o) in queries
+            .chunks_exact(d)
+            .zip(limits)
+            .zip(out.chunks_exact_mut(d))
+        {
+            self.attend_limit(q, l, o)?;
+        }
+        Ok(())
+    }
+
+    /// Attention over the first `limit` tokens (trusted arguments).
+    pub(crate) fn attend_limit(&self, q: &[f32], limit: usize, out: &mut [f32]) -> Result<()> {
+        let d = self.config.head_dim;
+        out.fill(0.0);
+        if limit == 0 {
+            return Ok(());
+        }
+        let mut p = vec![0.0f32; self.len()];
+        self.scores_unchecked(q, &mut p)?;
+        let max = p[..limit].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f64;
+        for v in p[..limit].iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v as f64;
+        }
+        let inv = (1.0 / sum) as f32;
+        for v in p[..limit].iter_mut() {
+            *v *= inv;
+        }
+        p[limit..].fill(0.0);
+        let qn = self.quantized_len();
+        if qn > 0 && limit > 0 {
+            self.values.weighted_sum_into(&p[..qn], out)?;
+        }
+        for (&w, v) in p[qn..limit.max(qn)]
+            .iter()
+            .zip(self.window_values.chunks_exact(d))
+        {
+            for (o, &x) in out.iter_mut().zip(v) {
+                *o += w * x;
+            }
+        }
+        Ok(())
+    }
+}

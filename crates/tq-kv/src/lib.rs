@@ -1,0 +1,30 @@
+//! Quantized KV caches for LLM inference, with attention computed on TurboQuant codes.
+//!
+//! - [`HeadCache`]: one head's keys and values (keys MSE or Prod, values MSE), each at its own
+//!   [`Precision`] (uniform, or the paper's fractional widths by outlier-channel splitting), an
+//!   optional f32 window of recent tokens, attention and raw scores on the packed codes;
+//! - [`Precision`] and [`calibrate_outliers`] for mixed precision.
+//!
+//! ```
+//! use tq_kv::{HeadCache, HeadConfig, Outliers, Precision};
+//!
+//! let d = 64;
+//! let mut cache = HeadCache::new(HeadConfig::new(d, Precision::Uniform(4), Precision::Uniform(4)), &Outliers::default())?;
+//! let keys: Vec<f32> = (0..10 * d).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
+//! cache.append(&keys, &keys)?;
+//! let mut out = vec![0.0; d];
+//! cache.attend(&keys[..d], &mut out)?;
+//! assert!(cache.memory_bytes() * 3 < cache.f16_bytes());
+//! # Ok::<(), tq_kv::Error>(())
+//! ```
+
+mod error;
+pub mod head;
+pub mod precision;
+mod store;
+
+pub use error::{Error, Result};
+pub use head::{HeadCache, HeadConfig, Outliers, ScoreMode};
+pub use precision::{Precision, calibrate_outliers};
+pub use store::KeyStrategy;
+pub use tq_core::RotationKind;

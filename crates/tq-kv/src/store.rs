@@ -1,0 +1,311 @@
+//! One quantized tensor stream (all keys or all values of a head): one or two channel parts, each
+//! a TurboQuant batch of its own (DESIGN §1 mixed precision).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tq_core::RotationKind;
+use tq_quant::{
+    MseBatch, MseConfig, MseQuantizer, MseQuery, ProdBatch, ProdConfig, ProdQuantizer, ProdQuery,
+    SketchKind,
+};
+
+use crate::precision::{Precision, check_channels};
+use crate::{Error, Result};
+
+/// How keys are quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStrategy {
+    /// TurboQuant_mse: lowest reconstruction error, inner products shrunk slightly.
+    #[default]
+    Mse,
+    /// TurboQuant_prod: unbiased scores (`b - 1` MSE bits plus QJL signs), more variance.
+    Prod,
+}
+
+impl KeyStrategy {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyStrategy::Mse => "mse",
+            KeyStrategy::Prod => "prod",
+        }
+    }
+}
+
+impl std::str::FromStr for KeyStrategy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "mse" => Ok(Self::Mse),
+            "prod" => Ok(Self::Prod),
+            other => Err(format!(
+                "unknown key strategy '{other}' (expected mse or prod)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum PartBatch {
+    Mse(MseBatch),
+    Prod(ProdBatch),
+}
+
+/// A query prepared against one part.
+#[derive(Debug, Clone)]
+pub(crate) enum PartQuery {
+    Mse(MseQuery),
+    Prod(ProdQuery),
+}
+
+#[derive(Debug, Clone)]
+struct Part {
+    /// Channels of this part, ascending; `None` means all channels in order.
+    channels: Option<Vec<usize>>,
+    batch: PartBatch,
+}
+
+/// Quantized rows of one tensor stream.
+#[derive(Debug, Clone)]
+pub(crate) struct Store {
+    dim: usize,
+    parts: Vec<Part>,
+}
+
+/// Seeds of the parts of one stream: distinct and fixed, so that a stored cache regenerates them.
+fn part_seed(seed: u64, part: usize) -> u64 {
+    seed.wrapping_add((part as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+fn make_part(
+    dim: usize,
+    bits: u32,
+    strategy: KeyStrategy,
+    rotation: RotationKind,
+    seed: u64,
+    channels: Option<Vec<usize>>,
+) -> Result<Part> {
+    let batch = match strategy {
+        KeyStrategy::Mse => {
+            PartBatch::Mse(MseBatch::new(Arc::new(MseQuantizer::new(MseConfig {
+                dim,
+                bits,
+                rotation,
+                seed,
+            })?)))
+        }
+        KeyStrategy::Prod => {
+            let cfg = ProdConfig {
+                dim,
+                bits,
+                rotation,
+                sketch: SketchKind::Gaussian,
+                seed,
+            };
+            PartBatch::Prod(ProdBatch::new(Arc::new(ProdQuantizer::new(cfg)?)))
+        }
+    };
+    Ok(Part { channels, batch })
+}
+
+impl Store {
+    /// A stream for `dim`-dimensional rows. A split precision needs its outlier channels.
+    pub(crate) fn new(
+        dim: usize,
+        precision: Precision,
+        strategy: KeyStrategy,
+        outliers: Option<&[usize]>,
+        rotation: RotationKind,
+        seed: u64,
+    ) -> Result<Self> {
+        precision.validate(dim)?;
+        let parts = match precision {
+            Precision::Uniform(bits) => vec![make_part(
+                dim,
+                bits,
+                strategy,
+                rotation,
+                part_seed(seed, 0),
+                None,
+            )?],
+            Precision::Split {
+                outlier_bits,
+                outlier_channels,
+                regular_bits,
+            } => {
+                let out = outliers.ok_or_else(|| Error::InvalidChannels {
+                    reason: "a split precision needs its outlier channels (calibrate or give them)"
+                        .into(),
+                })?;
+                check_channels(out, dim, outlier_channels)?;
+                let regular: Vec<usize> =
+                    (0..dim).filter(|c| out.binary_search(c).is_err()).collect();
+                vec![
+                    make_part(
+                        out.len(),
+                        outlier_bits,
+                        strategy,
+                        rotation,
+                        part_seed(seed, 0),
+                        Some(out.to_vec()),
+                    )?,
+                    make_part(
+                        regular.len(),
+                        regular_bits,
+                        strategy,
+                        rotation,
+                        part_seed(seed, 1),
+                        Some(regular),
+                    )?,
+                ]
+            }
+        };
+        Ok(Self { dim, parts })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match &self.parts[0].batch {
+            PartBatch::Mse(b) => b.len(),
+            PartBatch::Prod(b) => b.len(),
+        }
+    }
+
+    /// Exact stored bytes per row (codes and scalars of every part).
+    pub(crate) fn bytes_per_vector(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| match &p.batch {
+                PartBatch::Mse(b) => b.bytes_per_vector(),
+                PartBatch::Prod(b) => b.bytes_per_vector(),
+            })
+            .sum()
+    }
+
+    /// Outlier channels of a split stream.
+    pub(crate) fn outliers(&self) -> Option<&[usize]> {
+        if self.parts.len() > 1 {
+            self.parts[0].channels.as_deref()
+        } else {
+            None
+        }
+    }
+
+    fn gather<'a>(
+        channels: &Option<Vec<usize>>,
+        xs: &'a [f32],
+        dim: usize,
+    ) -> std::borrow::Cow<'a, [f32]> {
+        match channels {
+            None => std::borrow::Cow::Borrowed(xs),
+            Some(ch) => {
+                let mut out = Vec::with_capacity(xs.len() / dim * ch.len());
+                for row in xs.chunks_exact(dim) {
+                    out.extend(ch.iter().map(|&c| row[c]));
+                }
+                std::borrow::Cow::Owned(out)
+            }
+        }
+    }
+
+    /// Appends row-major rows (trusted: finite, a multiple of `dim`).
+    pub(crate) fn extend(&mut self, xs: &[f32]) -> Result<()> {
+        for p in &mut self.parts {
+            let sub = Self::gather(&p.channels, xs, self.dim);
+            match &mut p.batch {
+                PartBatch::Mse(b) => b.extend(&sub)?,
+                PartBatch::Prod(b) => b.extend(&sub)?,
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn truncate(&mut self, n: usize) {
+        for p in &mut self.parts {
+            match &mut p.batch {
+                PartBatch::Mse(b) => b.truncate(n),
+                PartBatch::Prod(b) => b.truncate(n),
+            }
+        }
+    }
+
+    /// Prepares a (trusted) query against every part.
+    pub(crate) fn prepare(&self, q: &[f32]) -> Result<Vec<PartQuery>> {
+        self.parts
+            .iter()
+            .map(|p| {
+                let sub = Self::gather(&p.channels, q, self.dim);
+                Ok(match &p.batch {
+                    PartBatch::Mse(b) => PartQuery::Mse(b.quantizer().prepare_query(&sub)?),
+                    PartBatch::Prod(b) => PartQuery::Prod(b.quantizer().prepare_query(&sub)?),
+                })
+            })
+            .collect()
+    }
+
+    /// `out[t] = ⟨q, k̃_t⟩` for every stored row, summed over the parts.
+    pub(crate) fn scores(&self, queries: &[PartQuery], out: &mut [f32], fast: bool) -> Result<()> {
+        let mut tmp = if self.parts.len() > 1 {
+            vec![0.0f32; out.len()]
+        } else {
+            Vec::new()
+        };
+        for (i, (p, q)) in self.parts.iter().zip(queries).enumerate() {
+            let dst: &mut [f32] = if i == 0 { out } else { &mut tmp };
+            match (&p.batch, q, fast) {
+                (PartBatch::Mse(b), PartQuery::Mse(q), true) => b.score_into(q, dst)?,
+                (PartBatch::Mse(b), PartQuery::Mse(q), false) => b.score_exact_into(q, dst)?,
+                (PartBatch::Prod(b), PartQuery::Prod(q), true) => b.score_into(q, dst)?,
+                (PartBatch::Prod(b), PartQuery::Prod(q), false) => b.score_exact_into(q, dst)?,
+                _ => unreachable!("queries are prepared against the same parts"),
+            }
+            if i > 0 {
+                for (o, t) in out.iter_mut().zip(&tmp) {
+                    *o += t;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `out += Σ_t weights[t] · ṽ_t` (MSE parts, rotated domain, one inverse rotation per part).
+    pub(crate) fn weighted_sum_into(&self, weights: &[f32], out: &mut [f32]) -> Result<()> {
+        for p in &self.parts {
+            let PartBatch::Mse(b) = &p.batch else {
+                return Err(Error::InvalidPrecision {
+                    spec: "prod".into(),
+                    reason: "values are quantized with TurboQuant_mse only".into(),
+                });
+            };
+            let k = b.quantizer().dim();
+            let mut part = vec![0.0f32; k];
+            b.weighted_sum(weights, &mut part)?;
+            match &p.channels {
+                None => out.iter_mut().zip(&part).for_each(|(o, v)| *o += v),
+                Some(ch) => ch.iter().zip(&part).for_each(|(&c, v)| out[c] += v),
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes row `i` into `out` (`dim` values).
+    pub(crate) fn reconstruct(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        for p in &self.parts {
+            let k = match &p.channels {
+                None => self.dim,
+                Some(ch) => ch.len(),
+            };
+            let mut part = vec![0.0f32; k];
+            match &p.batch {
+                PartBatch::Mse(b) => b.dequantize_row(i, &mut part)?,
+                PartBatch::Prod(b) => b.dequantize_row(i, &mut part)?,
+            }
+            match &p.channels {
+                None => out.copy_from_slice(&part),
+                Some(ch) => ch.iter().zip(&part).for_each(|(&c, &v)| out[c] = v),
+            }
+        }
+        Ok(())
+    }
+}

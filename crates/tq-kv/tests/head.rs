@@ -1,0 +1,334 @@
+//! HeadCache behaviour: the fused path computes attention over the dequantized cache, error falls
+//! with bits, fill order never matters, rollback, memory and errors.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use half::{bf16, f16};
+use tq_core::{SeededRng, rng::stream};
+use tq_kv::{
+    Error, HeadCache, HeadConfig, KeyStrategy, Outliers, Precision, ScoreMode, calibrate_outliers,
+};
+
+fn rows(n: usize, d: usize, seed: u64) -> Vec<f32> {
+    let mut r = SeededRng::new(seed, stream::DATA);
+    (0..n * d).map(|_| r.gaussian() as f32).collect()
+}
+
+/// softmax(q Kᵀ / sqrt(d)) V in f64 over the first `limit` rows.
+fn attention(q: &[f32], k: &[f32], v: &[f32], d: usize, limit: usize) -> Vec<f32> {
+    let s: Vec<f64> = k
+        .chunks_exact(d)
+        .take(limit)
+        .map(|kt| {
+            q.iter()
+                .zip(kt)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>()
+                / (d as f64).sqrt()
+        })
+        .collect();
+    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+    let z: f64 = e.iter().sum();
+    let mut out = vec![0f64; d];
+    for (w, vt) in e.iter().zip(v.chunks_exact(d)) {
+        for (o, x) in out.iter_mut().zip(vt) {
+            *o += w / z * *x as f64;
+        }
+    }
+    out.iter().map(|&x| x as f32).collect()
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn config(d: usize, k: &str, v: &str, strategy: KeyStrategy, window: usize) -> HeadConfig {
+    HeadConfig {
+        key_strategy: strategy,
+        window,
+        seed: 3,
+        score_mode: ScoreMode::Exact,
+        ..HeadConfig::new(
+            d,
+            Precision::parse(k, d).unwrap(),
+            Precision::parse(v, d).unwrap(),
+        )
+    }
+}
+
+fn outliers_for(cfg: &HeadConfig, keys: &[f32], values: &[f32]) -> Outliers {
+    let d = cfg.head_dim;
+    let pick = |p: Precision, xs: &[f32]| match p {
+        Precision::Split {
+            outlier_channels, ..
+        } => Some(calibrate_outliers(xs, d, outlier_channels).unwrap()),
+        Precision::Uniform(_) => None,
+    };
+    Outliers {
+        keys: pick(cfg.key_precision, keys),
+        values: pick(cfg.value_precision, values),
+    }
+}
+
+#[test]
+fn fused_attention_equals_attention_over_the_dequantized_cache() {
+    let d = 128;
+    let n = 300;
+    let (k, v) = (rows(n, d, 1), rows(n, d, 2));
+    let qs = rows(5, d, 3);
+    for (kb, vb, strategy, window) in [
+        ("4", "4", KeyStrategy::Mse, 0),
+        ("2", "3", KeyStrategy::Mse, 0),
+        ("3", "2", KeyStrategy::Prod, 0),
+        ("2.5", "3.5", KeyStrategy::Mse, 0),
+        ("4", "2", KeyStrategy::Mse, 17),
+        ("1", "1", KeyStrategy::Mse, 0),
+        ("5", "6", KeyStrategy::Mse, 0),
+    ] {
+        let cfg = config(d, kb, vb, strategy, window);
+        let mut cache = HeadCache::new(cfg.clone(), &outliers_for(&cfg, &k, &v)).unwrap();
+        cache.append(&k, &v).unwrap();
+        let (kd, vd) = (cache.keys().unwrap(), cache.values().unwrap());
+        for q in qs.chunks_exact(d) {
+            let mut out = vec![0.0; d];
+            cache.attend(q, &mut out).unwrap();
+            let want = attention(q, &kd, &vd, d, n);
+            // Float rounding of the rotated-domain path: relative 1e-4 is ~1000 ulps of slack
+            // for sums over 300 tokens.
+            assert!(
+                rel(&out, &want) < 1e-4,
+                "k{kb} v{vb} {strategy:?} w{window}: {}",
+                rel(&out, &want)
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_error_falls_as_bits_grow() {
+    let d = 128;
+    let n = 512;
+    let (k, v) = (rows(n, d, 4), rows(n, d, 5));
+    // Peaked attention: queries close to a few keys.
+    let qs: Vec<f32> = (0..8)
+        .flat_map(|i| {
+            k[i * 37 * d..(i * 37 + 1) * d]
+                .iter()
+                .map(|x| x * 1.5)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut last = f64::INFINITY;
+    for bits in ["1", "2", "3", "4", "5"] {
+        let cfg = HeadConfig {
+            score_mode: ScoreMode::Fast,
+            ..config(d, bits, bits, KeyStrategy::Mse, 0)
+        };
+        let mut cache = HeadCache::new(cfg, &Outliers::default()).unwrap();
+        cache.append(&k, &v).unwrap();
+        let mut err = 0.0;
+        for q in qs.chunks_exact(d) {
+            let mut out = vec![0.0; d];
+            cache.attend(q, &mut out).unwrap();
+            err += rel(&out, &attention(q, &k, &v, d, n));
+        }
+        assert!(
+            err < last,
+            "{bits} bits: error {err} did not fall below {last}"
+        );
+        last = err;
+    }
+}
+
+#[test]
+fn fill_order_never_changes_codes_or_results() {
+    let d = 64;
+    let n = 90;
+    let (k, v) = (rows(n, d, 6), rows(n, d, 7));
+    for window in [0usize, 5, 40] {
+        let cfg = HeadConfig {
+            score_mode: ScoreMode::Fast,
+            ..config(d, "3", "2", KeyStrategy::Prod, window)
+        };
+        let mut whole = HeadCache::new(cfg.clone(), &Outliers::default()).unwrap();
+        whole.append(&k, &v).unwrap();
+        let mut single = HeadCache::new(cfg.clone(), &Outliers::default()).unwrap();
+        for t in 0..n {
+            single
+                .append(&k[t * d..(t + 1) * d], &v[t * d..(t + 1) * d])
+                .unwrap();
+        }
+        let mut mixed = HeadCache::new(cfg, &Outliers::default()).unwrap();
+        let mut t = 0;
+        for step in [3usize, 31, 1, 40, 15] {
+            mixed
+                .append(&k[t * d..(t + step) * d], &v[t * d..(t + step) * d])
+                .unwrap();
+            t += step;
+        }
+        for c in [&single, &mixed] {
+            assert_eq!(c.len(), n);
+            assert_eq!(c.keys().unwrap(), whole.keys().unwrap());
+            assert_eq!(c.values().unwrap(), whole.values().unwrap());
+            let (mut a, mut b) = (vec![0.0; d], vec![0.0; d]);
+            c.attend(&k[..d], &mut a).unwrap();
+            whole.attend(&k[..d], &mut b).unwrap();
+            assert_eq!(a, b);
+        }
+    }
+}
+
+#[test]
+fn truncate_rolls_back_exactly() {
+    let d = 32;
+    let (k, v) = (rows(60, d, 8), rows(60, d, 9));
+    for window in [0usize, 8] {
+        let cfg = config(d, "4", "4", KeyStrategy::Mse, window);
+        let mut a = HeadCache::new(cfg.clone(), &Outliers::default()).unwrap();
+        a.append(&k, &v).unwrap();
+        a.truncate(45);
+        assert_eq!(a.len(), 45);
+        a.append(&k[45 * d..], &v[45 * d..]).unwrap();
+        let mut b = HeadCache::new(cfg, &Outliers::default()).unwrap();
+        b.append(&k, &v).unwrap();
+        if window == 0 {
+            assert_eq!(a.keys().unwrap(), b.keys().unwrap());
+        }
+        a.clear();
+        assert!(a.is_empty());
+        let mut out = vec![1.0; d];
+        a.attend(&k[..d], &mut out).unwrap();
+        assert!(out.iter().all(|&x| x == 0.0));
+    }
+}
+
+#[test]
+fn block_attention_with_causal_limits() {
+    let d = 64;
+    let (k, v) = (rows(100, d, 10), rows(100, d, 11));
+    let cfg = config(d, "4", "3", KeyStrategy::Mse, 4);
+    let mut cache = HeadCache::new(cfg, &Outliers::default()).unwrap();
+    cache.append(&k, &v).unwrap();
+    let (kd, vd) = (cache.keys().unwrap(), cache.values().unwrap());
+    let qs = rows(3, d, 12);
+    let limits = [1usize, 50, 100];
+    let mut out = vec![0.0; 3 * d];
+    cache.attend_block(&qs, &limits, &mut out).unwrap();
+    for (i, &l) in limits.iter().enumerate() {
+        let want = attention(&qs[i * d..(i + 1) * d], &kd, &vd, d, l);
+        assert!(rel(&out[i * d..(i + 1) * d], &want) < 1e-4, "limit {l}");
+    }
+    assert!(matches!(
+        cache.attend_block(&qs, &[1, 2, 101], &mut out),
+        Err(Error::PositionOutOfRange {
+            limit: 101,
+            len: 100
+        })
+    ));
+    assert!(matches!(
+        cache.attend_block(&qs, &[0, 2, 3], &mut out),
+        Err(Error::PositionOutOfRange { .. })
+    ));
+    let mut scores = vec![0.0; 100];
+    cache.scores(&qs[..d], &mut scores).unwrap();
+    let s0: f32 = qs[..d]
+        .iter()
+        .zip(&kd[..d])
+        .map(|(a, b)| a * b)
+        .sum::<f32>()
+        / 8.0;
+    assert!((scores[0] - s0).abs() < 1e-4);
+}
+
+#[test]
+fn memory_is_exact_and_4_bit_is_over_3_5x_smaller_than_f16() {
+    let d = 128;
+    let cfg = config(d, "4", "4", KeyStrategy::Mse, 0);
+    let mut cache = HeadCache::new(cfg, &Outliers::default()).unwrap();
+    cache
+        .append(&rows(1000, d, 13), &rows(1000, d, 14))
+        .unwrap();
+    assert_eq!(cache.memory_bytes(), 1000 * 2 * (64 + 4));
+    assert_eq!(cache.f16_bytes(), 1000 * 2 * 2 * d);
+    assert!(cache.f16_bytes() as f64 / cache.memory_bytes() as f64 >= 3.5);
+    let cfg = config(d, "2.5", "2.5", KeyStrategy::Mse, 16);
+    let k = rows(100, d, 15);
+    let mut split = HeadCache::new(cfg.clone(), &outliers_for(&cfg, &k, &k)).unwrap();
+    split.append(&k, &k).unwrap();
+    // two parts per tensor: 16 + 24 code bytes and two norms; 16 window tokens in f32
+    assert_eq!(
+        split.memory_bytes(),
+        84 * 2 * (16 + 24 + 8) + 16 * 2 * d * 4
+    );
+}
+
+#[test]
+fn half_precision_inputs_match_their_f32_values() {
+    let d = 32;
+    let k = rows(20, d, 16);
+    let kh: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
+    let kb: Vec<bf16> = k.iter().map(|&x| bf16::from_f32(x)).collect();
+    let cfg = config(d, "3", "3", KeyStrategy::Mse, 0);
+    let mut a = HeadCache::new(cfg.clone(), &Outliers::default()).unwrap();
+    a.append_f16(&kh, &kh).unwrap();
+    let mut b = HeadCache::new(cfg.clone(), &Outliers::default()).unwrap();
+    let kf: Vec<f32> = kh.iter().map(|x| x.to_f32()).collect();
+    b.append(&kf, &kf).unwrap();
+    assert_eq!(a.keys().unwrap(), b.keys().unwrap());
+    let mut c = HeadCache::new(cfg, &Outliers::default()).unwrap();
+    c.append_bf16(&kb, &kb).unwrap();
+    assert_eq!(c.len(), 20);
+}
+
+#[test]
+fn typed_errors() {
+    let d = 16;
+    let mut cache = HeadCache::new(
+        config(d, "2", "2", KeyStrategy::Mse, 0),
+        &Outliers::default(),
+    )
+    .unwrap();
+    assert!(matches!(
+        cache.append(&[0.0; 15], &[0.0; 15]),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        cache.append(&[0.0; 16], &[0.0; 32]),
+        Err(Error::Shape { .. })
+    ));
+    let mut bad = vec![0.0; 16];
+    bad[4] = f32::NAN;
+    assert!(matches!(
+        cache.append(&bad, &[0.0; 16]),
+        Err(Error::NonFinite {
+            what: "keys",
+            index: 4,
+            ..
+        })
+    ));
+    assert!(cache.is_empty());
+    let mut out = vec![0.0; 16];
+    assert!(matches!(
+        cache.attend(&bad, &mut out),
+        Err(Error::NonFinite { what: "query", .. })
+    ));
+    assert!(matches!(
+        cache.attend(&[0.0; 3], &mut out),
+        Err(Error::Shape { .. })
+    ));
+    let split = HeadCache::new(
+        config(d, "2.5", "2", KeyStrategy::Mse, 0),
+        &Outliers::default(),
+    );
+    assert!(matches!(split, Err(Error::InvalidChannels { .. })));
+    let wrong = Outliers {
+        keys: Some(vec![0, 1, 2]),
+        values: None,
+    };
+    assert!(matches!(
+        HeadCache::new(config(d, "2.5", "2", KeyStrategy::Mse, 0), &wrong),
+        Err(Error::InvalidChannels { .. })
+    ));
+}
