@@ -3,6 +3,7 @@
 //! - [`HeadCache`]: one head's keys and values (keys MSE or Prod, values MSE), each at its own
 //!   [`Precision`] (uniform, or the paper's fractional widths by outlier-channel splitting), an
 //!   optional f32 window of recent tokens, attention and raw scores on the packed codes;
+//! - [`MultiHeadCache`] (grouped-query attention, heads in parallel) and [`ModelCache`];
 //! - [`Precision`] and [`calibrate_outliers`] for mixed precision.
 //!
 //! ```
@@ -20,11 +21,13 @@
 
 mod error;
 pub mod head;
+pub mod multi;
 pub mod precision;
 mod store;
 
 pub use error::{Error, Result};
 pub use head::{HeadCache, HeadConfig, Outliers, ScoreMode};
+pub use multi::{ModelCache, MultiHeadCache};
 pub use precision::{Precision, calibrate_outliers};
 pub use store::KeyStrategy;
 pub use tq_core::RotationKind;
