@@ -53,6 +53,23 @@ pub enum Error {
         /// KV heads.
         n_kv_heads: usize,
     },
+    /// A trace file that does not follow the trace format; `tensor` names the tensor or metadata
+    /// key at fault.
+    #[error("invalid trace ({tensor}): {reason}")]
+    Trace {
+        /// The tensor or metadata key at fault.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An I/O error.
+    #[error("i/o error on {path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The system's message.
+        message: String,
+    },
     /// A causal limit past the cached tokens.
     #[error("query attends to {limit} tokens but the cache holds {len}")]
     PositionOutOfRange {

@@ -4,7 +4,8 @@
 //!   [`Precision`] (uniform, or the paper's fractional widths by outlier-channel splitting), an
 //!   optional f32 window of recent tokens, attention and raw scores on the packed codes;
 //! - [`MultiHeadCache`] (grouped-query attention, heads in parallel) and [`ModelCache`];
-//! - [`Precision`] and [`calibrate_outliers`] for mixed precision.
+//! - [`Precision`] and [`calibrate_outliers`] for mixed precision;
+//! - [`KvTrace`]: the safetensors trace format, and [`SyntheticTrace`] with realistic outliers.
 //!
 //! ```
 //! use tq_kv::{HeadCache, HeadConfig, Outliers, Precision};
@@ -24,6 +25,7 @@ pub mod head;
 pub mod multi;
 pub mod precision;
 mod store;
+pub mod trace;
 
 pub use error::{Error, Result};
 pub use head::{HeadCache, HeadConfig, Outliers, ScoreMode};
@@ -31,3 +33,4 @@ pub use multi::{ModelCache, MultiHeadCache};
 pub use precision::{Precision, calibrate_outliers};
 pub use store::KeyStrategy;
 pub use tq_core::RotationKind;
+pub use trace::{KvTrace, SyntheticTrace, TraceMeta};
