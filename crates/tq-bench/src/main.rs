@@ -2,11 +2,13 @@
 //!
 //! `synthetic` quantizes random unit vectors; `vectors` quantizes the user's own vectors from
 //! `.npy`, `.fvecs` or `.safetensors`. Both report, per bit width, distortion, inner-product error,
-//! recall and throughput as a table or (with `--json`) one JSON object (schema in
-//! `docs/REPORT_SCHEMA.md`).
+//! recall and throughput. `trace` replays the queries of a K/V trace against quantized caches and
+//! reports attention quality; `attention` times decode-step attention against an f32 baseline.
+//! Each prints a table or (with `--json`) one JSON object (schema in `docs/REPORT_SCHEMA.md`).
 
 mod data;
 mod eval;
+mod kv;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -16,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tq_core::{RotationKind, SeededRng, rng::stream};
+use tq_kv::{HeadConfig, KeyStrategy, KvTrace, Precision, ScoreMode, SyntheticTrace};
 use tq_quant::SketchKind;
 
 use crate::data::Vectors;
@@ -67,6 +70,66 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Attention quality of quantized KV caches on a K/V trace (safetensors, docs/FORMATS.md):
+    /// every query of every head attends to its prefix; reports output error, score error,
+    /// top-1 / top-8 agreement and KL divergence per layer and overall, and memory vs f16.
+    /// Without --trace, a built-in synthetic trace with outlier channels is used.
+    Trace {
+        /// The trace file; default: the synthetic outlier trace (2 layers, 2 kv / 4 q heads, 512 tokens, d = 128).
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// Key precisions, comma-separated: integers, 2.5 / 3.5 (outlier splits) or OBxCOUNT+RB.
+        #[arg(long, value_delimiter = ',', default_value = "4")]
+        key_bits: Vec<String>,
+        /// Value precisions, same forms (each key precision is paired with each value precision).
+        #[arg(long, value_delimiter = ',', default_value = "4")]
+        value_bits: Vec<String>,
+        /// Key quantizers, comma-separated: mse, prod.
+        #[arg(long, value_delimiter = ',', default_value = "mse")]
+        key_strategy: Vec<KeyStrategy>,
+        /// Outlier channels for split precisions: auto (per-head RMS calibration), none, or a list.
+        #[arg(long, default_value = "auto")]
+        split: kv::SplitChoice,
+        /// Most recent tokens kept in f32.
+        #[arg(long, default_value_t = 0)]
+        window: usize,
+        #[command(flatten)]
+        common: KvCommon,
+    },
+    /// Decode-step attention time (one query per head over T cached tokens) on quantized caches
+    /// against an f32 baseline (SIMD dot products and axpy over contiguous K and V, same threads).
+    Attention {
+        /// Cached tokens, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1024,8192,32768")]
+        tokens: Vec<usize>,
+        /// Head dimension.
+        #[arg(long, default_value_t = 128)]
+        dim: usize,
+        /// Heads (query heads = kv heads).
+        #[arg(long, default_value_t = 1)]
+        heads: usize,
+        /// Key and value precisions, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "2,3,4")]
+        bits: Vec<String>,
+        /// Seconds spent timing each configuration.
+        #[arg(long, default_value_t = 0.5)]
+        budget: f64,
+        #[command(flatten)]
+        common: KvCommon,
+    },
+}
+
+#[derive(Args, Clone)]
+struct KvCommon {
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Seed of the quantizers and of generated data.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Print one JSON object on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -126,8 +189,247 @@ fn main() {
     }
 }
 
+fn pool(threads: Option<usize>) -> Result<(usize, rayon::ThreadPool)> {
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    ensure!(threads > 0, "--threads must be positive");
+    Ok((
+        threads,
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .context("cannot start the thread pool")?,
+    ))
+}
+
+fn progress_bar(json: bool, steps: usize) -> ProgressBar {
+    if json || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(steps as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+#[derive(Serialize)]
+struct TraceReport {
+    workload: &'static str,
+    source: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input: Option<String>,
+    model: String,
+    seed: u64,
+    layers: usize,
+    kv_heads: usize,
+    q_heads: usize,
+    tokens: usize,
+    head_dim: usize,
+    queries: usize,
+    threads: usize,
+    results: Vec<kv::TraceRow>,
+}
+
+#[derive(Serialize)]
+struct AttentionReport {
+    workload: &'static str,
+    source: &'static str,
+    seed: u64,
+    threads: usize,
+    results: Vec<kv::AttentionRow>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_trace(
+    path: Option<PathBuf>,
+    key_bits: &[String],
+    value_bits: &[String],
+    strategies: &[KeyStrategy],
+    split: &kv::SplitChoice,
+    window: usize,
+    c: &KvCommon,
+) -> Result<()> {
+    let trace = match &path {
+        Some(p) => KvTrace::load(p)?,
+        None => SyntheticTrace {
+            seed: c.seed,
+            ..SyntheticTrace::default()
+        }
+        .generate()?,
+    };
+    let d = trace.head_dim;
+    let mut configs = Vec::new();
+    for kb in key_bits {
+        for vb in value_bits {
+            for &st in strategies {
+                let (kp, vp) = (Precision::parse(kb, d)?, Precision::parse(vb, d)?);
+                configs.push(HeadConfig {
+                    key_strategy: st,
+                    window,
+                    seed: c.seed,
+                    score_mode: ScoreMode::Fast,
+                    ..HeadConfig::new(d, kp, vp)
+                });
+            }
+        }
+    }
+    let (threads, pool) = pool(c.threads)?;
+    let pb = progress_bar(
+        c.json,
+        configs.len() * trace.layers * trace.q_heads * trace.n_queries(),
+    );
+    let results = pool.install(|| {
+        configs
+            .iter()
+            .map(|cfg| kv::eval_trace(&trace, cfg, split, &pb))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    pb.finish_and_clear();
+    let report = TraceReport {
+        workload: "trace",
+        source: trace.meta.source.clone(),
+        input: path.map(|p| p.display().to_string()),
+        model: trace.meta.model.clone(),
+        seed: c.seed,
+        layers: trace.layers,
+        kv_heads: trace.kv_heads,
+        q_heads: trace.q_heads,
+        tokens: trace.tokens,
+        head_dim: d,
+        queries: trace.n_queries(),
+        threads,
+        results,
+    };
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "trace | {} ({}) | {} layers x {} kv / {} q heads | {} tokens | d = {} | {} queries per head",
+        report.model,
+        report.source,
+        report.layers,
+        report.kv_heads,
+        report.q_heads,
+        report.tokens,
+        d,
+        report.queries
+    );
+    println!(
+        "{:>8} {:>8} {:>5} {:>6} {:>10} {:>10} {:>8} {:>8} {:>10} {:>8}",
+        "keys", "values", "kq", "window", "out_err", "score_rmse", "top1", "top8", "KL", "x f16"
+    );
+    for r in &report.results {
+        println!(
+            "{:>8} {:>8} {:>5} {:>6} {:>10.5} {:>10.5} {:>8.3} {:>8.3} {:>10.2e} {:>8.2}",
+            r.key_precision,
+            r.value_precision,
+            r.key_strategy.name(),
+            r.window,
+            r.overall.output_rel_error,
+            r.overall.score_rmse,
+            r.overall.top1_agreement,
+            r.overall.topk_overlap,
+            r.overall.kl_divergence,
+            r.memory_ratio_vs_f16
+        );
+    }
+    Ok(())
+}
+
+fn run_attention(
+    tokens: &[usize],
+    dim: usize,
+    heads: usize,
+    bits: &[String],
+    budget: f64,
+    c: &KvCommon,
+) -> Result<()> {
+    ensure!(dim >= 2, "--dim must be at least 2");
+    ensure!(
+        budget > 0.0 && budget.is_finite(),
+        "--budget must be positive"
+    );
+    let (threads, pool) = pool(c.threads)?;
+    let precisions = bits
+        .iter()
+        .map(|b| Precision::parse(b, dim))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let pb = progress_bar(c.json, tokens.len() * precisions.len());
+    let results = pool.install(|| -> Result<Vec<kv::AttentionRow>> {
+        let mut rows = Vec::new();
+        for &t in tokens {
+            for &p in &precisions {
+                pb.set_message(format!("T = {t}, {p} bits"));
+                rows.push(kv::eval_attention(t, dim, heads, p, c.seed, budget)?);
+                pb.inc(1);
+            }
+        }
+        Ok(rows)
+    })?;
+    pb.finish_and_clear();
+    let report = AttentionReport {
+        workload: "attention",
+        source: "synthetic",
+        seed: c.seed,
+        threads,
+        results,
+    };
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("attention | decode step, one query per head | {threads} thread(s)");
+    println!(
+        "{:>8} {:>5} {:>5} {:>5} {:>12} {:>12} {:>8} {:>12} {:>8}",
+        "tokens", "bits", "heads", "dim", "f32 us", "tq us", "speedup", "cache KiB", "x f16"
+    );
+    for r in &report.results {
+        println!(
+            "{:>8} {:>5} {:>5} {:>5} {:>12.1} {:>12.1} {:>8.2} {:>12.1} {:>8.2}",
+            r.tokens,
+            r.bits,
+            r.heads,
+            r.dim,
+            r.f32_seconds_per_query * 1e6,
+            r.quantized_seconds_per_query * 1e6,
+            r.speedup,
+            r.cache_bytes as f64 / 1024.0,
+            r.f16_bytes as f64 / r.cache_bytes as f64
+        );
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Trace {
+            trace,
+            key_bits,
+            value_bits,
+            key_strategy,
+            split,
+            window,
+            common,
+        } => run_trace(
+            trace,
+            &key_bits,
+            &value_bits,
+            &key_strategy,
+            &split,
+            window,
+            &common,
+        ),
+        Command::Attention {
+            tokens,
+            dim,
+            heads,
+            bits,
+            budget,
+            common,
+        } => run_attention(&tokens, dim, heads, &bits, budget, &common),
         Command::Synthetic {
             dim,
             vectors,

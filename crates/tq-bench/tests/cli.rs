@@ -289,3 +289,119 @@ fn real_glove_fixture_meets_the_theory() {
         }
     }
 }
+
+#[test]
+fn trace_reports_attention_metrics_per_configuration_and_layer() {
+    let path = tmp("trace.safetensors");
+    tq_kv::SyntheticTrace {
+        layers: 2,
+        kv_heads: 1,
+        q_heads: 2,
+        tokens: 96,
+        head_dim: 32,
+        queries: 4,
+        outlier_channels: 3,
+        seed: 1,
+    }
+    .generate()
+    .unwrap()
+    .save(&path)
+    .unwrap();
+    let out = bench(&[
+        "trace",
+        "--trace",
+        path.to_str().unwrap(),
+        "--key-bits",
+        "2,2.5",
+        "--value-bits",
+        "4",
+        "--key-strategy",
+        "mse,prod",
+        "--json",
+    ]);
+    let r = json(&out);
+    assert_eq!(r["source"], "synthetic");
+    assert_eq!(r["layers"], 2);
+    let rows = r["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    for row in rows {
+        for key in [
+            "key_bits",
+            "value_bits",
+            "key_strategy",
+            "output_rel_error",
+            "score_rmse",
+            "top1_agreement",
+            "topk_overlap",
+            "kl_divergence",
+            "memory_ratio_vs_f16",
+        ] {
+            assert!(!row[key].is_null(), "missing {key}");
+        }
+        assert_eq!(row["per_layer"].as_array().unwrap().len(), 2);
+    }
+    assert_eq!(rows[2]["key_bits"], 2.5);
+    // 2.5-bit keys carry more information than 2-bit keys: lower score error.
+    assert!(rows[2]["score_rmse"].as_f64().unwrap() < rows[0]["score_rmse"].as_f64().unwrap());
+    // Built-in synthetic trace and table output.
+    let out = bench(&["trace", "--key-bits", "3", "--value-bits", "3"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("score_rmse"));
+}
+
+#[test]
+fn trace_errors_are_one_line() {
+    let bad = tmp("bad-trace.safetensors");
+    std::fs::write(&bad, b"not a trace").unwrap();
+    for args in [
+        vec!["trace", "--trace", bad.to_str().unwrap()],
+        vec!["trace", "--key-bits", "2.5", "--split", "none"],
+        vec!["trace", "--key-bits", "9"],
+        vec!["trace", "--split", "1,x"],
+        vec!["attention", "--bits", "0"],
+    ] {
+        let out = bench(&args);
+        assert_ne!(out.status.code(), Some(0), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Our errors are one line; clap's usage errors add its standard "--help" hint.
+        assert!(
+            err.starts_with("error: ") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn attention_reports_speed_and_memory() {
+    let r = json(&bench(&[
+        "attention",
+        "--tokens",
+        "256,1000",
+        "--bits",
+        "4,2.5",
+        "--dim",
+        "64",
+        "--heads",
+        "2",
+        "--budget",
+        "0.01",
+        "--json",
+    ]));
+    let rows = r["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    for row in rows {
+        for key in [
+            "tokens",
+            "bits",
+            "f32_seconds_per_query",
+            "quantized_seconds_per_query",
+            "speedup",
+            "cache_bytes",
+            "f16_bytes",
+        ] {
+            assert!(row[key].is_number(), "missing {key}");
+        }
+        assert!(row["cache_bytes"].as_u64().unwrap() * 3 < row["f16_bytes"].as_u64().unwrap());
+    }
+    assert_eq!(rows[0]["cache_bytes"], 2 * 256 * 2 * (32 + 4));
+}

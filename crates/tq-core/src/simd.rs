@@ -228,6 +228,30 @@ pub fn mul_in_place(x: &mut [f32], s: &[f32]) {
     arch().dispatch(Op(x, s))
 }
 
+/// `y[i] += a · x[i]` (SIMD dispatched; lengths must match, checked with `debug_assert!`).
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    struct Op<'a>(f32, &'a [f32], &'a mut [f32]);
+    impl WithSimd for Op<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, simd: S) {
+            let Op(a, x, y) = self;
+            let (xh, xt) = S::as_simd_f32s(x);
+            let (yh, yt) = S::as_mut_simd_f32s(y);
+            let av = simd.splat_f32s(a);
+            for (yv, xv) in yh.iter_mut().zip(xh) {
+                *yv = simd.mul_add_f32s(av, *xv, *yv);
+            }
+            for (yv, xv) in yt.iter_mut().zip(xt) {
+                *yv += a * xv;
+            }
+        }
+    }
+    arch().dispatch(Op(a, x, y))
+}
+
 /// `x[i] *= s`.
 #[inline]
 pub fn scale_in_place(x: &mut [f32], s: f32) {
@@ -284,6 +308,20 @@ mod tests {
                 sum_squares_fixed_scalar(&x).to_bits(),
                 "n={n}"
             );
+        }
+    }
+
+    #[test]
+    fn axpy_parity() {
+        for n in SIZES {
+            let (x, y) = (data(n, 7), data(n, 8));
+            let mut a = y.clone();
+            axpy(0.75, &x, &mut a);
+            for ((u, v), w) in a.iter().zip(&x).zip(&y) {
+                assert!(
+                    (u - (w + 0.75 * v)).abs() <= 2.0 * f32::EPSILON * (w.abs() + (0.75 * v).abs())
+                );
+            }
         }
     }
 

@@ -1,0 +1,404 @@
+//! The KV-cache workloads: `trace` (attention quality on a K/V trace) and `attention` (decode-step
+//! speed against an f32 baseline).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use indicatif::ProgressBar;
+use rayon::prelude::*;
+use serde::Serialize;
+use tq_core::{SeededRng, rng::stream, simd};
+use tq_kv::{
+    HeadConfig, KeyStrategy, KvTrace, MultiHeadCache, Outliers, Precision, ScoreMode,
+    calibrate_outliers,
+};
+
+/// How outlier channels are chosen for split precisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SplitChoice {
+    /// Calibrated per head from the trace's own keys / values (largest RMS).
+    Auto,
+    /// No split: fractional widths are rejected.
+    None,
+    /// The same explicit channels for every head.
+    Channels(Vec<usize>),
+}
+
+impl std::str::FromStr for SplitChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "none" => Ok(Self::None),
+            list => {
+                let mut v: Vec<usize> = list
+                    .split(',')
+                    .map(|c| c.trim().parse::<usize>().map_err(|_| format!("'{c}' is not a channel index (expected auto, none or a comma-separated list)")))
+                    .collect::<std::result::Result<_, _>>()?;
+                v.sort_unstable();
+                Ok(Self::Channels(v))
+            }
+        }
+    }
+}
+
+/// Attention metrics of one configuration (overall or for one layer).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AttentionMetrics {
+    /// Mean `‖õ - o‖ / ‖o‖` of the attention outputs.
+    pub output_rel_error: f64,
+    /// Root mean square error of the scaled scores `q·k/sqrt(d)` over all attended tokens.
+    pub score_rmse: f64,
+    /// Largest absolute score error.
+    pub max_score_error: f64,
+    /// Fraction of queries whose highest-scoring token is unchanged.
+    pub top1_agreement: f64,
+    /// Mean overlap of the top-8 tokens (fraction).
+    pub topk_overlap: f64,
+    /// Mean `KL(p_exact ‖ p_quantized)` of the attention distributions (nats).
+    pub kl_divergence: f64,
+}
+
+#[derive(Default)]
+struct Acc {
+    n: usize,
+    rel: f64,
+    se: f64,
+    se_n: usize,
+    max: f64,
+    top1: usize,
+    topk: f64,
+    kl: f64,
+}
+
+impl Acc {
+    fn add(&mut self, o: &Acc) {
+        self.n += o.n;
+        self.rel += o.rel;
+        self.se += o.se;
+        self.se_n += o.se_n;
+        self.max = self.max.max(o.max);
+        self.top1 += o.top1;
+        self.topk += o.topk;
+        self.kl += o.kl;
+    }
+    fn metrics(&self) -> AttentionMetrics {
+        let n = self.n.max(1) as f64;
+        AttentionMetrics {
+            output_rel_error: self.rel / n,
+            score_rmse: (self.se / self.se_n.max(1) as f64).sqrt(),
+            max_score_error: self.max,
+            top1_agreement: self.top1 as f64 / n,
+            topk_overlap: self.topk / n,
+            kl_divergence: self.kl / n,
+        }
+    }
+}
+
+/// One `trace` result row.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceRow {
+    pub key_bits: f64,
+    pub value_bits: f64,
+    pub key_precision: String,
+    pub value_precision: String,
+    pub key_strategy: KeyStrategy,
+    pub window: usize,
+    #[serde(flatten)]
+    pub overall: AttentionMetrics,
+    /// `f16_bytes / cache_bytes`: how many times smaller than an f16 cache.
+    pub memory_ratio_vs_f16: f64,
+    pub cache_bytes: usize,
+    pub f16_bytes: usize,
+    pub per_layer: Vec<BTreeMap<String, f64>>,
+}
+
+const TOPK: usize = 8;
+
+fn softmax(s: &[f64]) -> Vec<f64> {
+    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+    let z: f64 = e.iter().sum();
+    e.iter().map(|x| x / z).collect()
+}
+
+fn top_indices(s: &[f64], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..s.len()).collect();
+    idx.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// Builds one layer's cache for a configuration.
+fn layer_cache(
+    trace: &KvTrace,
+    layer: usize,
+    cfg: &HeadConfig,
+    split: &SplitChoice,
+) -> Result<MultiHeadCache> {
+    let d = trace.head_dim;
+    let pick = |p: Precision, xs: &[f32]| -> Result<Option<Vec<usize>>> {
+        match (p, split) {
+            (Precision::Uniform(_), _) => Ok(None),
+            (Precision::Split { .. }, SplitChoice::None) => {
+                bail!("precision {p} needs outlier channels but --split none was given")
+            }
+            (
+                Precision::Split {
+                    outlier_channels, ..
+                },
+                SplitChoice::Auto,
+            ) => Ok(Some(calibrate_outliers(xs, d, outlier_channels)?)),
+            (Precision::Split { .. }, SplitChoice::Channels(c)) => Ok(Some(c.clone())),
+        }
+    };
+    let outliers = (0..trace.kv_heads)
+        .map(|h| {
+            Ok(Outliers {
+                keys: pick(cfg.key_precision, trace.keys_of(layer, h))?,
+                values: pick(cfg.value_precision, trace.values_of(layer, h))?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut cache = MultiHeadCache::new(trace.q_heads, trace.kv_heads, cfg, &outliers)?;
+    let s = trace.kv_heads * trace.tokens * d;
+    cache.append(
+        &trace.keys[layer * s..(layer + 1) * s],
+        &trace.values[layer * s..(layer + 1) * s],
+    )?;
+    Ok(cache)
+}
+
+/// Replays every query of every head of `trace` against a quantized cache built with `cfg`.
+pub fn eval_trace(
+    trace: &KvTrace,
+    cfg: &HeadConfig,
+    split: &SplitChoice,
+    progress: &ProgressBar,
+) -> Result<TraceRow> {
+    let d = trace.head_dim;
+    let group = trace.q_heads / trace.kv_heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut total = Acc::default();
+    let mut per_layer = Vec::new();
+    let (mut cache_bytes, mut f16_bytes) = (0, 0);
+    for layer in 0..trace.layers {
+        let cache = layer_cache(trace, layer, cfg, split)?;
+        cache_bytes += cache.memory_bytes();
+        f16_bytes += cache.f16_bytes();
+        let jobs: Vec<(usize, usize)> = (0..trace.q_heads)
+            .flat_map(|h| (0..trace.n_queries()).map(move |i| (h, i)))
+            .collect();
+        let accs: Vec<Acc> = jobs
+            .par_iter()
+            .map(|&(h, i)| -> Result<Acc> {
+                let kv = h / group;
+                let head = cache.head(kv).context("kv head")?;
+                let keys = trace.keys_of(layer, kv);
+                let values = trace.values_of(layer, kv);
+                let q = &trace.queries_of(layer, h)[i * d..(i + 1) * d];
+                let p = trace.query_positions[i];
+                let exact: Vec<f64> = keys
+                    .chunks_exact(d)
+                    .take(p)
+                    .map(|k| {
+                        q.iter()
+                            .zip(k)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let mut qs = vec![0f32; head.len()];
+                head.scores(q, &mut qs)?;
+                let quant: Vec<f64> = qs[..p].iter().map(|&x| x as f64).collect();
+                let (pe, pq) = (softmax(&exact), softmax(&quant));
+                let mut o = vec![0f64; d];
+                for (w, v) in pe.iter().zip(values.chunks_exact(d)) {
+                    for (a, &x) in o.iter_mut().zip(v) {
+                        *a += w * x as f64;
+                    }
+                }
+                let mut oq = vec![0f32; d];
+                head.attend_block(q, &[p], &mut oq)?;
+                let num: f64 = o
+                    .iter()
+                    .zip(&oq)
+                    .map(|(a, &b)| (a - b as f64).powi(2))
+                    .sum();
+                let den: f64 = o.iter().map(|a| a * a).sum::<f64>().max(1e-300);
+                let mut acc = Acc {
+                    n: 1,
+                    rel: (num / den).sqrt(),
+                    se_n: p,
+                    ..Acc::default()
+                };
+                for (a, b) in exact.iter().zip(&quant) {
+                    let e = (a - b).abs();
+                    acc.se += e * e;
+                    acc.max = acc.max.max(e);
+                }
+                let (te, tq) = (
+                    top_indices(&exact, TOPK.min(p)),
+                    top_indices(&quant, TOPK.min(p)),
+                );
+                acc.top1 = (te[0] == tq[0]) as usize;
+                acc.topk = te.iter().filter(|i| tq.contains(i)).count() as f64 / te.len() as f64;
+                acc.kl = pe
+                    .iter()
+                    .zip(&pq)
+                    .filter(|(a, _)| **a > 0.0)
+                    .map(|(a, b)| a * (a.ln() - b.max(1e-300).ln()))
+                    .sum::<f64>()
+                    .max(0.0);
+                progress.inc(1);
+                Ok(acc)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut layer_acc = Acc::default();
+        accs.iter().for_each(|a| layer_acc.add(a));
+        let m = layer_acc.metrics();
+        let mut row = BTreeMap::new();
+        row.insert("layer".to_string(), layer as f64);
+        row.insert("output_rel_error".to_string(), m.output_rel_error);
+        row.insert("score_rmse".to_string(), m.score_rmse);
+        row.insert("top1_agreement".to_string(), m.top1_agreement);
+        row.insert("topk_overlap".to_string(), m.topk_overlap);
+        row.insert("kl_divergence".to_string(), m.kl_divergence);
+        per_layer.push(row);
+        total.add(&layer_acc);
+    }
+    Ok(TraceRow {
+        key_bits: cfg.key_precision.bits_per_coordinate(d),
+        value_bits: cfg.value_precision.bits_per_coordinate(d),
+        key_precision: cfg.key_precision.to_string(),
+        value_precision: cfg.value_precision.to_string(),
+        key_strategy: cfg.key_strategy,
+        window: cfg.window,
+        overall: total.metrics(),
+        memory_ratio_vs_f16: f16_bytes as f64 / cache_bytes.max(1) as f64,
+        cache_bytes,
+        f16_bytes,
+        per_layer,
+    })
+}
+
+/// One `attention` result row.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttentionRow {
+    pub tokens: usize,
+    pub bits: f64,
+    pub heads: usize,
+    pub dim: usize,
+    /// One decode step (one query per head) with the f32 baseline.
+    pub f32_seconds_per_query: f64,
+    /// The same step on the quantized cache.
+    pub quantized_seconds_per_query: f64,
+    pub speedup: f64,
+    pub cache_bytes: usize,
+    pub f16_bytes: usize,
+    pub f32_bytes: usize,
+}
+
+/// f32 decode attention for one head: SIMD dot products over contiguous keys, softmax, SIMD axpy
+/// over contiguous values.
+fn f32_attend(q: &[f32], keys: &[f32], values: &[f32], out: &mut [f32], scores: &mut [f32]) {
+    let d = q.len();
+    let scale = 1.0 / (d as f32).sqrt();
+    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(d)) {
+        *s = simd::dot(q, k) * scale;
+    }
+    let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut z = 0.0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - m).exp();
+        z += *s;
+    }
+    out.fill(0.0);
+    for (s, v) in scores.iter().zip(values.chunks_exact(d)) {
+        simd::axpy(s / z, v, out);
+    }
+}
+
+/// Times `f` until at least `budget` seconds have passed (at least 3 runs); returns seconds per run.
+fn time_it(budget: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let start = Instant::now();
+    let mut runs = 0;
+    while runs < 3 || start.elapsed().as_secs_f64() < budget {
+        f()?;
+        runs += 1;
+    }
+    Ok(start.elapsed().as_secs_f64() / runs as f64)
+}
+
+/// Decode-step attention over `tokens` random cached tokens for `heads` heads at `bits`.
+pub fn eval_attention(
+    tokens: usize,
+    dim: usize,
+    heads: usize,
+    bits: Precision,
+    seed: u64,
+    budget: f64,
+) -> Result<AttentionRow> {
+    ensure!(tokens > 0 && heads > 0, "tokens and heads must be positive");
+    let mut r = SeededRng::new(seed, stream::DATA);
+    let n = heads * tokens * dim;
+    let keys: Vec<f32> = (0..n).map(|_| r.gaussian() as f32).collect();
+    let values: Vec<f32> = (0..n).map(|_| r.gaussian() as f32).collect();
+    let queries: Vec<f32> = (0..heads * dim).map(|_| r.gaussian() as f32).collect();
+    let cfg = HeadConfig {
+        score_mode: ScoreMode::Fast,
+        seed,
+        ..HeadConfig::new(dim, bits, bits)
+    };
+    let outliers: Vec<Outliers> = match bits {
+        Precision::Uniform(_) => Vec::new(),
+        Precision::Split {
+            outlier_channels, ..
+        } => (0..heads)
+            .map(|h| {
+                let k = &keys[h * tokens * dim..(h + 1) * tokens * dim];
+                let v = &values[h * tokens * dim..(h + 1) * tokens * dim];
+                Ok(Outliers {
+                    keys: Some(calibrate_outliers(k, dim, outlier_channels)?),
+                    values: Some(calibrate_outliers(v, dim, outlier_channels)?),
+                })
+            })
+            .collect::<Result<_>>()?,
+    };
+    let mut cache = MultiHeadCache::new(heads, heads, &cfg, &outliers)?;
+    cache.append(&keys, &values)?;
+    let mut out = vec![0.0f32; heads * dim];
+    let quantized = time_it(budget, || Ok(cache.attend(&queries, &mut out)?))?;
+    let per = tokens * dim;
+    let mut f32_out = vec![0.0f32; heads * dim];
+    let f32_time = time_it(budget, || {
+        f32_out.par_chunks_mut(dim).enumerate().for_each_init(
+            || vec![0.0f32; tokens],
+            |scores, (h, o)| {
+                f32_attend(
+                    &queries[h * dim..(h + 1) * dim],
+                    &keys[h * per..(h + 1) * per],
+                    &values[h * per..(h + 1) * per],
+                    o,
+                    scores,
+                )
+            },
+        );
+        Ok(())
+    })?;
+    Ok(AttentionRow {
+        tokens,
+        bits: bits.bits_per_coordinate(dim),
+        heads,
+        dim,
+        f32_seconds_per_query: f32_time,
+        quantized_seconds_per_query: quantized,
+        speedup: f32_time / quantized,
+        cache_bytes: cache.memory_bytes(),
+        f16_bytes: cache.f16_bytes(),
+        f32_bytes: 2 * n * 4,
+    })
+}
