@@ -62,6 +62,14 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// Bytes that are not a valid saved cache; `tensor` names the tensor or key at fault.
+    #[error("invalid saved cache ({tensor}): {reason}")]
+    InvalidCache {
+        /// The tensor or metadata key at fault.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// An I/O error.
     #[error("i/o error on {path}: {message}")]
     Io {

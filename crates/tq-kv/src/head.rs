@@ -78,6 +78,14 @@ pub struct Outliers {
     pub values: Option<Vec<usize>>,
 }
 
+/// A head's serialized parts (see [`crate::persist`]).
+pub(crate) struct SavedParts<'a> {
+    pub(crate) keys: Vec<Vec<u8>>,
+    pub(crate) values: Vec<Vec<u8>>,
+    pub(crate) window_keys: &'a [f32],
+    pub(crate) window_values: &'a [f32],
+}
+
 const VALUE_SEED_OFFSET: u64 = 0x5641_4c55_4553_0001;
 
 /// The cache of one attention head.
@@ -268,6 +276,53 @@ impl HeadCache {
     /// Only on internal inconsistency (not expected).
     pub fn values(&self) -> Result<Vec<f32>> {
         self.reconstruct(&self.values, &self.window_values)
+    }
+
+    /// Saved parts: key and value part batches (tq-batch bytes) and the window rows.
+    pub(crate) fn parts(&self) -> Result<SavedParts<'_>> {
+        Ok(SavedParts {
+            keys: self.keys.to_blobs()?,
+            values: self.values.to_blobs()?,
+            window_keys: &self.window_keys,
+            window_values: &self.window_values,
+        })
+    }
+
+    /// Fills an empty cache from saved parts (see [`crate::persist`]); `what` names the head in
+    /// errors.
+    pub(crate) fn restore(
+        &mut self,
+        keys: &[&[u8]],
+        values: &[&[u8]],
+        window_keys: Vec<f32>,
+        window_values: Vec<f32>,
+        what: &str,
+    ) -> Result<()> {
+        let d = self.config.head_dim;
+        self.keys.restore(keys, &format!("{what}.keys"))?;
+        self.values.restore(values, &format!("{what}.values"))?;
+        if self.keys.len() != self.values.len() {
+            return Err(Error::InvalidCache {
+                tensor: what.to_string(),
+                reason: "keys and values hold different numbers of tokens".into(),
+            });
+        }
+        if window_keys.len() != window_values.len()
+            || !window_keys.len().is_multiple_of(d)
+            || window_keys.len() / d > self.config.window
+        {
+            return Err(Error::InvalidCache {
+                tensor: format!("{what}.window_keys"),
+                reason: format!(
+                    "window of {} values does not fit W = {}",
+                    window_keys.len(),
+                    self.config.window
+                ),
+            });
+        }
+        self.window_keys = window_keys;
+        self.window_values = window_values;
+        Ok(())
     }
 
     fn check_query(&self, q: &[f32]) -> Result<()> {

@@ -23,6 +23,7 @@
 mod error;
 pub mod head;
 pub mod multi;
+pub mod persist;
 pub mod precision;
 mod store;
 pub mod trace;

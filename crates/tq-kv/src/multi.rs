@@ -76,6 +76,11 @@ impl MultiHeadCache {
         self.heads.get(h)
     }
 
+    /// KV head `h`, mutable (crate-internal: restoring saved caches).
+    pub(crate) fn head_mut(&mut self, h: usize) -> Option<&mut HeadCache> {
+        self.heads.get_mut(h)
+    }
+
     /// Tokens held.
     pub fn len(&self) -> usize {
         self.heads[0].len()

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
+use tq_quant::io::SavedBatch;
 use tq_quant::{
     MseBatch, MseConfig, MseQuantizer, MseQuery, ProdBatch, ProdConfig, ProdQuantizer, ProdQuery,
     SketchKind,
@@ -285,6 +286,63 @@ impl Store {
                 None => out.iter_mut().zip(&part).for_each(|(o, v)| *o += v),
                 Some(ch) => ch.iter().zip(&part).for_each(|(&c, v)| out[c] += v),
             }
+        }
+        Ok(())
+    }
+
+    /// Each part's batch as a saved tq-batch (safetensors bytes).
+    pub(crate) fn to_blobs(&self) -> Result<Vec<Vec<u8>>> {
+        self.parts
+            .iter()
+            .map(|p| {
+                Ok(match &p.batch {
+                    PartBatch::Mse(b) => b.to_safetensors()?,
+                    PartBatch::Prod(b) => b.to_safetensors()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Fills this (empty, freshly configured) stream from saved part batches, which must carry
+    /// exactly the configurations this stream was built with and equal row counts.
+    pub(crate) fn restore(&mut self, blobs: &[&[u8]], what: &str) -> Result<()> {
+        let bad = |reason: String| Error::InvalidCache {
+            tensor: what.to_string(),
+            reason,
+        };
+        if blobs.len() != self.parts.len() {
+            return Err(bad(format!(
+                "{} parts stored, {} expected",
+                blobs.len(),
+                self.parts.len()
+            )));
+        }
+        let mut rows = None;
+        for (p, blob) in self.parts.iter_mut().zip(blobs) {
+            let saved = SavedBatch::from_safetensors(blob)?;
+            let (len, ok) = match (&p.batch, &saved) {
+                (PartBatch::Mse(want), SavedBatch::Mse(got)) => (
+                    got.len(),
+                    want.quantizer().config() == got.quantizer().config(),
+                ),
+                (PartBatch::Prod(want), SavedBatch::Prod(got)) => (
+                    got.len(),
+                    want.quantizer().config() == got.quantizer().config(),
+                ),
+                _ => (0, false),
+            };
+            if !ok {
+                return Err(bad(
+                    "a stored part's quantizer differs from the cache configuration".into(),
+                ));
+            }
+            if *rows.get_or_insert(len) != len {
+                return Err(bad("parts hold different numbers of rows".into()));
+            }
+            p.batch = match saved {
+                SavedBatch::Mse(b) => PartBatch::Mse(b),
+                SavedBatch::Prod(b) => PartBatch::Prod(b),
+            };
         }
         Ok(())
     }

@@ -1,0 +1,254 @@
+//! Saving and loading whole caches (safetensors, format `tq-kv-cache` version 1).
+//!
+//! `__metadata__`: `format = "tq-kv-cache"`, `version = "1"`, `config` = JSON
+//! `{"layers", "n_q_heads", "n_kv_heads", "head": HeadConfig, "outliers": [[Outliers; kv heads]; layers]}`.
+//! Per layer `l` and kv head `h`: `l{l}.h{h}.keys.p{p}` and `l{l}.h{h}.values.p{p}` (U8: each
+//! channel part's batch as a saved tq-batch, see tq-quant's `io`), and `l{l}.h{h}.window_keys` /
+//! `window_values` (F32 `[w, d]`). Loading checks the header, rebuilds the configured cache,
+//! requires every stored quantizer to equal the configured one, and checks row counts, window
+//! shapes and finiteness; malformed bytes are an error, never a panic.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::head::{HeadCache, HeadConfig, Outliers};
+use crate::multi::{ModelCache, MultiHeadCache};
+use crate::{Error, Result};
+
+/// The format version this build writes and reads.
+pub const CACHE_FORMAT_VERSION: u32 = 1;
+const FORMAT: &str = "tq-kv-cache";
+
+#[derive(Serialize, Deserialize)]
+struct CacheHeader {
+    layers: usize,
+    n_q_heads: usize,
+    n_kv_heads: usize,
+    head: HeadConfig,
+    outliers: Vec<Vec<Outliers>>,
+}
+
+fn bad(tensor: impl Into<String>, reason: impl Into<String>) -> Error {
+    Error::InvalidCache {
+        tensor: tensor.into(),
+        reason: reason.into(),
+    }
+}
+
+impl ModelCache {
+    /// Serializes every layer and head (format in the [module docs](crate::persist)).
+    ///
+    /// # Errors
+    /// Only if a part cannot be serialized (not expected).
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let first = self
+            .layer(0)
+            .ok_or_else(|| bad("layers", "a model cache needs at least one layer"))?;
+        let head0 = first.head(0).ok_or_else(|| bad("heads", "no kv head"))?;
+        let header = CacheHeader {
+            layers: self.n_layers(),
+            n_q_heads: first.n_q_heads(),
+            n_kv_heads: first.n_kv_heads(),
+            head: head0.config().clone(),
+            outliers: (0..self.n_layers())
+                .map(|l| {
+                    (0..first.n_kv_heads())
+                        .map(|h| {
+                            self.layer(l)
+                                .and_then(|x| x.head(h))
+                                .map(HeadCache::outliers)
+                                .unwrap_or_default()
+                        })
+                        .collect()
+                })
+                .collect(),
+        };
+        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for l in 0..self.n_layers() {
+            let layer = self
+                .layer(l)
+                .ok_or_else(|| bad("layers", "missing layer"))?;
+            for h in 0..layer.n_kv_heads() {
+                let head = layer.head(h).ok_or_else(|| bad("heads", "missing head"))?;
+                let parts = head.parts()?;
+                let (kb, vb, wk, wv) = (
+                    parts.keys,
+                    parts.values,
+                    parts.window_keys,
+                    parts.window_values,
+                );
+                for (t, blobs) in [("keys", kb), ("values", vb)] {
+                    for (p, blob) in blobs.into_iter().enumerate() {
+                        owned.push((
+                            format!("l{l}.h{h}.{t}.p{p}"),
+                            Dtype::U8,
+                            vec![blob.len()],
+                            blob,
+                        ));
+                    }
+                }
+                let d = head.config().head_dim;
+                for (t, w) in [("window_keys", wk), ("window_values", wv)] {
+                    let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    owned.push((
+                        format!("l{l}.h{h}.{t}"),
+                        Dtype::F32,
+                        vec![w.len() / d, d],
+                        bytes,
+                    ));
+                }
+            }
+        }
+        let mut views = Vec::with_capacity(owned.len());
+        for (name, dtype, shape, data) in &owned {
+            views.push((
+                name.as_str(),
+                TensorView::new(*dtype, shape.clone(), data)
+                    .map_err(|e| bad(name.clone(), e.to_string()))?,
+            ));
+        }
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), FORMAT.to_string());
+        meta.insert("version".to_string(), CACHE_FORMAT_VERSION.to_string());
+        meta.insert(
+            "config".to_string(),
+            serde_json::to_string(&header).map_err(|e| bad("config", e.to_string()))?,
+        );
+        safetensors::serialize(views, Some(meta)).map_err(|e| bad("header", e.to_string()))
+    }
+
+    /// Parses and validates a saved cache.
+    ///
+    /// # Errors
+    /// [`Error::InvalidCache`] naming the tensor or key at fault, or the configuration / quantizer errors.
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad("header", e.to_string()))?;
+        let (_, md) =
+            SafeTensors::read_metadata(bytes).map_err(|e| bad("header", e.to_string()))?;
+        let meta = md
+            .metadata()
+            .as_ref()
+            .ok_or_else(|| bad("__metadata__", "missing"))?;
+        let get = |k: &str| {
+            meta.get(k)
+                .ok_or_else(|| bad("__metadata__", format!("missing key '{k}'")))
+        };
+        if get("format")? != FORMAT {
+            return Err(bad("__metadata__", "not a tq-kv-cache file"));
+        }
+        if get("version")?.parse::<u32>().ok() != Some(CACHE_FORMAT_VERSION) {
+            return Err(bad(
+                "__metadata__",
+                format!("unsupported version (this build reads {CACHE_FORMAT_VERSION})"),
+            ));
+        }
+        let header: CacheHeader =
+            serde_json::from_str(get("config")?).map_err(|e| bad("config", e.to_string()))?;
+        // Every head stores at least four tensors: refuse headers that promise more heads than
+        // the file holds before building any quantizer.
+        let heads = header
+            .layers
+            .checked_mul(header.n_kv_heads)
+            .ok_or_else(|| bad("config", "head count overflows"))?;
+        if header.layers == 0 || heads == 0 || heads.saturating_mul(4) > st.names().len() {
+            return Err(bad(
+                "config",
+                format!(
+                    "{} layers x {} kv heads do not match the {} stored tensors",
+                    header.layers,
+                    header.n_kv_heads,
+                    st.names().len()
+                ),
+            ));
+        }
+        if header.outliers.len() != header.layers
+            || header.outliers.iter().any(|o| o.len() != header.n_kv_heads)
+        {
+            return Err(bad(
+                "config",
+                "outliers must list every kv head of every layer",
+            ));
+        }
+        let d = header.head.head_dim;
+        let mut layers = Vec::with_capacity(header.layers);
+        for (l, outliers) in header.outliers.iter().enumerate() {
+            let mut layer =
+                MultiHeadCache::new(header.n_q_heads, header.n_kv_heads, &header.head, outliers)?;
+            for h in 0..header.n_kv_heads {
+                let blobs = |t: &str| -> Result<Vec<&[u8]>> {
+                    let mut v = Vec::new();
+                    while let Ok(tv) = st.tensor(&format!("l{l}.h{h}.{t}.p{}", v.len())) {
+                        v.push(tv.data());
+                    }
+                    Ok(v)
+                };
+                let window = |t: &str| -> Result<Vec<f32>> {
+                    let name = format!("l{l}.h{h}.{t}");
+                    let tv = st.tensor(&name).map_err(|_| bad(name.clone(), "missing"))?;
+                    if tv.dtype() != Dtype::F32 || tv.shape().len() != 2 || tv.shape()[1] != d {
+                        return Err(bad(
+                            name,
+                            format!(
+                                "expected F32 [w, {d}], found {:?} {:?}",
+                                tv.dtype(),
+                                tv.shape()
+                            ),
+                        ));
+                    }
+                    let w: Vec<f32> = tv
+                        .data()
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
+                    if w.iter().any(|x| !x.is_finite()) {
+                        return Err(bad(name, "non-finite value"));
+                    }
+                    Ok(w)
+                };
+                let (kb, vb) = (blobs("keys")?, blobs("values")?);
+                let (wk, wv) = (window("window_keys")?, window("window_values")?);
+                let head = layer
+                    .head_mut(h)
+                    .ok_or_else(|| bad("heads", "missing head"))?;
+                head.restore(&kb, &vb, wk, wv, &format!("l{l}.h{h}"))?;
+            }
+            if (0..header.n_kv_heads)
+                .any(|h| layer.head(h).map(HeadCache::len) != layer.head(0).map(HeadCache::len))
+            {
+                return Err(bad(
+                    format!("l{l}"),
+                    "kv heads hold different numbers of tokens",
+                ));
+            }
+            layers.push(layer);
+        }
+        Ok(ModelCache::from_layers(layers))
+    }
+
+    /// Writes the cache to `path`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] and serialization errors.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = self.to_safetensors()?;
+        std::fs::write(path, bytes).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads and validates a cache from `path`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] and those of [`ModelCache::from_safetensors`].
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_safetensors(&bytes)
+    }
+}
