@@ -256,6 +256,7 @@ pub fn scan_block_b3_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
 }
 
 /// The `bits`-bit code of coordinate `j` of row `slot`, read from the block's nibbles (any width).
+/// The specification of the layout that the SIMD kernels decode; O(bits).
 #[inline]
 pub fn code_at(block: &[u8], bits: u32, j: usize, slot: usize) -> usize {
     let start = bits as usize * j;
@@ -275,8 +276,9 @@ pub fn code_at(block: &[u8], bits: u32, j: usize, slot: usize) -> usize {
 /// Weighted sum of decoded rows: `acc[j] += Σ_r weights[r] · values[code_j(row r)]` for the 32
 /// rows of a block of `bits`-bit codes and `j < acc.len()` (the dimension; at most the codes per
 /// row). Rows with weight 0 contribute nothing (padding rows must have weight 0). AVX2 for
-/// `bits == 4` (centroids looked up with two `vpermps` and a blend, 8 rows per FMA); other widths
-/// and CPUs use [`accumulate_block_scalar`]. O(32 · dim).
+/// `bits <= 4`: each coordinate's 32 codes are cut out of one or two nibble vectors with shifts,
+/// looked up with `vpermps` (two tables and a blend at 4 bits) and multiplied into 8 rows per FMA;
+/// wider codes and other CPUs use [`accumulate_block_scalar`]. O(32 · dim).
 pub fn accumulate_block(
     block: &[u8],
     bits: u32,
@@ -285,15 +287,43 @@ pub fn accumulate_block(
     acc: &mut [f32],
 ) {
     debug_assert_eq!(values.len(), 1 << bits);
+    accumulate_blocks(block, block.len() / BLOCK, bits, values, weights, acc)
+}
+
+/// [`accumulate_block`] over consecutive blocks: `acc[j] += Σ_i weights[i] · values[code_j(row i)]`
+/// for rows `i < weights.len()` stored in `blocks` (`ceil(n/32)` blocks of `32 · row_bytes` bytes).
+/// Blocks whose weights are all zero are skipped. With AVX2 the per-coordinate partial sums stay in
+/// 8-lane registers across blocks and are reduced once at the end. O(n · dim).
+pub fn accumulate_blocks(
+    blocks: &[u8],
+    row_bytes: usize,
+    bits: u32,
+    values: &[f32],
+    weights: &[f32],
+    acc: &mut [f32],
+) {
+    debug_assert_eq!(
+        blocks.len(),
+        weights.len().div_ceil(BLOCK) * block_bytes(row_bytes)
+    );
     #[cfg(target_arch = "x86_64")]
     {
-        if bits == 4 && has_avx2_fma() {
+        if bits <= 4 && has_avx2_fma() {
             // SAFETY: AVX2 and FMA support were checked at run time.
-            unsafe { x86::accumulate_block_b4_avx2(block, values, weights, acc) };
+            unsafe { x86::accumulate_blocks_avx2(blocks, row_bytes, bits, values, weights, acc) };
             return;
         }
     }
-    accumulate_block_scalar(block, bits, values, weights, acc)
+    for (block, w) in blocks
+        .chunks_exact(block_bytes(row_bytes))
+        .zip(weights.chunks(BLOCK))
+    {
+        let mut w32 = [0.0f32; BLOCK];
+        w32[..w.len()].copy_from_slice(w);
+        if w32.iter().any(|&x| x != 0.0) {
+            accumulate_block_scalar(block, bits, values, &w32, acc);
+        }
+    }
 }
 
 /// Scalar twin of [`accumulate_block`].
@@ -304,12 +334,18 @@ pub fn accumulate_block_scalar(
     weights: &[f32; BLOCK],
     acc: &mut [f32],
 ) {
+    let row_bytes = block.len() / BLOCK;
+    let mut row = vec![0u8; row_bytes];
+    // `8·row_bytes / bits` codes fill the row exactly (the last ones may be padding).
+    let mut codes = vec![0u8; 8 * row_bytes / bits as usize];
     for (slot, &w) in weights.iter().enumerate() {
         if w == 0.0 {
             continue;
         }
-        for (j, a) in acc.iter_mut().enumerate() {
-            *a += w * values[code_at(block, bits, j, slot)];
+        read_row(block, slot, &mut row);
+        crate::bitpack::unpack_unchecked(&row, bits, &mut codes);
+        for (a, &c) in acc.iter_mut().zip(&codes) {
+            *a += w * values[c as usize];
         }
     }
 }
@@ -407,48 +443,90 @@ mod x86 {
         }
     }
 
-    /// AVX2 body of `accumulate_block` for 4-bit codes: per coordinate, the 32 codes of a nibble
-    /// position are widened to 4 × 8 lanes, mapped to centroids with `vpermps` (low and high eight
-    /// entries, blended on bit 3) and multiplied into 4 × 8 weights.
+    /// AVX2 body of `accumulate_blocks`: the same per-coordinate kernel as `accumulate_block_avx2`,
+    /// with 8-lane partial sums per coordinate kept across blocks.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn accumulate_block_b4_avx2(
-        block: &[u8],
+    pub(super) unsafe fn accumulate_blocks_avx2(
+        blocks: &[u8],
+        row_bytes: usize,
+        bits: u32,
         values: &[f32],
-        weights: &[f32; BLOCK],
+        weights: &[f32],
         acc: &mut [f32],
     ) {
-        // SAFETY (all loads below): `values` has 16 entries, `weights` 32, and nibble position
-        // j < acc.len() <= 2·row_bytes has 16 bytes in the block.
+        let b = bits as usize;
+        let mut table = [0f32; 16];
+        table[..values.len()].copy_from_slice(values);
+        // SAFETY: 16-entry table.
         let (c_lo, c_hi) = unsafe {
             (
-                _mm256_loadu_ps(values.as_ptr()),
-                _mm256_loadu_ps(values.as_ptr().add(8)),
+                _mm256_loadu_ps(table.as_ptr()),
+                _mm256_loadu_ps(table.as_ptr().add(8)),
             )
         };
-        let w = unsafe {
-            [
-                _mm256_loadu_ps(weights.as_ptr()),
-                _mm256_loadu_ps(weights.as_ptr().add(8)),
-                _mm256_loadu_ps(weights.as_ptr().add(16)),
-                _mm256_loadu_ps(weights.as_ptr().add(24)),
-            ]
-        };
         let low = _mm_set1_epi8(0x0F);
-        for (j, a) in acc.iter_mut().enumerate() {
-            let bytes = unsafe { _mm_loadu_si128(block.as_ptr().add(16 * j) as *const __m128i) };
-            let lo = _mm_and_si128(bytes, low);
-            let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
-            let groups = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
-            let mut s = _mm256_setzero_ps();
-            for (g, wg) in groups.into_iter().zip(w) {
-                let idx = _mm256_cvtepu8_epi32(g);
-                let a_lo = _mm256_permutevar8x32_ps(c_lo, idx);
-                let a_hi = _mm256_permutevar8x32_ps(c_hi, idx);
-                let v =
-                    _mm256_blendv_ps(a_lo, a_hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-                s = _mm256_fmadd_ps(v, wg, s);
+        let mask = _mm_set1_epi8(((1u32 << bits) - 1) as i8);
+        let mut lanes = vec![_mm256_setzero_ps(); acc.len()];
+        for (block, wchunk) in blocks
+            .chunks_exact(super::block_bytes(row_bytes))
+            .zip(weights.chunks(BLOCK))
+        {
+            let mut w32 = [0.0f32; BLOCK];
+            w32[..wchunk.len()].copy_from_slice(wchunk);
+            if w32.iter().all(|&x| x == 0.0) {
+                continue;
             }
-            // Horizontal sum of the 8 lanes.
+            // SAFETY: `w32` has 32 entries.
+            let w = unsafe {
+                [
+                    _mm256_loadu_ps(w32.as_ptr()),
+                    _mm256_loadu_ps(w32.as_ptr().add(8)),
+                    _mm256_loadu_ps(w32.as_ptr().add(16)),
+                    _mm256_loadu_ps(w32.as_ptr().add(24)),
+                ]
+            };
+            let nibbles = |pos: usize| -> (__m128i, __m128i) {
+                // SAFETY: nibble position `pos < 2·row_bytes` has 16 bytes in the block.
+                let v = unsafe { _mm_loadu_si128(block.as_ptr().add(16 * pos) as *const __m128i) };
+                (
+                    _mm_and_si128(v, low),
+                    _mm_and_si128(_mm_srli_epi16(v, 4), low),
+                )
+            };
+            for (j, lane) in lanes.iter_mut().enumerate() {
+                let (pos, off) = (b * j / 4, b * j % 4);
+                let shift = _mm_cvtsi32_si128(off as i32);
+                let (mut lo, mut hi) = nibbles(pos);
+                lo = _mm_srl_epi16(lo, shift);
+                hi = _mm_srl_epi16(hi, shift);
+                if off + b > 4 {
+                    let back = _mm_cvtsi32_si128((4 - off) as i32);
+                    let (lo2, hi2) = nibbles(pos + 1);
+                    lo = _mm_or_si128(lo, _mm_sll_epi16(lo2, back));
+                    hi = _mm_or_si128(hi, _mm_sll_epi16(hi2, back));
+                }
+                let (lo, hi) = (_mm_and_si128(lo, mask), _mm_and_si128(hi, mask));
+                let groups = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+                let mut s = *lane;
+                for (g, wg) in groups.into_iter().zip(w) {
+                    let idx = _mm256_cvtepu8_epi32(g);
+                    let v = if b == 4 {
+                        let a_lo = _mm256_permutevar8x32_ps(c_lo, idx);
+                        let a_hi = _mm256_permutevar8x32_ps(c_hi, idx);
+                        _mm256_blendv_ps(
+                            a_lo,
+                            a_hi,
+                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)),
+                        )
+                    } else {
+                        _mm256_permutevar8x32_ps(c_lo, idx)
+                    };
+                    s = _mm256_fmadd_ps(v, wg, s);
+                }
+                *lane = s;
+            }
+        }
+        for (a, s) in acc.iter_mut().zip(lanes) {
             let q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
             let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
             let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
@@ -549,6 +627,55 @@ mod tests {
                         "bits={bits} d={d} j={j}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn code_at_reads_the_packed_layout() {
+        let mut r = SeededRng::new(8, stream::DATA);
+        for bits in 1..=8u32 {
+            let d = 37;
+            let row_bytes = crate::bitpack::packed_len(d, bits);
+            let mut block = vec![0u8; block_bytes(row_bytes)];
+            let codes: Vec<u8> = (0..d).map(|_| (r.next_u64() % (1 << bits)) as u8).collect();
+            let mut packed = vec![0u8; row_bytes];
+            crate::bitpack::pack(&codes, bits, &mut packed).unwrap();
+            write_row(&mut block, 21, &packed);
+            for (j, &c) in codes.iter().enumerate() {
+                assert_eq!(code_at(&block, bits, j, 21), c as usize);
+            }
+        }
+    }
+
+    #[test]
+    fn accumulate_blocks_equals_block_by_block() {
+        let mut r = SeededRng::new(6, stream::DATA);
+        for bits in [1u32, 2, 3, 4, 6] {
+            let d = 100;
+            let row_bytes = crate::bitpack::packed_len(d, bits);
+            let n: usize = 77;
+            let blocks: Vec<u8> = (0..n.div_ceil(BLOCK) * block_bytes(row_bytes))
+                .map(|_| r.next_u64() as u8)
+                .collect();
+            let values: Vec<f32> = (0..1 << bits).map(|_| r.gaussian() as f32).collect();
+            let weights: Vec<f32> = (0..n)
+                .map(|i| if i < 32 { 0.0 } else { r.uniform() as f32 })
+                .collect();
+            let mut a = vec![0.0f32; d];
+            accumulate_blocks(&blocks, row_bytes, bits, &values, &weights, &mut a);
+            let mut b = vec![0.0f32; d];
+            for (blk, w) in blocks
+                .chunks_exact(block_bytes(row_bytes))
+                .zip(weights.chunks(BLOCK))
+            {
+                let mut w32 = [0.0f32; BLOCK];
+                w32[..w.len()].copy_from_slice(w);
+                accumulate_block_scalar(blk, bits, &values, &w32, &mut b);
+            }
+            let mag: f32 = b.iter().map(|x| x.abs()).sum::<f32>() / d as f32 + 1.0;
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-4 * mag, "bits={bits}: {x} vs {y}");
             }
         }
     }

@@ -516,23 +516,20 @@ impl MseBatch {
             .into());
         }
         check_dim(out_rot, self.quantizer.dim())?;
-        let bits = self.quantizer.bits();
+        let scaled: Vec<f32> = weights
+            .iter()
+            .zip(&self.norms)
+            .map(|(w, n)| w * n)
+            .collect();
         let c = self.quantizer.codebook().centroids();
-        for (b, (w, n)) in weights
-            .chunks(BLOCK)
-            .zip(self.norms.chunks(BLOCK))
-            .enumerate()
-        {
-            let mut w32 = [0.0f32; BLOCK];
-            let mut any = false;
-            for ((o, &wi), &ni) in w32.iter_mut().zip(w).zip(n) {
-                *o = wi * ni;
-                any |= *o != 0.0;
-            }
-            if any {
-                scan::accumulate_block(self.codes.block(b), bits, c, &w32, out_rot);
-            }
-        }
+        scan::accumulate_blocks(
+            self.codes.blocks(),
+            self.codes.row_bytes(),
+            self.quantizer.bits(),
+            c,
+            &scaled,
+            out_rot,
+        );
         Ok(())
     }
 
