@@ -290,6 +290,7 @@ pub struct AttentionRow {
     pub tokens: usize,
     pub bits: f64,
     pub heads: usize,
+    pub kv_heads: usize,
     pub dim: usize,
     /// One decode step (one query per head) with the f32 baseline.
     pub f32_seconds_per_query: f64,
@@ -333,18 +334,28 @@ fn time_it(budget: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64() / runs as f64)
 }
 
-/// Decode-step attention over `tokens` random cached tokens for `heads` heads at `bits`.
+/// Decode-step attention over `tokens` random cached tokens for `heads` query heads sharing
+/// `kv_heads` kv heads at `bits`.
 pub fn eval_attention(
     tokens: usize,
     dim: usize,
     heads: usize,
+    kv_heads: usize,
     bits: Precision,
     seed: u64,
     budget: f64,
 ) -> Result<AttentionRow> {
-    ensure!(tokens > 0 && heads > 0, "tokens and heads must be positive");
+    ensure!(
+        tokens > 0 && heads > 0 && kv_heads > 0,
+        "tokens and heads must be positive"
+    );
+    ensure!(
+        heads.is_multiple_of(kv_heads),
+        "--heads {heads} is not a multiple of --kv-heads {kv_heads}"
+    );
+    let group = heads / kv_heads;
     let mut r = SeededRng::new(seed, stream::DATA);
-    let n = heads * tokens * dim;
+    let n = kv_heads * tokens * dim;
     let keys: Vec<f32> = (0..n).map(|_| r.gaussian() as f32).collect();
     let values: Vec<f32> = (0..n).map(|_| r.gaussian() as f32).collect();
     let queries: Vec<f32> = (0..heads * dim).map(|_| r.gaussian() as f32).collect();
@@ -368,7 +379,7 @@ pub fn eval_attention(
             })
             .collect::<Result<_>>()?,
     };
-    let mut cache = MultiHeadCache::new(heads, heads, &cfg, &outliers)?;
+    let mut cache = MultiHeadCache::new(heads, kv_heads, &cfg, &outliers)?;
     cache.append(&keys, &values)?;
     let mut out = vec![0.0f32; heads * dim];
     let quantized = time_it(budget, || Ok(cache.attend(&queries, &mut out)?))?;
@@ -378,10 +389,11 @@ pub fn eval_attention(
         f32_out.par_chunks_mut(dim).enumerate().for_each_init(
             || vec![0.0f32; tokens],
             |scores, (h, o)| {
+                let kv = h / group;
                 f32_attend(
                     &queries[h * dim..(h + 1) * dim],
-                    &keys[h * per..(h + 1) * per],
-                    &values[h * per..(h + 1) * per],
+                    &keys[kv * per..(kv + 1) * per],
+                    &values[kv * per..(kv + 1) * per],
                     o,
                     scores,
                 )
@@ -393,6 +405,7 @@ pub fn eval_attention(
         tokens,
         bits: bits.bits_per_coordinate(dim),
         heads,
+        kv_heads,
         dim,
         f32_seconds_per_query: f32_time,
         quantized_seconds_per_query: quantized,

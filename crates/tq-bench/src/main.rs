@@ -105,9 +105,12 @@ enum Command {
         /// Head dimension.
         #[arg(long, default_value_t = 128)]
         dim: usize,
-        /// Heads (query heads = kv heads).
+        /// Query heads.
         #[arg(long, default_value_t = 1)]
         heads: usize,
+        /// KV heads (grouped-query attention when fewer than --heads) [default: --heads].
+        #[arg(long)]
+        kv_heads: Option<usize>,
         /// Key and value precisions, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "2,3,4")]
         bits: Vec<String>,
@@ -343,6 +346,7 @@ fn run_attention(
     tokens: &[usize],
     dim: usize,
     heads: usize,
+    kv_heads: usize,
     bits: &[String],
     budget: f64,
     c: &KvCommon,
@@ -363,7 +367,9 @@ fn run_attention(
         for &t in tokens {
             for &p in &precisions {
                 pb.set_message(format!("T = {t}, {p} bits"));
-                rows.push(kv::eval_attention(t, dim, heads, p, c.seed, budget)?);
+                rows.push(kv::eval_attention(
+                    t, dim, heads, kv_heads, p, c.seed, budget,
+                )?);
                 pb.inc(1);
             }
         }
@@ -383,15 +389,15 @@ fn run_attention(
     }
     println!("attention | decode step, one query per head | {threads} thread(s)");
     println!(
-        "{:>8} {:>5} {:>5} {:>5} {:>12} {:>12} {:>8} {:>12} {:>8}",
-        "tokens", "bits", "heads", "dim", "f32 us", "tq us", "speedup", "cache KiB", "x f16"
+        "{:>8} {:>5} {:>7} {:>5} {:>12} {:>12} {:>8} {:>12} {:>8}",
+        "tokens", "bits", "q/kv", "dim", "f32 us", "tq us", "speedup", "cache KiB", "x f16"
     );
     for r in &report.results {
         println!(
-            "{:>8} {:>5} {:>5} {:>5} {:>12.1} {:>12.1} {:>8.2} {:>12.1} {:>8.2}",
+            "{:>8} {:>5} {:>7} {:>5} {:>12.1} {:>12.1} {:>8.2} {:>12.1} {:>8.2}",
             r.tokens,
             r.bits,
-            r.heads,
+            format!("{}/{}", r.heads, r.kv_heads),
             r.dim,
             r.f32_seconds_per_query * 1e6,
             r.quantized_seconds_per_query * 1e6,
@@ -426,10 +432,19 @@ fn run(cli: Cli) -> Result<()> {
             tokens,
             dim,
             heads,
+            kv_heads,
             bits,
             budget,
             common,
-        } => run_attention(&tokens, dim, heads, &bits, budget, &common),
+        } => run_attention(
+            &tokens,
+            dim,
+            heads,
+            kv_heads.unwrap_or(heads),
+            &bits,
+            budget,
+            &common,
+        ),
         Command::Synthetic {
             dim,
             vectors,

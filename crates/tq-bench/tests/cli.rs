@@ -404,4 +404,37 @@ fn attention_reports_speed_and_memory() {
         assert!(row["cache_bytes"].as_u64().unwrap() * 3 < row["f16_bytes"].as_u64().unwrap());
     }
     assert_eq!(rows[0]["cache_bytes"], 2 * 256 * 2 * (32 + 4));
+    // Grouped-query: 4 query heads on 2 kv heads store 2 heads' worth.
+    let r = json(&bench(&[
+        "attention",
+        "--tokens",
+        "300",
+        "--bits",
+        "3",
+        "--dim",
+        "32",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--budget",
+        "0.01",
+        "--json",
+    ]));
+    assert_eq!(r["results"][0]["kv_heads"], 2);
+    assert_eq!(r["results"][0]["cache_bytes"], 2 * 300 * 2 * (12 + 4));
+    assert!(
+        bench(&[
+            "attention",
+            "--heads",
+            "3",
+            "--kv-heads",
+            "2",
+            "--tokens",
+            "10"
+        ])
+        .status
+        .code()
+            == Some(1)
+    );
 }

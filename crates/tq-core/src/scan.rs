@@ -302,26 +302,45 @@ pub fn accumulate_blocks(
     weights: &[f32],
     acc: &mut [f32],
 ) {
-    debug_assert_eq!(
-        blocks.len(),
-        weights.len().div_ceil(BLOCK) * block_bytes(row_bytes)
+    accumulate_blocks_multi(blocks, row_bytes, bits, values, &[weights], &mut [acc]);
+}
+
+/// [`accumulate_blocks`] for several weight vectors at once (e.g. the queries of one
+/// grouped-query head): `accs[q][j] += Σ_i weights[q][i] · values[code_j(row i)]`. The codes are
+/// decoded once per block and coordinate and used by every weight vector. All weight vectors have
+/// the same length `n`; all accumulators the same length `dim`. O(n · dim · (1 + queries/8)).
+pub fn accumulate_blocks_multi(
+    blocks: &[u8],
+    row_bytes: usize,
+    bits: u32,
+    values: &[f32],
+    weights: &[&[f32]],
+    accs: &mut [&mut [f32]],
+) {
+    debug_assert_eq!(weights.len(), accs.len());
+    debug_assert!(
+        weights
+            .iter()
+            .all(|w| blocks.len() == w.len().div_ceil(BLOCK) * block_bytes(row_bytes))
     );
     #[cfg(target_arch = "x86_64")]
     {
         if bits <= 4 && has_avx2_fma() {
             // SAFETY: AVX2 and FMA support were checked at run time.
-            unsafe { x86::accumulate_blocks_avx2(blocks, row_bytes, bits, values, weights, acc) };
+            unsafe { x86::accumulate_blocks_avx2(blocks, row_bytes, bits, values, weights, accs) };
             return;
         }
     }
-    for (block, w) in blocks
-        .chunks_exact(block_bytes(row_bytes))
-        .zip(weights.chunks(BLOCK))
-    {
-        let mut w32 = [0.0f32; BLOCK];
-        w32[..w.len()].copy_from_slice(w);
-        if w32.iter().any(|&x| x != 0.0) {
-            accumulate_block_scalar(block, bits, values, &w32, acc);
+    for (w, acc) in weights.iter().zip(accs.iter_mut()) {
+        for (block, w) in blocks
+            .chunks_exact(block_bytes(row_bytes))
+            .zip(w.chunks(BLOCK))
+        {
+            let mut w32 = [0.0f32; BLOCK];
+            w32[..w.len()].copy_from_slice(w);
+            if w32.iter().any(|&x| x != 0.0) {
+                accumulate_block_scalar(block, bits, values, &w32, acc);
+            }
         }
     }
 }
@@ -443,18 +462,21 @@ mod x86 {
         }
     }
 
-    /// AVX2 body of `accumulate_blocks`: the same per-coordinate kernel as `accumulate_block_avx2`,
-    /// with 8-lane partial sums per coordinate kept across blocks.
+    /// AVX2 body of `accumulate_blocks_multi`: per block and coordinate, the 32 codes are cut out
+    /// of one or two nibble vectors, looked up once, and FMA'd into 8-lane partial sums of every
+    /// weight vector; the partial sums are reduced once at the end.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn accumulate_blocks_avx2(
         blocks: &[u8],
         row_bytes: usize,
         bits: u32,
         values: &[f32],
-        weights: &[f32],
-        acc: &mut [f32],
+        weights: &[&[f32]],
+        accs: &mut [&mut [f32]],
     ) {
         let b = bits as usize;
+        let dim = accs.first().map_or(0, |a| a.len());
+        let nq = weights.len();
         let mut table = [0f32; 16];
         table[..values.len()].copy_from_slice(values);
         // SAFETY: 16-entry table.
@@ -466,25 +488,32 @@ mod x86 {
         };
         let low = _mm_set1_epi8(0x0F);
         let mask = _mm_set1_epi8(((1u32 << bits) - 1) as i8);
-        let mut lanes = vec![_mm256_setzero_ps(); acc.len()];
-        for (block, wchunk) in blocks
-            .chunks_exact(super::block_bytes(row_bytes))
-            .zip(weights.chunks(BLOCK))
-        {
-            let mut w32 = [0.0f32; BLOCK];
-            w32[..wchunk.len()].copy_from_slice(wchunk);
-            if w32.iter().all(|&x| x == 0.0) {
+        // lanes[q * dim + j]: 8-lane partial sums of query q, coordinate j.
+        let mut lanes = vec![_mm256_setzero_ps(); nq * dim];
+        let mut w = vec![[_mm256_setzero_ps(); 4]; nq];
+        let mut active = vec![false; nq];
+        let bb = super::block_bytes(row_bytes);
+        for (bi, block) in blocks.chunks_exact(bb).enumerate() {
+            let mut any = false;
+            for ((wq, act), src) in w.iter_mut().zip(active.iter_mut()).zip(weights) {
+                let mut w32 = [0.0f32; BLOCK];
+                let part = &src[bi * BLOCK..((bi + 1) * BLOCK).min(src.len())];
+                w32[..part.len()].copy_from_slice(part);
+                *act = w32.iter().any(|&x| x != 0.0);
+                any |= *act;
+                // SAFETY: `w32` has 32 entries.
+                *wq = unsafe {
+                    [
+                        _mm256_loadu_ps(w32.as_ptr()),
+                        _mm256_loadu_ps(w32.as_ptr().add(8)),
+                        _mm256_loadu_ps(w32.as_ptr().add(16)),
+                        _mm256_loadu_ps(w32.as_ptr().add(24)),
+                    ]
+                };
+            }
+            if !any {
                 continue;
             }
-            // SAFETY: `w32` has 32 entries.
-            let w = unsafe {
-                [
-                    _mm256_loadu_ps(w32.as_ptr()),
-                    _mm256_loadu_ps(w32.as_ptr().add(8)),
-                    _mm256_loadu_ps(w32.as_ptr().add(16)),
-                    _mm256_loadu_ps(w32.as_ptr().add(24)),
-                ]
-            };
             let nibbles = |pos: usize| -> (__m128i, __m128i) {
                 // SAFETY: nibble position `pos < 2·row_bytes` has 16 bytes in the block.
                 let v = unsafe { _mm_loadu_si128(block.as_ptr().add(16 * pos) as *const __m128i) };
@@ -493,7 +522,7 @@ mod x86 {
                     _mm_and_si128(_mm_srli_epi16(v, 4), low),
                 )
             };
-            for (j, lane) in lanes.iter_mut().enumerate() {
+            for j in 0..dim {
                 let (pos, off) = (b * j / 4, b * j % 4);
                 let shift = _mm_cvtsi32_si128(off as i32);
                 let (mut lo, mut hi) = nibbles(pos);
@@ -507,10 +536,10 @@ mod x86 {
                 }
                 let (lo, hi) = (_mm_and_si128(lo, mask), _mm_and_si128(hi, mask));
                 let groups = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
-                let mut s = *lane;
-                for (g, wg) in groups.into_iter().zip(w) {
+                let mut v = [_mm256_setzero_ps(); 4];
+                for (vg, g) in v.iter_mut().zip(groups) {
                     let idx = _mm256_cvtepu8_epi32(g);
-                    let v = if b == 4 {
+                    *vg = if b == 4 {
                         let a_lo = _mm256_permutevar8x32_ps(c_lo, idx);
                         let a_hi = _mm256_permutevar8x32_ps(c_hi, idx);
                         _mm256_blendv_ps(
@@ -521,16 +550,28 @@ mod x86 {
                     } else {
                         _mm256_permutevar8x32_ps(c_lo, idx)
                     };
-                    s = _mm256_fmadd_ps(v, wg, s);
                 }
-                *lane = s;
+                for (q, wq) in w.iter().enumerate() {
+                    if !active[q] {
+                        continue;
+                    }
+                    let lane = &mut lanes[q * dim + j];
+                    let mut s = *lane;
+                    for (vg, wg) in v.iter().zip(wq) {
+                        s = _mm256_fmadd_ps(*vg, *wg, s);
+                    }
+                    *lane = s;
+                }
             }
         }
-        for (a, s) in acc.iter_mut().zip(lanes) {
-            let q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-            let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-            let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-            *a += _mm_cvtss_f32(q);
+        for (q, acc) in accs.iter_mut().enumerate() {
+            for (a, s) in acc.iter_mut().zip(&lanes[q * dim..(q + 1) * dim]) {
+                let s = *s;
+                let x = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+                let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+                let x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+                *a += _mm_cvtss_f32(x);
+            }
         }
     }
 
@@ -627,6 +668,44 @@ mod tests {
                         "bits={bits} d={d} j={j}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn accumulate_multi_equals_one_at_a_time() {
+        let mut r = SeededRng::new(12, stream::DATA);
+        for bits in [2u32, 3, 4, 5] {
+            let d = 40;
+            let row_bytes = crate::bitpack::packed_len(d, bits);
+            let n: usize = 70;
+            let blocks: Vec<u8> = (0..n.div_ceil(BLOCK) * block_bytes(row_bytes))
+                .map(|_| r.next_u64() as u8)
+                .collect();
+            let values: Vec<f32> = (0..1 << bits).map(|_| r.gaussian() as f32).collect();
+            let ws: Vec<Vec<f32>> = (0..3)
+                .map(|q| {
+                    (0..n)
+                        .map(|i| {
+                            if q == 1 && i < 40 {
+                                0.0
+                            } else {
+                                r.uniform() as f32
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            let mut multi = vec![vec![0.0f32; d]; 3];
+            {
+                let wr: Vec<&[f32]> = ws.iter().map(|w| w.as_slice()).collect();
+                let mut ar: Vec<&mut [f32]> = multi.iter_mut().map(|a| a.as_mut_slice()).collect();
+                accumulate_blocks_multi(&blocks, row_bytes, bits, &values, &wr, &mut ar);
+            }
+            for (w, m) in ws.iter().zip(&multi) {
+                let mut one = vec![0.0f32; d];
+                accumulate_blocks(&blocks, row_bytes, bits, &values, w, &mut one);
+                assert_eq!(&one, m, "bits={bits}");
             }
         }
     }

@@ -369,7 +369,7 @@ impl HeadCache {
     pub fn attend(&self, q: &[f32], out: &mut [f32]) -> Result<()> {
         self.check_query(q)?;
         check_len("output", out.len(), self.config.head_dim)?;
-        self.attend_limit(q, self.len(), out)
+        self.attend_many(q, &[self.len()], out)
     }
 
     /// Attention for a block of `m` queries (row-major `m · d`), query `i` attending to the first
@@ -389,46 +389,53 @@ impl HeadCache {
                 len: self.len(),
             });
         }
-        for ((q, &l), o) in queries
-            .chunks_exact(d)
-            .zip(limits)
-            .zip(out.chunks_exact_mut(d))
-        {
-            self.attend_limit(q, l, o)?;
-        }
-        Ok(())
+        self.attend_many(queries, limits, out)
     }
 
-    /// Attention over the first `limit` tokens (trusted arguments).
-    pub(crate) fn attend_limit(&self, q: &[f32], limit: usize, out: &mut [f32]) -> Result<()> {
+    /// Attention of `m` queries, query `i` over the first `limits[i]` tokens (trusted arguments;
+    /// a limit of 0 gives zeros). Scores and softmax per query; the value codes are decoded once
+    /// for all queries.
+    pub(crate) fn attend_many(
+        &self,
+        queries: &[f32],
+        limits: &[usize],
+        out: &mut [f32],
+    ) -> Result<()> {
         let d = self.config.head_dim;
-        out.fill(0.0);
-        if limit == 0 {
-            return Ok(());
-        }
-        let mut p = vec![0.0f32; self.len()];
-        self.scores_unchecked(q, &mut p)?;
-        let max = p[..limit].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f64;
-        for v in p[..limit].iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v as f64;
-        }
-        let inv = (1.0 / sum) as f32;
-        for v in p[..limit].iter_mut() {
-            *v *= inv;
-        }
-        p[limit..].fill(0.0);
         let qn = self.quantized_len();
-        if qn > 0 && limit > 0 {
-            self.values.weighted_sum_into(&p[..qn], out)?;
+        out.fill(0.0);
+        let mut probs: Vec<Vec<f32>> = Vec::with_capacity(limits.len());
+        for (q, &limit) in queries.chunks_exact(d).zip(limits) {
+            let mut p = vec![0.0f32; self.len()];
+            if limit > 0 {
+                self.scores_unchecked(q, &mut p)?;
+                let max = p[..limit].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f64;
+                for v in p[..limit].iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                for v in p[..limit].iter_mut() {
+                    *v *= inv;
+                }
+            }
+            p[limit..].fill(0.0);
+            probs.push(p);
         }
-        for (&w, v) in p[qn..limit.max(qn)]
-            .iter()
-            .zip(self.window_values.chunks_exact(d))
-        {
-            for (o, &x) in out.iter_mut().zip(v) {
-                *o += w * x;
+        if qn > 0 {
+            let weights: Vec<&[f32]> = probs.iter().map(|p| &p[..qn]).collect();
+            let mut outs: Vec<&mut [f32]> = out.chunks_exact_mut(d).collect();
+            self.values.weighted_sums_into(&weights, &mut outs)?;
+        }
+        for ((p, &limit), o) in probs.iter().zip(limits).zip(out.chunks_exact_mut(d)) {
+            for (&w, v) in p[qn..limit.max(qn)]
+                .iter()
+                .zip(self.window_values.chunks_exact(d))
+            {
+                for (a, &x) in o.iter_mut().zip(v) {
+                    *a += w * x;
+                }
             }
         }
         Ok(())

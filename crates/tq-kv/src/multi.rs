@@ -3,8 +3,9 @@
 //! Layouts are head-major, as in the trace format: keys and values appended as
 //! `[n_kv_heads, n_tokens, d]`, queries as `[n_q_heads, d]` (one decode step) or
 //! `[n_q_heads, m, d]` (a block), outputs like the queries. Query head `h` reads kv head
-//! `h / (n_q_heads / n_kv_heads)`. Heads run in parallel on the current rayon pool when there is
-//! enough work ([`PARALLEL_MIN_WORK`] tokens × heads).
+//! `h / (n_q_heads / n_kv_heads)`; the queries of one group attend together and share one decode
+//! of the value codes. KV heads run in parallel on the current rayon pool when there is enough
+//! work ([`PARALLEL_MIN_WORK`] tokens × heads).
 
 use rayon::prelude::*;
 
@@ -163,15 +164,18 @@ impl MultiHeadCache {
         let per = limits.len() * d;
         check_len("queries", queries.len(), self.n_q_heads * per)?;
         check_len("output", out.len(), queries.len())?;
+        // The query heads of one kv head are consecutive, so a group's queries are one contiguous
+        // run: they attend together and share one decode of the value codes.
         let group = self.n_q_heads / self.heads.len();
+        let limits_rep: Vec<usize> = (0..group).flat_map(|_| limits.iter().copied()).collect();
         let jobs = queries
-            .chunks_exact(per)
-            .zip(out.chunks_exact_mut(per))
+            .chunks_exact(group * per)
+            .zip(out.chunks_exact_mut(group * per))
             .enumerate();
         let run = |(h, (q, o)): (usize, (&[f32], &mut [f32]))| {
-            self.heads[h / group].attend_block(q, limits, o)
+            self.heads[h].attend_block(q, &limits_rep, o)
         };
-        if self.parallel(self.len() * limits.len()) {
+        if self.parallel(self.len() * limits.len() * group) {
             jobs.collect::<Vec<_>>().into_par_iter().try_for_each(run)
         } else {
             jobs.into_iter().try_for_each(run)

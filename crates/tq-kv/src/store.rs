@@ -270,8 +270,13 @@ impl Store {
         Ok(())
     }
 
-    /// `out += Σ_t weights[t] · ṽ_t` (MSE parts, rotated domain, one inverse rotation per part).
-    pub(crate) fn weighted_sum_into(&self, weights: &[f32], out: &mut [f32]) -> Result<()> {
+    /// `outs[q] += Σ_t weights[q][t] · ṽ_t` for every weight vector (MSE parts, rotated domain, the
+    /// codes decoded once for all vectors, one inverse rotation per vector and part).
+    pub(crate) fn weighted_sums_into(
+        &self,
+        weights: &[&[f32]],
+        outs: &mut [&mut [f32]],
+    ) -> Result<()> {
         for p in &self.parts {
             let PartBatch::Mse(b) = &p.batch else {
                 return Err(Error::InvalidPrecision {
@@ -280,11 +285,20 @@ impl Store {
                 });
             };
             let k = b.quantizer().dim();
+            let mut rot = vec![vec![0.0f32; k]; weights.len()];
+            {
+                let mut refs: Vec<&mut [f32]> = rot.iter_mut().map(Vec::as_mut_slice).collect();
+                b.accumulate_rotated_multi(weights, &mut refs)?;
+            }
             let mut part = vec![0.0f32; k];
-            b.weighted_sum(weights, &mut part)?;
-            match &p.channels {
-                None => out.iter_mut().zip(&part).for_each(|(o, v)| *o += v),
-                Some(ch) => ch.iter().zip(&part).for_each(|(&c, v)| out[c] += v),
+            for (r, out) in rot.iter().zip(outs.iter_mut()) {
+                b.quantizer()
+                    .rotation()
+                    .apply_inverse_unchecked(r, &mut part);
+                match &p.channels {
+                    None => out.iter_mut().zip(&part).for_each(|(o, v)| *o += v),
+                    Some(ch) => ch.iter().zip(&part).for_each(|(&c, v)| out[c] += v),
+                }
             }
         }
         Ok(())

@@ -507,28 +507,54 @@ impl MseBatch {
     /// `Core(LengthMismatch)` unless `weights.len() == len`, [`Error::DimMismatch`] unless
     /// `out_rot.len() == d`.
     pub fn accumulate_rotated(&self, weights: &[f32], out_rot: &mut [f32]) -> Result<()> {
-        if weights.len() != self.len() {
+        self.accumulate_rotated_multi(&[weights], &mut [out_rot])
+    }
+
+    /// [`MseBatch::accumulate_rotated`] for several weight vectors at once: the codes are decoded
+    /// once and shared (the queries of a grouped-query head, or a block of queries).
+    ///
+    /// # Errors
+    /// As [`MseBatch::accumulate_rotated`] for every pair; `Core(LengthMismatch)` when the two
+    /// slices differ in length.
+    pub fn accumulate_rotated_multi(
+        &self,
+        weights: &[&[f32]],
+        outs: &mut [&mut [f32]],
+    ) -> Result<()> {
+        if weights.len() != outs.len() {
             return Err(tq_core::Error::LengthMismatch {
-                what: "weights",
-                expected: self.len(),
+                what: "weight vectors",
+                expected: outs.len(),
                 got: weights.len(),
             }
             .into());
         }
-        check_dim(out_rot, self.quantizer.dim())?;
-        let scaled: Vec<f32> = weights
+        for w in weights {
+            if w.len() != self.len() {
+                return Err(tq_core::Error::LengthMismatch {
+                    what: "weights",
+                    expected: self.len(),
+                    got: w.len(),
+                }
+                .into());
+            }
+        }
+        for o in outs.iter() {
+            check_dim(o, self.quantizer.dim())?;
+        }
+        let scaled: Vec<Vec<f32>> = weights
             .iter()
-            .zip(&self.norms)
-            .map(|(w, n)| w * n)
+            .map(|w| w.iter().zip(&self.norms).map(|(w, n)| w * n).collect())
             .collect();
+        let refs: Vec<&[f32]> = scaled.iter().map(Vec::as_slice).collect();
         let c = self.quantizer.codebook().centroids();
-        scan::accumulate_blocks(
+        scan::accumulate_blocks_multi(
             self.codes.blocks(),
             self.codes.row_bytes(),
             self.quantizer.bits(),
             c,
-            &scaled,
-            out_rot,
+            &refs,
+            outs,
         );
         Ok(())
     }
