@@ -11,6 +11,7 @@ use ndarray::{ArrayView1, ArrayView2};
 use rayon::prelude::*;
 use serde::Serialize;
 use tq_core::{Codebook, RotationKind};
+use tq_quant::ScaleMode;
 use tq_quant::{
     Hit, MseBatch, MseConfig, MseQuantizer, MseQuery, ProdBatch, ProdConfig, ProdQuantizer,
     ProdQuery, SketchKind,
@@ -37,6 +38,10 @@ pub struct EvalSettings {
     pub seed: u64,
     /// Queries used for the inner-product error metrics (all queries are used for recall).
     pub ip_queries: usize,
+    /// The per-vector scalar of MSE quantizers.
+    pub scale: ScaleMode,
+    /// The mean of the base vectors, when MSE quantizers are centred.
+    pub mean: Option<Vec<f32>>,
 }
 
 /// Recall is measured for the true top-1 among the estimated top-k for these k.
@@ -90,12 +95,11 @@ impl Batch {
     fn new(s: &EvalSettings, dim: usize, bits: u32) -> Result<Self> {
         Ok(match s.quantizer {
             QuantizerKind::Mse => {
-                let q = MseQuantizer::new(MseConfig {
-                    dim,
-                    bits,
-                    rotation: s.rotation,
-                    seed: s.seed,
-                })?;
+                let cfg = MseConfig::new(dim, bits, s.rotation, s.seed).with_scale(s.scale);
+                let q = match &s.mean {
+                    Some(m) => MseQuantizer::with_mean(cfg, m.clone())?,
+                    None => MseQuantizer::new(cfg)?,
+                };
                 Batch::Mse(MseBatch::new(Arc::new(q)))
             }
             QuantizerKind::Prod => {

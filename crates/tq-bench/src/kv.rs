@@ -104,6 +104,8 @@ pub struct TraceRow {
     pub key_precision: String,
     pub value_precision: String,
     pub key_strategy: KeyStrategy,
+    /// Per-vector scalar of the MSE keys and values.
+    pub scale: tq_quant::ScaleMode,
     pub window: usize,
     #[serde(flatten)]
     pub overall: AttentionMetrics,
@@ -275,6 +277,7 @@ pub fn eval_trace(
         key_precision: cfg.key_precision.to_string(),
         value_precision: cfg.value_precision.to_string(),
         key_strategy: cfg.key_strategy,
+        scale: cfg.scale,
         window: cfg.window,
         overall: total.metrics(),
         memory_ratio_vs_f16: f16_bytes as f64 / cache_bytes.max(1) as f64,

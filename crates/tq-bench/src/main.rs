@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tq_core::{RotationKind, SeededRng, rng::stream};
 use tq_kv::{HeadConfig, KeyStrategy, KvTrace, Precision, ScoreMode, SyntheticTrace};
-use tq_quant::SketchKind;
+use tq_quant::{MseQuantizer, ScaleMode, SketchKind};
 
 use crate::data::Vectors;
 use crate::eval::{BitsResult, EvalSettings, QuantizerKind, Truth};
@@ -87,6 +87,9 @@ enum Command {
         /// Key quantizers, comma-separated: mse, prod.
         #[arg(long, value_delimiter = ',', default_value = "mse")]
         key_strategy: Vec<KeyStrategy>,
+        /// Per-vector scalars of MSE keys and values, comma-separated: norm, unbiased, least-squares.
+        #[arg(long = "scale", value_delimiter = ',', default_value = "norm")]
+        scales: Vec<ScaleMode>,
         /// Outlier channels for split precisions: auto (per-head RMS calibration), none, or a list.
         #[arg(long, default_value = "auto")]
         split: kv::SplitChoice,
@@ -146,6 +149,13 @@ struct Common {
     /// Random rotation: hadamard (O(d log d)) or haar (dense, O(d²)).
     #[arg(long, default_value = "hadamard")]
     rotation: RotationKind,
+    /// Per-vector scalar stored beside MSE codes: norm (paper), unbiased (EDEN: exact component
+    /// along x, unbiased inner products) or least-squares (best reconstruction).
+    #[arg(long, default_value = "norm")]
+    scale: ScaleMode,
+    /// Centre MSE quantizers on the mean of the base vectors (stored once with the quantizer).
+    #[arg(long)]
+    center: bool,
     /// QJL matrix for --quantizer prod: gaussian (paper) or orthogonal (lower variance).
     #[arg(long, default_value = "gaussian")]
     sketch: SketchKind,
@@ -180,6 +190,11 @@ struct Report {
     rotation: RotationKind,
     #[serde(skip_serializing_if = "Option::is_none")]
     sketch: Option<SketchKind>,
+    /// MSE only: the per-vector scalar.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scale: Option<ScaleMode>,
+    /// MSE only: centred on the base mean.
+    centered: bool,
     threads: usize,
     results: Vec<BitsResult>,
 }
@@ -250,6 +265,7 @@ fn run_trace(
     key_bits: &[String],
     value_bits: &[String],
     strategies: &[KeyStrategy],
+    scales: &[ScaleMode],
     split: &kv::SplitChoice,
     window: usize,
     c: &KvCommon,
@@ -267,14 +283,17 @@ fn run_trace(
     for kb in key_bits {
         for vb in value_bits {
             for &st in strategies {
-                let (kp, vp) = (Precision::parse(kb, d)?, Precision::parse(vb, d)?);
-                configs.push(HeadConfig {
-                    key_strategy: st,
-                    window,
-                    seed: c.seed,
-                    score_mode: ScoreMode::Fast,
-                    ..HeadConfig::new(d, kp, vp)
-                });
+                for &scale in scales {
+                    let (kp, vp) = (Precision::parse(kb, d)?, Precision::parse(vb, d)?);
+                    configs.push(HeadConfig {
+                        key_strategy: st,
+                        window,
+                        seed: c.seed,
+                        score_mode: ScoreMode::Fast,
+                        scale,
+                        ..HeadConfig::new(d, kp, vp)
+                    });
+                }
             }
         }
     }
@@ -321,15 +340,26 @@ fn run_trace(
         report.queries
     );
     println!(
-        "{:>8} {:>8} {:>5} {:>6} {:>10} {:>10} {:>8} {:>8} {:>10} {:>8}",
-        "keys", "values", "kq", "window", "out_err", "score_rmse", "top1", "top8", "KL", "x f16"
+        "{:>8} {:>8} {:>5} {:>13} {:>6} {:>10} {:>10} {:>8} {:>8} {:>10} {:>8}",
+        "keys",
+        "values",
+        "kq",
+        "scale",
+        "window",
+        "out_err",
+        "score_rmse",
+        "top1",
+        "top8",
+        "KL",
+        "x f16"
     );
     for r in &report.results {
         println!(
-            "{:>8} {:>8} {:>5} {:>6} {:>10.5} {:>10.5} {:>8.3} {:>8.3} {:>10.2e} {:>8.2}",
+            "{:>8} {:>8} {:>5} {:>13} {:>6} {:>10.5} {:>10.5} {:>8.3} {:>8.3} {:>10.2e} {:>8.2}",
             r.key_precision,
             r.value_precision,
             r.key_strategy.name(),
+            r.scale.name(),
             r.window,
             r.overall.output_rel_error,
             r.overall.score_rmse,
@@ -416,6 +446,7 @@ fn run(cli: Cli) -> Result<()> {
             key_bits,
             value_bits,
             key_strategy,
+            scales,
             split,
             window,
             common,
@@ -424,6 +455,7 @@ fn run(cli: Cli) -> Result<()> {
             &key_bits,
             &value_bits,
             &key_strategy,
+            &scales,
             &split,
             window,
             &common,
@@ -547,12 +579,23 @@ fn execute(
         .num_threads(threads)
         .build()
         .context("cannot start the thread pool")?;
+    ensure!(
+        c.quantizer == QuantizerKind::Mse || (c.scale == ScaleMode::Norm && !c.center),
+        "--scale and --center apply to --quantizer mse"
+    );
+    let mean = if c.center {
+        Some(MseQuantizer::calibrate_mean(&base.data, base.dim)?)
+    } else {
+        None
+    };
     let settings = EvalSettings {
         quantizer: c.quantizer,
         rotation: c.rotation,
         sketch: c.sketch,
         seed: c.seed,
         ip_queries: queries.rows.min(100),
+        scale: c.scale,
+        mean,
     };
     let show = !c.json && std::io::stderr().is_terminal();
     let progress = if show {
@@ -590,6 +633,8 @@ fn execute(
         quantizer: c.quantizer,
         rotation: c.rotation,
         sketch: (c.quantizer == QuantizerKind::Prod).then_some(c.sketch),
+        scale: (c.quantizer == QuantizerKind::Mse).then_some(c.scale),
+        centered: c.center,
         threads,
         results,
     };
@@ -603,9 +648,12 @@ fn execute(
 
 fn print_table(r: &Report) {
     println!(
-        "{} | quantizer {:?} | rotation {} | d = {} | {} vectors | {} queries | seed {} | {} thread(s)",
+        "{} | quantizer {:?}{}{} | rotation {} | d = {} | {} vectors | {} queries | seed {} | {} thread(s)",
         r.workload,
         r.quantizer,
+        r.scale
+            .map_or(String::new(), |s| format!(", scale {}", s.name())),
+        if r.centered { ", centred" } else { "" },
         r.rotation.name(),
         r.dim,
         r.vectors,

@@ -438,3 +438,65 @@ fn attention_reports_speed_and_memory() {
             == Some(1)
     );
 }
+
+/// The scale options on real embeddings: the corrected scales lift recall at equal bits, the
+/// report names the options, and --scale / --center are refused for prod.
+#[test]
+fn scale_and_center_options_on_the_glove_fixture() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/glove-2k.npy");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "vectors",
+            "--input",
+            path,
+            "--bits",
+            "4",
+            "--num-queries",
+            "200",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json(&bench(&args))
+    };
+    let norm = run(&[]);
+    let ub = run(&["--scale", "unbiased"]);
+    let ls = run(&["--scale", "least-squares", "--center"]);
+    assert_eq!(ub["scale"], "unbiased");
+    assert_eq!(ls["centered"], true);
+    let r1 = |r: &serde_json::Value| r["results"][0]["recall_1_at_k"]["1"].as_f64().unwrap();
+    assert!(
+        r1(&ub) > r1(&norm),
+        "unbiased {} vs norm {}",
+        r1(&ub),
+        r1(&norm)
+    );
+    assert_eq!(
+        ub["results"][0]["bytes_per_vector"],
+        norm["results"][0]["bytes_per_vector"]
+    );
+    assert!(
+        ls["results"][0]["ip_bias"].as_f64().unwrap().abs()
+            < norm["results"][0]["ip_bias"].as_f64().unwrap().abs() + 0.05
+    );
+    let out = bench(&[
+        "synthetic",
+        "--quick",
+        "--quantizer",
+        "prod",
+        "--scale",
+        "unbiased",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let t = json(&bench(&[
+        "trace",
+        "--key-bits",
+        "3",
+        "--value-bits",
+        "3",
+        "--scale",
+        "norm,unbiased",
+        "--json",
+    ]));
+    assert_eq!(t["results"].as_array().unwrap().len(), 2);
+    assert_eq!(t["results"][1]["scale"], "unbiased");
+}

@@ -15,6 +15,7 @@
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
+use tq_quant::ScaleMode;
 
 use crate::error::{check_finite, check_len};
 use crate::precision::Precision;
@@ -49,6 +50,9 @@ pub struct HeadConfig {
     pub rotation: RotationKind,
     /// Seed of the key quantizers; the value quantizers use an independent derived seed.
     pub seed: u64,
+    /// Per-vector scalar of the MSE key and value quantizers (Prod keys always store the norm).
+    #[serde(default)]
+    pub scale: ScaleMode,
     /// How key scores are computed.
     pub score_mode: ScoreMode,
 }
@@ -64,6 +68,7 @@ impl HeadConfig {
             window: 0,
             rotation: RotationKind::Hadamard,
             seed: 0,
+            scale: ScaleMode::Norm,
             score_mode: ScoreMode::Fast,
         }
     }
@@ -109,6 +114,7 @@ impl HeadCache {
             d,
             config.key_precision,
             config.key_strategy,
+            config.scale,
             outliers.keys.as_deref(),
             config.rotation,
             config.seed,
@@ -117,6 +123,7 @@ impl HeadCache {
             d,
             config.value_precision,
             KeyStrategy::Mse,
+            config.scale,
             outliers.values.as_deref(),
             config.rotation,
             config.seed ^ VALUE_SEED_OFFSET,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
+use tq_quant::ScaleMode;
 use tq_quant::io::SavedBatch;
 use tq_quant::{
     MseBatch, MseConfig, MseQuantizer, MseQuery, ProdBatch, ProdConfig, ProdQuantizer, ProdQuery,
@@ -80,23 +81,20 @@ fn part_seed(seed: u64, part: usize) -> u64 {
     seed.wrapping_add((part as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn make_part(
     dim: usize,
     bits: u32,
     strategy: KeyStrategy,
+    scale: ScaleMode,
     rotation: RotationKind,
     seed: u64,
     channels: Option<Vec<usize>>,
 ) -> Result<Part> {
     let batch = match strategy {
-        KeyStrategy::Mse => {
-            PartBatch::Mse(MseBatch::new(Arc::new(MseQuantizer::new(MseConfig {
-                dim,
-                bits,
-                rotation,
-                seed,
-            })?)))
-        }
+        KeyStrategy::Mse => PartBatch::Mse(MseBatch::new(Arc::new(MseQuantizer::new(
+            MseConfig::new(dim, bits, rotation, seed).with_scale(scale),
+        )?))),
         KeyStrategy::Prod => {
             let cfg = ProdConfig {
                 dim,
@@ -113,10 +111,12 @@ fn make_part(
 
 impl Store {
     /// A stream for `dim`-dimensional rows. A split precision needs its outlier channels.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         dim: usize,
         precision: Precision,
         strategy: KeyStrategy,
+        scale: ScaleMode,
         outliers: Option<&[usize]>,
         rotation: RotationKind,
         seed: u64,
@@ -127,6 +127,7 @@ impl Store {
                 dim,
                 bits,
                 strategy,
+                scale,
                 rotation,
                 part_seed(seed, 0),
                 None,
@@ -148,6 +149,7 @@ impl Store {
                         out.len(),
                         outlier_bits,
                         strategy,
+                        scale,
                         rotation,
                         part_seed(seed, 0),
                         Some(out.to_vec()),
@@ -156,6 +158,7 @@ impl Store {
                         regular.len(),
                         regular_bits,
                         strategy,
+                        scale,
                         rotation,
                         part_seed(seed, 1),
                         Some(regular),

@@ -36,15 +36,7 @@ fn quantize(c: &mut Criterion) {
         let xs = gaussians(n * d, 1);
         g.throughput(Throughput::Elements(n as u64));
         for rotation in [RotationKind::Hadamard, RotationKind::Haar] {
-            let q = Arc::new(
-                MseQuantizer::new(MseConfig {
-                    dim: d,
-                    bits: 4,
-                    rotation,
-                    seed: 1,
-                })
-                .expect("config"),
-            );
+            let q = Arc::new(MseQuantizer::new(MseConfig::new(d, 4, rotation, 1)).expect("config"));
             g.bench_with_input(
                 BenchmarkId::new(format!("mse4_{}", rotation.name()), d),
                 &d,
@@ -91,13 +83,7 @@ fn score(c: &mut Criterion) {
     g.throughput(Throughput::Elements(n as u64));
     for bits in [2u32, 3, 4] {
         let q = Arc::new(
-            MseQuantizer::new(MseConfig {
-                dim: d,
-                bits,
-                rotation: RotationKind::Hadamard,
-                seed: 1,
-            })
-            .expect("config"),
+            MseQuantizer::new(MseConfig::new(d, bits, RotationKind::Hadamard, 1)).expect("config"),
         );
         let mut batch = MseBatch::new(q.clone());
         batch.extend(&xs).expect("valid");

@@ -11,6 +11,9 @@
 //! | `norms` | F32 | `[n]` | both |
 //! | `residual_norms` | F32 | `[n]` | prod |
 //! | `signs` | U8 | `[n, ceil(d/8)]`, bit `j` = sign of `(S r)_j >= 0` | prod |
+//! | `mean` | F32 | `[d]`, the calibrated mean of a centred quantizer (`config.centered`) | mse |
+//!
+//! `norms` holds the per-vector scale of the configuration's `ScaleMode` (the norm by default).
 //!
 //! Rows are stored row-major (the interchange layout, readable from numpy); the in-memory 32-row
 //! block layout is rebuilt on load. Loading validates everything before use: header and offsets
@@ -80,19 +83,19 @@ impl MseBatch {
         let q = self.quantizer();
         let n = self.len();
         let config = serde_json::to_string(q.config()).map_err(|e| bad("config", e.to_string()))?;
-        serialize(
-            "mse",
-            config,
-            vec![
-                (
-                    "codes",
-                    Dtype::U8,
-                    vec![n, q.row_bytes()],
-                    self.codes().to_row_major(),
-                ),
-                ("norms", Dtype::F32, vec![n], f32_bytes(self.norms())),
-            ],
-        )
+        let mut tensors = vec![
+            (
+                "codes",
+                Dtype::U8,
+                vec![n, q.row_bytes()],
+                self.codes().to_row_major(),
+            ),
+            ("norms", Dtype::F32, vec![n], f32_bytes(self.norms())),
+        ];
+        if let Some(m) = q.mean() {
+            tensors.push(("mean", Dtype::F32, vec![m.len()], f32_bytes(m)));
+        }
+        serialize("mse", config, tensors)
     }
 }
 
@@ -177,7 +180,7 @@ impl SavedBatch {
         let names: Vec<&str> = st.names();
         let kind = get("kind")?.as_str();
         let allowed: &[&str] = match kind {
-            "mse" => &["codes", "norms"],
+            "mse" => &["codes", "norms", "mean"],
             "prod" => &["codes", "norms", "residual_norms", "signs"],
             other => {
                 return Err(bad(
@@ -208,7 +211,29 @@ impl SavedBatch {
                 let n = norms.len();
                 let row_bytes = tq_core::bitpack::packed_len(cfg.dim, cfg.bits);
                 let codes = read_rows(&st, "codes", n, row_bytes, cfg.dim * cfg.bits as usize)?;
-                let q = Arc::new(MseQuantizer::new(cfg)?);
+                let q = if cfg.centered {
+                    let t = tensor(&st, "mean", Dtype::F32)?;
+                    if t.shape() != [cfg.dim] {
+                        return Err(bad(
+                            "mean",
+                            format!("shape {:?}, expected [{}]", t.shape(), cfg.dim),
+                        ));
+                    }
+                    let mean: Vec<f32> = t
+                        .data()
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect();
+                    if mean.iter().any(|v| !v.is_finite()) {
+                        return Err(bad("mean", "non-finite value"));
+                    }
+                    Arc::new(MseQuantizer::with_mean(cfg, mean)?)
+                } else {
+                    if names.contains(&"mean") {
+                        return Err(bad("mean", "present for a batch that is not centred"));
+                    }
+                    Arc::new(MseQuantizer::new(cfg)?)
+                };
                 Ok(SavedBatch::Mse(MseBatch::from_parts(q, codes, norms)?))
             }
             _ => {

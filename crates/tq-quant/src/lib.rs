@@ -12,7 +12,7 @@
 //! use std::sync::Arc;
 //! use tq_quant::{MseBatch, MseConfig, MseQuantizer, RotationKind};
 //!
-//! let q = Arc::new(MseQuantizer::new(MseConfig { dim: 64, bits: 4, rotation: RotationKind::Hadamard, seed: 7 })?);
+//! let q = Arc::new(MseQuantizer::new(MseConfig::new(64, 4, RotationKind::Hadamard, 7))?);
 //! let data: Vec<f32> = (0..64 * 100).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
 //! let mut batch = MseBatch::new(q.clone());
 //! batch.extend(&data)?;
@@ -32,7 +32,7 @@ pub mod prod;
 pub mod qjl;
 pub mod score;
 
-pub use config::{MseConfig, ProdConfig, QjlConfig, SketchKind};
+pub use config::{MseConfig, ProdConfig, QjlConfig, ScaleMode, SketchKind};
 pub use error::{Error, Result};
 pub use mse::{MseBatch, MseQuantizer, MseQuery};
 pub use packed::PackedRows;

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use tq_core::scan::{self, BLOCK};
 use tq_core::{Codebook, Rotation, bitpack, simd};
 
-use crate::config::MseConfig;
+use crate::config::{MseConfig, ScaleMode};
 use crate::error::{check_batch, check_dim, check_finite};
 use crate::packed::PackedRows;
 use crate::score::{self, Hit, Tables};
@@ -28,6 +28,8 @@ pub struct MseQuantizer {
     rotation: Rotation,
     codebook: Arc<Codebook>,
     row_bytes: usize,
+    /// The calibrated mean subtracted before quantization (`config.centered`).
+    mean: Option<Arc<[f32]>>,
 }
 
 /// Reusable buffers for encoding.
@@ -45,6 +47,11 @@ impl MseQuantizer {
     /// See [`MseConfig::validate`].
     pub fn new(config: MseConfig) -> Result<Self> {
         config.validate()?;
+        if config.centered {
+            return Err(Error::ConfigMismatch(
+                "a centred quantizer needs its mean: use MseQuantizer::with_mean".into(),
+            ));
+        }
         let rotation = Rotation::new(config.rotation, config.dim, config.seed)?;
         let codebook = Codebook::get(config.dim, config.bits)?;
         Ok(Self {
@@ -52,7 +59,75 @@ impl MseQuantizer {
             rotation,
             codebook,
             row_bytes: bitpack::packed_len(config.dim, config.bits),
+            mean: None,
         })
+    }
+
+    /// A centred quantizer: vectors are quantized as `x - mean`, scores add `⟨q, mean⟩` back and
+    /// rows decode to `x̃ + mean`. Sets `config.centered`. The mean is stored with saved batches.
+    ///
+    /// # Errors
+    /// As [`MseQuantizer::new`]; [`Error::DimMismatch`] / [`Error::NonFinite`] for a bad mean.
+    pub fn with_mean(config: MseConfig, mean: Vec<f32>) -> Result<Self> {
+        check_dim(&mean, config.dim)?;
+        check_finite(&mean)?;
+        let mut q = Self::new(MseConfig {
+            centered: false,
+            ..config
+        })?;
+        q.config.centered = true;
+        q.mean = Some(mean.into());
+        Ok(q)
+    }
+
+    /// The mean of `n` row-major sample vectors (`samples.len() == n·dim`, `n >= 1`), for
+    /// [`MseQuantizer::with_mean`]. O(n·d).
+    ///
+    /// # Errors
+    /// [`Error::DimMismatch`] for a ragged or empty sample, [`Error::NonFinite`].
+    pub fn calibrate_mean(samples: &[f32], dim: usize) -> Result<Vec<f32>> {
+        let n = check_batch(samples, dim)?;
+        if n == 0 {
+            return Err(Error::DimMismatch {
+                expected: dim,
+                got: 0,
+            });
+        }
+        let mut acc = vec![0f64; dim];
+        for row in samples.chunks_exact(dim) {
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += v as f64;
+            }
+        }
+        Ok(acc.iter().map(|a| (a / n as f64) as f32).collect())
+    }
+
+    /// The calibrated mean of a centred quantizer.
+    pub fn mean(&self) -> Option<&[f32]> {
+        self.mean.as_deref()
+    }
+
+    /// The stored scalar for a row with norm `norm`, rotated unit vector `y` and codes `codes`
+    /// ([`ScaleMode`]).
+    #[inline]
+    pub(crate) fn scale_of(&self, norm: f32, y: &[f32], codes: &[u8]) -> f32 {
+        if self.config.scale == ScaleMode::Norm || norm == 0.0 {
+            return norm;
+        }
+        let c = self.codebook.centroids();
+        let (mut yc, mut cc) = (0f64, 0f64);
+        for (&v, &k) in y.iter().zip(codes) {
+            let ck = c[k as usize] as f64;
+            yc += v as f64 * ck;
+            cc += ck * ck;
+        }
+        // Nearest-centroid codes of a symmetric codebook keep every y_j·c_j >= 0, so yc > 0 for
+        // any non-zero y; the guards only catch degenerate rounding.
+        match self.config.scale {
+            ScaleMode::LeastSquares if cc > 0.0 => (norm as f64 * yc / cc) as f32,
+            ScaleMode::Unbiased if yc > 0.0 => (norm as f64 / yc) as f32,
+            _ => norm,
+        }
     }
 
     /// The configuration.
@@ -94,6 +169,17 @@ impl MseQuantizer {
     /// zero), `norms[i] = ‖xs[i]‖`. Inputs are trusted.
     pub(crate) fn rotate_unit(&self, xs: &[f32], ys: &mut [f32], norms: &mut [f32]) {
         let d = self.dim();
+        let centred: Vec<f32>;
+        let xs = match &self.mean {
+            Some(m) => {
+                centred = xs
+                    .chunks_exact(d)
+                    .flat_map(|x| x.iter().zip(m.iter()).map(|(a, b)| a - b))
+                    .collect();
+                &centred[..]
+            }
+            None => xs,
+        };
         if self.rotation.apply_batch(xs, ys).is_err() {
             debug_assert!(false, "rotate_unit: sizes");
         }
@@ -136,8 +222,13 @@ impl MseQuantizer {
         s.codes.resize(d, 0);
         s.packed.resize(n * rb, 0);
         self.rotate_unit(xs, &mut s.ys, norms);
-        for (y, p) in s.ys.chunks_exact(d).zip(s.packed.chunks_exact_mut(rb)) {
+        for ((y, p), n) in
+            s.ys.chunks_exact(d)
+                .zip(s.packed.chunks_exact_mut(rb))
+                .zip(norms.iter_mut())
+        {
             self.code_row(y, &mut s.codes, p);
+            *n = self.scale_of(*n, y, &s.codes);
         }
         if first_slot == 0 {
             scan::write_block(&s.packed, rb, block);
@@ -179,7 +270,7 @@ impl MseQuantizer {
         self.rotate_unit(x, &mut y, &mut norm);
         let mut codes = vec![0u8; self.dim()];
         self.code_row(&y, &mut codes, packed);
-        Ok(norm[0])
+        Ok(self.scale_of(norm[0], &y, &codes))
     }
 
     /// Rotated-domain reconstruction `c[codes]` of one packed row (unit scale).
@@ -210,7 +301,16 @@ impl MseQuantizer {
         self.decode_rotated(packed, &mut codes, &mut y);
         self.rotation.apply_inverse_unchecked(&y, out);
         simd::scale_in_place(out, norm);
+        self.add_mean(out, 1.0);
         Ok(())
+    }
+
+    /// `out += w · mean` for a centred quantizer (no-op otherwise).
+    #[inline]
+    pub(crate) fn add_mean(&self, out: &mut [f32], w: f32) {
+        if let Some(m) = &self.mean {
+            simd::axpy(w, m, out);
+        }
     }
 
     /// Prepares a query for scoring: rotates it once and builds its look-up tables. O(d log d + 16·d).
@@ -222,21 +322,19 @@ impl MseQuantizer {
         check_finite(q)?;
         let mut rotated = vec![0.0; self.dim()];
         self.rotation.apply_unchecked(q, &mut rotated);
-        Ok(self.query_from_rotated(rotated))
-    }
-
-    pub(crate) fn query_from_rotated(&self, rotated: Vec<f32>) -> MseQuery {
+        let offset = self.mean.as_ref().map_or(0.0, |m| simd::dot(q, m));
         let tables = Tables::for_codes(
             &rotated,
             self.codebook.centroids(),
             self.bits(),
             self.row_bytes,
         );
-        MseQuery {
+        Ok(MseQuery {
             rotated,
             tables,
             centroids: self.codebook.centroids().to_vec(),
-        }
+            offset,
+        })
     }
 }
 
@@ -246,9 +344,16 @@ pub struct MseQuery {
     rotated: Vec<f32>,
     tables: Option<Tables>,
     centroids: Vec<f32>,
+    /// `⟨q, mean⟩` for a centred quantizer, added to every score.
+    offset: f32,
 }
 
 impl MseQuery {
+    /// `⟨q, mean⟩` (0 unless the quantizer is centred), added to every score.
+    pub fn offset(&self) -> f32 {
+        self.offset
+    }
+
     /// The rotated query `Π q`.
     pub fn rotated(&self) -> &[f32] {
         &self.rotated
@@ -494,14 +599,15 @@ impl MseBatch {
                 self.quantizer.decode_rotated(packed, codes, y);
                 self.quantizer.rotation().apply_inverse_unchecked(y, o);
                 simd::scale_in_place(o, self.norms[i]);
+                self.quantizer.add_mean(o, 1.0);
             },
         );
         out
     }
 
     /// `out_rot += Σ_i weights[i] · ‖x_i‖ · c[codes_i]`: the weighted sum of the decoded rows kept
-    /// in the rotated domain (apply `Πᵀ` once to the total). Rows with weight 0 are skipped a block
-    /// at a time. O(n · d).
+    /// in the rotated domain (apply `Πᵀ` once to the total; a centred quantizer's mean, weighted by
+    /// `Σ weights`, is not included). Rows with weight 0 are skipped a block at a time. O(n · d).
     ///
     /// # Errors
     /// `Core(LengthMismatch)` unless `weights.len() == len`, [`Error::DimMismatch`] unless
@@ -569,6 +675,7 @@ impl MseBatch {
         self.accumulate_rotated(weights, &mut rot)?;
         check_dim(out, self.quantizer.dim())?;
         self.quantizer.rotation().apply_inverse_unchecked(&rot, out);
+        self.quantizer.add_mean(out, weights.iter().sum());
         Ok(())
     }
 
@@ -596,7 +703,7 @@ impl MseBatch {
         score::for_each_block(out, |b, o| {
             query.block_dots_fast(&self.codes, b, bits, o);
             for (v, &n) in o.iter_mut().zip(&self.norms[b * BLOCK..]) {
-                *v *= n;
+                *v = *v * n + query.offset;
             }
         });
         Ok(())
@@ -612,7 +719,7 @@ impl MseBatch {
         score::for_each_block(out, |b, o| {
             query.block_dots_exact(&self.codes, b, bits, o);
             for (v, &n) in o.iter_mut().zip(&self.norms[b * BLOCK..]) {
-                *v *= n;
+                *v = *v * n + query.offset;
             }
         });
         Ok(())
@@ -645,7 +752,7 @@ impl MseBatch {
                 self.codes.read_row(i, &mut packed);
                 Hit {
                     index: i,
-                    score: self.norms[i] * query.row_dot(&packed, bits, &mut codes),
+                    score: self.norms[i] * query.row_dot(&packed, bits, &mut codes) + query.offset,
                 }
             })
             .collect();

@@ -41,12 +41,12 @@ impl ProdQuantizer {
     pub fn new(config: ProdConfig) -> Result<Self> {
         config.validate()?;
         let mse = if config.bits > 1 {
-            Some(MseQuantizer::new(MseConfig {
-                dim: config.dim,
-                bits: config.bits - 1,
-                rotation: config.rotation,
-                seed: config.seed,
-            })?)
+            Some(MseQuantizer::new(MseConfig::new(
+                config.dim,
+                config.bits - 1,
+                config.rotation,
+                config.seed,
+            ))?)
         } else {
             None
         };

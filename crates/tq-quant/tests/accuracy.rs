@@ -74,13 +74,7 @@ fn mse_distortion_matches_reference_haar() {
     for (d, n) in [(64usize, 6000usize), (128, 4000), (1536, 400)] {
         let xs = unit_vectors(n, d, d as u64);
         for b in 1..=4u32 {
-            let q = MseQuantizer::new(MseConfig {
-                dim: d,
-                bits: b,
-                rotation: RotationKind::Haar,
-                seed: 5,
-            })
-            .unwrap();
+            let q = MseQuantizer::new(MseConfig::new(d, b, RotationKind::Haar, 5)).unwrap();
             let (m, se) = mean_se(&distortions(q, &xs));
             assert_close_rel(
                 &format!("haar d={d} b={b}"),
@@ -105,13 +99,7 @@ fn mse_distortion_matches_reference_hadamard_including_non_power_of_two() {
     ] {
         let xs = unit_vectors(n, d, 100 + d as u64);
         for b in 1..=4u32 {
-            let q = MseQuantizer::new(MseConfig {
-                dim: d,
-                bits: b,
-                rotation: RotationKind::Hadamard,
-                seed: 9,
-            })
-            .unwrap();
+            let q = MseQuantizer::new(MseConfig::new(d, b, RotationKind::Hadamard, 9)).unwrap();
             let want = match d {
                 64 | 128 | 1536 => reference(d)[b as usize - 1],
                 _ => Codebook::get(d, b).unwrap().distortion(),
@@ -155,13 +143,7 @@ fn structured_inputs_get_random_input_distortion() {
                 let seeds = 600;
                 let ds: Vec<f64> = (0..seeds)
                     .flat_map(|s| {
-                        let q = MseQuantizer::new(MseConfig {
-                            dim: d,
-                            bits: b,
-                            rotation: kind,
-                            seed: s,
-                        })
-                        .unwrap();
+                        let q = MseQuantizer::new(MseConfig::new(d, b, kind, s)).unwrap();
                         distortions(q, &x)
                     })
                     .collect();
@@ -250,15 +232,7 @@ fn prod_is_unbiased_and_within_the_variance_bound() {
 #[test]
 fn mse_one_bit_shrinks_by_two_over_pi() {
     let d = 128;
-    let q = Arc::new(
-        MseQuantizer::new(MseConfig {
-            dim: d,
-            bits: 1,
-            rotation: RotationKind::Haar,
-            seed: 3,
-        })
-        .unwrap(),
-    );
+    let q = Arc::new(MseQuantizer::new(MseConfig::new(d, 1, RotationKind::Haar, 3)).unwrap());
     let xs = unit_vectors(2000, d, 77);
     let mut batch = MseBatch::new(q.clone());
     batch.extend(&xs).unwrap();
@@ -295,15 +269,8 @@ fn fast_path_error_is_a_fifth_of_quantization_error_or_less() {
             .sum()
     };
     for b in [1u32, 2, 3, 4] {
-        let q = Arc::new(
-            MseQuantizer::new(MseConfig {
-                dim: d,
-                bits: b,
-                rotation: RotationKind::Hadamard,
-                seed: 1,
-            })
-            .unwrap(),
-        );
+        let q =
+            Arc::new(MseQuantizer::new(MseConfig::new(d, b, RotationKind::Hadamard, 1)).unwrap());
         let mut batch = MseBatch::new(q.clone());
         batch.extend(&xs).unwrap();
         let (mut fast_err, mut quant_err) = (0.0f64, 0.0f64);

@@ -14,15 +14,7 @@ fn gaussian_rows(n: usize, d: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 fn mse(d: usize, bits: u32, rotation: RotationKind) -> Arc<MseQuantizer> {
-    Arc::new(
-        MseQuantizer::new(MseConfig {
-            dim: d,
-            bits,
-            rotation,
-            seed: 17,
-        })
-        .unwrap(),
-    )
+    Arc::new(MseQuantizer::new(MseConfig::new(d, bits, rotation, 17)).unwrap())
 }
 
 fn prod(d: usize, bits: u32) -> Arc<ProdQuantizer> {
@@ -167,12 +159,7 @@ fn typed_errors() {
         Err(Error::RowOutOfRange { index: 0, len: 0 })
     ));
     for bits in [0u32, 9] {
-        let r = MseQuantizer::new(MseConfig {
-            dim: 16,
-            bits,
-            rotation: RotationKind::Hadamard,
-            seed: 0,
-        });
+        let r = MseQuantizer::new(MseConfig::new(16, bits, RotationKind::Hadamard, 0));
         assert!(matches!(r, Err(Error::BitsOutOfRange { .. })));
         let r = ProdQuantizer::new(ProdConfig {
             dim: 16,
@@ -183,22 +170,12 @@ fn typed_errors() {
         });
         assert!(matches!(r, Err(Error::BitsOutOfRange { .. })));
     }
-    let r = MseQuantizer::new(MseConfig {
-        dim: 1,
-        bits: 2,
-        rotation: RotationKind::Hadamard,
-        seed: 0,
-    });
+    let r = MseQuantizer::new(MseConfig::new(1, 2, RotationKind::Hadamard, 0));
     assert!(matches!(
         r,
         Err(Error::Core(tq_core::Error::DimTooSmall { .. }))
     ));
-    let r = MseQuantizer::new(MseConfig {
-        dim: 5000,
-        bits: 2,
-        rotation: RotationKind::Haar,
-        seed: 0,
-    });
+    let r = MseQuantizer::new(MseConfig::new(5000, 2, RotationKind::Haar, 0));
     assert!(matches!(r, Err(Error::DimTooLarge { .. })));
     let mut scores = vec![0.0; 3];
     let query = q.prepare_query(&[0.1; 16]).unwrap();

@@ -16,15 +16,8 @@ fn rows(n: usize, d: usize) -> Vec<f32> {
 }
 
 fn mse_batch(d: usize, bits: u32, n: usize) -> MseBatch {
-    let q = Arc::new(
-        MseQuantizer::new(MseConfig {
-            dim: d,
-            bits,
-            rotation: RotationKind::Hadamard,
-            seed: 1,
-        })
-        .unwrap(),
-    );
+    let q =
+        Arc::new(MseQuantizer::new(MseConfig::new(d, bits, RotationKind::Hadamard, 1)).unwrap());
     let mut b = MseBatch::new(q);
     b.extend(&rows(n, d)).unwrap();
     b
