@@ -106,6 +106,8 @@ pub struct TraceRow {
     pub key_strategy: KeyStrategy,
     /// Per-vector scalar of the MSE keys and values.
     pub scale: tq_quant::ScaleMode,
+    /// Keys and values centred on per-head means.
+    pub centered: bool,
     pub window: usize,
     #[serde(flatten)]
     pub overall: AttentionMetrics,
@@ -157,9 +159,18 @@ fn layer_cache(
     };
     let outliers = (0..trace.kv_heads)
         .map(|h| {
+            let mean = |xs: &[f32]| -> Result<Option<Vec<f32>>> {
+                Ok(if cfg.center {
+                    Some(tq_quant::MseQuantizer::calibrate_mean(xs, d)?)
+                } else {
+                    None
+                })
+            };
             Ok(Outliers {
                 keys: pick(cfg.key_precision, trace.keys_of(layer, h))?,
                 values: pick(cfg.value_precision, trace.values_of(layer, h))?,
+                key_mean: mean(trace.keys_of(layer, h))?,
+                value_mean: mean(trace.values_of(layer, h))?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -278,6 +289,7 @@ pub fn eval_trace(
         value_precision: cfg.value_precision.to_string(),
         key_strategy: cfg.key_strategy,
         scale: cfg.scale,
+        centered: cfg.center,
         window: cfg.window,
         overall: total.metrics(),
         memory_ratio_vs_f16: f16_bytes as f64 / cache_bytes.max(1) as f64,
@@ -378,6 +390,7 @@ pub fn eval_attention(
                 Ok(Outliers {
                     keys: Some(calibrate_outliers(k, dim, outlier_channels)?),
                     values: Some(calibrate_outliers(v, dim, outlier_channels)?),
+                    ..Default::default()
                 })
             })
             .collect::<Result<_>>()?,

@@ -90,6 +90,9 @@ enum Command {
         /// Per-vector scalars of MSE keys and values, comma-separated: norm, unbiased, least-squares.
         #[arg(long = "scale", value_delimiter = ',', default_value = "norm")]
         scales: Vec<ScaleMode>,
+        /// Centre MSE keys and values on per-head means calibrated from the trace.
+        #[arg(long)]
+        center: bool,
         /// Outlier channels for split precisions: auto (per-head RMS calibration), none, or a list.
         #[arg(long, default_value = "auto")]
         split: kv::SplitChoice,
@@ -266,6 +269,7 @@ fn run_trace(
     value_bits: &[String],
     strategies: &[KeyStrategy],
     scales: &[ScaleMode],
+    center: bool,
     split: &kv::SplitChoice,
     window: usize,
     c: &KvCommon,
@@ -291,6 +295,7 @@ fn run_trace(
                         seed: c.seed,
                         score_mode: ScoreMode::Fast,
                         scale,
+                        center: center && st == KeyStrategy::Mse,
                         ..HeadConfig::new(d, kp, vp)
                     });
                 }
@@ -447,6 +452,7 @@ fn run(cli: Cli) -> Result<()> {
             value_bits,
             key_strategy,
             scales,
+            center,
             split,
             window,
             common,
@@ -456,6 +462,7 @@ fn run(cli: Cli) -> Result<()> {
             &value_bits,
             &key_strategy,
             &scales,
+            center,
             &split,
             window,
             &common,

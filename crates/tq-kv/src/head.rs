@@ -53,6 +53,10 @@ pub struct HeadConfig {
     /// Per-vector scalar of the MSE key and value quantizers (Prod keys always store the norm).
     #[serde(default)]
     pub scale: ScaleMode,
+    /// Centre MSE keys and values on calibrated means ([`Outliers::key_mean`] / `value_mean`);
+    /// scores add `⟨q, mean⟩` and attention outputs add the value mean back.
+    #[serde(default)]
+    pub center: bool,
     /// How key scores are computed.
     pub score_mode: ScoreMode,
 }
@@ -69,18 +73,26 @@ impl HeadConfig {
             rotation: RotationKind::Hadamard,
             seed: 0,
             scale: ScaleMode::Norm,
+            center: false,
             score_mode: ScoreMode::Fast,
         }
     }
 }
 
-/// Outlier channels for split precisions (ascending channel indices), per tensor.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Per-head calibration: outlier channels for split precisions (ascending channel indices) and,
+/// for centred caches, the key and value means (`head_dim` values each).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Outliers {
     /// Key outlier channels (needed when the key precision is a split).
     pub keys: Option<Vec<usize>>,
     /// Value outlier channels (needed when the value precision is a split).
     pub values: Option<Vec<usize>>,
+    /// Key mean (needed when `HeadConfig::center` is set).
+    #[serde(default)]
+    pub key_mean: Option<Vec<f32>>,
+    /// Value mean (needed when `HeadConfig::center` is set).
+    #[serde(default)]
+    pub value_mean: Option<Vec<f32>>,
 }
 
 /// A head's serialized parts (see [`crate::persist`]).
@@ -116,6 +128,18 @@ impl HeadCache {
             config.key_strategy,
             config.scale,
             outliers.keys.as_deref(),
+            if config.center {
+                Some(
+                    outliers
+                        .key_mean
+                        .as_deref()
+                        .ok_or_else(|| Error::InvalidChannels {
+                            reason: "a centred cache needs its key mean".into(),
+                        })?,
+                )
+            } else {
+                None
+            },
             config.rotation,
             config.seed,
         )?;
@@ -125,6 +149,18 @@ impl HeadCache {
             KeyStrategy::Mse,
             config.scale,
             outliers.values.as_deref(),
+            if config.center {
+                Some(
+                    outliers
+                        .value_mean
+                        .as_deref()
+                        .ok_or_else(|| Error::InvalidChannels {
+                            reason: "a centred cache needs its value mean".into(),
+                        })?,
+                )
+            } else {
+                None
+            },
             config.rotation,
             config.seed ^ VALUE_SEED_OFFSET,
         )?;
@@ -142,11 +178,13 @@ impl HeadCache {
         &self.config
     }
 
-    /// The outlier channels in use.
+    /// The calibration in use (outlier channels and means).
     pub fn outliers(&self) -> Outliers {
         Outliers {
             keys: self.keys.outliers().map(<[usize]>::to_vec),
             values: self.values.outliers().map(<[usize]>::to_vec),
+            key_mean: self.keys.mean(),
+            value_mean: self.values.mean(),
         }
     }
 

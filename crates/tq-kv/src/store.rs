@@ -90,11 +90,26 @@ fn make_part(
     rotation: RotationKind,
     seed: u64,
     channels: Option<Vec<usize>>,
+    mean: Option<&[f32]>,
 ) -> Result<Part> {
+    let mean: Option<Vec<f32>> = mean.map(|m| match &channels {
+        None => m.to_vec(),
+        Some(ch) => ch.iter().map(|&c| m[c]).collect(),
+    });
+    if mean.is_some() && strategy == KeyStrategy::Prod {
+        return Err(Error::InvalidChannels {
+            reason: "centering applies to MSE keys only".into(),
+        });
+    }
     let batch = match strategy {
-        KeyStrategy::Mse => PartBatch::Mse(MseBatch::new(Arc::new(MseQuantizer::new(
-            MseConfig::new(dim, bits, rotation, seed).with_scale(scale),
-        )?))),
+        KeyStrategy::Mse => {
+            let cfg = MseConfig::new(dim, bits, rotation, seed).with_scale(scale);
+            let q = match mean {
+                Some(m) => MseQuantizer::with_mean(cfg, m)?,
+                None => MseQuantizer::new(cfg)?,
+            };
+            PartBatch::Mse(MseBatch::new(Arc::new(q)))
+        }
         KeyStrategy::Prod => {
             let cfg = ProdConfig {
                 dim,
@@ -118,9 +133,19 @@ impl Store {
         strategy: KeyStrategy,
         scale: ScaleMode,
         outliers: Option<&[usize]>,
+        mean: Option<&[f32]>,
         rotation: RotationKind,
         seed: u64,
     ) -> Result<Self> {
+        if let Some(m) = mean
+            && m.len() != dim
+        {
+            return Err(Error::Shape {
+                what: "mean",
+                expected: dim,
+                got: m.len(),
+            });
+        }
         precision.validate(dim)?;
         let parts = match precision {
             Precision::Uniform(bits) => vec![make_part(
@@ -131,6 +156,7 @@ impl Store {
                 rotation,
                 part_seed(seed, 0),
                 None,
+                mean,
             )?],
             Precision::Split {
                 outlier_bits,
@@ -153,6 +179,7 @@ impl Store {
                         rotation,
                         part_seed(seed, 0),
                         Some(out.to_vec()),
+                        mean,
                     )?,
                     make_part(
                         regular.len(),
@@ -162,6 +189,7 @@ impl Store {
                         rotation,
                         part_seed(seed, 1),
                         Some(regular),
+                        mean,
                     )?,
                 ]
             }
@@ -188,6 +216,22 @@ impl Store {
     }
 
     /// Outlier channels of a split stream.
+    /// The full-dimension mean of a centred stream (gathered back from its parts).
+    pub(crate) fn mean(&self) -> Option<Vec<f32>> {
+        let mut out = vec![0.0f32; self.dim];
+        for p in &self.parts {
+            let PartBatch::Mse(b) = &p.batch else {
+                return None;
+            };
+            let m = b.quantizer().mean()?;
+            match &p.channels {
+                None => out.copy_from_slice(m),
+                Some(ch) => ch.iter().zip(m).for_each(|(&c, &v)| out[c] = v),
+            }
+        }
+        Some(out)
+    }
+
     pub(crate) fn outliers(&self) -> Option<&[usize]> {
         if self.parts.len() > 1 {
             self.parts[0].channels.as_deref()
@@ -294,10 +338,15 @@ impl Store {
                 b.accumulate_rotated_multi(weights, &mut refs)?;
             }
             let mut part = vec![0.0f32; k];
-            for (r, out) in rot.iter().zip(outs.iter_mut()) {
+            for ((r, out), w) in rot.iter().zip(outs.iter_mut()).zip(weights) {
                 b.quantizer()
                     .rotation()
                     .apply_inverse_unchecked(r, &mut part);
+                // A centred part's rows are x̃ + mean: add the mean once, weighted by Σ w.
+                if let Some(m) = b.quantizer().mean() {
+                    let total: f32 = w.iter().sum();
+                    part.iter_mut().zip(m).for_each(|(p, &v)| *p += total * v);
+                }
                 match &p.channels {
                     None => out.iter_mut().zip(&part).for_each(|(o, v)| *o += v),
                     Some(ch) => ch.iter().zip(&part).for_each(|(&c, v)| out[c] += v),

@@ -66,9 +66,15 @@ fn outliers_for(cfg: &HeadConfig, keys: &[f32], values: &[f32]) -> Outliers {
         } => Some(calibrate_outliers(xs, d, outlier_channels).unwrap()),
         Precision::Uniform(_) => None,
     };
+    let mean = |xs: &[f32]| {
+        cfg.center
+            .then(|| tq_quant::MseQuantizer::calibrate_mean(xs, d).unwrap())
+    };
     Outliers {
         keys: pick(cfg.key_precision, keys),
         values: pick(cfg.value_precision, values),
+        key_mean: mean(keys),
+        value_mean: mean(values),
     }
 }
 
@@ -326,6 +332,7 @@ fn typed_errors() {
     let wrong = Outliers {
         keys: Some(vec![0, 1, 2]),
         values: None,
+        ..Default::default()
     };
     assert!(matches!(
         HeadCache::new(config(d, "2.5", "2", KeyStrategy::Mse, 0), &wrong),
@@ -383,4 +390,64 @@ fn mixed_precision_beats_plain_bits_on_the_outlier_trace() {
     let four = trace_output_error(&trace, "4", "4");
     assert!(mixed < 0.85 * plain, "3.5-bit {mixed} vs 3-bit {plain}");
     assert!(four < plain, "4-bit {four} vs 3-bit {plain}");
+}
+
+/// A centred cache (keys and values on calibrated means) still computes attention over its own
+/// dequantized cache, restores identically, and is refused for Prod keys.
+#[test]
+fn centred_cache_attends_consistently_and_round_trips() {
+    let d = 64;
+    let n = 200;
+    let shift: Vec<f32> = (0..d).map(|j| 2.0 + (j % 7) as f32 * 0.5).collect();
+    let k: Vec<f32> = rows(n, d, 21)
+        .chunks_exact(d)
+        .flat_map(|r| r.iter().zip(&shift).map(|(a, b)| a + b).collect::<Vec<_>>())
+        .collect();
+    let v: Vec<f32> = rows(n, d, 22)
+        .chunks_exact(d)
+        .flat_map(|r| r.iter().zip(&shift).map(|(a, b)| a - b).collect::<Vec<_>>())
+        .collect();
+    for kb in ["3", "2.5"] {
+        let cfg = HeadConfig {
+            center: true,
+            ..config(d, kb, "3", KeyStrategy::Mse, 5)
+        };
+        let cal = outliers_for(&cfg, &k, &v);
+        let mut cache = HeadCache::new(cfg.clone(), &cal).unwrap();
+        cache.append(&k, &v).unwrap();
+        assert_eq!(
+            cache.outliers().key_mean.as_deref(),
+            cal.key_mean.as_deref()
+        );
+        let (kd, vd) = (cache.keys().unwrap(), cache.values().unwrap());
+        let q = rows(1, d, 23);
+        let mut out = vec![0.0; d];
+        cache.attend(&q, &mut out).unwrap();
+        assert!(rel(&out, &attention(&q, &kd, &vd, d, n)) < 1e-4, "k{kb}");
+        let layer = tq_kv::MultiHeadCache::new(1, 1, &cfg, std::slice::from_ref(&cal)).unwrap();
+        let mut model = tq_kv::ModelCache::from_layers(vec![layer]);
+        let kh: Vec<f32> = k.clone();
+        model.layer_mut(0).unwrap().append(&kh, &v).unwrap();
+        let back = tq_kv::ModelCache::from_safetensors(&model.to_safetensors().unwrap()).unwrap();
+        let (mut a, mut b) = (vec![0.0; d], vec![0.0; d]);
+        model.layer(0).unwrap().attend(&q, &mut a).unwrap();
+        back.layer(0).unwrap().attend(&q, &mut b).unwrap();
+        assert_eq!(a, b);
+    }
+    let prod = HeadConfig {
+        center: true,
+        ..config(d, "3", "3", KeyStrategy::Prod, 0)
+    };
+    assert!(matches!(
+        HeadCache::new(prod.clone(), &outliers_for(&prod, &k, &v)),
+        Err(Error::InvalidChannels { .. })
+    ));
+    let missing = HeadConfig {
+        center: true,
+        ..config(d, "3", "3", KeyStrategy::Mse, 0)
+    };
+    assert!(matches!(
+        HeadCache::new(missing, &Outliers::default()),
+        Err(Error::InvalidChannels { .. })
+    ));
 }

@@ -32,6 +32,7 @@ fn model() -> (ModelCache, Vec<f32>, Vec<f32>) {
             .map(|h| Outliers {
                 keys: Some(calibrate_outliers(&k[h * t * d..(h + 1) * t * d], d, 8).unwrap()),
                 values: None,
+                ..Default::default()
             })
             .collect();
         let mut layer = MultiHeadCache::new(nq, nkv, &cfg, &outliers).unwrap();
