@@ -13,8 +13,8 @@ use serde::Serialize;
 use tq_core::{Codebook, RotationKind};
 use tq_quant::ScaleMode;
 use tq_quant::{
-    Hit, MseBatch, MseConfig, MseQuantizer, MseQuery, ProdBatch, ProdConfig, ProdQuantizer,
-    ProdQuery, SketchKind,
+    Hit, MseBatch, MseConfig, MseQuantizer, MseQuery, PolarBatch, PolarConfig, PolarQuantizer,
+    ProdBatch, ProdConfig, ProdQuantizer, ProdQuery, SketchKind,
 };
 
 use crate::data::Vectors;
@@ -27,6 +27,9 @@ pub enum QuantizerKind {
     Mse,
     /// TurboQuant_prod.
     Prod,
+    /// PolarQuant (experimental): level bits from --polar-levels, or `b, b/2, b/2, b/2` for
+    /// each --bits value `b` (the paper's 4,2,2,2 at 4).
+    Polar,
 }
 
 /// Settings shared by every bit width of one run.
@@ -42,6 +45,17 @@ pub struct EvalSettings {
     pub scale: ScaleMode,
     /// The mean of the base vectors, when MSE quantizers are centred.
     pub mean: Option<Vec<f32>>,
+    /// PolarQuant level bits (overrides the mapping from --bits).
+    pub polar_levels: Option<Vec<u32>>,
+}
+
+/// PolarQuant level bits for a nominal width `b`: the given levels, or `b, ⌈b/2⌉, ⌈b/2⌉, ⌈b/2⌉`
+/// halved down to `b/2` (4 gives the paper's 4,2,2,2).
+pub fn polar_levels(s: &EvalSettings, bits: u32) -> Vec<u32> {
+    s.polar_levels.clone().unwrap_or_else(|| {
+        let rest = (bits / 2).max(1);
+        vec![bits, rest, rest, rest]
+    })
 }
 
 /// Recall is measured for the true top-1 among the estimated top-k for these k.
@@ -84,11 +98,13 @@ pub struct BitsResult {
 enum Batch {
     Mse(MseBatch),
     Prod(ProdBatch),
+    Polar(PolarBatch),
 }
 
 enum Query {
     Mse(MseQuery),
     Prod(ProdQuery),
+    Polar(Vec<f32>),
 }
 
 impl Batch {
@@ -112,12 +128,22 @@ impl Batch {
                 })?;
                 Batch::Prod(ProdBatch::new(Arc::new(q)))
             }
+            QuantizerKind::Polar => {
+                let cfg = PolarConfig {
+                    dim,
+                    level_bits: polar_levels(s, bits),
+                    rotation: s.rotation,
+                    seed: s.seed,
+                };
+                Batch::Polar(PolarBatch::new(Arc::new(PolarQuantizer::new(cfg)?)))
+            }
         })
     }
     fn extend(&mut self, xs: &[f32]) -> Result<()> {
         match self {
             Batch::Mse(b) => b.extend(xs)?,
             Batch::Prod(b) => b.extend(xs)?,
+            Batch::Polar(b) => b.extend(xs)?,
         }
         Ok(())
     }
@@ -125,6 +151,7 @@ impl Batch {
         Ok(match self {
             Batch::Mse(b) => Query::Mse(b.quantizer().prepare_query(q)?),
             Batch::Prod(b) => Query::Prod(b.quantizer().prepare_query(q)?),
+            Batch::Polar(_) => Query::Polar(q.to_vec()),
         })
     }
     fn score(&self, q: &Query, out: &mut [f32], exact: bool) -> Result<()> {
@@ -133,6 +160,7 @@ impl Batch {
             (Batch::Mse(b), Query::Mse(q)) => b.score_into(q, out)?,
             (Batch::Prod(b), Query::Prod(q)) if exact => b.score_exact_into(q, out)?,
             (Batch::Prod(b), Query::Prod(q)) => b.score_into(q, out)?,
+            (Batch::Polar(b), Query::Polar(q)) => b.score_into(q, out)?,
             _ => anyhow::bail!("query and batch kinds differ"),
         }
         Ok(())
@@ -141,6 +169,7 @@ impl Batch {
         match (self, q) {
             (Batch::Mse(b), Query::Mse(q)) => b.top_k(q, k),
             (Batch::Prod(b), Query::Prod(q)) => b.top_k(q, k),
+            (Batch::Polar(b), Query::Polar(q)) => b.top_k(q, k).unwrap_or_default(),
             _ => Vec::new(),
         }
     }
@@ -148,6 +177,7 @@ impl Batch {
         match self {
             Batch::Mse(b) => b.bytes_per_vector(),
             Batch::Prod(b) => b.bytes_per_vector(),
+            Batch::Polar(b) => b.bytes_per_vector(),
         }
     }
     fn dequantize_all(&self, dim: usize) -> Vec<f32> {
@@ -160,6 +190,7 @@ impl Batch {
                 });
                 out
             }
+            Batch::Polar(b) => b.dequantize_all(),
         }
     }
 }
@@ -309,6 +340,7 @@ pub fn eval_bits(
             };
             (None, Some(std::f64::consts::FRAC_PI_2 * prev))
         }
+        QuantizerKind::Polar => (None, None),
     };
     let bpv = batch.bytes_per_vector();
     Ok(BitsResult {

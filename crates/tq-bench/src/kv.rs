@@ -104,6 +104,7 @@ pub struct TraceRow {
     pub key_precision: String,
     pub value_precision: String,
     pub key_strategy: KeyStrategy,
+    pub value_strategy: KeyStrategy,
     /// Per-vector scalar of the MSE keys and values.
     pub scale: tq_quant::ScaleMode,
     /// Keys and values centred on per-head means.
@@ -288,6 +289,7 @@ pub fn eval_trace(
         key_precision: cfg.key_precision.to_string(),
         value_precision: cfg.value_precision.to_string(),
         key_strategy: cfg.key_strategy,
+        value_strategy: cfg.value_strategy,
         scale: cfg.scale,
         centered: cfg.center,
         window: cfg.window,

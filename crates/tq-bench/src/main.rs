@@ -84,9 +84,12 @@ enum Command {
         /// Value precisions, same forms (each key precision is paired with each value precision).
         #[arg(long, value_delimiter = ',', default_value = "4")]
         value_bits: Vec<String>,
-        /// Key quantizers, comma-separated: mse, prod.
+        /// Key quantizers, comma-separated: mse, prod, polar.
         #[arg(long, value_delimiter = ',', default_value = "mse")]
         key_strategy: Vec<KeyStrategy>,
+        /// Value quantizer: mse or polar.
+        #[arg(long, default_value = "mse")]
+        value_strategy: KeyStrategy,
         /// Per-vector scalars of MSE keys and values, comma-separated: norm, unbiased, least-squares.
         #[arg(long = "scale", value_delimiter = ',', default_value = "norm")]
         scales: Vec<ScaleMode>,
@@ -159,6 +162,9 @@ struct Common {
     /// Centre MSE quantizers on the mean of the base vectors (stored once with the quantizer).
     #[arg(long)]
     center: bool,
+    /// PolarQuant bits per level, level 1 first (e.g. 4,2,2,2); replaces the mapping from --bits.
+    #[arg(long, value_delimiter = ',')]
+    polar_levels: Option<Vec<u32>>,
     /// QJL matrix for --quantizer prod: gaussian (paper) or orthogonal (lower variance).
     #[arg(long, default_value = "gaussian")]
     sketch: SketchKind,
@@ -268,6 +274,7 @@ fn run_trace(
     key_bits: &[String],
     value_bits: &[String],
     strategies: &[KeyStrategy],
+    value_strategy: KeyStrategy,
     scales: &[ScaleMode],
     center: bool,
     split: &kv::SplitChoice,
@@ -291,11 +298,14 @@ fn run_trace(
                     let (kp, vp) = (Precision::parse(kb, d)?, Precision::parse(vb, d)?);
                     configs.push(HeadConfig {
                         key_strategy: st,
+                        value_strategy,
                         window,
                         seed: c.seed,
                         score_mode: ScoreMode::Fast,
                         scale,
-                        center: center && st == KeyStrategy::Mse,
+                        center: center
+                            && st == KeyStrategy::Mse
+                            && value_strategy == KeyStrategy::Mse,
                         ..HeadConfig::new(d, kp, vp)
                     });
                 }
@@ -451,6 +461,7 @@ fn run(cli: Cli) -> Result<()> {
             key_bits,
             value_bits,
             key_strategy,
+            value_strategy,
             scales,
             center,
             split,
@@ -461,6 +472,7 @@ fn run(cli: Cli) -> Result<()> {
             &key_bits,
             &value_bits,
             &key_strategy,
+            value_strategy,
             &scales,
             center,
             &split,
@@ -590,6 +602,15 @@ fn execute(
         c.quantizer == QuantizerKind::Mse || (c.scale == ScaleMode::Norm && !c.center),
         "--scale and --center apply to --quantizer mse"
     );
+    ensure!(
+        c.polar_levels.is_none() || c.quantizer == QuantizerKind::Polar,
+        "--polar-levels applies to --quantizer polar"
+    );
+    // Explicit PolarQuant levels define a single configuration.
+    let bit_list: Vec<u32> = match (&c.polar_levels, c.quantizer) {
+        (Some(l), QuantizerKind::Polar) => vec![l.first().copied().unwrap_or(1)],
+        _ => c.bits.clone(),
+    };
     let mean = if c.center {
         Some(MseQuantizer::calibrate_mean(&base.data, base.dim)?)
     } else {
@@ -603,10 +624,11 @@ fn execute(
         ip_queries: queries.rows.min(100),
         scale: c.scale,
         mean,
+        polar_levels: c.polar_levels.clone(),
     };
     let show = !c.json && std::io::stderr().is_terminal();
     let progress = if show {
-        let steps = c.bits.len() * (queries.rows + settings.ip_queries);
+        let steps = bit_list.len() * (queries.rows + settings.ip_queries);
         let pb = ProgressBar::new(steps as u64);
         pb.set_style(
             ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} {elapsed}")
@@ -619,7 +641,7 @@ fn execute(
     let results = pool.install(|| -> Result<Vec<BitsResult>> {
         progress.set_message("exact search");
         let truth = Truth::compute(&base, &queries, settings.ip_queries);
-        c.bits
+        bit_list
             .iter()
             .map(|&b| {
                 progress.set_message(format!("{} bits", b));

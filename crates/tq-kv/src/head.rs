@@ -42,8 +42,12 @@ pub struct HeadConfig {
     pub key_strategy: KeyStrategy,
     /// Key bits.
     pub key_precision: Precision,
-    /// Value bits (values always use TurboQuant_mse).
+    /// Value bits.
     pub value_precision: Precision,
+    /// Value quantizer: [`KeyStrategy::Mse`] (default) or [`KeyStrategy::Polar`] (Prod is refused:
+    /// values are summed, not scored).
+    #[serde(default)]
+    pub value_strategy: KeyStrategy,
     /// Most recent tokens kept in f32 (0: quantize every token at once).
     pub window: usize,
     /// Rotation of every quantizer.
@@ -69,6 +73,7 @@ impl HeadConfig {
             key_strategy: KeyStrategy::Mse,
             key_precision,
             value_precision,
+            value_strategy: KeyStrategy::Mse,
             window: 0,
             rotation: RotationKind::Hadamard,
             seed: 0,
@@ -122,6 +127,12 @@ impl HeadCache {
     /// Invalid dimension or precision, or missing / malformed outlier channels for a split.
     pub fn new(config: HeadConfig, outliers: &Outliers) -> Result<Self> {
         let d = config.head_dim;
+        if config.value_strategy == KeyStrategy::Prod {
+            return Err(Error::InvalidPrecision {
+                spec: "prod".into(),
+                reason: "values cannot use TurboQuant_prod".into(),
+            });
+        }
         let keys = Store::new(
             d,
             config.key_precision,
@@ -146,7 +157,7 @@ impl HeadCache {
         let values = Store::new(
             d,
             config.value_precision,
-            KeyStrategy::Mse,
+            config.value_strategy,
             config.scale,
             outliers.values.as_deref(),
             if config.center {

@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
-use tq_quant::ScaleMode;
 use tq_quant::io::SavedBatch;
 use tq_quant::{
     MseBatch, MseConfig, MseQuantizer, MseQuery, ProdBatch, ProdConfig, ProdQuantizer, ProdQuery,
     SketchKind,
 };
+use tq_quant::{PolarBatch, PolarConfig, PolarQuantizer, ScaleMode};
 
 use crate::precision::{Precision, check_channels};
 use crate::{Error, Result};
@@ -24,6 +24,9 @@ pub enum KeyStrategy {
     Mse,
     /// TurboQuant_prod: unbiased scores (`b - 1` MSE bits plus QJL signs), more variance.
     Prod,
+    /// PolarQuant (experimental; keys or values): a uniform precision `b` uses 4 levels of
+    /// `b, b/2, b/2, b/2` bits (the paper's 4,2,2,2 at 4); the head dimension must be a multiple of 16.
+    Polar,
 }
 
 impl KeyStrategy {
@@ -32,6 +35,7 @@ impl KeyStrategy {
         match self {
             KeyStrategy::Mse => "mse",
             KeyStrategy::Prod => "prod",
+            KeyStrategy::Polar => "polar",
         }
     }
 }
@@ -42,8 +46,9 @@ impl std::str::FromStr for KeyStrategy {
         match s {
             "mse" => Ok(Self::Mse),
             "prod" => Ok(Self::Prod),
+            "polar" => Ok(Self::Polar),
             other => Err(format!(
-                "unknown key strategy '{other}' (expected mse or prod)"
+                "unknown strategy '{other}' (expected mse, prod or polar)"
             )),
         }
     }
@@ -53,6 +58,7 @@ impl std::str::FromStr for KeyStrategy {
 enum PartBatch {
     Mse(MseBatch),
     Prod(ProdBatch),
+    Polar(PolarBatch),
 }
 
 /// A query prepared against one part.
@@ -60,6 +66,7 @@ enum PartBatch {
 pub(crate) enum PartQuery {
     Mse(MseQuery),
     Prod(ProdQuery),
+    Polar(Vec<f32>),
 }
 
 #[derive(Debug, Clone)]
@@ -96,7 +103,7 @@ fn make_part(
         None => m.to_vec(),
         Some(ch) => ch.iter().map(|&c| m[c]).collect(),
     });
-    if mean.is_some() && strategy == KeyStrategy::Prod {
+    if mean.is_some() && strategy != KeyStrategy::Mse {
         return Err(Error::InvalidChannels {
             reason: "centering applies to MSE keys only".into(),
         });
@@ -119,6 +126,16 @@ fn make_part(
                 seed,
             };
             PartBatch::Prod(ProdBatch::new(Arc::new(ProdQuantizer::new(cfg)?)))
+        }
+        KeyStrategy::Polar => {
+            let rest = (bits / 2).max(1);
+            let cfg = PolarConfig {
+                dim,
+                level_bits: vec![bits, rest, rest, rest],
+                rotation,
+                seed,
+            };
+            PartBatch::Polar(PolarBatch::new(Arc::new(PolarQuantizer::new(cfg)?)))
         }
     };
     Ok(Part { channels, batch })
@@ -201,6 +218,7 @@ impl Store {
         match &self.parts[0].batch {
             PartBatch::Mse(b) => b.len(),
             PartBatch::Prod(b) => b.len(),
+            PartBatch::Polar(b) => b.len(),
         }
     }
 
@@ -211,6 +229,7 @@ impl Store {
             .map(|p| match &p.batch {
                 PartBatch::Mse(b) => b.bytes_per_vector(),
                 PartBatch::Prod(b) => b.bytes_per_vector(),
+                PartBatch::Polar(b) => b.bytes_per_vector(),
             })
             .sum()
     }
@@ -264,6 +283,7 @@ impl Store {
             match &mut p.batch {
                 PartBatch::Mse(b) => b.extend(&sub)?,
                 PartBatch::Prod(b) => b.extend(&sub)?,
+                PartBatch::Polar(b) => b.extend(&sub)?,
             }
         }
         Ok(())
@@ -274,6 +294,7 @@ impl Store {
             match &mut p.batch {
                 PartBatch::Mse(b) => b.truncate(n),
                 PartBatch::Prod(b) => b.truncate(n),
+                PartBatch::Polar(b) => b.truncate(n),
             }
         }
     }
@@ -287,6 +308,7 @@ impl Store {
                 Ok(match &p.batch {
                     PartBatch::Mse(b) => PartQuery::Mse(b.quantizer().prepare_query(&sub)?),
                     PartBatch::Prod(b) => PartQuery::Prod(b.quantizer().prepare_query(&sub)?),
+                    PartBatch::Polar(_) => PartQuery::Polar(sub.into_owned()),
                 })
             })
             .collect()
@@ -306,6 +328,7 @@ impl Store {
                 (PartBatch::Mse(b), PartQuery::Mse(q), false) => b.score_exact_into(q, dst)?,
                 (PartBatch::Prod(b), PartQuery::Prod(q), true) => b.score_into(q, dst)?,
                 (PartBatch::Prod(b), PartQuery::Prod(q), false) => b.score_exact_into(q, dst)?,
+                (PartBatch::Polar(b), PartQuery::Polar(q), _) => b.score_into(q, dst)?,
                 _ => unreachable!("queries are prepared against the same parts"),
             }
             if i > 0 {
@@ -325,11 +348,26 @@ impl Store {
         outs: &mut [&mut [f32]],
     ) -> Result<()> {
         for p in &self.parts {
-            let PartBatch::Mse(b) = &p.batch else {
-                return Err(Error::InvalidPrecision {
-                    spec: "prod".into(),
-                    reason: "values are quantized with TurboQuant_mse only".into(),
-                });
+            let scatter = |out: &mut [f32], part: &[f32]| match &p.channels {
+                None => out.iter_mut().zip(part).for_each(|(o, v)| *o += v),
+                Some(ch) => ch.iter().zip(part).for_each(|(&c, v)| out[c] += v),
+            };
+            let b = match &p.batch {
+                PartBatch::Mse(b) => b,
+                PartBatch::Polar(b) => {
+                    let mut part = vec![0.0f32; b.quantizer().dim()];
+                    for (w, out) in weights.iter().zip(outs.iter_mut()) {
+                        b.weighted_sum(w, &mut part)?;
+                        scatter(out, &part);
+                    }
+                    continue;
+                }
+                PartBatch::Prod(_) => {
+                    return Err(Error::InvalidPrecision {
+                        spec: "prod".into(),
+                        reason: "values cannot use TurboQuant_prod".into(),
+                    });
+                }
             };
             let k = b.quantizer().dim();
             let mut rot = vec![vec![0.0f32; k]; weights.len()];
@@ -347,10 +385,7 @@ impl Store {
                     let total: f32 = w.iter().sum();
                     part.iter_mut().zip(m).for_each(|(p, &v)| *p += total * v);
                 }
-                match &p.channels {
-                    None => out.iter_mut().zip(&part).for_each(|(o, v)| *o += v),
-                    Some(ch) => ch.iter().zip(&part).for_each(|(&c, v)| out[c] += v),
-                }
+                scatter(out, &part);
             }
         }
         Ok(())
@@ -364,6 +399,7 @@ impl Store {
                 Ok(match &p.batch {
                     PartBatch::Mse(b) => b.to_safetensors()?,
                     PartBatch::Prod(b) => b.to_safetensors()?,
+                    PartBatch::Polar(b) => b.to_safetensors()?,
                 })
             })
             .collect()
@@ -395,6 +431,10 @@ impl Store {
                     got.len(),
                     want.quantizer().config() == got.quantizer().config(),
                 ),
+                (PartBatch::Polar(want), SavedBatch::Polar(got)) => (
+                    got.len(),
+                    want.quantizer().config() == got.quantizer().config(),
+                ),
                 _ => (0, false),
             };
             if !ok {
@@ -408,6 +448,7 @@ impl Store {
             p.batch = match saved {
                 SavedBatch::Mse(b) => PartBatch::Mse(b),
                 SavedBatch::Prod(b) => PartBatch::Prod(b),
+                SavedBatch::Polar(b) => PartBatch::Polar(b),
             };
         }
         Ok(())
@@ -424,6 +465,7 @@ impl Store {
             match &p.batch {
                 PartBatch::Mse(b) => b.dequantize_row(i, &mut part)?,
                 PartBatch::Prod(b) => b.dequantize_row(i, &mut part)?,
+                PartBatch::Polar(b) => b.dequantize_row(i, &mut part)?,
             }
             match &p.channels {
                 None => out.copy_from_slice(&part),

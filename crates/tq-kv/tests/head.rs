@@ -451,3 +451,53 @@ fn centred_cache_attends_consistently_and_round_trips() {
         Err(Error::InvalidChannels { .. })
     ));
 }
+
+/// PolarQuant keys and values: the fused path still computes attention over the dequantized cache,
+/// fill order does not matter, and the cache saves and restores.
+#[test]
+fn polar_keys_and_values() {
+    let d = 64;
+    let n = 120;
+    let (k, v) = (rows(n, d, 31), rows(n, d, 32));
+    let cfg = HeadConfig {
+        value_strategy: KeyStrategy::Polar,
+        ..config(d, "4", "4", KeyStrategy::Polar, 3)
+    };
+    let mut a = HeadCache::new(cfg.clone(), &Outliers::default()).unwrap();
+    a.append(&k, &v).unwrap();
+    let mut b = HeadCache::new(cfg.clone(), &Outliers::default()).unwrap();
+    for t in 0..n {
+        b.append(&k[t * d..(t + 1) * d], &v[t * d..(t + 1) * d])
+            .unwrap();
+    }
+    assert_eq!(a.keys().unwrap(), b.keys().unwrap());
+    let q = rows(1, d, 33);
+    let mut out = vec![0.0; d];
+    a.attend(&q, &mut out).unwrap();
+    assert!(
+        rel(
+            &out,
+            &attention(&q, &a.keys().unwrap(), &a.values().unwrap(), d, n)
+        ) < 1e-4
+    );
+    let layer = tq_kv::MultiHeadCache::new(1, 1, &cfg, &[]).unwrap();
+    let mut m = tq_kv::ModelCache::from_layers(vec![layer]);
+    m.layer_mut(0).unwrap().append(&k, &v).unwrap();
+    let back = tq_kv::ModelCache::from_safetensors(&m.to_safetensors().unwrap()).unwrap();
+    let (mut x, mut y) = (vec![0.0; d], vec![0.0; d]);
+    m.layer(0).unwrap().attend(&q, &mut x).unwrap();
+    back.layer(0).unwrap().attend(&q, &mut y).unwrap();
+    assert_eq!(x, y);
+    let prod_values = HeadConfig {
+        value_strategy: KeyStrategy::Prod,
+        ..config(d, "4", "4", KeyStrategy::Mse, 0)
+    };
+    assert!(HeadCache::new(prod_values, &Outliers::default()).is_err());
+    assert!(
+        HeadCache::new(
+            config(40, "4", "4", KeyStrategy::Polar, 0),
+            &Outliers::default()
+        )
+        .is_err()
+    );
+}

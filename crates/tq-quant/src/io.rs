@@ -13,6 +13,10 @@
 //! | `signs` | U8 | `[n, ceil(d/8)]`, bit `j` = sign of `(S r)_j >= 0` | prod |
 //! | `mean` | F32 | `[d]`, the calibrated mean of a centred quantizer (`config.centered`) | mse |
 //!
+//! `kind = "polar"` (PolarQuant, experimental) stores `codes` U8 `[n, code_bytes]` (angle codes,
+//! level by level inside each block), `radii` U16 `[n, d / 2^L]` (f16 bit patterns of the unit
+//! vector's block radii) and `norms` F32 `[n]`.
+//!
 //! `norms` holds the per-vector scale of the configuration's `ScaleMode` (the norm by default).
 //!
 //! Rows are stored row-major (the interchange layout, readable from numpy); the in-memory 32-row
@@ -29,7 +33,10 @@ use std::sync::Arc;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::config::{MseConfig, ProdConfig};
-use crate::{Error, MseBatch, MseQuantizer, PackedRows, ProdBatch, ProdQuantizer, Result};
+use crate::{
+    Error, MseBatch, MseQuantizer, PackedRows, PolarBatch, PolarConfig, PolarQuantizer, ProdBatch,
+    ProdQuantizer, Result,
+};
 
 /// The format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -42,6 +49,8 @@ pub enum SavedBatch {
     Mse(MseBatch),
     /// A `TurboQuant_prod` batch.
     Prod(ProdBatch),
+    /// A PolarQuant batch (experimental).
+    Polar(PolarBatch),
 }
 
 fn bad(what: &'static str, detail: impl Into<String>) -> Error {
@@ -134,6 +143,73 @@ impl ProdBatch {
     }
 }
 
+impl PolarBatch {
+    /// Serializes the batch (format in the [module docs](crate::io)).
+    ///
+    /// # Errors
+    /// [`Error::InvalidFormat`] only if the safetensors writer rejects the tensors (not expected).
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let q = self.quantizer();
+        let n = self.len();
+        let config = serde_json::to_string(q.config()).map_err(|e| bad("config", e.to_string()))?;
+        let blocks = q.dim() / q.config().block();
+        let radii: Vec<u8> = self.radii().iter().flat_map(|r| r.to_le_bytes()).collect();
+        serialize(
+            "polar",
+            config,
+            vec![
+                (
+                    "codes",
+                    Dtype::U8,
+                    vec![n, q.code_bytes()],
+                    self.codes().to_vec(),
+                ),
+                ("radii", Dtype::U16, vec![n, blocks], radii),
+                ("norms", Dtype::F32, vec![n], f32_bytes(self.norms())),
+            ],
+        )
+    }
+}
+
+fn load_polar(st: &SafeTensors<'_>, config: &str) -> Result<SavedBatch> {
+    let cfg: PolarConfig =
+        serde_json::from_str(config).map_err(|e| bad("config", e.to_string()))?;
+    cfg.validate()?;
+    let norms = read_f32(st, "norms", None)?;
+    let n = norms.len();
+    let q = PolarQuantizer::new(cfg)?;
+    let codes = read_rows(st, "codes", n, q.code_bytes(), q.code_bits())?.to_row_major();
+    let blocks = q.dim() / q.config().block();
+    let t = tensor(st, "radii", Dtype::U16)?;
+    if t.shape() != [n, blocks] {
+        return Err(bad(
+            "radii",
+            format!("shape {:?}, expected [{n}, {blocks}]", t.shape()),
+        ));
+    }
+    let radii: Vec<u16> = t
+        .data()
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    // Radii of a unit vector's blocks lie in [0, 1] (f16 rounding may reach exactly 1).
+    if let Some(i) = radii.iter().position(|&r| {
+        let v = half::f16::from_bits(r).to_f32();
+        !(0.0..=1.0).contains(&v)
+    }) {
+        return Err(bad(
+            "radii",
+            format!("entry {i} is not a block radius in [0, 1]"),
+        ));
+    }
+    Ok(SavedBatch::Polar(PolarBatch::from_parts(
+        Arc::new(q),
+        codes,
+        radii,
+        norms,
+    )?))
+}
+
 impl SavedBatch {
     /// Serializes whichever batch this is.
     ///
@@ -143,6 +219,7 @@ impl SavedBatch {
         match self {
             SavedBatch::Mse(b) => b.to_safetensors(),
             SavedBatch::Prod(b) => b.to_safetensors(),
+            SavedBatch::Polar(b) => b.to_safetensors(),
         }
     }
 
@@ -182,6 +259,7 @@ impl SavedBatch {
         let allowed: &[&str] = match kind {
             "mse" => &["codes", "norms", "mean"],
             "prod" => &["codes", "norms", "residual_norms", "signs"],
+            "polar" => &["codes", "radii", "norms"],
             other => {
                 return Err(bad(
                     "__metadata__",
@@ -202,6 +280,7 @@ impl SavedBatch {
             ));
         }
         match kind {
+            "polar" => load_polar(&st, config),
             "mse" => {
                 let cfg: MseConfig =
                     serde_json::from_str(config).map_err(|e| bad("config", e.to_string()))?;
