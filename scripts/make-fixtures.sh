@@ -25,3 +25,7 @@ with open("fixtures/glove-2k.npy", "wb") as f:
     f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h.encode("latin1") + bytes(out))
 print("wrote fixtures/glove-2k.npy", keep, "x", dim)
 PY
+# A small synthetic K/V trace (1 layer, 2 kv / 4 q heads, 128 tokens, d = 64, seed 42) for the
+# trace quick path of `cargo xtask release-check`.
+cargo run --quiet --release -p tq-bench -- trace --quick --seed 42 --save-trace fixtures/trace-small.safetensors --json > /dev/null
+echo "wrote fixtures/trace-small.safetensors"

@@ -9,4 +9,11 @@ fi
 if command -v rustup >/dev/null 2>&1; then
   rustup component add rustfmt clippy
 fi
+# `./scripts/setup.sh --release-tools` also installs what `cargo xtask release-check` uses for
+# coverage and the dependency audit (several minutes of compilation; not needed for the tests).
+if [ "${1:-}" = "--release-tools" ]; then
+  rustup component add llvm-tools
+  cargo install --locked cargo-llvm-cov
+  cargo install --locked cargo-audit
+fi
 echo "setup: ok ($(cargo --version))"

@@ -1,4 +1,5 @@
-//! Project automation. `cargo xtask tidy` checks the workspace's structural rules:
+//! Project automation. `cargo xtask release-check` runs the release runbook (see `release`);
+//! `cargo xtask tidy` checks the workspace's structural rules:
 //!
 //! - layering: a `tq-*` crate depends only on the `tq-*` crates below it ([`ALLOWED`]), in normal,
 //!   dev and build dependencies alike;
@@ -11,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
+
+mod release;
 
 /// The tq crates each crate may depend on (the layering of docs/ARCHITECTURE.md).
 const ALLOWED: &[(&str, &[&str])] = &[
@@ -32,9 +35,16 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("tidy") => tidy(&workspace_root()),
+        Some("release-check") => match release::release_check(&workspace_root(), &args[1..]) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(anyhow::anyhow!(
+                "release-check: a required step failed (see the table and its logs)"
+            )),
+            Err(e) => Err(e),
+        },
         Some("-h" | "--help") | None => {
             println!(
-                "usage: cargo xtask <command>\n\ncommands:\n  tidy    check crate layering, lints inheritance, member list and file sizes"
+                "usage: cargo xtask <command>\n\ncommands:\n  tidy                   check crate layering, lints inheritance, member list and file sizes\n  release-check [--dry-run] [--advisory-db PATH]\n                         run the release runbook (fmt, clippy, tests, examples, tidy, coverage,\n                         dependency audit, quick workloads) and print a table with each step's log"
             );
             return ExitCode::SUCCESS;
         }

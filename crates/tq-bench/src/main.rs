@@ -96,6 +96,12 @@ enum Command {
         /// Centre MSE keys and values on per-head means calibrated from the trace.
         #[arg(long)]
         center: bool,
+        /// Without --trace: a small synthetic trace (1 layer, 2 kv / 4 q heads, 128 tokens, d = 64).
+        #[arg(long)]
+        quick: bool,
+        /// Also write the evaluated trace to this file (safetensors trace format).
+        #[arg(long)]
+        save_trace: Option<PathBuf>,
         /// Outlier channels for split precisions: auto (per-head RMS calibration), none, or a list.
         #[arg(long, default_value = "auto")]
         split: kv::SplitChoice,
@@ -268,6 +274,12 @@ struct AttentionReport {
     results: Vec<kv::AttentionRow>,
 }
 
+/// Where `trace` takes its trace from besides `--trace`, and where it saves it.
+struct TraceSource {
+    quick: bool,
+    save: Option<PathBuf>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_trace(
     path: Option<PathBuf>,
@@ -277,18 +289,32 @@ fn run_trace(
     value_strategy: KeyStrategy,
     scales: &[ScaleMode],
     center: bool,
+    source: TraceSource,
     split: &kv::SplitChoice,
     window: usize,
     c: &KvCommon,
 ) -> Result<()> {
     let trace = match &path {
         Some(p) => KvTrace::load(p)?,
+        None if source.quick => SyntheticTrace {
+            layers: 1,
+            tokens: 128,
+            head_dim: 64,
+            queries: 8,
+            outlier_channels: 4,
+            seed: c.seed,
+            ..SyntheticTrace::default()
+        }
+        .generate()?,
         None => SyntheticTrace {
             seed: c.seed,
             ..SyntheticTrace::default()
         }
         .generate()?,
     };
+    if let Some(out) = &source.save {
+        trace.save(out)?;
+    }
     let d = trace.head_dim;
     let mut configs = Vec::new();
     for kb in key_bits {
@@ -464,6 +490,8 @@ fn run(cli: Cli) -> Result<()> {
             value_strategy,
             scales,
             center,
+            quick,
+            save_trace,
             split,
             window,
             common,
@@ -475,6 +503,10 @@ fn run(cli: Cli) -> Result<()> {
             value_strategy,
             &scales,
             center,
+            TraceSource {
+                quick,
+                save: save_trace,
+            },
             &split,
             window,
             &common,
