@@ -9,6 +9,7 @@
 mod data;
 mod eval;
 mod kv;
+mod search;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -69,6 +70,37 @@ enum Command {
         limit: Option<usize>,
         #[command(flatten)]
         common: Common,
+    },
+    /// Maximum-inner-product search on your vectors: recall 1@k and index time of TurboQuant
+    /// (mse, prod) next to exact float search, uniform scalar quantization and k-means product
+    /// quantization (256-entry tables) at the same bits, all on the same data in one run.
+    Search {
+        /// The base vectors (.npy, .fvecs, .safetensors).
+        #[arg(long)]
+        input: PathBuf,
+        /// Query vectors; without it a seeded sample of the input is held out.
+        #[arg(long = "queries")]
+        queries_file: Option<PathBuf>,
+        /// Held-out or used queries [default: min(1000, rows/10)].
+        #[arg(long)]
+        num_queries: Option<usize>,
+        /// Use at most this many base vectors (the first ones).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Bits per coordinate, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "2,4")]
+        bits: Vec<u32>,
+        /// Recall 1@k for these k.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
+        k: Vec<usize>,
+        /// Random rotation of TurboQuant.
+        #[arg(long, default_value = "hadamard")]
+        rotation: RotationKind,
+        /// Per-vector scalar of TurboQuant_mse (docs/SCALES.md).
+        #[arg(long, default_value = "unbiased")]
+        scale: ScaleMode,
+        #[command(flatten)]
+        common: KvCommon,
     },
     /// Attention quality of quantized KV caches on a K/V trace (safetensors, docs/FORMATS.md):
     /// every query of every head attends to its prefix; reports output error, score error,
@@ -480,8 +512,139 @@ fn run_attention(
     Ok(())
 }
 
+#[derive(Serialize)]
+struct SearchReport {
+    workload: &'static str,
+    source: &'static str,
+    input: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queries_input: Option<String>,
+    dim: usize,
+    vectors: usize,
+    queries: usize,
+    seed: u64,
+    rotation: RotationKind,
+    threads: usize,
+    results: Vec<search::SearchRow>,
+}
+
+fn load_base_and_queries(
+    input: &std::path::Path,
+    queries_file: &Option<PathBuf>,
+    num_queries: Option<usize>,
+    limit: Option<usize>,
+    seed: u64,
+) -> Result<(Vectors, Vectors)> {
+    let mut base = data::load(input)?;
+    if let Some(l) = limit {
+        ensure!(l > 0, "--limit must be positive");
+        base.rows = base.rows.min(l);
+        base.data.truncate(base.rows * base.dim);
+    }
+    match queries_file {
+        Some(path) => {
+            let qs = data::load(path)?;
+            ensure!(
+                qs.dim == base.dim,
+                "queries have dimension {} but the input has {}",
+                qs.dim,
+                base.dim
+            );
+            let qs = match num_queries {
+                Some(k) => qs.select(&(0..k.min(qs.rows)).collect::<Vec<_>>()),
+                None => qs,
+            };
+            Ok((base, qs))
+        }
+        None => hold_out(base, num_queries, false, seed),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_search(
+    input: PathBuf,
+    queries_file: Option<PathBuf>,
+    num_queries: Option<usize>,
+    limit: Option<usize>,
+    bits: Vec<u32>,
+    k: Vec<usize>,
+    rotation: RotationKind,
+    scale: ScaleMode,
+    c: &KvCommon,
+) -> Result<()> {
+    for &b in &bits {
+        ensure!((1..=8).contains(&b), "--bits {b} is out of range (1..=8)");
+    }
+    let (base, qs) = load_base_and_queries(&input, &queries_file, num_queries, limit, c.seed)?;
+    let (threads, pool) = pool(c.threads)?;
+    let settings = search::SearchSettings {
+        bits,
+        ks: k,
+        rotation,
+        scale,
+        seed: c.seed,
+    };
+    let results = pool.install(|| search::run(&base, &qs, &settings))?;
+    let report = SearchReport {
+        workload: "search",
+        source: "file",
+        input: input.display().to_string(),
+        queries_input: queries_file.map(|p| p.display().to_string()),
+        dim: base.dim,
+        vectors: base.rows,
+        queries: qs.rows,
+        seed: c.seed,
+        rotation,
+        threads,
+        results,
+    };
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "search | {} | d = {} | {} vectors | {} queries | {} thread(s)",
+        report.input, report.dim, report.vectors, report.queries, threads
+    );
+    let ks: Vec<String> = settings.ks.iter().map(|k| k.to_string()).collect();
+    print!("{:<22} {:>4} {:>9}", "method", "bits", "bits/vec");
+    for k in &ks {
+        print!(" {:>6}", format!("R@{k}"));
+    }
+    println!(" {:>9} {:>9}", "index s", "search s");
+    for r in &report.results {
+        print!("{:<22} {:>4} {:>9.0}", r.method, r.bits, r.bits_per_vector);
+        for k in &ks {
+            print!(" {:>6.3}", r.recall_1_at_k.get(k).copied().unwrap_or(0.0));
+        }
+        println!(" {:>9.3} {:>9.3}", r.index_seconds, r.search_seconds);
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Search {
+            input,
+            queries_file,
+            num_queries,
+            limit,
+            bits,
+            k,
+            rotation,
+            scale,
+            common,
+        } => run_search(
+            input,
+            queries_file,
+            num_queries,
+            limit,
+            bits,
+            k,
+            rotation,
+            scale,
+            &common,
+        ),
         Command::Trace {
             trace,
             key_bits,
