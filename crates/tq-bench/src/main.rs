@@ -55,19 +55,8 @@ enum Command {
     /// Your own vectors: `.npy` (2-D float32, C or Fortran order), `.fvecs`, or `.safetensors`
     /// (a 2-D F32 tensor named `vectors`). Norms are kept as they are.
     Vectors {
-        /// The base vectors.
-        #[arg(long)]
-        input: PathBuf,
-        /// Query vectors (same formats). Without it, a seeded random sample of the input is held
-        /// out as queries.
-        #[arg(long = "queries")]
-        queries_file: Option<PathBuf>,
-        /// Held-out queries when no query file is given [default: min(1000, rows/10), or 100 with --quick].
-        #[arg(long)]
-        num_queries: Option<usize>,
-        /// Use at most this many base vectors (the first ones).
-        #[arg(long)]
-        limit: Option<usize>,
+        #[command(flatten)]
+        input: InputArgs,
         #[command(flatten)]
         common: Common,
     },
@@ -75,18 +64,8 @@ enum Command {
     /// (mse, prod) next to exact float search, uniform scalar quantization and k-means product
     /// quantization (256-entry tables) at the same bits, all on the same data in one run.
     Search {
-        /// The base vectors (.npy, .fvecs, .safetensors).
-        #[arg(long)]
-        input: PathBuf,
-        /// Query vectors; without it a seeded sample of the input is held out.
-        #[arg(long = "queries")]
-        queries_file: Option<PathBuf>,
-        /// Held-out or used queries [default: min(1000, rows/10)].
-        #[arg(long)]
-        num_queries: Option<usize>,
-        /// Use at most this many base vectors (the first ones).
-        #[arg(long)]
-        limit: Option<usize>,
+        #[command(flatten)]
+        input: InputArgs,
         /// Bits per coordinate, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "2,4")]
         bits: Vec<u32>,
@@ -167,6 +146,24 @@ enum Command {
         #[command(flatten)]
         common: KvCommon,
     },
+}
+
+/// Where the vector workloads read their vectors.
+#[derive(Args, Clone)]
+struct InputArgs {
+    /// The base vectors: `.npy` (2-D float32, C or Fortran order), `.fvecs`, or `.safetensors`
+    /// (a 2-D F32 tensor named `vectors`).
+    #[arg(long)]
+    input: PathBuf,
+    /// Query vectors (same formats). Without it, a seeded random sample of the input is held out.
+    #[arg(long = "queries")]
+    queries_file: Option<PathBuf>,
+    /// Queries to use or hold out [default: min(1000, rows/10), or 100 with --quick].
+    #[arg(long)]
+    num_queries: Option<usize>,
+    /// Use at most this many base vectors (the first ones).
+    #[arg(long)]
+    limit: Option<usize>,
 }
 
 #[derive(Args, Clone)]
@@ -528,14 +525,11 @@ struct SearchReport {
     results: Vec<search::SearchRow>,
 }
 
-fn load_base_and_queries(
-    input: &std::path::Path,
-    queries_file: &Option<PathBuf>,
-    num_queries: Option<usize>,
-    limit: Option<usize>,
-    seed: u64,
-) -> Result<(Vectors, Vectors)> {
-    let mut base = data::load(input)?;
+/// Loads the base vectors (at most `--limit`) and the queries: the query file's first
+/// `--num-queries`, or a seeded hold-out sample of the base.
+fn load_base_and_queries(a: &InputArgs, quick: bool, seed: u64) -> Result<(Vectors, Vectors)> {
+    let (queries_file, num_queries, limit) = (&a.queries_file, a.num_queries, a.limit);
+    let mut base = data::load(&a.input)?;
     if let Some(l) = limit {
         ensure!(l > 0, "--limit must be positive");
         base.rows = base.rows.min(l);
@@ -556,16 +550,13 @@ fn load_base_and_queries(
             };
             Ok((base, qs))
         }
-        None => hold_out(base, num_queries, false, seed),
+        None => hold_out(base, num_queries, quick, seed),
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn run_search(
-    input: PathBuf,
-    queries_file: Option<PathBuf>,
-    num_queries: Option<usize>,
-    limit: Option<usize>,
+    input: InputArgs,
     bits: Vec<u32>,
     k: Vec<usize>,
     rotation: RotationKind,
@@ -575,7 +566,7 @@ fn run_search(
     for &b in &bits {
         ensure!((1..=8).contains(&b), "--bits {b} is out of range (1..=8)");
     }
-    let (base, qs) = load_base_and_queries(&input, &queries_file, num_queries, limit, c.seed)?;
+    let (base, qs) = load_base_and_queries(&input, false, c.seed)?;
     let (threads, pool) = pool(c.threads)?;
     let settings = search::SearchSettings {
         bits,
@@ -588,8 +579,8 @@ fn run_search(
     let report = SearchReport {
         workload: "search",
         source: "file",
-        input: input.display().to_string(),
-        queries_input: queries_file.map(|p| p.display().to_string()),
+        input: input.input.display().to_string(),
+        queries_input: input.queries_file.as_ref().map(|p| p.display().to_string()),
         dim: base.dim,
         vectors: base.rows,
         queries: qs.rows,
@@ -626,25 +617,12 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Search {
             input,
-            queries_file,
-            num_queries,
-            limit,
             bits,
             k,
             rotation,
             scale,
             common,
-        } => run_search(
-            input,
-            queries_file,
-            num_queries,
-            limit,
-            bits,
-            k,
-            rotation,
-            scale,
-            &common,
-        ),
+        } => run_search(input, bits, k, rotation, scale, &common),
         Command::Trace {
             trace,
             key_bits,
@@ -705,41 +683,13 @@ fn run(cli: Cli) -> Result<()> {
             let qs = data::synthetic_queries(q, dim, common.seed);
             execute("synthetic", "synthetic", None, None, base, qs, &common)
         }
-        Command::Vectors {
-            input,
-            queries_file,
-            num_queries,
-            limit,
-            common,
-        } => {
-            let mut base = data::load(&input)?;
-            if let Some(l) = limit {
-                ensure!(l > 0, "--limit must be positive");
-                base.rows = base.rows.min(l);
-                base.data.truncate(base.rows * base.dim);
-            }
-            let (base, qs) = match &queries_file {
-                Some(path) => {
-                    let qs = data::load(path)?;
-                    ensure!(
-                        qs.dim == base.dim,
-                        "queries have dimension {} but the input has {}",
-                        qs.dim,
-                        base.dim
-                    );
-                    let qs = match num_queries {
-                        Some(k) => qs.select(&(0..k.min(qs.rows)).collect::<Vec<_>>()),
-                        None => qs,
-                    };
-                    (base, qs)
-                }
-                None => hold_out(base, num_queries, common.quick, common.seed)?,
-            };
-            let q = queries_file.as_ref().map(|p| p.display().to_string());
+        Command::Vectors { input, common } => {
+            let (base, qs) = load_base_and_queries(&input, common.quick, common.seed)?;
+            let q = input.queries_file.as_ref().map(|p| p.display().to_string());
             execute(
                 "vectors",
                 "file",
-                Some(input.display().to_string()),
+                Some(input.input.display().to_string()),
                 q,
                 base,
                 qs,
