@@ -184,7 +184,7 @@ struct Common {
     /// Bit widths to evaluate, comma-separated (1..=8).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
     bits: Vec<u32>,
-    /// mse (TurboQuant_mse) or prod (TurboQuant_prod: unbiased inner products).
+    /// mse (TurboQuant_mse), prod (TurboQuant_prod: unbiased inner products) or polar (PolarQuant, experimental).
     #[arg(long, value_enum, default_value_t = QuantizerKind::Mse)]
     quantizer: QuantizerKind,
     /// Random rotation: hadamard (O(d log d)) or haar (dense, O(d²)).
