@@ -698,15 +698,7 @@ impl MseBatch {
     /// # Errors
     /// `Core(LengthMismatch)` when `out.len() != len`.
     pub fn score_into(&self, query: &MseQuery, out: &mut [f32]) -> Result<()> {
-        self.check_out(out)?;
-        let bits = self.quantizer.bits();
-        score::for_each_block(out, |b, o| {
-            query.block_dots_fast(&self.codes, b, bits, o);
-            for (v, &n) in o.iter_mut().zip(&self.norms[b * BLOCK..]) {
-                *v = *v * n + query.offset;
-            }
-        });
-        Ok(())
+        self.score_blocks(query, out, true)
     }
 
     /// As [`MseBatch::score_into`] with the exact `f32` tables.
@@ -714,10 +706,20 @@ impl MseBatch {
     /// # Errors
     /// `Core(LengthMismatch)` when `out.len() != len`.
     pub fn score_exact_into(&self, query: &MseQuery, out: &mut [f32]) -> Result<()> {
+        self.score_blocks(query, out, false)
+    }
+
+    /// Scores every row through the fast (`u8`) or exact (`f32`) tables: unit dots times the
+    /// stored scale, plus the query's mean offset.
+    fn score_blocks(&self, query: &MseQuery, out: &mut [f32], fast: bool) -> Result<()> {
         self.check_out(out)?;
         let bits = self.quantizer.bits();
         score::for_each_block(out, |b, o| {
-            query.block_dots_exact(&self.codes, b, bits, o);
+            if fast {
+                query.block_dots_fast(&self.codes, b, bits, o);
+            } else {
+                query.block_dots_exact(&self.codes, b, bits, o);
+            }
             for (v, &n) in o.iter_mut().zip(&self.norms[b * BLOCK..]) {
                 *v = *v * n + query.offset;
             }
