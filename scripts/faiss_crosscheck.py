@@ -28,7 +28,12 @@ bits = [int(b) for b in (sys.argv[1:] or ["2", "4"])]
 print(f"faiss {faiss.__version__}, GloVe 6B 50d, {len(base)} base, {len(queries)} queries, max inner product")
 print(f"{'index':>12} {'bits/vec':>9} {'R@1':>6} {'R@4':>6} {'R@16':>6} {'index s':>8}")
 for b in bits:
-    for spec in [f"SQtqmse{b}", f"SQtq{b}", f"SQ{b}", f"EDEN{b}", f"RaBitQ{b}"]:
+    specs = [f"SQtqmse{b}", f"SQtq{b}", f"SQ{b}", f"EDEN{b}", f"RaBitQ{b}"]
+    # PQ with 8-bit sub-codes at b bits per coordinate needs d·b/8 sub-spaces dividing d.
+    m = base.shape[1] * b // 8
+    if m > 0 and base.shape[1] % m == 0 and base.shape[1] * b % 8 == 0:
+        specs.append(f"PQ{m}x8")
+    for spec in specs:
         try:
             index = faiss.index_factory(base.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:

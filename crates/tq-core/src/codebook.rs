@@ -129,7 +129,6 @@ pub struct Codebook {
     boundaries: Vec<f32>,
     centroids_f64: Vec<f64>,
     distortion: f64,
-    iterations: usize,
 }
 
 /// Cumulative moments of the coordinate law on the θ grid.
@@ -251,11 +250,9 @@ impl Codebook {
             .map(|i| libm::sin(law.compand_inverse((i as f64 + 0.5) / levels as f64)))
             .collect();
         let tol = 1e-12 / (dim as f64).sqrt();
-        let mut iterations = 0;
         // Plain Lloyd iterations to get close, then Newton steps on the fixed point `c = T(c)` of the
         // Lloyd map, whose Jacobian is tridiagonal (each centroid depends on its two boundaries).
         for it in 0..MAX_ITERS {
-            iterations = it + 1;
             let (next, _) = Self::lloyd_map(&law, dim, &c, false);
             let moved = max_diff(&c, &next);
             c = next;
@@ -265,7 +262,6 @@ impl Codebook {
         }
         if levels > 2 {
             for _ in 0..MAX_NEWTON {
-                iterations += 1;
                 let (t, jac) = Self::lloyd_map(&law, dim, &c, true);
                 let residual: Vec<f64> = t.iter().zip(&c).map(|(a, b)| a - b).collect();
                 let mut step = solve_newton(&jac, &residual);
@@ -294,7 +290,6 @@ impl Codebook {
             boundaries,
             centroids_f64: c,
             distortion,
-            iterations,
         })
     }
 
@@ -380,11 +375,6 @@ impl Codebook {
     /// `dim` times the per-coordinate mean squared error.
     pub fn distortion(&self) -> f64 {
         self.distortion
-    }
-
-    /// Lloyd iterations the build took.
-    pub fn iterations(&self) -> usize {
-        self.iterations
     }
 
     /// The code of one value: the number of boundaries strictly below it (ties take the lower code).

@@ -74,6 +74,19 @@ pub fn write_block(rows: &[u8], row_bytes: usize, block: &mut [u8]) {
     }
 }
 
+/// Writes `rows.len() / row_bytes` row-major packed rows into slots `first_slot..` of `block`:
+/// a whole-block [`write_block`] from slot 0 (later slots become zero), per-row [`write_row`]s
+/// otherwise (the other slots are kept).
+pub fn write_rows(rows: &[u8], row_bytes: usize, block: &mut [u8], first_slot: usize) {
+    if first_slot == 0 {
+        write_block(rows, row_bytes, block);
+    } else {
+        for (k, r) in rows.chunks_exact(row_bytes).enumerate() {
+            write_row(block, first_slot + k, r);
+        }
+    }
+}
+
 /// Reads slot `slot < 32` of `block` back into row-major packed bytes `out`. O(row_bytes).
 pub fn read_row(block: &[u8], slot: usize, out: &mut [u8]) {
     debug_assert!(slot < BLOCK);
@@ -255,45 +268,13 @@ pub fn scan_block_b3_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
     }
 }
 
-/// The `bits`-bit code of coordinate `j` of row `slot`, read from the block's nibbles (any width).
-/// The specification of the layout that the SIMD kernels decode; O(bits).
-#[inline]
-pub fn code_at(block: &[u8], bits: u32, j: usize, slot: usize) -> usize {
-    let start = bits as usize * j;
-    let mut v = 0usize;
-    let mut got = 0usize;
-    let mut pos = start / 4;
-    let mut off = start % 4;
-    while got < bits as usize {
-        v |= ((nibble(block, pos, slot) >> off) as usize) << got;
-        got += 4 - off;
-        off = 0;
-        pos += 1;
-    }
-    v & ((1 << bits) - 1)
-}
-
-/// Weighted sum of decoded rows: `acc[j] += Σ_r weights[r] · values[code_j(row r)]` for the 32
-/// rows of a block of `bits`-bit codes and `j < acc.len()` (the dimension; at most the codes per
-/// row). Rows with weight 0 contribute nothing (padding rows must have weight 0). AVX2 for
-/// `bits <= 4`: each coordinate's 32 codes are cut out of one or two nibble vectors with shifts,
-/// looked up with `vpermps` (two tables and a blend at 4 bits) and multiplied into 8 rows per FMA;
-/// wider codes and other CPUs use [`accumulate_block_scalar`]. O(32 · dim).
-pub fn accumulate_block(
-    block: &[u8],
-    bits: u32,
-    values: &[f32],
-    weights: &[f32; BLOCK],
-    acc: &mut [f32],
-) {
-    debug_assert_eq!(values.len(), 1 << bits);
-    accumulate_blocks(block, block.len() / BLOCK, bits, values, weights, acc)
-}
-
-/// [`accumulate_block`] over consecutive blocks: `acc[j] += Σ_i weights[i] · values[code_j(row i)]`
-/// for rows `i < weights.len()` stored in `blocks` (`ceil(n/32)` blocks of `32 · row_bytes` bytes).
-/// Blocks whose weights are all zero are skipped. With AVX2 the per-coordinate partial sums stay in
-/// 8-lane registers across blocks and are reduced once at the end. O(n · dim).
+/// Weighted sum of decoded rows: `acc[j] += Σ_i weights[i] · values[code_j(row i)]` for rows
+/// `i < weights.len()` stored in `blocks` (`ceil(n/32)` blocks of `32 · row_bytes` bytes) and
+/// `j < acc.len()` (the dimension; at most the codes per row). Blocks whose weights are all zero
+/// are skipped. AVX2 for `bits <= 4`: each coordinate's 32 codes are cut out of one or two nibble
+/// vectors with shifts, looked up with `vpermps` (two tables and a blend at 4 bits) and multiplied
+/// into 8 rows per FMA, with the per-coordinate partial sums kept in 8-lane registers across blocks
+/// and reduced once; wider codes and other CPUs use [`accumulate_block_scalar`]. O(n · dim).
 pub fn accumulate_blocks(
     blocks: &[u8],
     row_bytes: usize,
@@ -345,7 +326,7 @@ pub fn accumulate_blocks_multi(
     }
 }
 
-/// Scalar twin of [`accumulate_block`].
+/// Scalar twin of [`accumulate_blocks`] for one block (rows with weight 0 are skipped).
 pub fn accumulate_block_scalar(
     block: &[u8],
     bits: u32,
@@ -647,7 +628,7 @@ mod tests {
                     *w = if i % 5 == 4 { 0.0 } else { r.uniform() as f32 };
                 }
                 let (mut a, mut b) = (vec![0.5f32; d], vec![0.5f32; d]);
-                accumulate_block(&block, bits, &values, &weights, &mut a);
+                accumulate_blocks(&block, row_bytes, bits, &values, &weights, &mut a);
                 accumulate_block_scalar(&block, bits, &values, &weights, &mut b);
                 for j in 0..d {
                     let want: f32 = 0.5
@@ -708,6 +689,23 @@ mod tests {
                 assert_eq!(&one, m, "bits={bits}");
             }
         }
+    }
+
+    /// The `bits`-bit code of coordinate `j` of row `slot`, read from the block's nibbles (any width).
+    /// The specification of the layout that the SIMD kernels decode; O(bits).
+    fn code_at(block: &[u8], bits: u32, j: usize, slot: usize) -> usize {
+        let start = bits as usize * j;
+        let mut v = 0usize;
+        let mut got = 0usize;
+        let mut pos = start / 4;
+        let mut off = start % 4;
+        while got < bits as usize {
+            v |= ((nibble(block, pos, slot) >> off) as usize) << got;
+            got += 4 - off;
+            off = 0;
+            pos += 1;
+        }
+        v & ((1 << bits) - 1)
     }
 
     #[test]

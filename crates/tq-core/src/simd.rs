@@ -211,23 +211,6 @@ fn fwht_body(x: &mut [f32]) {
     }
 }
 
-/// `x[i] *= s[i]`. Lengths must match (checked with `debug_assert!`).
-#[inline]
-pub fn mul_in_place(x: &mut [f32], s: &[f32]) {
-    debug_assert_eq!(x.len(), s.len());
-    struct Op<'a>(&'a mut [f32], &'a [f32]);
-    impl WithSimd for Op<'_> {
-        type Output = ();
-        #[inline(always)]
-        fn with_simd<S: Simd>(self, _simd: S) {
-            for (a, b) in self.0.iter_mut().zip(self.1) {
-                *a *= *b;
-            }
-        }
-    }
-    arch().dispatch(Op(x, s))
-}
-
 /// `y[i] += a · x[i]` (SIMD dispatched; lengths must match, checked with `debug_assert!`).
 #[inline]
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {

@@ -108,3 +108,19 @@ pub(crate) fn check_finite(what: &'static str, xs: &[f32]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Writes `bytes` to `path`, mapping failures to [`Error::Io`].
+pub(crate) fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|e| Error::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Reads `path`, mapping failures to [`Error::Io`].
+pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}

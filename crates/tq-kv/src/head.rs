@@ -257,10 +257,11 @@ impl HeadCache {
         self.window_values.extend_from_slice(values);
         let over = self.window_len().saturating_sub(w);
         if over > 0 {
-            let aged_k: Vec<f32> = self.window_keys.drain(..over * d).collect();
-            let aged_v: Vec<f32> = self.window_values.drain(..over * d).collect();
-            self.keys.extend(&aged_k)?;
-            self.values.extend(&aged_v)?;
+            // Quantize the aged tokens straight from the window, then drop them from it.
+            self.keys.extend(&self.window_keys[..over * d])?;
+            self.values.extend(&self.window_values[..over * d])?;
+            self.window_keys.drain(..over * d);
+            self.window_values.drain(..over * d);
         }
         Ok(())
     }

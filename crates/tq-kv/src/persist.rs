@@ -234,10 +234,7 @@ impl ModelCache {
     /// [`Error::Io`] and serialization errors.
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = self.to_safetensors()?;
-        std::fs::write(path, bytes).map_err(|e| Error::Io {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
+        crate::error::write_file(path, &bytes)
     }
 
     /// Reads and validates a cache from `path`.
@@ -245,10 +242,7 @@ impl ModelCache {
     /// # Errors
     /// [`Error::Io`] and those of [`ModelCache::from_safetensors`].
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::Io {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let bytes = crate::error::read_file(path)?;
         Self::from_safetensors(&bytes)
     }
 }

@@ -304,10 +304,7 @@ impl KvTrace {
     /// [`Error::Trace`], [`Error::Io`].
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = self.to_safetensors()?;
-        std::fs::write(path, bytes).map_err(|e| Error::Io {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
+        crate::error::write_file(path, &bytes)
     }
 
     /// Reads and validates a trace.
@@ -315,10 +312,7 @@ impl KvTrace {
     /// # Errors
     /// [`Error::Io`], [`Error::Trace`].
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::Io {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let bytes = crate::error::read_file(path)?;
         Self::from_safetensors(&bytes)
     }
 }

@@ -110,6 +110,19 @@ pub(crate) fn check_finite(xs: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// Rejects a buffer whose length is not `expected` (`Core(LengthMismatch)` naming `what`).
+pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
+    if got != expected {
+        return Err(tq_core::Error::LengthMismatch {
+            what,
+            expected,
+            got,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// Rejects a vector whose length is not `dim`.
 pub(crate) fn check_dim(xs: &[f32], dim: usize) -> Result<()> {
     if xs.len() != dim {

@@ -16,7 +16,7 @@ use tq_core::scan::{self, BLOCK};
 use tq_core::{Codebook, Rotation, bitpack, simd};
 
 use crate::config::{MseConfig, ScaleMode};
-use crate::error::{check_batch, check_dim, check_finite};
+use crate::error::{check_batch, check_dim, check_finite, check_len};
 use crate::packed::PackedRows;
 use crate::score::{self, Hit, Tables};
 use crate::{Error, Result};
@@ -230,13 +230,7 @@ impl MseQuantizer {
             self.code_row(y, &mut s.codes, p);
             *n = self.scale_of(*n, y, &s.codes);
         }
-        if first_slot == 0 {
-            scan::write_block(&s.packed, rb, block);
-        } else {
-            for (k, p) in s.packed.chunks_exact(rb).enumerate() {
-                scan::write_row(block, first_slot + k, p);
-            }
-        }
+        scan::write_rows(&s.packed, rb, block, first_slot);
     }
 
     /// Quantizes one vector: returns its packed codes (`row_bytes` bytes) and norm. O(d log d)
@@ -257,14 +251,7 @@ impl MseQuantizer {
     pub fn quantize_into(&self, x: &[f32], packed: &mut [u8]) -> Result<f32> {
         check_dim(x, self.dim())?;
         check_finite(x)?;
-        if packed.len() != self.row_bytes {
-            return Err(tq_core::Error::LengthMismatch {
-                what: "packed row",
-                expected: self.row_bytes,
-                got: packed.len(),
-            }
-            .into());
-        }
+        check_len("packed row", self.row_bytes, packed.len())?;
         let mut y = vec![0.0; self.dim()];
         let mut norm = [0.0f32];
         self.rotate_unit(x, &mut y, &mut norm);
@@ -287,14 +274,7 @@ impl MseQuantizer {
     /// # Errors
     /// `Core(LengthMismatch)` for a `packed` of the wrong length, [`Error::DimMismatch`] for `out`.
     pub fn dequantize_into(&self, packed: &[u8], norm: f32, out: &mut [f32]) -> Result<()> {
-        if packed.len() != self.row_bytes {
-            return Err(tq_core::Error::LengthMismatch {
-                what: "packed row",
-                expected: self.row_bytes,
-                got: packed.len(),
-            }
-            .into());
-        }
+        check_len("packed row", self.row_bytes, packed.len())?;
         check_dim(out, self.dim())?;
         let mut codes = vec![0u8; self.dim()];
         let mut y = vec![0.0; self.dim()];
@@ -559,14 +539,7 @@ impl MseBatch {
     /// [`Error::RowOutOfRange`], `Core(LengthMismatch)`.
     pub fn row_codes(&self, i: usize, out: &mut [u8]) -> Result<()> {
         self.check_row(i)?;
-        if out.len() != self.codes.row_bytes() {
-            return Err(tq_core::Error::LengthMismatch {
-                what: "packed row",
-                expected: self.codes.row_bytes(),
-                got: out.len(),
-            }
-            .into());
-        }
+        check_len("packed row", self.codes.row_bytes(), out.len())?;
         self.codes.read_row(i, out);
         Ok(())
     }
@@ -627,23 +600,9 @@ impl MseBatch {
         weights: &[&[f32]],
         outs: &mut [&mut [f32]],
     ) -> Result<()> {
-        if weights.len() != outs.len() {
-            return Err(tq_core::Error::LengthMismatch {
-                what: "weight vectors",
-                expected: outs.len(),
-                got: weights.len(),
-            }
-            .into());
-        }
+        check_len("weight vectors", outs.len(), weights.len())?;
         for w in weights {
-            if w.len() != self.len() {
-                return Err(tq_core::Error::LengthMismatch {
-                    what: "weights",
-                    expected: self.len(),
-                    got: w.len(),
-                }
-                .into());
-            }
+            check_len("weights", self.len(), w.len())?;
         }
         for o in outs.iter() {
             check_dim(o, self.quantizer.dim())?;
@@ -680,14 +639,7 @@ impl MseBatch {
     }
 
     fn check_out(&self, out: &[f32]) -> Result<()> {
-        if out.len() != self.len() {
-            return Err(tq_core::Error::LengthMismatch {
-                what: "score output",
-                expected: self.len(),
-                got: out.len(),
-            }
-            .into());
-        }
+        check_len("score output", self.len(), out.len())?;
         Ok(())
     }
 

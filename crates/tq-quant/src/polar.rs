@@ -30,7 +30,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tq_core::{Rotation, RotationKind, simd};
 
-use crate::error::{check_batch, check_dim, check_finite};
+use crate::error::{check_batch, check_dim, check_finite, check_len};
 use crate::score::{self, Hit};
 use crate::{Error, Result};
 
@@ -322,24 +322,39 @@ impl PolarQuantizer {
     }
 
     /// Encodes one trusted row: packed angle codes, per-block f16 radii, returns the norm.
-    fn encode_row(&self, x: &[f32], codes: &mut [u8], radii: &mut [u16]) -> f32 {
+    fn encode_row(&self, x: &[f32], codes: &mut [u8], radii: &mut [u16], y: &mut Vec<f32>) -> f32 {
         let d = self.dim();
         let norm = simd::sum_squares_fixed(x).sqrt();
-        let mut y = vec![0.0f32; d];
-        self.rotation.apply_unchecked(x, &mut y);
+        y.resize(d, 0.0);
+        self.rotation.apply_unchecked(x, y);
         if norm > 0.0 {
-            simd::scale_in_place(&mut y, 1.0 / norm);
+            simd::scale_in_place(y, 1.0 / norm);
         }
-        let mut bits_out: Vec<(u8, u32)> = Vec::with_capacity(d);
+        // The transform of `polar_transform`, in place: level by level, pair i's radius replaces
+        // slot i (read before any later write reaches it), and each angle's code is written as
+        // soon as it is known, in the stored order (level 1's codes first within a block).
+        codes.fill(0);
+        let mut pos = 0usize;
+        let mut buf = [0f64; 64];
         for (blk, r) in y.chunks_exact(self.config.block()).zip(radii.iter_mut()) {
-            let (angles, radius) = Self::polar_transform(blk);
-            for (level, ang) in angles.iter().enumerate() {
-                let book = &self.books[level];
-                bits_out.extend(ang.iter().map(|&t| (book.quantize(t), book.bits)));
+            for (b, &v) in buf.iter_mut().zip(blk) {
+                *b = v as f64;
             }
-            *r = f16::from_f64(radius).to_bits();
+            let mut width = blk.len();
+            for (level, book) in self.books.iter().enumerate() {
+                for i in 0..width / 2 {
+                    let (a, b) = (buf[2 * i], buf[2 * i + 1]);
+                    let mut t = libm::atan2(b, a);
+                    if level == 0 && t < 0.0 {
+                        t += std::f64::consts::TAU;
+                    }
+                    write_bits(codes, &mut pos, book.quantize(t), book.bits);
+                    buf[i] = libm::hypot(a, b);
+                }
+                width /= 2;
+            }
+            *r = f16::from_f64(buf[0]).to_bits();
         }
-        pack_variable(&bits_out, codes);
         norm
     }
 
@@ -376,18 +391,15 @@ impl PolarQuantizer {
     }
 }
 
-/// Packs `(code, bits)` pairs LSB-first into `out` (zero-filled first).
-fn pack_variable(codes: &[(u8, u32)], out: &mut [u8]) {
-    out.fill(0);
-    let mut pos = 0usize;
-    for &(c, b) in codes {
-        for i in 0..b as usize {
-            if (c >> i) & 1 == 1 {
-                out[(pos + i) / 8] |= 1 << ((pos + i) % 8);
-            }
+/// Writes the low `bits` bits of `code` LSB-first at stream position `*pos` (the bytes start zeroed).
+fn write_bits(out: &mut [u8], pos: &mut usize, code: u8, bits: u32) {
+    for i in 0..bits as usize {
+        if (code >> i) & 1 == 1 {
+            let p = *pos + i;
+            out[p / 8] |= 1 << (p % 8);
         }
-        pos += b as usize;
     }
+    *pos += bits as usize;
 }
 
 struct BitReader<'a> {
@@ -512,7 +524,9 @@ impl PolarBatch {
             .zip(self.radii[start * rb..].par_chunks_mut(rb))
             .zip(self.norms[start..].par_iter_mut())
             .zip(xs.par_chunks(d))
-            .for_each(|(((c, r), n), x)| *n = q.encode_row(x, c, r));
+            .for_each_init(Vec::new, |y, (((c, r), n), x)| {
+                *n = q.encode_row(x, c, r, y)
+            });
         Ok(())
     }
 
@@ -560,14 +574,7 @@ impl PolarBatch {
     /// `Core(LengthMismatch)` unless `weights.len() == len`; [`Error::DimMismatch`] for `out`.
     pub fn weighted_sum(&self, weights: &[f32], out: &mut [f32]) -> Result<()> {
         let d = self.quantizer.dim();
-        if weights.len() != self.len() {
-            return Err(tq_core::Error::LengthMismatch {
-                what: "weights",
-                expected: self.len(),
-                got: weights.len(),
-            }
-            .into());
-        }
+        check_len("weights", self.len(), weights.len())?;
         check_dim(out, d)?;
         let (mut acc, mut y) = (vec![0.0f32; d], vec![0.0f32; d]);
         for (i, &w) in weights.iter().enumerate() {
@@ -599,14 +606,7 @@ impl PolarBatch {
         let d = self.quantizer.dim();
         check_dim(q, d)?;
         check_finite(q)?;
-        if out.len() != self.len() {
-            return Err(tq_core::Error::LengthMismatch {
-                what: "score output",
-                expected: self.len(),
-                got: out.len(),
-            }
-            .into());
-        }
+        check_len("score output", self.len(), out.len())?;
         let mut rq = vec![0.0f32; d];
         self.quantizer.rotation.apply_unchecked(q, &mut rq);
         let work = |(i, o): (usize, &mut f32), y: &mut Vec<f32>| {

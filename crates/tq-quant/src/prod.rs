@@ -17,7 +17,7 @@ use tq_core::scan::{self, BLOCK};
 use tq_core::simd;
 
 use crate::config::{MseConfig, ProdConfig, QjlConfig};
-use crate::error::{check_batch, check_dim, check_finite};
+use crate::error::{check_batch, check_dim, check_finite, check_len};
 use crate::mse::{MseQuantizer, MseQuery, Scratch};
 use crate::packed::PackedRows;
 use crate::qjl::{QjlSketch, SQRT_PI_OVER_2, signed_sum};
@@ -129,7 +129,7 @@ impl ProdQuantizer {
                         *v -= c[code as usize];
                     }
                 }
-                write_rows(&s.packed, rb, block, first_slot);
+                scan::write_rows(&s.packed, rb, block, first_slot);
             }
             _ => {
                 s.ys.copy_from_slice(xs);
@@ -153,7 +153,7 @@ impl ProdQuantizer {
         for (p, out) in proj.chunks_exact(m).zip(signs.chunks_exact_mut(sb)) {
             QjlSketch::pack_signs(p, out);
         }
-        write_rows(&signs, sb, sign_block, first_slot);
+        scan::write_rows(&signs, sb, sign_block, first_slot);
     }
 
     /// Prepares a query: `Π q` and its MSE tables, `S Π q` and its sign tables. O(d² ) for the sketch.
@@ -209,17 +209,6 @@ impl ProdQuantizer {
             None => out.copy_from_slice(&y),
         }
         simd::scale_in_place(out, norm);
-    }
-}
-
-/// Writes row-major packed rows into a block from `first_slot` (whole-block write from slot 0).
-fn write_rows(rows: &[u8], row_bytes: usize, block: &mut [u8], first_slot: usize) {
-    if first_slot == 0 {
-        scan::write_block(rows, row_bytes, block);
-    } else {
-        for (k, r) in rows.chunks_exact(row_bytes).enumerate() {
-            scan::write_row(block, first_slot + k, r);
-        }
     }
 }
 
@@ -460,14 +449,7 @@ impl ProdBatch {
     }
 
     fn check_out(&self, out: &[f32]) -> Result<()> {
-        if out.len() != self.len() {
-            return Err(tq_core::Error::LengthMismatch {
-                what: "score output",
-                expected: self.len(),
-                got: out.len(),
-            }
-            .into());
-        }
+        check_len("score output", self.len(), out.len())?;
         Ok(())
     }
 

@@ -17,7 +17,7 @@ use tq_core::{SeededRng, bitpack, rng::stream, rotation::orthonormal_rows, simd}
 
 use crate::Result;
 use crate::config::{QjlConfig, SketchKind};
-use crate::error::{check_dim, check_finite};
+use crate::error::{check_dim, check_finite, check_len};
 
 /// `sqrt(π/2)`, the QJL de-biasing constant.
 pub const SQRT_PI_OVER_2: f32 = 1.253_314_1;
@@ -130,14 +130,7 @@ impl QjlSketch {
     pub fn sketch_into(&self, k: &[f32], signs: &mut [u8]) -> Result<f32> {
         check_dim(k, self.dim())?;
         check_finite(k)?;
-        if signs.len() != self.sign_bytes() {
-            return Err(tq_core::Error::LengthMismatch {
-                what: "QJL signs",
-                expected: self.sign_bytes(),
-                got: signs.len(),
-            }
-            .into());
-        }
+        check_len("QJL signs", self.sign_bytes(), signs.len())?;
         let mut proj = vec![0.0; self.sketch_dim()];
         self.project_unchecked(k, &mut proj);
         Self::pack_signs(&proj, signs);
@@ -173,22 +166,8 @@ impl QjlSketch {
     /// `Core(LengthMismatch)` when `projected_query` is not `m` long or `signs` not `ceil(m/8)`.
     pub fn estimate(&self, projected_query: &[f32], signs: &[u8], norm: f32) -> Result<f32> {
         let m = self.sketch_dim();
-        if projected_query.len() != m {
-            return Err(tq_core::Error::LengthMismatch {
-                what: "projected query",
-                expected: m,
-                got: projected_query.len(),
-            }
-            .into());
-        }
-        if signs.len() != self.sign_bytes() {
-            return Err(tq_core::Error::LengthMismatch {
-                what: "QJL signs",
-                expected: self.sign_bytes(),
-                got: signs.len(),
-            }
-            .into());
-        }
+        check_len("projected query", m, projected_query.len())?;
+        check_len("QJL signs", self.sign_bytes(), signs.len())?;
         Ok(SQRT_PI_OVER_2 / m as f32 * norm * signed_sum(projected_query, signs))
     }
 }

@@ -256,6 +256,9 @@ fn mse_one_bit_shrinks_by_two_over_pi() {
 
 /// The u8 tables of the fast path add error; it must stay at most 1/5 of the quantization error
 /// (root mean square over all query/row pairs).
+/// Scores query `qi` into `(fast, exact)`.
+type Scorer<'a> = dyn Fn(usize, &mut [f32], &mut [f32]) + 'a;
+
 #[test]
 fn fast_path_error_is_a_fifth_of_quantization_error_or_less() {
     let d = 128;
@@ -268,27 +271,31 @@ fn fast_path_error_is_a_fifth_of_quantization_error_or_less() {
             .map(|(a, b)| (*a as f64) * (*b as f64))
             .sum()
     };
-    for b in [1u32, 2, 3, 4] {
-        let q =
-            Arc::new(MseQuantizer::new(MseConfig::new(d, b, RotationKind::Hadamard, 1)).unwrap());
-        let mut batch = MseBatch::new(q.clone());
-        batch.extend(&xs).unwrap();
+    // RMS of (fast - exact) over RMS of (exact - truth), for a scorer `score(qi, fast, exact)`.
+    let ratio = |score: &Scorer<'_>| {
         let (mut fast_err, mut quant_err) = (0.0f64, 0.0f64);
         let (mut fast, mut exact) = (vec![0.0; 2048], vec![0.0; 2048]);
         for qi in 0..20 {
-            let query = q.prepare_query(&qs[qi * d..(qi + 1) * d]).unwrap();
-            batch.score_into(&query, &mut fast).unwrap();
-            batch.score_exact_into(&query, &mut exact).unwrap();
+            score(qi, &mut fast, &mut exact);
             for i in 0..2048 {
                 fast_err += ((fast[i] - exact[i]) as f64).powi(2);
                 quant_err += (exact[i] as f64 - truth(qi, i)).powi(2);
             }
         }
-        let ratio = (fast_err / quant_err).sqrt();
-        assert!(
-            ratio <= 0.2,
-            "mse b={b}: fast/quantization RMSE ratio {ratio}"
-        );
+        (fast_err / quant_err).sqrt()
+    };
+    let query = |qi: usize| &qs[qi * d..(qi + 1) * d];
+    for b in [1u32, 2, 3, 4] {
+        let q =
+            Arc::new(MseQuantizer::new(MseConfig::new(d, b, RotationKind::Hadamard, 1)).unwrap());
+        let mut batch = MseBatch::new(q.clone());
+        batch.extend(&xs).unwrap();
+        let r = ratio(&|qi, fast, exact| {
+            let pq = q.prepare_query(query(qi)).unwrap();
+            batch.score_into(&pq, fast).unwrap();
+            batch.score_exact_into(&pq, exact).unwrap();
+        });
+        assert!(r <= 0.2, "mse b={b}: fast/quantization RMSE ratio {r}");
     }
     for b in [2u32, 3, 4, 5] {
         let cfg = ProdConfig {
@@ -301,21 +308,11 @@ fn fast_path_error_is_a_fifth_of_quantization_error_or_less() {
         let q = Arc::new(ProdQuantizer::new(cfg).unwrap());
         let mut batch = ProdBatch::new(q.clone());
         batch.extend(&xs).unwrap();
-        let (mut fast_err, mut quant_err) = (0.0f64, 0.0f64);
-        let (mut fast, mut exact) = (vec![0.0; 2048], vec![0.0; 2048]);
-        for qi in 0..20 {
-            let query = q.prepare_query(&qs[qi * d..(qi + 1) * d]).unwrap();
-            batch.score_into(&query, &mut fast).unwrap();
-            batch.score_exact_into(&query, &mut exact).unwrap();
-            for i in 0..2048 {
-                fast_err += ((fast[i] - exact[i]) as f64).powi(2);
-                quant_err += (exact[i] as f64 - truth(qi, i)).powi(2);
-            }
-        }
-        let ratio = (fast_err / quant_err).sqrt();
-        assert!(
-            ratio <= 0.2,
-            "prod b={b}: fast/quantization RMSE ratio {ratio}"
-        );
+        let r = ratio(&|qi, fast, exact| {
+            let pq = q.prepare_query(query(qi)).unwrap();
+            batch.score_into(&pq, fast).unwrap();
+            batch.score_exact_into(&pq, exact).unwrap();
+        });
+        assert!(r <= 0.2, "prod b={b}: fast/quantization RMSE ratio {r}");
     }
 }
