@@ -9,6 +9,7 @@
 mod data;
 mod eval;
 mod kv;
+mod real;
 mod search;
 
 use std::io::IsTerminal;
@@ -119,6 +120,86 @@ enum Command {
         /// Most recent tokens kept in f32.
         #[arg(long, default_value_t = 0)]
         window: usize,
+        #[command(flatten)]
+        common: KvCommon,
+    },
+    /// A real decoder-only model (ONNX bundle: model.onnx, tokenizer.json, config.json) run by
+    /// tract with its KV cache exact or stored as TurboQuant codes. Only the new tokens' keys and
+    /// values are quantized each step; the float past fed back is decoded from the codes (tract
+    /// runs float attention; the cache's storage and information are quantized).
+    ///
+    /// compare: the exact run generates; each configuration replays the exact tokens in
+    /// lock-step (logit RMSE, top-1, top-k, KL, perplexity of the exact tokens) and generates on
+    /// its own (token match, first divergence). --text: teacher-forced perplexity of a file.
+    RealModel {
+        /// Bundle directory (scripts/setup-real-model.sh writes artifacts/smollm2-135m-instruct).
+        #[arg(long, default_value = "artifacts/smollm2-135m-instruct")]
+        model_dir: PathBuf,
+        /// One prompt (wrapped in the model's chat template unless --raw).
+        #[arg(long, conflicts_with_all = ["prompts", "text"])]
+        prompt: Option<String>,
+        /// A prompt suite: JSON lines with a "prompt" string (e.g. fixtures/prompts.jsonl).
+        #[arg(long, conflicts_with = "text")]
+        prompts: Option<PathBuf>,
+        /// Teacher-forced perplexity of this text file instead of generation (one token per step,
+        /// so every prediction sees a quantized past).
+        #[arg(long)]
+        text: Option<PathBuf>,
+        /// With --text: use at most this many tokens.
+        #[arg(long, default_value_t = 300)]
+        max_tokens: usize,
+        /// Feed prompts as they are, without the chat template.
+        #[arg(long)]
+        raw: bool,
+        #[arg(long, value_enum, default_value_t = real::Mode::Compare)]
+        mode: real::Mode,
+        /// Key precisions, comma-separated: integers, 2.5 / 3.5 (outlier splits) or OBxCOUNT+RB.
+        #[arg(long, value_delimiter = ',', default_value = "4")]
+        key_bits: Vec<String>,
+        /// Value precisions, same forms (each key precision is paired with each value precision).
+        #[arg(long, value_delimiter = ',', default_value = "4")]
+        value_bits: Vec<String>,
+        /// Key quantizers, comma-separated: mse, prod, polar.
+        #[arg(long, value_delimiter = ',', default_value = "mse")]
+        key_strategy: Vec<KeyStrategy>,
+        /// Value quantizer: mse or polar.
+        #[arg(long, default_value = "mse")]
+        value_strategy: KeyStrategy,
+        /// Per-vector scalars of MSE keys and values, comma-separated: norm, unbiased, least-squares.
+        #[arg(long = "scale", value_delimiter = ',', default_value = "norm")]
+        scales: Vec<ScaleMode>,
+        /// Centre MSE keys and values on per-head means calibrated on a built-in text.
+        #[arg(long)]
+        center: bool,
+        /// Outlier channels for split precisions: auto (per-head RMS on a built-in calibration
+        /// text), none, or a list.
+        #[arg(long, default_value = "auto")]
+        split: kv::SplitChoice,
+        /// Most recent tokens kept in f32, comma-separated for several configurations.
+        #[arg(long, value_delimiter = ',', default_value = "0")]
+        window: Vec<usize>,
+        /// Random rotation of the cache quantizers: hadamard or haar.
+        #[arg(long, default_value = "hadamard")]
+        rotation: RotationKind,
+        /// Tokens generated per prompt [default: 32, or 16 with --quick].
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+        /// Size of the top-k overlap.
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+        /// Sample at this temperature instead of greedy decoding (seeded by --seed).
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// With --temperature: sample among this many most likely tokens.
+        #[arg(long, default_value_t = 50)]
+        sample_top_k: usize,
+        /// Write the exact run's keys, values and queries (of the first prompt, or of --text) as a
+        /// trace (docs/FORMATS.md) for `tq-bench trace --trace FILE`.
+        #[arg(long)]
+        dump_trace: Option<PathBuf>,
+        /// 16 new tokens and the built-in default prompt.
+        #[arg(long)]
+        quick: bool,
         #[command(flatten)]
         common: KvCommon,
     },
@@ -309,6 +390,49 @@ struct TraceSource {
     save: Option<PathBuf>,
 }
 
+/// The grid of KV cache configurations a workload evaluates.
+struct KvGrid<'a> {
+    key_bits: &'a [String],
+    value_bits: &'a [String],
+    strategies: &'a [KeyStrategy],
+    value_strategy: KeyStrategy,
+    scales: &'a [ScaleMode],
+    center: bool,
+    windows: &'a [usize],
+    rotation: RotationKind,
+}
+
+/// Every combination of the grid (keys x values x key strategy x scale x window), for head
+/// dimension `d`. Centring applies to all-MSE configurations only.
+fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>> {
+    let mut configs = Vec::new();
+    for kb in g.key_bits {
+        for vb in g.value_bits {
+            for &st in g.strategies {
+                for &scale in g.scales {
+                    for &window in g.windows {
+                        let (kp, vp) = (Precision::parse(kb, d)?, Precision::parse(vb, d)?);
+                        configs.push(HeadConfig {
+                            key_strategy: st,
+                            value_strategy: g.value_strategy,
+                            window,
+                            rotation: g.rotation,
+                            seed,
+                            score_mode: ScoreMode::Fast,
+                            scale,
+                            center: g.center
+                                && st == KeyStrategy::Mse
+                                && g.value_strategy == KeyStrategy::Mse,
+                            ..HeadConfig::new(d, kp, vp)
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(configs)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_trace(
     path: Option<PathBuf>,
@@ -345,28 +469,20 @@ fn run_trace(
         trace.save(out)?;
     }
     let d = trace.head_dim;
-    let mut configs = Vec::new();
-    for kb in key_bits {
-        for vb in value_bits {
-            for &st in strategies {
-                for &scale in scales {
-                    let (kp, vp) = (Precision::parse(kb, d)?, Precision::parse(vb, d)?);
-                    configs.push(HeadConfig {
-                        key_strategy: st,
-                        value_strategy,
-                        window,
-                        seed: c.seed,
-                        score_mode: ScoreMode::Fast,
-                        scale,
-                        center: center
-                            && st == KeyStrategy::Mse
-                            && value_strategy == KeyStrategy::Mse,
-                        ..HeadConfig::new(d, kp, vp)
-                    });
-                }
-            }
-        }
-    }
+    let configs = kv_configs(
+        &KvGrid {
+            key_bits,
+            value_bits,
+            strategies,
+            value_strategy,
+            scales,
+            center,
+            windows: &[window],
+            rotation: RotationKind::Hadamard,
+        },
+        d,
+        c.seed,
+    )?;
     let (threads, pool) = pool(c.threads)?;
     let pb = progress_bar(
         c.json,
@@ -613,8 +729,280 @@ fn run_search(
     Ok(())
 }
 
+/// The `real-model` command's arguments, gathered.
+struct RealArgs {
+    model_dir: PathBuf,
+    prompt: Option<String>,
+    prompts: Option<PathBuf>,
+    text: Option<PathBuf>,
+    max_tokens: usize,
+    raw: bool,
+    mode: real::Mode,
+    split: kv::SplitChoice,
+    max_new_tokens: Option<usize>,
+    top_k: usize,
+    temperature: Option<f32>,
+    sample_top_k: usize,
+    dump_trace: Option<PathBuf>,
+    quick: bool,
+}
+
+#[derive(Serialize)]
+struct RealReport {
+    workload: &'static str,
+    source: &'static str,
+    model: String,
+    model_dir: String,
+    seed: u64,
+    layers: usize,
+    kv_heads: usize,
+    q_heads: usize,
+    head_dim: usize,
+    mode: String,
+    sampling: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+    note: &'static str,
+    results: Vec<real::Row>,
+}
+
+/// The default prompt of `real-model`.
+const DEFAULT_PROMPT: &str = "What is the capital of France?";
+
+fn run_real(a: RealArgs, grid: &KvGrid<'_>, c: &KvCommon) -> Result<()> {
+    if !a.model_dir.is_dir() {
+        bail!(
+            "{}: no model bundle here (run scripts/setup-real-model.sh for SmolLM2-135M-Instruct, or pass --model-dir)",
+            a.model_dir.display()
+        );
+    }
+    let decoder = tq_onnx::Decoder::open(&a.model_dir)?;
+    let d = decoder.head_dim();
+    let configs: Vec<real::Config> = kv_configs(grid, d, c.seed)?
+        .into_iter()
+        .map(|head| real::Config {
+            head,
+            split: a.split.clone(),
+        })
+        .collect();
+    let sampling = match a.temperature {
+        None => tq_onnx::Sampling::Greedy,
+        Some(t) => tq_onnx::Sampling::Sample {
+            temperature: t,
+            top_k: a.sample_top_k,
+            seed: c.seed,
+        },
+    };
+    let max_new = a.max_new_tokens.unwrap_or(if a.quick { 16 } else { 32 });
+    let (_, pool) = pool(c.threads)?;
+    let (rows, text_label) = if let Some(path) = &a.text {
+        let body = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut ids = decoder.bundle().encode(&body)?;
+        ids.truncate(a.max_tokens);
+        let label = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        let rows = pool.install(|| {
+            real::run_text(
+                &decoder,
+                &label,
+                &ids,
+                &configs,
+                a.top_k,
+                a.dump_trace.as_ref(),
+                c.json,
+            )
+        })?;
+        (rows, Some(path.display().to_string()))
+    } else {
+        let texts = match (&a.prompt, &a.prompts) {
+            (Some(p), _) => vec![p.clone()],
+            (None, Some(f)) => real::read_prompts(f)?,
+            (None, None) => vec![DEFAULT_PROMPT.to_string()],
+        };
+        let prompts = texts
+            .iter()
+            .map(|t| {
+                let full = if a.raw {
+                    t.clone()
+                } else {
+                    decoder.bundle().chat_prompt(t)?
+                };
+                Ok(real::Prompt {
+                    label: t.clone(),
+                    ids: decoder.bundle().encode(&full)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rows = pool.install(|| {
+            real::run_prompts(
+                &decoder,
+                &prompts,
+                &configs,
+                a.mode,
+                max_new,
+                sampling,
+                a.top_k,
+                a.dump_trace.as_ref(),
+                c.json,
+            )
+        })?;
+        (rows, None)
+    };
+    let cfg = decoder.config();
+    let report = RealReport {
+        workload: "real-model",
+        source: "real-model",
+        model: cfg.name.clone(),
+        model_dir: a.model_dir.display().to_string(),
+        seed: c.seed,
+        layers: decoder.layers(),
+        kv_heads: decoder.kv_heads(),
+        q_heads: cfg.q_heads,
+        head_dim: d,
+        mode: if text_label.is_some() {
+            "perplexity".into()
+        } else {
+            format!("{:?}", a.mode).to_lowercase()
+        },
+        sampling: match sampling {
+            tq_onnx::Sampling::Greedy => "greedy".into(),
+            tq_onnx::Sampling::Sample {
+                temperature,
+                top_k,
+                seed,
+            } => format!("temperature {temperature}, top-{top_k}, seed {seed}"),
+        },
+        text: text_label,
+        note: "tract runs float attention over a past decoded from the cache's codes: the cache's storage and information are quantized, the attention arithmetic is not",
+        results: rows,
+    };
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "real-model | {} | {} layers x {} kv / {} q heads, d = {} | {} | {}",
+        report.model,
+        report.layers,
+        report.kv_heads,
+        report.q_heads,
+        d,
+        report.mode,
+        report.sampling
+    );
+    println!("note: {}", report.note);
+    let f = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
+    println!(
+        "{:>8} {:>8} {:>5} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}",
+        "keys",
+        "values",
+        "kq",
+        "window",
+        "bits",
+        "top1",
+        "top5",
+        "KL",
+        "ppl_ex",
+        "ppl_q",
+        "match",
+        "tok/s",
+        "q tok/s",
+        "x f16"
+    );
+    let mut last_prompt = String::new();
+    for r in &report.results {
+        if r.prompt != last_prompt {
+            println!("-- {}", r.prompt);
+            last_prompt = r.prompt.clone();
+        }
+        println!(
+            "{:>8} {:>8} {:>5} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}",
+            r.key_precision.as_deref().unwrap_or("exact"),
+            r.value_precision.as_deref().unwrap_or("exact"),
+            r.key_strategy.map_or("-", |k| k.name()),
+            r.window.map_or("-".into(), |w| w.to_string()),
+            f(r.bits_per_coordinate, 2),
+            f(r.top1_agreement, 3),
+            f(r.topk_overlap, 3),
+            r.kl_divergence.map_or("-".into(), |v| format!("{v:.2e}")),
+            f(r.perplexity_exact, 3),
+            f(r.perplexity_quantized, 3),
+            f(r.token_match_rate, 3),
+            f(r.decode_tokens_per_s_exact, 1),
+            f(r.decode_tokens_per_s_quantized, 1),
+            f(r.kv_ratio_vs_f16, 2),
+        );
+        if !r.generated_text.is_empty() && r.key_precision.is_none() || r.mode == "quantized" {
+            println!("   text: {:?}", r.generated_text);
+        }
+        if let Some(t) = &r.generated_text_quantized {
+            println!("   quantized text: {t:?}");
+        }
+    }
+    if let Some(r) = report.results.iter().find(|r| r.mode == "compare") {
+        println!("   exact text: {:?}", r.generated_text);
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::RealModel {
+            model_dir,
+            prompt,
+            prompts,
+            text,
+            max_tokens,
+            raw,
+            mode,
+            key_bits,
+            value_bits,
+            key_strategy,
+            value_strategy,
+            scales,
+            center,
+            split,
+            window,
+            rotation,
+            max_new_tokens,
+            top_k,
+            temperature,
+            sample_top_k,
+            dump_trace,
+            quick,
+            common,
+        } => run_real(
+            RealArgs {
+                model_dir,
+                prompt,
+                prompts,
+                text,
+                max_tokens,
+                raw,
+                mode,
+                split,
+                max_new_tokens,
+                top_k,
+                temperature,
+                sample_top_k,
+                dump_trace,
+                quick,
+            },
+            &KvGrid {
+                key_bits: &key_bits,
+                value_bits: &value_bits,
+                strategies: &key_strategy,
+                value_strategy,
+                scales: &scales,
+                center,
+                windows: &window,
+                rotation,
+            },
+            &common,
+        ),
         Command::Search {
             input,
             bits,

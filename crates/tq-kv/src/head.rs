@@ -308,14 +308,19 @@ impl HeadCache {
         self.truncate(0);
     }
 
-    fn reconstruct(&self, store: &Store, window: &[f32]) -> Result<Vec<f32>> {
+    /// Tokens `start..len` decoded into `len - start` rows (quantized rows from their codes,
+    /// window rows copied).
+    fn reconstruct_from(&self, store: &Store, window: &[f32], start: usize) -> Result<Vec<f32>> {
         let d = self.config.head_dim;
-        let mut out = vec![0.0f32; self.len() * d];
+        let start = start.min(self.len());
+        let mut out = vec![0.0f32; (self.len() - start) * d];
         let q = self.quantized_len();
-        for (i, row) in out[..q * d].chunks_exact_mut(d).enumerate() {
+        for (i, row) in (start..q).zip(out.chunks_exact_mut(d)) {
             store.reconstruct(i, row)?;
         }
-        out[q * d..].copy_from_slice(window);
+        let first_window = start.max(q) - q;
+        let skip = (q.saturating_sub(start)) * d;
+        out[skip..].copy_from_slice(&window[first_window * d..]);
         Ok(out)
     }
 
@@ -324,7 +329,7 @@ impl HeadCache {
     /// # Errors
     /// Only on internal inconsistency (not expected).
     pub fn keys(&self) -> Result<Vec<f32>> {
-        self.reconstruct(&self.keys, &self.window_keys)
+        self.keys_from(0)
     }
 
     /// All values decoded to f32 (`len · d`, row-major; window tokens exact).
@@ -332,7 +337,26 @@ impl HeadCache {
     /// # Errors
     /// Only on internal inconsistency (not expected).
     pub fn values(&self) -> Result<Vec<f32>> {
-        self.reconstruct(&self.values, &self.window_values)
+        self.values_from(0)
+    }
+
+    /// Keys of tokens `start..len` decoded to f32 (`(len - start) · d`; empty when
+    /// `start >= len`). Decoding a suffix costs O((len - start) · d log d), so a decode loop
+    /// that mirrors the cache in f32 re-reads only the rows that changed: the new tokens and
+    /// those that left the window.
+    ///
+    /// # Errors
+    /// Only on internal inconsistency (not expected).
+    pub fn keys_from(&self, start: usize) -> Result<Vec<f32>> {
+        self.reconstruct_from(&self.keys, &self.window_keys, start)
+    }
+
+    /// Values of tokens `start..len` decoded to f32; as [`HeadCache::keys_from`].
+    ///
+    /// # Errors
+    /// Only on internal inconsistency (not expected).
+    pub fn values_from(&self, start: usize) -> Result<Vec<f32>> {
+        self.reconstruct_from(&self.values, &self.window_values, start)
     }
 
     /// Saved parts: key and value part batches (tq-batch bytes) and the window rows.

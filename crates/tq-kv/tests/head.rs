@@ -187,6 +187,35 @@ fn fill_order_never_changes_codes_or_results() {
 }
 
 #[test]
+fn suffix_decode_equals_full_decode_with_and_without_window() {
+    let d = 48;
+    let n = 70;
+    let (k, v) = (rows(n, d, 16), rows(n, d, 17));
+    for window in [0usize, 6, 100] {
+        let mut c = HeadCache::new(
+            config(d, "3", "4", KeyStrategy::Mse, window),
+            &Outliers::default(),
+        )
+        .unwrap();
+        c.append(&k, &v).unwrap();
+        let (full_k, full_v) = (c.keys().unwrap(), c.values().unwrap());
+        for start in [0usize, 1, 33, n - window.min(n), n - 1, n, n + 5] {
+            let s = start.min(n);
+            assert_eq!(
+                c.keys_from(start).unwrap(),
+                full_k[s * d..],
+                "w{window} start {start}"
+            );
+            assert_eq!(
+                c.values_from(start).unwrap(),
+                full_v[s * d..],
+                "w{window} start {start}"
+            );
+        }
+    }
+}
+
+#[test]
 fn truncate_rolls_back_exactly() {
     let d = 32;
     let (k, v) = (rows(60, d, 8), rows(60, d, 9));
