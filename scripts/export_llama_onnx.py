@@ -298,7 +298,7 @@ def write_tiny_hf(path, seed):
         "max_position_embeddings": 1024,
         "bos_token_id": 0,
         "eos_token_id": 2,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": False,
         "vocab_size": vocab,
         "_name_or_path": "tq-tiny-llama",
     }
@@ -310,7 +310,13 @@ def write_tiny_hf(path, seed):
     def w(shape, scale):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
-    t = {"model.embed_tokens.weight": w((vocab, hidden), 1.0), "model.norm.weight": np.ones(hidden, np.float32)}
+    # A separate output head (a tied one would make every token predict itself) and a final norm
+    # of 0.25 give logits with a spread of a few nats, so perplexities are finite.
+    t = {
+        "model.embed_tokens.weight": w((vocab, hidden), 1.0),
+        "lm_head.weight": w((vocab, hidden), 1.0),
+        "model.norm.weight": np.full(hidden, 0.25, np.float32),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
         s = 1.0 / np.sqrt(hidden)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates fixtures/glove-2k.npy: the first 2000 GloVe 6B 50d vectors (PDDL-1.0) as a C-order
+# Regenerates the fixtures. fixtures/glove-2k.npy: the first 2000 GloVe 6B 50d vectors (PDDL-1.0) as a C-order
 # float32 .npy, used by the CLI tests as a small real embedding set. Checking is the default
 # (the committed file is used as is); run this only to regenerate it.
 set -euo pipefail
@@ -29,3 +29,8 @@ PY
 # trace quick path of `cargo xtask release-check`.
 cargo run --quiet --release -p tq-bench -- trace --quick --seed 42 --save-trace fixtures/trace-small.safetensors --json > /dev/null
 echo "wrote fixtures/trace-small.safetensors"
+# The tiny decoder bundle (2 layers, seeded random weights, a byte-level BPE tokenizer trained on a
+# built-in text) and the malformed bundles the tq-onnx tests must reject.
+venv="$(./scripts/python-venv.sh)"
+"$venv/bin/python" scripts/export_llama_onnx.py --tiny --seed 7 --out fixtures/tiny-llama
+"$venv/bin/python" scripts/make_bad_bundles.py

@@ -26,7 +26,6 @@ while [ $# -gt 0 ]; do
   shift
 done
 cache="${TQ_CACHE_DIR:-artifacts/.cache}"
-venv="$cache/venv"
 mkdir -p "$cache"
 if [ -z "$out" ]; then
   if [ -n "$hf_dir" ]; then out="artifacts/$(basename "$hf_dir")"; else out="artifacts/smollm2-135m-instruct"; fi
@@ -35,10 +34,7 @@ if [ "$force" = 0 ] && [ -f "$out/model.onnx" ] && [ -f "$out/tokenizer.json" ] 
   echo "setup-real-model: $out is already exported (--force to redo)"
   exit 0
 fi
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check gguf==0.19.0 numpy onnx tokenizers
-fi
+venv="$(./scripts/python-venv.sh)"
 start=$(date +%s)
 if [ -n "$hf_dir" ]; then
   "$venv/bin/python" scripts/export_llama_onnx.py --hf-dir "$hf_dir" --out "$out"

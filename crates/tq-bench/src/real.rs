@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use indicatif::ProgressBar;
 use serde::Serialize;
-use tq_kv::{HeadConfig, KeyStrategy, Precision};
+use tq_kv::{HeadConfig, KeyStrategy, Precision, RotationKind};
 use tq_onnx::{
     CacheSpec, Decoder, Keep, OutlierChoice, Run, Sampling, calibrate, generate, replay,
     teacher_forced, token_match, trace_of,
@@ -135,6 +135,8 @@ pub struct Row {
     pub centered: Option<bool>,
     /// Most recent tokens kept in f32.
     pub window: Option<usize>,
+    /// Random rotation of the quantizers.
+    pub rotation: Option<RotationKind>,
     /// Mean stored bits per coordinate over keys and values (codes and per-vector scalars).
     pub bits_per_coordinate: Option<f64>,
     /// Tokens compared (targets in teacher-forced text mode, generated tokens otherwise).
@@ -189,6 +191,7 @@ impl Row {
             scale: None,
             centered: None,
             window: None,
+            rotation: None,
             bits_per_coordinate: None,
             tokens,
             top1_agreement: None,
@@ -225,6 +228,7 @@ impl Row {
         self.scale = Some(c.head.scale);
         self.centered = Some(c.head.center);
         self.window = Some(c.head.window);
+        self.rotation = Some(c.head.rotation);
         // Stored bits per coordinate, scalars included, from the cache's exact byte count.
         let coords = run.f16_bytes as f64 / 2.0;
         self.bits_per_coordinate = Some(run.kv_bytes as f64 * 8.0 / coords.max(1.0));

@@ -545,3 +545,198 @@ fn search_compares_methods_on_the_glove_fixture() {
         Some(1)
     );
 }
+
+fn tiny_model() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/tiny-llama")
+}
+
+#[test]
+fn real_model_compare_reports_every_documented_field() {
+    let prompts = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/prompts.jsonl");
+    let trace = tmp("real-trace.safetensors");
+    let out = bench(&[
+        "real-model",
+        "--model-dir",
+        tiny_model(),
+        "--prompts",
+        prompts,
+        "--max-new-tokens",
+        "4",
+        "--key-bits",
+        "2,4",
+        "--value-bits",
+        "4",
+        "--key-strategy",
+        "mse,prod",
+        "--dump-trace",
+        trace.to_str().unwrap(),
+        "--json",
+    ]);
+    let r = json(&out);
+    assert_eq!(r["workload"], "real-model");
+    assert_eq!(r["source"], "real-model");
+    assert_eq!(r["model"], "tq-tiny-llama");
+    assert_eq!(r["mode"], "compare");
+    assert!(r["note"].as_str().unwrap().contains("float attention"));
+    let rows = r["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 8 * 4, "8 prompts x 4 configurations");
+    for row in rows {
+        for key in [
+            "mode",
+            "key_bits",
+            "value_bits",
+            "key_strategy",
+            "tokens",
+            "top1_agreement",
+            "topk_overlap",
+            "logit_rmse",
+            "kl_divergence",
+            "token_match_rate",
+            "perplexity_exact",
+            "perplexity_quantized",
+            "decode_tokens_per_s_exact",
+            "decode_tokens_per_s_quantized",
+            "kv_bytes_exact",
+            "kv_bytes_quantized",
+            "generated_text",
+        ] {
+            assert!(!row[key].is_null(), "missing {key} in {row}");
+        }
+        assert!(row.get("first_divergence_step").is_some());
+        let t1 = row["top1_agreement"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&t1));
+        assert!(
+            row["kv_bytes_quantized"].as_u64().unwrap() < row["kv_bytes_exact"].as_u64().unwrap()
+        );
+    }
+    // The dumped trace runs through the trace workload.
+    let out = bench(&[
+        "trace",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--key-bits",
+        "4",
+        "--json",
+    ]);
+    let t = json(&out);
+    assert_eq!(t["source"], "real-model");
+    assert_eq!(
+        (
+            t["layers"].as_u64(),
+            t["kv_heads"].as_u64(),
+            t["q_heads"].as_u64()
+        ),
+        (Some(2), Some(2), Some(4))
+    );
+    std::fs::remove_file(&trace).ok();
+}
+
+#[test]
+fn real_model_perplexity_exact_and_quantized_modes() {
+    let text = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/prose.txt");
+    let out = bench(&[
+        "real-model",
+        "--model-dir",
+        tiny_model(),
+        "--text",
+        text,
+        "--max-tokens",
+        "40",
+        "--key-bits",
+        "3,8",
+        "--value-bits",
+        "8",
+        "--window",
+        "0,8",
+        "--json",
+    ]);
+    let r = json(&out);
+    assert_eq!(r["mode"], "perplexity");
+    let rows = r["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    for row in rows {
+        assert_eq!(row["tokens"], 39);
+        assert!(row["perplexity_exact"].as_f64().unwrap() > 1.0);
+    }
+    let kl = |i: usize| rows[i]["kl_divergence"].as_f64().unwrap();
+    assert!(kl(2) < kl(0), "8-bit keys drift less than 3-bit keys");
+    for (mode, n) in [("exact", 1), ("quantized", 2)] {
+        let out = bench(&[
+            "real-model",
+            "--model-dir",
+            tiny_model(),
+            "--prompt",
+            "Hello",
+            "--mode",
+            mode,
+            "--max-new-tokens",
+            "3",
+            "--key-bits",
+            "2,4",
+            "--json",
+        ]);
+        let r = json(&out);
+        let rows = r["results"].as_array().unwrap();
+        assert_eq!(rows.len(), n, "{mode}");
+        assert_eq!(rows[0]["mode"], mode);
+    }
+    // Table output.
+    let out = bench(&[
+        "real-model",
+        "--model-dir",
+        tiny_model(),
+        "--quick",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ppl_q"));
+}
+
+#[test]
+fn real_model_errors_are_one_line() {
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--model-dir", "/nonexistent/model"],
+            "setup-real-model.sh",
+        ),
+        (vec!["--model-dir", tiny_model(), "--key-bits", "9"], "9"),
+        (
+            vec![
+                "--model-dir",
+                tiny_model(),
+                "--key-bits",
+                "2.5",
+                "--split",
+                "none",
+            ],
+            "--split none",
+        ),
+        (
+            vec![
+                "--model-dir",
+                tiny_model(),
+                "--prompts",
+                "/nonexistent.jsonl",
+            ],
+            "cannot read",
+        ),
+        (
+            vec!["--model-dir", tiny_model(), "--temperature", "0"],
+            "temperature",
+        ),
+        (
+            vec!["--model-dir", tiny_model(), "--max-new-tokens", "0"],
+            "max-new-tokens",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut all = vec!["real-model"];
+        all.extend(args.iter().copied());
+        let out = bench(&all);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(err.trim().lines().count() <= 2, "{args:?}: {err}");
+    }
+}

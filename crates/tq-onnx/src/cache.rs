@@ -173,6 +173,11 @@ impl<'a> Sequence<'a> {
         &self.past
     }
 
+    /// The code cache behind a quantized sequence (`None` when exact).
+    pub fn cache(&self) -> Option<&ModelCache> {
+        self.quant.as_ref()
+    }
+
     /// Bytes the cache stores: codes and scalars when quantized, f32 key-values when exact.
     pub fn kv_bytes(&self) -> usize {
         match &self.quant {

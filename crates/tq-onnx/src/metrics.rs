@@ -126,3 +126,55 @@ impl LogitComparison {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn identical_logits_have_zero_drift() {
+        let l = [1.0f32, 3.0, -2.0, 0.5];
+        let mut c = LogitComparison::new(2);
+        c.add(&l, &l, Some(1));
+        let m = c.summary();
+        assert_eq!(
+            (m.logit_rmse, m.top1_agreement, m.topk_overlap),
+            (0.0, 1.0, 1.0)
+        );
+        assert!(m.kl_divergence.abs() < 1e-15);
+        assert_eq!(m.perplexity_exact, m.perplexity_quantized);
+    }
+
+    #[test]
+    fn uniform_logits_have_perplexity_v_and_known_kl() {
+        let v = 8;
+        let flat = vec![0.0f32; v];
+        let mut peaked = flat.clone();
+        peaked[3] = 2.0f32.ln(); // p = 2/9 on token 3, 1/9 elsewhere
+        let mut c = LogitComparison::new(1);
+        c.add(&flat, &peaked, Some(3));
+        let m = c.summary();
+        assert!((m.perplexity_exact - v as f64).abs() < 1e-9);
+        assert!((m.perplexity_quantized - 4.5).abs() < 1e-6);
+        // KL(uniform ‖ q) = Σ 1/8 ln((1/8)/q_i) = ln(9/8) - ln(2)/8
+        let kl = (9.0f64 / 8.0).ln() - 2.0f64.ln() / 8.0;
+        assert!((m.kl_divergence - kl).abs() < 1e-7);
+        assert_eq!(m.top1_agreement, 0.0, "ties go to the lowest index: 0 vs 3");
+        assert!((m.logit_rmse - (2.0f64.ln().powi(2) / 8.0).sqrt()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_k_orders_by_value_then_index() {
+        let l = [0.5f32, 2.0, 2.0, -1.0, 3.0];
+        assert_eq!(top_k(&l, 3), vec![4, 1, 2]);
+        assert_eq!(top_k(&l, 10).len(), 5);
+        assert!(top_k(&l, 0).is_empty());
+        assert_eq!(argmax(&l), 4);
+        let ls = log_softmax(&[1000.0, 1000.0]);
+        assert!(
+            (ls[0] - 0.5f64.ln()).abs() < 1e-12,
+            "max-subtracted: no overflow"
+        );
+    }
+}

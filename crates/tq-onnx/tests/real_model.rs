@@ -1,0 +1,102 @@
+//! The real-model smoke test on SmolLM2-135M-Instruct (exported by scripts/setup-real-model.sh,
+//! which scripts/test.sh runs first): the export answers the reference prompt exactly, and a
+//! 16-token compare with a 4-bit cache stays on the exact run's tokens at 3.5x less memory than
+//! f16. Outside CI a missing export skips with a message; with CI=true it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use tq_kv::{HeadConfig, Precision};
+use tq_onnx::{CacheSpec, Decoder, Keep, Sampling, generate, replay};
+
+fn model_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("TQ_REAL_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../artifacts/smollm2-135m-instruct")
+        });
+    if dir.join("model.onnx").is_file() {
+        return Some(dir);
+    }
+    let msg = format!(
+        "{} holds no exported model: run scripts/setup-real-model.sh",
+        dir.display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}");
+    }
+    eprintln!("skipping the real-model smoke test: {msg}");
+    None
+}
+
+#[test]
+fn smollm2_answers_and_a_4_bit_cache_tracks_the_exact_run() {
+    let Some(dir) = model_dir() else { return };
+    let dec = Decoder::open(&dir).unwrap();
+    assert_eq!((dec.layers(), dec.kv_heads(), dec.head_dim()), (30, 3, 64));
+    let b = dec.bundle();
+    let ids = b
+        .encode(&b.chat_prompt("What is the capital of France?").unwrap())
+        .unwrap();
+    let keep = Keep {
+        logits: true,
+        trace: false,
+    };
+    let answer = generate(
+        &dec,
+        &CacheSpec::Exact,
+        &ids,
+        16,
+        Sampling::Greedy,
+        keep,
+        &mut || {},
+    )
+    .unwrap();
+    assert_eq!(answer.tokens, [504, 3575, 282, 4649, 314, 7042, 30, 2]);
+    assert_eq!(
+        b.decode(&answer.tokens).unwrap(),
+        "The capital of France is Paris."
+    );
+    assert!(answer.stopped_at_eos);
+
+    let ids = b
+        .encode(
+            &b.chat_prompt("Describe a rainy afternoon in a small town.")
+                .unwrap(),
+        )
+        .unwrap();
+    let exact = generate(
+        &dec,
+        &CacheSpec::Exact,
+        &ids,
+        16,
+        Sampling::Greedy,
+        keep,
+        &mut || {},
+    )
+    .unwrap();
+    assert_eq!(exact.tokens.len(), 16);
+    let p = Precision::Uniform(4);
+    let spec = CacheSpec::Quantized {
+        config: HeadConfig::new(64, p, p),
+        calibration: Vec::new(),
+    };
+    let (run, cmp) = replay(
+        &dec,
+        &spec,
+        &ids,
+        &exact.tokens,
+        &exact.logits,
+        5,
+        &mut || {},
+    )
+    .unwrap();
+    let m = cmp.summary();
+    eprintln!(
+        "4-bit compare over 16 tokens: {m:?}, kv ratio {:.2}",
+        run.f16_bytes as f64 / run.kv_bytes as f64
+    );
+    assert!(m.top1_agreement >= 0.9, "{m:?}");
+    assert!(run.f16_bytes as f64 >= 3.5 * run.kv_bytes as f64);
+    assert!(m.perplexity_quantized / m.perplexity_exact < 1.15, "{m:?}");
+}
