@@ -463,7 +463,8 @@ fn malformed_bundles_name_what_is_wrong() {
             std::fs::write(&p, v.to_string()).unwrap();
         }
     };
-    let cases: Vec<(&str, Box<dyn FnOnce(&Path)>, &str)> = vec![
+    type Edit = Box<dyn FnOnce(&Path)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         ("layers", Box::new(set("num_hidden_layers", 3.into())), "3"),
         (
             "kv",
