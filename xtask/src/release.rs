@@ -74,6 +74,8 @@ pub fn steps(root: &Path, advisory_db: Option<&Path>) -> Vec<Step> {
         .join("fixtures/trace-small.safetensors")
         .display()
         .to_string();
+    let tiny_model = root.join("fixtures/tiny-llama").display().to_string();
+    let prompts = root.join("fixtures/prompts.jsonl").display().to_string();
     vec![
         Step {
             name: "fmt",
@@ -162,7 +164,30 @@ pub fn steps(root: &Path, advisory_db: Option<&Path>) -> Vec<Step> {
         Step {
             name: "real-model quick",
             required: true,
-            plan: Plan::Skip("the tq-onnx model runner is not part of this workspace yet".into()),
+            plan: Plan::Run(
+                [
+                    "cargo",
+                    "run",
+                    "--release",
+                    "-p",
+                    "tq-bench",
+                    "--",
+                    "real-model",
+                    "--model-dir",
+                    &tiny_model,
+                    "--prompts",
+                    &prompts,
+                    "--quick",
+                    "--key-bits",
+                    "4,2.5",
+                    "--value-bits",
+                    "4",
+                    "--json",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            ),
         },
     ]
 }
@@ -298,6 +323,10 @@ mod tests {
         );
         assert!(matches!(&s[6].plan, Plan::Skip(why) if why.contains("advisory-db")));
         assert!(root.join("fixtures/trace-small.safetensors").is_file());
+        assert!(root.join("fixtures/tiny-llama/model.onnx").is_file());
+        assert!(
+            matches!(&s[9].plan, Plan::Run(cmd) if cmd.iter().any(|a| a.ends_with("tiny-llama")))
+        );
         assert!(release_check(root, &["--bogus".into()]).is_err());
         assert!(release_check(root, &["--advisory-db".into(), "/nonexistent".into()]).is_err());
         assert!(release_check(root, &["--dry-run".into()]).unwrap());
