@@ -9,6 +9,7 @@
 mod data;
 mod eval;
 mod kv;
+mod plot;
 mod real;
 mod search;
 
@@ -79,6 +80,9 @@ enum Command {
         /// Per-vector scalar of TurboQuant_mse (docs/SCALES.md).
         #[arg(long, default_value = "unbiased")]
         scale: ScaleMode,
+        /// Also draw recall 1@k against k for every method and width into this SVG file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
         #[command(flatten)]
         common: KvCommon,
     },
@@ -296,6 +300,10 @@ struct Common {
     /// Print one JSON object on stdout instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also draw D_mse against bits (measured, the codebook's theory and the paper's bounds) and
+    /// recall 1@k curves into this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 /// The JSON report (schema in docs/REPORT_SCHEMA.md).
@@ -681,6 +689,7 @@ fn run_search(
     k: Vec<usize>,
     rotation: RotationKind,
     scale: ScaleMode,
+    plot_path: Option<PathBuf>,
     c: &KvCommon,
 ) -> Result<()> {
     for &b in &bits {
@@ -709,6 +718,31 @@ fn run_search(
         threads,
         results,
     };
+    if let Some(path) = &plot_path {
+        let series = report
+            .results
+            .iter()
+            .map(|r| plot::Series {
+                name: format!("{} ({} bits/vec)", r.method, r.bits_per_vector),
+                points: settings
+                    .ks
+                    .iter()
+                    .filter_map(|k| r.recall_1_at_k.get(&k.to_string()).map(|v| (*k as f64, *v)))
+                    .collect(),
+                dashed: r.method == "float",
+            })
+            .collect();
+        let chart = plot::Chart {
+            title: format!("recall 1@k, {} (d = {})", report.input, report.dim),
+            x_label: "k".into(),
+            y_label: "recall 1@k".into(),
+            log_y: false,
+            log_x: true,
+            series,
+        };
+        plot::write(path, &[chart])?;
+        eprintln!("wrote {}", path.display());
+    }
     if c.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -1016,8 +1050,9 @@ fn run(cli: Cli) -> Result<()> {
             k,
             rotation,
             scale,
+            plot,
             common,
-        } => run_search(input, bits, k, rotation, scale, &common),
+        } => run_search(input, bits, k, rotation, scale, plot, &common),
         Command::Trace {
             trace,
             key_bits,
@@ -1116,6 +1151,68 @@ fn hold_out(all: Vectors, k: Option<usize>, quick: bool, seed: u64) -> Result<(V
     Ok((all.select(&bidx), all.select(&qidx)))
 }
 
+/// The `--plot` charts of `synthetic` / `vectors`: D_mse against bits with the codebook's theory
+/// and the paper's bounds, and recall 1@k for each width.
+fn vector_charts(report: &Report) -> Vec<plot::Chart> {
+    let bits: Vec<u32> = report.results.iter().map(|r| r.bits).collect();
+    let (lo, hi) = plot::paper_bounds(&bits);
+    let mut series = vec![plot::Series {
+        name: format!("measured D_mse ({:?})", report.quantizer).to_lowercase(),
+        points: report
+            .results
+            .iter()
+            .map(|r| (r.bits as f64, r.d_mse))
+            .collect(),
+        dashed: false,
+    }];
+    let theory: Vec<(f64, f64)> = report
+        .results
+        .iter()
+        .filter_map(|r| r.d_mse_theory.map(|t| (r.bits as f64, t)))
+        .collect();
+    if !theory.is_empty() {
+        series.push(plot::Series {
+            name: "Lloyd-Max codebook (theory)".into(),
+            points: theory,
+            dashed: true,
+        });
+    }
+    series.extend([lo, hi]);
+    let distortion = plot::Chart {
+        title: format!("D_mse vs bits, {} (d = {})", report.workload, report.dim),
+        x_label: "bits per coordinate".into(),
+        y_label: "D_mse".into(),
+        log_y: true,
+        log_x: false,
+        series,
+    };
+    let recall = plot::Chart {
+        title: "recall of the true top-1 within the top-k".into(),
+        x_label: "k".into(),
+        y_label: "recall 1@k".into(),
+        log_y: false,
+        log_x: true,
+        series: report
+            .results
+            .iter()
+            .map(|r| {
+                let mut pts: Vec<(f64, f64)> = r
+                    .recall_1_at_k
+                    .iter()
+                    .filter_map(|(k, v)| k.parse::<f64>().ok().map(|k| (k, *v)))
+                    .collect();
+                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                plot::Series {
+                    name: format!("{} bits", r.bits),
+                    points: pts,
+                    dashed: false,
+                }
+            })
+            .collect(),
+    };
+    vec![distortion, recall]
+}
+
 fn execute(
     workload: &'static str,
     source: &'static str,
@@ -1207,6 +1304,10 @@ fn execute(
         threads,
         results,
     };
+    if let Some(path) = &c.plot {
+        plot::write(path, &vector_charts(&report))?;
+        eprintln!("wrote {}", path.display());
+    }
     if c.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

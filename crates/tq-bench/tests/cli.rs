@@ -740,3 +740,37 @@ fn real_model_errors_are_one_line() {
         assert!(err.trim().lines().count() <= 2, "{args:?}: {err}");
     }
 }
+
+#[test]
+fn plot_writes_svg_charts() {
+    let svg = tmp("synthetic.svg");
+    let out = bench(&[
+        "synthetic",
+        "--quick",
+        "--bits",
+        "2,4",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg"));
+    // measured, theory, two bounds; one recall curve per width
+    assert_eq!(text.matches("<polyline").count(), 4 + 2);
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/glove-2k.npy");
+    let out = bench(&[
+        "search",
+        "--input",
+        path,
+        "--bits",
+        "4",
+        "--k",
+        "1,4",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("recall 1@k") && text.contains("pq "));
+    std::fs::remove_file(&svg).ok();
+}
