@@ -158,7 +158,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = real::Mode::Compare)]
         mode: real::Mode,
         /// Key precisions, comma-separated: integers, 2.5 / 3.5 (outlier splits) or OBxCOUNT+RB.
-        #[arg(long, value_delimiter = ',', default_value = "4")]
+        /// The defaults (keys 5, values 4, least-squares scale, window 4) are the documented
+        /// default configuration (tq_kv::HeadConfig::recommended, docs/CHOOSING.md).
+        #[arg(long, value_delimiter = ',', default_value = "5")]
         key_bits: Vec<String>,
         /// Value precisions, same forms (each key precision is paired with each value precision).
         #[arg(long, value_delimiter = ',', default_value = "4")]
@@ -170,7 +172,7 @@ enum Command {
         #[arg(long, default_value = "mse")]
         value_strategy: KeyStrategy,
         /// Per-vector scalars of MSE keys and values, comma-separated: norm, unbiased, least-squares.
-        #[arg(long = "scale", value_delimiter = ',', default_value = "norm")]
+        #[arg(long = "scale", value_delimiter = ',', default_value = "least-squares")]
         scales: Vec<ScaleMode>,
         /// Centre MSE keys and values on per-head means calibrated on a built-in text.
         #[arg(long)]
@@ -180,7 +182,7 @@ enum Command {
         #[arg(long, default_value = "auto")]
         split: kv::SplitChoice,
         /// Most recent tokens kept in f32, comma-separated for several configurations.
-        #[arg(long, value_delimiter = ',', default_value = "0")]
+        #[arg(long, value_delimiter = ',', default_value = "4")]
         window: Vec<usize>,
         /// Random rotations of the cache quantizers, comma-separated: hadamard, haar.
         #[arg(long, value_delimiter = ',', default_value = "hadamard")]
