@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the two README commands need beyond Cargo's own downloads: the rustfmt and clippy
-# components of the installed toolchain. Safe to run more than once.
+# components of the installed toolchain and, on Linux, Mesa's software Vulkan for the GPU tests.
+# Safe to run more than once.
 set -euo pipefail
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust from https://rustup.rs first" >&2
@@ -8,6 +9,19 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 if command -v rustup >/dev/null 2>&1; then
   rustup component add rustfmt clippy
+fi
+# The GPU tests (crates/tq-gpu) run on Mesa's software Vulkan (lavapipe) when the machine has no
+# GPU: install it from Debian's packages unless a Vulkan driver for it is already there.
+if [ "$(uname -s)" = "Linux" ] && ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo=""
+    if [ "$(id -u)" != "0" ]; then sudo="sudo"; fi
+    $sudo apt-get install -y -q mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1 \
+      || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q mesa-vulkan-drivers libvulkan1 >/dev/null; }
+    echo "setup: installed mesa-vulkan-drivers and libvulkan1 (lavapipe)"
+  else
+    echo "setup: no apt-get; install Mesa's Vulkan drivers (lavapipe) for the GPU tests" >&2
+  fi
 fi
 # `./scripts/setup.sh --release-tools` also installs what `cargo xtask release-check` uses for
 # coverage and the dependency audit (several minutes of compilation; not needed for the tests).

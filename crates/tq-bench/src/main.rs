@@ -8,6 +8,7 @@
 
 mod data;
 mod eval;
+mod kernels;
 mod kv;
 mod plot;
 mod real;
@@ -204,6 +205,31 @@ enum Command {
         #[arg(long)]
         dump_trace: Option<PathBuf>,
         /// 16 new tokens and the built-in default prompt.
+        #[arg(long)]
+        quick: bool,
+        #[command(flatten)]
+        common: KvCommon,
+    },
+    /// Each batch kernel (quantize, dequantize, exact score of one query) timed alone on the CPU
+    /// path and on the wgpu path (WGSL kernels of tq-gpu; uploads, read-backs and device
+    /// synchronisation included), with vectors/s and GB/s moved. MSE, Hadamard rotation.
+    Kernels {
+        /// Implementations, comma-separated: cpu, wgpu.
+        #[arg(long, value_delimiter = ',', default_value = "cpu,wgpu")]
+        backend: Vec<kernels::Backend>,
+        /// Vectors [default: 1000000, or 20000 with --quick].
+        #[arg(long)]
+        vectors: Option<usize>,
+        /// Dimension (at most 1024 on the GPU path).
+        #[arg(long, default_value_t = 128)]
+        dim: usize,
+        /// Bits per coordinate.
+        #[arg(long, default_value_t = 4)]
+        bits: u32,
+        /// Repetitions; the best time is reported.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Small sizes that finish in seconds.
         #[arg(long)]
         quick: bool,
         #[command(flatten)]
@@ -991,8 +1017,91 @@ fn run_real(a: RealArgs, grid: &KvGrid<'_>, c: &KvCommon) -> Result<()> {
     Ok(())
 }
 
+#[derive(Serialize)]
+struct KernelsReport {
+    workload: &'static str,
+    source: &'static str,
+    seed: u64,
+    vectors: usize,
+    dim: usize,
+    bits: u32,
+    threads: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adapter: Option<String>,
+    results: Vec<kernels::KernelRow>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_kernels(
+    backends: &[kernels::Backend],
+    vectors: Option<usize>,
+    dim: usize,
+    bits: u32,
+    reps: usize,
+    quick: bool,
+    c: &KvCommon,
+) -> Result<()> {
+    ensure!(
+        (1..=8).contains(&bits),
+        "--bits {bits} is out of range (1..=8)"
+    );
+    ensure!(dim >= 2, "--dim must be at least 2");
+    let n = vectors.unwrap_or(if quick { 20_000 } else { 1_000_000 });
+    ensure!(n > 0, "--vectors must be positive");
+    let (threads, pool) = pool(c.threads)?;
+    let (results, adapter) = pool
+        .install(|| kernels::run(backends, n, dim, bits, c.seed, if quick { 1 } else { reps }))?;
+    let report = KernelsReport {
+        workload: "kernels",
+        source: "synthetic",
+        seed: c.seed,
+        vectors: n,
+        dim,
+        bits,
+        threads,
+        adapter,
+        results,
+    };
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "kernels | MSE b = {bits}, Hadamard | d = {dim} | {n} vectors | {threads} CPU thread(s){}",
+        report
+            .adapter
+            .as_ref()
+            .map(|a| format!(" | GPU: {a}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "{:>8} {:>11} {:>14} {:>9} {:>10}",
+        "backend", "kernel", "vectors/s", "GB/s", "seconds"
+    );
+    for r in &report.results {
+        println!(
+            "{:>8} {:>11} {:>14.0} {:>9.2} {:>10.4}",
+            format!("{:?}", r.backend).to_lowercase(),
+            r.kernel,
+            r.vectors_per_s,
+            r.gb_per_s,
+            r.seconds
+        );
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Kernels {
+            backend,
+            vectors,
+            dim,
+            bits,
+            reps,
+            quick,
+            common,
+        } => run_kernels(&backend, vectors, dim, bits, reps, quick, &common),
         Command::RealModel {
             model_dir,
             prompt,

@@ -774,3 +774,56 @@ fn plot_writes_svg_charts() {
     assert!(text.contains("recall 1@k") && text.contains("pq "));
     std::fs::remove_file(&svg).ok();
 }
+
+#[test]
+fn kernels_times_cpu_and_gpu_paths() {
+    // In CI the GPU path runs on lavapipe (scripts/setup.sh); elsewhere without an adapter the
+    // wgpu backend fails with a one-line error, which is what a user would see.
+    let out = bench(&[
+        "kernels",
+        "--quick",
+        "--vectors",
+        "2000",
+        "--dim",
+        "64",
+        "--backend",
+        "cpu",
+        "--json",
+    ]);
+    let r = json(&out);
+    assert_eq!(r["workload"], "kernels");
+    let rows = r["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        assert!(row["vectors_per_s"].as_f64().unwrap() > 0.0);
+        assert!(row["gb_per_s"].as_f64().unwrap() > 0.0);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_tq-bench"))
+        .args([
+            "kernels",
+            "--quick",
+            "--vectors",
+            "2000",
+            "--dim",
+            "64",
+            "--backend",
+            "wgpu",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(r["adapter"].is_string());
+        assert_eq!(r["results"].as_array().unwrap().len(), 3);
+    } else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "no GPU adapter in CI"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("adapter"), "{err}");
+    }
+    let out = bench(&["kernels", "--bits", "9"]);
+    assert!(!out.status.success());
+}

@@ -36,4 +36,4 @@ pub mod simd;
 pub use codebook::Codebook;
 pub use error::{Error, Result};
 pub use rng::SeededRng;
-pub use rotation::{Rotation, RotationKind};
+pub use rotation::{HadamardParams, Rotation, RotationKind};

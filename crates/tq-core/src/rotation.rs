@@ -82,6 +82,23 @@ enum Inner {
     },
 }
 
+/// The parameters of a randomized Hadamard rotation, for kernels that apply it outside this crate
+/// (the WGSL kernels of tq-gpu). Applying round by round, in order: multiply by `signs`, gather
+/// through `perm` (`x[i] = x_old[perm[i]]`, skipped when empty), then the normalised
+/// Walsh-Hadamard transform (standard radix-2 butterflies, `h = 1, 2, 4, ...`) of the first
+/// `block` coordinates and, when `block < d`, of the last `block` coordinates, each followed by a
+/// multiplication by `block_scale` when it is `Some` (otherwise the scale is folded into the
+/// signs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HadamardParams<'a> {
+    /// The power-of-two block `p <= d`.
+    pub block: usize,
+    /// `1/sqrt(p)` applied after each block transform, or `None` when folded into the signs.
+    pub block_scale: Option<f32>,
+    /// `(signs, perm)` of each round.
+    pub rounds: Vec<(&'a [f32], &'a [u32])>,
+}
+
 /// A seeded orthogonal map `Π` of `R^d` (see the module docs for the constructions).
 #[derive(Debug, Clone)]
 pub struct Rotation {
@@ -291,6 +308,21 @@ impl Rotation {
     /// vertical SIMD operation across rows; a lone row takes the row-wise path. Both paths perform
     /// the same floating-point operations on every element, so results are bit-identical however
     /// rows are grouped (a vector gets the same code alone or in a batch).
+    /// The Hadamard parameters (`None` for a dense Haar rotation).
+    pub fn hadamard_params(&self) -> Option<HadamardParams<'_>> {
+        let Inner::Hadamard { block, rounds } = &self.inner else {
+            return None;
+        };
+        Some(HadamardParams {
+            block: *block,
+            block_scale: (*block < self.dim).then(|| 1.0 / (*block as f32).sqrt()),
+            rounds: rounds
+                .iter()
+                .map(|r| (r.signs.as_slice(), r.perm.as_slice()))
+                .collect(),
+        })
+    }
+
     fn hadamard_rows(&self, rows: &mut [f32], inverse: bool) {
         let Inner::Hadamard { block, rounds } = &self.inner else {
             return;

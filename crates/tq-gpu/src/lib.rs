@@ -1,0 +1,652 @@
+//! GPU batch kernels for TurboQuant_mse, written in WGSL and driven through `wgpu`: quantize
+//! (randomized Hadamard rotation, codebook search, bit-packing into the CPU's 32-row block
+//! layout), dequantize and exact scoring. The codes are those of the CPU path (tq-quant), so a
+//! batch quantized here is an ordinary [`MseBatch`].
+//!
+//! - [`GpuContext`]: adapter and device selection (a discrete GPU first, then any adapter,
+//!   Mesa's software Vulkan included), pipelines compiled once, typed errors for a missing
+//!   adapter, shader validation, out-of-memory and a lost device.
+//! - [`GpuContext::quantize_mse`], [`GpuContext::dequantize_mse`], [`GpuContext::upload`] (a
+//!   resident batch) and [`ResidentBatch::score`] / [`ResidentBatch::top_k`]. Batches larger
+//!   than one dispatch or one storage binding are split into chunks of whole 32-row blocks.
+//!
+//! Scope: MSE quantizers with the Hadamard rotation, the norm scale and no mean, `d <= 1024`
+//! (one row lives in workgroup memory). Other configurations are [`Error::Unsupported`].
+//! Codes equal the CPU's except where a rotated coordinate lies within float rounding of a
+//! codebook boundary (the GPU's `sqrt` and division may differ from the CPU's by an ulp).
+
+use std::sync::Arc;
+
+use bytemuck::{Pod, Zeroable};
+use tq_quant::{MseBatch, MseQuantizer, PackedRows, RotationKind, ScaleMode};
+use wgpu::util::DeviceExt;
+
+/// Errors of tq-gpu.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No adapter was found (no GPU and no software rasterizer such as lavapipe).
+    #[error("no GPU adapter found (install Mesa's software Vulkan: scripts/setup.sh)")]
+    NoAdapter,
+    /// The adapter refused to create a device.
+    #[error("cannot create a device on {adapter}: {reason}")]
+    RequestDevice {
+        /// The adapter's name.
+        adapter: String,
+        /// wgpu's reason.
+        reason: String,
+    },
+    /// The device reported a validation error (shader or pipeline).
+    #[error("GPU validation error: {0}")]
+    Validation(String),
+    /// The device ran out of memory.
+    #[error("GPU out of memory: {0}")]
+    OutOfMemory(String),
+    /// The device was lost or a map or poll failed.
+    #[error("GPU device error: {0}")]
+    Device(String),
+    /// The quantizer or request is outside what the kernels implement.
+    #[error("not supported on the GPU path: {0}")]
+    Unsupported(String),
+    /// The input was rejected by tq-quant's checks.
+    #[error(transparent)]
+    Quant(#[from] tq_quant::Error),
+}
+
+/// Result alias of tq-gpu.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Largest dimension the kernels hold in workgroup memory.
+pub const MAX_DIM: usize = 1024;
+/// Rows per dispatch dimension (WebGPU's minimum guaranteed workgroup count).
+const MAX_GROUPS: u32 = 65535;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug)]
+struct Params {
+    d: u32,
+    p: u32,
+    rows: u32,
+    bits: u32,
+    rounds: u32,
+    has_perm: u32,
+    has_scale: u32,
+    row_bytes: u32,
+    block_scale: f32,
+    levels: u32,
+    pad0: u32,
+    pad1: u32,
+}
+
+/// A device, its queue and the compiled pipelines.
+pub struct GpuContext {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    max_binding: u64,
+    layout: wgpu::BindGroupLayout,
+    quantize: wgpu::ComputePipeline,
+    dequantize: wgpu::ComputePipeline,
+    score: wgpu::ComputePipeline,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }
+}
+
+/// Per-quantizer device buffers (rotation signs and permutations, one codebook table).
+struct QuantBuffers {
+    params: Params,
+    signs: wgpu::Buffer,
+    perm: wgpu::Buffer,
+}
+
+impl GpuContext {
+    /// Picks an adapter (high-performance first, then any, software included), creates a device
+    /// with the adapter's own limits and compiles the kernels.
+    ///
+    /// # Errors
+    /// [`Error::NoAdapter`], [`Error::RequestDevice`], [`Error::Validation`] if a kernel does not
+    /// compile on this adapter.
+    pub fn new() -> Result<Self> {
+        pollster::block_on(Self::new_async())
+    }
+
+    async fn new_async() -> Result<Self> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let mut adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+        // Discrete, integrated, virtual, CPU, other: the first kind present wins.
+        let rank = |a: &wgpu::Adapter| match a.get_info().device_type {
+            wgpu::DeviceType::DiscreteGpu => 0,
+            wgpu::DeviceType::IntegratedGpu => 1,
+            wgpu::DeviceType::VirtualGpu => 2,
+            wgpu::DeviceType::Cpu => 3,
+            wgpu::DeviceType::Other => 4,
+        };
+        adapters.sort_by_key(|a| (rank(a), a.get_info().backend != wgpu::Backend::Vulkan));
+        let adapter = adapters.into_iter().next().ok_or(Error::NoAdapter)?;
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        if limits.max_compute_workgroup_storage_size < 12_400 {
+            return Err(Error::Unsupported(format!(
+                "{} offers {} bytes of workgroup memory; the kernels need 12.4 KB",
+                info.name, limits.max_compute_workgroup_storage_size
+            )));
+        }
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("tq-gpu"),
+                required_features: wgpu::Features::empty(),
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::RequestDevice {
+                adapter: info.name.clone(),
+                reason: e.to_string(),
+            })?;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("mse.wgsl"),
+            source: wgpu::ShaderSource::Wgsl(include_str!("mse.wgsl").into()),
+        });
+        let mut entries = vec![wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        }];
+        for b in 1..=4 {
+            entries.push(storage_entry(b, true));
+        }
+        for b in 5..=7 {
+            entries.push(storage_entry(b, false));
+        }
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("tq-gpu mse"),
+            entries: &entries,
+        });
+        let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("tq-gpu mse"),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let pipeline = |entry: &str| {
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: Some(&pl),
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        };
+        let (quantize, dequantize, score) = (
+            pipeline("quantize"),
+            pipeline("dequantize"),
+            pipeline("score"),
+        );
+        if let Some(e) = scope.pop().await {
+            return Err(Error::Validation(e.to_string()));
+        }
+        Ok(Self {
+            max_binding: limits.max_storage_buffer_binding_size as u64,
+            device,
+            queue,
+            info,
+            layout,
+            quantize,
+            dequantize,
+            score,
+        })
+    }
+
+    /// Caps the bytes of one storage binding (never above the device's limit), so batches are
+    /// split into more chunks: for bounding device memory per call, and for testing the chunking.
+    pub fn with_binding_limit(mut self, bytes: u64) -> Self {
+        self.max_binding = self.max_binding.min(bytes.max(4096));
+        self
+    }
+
+    /// The adapter's name and backend, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan)`.
+    pub fn adapter(&self) -> String {
+        format!("{} ({:?})", self.info.name, self.info.backend)
+    }
+
+    /// `true` for a CPU (software) adapter such as lavapipe.
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    fn quant_buffers(&self, q: &MseQuantizer) -> Result<QuantBuffers> {
+        let cfg = q.config();
+        let d = q.dim();
+        if cfg.rotation != RotationKind::Hadamard {
+            return Err(Error::Unsupported(
+                "only the Hadamard rotation runs on the GPU".into(),
+            ));
+        }
+        if cfg.scale != ScaleMode::Norm || cfg.centered || q.mean().is_some() {
+            return Err(Error::Unsupported(
+                "only the norm scale without a mean runs on the GPU".into(),
+            ));
+        }
+        if d > MAX_DIM {
+            return Err(Error::Unsupported(format!("d = {d} exceeds {MAX_DIM}")));
+        }
+        let h = q
+            .rotation()
+            .hadamard_params()
+            .ok_or_else(|| Error::Unsupported("not a Hadamard rotation".into()))?;
+        let signs: Vec<f32> = h.rounds.iter().flat_map(|r| r.0.iter().copied()).collect();
+        let has_perm = h.rounds.iter().any(|r| !r.1.is_empty());
+        let mut perm: Vec<u32> = h.rounds.iter().flat_map(|r| r.1.iter().copied()).collect();
+        if perm.is_empty() {
+            perm.push(0);
+        }
+        let bits = cfg.bits;
+        let params = Params {
+            d: d as u32,
+            p: h.block as u32,
+            rows: 0,
+            bits,
+            rounds: h.rounds.len() as u32,
+            has_perm: has_perm as u32,
+            has_scale: h.block_scale.is_some() as u32,
+            row_bytes: q.row_bytes() as u32,
+            block_scale: h.block_scale.unwrap_or(1.0),
+            levels: 1 << bits,
+            pad0: 0,
+            pad1: 0,
+        };
+        Ok(QuantBuffers {
+            params,
+            signs: self.init(bytemuck::cast_slice(&signs), wgpu::BufferUsages::STORAGE),
+            perm: self.init(bytemuck::cast_slice(&perm), wgpu::BufferUsages::STORAGE),
+        })
+    }
+
+    fn init(&self, bytes: &[u8], usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        // Zero-length bindings are invalid: pad to one word.
+        let pad = [0u8; 4];
+        let contents = if bytes.is_empty() { &pad[..] } else { bytes };
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents,
+                usage,
+            })
+    }
+
+    fn zeroed(&self, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: size.max(4).div_ceil(4) * 4,
+            usage,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Rows per chunk: whole 32-row blocks, within one dispatch dimension and within the storage
+    /// binding limit for `bytes_per_row`.
+    fn chunk_rows(&self, bytes_per_row: u64) -> usize {
+        let by_binding = (self.max_binding / bytes_per_row.max(1)) as usize;
+        let by_dispatch = MAX_GROUPS as usize;
+        (by_binding.min(by_dispatch) / 32 * 32).max(32)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        params: Params,
+        qb: &QuantBuffers,
+        table: &wgpu::Buffer,
+        xs: &wgpu::Buffer,
+        codes: &wgpu::Buffer,
+        norms: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        groups: (u32, u32),
+    ) -> Result<()> {
+        let uniform = self.init(bytemuck::bytes_of(&params), wgpu::BufferUsages::UNIFORM);
+        let buffers = [&uniform, &qb.signs, &qb.perm, table, xs, codes, norms, out];
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &self.layout,
+            entries: &entries,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, &bind, &[]);
+            pass.dispatch_workgroups(groups.0, groups.1, 1);
+        }
+        self.queue.submit([enc.finish()]);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Validation(e.to_string()));
+        }
+        Ok(())
+    }
+
+    fn read(&self, buf: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        let staging = self.zeroed(
+            size,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size.div_ceil(4) * 4);
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Device(e.to_string()))?;
+        rx.recv()
+            .map_err(|e| Error::Device(e.to_string()))?
+            .map_err(|e| Error::Device(e.to_string()))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Device(e.to_string()))?;
+        let out = view[..size as usize].to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Quantizes `xs` (row-major, `n · d` finite f32) on the GPU into a batch of `quantizer`
+    /// (same codes, layout and norms as [`MseBatch::extend`], up to boundary ties).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for configurations the kernels do not implement; tq-quant's input
+    /// errors; device errors.
+    pub fn quantize_mse(&self, quantizer: &Arc<MseQuantizer>, xs: &[f32]) -> Result<MseBatch> {
+        let d = quantizer.dim();
+        if !xs.len().is_multiple_of(d) {
+            return Err(tq_quant::Error::DimMismatch {
+                expected: d,
+                got: xs.len() % d,
+            }
+            .into());
+        }
+        if let Some(bad) = xs.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Unsupported(format!("value #{bad} is not finite")));
+        }
+        let qb = self.quant_buffers(quantizer)?;
+        let table = self.init(
+            bytemuck::cast_slice(quantizer.codebook().boundaries()),
+            wgpu::BufferUsages::STORAGE,
+        );
+        let n = xs.len() / d;
+        let rb = quantizer.row_bytes();
+        let chunk = self.chunk_rows((d * 4) as u64);
+        let mut packed = PackedRows::new(rb);
+        packed.resize_rows(n);
+        let mut norms = Vec::with_capacity(n);
+        let dummy = self.zeroed(4, wgpu::BufferUsages::STORAGE);
+        for start in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - start);
+            let x = self.init(
+                bytemuck::cast_slice(&xs[start * d..(start + rows) * d]),
+                wgpu::BufferUsages::STORAGE,
+            );
+            let blocks = rows.div_ceil(32);
+            let code_bytes = (blocks * 32 * rb) as u64;
+            let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+            let codes = self.zeroed(code_bytes, usage);
+            let norm_buf = self.zeroed((rows * 4) as u64, usage);
+            let params = Params {
+                rows: rows as u32,
+                ..qb.params
+            };
+            self.run(
+                &self.quantize,
+                params,
+                &qb,
+                &table,
+                &x,
+                &codes,
+                &norm_buf,
+                &dummy,
+                (rows as u32, 1),
+            )?;
+            let bytes = self.read(&codes, code_bytes)?;
+            let first_block = start / 32;
+            packed.blocks_mut_from(first_block)[..bytes.len()].copy_from_slice(&bytes);
+            let nb = self.read(&norm_buf, (rows * 4) as u64)?;
+            norms.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&nb));
+        }
+        Ok(MseBatch::from_parts(quantizer.clone(), packed, norms)?)
+    }
+
+    /// Decodes every row of `batch` on the GPU: `norm · Πᵀ c[codes]` (row-major `n · d`).
+    ///
+    /// # Errors
+    /// As [`GpuContext::quantize_mse`].
+    pub fn dequantize_mse(&self, batch: &MseBatch) -> Result<Vec<f32>> {
+        let q = batch.quantizer();
+        let qb = self.quant_buffers(q)?;
+        let d = q.dim();
+        let table = self.init(
+            bytemuck::cast_slice(q.codebook().centroids()),
+            wgpu::BufferUsages::STORAGE,
+        );
+        let n = batch.len();
+        let rb = q.row_bytes();
+        let chunk = self.chunk_rows((d * 4) as u64);
+        let mut out = Vec::with_capacity(n * d);
+        let dummy = self.zeroed(4, wgpu::BufferUsages::STORAGE);
+        for start in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - start);
+            let blocks = rows.div_ceil(32);
+            let first = start / 32 * 32 * rb;
+            let codes = self.init(
+                &batch.codes().blocks()[first..first + blocks * 32 * rb],
+                wgpu::BufferUsages::STORAGE,
+            );
+            let norms = self.init(
+                bytemuck::cast_slice(&batch.norms()[start..start + rows]),
+                wgpu::BufferUsages::STORAGE,
+            );
+            let bytes = (rows * d * 4) as u64;
+            let res = self.zeroed(
+                bytes,
+                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            );
+            let params = Params {
+                rows: rows as u32,
+                ..qb.params
+            };
+            self.run(
+                &self.dequantize,
+                params,
+                &qb,
+                &table,
+                &dummy,
+                &codes,
+                &norms,
+                &res,
+                (rows as u32, 1),
+            )?;
+            out.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&self.read(&res, bytes)?));
+        }
+        Ok(out)
+    }
+
+    /// Uploads `batch` once; the returned handle scores queries against it without re-uploading.
+    ///
+    /// # Errors
+    /// As [`GpuContext::quantize_mse`].
+    pub fn upload<'a>(&'a self, batch: &MseBatch) -> Result<ResidentBatch<'a>> {
+        let q = batch.quantizer().clone();
+        let qb = self.quant_buffers(&q)?;
+        let rb = q.row_bytes();
+        let n = batch.len();
+        let chunk = ((self.max_binding / rb.max(1) as u64) as usize / 32 * 32).max(32);
+        let mut chunks = Vec::new();
+        for start in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - start);
+            let blocks = rows.div_ceil(32);
+            let first = start / 32 * 32 * rb;
+            chunks.push(Chunk {
+                rows,
+                codes: self.init(
+                    &batch.codes().blocks()[first..first + blocks * 32 * rb],
+                    wgpu::BufferUsages::STORAGE,
+                ),
+                norms: self.init(
+                    bytemuck::cast_slice(&batch.norms()[start..start + rows]),
+                    wgpu::BufferUsages::STORAGE,
+                ),
+            });
+        }
+        Ok(ResidentBatch {
+            ctx: self,
+            quantizer: q,
+            qb,
+            chunks,
+            len: n,
+        })
+    }
+}
+
+struct Chunk {
+    rows: usize,
+    codes: wgpu::Buffer,
+    norms: wgpu::Buffer,
+}
+
+/// A batch kept on the device for repeated scoring.
+pub struct ResidentBatch<'a> {
+    ctx: &'a GpuContext,
+    quantizer: Arc<MseQuantizer>,
+    qb: QuantBuffers,
+    chunks: Vec<Chunk>,
+    len: usize,
+}
+
+impl std::fmt::Debug for ResidentBatch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResidentBatch")
+            .field("len", &self.len)
+            .field("chunks", &self.chunks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResidentBatch<'_> {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// `true` when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Exact scores `⟨q, x̃_i⟩` of every row for query `q` (same as
+    /// [`MseBatch::score_exact_into`] up to float summation order).
+    ///
+    /// # Errors
+    /// tq-quant's query errors; device errors.
+    pub fn score(&self, q: &[f32]) -> Result<Vec<f32>> {
+        let ctx = self.ctx;
+        let d = self.quantizer.dim();
+        let prepared = self.quantizer.prepare_query(q)?;
+        let rotated = prepared.rotated();
+        let c = self.quantizer.codebook().centroids();
+        let table: Vec<f32> = rotated
+            .iter()
+            .flat_map(|&r| c.iter().map(move |&cv| r * cv))
+            .collect();
+        debug_assert_eq!(table.len(), d * c.len());
+        let table = ctx.init(bytemuck::cast_slice(&table), wgpu::BufferUsages::STORAGE);
+        let dummy = ctx.zeroed(4, wgpu::BufferUsages::STORAGE);
+        let mut out = Vec::with_capacity(self.len);
+        for ch in &self.chunks {
+            let bytes = (ch.rows * 4) as u64;
+            let res = ctx.zeroed(
+                bytes,
+                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            );
+            let params = Params {
+                rows: ch.rows as u32,
+                ..self.qb.params
+            };
+            let groups = (ch.rows as u32).div_ceil(64);
+            let (gx, gy) = if groups > MAX_GROUPS {
+                (MAX_GROUPS, groups.div_ceil(MAX_GROUPS))
+            } else {
+                (groups, 1)
+            };
+            ctx.run(
+                &ctx.score,
+                params,
+                &self.qb,
+                &table,
+                &dummy,
+                &ch.codes,
+                &ch.norms,
+                &res,
+                (gx, gy),
+            )?;
+            out.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&ctx.read(&res, bytes)?));
+        }
+        Ok(out)
+    }
+
+    /// The `k` best rows for `q` by GPU scores (ties by index), best first.
+    ///
+    /// # Errors
+    /// As [`ResidentBatch::score`].
+    pub fn top_k(&self, q: &[f32], k: usize) -> Result<Vec<(usize, f32)>> {
+        let s = self.score(q)?;
+        let mut idx: Vec<usize> = (0..s.len()).collect();
+        let k = k.min(idx.len());
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let cmp = |a: &usize, b: &usize| s[*b].total_cmp(&s[*a]).then(a.cmp(b));
+        idx.select_nth_unstable_by(k - 1, cmp);
+        idx.truncate(k);
+        idx.sort_by(cmp);
+        Ok(idx.into_iter().map(|i| (i, s[i])).collect())
+    }
+}

@@ -1,0 +1,208 @@
+// TurboQuant_mse batch kernels: quantize (randomized Hadamard rotation, unit scaling, codebook
+// search, bit-packing into the 32-row nibble-transposed block layout of tq-core::scan),
+// dequantize, and exact scoring against a per-query table. One workgroup per row for the
+// rotation kernels; the row lives in workgroup memory. Operation order follows the CPU path
+// (tq-core::rotation / simd) so results agree bit for bit up to the documented ties.
+
+struct Params {
+    d: u32,            // dimension
+    p: u32,            // power-of-two Hadamard block
+    rows: u32,         // rows in this dispatch
+    bits: u32,         // code width (1..=8)
+    rounds: u32,       // Hadamard rounds
+    has_perm: u32,     // 1 when the rounds permute (d not a power of two)
+    has_scale: u32,    // 1 when block_scale is applied after each block transform
+    row_bytes: u32,    // packed bytes per row
+    block_scale: f32,  // 1/sqrt(p) when has_scale
+    levels: u32,       // 2^bits
+    pad0: u32,
+    pad1: u32,
+};
+
+const WG: u32 = 64u;
+const MAX_D: u32 = 1024u;
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> signs: array<f32>;
+@group(0) @binding(2) var<storage, read> perm: array<u32>;
+@group(0) @binding(3) var<storage, read> table: array<f32>;      // boundaries (quantize) or centroids (dequantize)
+@group(0) @binding(4) var<storage, read> xs: array<f32>;         // rows (quantize) / unused
+@group(0) @binding(5) var<storage, read_write> codes: array<atomic<u32>>;
+@group(0) @binding(6) var<storage, read_write> norms: array<f32>;
+@group(0) @binding(7) var<storage, read_write> out: array<f32>;  // dequantized rows / unused
+
+var<workgroup> sh: array<f32, MAX_D>;
+var<workgroup> tmp: array<f32, MAX_D>;
+var<workgroup> cs: array<u32, MAX_D>;
+var<workgroup> acc: array<f32, 8>;
+
+fn fwht_block(off: u32, lid: u32) {
+    var h = 1u;
+    loop {
+        if (h >= P.p) { break; }
+        for (var k = lid; k < P.p / 2u; k = k + WG) {
+            let j = off + (k / h) * 2u * h + (k % h);
+            let u = sh[j];
+            let v = sh[j + h];
+            sh[j] = u + v;
+            sh[j + h] = u - v;
+        }
+        workgroupBarrier();
+        h = h * 2u;
+    }
+    if (P.has_scale == 1u) {
+        for (var i = lid; i < P.p; i = i + WG) {
+            sh[off + i] = sh[off + i] * P.block_scale;
+        }
+        workgroupBarrier();
+    }
+}
+
+// Bit `g` of the row's LSB-first code stream (codes in `cs`).
+fn stream_bit(g: u32) -> u32 {
+    if (g >= P.d * P.bits) { return 0u; }
+    return (cs[g / P.bits] >> (g % P.bits)) & 1u;
+}
+
+// Word index and shift of nibble `n` of global row `r` in the block layout.
+fn nibble_word(r: u32, n: u32) -> vec2<u32> {
+    let block = r / 32u;
+    let slot = r % 32u;
+    let byte = n * 16u + (slot % 16u);
+    let shift = 4u * (slot / 16u) + 8u * (byte % 4u);
+    return vec2<u32>(block * 8u * P.row_bytes + byte / 4u, shift);
+}
+
+@compute @workgroup_size(64)
+fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l: vec3<u32>) {
+    let row = wid.x + wid.y * 65535u;
+    if (row >= P.rows) { return; }
+    let lid = l.x;
+    let d = P.d;
+    let base = row * d;
+    for (var i = lid; i < d; i = i + WG) {
+        sh[i] = xs[base + i];
+    }
+    workgroupBarrier();
+    // Norm in the order of simd::sum_squares_fixed: 8 lanes over chunks of 8, fixed tree.
+    if (lid < 8u) {
+        var a = 0.0;
+        for (var i = lid; i < d; i = i + 8u) {
+            a = a + sh[i] * sh[i];
+        }
+        acc[lid] = a;
+    }
+    workgroupBarrier();
+    let norm = sqrt(((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])));
+    for (var r = 0u; r < P.rounds; r = r + 1u) {
+        for (var i = lid; i < d; i = i + WG) {
+            sh[i] = sh[i] * signs[r * d + i];
+        }
+        workgroupBarrier();
+        if (P.has_perm == 1u) {
+            for (var i = lid; i < d; i = i + WG) {
+                tmp[i] = sh[perm[r * d + i]];
+            }
+            workgroupBarrier();
+            for (var i = lid; i < d; i = i + WG) {
+                sh[i] = tmp[i];
+            }
+            workgroupBarrier();
+        }
+        fwht_block(0u, lid);
+        if (P.p < d) {
+            fwht_block(d - P.p, lid);
+        }
+    }
+    var inv = 0.0;
+    if (norm > 0.0) { inv = 1.0 / norm; }
+    let nb = P.levels - 1u;
+    for (var i = lid; i < d; i = i + WG) {
+        var y = 0.0;
+        if (norm > 0.0) { y = sh[i] * inv; }
+        var c = 0u;
+        for (var k = 0u; k < nb; k = k + 1u) {
+            if (y > table[k]) { c = c + 1u; }
+        }
+        cs[i] = c;
+    }
+    workgroupBarrier();
+    for (var n = lid; n < 2u * P.row_bytes; n = n + WG) {
+        let v = stream_bit(4u * n) | (stream_bit(4u * n + 1u) << 1u) | (stream_bit(4u * n + 2u) << 2u) | (stream_bit(4u * n + 3u) << 3u);
+        if (v != 0u) {
+            let w = nibble_word(row, n);
+            atomicOr(&codes[w.x], v << w.y);
+        }
+    }
+    if (lid == 0u) {
+        norms[row] = norm;
+    }
+}
+
+// Code of coordinate `j` of global row `r` read back from the block layout.
+fn read_code(r: u32, j: u32) -> u32 {
+    var c = 0u;
+    for (var k = 0u; k < P.bits; k = k + 1u) {
+        let gbit = j * P.bits + k;
+        let w = nibble_word(r, gbit / 4u);
+        let nib = (atomicLoad(&codes[w.x]) >> w.y) & 15u;
+        c = c | (((nib >> (gbit % 4u)) & 1u) << k);
+    }
+    return c;
+}
+
+fn ifwht_block(off: u32, lid: u32) {
+    // The normalised WHT is its own inverse: same butterflies, same scale.
+    fwht_block(off, lid);
+}
+
+@compute @workgroup_size(64)
+fn dequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l: vec3<u32>) {
+    let row = wid.x + wid.y * 65535u;
+    if (row >= P.rows) { return; }
+    let lid = l.x;
+    let d = P.d;
+    for (var i = lid; i < d; i = i + WG) {
+        sh[i] = table[read_code(row, i)];
+    }
+    workgroupBarrier();
+    for (var rr = 0u; rr < P.rounds; rr = rr + 1u) {
+        let r = P.rounds - 1u - rr;
+        if (P.p < d) {
+            ifwht_block(d - P.p, lid);
+        }
+        ifwht_block(0u, lid);
+        if (P.has_perm == 1u) {
+            for (var i = lid; i < d; i = i + WG) {
+                tmp[i] = sh[i];
+            }
+            workgroupBarrier();
+            for (var i = lid; i < d; i = i + WG) {
+                sh[perm[r * d + i]] = tmp[i];
+            }
+            workgroupBarrier();
+        }
+        for (var i = lid; i < d; i = i + WG) {
+            sh[i] = sh[i] * signs[r * d + i];
+        }
+        workgroupBarrier();
+    }
+    let norm = norms[row];
+    for (var i = lid; i < d; i = i + WG) {
+        out[row * d + i] = sh[i] * norm;
+    }
+}
+
+// Exact scores: score[row] = norm[row] * sum_j T[j * levels + code_j], one thread per row.
+// `table` holds T (d x levels, the query's rotated coordinates times the centroids) and `out` the
+// scores.
+@compute @workgroup_size(64)
+fn score(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let row = gid.x + gid.y * 65535u * 64u;
+    if (row >= P.rows) { return; }
+    var s = 0.0;
+    for (var j = 0u; j < P.d; j = j + 1u) {
+        s = s + table[j * P.levels + read_code(row, j)];
+    }
+    out[row] = s * norms[row];
+}
