@@ -47,6 +47,8 @@ pub struct EvalSettings {
     pub mean: Option<Vec<f32>>,
     /// PolarQuant level bits (overrides the mapping from --bits).
     pub polar_levels: Option<Vec<u32>>,
+    /// Quantize MSE batches with tq-gpu's kernels instead of the CPU path (`--backend wgpu`).
+    pub gpu: Option<Arc<tq_gpu::GpuContext>>,
 }
 
 /// PolarQuant level bits for a nominal width `b`: the given levels, or `b, ⌈b/2⌉, ⌈b/2⌉, ⌈b/2⌉`
@@ -256,7 +258,11 @@ pub fn eval_bits(
     let n = base.rows;
     let mut batch = Batch::new(s, d, bits)?;
     let t = Instant::now();
-    batch.extend(&base.data)?;
+    match (&s.gpu, &mut batch) {
+        (Some(gpu), Batch::Mse(b)) => *b = gpu.quantize_mse(b.quantizer(), &base.data)?,
+        (Some(_), _) => anyhow::bail!("--backend wgpu runs MSE quantizers only"),
+        (None, b) => b.extend(&base.data)?,
+    }
     let quantize_vectors_per_s = n as f64 / t.elapsed().as_secs_f64();
 
     // Distortion over vectors with non-zero norm.

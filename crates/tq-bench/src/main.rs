@@ -328,6 +328,10 @@ struct Common {
     /// Print one JSON object on stdout instead of a table.
     #[arg(long)]
     json: bool,
+    /// Where batches are quantized: cpu, or wgpu (tq-gpu's kernels; MSE with the Hadamard
+    /// rotation and the norm scale). Metrics are computed on the CPU either way.
+    #[arg(long, value_enum, default_value_t = kernels::Backend::Cpu)]
+    backend: kernels::Backend,
     /// Also draw D_mse against bits (measured, the codebook's theory and the paper's bounds) and
     /// recall 1@k curves into this SVG file.
     #[arg(long)]
@@ -356,6 +360,8 @@ struct Report {
     scale: Option<ScaleMode>,
     /// MSE only: centred on the base mean.
     centered: bool,
+    /// Where the batches were quantized (cpu or wgpu).
+    backend: kernels::Backend,
     threads: usize,
     results: Vec<BitsResult>,
 }
@@ -1373,6 +1379,10 @@ fn execute(
         scale: c.scale,
         mean,
         polar_levels: c.polar_levels.clone(),
+        gpu: match c.backend {
+            kernels::Backend::Cpu => None,
+            kernels::Backend::Wgpu => Some(std::sync::Arc::new(tq_gpu::GpuContext::new()?)),
+        },
     };
     let show = !c.json && std::io::stderr().is_terminal();
     let progress = if show {
@@ -1412,6 +1422,7 @@ fn execute(
         sketch: (c.quantizer == QuantizerKind::Prod).then_some(c.sketch),
         scale: (c.quantizer == QuantizerKind::Mse).then_some(c.scale),
         centered: c.center,
+        backend: c.backend,
         threads,
         results,
     };
@@ -1429,12 +1440,17 @@ fn execute(
 
 fn print_table(r: &Report) {
     println!(
-        "{} | quantizer {:?}{}{} | rotation {} | d = {} | {} vectors | {} queries | seed {} | {} thread(s)",
+        "{} | quantizer {:?}{}{}{} | rotation {} | d = {} | {} vectors | {} queries | seed {} | {} thread(s)",
         r.workload,
         r.quantizer,
         r.scale
             .map_or(String::new(), |s| format!(", scale {}", s.name())),
         if r.centered { ", centred" } else { "" },
+        if r.backend == kernels::Backend::Wgpu {
+            ", quantized on the GPU (wgpu)"
+        } else {
+            ""
+        },
         r.rotation.name(),
         r.dim,
         r.vectors,

@@ -827,3 +827,49 @@ fn kernels_times_cpu_and_gpu_paths() {
     let out = bench(&["kernels", "--bits", "9"]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn gpu_backend_gives_the_cpu_metrics() {
+    let cpu = json(&bench(&["synthetic", "--quick", "--bits", "2,4", "--json"]));
+    let out = Command::new(env!("CARGO_BIN_EXE_tq-bench"))
+        .args([
+            "synthetic",
+            "--quick",
+            "--bits",
+            "2,4",
+            "--backend",
+            "wgpu",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "no GPU adapter in CI"
+        );
+        return;
+    }
+    let gpu: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(gpu["backend"], "wgpu");
+    assert_eq!(cpu["backend"], "cpu");
+    for (a, b) in cpu["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(gpu["results"].as_array().unwrap())
+    {
+        let (x, y) = (a["d_mse"].as_f64().unwrap(), b["d_mse"].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-6 * x, "{x} vs {y}");
+        assert_eq!(a["recall_1_at_k"], b["recall_1_at_k"]);
+    }
+    let out = bench(&[
+        "synthetic",
+        "--quick",
+        "--quantizer",
+        "prod",
+        "--backend",
+        "wgpu",
+    ]);
+    assert!(!out.status.success());
+}
