@@ -1,5 +1,5 @@
 //! GPU batch kernels for TurboQuant_mse, written in WGSL and driven through `wgpu`: quantize
-//! (randomized Hadamard rotation, codebook search, bit-packing into the CPU's 32-row block
+//! (randomized Hadamard or dense Haar rotation, codebook search, bit-packing into the CPU's 32-row block
 //! layout), dequantize and exact scoring. The codes are those of the CPU path (tq-quant), so a
 //! batch quantized here is an ordinary [`MseBatch`].
 //!
@@ -10,7 +10,8 @@
 //!   resident batch) and [`ResidentBatch::score`] / [`ResidentBatch::top_k`]. Batches larger
 //!   than one dispatch or one storage binding are split into chunks of whole 32-row blocks.
 //!
-//! Scope: MSE quantizers with the Hadamard rotation, the norm scale and no mean, `d <= 1024`
+//! Scope: MSE quantizers (Hadamard or dense Haar rotation) with the norm scale and no mean,
+//! `d <= 1024`
 //! (one row lives in workgroup memory). Other configurations are [`Error::Unsupported`].
 //! Codes equal the CPU's except where a rotated coordinate lies within float rounding of a
 //! codebook boundary (the GPU's `sqrt` and division may differ from the CPU's by an ulp).
@@ -74,7 +75,7 @@ struct Params {
     row_bytes: u32,
     block_scale: f32,
     levels: u32,
-    pad0: u32,
+    dense: u32,
     pad1: u32,
 }
 
@@ -246,11 +247,6 @@ impl GpuContext {
     fn quant_buffers(&self, q: &MseQuantizer) -> Result<QuantBuffers> {
         let cfg = q.config();
         let d = q.dim();
-        if cfg.rotation != RotationKind::Hadamard {
-            return Err(Error::Unsupported(
-                "only the Hadamard rotation runs on the GPU".into(),
-            ));
-        }
         if cfg.scale != ScaleMode::Norm || cfg.centered || q.mean().is_some() {
             return Err(Error::Unsupported(
                 "only the norm scale without a mean runs on the GPU".into(),
@@ -259,30 +255,38 @@ impl GpuContext {
         if d > MAX_DIM {
             return Err(Error::Unsupported(format!("d = {d} exceeds {MAX_DIM}")));
         }
-        let h = q
-            .rotation()
-            .hadamard_params()
-            .ok_or_else(|| Error::Unsupported("not a Hadamard rotation".into()))?;
-        let signs: Vec<f32> = h.rounds.iter().flat_map(|r| r.0.iter().copied()).collect();
-        let has_perm = h.rounds.iter().any(|r| !r.1.is_empty());
-        let mut perm: Vec<u32> = h.rounds.iter().flat_map(|r| r.1.iter().copied()).collect();
-        if perm.is_empty() {
-            perm.push(0);
-        }
         let bits = cfg.bits;
-        let params = Params {
+        let mut params = Params {
             d: d as u32,
-            p: h.block as u32,
+            p: d as u32,
             rows: 0,
             bits,
-            rounds: h.rounds.len() as u32,
-            has_perm: has_perm as u32,
-            has_scale: h.block_scale.is_some() as u32,
+            rounds: 0,
+            has_perm: 0,
+            has_scale: 0,
             row_bytes: q.row_bytes() as u32,
-            block_scale: h.block_scale.unwrap_or(1.0),
+            block_scale: 1.0,
             levels: 1 << bits,
-            pad0: 0,
+            dense: 0,
             pad1: 0,
+        };
+        let rot = q.rotation();
+        let (signs, perm) = match (cfg.rotation, rot.hadamard_params(), rot.dense_matrix()) {
+            (RotationKind::Hadamard, Some(h), _) => {
+                let signs: Vec<f32> = h.rounds.iter().flat_map(|r| r.0.iter().copied()).collect();
+                let perm: Vec<u32> = h.rounds.iter().flat_map(|r| r.1.iter().copied()).collect();
+                params.p = h.block as u32;
+                params.rounds = h.rounds.len() as u32;
+                params.has_perm = h.rounds.iter().any(|r| !r.1.is_empty()) as u32;
+                params.has_scale = h.block_scale.is_some() as u32;
+                params.block_scale = h.block_scale.unwrap_or(1.0);
+                (signs, perm)
+            }
+            (RotationKind::Haar, _, Some(m)) => {
+                params.dense = 1;
+                (m.to_vec(), Vec::new())
+            }
+            _ => return Err(Error::Unsupported("unknown rotation".into())),
         };
         Ok(QuantBuffers {
             params,

@@ -1,4 +1,4 @@
-// TurboQuant_mse batch kernels: quantize (randomized Hadamard rotation, unit scaling, codebook
+// TurboQuant_mse batch kernels: quantize (randomized Hadamard or dense Haar rotation, unit scaling, codebook
 // search, bit-packing into the 32-row nibble-transposed block layout of tq-core::scan),
 // dequantize, and exact scoring against a per-query table. One workgroup per row for the
 // rotation kernels; the row lives in workgroup memory. Operation order follows the CPU path
@@ -15,7 +15,7 @@ struct Params {
     row_bytes: u32,    // packed bytes per row
     block_scale: f32,  // 1/sqrt(p) when has_scale
     levels: u32,       // 2^bits
-    pad0: u32,
+    dense: u32,        // 1: `signs` holds a row-major d x d rotation matrix (Haar), rounds = 0
     pad1: u32,
 };
 
@@ -23,7 +23,7 @@ const WG: u32 = 64u;
 const MAX_D: u32 = 1024u;
 
 @group(0) @binding(0) var<uniform> P: Params;
-@group(0) @binding(1) var<storage, read> signs: array<f32>;
+@group(0) @binding(1) var<storage, read> signs: array<f32>;      // Hadamard signs, or the dense matrix
 @group(0) @binding(2) var<storage, read> perm: array<u32>;
 @group(0) @binding(3) var<storage, read> table: array<f32>;      // boundaries (quantize) or centroids (dequantize)
 @group(0) @binding(4) var<storage, read> xs: array<f32>;         // rows (quantize) / unused
@@ -94,6 +94,21 @@ fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id)
     }
     workgroupBarrier();
     let norm = sqrt(((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])));
+    if (P.dense == 1u) {
+        // y = M x, one output coordinate per thread, j ascending.
+        for (var i = lid; i < d; i = i + WG) {
+            var a = 0.0;
+            for (var j = 0u; j < d; j = j + 1u) {
+                a = a + signs[i * d + j] * sh[j];
+            }
+            tmp[i] = a;
+        }
+        workgroupBarrier();
+        for (var i = lid; i < d; i = i + WG) {
+            sh[i] = tmp[i];
+        }
+        workgroupBarrier();
+    }
     for (var r = 0u; r < P.rounds; r = r + 1u) {
         for (var i = lid; i < d; i = i + WG) {
             sh[i] = sh[i] * signs[r * d + i];
@@ -184,6 +199,21 @@ fn dequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         }
         for (var i = lid; i < d; i = i + WG) {
             sh[i] = sh[i] * signs[r * d + i];
+        }
+        workgroupBarrier();
+    }
+    if (P.dense == 1u) {
+        // x = M^T y.
+        for (var j = lid; j < d; j = j + WG) {
+            var a = 0.0;
+            for (var i = 0u; i < d; i = i + 1u) {
+                a = a + signs[i * d + j] * sh[i];
+            }
+            tmp[j] = a;
+        }
+        workgroupBarrier();
+        for (var i = lid; i < d; i = i + WG) {
+            sh[i] = tmp[i];
         }
         workgroupBarrier();
     }

@@ -43,7 +43,26 @@ fn rows(n: usize, d: usize, seed: u64) -> Vec<f32> {
 }
 
 fn quantizer(d: usize, bits: u32, seed: u64) -> Arc<MseQuantizer> {
-    Arc::new(MseQuantizer::new(MseConfig::new(d, bits, RotationKind::Hadamard, seed)).unwrap())
+    quantizer_with(d, bits, seed, RotationKind::Hadamard)
+}
+
+fn quantizer_with(d: usize, bits: u32, seed: u64, rotation: RotationKind) -> Arc<MseQuantizer> {
+    Arc::new(MseQuantizer::new(MseConfig::new(d, bits, rotation, seed)).unwrap())
+}
+
+/// Every shape with both rotations (Haar on the smaller dimensions: it is d² per row).
+fn cases() -> Vec<(usize, u32, usize, RotationKind)> {
+    let mut v: Vec<_> = SHAPES
+        .iter()
+        .map(|&(d, b, n)| (d, b, n, RotationKind::Hadamard))
+        .collect();
+    v.extend(
+        SHAPES
+            .iter()
+            .filter(|s| s.0 <= 200)
+            .map(|&(d, b, n)| (d, b, n, RotationKind::Haar)),
+    );
+    v
 }
 
 fn codes_of(b: &MseBatch, i: usize) -> Vec<u8> {
@@ -68,8 +87,8 @@ const SHAPES: [(usize, u32, usize); 7] = [
 #[test]
 fn quantize_gives_the_cpu_codes_and_norms() {
     let Some(gpu) = ctx() else { return };
-    for (k, &(d, bits, n)) in SHAPES.iter().enumerate() {
-        let q = quantizer(d, bits, 11 + k as u64);
+    for (k, &(d, bits, n, rot)) in cases().iter().enumerate() {
+        let q = quantizer_with(d, bits, 11 + k as u64, rot);
         let xs = rows(n, d, 100 + k as u64);
         let mut cpu = MseBatch::new(q.clone());
         cpu.extend(&xs).unwrap();
@@ -127,8 +146,8 @@ fn quantize_gives_the_cpu_codes_and_norms() {
 #[test]
 fn dequantize_and_score_match_the_cpu() {
     let Some(gpu) = ctx() else { return };
-    for (k, &(d, bits, n)) in SHAPES.iter().enumerate() {
-        let q = quantizer(d, bits, 21 + k as u64);
+    for (k, &(d, bits, n, rot)) in cases().iter().enumerate() {
+        let q = quantizer_with(d, bits, 21 + k as u64, rot);
         let xs = rows(n, d, 200 + k as u64);
         let mut cpu = MseBatch::new(q.clone());
         cpu.extend(&xs).unwrap();
@@ -191,7 +210,6 @@ fn large_batches_are_split_into_chunks() {
 #[test]
 fn unsupported_configurations_are_typed_errors() {
     let Some(gpu) = ctx() else { return };
-    let haar = Arc::new(MseQuantizer::new(MseConfig::new(64, 4, RotationKind::Haar, 1)).unwrap());
     let ls = Arc::new(
         MseQuantizer::new(
             MseConfig::new(64, 4, RotationKind::Hadamard, 1).with_scale(ScaleMode::LeastSquares),
@@ -199,7 +217,7 @@ fn unsupported_configurations_are_typed_errors() {
         .unwrap(),
     );
     let big = quantizer(2048, 4, 1);
-    for (q, what) in [(&haar, "Hadamard"), (&ls, "norm scale"), (&big, "2048")] {
+    for (q, what) in [(&ls, "norm scale"), (&big, "2048")] {
         let d = q.dim();
         let e = gpu.quantize_mse(q, &vec![1.0; d]).unwrap_err();
         assert!(

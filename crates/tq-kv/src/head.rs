@@ -89,8 +89,8 @@ impl HeadConfig {
     /// values, least-squares per-vector scales, the 4 most recent tokens kept in f32, Hadamard
     /// rotation. Chosen as the fewest stored bits per coordinate that kept perplexity within 2%
     /// of the exact cache and next-token top-1 agreement at or above 0.95 on SmolLM2-135M-Instruct
-    /// in all three checks: teacher-forced over two English texts of 300 and 390 tokens, and
-    /// greedy 64-token continuations of an 8-prompt suite. At 390 tokens it stores 5.36 bits per
+    /// in all three checks: teacher-forced over 300 tokens of each of two English texts, and
+    /// greedy 64-token continuations of an 8-prompt suite. At 300 tokens it stores 5.36 bits per
     /// coordinate (5.0 for codes and norms plus the window's share, which falls as 1/T), 2.98x
     /// smaller than f16.
     pub fn recommended(head_dim: usize) -> Self {
