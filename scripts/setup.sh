@@ -16,8 +16,9 @@ if [ "$(uname -s)" = "Linux" ] && ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/d
   if command -v apt-get >/dev/null 2>&1; then
     sudo=""
     if [ "$(id -u)" != "0" ]; then sudo="sudo"; fi
-    $sudo apt-get install -y -q mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1 \
-      || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q mesa-vulkan-drivers libvulkan1 >/dev/null; }
+    apt="$sudo env DEBIAN_FRONTEND=noninteractive apt-get"
+    $apt install -y -q mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1 \
+      || { $apt update -q >/dev/null && $apt install -y -q mesa-vulkan-drivers libvulkan1 >/dev/null; }
     echo "setup: installed mesa-vulkan-drivers and libvulkan1 (lavapipe)"
   else
     echo "setup: no apt-get; install Mesa's Vulkan drivers (lavapipe) for the GPU tests" >&2

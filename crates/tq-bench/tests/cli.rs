@@ -817,11 +817,11 @@ fn kernels_times_cpu_and_gpu_paths() {
         assert!(r["adapter"].is_string());
         assert_eq!(r["results"].as_array().unwrap().len(), 3);
     } else {
+        let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
-            "no GPU adapter in CI"
+            "wgpu path failed in CI: {err}"
         );
-        let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("adapter"), "{err}");
     }
     let out = bench(&["kernels", "--bits", "9"]);
@@ -844,9 +844,10 @@ fn gpu_backend_gives_the_cpu_metrics() {
         .output()
         .unwrap();
     if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
-            "no GPU adapter in CI"
+            "wgpu path failed in CI: {err}"
         );
         return;
     }

@@ -1,4 +1,4 @@
-//! GPU batch kernels for TurboQuant_mse, written in WGSL and driven through `wgpu`: quantize
+//! GPU batch kernels for TurboQuant_mse and TurboQuant_prod, written in WGSL and driven through `wgpu`: quantize
 //! (randomized Hadamard or dense Haar rotation, codebook search, bit-packing into the CPU's 32-row block
 //! layout), dequantize and exact scoring. The codes are those of the CPU path (tq-quant), so a
 //! batch quantized here is an ordinary [`MseBatch`].
@@ -10,8 +10,24 @@
 //!   resident batch) and [`ResidentBatch::score`] / [`ResidentBatch::top_k`]. Batches larger
 //!   than one dispatch or one storage binding are split into chunks of whole 32-row blocks.
 //!
-//! Scope: MSE quantizers (Hadamard or dense Haar rotation) with the norm scale and no mean,
-//! `d <= 1024`
+//! ```
+//! use std::sync::Arc;
+//! use tq_gpu::GpuContext;
+//! use tq_quant::{MseConfig, MseQuantizer, RotationKind};
+//!
+//! let q = Arc::new(MseQuantizer::new(MseConfig::new(128, 4, RotationKind::Hadamard, 42))?);
+//! let xs: Vec<f32> = (0..128 * 100).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+//! if let Ok(gpu) = GpuContext::new() {           // a GPU, or lavapipe (scripts/setup.sh)
+//!     let batch = gpu.quantize_mse(&q, &xs)?;    // an ordinary MseBatch, the CPU's codes
+//!     let on_device = gpu.upload(&batch)?;       // kept resident for repeated queries
+//!     let best = on_device.top_k(&xs[..128], 5)?;
+//!     assert_eq!(best[0].0, 0);
+//! }
+//! # Ok::<(), tq_gpu::Error>(())
+//! ```
+//!
+//! Scope: MSE and Prod (`bits >= 2`) quantizers, Hadamard or dense Haar rotation, the norm
+//! scale and no mean, `d <= 1024`
 //! (one row lives in workgroup memory). Other configurations are [`Error::Unsupported`].
 //! Codes equal the CPU's except where a rotated coordinate lies within float rounding of a
 //! codebook boundary (the GPU's `sqrt` and division may differ from the CPU's by an ulp).
@@ -19,7 +35,9 @@
 use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
-use tq_quant::{MseBatch, MseQuantizer, PackedRows, RotationKind, ScaleMode};
+use tq_quant::{
+    MseBatch, MseQuantizer, PackedRows, ProdBatch, ProdQuantizer, RotationKind, ScaleMode,
+};
 use wgpu::util::DeviceExt;
 
 /// Errors of tq-gpu.
@@ -76,7 +94,11 @@ struct Params {
     block_scale: f32,
     levels: u32,
     dense: u32,
-    pad1: u32,
+    sign_word_off: u32,
+    s_off: u32,
+    m: u32,
+    sign_bytes: u32,
+    sign_scale: f32,
 }
 
 /// A device, its queue and the compiled pipelines.
@@ -89,6 +111,9 @@ pub struct GpuContext {
     quantize: wgpu::ComputePipeline,
     dequantize: wgpu::ComputePipeline,
     score: wgpu::ComputePipeline,
+    quantize_prod: wgpu::ComputePipeline,
+    dequantize_prod: wgpu::ComputePipeline,
+    score_prod: wgpu::ComputePipeline,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -212,6 +237,11 @@ impl GpuContext {
             pipeline("dequantize"),
             pipeline("score"),
         );
+        let (quantize_prod, dequantize_prod, score_prod) = (
+            pipeline("quantize_prod"),
+            pipeline("dequantize_prod"),
+            pipeline("score_prod"),
+        );
         if let Some(e) = scope.pop().await {
             return Err(Error::Validation(e.to_string()));
         }
@@ -224,6 +254,9 @@ impl GpuContext {
             quantize,
             dequantize,
             score,
+            quantize_prod,
+            dequantize_prod,
+            score_prod,
         })
     }
 
@@ -244,7 +277,11 @@ impl GpuContext {
         self.info.device_type == wgpu::DeviceType::Cpu
     }
 
-    fn quant_buffers(&self, q: &MseQuantizer) -> Result<QuantBuffers> {
+    fn quant_buffers(
+        &self,
+        q: &MseQuantizer,
+        prod: Option<&ProdQuantizer>,
+    ) -> Result<QuantBuffers> {
         let cfg = q.config();
         let d = q.dim();
         if cfg.scale != ScaleMode::Norm || cfg.centered || q.mean().is_some() {
@@ -268,7 +305,11 @@ impl GpuContext {
             block_scale: 1.0,
             levels: 1 << bits,
             dense: 0,
-            pad1: 0,
+            sign_word_off: 0,
+            s_off: 0,
+            m: 0,
+            sign_bytes: 0,
+            sign_scale: 0.0,
         };
         let rot = q.rotation();
         let (signs, perm) = match (cfg.rotation, rot.hadamard_params(), rot.dense_matrix()) {
@@ -288,6 +329,15 @@ impl GpuContext {
             }
             _ => return Err(Error::Unsupported("unknown rotation".into())),
         };
+        let mut signs = signs;
+        if let Some(pq) = prod {
+            let qjl = pq.qjl();
+            params.s_off = signs.len() as u32;
+            params.m = qjl.sketch_dim() as u32;
+            params.sign_bytes = qjl.sign_bytes() as u32;
+            params.sign_scale = tq_quant::qjl::SQRT_PI_OVER_2 / qjl.sketch_dim() as f32;
+            signs.extend_from_slice(qjl.matrix());
+        }
         Ok(QuantBuffers {
             params,
             signs: self.init(bytemuck::cast_slice(&signs), wgpu::BufferUsages::STORAGE),
@@ -402,17 +452,8 @@ impl GpuContext {
     /// errors; device errors.
     pub fn quantize_mse(&self, quantizer: &Arc<MseQuantizer>, xs: &[f32]) -> Result<MseBatch> {
         let d = quantizer.dim();
-        if !xs.len().is_multiple_of(d) {
-            return Err(tq_quant::Error::DimMismatch {
-                expected: d,
-                got: xs.len() % d,
-            }
-            .into());
-        }
-        if let Some(bad) = xs.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Unsupported(format!("value #{bad} is not finite")));
-        }
-        let qb = self.quant_buffers(quantizer)?;
+        check_rows(xs, d)?;
+        let qb = self.quant_buffers(quantizer, None)?;
         let table = self.init(
             bytemuck::cast_slice(quantizer.codebook().boundaries()),
             wgpu::BufferUsages::STORAGE,
@@ -465,7 +506,7 @@ impl GpuContext {
     /// As [`GpuContext::quantize_mse`].
     pub fn dequantize_mse(&self, batch: &MseBatch) -> Result<Vec<f32>> {
         let q = batch.quantizer();
-        let qb = self.quant_buffers(q)?;
+        let qb = self.quant_buffers(q, None)?;
         let d = q.dim();
         let table = self.init(
             bytemuck::cast_slice(q.codebook().centroids()),
@@ -519,47 +560,240 @@ impl GpuContext {
     /// As [`GpuContext::quantize_mse`].
     pub fn upload<'a>(&'a self, batch: &MseBatch) -> Result<ResidentBatch<'a>> {
         let q = batch.quantizer().clone();
-        let qb = self.quant_buffers(&q)?;
-        let rb = q.row_bytes();
-        let n = batch.len();
-        let chunk = ((self.max_binding / rb.max(1) as u64) as usize / 32 * 32).max(32);
-        let mut chunks = Vec::new();
+        let qb = self.quant_buffers(&q, None)?;
+        let chunks = self.chunks_of(batch.codes(), None, batch.norms(), None)?;
+        Ok(ResidentBatch {
+            ctx: self,
+            kind: Kind::Mse(q),
+            qb,
+            chunks,
+            len: batch.len(),
+        })
+    }
+
+    /// [`GpuContext::upload`] for a TurboQuant_prod batch (`bits >= 2`).
+    ///
+    /// # Errors
+    /// As [`GpuContext::quantize_prod`].
+    pub fn upload_prod<'a>(&'a self, batch: &ProdBatch) -> Result<ResidentBatch<'a>> {
+        let q = batch.quantizer().clone();
+        let mse = q
+            .mse()
+            .ok_or_else(|| Error::Unsupported("1-bit Prod (no MSE stage)".into()))?;
+        let qb = self.quant_buffers(mse, Some(&q))?;
+        let codes = batch
+            .codes()
+            .ok_or_else(|| Error::Unsupported("1-bit Prod (no MSE stage)".into()))?;
+        let chunks = self.chunks_of(
+            codes,
+            Some(batch.signs()),
+            batch.norms(),
+            Some(batch.residual_norms()),
+        )?;
+        Ok(ResidentBatch {
+            ctx: self,
+            kind: Kind::Prod(q),
+            qb,
+            chunks,
+            len: batch.len(),
+        })
+    }
+
+    /// Device buffers per chunk: code blocks (then sign blocks), norms (then residual norms).
+    fn chunks_of(
+        &self,
+        codes: &PackedRows,
+        signs: Option<&PackedRows>,
+        norms: &[f32],
+        gammas: Option<&[f32]>,
+    ) -> Result<Vec<Chunk>> {
+        let (rb, sb) = (codes.row_bytes(), signs.map_or(0, PackedRows::row_bytes));
+        let n = norms.len();
+        let chunk = ((self.max_binding / (rb + sb).max(1) as u64) as usize / 32 * 32).max(32);
+        let mut out = Vec::new();
         for start in (0..n).step_by(chunk) {
             let rows = chunk.min(n - start);
             let blocks = rows.div_ceil(32);
-            let first = start / 32 * 32 * rb;
-            chunks.push(Chunk {
+            let (c0, s0) = (start / 32 * 32 * rb, start / 32 * 32 * sb);
+            let mut bytes = codes.blocks()[c0..c0 + blocks * 32 * rb].to_vec();
+            let sign_word_off = (bytes.len() / 4) as u32;
+            if let Some(sg) = signs {
+                bytes.extend_from_slice(&sg.blocks()[s0..s0 + blocks * 32 * sb]);
+            }
+            let mut scal = norms[start..start + rows].to_vec();
+            if let Some(g) = gammas {
+                scal.extend_from_slice(&g[start..start + rows]);
+            }
+            out.push(Chunk {
                 rows,
-                codes: self.init(
-                    &batch.codes().blocks()[first..first + blocks * 32 * rb],
-                    wgpu::BufferUsages::STORAGE,
-                ),
-                norms: self.init(
-                    bytemuck::cast_slice(&batch.norms()[start..start + rows]),
-                    wgpu::BufferUsages::STORAGE,
-                ),
+                codes: self.init(&bytes, wgpu::BufferUsages::STORAGE),
+                norms: self.init(bytemuck::cast_slice(&scal), wgpu::BufferUsages::STORAGE),
+                sign_word_off,
             });
         }
-        Ok(ResidentBatch {
-            ctx: self,
-            quantizer: q,
-            qb,
-            chunks,
-            len: n,
-        })
+        Ok(out)
     }
+
+    /// Quantizes `xs` with TurboQuant_prod (`bits >= 2`: the `(b-1)`-bit MSE stage, the residual
+    /// norm and the QJL signs of the rotated-domain residual) into a [`ProdBatch`] equal to
+    /// [`ProdBatch::extend`]'s up to ties (codes at boundaries; signs of projections within float
+    /// rounding of zero, since the CPU projects with a matrix library in another order).
+    ///
+    /// # Errors
+    /// As [`GpuContext::quantize_mse`]; 1-bit Prod is [`Error::Unsupported`].
+    pub fn quantize_prod(&self, quantizer: &Arc<ProdQuantizer>, xs: &[f32]) -> Result<ProdBatch> {
+        let mse = quantizer
+            .mse()
+            .ok_or_else(|| Error::Unsupported("1-bit Prod (no MSE stage)".into()))?;
+        let d = quantizer.dim();
+        check_rows(xs, d)?;
+        let qb = self.quant_buffers(mse, Some(quantizer))?;
+        let mut table = mse.codebook().boundaries().to_vec();
+        table.extend_from_slice(mse.codebook().centroids());
+        let table = self.init(bytemuck::cast_slice(&table), wgpu::BufferUsages::STORAGE);
+        let n = xs.len() / d;
+        let (rb, sb) = (mse.row_bytes(), quantizer.sign_bytes());
+        let chunk = self.chunk_rows((d * 4) as u64);
+        let (mut codes, mut signs) = (PackedRows::new(rb), PackedRows::new(sb));
+        codes.resize_rows(n);
+        signs.resize_rows(n);
+        let (mut norms, mut gammas) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let dummy = self.zeroed(4, wgpu::BufferUsages::STORAGE);
+        for start in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - start);
+            let x = self.init(
+                bytemuck::cast_slice(&xs[start * d..(start + rows) * d]),
+                wgpu::BufferUsages::STORAGE,
+            );
+            let blocks = rows.div_ceil(32);
+            let (code_bytes, sign_bytes) = ((blocks * 32 * rb) as u64, (blocks * 32 * sb) as u64);
+            let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+            let buf = self.zeroed(code_bytes + sign_bytes, usage);
+            let scal = self.zeroed((2 * rows * 4) as u64, usage);
+            let params = Params {
+                rows: rows as u32,
+                sign_word_off: (code_bytes / 4) as u32,
+                ..qb.params
+            };
+            self.run(
+                &self.quantize_prod,
+                params,
+                &qb,
+                &table,
+                &x,
+                &buf,
+                &scal,
+                &dummy,
+                (rows as u32, 1),
+            )?;
+            let bytes = self.read(&buf, code_bytes + sign_bytes)?;
+            let (cb, sgb) = bytes.split_at(code_bytes as usize);
+            codes.blocks_mut_from(start / 32)[..cb.len()].copy_from_slice(cb);
+            signs.blocks_mut_from(start / 32)[..sgb.len()].copy_from_slice(sgb);
+            let sc = self.read(&scal, (2 * rows * 4) as u64)?;
+            let sc: &[f32] = bytemuck::cast_slice(&sc);
+            norms.extend_from_slice(&sc[..rows]);
+            gammas.extend_from_slice(&sc[rows..]);
+        }
+        Ok(ProdBatch::from_parts(
+            quantizer.clone(),
+            Some(codes),
+            signs,
+            norms,
+            gammas,
+        )?)
+    }
+
+    /// Decodes every row of a TurboQuant_prod batch on the GPU:
+    /// `norm · Πᵀ(c[codes] + γ·sqrt(π/2)/m · Sᵀ signs)`.
+    ///
+    /// # Errors
+    /// As [`GpuContext::quantize_prod`].
+    pub fn dequantize_prod(&self, batch: &ProdBatch) -> Result<Vec<f32>> {
+        let q = batch.quantizer();
+        let mse = q
+            .mse()
+            .ok_or_else(|| Error::Unsupported("1-bit Prod (no MSE stage)".into()))?;
+        let codes = batch
+            .codes()
+            .ok_or_else(|| Error::Unsupported("1-bit Prod (no MSE stage)".into()))?;
+        let qb = self.quant_buffers(mse, Some(q))?;
+        let d = q.dim();
+        let table = self.init(
+            bytemuck::cast_slice(mse.codebook().centroids()),
+            wgpu::BufferUsages::STORAGE,
+        );
+        let dummy = self.zeroed(4, wgpu::BufferUsages::STORAGE);
+        let chunks = self.chunks_of(
+            codes,
+            Some(batch.signs()),
+            batch.norms(),
+            Some(batch.residual_norms()),
+        )?;
+        let mut out = Vec::with_capacity(batch.len() * d);
+        for ch in &chunks {
+            // The decoded rows must fit one binding too.
+            let bytes = (ch.rows * d * 4) as u64;
+            let res = self.zeroed(
+                bytes,
+                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            );
+            let params = Params {
+                rows: ch.rows as u32,
+                sign_word_off: ch.sign_word_off,
+                ..qb.params
+            };
+            self.run(
+                &self.dequantize_prod,
+                params,
+                &qb,
+                &table,
+                &dummy,
+                &ch.codes,
+                &ch.norms,
+                &res,
+                (ch.rows as u32, 1),
+            )?;
+            out.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&self.read(&res, bytes)?));
+        }
+        Ok(out)
+    }
+}
+
+/// Checks that `xs` holds whole finite rows of dimension `d`.
+fn check_rows(xs: &[f32], d: usize) -> Result<()> {
+    if !xs.len().is_multiple_of(d) {
+        return Err(tq_quant::Error::DimMismatch {
+            expected: d,
+            got: xs.len() % d,
+        }
+        .into());
+    }
+    if let Some(bad) = xs.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Unsupported(format!("value #{bad} is not finite")));
+    }
+    Ok(())
 }
 
 struct Chunk {
     rows: usize,
+    /// Code blocks, then (Prod) sign blocks from word `sign_word_off`.
     codes: wgpu::Buffer,
+    /// Norms, then (Prod) residual norms.
     norms: wgpu::Buffer,
+    sign_word_off: u32,
+}
+
+/// The quantizer behind a resident batch.
+enum Kind {
+    Mse(Arc<MseQuantizer>),
+    Prod(Arc<ProdQuantizer>),
 }
 
 /// A batch kept on the device for repeated scoring.
 pub struct ResidentBatch<'a> {
     ctx: &'a GpuContext,
-    quantizer: Arc<MseQuantizer>,
+    kind: Kind,
     qb: QuantBuffers,
     chunks: Vec<Chunk>,
     len: usize,
@@ -585,22 +819,36 @@ impl ResidentBatch<'_> {
         self.len == 0
     }
 
-    /// Exact scores `⟨q, x̃_i⟩` of every row for query `q` (same as
-    /// [`MseBatch::score_exact_into`] up to float summation order).
+    /// Exact scores of every row for query `q`: `⟨q, x̃_i⟩` for MSE (as
+    /// [`MseBatch::score_exact_into`]) or the unbiased Prod estimate (as
+    /// [`ProdBatch::score_exact_into`]), up to float summation order.
     ///
     /// # Errors
     /// tq-quant's query errors; device errors.
     pub fn score(&self, q: &[f32]) -> Result<Vec<f32>> {
         let ctx = self.ctx;
-        let d = self.quantizer.dim();
-        let prepared = self.quantizer.prepare_query(q)?;
-        let rotated = prepared.rotated();
-        let c = self.quantizer.codebook().centroids();
-        let table: Vec<f32> = rotated
+        let (mse, sketch, pipeline) = match &self.kind {
+            Kind::Mse(m) => (m.as_ref(), None, &ctx.score),
+            Kind::Prod(p) => {
+                let mse = p
+                    .mse()
+                    .ok_or_else(|| Error::Unsupported("1-bit Prod".into()))?;
+                (
+                    mse,
+                    Some(p.prepare_query(q)?.projected().to_vec()),
+                    &ctx.score_prod,
+                )
+            }
+        };
+        let rotated = mse.prepare_query(q)?.rotated().to_vec();
+        let c = mse.codebook().centroids();
+        let mut table: Vec<f32> = rotated
             .iter()
             .flat_map(|&r| c.iter().map(move |&cv| r * cv))
             .collect();
-        debug_assert_eq!(table.len(), d * c.len());
+        if let Some(sq) = sketch {
+            table.extend_from_slice(&sq);
+        }
         let table = ctx.init(bytemuck::cast_slice(&table), wgpu::BufferUsages::STORAGE);
         let dummy = ctx.zeroed(4, wgpu::BufferUsages::STORAGE);
         let mut out = Vec::with_capacity(self.len);
@@ -612,6 +860,7 @@ impl ResidentBatch<'_> {
             );
             let params = Params {
                 rows: ch.rows as u32,
+                sign_word_off: ch.sign_word_off,
                 ..self.qb.params
             };
             let groups = (ch.rows as u32).div_ceil(64);
@@ -621,7 +870,7 @@ impl ResidentBatch<'_> {
                 (groups, 1)
             };
             ctx.run(
-                &ctx.score,
+                pipeline,
                 params,
                 &self.qb,
                 &table,

@@ -16,7 +16,11 @@ struct Params {
     block_scale: f32,  // 1/sqrt(p) when has_scale
     levels: u32,       // 2^bits
     dense: u32,        // 1: `signs` holds a row-major d x d rotation matrix (Haar), rounds = 0
-    pad1: u32,
+    sign_word_off: u32,// Prod: first word of the sign blocks in `codes`
+    s_off: u32,        // Prod: offset of the m x d QJL matrix in `signs`
+    m: u32,            // Prod: sketch size
+    sign_bytes: u32,   // Prod: packed sign bytes per row
+    sign_scale: f32,   // Prod: sqrt(pi/2) / m
 };
 
 const WG: u32 = 64u;
@@ -58,42 +62,65 @@ fn fwht_block(off: u32, lid: u32) {
     }
 }
 
-// Bit `g` of the row's LSB-first code stream (codes in `cs`).
-fn stream_bit(g: u32) -> u32 {
-    if (g >= P.d * P.bits) { return 0u; }
-    return (cs[g / P.bits] >> (g % P.bits)) & 1u;
+// Bit `g` of the LSB-first stream of `count` codes of `bits` bits held in `cs`.
+fn stream_bit(g: u32, bits: u32, count: u32) -> u32 {
+    if (g >= count * bits) { return 0u; }
+    return (cs[g / bits] >> (g % bits)) & 1u;
 }
 
-// Word index and shift of nibble `n` of global row `r` in the block layout.
-fn nibble_word(r: u32, n: u32) -> vec2<u32> {
+// Word index and shift of nibble `n` of row `r` in the block layout of rows of `rb` bytes.
+fn nibble_word_rb(r: u32, n: u32, rb: u32) -> vec2<u32> {
     let block = r / 32u;
     let slot = r % 32u;
     let byte = n * 16u + (slot % 16u);
     let shift = 4u * (slot / 16u) + 8u * (byte % 4u);
-    return vec2<u32>(block * 8u * P.row_bytes + byte / 4u, shift);
+    return vec2<u32>(block * 8u * rb + byte / 4u, shift);
 }
 
-@compute @workgroup_size(64)
-fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l: vec3<u32>) {
-    let row = wid.x + wid.y * 65535u;
-    if (row >= P.rows) { return; }
-    let lid = l.x;
+fn nibble_word(r: u32, n: u32) -> vec2<u32> {
+    return nibble_word_rb(r, n, P.row_bytes);
+}
+
+// ORs the stream of `count` codes of `bits` bits in `cs` into row `r` of the block layout of
+// `rb`-byte rows starting at word `off` of `codes`.
+fn pack_row(r: u32, lid: u32, bits: u32, count: u32, rb: u32, off: u32) {
+    for (var n = lid; n < 2u * rb; n = n + WG) {
+        let g = 4u * n;
+        let v = stream_bit(g, bits, count) | (stream_bit(g + 1u, bits, count) << 1u)
+            | (stream_bit(g + 2u, bits, count) << 2u) | (stream_bit(g + 3u, bits, count) << 3u);
+        if (v != 0u) {
+            let w = nibble_word_rb(r, n, rb);
+            atomicOr(&codes[off + w.x], v << w.y);
+        }
+    }
+}
+
+// sqrt of the sum of squares of sh[0..d] in the order of simd::sum_squares_fixed (8 lanes over
+// chunks of 8, fixed tree).
+fn norm_fixed(lid: u32) -> f32 {
+    if (lid < 8u) {
+        var a = 0.0;
+        for (var i = lid; i < P.d; i = i + 8u) {
+            a = a + sh[i] * sh[i];
+        }
+        acc[lid] = a;
+    }
+    workgroupBarrier();
+    let n = sqrt(((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])));
+    workgroupBarrier();
+    return n;
+}
+
+// Loads row `row`, rotates it, codes the unit vector and packs the codes; leaves the unit rotated
+// row in `sh` and the codes in `cs`; returns the norm.
+fn encode_mse(row: u32, lid: u32) -> f32 {
     let d = P.d;
     let base = row * d;
     for (var i = lid; i < d; i = i + WG) {
         sh[i] = xs[base + i];
     }
     workgroupBarrier();
-    // Norm in the order of simd::sum_squares_fixed: 8 lanes over chunks of 8, fixed tree.
-    if (lid < 8u) {
-        var a = 0.0;
-        for (var i = lid; i < d; i = i + 8u) {
-            a = a + sh[i] * sh[i];
-        }
-        acc[lid] = a;
-    }
-    workgroupBarrier();
-    let norm = sqrt(((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])));
+    let norm = norm_fixed(lid);
     if (P.dense == 1u) {
         // y = M x, one output coordinate per thread, j ascending.
         for (var i = lid; i < d; i = i + WG) {
@@ -140,17 +167,53 @@ fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id)
             if (y > table[k]) { c = c + 1u; }
         }
         cs[i] = c;
+        sh[i] = y;
     }
     workgroupBarrier();
-    for (var n = lid; n < 2u * P.row_bytes; n = n + WG) {
-        let v = stream_bit(4u * n) | (stream_bit(4u * n + 1u) << 1u) | (stream_bit(4u * n + 2u) << 2u) | (stream_bit(4u * n + 3u) << 3u);
-        if (v != 0u) {
-            let w = nibble_word(row, n);
-            atomicOr(&codes[w.x], v << w.y);
-        }
+    pack_row(row, lid, P.bits, d, P.row_bytes, 0u);
+    workgroupBarrier();
+    return norm;
+}
+
+@compute @workgroup_size(64)
+fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l: vec3<u32>) {
+    let row = wid.x + wid.y * 65535u;
+    if (row >= P.rows) { return; }
+    let norm = encode_mse(row, l.x);
+    if (l.x == 0u) {
+        norms[row] = norm;
     }
+}
+
+// TurboQuant_prod: the (b-1)-bit MSE codes as above, then the rotated-domain residual
+// r = y - c[codes] (centroids at table[levels - 1 ..]), gamma = |r| in the fixed order, and the
+// signs of S r (bit = projection >= 0) packed as a 1-bit stream into the sign blocks, which start
+// at word `sign_word_off` of `codes`. Norms go to norms[row], gammas to norms[rows + row].
+@compute @workgroup_size(64)
+fn quantize_prod(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l: vec3<u32>) {
+    let row = wid.x + wid.y * 65535u;
+    if (row >= P.rows) { return; }
+    let lid = l.x;
+    let d = P.d;
+    let norm = encode_mse(row, lid);
+    let c0 = P.levels - 1u;
+    for (var i = lid; i < d; i = i + WG) {
+        sh[i] = sh[i] - table[c0 + cs[i]];
+    }
+    workgroupBarrier();
+    let gamma = norm_fixed(lid);
+    for (var j = lid; j < P.m; j = j + WG) {
+        var a = 0.0;
+        for (var i = 0u; i < d; i = i + 1u) {
+            a = a + signs[P.s_off + j * d + i] * sh[i];
+        }
+        cs[j] = select(0u, 1u, a >= 0.0);
+    }
+    workgroupBarrier();
+    pack_row(row, lid, 1u, P.m, P.sign_bytes, P.sign_word_off);
     if (lid == 0u) {
         norms[row] = norm;
+        norms[P.rows + row] = gamma;
     }
 }
 
@@ -171,16 +234,9 @@ fn ifwht_block(off: u32, lid: u32) {
     fwht_block(off, lid);
 }
 
-@compute @workgroup_size(64)
-fn dequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l: vec3<u32>) {
-    let row = wid.x + wid.y * 65535u;
-    if (row >= P.rows) { return; }
-    let lid = l.x;
+// Inverse rotation of the rotated-domain row in `sh`, times the norm, into `out`.
+fn inverse_and_store(row: u32, lid: u32) {
     let d = P.d;
-    for (var i = lid; i < d; i = i + WG) {
-        sh[i] = table[read_code(row, i)];
-    }
-    workgroupBarrier();
     for (var rr = 0u; rr < P.rounds; rr = rr + 1u) {
         let r = P.rounds - 1u - rr;
         if (P.p < d) {
@@ -223,6 +279,41 @@ fn dequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     }
 }
 
+@compute @workgroup_size(64)
+fn dequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l: vec3<u32>) {
+    let row = wid.x + wid.y * 65535u;
+    if (row >= P.rows) { return; }
+    for (var i = l.x; i < P.d; i = i + WG) {
+        sh[i] = table[read_code(row, i)];
+    }
+    workgroupBarrier();
+    inverse_and_store(row, l.x);
+}
+
+// Sign bit `j` of row `r` from the sign blocks.
+fn read_sign(r: u32, j: u32) -> u32 {
+    let w = nibble_word_rb(r, j / 4u, P.sign_bytes);
+    return (atomicLoad(&codes[P.sign_word_off + w.x]) >> (w.y + j % 4u)) & 1u;
+}
+
+// TurboQuant_prod decode: norm * Pi^T (c[codes] + gamma * sqrt(pi/2)/m * S^T signs).
+@compute @workgroup_size(64)
+fn dequantize_prod(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l: vec3<u32>) {
+    let row = wid.x + wid.y * 65535u;
+    if (row >= P.rows) { return; }
+    let w = norms[P.rows + row] * P.sign_scale;
+    for (var i = l.x; i < P.d; i = i + WG) {
+        var y = table[read_code(row, i)];
+        for (var j = 0u; j < P.m; j = j + 1u) {
+            let s = select(-w, w, read_sign(row, j) == 1u);
+            y = y + s * signs[P.s_off + j * P.d + i];
+        }
+        sh[i] = y;
+    }
+    workgroupBarrier();
+    inverse_and_store(row, l.x);
+}
+
 // Exact scores: score[row] = norm[row] * sum_j T[j * levels + code_j], one thread per row.
 // `table` holds T (d x levels, the query's rotated coordinates times the centroids) and `out` the
 // scores.
@@ -235,4 +326,23 @@ fn score(@builtin(global_invocation_id) gid: vec3<u32>) {
         s = s + table[j * P.levels + read_code(row, j)];
     }
     out[row] = s * norms[row];
+}
+
+// Prod scores: norm * (sum_j T[j][code_j] + gamma * sqrt(pi/2)/m * sum_i (+-) sq_i), with the
+// query sketch sq = S Pi q stored after T in `table` (at d * levels).
+@compute @workgroup_size(64)
+fn score_prod(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let row = gid.x + gid.y * 65535u * 64u;
+    if (row >= P.rows) { return; }
+    var s = 0.0;
+    for (var j = 0u; j < P.d; j = j + 1u) {
+        s = s + table[j * P.levels + read_code(row, j)];
+    }
+    var t = 0.0;
+    let q0 = P.d * P.levels;
+    for (var i = 0u; i < P.m; i = i + 1u) {
+        let v = table[q0 + i];
+        t = t + select(-v, v, read_sign(row, i) == 1u);
+    }
+    out[row] = (s + norms[P.rows + row] * P.sign_scale * t) * norms[row];
 }

@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use tq_core::{SeededRng, bitpack, rng::stream};
 use tq_gpu::{Error, GpuContext};
-use tq_quant::{MseBatch, MseConfig, MseQuantizer, RotationKind, ScaleMode};
+use tq_quant::{
+    MseBatch, MseConfig, MseQuantizer, ProdBatch, ProdConfig, ProdQuantizer, RotationKind,
+    ScaleMode, SketchKind,
+};
 
 fn ctx() -> Option<GpuContext> {
     match GpuContext::new() {
@@ -236,4 +239,118 @@ fn unsupported_configurations_are_typed_errors() {
     ));
     let empty = gpu.quantize_mse(&q, &[]).unwrap();
     assert!(empty.is_empty());
+}
+
+fn prod(d: usize, bits: u32, seed: u64, rotation: RotationKind) -> Arc<ProdQuantizer> {
+    Arc::new(
+        ProdQuantizer::new(ProdConfig {
+            dim: d,
+            bits,
+            rotation,
+            sketch: if seed.is_multiple_of(2) {
+                SketchKind::Gaussian
+            } else {
+                SketchKind::Orthogonal
+            },
+            seed,
+        })
+        .unwrap(),
+    )
+}
+
+#[test]
+fn prod_quantize_dequantize_and_score_match_the_cpu() {
+    let Some(gpu) = ctx() else { return };
+    let cases = [
+        (128, 4, 300, RotationKind::Hadamard),
+        (96, 3, 45, RotationKind::Hadamard),
+        (64, 2, 70, RotationKind::Haar),
+        (200, 5, 33, RotationKind::Hadamard),
+    ];
+    for (k, &(d, bits, n, rot)) in cases.iter().enumerate() {
+        let q = prod(d, bits, 40 + k as u64, rot);
+        let xs = rows(n, d, 300 + k as u64);
+        let mut cpu = ProdBatch::new(q.clone());
+        cpu.extend(&xs).unwrap();
+        let g = gpu.quantize_prod(&q, &xs).unwrap();
+        assert_eq!(g.len(), n);
+        for i in 0..n {
+            let (a, b) = (g.norms()[i], cpu.norms()[i]);
+            assert!(
+                (a - b).abs() <= 2e-6 * b.abs(),
+                "d{d} b{bits} row {i}: norm {a} vs {b}"
+            );
+        }
+        // MSE codes: ties only; residual norms and sign bits follow the codes, so compare them on
+        // rows whose codes agree (sign ties only where the projection is within rounding of 0).
+        let (mut code_rows, mut sign_bits) = (0, 0);
+        let (sb, m) = (q.sign_bytes(), d);
+        let (mut sg, mut sc) = (vec![0u8; sb], vec![0u8; sb]);
+        let (gc, cc) = (g.codes().unwrap(), cpu.codes().unwrap());
+        let rb = q.code_bytes();
+        let (mut a, mut b) = (vec![0u8; rb], vec![0u8; rb]);
+        for i in 0..n {
+            gc.read_row(i, &mut a);
+            cc.read_row(i, &mut b);
+            if a != b {
+                code_rows += 1;
+                continue;
+            }
+            let (x, y) = (g.residual_norms()[i], cpu.residual_norms()[i]);
+            assert!(
+                (x - y).abs() <= 1e-5 * y.max(1e-6),
+                "d{d} b{bits} row {i}: gamma {x} vs {y}"
+            );
+            g.signs().read_row(i, &mut sg);
+            cpu.signs().read_row(i, &mut sc);
+            sign_bits += (0..m)
+                .filter(|&j| (sg[j / 8] >> (j % 8)) & 1 != (sc[j / 8] >> (j % 8)) & 1)
+                .count();
+        }
+        assert!(
+            code_rows * 100 <= n.max(100),
+            "d{d} b{bits}: {code_rows} rows with code ties"
+        );
+        assert!(
+            sign_bits * 1000 <= n * m,
+            "d{d} b{bits}: {sign_bits} sign ties"
+        );
+        // Decode and score the CPU's batch on the GPU.
+        let want: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                let mut r = vec![0.0f32; d];
+                cpu.dequantize_row(i, &mut r).unwrap();
+                r
+            })
+            .collect();
+        let got = gpu.dequantize_prod(&cpu).unwrap();
+        for i in 0..n {
+            let norm = cpu.norms()[i];
+            for j in 0..d {
+                let (x, y) = (got[i * d + j], want[i * d + j]);
+                assert!(
+                    (x - y).abs() <= 2e-5 * norm.max(1e-30),
+                    "d{d} b{bits} [{i},{j}]: {x} vs {y}"
+                );
+            }
+        }
+        let resident = gpu.upload_prod(&cpu).unwrap();
+        let query = &xs[d..2 * d];
+        let s = resident.score(query).unwrap();
+        let mut exact = vec![0.0f32; n];
+        cpu.score_exact_into(&q.prepare_query(query).unwrap(), &mut exact)
+            .unwrap();
+        let scale = exact.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+        for (i, (x, y)) in s.iter().zip(&exact).enumerate() {
+            assert!(
+                (x - y).abs() <= 2e-5 * scale,
+                "d{d} b{bits} row {i}: {x} vs {y}"
+            );
+        }
+    }
+    let one_bit = prod(64, 1, 1, RotationKind::Hadamard);
+    assert!(matches!(
+        gpu.quantize_prod(&one_bit, &[1.0; 64]),
+        Err(Error::Unsupported(_))
+    ));
 }
