@@ -260,7 +260,8 @@ pub fn eval_bits(
     let t = Instant::now();
     match (&s.gpu, &mut batch) {
         (Some(gpu), Batch::Mse(b)) => *b = gpu.quantize_mse(b.quantizer(), &base.data)?,
-        (Some(_), _) => anyhow::bail!("--backend wgpu runs MSE quantizers only"),
+        (Some(gpu), Batch::Prod(b)) => *b = gpu.quantize_prod(b.quantizer(), &base.data)?,
+        (Some(_), Batch::Polar(_)) => anyhow::bail!("--backend wgpu runs mse and prod quantizers"),
         (None, b) => b.extend(&base.data)?,
     }
     let quantize_vectors_per_s = n as f64 / t.elapsed().as_secs_f64();

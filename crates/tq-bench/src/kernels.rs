@@ -6,7 +6,10 @@ use std::time::Instant;
 
 use anyhow::Result;
 use serde::Serialize;
-use tq_quant::{MseBatch, MseConfig, MseQuantizer, RotationKind};
+use tq_quant::{
+    MseBatch, MseConfig, MseQuantizer, ProdBatch, ProdConfig, ProdQuantizer, RotationKind,
+    SketchKind,
+};
 
 /// Which implementation runs the kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -43,37 +46,65 @@ fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(best)
 }
 
-/// Times quantize, dequantize and score (one query) for `n` random `d`-dim vectors at `bits`.
+/// Times quantize, dequantize and score (one query) for `n` random `d`-dim vectors at `bits`,
+/// with TurboQuant_mse or TurboQuant_prod.
 pub fn run(
     backends: &[Backend],
+    prod: bool,
     n: usize,
     d: usize,
     bits: u32,
     seed: u64,
     reps: usize,
 ) -> Result<(Vec<KernelRow>, Option<String>)> {
-    let q = Arc::new(MseQuantizer::new(MseConfig::new(
-        d,
-        bits,
-        RotationKind::Hadamard,
-        seed,
-    ))?);
     let xs = crate::data::synthetic_base(n, d, seed).data;
     let query = crate::data::synthetic_queries(1, d, seed).data;
-    let mut cpu = MseBatch::new(q.clone());
-    cpu.extend(&xs)?;
-    let (rb, f32_bytes) = (q.row_bytes() as f64, (d * 4) as f64);
+    let (mq, pq) = if prod {
+        let pq = Arc::new(ProdQuantizer::new(ProdConfig {
+            dim: d,
+            bits,
+            rotation: RotationKind::Hadamard,
+            sketch: SketchKind::Gaussian,
+            seed,
+        })?);
+        (None, Some(pq))
+    } else {
+        let mq = Arc::new(MseQuantizer::new(MseConfig::new(
+            d,
+            bits,
+            RotationKind::Hadamard,
+            seed,
+        ))?);
+        (Some(mq), None)
+    };
+    // Stored bytes per row and f32 bytes per row.
+    let (row, f32_bytes) = match (&mq, &pq) {
+        (Some(q), _) => ((q.row_bytes() + 4) as f64, (d * 4) as f64),
+        (_, Some(q)) => (q.bytes_per_vector() as f64, (d * 4) as f64),
+        _ => unreachable!("one quantizer is built"),
+    };
     let traffic = |kernel: &str| -> f64 {
         n as f64
             * match kernel {
-                "quantize" => f32_bytes + rb + 4.0,
-                "dequantize" => rb + 4.0 + f32_bytes,
-                _ => rb + 4.0 + 4.0,
+                "quantize" | "dequantize" => f32_bytes + row,
+                _ => row + 4.0,
             }
     };
+    let mut cpu_mse = None;
+    let mut cpu_prod = None;
+    if let Some(q) = &mq {
+        let mut b = MseBatch::new(q.clone());
+        b.extend(&xs)?;
+        cpu_mse = Some(b);
+    }
+    if let Some(q) = &pq {
+        let mut b = ProdBatch::new(q.clone());
+        b.extend(&xs)?;
+        cpu_prod = Some(b);
+    }
     let mut rows = Vec::new();
     let mut adapter = None;
-    let row = |backend, kernel: &'static str, s: f64| KernelRow {
+    let mk = |backend, kernel: &'static str, s: f64| KernelRow {
         backend,
         kernel,
         vectors_per_s: n as f64 / s,
@@ -81,45 +112,78 @@ pub fn run(
         seconds: s,
     };
     for &b in backends {
-        match b {
-            Backend::Cpu => {
-                let s = best_of(reps, || {
-                    let mut batch = MseBatch::new(q.clone());
-                    batch.extend(&xs)?;
-                    Ok(())
-                })?;
-                rows.push(row(b, "quantize", s));
-                let s = best_of(reps, || {
-                    std::hint::black_box(cpu.dequantize_all());
-                    Ok(())
-                })?;
-                rows.push(row(b, "dequantize", s));
-                let prepared = q.prepare_query(&query)?;
-                let mut out = vec![0.0f32; n];
-                let s = best_of(reps, || Ok(cpu.score_exact_into(&prepared, &mut out)?))?;
-                rows.push(row(b, "score", s));
-            }
+        let (tq, tdq, ts) = match b {
+            Backend::Cpu => match (&mq, &pq, &cpu_mse, &cpu_prod) {
+                (Some(q), _, Some(batch), _) => {
+                    let tq = best_of(reps, || Ok(MseBatch::new(q.clone()).extend(&xs)?))?;
+                    let tdq = best_of(reps, || {
+                        std::hint::black_box(batch.dequantize_all());
+                        Ok(())
+                    })?;
+                    let prepared = q.prepare_query(&query)?;
+                    let mut out = vec![0.0f32; n];
+                    let ts = best_of(reps, || Ok(batch.score_exact_into(&prepared, &mut out)?))?;
+                    (tq, tdq, ts)
+                }
+                (_, Some(q), _, Some(batch)) => {
+                    let tq = best_of(reps, || Ok(ProdBatch::new(q.clone()).extend(&xs)?))?;
+                    let mut r = vec![0.0f32; d];
+                    let tdq = best_of(reps, || {
+                        for i in 0..n {
+                            batch.dequantize_row(i, &mut r)?;
+                        }
+                        Ok(())
+                    })?;
+                    let prepared = q.prepare_query(&query)?;
+                    let mut out = vec![0.0f32; n];
+                    let ts = best_of(reps, || Ok(batch.score_exact_into(&prepared, &mut out)?))?;
+                    (tq, tdq, ts)
+                }
+                _ => unreachable!("one quantizer is built"),
+            },
             Backend::Wgpu => {
                 let gpu = tq_gpu::GpuContext::new()?;
                 adapter = Some(gpu.adapter());
-                let s = best_of(reps, || {
-                    std::hint::black_box(gpu.quantize_mse(&q, &xs)?);
-                    Ok(())
-                })?;
-                rows.push(row(b, "quantize", s));
-                let s = best_of(reps, || {
-                    std::hint::black_box(gpu.dequantize_mse(&cpu)?);
-                    Ok(())
-                })?;
-                rows.push(row(b, "dequantize", s));
-                let resident = gpu.upload(&cpu)?;
-                let s = best_of(reps, || {
-                    std::hint::black_box(resident.score(&query)?);
-                    Ok(())
-                })?;
-                rows.push(row(b, "score", s));
+                match (&mq, &pq, &cpu_mse, &cpu_prod) {
+                    (Some(q), _, Some(batch), _) => {
+                        let tq = best_of(reps, || {
+                            std::hint::black_box(gpu.quantize_mse(q, &xs)?);
+                            Ok(())
+                        })?;
+                        let tdq = best_of(reps, || {
+                            std::hint::black_box(gpu.dequantize_mse(batch)?);
+                            Ok(())
+                        })?;
+                        let resident = gpu.upload(batch)?;
+                        let ts = best_of(reps, || {
+                            std::hint::black_box(resident.score(&query)?);
+                            Ok(())
+                        })?;
+                        (tq, tdq, ts)
+                    }
+                    (_, Some(q), _, Some(batch)) => {
+                        let tq = best_of(reps, || {
+                            std::hint::black_box(gpu.quantize_prod(q, &xs)?);
+                            Ok(())
+                        })?;
+                        let tdq = best_of(reps, || {
+                            std::hint::black_box(gpu.dequantize_prod(batch)?);
+                            Ok(())
+                        })?;
+                        let resident = gpu.upload_prod(batch)?;
+                        let ts = best_of(reps, || {
+                            std::hint::black_box(resident.score(&query)?);
+                            Ok(())
+                        })?;
+                        (tq, tdq, ts)
+                    }
+                    _ => unreachable!("one quantizer is built"),
+                }
             }
-        }
+        };
+        rows.push(mk(b, "quantize", tq));
+        rows.push(mk(b, "dequantize", tdq));
+        rows.push(mk(b, "score", ts));
     }
     Ok((rows, adapter))
 }

@@ -226,6 +226,9 @@ enum Command {
         /// Bits per coordinate.
         #[arg(long, default_value_t = 4)]
         bits: u32,
+        /// mse or prod (prod needs --bits >= 2 on the GPU).
+        #[arg(long, value_enum, default_value_t = QuantizerKind::Mse)]
+        quantizer: QuantizerKind,
         /// Repetitions; the best time is reported.
         #[arg(long, default_value_t = 3)]
         reps: usize,
@@ -328,8 +331,8 @@ struct Common {
     /// Print one JSON object on stdout instead of a table.
     #[arg(long)]
     json: bool,
-    /// Where batches are quantized: cpu, or wgpu (tq-gpu's kernels; MSE with the Hadamard
-    /// rotation and the norm scale). Metrics are computed on the CPU either way.
+    /// Where batches are quantized: cpu, or wgpu (tq-gpu's kernels: mse and prod with b >= 2,
+    /// the norm scale, d <= 1024). Metrics are computed on the CPU either way.
     #[arg(long, value_enum, default_value_t = kernels::Backend::Cpu)]
     backend: kernels::Backend,
     /// Also draw D_mse against bits (measured, the codebook's theory and the paper's bounds) and
@@ -1031,6 +1034,7 @@ struct KernelsReport {
     vectors: usize,
     dim: usize,
     bits: u32,
+    quantizer: QuantizerKind,
     threads: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     adapter: Option<String>,
@@ -1040,6 +1044,7 @@ struct KernelsReport {
 #[allow(clippy::too_many_arguments)]
 fn run_kernels(
     backends: &[kernels::Backend],
+    quantizer: QuantizerKind,
     vectors: Option<usize>,
     dim: usize,
     bits: u32,
@@ -1055,8 +1060,14 @@ fn run_kernels(
     let n = vectors.unwrap_or(if quick { 20_000 } else { 1_000_000 });
     ensure!(n > 0, "--vectors must be positive");
     let (threads, pool) = pool(c.threads)?;
-    let (results, adapter) = pool
-        .install(|| kernels::run(backends, n, dim, bits, c.seed, if quick { 1 } else { reps }))?;
+    ensure!(
+        quantizer != QuantizerKind::Polar,
+        "kernels times mse and prod (PolarQuant has no batch kernels)"
+    );
+    let prod = quantizer == QuantizerKind::Prod;
+    let reps = if quick { 1 } else { reps };
+    let (results, adapter) =
+        pool.install(|| kernels::run(backends, prod, n, dim, bits, c.seed, reps))?;
     let report = KernelsReport {
         workload: "kernels",
         source: "synthetic",
@@ -1064,6 +1075,7 @@ fn run_kernels(
         vectors: n,
         dim,
         bits,
+        quantizer,
         threads,
         adapter,
         results,
@@ -1073,7 +1085,12 @@ fn run_kernels(
         return Ok(());
     }
     println!(
-        "kernels | MSE b = {bits}, Hadamard | d = {dim} | {n} vectors | {threads} CPU thread(s){}",
+        "kernels | {} b = {bits}, Hadamard | d = {dim} | {n} vectors | {threads} CPU thread(s){}",
+        if report.quantizer == QuantizerKind::Prod {
+            "Prod"
+        } else {
+            "MSE"
+        },
         report
             .adapter
             .as_ref()
@@ -1104,10 +1121,13 @@ fn run(cli: Cli) -> Result<()> {
             vectors,
             dim,
             bits,
+            quantizer,
             reps,
             quick,
             common,
-        } => run_kernels(&backend, vectors, dim, bits, reps, quick, &common),
+        } => run_kernels(
+            &backend, quantizer, vectors, dim, bits, reps, quick, &common,
+        ),
         Command::RealModel {
             model_dir,
             prompt,

@@ -864,11 +864,23 @@ fn gpu_backend_gives_the_cpu_metrics() {
         assert!((x - y).abs() <= 1e-6 * x, "{x} vs {y}");
         assert_eq!(a["recall_1_at_k"], b["recall_1_at_k"]);
     }
-    let out = bench(&[
+    let prod = json(&bench(&[
         "synthetic",
         "--quick",
         "--quantizer",
         "prod",
+        "--bits",
+        "3",
+        "--backend",
+        "wgpu",
+        "--json",
+    ]));
+    assert_eq!(prod["backend"], "wgpu");
+    let out = bench(&[
+        "synthetic",
+        "--quick",
+        "--quantizer",
+        "polar",
         "--backend",
         "wgpu",
     ]);
