@@ -9,8 +9,8 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 use tq_kv::{HeadConfig, KeyStrategy, Precision, RotationKind};
 use tq_onnx::{
-    CacheSpec, Decoder, Keep, OutlierChoice, Run, Sampling, calibrate, generate, replay,
-    teacher_forced, token_match, trace_of,
+    CacheSpec, Decoder, Keep, LogitMetrics, OutlierChoice, Run, Sampling, calibrate, generate,
+    replay, teacher_forced, token_match, trace_of,
 };
 use tq_quant::ScaleMode;
 
@@ -214,6 +214,17 @@ impl Row {
         }
     }
 
+    fn with_metrics(mut self, m: &LogitMetrics) -> Self {
+        self.top1_agreement = Some(m.top1_agreement);
+        self.topk_overlap = Some(m.topk_overlap);
+        self.logit_rmse = Some(m.logit_rmse);
+        self.kl_divergence = Some(m.kl_divergence);
+        self.perplexity_exact = Some(m.perplexity_exact);
+        self.perplexity_quantized = Some(m.perplexity_quantized);
+        self.perplexity_ratio = Some(m.perplexity_quantized / m.perplexity_exact);
+        self
+    }
+
     fn with_config(mut self, c: &Config, d: usize, run: &Run) -> Self {
         let (kb, vb) = (
             c.head.key_precision.bits_per_coordinate(d),
@@ -357,13 +368,7 @@ pub fn run_prompts(
                     let m = cmp.summary();
                     let (rate, first) = token_match(&exact.tokens, &free.tokens);
                     let mut row = base.clone().with_config(c, d, &rep);
-                    row.top1_agreement = Some(m.top1_agreement);
-                    row.topk_overlap = Some(m.topk_overlap);
-                    row.logit_rmse = Some(m.logit_rmse);
-                    row.kl_divergence = Some(m.kl_divergence);
-                    row.perplexity_exact = Some(m.perplexity_exact);
-                    row.perplexity_quantized = Some(m.perplexity_quantized);
-                    row.perplexity_ratio = Some(m.perplexity_quantized / m.perplexity_exact);
+                    row = row.with_metrics(&m);
                     row.token_match_rate = Some(rate);
                     row.first_divergence_step = first;
                     row.decode_tokens_per_s_quantized = Some(rep.timing.decode_tokens_per_s());
@@ -426,13 +431,7 @@ pub fn run_text(
             String::new(),
         )
         .with_config(c, d, &rep);
-        row.top1_agreement = Some(m.top1_agreement);
-        row.topk_overlap = Some(m.topk_overlap);
-        row.logit_rmse = Some(m.logit_rmse);
-        row.kl_divergence = Some(m.kl_divergence);
-        row.perplexity_exact = Some(m.perplexity_exact);
-        row.perplexity_quantized = Some(m.perplexity_quantized);
-        row.perplexity_ratio = Some(m.perplexity_quantized / m.perplexity_exact);
+        row = row.with_metrics(&m);
         row.decode_tokens_per_s_exact = Some(exact.timing.decode_tokens_per_s());
         row.decode_tokens_per_s_quantized = Some(rep.timing.decode_tokens_per_s());
         rows.push(row);
