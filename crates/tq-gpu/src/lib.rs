@@ -114,6 +114,10 @@ pub struct GpuContext {
     quantize_prod: wgpu::ComputePipeline,
     dequantize_prod: wgpu::ComputePipeline,
     score_prod: wgpu::ComputePipeline,
+    rotate_tiled: wgpu::ComputePipeline,
+    /// The first error reported outside an error scope (out of memory, validation, internal) or
+    /// the reason the device was lost; returned by the next operation.
+    fault: Arc<std::sync::Mutex<Option<Error>>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -192,6 +196,24 @@ impl GpuContext {
                 adapter: info.name.clone(),
                 reason: e.to_string(),
             })?;
+        let fault: Arc<std::sync::Mutex<Option<Error>>> = Arc::default();
+        let sink = fault.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let err = match &e {
+                wgpu::Error::OutOfMemory { .. } => Error::OutOfMemory(e.to_string()),
+                wgpu::Error::Validation { .. } => Error::Validation(e.to_string()),
+                wgpu::Error::Internal { .. } => Error::Device(e.to_string()),
+            };
+            if let Ok(mut f) = sink.lock() {
+                f.get_or_insert(err);
+            }
+        }));
+        let sink = fault.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            if let Ok(mut f) = sink.lock() {
+                f.get_or_insert(Error::Device(format!("device lost ({reason:?}): {msg}")));
+            }
+        });
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("mse.wgsl"),
@@ -242,6 +264,7 @@ impl GpuContext {
             pipeline("dequantize_prod"),
             pipeline("score_prod"),
         );
+        let rotate_tiled = pipeline("rotate_tiled");
         if let Some(e) = scope.pop().await {
             return Err(Error::Validation(e.to_string()));
         }
@@ -257,6 +280,8 @@ impl GpuContext {
             quantize_prod,
             dequantize_prod,
             score_prod,
+            rotate_tiled,
+            fault,
         })
     }
 
@@ -397,6 +422,8 @@ impl GpuContext {
                 resource: b.as_entire_binding(),
             })
             .collect();
+        self.check()?;
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
@@ -414,7 +441,18 @@ impl GpuContext {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Validation(e.to_string()));
         }
-        Ok(())
+        if let Some(e) = pollster::block_on(oom.pop()) {
+            return Err(Error::OutOfMemory(e.to_string()));
+        }
+        self.check()
+    }
+
+    /// The error the device reported outside a scope, or its loss, if any (taken once).
+    fn check(&self) -> Result<()> {
+        match self.fault.lock() {
+            Ok(mut f) => f.take().map_or(Ok(()), Err),
+            Err(_) => Err(Error::Device("error state poisoned".into())),
+        }
     }
 
     fn read(&self, buf: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
@@ -435,6 +473,7 @@ impl GpuContext {
         rx.recv()
             .map_err(|e| Error::Device(e.to_string()))?
             .map_err(|e| Error::Device(e.to_string()))?;
+        self.check()?;
         let view = staging
             .get_mapped_range(..)
             .map_err(|e| Error::Device(e.to_string()))?;
@@ -442,6 +481,40 @@ impl GpuContext {
         drop(view);
         staging.unmap();
         Ok(out)
+    }
+
+    /// For a dense (Haar) rotation: rotates the chunk `x` of `rows` rows with the tiled product
+    /// into a new buffer and returns it with the parameters telling `quantize` to read it;
+    /// otherwise `None` and the parameters unchanged.
+    fn pre_rotate(
+        &self,
+        qb: &QuantBuffers,
+        params: Params,
+        x: &wgpu::Buffer,
+        rows: usize,
+    ) -> Result<(Params, Option<wgpu::Buffer>)> {
+        if params.dense != 1 {
+            return Ok((params, None));
+        }
+        let d = params.d as usize;
+        let y = self.zeroed((rows * d * 4) as u64, wgpu::BufferUsages::STORAGE);
+        // Unused bindings: distinct buffers (one buffer may not be bound read-only and
+        // read-write in one dispatch).
+        let unused = || self.zeroed(4, wgpu::BufferUsages::STORAGE);
+        let (table, codes, norms) = (unused(), unused(), unused());
+        let groups = ((d as u32).div_ceil(16), (rows as u32).div_ceil(16));
+        self.run(
+            &self.rotate_tiled,
+            params,
+            qb,
+            &table,
+            x,
+            &codes,
+            &norms,
+            &y,
+            groups,
+        )?;
+        Ok((Params { dense: 2, ..params }, Some(y)))
     }
 
     /// Quantizes `xs` (row-major, `n · d` finite f32) on the GPU into a batch of `quantizer`
@@ -480,6 +553,7 @@ impl GpuContext {
                 rows: rows as u32,
                 ..qb.params
             };
+            let (params, rotated) = self.pre_rotate(&qb, params, &x, rows)?;
             self.run(
                 &self.quantize,
                 params,
@@ -488,7 +562,7 @@ impl GpuContext {
                 &x,
                 &codes,
                 &norm_buf,
-                &dummy,
+                rotated.as_ref().unwrap_or(&dummy),
                 (rows as u32, 1),
             )?;
             let bytes = self.read(&codes, code_bytes)?;
@@ -675,6 +749,7 @@ impl GpuContext {
                 sign_word_off: (code_bytes / 4) as u32,
                 ..qb.params
             };
+            let (params, rotated) = self.pre_rotate(&qb, params, &x, rows)?;
             self.run(
                 &self.quantize_prod,
                 params,
@@ -683,7 +758,7 @@ impl GpuContext {
                 &x,
                 &buf,
                 &scal,
-                &dummy,
+                rotated.as_ref().unwrap_or(&dummy),
                 (rows as u32, 1),
             )?;
             let bytes = self.read(&buf, code_bytes + sign_bytes)?;
@@ -883,6 +958,36 @@ impl ResidentBatch<'_> {
             out.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&ctx.read(&res, bytes)?));
         }
         Ok(out)
+    }
+
+    /// Scores of every row for each of `queries` (row-major, `m · d`): one vector per query.
+    /// The batch stays on the device; each query costs one table upload and one dispatch per
+    /// chunk.
+    ///
+    /// # Errors
+    /// [`tq_quant::Error::DimMismatch`] unless `queries` holds whole rows; as
+    /// [`ResidentBatch::score`].
+    pub fn score_many(&self, queries: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let d = self.dim();
+        check_rows(queries, d)?;
+        queries.chunks_exact(d).map(|q| self.score(q)).collect()
+    }
+
+    /// The `k` best rows for each of `queries` (row-major), best first.
+    ///
+    /// # Errors
+    /// As [`ResidentBatch::score_many`].
+    pub fn top_k_many(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(usize, f32)>>> {
+        let d = self.dim();
+        check_rows(queries, d)?;
+        queries.chunks_exact(d).map(|q| self.top_k(q, k)).collect()
+    }
+
+    fn dim(&self) -> usize {
+        match &self.kind {
+            Kind::Mse(q) => q.dim(),
+            Kind::Prod(q) => q.dim(),
+        }
     }
 
     /// The `k` best rows for `q` by GPU scores (ties by index), best first.

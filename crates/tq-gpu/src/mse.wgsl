@@ -15,7 +15,8 @@ struct Params {
     row_bytes: u32,    // packed bytes per row
     block_scale: f32,  // 1/sqrt(p) when has_scale
     levels: u32,       // 2^bits
-    dense: u32,        // 1: `signs` holds a row-major d x d rotation matrix (Haar), rounds = 0
+    dense: u32,        // 1: `signs` holds a row-major d x d rotation matrix (Haar), rounds = 0;
+                       // 2: the same, already applied by `rotate_tiled` into `out`
     sign_word_off: u32,// Prod: first word of the sign blocks in `codes`
     s_off: u32,        // Prod: offset of the m x d QJL matrix in `signs`
     m: u32,            // Prod: sketch size
@@ -121,6 +122,13 @@ fn encode_mse(row: u32, lid: u32) -> f32 {
     }
     workgroupBarrier();
     let norm = norm_fixed(lid);
+    if (P.dense == 2u) {
+        // Rotated by `rotate_tiled` into `out`.
+        for (var i = lid; i < d; i = i + WG) {
+            sh[i] = out[base + i];
+        }
+        workgroupBarrier();
+    }
     if (P.dense == 1u) {
         // y = M x, one output coordinate per thread, j ascending.
         for (var i = lid; i < d; i = i + WG) {
@@ -345,4 +353,39 @@ fn score_prod(@builtin(global_invocation_id) gid: vec3<u32>) {
         t = t + select(-v, v, read_sign(row, i) == 1u);
     }
     out[row] = (s + norms[P.rows + row] * P.sign_scale * t) * norms[row];
+}
+
+// Dense (Haar) rotation of a chunk as a tiled matrix product in workgroup memory:
+// out[r][i] = sum_j xs[r][j] * M[i][j], 16 x 16 output tiles, the shared dimension walked in
+// tiles of 16 with j ascending, so each sum has the same order as the per-row kernel.
+const T: u32 = 16u;
+var<workgroup> ta: array<array<f32, 16>, 16>;  // ta[r][j]: rows of xs
+var<workgroup> tb: array<array<f32, 16>, 16>;  // tb[i][j]: rows of M
+
+@compute @workgroup_size(16, 16)
+fn rotate_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l: vec3<u32>) {
+    let d = P.d;
+    let i = wid.x * T + l.x;       // output coordinate
+    let r = wid.y * T + l.y;       // row
+    var a = 0.0;
+    let tiles = (d + T - 1u) / T;
+    for (var t = 0u; t < tiles; t = t + 1u) {
+        let j = t * T + l.x;
+        var xv = 0.0;
+        if (r < P.rows && j < d) { xv = xs[r * d + j]; }
+        ta[l.y][l.x] = xv;
+        let mi = wid.x * T + l.y;
+        var mv = 0.0;
+        if (mi < d && j < d) { mv = signs[mi * d + j]; }
+        tb[l.y][l.x] = mv;
+        workgroupBarrier();
+        let jmax = min(T, d - t * T);
+        for (var k = 0u; k < jmax; k = k + 1u) {
+            a = a + tb[l.x][k] * ta[l.y][k];
+        }
+        workgroupBarrier();
+    }
+    if (r < P.rows && i < d) {
+        out[r * d + i] = a;
+    }
 }

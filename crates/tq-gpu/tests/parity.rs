@@ -186,6 +186,15 @@ fn dequantize_and_score_match_the_cpu() {
             assert_eq!(top.len(), 5.min(n));
             assert!(top.windows(2).all(|w| w[0].1 >= w[1].1));
         }
+        // Several queries in one call give the single-query results.
+        let qs = &xs[..3.min(n) * d];
+        let many = resident.score_many(qs).unwrap();
+        for (qi, s) in many.iter().enumerate() {
+            assert_eq!(s, &resident.score(&qs[qi * d..(qi + 1) * d]).unwrap());
+        }
+        let tops = resident.top_k_many(qs, 3).unwrap();
+        assert_eq!(tops.len(), 3.min(n));
+        assert!(resident.score_many(&qs[..d - 1]).is_err());
     }
 }
 
