@@ -331,8 +331,8 @@ struct Common {
     /// Print one JSON object on stdout instead of a table.
     #[arg(long)]
     json: bool,
-    /// Where batches are quantized: cpu, or wgpu (tq-gpu's kernels: mse and prod with b >= 2,
-    /// the norm scale, d <= 1024). Metrics are computed on the CPU either way.
+    /// Where batches are quantized: cpu, or wgpu (tq-gpu's kernels: mse, and prod with b >= 2;
+    /// d <= 1024). Metrics are computed on the CPU either way.
     #[arg(long, value_enum, default_value_t = kernels::Backend::Cpu)]
     backend: kernels::Backend,
     /// Also draw D_mse against bits (measured, the codebook's theory and the paper's bounds) and

@@ -26,8 +26,8 @@
 //! # Ok::<(), tq_gpu::Error>(())
 //! ```
 //!
-//! Scope: MSE and Prod (`bits >= 2`) quantizers, Hadamard or dense Haar rotation, the norm
-//! scale and no mean, `d <= 1024`
+//! Scope: MSE quantizers (any scale mode, centred or not) and Prod (`bits >= 2`), Hadamard or
+//! dense Haar rotation, `d <= 1024`
 //! (one row lives in workgroup memory). Other configurations are [`Error::Unsupported`].
 //! Codes equal the CPU's except where a rotated coordinate lies within float rounding of a
 //! codebook boundary (the GPU's `sqrt` and division may differ from the CPU's by an ulp).
@@ -99,6 +99,10 @@ struct Params {
     m: u32,
     sign_bytes: u32,
     sign_scale: f32,
+    scale_mode: u32,
+    mean_off: u32,
+    pad2: u32,
+    pad3: u32,
 }
 
 /// A device, its queue and the compiled pipelines.
@@ -309,11 +313,6 @@ impl GpuContext {
     ) -> Result<QuantBuffers> {
         let cfg = q.config();
         let d = q.dim();
-        if cfg.scale != ScaleMode::Norm || cfg.centered || q.mean().is_some() {
-            return Err(Error::Unsupported(
-                "only the norm scale without a mean runs on the GPU".into(),
-            ));
-        }
         if d > MAX_DIM {
             return Err(Error::Unsupported(format!("d = {d} exceeds {MAX_DIM}")));
         }
@@ -335,6 +334,14 @@ impl GpuContext {
             m: 0,
             sign_bytes: 0,
             sign_scale: 0.0,
+            scale_mode: match cfg.scale {
+                ScaleMode::Norm => 0,
+                ScaleMode::LeastSquares => 1,
+                ScaleMode::Unbiased => 2,
+            },
+            mean_off: u32::MAX,
+            pad2: 0,
+            pad3: 0,
         };
         let rot = q.rotation();
         let (signs, perm) = match (cfg.rotation, rot.hadamard_params(), rot.dense_matrix()) {
@@ -355,6 +362,10 @@ impl GpuContext {
             _ => return Err(Error::Unsupported("unknown rotation".into())),
         };
         let mut signs = signs;
+        if let Some(m) = q.mean() {
+            params.mean_off = signs.len() as u32;
+            signs.extend_from_slice(m);
+        }
         if let Some(pq) = prod {
             let qjl = pq.qjl();
             params.s_off = signs.len() as u32;
@@ -527,10 +538,10 @@ impl GpuContext {
         let d = quantizer.dim();
         check_rows(xs, d)?;
         let qb = self.quant_buffers(quantizer, None)?;
-        let table = self.init(
-            bytemuck::cast_slice(quantizer.codebook().boundaries()),
-            wgpu::BufferUsages::STORAGE,
-        );
+        // Boundaries, then centroids (for the least-squares and unbiased scales).
+        let mut table = quantizer.codebook().boundaries().to_vec();
+        table.extend_from_slice(quantizer.codebook().centroids());
+        let table = self.init(bytemuck::cast_slice(&table), wgpu::BufferUsages::STORAGE);
         let n = xs.len() / d;
         let rb = quantizer.row_bytes();
         let chunk = self.chunk_rows((d * 4) as u64);
@@ -915,7 +926,13 @@ impl ResidentBatch<'_> {
                 )
             }
         };
-        let rotated = mse.prepare_query(q)?.rotated().to_vec();
+        let prepared = mse.prepare_query(q)?;
+        // A centred MSE quantizer adds <q, mean> to every score (zero otherwise and for Prod).
+        let offset = match &self.kind {
+            Kind::Mse(_) => prepared.offset(),
+            Kind::Prod(_) => 0.0,
+        };
+        let rotated = prepared.rotated().to_vec();
         let c = mse.codebook().centroids();
         let mut table: Vec<f32> = rotated
             .iter()
@@ -955,7 +972,12 @@ impl ResidentBatch<'_> {
                 &res,
                 (gx, gy),
             )?;
-            out.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&ctx.read(&res, bytes)?));
+            let scores = ctx.read(&res, bytes)?;
+            out.extend(
+                bytemuck::cast_slice::<u8, f32>(&scores)
+                    .iter()
+                    .map(|s| s + offset),
+            );
         }
         Ok(out)
     }

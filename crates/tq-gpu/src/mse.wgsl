@@ -22,6 +22,10 @@ struct Params {
     m: u32,            // Prod: sketch size
     sign_bytes: u32,   // Prod: packed sign bytes per row
     sign_scale: f32,   // Prod: sqrt(pi/2) / m
+    scale_mode: u32,   // MSE: 0 norm, 1 least-squares, 2 unbiased (tq_quant::ScaleMode)
+    mean_off: u32,     // MSE: offset of the mean in `signs`, or 0xffffffff when not centred
+    pad2: u32,
+    pad3: u32,
 };
 
 const WG: u32 = 64u;
@@ -40,6 +44,7 @@ var<workgroup> sh: array<f32, MAX_D>;
 var<workgroup> tmp: array<f32, MAX_D>;
 var<workgroup> cs: array<u32, MAX_D>;
 var<workgroup> acc: array<f32, 8>;
+var<workgroup> part: array<vec2<f32>, 64>;
 
 fn fwht_block(off: u32, lid: u32) {
     var h = 1u;
@@ -118,7 +123,9 @@ fn encode_mse(row: u32, lid: u32) -> f32 {
     let d = P.d;
     let base = row * d;
     for (var i = lid; i < d; i = i + WG) {
-        sh[i] = xs[base + i];
+        var v = xs[base + i];
+        if (P.mean_off != 0xffffffffu) { v = v - signs[P.mean_off + i]; }
+        sh[i] = v;
     }
     workgroupBarrier();
     let norm = norm_fixed(lid);
@@ -183,13 +190,39 @@ fn encode_mse(row: u32, lid: u32) -> f32 {
     return norm;
 }
 
+// The stored per-vector scale (MseQuantizer::scale_of) of the unit row in `sh` with codes in
+// `cs`: the norm, or norm * <y, c> / |c|^2 (least-squares), or norm / <y, c> (unbiased), with
+// centroids at table[levels - 1 ..]. Sums in f32 (the CPU sums in f64).
+fn scale_of(norm: f32, lid: u32) -> f32 {
+    if (P.scale_mode == 0u || norm == 0.0) { return norm; }
+    let c0 = P.levels - 1u;
+    var yc = 0.0;
+    var cc = 0.0;
+    for (var i = lid; i < P.d; i = i + WG) {
+        let c = table[c0 + cs[i]];
+        yc = yc + sh[i] * c;
+        cc = cc + c * c;
+    }
+    part[lid] = vec2<f32>(yc, cc);
+    workgroupBarrier();
+    var t = vec2<f32>(0.0, 0.0);
+    for (var k = 0u; k < WG; k = k + 1u) {
+        t = t + part[k];
+    }
+    workgroupBarrier();
+    if (P.scale_mode == 1u && t.y > 0.0) { return norm * t.x / t.y; }
+    if (P.scale_mode == 2u && t.x > 0.0) { return norm / t.x; }
+    return norm;
+}
+
 @compute @workgroup_size(64)
 fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l: vec3<u32>) {
     let row = wid.x + wid.y * 65535u;
     if (row >= P.rows) { return; }
     let norm = encode_mse(row, l.x);
+    let scale = scale_of(norm, l.x);
     if (l.x == 0u) {
-        norms[row] = norm;
+        norms[row] = scale;
     }
 }
 
@@ -283,7 +316,9 @@ fn inverse_and_store(row: u32, lid: u32) {
     }
     let norm = norms[row];
     for (var i = lid; i < d; i = i + WG) {
-        out[row * d + i] = sh[i] * norm;
+        var v = sh[i] * norm;
+        if (P.mean_off != 0xffffffffu) { v = v + signs[P.mean_off + i]; }
+        out[row * d + i] = v;
     }
 }
 
