@@ -35,8 +35,3 @@ pub use precision::{Precision, calibrate_outliers};
 pub use store::KeyStrategy;
 pub use tq_core::RotationKind;
 pub use trace::{KvTrace, SyntheticTrace, TraceMeta};
-
-/// The README's examples, compiled and run as doctests.
-#[doc = include_str!("../../../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;
