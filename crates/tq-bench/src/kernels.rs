@@ -48,7 +48,13 @@ fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 
 /// Times quantize, dequantize and score (one query) for `n` random `d`-dim vectors at `bits`,
 /// with TurboQuant_mse or TurboQuant_prod.
+///
+/// `gpu` must be given when `backends` contains [`Backend::Wgpu`]; the caller creates (and drops)
+/// it on its own thread, not on a worker of the rayon pool this runs in: Mesa's software Vulkan
+/// keeps per-thread state that must not outlive the pool's threads.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
+    gpu: Option<&tq_gpu::GpuContext>,
     backends: &[Backend],
     prod: bool,
     n: usize,
@@ -142,7 +148,8 @@ pub fn run(
                 _ => unreachable!("one quantizer is built"),
             },
             Backend::Wgpu => {
-                let gpu = tq_gpu::GpuContext::new()?;
+                let gpu =
+                    gpu.ok_or_else(|| anyhow::anyhow!("the wgpu backend needs a GPU context"))?;
                 adapter = Some(gpu.adapter());
                 match (&mq, &pq, &cpu_mse, &cpu_prod) {
                     (Some(q), _, Some(batch), _) => {

@@ -1066,8 +1066,16 @@ fn run_kernels(
     );
     let prod = quantizer == QuantizerKind::Prod;
     let reps = if quick { 1 } else { reps };
+    // The device is created and dropped on this thread, outside the pool (see kernels::run).
+    let gpu = if backends.contains(&kernels::Backend::Wgpu) {
+        Some(tq_gpu::GpuContext::new()?)
+    } else {
+        None
+    };
     let (results, adapter) =
-        pool.install(|| kernels::run(backends, prod, n, dim, bits, c.seed, reps))?;
+        pool.install(|| kernels::run(gpu.as_ref(), backends, prod, n, dim, bits, c.seed, reps))?;
+    drop(pool);
+    drop(gpu);
     let report = KernelsReport {
         workload: "kernels",
         source: "synthetic",
