@@ -425,6 +425,14 @@ impl GpuContext {
     ) -> Result<()> {
         let uniform = self.init(bytemuck::bytes_of(&params), wgpu::BufferUsages::UNIFORM);
         let buffers = [&uniform, &qb.signs, &qb.perm, table, xs, codes, norms, out];
+        // Chunking must keep every binding within the (possibly capped) limit.
+        if let Some(b) = buffers[3..].iter().find(|b| b.size() > self.max_binding) {
+            return Err(Error::Device(format!(
+                "a binding of {} bytes exceeds the {}-byte limit",
+                b.size(),
+                self.max_binding
+            )));
+        }
         let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
             .iter()
             .enumerate()
@@ -592,47 +600,47 @@ impl GpuContext {
     pub fn dequantize_mse(&self, batch: &MseBatch) -> Result<Vec<f32>> {
         let q = batch.quantizer();
         let qb = self.quant_buffers(q, None)?;
-        let d = q.dim();
         let table = self.init(
             bytemuck::cast_slice(q.codebook().centroids()),
             wgpu::BufferUsages::STORAGE,
         );
-        let n = batch.len();
-        let rb = q.row_bytes();
-        let chunk = self.chunk_rows((d * 4) as u64);
-        let mut out = Vec::with_capacity(n * d);
+        let chunks = self.chunks_of(batch.codes(), None, batch.norms(), None, q.dim() * 4)?;
+        self.decode_chunks(&self.dequantize, &qb, &table, &chunks, q.dim(), batch.len())
+    }
+
+    /// Runs a decode pipeline over `chunks`, each writing `rows · d` floats.
+    fn decode_chunks(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        qb: &QuantBuffers,
+        table: &wgpu::Buffer,
+        chunks: &[Chunk],
+        d: usize,
+        n: usize,
+    ) -> Result<Vec<f32>> {
         let dummy = self.zeroed(4, wgpu::BufferUsages::STORAGE);
-        for start in (0..n).step_by(chunk) {
-            let rows = chunk.min(n - start);
-            let blocks = rows.div_ceil(32);
-            let first = start / 32 * 32 * rb;
-            let codes = self.init(
-                &batch.codes().blocks()[first..first + blocks * 32 * rb],
-                wgpu::BufferUsages::STORAGE,
-            );
-            let norms = self.init(
-                bytemuck::cast_slice(&batch.norms()[start..start + rows]),
-                wgpu::BufferUsages::STORAGE,
-            );
-            let bytes = (rows * d * 4) as u64;
+        let mut out = Vec::with_capacity(n * d);
+        for ch in chunks {
+            let bytes = (ch.rows * d * 4) as u64;
             let res = self.zeroed(
                 bytes,
                 wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
             );
             let params = Params {
-                rows: rows as u32,
+                rows: ch.rows as u32,
+                sign_word_off: ch.sign_word_off,
                 ..qb.params
             };
             self.run(
-                &self.dequantize,
+                pipeline,
                 params,
-                &qb,
-                &table,
+                qb,
+                table,
                 &dummy,
-                &codes,
-                &norms,
+                &ch.codes,
+                &ch.norms,
                 &res,
-                (rows as u32, 1),
+                (ch.rows as u32, 1),
             )?;
             out.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&self.read(&res, bytes)?));
         }
@@ -646,7 +654,7 @@ impl GpuContext {
     pub fn upload<'a>(&'a self, batch: &MseBatch) -> Result<ResidentBatch<'a>> {
         let q = batch.quantizer().clone();
         let qb = self.quant_buffers(&q, None)?;
-        let chunks = self.chunks_of(batch.codes(), None, batch.norms(), None)?;
+        let chunks = self.chunks_of(batch.codes(), None, batch.norms(), None, 4)?;
         Ok(ResidentBatch {
             ctx: self,
             kind: Kind::Mse(q),
@@ -674,6 +682,7 @@ impl GpuContext {
             Some(batch.signs()),
             batch.norms(),
             Some(batch.residual_norms()),
+            4,
         )?;
         Ok(ResidentBatch {
             ctx: self,
@@ -685,16 +694,19 @@ impl GpuContext {
     }
 
     /// Device buffers per chunk: code blocks (then sign blocks), norms (then residual norms).
+    /// Chunks are sized so that the stored rows and `out_bytes_per_row` of output per row (d
+    /// floats for decoding, one score for scoring) each fit one binding.
     fn chunks_of(
         &self,
         codes: &PackedRows,
         signs: Option<&PackedRows>,
         norms: &[f32],
         gammas: Option<&[f32]>,
+        out_bytes_per_row: usize,
     ) -> Result<Vec<Chunk>> {
         let (rb, sb) = (codes.row_bytes(), signs.map_or(0, PackedRows::row_bytes));
         let n = norms.len();
-        let chunk = ((self.max_binding / (rb + sb).max(1) as u64) as usize / 32 * 32).max(32);
+        let chunk = self.chunk_rows((rb + sb).max(out_bytes_per_row) as u64);
         let mut out = Vec::new();
         for start in (0..n).step_by(chunk) {
             let rows = chunk.min(n - start);
@@ -809,40 +821,14 @@ impl GpuContext {
             bytemuck::cast_slice(mse.codebook().centroids()),
             wgpu::BufferUsages::STORAGE,
         );
-        let dummy = self.zeroed(4, wgpu::BufferUsages::STORAGE);
         let chunks = self.chunks_of(
             codes,
             Some(batch.signs()),
             batch.norms(),
             Some(batch.residual_norms()),
+            d * 4,
         )?;
-        let mut out = Vec::with_capacity(batch.len() * d);
-        for ch in &chunks {
-            // The decoded rows must fit one binding too.
-            let bytes = (ch.rows * d * 4) as u64;
-            let res = self.zeroed(
-                bytes,
-                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-            );
-            let params = Params {
-                rows: ch.rows as u32,
-                sign_word_off: ch.sign_word_off,
-                ..qb.params
-            };
-            self.run(
-                &self.dequantize_prod,
-                params,
-                &qb,
-                &table,
-                &dummy,
-                &ch.codes,
-                &ch.norms,
-                &res,
-                (ch.rows as u32, 1),
-            )?;
-            out.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&self.read(&res, bytes)?));
-        }
-        Ok(out)
+        self.decode_chunks(&self.dequantize_prod, &qb, &table, &chunks, d, batch.len())
     }
 }
 

@@ -201,8 +201,9 @@ fn dequantize_and_score_match_the_cpu() {
 #[test]
 fn large_batches_are_split_into_chunks() {
     let Some(gpu) = ctx() else { return };
-    // 4 KB bindings: 8 rows of d = 128 per chunk would be too few, so chunks hold 32 rows.
-    let gpu = gpu.with_binding_limit(4096);
+    // 16 KB bindings: 32 rows of d = 128 f32 (one block) per chunk, so 200 rows take 7 chunks;
+    // every binding is checked against the cap, so a chunk sized by the wrong row width fails.
+    let gpu = gpu.with_binding_limit(16384);
     let (d, n) = (128, 200);
     let q = quantizer(d, 4, 5);
     let xs = rows(n, d, 9);
@@ -217,6 +218,17 @@ fn large_batches_are_split_into_chunks() {
     assert_eq!(deq.len(), n * d);
     let s = gpu.upload(&cpu).unwrap().score(&xs[..d]).unwrap();
     assert_eq!(s.len(), n);
+    // Prod decodes d floats per row from ~d/2 stored bytes: its chunks must be sized by the
+    // decoded rows too, or they overflow the binding.
+    let pq = prod(d, 4, 2, RotationKind::Hadamard);
+    let mut pb = ProdBatch::new(pq.clone());
+    pb.extend(&xs).unwrap();
+    let deq = gpu.dequantize_prod(&pb).unwrap();
+    assert_eq!(deq.len(), n * d);
+    assert_eq!(
+        gpu.upload_prod(&pb).unwrap().score(&xs[..d]).unwrap().len(),
+        n
+    );
 }
 
 #[test]
