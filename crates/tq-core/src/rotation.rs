@@ -398,8 +398,13 @@ fn transpose_in(chunk: &[f32], d: usize, buf: &mut [[f32; LANES]]) {
     let group = chunk.len() / d;
     #[cfg(target_arch = "x86_64")]
     {
-        if group == LANES && x86_transpose::available() {
-            // SAFETY: AVX availability was checked at run time; lengths are `8 · d`.
+        if group == LANES
+            && chunk.len() == LANES * d
+            && buf.len() == d
+            && x86_transpose::available()
+        {
+            // SAFETY: AVX is present (checked at run time), `chunk` is exactly 8 rows of `d` and
+            // `buf` has `d` lanes: the preconditions of `rows_to_lanes`.
             unsafe { x86_transpose::rows_to_lanes(chunk, d, buf) };
             return;
         }
@@ -417,8 +422,13 @@ fn transpose_out(buf: &[[f32; LANES]], d: usize, chunk: &mut [f32]) {
     let group = chunk.len() / d;
     #[cfg(target_arch = "x86_64")]
     {
-        if group == LANES && x86_transpose::available() {
-            // SAFETY: AVX availability was checked at run time; lengths are `8 · d`.
+        if group == LANES
+            && chunk.len() == LANES * d
+            && buf.len() == d
+            && x86_transpose::available()
+        {
+            // SAFETY: AVX is present (checked at run time), `chunk` is exactly 8 rows of `d` and
+            // `buf` has `d` lanes: the preconditions of `lanes_to_rows`.
             unsafe { x86_transpose::lanes_to_rows(buf, d, chunk) };
             return;
         }
@@ -438,7 +448,7 @@ mod x86_transpose {
     pub(super) fn available() -> bool {
         use std::sync::OnceLock;
         static AVX: OnceLock<bool> = OnceLock::new();
-        *AVX.get_or_init(|| std::arch::is_x86_feature_detected!("avx"))
+        *AVX.get_or_init(|| !cfg!(miri) && std::arch::is_x86_feature_detected!("avx"))
     }
 
     /// 8×8 transpose of the registers `r` in place (unpack, shuffle, lane permute).
@@ -472,6 +482,10 @@ mod x86_transpose {
     }
 
     /// `buf[j][l] = rows[l·d + j]` for 8 rows.
+    ///
+    /// # Safety
+    /// The CPU supports AVX, `rows.len() == 8 · d` and `buf.len() == d`: the unaligned 8-float
+    /// loads at `l·d + j` and stores at lane `j + k` (`j + 8 <= d`) stay inside the slices.
     #[target_feature(enable = "avx")]
     pub(super) unsafe fn rows_to_lanes(rows: &[f32], d: usize, buf: &mut [[f32; LANES]]) {
         debug_assert!(rows.len() == 8 * d && buf.len() == d);
@@ -496,6 +510,10 @@ mod x86_transpose {
     }
 
     /// `rows[l·d + j] = buf[j][l]` for 8 rows.
+    ///
+    /// # Safety
+    /// The CPU supports AVX, `rows.len() == 8 · d` and `buf.len() == d`: the unaligned 8-float
+    /// loads at lane `j + k` and stores at `l·d + j` (`j + 8 <= d`) stay inside the slices.
     #[target_feature(enable = "avx")]
     pub(super) unsafe fn lanes_to_rows(buf: &[[f32; LANES]], d: usize, rows: &mut [f32]) {
         debug_assert!(rows.len() == 8 * d && buf.len() == d);

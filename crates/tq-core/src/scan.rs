@@ -32,9 +32,12 @@ pub const fn block_bytes(row_bytes: usize) -> usize {
 
 /// Writes row-major packed `row` (of `row_bytes` bytes) into slot `slot < 32` of `block`,
 /// replacing what was there. O(row_bytes).
+///
+/// # Panics
+/// If `slot >= 32` or `block.len() != 32 * row.len()`, before anything is written.
 pub fn write_row(block: &mut [u8], slot: usize, row: &[u8]) {
-    debug_assert!(slot < BLOCK);
-    debug_assert_eq!(block.len(), block_bytes(row.len()));
+    assert!(slot < BLOCK, "slot {slot} is not below {BLOCK}");
+    check_block(block.len(), row.len());
     let (i, shift, keep) = if slot < 16 {
         (slot, 0, 0xF0u8)
     } else {
@@ -53,10 +56,18 @@ pub fn write_row(block: &mut [u8], slot: usize, row: &[u8]) {
 /// Writes `rows.len() / row_bytes <= 32` row-major packed rows into slots `0..` of `block`,
 /// replacing the whole block (later slots become zero). Same result as [`write_row`] per row,
 /// without read-modify-write. O(32 · row_bytes).
+///
+/// # Panics
+/// If `row_bytes == 0`, `block.len() != 32 * row_bytes`, or `rows` is not a whole number of at
+/// most 32 rows, before anything is written.
 pub fn write_block(rows: &[u8], row_bytes: usize, block: &mut [u8]) {
-    debug_assert_eq!(block.len(), block_bytes(row_bytes));
+    check_block(block.len(), row_bytes);
+    assert!(
+        row_bytes > 0 && rows.len().is_multiple_of(row_bytes) && rows.len() <= block.len(),
+        "{} bytes are not whole rows of {row_bytes} bytes fitting one block",
+        rows.len()
+    );
     let count = rows.len() / row_bytes;
-    debug_assert!(count <= BLOCK);
     let zero = vec![0u8; if count < BLOCK { row_bytes } else { 0 }];
     let row = |slot: usize| {
         if slot < count {
@@ -77,6 +88,9 @@ pub fn write_block(rows: &[u8], row_bytes: usize, block: &mut [u8]) {
 /// Writes `rows.len() / row_bytes` row-major packed rows into slots `first_slot..` of `block`:
 /// a whole-block [`write_block`] from slot 0 (later slots become zero), per-row [`write_row`]s
 /// otherwise (the other slots are kept).
+///
+/// # Panics
+/// As [`write_block`] and [`write_row`] (rows past slot 31, a block of the wrong size).
 pub fn write_rows(rows: &[u8], row_bytes: usize, block: &mut [u8], first_slot: usize) {
     if first_slot == 0 {
         write_block(rows, row_bytes, block);
@@ -88,9 +102,12 @@ pub fn write_rows(rows: &[u8], row_bytes: usize, block: &mut [u8], first_slot: u
 }
 
 /// Reads slot `slot < 32` of `block` back into row-major packed bytes `out`. O(row_bytes).
+///
+/// # Panics
+/// If `slot >= 32` or `block.len() != 32 * out.len()`.
 pub fn read_row(block: &[u8], slot: usize, out: &mut [u8]) {
-    debug_assert!(slot < BLOCK);
-    debug_assert_eq!(block.len(), block_bytes(out.len()));
+    assert!(slot < BLOCK, "slot {slot} is not below {BLOCK}");
+    check_block(block.len(), out.len());
     let (i, shift) = if slot < 16 { (slot, 0) } else { (slot - 16, 4) };
     for (k, o) in out.iter_mut().enumerate() {
         let lo = (block[(2 * k) * 16 + i] >> shift) & 0x0F;
@@ -114,8 +131,15 @@ impl QuantizedLut {
     /// Quantizes float tables (`16 * positions` values) to `u8` with a shared step
     /// `Δ = max_n (max T_n - min T_n) / 255` and per-table offsets `min T_n`. Reuses `self`'s
     /// allocation. O(positions · 16).
+    ///
+    /// # Panics
+    /// If `tables.len()` is not a multiple of 16.
     pub fn quantize_from(&mut self, tables: &[f32]) {
-        debug_assert_eq!(tables.len() % 16, 0);
+        assert!(
+            tables.len().is_multiple_of(16),
+            "{} table entries are not whole 16-entry tables",
+            tables.len()
+        );
         let mut offset = 0.0f64;
         let mut range = 0.0f32;
         for t in tables.chunks_exact(16) {
@@ -150,16 +174,20 @@ impl QuantizedLut {
 }
 
 /// `out[r] = Σ_n tables[16n + nibble_n(row r)]` for the 32 rows of `block` (see the module docs).
-/// `tables.len()` must be `16 * positions` with `positions = 2 * row_bytes`
-/// (`debug_assert!`). Runtime-dispatched: AVX2 when the CPU has it, else [`scan_block_scalar`].
+/// `tables.len()` must be `16 * positions` with `positions = 2 * row_bytes`, i.e. equal to
+/// `block.len()`. Runtime-dispatched: AVX2 when the CPU has it, else [`scan_block_scalar`].
+///
+/// # Panics
+/// If `block.len()` is not a multiple of 32 or `tables.len() != block.len()`; the check runs
+/// before any kernel reads memory.
 #[inline]
 pub fn scan_block(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
-    debug_assert_eq!(block.len() % 32, 0);
-    debug_assert_eq!(tables.len(), block.len());
+    check_nibble_scan(block.len(), tables.len());
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2() {
-            // SAFETY: AVX2 support was checked at run time.
+            // SAFETY: AVX2 is present (checked at run time) and `check_nibble_scan` proved
+            // `block.len() == tables.len()`, a multiple of 32: the kernel's only preconditions.
             unsafe { x86::scan_block_avx2(block, tables, out) };
             return;
         }
@@ -168,7 +196,11 @@ pub fn scan_block(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
 }
 
 /// Scalar twin of [`scan_block`], the specification.
+///
+/// # Panics
+/// As [`scan_block`].
 pub fn scan_block_scalar(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
+    check_nibble_scan(block.len(), tables.len());
     out.fill(0);
     for (pos, (bytes, table)) in block
         .chunks_exact(16)
@@ -185,8 +217,11 @@ pub fn scan_block_scalar(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
 
 /// Float twin of [`scan_block_scalar`]: `out[r] = Σ_n tables[16n + nibble_n(row r)]` with `f32`
 /// tables (the exact path used for reference scores and re-ranking). O(32 · positions).
+///
+/// # Panics
+/// As [`scan_block`].
 pub fn scan_block_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
-    debug_assert_eq!(tables.len(), block.len());
+    check_nibble_scan(block.len(), tables.len());
     out.fill(0.0);
     for (bytes, table) in block.chunks_exact(16).zip(tables.chunks_exact(16)) {
         for (i, &b) in bytes.iter().enumerate() {
@@ -197,8 +232,11 @@ pub fn scan_block_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
 }
 
 /// `Σ_n tables[16n + nibble_n(row)]` for one row-major packed row. O(row_bytes).
+///
+/// # Panics
+/// If `tables.len() != 32 * row.len()`.
 pub fn score_row_f32(row: &[u8], tables: &[f32]) -> f32 {
-    debug_assert_eq!(tables.len(), 32 * row.len());
+    assert_eq!(tables.len(), 32 * row.len(), "tables do not fit the row");
     let mut s = 0.0f32;
     for (k, &b) in row.iter().enumerate() {
         s += tables[32 * k + (b & 0x0F) as usize] + tables[32 * k + 16 + (b >> 4) as usize];
@@ -232,15 +270,21 @@ pub const fn coords3(row_bytes: usize) -> usize {
 }
 
 /// 3-bit scan: `out[r] = Σ_j tables[16j + code_j(row r)]` with one 16-byte table per coordinate
-/// (entries 8..16 unused). `tables.len()` must be `16 * coords3(row_bytes)` (`debug_assert!`).
+/// (entries 8..16 unused). `tables.len()` must be `16 * coords3(row_bytes)`.
 /// Four coordinates span exactly three nibbles; the AVX2 kernel rebuilds the four codes of 32 rows
 /// from three nibble vectors with shifts and masks and looks them up with `vpshufb`.
+///
+/// # Panics
+/// If `block.len()` is not a multiple of 32 or `tables.len() != 16 * coords3(block.len() / 32)`;
+/// the check runs before any kernel reads memory.
 pub fn scan_block_b3(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
-    debug_assert_eq!(tables.len(), 16 * coords3(block.len() / BLOCK));
+    check_b3_scan(block.len(), tables.len());
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2() {
-            // SAFETY: AVX2 support was checked at run time.
+            // SAFETY: AVX2 is present (checked at run time) and `check_b3_scan` proved that the
+            // block holds `2 · row_bytes` nibble positions of 16 bytes and the tables
+            // `coords3(row_bytes)` tables of 16 bytes: the kernel's only preconditions.
             unsafe { x86::scan_block_b3_avx2(block, tables, out) };
             return;
         }
@@ -249,7 +293,11 @@ pub fn scan_block_b3(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
 }
 
 /// Scalar twin of [`scan_block_b3`].
+///
+/// # Panics
+/// As [`scan_block_b3`].
 pub fn scan_block_b3_scalar(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
+    check_b3_scan(block.len(), tables.len());
     let coords = tables.len() / 16;
     for (slot, o) in out.iter_mut().enumerate() {
         *o = (0..coords)
@@ -259,7 +307,11 @@ pub fn scan_block_b3_scalar(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK])
 }
 
 /// Float twin of [`scan_block_b3_scalar`] (the exact path).
+///
+/// # Panics
+/// As [`scan_block_b3`].
 pub fn scan_block_b3_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
+    check_b3_scan(block.len(), tables.len());
     let coords = tables.len() / 16;
     for (slot, o) in out.iter_mut().enumerate() {
         *o = (0..coords)
@@ -275,6 +327,9 @@ pub fn scan_block_b3_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
 /// vectors with shifts, looked up with `vpermps` (two tables and a blend at 4 bits) and multiplied
 /// into 8 rows per FMA, with the per-coordinate partial sums kept in 8-lane registers across blocks
 /// and reduced once; wider codes and other CPUs use [`accumulate_block_scalar`]. O(n · dim).
+///
+/// # Panics
+/// As [`accumulate_blocks_multi`].
 pub fn accumulate_blocks(
     blocks: &[u8],
     row_bytes: usize,
@@ -290,6 +345,12 @@ pub fn accumulate_blocks(
 /// grouped-query head): `accs[q][j] += Σ_i weights[q][i] · values[code_j(row i)]`. The codes are
 /// decoded once per block and coordinate and used by every weight vector. All weight vectors have
 /// the same length `n`; all accumulators the same length `dim`. O(n · dim · (1 + queries/8)).
+///
+/// # Panics
+/// Before any memory is read, unless: `bits` is in `1..=8`, `row_bytes >= 1`, `values` holds at
+/// least `2^bits` entries, there are as many accumulators as weight vectors, every weight vector
+/// has `n` entries with `blocks.len() == ceil(n / 32) · 32 · row_bytes`, and every accumulator
+/// has the same length `dim <= 8 · row_bytes / bits` (the codes a row holds).
 pub fn accumulate_blocks_multi(
     blocks: &[u8],
     row_bytes: usize,
@@ -298,16 +359,14 @@ pub fn accumulate_blocks_multi(
     weights: &[&[f32]],
     accs: &mut [&mut [f32]],
 ) {
-    debug_assert_eq!(weights.len(), accs.len());
-    debug_assert!(
-        weights
-            .iter()
-            .all(|w| blocks.len() == w.len().div_ceil(BLOCK) * block_bytes(row_bytes))
-    );
+    check_accumulate(blocks.len(), row_bytes, bits, values.len(), weights, accs);
     #[cfg(target_arch = "x86_64")]
     {
         if bits <= 4 && has_avx2_fma() {
-            // SAFETY: AVX2 and FMA support were checked at run time.
+            // SAFETY: AVX2 and FMA are present (checked at run time) and `check_accumulate`
+            // proved every length the kernel reads through: each block has `2 · row_bytes`
+            // nibble positions, each coordinate `j < dim` lies in them, each weight vector
+            // covers the blocks, and `values` has `2^bits <= 16` entries.
             unsafe { x86::accumulate_blocks_avx2(blocks, row_bytes, bits, values, weights, accs) };
             return;
         }
@@ -327,6 +386,10 @@ pub fn accumulate_blocks_multi(
 }
 
 /// Scalar twin of [`accumulate_blocks`] for one block (rows with weight 0 are skipped).
+///
+/// # Panics
+/// If `bits` is not in `1..=8`, `block.len()` is not a positive multiple of 32, `values` has
+/// fewer than `2^bits` entries, or `acc` is longer than the codes a row holds.
 pub fn accumulate_block_scalar(
     block: &[u8],
     bits: u32,
@@ -335,6 +398,8 @@ pub fn accumulate_block_scalar(
     acc: &mut [f32],
 ) {
     let row_bytes = block.len() / BLOCK;
+    check_block(block.len(), row_bytes);
+    check_codes(row_bytes, bits, values.len(), acc.len());
     let mut row = vec![0u8; row_bytes];
     // `8·row_bytes / bits` codes fill the row exactly (the last ones may be padding).
     let mut codes = vec![0u8; 8 * row_bytes / bits as usize];
@@ -350,12 +415,88 @@ pub fn accumulate_block_scalar(
     }
 }
 
+/// Panics unless a block of `len` bytes holds 32 rows of `row_bytes >= 1` bytes.
+#[inline]
+fn check_block(len: usize, row_bytes: usize) {
+    assert!(
+        row_bytes > 0 && len == block_bytes(row_bytes),
+        "a block of {len} bytes does not hold 32 rows of {row_bytes} bytes"
+    );
+}
+
+/// Panics unless `block_len` is a multiple of 32 and `tables_len == block_len`.
+#[inline]
+fn check_nibble_scan(block_len: usize, tables_len: usize) {
+    assert!(
+        block_len.is_multiple_of(BLOCK) && tables_len == block_len,
+        "{tables_len} table bytes do not fit a block of {block_len} bytes"
+    );
+}
+
+/// Panics unless `block_len` is a multiple of 32 and `tables_len` holds one 16-byte table per
+/// 3-bit code of a row.
+#[inline]
+fn check_b3_scan(block_len: usize, tables_len: usize) {
+    assert!(
+        block_len.is_multiple_of(BLOCK) && tables_len == 16 * coords3(block_len / BLOCK),
+        "{tables_len} table bytes do not fit the 3-bit codes of a block of {block_len} bytes"
+    );
+}
+
+/// Panics unless `bits` is in `1..=8`, `values` holds `2^bits` entries and `dim` codes fit in a
+/// row of `row_bytes` bytes.
+#[inline]
+fn check_codes(row_bytes: usize, bits: u32, values: usize, dim: usize) {
+    assert!((1..=8).contains(&bits), "bit width {bits} is not in 1..=8");
+    assert!(
+        values >= 1 << bits,
+        "{values} values cannot decode {bits}-bit codes"
+    );
+    assert!(
+        dim <= 8 * row_bytes / bits as usize,
+        "{dim} coordinates do not fit rows of {row_bytes} bytes at {bits} bits"
+    );
+}
+
+/// The preconditions of [`accumulate_blocks_multi`].
+fn check_accumulate(
+    blocks: usize,
+    row_bytes: usize,
+    bits: u32,
+    values: usize,
+    weights: &[&[f32]],
+    accs: &[&mut [f32]],
+) {
+    assert!(row_bytes > 0, "rows of 0 bytes hold no codes");
+    assert_eq!(
+        weights.len(),
+        accs.len(),
+        "one accumulator per weight vector"
+    );
+    for w in weights {
+        assert_eq!(
+            blocks,
+            w.len().div_ceil(BLOCK) * block_bytes(row_bytes),
+            "{} weights do not cover {blocks} bytes of blocks",
+            w.len()
+        );
+    }
+    let dim = accs.first().map_or(0, |a| a.len());
+    assert!(
+        accs.iter().all(|a| a.len() == dim),
+        "accumulators of different lengths"
+    );
+    check_codes(row_bytes, bits, values, dim);
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
     use std::sync::OnceLock;
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        !cfg!(miri)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
     })
 }
 
@@ -363,7 +504,7 @@ fn has_avx2_fma() -> bool {
 fn has_avx2() -> bool {
     use std::sync::OnceLock;
     static AVX2: OnceLock<bool> = OnceLock::new();
-    *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
+    *AVX2.get_or_init(|| !cfg!(miri) && std::arch::is_x86_feature_detected!("avx2"))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -373,6 +514,11 @@ mod x86 {
 
     /// AVX2 body of `scan_block_b3`: groups of three nibble positions (four coordinates) per step,
     /// the remaining coordinates through the scalar decoder.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2; `block.len()` is a multiple of 32 (nibble positions of 16 bytes)
+    /// and `tables.len() == 16 * coords3(block.len() / 32)`, so every 16-byte load of a nibble
+    /// position `< 2 · row_bytes` and of a table `< coords` stays in its slice.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn scan_block_b3_avx2(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
         out.fill(0);
@@ -446,6 +592,12 @@ mod x86 {
     /// AVX2 body of `accumulate_blocks_multi`: per block and coordinate, the 32 codes are cut out
     /// of one or two nibble vectors, looked up once, and FMA'd into 8-lane partial sums of every
     /// weight vector; the partial sums are reduced once at the end.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; `1 <= bits <= 4`; `row_bytes >= 1` and `blocks` is whole
+    /// blocks of `32 · row_bytes` bytes; every weight vector covers exactly those blocks; every
+    /// accumulator has the same length `dim <= 8 · row_bytes / bits`, so each coordinate's
+    /// nibble positions lie inside its block; `values` has at least `2^bits` entries.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn accumulate_blocks_avx2(
         blocks: &[u8],
@@ -459,7 +611,7 @@ mod x86 {
         let dim = accs.first().map_or(0, |a| a.len());
         let nq = weights.len();
         let mut table = [0f32; 16];
-        table[..values.len()].copy_from_slice(values);
+        table[..1 << bits].copy_from_slice(&values[..1 << bits]);
         // SAFETY: 16-entry table.
         let (c_lo, c_hi) = unsafe {
             (
@@ -558,6 +710,10 @@ mod x86 {
 
     /// AVX2 body of `scan_block`: two nibble positions (32 bytes of codes, two 16-byte tables) per
     /// step; `u16` accumulators flushed to `u32` every 256 steps.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and `tables.len() == block.len()`, a multiple of 32, so every
+    /// 32-byte load at `s · 32` for `s < block.len() / 32` stays inside both slices.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn scan_block_avx2(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
         out.fill(0);

@@ -1,0 +1,199 @@
+//! Every public safe kernel of `scan` refuses mismatched lengths before it reads memory.
+//!
+//! The SIMD bodies read through raw pointers sized by their arguments, so a length check that
+//! exists only in debug builds would leave undefined behaviour reachable from safe code. These
+//! tests call each kernel with every kind of mismatch and require a clean panic (the documented
+//! `# Panics` contract). The test command also runs this file in the release profile, where
+//! `debug_assert!` is compiled out.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use tq_core::scan::{
+    self, BLOCK, accumulate_block_scalar, accumulate_blocks, accumulate_blocks_multi, block_bytes,
+    coords3, scan_block, scan_block_b3, scan_block_b3_f32, scan_block_b3_scalar, scan_block_f32,
+    scan_block_scalar,
+};
+
+thread_local! {
+    static EXPECTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` and requires that it panics. Expected panics are kept quiet (the default hook would
+/// print each one); any other panic still prints through the default hook.
+fn must_panic(what: &str, f: impl FnOnce()) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !EXPECTING.with(|e| e.get()) {
+                default(info)
+            }
+        }));
+    });
+    EXPECTING.with(|e| e.set(true));
+    let r = catch_unwind(AssertUnwindSafe(f));
+    EXPECTING.with(|e| e.set(false));
+    assert!(r.is_err(), "{what}: accepted mismatched lengths");
+}
+
+#[test]
+fn nibble_scans_refuse_mismatched_lengths() {
+    let rb = 4;
+    let block = vec![0u8; block_bytes(rb)];
+    let mut out = [0u32; BLOCK];
+    let mut outf = [0f32; BLOCK];
+    // Tables shorter and longer than the block, and a block that is not whole 32-byte steps.
+    for tables_len in [0, 16, block.len() - 16, block.len() + 32, 10 * block.len()] {
+        let t = vec![1u8; tables_len];
+        let tf = vec![1f32; tables_len];
+        must_panic("scan_block", || scan_block(&block, &t, &mut out));
+        must_panic("scan_block_scalar", || {
+            scan_block_scalar(&block, &t, &mut out)
+        });
+        must_panic("scan_block_f32", || scan_block_f32(&block, &tf, &mut outf));
+    }
+    // A long block with short tables (the kernel would read tables past their end).
+    let long = vec![0u8; block_bytes(64)];
+    let t = vec![1u8; block.len()];
+    must_panic("scan_block long block", || scan_block(&long, &t, &mut out));
+    let odd = vec![0u8; 48];
+    let t48 = vec![1u8; 48];
+    must_panic("scan_block odd block", || scan_block(&odd, &t48, &mut out));
+    // The correct shape runs.
+    let t = vec![1u8; block.len()];
+    scan_block(&block, &t, &mut out);
+    assert_eq!(out, [(2 * rb) as u32; BLOCK]);
+}
+
+#[test]
+fn three_bit_scans_refuse_mismatched_lengths() {
+    let rb = 12; // 32 codes of 3 bits
+    let block = vec![0u8; block_bytes(rb)];
+    let want = 16 * coords3(rb);
+    let mut out = [0u32; BLOCK];
+    let mut outf = [0f32; BLOCK];
+    for tables_len in [0, 16, want - 16, want + 16, 4 * want] {
+        let t = vec![1u8; tables_len];
+        let tf = vec![1f32; tables_len];
+        must_panic("scan_block_b3", || scan_block_b3(&block, &t, &mut out));
+        must_panic("scan_block_b3_scalar", || {
+            scan_block_b3_scalar(&block, &t, &mut out)
+        });
+        must_panic("scan_block_b3_f32", || {
+            scan_block_b3_f32(&block, &tf, &mut outf)
+        });
+    }
+    // Tables sized for a longer row than the block holds (reads past the block).
+    let t = vec![1u8; 16 * coords3(rb * 8)];
+    must_panic("scan_block_b3 short block", || {
+        scan_block_b3(&block, &t, &mut out)
+    });
+    let t = vec![1u8; want];
+    scan_block_b3(&block, &t, &mut out);
+    assert_eq!(out, [coords3(rb) as u32; BLOCK]);
+}
+
+#[test]
+fn accumulation_refuses_mismatched_lengths() {
+    let (rb, bits, dim) = (16usize, 4u32, 32usize);
+    let n: usize = 40;
+    let blocks = vec![0u8; n.div_ceil(BLOCK) * block_bytes(rb)];
+    let values = vec![1f32; 16];
+    let w = vec![1f32; n];
+    let mut acc = vec![0f32; dim];
+    // Weights that do not cover the blocks: too few blocks' worth, too many.
+    for wn in [0, 10, 32, 65, 200] {
+        let w = vec![1f32; wn];
+        must_panic("accumulate_blocks weights", || {
+            accumulate_blocks(&blocks, rb, bits, &values, &w, &mut acc)
+        });
+    }
+    // An accumulator longer than a row's codes (reads nibble positions past the block).
+    for d in [dim + 1, 4 * dim] {
+        let mut long = vec![0f32; d];
+        must_panic("accumulate_blocks dim", || {
+            accumulate_blocks(&blocks, rb, bits, &values, &w, &mut long)
+        });
+    }
+    // Too few values for the width, widths outside 1..=8, rows of zero bytes.
+    must_panic("accumulate_blocks values", || {
+        accumulate_blocks(&blocks, rb, bits, &values[..8], &w, &mut acc)
+    });
+    for b in [0u32, 9, 33] {
+        must_panic("accumulate_blocks bits", || {
+            accumulate_blocks(&blocks, rb, b, &values, &w, &mut acc)
+        });
+    }
+    must_panic("accumulate_blocks row_bytes", || {
+        accumulate_blocks(&[], 0, bits, &values, &[], &mut acc)
+    });
+    // Blocks that are not whole blocks of the row size.
+    must_panic("accumulate_blocks partial block", || {
+        accumulate_blocks(&blocks[1..], rb, bits, &values, &w, &mut acc)
+    });
+    // Several queries: counts and lengths must agree.
+    let mut a2 = vec![0f32; dim];
+    let mut a3 = vec![0f32; dim - 1];
+    must_panic("accumulate_blocks_multi counts", || {
+        accumulate_blocks_multi(&blocks, rb, bits, &values, &[&w, &w], &mut [&mut acc])
+    });
+    must_panic("accumulate_blocks_multi lengths", || {
+        accumulate_blocks_multi(
+            &blocks,
+            rb,
+            bits,
+            &values,
+            &[&w, &w],
+            &mut [&mut a2, &mut a3],
+        )
+    });
+    let short = vec![1f32; 5];
+    must_panic("accumulate_blocks_multi weights", || {
+        accumulate_blocks_multi(&blocks, rb, bits, &values, &[&w, &short], &mut [&mut acc])
+    });
+    // The scalar one-block twin checks too.
+    let ws = [1f32; BLOCK];
+    let block = &blocks[..block_bytes(rb)];
+    must_panic("accumulate_block_scalar dim", || {
+        accumulate_block_scalar(block, bits, &values, &ws, &mut vec![0f32; dim + 1])
+    });
+    must_panic("accumulate_block_scalar block", || {
+        accumulate_block_scalar(&block[..31], bits, &values, &ws, &mut acc)
+    });
+    // The correct shape runs: every code is 0, so each coordinate sums n weights of value 1.
+    accumulate_blocks(&blocks, rb, bits, &values, &w, &mut acc);
+    assert!(acc.iter().all(|&x| x == n as f32));
+}
+
+#[test]
+fn layout_writers_refuse_mismatched_lengths() {
+    let rb = 3;
+    let mut block = vec![0u8; block_bytes(rb)];
+    let row = vec![0xFFu8; rb];
+    must_panic("write_row slot", || scan::write_row(&mut block, 32, &row));
+    must_panic("write_row row", || {
+        scan::write_row(&mut block, 0, &[1u8; 4])
+    });
+    let mut out = vec![0u8; rb + 1];
+    must_panic("read_row out", || scan::read_row(&block, 0, &mut out));
+    must_panic("write_block rows", || {
+        scan::write_block(&vec![0u8; 33 * rb], rb, &mut block)
+    });
+    must_panic("write_block partial row", || {
+        scan::write_block(&[0u8; 4], rb, &mut block)
+    });
+    must_panic("write_rows past the block", || {
+        scan::write_rows(&vec![0u8; 2 * rb], rb, &mut block, 31)
+    });
+    must_panic("score_row_f32", || {
+        scan::score_row_f32(&row, &[0f32; 16]);
+    });
+    let mut lut = scan::QuantizedLut::default();
+    must_panic("QuantizedLut::quantize_from", || {
+        lut.quantize_from(&[0f32; 17])
+    });
+    scan::write_row(&mut block, 31, &row);
+    let mut back = vec![0u8; rb];
+    scan::read_row(&block, 31, &mut back);
+    assert_eq!(back, row);
+}
