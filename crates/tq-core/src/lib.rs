@@ -5,7 +5,8 @@
 //!   `(d, b)`;
 //! - [`bitpack`]: LSB-first packing of `b`-bit codes, `b` in `1..=8`;
 //! - [`simd`] and [`scan`]: runtime-dispatched kernels with scalar twins;
-//! - [`SeededRng`]: the portable random source behind every seed.
+//! - [`SeededRng`]: the portable random source behind every seed;
+//! - [`fsio`]: crash-safe file writes (temporary file, sync, rename).
 //!
 //! ```
 //! use tq_core::{Codebook, Rotation, RotationKind, bitpack};
@@ -28,6 +29,7 @@
 pub mod bitpack;
 pub mod codebook;
 mod error;
+pub mod fsio;
 pub mod rng;
 pub mod rotation;
 pub mod scan;

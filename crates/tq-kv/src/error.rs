@@ -3,7 +3,7 @@
 use thiserror::Error;
 
 /// Errors raised by the KV caches.
-#[derive(Debug, Clone, PartialEq, Error)]
+#[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum Error {
     /// An error from the quantizers.
@@ -70,13 +70,14 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
-    /// An I/O error.
-    #[error("i/o error on {path}: {message}")]
+    /// An I/O error while reading or writing a file; the cause is kept as the error's source.
+    #[error("i/o error on {}: {source}", path.display())]
     Io {
         /// The file.
-        path: String,
-        /// The system's message.
-        message: String,
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
     },
     /// A causal limit past the cached tokens.
     #[error("query attends to {limit} tokens but the cache holds {len}")]
@@ -109,18 +110,19 @@ pub(crate) fn check_finite(what: &'static str, xs: &[f32]) -> Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `path`, mapping failures to [`Error::Io`].
+/// Replaces `path` with `bytes` crash-safely (`tq_core::fsio::write_atomic`), mapping failures
+/// to [`Error::Io`].
 pub(crate) fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).map_err(|e| Error::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
+    tq_core::fsio::write_atomic(path, bytes).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
     })
 }
 
 /// Reads `path`, mapping failures to [`Error::Io`].
 pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
+    std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
     })
 }

@@ -3,7 +3,7 @@
 use thiserror::Error;
 
 /// Errors raised by the quantizers, batches and their serialization.
-#[derive(Debug, Clone, PartialEq, Error)]
+#[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum Error {
     /// An error from the primitives (dimension, bit width, lengths).
@@ -82,13 +82,14 @@ pub enum Error {
         /// The version this build reads.
         supported: u32,
     },
-    /// An I/O error while reading or writing a file.
-    #[error("i/o error on {path}: {message}")]
+    /// An I/O error while reading or writing a file; the cause is kept as the error's source.
+    #[error("i/o error on {}: {source}", path.display())]
     Io {
         /// The file.
-        path: String,
-        /// The system's message.
-        message: String,
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
     },
 }
 

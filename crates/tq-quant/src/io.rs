@@ -23,8 +23,14 @@
 //! block layout is rebuilt on load. Loading validates everything before use: header and offsets
 //! (by the safetensors crate), metadata keys, format version, configuration, tensor names, dtypes
 //! and shapes against the configuration, row counts, unused padding bits, and finite non-negative
-//! norms. Any defect is an [`Error`], never a panic; allocations are bounded by the input size
-//! (plus the quantizer's own matrices, which [`crate::config`] caps).
+//! norms. Any defect is an [`Error`], never a panic.
+//!
+//! **Work before validation is bounded by the file's size.** Every tensor's dtype and shape is
+//! checked against the configuration before the quantizer is built, so a header that asks for a
+//! large dimension without the tensors to match is refused after reading the header alone
+//! (microseconds). Only a file whose tensors agree with its header gets its quantizer built; that
+//! costs O(d²) time and memory for dense rotations and sketches, with `d` capped by
+//! [`crate::config::MAX_DENSE_DIM`] (4096: 64 MB, about a minute), O(d log d) for Hadamard.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -177,9 +183,11 @@ fn load_polar(st: &SafeTensors<'_>, config: &str) -> Result<SavedBatch> {
     cfg.validate()?;
     let norms = read_f32(st, "norms", None)?;
     let n = norms.len();
-    let q = PolarQuantizer::new(cfg)?;
-    let codes = read_rows(st, "codes", n, q.code_bytes(), q.code_bits())?.to_row_major();
-    let blocks = q.dim() / q.config().block();
+    // Every shape is checked against the configuration before the quantizer (its rotation and
+    // angle codebooks) is built.
+    let blocks = cfg.dim / cfg.block();
+    let code_bits = blocks * cfg.code_bits_per_block();
+    let codes = read_rows(st, "codes", n, code_bits.div_ceil(8), code_bits)?.to_row_major();
     let t = tensor(st, "radii", Dtype::U16)?;
     if t.shape() != [n, blocks] {
         return Err(bad(
@@ -202,6 +210,7 @@ fn load_polar(st: &SafeTensors<'_>, config: &str) -> Result<SavedBatch> {
             format!("entry {i} is not a block radius in [0, 1]"),
         ));
     }
+    let q = PolarQuantizer::new(cfg)?;
     Ok(SavedBatch::Polar(PolarBatch::from_parts(
         Arc::new(q),
         codes,
@@ -353,15 +362,16 @@ impl SavedBatch {
         }
     }
 
-    /// Writes the batch to `path`.
+    /// Writes the batch to `path` crash-safely: a temporary file in the same directory, synced
+    /// and renamed over `path`, so a crash leaves the old file or the new one, never a torn one.
     ///
     /// # Errors
-    /// [`Error::Io`].
+    /// [`Error::Io`]; `path` then keeps its old contents.
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = self.to_safetensors()?;
-        std::fs::write(path, bytes).map_err(|e| Error::Io {
-            path: path.display().to_string(),
-            message: e.to_string(),
+        tq_core::fsio::write_atomic(path, &bytes).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
         })
     }
 
@@ -370,9 +380,9 @@ impl SavedBatch {
     /// # Errors
     /// [`Error::Io`] and those of [`SavedBatch::from_safetensors`].
     pub fn load(path: &Path) -> Result<SavedBatch> {
-        let bytes = std::fs::read(path).map_err(|e| Error::Io {
-            path: path.display().to_string(),
-            message: e.to_string(),
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
         })?;
         Self::from_safetensors(&bytes)
     }
