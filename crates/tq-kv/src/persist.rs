@@ -6,7 +6,9 @@
 //! channel part's batch as a saved tq-batch, see tq-quant's `io`), and `l{l}.h{h}.window_keys` /
 //! `window_values` (F32 `[w, d]`). Loading checks the header, rebuilds the configured cache,
 //! requires every stored quantizer to equal the configured one, and checks row counts, window
-//! shapes and finiteness; malformed bytes are an error, never a panic.
+//! shapes and finiteness; malformed bytes are an error, never a panic. Every tensor's shape is
+//! checked against the header before any quantizer is built (see `check_shapes`), so the work done
+//! before validation is proportional to the file's size.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -36,6 +38,60 @@ fn bad(tensor: impl Into<String>, reason: impl Into<String>) -> Error {
         tensor: tensor.into(),
         reason: reason.into(),
     }
+}
+
+/// Checks every head's tensors against the header before any quantizer is built: the windows
+/// are F32 `[w, head_dim]`, and the key and value parts are saved batches whose configured
+/// dimensions add up to `head_dim`. Reads only tensor headers and the parts' JSON metadata, so a
+/// header that promises more than the file holds is refused in time proportional to the file.
+fn check_shapes(st: &SafeTensors<'_>, header: &CacheHeader) -> Result<()> {
+    let d = header.head.head_dim;
+    for l in 0..header.layers {
+        for h in 0..header.n_kv_heads {
+            for t in ["window_keys", "window_values"] {
+                let name = format!("l{l}.h{h}.{t}");
+                let tv = st.tensor(&name).map_err(|_| bad(name.clone(), "missing"))?;
+                if tv.dtype() != Dtype::F32 || tv.shape().len() != 2 || tv.shape()[1] != d {
+                    return Err(bad(
+                        name,
+                        format!(
+                            "expected F32 [w, {d}], found {:?} {:?}",
+                            tv.dtype(),
+                            tv.shape()
+                        ),
+                    ));
+                }
+            }
+            for t in ["keys", "values"] {
+                let mut dims = 0usize;
+                let mut p = 0;
+                while let Ok(tv) = st.tensor(&format!("l{l}.h{h}.{t}.p{p}")) {
+                    dims = dims.saturating_add(part_dim(tv.data()).ok_or_else(|| {
+                        bad(
+                            format!("l{l}.h{h}.{t}.p{p}"),
+                            "not a saved batch with a configured dimension",
+                        )
+                    })?);
+                    p += 1;
+                }
+                if dims != d {
+                    return Err(bad(
+                        format!("l{l}.h{h}.{t}"),
+                        format!("{p} parts of {dims} channels in all, expected {d}"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `dim` of a saved batch's configuration, read from its metadata alone.
+fn part_dim(blob: &[u8]) -> Option<usize> {
+    let (_, md) = SafeTensors::read_metadata(blob).ok()?;
+    let config = md.metadata().as_ref()?.get("config")?;
+    let v: serde_json::Value = serde_json::from_str(config).ok()?;
+    usize::try_from(v.get("dim")?.as_u64()?).ok()
 }
 
 impl ModelCache {
@@ -173,6 +229,7 @@ impl ModelCache {
             ));
         }
         let d = header.head.head_dim;
+        check_shapes(&st, &header)?;
         let mut layers = Vec::with_capacity(header.layers);
         for (l, outliers) in header.outliers.iter().enumerate() {
             let mut layer =
