@@ -1,8 +1,10 @@
 //! Vector sets: synthetic unit vectors and the readers for `.npy`, `.fvecs` and `.safetensors`.
 //!
 //! Every reader validates the file before allocating: the declared shape must account for the file's
-//! exact length, the dtype must be little-endian f32, and every value must be finite. Errors name the
-//! file and what is wrong with it.
+//! exact length and every value must be finite (a non-finite value is reported by row and column).
+//! `.npy` arrays may be float32, float64 (numpy's default) or float16, little- or big-endian; other
+//! dtypes are refused. Anything that is not float32 is converted on load and [`load`] prints a
+//! one-line note saying so. Errors name the file and what is wrong with it.
 
 use std::path::Path;
 
@@ -74,7 +76,12 @@ pub fn load(path: &Path) -> Result<Vectors> {
         .unwrap_or("")
         .to_ascii_lowercase();
     let v = match ext.as_str() {
-        "npy" => parse_npy(&bytes),
+        "npy" => parse_npy_noted(&bytes).map(|(v, note)| {
+            if let Some(note) = note {
+                eprintln!("note: {}: {note}", path.display());
+            }
+            v
+        }),
         "fvecs" => parse_fvecs(&bytes),
         "safetensors" => parse_safetensors(&bytes),
         other => bail!("unsupported file type '.{other}' (expected .npy, .fvecs or .safetensors)"),
@@ -106,8 +113,31 @@ fn le_f32(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-/// Parses a NumPy `.npy` file holding a 2-D little-endian f32 array (C or Fortran order).
+/// Parses a NumPy `.npy` file holding a 2-D float array (C or Fortran order) as f32. See
+/// [`parse_npy_noted`] for the dtypes accepted.
+///
+/// # Errors
+/// A bad magic, header, dtype or shape, or a data length that does not match the shape.
 pub fn parse_npy(bytes: &[u8]) -> Result<Vectors> {
+    parse_npy_noted(bytes).map(|(v, _)| v)
+}
+
+/// The element types a `.npy` file may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NpyFloat {
+    F16,
+    F32,
+    F64,
+}
+
+/// Parses a NumPy `.npy` file holding a 2-D float array: `f4`, `f8` or `f2`, little-endian (`<`,
+/// `=`, `|`) or big-endian (`>`), C or Fortran order. Returns the vectors as f32 and, when the file
+/// was not little-endian float32, a one-line note naming the conversion. f64 values outside the
+/// f32 range become infinite (and are then refused by [`load`] by row and column). O(file size).
+///
+/// # Errors
+/// A bad magic, header, dtype or shape, or a data length that does not match the shape.
+pub fn parse_npy_noted(bytes: &[u8]) -> Result<(Vectors, Option<String>)> {
     ensure!(
         bytes.len() >= 10 && &bytes[..6] == b"\x93NUMPY",
         "not a .npy file (bad magic)"
@@ -130,10 +160,28 @@ pub fn parse_npy(bytes: &[u8]) -> Result<Vectors> {
     let header = std::str::from_utf8(header).context(".npy header is not text")?;
     let descr = dict_value(header, "descr").context(".npy header has no 'descr'")?;
     let descr = descr.trim_matches(|c| c == '\'' || c == '"');
-    ensure!(
-        descr == "<f4" || descr == "=f4" || descr == "f4",
-        "dtype '{descr}' is not supported (expected little-endian float32 '<f4')"
-    );
+    let (big_endian, kind) = {
+        let (order, ty) = match descr.as_bytes().first() {
+            Some(b'<' | b'=' | b'|') => (false, &descr[1..]),
+            Some(b'>') => (true, &descr[1..]),
+            _ => (false, descr),
+        };
+        let kind = match ty {
+            "f2" => NpyFloat::F16,
+            "f4" => NpyFloat::F32,
+            "f8" => NpyFloat::F64,
+            _ => bail!(
+                "dtype '{}' is not supported (expected float32 '<f4', float64 '<f8' or float16 '<f2')",
+                descr.chars().take(32).collect::<String>()
+            ),
+        };
+        (order, kind)
+    };
+    let width = match kind {
+        NpyFloat::F16 => 2,
+        NpyFloat::F32 => 4,
+        NpyFloat::F64 => 8,
+    };
     let fortran =
         dict_value(header, "fortran_order").context(".npy header has no 'fortran_order'")?;
     let fortran = match fortran.trim() {
@@ -160,14 +208,55 @@ pub fn parse_npy(bytes: &[u8]) -> Result<Vectors> {
     let data = &bytes[start + hlen..];
     let want = rows
         .checked_mul(dim)
-        .and_then(|n| n.checked_mul(4))
+        .and_then(|n| n.checked_mul(width))
         .context("shape overflows")?;
     ensure!(
         data.len() == want,
         "data has {} bytes but shape ({rows}, {dim}) needs {want}",
         data.len()
     );
-    let mut values = le_f32(data);
+    let mut values: Vec<f32> = match (kind, big_endian) {
+        (NpyFloat::F32, false) => le_f32(data),
+        (NpyFloat::F32, true) => data
+            .chunks_exact(4)
+            .map(|b| f32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        (NpyFloat::F64, be) => data
+            .chunks_exact(8)
+            .map(|b| {
+                let a = [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]];
+                (if be {
+                    f64::from_be_bytes(a)
+                } else {
+                    f64::from_le_bytes(a)
+                }) as f32
+            })
+            .collect(),
+        (NpyFloat::F16, be) => data
+            .chunks_exact(2)
+            .map(|b| {
+                let bits = if be {
+                    u16::from_be_bytes([b[0], b[1]])
+                } else {
+                    u16::from_le_bytes([b[0], b[1]])
+                };
+                half::f16::from_bits(bits).to_f32()
+            })
+            .collect(),
+    };
+    let note = match (kind, big_endian) {
+        (NpyFloat::F32, false) => None,
+        (NpyFloat::F32, true) => Some("converted big-endian float32 to little-endian".to_string()),
+        (k, be) => Some(format!(
+            "converted {}{} to float32",
+            if be { "big-endian " } else { "" },
+            if k == NpyFloat::F16 {
+                "float16"
+            } else {
+                "float64"
+            }
+        )),
+    };
     if fortran {
         let mut c = vec![0f32; values.len()];
         for j in 0..dim {
@@ -177,11 +266,14 @@ pub fn parse_npy(bytes: &[u8]) -> Result<Vectors> {
         }
         values = c;
     }
-    Ok(Vectors {
-        rows,
-        dim,
-        data: values,
-    })
+    Ok((
+        Vectors {
+            rows,
+            dim,
+            data: values,
+        },
+        note,
+    ))
 }
 
 /// The raw text of `key`'s value in a Python dict literal (the `.npy` header).
@@ -278,10 +370,62 @@ mod tests {
         assert_eq!(c.data, vec![1., 2., 3., 4., 5., 6.]);
         let f = parse_npy(&npy("<f4", true, "(2, 3)", &[1., 4., 2., 5., 3., 6.])).unwrap();
         assert_eq!(f.data, c.data);
-        assert!(parse_npy(&npy("<f8", false, "(2, 3)", &[0.; 6])).is_err());
+        assert!(parse_npy(&npy("<i4", false, "(2, 3)", &[0.; 6])).is_err());
         assert!(parse_npy(&npy("<f4", false, "(7,)", &[0.; 7])).is_err());
         assert!(parse_npy(&npy("<f4", false, "(2, 4)", &[0.; 6])).is_err());
         assert!(parse_npy(b"\x93NUMPY\x01\x00\xff\xff{").is_err());
+    }
+
+    /// A `.npy` file of `descr` whose data bytes are given as they are.
+    fn npy_raw(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let mut out = npy(descr, false, shape, &[]);
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn npy_float64_float16_and_big_endian_are_converted_with_a_note() {
+        let want = [1.5f32, -2.0, 0.25, 3.0, 1e-3, -7.5];
+        let f8le: Vec<u8> = want
+            .iter()
+            .flat_map(|&v| (v as f64).to_le_bytes())
+            .collect();
+        let f8be: Vec<u8> = want
+            .iter()
+            .flat_map(|&v| (v as f64).to_be_bytes())
+            .collect();
+        let f4be: Vec<u8> = want.iter().flat_map(|v| v.to_be_bytes()).collect();
+        let f2le: Vec<u8> = want
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
+            .collect();
+        let f2be: Vec<u8> = want
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_bits().to_be_bytes())
+            .collect();
+        for (descr, data, note) in [
+            ("<f8", &f8le, "converted float64 to float32"),
+            (">f8", &f8be, "converted big-endian float64 to float32"),
+            (
+                ">f4",
+                &f4be,
+                "converted big-endian float32 to little-endian",
+            ),
+            ("<f2", &f2le, "converted float16 to float32"),
+            (">f2", &f2be, "converted big-endian float16 to float32"),
+        ] {
+            let (v, n) = parse_npy_noted(&npy_raw(descr, "(2, 3)", data)).unwrap();
+            assert_eq!((v.rows, v.dim), (2, 3), "{descr}");
+            for (a, b) in v.data.iter().zip(want) {
+                // f16 keeps 11 significant bits; the others are exact for these values.
+                assert!((a - b).abs() <= b.abs() * 1e-3, "{descr}: {a} vs {b}");
+            }
+            assert_eq!(n.as_deref(), Some(note), "{descr}");
+        }
+        let (_, n) = parse_npy_noted(&npy("<f4", false, "(2, 3)", &want)).unwrap();
+        assert_eq!(n, None);
+        // Lengths are checked at the element width.
+        assert!(parse_npy(&npy_raw("<f8", "(2, 3)", &f8le[..40])).is_err());
     }
 
     #[test]

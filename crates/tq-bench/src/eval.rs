@@ -17,7 +17,7 @@ use tq_quant::{
     ProdBatch, ProdConfig, ProdQuantizer, ProdQuery, SketchKind,
 };
 
-use crate::data::Vectors;
+use tq_bench::data::Vectors;
 
 /// Which quantizer a run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]

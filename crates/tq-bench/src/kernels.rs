@@ -63,8 +63,8 @@ pub fn run(
     seed: u64,
     reps: usize,
 ) -> Result<(Vec<KernelRow>, Option<String>)> {
-    let xs = crate::data::synthetic_base(n, d, seed).data;
-    let query = crate::data::synthetic_queries(1, d, seed).data;
+    let xs = tq_bench::data::synthetic_base(n, d, seed).data;
+    let query = tq_bench::data::synthetic_queries(1, d, seed).data;
     let (mq, pq) = if prod {
         let pq = Arc::new(ProdQuantizer::new(ProdConfig {
             dim: d,

@@ -8,40 +8,12 @@ use anyhow::{Context, Result, bail, ensure};
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 use serde::Serialize;
+use tq_bench::lists::SplitChoice;
 use tq_core::{SeededRng, rng::stream, simd};
 use tq_kv::{
     HeadConfig, KeyStrategy, KvTrace, MultiHeadCache, Outliers, Precision, ScoreMode,
     calibrate_outliers,
 };
-
-/// How outlier channels are chosen for split precisions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SplitChoice {
-    /// Calibrated per head from the trace's own keys / values (largest RMS).
-    Auto,
-    /// No split: fractional widths are rejected.
-    None,
-    /// The same explicit channels for every head.
-    Channels(Vec<usize>),
-}
-
-impl std::str::FromStr for SplitChoice {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "none" => Ok(Self::None),
-            list => {
-                let mut v: Vec<usize> = list
-                    .split(',')
-                    .map(|c| c.trim().parse::<usize>().map_err(|_| format!("'{c}' is not a channel index (expected auto, none or a comma-separated list)")))
-                    .collect::<std::result::Result<_, _>>()?;
-                v.sort_unstable();
-                Ok(Self::Channels(v))
-            }
-        }
-    }
-}
 
 /// Attention metrics of one configuration (overall or for one layer).
 #[derive(Debug, Clone, Default, Serialize)]

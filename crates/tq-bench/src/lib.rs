@@ -1,5 +1,10 @@
-//! The library side of tq-bench holds only the README's examples, compiled and run as doctests
-//! here because this crate sees every tq crate (the `tq-bench` binary is `src/main.rs`).
+//! The library side of tq-bench: the readers of outside input that the `tq-bench` binary
+//! (`src/main.rs`) and the fuzz targets share ([`data`]: `.npy`, `.fvecs` and `.safetensors`
+//! vector sets; [`lists`]: the values of comma-separated options), and the README's examples,
+//! compiled and run as doctests here because this crate sees every tq crate.
+
+pub mod data;
+pub mod lists;
 
 /// The README's examples.
 #[doc = include_str!("../../../README.md")]

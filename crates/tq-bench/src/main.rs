@@ -6,7 +6,7 @@
 //! reports attention quality; `attention` times decode-step attention against an f32 baseline.
 //! Each prints a table or (with `--json`) one JSON object (schema in `docs/REPORT_SCHEMA.md`).
 
-mod data;
+use tq_bench::data;
 mod eval;
 mod kernels;
 mod kv;
@@ -25,8 +25,9 @@ use tq_core::{RotationKind, SeededRng, rng::stream};
 use tq_kv::{HeadConfig, KeyStrategy, KvTrace, Precision, ScoreMode, SyntheticTrace};
 use tq_quant::{MseQuantizer, ScaleMode, SketchKind};
 
-use crate::data::Vectors;
 use crate::eval::{BitsResult, EvalSettings, QuantizerKind, Truth};
+use tq_bench::data::Vectors;
+use tq_bench::lists::SplitChoice;
 
 #[derive(Parser)]
 #[command(
@@ -121,7 +122,7 @@ enum Command {
         save_trace: Option<PathBuf>,
         /// Outlier channels for split precisions: auto (per-head RMS calibration), none, or a list.
         #[arg(long, default_value = "auto")]
-        split: kv::SplitChoice,
+        split: SplitChoice,
         /// Most recent tokens kept in f32.
         #[arg(long, default_value_t = 0)]
         window: usize,
@@ -181,7 +182,7 @@ enum Command {
         /// Outlier channels for split precisions: auto (per-head RMS on a built-in calibration
         /// text), none, or a list.
         #[arg(long, default_value = "auto")]
-        split: kv::SplitChoice,
+        split: SplitChoice,
         /// Most recent tokens kept in f32, comma-separated for several configurations.
         #[arg(long, value_delimiter = ',', default_value = "4")]
         window: Vec<usize>,
@@ -492,7 +493,7 @@ fn run_trace(
     scales: &[ScaleMode],
     center: bool,
     source: TraceSource,
-    split: &kv::SplitChoice,
+    split: &SplitChoice,
     window: usize,
     c: &KvCommon,
 ) -> Result<()> {
@@ -813,7 +814,7 @@ struct RealArgs {
     max_tokens: usize,
     raw: bool,
     mode: real::Mode,
-    split: kv::SplitChoice,
+    split: SplitChoice,
     max_new_tokens: Option<usize>,
     top_k: usize,
     temperature: Option<f32>,

@@ -14,7 +14,7 @@ use tq_onnx::{
 };
 use tq_quant::ScaleMode;
 
-use crate::kv::SplitChoice;
+use crate::SplitChoice;
 
 /// Text the outlier channels and means of split or centred caches are calibrated on: ordinary
 /// prose unrelated to the prompt suite and the perplexity text.

@@ -18,7 +18,7 @@ use tq_quant::{
     MseBatch, MseConfig, MseQuantizer, ProdBatch, ProdConfig, ProdQuantizer, ScaleMode, SketchKind,
 };
 
-use crate::data::Vectors;
+use tq_bench::data::Vectors;
 
 /// One method at one bit width.
 #[derive(Debug, Clone, Serialize)]
