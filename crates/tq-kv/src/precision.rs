@@ -33,7 +33,9 @@ impl Precision {
     /// - `"4"`: uniform;
     /// - `"2.5"`: the paper's split, `d/4` channels at 4 bits and the rest at 2;
     /// - `"3.5"`: `d/2` channels at 4 bits and the rest at 3;
-    /// - any other fractional `b`: `round((b - ⌊b⌋)·d)` channels at `⌊b⌋ + 1` bits, the rest at `⌊b⌋`;
+    /// - any other fractional `b` with `(b - ⌊b⌋)·d` a whole number `k`: `k` channels at `⌊b⌋ + 1`
+    ///   bits, the rest at `⌊b⌋` (a `b` that no split of `d` channels gives exactly, such as 3.7 at
+    ///   `d = 128`, is refused, naming the nearest explicit split);
     /// - `"4x32+2"`: explicit, 32 channels at 4 bits and the rest at 2.
     ///
     /// # Errors
@@ -83,7 +85,18 @@ impl Precision {
                     regular_bits: 3,
                 }
             } else {
-                let k = ((b - lo) * dim as f64).round() as usize;
+                let exact = (b - lo) * dim as f64;
+                let k = exact.round() as usize;
+                if (exact - k as f64).abs() > 1e-6 {
+                    let avg = lo + k as f64 / dim as f64;
+                    return Err(bad(&format!(
+                        "{k} of {dim} channels at {} bits would give {avg:.4} bits, not {b}; \
+                         write {}x{k}+{} to run that split",
+                        lo as u32 + 1,
+                        lo as u32 + 1,
+                        lo as u32
+                    )));
+                }
                 Precision::Split {
                     outlier_bits: lo as u32 + 1,
                     outlier_channels: k,
@@ -251,7 +264,25 @@ mod tests {
                 .bits_per_coordinate(128),
             2.25
         );
-        for bad in ["0", "9", "x", "2.5.1", "4x200+2", "4x1+2", "nan", "4x+2"] {
+        // A fraction no split of d channels gives exactly is refused, naming the nearest split.
+        match Precision::parse("3.7", 128) {
+            Err(Error::InvalidPrecision { reason, .. }) => {
+                assert!(
+                    reason.contains("4x90+3") && reason.contains("3.7031"),
+                    "{reason}"
+                )
+            }
+            other => panic!("3.7 bits at d = 128 accepted: {other:?}"),
+        }
+        assert_eq!(
+            Precision::parse("3.75", 128)
+                .unwrap()
+                .bits_per_coordinate(128),
+            3.75
+        );
+        for bad in [
+            "0", "9", "x", "2.5.1", "4x200+2", "4x1+2", "nan", "4x+2", "3.7",
+        ] {
             assert!(
                 matches!(
                     Precision::parse(bad, 128),
