@@ -23,5 +23,8 @@ if [ "${CI:-}" = "true" ] || [ "${TQ_SKIP_REAL_MODEL:-0}" != "1" ]; then
 fi
 echo "== cargo test"
 cargo test --workspace --locked
+# The kernels' length checks must hold where debug assertions are compiled out.
+echo "== soundness tests (release profile)"
+cargo test --release --locked -p tq-core --test soundness
 echo "== cargo xtask tidy"
 cargo xtask tidy

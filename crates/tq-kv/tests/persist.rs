@@ -98,3 +98,162 @@ proptest! {
         let _ = ModelCache::from_safetensors(&bytes);
     }
 }
+
+/// A cache small enough to cut at every byte: one layer, one head, d = 16, 10 tokens, a window.
+fn small_model() -> ModelCache {
+    let d = 16;
+    let cfg = HeadConfig {
+        window: 2,
+        seed: 3,
+        ..HeadConfig::new(d, Precision::Uniform(3), Precision::Uniform(2))
+    };
+    let mut layer = MultiHeadCache::new(1, 1, &cfg, &[]).unwrap();
+    layer.append(&rows(10 * d, 7), &rows(10 * d, 8)).unwrap();
+    ModelCache::from_layers(vec![layer])
+}
+
+#[test]
+fn a_file_cut_at_every_byte_is_a_typed_error() {
+    let bytes = small_model().to_safetensors().unwrap();
+    assert!(ModelCache::from_safetensors(&bytes).is_ok());
+    for cut in 0..bytes.len() {
+        match ModelCache::from_safetensors(&bytes[..cut]) {
+            Err(Error::InvalidCache { .. } | Error::Quant(_)) => {}
+            other => panic!("cut at {cut} of {}: {other:?}", bytes.len()),
+        }
+    }
+}
+
+/// Rewrites the `config` metadata of a saved cache with `edit` applied to its JSON.
+fn with_config(bytes: &[u8], edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    let (_, md) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
+    let mut meta = md.metadata().clone().unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&meta["config"]).unwrap();
+    edit(&mut config);
+    meta.insert("config".into(), config.to_string());
+    let tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
+    safetensors::serialize(tensors, Some(meta)).unwrap()
+}
+
+/// A header that promises a 4096-dimensional dense rotation per head over tensors of d = 16 is
+/// refused by the shape check, which runs before any quantizer is built (building one would take
+/// 64 MB and about a minute per head).
+#[test]
+fn a_header_larger_than_its_tensors_is_refused_before_building() {
+    let bytes = small_model().to_safetensors().unwrap();
+    let huge = with_config(&bytes, |c| {
+        c["head"]["head_dim"] = 4096.into();
+        c["head"]["rotation"] = "haar".into();
+        c["layers"] = 1.into();
+    });
+    match ModelCache::from_safetensors(&huge) {
+        Err(Error::InvalidCache { tensor, reason }) => {
+            assert_eq!(tensor, "l0.h0.window_keys", "{reason}");
+        }
+        other => panic!("accepted or wrong error: {other:?}"),
+    }
+    // Windows that agree with the header but parts that do not are refused the same way.
+    let st = safetensors::SafeTensors::deserialize(&huge).unwrap();
+    let (_, md) = safetensors::SafeTensors::read_metadata(&huge).unwrap();
+    let empty = vec![0u8; 0];
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| !n.contains("window"))
+        .collect();
+    for t in ["window_keys", "window_values"] {
+        tensors.push((
+            format!("l0.h0.{t}"),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![0, 4096], &empty)
+                .unwrap(),
+        ));
+    }
+    let parts = safetensors::serialize(tensors, Some(md.metadata().clone().unwrap())).unwrap();
+    match ModelCache::from_safetensors(&parts) {
+        Err(Error::InvalidCache { tensor, reason }) => {
+            assert_eq!(tensor, "l0.h0.keys", "{reason}");
+            assert!(
+                reason.contains("16 channels") && reason.contains("4096"),
+                "{reason}"
+            );
+        }
+        other => panic!("accepted or wrong error: {other:?}"),
+    }
+}
+
+const SAVE_LOOP_ENV: &str = "TQ_KV_SAVE_LOOP";
+
+/// Two caches of different lengths, so the test can tell which one a file holds.
+fn save_loop_caches() -> [ModelCache; 2] {
+    let d = 64;
+    let cfg = HeadConfig::new(d, Precision::Uniform(4), Precision::Uniform(4));
+    let make = |t: usize| {
+        let mut layers = Vec::new();
+        for l in 0..4 {
+            let mut layer = MultiHeadCache::new(2, 2, &cfg, &[]).unwrap();
+            layer
+                .append(&rows(2 * t * d, 10 + l), &rows(2 * t * d, 20 + l))
+                .unwrap();
+            layers.push(layer);
+        }
+        ModelCache::from_layers(layers)
+    };
+    [make(300), make(500)]
+}
+
+/// The child side of `killing_a_save_leaves_the_old_or_the_new_file`: saves the two caches in
+/// turn to the file named by `TQ_KV_SAVE_LOOP` until it is killed. Run only as that child.
+#[test]
+#[ignore = "child process of killing_a_save_leaves_the_old_or_the_new_file"]
+fn save_loop_child() {
+    let Ok(path) = std::env::var(SAVE_LOOP_ENV) else {
+        return;
+    };
+    let caches = save_loop_caches();
+    for i in 0.. {
+        caches[i % 2].save(std::path::Path::new(&path)).unwrap();
+    }
+}
+
+/// A process killed at random moments while it saves, again and again, always leaves a file that
+/// loads and is one of the two caches it was writing.
+#[test]
+fn killing_a_save_leaves_the_old_or_the_new_file() {
+    let dir = std::env::temp_dir().join(format!("tq-kv-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("cache.safetensors");
+    let caches = save_loop_caches();
+    let lens: Vec<usize> = caches.iter().map(|c| c.layer(0).unwrap().len()).collect();
+    caches[0].save(&path).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut r = SeededRng::new(5, stream::DATA);
+    let mut seen = [0usize; 2];
+    for round in 0..12 {
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "save_loop_child",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env(SAVE_LOOP_ENV, &path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30 + r.next_u64() % 120));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let back = ModelCache::load(&path)
+            .unwrap_or_else(|e| panic!("round {round}: the file no longer loads: {e}"));
+        let len = back.layer(0).unwrap().len();
+        let which = lens.iter().position(|&l| l == len).unwrap();
+        seen[which] += 1;
+    }
+    let stale = std::fs::read_dir(&dir).unwrap().count() - 1;
+    eprintln!("versions seen {seen:?}; saves cut mid-write (temporary files left): {stale}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    // The second cache only ever reaches the file through the child's saves.
+    assert!(seen[1] > 0, "the child never completed a save: {seen:?}");
+}

@@ -228,4 +228,17 @@ fn saved_polar_batches_round_trip_and_are_validated() {
         SavedBatch::from_safetensors(&bad),
         Err(Error::InvalidFormat { what: "radii", .. })
     ));
+    // A header asking for a 4096-dimensional Haar rotation over the tensors of d = 32 is refused
+    // by the shape check, before the rotation (64 MB, about a minute) would be built.
+    let mut header = header;
+    header["__metadata__"]["config"] =
+        r#"{"dim":4096,"level_bits":[3,2,1],"rotation":"haar","seed":2}"#.into();
+    let h = serde_json::to_vec(&header).unwrap();
+    let mut huge = (h.len() as u64).to_le_bytes().to_vec();
+    huge.extend(h);
+    huge.extend(&bytes[8 + n..]);
+    assert!(matches!(
+        SavedBatch::from_safetensors(&huge),
+        Err(Error::InvalidFormat { what: "codes", .. })
+    ));
 }
