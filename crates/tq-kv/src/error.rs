@@ -126,3 +126,17 @@ pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
         source,
     })
 }
+
+/// Why `bytes` did not open as safetensors, in words a user recognises: another known format by
+/// its magic bytes, else the parser's own message.
+pub(crate) fn not_safetensors(bytes: &[u8], e: &safetensors::SafeTensorError) -> String {
+    if bytes.starts_with(b"\x93NUMPY") {
+        "this is a NumPy .npy file, not a safetensors file".into()
+    } else if bytes.starts_with(b"PK\x03\x04") {
+        "this is a zip archive (e.g. .npz), not a safetensors file".into()
+    } else if bytes.len() < 8 {
+        format!("{} bytes are too short for a safetensors file", bytes.len())
+    } else {
+        format!("not a safetensors file ({e})")
+    }
+}

@@ -19,7 +19,7 @@ use tq_quant::ScaleMode;
 
 use crate::error::{check_finite, check_len};
 use crate::precision::Precision;
-use crate::store::{KeyStrategy, Store};
+use crate::store::{KeyStrategy, Store, ValueStrategy};
 use crate::{Error, Result};
 
 /// How key scores are computed from the codes.
@@ -44,10 +44,9 @@ pub struct HeadConfig {
     pub key_precision: Precision,
     /// Value bits.
     pub value_precision: Precision,
-    /// Value quantizer: [`KeyStrategy::Mse`] (default) or [`KeyStrategy::Polar`] (Prod is refused:
-    /// values are summed, not scored).
+    /// Value quantizer: [`ValueStrategy::Mse`] (default) or [`ValueStrategy::Polar`].
     #[serde(default)]
-    pub value_strategy: KeyStrategy,
+    pub value_strategy: ValueStrategy,
     /// Most recent tokens kept in f32 (0: quantize every token at once).
     pub window: usize,
     /// Rotation of every quantizer.
@@ -73,7 +72,7 @@ impl HeadConfig {
             key_strategy: KeyStrategy::Mse,
             key_precision,
             value_precision,
-            value_strategy: KeyStrategy::Mse,
+            value_strategy: ValueStrategy::Mse,
             window: 0,
             rotation: RotationKind::Hadamard,
             seed: 0,
@@ -145,12 +144,6 @@ impl HeadCache {
     /// Invalid dimension or precision, or missing / malformed outlier channels for a split.
     pub fn new(config: HeadConfig, outliers: &Outliers) -> Result<Self> {
         let d = config.head_dim;
-        if config.value_strategy == KeyStrategy::Prod {
-            return Err(Error::InvalidPrecision {
-                spec: "prod".into(),
-                reason: "values cannot use TurboQuant_prod".into(),
-            });
-        }
         let keys = Store::new(
             d,
             config.key_precision,
@@ -175,7 +168,7 @@ impl HeadCache {
         let values = Store::new(
             d,
             config.value_precision,
-            config.value_strategy,
+            config.value_strategy.into(),
             config.scale,
             outliers.values.as_deref(),
             if config.center {

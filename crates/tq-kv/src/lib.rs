@@ -32,6 +32,6 @@ pub use error::{Error, Result};
 pub use head::{HeadCache, HeadConfig, Outliers, ScoreMode};
 pub use multi::{ModelCache, MultiHeadCache};
 pub use precision::{Precision, calibrate_outliers};
-pub use store::KeyStrategy;
+pub use store::{KeyStrategy, ValueStrategy};
 pub use tq_core::RotationKind;
 pub use trace::{KvTrace, SyntheticTrace, TraceMeta};

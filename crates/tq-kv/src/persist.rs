@@ -181,7 +181,8 @@ impl ModelCache {
     /// # Errors
     /// [`Error::InvalidCache`] naming the tensor or key at fault, or the configuration / quantizer errors.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self> {
-        let st = SafeTensors::deserialize(bytes).map_err(|e| bad("header", e.to_string()))?;
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| bad("header", crate::error::not_safetensors(bytes, &e)))?;
         let (_, md) =
             SafeTensors::read_metadata(bytes).map_err(|e| bad("header", e.to_string()))?;
         let meta = md

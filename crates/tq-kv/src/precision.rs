@@ -207,19 +207,24 @@ pub fn calibrate_outliers(samples: &[f32], dim: usize, count: usize) -> Result<V
 
 /// Checks an explicit outlier list: sorted ascending, unique, each `< dim`, of length `count`.
 pub(crate) fn check_channels(channels: &[usize], dim: usize, count: usize) -> Result<()> {
-    if channels.len() != count {
-        return Err(Error::InvalidChannels {
-            reason: format!("{} channels given for a split of {count}", channels.len()),
-        });
-    }
+    // Range first: a channel past the dimension is the mistake worth naming.
     if let Some(&c) = channels.iter().find(|&&c| c >= dim) {
         return Err(Error::InvalidChannels {
-            reason: format!("channel {c} is out of range for dimension {dim}"),
+            reason: format!("channel {c} is out of range for d = {dim} (channels are 0..{dim})"),
         });
     }
     if !channels.windows(2).all(|w| w[0] < w[1]) {
         return Err(Error::InvalidChannels {
             reason: "channels must be sorted ascending without repeats".into(),
+        });
+    }
+    if channels.len() != count {
+        return Err(Error::InvalidChannels {
+            reason: format!(
+                "{} channel{} given for a split of {count} outlier channels",
+                channels.len(),
+                if channels.len() == 1 { "" } else { "s" }
+            ),
         });
     }
     Ok(())

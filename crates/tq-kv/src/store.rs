@@ -54,6 +54,52 @@ impl std::str::FromStr for KeyStrategy {
     }
 }
 
+/// How values are quantized. Values are summed with attention weights, never scored, so the
+/// unbiased-score TurboQuant_prod has no place here and cannot be named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueStrategy {
+    /// TurboQuant_mse: lowest reconstruction error.
+    #[default]
+    Mse,
+    /// PolarQuant (experimental); the head dimension must be a multiple of 16.
+    Polar,
+}
+
+impl ValueStrategy {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        KeyStrategy::from(self).name()
+    }
+}
+
+impl From<ValueStrategy> for KeyStrategy {
+    fn from(v: ValueStrategy) -> Self {
+        match v {
+            ValueStrategy::Mse => KeyStrategy::Mse,
+            ValueStrategy::Polar => KeyStrategy::Polar,
+        }
+    }
+}
+
+impl std::str::FromStr for ValueStrategy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "mse" => Ok(Self::Mse),
+            "polar" => Ok(Self::Polar),
+            "prod" => Err(
+                "values cannot use prod: TurboQuant_prod makes scores unbiased, and values are \
+                 summed, not scored (expected mse or polar)"
+                    .into(),
+            ),
+            other => Err(format!(
+                "unknown value strategy '{other}' (expected mse or polar)"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum PartBatch {
     Mse(MseBatch),

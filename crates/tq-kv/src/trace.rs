@@ -211,7 +211,8 @@ impl KvTrace {
     /// # Errors
     /// [`Error::Trace`] naming the tensor at fault.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self> {
-        let st = SafeTensors::deserialize(bytes).map_err(|e| bad("header", e.to_string()))?;
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| bad("header", crate::error::not_safetensors(bytes, &e)))?;
         let (_, header) =
             SafeTensors::read_metadata(bytes).map_err(|e| bad("header", e.to_string()))?;
         let meta = header.metadata().clone().unwrap_or_default();

@@ -489,7 +489,7 @@ fn polar_keys_and_values() {
     let n = 120;
     let (k, v) = (rows(n, d, 31), rows(n, d, 32));
     let cfg = HeadConfig {
-        value_strategy: KeyStrategy::Polar,
+        value_strategy: tq_kv::ValueStrategy::Polar,
         ..config(d, "4", "4", KeyStrategy::Polar, 3)
     };
     let mut a = HeadCache::new(cfg.clone(), &Outliers::default()).unwrap();
@@ -517,11 +517,9 @@ fn polar_keys_and_values() {
     m.layer(0).unwrap().attend(&q, &mut x).unwrap();
     back.layer(0).unwrap().attend(&q, &mut y).unwrap();
     assert_eq!(x, y);
-    let prod_values = HeadConfig {
-        value_strategy: KeyStrategy::Prod,
-        ..config(d, "4", "4", KeyStrategy::Mse, 0)
-    };
-    assert!(HeadCache::new(prod_values, &Outliers::default()).is_err());
+    // Prod values cannot be expressed: the name is refused with the reason.
+    let e = "prod".parse::<tq_kv::ValueStrategy>().unwrap_err();
+    assert!(e.contains("values cannot use prod"), "{e}");
     assert!(
         HeadCache::new(
             config(40, "4", "4", KeyStrategy::Polar, 0),
