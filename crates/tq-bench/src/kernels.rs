@@ -21,6 +21,16 @@ pub enum Backend {
     Wgpu,
 }
 
+/// The quantizers with batch kernels on both backends (PolarQuant has none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelQuantizer {
+    /// TurboQuant_mse.
+    Mse,
+    /// TurboQuant_prod (needs --bits >= 2 on the GPU).
+    Prod,
+}
+
 /// One timed kernel.
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelRow {
@@ -51,7 +61,8 @@ fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 ///
 /// `gpu` must be given when `backends` contains [`Backend::Wgpu`]; the caller creates (and drops)
 /// it on its own thread, not on a worker of the rayon pool this runs in: Mesa's software Vulkan
-/// keeps per-thread state that must not outlive the pool's threads.
+/// keeps per-thread state that must not outlive the pool's threads. `progress` is told what
+/// starts next (data, then each backend's kernels).
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     gpu: Option<&tq_gpu::GpuContext>,
@@ -62,7 +73,9 @@ pub fn run(
     bits: u32,
     seed: u64,
     reps: usize,
+    progress: &(dyn Fn(&str) + Sync),
 ) -> Result<(Vec<KernelRow>, Option<String>)> {
+    progress(&format!("generating and quantizing {n} vectors"));
     let xs = tq_bench::data::synthetic_base(n, d, seed).data;
     let query = tq_bench::data::synthetic_queries(1, d, seed).data;
     let (mq, pq) = if prod {
@@ -118,6 +131,14 @@ pub fn run(
         seconds: s,
     };
     for &b in backends {
+        progress(&format!(
+            "{} kernels: quantize, dequantize, score ({reps} repetition{})",
+            match b {
+                Backend::Cpu => "cpu",
+                Backend::Wgpu => "wgpu",
+            },
+            if reps == 1 { "" } else { "s" }
+        ));
         let (tq, tdq, ts) = match b {
             Backend::Cpu => match (&mq, &pq, &cpu_mse, &cpu_prod) {
                 (Some(q), _, Some(batch), _) => {

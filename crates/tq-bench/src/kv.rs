@@ -12,7 +12,7 @@ use tq_bench::lists::SplitChoice;
 use tq_core::{SeededRng, rng::stream, simd};
 use tq_kv::{
     HeadConfig, KeyStrategy, KvTrace, MultiHeadCache, Outliers, Precision, ScoreMode,
-    calibrate_outliers,
+    ValueStrategy, calibrate_outliers,
 };
 
 /// Attention metrics of one configuration (overall or for one layer).
@@ -76,7 +76,7 @@ pub struct TraceRow {
     pub key_precision: String,
     pub value_precision: String,
     pub key_strategy: KeyStrategy,
-    pub value_strategy: KeyStrategy,
+    pub value_strategy: ValueStrategy,
     /// Per-vector scalar of the MSE keys and values.
     pub scale: tq_quant::ScaleMode,
     /// Keys and values centred on per-head means.

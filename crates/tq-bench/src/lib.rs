@@ -6,6 +6,16 @@
 pub mod data;
 pub mod lists;
 
+/// `n` and the noun in the number it calls for: `count(1, "layer")` is "1 layer",
+/// `count(3, "layer")` is "3 layers".
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// The README's examples.
 #[doc = include_str!("../../../README.md")]
 #[cfg(doctest)]

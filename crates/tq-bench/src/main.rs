@@ -22,10 +22,13 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tq_core::{RotationKind, SeededRng, rng::stream};
-use tq_kv::{HeadConfig, KeyStrategy, KvTrace, Precision, ScoreMode, SyntheticTrace};
+use tq_kv::{
+    HeadConfig, KeyStrategy, KvTrace, Precision, ScoreMode, SyntheticTrace, ValueStrategy,
+};
 use tq_quant::{MseQuantizer, ScaleMode, SketchKind};
 
 use crate::eval::{BitsResult, EvalSettings, QuantizerKind, Truth};
+use tq_bench::count;
 use tq_bench::data::Vectors;
 use tq_bench::lists::SplitChoice;
 
@@ -83,7 +86,7 @@ enum Command {
         #[arg(long, default_value = "unbiased")]
         scale: ScaleMode,
         /// Also draw recall 1@k against k for every method and width into this SVG file.
-        #[arg(long)]
+        #[arg(long, value_parser = plot::svg_path)]
         plot: Option<PathBuf>,
         #[command(flatten)]
         common: KvCommon,
@@ -107,7 +110,7 @@ enum Command {
         key_strategy: Vec<KeyStrategy>,
         /// Value quantizer: mse or polar.
         #[arg(long, default_value = "mse")]
-        value_strategy: KeyStrategy,
+        value_strategy: ValueStrategy,
         /// Per-vector scalars of MSE keys and values, comma-separated: norm, unbiased, least-squares.
         #[arg(long = "scale", value_delimiter = ',', default_value = "norm")]
         scales: Vec<ScaleMode>,
@@ -172,7 +175,7 @@ enum Command {
         key_strategy: Vec<KeyStrategy>,
         /// Value quantizer: mse or polar.
         #[arg(long, default_value = "mse")]
-        value_strategy: KeyStrategy,
+        value_strategy: ValueStrategy,
         /// Per-vector scalars of MSE keys and values, comma-separated: norm, unbiased, least-squares.
         #[arg(long = "scale", value_delimiter = ',', default_value = "least-squares")]
         scales: Vec<ScaleMode>,
@@ -228,8 +231,8 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         bits: u32,
         /// mse or prod (prod needs --bits >= 2 on the GPU).
-        #[arg(long, value_enum, default_value_t = QuantizerKind::Mse)]
-        quantizer: QuantizerKind,
+        #[arg(long, value_enum, default_value_t = kernels::KernelQuantizer::Mse)]
+        quantizer: kernels::KernelQuantizer,
         /// Repetitions; the best time is reported.
         #[arg(long, default_value_t = 3)]
         reps: usize,
@@ -317,9 +320,10 @@ struct Common {
     /// PolarQuant bits per level, level 1 first (e.g. 4,2,2,2); replaces the mapping from --bits.
     #[arg(long, value_delimiter = ',')]
     polar_levels: Option<Vec<u32>>,
-    /// QJL matrix for --quantizer prod: gaussian (paper) or orthogonal (lower variance).
-    #[arg(long, default_value = "gaussian")]
-    sketch: SketchKind,
+    /// QJL matrix for --quantizer prod: gaussian (paper) or orthogonal (lower variance)
+    /// [default: gaussian]. An error with any other quantizer.
+    #[arg(long)]
+    sketch: Option<SketchKind>,
     /// Seed of the quantizer and of synthetic data / query sampling.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -338,7 +342,7 @@ struct Common {
     backend: kernels::Backend,
     /// Also draw D_mse against bits (measured, the codebook's theory and the paper's bounds) and
     /// recall 1@k curves into this SVG file.
-    #[arg(long)]
+    #[arg(long, value_parser = plot::svg_path)]
     plot: Option<PathBuf>,
 }
 
@@ -371,10 +375,34 @@ struct Report {
 }
 
 fn main() {
+    ensure_runtime_dir();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Mesa's Vulkan drivers (the software adapter lavapipe among them) print "error:
+/// XDG_RUNTIME_DIR is invalid or not set" twice per process when the variable does not name a
+/// directory. Point it at a private one (mode 0700 under the temporary directory) in that case.
+fn ensure_runtime_dir() {
+    let set = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .is_some_and(|p| p.is_dir());
+    if set {
+        return;
+    }
+    let user = std::env::var("USER").unwrap_or_default();
+    let dir = std::env::temp_dir().join(format!("tq-runtime-{user}"));
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    if builder.create(&dir).is_ok() {
+        // SAFETY: called first in `main`, before this process starts any other thread, so no
+        // other thread can read the environment concurrently.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
     }
 }
 
@@ -441,7 +469,7 @@ struct KvGrid<'a> {
     key_bits: &'a [String],
     value_bits: &'a [String],
     strategies: &'a [KeyStrategy],
-    value_strategy: KeyStrategy,
+    value_strategy: ValueStrategy,
     scales: &'a [ScaleMode],
     center: bool,
     windows: &'a [usize],
@@ -472,7 +500,7 @@ fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>> {
                             scale,
                             center: g.center
                                 && st == KeyStrategy::Mse
-                                && g.value_strategy == KeyStrategy::Mse,
+                                && g.value_strategy == ValueStrategy::Mse,
                             ..HeadConfig::new(d, kp, vp)
                         });
                     }
@@ -489,7 +517,7 @@ fn run_trace(
     key_bits: &[String],
     value_bits: &[String],
     strategies: &[KeyStrategy],
-    value_strategy: KeyStrategy,
+    value_strategy: ValueStrategy,
     scales: &[ScaleMode],
     center: bool,
     source: TraceSource,
@@ -498,7 +526,7 @@ fn run_trace(
     c: &KvCommon,
 ) -> Result<()> {
     let trace = match &path {
-        Some(p) => KvTrace::load(p)?,
+        Some(p) => KvTrace::load(p).with_context(|| p.display().to_string())?,
         None if source.quick => SyntheticTrace {
             layers: 1,
             tokens: 128,
@@ -565,15 +593,15 @@ fn run_trace(
         return Ok(());
     }
     println!(
-        "trace | {} ({}) | {} layers x {} kv / {} q heads | {} tokens | d = {} | {} queries per head",
+        "trace | {} ({}) | {} x {} kv / {} q heads | {} | d = {} | {} per head",
         report.model,
         report.source,
-        report.layers,
+        count(report.layers, "layer"),
         report.kv_heads,
         report.q_heads,
-        report.tokens,
+        count(report.tokens, "token"),
         d,
-        report.queries
+        count(report.queries, "query")
     );
     println!(
         "{:>8} {:>8} {:>5} {:>13} {:>6} {:>10} {:>10} {:>8} {:>8} {:>10} {:>8}",
@@ -653,7 +681,10 @@ fn run_attention(
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("attention | decode step, one query per head | {threads} thread(s)");
+    println!(
+        "attention | decode step, one query per head | {}",
+        count(threads, "thread")
+    );
     println!(
         "{:>8} {:>5} {:>7} {:>5} {:>12} {:>12} {:>8} {:>12} {:>8}",
         "tokens", "bits", "q/kv", "dim", "f32 us", "tq us", "speedup", "cache KiB", "x f16"
@@ -711,7 +742,13 @@ fn load_base_and_queries(a: &InputArgs, quick: bool, seed: u64) -> Result<(Vecto
                 base.dim
             );
             let qs = match num_queries {
-                Some(k) => qs.select(&(0..k.min(qs.rows)).collect::<Vec<_>>()),
+                Some(0) => bail!("--num-queries must be positive"),
+                Some(k) if k > qs.rows => bail!(
+                    "--num-queries {k} is more than the {} vectors of {}",
+                    qs.rows,
+                    path.display()
+                ),
+                Some(k) => qs.select(&(0..k).collect::<Vec<_>>()),
                 None => qs,
             };
             Ok((base, qs))
@@ -786,8 +823,12 @@ fn run_search(
         return Ok(());
     }
     println!(
-        "search | {} | d = {} | {} vectors | {} queries | {} thread(s)",
-        report.input, report.dim, report.vectors, report.queries, threads
+        "search | {} | d = {} | {} | {} | {}",
+        report.input,
+        report.dim,
+        count(report.vectors, "vector"),
+        count(report.queries, "query"),
+        count(threads, "thread")
     );
     let ks: Vec<String> = settings.ks.iter().map(|k| k.to_string()).collect();
     print!("{:<22} {:>4} {:>9}", "method", "bits", "bits/vec");
@@ -842,10 +883,26 @@ struct RealReport {
     results: Vec<real::Row>,
 }
 
+/// A relative `--model-dir` that does not exist from the working directory is looked up from the
+/// repository root as well, so the default (`artifacts/smollm2-135m-instruct`) works from any
+/// folder of the checkout this binary was built in.
+fn resolve_model_dir(dir: &std::path::Path) -> PathBuf {
+    if dir.is_relative() && !dir.exists() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let alt = root.join(dir);
+        if alt.is_dir() {
+            return alt;
+        }
+    }
+    dir.to_path_buf()
+}
+
 /// The default prompt of `real-model`.
 const DEFAULT_PROMPT: &str = "What is the capital of France?";
 
 fn run_real(a: RealArgs, grid: &KvGrid<'_>, c: &KvCommon) -> Result<()> {
+    let model_dir = resolve_model_dir(&a.model_dir);
+    let a = RealArgs { model_dir, ..a };
     if !a.model_dir.is_dir() {
         bail!(
             "{}: no model bundle here (run scripts/setup-real-model.sh for SmolLM2-135M-Instruct, or pass --model-dir)",
@@ -960,9 +1017,9 @@ fn run_real(a: RealArgs, grid: &KvGrid<'_>, c: &KvCommon) -> Result<()> {
         return Ok(());
     }
     println!(
-        "real-model | {} | {} layers x {} kv / {} q heads, d = {} | {} | {}",
+        "real-model | {} | {} x {} kv / {} q heads, d = {} | {} | {}",
         report.model,
-        report.layers,
+        count(report.layers, "layer"),
         report.kv_heads,
         report.q_heads,
         d,
@@ -970,9 +1027,16 @@ fn run_real(a: RealArgs, grid: &KvGrid<'_>, c: &KvCommon) -> Result<()> {
         report.sampling
     );
     println!("note: {}", report.note);
+    print_real_table(&report.results);
+    Ok(())
+}
+
+/// The real-model table: rows grouped by prompt (each group ends with the exact run's text),
+/// then, over a prompt suite, one summary row per configuration.
+fn print_real_table(rows: &[real::Row]) {
     let f = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
     println!(
-        "{:>8} {:>8} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}",
+        "{:>8} {:>8} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}",
         "keys",
         "values",
         "kq",
@@ -984,19 +1048,15 @@ fn run_real(a: RealArgs, grid: &KvGrid<'_>, c: &KvCommon) -> Result<()> {
         "KL",
         "ppl_ex",
         "ppl_q",
+        "ppl x",
         "match",
         "tok/s",
         "q tok/s",
         "x f16"
     );
-    let mut last_prompt = String::new();
-    for r in &report.results {
-        if r.prompt != last_prompt {
-            println!("-- {}", r.prompt);
-            last_prompt = r.prompt.clone();
-        }
+    let line = |r: &real::Row| {
         println!(
-            "{:>8} {:>8} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}",
+            "{:>8} {:>8} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}",
             r.key_precision.as_deref().unwrap_or("exact"),
             r.value_precision.as_deref().unwrap_or("exact"),
             r.key_strategy.map_or("-", |k| k.name()),
@@ -1009,22 +1069,37 @@ fn run_real(a: RealArgs, grid: &KvGrid<'_>, c: &KvCommon) -> Result<()> {
             r.kl_divergence.map_or("-".into(), |v| format!("{v:.2e}")),
             f(r.perplexity_exact, 3),
             f(r.perplexity_quantized, 3),
+            f(r.perplexity_ratio, 3),
             f(r.token_match_rate, 3),
             f(r.decode_tokens_per_s_exact, 1),
             f(r.decode_tokens_per_s_quantized, 1),
             f(r.kv_ratio_vs_f16, 2),
         );
-        if !r.generated_text.is_empty() && r.key_precision.is_none() || r.mode == "quantized" {
-            println!("   text: {:?}", r.generated_text);
+    };
+    let mut prompts = 0;
+    for group in rows.chunk_by(|a, b| a.prompt == b.prompt) {
+        prompts += 1;
+        println!("-- {}", group[0].prompt);
+        for r in group {
+            line(r);
+            if r.mode == "exact" || r.mode == "quantized" {
+                println!("   text: {:?}", r.generated_text);
+            }
+            if let Some(t) = &r.generated_text_quantized {
+                println!("   quantized text: {t:?}");
+            }
         }
-        if let Some(t) = &r.generated_text_quantized {
-            println!("   quantized text: {t:?}");
+        if let Some(r) = group.iter().find(|r| r.mode == "compare") {
+            println!("   exact text: {:?}", r.generated_text);
         }
     }
-    if let Some(r) = report.results.iter().find(|r| r.mode == "compare") {
-        println!("   exact text: {:?}", r.generated_text);
+    let summary = real::suite_summary(rows);
+    if prompts > 1 && !summary.is_empty() {
+        println!("-- mean over {prompts} prompts (perplexity ratio: geometric mean)");
+        for r in &summary {
+            line(r);
+        }
     }
-    Ok(())
 }
 
 #[derive(Serialize)]
@@ -1035,7 +1110,7 @@ struct KernelsReport {
     vectors: usize,
     dim: usize,
     bits: u32,
-    quantizer: QuantizerKind,
+    quantizer: kernels::KernelQuantizer,
     threads: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     adapter: Option<String>,
@@ -1045,7 +1120,7 @@ struct KernelsReport {
 #[allow(clippy::too_many_arguments)]
 fn run_kernels(
     backends: &[kernels::Backend],
-    quantizer: QuantizerKind,
+    quantizer: kernels::KernelQuantizer,
     vectors: Option<usize>,
     dim: usize,
     bits: u32,
@@ -1058,23 +1133,49 @@ fn run_kernels(
         "--bits {bits} is out of range (1..=8)"
     );
     ensure!(dim >= 2, "--dim must be at least 2");
-    let n = vectors.unwrap_or(if quick { 20_000 } else { 1_000_000 });
-    ensure!(n > 0, "--vectors must be positive");
     let (threads, pool) = pool(c.threads)?;
-    ensure!(
-        quantizer != QuantizerKind::Polar,
-        "kernels times mse and prod (PolarQuant has no batch kernels)"
-    );
-    let prod = quantizer == QuantizerKind::Prod;
+    let prod = quantizer == kernels::KernelQuantizer::Prod;
     let reps = if quick { 1 } else { reps };
+    let say = |msg: &str| {
+        if !c.json {
+            eprintln!("kernels: {msg}");
+        }
+    };
     // The device is created and dropped on this thread, outside the pool (see kernels::run).
     let gpu = if backends.contains(&kernels::Backend::Wgpu) {
+        say("opening the GPU adapter");
         Some(tq_gpu::GpuContext::new()?)
     } else {
         None
     };
-    let (results, adapter) =
-        pool.install(|| kernels::run(gpu.as_ref(), backends, prod, n, dim, bits, c.seed, reps))?;
+    let software = gpu.as_ref().is_some_and(|g| g.is_software());
+    if let Some(g) = gpu.as_ref().filter(|g| g.is_software()) {
+        eprintln!(
+            "warning: {} is a software adapter (the GPU emulated on the CPU): its timings say \
+             nothing about a GPU{}",
+            g.adapter(),
+            if vectors.is_none() && !quick {
+                "; --vectors defaults to 20000 on it"
+            } else {
+                ""
+            }
+        );
+    }
+    let n = vectors.unwrap_or(if quick || software { 20_000 } else { 1_000_000 });
+    ensure!(n > 0, "--vectors must be positive");
+    let (results, adapter) = pool.install(|| {
+        kernels::run(
+            gpu.as_ref(),
+            backends,
+            prod,
+            n,
+            dim,
+            bits,
+            c.seed,
+            reps,
+            &say,
+        )
+    })?;
     drop(pool);
     drop(gpu);
     let report = KernelsReport {
@@ -1094,12 +1195,14 @@ fn run_kernels(
         return Ok(());
     }
     println!(
-        "kernels | {} b = {bits}, Hadamard | d = {dim} | {n} vectors | {threads} CPU thread(s){}",
-        if report.quantizer == QuantizerKind::Prod {
+        "kernels | {} b = {bits}, Hadamard | d = {dim} | {} | {}{}",
+        if report.quantizer == kernels::KernelQuantizer::Prod {
             "Prod"
         } else {
             "MSE"
         },
+        count(n, "vector"),
+        count(threads, "CPU thread"),
         report
             .adapter
             .as_ref()
@@ -1277,9 +1380,19 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Splits a seeded random sample of `k` rows off as queries.
 fn hold_out(all: Vectors, k: Option<usize>, quick: bool, seed: u64) -> Result<(Vectors, Vectors)> {
-    let k = k
-        .unwrap_or(if quick { 100 } else { 1000.min(all.rows / 10) })
-        .min(all.rows.saturating_sub(1));
+    // At most half the input is held out, so the base keeps at least as many vectors as there
+    // are queries (a 1-vector base makes every recall 1).
+    let most = all.rows / 2;
+    let k = match k {
+        Some(0) => bail!("--num-queries must be positive"),
+        Some(k) if k > most => bail!(
+            "--num-queries {k} would hold out more than half of the {} input vectors \
+             (at most {most}); give --queries FILE for a separate query set",
+            all.rows
+        ),
+        Some(k) => k,
+        None => (if quick { 100 } else { 1000.min(all.rows / 10) }).min(most),
+    };
     ensure!(
         k > 0,
         "the input has {} vectors: too few to hold out queries (give --queries FILE)",
@@ -1349,7 +1462,7 @@ fn vector_charts(report: &Report) -> Vec<plot::Chart> {
                     .collect();
                 pts.sort_by(|a, b| a.0.total_cmp(&b.0));
                 plot::Series {
-                    name: format!("{} bits", r.bits),
+                    name: count(r.bits as usize, "bit"),
                     points: pts,
                     dashed: false,
                 }
@@ -1389,6 +1502,11 @@ fn execute(
         c.polar_levels.is_none() || c.quantizer == QuantizerKind::Polar,
         "--polar-levels applies to --quantizer polar"
     );
+    ensure!(
+        c.sketch.is_none() || c.quantizer == QuantizerKind::Prod,
+        "--sketch applies to --quantizer prod (the QJL matrix of TurboQuant_prod)"
+    );
+    let sketch = c.sketch.unwrap_or(SketchKind::Gaussian);
     // Explicit PolarQuant levels define a single configuration.
     let bit_list: Vec<u32> = match (&c.polar_levels, c.quantizer) {
         (Some(l), QuantizerKind::Polar) => vec![l.first().copied().unwrap_or(1)],
@@ -1402,7 +1520,7 @@ fn execute(
     let settings = EvalSettings {
         quantizer: c.quantizer,
         rotation: c.rotation,
-        sketch: c.sketch,
+        sketch,
         seed: c.seed,
         ip_queries: queries.rows.min(100),
         scale: c.scale,
@@ -1431,7 +1549,7 @@ fn execute(
         bit_list
             .iter()
             .map(|&b| {
-                progress.set_message(format!("{} bits", b));
+                progress.set_message(count(b as usize, "bit"));
                 eval::eval_bits(&settings, &base, &queries, &truth, b, &progress)
             })
             .collect()
@@ -1448,7 +1566,7 @@ fn execute(
         queries: queries.rows,
         quantizer: c.quantizer,
         rotation: c.rotation,
-        sketch: (c.quantizer == QuantizerKind::Prod).then_some(c.sketch),
+        sketch: (c.quantizer == QuantizerKind::Prod).then_some(sketch),
         scale: (c.quantizer == QuantizerKind::Mse).then_some(c.scale),
         centered: c.center,
         backend: c.backend,
@@ -1469,7 +1587,7 @@ fn execute(
 
 fn print_table(r: &Report) {
     println!(
-        "{} | quantizer {:?}{}{}{} | rotation {} | d = {} | {} vectors | {} queries | seed {} | {} thread(s)",
+        "{} | quantizer {:?}{}{}{} | rotation {} | d = {} | {} | {} | seed {} | {}",
         r.workload,
         r.quantizer,
         r.scale
@@ -1482,10 +1600,10 @@ fn print_table(r: &Report) {
         },
         r.rotation.name(),
         r.dim,
-        r.vectors,
-        r.queries,
+        count(r.vectors, "vector"),
+        count(r.queries, "query"),
         r.seed,
-        r.threads
+        count(r.threads, "thread")
     );
     if let Some(i) = &r.input {
         println!("input: {i}");

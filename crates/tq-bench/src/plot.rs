@@ -218,6 +218,21 @@ pub fn render(charts: &[Chart]) -> String {
     out
 }
 
+/// The `--plot` value parser: the charts are SVG, so the path must end in `.svg` (checked before
+/// any work starts, instead of writing SVG into a file named `.png`).
+///
+/// # Errors
+/// A path with another extension, naming it.
+pub fn svg_path(s: &str) -> std::result::Result<std::path::PathBuf, String> {
+    let p = std::path::PathBuf::from(s);
+    match p.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("svg") => Ok(p),
+        _ => Err(format!(
+            "'{s}': plots are written as SVG, so the file name must end in .svg"
+        )),
+    }
+}
+
 /// Writes `charts` to `path` (an `.svg` file).
 pub fn write(path: &Path, charts: &[Chart]) -> Result<()> {
     ensure!(!charts.is_empty(), "nothing to plot");

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use indicatif::ProgressBar;
 use serde::Serialize;
-use tq_kv::{HeadConfig, KeyStrategy, Precision, RotationKind};
+use tq_kv::{HeadConfig, KeyStrategy, Precision, RotationKind, ValueStrategy};
 use tq_onnx::{
     CacheSpec, Decoder, Keep, LogitMetrics, OutlierChoice, Run, Sampling, calibrate, generate,
     replay, teacher_forced, token_match, trace_of,
@@ -128,7 +128,7 @@ pub struct Row {
     /// Key quantizer.
     pub key_strategy: Option<KeyStrategy>,
     /// Value quantizer.
-    pub value_strategy: Option<KeyStrategy>,
+    pub value_strategy: Option<ValueStrategy>,
     /// Per-vector scalar of MSE parts.
     pub scale: Option<ScaleMode>,
     /// Keys and values centred on calibrated means.
@@ -460,4 +460,99 @@ fn write_trace(decoder: &Decoder, run: &Run, path: &Path) -> Result<()> {
         trace.head_dim
     );
     Ok(())
+}
+
+/// One row per configuration averaged over the prompts of a suite (rows of mode `compare`):
+/// arithmetic means of bits, top-1, top-k, KL, token match and decode rates, and the geometric
+/// mean of the perplexity ratios (the ratio of the mean per-token losses' exponentials). Labelled
+/// `suite`; empty when no row compares a configuration.
+pub fn suite_summary(rows: &[Row]) -> Vec<Row> {
+    let key = |r: &Row| {
+        format!(
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            r.key_precision,
+            r.value_precision,
+            r.key_strategy,
+            r.value_strategy,
+            r.scale,
+            r.centered,
+            r.window,
+            r.rotation
+        )
+    };
+    let mut order: Vec<String> = Vec::new();
+    let mut groups: std::collections::HashMap<String, Vec<&Row>> = Default::default();
+    for r in rows.iter().filter(|r| r.mode == "compare") {
+        let k = key(r);
+        if !groups.contains_key(&k) {
+            order.push(k.clone());
+        }
+        groups.entry(k).or_default().push(r);
+    }
+    let mean = |g: &[&Row], f: fn(&Row) -> Option<f64>| -> Option<f64> {
+        let v: Vec<f64> = g.iter().filter_map(|r| f(r)).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    order
+        .iter()
+        .map(|k| {
+            let g = &groups[k];
+            let first = g[0];
+            let log_ratio = mean(g, |r| r.perplexity_ratio.map(f64::ln));
+            Row {
+                prompt: "suite".into(),
+                tokens: g.iter().map(|r| r.tokens).sum(),
+                bits_per_coordinate: mean(g, |r| r.bits_per_coordinate),
+                top1_agreement: mean(g, |r| r.top1_agreement),
+                topk_overlap: mean(g, |r| r.topk_overlap),
+                logit_rmse: mean(g, |r| r.logit_rmse),
+                kl_divergence: mean(g, |r| r.kl_divergence),
+                token_match_rate: mean(g, |r| r.token_match_rate),
+                first_divergence_step: None,
+                perplexity_exact: None,
+                perplexity_quantized: None,
+                perplexity_ratio: log_ratio.map(f64::exp),
+                prefill_tokens_per_s: mean(g, |r| r.prefill_tokens_per_s),
+                decode_tokens_per_s_exact: mean(g, |r| r.decode_tokens_per_s_exact),
+                decode_tokens_per_s_quantized: mean(g, |r| r.decode_tokens_per_s_quantized),
+                kv_bytes_exact: g.iter().map(|r| r.kv_bytes_exact).sum(),
+                kv_bytes_quantized: g.iter().map(|r| r.kv_bytes_quantized).sum(),
+                kv_ratio_vs_f16: mean(g, |r| r.kv_ratio_vs_f16),
+                generated_text: String::new(),
+                generated_text_quantized: None,
+                ..first.clone()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod suite_tests {
+    use super::*;
+
+    fn row(prompt: &str, kb: &str, top1: f64, ratio: f64) -> Row {
+        let mut r = Row::base(prompt, "compare", 10, 100, "t".into());
+        r.key_precision = Some(kb.into());
+        r.top1_agreement = Some(top1);
+        r.perplexity_ratio = Some(ratio);
+        r
+    }
+
+    #[test]
+    fn suite_rows_average_each_configuration_over_prompts() {
+        let rows = vec![
+            Row::base("a", "exact", 10, 100, "x".into()),
+            row("a", "4", 0.9, 1.1),
+            row("a", "2", 0.5, 2.0),
+            row("b", "4", 0.7, 1.0 / 1.1),
+            row("b", "2", 0.3, 8.0),
+        ];
+        let s = suite_summary(&rows);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].key_precision.as_deref(), Some("4"));
+        assert!((s[0].top1_agreement.unwrap() - 0.8).abs() < 1e-12);
+        assert!((s[0].perplexity_ratio.unwrap() - 1.0).abs() < 1e-12);
+        assert!((s[1].perplexity_ratio.unwrap() - 4.0).abs() < 1e-12);
+        assert_eq!(s[1].tokens, 20);
+    }
 }

@@ -886,3 +886,190 @@ fn gpu_backend_gives_the_cpu_metrics() {
     ]);
     assert!(!out.status.success());
 }
+
+/// Runs tq-bench and returns its stderr, requiring failure.
+fn fails_with(args: &[&str]) -> String {
+    let out = bench(args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    err
+}
+
+#[test]
+fn num_queries_outside_the_input_is_an_error_naming_the_limit() {
+    let p = tmp("nq.npy");
+    write_npy(&p, 500, 8, &vectors(500, 8), false);
+    let p = p.to_str().unwrap();
+    let err = fails_with(&["vectors", "--input", p, "--num-queries", "600"]);
+    assert!(err.contains("at most 250"), "{err}");
+    let err = fails_with(&["vectors", "--input", p, "--num-queries", "499"]);
+    assert!(err.contains("at most 250"), "{err}");
+    let err = fails_with(&["vectors", "--input", p, "--num-queries", "0"]);
+    assert!(err.contains("--num-queries must be positive"), "{err}");
+    let err = fails_with(&[
+        "vectors",
+        "--input",
+        p,
+        "--queries",
+        p,
+        "--num-queries",
+        "501",
+    ]);
+    assert!(err.contains("more than the 500 vectors"), "{err}");
+    let r = json(&bench(&[
+        "vectors",
+        "--input",
+        p,
+        "--num-queries",
+        "250",
+        "--bits",
+        "2",
+        "--json",
+    ]));
+    assert_eq!(
+        (r["vectors"].as_u64(), r["queries"].as_u64()),
+        (Some(250), Some(250))
+    );
+}
+
+#[test]
+fn options_that_do_not_apply_or_do_not_parse_are_errors_naming_them() {
+    let npy = tmp("as-trace.npy");
+    write_npy(&npy, 4, 4, &vectors(4, 4), false);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["synthetic", "--quick", "--plot", "x.png"], ".svg"),
+        (
+            vec!["synthetic", "--quick", "--sketch", "orthogonal"],
+            "--sketch applies to --quantizer prod",
+        ),
+        (
+            vec!["trace", "--quick", "--value-strategy", "prod"],
+            "values cannot use prod",
+        ),
+        (vec!["trace", "--quick", "--key-bits", "3.7"], "4x45+3"),
+        (
+            vec!["trace", "--quick", "--key-bits", "2.5", "--split", "999"],
+            "channel 999 is out of range for d = 64",
+        ),
+        (
+            vec!["trace", "--trace", npy.to_str().unwrap()],
+            "NumPy .npy file",
+        ),
+        (
+            vec!["kernels", "--quantizer", "polar"],
+            "invalid value 'polar'",
+        ),
+    ];
+    for (args, needle) in cases {
+        let err = fails_with(&args);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    // The trace error names the file.
+    let err = fails_with(&["trace", "--trace", npy.to_str().unwrap()]);
+    assert!(err.contains("as-trace.npy"), "{err}");
+    let help = String::from_utf8_lossy(&bench(&["kernels", "--help"]).stdout).into_owned();
+    assert!(help.contains("mse") && !help.contains("polar"), "{help}");
+}
+
+#[test]
+fn counts_are_singular_where_they_are_one() {
+    let out = bench(&["trace", "--quick", "--threads", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains("| 1 layer x 2 kv / 4 q heads | 128 tokens |"),
+        "{text}"
+    );
+    let out = bench(&["synthetic", "--quick", "--bits", "1", "--threads", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("| 1 thread"), "{text}");
+    assert!(!text.contains("1 threads"), "{text}");
+}
+
+/// Each prompt of a suite is followed by its own exact text, and a mean row per configuration
+/// closes the table.
+#[test]
+fn real_model_prompt_suite_prints_each_exact_text_and_a_summary() {
+    let prompts = tmp("two-prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"The cat\"}\n{\"prompt\": \"A dog runs\"}\n",
+    )
+    .unwrap();
+    let out = bench(&[
+        "real-model",
+        "--model-dir",
+        tiny_model(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+        "--key-bits",
+        "4",
+        "--value-bits",
+        "4",
+        "--window",
+        "0",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    let at = |needle: &str| {
+        lines
+            .iter()
+            .position(|l| l.starts_with(needle))
+            .unwrap_or_else(|| panic!("no line starting with {needle:?} in\n{text}"))
+    };
+    let (a, b, mean) = (
+        at("-- The cat"),
+        at("-- A dog runs"),
+        at("-- mean over 2 prompts"),
+    );
+    assert!(a < b && b < mean, "{text}");
+    let exact: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].trim_start().starts_with("exact text:"))
+        .collect();
+    assert_eq!(exact.len(), 2, "{text}");
+    assert!(
+        a < exact[0] && exact[0] < b && b < exact[1] && exact[1] < mean,
+        "{text}"
+    );
+    assert!(lines[0..a].iter().any(|l| l.contains("ppl x")), "{text}");
+}
+
+/// Without a usable XDG_RUNTIME_DIR, a wgpu run prints no Mesa warning about it.
+#[test]
+fn gpu_runs_do_not_warn_about_the_runtime_dir() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tq-bench"))
+        .args([
+            "kernels",
+            "--quick",
+            "--vectors",
+            "500",
+            "--dim",
+            "32",
+            "--backend",
+            "wgpu",
+        ])
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+    if out.status.success() {
+        // Progress from the start, and a software adapter is named as such.
+        assert!(
+            err.contains("kernels: generating and quantizing 500 vectors"),
+            "{err}"
+        );
+        let adapter = String::from_utf8_lossy(&out.stdout);
+        if adapter.contains("llvmpipe") {
+            assert!(err.contains("is a software adapter"), "{err}");
+        }
+    }
+}
