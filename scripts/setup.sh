@@ -26,9 +26,16 @@ if [ "$(uname -s)" = "Linux" ] && ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/d
 fi
 # `./scripts/setup.sh --release-tools` also installs what `cargo xtask release-check` uses for
 # coverage and the dependency audit (several minutes of compilation; not needed for the tests).
+# With a nightly toolchain it adds Miri (the release check runs tq-core's scalar kernels under it)
+# and cargo-fuzz (libFuzzer for the fuzz targets); without one, those steps use their fallbacks.
 if [ "${1:-}" = "--release-tools" ]; then
   rustup component add llvm-tools
   cargo install --locked cargo-llvm-cov
   cargo install --locked cargo-audit
+  if rustup toolchain install nightly --profile minimal --component miri,rust-src; then
+    cargo install --locked cargo-fuzz
+  else
+    echo "setup: no nightly toolchain here: release-check skips Miri and fuzzes with the stable driver" >&2
+  fi
 fi
 echo "setup: ok ($(cargo --version))"

@@ -5,7 +5,7 @@
 //!   dev and build dependencies alike;
 //! - every member inherits the workspace lints (`[lints] workspace = true`);
 //! - every crate under `crates/` is a workspace member and its folder name equals its package name;
-//! - no file in the source tree (outside `target/`, `artifacts/`, `.git/`) is larger than
+//! - no file that git tracks or would track (ignored files are not judged) is larger than
 //!   [`MAX_FILE_BYTES`], so heavy artefacts stay out of git.
 
 use std::path::{Path, PathBuf};
@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 
+mod fuzz;
 mod release;
 
 /// The tq crates each crate may depend on (the layering of docs/ARCHITECTURE.md).
@@ -26,6 +27,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "tq-bench",
         &["tq-onnx", "tq-gpu", "tq-kv", "tq-quant", "tq-core"],
     ),
+    (
+        "tq-fuzz",
+        &["tq-bench", "tq-onnx", "tq-kv", "tq-quant", "tq-core"],
+    ),
 ];
 
 /// Largest file allowed in the source tree.
@@ -35,6 +40,13 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("tidy") => tidy(&workspace_root()),
+        Some("fuzz") => match fuzz::run(&workspace_root(), &args[1..]) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(anyhow::anyhow!(
+                "fuzz: a target crashed (inputs under fuzz/artifacts/ or target/fuzz-crashes/)"
+            )),
+            Err(e) => Err(e),
+        },
         Some("release-check") => match release::release_check(&workspace_root(), &args[1..]) {
             Ok(true) => Ok(()),
             Ok(false) => Err(anyhow::anyhow!(
@@ -44,7 +56,7 @@ fn main() -> ExitCode {
         },
         Some("-h" | "--help") | None => {
             println!(
-                "usage: cargo xtask <command>\n\ncommands:\n  tidy                   check crate layering, lints inheritance, member list and file sizes\n  release-check [--dry-run] [--advisory-db PATH]\n                         run the release runbook (fmt, clippy, tests, examples, tidy, coverage,\n                         dependency audit, quick workloads) and print a table with each step's log"
+                "usage: cargo xtask <command>\n\ncommands:\n  tidy                   check crate layering, lints inheritance, member list and file sizes\n  fuzz [--seconds N]     run every fuzz target for N seconds (cargo xtask fuzz --help)\n  release-check [--dry-run] [--advisory-db PATH] [--fuzz-seconds N]\n                         run the release runbook (fmt, clippy, tests, examples, tidy, coverage,\n                         dependency audit, Miri, fuzzing, quick workloads) and print a table\n                         with each step's log (cargo xtask release-check --help)"
             );
             return ExitCode::SUCCESS;
         }
@@ -162,7 +174,7 @@ fn tidy(root: &Path) -> Result<()> {
             }
         }
     }
-    check_sizes(root, root, &mut problems)?;
+    check_file_sizes(root, &mut problems)?;
     if problems.is_empty() {
         println!(
             "tidy: {} members, layering and file sizes OK",
@@ -175,6 +187,49 @@ fn tidy(root: &Path) -> Result<()> {
         }
         bail!("{} problem(s)", problems.len())
     }
+}
+
+/// The files git tracks or would track (`git ls-files --cached --others --exclude-standard`),
+/// relative to `root`; `None` outside a git checkout.
+fn git_files(root: &Path) -> Option<Vec<PathBuf>> {
+    let out = std::process::Command::new("git")
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
+        .current_dir(root)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    Some(
+        out.stdout
+            .split(|&b| b == 0)
+            .filter(|p| !p.is_empty())
+            .map(|p| PathBuf::from(String::from_utf8_lossy(p).into_owned()))
+            .collect(),
+    )
+}
+
+/// Flags files over [`MAX_FILE_BYTES`] among those git tracks or would track, so ignored build
+/// folders anywhere in the checkout (a second `CARGO_TARGET_DIR`, `fuzz/target`) are never judged.
+/// Outside a git checkout, walks the tree skipping `target`, `artifacts`, `.git` and `data`.
+fn check_file_sizes(root: &Path, problems: &mut Vec<String>) -> Result<()> {
+    let Some(files) = git_files(root) else {
+        return check_sizes(root, root, problems);
+    };
+    for rel in files {
+        // A tracked file deleted in the working tree has no size to judge.
+        let Ok(meta) = std::fs::metadata(root.join(&rel)) else {
+            continue;
+        };
+        if meta.is_file() && meta.len() > MAX_FILE_BYTES {
+            problems.push(format!("{} is {} bytes (limit {MAX_FILE_BYTES}): generate it with a script into a git-ignored folder", rel.display(), meta.len()));
+        }
+    }
+    Ok(())
 }
 
 fn check_sizes(root: &Path, dir: &Path, problems: &mut Vec<String>) -> Result<()> {
@@ -205,6 +260,36 @@ fn check_sizes(root: &Path, dir: &Path, problems: &mut Vec<String>) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ignored files are never judged, wherever they are; files git would track are.
+    #[test]
+    fn file_sizes_judge_what_git_tracks_or_would_track() {
+        let dir = std::env::temp_dir().join(format!("tq-tidy-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("build")).unwrap();
+        let git = |args: &[&str]| {
+            std::process::Command::new("git")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .unwrap()
+        };
+        if !git(&["init", "-q"]).status.success() {
+            eprintln!("git is not available here; skipping");
+            return;
+        }
+        std::fs::write(dir.join(".gitignore"), "build/\n").unwrap();
+        let big = vec![0u8; MAX_FILE_BYTES as usize + 1];
+        std::fs::write(dir.join("build/huge.bin"), &big).unwrap();
+        std::fs::write(dir.join("small.txt"), b"ok").unwrap();
+        let mut problems = Vec::new();
+        check_file_sizes(&dir, &mut problems).unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        std::fs::write(dir.join("new.bin"), &big).unwrap();
+        check_file_sizes(&dir, &mut problems).unwrap();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("new.bin is"), "{problems:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn finds_dependencies_in_every_table() {

@@ -1,0 +1,8 @@
+//! libFuzzer entry of the `kv-cache` target (see crates/tq-fuzz).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    if let Some(t) = tq_fuzz::target("kv-cache") {
+        (t.run)(data);
+    }
+});
