@@ -20,6 +20,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 if [ "${CI:-}" = "true" ] || [ "${TQ_SKIP_REAL_MODEL:-0}" != "1" ]; then
   echo "== real-model export"
   ./scripts/setup-real-model.sh
+  echo "== real-model setup recovers from interruptions"
+  ./scripts/test-setup-real-model.sh
 fi
 echo "== cargo test"
 cargo test --workspace --locked
