@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 
 mod fuzz;
 mod release;
+mod samples;
 
 /// The tq crates each crate may depend on (the layering of docs/ARCHITECTURE.md).
 const ALLOWED: &[(&str, &[&str])] = &[
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("tidy") => tidy(&workspace_root()),
+        Some("samples") => samples::run(&workspace_root()).map(|_| ()),
         Some("fuzz") => match fuzz::run(&workspace_root(), &args[1..]) {
             Ok(true) => Ok(()),
             Ok(false) => Err(anyhow::anyhow!(
@@ -56,7 +58,7 @@ fn main() -> ExitCode {
         },
         Some("-h" | "--help") | None => {
             println!(
-                "usage: cargo xtask <command>\n\ncommands:\n  tidy                   check crate layering, lints inheritance, member list and file sizes\n  fuzz [--seconds N]     run every fuzz target for N seconds (cargo xtask fuzz --help)\n  release-check [--dry-run] [--advisory-db PATH] [--fuzz-seconds N]\n                         run the release runbook (fmt, clippy, tests, examples, tidy, coverage,\n                         dependency audit, Miri, fuzzing, quick workloads) and print a table\n                         with each step's log (cargo xtask release-check --help)"
+                "usage: cargo xtask <command>\n\ncommands:\n  tidy                   check crate layering, lints inheritance, member list and file sizes\n  fuzz [--seconds N]     run every fuzz target for N seconds (cargo xtask fuzz --help)\n  samples                regenerate the sample outputs in README.md and docs/ from the release binary\n  release-check [--dry-run] [--advisory-db PATH] [--fuzz-seconds N]\n                         run the release runbook (fmt, clippy, tests, examples, tidy, coverage,\n                         dependency audit, Miri, fuzzing, quick workloads) and print a table\n                         with each step's log (cargo xtask release-check --help)"
             );
             return ExitCode::SUCCESS;
         }

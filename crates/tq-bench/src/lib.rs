@@ -7,12 +7,25 @@ pub mod data;
 pub mod lists;
 
 /// `n` and the noun in the number it calls for: `count(1, "layer")` is "1 layer",
-/// `count(3, "layer")` is "3 layers".
+/// `count(3, "layer")` is "3 layers", `count(2, "query")` is "2 queries".
 pub fn count(n: usize, noun: &str) -> String {
     if n == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{n} {noun}s")
+        return format!("1 {noun}");
+    }
+    match noun.strip_suffix('y') {
+        Some(stem) if !stem.ends_with(['a', 'e', 'o', 'u']) => format!("{n} {stem}ies"),
+        _ => format!("{n} {noun}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_agree_with_their_nouns() {
+        assert_eq!(super::count(1, "query"), "1 query");
+        assert_eq!(super::count(2, "query"), "2 queries");
+        assert_eq!(super::count(0, "layer"), "0 layers");
+        assert_eq!(super::count(3, "key"), "3 keys");
     }
 }
 
