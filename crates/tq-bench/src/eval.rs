@@ -1,5 +1,5 @@
 //! The vector workloads' evaluation: quantize a base set at each bit width, measure distortion,
-//! inner-product error, recall and throughput (DESIGN §6).
+//! inner-product error, recall and throughput (docs/DESIGN.md, Metrics).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -167,9 +167,14 @@ enum Command {
         /// default configuration (tq_kv::HeadConfig::recommended, docs/CHOOSING.md).
         #[arg(long, value_delimiter = ',', default_value = "5")]
         key_bits: Vec<String>,
-        /// Value precisions, same forms (each key precision is paired with each value precision).
+        /// Value precisions, same forms (each key precision is paired with each value precision,
+        /// or with the one at the same position under --pair).
         #[arg(long, value_delimiter = ',', default_value = "4")]
         value_bits: Vec<String>,
+        /// Pair --key-bits and --value-bits by position (k1 with v1, k2 with v2, ...) instead of
+        /// running every combination; the two lists must have the same length.
+        #[arg(long)]
+        pair: bool,
         /// Key quantizers, comma-separated: mse, prod, polar.
         #[arg(long, value_delimiter = ',', default_value = "mse")]
         key_strategy: Vec<KeyStrategy>,
@@ -468,6 +473,8 @@ struct TraceSource {
 struct KvGrid<'a> {
     key_bits: &'a [String],
     value_bits: &'a [String],
+    /// Key and value precisions paired by position instead of crossed.
+    pair: bool,
     strategies: &'a [KeyStrategy],
     value_strategy: ValueStrategy,
     scales: &'a [ScaleMode],
@@ -476,12 +483,27 @@ struct KvGrid<'a> {
     rotations: &'a [RotationKind],
 }
 
-/// Every combination of the grid (keys x values x key strategy x scale x window x rotation), for head
-/// dimension `d`. Centring applies to all-MSE configurations only.
+/// Every combination of the grid (keys x values x key strategy x scale x window x rotation; keys and
+/// values zipped instead with `pair`), for head dimension `d`. Centring applies to all-MSE
+/// configurations only.
 fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>> {
+    let widths: Vec<(&String, &String)> = if g.pair {
+        ensure!(
+            g.key_bits.len() == g.value_bits.len(),
+            "--pair needs as many --value-bits as --key-bits ({} and {})",
+            g.value_bits.len(),
+            g.key_bits.len()
+        );
+        g.key_bits.iter().zip(g.value_bits).collect()
+    } else {
+        g.key_bits
+            .iter()
+            .flat_map(|k| g.value_bits.iter().map(move |v| (k, v)))
+            .collect()
+    };
     let mut configs = Vec::new();
-    for kb in g.key_bits {
-        for vb in g.value_bits {
+    for (kb, vb) in widths {
+        {
             for &st in g.strategies {
                 for &scale in g.scales {
                     for (&window, &rotation) in g
@@ -551,6 +573,7 @@ fn run_trace(
         &KvGrid {
             key_bits,
             value_bits,
+            pair: false,
             strategies,
             value_strategy,
             scales,
@@ -1250,6 +1273,7 @@ fn run(cli: Cli) -> Result<()> {
             mode,
             key_bits,
             value_bits,
+            pair,
             key_strategy,
             value_strategy,
             scales,
@@ -1284,6 +1308,7 @@ fn run(cli: Cli) -> Result<()> {
             &KvGrid {
                 key_bits: &key_bits,
                 value_bits: &value_bits,
+                pair,
                 strategies: &key_strategy,
                 value_strategy,
                 scales: &scales,

@@ -1,7 +1,7 @@
 //! Lloyd-Max codebooks for the coordinates of a randomly rotated unit vector.
 //!
 //! After a Haar rotation every coordinate `t` of a unit vector in `R^d` follows
-//! `f(t) ∝ (1 - t²)^((d-3)/2)` on `[-1, 1]` (DESIGN §1). The `b`-bit codebook is the Lloyd-Max
+//! `f(t) ∝ (1 - t²)^((d-3)/2)` on `[-1, 1]` (docs/DESIGN.md, Algorithms). The `b`-bit codebook is the Lloyd-Max
 //! quantizer of that law: `2^b` centroids, each the conditional mean of its cell, with cell
 //! boundaries at the midpoints between neighbouring centroids.
 //!
@@ -410,7 +410,7 @@ impl Codebook {
 mod tests {
     use super::*;
 
-    /// DESIGN §2 table of `D_mse(b)` for `b = 1..=5`.
+    /// The `D_mse(b)` table of docs/DESIGN.md (Reference numbers) for `b = 1..=5`.
     const REFERENCE: [(usize, [f64; 5]); 4] = [
         (64, [0.35839, 0.11453, 0.03339, 0.00913, 0.00240]),
         (128, [0.36089, 0.11600, 0.03397, 0.00931, 0.00245]),
@@ -436,7 +436,7 @@ mod tests {
         }
     }
 
-    /// DESIGN §2 centroids at d = 128 (times sqrt(d)), to 1e-3 relative.
+    /// The centroids at d = 128 (times sqrt(d)) of docs/DESIGN.md (Reference numbers), to 1e-3 relative.
     #[test]
     fn centroids_match_design() {
         let want: [&[f64]; 3] = [

@@ -1,5 +1,5 @@
 //! [`HeadCache`]: the quantized keys and values of one attention head, with attention computed on
-//! the packed codes (DESIGN §3).
+//! the packed codes (docs/DESIGN.md, Data flow).
 //!
 //! Tokens are appended at the end. Keys and values are quantized independently, each with its own
 //! strategy and [`Precision`]. An optional full-precision window keeps the most recent `W` tokens

@@ -2,7 +2,7 @@
 //!
 //! A [`Precision`] is either uniform (`b` bits on every channel) or a split: `outlier_channels`
 //! channels at `outlier_bits` and the rest at `regular_bits`, each set quantized by its own
-//! TurboQuant instance (DESIGN §1). Average bits per coordinate:
+//! TurboQuant instance (docs/DESIGN.md, Algorithms). Average bits per coordinate:
 //! `(k·b_out + (d - k)·b_reg) / d`, e.g. 32 × 4 + 96 × 2 over 128 = 2.5 and 64 × 4 + 64 × 3 = 3.5.
 //! Which channels are outliers is chosen by [`calibrate_outliers`] (largest per-channel RMS over
 //! sample vectors) or given explicitly, and stored with the cache.

@@ -1,5 +1,5 @@
 //! One quantized tensor stream (all keys or all values of a head): one or two channel parts, each
-//! a TurboQuant batch of its own (DESIGN §1 mixed precision).
+//! a TurboQuant batch of its own (docs/DESIGN.md, Algorithms: mixed precision).
 
 use std::sync::Arc;
 

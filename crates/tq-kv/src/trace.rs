@@ -1,4 +1,5 @@
-//! K/V traces in the safetensors format of DESIGN §5, and a synthetic trace generator.
+//! K/V traces in the safetensors format of docs/DESIGN.md (Trace format), and a synthetic trace
+//! generator.
 //!
 //! Tensors (little-endian): `keys` and `values` F32 `[layers, kv_heads, tokens, head_dim]`,
 //! `queries` F32 `[layers, q_heads, n_queries, head_dim]`, `query_positions` I64 `[n_queries]`

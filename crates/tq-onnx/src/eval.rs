@@ -371,7 +371,7 @@ pub fn token_match(a: &[u32], b: &[u32]) -> (f64, Option<usize>) {
     (same as f64 / n as f64, first)
 }
 
-/// The K/V trace (DESIGN §5) of a run made with [`Keep::trace`]: keys and values of every fed
+/// The K/V trace (docs/DESIGN.md, Trace format) of a run made with [`Keep::trace`]: keys and values of every fed
 /// token (after RoPE), the queries of every position when the graph exposes them (query `i`
 /// attends to `i + 1` tokens), and `proxy_queries = true` when it does not (then each query
 /// head's queries are its kv head's keys, which the caller must say).

@@ -1,4 +1,4 @@
-//! Next-token metrics of a quantized run against the exact one (DESIGN §6): logit RMSE, top-1
+//! Next-token metrics of a quantized run against the exact one (docs/DESIGN.md, Metrics): logit RMSE, top-1
 //! agreement, top-k overlap, KL divergence and the cross-entropy of given target tokens.
 
 use serde::Serialize;

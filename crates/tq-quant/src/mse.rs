@@ -7,7 +7,7 @@
 //! and the codes of `y = 0`, so it decodes to 0 exactly.
 //!
 //! The estimator is biased: `E⟨q, x̃⟩ ≈ (1 - D_mse/2)·⟨q, x⟩`-like shrinkage, and exactly
-//! `(2/π)·⟨q, x⟩` at `b = 1` for large `d` (DESIGN §2); [`crate::ProdQuantizer`] removes the bias.
+//! `(2/π)·⟨q, x⟩` at `b = 1` for large `d` (docs/DESIGN.md, Reference numbers); [`crate::ProdQuantizer`] removes the bias.
 
 use std::sync::Arc;
 

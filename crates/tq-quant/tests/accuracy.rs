@@ -1,4 +1,4 @@
-//! Accuracy against the paper's reference numbers (DESIGN §2), with fixed seeds and tolerances
+//! Accuracy against the paper's reference numbers (docs/DESIGN.md, Reference numbers), with fixed seeds and tolerances
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! derived from the sampling error of each estimate.
 
@@ -9,7 +9,7 @@ use tq_quant::{
     MseBatch, MseConfig, MseQuantizer, ProdBatch, ProdConfig, ProdQuantizer, SketchKind,
 };
 
-/// DESIGN §2 `D_mse(b)`, b = 1..=4.
+/// `D_mse(b)` of docs/DESIGN.md (Reference numbers), b = 1..=4.
 fn reference(d: usize) -> [f64; 4] {
     match d {
         64 => [0.35839, 0.11453, 0.03339, 0.00913],
@@ -154,7 +154,7 @@ fn structured_inputs_get_random_input_distortion() {
     }
 }
 
-/// (π/2)·D_mse(b-1) at d = 128 (DESIGN §2).
+/// (π/2)·D_mse(b-1) at d = 128 (docs/DESIGN.md, Reference numbers).
 const PROD_BOUND_128: [f64; 4] = [std::f64::consts::FRAC_PI_2, 0.5669, 0.1822, 0.0534];
 
 /// Prod estimates for `pairs` unit pairs `(x, y)` with `⟨x, y⟩ ≈ 0.6`, each under its own
