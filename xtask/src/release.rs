@@ -105,8 +105,12 @@ pub fn steps(root: &Path, advisory_db: Option<&Path>, fuzz_seconds: u64) -> Vec<
         }
     };
     let miri = if has_miri() {
-        // SIMD dispatch is off under Miri (cfg!(miri)), so the scalar twins run.
+        // SIMD dispatch is off under Miri (cfg!(miri)), so the scalar twins run. proptest reads
+        // the working directory (isolation off) and runs a few cases (Miri is ~1000x slower).
         cmd(&[
+            "env",
+            "MIRIFLAGS=-Zmiri-disable-isolation",
+            "PROPTEST_CASES=4",
             "cargo",
             "+nightly",
             "miri",
