@@ -1073,3 +1073,27 @@ fn gpu_runs_do_not_warn_about_the_runtime_dir() {
         }
     }
 }
+
+/// A relative --model-dir that is not there from the working directory is found from the
+/// repository root (the default, artifacts/smollm2-135m-instruct, works from crates/ too).
+#[test]
+fn a_relative_model_dir_is_found_from_the_repository_root() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tq-bench"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "real-model",
+            "--model-dir",
+            "fixtures/tiny-llama",
+            "--mode",
+            "exact",
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let r = json(&out);
+    assert_eq!(r["model"], "tq-tiny-llama");
+    let err = fails_with(&["real-model", "--model-dir", "no/such/bundle"]);
+    assert!(err.contains("no/such/bundle"), "{err}");
+}
