@@ -45,7 +45,7 @@ pub enum Error {
     },
     /// Query and KV head counts that do not form grouped-query attention.
     #[error(
-        "{n_q_heads} query heads cannot share {n_kv_heads} kv heads (need a positive multiple)"
+        "{n_q_heads} query heads cannot share {n_kv_heads} kv heads (need a positive multiple, at most 65536)"
     )]
     HeadCounts {
         /// Query heads.
@@ -71,7 +71,7 @@ pub enum Error {
         reason: String,
     },
     /// An I/O error while reading or writing a file; the cause is kept as the error's source.
-    #[error("i/o error on {}: {source}", path.display())]
+    #[error("i/o error on {}", path.display())]
     Io {
         /// The file.
         path: std::path::PathBuf,

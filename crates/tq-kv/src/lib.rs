@@ -30,7 +30,7 @@ pub mod trace;
 
 pub use error::{Error, Result};
 pub use head::{HeadCache, HeadConfig, Outliers, ScoreMode};
-pub use multi::{ModelCache, MultiHeadCache};
+pub use multi::{MAX_HEADS, ModelCache, MultiHeadCache};
 pub use precision::{Precision, calibrate_outliers};
 pub use store::{KeyStrategy, ValueStrategy};
 pub use tq_core::RotationKind;

@@ -16,6 +16,10 @@ use crate::{Error, Result};
 /// Tokens × heads from which heads are processed in parallel.
 pub const PARALLEL_MIN_WORK: usize = 1 << 14;
 
+/// The most query (and so kv) heads a layer may have: far above any model's, and low enough that
+/// `heads × head_dim` never overflows (a saved cache's header is refused above it).
+pub const MAX_HEADS: usize = 1 << 16;
+
 /// The caches of all kv heads of one layer.
 #[derive(Debug, Clone)]
 pub struct MultiHeadCache {
@@ -28,7 +32,8 @@ impl MultiHeadCache {
     /// channels (one entry per head) or is empty when no precision is split.
     ///
     /// # Errors
-    /// [`Error::HeadCounts`] unless `n_q_heads` is a positive multiple of `n_kv_heads`;
+    /// [`Error::HeadCounts`] unless `n_q_heads` is a positive multiple of `n_kv_heads` and at most
+    /// [`MAX_HEADS`];
     /// [`Error::InvalidChannels`] for a wrong number of outlier entries; head construction errors.
     pub fn new(
         n_q_heads: usize,
@@ -36,7 +41,11 @@ impl MultiHeadCache {
         config: &HeadConfig,
         outliers: &[Outliers],
     ) -> Result<Self> {
-        if n_kv_heads == 0 || n_q_heads == 0 || !n_q_heads.is_multiple_of(n_kv_heads) {
+        if n_kv_heads == 0
+            || n_q_heads == 0
+            || !n_q_heads.is_multiple_of(n_kv_heads)
+            || n_q_heads > MAX_HEADS
+        {
             return Err(Error::HeadCounts {
                 n_q_heads,
                 n_kv_heads,
@@ -162,7 +171,12 @@ impl MultiHeadCache {
     pub fn attend_block(&self, queries: &[f32], limits: &[usize], out: &mut [f32]) -> Result<()> {
         let d = self.head_dim();
         let per = limits.len() * d;
-        check_len("queries", queries.len(), self.n_q_heads * per)?;
+        let want = self.n_q_heads.checked_mul(per).ok_or(Error::Shape {
+            what: "queries",
+            expected: usize::MAX,
+            got: queries.len(),
+        })?;
+        check_len("queries", queries.len(), want)?;
         check_len("output", out.len(), queries.len())?;
         // The query heads of one kv head are consecutive, so a group's queries are one contiguous
         // run: they attend together and share one decode of the value codes.

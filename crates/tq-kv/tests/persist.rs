@@ -242,7 +242,7 @@ fn killing_a_save_leaves_the_old_or_the_new_file() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(30 + r.next_u64() % 120));
+        std::thread::sleep(std::time::Duration::from_millis(50 + r.next_u64() % 350));
         child.kill().unwrap();
         child.wait().unwrap();
         let back = ModelCache::load(&path)
@@ -256,4 +256,22 @@ fn killing_a_save_leaves_the_old_or_the_new_file() {
     std::fs::remove_dir_all(&dir).unwrap();
     // The second cache only ever reaches the file through the child's saves.
     assert!(seen[1] > 0, "the child never completed a save: {seen:?}");
+}
+
+/// No tensor depends on the query-head count, so a header may claim any: beyond `MAX_HEADS` it is
+/// refused (a cache claiming 2^32 query heads used to load, then overflow `heads × head_dim` in
+/// `attend`; found by reviewing the fuzz target).
+#[test]
+fn a_header_with_absurd_query_heads_is_refused() {
+    let bytes = small_model().to_safetensors().unwrap();
+    for q in [4_294_967_296u64, u64::MAX, (tq_kv::MAX_HEADS + 1) as u64] {
+        let bad = with_config(&bytes, |c| c["n_q_heads"] = q.into());
+        assert!(
+            matches!(
+                ModelCache::from_safetensors(&bad),
+                Err(Error::HeadCounts { .. } | Error::InvalidCache { .. })
+            ),
+            "{q}"
+        );
+    }
 }
