@@ -33,6 +33,7 @@ pub mod fsio;
 pub mod rng;
 pub mod rotation;
 pub mod scan;
+pub mod shared;
 pub mod simd;
 
 pub use codebook::Codebook;

@@ -20,10 +20,13 @@
 //! **Baked into stored codes:** the stream tags, the draw order (Haar: row-major Gaussians;
 //! Hadamard: per round, `d` signs then the permutation), the block rule and the round count.
 
+use std::sync::Arc;
+
 use ndarray::{ArrayView2, ArrayViewMut2, linalg::general_mat_mul};
 use serde::{Deserialize, Serialize};
 
 use crate::rng::{SeededRng, stream};
+use crate::shared::WeakCache;
 use crate::simd;
 use crate::{Error, Result};
 
@@ -74,8 +77,8 @@ struct Round {
 
 #[derive(Debug, Clone)]
 enum Inner {
-    /// Row-major `d × d`, `y = M x`.
-    Dense(Vec<f32>),
+    /// Row-major `d × d`, `y = M x`, shared by every rotation of the same `(d, seed)`.
+    Dense(Arc<[f32]>),
     Hadamard {
         block: usize,
         rounds: Vec<Round>,
@@ -110,7 +113,9 @@ pub struct Rotation {
 
 impl Rotation {
     /// Builds the rotation of kind `kind` for dimension `dim` from `seed`. Deterministic on every
-    /// platform. Cost: Haar O(d³) (about 1 s at d = 1536), Hadamard O(d).
+    /// platform. Cost: Haar O(d³) (about 1 s at d = 1536) the first time a `(d, seed)` is asked
+    /// for while no rotation of it is alive, O(1) after that (the matrix is shared, like the
+    /// codebooks: the many heads of a KV cache hold one); Hadamard O(d).
     ///
     /// # Errors
     /// [`Error::DimTooSmall`] for `dim < 2`.
@@ -119,7 +124,7 @@ impl Rotation {
             return Err(Error::DimTooSmall { dim, min: 2 });
         }
         let inner = match kind {
-            RotationKind::Haar => Inner::Dense(haar_matrix(dim, seed)),
+            RotationKind::Haar => Inner::Dense(shared_haar_matrix(dim, seed)),
             RotationKind::Hadamard => {
                 let block = 1usize << (usize::BITS - 1 - dim.leading_zeros());
                 let mut rng = SeededRng::new(seed, stream::HADAMARD);
@@ -721,6 +726,13 @@ fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
 
 fn haar_matrix(d: usize, seed: u64) -> Vec<f32> {
     orthonormal_rows(&mut SeededRng::new(seed, stream::HAAR), d)
+}
+
+/// The Haar matrix of `(d, seed)`, built once while any rotation holds it
+/// ([`crate::shared::WeakCache`]).
+fn shared_haar_matrix(d: usize, seed: u64) -> Arc<[f32]> {
+    static CACHE: WeakCache<(usize, u64)> = WeakCache::new();
+    CACHE.get_or_build(&(d, seed), || haar_matrix(d, seed))
 }
 
 /// A Haar-distributed `d × d` orthogonal matrix (row-major f32) drawn from `rng`: `d²` Gaussians

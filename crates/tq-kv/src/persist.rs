@@ -8,7 +8,8 @@
 //! requires every stored quantizer to equal the configured one, and checks row counts, window
 //! shapes and finiteness; malformed bytes are an error, never a panic. Every tensor's shape is
 //! checked against the header before any quantizer is built (see `check_shapes`), so the work done
-//! before validation is proportional to the file's size.
+//! before validation is proportional to the file's size; the quantizers of a consistent file share
+//! their dense matrices across heads and layers (`tq_core::shared`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -229,7 +230,6 @@ impl ModelCache {
                 "outliers must list every kv head of every layer",
             ));
         }
-        let d = header.head.head_dim;
         check_shapes(&st, &header)?;
         let mut layers = Vec::with_capacity(header.layers);
         for (l, outliers) in header.outliers.iter().enumerate() {
@@ -244,18 +244,9 @@ impl ModelCache {
                     Ok(v)
                 };
                 let window = |t: &str| -> Result<Vec<f32>> {
+                    // dtype and shape were checked by `check_shapes`.
                     let name = format!("l{l}.h{h}.{t}");
                     let tv = st.tensor(&name).map_err(|_| bad(name.clone(), "missing"))?;
-                    if tv.dtype() != Dtype::F32 || tv.shape().len() != 2 || tv.shape()[1] != d {
-                        return Err(bad(
-                            name,
-                            format!(
-                                "expected F32 [w, {d}], found {:?} {:?}",
-                                tv.dtype(),
-                                tv.shape()
-                            ),
-                        ));
-                    }
                     let w: Vec<f32> = tv
                         .data()
                         .chunks_exact(4)

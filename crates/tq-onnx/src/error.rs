@@ -43,7 +43,7 @@ pub enum Error {
     #[error(transparent)]
     Kv(#[from] tq_kv::Error),
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("i/o error on {}", path.display())]
     Io {
         /// The file.
         path: PathBuf,

@@ -136,7 +136,7 @@ pub struct ProdConfig {
 }
 
 /// Configuration of a stand-alone [`QjlSketch`](crate::QjlSketch).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct QjlConfig {
     /// Vector dimension `d >= 2`.
     pub dim: usize,

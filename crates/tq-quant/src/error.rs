@@ -83,7 +83,7 @@ pub enum Error {
         supported: u32,
     },
     /// An I/O error while reading or writing a file; the cause is kept as the error's source.
-    #[error("i/o error on {}: {source}", path.display())]
+    #[error("i/o error on {}", path.display())]
     Io {
         /// The file.
         path: std::path::PathBuf,

@@ -28,9 +28,11 @@
 //! **Work before validation is bounded by the file's size.** Every tensor's dtype and shape is
 //! checked against the configuration before the quantizer is built, so a header that asks for a
 //! large dimension without the tensors to match is refused after reading the header alone
-//! (microseconds). Only a file whose tensors agree with its header gets its quantizer built; that
-//! costs O(d²) time and memory for dense rotations and sketches, with `d` capped by
-//! [`crate::config::MAX_DENSE_DIM`] (4096: 64 MB, about a minute), O(d log d) for Hadamard.
+//! (microseconds). Only a file whose tensors agree with its header gets its quantizer built. A
+//! consistent file, even one of zero rows, may still ask for a dense rotation or sketch: O(d³) time
+//! and O(d²) memory with `d` capped by [`crate::config::MAX_DENSE_DIM`] (4096: 64 MB, about a
+//! minute), built once per distinct `(kind, d, seed)` however many batches share it
+//! (`tq_core::shared`); O(d log d) for Hadamard.
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -13,6 +13,9 @@
 //! blocks (Orthogonal), and the sign bits are packed LSB-first as 1-bit codes.
 
 use ndarray::{ArrayView2, ArrayViewMut2, linalg::general_mat_mul};
+use std::sync::Arc;
+
+use tq_core::shared::WeakCache;
 use tq_core::{SeededRng, bitpack, rng::stream, rotation::orthonormal_rows, simd};
 
 use crate::Result;
@@ -26,31 +29,36 @@ pub const SQRT_PI_OVER_2: f32 = 1.253_314_1;
 #[derive(Debug, Clone)]
 pub struct QjlSketch {
     config: QjlConfig,
-    /// Row-major `m × d`.
-    matrix: Vec<f32>,
+    /// Row-major `m × d`, shared by every sketch of the same configuration.
+    matrix: Arc<[f32]>,
 }
 
 impl QjlSketch {
-    /// Draws `S` for `config`. O(m·d) for Gaussian, O(m·d²) for Orthogonal.
+    /// Draws `S` for `config`: O(m·d) for Gaussian, O(m·d²) for Orthogonal, the first time a
+    /// configuration is asked for while no sketch of it is alive; O(1) after that (the matrix is
+    /// shared, [`tq_core::shared::WeakCache`]).
     ///
     /// # Errors
     /// See [`QjlConfig::validate`].
     pub fn new(config: QjlConfig) -> Result<Self> {
         config.validate()?;
-        let (m, d) = (config.sketch_dim, config.dim);
-        let mut rng = SeededRng::new(config.seed, stream::QJL);
-        let matrix = match config.sketch {
-            SketchKind::Gaussian => (0..m * d).map(|_| rng.gaussian() as f32).collect(),
-            SketchKind::Orthogonal => {
-                let scale = (d as f32).sqrt();
-                let mut rows = Vec::with_capacity(m.div_ceil(d) * d * d);
-                while rows.len() < m * d {
-                    rows.extend(orthonormal_rows(&mut rng, d).into_iter().map(|v| v * scale));
+        static CACHE: WeakCache<QjlConfig> = WeakCache::new();
+        let matrix = CACHE.get_or_build(&config, || {
+            let (m, d) = (config.sketch_dim, config.dim);
+            let mut rng = SeededRng::new(config.seed, stream::QJL);
+            match config.sketch {
+                SketchKind::Gaussian => (0..m * d).map(|_| rng.gaussian() as f32).collect(),
+                SketchKind::Orthogonal => {
+                    let scale = (d as f32).sqrt();
+                    let mut rows = Vec::with_capacity(m.div_ceil(d) * d * d);
+                    while rows.len() < m * d {
+                        rows.extend(orthonormal_rows(&mut rng, d).into_iter().map(|v| v * scale));
+                    }
+                    rows.truncate(m * d);
+                    rows
                 }
-                rows.truncate(m * d);
-                rows
             }
-        };
+        });
         Ok(Self { config, matrix })
     }
 
