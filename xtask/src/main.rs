@@ -41,7 +41,13 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("tidy") => tidy(&workspace_root()),
-        Some("samples") => samples::run(&workspace_root()).map(|_| ()),
+        Some("samples") => match samples::run(&workspace_root()) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(anyhow::anyhow!(
+                "samples: some samples were kept because their command failed (see above)"
+            )),
+            Err(e) => Err(e),
+        },
         Some("fuzz") => match fuzz::run(&workspace_root(), &args[1..]) {
             Ok(true) => Ok(()),
             Ok(false) => Err(anyhow::anyhow!(

@@ -401,10 +401,18 @@ fn ensure_runtime_dir() {
     let user = std::env::var("USER").unwrap_or_default();
     let dir = std::env::temp_dir().join(format!("tq-runtime-{user}"));
     let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    if builder.create(&dir).is_ok() {
+    let _ = builder.create(&dir);
+    // Only a real directory (not a symlink) that no one else may enter is used.
+    let private = std::fs::symlink_metadata(&dir).is_ok_and(|m| {
+        #[cfg(unix)]
+        let closed = std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o077 == 0;
+        #[cfg(not(unix))]
+        let closed = true;
+        m.is_dir() && closed
+    });
+    if private {
         // SAFETY: called first in `main`, before this process starts any other thread, so no
         // other thread can read the environment concurrently.
         unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };

@@ -4,7 +4,9 @@
 //! and renames it over the target (then syncs the directory where the platform allows). A rename
 //! within one directory replaces the target atomically on POSIX file systems and on NTFS, so a
 //! process killed at any point leaves either the old file or the new one, never a mixture; a
-//! stale temporary file (named `.NAME.tmp-PID-N`) is all a crash can leave behind.
+//! stale temporary file (named `.NAME.tmp-PID-N`, the name cut to keep it under file-system
+//! limits) is all a crash can leave behind. The target is replaced, not written through: a symlink
+//! at `path` becomes a regular file, and the new file has the default permissions.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -27,7 +29,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
+    let short: String = name.to_string_lossy().chars().take(200).collect();
+    tmp_name.push(short);
     tmp_name.push(format!(".tmp-{}-{n}", std::process::id()));
     let tmp = dir.join(tmp_name);
     let result = (|| {

@@ -90,8 +90,16 @@ pub fn write_block(rows: &[u8], row_bytes: usize, block: &mut [u8]) {
 /// otherwise (the other slots are kept).
 ///
 /// # Panics
-/// As [`write_block`] and [`write_row`] (rows past slot 31, a block of the wrong size).
+/// If `rows` is not whole rows of `row_bytes >= 1` bytes, if they reach past slot 31, or if the
+/// block has the wrong size.
 pub fn write_rows(rows: &[u8], row_bytes: usize, block: &mut [u8], first_slot: usize) {
+    assert!(
+        row_bytes > 0
+            && rows.len().is_multiple_of(row_bytes)
+            && first_slot + rows.len() / row_bytes <= BLOCK,
+        "{} bytes are not whole rows of {row_bytes} bytes fitting slots {first_slot}..32",
+        rows.len()
+    );
     if first_slot == 0 {
         write_block(rows, row_bytes, block);
     } else {
@@ -202,12 +210,7 @@ pub fn scan_block(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
 pub fn scan_block_scalar(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
     check_nibble_scan(block.len(), tables.len());
     out.fill(0);
-    for (pos, (bytes, table)) in block
-        .chunks_exact(16)
-        .zip(tables.chunks_exact(16))
-        .enumerate()
-    {
-        let _ = pos;
+    for (bytes, table) in block.chunks_exact(16).zip(tables.chunks_exact(16)) {
         for (i, &b) in bytes.iter().enumerate() {
             out[i] += table[(b & 0x0F) as usize] as u32;
             out[i + 16] += table[(b >> 4) as usize] as u32;
@@ -349,8 +352,9 @@ pub fn accumulate_blocks(
 /// # Panics
 /// Before any memory is read, unless: `bits` is in `1..=8`, `row_bytes >= 1`, `values` holds at
 /// least `2^bits` entries, there are as many accumulators as weight vectors, every weight vector
-/// has `n` entries with `blocks.len() == ceil(n / 32) · 32 · row_bytes`, and every accumulator
-/// has the same length `dim <= 8 · row_bytes / bits` (the codes a row holds).
+/// covers exactly the blocks (`blocks.len() == ceil(len / 32) · 32 · row_bytes`; rows past a
+/// shorter vector's end weigh 0), and every accumulator has the same length
+/// `dim <= 8 · row_bytes / bits` (the codes a row holds).
 pub fn accumulate_blocks_multi(
     blocks: &[u8],
     row_bytes: usize,

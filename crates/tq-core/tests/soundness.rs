@@ -185,6 +185,9 @@ fn layout_writers_refuse_mismatched_lengths() {
     must_panic("write_rows past the block", || {
         scan::write_rows(&vec![0u8; 2 * rb], rb, &mut block, 31)
     });
+    must_panic("write_rows partial row", || {
+        scan::write_rows(&vec![0u8; 2 * rb + 1], rb, &mut block, 3)
+    });
     must_panic("score_row_f32", || {
         scan::score_row_f32(&row, &[0f32; 16]);
     });

@@ -72,36 +72,34 @@ impl Precision {
             let lo = b.floor();
             if b == lo {
                 Precision::Uniform(lo as u32)
-            } else if (b - 2.5).abs() < 1e-9 {
-                Precision::Split {
-                    outlier_bits: 4,
-                    outlier_channels: dim / 4,
-                    regular_bits: 2,
-                }
-            } else if (b - 3.5).abs() < 1e-9 {
-                Precision::Split {
-                    outlier_bits: 4,
-                    outlier_channels: dim / 2,
-                    regular_bits: 3,
-                }
             } else {
-                let exact = (b - lo) * dim as f64;
-                let k = exact.round() as usize;
-                if (exact - k as f64).abs() > 1e-6 {
-                    let avg = lo + k as f64 / dim as f64;
+                // The paper's 2.5 and 3.5 put d/4 and d/2 channels at 4 bits; any other fraction
+                // puts that share of the channels one bit above the floor.
+                let (ob, k, rb) = if (b - 2.5).abs() < 1e-9 {
+                    (4, dim / 4, 2)
+                } else if (b - 3.5).abs() < 1e-9 {
+                    (4, dim / 2, 3)
+                } else {
+                    let k = ((b - lo) * dim as f64).round() as usize;
+                    (lo as u32 + 1, k, lo as u32)
+                };
+                let split = Precision::Split {
+                    outlier_bits: ob,
+                    outlier_channels: k,
+                    regular_bits: rb,
+                };
+                let avg = split.bits_per_coordinate(dim);
+                if (avg - b).abs() > 1e-9 {
+                    let hint = if split.validate(dim).is_ok() {
+                        format!("; write {ob}x{k}+{rb} to run the {avg:.4}-bit split")
+                    } else {
+                        String::new()
+                    };
                     return Err(bad(&format!(
-                        "{k} of {dim} channels at {} bits would give {avg:.4} bits, not {b}; \
-                         write {}x{k}+{} to run that split",
-                        lo as u32 + 1,
-                        lo as u32 + 1,
-                        lo as u32
+                        "no split of {dim} channels gives exactly {b} bits{hint}"
                     )));
                 }
-                Precision::Split {
-                    outlier_bits: lo as u32 + 1,
-                    outlier_channels: k,
-                    regular_bits: lo as u32,
-                }
+                split
             }
         };
         p.validate(dim).map_err(|e| match e {
