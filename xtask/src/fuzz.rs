@@ -119,20 +119,25 @@ pub fn run(root: &Path, args: &[String]) -> Result<bool> {
         let log = String::from_utf8_lossy(&out.stderr).into_owned();
         let logfile = root.join("target/fuzz-corpus").join(format!("{t}.log"));
         std::fs::write(&logfile, &log).ok();
-        let ok = out.status.success();
-        clean &= ok;
-        rows.push((t.clone(), libfuzzer_runs(&log), secs, ok, logfile));
+        let result = if out.status.success() {
+            "clean"
+        } else if log.contains("failed to build fuzz script") {
+            "NO BUILD"
+        } else {
+            "CRASH"
+        };
+        clean &= out.status.success();
+        rows.push((t.clone(), libfuzzer_runs(&log), secs, result, logfile));
     }
     println!(
         "{:<20} {:>12} {:>9} {:>8}  log",
         "target", "executions", "seconds", "result"
     );
-    for (t, runs, secs, ok, log) in rows {
+    for (t, runs, secs, result, log) in rows {
         let rel = log.strip_prefix(root).unwrap_or(&log).display().to_string();
         println!(
-            "{t:<20} {:>12} {secs:>9.1} {:>8}  {rel}",
+            "{t:<20} {:>12} {secs:>9.1} {result:>8}  {rel}",
             runs.map_or("-".into(), |r| r.to_string()),
-            if ok { "clean" } else { "CRASH" }
         );
     }
     Ok(clean)
