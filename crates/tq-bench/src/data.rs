@@ -344,24 +344,32 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<Vectors> {
     })
 }
 
+/// A version-1 `.npy` file: the header dict with `descr`, `fortran_order` and `shape` (written as
+/// given, e.g. `"(3, 4)"`), padded to 64 bytes as numpy does, then `data` as it is. For tests and
+/// seed corpora; `data` must already be in `descr`'s byte layout. O(data).
+pub fn npy_bytes(descr: &str, fortran: bool, shape: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = format!(
+        "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
+        if fortran { "True" } else { "False" }
+    );
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((h.len() as u16).to_le_bytes());
+    out.extend(h.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn npy(descr: &str, fortran: bool, shape: &str, data: &[f32]) -> Vec<u8> {
-        let mut h = format!(
-            "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
-            if fortran { "True" } else { "False" }
-        );
-        while (10 + h.len() + 1) % 64 != 0 {
-            h.push(' ');
-        }
-        h.push('\n');
-        let mut out = b"\x93NUMPY\x01\x00".to_vec();
-        out.extend((h.len() as u16).to_le_bytes());
-        out.extend(h.as_bytes());
-        out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
-        out
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        npy_bytes(descr, fortran, shape, &bytes)
     }
 
     #[test]

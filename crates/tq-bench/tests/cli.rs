@@ -33,27 +33,15 @@ fn vectors(n: usize, d: usize) -> Vec<f32> {
 }
 
 fn write_npy(path: &PathBuf, n: usize, d: usize, data: &[f32], fortran: bool) {
-    let mut h = format!(
-        "{{'descr': '<f4', 'fortran_order': {}, 'shape': ({n}, {d}), }}",
-        if fortran { "True" } else { "False" }
-    );
-    while (10 + h.len() + 1) % 64 != 0 {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((h.len() as u16).to_le_bytes());
-    out.extend(h.as_bytes());
-    if fortran {
-        for j in 0..d {
-            for i in 0..n {
-                out.extend(data[i * d + j].to_le_bytes());
-            }
-        }
+    let bytes: Vec<u8> = if fortran {
+        (0..d)
+            .flat_map(|j| (0..n).flat_map(move |i| data[i * d + j].to_le_bytes()))
+            .collect()
     } else {
-        out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
-    }
-    std::fs::write(path, out).unwrap();
+        data.iter().flat_map(|v| v.to_le_bytes()).collect()
+    };
+    let file = tq_bench::data::npy_bytes("<f4", fortran, &format!("({n}, {d})"), &bytes);
+    std::fs::write(path, file).unwrap();
 }
 
 #[test]

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Result;
+use tq_bench::data::npy_bytes as npy;
 use tq_core::{RotationKind, SeededRng, rng::stream};
 use tq_kv::{HeadConfig, KeyStrategy, ModelCache, MultiHeadCache, Outliers, Precision};
 use tq_quant::{
@@ -14,23 +15,6 @@ use tq_quant::{
 fn gaussian(n: usize, seed: u64) -> Vec<f32> {
     let mut r = SeededRng::new(seed, stream::DATA);
     (0..n).map(|_| r.gaussian() as f32).collect()
-}
-
-/// A `.npy` file: `descr`, `shape` as written in the header, raw data bytes.
-fn npy(descr: &str, fortran: bool, shape: &str, data: &[u8]) -> Vec<u8> {
-    let mut h = format!(
-        "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
-        if fortran { "True" } else { "False" }
-    );
-    while (10 + h.len() + 1) % 64 != 0 {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((h.len() as u16).to_le_bytes());
-    out.extend(h.as_bytes());
-    out.extend_from_slice(data);
-    out
 }
 
 /// `(file name, bytes)` seeds of the target called `name` (empty for an unknown name).
