@@ -1,0 +1,328 @@
+//! The scan and accumulation kernels over the block layout, runtime-dispatched to their AVX2
+//! bodies (`x86`), each with its scalar twin. Every public kernel checks the lengths it reads
+//! through before dispatching.
+
+#[cfg(target_arch = "x86_64")]
+use super::x86;
+use super::{BLOCK, block_bytes, check_block, read_row};
+
+/// `out[r] = Σ_n tables[16n + nibble_n(row r)]` for the 32 rows of `block` (see the module docs).
+/// `tables.len()` must be `16 * positions` with `positions = 2 * row_bytes`, i.e. equal to
+/// `block.len()`. Runtime-dispatched: AVX2 when the CPU has it, else [`scan_block_scalar`].
+///
+/// # Panics
+/// If `block.len()` is not a multiple of 32 or `tables.len() != block.len()`; the check runs
+/// before any kernel reads memory.
+#[inline]
+pub fn scan_block(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
+    check_nibble_scan(block.len(), tables.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: AVX2 is present (checked at run time) and `check_nibble_scan` proved
+            // `block.len() == tables.len()`, a multiple of 32: the kernel's only preconditions.
+            unsafe { x86::scan_block_avx2(block, tables, out) };
+            return;
+        }
+    }
+    scan_block_scalar(block, tables, out)
+}
+
+/// Scalar twin of [`scan_block`], the specification.
+///
+/// # Panics
+/// As [`scan_block`].
+pub fn scan_block_scalar(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
+    check_nibble_scan(block.len(), tables.len());
+    out.fill(0);
+    for (bytes, table) in block.chunks_exact(16).zip(tables.chunks_exact(16)) {
+        for (i, &b) in bytes.iter().enumerate() {
+            out[i] += table[(b & 0x0F) as usize] as u32;
+            out[i + 16] += table[(b >> 4) as usize] as u32;
+        }
+    }
+}
+
+/// Float twin of [`scan_block_scalar`]: `out[r] = Σ_n tables[16n + nibble_n(row r)]` with `f32`
+/// tables (the exact path used for reference scores and re-ranking). O(32 · positions).
+///
+/// # Panics
+/// As [`scan_block`].
+pub fn scan_block_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
+    check_nibble_scan(block.len(), tables.len());
+    out.fill(0.0);
+    for (bytes, table) in block.chunks_exact(16).zip(tables.chunks_exact(16)) {
+        for (i, &b) in bytes.iter().enumerate() {
+            out[i] += table[(b & 0x0F) as usize];
+            out[i + 16] += table[(b >> 4) as usize];
+        }
+    }
+}
+
+/// `Σ_n tables[16n + nibble_n(row)]` for one row-major packed row. O(row_bytes).
+///
+/// # Panics
+/// If `tables.len() != 32 * row.len()`.
+pub fn score_row_f32(row: &[u8], tables: &[f32]) -> f32 {
+    assert_eq!(tables.len(), 32 * row.len(), "tables do not fit the row");
+    let mut s = 0.0f32;
+    for (k, &b) in row.iter().enumerate() {
+        s += tables[32 * k + (b & 0x0F) as usize] + tables[32 * k + 16 + (b >> 4) as usize];
+    }
+    s
+}
+
+/// Nibble `pos` of row `slot` of a block.
+#[inline(always)]
+pub(super) fn nibble(block: &[u8], pos: usize, slot: usize) -> u8 {
+    let b = block[pos * 16 + (slot & 15)];
+    if slot < 16 { b & 0x0F } else { b >> 4 }
+}
+
+/// The 3-bit code of coordinate `j` of row `slot`, read from the block's nibbles.
+#[inline(always)]
+pub(super) fn code3(block: &[u8], j: usize, slot: usize) -> usize {
+    let bit = 3 * j;
+    let (pos, off) = (bit / 4, bit % 4);
+    let mut v = (nibble(block, pos, slot) >> off) as usize;
+    if off > 1 {
+        v |= (nibble(block, pos + 1, slot) as usize) << (4 - off);
+    }
+    v & 7
+}
+
+/// Coordinates covered by 3-bit rows of `row_bytes` bytes (the scan reads `⌊8·row_bytes/3⌋`
+/// codes; the padding codes past `d` are 0 and must have all-zero tables).
+pub const fn coords3(row_bytes: usize) -> usize {
+    8 * row_bytes / 3
+}
+
+/// 3-bit scan: `out[r] = Σ_j tables[16j + code_j(row r)]` with one 16-byte table per coordinate
+/// (entries 8..16 unused). `tables.len()` must be `16 * coords3(row_bytes)`.
+/// Four coordinates span exactly three nibbles; the AVX2 kernel rebuilds the four codes of 32 rows
+/// from three nibble vectors with shifts and masks and looks them up with `vpshufb`.
+///
+/// # Panics
+/// If `block.len()` is not a multiple of 32 or `tables.len() != 16 * coords3(block.len() / 32)`;
+/// the check runs before any kernel reads memory.
+pub fn scan_block_b3(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
+    check_b3_scan(block.len(), tables.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: AVX2 is present (checked at run time) and `check_b3_scan` proved that the
+            // block holds `2 · row_bytes` nibble positions of 16 bytes and the tables
+            // `coords3(row_bytes)` tables of 16 bytes: the kernel's only preconditions.
+            unsafe { x86::scan_block_b3_avx2(block, tables, out) };
+            return;
+        }
+    }
+    scan_block_b3_scalar(block, tables, out)
+}
+
+/// Scalar twin of [`scan_block_b3`].
+///
+/// # Panics
+/// As [`scan_block_b3`].
+pub fn scan_block_b3_scalar(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
+    check_b3_scan(block.len(), tables.len());
+    let coords = tables.len() / 16;
+    for (slot, o) in out.iter_mut().enumerate() {
+        *o = (0..coords)
+            .map(|j| tables[16 * j + code3(block, j, slot)] as u32)
+            .sum();
+    }
+}
+
+/// Float twin of [`scan_block_b3_scalar`] (the exact path).
+///
+/// # Panics
+/// As [`scan_block_b3`].
+pub fn scan_block_b3_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
+    check_b3_scan(block.len(), tables.len());
+    let coords = tables.len() / 16;
+    for (slot, o) in out.iter_mut().enumerate() {
+        *o = (0..coords)
+            .map(|j| tables[16 * j + code3(block, j, slot)])
+            .sum();
+    }
+}
+
+/// Weighted sum of decoded rows: `acc[j] += Σ_i weights[i] · values[code_j(row i)]` for rows
+/// `i < weights.len()` stored in `blocks` (`ceil(n/32)` blocks of `32 · row_bytes` bytes) and
+/// `j < acc.len()` (the dimension; at most the codes per row). Blocks whose weights are all zero
+/// are skipped. AVX2 for `bits <= 4`: each coordinate's 32 codes are cut out of one or two nibble
+/// vectors with shifts, looked up with `vpermps` (two tables and a blend at 4 bits) and multiplied
+/// into 8 rows per FMA, with the per-coordinate partial sums kept in 8-lane registers across blocks
+/// and reduced once; wider codes and other CPUs use [`accumulate_block_scalar`]. O(n · dim).
+///
+/// # Panics
+/// As [`accumulate_blocks_multi`].
+pub fn accumulate_blocks(
+    blocks: &[u8],
+    row_bytes: usize,
+    bits: u32,
+    values: &[f32],
+    weights: &[f32],
+    acc: &mut [f32],
+) {
+    accumulate_blocks_multi(blocks, row_bytes, bits, values, &[weights], &mut [acc]);
+}
+
+/// [`accumulate_blocks`] for several weight vectors at once (e.g. the queries of one
+/// grouped-query head): `accs[q][j] += Σ_i weights[q][i] · values[code_j(row i)]`. The codes are
+/// decoded once per block and coordinate and used by every weight vector. All weight vectors have
+/// the same length `n`; all accumulators the same length `dim`. O(n · dim · (1 + queries/8)).
+///
+/// # Panics
+/// Before any memory is read, unless: `bits` is in `1..=8`, `row_bytes >= 1`, `values` holds at
+/// least `2^bits` entries, there are as many accumulators as weight vectors, every weight vector
+/// covers exactly the blocks (`blocks.len() == ceil(len / 32) · 32 · row_bytes`; rows past a
+/// shorter vector's end weigh 0), and every accumulator has the same length
+/// `dim <= 8 · row_bytes / bits` (the codes a row holds).
+pub fn accumulate_blocks_multi(
+    blocks: &[u8],
+    row_bytes: usize,
+    bits: u32,
+    values: &[f32],
+    weights: &[&[f32]],
+    accs: &mut [&mut [f32]],
+) {
+    check_accumulate(blocks.len(), row_bytes, bits, values.len(), weights, accs);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if bits <= 4 && has_avx2_fma() {
+            // SAFETY: AVX2 and FMA are present (checked at run time) and `check_accumulate`
+            // proved every length the kernel reads through: each block has `2 · row_bytes`
+            // nibble positions, each coordinate `j < dim` lies in them, each weight vector
+            // covers the blocks, and `values` has `2^bits <= 16` entries.
+            unsafe { x86::accumulate_blocks_avx2(blocks, row_bytes, bits, values, weights, accs) };
+            return;
+        }
+    }
+    for (w, acc) in weights.iter().zip(accs.iter_mut()) {
+        for (block, w) in blocks
+            .chunks_exact(block_bytes(row_bytes))
+            .zip(w.chunks(BLOCK))
+        {
+            let mut w32 = [0.0f32; BLOCK];
+            w32[..w.len()].copy_from_slice(w);
+            if w32.iter().any(|&x| x != 0.0) {
+                accumulate_block_scalar(block, bits, values, &w32, acc);
+            }
+        }
+    }
+}
+
+/// Scalar twin of [`accumulate_blocks`] for one block (rows with weight 0 are skipped).
+///
+/// # Panics
+/// If `bits` is not in `1..=8`, `block.len()` is not a positive multiple of 32, `values` has
+/// fewer than `2^bits` entries, or `acc` is longer than the codes a row holds.
+pub fn accumulate_block_scalar(
+    block: &[u8],
+    bits: u32,
+    values: &[f32],
+    weights: &[f32; BLOCK],
+    acc: &mut [f32],
+) {
+    let row_bytes = block.len() / BLOCK;
+    check_block(block.len(), row_bytes);
+    check_codes(row_bytes, bits, values.len(), acc.len());
+    let mut row = vec![0u8; row_bytes];
+    // `8·row_bytes / bits` codes fill the row exactly (the last ones may be padding).
+    let mut codes = vec![0u8; 8 * row_bytes / bits as usize];
+    for (slot, &w) in weights.iter().enumerate() {
+        if w == 0.0 {
+            continue;
+        }
+        read_row(block, slot, &mut row);
+        crate::bitpack::unpack_unchecked(&row, bits, &mut codes);
+        for (a, &c) in acc.iter_mut().zip(&codes) {
+            *a += w * values[c as usize];
+        }
+    }
+}
+
+/// Panics unless `block_len` is a multiple of 32 and `tables_len == block_len`.
+#[inline]
+fn check_nibble_scan(block_len: usize, tables_len: usize) {
+    assert!(
+        block_len.is_multiple_of(BLOCK) && tables_len == block_len,
+        "{tables_len} table bytes do not fit a block of {block_len} bytes"
+    );
+}
+
+/// Panics unless `block_len` is a multiple of 32 and `tables_len` holds one 16-byte table per
+/// 3-bit code of a row.
+#[inline]
+fn check_b3_scan(block_len: usize, tables_len: usize) {
+    assert!(
+        block_len.is_multiple_of(BLOCK) && tables_len == 16 * coords3(block_len / BLOCK),
+        "{tables_len} table bytes do not fit the 3-bit codes of a block of {block_len} bytes"
+    );
+}
+
+/// Panics unless `bits` is in `1..=8`, `values` holds `2^bits` entries and `dim` codes fit in a
+/// row of `row_bytes` bytes.
+#[inline]
+fn check_codes(row_bytes: usize, bits: u32, values: usize, dim: usize) {
+    assert!((1..=8).contains(&bits), "bit width {bits} is not in 1..=8");
+    assert!(
+        values >= 1 << bits,
+        "{values} values cannot decode {bits}-bit codes"
+    );
+    assert!(
+        dim <= 8 * row_bytes / bits as usize,
+        "{dim} coordinates do not fit rows of {row_bytes} bytes at {bits} bits"
+    );
+}
+
+/// The preconditions of [`accumulate_blocks_multi`].
+fn check_accumulate(
+    blocks: usize,
+    row_bytes: usize,
+    bits: u32,
+    values: usize,
+    weights: &[&[f32]],
+    accs: &[&mut [f32]],
+) {
+    assert!(row_bytes > 0, "rows of 0 bytes hold no codes");
+    assert_eq!(
+        weights.len(),
+        accs.len(),
+        "one accumulator per weight vector"
+    );
+    for w in weights {
+        assert_eq!(
+            blocks,
+            w.len().div_ceil(BLOCK) * block_bytes(row_bytes),
+            "{} weights do not cover {blocks} bytes of blocks",
+            w.len()
+        );
+    }
+    let dim = accs.first().map_or(0, |a| a.len());
+    assert!(
+        accs.iter().all(|a| a.len() == dim),
+        "accumulators of different lengths"
+    );
+    check_codes(row_bytes, bits, values, dim);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        !cfg!(miri)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    use std::sync::OnceLock;
+    static AVX2: OnceLock<bool> = OnceLock::new();
+    *AVX2.get_or_init(|| !cfg!(miri) && std::arch::is_x86_feature_detected!("avx2"))
+}

@@ -1,0 +1,39 @@
+//! Look-up-table scanning of packed codes in blocks of 32 rows (the "fast scan" layout).
+//!
+//! A packed row of `row_bytes` bytes is a stream of `2 * row_bytes` nibbles (nibble `n` is bits
+//! `4n..4n+4` of the LSB-first stream, see [`crate::bitpack`]). A **block** stores 32 rows with their
+//! nibbles transposed: for each nibble position `n`, 16 bytes, where byte `i` holds nibble `n` of
+//! row `i` in its low half and nibble `n` of row `i + 16` in its high half. A block therefore takes
+//! exactly `32 * row_bytes` bytes: the layout is a permutation of the row-major bits, no padding
+//! inside a block (a partially filled last block keeps zero rows).
+//!
+//! **Baked into stored data:** this permutation, which the batch containers of tq-quant keep in
+//! memory and which the GPU kernels read.
+//!
+//! For bit widths that divide 4 (1, 2, 4) every nibble holds whole codes, so any additive per-row
+//! score `Σ_j g_j(code_j)` is a sum of one 16-entry table per nibble position. [`scan_block`] sums
+//! such tables quantized to `u8` for all 32 rows at once: with AVX2 one `vpshufb` performs 32
+//! look-ups, accumulated in `u16` lanes and flushed to `u32` every 256 nibble pairs, so no sum can
+//! overflow (`256 · 255 < 65536`). [`scan_block_scalar`] is the specification.
+//!
+//! [`QuantizedLut`] turns float tables into `u8` tables with one shared step `Δ` and a per-table
+//! offset: `score ≈ offset + Δ · Σ u8`. Each entry is rounded to the nearest step, so the error of
+//! one table is at most `Δ/2` and the error of a score over `P` tables has standard deviation
+//! `Δ · sqrt(P / 12)` when the roundings are independent.
+
+mod kernels;
+mod layout;
+mod tables;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use kernels::*;
+pub use layout::{BLOCK, block_bytes, read_row, write_block, write_row, write_rows};
+pub use tables::QuantizedLut;
+
+use kernels::code3;
+#[cfg(test)]
+use kernels::nibble;
+use layout::check_block;

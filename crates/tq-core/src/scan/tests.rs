@@ -1,0 +1,277 @@
+use super::*;
+use crate::rng::{SeededRng, stream};
+
+/// SIMD and scalar accumulation differ only by summation order: each coordinate sums 32 terms,
+/// so the difference is bounded by 32 · eps · Σ|w·c|.
+#[test]
+fn accumulate_parity_over_widths_and_dims() {
+    let mut r = SeededRng::new(4, stream::DATA);
+    // Miri interprets ~1000x slower: there, fewer widths and sizes still cover each path.
+    let (widths, dims): (&[u32], &[usize]) = if cfg!(miri) {
+        (&[1, 3, 4, 5], &[1, 7, 65])
+    } else {
+        (&[1, 2, 3, 4, 5, 6, 7, 8], &[1, 3, 7, 8, 64, 65, 128, 129])
+    };
+    for &bits in widths {
+        for &d in dims {
+            let row_bytes = crate::bitpack::packed_len(d, bits);
+            let mut block = vec![0u8; block_bytes(row_bytes)];
+            let mut rows = Vec::new();
+            for slot in 0..BLOCK {
+                let codes: Vec<u8> = (0..d).map(|_| (r.next_u64() % (1 << bits)) as u8).collect();
+                let mut packed = vec![0u8; row_bytes];
+                crate::bitpack::pack(&codes, bits, &mut packed).unwrap();
+                write_row(&mut block, slot, &packed);
+                rows.push(codes);
+            }
+            let values: Vec<f32> = (0..1 << bits).map(|_| r.gaussian() as f32).collect();
+            let mut weights = [0f32; BLOCK];
+            for (i, w) in weights.iter_mut().enumerate() {
+                *w = if i % 5 == 4 { 0.0 } else { r.uniform() as f32 };
+            }
+            let (mut a, mut b) = (vec![0.5f32; d], vec![0.5f32; d]);
+            accumulate_blocks(&block, row_bytes, bits, &values, &weights, &mut a);
+            accumulate_block_scalar(&block, bits, &values, &weights, &mut b);
+            for j in 0..d {
+                let want: f32 = 0.5
+                    + rows
+                        .iter()
+                        .zip(&weights)
+                        .map(|(c, w)| w * values[c[j] as usize])
+                        .sum::<f32>();
+                let mag: f32 = rows
+                    .iter()
+                    .zip(&weights)
+                    .map(|(c, w)| (w * values[c[j] as usize]).abs())
+                    .sum::<f32>()
+                    + 0.5;
+                let tol = 32.0 * f32::EPSILON * mag;
+                assert!(
+                    (a[j] - want).abs() <= tol && (b[j] - want).abs() <= tol,
+                    "bits={bits} d={d} j={j}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn accumulate_multi_equals_one_at_a_time() {
+    let mut r = SeededRng::new(12, stream::DATA);
+    for bits in [2u32, 3, 4, 5] {
+        let d = 40;
+        let row_bytes = crate::bitpack::packed_len(d, bits);
+        let n: usize = 70;
+        let blocks: Vec<u8> = (0..n.div_ceil(BLOCK) * block_bytes(row_bytes))
+            .map(|_| r.next_u64() as u8)
+            .collect();
+        let values: Vec<f32> = (0..1 << bits).map(|_| r.gaussian() as f32).collect();
+        let ws: Vec<Vec<f32>> = (0..3)
+            .map(|q| {
+                (0..n)
+                    .map(|i| {
+                        if q == 1 && i < 40 {
+                            0.0
+                        } else {
+                            r.uniform() as f32
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut multi = vec![vec![0.0f32; d]; 3];
+        {
+            let wr: Vec<&[f32]> = ws.iter().map(|w| w.as_slice()).collect();
+            let mut ar: Vec<&mut [f32]> = multi.iter_mut().map(|a| a.as_mut_slice()).collect();
+            accumulate_blocks_multi(&blocks, row_bytes, bits, &values, &wr, &mut ar);
+        }
+        for (w, m) in ws.iter().zip(&multi) {
+            let mut one = vec![0.0f32; d];
+            accumulate_blocks(&blocks, row_bytes, bits, &values, w, &mut one);
+            assert_eq!(&one, m, "bits={bits}");
+        }
+    }
+}
+
+/// The `bits`-bit code of coordinate `j` of row `slot`, read from the block's nibbles (any width).
+/// The specification of the layout that the SIMD kernels decode; O(bits).
+fn code_at(block: &[u8], bits: u32, j: usize, slot: usize) -> usize {
+    let start = bits as usize * j;
+    let mut v = 0usize;
+    let mut got = 0usize;
+    let mut pos = start / 4;
+    let mut off = start % 4;
+    while got < bits as usize {
+        v |= ((nibble(block, pos, slot) >> off) as usize) << got;
+        got += 4 - off;
+        off = 0;
+        pos += 1;
+    }
+    v & ((1 << bits) - 1)
+}
+
+#[test]
+fn code_at_reads_the_packed_layout() {
+    let mut r = SeededRng::new(8, stream::DATA);
+    for bits in 1..=8u32 {
+        let d = 37;
+        let row_bytes = crate::bitpack::packed_len(d, bits);
+        let mut block = vec![0u8; block_bytes(row_bytes)];
+        let codes: Vec<u8> = (0..d).map(|_| (r.next_u64() % (1 << bits)) as u8).collect();
+        let mut packed = vec![0u8; row_bytes];
+        crate::bitpack::pack(&codes, bits, &mut packed).unwrap();
+        write_row(&mut block, 21, &packed);
+        for (j, &c) in codes.iter().enumerate() {
+            assert_eq!(code_at(&block, bits, j, 21), c as usize);
+        }
+    }
+}
+
+#[test]
+fn accumulate_blocks_equals_block_by_block() {
+    let mut r = SeededRng::new(6, stream::DATA);
+    for bits in [1u32, 2, 3, 4, 6] {
+        let d = 100;
+        let row_bytes = crate::bitpack::packed_len(d, bits);
+        let n: usize = 77;
+        let blocks: Vec<u8> = (0..n.div_ceil(BLOCK) * block_bytes(row_bytes))
+            .map(|_| r.next_u64() as u8)
+            .collect();
+        let values: Vec<f32> = (0..1 << bits).map(|_| r.gaussian() as f32).collect();
+        let weights: Vec<f32> = (0..n)
+            .map(|i| if i < 32 { 0.0 } else { r.uniform() as f32 })
+            .collect();
+        let mut a = vec![0.0f32; d];
+        accumulate_blocks(&blocks, row_bytes, bits, &values, &weights, &mut a);
+        let mut b = vec![0.0f32; d];
+        for (blk, w) in blocks
+            .chunks_exact(block_bytes(row_bytes))
+            .zip(weights.chunks(BLOCK))
+        {
+            let mut w32 = [0.0f32; BLOCK];
+            w32[..w.len()].copy_from_slice(w);
+            accumulate_block_scalar(blk, bits, &values, &w32, &mut b);
+        }
+        let mag: f32 = b.iter().map(|x| x.abs()).sum::<f32>() / d as f32 + 1.0;
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-4 * mag, "bits={bits}: {x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn scan_b3_parity_over_awkward_sizes() {
+    let dims: &[usize] = if cfg!(miri) {
+        &[1, 5, 17, 65]
+    } else {
+        &[1, 4, 5, 7, 8, 15, 16, 17, 63, 64, 65, 127, 128, 129, 700]
+    };
+    for &d in dims {
+        let row_bytes = crate::bitpack::packed_len(d, 3);
+        let mut block = vec![0u8; block_bytes(row_bytes)];
+        let mut rows = Vec::new();
+        for slot in 0..BLOCK {
+            let codes: Vec<u8> = random_bytes(d, 7 * d as u64 + slot as u64)
+                .iter()
+                .map(|c| c & 7)
+                .collect();
+            let mut packed = vec![0u8; row_bytes];
+            crate::bitpack::pack(&codes, 3, &mut packed).unwrap();
+            write_row(&mut block, slot, &packed);
+            rows.push(codes);
+        }
+        let coords = coords3(row_bytes);
+        let mut tables = random_bytes(16 * coords, 99 + d as u64);
+        for j in d..coords {
+            tables[16 * j..16 * j + 16].fill(0);
+        }
+        let (mut a, mut b) = ([0u32; BLOCK], [0u32; BLOCK]);
+        scan_block_b3(&block, &tables, &mut a);
+        scan_block_b3_scalar(&block, &tables, &mut b);
+        assert_eq!(a, b, "d={d}");
+        for (slot, codes) in rows.iter().enumerate() {
+            let want: u32 = codes
+                .iter()
+                .enumerate()
+                .map(|(j, &c)| tables[16 * j + c as usize] as u32)
+                .sum();
+            assert_eq!(b[slot], want, "d={d} slot {slot}");
+        }
+    }
+}
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut r = SeededRng::new(seed, stream::DATA);
+    (0..n).map(|_| r.next_u64() as u8).collect()
+}
+
+#[test]
+fn write_read_round_trip() {
+    for row_bytes in [1usize, 3, 8, 64, 65] {
+        let mut block = vec![0u8; block_bytes(row_bytes)];
+        let rows: Vec<Vec<u8>> = (0..BLOCK)
+            .map(|i| random_bytes(row_bytes, i as u64))
+            .collect();
+        for (i, r) in rows.iter().enumerate() {
+            write_row(&mut block, i, r);
+        }
+        // overwrite one slot: neighbours stay intact
+        write_row(&mut block, 5, &rows[5]);
+        let mut whole = vec![0xAAu8; block_bytes(row_bytes)];
+        write_block(&rows[..20].concat(), row_bytes, &mut whole);
+        for (i, r) in rows.iter().enumerate().skip(20) {
+            write_row(&mut whole, i, r);
+        }
+        assert_eq!(whole, block);
+        let mut out = vec![0u8; row_bytes];
+        for (i, r) in rows.iter().enumerate() {
+            read_row(&block, i, &mut out);
+            assert_eq!(&out, r);
+        }
+    }
+}
+
+#[test]
+fn scan_parity_over_awkward_sizes() {
+    // row_bytes up to 300 exercises the u16 flush (positions/2 > 256).
+    let sizes: &[usize] = if cfg!(miri) {
+        &[1, 17, 300]
+    } else {
+        &[1, 7, 8, 15, 16, 17, 63, 64, 65, 127, 128, 129, 300]
+    };
+    for &row_bytes in sizes {
+        let block = random_bytes(block_bytes(row_bytes), row_bytes as u64);
+        let tables = random_bytes(block.len(), 1000 + row_bytes as u64);
+        let (mut a, mut b) = ([0u32; BLOCK], [0u32; BLOCK]);
+        scan_block(&block, &tables, &mut a);
+        scan_block_scalar(&block, &tables, &mut b);
+        assert_eq!(a, b, "row_bytes={row_bytes}");
+        // and against an independent read-back of every row
+        let mut row = vec![0u8; row_bytes];
+        for (slot, &got) in b.iter().enumerate() {
+            read_row(&block, slot, &mut row);
+            let want: u32 = (0..2 * row_bytes)
+                .map(|n| tables[16 * n + ((row[n / 2] >> (4 * (n % 2))) & 0x0F) as usize] as u32)
+                .sum();
+            assert_eq!(got, want);
+        }
+    }
+}
+
+#[test]
+fn quantized_lut_error_is_within_half_a_step_per_table() {
+    let mut r = SeededRng::new(9, stream::DATA);
+    let tables: Vec<f32> = (0..16 * 40).map(|_| r.gaussian() as f32).collect();
+    let mut q = QuantizedLut::default();
+    q.quantize_from(&tables);
+    for n in 0..40 {
+        let lo = tables[16 * n..16 * n + 16]
+            .iter()
+            .copied()
+            .fold(f32::INFINITY, f32::min);
+        for v in 0..16 {
+            let back = lo + q.step * q.tables[16 * n + v] as f32;
+            assert!((back - tables[16 * n + v]).abs() <= 0.5001 * q.step);
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The AVX2 bodies of the scan kernels. Every function here is `unsafe`: its `# Safety` names the
+//! lengths the caller (the checked public kernels) must have proven.
+
+use super::BLOCK;
+use std::arch::x86_64::*;
+
+/// AVX2 body of `scan_block_b3`: groups of three nibble positions (four coordinates) per step,
+/// the remaining coordinates through the scalar decoder.
+///
+/// # Safety
+/// The CPU supports AVX2; `block.len()` is a multiple of 32 (nibble positions of 16 bytes)
+/// and `tables.len() == 16 * coords3(block.len() / 32)`, so every 16-byte load of a nibble
+/// position `< 2 · row_bytes` and of a table `< coords` stays in its slice.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn scan_block_b3_avx2(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
+    out.fill(0);
+    let coords = tables.len() / 16;
+    let groups = coords / 4;
+    let low = _mm256_set1_epi8(0x0F);
+    let m1 = _mm256_set1_epi8(1);
+    let m3 = _mm256_set1_epi8(3);
+    let m7 = _mm256_set1_epi8(7);
+    let zero = _mm256_setzero_si256();
+    let mut g = 0;
+    while g < groups {
+        let chunk = (groups - g).min(64);
+        let (mut lo, mut hi) = (zero, zero);
+        for gg in g..g + chunk {
+            // Nibbles of 32 rows: lane 0 rows 0..15, lane 1 rows 16..31.
+            let mut e = [zero; 3];
+            for (k, ek) in e.iter_mut().enumerate() {
+                // SAFETY: nibble position 3gg+k < 2·row_bytes, so 16 bytes are in the block.
+                let b = unsafe {
+                    _mm_loadu_si128(block.as_ptr().add((3 * gg + k) * 16) as *const __m128i)
+                };
+                let l = _mm_and_si128(b, _mm256_castsi256_si128(low));
+                let h = _mm_and_si128(_mm_srli_epi16(b, 4), _mm256_castsi256_si128(low));
+                *ek = _mm256_inserti128_si256(_mm256_castsi128_si256(l), h, 1);
+            }
+            let c0 = _mm256_and_si256(e[0], m7);
+            let c1 = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(e[0], 3), m1),
+                _mm256_slli_epi16(_mm256_and_si256(e[1], m3), 1),
+            );
+            let c2 = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(e[1], 2), m3),
+                _mm256_slli_epi16(_mm256_and_si256(e[2], m1), 2),
+            );
+            let c3 = _mm256_and_si256(_mm256_srli_epi16(e[2], 1), m7);
+            for (k, c) in [c0, c1, c2, c3].into_iter().enumerate() {
+                // SAFETY: table 4gg+k < coords, 16 bytes each.
+                let t = unsafe {
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                        tables.as_ptr().add((4 * gg + k) * 16) as *const __m128i,
+                    ))
+                };
+                let r = _mm256_shuffle_epi8(t, c);
+                lo = _mm256_add_epi16(lo, _mm256_unpacklo_epi8(r, zero));
+                hi = _mm256_add_epi16(hi, _mm256_unpackhi_epi8(r, zero));
+            }
+        }
+        g += chunk;
+        let mut a = [0u16; 16];
+        let mut b = [0u16; 16];
+        // SAFETY: 32-byte arrays.
+        unsafe {
+            _mm256_storeu_si256(a.as_mut_ptr() as *mut __m256i, lo);
+            _mm256_storeu_si256(b.as_mut_ptr() as *mut __m256i, hi);
+        }
+        for j in 0..8 {
+            out[j] += a[j] as u32;
+            out[16 + j] += a[8 + j] as u32;
+            out[8 + j] += b[j] as u32;
+            out[24 + j] += b[8 + j] as u32;
+        }
+    }
+    for j in 4 * groups..coords {
+        for (slot, o) in out.iter_mut().enumerate() {
+            *o += tables[16 * j + super::code3(block, j, slot)] as u32;
+        }
+    }
+}
+
+/// AVX2 body of `accumulate_blocks_multi`: per block and coordinate, the 32 codes are cut out
+/// of one or two nibble vectors, looked up once, and FMA'd into 8-lane partial sums of every
+/// weight vector; the partial sums are reduced once at the end.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `1 <= bits <= 4`; `row_bytes >= 1` and `blocks` is whole
+/// blocks of `32 · row_bytes` bytes; every weight vector covers exactly those blocks; every
+/// accumulator has the same length `dim <= 8 · row_bytes / bits`, so each coordinate's
+/// nibble positions lie inside its block; `values` has at least `2^bits` entries.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn accumulate_blocks_avx2(
+    blocks: &[u8],
+    row_bytes: usize,
+    bits: u32,
+    values: &[f32],
+    weights: &[&[f32]],
+    accs: &mut [&mut [f32]],
+) {
+    let b = bits as usize;
+    let dim = accs.first().map_or(0, |a| a.len());
+    let nq = weights.len();
+    let mut table = [0f32; 16];
+    table[..1 << bits].copy_from_slice(&values[..1 << bits]);
+    // SAFETY: 16-entry table.
+    let (c_lo, c_hi) = unsafe {
+        (
+            _mm256_loadu_ps(table.as_ptr()),
+            _mm256_loadu_ps(table.as_ptr().add(8)),
+        )
+    };
+    let low = _mm_set1_epi8(0x0F);
+    let mask = _mm_set1_epi8(((1u32 << bits) - 1) as i8);
+    // lanes[q * dim + j]: 8-lane partial sums of query q, coordinate j.
+    let mut lanes = vec![_mm256_setzero_ps(); nq * dim];
+    let mut w = vec![[_mm256_setzero_ps(); 4]; nq];
+    let mut active = vec![false; nq];
+    let bb = super::block_bytes(row_bytes);
+    for (bi, block) in blocks.chunks_exact(bb).enumerate() {
+        let mut any = false;
+        for ((wq, act), src) in w.iter_mut().zip(active.iter_mut()).zip(weights) {
+            let mut w32 = [0.0f32; BLOCK];
+            let part = &src[bi * BLOCK..((bi + 1) * BLOCK).min(src.len())];
+            w32[..part.len()].copy_from_slice(part);
+            *act = w32.iter().any(|&x| x != 0.0);
+            any |= *act;
+            // SAFETY: `w32` has 32 entries.
+            *wq = unsafe {
+                [
+                    _mm256_loadu_ps(w32.as_ptr()),
+                    _mm256_loadu_ps(w32.as_ptr().add(8)),
+                    _mm256_loadu_ps(w32.as_ptr().add(16)),
+                    _mm256_loadu_ps(w32.as_ptr().add(24)),
+                ]
+            };
+        }
+        if !any {
+            continue;
+        }
+        let nibbles = |pos: usize| -> (__m128i, __m128i) {
+            // SAFETY: nibble position `pos < 2·row_bytes` has 16 bytes in the block.
+            let v = unsafe { _mm_loadu_si128(block.as_ptr().add(16 * pos) as *const __m128i) };
+            (
+                _mm_and_si128(v, low),
+                _mm_and_si128(_mm_srli_epi16(v, 4), low),
+            )
+        };
+        for j in 0..dim {
+            let (pos, off) = (b * j / 4, b * j % 4);
+            let shift = _mm_cvtsi32_si128(off as i32);
+            let (mut lo, mut hi) = nibbles(pos);
+            lo = _mm_srl_epi16(lo, shift);
+            hi = _mm_srl_epi16(hi, shift);
+            if off + b > 4 {
+                let back = _mm_cvtsi32_si128((4 - off) as i32);
+                let (lo2, hi2) = nibbles(pos + 1);
+                lo = _mm_or_si128(lo, _mm_sll_epi16(lo2, back));
+                hi = _mm_or_si128(hi, _mm_sll_epi16(hi2, back));
+            }
+            let (lo, hi) = (_mm_and_si128(lo, mask), _mm_and_si128(hi, mask));
+            let groups = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+            let mut v = [_mm256_setzero_ps(); 4];
+            for (vg, g) in v.iter_mut().zip(groups) {
+                let idx = _mm256_cvtepu8_epi32(g);
+                *vg = if b == 4 {
+                    let a_lo = _mm256_permutevar8x32_ps(c_lo, idx);
+                    let a_hi = _mm256_permutevar8x32_ps(c_hi, idx);
+                    _mm256_blendv_ps(a_lo, a_hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
+                } else {
+                    _mm256_permutevar8x32_ps(c_lo, idx)
+                };
+            }
+            for (q, wq) in w.iter().enumerate() {
+                if !active[q] {
+                    continue;
+                }
+                let lane = &mut lanes[q * dim + j];
+                let mut s = *lane;
+                for (vg, wg) in v.iter().zip(wq) {
+                    s = _mm256_fmadd_ps(*vg, *wg, s);
+                }
+                *lane = s;
+            }
+        }
+    }
+    for (q, acc) in accs.iter_mut().enumerate() {
+        for (a, s) in acc.iter_mut().zip(&lanes[q * dim..(q + 1) * dim]) {
+            let s = *s;
+            let x = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+            let x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+            *a += _mm_cvtss_f32(x);
+        }
+    }
+}
+
+/// AVX2 body of `scan_block`: two nibble positions (32 bytes of codes, two 16-byte tables) per
+/// step; `u16` accumulators flushed to `u32` every 256 steps.
+///
+/// # Safety
+/// The CPU supports AVX2 and `tables.len() == block.len()`, a multiple of 32, so every
+/// 32-byte load at `s · 32` for `s < block.len() / 32` stays inside both slices.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn scan_block_avx2(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
+    out.fill(0);
+    let steps = block.len() / 32;
+    let mask = _mm256_set1_epi8(0x0F);
+    let zero = _mm256_setzero_si256();
+    let mut done = 0;
+    while done < steps {
+        let chunk = (steps - done).min(256);
+        let (mut a0, mut a1, mut a2, mut a3) = (zero, zero, zero, zero);
+        for s in done..done + chunk {
+            // SAFETY: `s * 32 + 32 <= block.len() == tables.len()`; unaligned loads.
+            let (x, t) = unsafe {
+                (
+                    _mm256_loadu_si256(block.as_ptr().add(s * 32) as *const __m256i),
+                    _mm256_loadu_si256(tables.as_ptr().add(s * 32) as *const __m256i),
+                )
+            };
+            let lo = _mm256_and_si256(x, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), mask);
+            let rl = _mm256_shuffle_epi8(t, lo);
+            let rh = _mm256_shuffle_epi8(t, hi);
+            a0 = _mm256_add_epi16(a0, _mm256_unpacklo_epi8(rl, zero));
+            a1 = _mm256_add_epi16(a1, _mm256_unpackhi_epi8(rl, zero));
+            a2 = _mm256_add_epi16(a2, _mm256_unpacklo_epi8(rh, zero));
+            a3 = _mm256_add_epi16(a3, _mm256_unpackhi_epi8(rh, zero));
+        }
+        done += chunk;
+        // Lane 0 holds the even nibble position, lane 1 the odd one: add the two lanes.
+        for (k, acc) in [a0, a1, a2, a3].into_iter().enumerate() {
+            let mut lanes = [0u16; 16];
+            // SAFETY: `lanes` is 32 bytes.
+            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc) };
+            for j in 0..8 {
+                out[k * 8 + j] += lanes[j] as u32 + lanes[j + 8] as u32;
+            }
+        }
+    }
+}
