@@ -384,11 +384,9 @@ mod tests {
         assert!(parse_npy(b"\x93NUMPY\x01\x00\xff\xff{").is_err());
     }
 
-    /// A `.npy` file of `descr` whose data bytes are given as they are.
-    fn npy_raw(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
-        let mut out = npy(descr, false, shape, &[]);
-        out.extend_from_slice(data);
-        out
+    /// A C-order `.npy` file of `descr` whose data bytes are given as they are.
+    fn npy_bytes_c(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        npy_bytes(descr, false, shape, data)
     }
 
     #[test]
@@ -422,7 +420,7 @@ mod tests {
             ("<f2", &f2le, "converted float16 to float32"),
             (">f2", &f2be, "converted big-endian float16 to float32"),
         ] {
-            let (v, n) = parse_npy_noted(&npy_raw(descr, "(2, 3)", data)).unwrap();
+            let (v, n) = parse_npy_noted(&npy_bytes_c(descr, "(2, 3)", data)).unwrap();
             assert_eq!((v.rows, v.dim), (2, 3), "{descr}");
             for (a, b) in v.data.iter().zip(want) {
                 // f16 keeps 11 significant bits; the others are exact for these values.
@@ -433,7 +431,7 @@ mod tests {
         let (_, n) = parse_npy_noted(&npy("<f4", false, "(2, 3)", &want)).unwrap();
         assert_eq!(n, None);
         // Lengths are checked at the element width.
-        assert!(parse_npy(&npy_raw("<f8", "(2, 3)", &f8le[..40])).is_err());
+        assert!(parse_npy(&npy_bytes_c("<f8", "(2, 3)", &f8le[..40])).is_err());
     }
 
     #[test]

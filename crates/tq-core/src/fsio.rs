@@ -8,7 +8,9 @@
 //! limits) is all a crash can leave behind. The target is replaced, not written through: a symlink
 //! at `path` becomes a regular file, and the new file has the default permissions.
 
-use std::fs::{self, File, OpenOptions};
+#[cfg(unix)]
+use std::fs::File;
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,14 +51,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Makes the rename durable where directories can be synced (Unix); elsewhere a no-op.
+#[cfg(unix)]
 fn sync_dir(dir: &Path) {
-    #[cfg(unix)]
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
-    #[cfg(not(unix))]
-    let _ = (dir, File::open);
 }
+
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) {}
 
 #[cfg(test)]
 mod tests {
