@@ -172,10 +172,83 @@ pub fn unpack_unchecked(packed: &[u8], bits: u32, out: &mut [u8]) {
     }
 }
 
+/// Writes the low `bits` bits of `code` LSB-first at stream bit `*pos` and advances `*pos` (the
+/// module's bit order; the bytes start zeroed). For streams whose widths vary code by code.
+///
+/// # Panics
+/// If the stream ends before `*pos + bits`.
+pub fn write_bits(out: &mut [u8], pos: &mut usize, code: u8, bits: u32) {
+    for i in 0..bits as usize {
+        if (code >> i) & 1 == 1 {
+            let p = *pos + i;
+            out[p / 8] |= 1 << (p % 8);
+        }
+    }
+    *pos += bits as usize;
+}
+
+/// Reads codes of varying widths back from a stream written by [`write_bits`].
+#[derive(Debug)]
+pub struct BitReader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> BitReader<'a> {
+    /// A reader at stream bit 0.
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes, pos: 0 }
+    }
+    /// The next `bits` bits (`<= 8`) as a code.
+    ///
+    /// # Panics
+    /// If the stream ends before them.
+    pub fn read(&mut self, bits: u32) -> u8 {
+        let mut v = 0u8;
+        for i in 0..bits as usize {
+            let p = self.pos + i;
+            v |= ((self.bytes[p / 8] >> (p % 8)) & 1) << i;
+        }
+        self.pos += bits as usize;
+        v
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Codes of varying widths written one by one read back in order, and a stream of one width
+    /// is exactly what [`pack`] writes.
+    #[test]
+    fn varying_widths_round_trip_in_the_pack_layout() {
+        let widths = [3u32, 1, 8, 2, 5, 4, 7, 6];
+        let codes: Vec<u8> = widths
+            .iter()
+            .map(|&b| ((1u16 << b) - 2) as u8 | 1)
+            .collect();
+        let total: usize = widths.iter().map(|&b| b as usize).sum();
+        let mut out = vec![0u8; total.div_ceil(8)];
+        let mut pos = 0;
+        for (&c, &b) in codes.iter().zip(&widths) {
+            write_bits(&mut out, &mut pos, c, b);
+        }
+        assert_eq!(pos, total);
+        let mut r = BitReader::new(&out);
+        for (&c, &b) in codes.iter().zip(&widths) {
+            assert_eq!(r.read(b), c & ((1u16 << b) - 1) as u8);
+        }
+        let same: Vec<u8> = (0..10).map(|i| i % 8).collect();
+        let mut streamed = vec![0u8; 4];
+        let mut pos = 0;
+        for &c in &same {
+            write_bits(&mut streamed, &mut pos, c, 3);
+        }
+        let mut packed = vec![0u8; 4];
+        pack(&same, 3, &mut packed).unwrap();
+        assert_eq!(streamed, packed);
+    }
 
     /// The bit order is part of the stored format: re-derive it for one example per width.
     #[test]

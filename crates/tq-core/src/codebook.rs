@@ -406,6 +406,64 @@ impl Codebook {
     }
 }
 
+/// Lloyd-Max quantizer of any density `f` on `[a, b]` with `levels` cells: centroids ascending
+/// (used for laws other than the rotated coordinate's, e.g. PolarQuant's angles).
+/// The law is tabulated on `4096` intervals (cumulative trapezoid mass and first moment, linear
+/// interpolation between nodes) and Lloyd iterations run from uniform quantiles until no centroid
+/// moves by more than `1e-12 (b - a)` or 10 000 iterations.
+pub fn lloyd_max_on(f: impl Fn(f64) -> f64, a: f64, b: f64, levels: usize) -> Vec<f64> {
+    const N: usize = 4096;
+    let h = (b - a) / N as f64;
+    let (mut m, mut s) = (vec![0.0f64; N + 1], vec![0.0f64; N + 1]);
+    let node = |k: usize| a + k as f64 * h;
+    for k in 1..=N {
+        let (x0, x1) = (node(k - 1), node(k));
+        let (f0, f1) = (f(x0), f(x1));
+        m[k] = m[k - 1] + 0.5 * h * (f0 + f1);
+        s[k] = s[k - 1] + 0.5 * h * (f0 * x0 + f1 * x1);
+    }
+    let at = |t: &[f64], x: f64| {
+        let u = ((x - a) / h).clamp(0.0, N as f64);
+        let k = (u.floor() as usize).min(N - 1);
+        t[k] + (u - k as f64) * (t[k + 1] - t[k])
+    };
+    let total = m[N];
+    let mut c: Vec<f64> = (0..levels)
+        .map(|i| {
+            let target = (i as f64 + 0.5) / levels as f64 * total;
+            let k = m.partition_point(|&v| v < target).clamp(1, N);
+            let frac = if m[k] > m[k - 1] {
+                (target - m[k - 1]) / (m[k] - m[k - 1])
+            } else {
+                0.0
+            };
+            node(k - 1) + frac * h
+        })
+        .collect();
+    for _ in 0..10_000 {
+        let mut moved = 0.0f64;
+        let mut next = c.clone();
+        for i in 0..levels {
+            let lo = if i == 0 { a } else { 0.5 * (c[i - 1] + c[i]) };
+            let hi = if i + 1 == levels {
+                b
+            } else {
+                0.5 * (c[i] + c[i + 1])
+            };
+            let mass = at(&m, hi) - at(&m, lo);
+            if mass > 1e-300 {
+                next[i] = (at(&s, hi) - at(&s, lo)) / mass;
+            }
+            moved = moved.max((next[i] - c[i]).abs());
+        }
+        c = next;
+        if moved < 1e-12 * (b - a) {
+            break;
+        }
+    }
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
