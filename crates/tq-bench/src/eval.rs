@@ -11,11 +11,7 @@ use ndarray::{ArrayView1, ArrayView2};
 use rayon::prelude::*;
 use serde::Serialize;
 use tq_core::{Codebook, RotationKind};
-use tq_quant::ScaleMode;
-use tq_quant::{
-    Hit, MseBatch, MseConfig, MseQuantizer, MseQuery, PolarBatch, PolarConfig, PolarQuantizer,
-    ProdBatch, ProdConfig, ProdQuantizer, ProdQuery, SketchKind,
-};
+use tq_quant::{EncodedVectors, QuantizerSpec, ScaleMode, SketchKind};
 
 use tq_bench::data::Vectors;
 
@@ -51,13 +47,26 @@ pub struct EvalSettings {
     pub gpu: Option<Arc<tq_gpu::GpuContext>>,
 }
 
-/// PolarQuant level bits for a nominal width `b`: the given levels, or `b, ⌈b/2⌉, ⌈b/2⌉, ⌈b/2⌉`
-/// halved down to `b/2` (4 gives the paper's 4,2,2,2).
-pub fn polar_levels(s: &EvalSettings, bits: u32) -> Vec<u32> {
-    s.polar_levels.clone().unwrap_or_else(|| {
-        let rest = (bits / 2).max(1);
-        vec![bits, rest, rest, rest]
-    })
+impl QuantizerKind {
+    /// The tq-quant kind this choice builds.
+    pub fn kind(self) -> tq_quant::QuantizerKind {
+        match self {
+            QuantizerKind::Mse => tq_quant::QuantizerKind::Mse,
+            QuantizerKind::Prod => tq_quant::QuantizerKind::Prod,
+            QuantizerKind::Polar => tq_quant::QuantizerKind::Polar,
+        }
+    }
+}
+
+impl EvalSettings {
+    /// The quantizer of one bit width.
+    pub fn spec(&self, dim: usize, bits: u32) -> QuantizerSpec {
+        QuantizerSpec::new(self.quantizer.kind(), dim, bits, self.rotation, self.seed)
+            .with_scale(self.scale)
+            .with_sketch(self.sketch)
+            .with_mean(self.mean.clone())
+            .with_polar_levels(self.polar_levels.clone())
+    }
 }
 
 /// Recall is measured for the true top-1 among the estimated top-k for these k.
@@ -95,106 +104,6 @@ pub struct BitsResult {
     pub score_keys_per_s: f64,
     /// Scoring throughput of the exact f32-table path.
     pub score_exact_keys_per_s: f64,
-}
-
-enum Batch {
-    Mse(MseBatch),
-    Prod(ProdBatch),
-    Polar(PolarBatch),
-}
-
-enum Query {
-    Mse(MseQuery),
-    Prod(ProdQuery),
-    Polar(Vec<f32>),
-}
-
-impl Batch {
-    fn new(s: &EvalSettings, dim: usize, bits: u32) -> Result<Self> {
-        Ok(match s.quantizer {
-            QuantizerKind::Mse => {
-                let cfg = MseConfig::new(dim, bits, s.rotation, s.seed).with_scale(s.scale);
-                let q = match &s.mean {
-                    Some(m) => MseQuantizer::with_mean(cfg, m.clone())?,
-                    None => MseQuantizer::new(cfg)?,
-                };
-                Batch::Mse(MseBatch::new(Arc::new(q)))
-            }
-            QuantizerKind::Prod => {
-                let q = ProdQuantizer::new(ProdConfig {
-                    dim,
-                    bits,
-                    rotation: s.rotation,
-                    sketch: s.sketch,
-                    seed: s.seed,
-                })?;
-                Batch::Prod(ProdBatch::new(Arc::new(q)))
-            }
-            QuantizerKind::Polar => {
-                let cfg = PolarConfig {
-                    dim,
-                    level_bits: polar_levels(s, bits),
-                    rotation: s.rotation,
-                    seed: s.seed,
-                };
-                Batch::Polar(PolarBatch::new(Arc::new(PolarQuantizer::new(cfg)?)))
-            }
-        })
-    }
-    fn extend(&mut self, xs: &[f32]) -> Result<()> {
-        match self {
-            Batch::Mse(b) => b.extend(xs)?,
-            Batch::Prod(b) => b.extend(xs)?,
-            Batch::Polar(b) => b.extend(xs)?,
-        }
-        Ok(())
-    }
-    fn query(&self, q: &[f32]) -> Result<Query> {
-        Ok(match self {
-            Batch::Mse(b) => Query::Mse(b.quantizer().prepare_query(q)?),
-            Batch::Prod(b) => Query::Prod(b.quantizer().prepare_query(q)?),
-            Batch::Polar(_) => Query::Polar(q.to_vec()),
-        })
-    }
-    fn score(&self, q: &Query, out: &mut [f32], exact: bool) -> Result<()> {
-        match (self, q) {
-            (Batch::Mse(b), Query::Mse(q)) if exact => b.score_exact_into(q, out)?,
-            (Batch::Mse(b), Query::Mse(q)) => b.score_into(q, out)?,
-            (Batch::Prod(b), Query::Prod(q)) if exact => b.score_exact_into(q, out)?,
-            (Batch::Prod(b), Query::Prod(q)) => b.score_into(q, out)?,
-            (Batch::Polar(b), Query::Polar(q)) => b.score_into(q, out)?,
-            _ => anyhow::bail!("query and batch kinds differ"),
-        }
-        Ok(())
-    }
-    fn top_k(&self, q: &Query, k: usize) -> Vec<Hit> {
-        match (self, q) {
-            (Batch::Mse(b), Query::Mse(q)) => b.top_k(q, k),
-            (Batch::Prod(b), Query::Prod(q)) => b.top_k(q, k),
-            (Batch::Polar(b), Query::Polar(q)) => b.top_k(q, k).unwrap_or_default(),
-            _ => Vec::new(),
-        }
-    }
-    fn bytes_per_vector(&self) -> usize {
-        match self {
-            Batch::Mse(b) => b.bytes_per_vector(),
-            Batch::Prod(b) => b.bytes_per_vector(),
-            Batch::Polar(b) => b.bytes_per_vector(),
-        }
-    }
-    fn dequantize_all(&self, dim: usize) -> Vec<f32> {
-        match self {
-            Batch::Mse(b) => b.dequantize_all(),
-            Batch::Prod(b) => {
-                let mut out = vec![0.0; b.len() * dim];
-                out.par_chunks_mut(dim).enumerate().for_each(|(i, o)| {
-                    let _ = b.dequantize_row(i, o);
-                });
-                out
-            }
-            Batch::Polar(b) => b.dequantize_all(),
-        }
-    }
 }
 
 /// Ground truth computed once per data set: the true top-1 of every query and the exact inner
@@ -256,18 +165,20 @@ pub fn eval_bits(
 ) -> Result<BitsResult> {
     let d = base.dim;
     let n = base.rows;
-    let mut batch = Batch::new(s, d, bits)?;
+    let quantizer = s.spec(d, bits).build()?;
     let t = Instant::now();
-    match (&s.gpu, &mut batch) {
-        (Some(gpu), Batch::Mse(b)) => *b = gpu.quantize_mse(b.quantizer(), &base.data)?,
-        (Some(gpu), Batch::Prod(b)) => *b = gpu.quantize_prod(b.quantizer(), &base.data)?,
-        (Some(_), Batch::Polar(_)) => anyhow::bail!("--backend wgpu runs mse and prod quantizers"),
-        (None, b) => b.extend(&base.data)?,
-    }
+    let batch = match &s.gpu {
+        Some(gpu) => gpu.quantize(&quantizer, &base.data)?,
+        None => {
+            let mut b = quantizer.new_batch();
+            b.extend(&base.data)?;
+            b
+        }
+    };
     let quantize_vectors_per_s = n as f64 / t.elapsed().as_secs_f64();
 
     // Distortion over vectors with non-zero norm.
-    let back = batch.dequantize_all(d);
+    let back = batch.dequantize_all();
     let (sum, count) = base
         .data
         .par_chunks(d)
@@ -290,11 +201,11 @@ pub fn eval_bits(
     let t = Instant::now();
     let mut exact_time = 0.0;
     for qi in 0..truth.ip_queries {
-        let q = batch.query(queries.row(qi))?;
+        let q = batch.encode_query(queries.row(qi))?;
         let te = Instant::now();
-        batch.score(&q, &mut exact, true)?;
+        batch.score_exact_into(&q, &mut exact)?;
         exact_time += te.elapsed().as_secs_f64();
-        batch.score(&q, &mut fast, false)?;
+        batch.score_into(&q, &mut fast)?;
         let tr = &truth.ips[qi * n..(qi + 1) * n];
         for ((&e, &f), &t) in exact.iter().zip(&fast).zip(tr) {
             let err = e as f64 - t as f64;
@@ -311,8 +222,8 @@ pub fn eval_bits(
     // Fast scoring throughput over all queries.
     let t = Instant::now();
     for qi in 0..queries.rows {
-        let q = batch.query(queries.row(qi))?;
-        batch.score(&q, &mut fast, false)?;
+        let q = batch.encode_query(queries.row(qi))?;
+        batch.score_into(&q, &mut fast)?;
     }
     let score_keys_per_s = (queries.rows * n) as f64 / t.elapsed().as_secs_f64();
 
@@ -320,8 +231,8 @@ pub fn eval_bits(
     let kmax = *RECALL_K.iter().max().unwrap_or(&1);
     let mut found = [0usize; RECALL_K.len()];
     for qi in 0..queries.rows {
-        let q = batch.query(queries.row(qi))?;
-        let hits = batch.top_k(&q, kmax);
+        let q = batch.encode_query(queries.row(qi))?;
+        let hits = batch.top_k(&q, kmax)?;
         if let Some(pos) = hits.iter().position(|h| h.index == truth.top1[qi]) {
             for (f, &k) in found.iter_mut().zip(&RECALL_K) {
                 if pos < k {

@@ -1,15 +1,11 @@
 //! The `kernels` workload: each batch kernel timed alone on the CPU path and on the wgpu path
 //! (device synchronisation, uploads and read-backs included), with vectors/s and GB/s.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
 use serde::Serialize;
-use tq_quant::{
-    MseBatch, MseConfig, MseQuantizer, ProdBatch, ProdConfig, ProdQuantizer, RotationKind,
-    SketchKind,
-};
+use tq_quant::{EncodedVectors, QuantizerKind, QuantizerSpec, RotationKind};
 
 /// Which implementation runs the kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -29,6 +25,16 @@ pub enum KernelQuantizer {
     Mse,
     /// TurboQuant_prod (needs --bits >= 2 on the GPU).
     Prod,
+}
+
+impl KernelQuantizer {
+    /// The tq-quant kind this choice builds.
+    pub fn kind(self) -> QuantizerKind {
+        match self {
+            KernelQuantizer::Mse => QuantizerKind::Mse,
+            KernelQuantizer::Prod => QuantizerKind::Prod,
+        }
+    }
 }
 
 /// One timed kernel.
@@ -57,7 +63,7 @@ fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 /// Times quantize, dequantize and score (one query) for `n` random `d`-dim vectors at `bits`,
-/// with TurboQuant_mse or TurboQuant_prod.
+/// with the quantizer `kind` (the CPU's dequantize decodes rows in parallel for every kind).
 ///
 /// `gpu` must be given when `backends` contains [`Backend::Wgpu`]; the caller creates (and drops)
 /// it on its own thread, not on a worker of the rayon pool this runs in: Mesa's software Vulkan
@@ -67,7 +73,7 @@ fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 pub fn run(
     gpu: Option<&tq_gpu::GpuContext>,
     backends: &[Backend],
-    prod: bool,
+    kind: QuantizerKind,
     n: usize,
     d: usize,
     bits: u32,
@@ -78,30 +84,9 @@ pub fn run(
     progress(&format!("generating and quantizing {n} vectors"));
     let xs = tq_bench::data::synthetic_base(n, d, seed).data;
     let query = tq_bench::data::synthetic_queries(1, d, seed).data;
-    let (mq, pq) = if prod {
-        let pq = Arc::new(ProdQuantizer::new(ProdConfig {
-            dim: d,
-            bits,
-            rotation: RotationKind::Hadamard,
-            sketch: SketchKind::Gaussian,
-            seed,
-        })?);
-        (None, Some(pq))
-    } else {
-        let mq = Arc::new(MseQuantizer::new(MseConfig::new(
-            d,
-            bits,
-            RotationKind::Hadamard,
-            seed,
-        ))?);
-        (Some(mq), None)
-    };
+    let q = QuantizerSpec::new(kind, d, bits, RotationKind::Hadamard, seed).build()?;
     // Stored bytes per row and f32 bytes per row.
-    let (row, f32_bytes) = match (&mq, &pq) {
-        (Some(q), _) => ((q.row_bytes() + 4) as f64, (d * 4) as f64),
-        (_, Some(q)) => (q.bytes_per_vector() as f64, (d * 4) as f64),
-        _ => unreachable!("one quantizer is built"),
-    };
+    let (row, f32_bytes) = (q.bytes_per_vector() as f64, (d * 4) as f64);
     let traffic = |kernel: &str| -> f64 {
         n as f64
             * match kernel {
@@ -109,18 +94,8 @@ pub fn run(
                 _ => row + 4.0,
             }
     };
-    let mut cpu_mse = None;
-    let mut cpu_prod = None;
-    if let Some(q) = &mq {
-        let mut b = MseBatch::new(q.clone());
-        b.extend(&xs)?;
-        cpu_mse = Some(b);
-    }
-    if let Some(q) = &pq {
-        let mut b = ProdBatch::new(q.clone());
-        b.extend(&xs)?;
-        cpu_prod = Some(b);
-    }
+    let mut batch = q.new_batch();
+    batch.extend(&xs)?;
     let mut rows = Vec::new();
     let mut adapter = None;
     let mk = |backend, kernel: &'static str, s: f64| KernelRow {
@@ -140,73 +115,35 @@ pub fn run(
             if reps == 1 { "" } else { "s" }
         ));
         let (tq, tdq, ts) = match b {
-            Backend::Cpu => match (&mq, &pq, &cpu_mse, &cpu_prod) {
-                (Some(q), _, Some(batch), _) => {
-                    let tq = best_of(reps, || Ok(MseBatch::new(q.clone()).extend(&xs)?))?;
-                    let tdq = best_of(reps, || {
-                        std::hint::black_box(batch.dequantize_all());
-                        Ok(())
-                    })?;
-                    let prepared = q.prepare_query(&query)?;
-                    let mut out = vec![0.0f32; n];
-                    let ts = best_of(reps, || Ok(batch.score_exact_into(&prepared, &mut out)?))?;
-                    (tq, tdq, ts)
-                }
-                (_, Some(q), _, Some(batch)) => {
-                    let tq = best_of(reps, || Ok(ProdBatch::new(q.clone()).extend(&xs)?))?;
-                    let mut r = vec![0.0f32; d];
-                    let tdq = best_of(reps, || {
-                        for i in 0..n {
-                            batch.dequantize_row(i, &mut r)?;
-                        }
-                        Ok(())
-                    })?;
-                    let prepared = q.prepare_query(&query)?;
-                    let mut out = vec![0.0f32; n];
-                    let ts = best_of(reps, || Ok(batch.score_exact_into(&prepared, &mut out)?))?;
-                    (tq, tdq, ts)
-                }
-                _ => unreachable!("one quantizer is built"),
-            },
+            Backend::Cpu => {
+                let tq = best_of(reps, || Ok(q.new_batch().extend(&xs)?))?;
+                let tdq = best_of(reps, || {
+                    std::hint::black_box(batch.dequantize_all());
+                    Ok(())
+                })?;
+                let prepared = batch.encode_query(&query)?;
+                let mut out = vec![0.0f32; n];
+                let ts = best_of(reps, || Ok(batch.score_exact_into(&prepared, &mut out)?))?;
+                (tq, tdq, ts)
+            }
             Backend::Wgpu => {
                 let gpu =
                     gpu.ok_or_else(|| anyhow::anyhow!("the wgpu backend needs a GPU context"))?;
                 adapter = Some(gpu.adapter());
-                match (&mq, &pq, &cpu_mse, &cpu_prod) {
-                    (Some(q), _, Some(batch), _) => {
-                        let tq = best_of(reps, || {
-                            std::hint::black_box(gpu.quantize_mse(q, &xs)?);
-                            Ok(())
-                        })?;
-                        let tdq = best_of(reps, || {
-                            std::hint::black_box(gpu.dequantize_mse(batch)?);
-                            Ok(())
-                        })?;
-                        let resident = gpu.upload(batch)?;
-                        let ts = best_of(reps, || {
-                            std::hint::black_box(resident.score(&query)?);
-                            Ok(())
-                        })?;
-                        (tq, tdq, ts)
-                    }
-                    (_, Some(q), _, Some(batch)) => {
-                        let tq = best_of(reps, || {
-                            std::hint::black_box(gpu.quantize_prod(q, &xs)?);
-                            Ok(())
-                        })?;
-                        let tdq = best_of(reps, || {
-                            std::hint::black_box(gpu.dequantize_prod(batch)?);
-                            Ok(())
-                        })?;
-                        let resident = gpu.upload_prod(batch)?;
-                        let ts = best_of(reps, || {
-                            std::hint::black_box(resident.score(&query)?);
-                            Ok(())
-                        })?;
-                        (tq, tdq, ts)
-                    }
-                    _ => unreachable!("one quantizer is built"),
-                }
+                let tq = best_of(reps, || {
+                    std::hint::black_box(gpu.quantize(&q, &xs)?);
+                    Ok(())
+                })?;
+                let tdq = best_of(reps, || {
+                    std::hint::black_box(gpu.dequantize(&batch)?);
+                    Ok(())
+                })?;
+                let resident = gpu.upload_batch(&batch)?;
+                let ts = best_of(reps, || {
+                    std::hint::black_box(resident.score(&query)?);
+                    Ok(())
+                })?;
+                (tq, tdq, ts)
             }
         };
         rows.push(mk(b, "quantize", tq));

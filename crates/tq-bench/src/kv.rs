@@ -4,15 +4,14 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 use serde::Serialize;
-use tq_bench::lists::SplitChoice;
 use tq_core::{SeededRng, rng::stream, simd};
 use tq_kv::{
-    HeadConfig, KeyStrategy, KvTrace, MultiHeadCache, Outliers, Precision, ScoreMode,
-    ValueStrategy, calibrate_outliers,
+    HeadCalibration, HeadConfig, KeyStrategy, KvTrace, MultiHeadCache, OutlierChoice, Precision,
+    ScoreMode, ValueStrategy,
 };
 
 /// Attention metrics of one configuration (overall or for one layer).
@@ -112,43 +111,21 @@ fn layer_cache(
     trace: &KvTrace,
     layer: usize,
     cfg: &HeadConfig,
-    split: &SplitChoice,
+    split: &OutlierChoice,
 ) -> Result<MultiHeadCache> {
-    let d = trace.head_dim;
-    let pick = |p: Precision, xs: &[f32]| -> Result<Option<Vec<usize>>> {
-        match (p, split) {
-            (Precision::Uniform(_), _) => Ok(None),
-            (Precision::Split { .. }, SplitChoice::None) => {
-                bail!("precision {p} needs outlier channels but --split none was given")
-            }
-            (
-                Precision::Split {
-                    outlier_channels, ..
-                },
-                SplitChoice::Auto,
-            ) => Ok(Some(calibrate_outliers(xs, d, outlier_channels)?)),
-            (Precision::Split { .. }, SplitChoice::Channels(c)) => Ok(Some(c.clone())),
-        }
-    };
     let outliers = (0..trace.kv_heads)
         .map(|h| {
-            let mean = |xs: &[f32]| -> Result<Option<Vec<f32>>> {
-                Ok(if cfg.center {
-                    Some(tq_quant::MseQuantizer::calibrate_mean(xs, d)?)
-                } else {
-                    None
-                })
-            };
-            Ok(Outliers {
-                keys: pick(cfg.key_precision, trace.keys_of(layer, h))?,
-                values: pick(cfg.value_precision, trace.values_of(layer, h))?,
-                key_mean: mean(trace.keys_of(layer, h))?,
-                value_mean: mean(trace.values_of(layer, h))?,
-            })
+            HeadCalibration::from_samples(
+                cfg,
+                trace.keys_of(layer, h),
+                trace.values_of(layer, h),
+                split,
+            )
+            .with_context(|| format!("calibrating layer {layer} with --split {split}"))
         })
         .collect::<Result<Vec<_>>>()?;
     let mut cache = MultiHeadCache::new(trace.q_heads, trace.kv_heads, cfg, &outliers)?;
-    let s = trace.kv_heads * trace.tokens * d;
+    let s = trace.kv_heads * trace.tokens * trace.head_dim;
     cache.append(
         &trace.keys[layer * s..(layer + 1) * s],
         &trace.values[layer * s..(layer + 1) * s],
@@ -160,7 +137,7 @@ fn layer_cache(
 pub fn eval_trace(
     trace: &KvTrace,
     cfg: &HeadConfig,
-    split: &SplitChoice,
+    split: &OutlierChoice,
     progress: &ProgressBar,
 ) -> Result<TraceRow> {
     let d = trace.head_dim;
@@ -353,22 +330,18 @@ pub fn eval_attention(
         seed,
         ..HeadConfig::new(dim, bits, bits)
     };
-    let outliers: Vec<Outliers> = match bits {
-        Precision::Uniform(_) => Vec::new(),
-        Precision::Split {
-            outlier_channels, ..
-        } => (0..heads)
-            .map(|h| {
-                let k = &keys[h * tokens * dim..(h + 1) * tokens * dim];
-                let v = &values[h * tokens * dim..(h + 1) * tokens * dim];
-                Ok(Outliers {
-                    keys: Some(calibrate_outliers(k, dim, outlier_channels)?),
-                    values: Some(calibrate_outliers(v, dim, outlier_channels)?),
-                    ..Default::default()
-                })
-            })
-            .collect::<Result<_>>()?,
-    };
+    // One calibration per kv head (the caches hold kv heads; query heads share them).
+    let outliers = (0..kv_heads)
+        .map(|h| {
+            let rows = h * tokens * dim..(h + 1) * tokens * dim;
+            HeadCalibration::from_samples(
+                &cfg,
+                &keys[rows.clone()],
+                &values[rows],
+                &OutlierChoice::Auto,
+            )
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     let mut cache = MultiHeadCache::new(heads, kv_heads, &cfg, &outliers)?;
     cache.append(&keys, &values)?;
     let mut out = vec![0.0f32; heads * dim];

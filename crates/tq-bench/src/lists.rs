@@ -1,46 +1,10 @@
-//! Values of the CLI's options that a user types as text: outlier channel choices and the
-//! comma-separated lists of precisions, strategies, scales, rotations and sizes. Every parser
-//! returns an error message for any input, never panics (fuzzed by `tq-fuzz`'s `cli-lists`).
+//! Values of the CLI's options that a user types as text: comma-separated lists of precisions,
+//! strategies, scales, rotations and sizes, and outlier channel choices. Every parser returns an error
+//! message for any input, never panics (fuzzed by `tq-fuzz`'s `cli-lists`).
 
 use tq_core::RotationKind;
-use tq_kv::{KeyStrategy, Precision};
+use tq_kv::{KeyStrategy, OutlierChoice, Precision};
 use tq_quant::{ScaleMode, SketchKind};
-
-/// How outlier channels are chosen for split precisions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SplitChoice {
-    /// Calibrated per head from the trace's own keys / values (largest RMS).
-    Auto,
-    /// No split: fractional widths are rejected.
-    None,
-    /// The same explicit channels for every head (ascending, as typed; range-checked against
-    /// the head dimension when the cache is built).
-    Channels(Vec<usize>),
-}
-
-impl std::str::FromStr for SplitChoice {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "none" => Ok(Self::None),
-            list => {
-                let mut v: Vec<usize> = list
-                    .split(',')
-                    .map(|c| {
-                        c.trim().parse::<usize>().map_err(|_| {
-                            format!(
-                                "'{c}' is not a channel index (expected auto, none or a comma-separated list)"
-                            )
-                        })
-                    })
-                    .collect::<std::result::Result<_, _>>()?;
-                v.sort_unstable();
-                Ok(Self::Channels(v))
-            }
-        }
-    }
-}
 
 /// Splits `text` at commas as the CLI does and parses every item as `T`.
 ///
@@ -72,7 +36,7 @@ pub fn parse_every_list(text: &str) -> usize {
         parse_list::<ScaleMode>(text).is_ok(),
         parse_list::<RotationKind>(text).is_ok(),
         parse_list::<SketchKind>(text).is_ok(),
-        text.parse::<SplitChoice>().is_ok(),
+        text.parse::<OutlierChoice>().is_ok(),
     ]
     .into_iter()
     .filter(|&ok| ok)
@@ -89,10 +53,10 @@ mod tests {
         let e = parse_list::<u32>("1,x,4").unwrap_err();
         assert!(e.contains("'x'"), "{e}");
         assert_eq!(
-            "3,1,2".parse::<SplitChoice>().unwrap(),
-            SplitChoice::Channels(vec![1, 2, 3])
+            "3,1,2".parse::<OutlierChoice>().unwrap(),
+            OutlierChoice::Channels(vec![1, 2, 3])
         );
-        assert!("1,,2".parse::<SplitChoice>().is_err());
+        assert!("1,,2".parse::<OutlierChoice>().is_err());
         assert_eq!(parse_every_list("4"), 5); // u32, usize, f64, precision, channel list
         assert_eq!(parse_every_list("mse,prod"), 1);
         assert_eq!(parse_every_list(""), 0);

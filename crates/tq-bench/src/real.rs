@@ -4,17 +4,15 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use indicatif::ProgressBar;
 use serde::Serialize;
-use tq_kv::{HeadConfig, KeyStrategy, Precision, RotationKind, ValueStrategy};
+use tq_kv::{HeadCalibration, HeadConfig, KeyStrategy, OutlierChoice, RotationKind, ValueStrategy};
 use tq_onnx::{
-    CacheSpec, Decoder, Keep, LogitMetrics, OutlierChoice, Run, Sampling, calibrate, generate,
-    replay, teacher_forced, token_match, trace_of,
+    CacheSpec, Decoder, Keep, LogitMetrics, Run, Sampling, calibrate, generate, replay,
+    teacher_forced, token_match, trace_of,
 };
 use tq_quant::ScaleMode;
-
-use crate::SplitChoice;
 
 /// Text the outlier channels and means of split or centred caches are calibrated on: ordinary
 /// prose unrelated to the prompt suite and the perplexity text.
@@ -76,29 +74,15 @@ pub struct Config {
     /// Per-head configuration.
     pub head: HeadConfig,
     /// Outlier channel choice for split precisions.
-    pub split: SplitChoice,
+    pub split: OutlierChoice,
 }
 
 impl Config {
     fn spec(&self, decoder: &Decoder) -> Result<CacheSpec> {
-        let choice = match &self.split {
-            SplitChoice::Auto => OutlierChoice::Auto,
-            SplitChoice::Channels(c) => OutlierChoice::Channels(c.clone()),
-            SplitChoice::None => {
-                let split = |p: Precision| matches!(p, Precision::Split { .. });
-                if split(self.head.key_precision) || split(self.head.value_precision) {
-                    bail!(
-                        "precision {} / {} needs outlier channels but --split none was given",
-                        self.head.key_precision,
-                        self.head.value_precision
-                    );
-                }
-                OutlierChoice::Auto
-            }
-        };
-        let calibration = if CacheSpec::needs_calibration(&self.head) {
+        let calibration = if HeadCalibration::needed(&self.head) {
             let ids = decoder.bundle().encode(CALIBRATION_TEXT)?;
-            calibrate(decoder, &ids, &self.head, &choice)?
+            calibrate(decoder, &ids, &self.head, &self.split)
+                .with_context(|| format!("calibrating with --split {}", self.split))?
         } else {
             Vec::new()
         };
@@ -276,7 +260,7 @@ pub fn run_prompts(
             Mode::Quantized => max_new,
             Mode::Compare => 2 * max_new,
         };
-        let pb = crate::progress_bar(
+        let pb = crate::cmd::progress_bar(
             json,
             max_new * (mode != Mode::Quantized) as usize + per_config * configs.len(),
         );
@@ -400,7 +384,7 @@ pub fn run_text(
     );
     let d = decoder.head_dim();
     let steps = ids.len() - 1;
-    let pb = crate::progress_bar(json, steps * (1 + configs.len()));
+    let pb = crate::cmd::progress_bar(json, steps * (1 + configs.len()));
     pb.set_message(label.to_string());
     let keep = Keep {
         logits: true,

@@ -359,6 +359,34 @@ fn trace_errors_are_one_line() {
     }
 }
 
+/// Split precisions under grouped-query attention are calibrated once per kv head (a calibration
+/// per query head used to read past the keys and panic).
+#[test]
+fn attention_calibrates_split_precisions_per_kv_head() {
+    let r = json(&bench(&[
+        "attention",
+        "--tokens",
+        "64",
+        "--bits",
+        "2.5",
+        "--dim",
+        "64",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--budget",
+        "0.01",
+        "--json",
+    ]));
+    let rows = r["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0]["heads"].as_u64(), rows[0]["kv_heads"].as_u64()),
+        (Some(4), Some(2))
+    );
+}
+
 #[test]
 fn attention_reports_speed_and_memory() {
     let r = json(&bench(&[

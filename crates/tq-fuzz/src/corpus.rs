@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use tq_bench::data::npy_bytes as npy;
 use tq_core::{RotationKind, SeededRng, rng::stream};
-use tq_kv::{HeadConfig, KeyStrategy, ModelCache, MultiHeadCache, Outliers, Precision};
+use tq_kv::{HeadCalibration, HeadConfig, KeyStrategy, ModelCache, MultiHeadCache, Precision};
 use tq_quant::{
     MseBatch, MseConfig, MseQuantizer, PolarBatch, PolarConfig, PolarQuantizer, ProdBatch,
     ProdConfig, ProdQuantizer, SketchKind,
@@ -174,7 +174,7 @@ fn caches() -> Result<Vec<(String, Vec<u8>)>> {
         (
             "split-prod",
             &split,
-            vec![Outliers {
+            vec![HeadCalibration {
                 keys: Some(vec![1, 5, 9, 12]),
                 ..Default::default()
             }],

@@ -101,25 +101,18 @@ fn vectors_safetensors(data: &[u8]) -> bool {
 }
 
 fn batch(data: &[u8]) -> bool {
-    use tq_quant::io::SavedBatch;
-    let Ok(b) = SavedBatch::from_safetensors(data) else {
+    use tq_quant::{AnyBatch, EncodedVectors};
+    let Ok(b) = AnyBatch::from_safetensors(data) else {
         return false;
     };
-    // Use what was validated: decode the first row.
-    match &b {
-        SavedBatch::Mse(b) if !b.is_empty() => {
-            let mut out = vec![0.0; b.quantizer().dim()];
-            let _ = b.dequantize_row(0, &mut out);
+    // Use what was validated: decode the first row, score a query.
+    if !b.is_empty() {
+        let mut out = vec![0.0; b.dim()];
+        let _ = b.dequantize_row(0, &mut out);
+        if let Ok(q) = b.encode_query(&out) {
+            let mut scores = vec![0.0; b.len()];
+            let _ = b.score_into(&q, &mut scores);
         }
-        SavedBatch::Prod(b) if !b.is_empty() => {
-            let mut out = vec![0.0; b.quantizer().dim()];
-            let _ = b.dequantize_row(0, &mut out);
-        }
-        SavedBatch::Polar(b) if !b.is_empty() => {
-            let mut out = vec![0.0; b.quantizer().dim()];
-            let _ = b.dequantize_row(0, &mut out);
-        }
-        _ => {}
     }
     let _ = b.to_safetensors();
     true

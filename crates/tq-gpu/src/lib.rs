@@ -9,6 +9,8 @@
 //! - [`GpuContext::quantize_mse`], [`GpuContext::dequantize_mse`], [`GpuContext::upload`] (a
 //!   resident batch) and [`ResidentBatch::score`] / [`ResidentBatch::top_k`]. Batches larger
 //!   than one dispatch or one storage binding are split into chunks of whole 32-row blocks.
+//! - [`GpuContext::quantize`], [`GpuContext::dequantize`], [`GpuContext::upload_batch`]: the
+//!   same for a quantizer kind chosen at run time ([`tq_quant::AnyQuantizer`]).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -32,6 +34,7 @@
 //! Codes equal the CPU's except where a rotated coordinate lies within float rounding of a
 //! codebook boundary (the GPU's `sqrt` and division may differ from the CPU's by an ulp).
 
+mod any;
 mod context;
 mod error;
 mod mse;

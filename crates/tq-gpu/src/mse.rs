@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use tq_quant::{MseBatch, MseQuantizer, PackedRows};
+use tq_quant::{AnyQuantizer, MseBatch, MseQuantizer, PackedRows};
 
 use crate::Result;
 use crate::context::{GpuContext, Params, check_rows};
-use crate::resident::{Kind, ResidentBatch};
+use crate::resident::ResidentBatch;
 
 impl GpuContext {
     /// Quantizes `xs` (row-major, `n · d` finite f32) on the GPU into a batch of `quantizer`
@@ -91,7 +91,7 @@ impl GpuContext {
         let chunks = self.chunks_of(batch.codes(), None, batch.norms(), None, 4)?;
         Ok(ResidentBatch {
             ctx: self,
-            kind: Kind::Mse(q),
+            quantizer: AnyQuantizer::Mse(q),
             qb,
             chunks,
             len: batch.len(),

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use tq_quant::{PackedRows, ProdBatch, ProdQuantizer};
+use tq_quant::{AnyQuantizer, PackedRows, ProdBatch, ProdQuantizer};
 
 use crate::context::{GpuContext, Params, check_rows};
-use crate::resident::{Kind, ResidentBatch};
+use crate::resident::ResidentBatch;
 use crate::{Error, Result};
 
 impl GpuContext {
@@ -132,7 +132,7 @@ impl GpuContext {
         )?;
         Ok(ResidentBatch {
             ctx: self,
-            kind: Kind::Prod(q),
+            quantizer: AnyQuantizer::Prod(q),
             qb,
             chunks,
             len: batch.len(),

@@ -1,22 +1,15 @@
 //! A batch kept on the device for repeated scoring and top-k.
 
-use std::sync::Arc;
-
-use tq_quant::{MseQuantizer, ProdQuantizer};
+use tq_quant::AnyQuantizer;
 
 use crate::context::{Chunk, GpuContext, MAX_GROUPS, Params, QuantBuffers, check_rows};
 use crate::{Error, Result};
 
-/// The quantizer behind a resident batch.
-pub(crate) enum Kind {
-    Mse(Arc<MseQuantizer>),
-    Prod(Arc<ProdQuantizer>),
-}
-
 /// A batch kept on the device for repeated scoring.
 pub struct ResidentBatch<'a> {
     pub(crate) ctx: &'a GpuContext,
-    pub(crate) kind: Kind,
+    /// The batch's quantizer (MSE or Prod: uploads of other kinds are refused).
+    pub(crate) quantizer: AnyQuantizer,
     pub(crate) qb: QuantBuffers,
     pub(crate) chunks: Vec<Chunk>,
     pub(crate) len: usize,
@@ -50,9 +43,9 @@ impl ResidentBatch<'_> {
     /// tq-quant's query errors; device errors.
     pub fn score(&self, q: &[f32]) -> Result<Vec<f32>> {
         let ctx = self.ctx;
-        let (mse, sketch, pipeline) = match &self.kind {
-            Kind::Mse(m) => (m.as_ref(), None, &ctx.score),
-            Kind::Prod(p) => {
+        let (mse, sketch, pipeline) = match &self.quantizer {
+            AnyQuantizer::Mse(m) => (m.as_ref(), None, &ctx.score),
+            AnyQuantizer::Prod(p) => {
                 let mse = p
                     .mse()
                     .ok_or_else(|| Error::Unsupported("1-bit Prod".into()))?;
@@ -62,12 +55,13 @@ impl ResidentBatch<'_> {
                     &ctx.score_prod,
                 )
             }
+            other => return Err(Error::Unsupported(format!("{} batches", other.kind()))),
         };
         let prepared = mse.prepare_query(q)?;
         // A centred MSE quantizer adds <q, mean> to every score (zero otherwise and for Prod).
-        let offset = match &self.kind {
-            Kind::Mse(_) => prepared.offset(),
-            Kind::Prod(_) => 0.0,
+        let offset = match &self.quantizer {
+            AnyQuantizer::Mse(_) => prepared.offset(),
+            _ => 0.0,
         };
         let rotated = prepared.rotated().to_vec();
         let c = mse.codebook().centroids();
@@ -143,10 +137,7 @@ impl ResidentBatch<'_> {
     }
 
     fn dim(&self) -> usize {
-        match &self.kind {
-            Kind::Mse(q) => q.dim(),
-            Kind::Prod(q) => q.dim(),
-        }
+        self.quantizer.dim()
     }
 
     /// The `k` best rows for `q` by GPU scores (ties by index), best first.

@@ -432,3 +432,42 @@ fn scale_modes_and_centred_quantizers_match_the_cpu() {
         }
     }
 }
+
+/// A quantizer chosen at run time goes to its pipeline (the same batch as the typed entry point)
+/// or, for PolarQuant, is refused as unsupported.
+#[test]
+fn run_time_kinds_dispatch_to_their_pipelines() {
+    use tq_quant::{AnyBatch, EncodedVectors, QuantizerKind, QuantizerSpec};
+    let Some(gpu) = ctx() else { return };
+    let (d, n) = (64, 70);
+    let xs = rows(n, d, 3);
+    for kind in [QuantizerKind::Mse, QuantizerKind::Prod] {
+        let q = QuantizerSpec::new(kind, d, 3, RotationKind::Hadamard, 8)
+            .build()
+            .unwrap();
+        let any = gpu.quantize(&q, &xs).unwrap();
+        assert_eq!((any.kind(), any.len()), (kind, n));
+        let typed = match &q {
+            tq_quant::AnyQuantizer::Mse(m) => AnyBatch::from(gpu.quantize_mse(m, &xs).unwrap()),
+            tq_quant::AnyQuantizer::Prod(p) => AnyBatch::from(gpu.quantize_prod(p, &xs).unwrap()),
+            tq_quant::AnyQuantizer::Polar(_) => unreachable!("not in this loop"),
+        };
+        // The same kernel on the same input: the same codes and scalars, so the same rows.
+        assert!(any.dequantize_all() == typed.dequantize_all(), "{kind}");
+        assert_eq!(gpu.dequantize(&any).unwrap().len(), n * d);
+        let scores = gpu.upload_batch(&any).unwrap().score(&xs[..d]).unwrap();
+        assert_eq!(scores.len(), n);
+    }
+    let polar = QuantizerSpec::new(QuantizerKind::Polar, d, 4, RotationKind::Hadamard, 8)
+        .build()
+        .unwrap();
+    let e = gpu.quantize(&polar, &xs).unwrap_err();
+    assert!(
+        matches!(e, Error::Unsupported(_)) && e.to_string().contains("polar"),
+        "{e}"
+    );
+    let mut b = polar.new_batch();
+    b.extend(&xs).unwrap();
+    assert!(matches!(gpu.dequantize(&b), Err(Error::Unsupported(_))));
+    assert!(matches!(gpu.upload_batch(&b), Err(Error::Unsupported(_))));
+}

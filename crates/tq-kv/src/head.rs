@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
 use tq_quant::ScaleMode;
 
+use crate::calibration::HeadCalibration;
 use crate::error::{check_finite, check_len};
 use crate::precision::Precision;
 use crate::store::{KeyStrategy, Store, ValueStrategy};
@@ -56,7 +57,7 @@ pub struct HeadConfig {
     /// Per-vector scalar of the MSE key and value quantizers (Prod keys always store the norm).
     #[serde(default)]
     pub scale: ScaleMode,
-    /// Centre MSE keys and values on calibrated means ([`Outliers::key_mean`] / `value_mean`);
+    /// Centre MSE keys and values on calibrated means ([`HeadCalibration::key_mean`] / `value_mean`);
     /// scores add `⟨q, mean⟩` and attention outputs add the value mean back.
     #[serde(default)]
     pub center: bool,
@@ -101,22 +102,6 @@ impl HeadConfig {
     }
 }
 
-/// Per-head calibration: outlier channels for split precisions (ascending channel indices) and,
-/// for centred caches, the key and value means (`head_dim` values each).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Outliers {
-    /// Key outlier channels (needed when the key precision is a split).
-    pub keys: Option<Vec<usize>>,
-    /// Value outlier channels (needed when the value precision is a split).
-    pub values: Option<Vec<usize>>,
-    /// Key mean (needed when `HeadConfig::center` is set).
-    #[serde(default)]
-    pub key_mean: Option<Vec<f32>>,
-    /// Value mean (needed when `HeadConfig::center` is set).
-    #[serde(default)]
-    pub value_mean: Option<Vec<f32>>,
-}
-
 /// A head's serialized parts (see [`crate::persist`]).
 pub(crate) struct SavedParts<'a> {
     pub(crate) keys: Vec<Vec<u8>>,
@@ -142,7 +127,7 @@ impl HeadCache {
     ///
     /// # Errors
     /// Invalid dimension or precision, or missing / malformed outlier channels for a split.
-    pub fn new(config: HeadConfig, outliers: &Outliers) -> Result<Self> {
+    pub fn new(config: HeadConfig, outliers: &HeadCalibration) -> Result<Self> {
         let d = config.head_dim;
         let keys = Store::new(
             d,
@@ -201,8 +186,8 @@ impl HeadCache {
     }
 
     /// The calibration in use (outlier channels and means).
-    pub fn outliers(&self) -> Outliers {
-        Outliers {
+    pub fn outliers(&self) -> HeadCalibration {
+        HeadCalibration {
             keys: self.keys.outliers().map(<[usize]>::to_vec),
             values: self.values.outliers().map(<[usize]>::to_vec),
             key_mean: self.keys.mean(),

@@ -4,14 +4,15 @@
 //!   [`Precision`] (uniform, or the paper's fractional widths by outlier-channel splitting), an
 //!   optional f32 window of recent tokens, attention and raw scores on the packed codes;
 //! - [`MultiHeadCache`] (grouped-query attention, heads in parallel) and [`ModelCache`];
-//! - [`Precision`] and [`calibrate_outliers`] for mixed precision;
+//! - [`Precision`] for mixed precision, [`HeadCalibration`] (outlier channels and means from
+//!   samples) and [`calibrate_outliers`];
 //! - [`KvTrace`]: the safetensors trace format, and [`SyntheticTrace`] with realistic outliers.
 //!
 //! ```
-//! use tq_kv::{HeadCache, HeadConfig, Outliers, Precision};
+//! use tq_kv::{HeadCache, HeadConfig, HeadCalibration, Precision};
 //!
 //! let d = 64;
-//! let mut cache = HeadCache::new(HeadConfig::new(d, Precision::Uniform(4), Precision::Uniform(4)), &Outliers::default())?;
+//! let mut cache = HeadCache::new(HeadConfig::new(d, Precision::Uniform(4), Precision::Uniform(4)), &HeadCalibration::default())?;
 //! let keys: Vec<f32> = (0..10 * d).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
 //! cache.append(&keys, &keys)?;
 //! let mut out = vec![0.0; d];
@@ -20,6 +21,7 @@
 //! # Ok::<(), tq_kv::Error>(())
 //! ```
 
+pub mod calibration;
 mod error;
 pub mod head;
 pub mod multi;
@@ -28,8 +30,9 @@ pub mod precision;
 mod store;
 pub mod trace;
 
+pub use calibration::{HeadCalibration, OutlierChoice};
 pub use error::{Error, Result};
-pub use head::{HeadCache, HeadConfig, Outliers, ScoreMode};
+pub use head::{HeadCache, HeadConfig, ScoreMode};
 pub use multi::{MAX_HEADS, ModelCache, MultiHeadCache};
 pub use precision::{Precision, calibrate_outliers};
 pub use store::{KeyStrategy, ValueStrategy};

@@ -9,8 +9,9 @@
 
 use rayon::prelude::*;
 
+use crate::calibration::HeadCalibration;
 use crate::error::check_len;
-use crate::head::{HeadCache, HeadConfig, Outliers};
+use crate::head::{HeadCache, HeadConfig};
 use crate::{Error, Result};
 
 /// Tokens × heads from which heads are processed in parallel.
@@ -39,7 +40,7 @@ impl MultiHeadCache {
         n_q_heads: usize,
         n_kv_heads: usize,
         config: &HeadConfig,
-        outliers: &[Outliers],
+        outliers: &[HeadCalibration],
     ) -> Result<Self> {
         if n_kv_heads == 0
             || n_q_heads == 0
@@ -59,7 +60,7 @@ impl MultiHeadCache {
                 ),
             });
         }
-        let none = Outliers::default();
+        let none = HeadCalibration::default();
         let heads = (0..n_kv_heads)
             .map(|h| HeadCache::new(config.clone(), outliers.get(h).unwrap_or(&none)))
             .collect::<Result<Vec<_>>>()?;

@@ -1,7 +1,7 @@
 //! Saving and loading whole caches (safetensors, format `tq-kv-cache` version 1).
 //!
 //! `__metadata__`: `format = "tq-kv-cache"`, `version = "1"`, `config` = JSON
-//! `{"layers", "n_q_heads", "n_kv_heads", "head": HeadConfig, "outliers": [[Outliers; kv heads]; layers]}`.
+//! `{"layers", "n_q_heads", "n_kv_heads", "head": HeadConfig, "outliers": [[HeadCalibration; kv heads]; layers]}`.
 //! Per layer `l` and kv head `h`: `l{l}.h{h}.keys.p{p}` and `l{l}.h{h}.values.p{p}` (U8: each
 //! channel part's batch as a saved tq-batch, see tq-quant's `io`), and `l{l}.h{h}.window_keys` /
 //! `window_values` (F32 `[w, d]`). Loading checks the header, rebuilds the configured cache,
@@ -17,7 +17,8 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::head::{HeadCache, HeadConfig, Outliers};
+use crate::calibration::HeadCalibration;
+use crate::head::{HeadCache, HeadConfig};
 use crate::multi::{ModelCache, MultiHeadCache};
 use crate::{Error, Result};
 
@@ -31,7 +32,7 @@ struct CacheHeader {
     n_q_heads: usize,
     n_kv_heads: usize,
     head: HeadConfig,
-    outliers: Vec<Vec<Outliers>>,
+    outliers: Vec<Vec<HeadCalibration>>,
 }
 
 fn bad(tensor: impl Into<String>, reason: impl Into<String>) -> Error {

@@ -1,16 +1,9 @@
 //! One quantized tensor stream (all keys or all values of a head): one or two channel parts, each
 //! a TurboQuant batch of its own (docs/DESIGN.md, Algorithms: mixed precision).
 
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
-use tq_quant::io::SavedBatch;
-use tq_quant::{
-    MseBatch, MseConfig, MseQuantizer, MseQuery, ProdBatch, ProdConfig, ProdQuantizer, ProdQuery,
-    SketchKind,
-};
-use tq_quant::{PolarBatch, PolarConfig, PolarQuantizer, ScaleMode};
+use tq_quant::{AnyBatch, AnyQuery, EncodedVectors, QuantizerKind, QuantizerSpec, ScaleMode};
 
 use crate::precision::{Precision, check_channels};
 use crate::{Error, Result};
@@ -32,10 +25,15 @@ pub enum KeyStrategy {
 impl KeyStrategy {
     /// Lower-case name.
     pub fn name(self) -> &'static str {
+        self.quantizer_kind().name()
+    }
+
+    /// The tq-quant quantizer that stores keys of this strategy.
+    pub fn quantizer_kind(self) -> QuantizerKind {
         match self {
-            KeyStrategy::Mse => "mse",
-            KeyStrategy::Prod => "prod",
-            KeyStrategy::Polar => "polar",
+            KeyStrategy::Mse => QuantizerKind::Mse,
+            KeyStrategy::Prod => QuantizerKind::Prod,
+            KeyStrategy::Polar => QuantizerKind::Polar,
         }
     }
 }
@@ -101,25 +99,10 @@ impl std::str::FromStr for ValueStrategy {
 }
 
 #[derive(Debug, Clone)]
-enum PartBatch {
-    Mse(MseBatch),
-    Prod(ProdBatch),
-    Polar(PolarBatch),
-}
-
-/// A query prepared against one part.
-#[derive(Debug, Clone)]
-pub(crate) enum PartQuery {
-    Mse(MseQuery),
-    Prod(ProdQuery),
-    Polar(Vec<f32>),
-}
-
-#[derive(Debug, Clone)]
 struct Part {
     /// Channels of this part, ascending; `None` means all channels in order.
     channels: Option<Vec<usize>>,
-    batch: PartBatch,
+    batch: AnyBatch,
 }
 
 /// Quantized rows of one tensor stream.
@@ -154,37 +137,13 @@ fn make_part(
             reason: "centering applies to MSE keys only".into(),
         });
     }
-    let batch = match strategy {
-        KeyStrategy::Mse => {
-            let cfg = MseConfig::new(dim, bits, rotation, seed).with_scale(scale);
-            let q = match mean {
-                Some(m) => MseQuantizer::with_mean(cfg, m)?,
-                None => MseQuantizer::new(cfg)?,
-            };
-            PartBatch::Mse(MseBatch::new(Arc::new(q)))
-        }
-        KeyStrategy::Prod => {
-            let cfg = ProdConfig {
-                dim,
-                bits,
-                rotation,
-                sketch: SketchKind::Gaussian,
-                seed,
-            };
-            PartBatch::Prod(ProdBatch::new(Arc::new(ProdQuantizer::new(cfg)?)))
-        }
-        KeyStrategy::Polar => {
-            let rest = (bits / 2).max(1);
-            let cfg = PolarConfig {
-                dim,
-                level_bits: vec![bits, rest, rest, rest],
-                rotation,
-                seed,
-            };
-            PartBatch::Polar(PolarBatch::new(Arc::new(PolarQuantizer::new(cfg)?)))
-        }
-    };
-    Ok(Part { channels, batch })
+    let spec = QuantizerSpec::new(strategy.quantizer_kind(), dim, bits, rotation, seed)
+        .with_scale(scale)
+        .with_mean(mean);
+    Ok(Part {
+        channels,
+        batch: spec.build()?.new_batch(),
+    })
 }
 
 impl Store {
@@ -261,34 +220,19 @@ impl Store {
     }
 
     pub(crate) fn len(&self) -> usize {
-        match &self.parts[0].batch {
-            PartBatch::Mse(b) => b.len(),
-            PartBatch::Prod(b) => b.len(),
-            PartBatch::Polar(b) => b.len(),
-        }
+        self.parts[0].batch.len()
     }
 
     /// Exact stored bytes per row (codes and scalars of every part).
     pub(crate) fn bytes_per_vector(&self) -> usize {
-        self.parts
-            .iter()
-            .map(|p| match &p.batch {
-                PartBatch::Mse(b) => b.bytes_per_vector(),
-                PartBatch::Prod(b) => b.bytes_per_vector(),
-                PartBatch::Polar(b) => b.bytes_per_vector(),
-            })
-            .sum()
+        self.parts.iter().map(|p| p.batch.bytes_per_vector()).sum()
     }
 
-    /// Outlier channels of a split stream.
     /// The full-dimension mean of a centred stream (gathered back from its parts).
     pub(crate) fn mean(&self) -> Option<Vec<f32>> {
         let mut out = vec![0.0f32; self.dim];
         for p in &self.parts {
-            let PartBatch::Mse(b) = &p.batch else {
-                return None;
-            };
-            let m = b.quantizer().mean()?;
+            let m = p.batch.mean()?;
             match &p.channels {
                 None => out.copy_from_slice(m),
                 Some(ch) => ch.iter().zip(m).for_each(|(&c, &v)| out[c] = v),
@@ -297,6 +241,7 @@ impl Store {
         Some(out)
     }
 
+    /// Outlier channels of a split stream.
     pub(crate) fn outliers(&self) -> Option<&[usize]> {
         if self.parts.len() > 1 {
             self.parts[0].channels.as_deref()
@@ -326,42 +271,30 @@ impl Store {
     pub(crate) fn extend(&mut self, xs: &[f32]) -> Result<()> {
         for p in &mut self.parts {
             let sub = Self::gather(&p.channels, xs, self.dim);
-            match &mut p.batch {
-                PartBatch::Mse(b) => b.extend(&sub)?,
-                PartBatch::Prod(b) => b.extend(&sub)?,
-                PartBatch::Polar(b) => b.extend(&sub)?,
-            }
+            p.batch.extend(&sub)?;
         }
         Ok(())
     }
 
     pub(crate) fn truncate(&mut self, n: usize) {
         for p in &mut self.parts {
-            match &mut p.batch {
-                PartBatch::Mse(b) => b.truncate(n),
-                PartBatch::Prod(b) => b.truncate(n),
-                PartBatch::Polar(b) => b.truncate(n),
-            }
+            p.batch.truncate(n);
         }
     }
 
     /// Prepares a (trusted) query against every part.
-    pub(crate) fn prepare(&self, q: &[f32]) -> Result<Vec<PartQuery>> {
+    pub(crate) fn prepare(&self, q: &[f32]) -> Result<Vec<AnyQuery>> {
         self.parts
             .iter()
             .map(|p| {
-                let sub = Self::gather(&p.channels, q, self.dim);
-                Ok(match &p.batch {
-                    PartBatch::Mse(b) => PartQuery::Mse(b.quantizer().prepare_query(&sub)?),
-                    PartBatch::Prod(b) => PartQuery::Prod(b.quantizer().prepare_query(&sub)?),
-                    PartBatch::Polar(_) => PartQuery::Polar(sub.into_owned()),
-                })
+                Ok(p.batch
+                    .encode_query(&Self::gather(&p.channels, q, self.dim))?)
             })
             .collect()
     }
 
     /// `out[t] = ⟨q, k̃_t⟩` for every stored row, summed over the parts.
-    pub(crate) fn scores(&self, queries: &[PartQuery], out: &mut [f32], fast: bool) -> Result<()> {
+    pub(crate) fn scores(&self, queries: &[AnyQuery], out: &mut [f32], fast: bool) -> Result<()> {
         let mut tmp = if self.parts.len() > 1 {
             vec![0.0f32; out.len()]
         } else {
@@ -369,13 +302,10 @@ impl Store {
         };
         for (i, (p, q)) in self.parts.iter().zip(queries).enumerate() {
             let dst: &mut [f32] = if i == 0 { out } else { &mut tmp };
-            match (&p.batch, q, fast) {
-                (PartBatch::Mse(b), PartQuery::Mse(q), true) => b.score_into(q, dst)?,
-                (PartBatch::Mse(b), PartQuery::Mse(q), false) => b.score_exact_into(q, dst)?,
-                (PartBatch::Prod(b), PartQuery::Prod(q), true) => b.score_into(q, dst)?,
-                (PartBatch::Prod(b), PartQuery::Prod(q), false) => b.score_exact_into(q, dst)?,
-                (PartBatch::Polar(b), PartQuery::Polar(q), _) => b.score_into(q, dst)?,
-                _ => unreachable!("queries are prepared against the same parts"),
+            if fast {
+                p.batch.score_into(q, dst)?;
+            } else {
+                p.batch.score_exact_into(q, dst)?;
             }
             if i > 0 {
                 for (o, t) in out.iter_mut().zip(&tmp) {
@@ -386,52 +316,25 @@ impl Store {
         Ok(())
     }
 
-    /// `outs[q] += Σ_t weights[q][t] · ṽ_t` for every weight vector (MSE parts, rotated domain, the
-    /// codes decoded once for all vectors, one inverse rotation per vector and part).
+    /// `outs[q] += Σ_t weights[q][t] · ṽ_t` for every weight vector, part by part (each part's
+    /// batch sums its own rows: MSE in the rotated domain, one inverse rotation per vector).
     pub(crate) fn weighted_sums_into(
         &self,
         weights: &[&[f32]],
         outs: &mut [&mut [f32]],
     ) -> Result<()> {
         for p in &self.parts {
-            let scatter = |out: &mut [f32], part: &[f32]| match &p.channels {
-                None => out.iter_mut().zip(part).for_each(|(o, v)| *o += v),
-                Some(ch) => ch.iter().zip(part).for_each(|(&c, v)| out[c] += v),
-            };
-            let b = match &p.batch {
-                PartBatch::Mse(b) => b,
-                PartBatch::Polar(b) => {
-                    let mut part = vec![0.0f32; b.quantizer().dim()];
-                    for (w, out) in weights.iter().zip(outs.iter_mut()) {
-                        b.weighted_sum(w, &mut part)?;
-                        scatter(out, &part);
-                    }
-                    continue;
-                }
-                PartBatch::Prod(_) => {
-                    return Err(Error::InvalidPrecision {
-                        spec: "prod".into(),
-                        reason: "values cannot use TurboQuant_prod".into(),
-                    });
-                }
-            };
-            let k = b.quantizer().dim();
-            let mut rot = vec![vec![0.0f32; k]; weights.len()];
+            let k = p.batch.dim();
+            let mut parts = vec![vec![0.0f32; k]; weights.len()];
             {
-                let mut refs: Vec<&mut [f32]> = rot.iter_mut().map(Vec::as_mut_slice).collect();
-                b.accumulate_rotated_multi(weights, &mut refs)?;
+                let mut refs: Vec<&mut [f32]> = parts.iter_mut().map(Vec::as_mut_slice).collect();
+                p.batch.weighted_sums_into(weights, &mut refs)?;
             }
-            let mut part = vec![0.0f32; k];
-            for ((r, out), w) in rot.iter().zip(outs.iter_mut()).zip(weights) {
-                b.quantizer()
-                    .rotation()
-                    .apply_inverse_unchecked(r, &mut part);
-                // A centred part's rows are x̃ + mean: add the mean once, weighted by Σ w.
-                if let Some(m) = b.quantizer().mean() {
-                    let total: f32 = w.iter().sum();
-                    part.iter_mut().zip(m).for_each(|(p, &v)| *p += total * v);
+            for (part, out) in parts.iter().zip(outs.iter_mut()) {
+                match &p.channels {
+                    None => out.iter_mut().zip(part).for_each(|(o, v)| *o += v),
+                    Some(ch) => ch.iter().zip(part).for_each(|(&c, v)| out[c] += v),
                 }
-                scatter(out, &part);
             }
         }
         Ok(())
@@ -441,13 +344,7 @@ impl Store {
     pub(crate) fn to_blobs(&self) -> Result<Vec<Vec<u8>>> {
         self.parts
             .iter()
-            .map(|p| {
-                Ok(match &p.batch {
-                    PartBatch::Mse(b) => b.to_safetensors()?,
-                    PartBatch::Prod(b) => b.to_safetensors()?,
-                    PartBatch::Polar(b) => b.to_safetensors()?,
-                })
-            })
+            .map(|p| Ok(p.batch.to_safetensors()?))
             .collect()
     }
 
@@ -467,35 +364,17 @@ impl Store {
         }
         let mut rows = None;
         for (p, blob) in self.parts.iter_mut().zip(blobs) {
-            let saved = SavedBatch::from_safetensors(blob)?;
-            let (len, ok) = match (&p.batch, &saved) {
-                (PartBatch::Mse(want), SavedBatch::Mse(got)) => (
-                    got.len(),
-                    want.quantizer().config() == got.quantizer().config(),
-                ),
-                (PartBatch::Prod(want), SavedBatch::Prod(got)) => (
-                    got.len(),
-                    want.quantizer().config() == got.quantizer().config(),
-                ),
-                (PartBatch::Polar(want), SavedBatch::Polar(got)) => (
-                    got.len(),
-                    want.quantizer().config() == got.quantizer().config(),
-                ),
-                _ => (0, false),
-            };
-            if !ok {
+            let saved = AnyBatch::from_safetensors(blob)?;
+            if !p.batch.quantizer().same_config(&saved.quantizer()) {
                 return Err(bad(
                     "a stored part's quantizer differs from the cache configuration".into(),
                 ));
             }
+            let len = saved.len();
             if *rows.get_or_insert(len) != len {
                 return Err(bad("parts hold different numbers of rows".into()));
             }
-            p.batch = match saved {
-                SavedBatch::Mse(b) => PartBatch::Mse(b),
-                SavedBatch::Prod(b) => PartBatch::Prod(b),
-                SavedBatch::Polar(b) => PartBatch::Polar(b),
-            };
+            p.batch = saved;
         }
         Ok(())
     }
@@ -503,16 +382,8 @@ impl Store {
     /// Decodes row `i` into `out` (`dim` values).
     pub(crate) fn reconstruct(&self, i: usize, out: &mut [f32]) -> Result<()> {
         for p in &self.parts {
-            let k = match &p.channels {
-                None => self.dim,
-                Some(ch) => ch.len(),
-            };
-            let mut part = vec![0.0f32; k];
-            match &p.batch {
-                PartBatch::Mse(b) => b.dequantize_row(i, &mut part)?,
-                PartBatch::Prod(b) => b.dequantize_row(i, &mut part)?,
-                PartBatch::Polar(b) => b.dequantize_row(i, &mut part)?,
-            }
+            let mut part = vec![0.0f32; p.batch.dim()];
+            p.batch.dequantize_row(i, &mut part)?;
             match &p.channels {
                 None => out.copy_from_slice(&part),
                 Some(ch) => ch.iter().zip(&part).for_each(|(&c, &v)| out[c] = v),

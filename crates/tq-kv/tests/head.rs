@@ -5,7 +5,8 @@
 use half::{bf16, f16};
 use tq_core::{SeededRng, rng::stream};
 use tq_kv::{
-    Error, HeadCache, HeadConfig, KeyStrategy, Outliers, Precision, ScoreMode, calibrate_outliers,
+    Error, HeadCache, HeadCalibration, HeadConfig, KeyStrategy, Precision, ScoreMode,
+    calibrate_outliers,
 };
 
 fn rows(n: usize, d: usize, seed: u64) -> Vec<f32> {
@@ -58,7 +59,7 @@ fn config(d: usize, k: &str, v: &str, strategy: KeyStrategy, window: usize) -> H
     }
 }
 
-fn outliers_for(cfg: &HeadConfig, keys: &[f32], values: &[f32]) -> Outliers {
+fn outliers_for(cfg: &HeadConfig, keys: &[f32], values: &[f32]) -> HeadCalibration {
     let d = cfg.head_dim;
     let pick = |p: Precision, xs: &[f32]| match p {
         Precision::Split {
@@ -70,7 +71,7 @@ fn outliers_for(cfg: &HeadConfig, keys: &[f32], values: &[f32]) -> Outliers {
         cfg.center
             .then(|| tq_quant::MseQuantizer::calibrate_mean(xs, d).unwrap())
     };
-    Outliers {
+    HeadCalibration {
         keys: pick(cfg.key_precision, keys),
         values: pick(cfg.value_precision, values),
         key_mean: mean(keys),
@@ -132,7 +133,7 @@ fn attention_error_falls_as_bits_grow() {
             score_mode: ScoreMode::Fast,
             ..config(d, bits, bits, KeyStrategy::Mse, 0)
         };
-        let mut cache = HeadCache::new(cfg, &Outliers::default()).unwrap();
+        let mut cache = HeadCache::new(cfg, &HeadCalibration::default()).unwrap();
         cache.append(&k, &v).unwrap();
         let mut err = 0.0;
         for q in qs.chunks_exact(d) {
@@ -158,15 +159,15 @@ fn fill_order_never_changes_codes_or_results() {
             score_mode: ScoreMode::Fast,
             ..config(d, "3", "2", KeyStrategy::Prod, window)
         };
-        let mut whole = HeadCache::new(cfg.clone(), &Outliers::default()).unwrap();
+        let mut whole = HeadCache::new(cfg.clone(), &HeadCalibration::default()).unwrap();
         whole.append(&k, &v).unwrap();
-        let mut single = HeadCache::new(cfg.clone(), &Outliers::default()).unwrap();
+        let mut single = HeadCache::new(cfg.clone(), &HeadCalibration::default()).unwrap();
         for t in 0..n {
             single
                 .append(&k[t * d..(t + 1) * d], &v[t * d..(t + 1) * d])
                 .unwrap();
         }
-        let mut mixed = HeadCache::new(cfg, &Outliers::default()).unwrap();
+        let mut mixed = HeadCache::new(cfg, &HeadCalibration::default()).unwrap();
         let mut t = 0;
         for step in [3usize, 31, 1, 40, 15] {
             mixed
@@ -194,7 +195,7 @@ fn suffix_decode_equals_full_decode_with_and_without_window() {
     for window in [0usize, 6, 100] {
         let mut c = HeadCache::new(
             config(d, "3", "4", KeyStrategy::Mse, window),
-            &Outliers::default(),
+            &HeadCalibration::default(),
         )
         .unwrap();
         c.append(&k, &v).unwrap();
@@ -221,12 +222,12 @@ fn truncate_rolls_back_exactly() {
     let (k, v) = (rows(60, d, 8), rows(60, d, 9));
     for window in [0usize, 8] {
         let cfg = config(d, "4", "4", KeyStrategy::Mse, window);
-        let mut a = HeadCache::new(cfg.clone(), &Outliers::default()).unwrap();
+        let mut a = HeadCache::new(cfg.clone(), &HeadCalibration::default()).unwrap();
         a.append(&k, &v).unwrap();
         a.truncate(45);
         assert_eq!(a.len(), 45);
         a.append(&k[45 * d..], &v[45 * d..]).unwrap();
-        let mut b = HeadCache::new(cfg, &Outliers::default()).unwrap();
+        let mut b = HeadCache::new(cfg, &HeadCalibration::default()).unwrap();
         b.append(&k, &v).unwrap();
         if window == 0 {
             assert_eq!(a.keys().unwrap(), b.keys().unwrap());
@@ -244,7 +245,7 @@ fn block_attention_with_causal_limits() {
     let d = 64;
     let (k, v) = (rows(100, d, 10), rows(100, d, 11));
     let cfg = config(d, "4", "3", KeyStrategy::Mse, 4);
-    let mut cache = HeadCache::new(cfg, &Outliers::default()).unwrap();
+    let mut cache = HeadCache::new(cfg, &HeadCalibration::default()).unwrap();
     cache.append(&k, &v).unwrap();
     let (kd, vd) = (cache.keys().unwrap(), cache.values().unwrap());
     let qs = rows(3, d, 12);
@@ -281,7 +282,7 @@ fn block_attention_with_causal_limits() {
 fn memory_is_exact_and_4_bit_is_over_3_5x_smaller_than_f16() {
     let d = 128;
     let cfg = config(d, "4", "4", KeyStrategy::Mse, 0);
-    let mut cache = HeadCache::new(cfg, &Outliers::default()).unwrap();
+    let mut cache = HeadCache::new(cfg, &HeadCalibration::default()).unwrap();
     cache
         .append(&rows(1000, d, 13), &rows(1000, d, 14))
         .unwrap();
@@ -306,13 +307,13 @@ fn half_precision_inputs_match_their_f32_values() {
     let kh: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
     let kb: Vec<bf16> = k.iter().map(|&x| bf16::from_f32(x)).collect();
     let cfg = config(d, "3", "3", KeyStrategy::Mse, 0);
-    let mut a = HeadCache::new(cfg.clone(), &Outliers::default()).unwrap();
+    let mut a = HeadCache::new(cfg.clone(), &HeadCalibration::default()).unwrap();
     a.append_f16(&kh, &kh).unwrap();
-    let mut b = HeadCache::new(cfg.clone(), &Outliers::default()).unwrap();
+    let mut b = HeadCache::new(cfg.clone(), &HeadCalibration::default()).unwrap();
     let kf: Vec<f32> = kh.iter().map(|x| x.to_f32()).collect();
     b.append(&kf, &kf).unwrap();
     assert_eq!(a.keys().unwrap(), b.keys().unwrap());
-    let mut c = HeadCache::new(cfg, &Outliers::default()).unwrap();
+    let mut c = HeadCache::new(cfg, &HeadCalibration::default()).unwrap();
     c.append_bf16(&kb, &kb).unwrap();
     assert_eq!(c.len(), 20);
 }
@@ -322,7 +323,7 @@ fn typed_errors() {
     let d = 16;
     let mut cache = HeadCache::new(
         config(d, "2", "2", KeyStrategy::Mse, 0),
-        &Outliers::default(),
+        &HeadCalibration::default(),
     )
     .unwrap();
     assert!(matches!(
@@ -355,10 +356,10 @@ fn typed_errors() {
     ));
     let split = HeadCache::new(
         config(d, "2.5", "2", KeyStrategy::Mse, 0),
-        &Outliers::default(),
+        &HeadCalibration::default(),
     );
     assert!(matches!(split, Err(Error::InvalidChannels { .. })));
-    let wrong = Outliers {
+    let wrong = HeadCalibration {
         keys: Some(vec![0, 1, 2]),
         values: None,
         ..Default::default()
@@ -476,7 +477,7 @@ fn centred_cache_attends_consistently_and_round_trips() {
         ..config(d, "3", "3", KeyStrategy::Mse, 0)
     };
     assert!(matches!(
-        HeadCache::new(missing, &Outliers::default()),
+        HeadCache::new(missing, &HeadCalibration::default()),
         Err(Error::InvalidChannels { .. })
     ));
 }
@@ -492,9 +493,9 @@ fn polar_keys_and_values() {
         value_strategy: tq_kv::ValueStrategy::Polar,
         ..config(d, "4", "4", KeyStrategy::Polar, 3)
     };
-    let mut a = HeadCache::new(cfg.clone(), &Outliers::default()).unwrap();
+    let mut a = HeadCache::new(cfg.clone(), &HeadCalibration::default()).unwrap();
     a.append(&k, &v).unwrap();
-    let mut b = HeadCache::new(cfg.clone(), &Outliers::default()).unwrap();
+    let mut b = HeadCache::new(cfg.clone(), &HeadCalibration::default()).unwrap();
     for t in 0..n {
         b.append(&k[t * d..(t + 1) * d], &v[t * d..(t + 1) * d])
             .unwrap();
@@ -523,7 +524,7 @@ fn polar_keys_and_values() {
     assert!(
         HeadCache::new(
             config(40, "4", "4", KeyStrategy::Polar, 0),
-            &Outliers::default()
+            &HeadCalibration::default()
         )
         .is_err()
     );

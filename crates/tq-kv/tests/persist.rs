@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use tq_core::{SeededRng, rng::stream};
 use tq_kv::{
-    Error, HeadConfig, KeyStrategy, ModelCache, MultiHeadCache, Outliers, Precision,
+    Error, HeadCalibration, HeadConfig, KeyStrategy, ModelCache, MultiHeadCache, Precision,
     calibrate_outliers,
 };
 
@@ -28,8 +28,8 @@ fn model() -> (ModelCache, Vec<f32>, Vec<f32>) {
     let (k, v) = (rows(nkv * t * d, 1), rows(nkv * t * d, 2));
     let mut layers = Vec::new();
     for _ in 0..2 {
-        let outliers: Vec<Outliers> = (0..nkv)
-            .map(|h| Outliers {
+        let outliers: Vec<HeadCalibration> = (0..nkv)
+            .map(|h| HeadCalibration {
                 keys: Some(calibrate_outliers(&k[h * t * d..(h + 1) * t * d], d, 8).unwrap()),
                 values: None,
                 ..Default::default()

@@ -7,21 +7,12 @@
 //! runs float attention over that past; what is quantized is the cache's storage and so its
 //! information.
 
-use tq_kv::{HeadConfig, ModelCache, MultiHeadCache, Outliers, Precision, calibrate_outliers};
+use tq_kv::{HeadCalibration, HeadConfig, ModelCache, MultiHeadCache, OutlierChoice};
 use tract_onnx::prelude::*;
 
 use crate::error::tract;
 use crate::runner::{Decoder, KvTensors, StepOutput, plain_f32};
 use crate::{Error, Result};
-
-/// How outlier channels of split precisions are chosen.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OutlierChoice {
-    /// Per layer and kv head, the channels of largest RMS on the calibration text.
-    Auto,
-    /// The same explicit channels everywhere.
-    Channels(Vec<usize>),
-}
 
 /// How the KV cache is stored.
 #[derive(Debug, Clone)]
@@ -34,66 +25,40 @@ pub enum CacheSpec {
         /// Per-head configuration.
         config: HeadConfig,
         /// Per-layer, per-kv-head calibration, or empty.
-        calibration: Vec<Vec<Outliers>>,
+        calibration: Vec<Vec<HeadCalibration>>,
     },
 }
 
-impl CacheSpec {
-    /// `true` when the calibration must be computed before use (split precisions or centring).
-    pub fn needs_calibration(config: &HeadConfig) -> bool {
-        config.center
-            || matches!(config.key_precision, Precision::Split { .. })
-            || matches!(config.value_precision, Precision::Split { .. })
-    }
-}
-
-/// Calibrates outlier channels and means for `config` from the exact key-values of `ids`
-/// (one prefill step).
+/// Calibrates every layer's and kv head's outlier channels and means for `config` from the exact
+/// key-values of `ids` (one prefill step); empty when `config` needs none
+/// ([`HeadCalibration::needed`]).
 ///
 /// # Errors
-/// Step errors; [`Error::Kv`] when a channel list does not fit the head dimension.
+/// Step errors; [`Error::Kv`] when a channel list does not fit the head dimension or a split
+/// precision meets [`OutlierChoice::None`].
 pub fn calibrate(
     decoder: &Decoder,
     ids: &[u32],
     config: &HeadConfig,
     choice: &OutlierChoice,
-) -> Result<Vec<Vec<Outliers>>> {
-    if !CacheSpec::needs_calibration(config) {
+) -> Result<Vec<Vec<HeadCalibration>>> {
+    if !HeadCalibration::needed(config) {
         return Ok(Vec::new());
     }
     let out = decoder.step(ids, &decoder.empty_past()?)?;
     let (d, t) = (decoder.head_dim(), ids.len());
-    let pick = |p: Precision, xs: &[f32]| -> Result<Option<Vec<usize>>> {
-        match (p, choice) {
-            (Precision::Uniform(_), _) => Ok(None),
-            (
-                Precision::Split {
-                    outlier_channels, ..
-                },
-                OutlierChoice::Auto,
-            ) => Ok(Some(calibrate_outliers(xs, d, outlier_channels)?)),
-            (Precision::Split { .. }, OutlierChoice::Channels(c)) => Ok(Some(c.clone())),
-        }
-    };
-    let mean = |xs: &[f32]| -> Result<Option<Vec<f32>>> {
-        Ok(if config.center {
-            Some(tq_quant::MseQuantizer::calibrate_mean(xs, d).map_err(tq_kv::Error::from)?)
-        } else {
-            None
-        })
-    };
     (0..decoder.layers())
         .map(|l| {
             let (k, v) = (out.present.keys_of(l)?, out.present.values_of(l)?);
             (0..decoder.kv_heads())
                 .map(|h| {
                     let r = h * t * d..(h + 1) * t * d;
-                    Ok(Outliers {
-                        keys: pick(config.key_precision, &k[r.clone()])?,
-                        values: pick(config.value_precision, &v[r.clone()])?,
-                        key_mean: mean(&k[r.clone()])?,
-                        value_mean: mean(&v[r])?,
-                    })
+                    Ok(HeadCalibration::from_samples(
+                        config,
+                        &k[r.clone()],
+                        &v[r],
+                        choice,
+                    )?)
                 })
                 .collect()
         })
@@ -136,7 +101,7 @@ impl<'a> Sequence<'a> {
                         "the calibration must cover {layers} layers x {kv} kv heads"
                     )));
                 }
-                if calibration.is_empty() && CacheSpec::needs_calibration(config) {
+                if calibration.is_empty() && HeadCalibration::needed(config) {
                     return Err(Error::InvalidArgument(
                         "split precisions and centring need a calibration (see `calibrate`)".into(),
                     ));
@@ -144,7 +109,8 @@ impl<'a> Sequence<'a> {
                 let q_heads = decoder.config().q_heads;
                 let layers = (0..layers)
                     .map(|l| {
-                        let cal: &[Outliers] = calibration.get(l).map(Vec::as_slice).unwrap_or(&[]);
+                        let cal: &[HeadCalibration] =
+                            calibration.get(l).map(Vec::as_slice).unwrap_or(&[]);
                         MultiHeadCache::new(q_heads, kv, config, cal)
                     })
                     .collect::<std::result::Result<Vec<_>, _>>()?;

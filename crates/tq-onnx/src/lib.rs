@@ -38,10 +38,11 @@ pub mod metrics;
 pub mod runner;
 
 pub use bundle::{Bundle, ModelConfig};
-pub use cache::{CacheSpec, OutlierChoice, Sequence, calibrate};
+pub use cache::{CacheSpec, Sequence, calibrate};
 pub use error::{Error, Result};
 pub use eval::{
     Keep, LayerKv, Run, Sampling, Timing, generate, replay, teacher_forced, token_match, trace_of,
 };
 pub use metrics::{LogitComparison, LogitMetrics};
 pub use runner::{Decoder, KvTensors, StepOutput};
+pub use tq_kv::OutlierChoice;

@@ -41,25 +41,15 @@ use std::sync::Arc;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::config::{MseConfig, ProdConfig};
+use crate::encoded::EncodedVectors;
 use crate::{
-    Error, MseBatch, MseQuantizer, PackedRows, PolarBatch, PolarConfig, PolarQuantizer, ProdBatch,
-    ProdQuantizer, Result,
+    AnyBatch, Error, MseBatch, MseQuantizer, PackedRows, PolarBatch, PolarConfig, PolarQuantizer,
+    ProdBatch, ProdQuantizer, Result,
 };
 
 /// The format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_NAME: &str = "tq-batch";
-
-/// A batch read from disk.
-#[derive(Debug, Clone)]
-pub enum SavedBatch {
-    /// A `TurboQuant_mse` batch.
-    Mse(MseBatch),
-    /// A `TurboQuant_prod` batch.
-    Prod(ProdBatch),
-    /// A PolarQuant batch (experimental).
-    Polar(PolarBatch),
-}
 
 fn bad(what: &'static str, detail: impl Into<String>) -> Error {
     Error::InvalidFormat {
@@ -179,7 +169,7 @@ impl PolarBatch {
     }
 }
 
-fn load_polar(st: &SafeTensors<'_>, config: &str) -> Result<SavedBatch> {
+fn load_polar(st: &SafeTensors<'_>, config: &str) -> Result<AnyBatch> {
     let cfg: PolarConfig =
         serde_json::from_str(config).map_err(|e| bad("config", e.to_string()))?;
     cfg.validate()?;
@@ -213,7 +203,7 @@ fn load_polar(st: &SafeTensors<'_>, config: &str) -> Result<SavedBatch> {
         ));
     }
     let q = PolarQuantizer::new(cfg)?;
-    Ok(SavedBatch::Polar(PolarBatch::from_parts(
+    Ok(AnyBatch::Polar(PolarBatch::from_parts(
         Arc::new(q),
         codes,
         radii,
@@ -221,25 +211,13 @@ fn load_polar(st: &SafeTensors<'_>, config: &str) -> Result<SavedBatch> {
     )?))
 }
 
-impl SavedBatch {
-    /// Serializes whichever batch this is.
-    ///
-    /// # Errors
-    /// As [`MseBatch::to_safetensors`].
-    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
-        match self {
-            SavedBatch::Mse(b) => b.to_safetensors(),
-            SavedBatch::Prod(b) => b.to_safetensors(),
-            SavedBatch::Polar(b) => b.to_safetensors(),
-        }
-    }
-
+impl AnyBatch {
     /// Parses and validates a saved batch (see the [module docs](crate::io)).
     ///
     /// # Errors
     /// [`Error::InvalidFormat`] naming the part at fault, [`Error::UnsupportedVersion`], or a
     /// configuration error.
-    pub fn from_safetensors(bytes: &[u8]) -> Result<SavedBatch> {
+    pub fn from_safetensors(bytes: &[u8]) -> Result<AnyBatch> {
         let st = SafeTensors::deserialize(bytes).map_err(|e| bad("header", e.to_string()))?;
         let (_, header) =
             SafeTensors::read_metadata(bytes).map_err(|e| bad("header", e.to_string()))?;
@@ -324,7 +302,7 @@ impl SavedBatch {
                     }
                     Arc::new(MseQuantizer::new(cfg)?)
                 };
-                Ok(SavedBatch::Mse(MseBatch::from_parts(q, codes, norms)?))
+                Ok(AnyBatch::Mse(MseBatch::from_parts(q, codes, norms)?))
             }
             _ => {
                 let cfg: ProdConfig =
@@ -353,7 +331,7 @@ impl SavedBatch {
                 };
                 let signs = read_rows(&st, "signs", n, cfg.dim.div_ceil(8), cfg.dim)?;
                 let q = Arc::new(ProdQuantizer::new(cfg)?);
-                Ok(SavedBatch::Prod(ProdBatch::from_parts(
+                Ok(AnyBatch::Prod(ProdBatch::from_parts(
                     q,
                     codes,
                     signs,
@@ -380,8 +358,8 @@ impl SavedBatch {
     /// Reads and validates a batch from `path`.
     ///
     /// # Errors
-    /// [`Error::Io`] and those of [`SavedBatch::from_safetensors`].
-    pub fn load(path: &Path) -> Result<SavedBatch> {
+    /// [`Error::Io`] and those of [`AnyBatch::from_safetensors`].
+    pub fn load(path: &Path) -> Result<AnyBatch> {
         let bytes = std::fs::read(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,

@@ -6,7 +6,10 @@
 //! - [`QjlSketch`]: the stand-alone QJL sign sketch with any sketch size;
 //! - [`MseBatch`] / [`ProdBatch`]: packed, growable batches with parallel quantization, scoring on
 //!   the packed codes through per-query look-up tables, top-k search, and safetensors I/O
-//!   ([`io`]).
+//!   ([`io`]);
+//! - [`EncodedVectors`]: the contract every batch meets, and [`AnyBatch`] / [`AnyQuantizer`] /
+//!   [`AnyQuery`] over the kinds, built from a [`QuantizerSpec`] when the kind is chosen at run
+//!   time.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -23,7 +26,9 @@
 //! # Ok::<(), tq_quant::Error>(())
 //! ```
 
+mod any;
 pub mod config;
+pub mod encoded;
 mod error;
 pub mod io;
 pub mod mse;
@@ -33,11 +38,13 @@ pub mod prod;
 pub mod qjl;
 pub mod score;
 
+pub use any::{AnyBatch, AnyQuantizer, AnyQuery, QuantizerKind, QuantizerSpec, polar_levels_for};
 pub use config::{MseConfig, ProdConfig, QjlConfig, ScaleMode, SketchKind};
+pub use encoded::EncodedVectors;
 pub use error::{Error, Result};
 pub use mse::{MseBatch, MseQuantizer, MseQuery};
 pub use packed::PackedRows;
-pub use polar::{PolarBatch, PolarConfig, PolarQuantizer};
+pub use polar::{PolarBatch, PolarConfig, PolarQuantizer, PolarQuery};
 pub use prod::{ProdBatch, ProdQuantizer, ProdQuery};
 pub use qjl::QjlSketch;
 pub use score::Hit;

@@ -28,6 +28,8 @@ use std::sync::Arc;
 use half::f16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use tq_core::bitpack::{BitReader, write_bits};
+pub use tq_core::codebook::lloyd_max_on;
 use tq_core::{Rotation, RotationKind, simd};
 
 use crate::error::{check_batch, check_dim, check_finite, check_len};
@@ -108,63 +110,6 @@ impl PolarConfig {
     }
 }
 
-/// Lloyd-Max quantizer of the density `f` on `[a, b]` with `levels` cells: centroids ascending.
-/// The law is tabulated on `4096` intervals (cumulative trapezoid mass and first moment, linear
-/// interpolation between nodes) and Lloyd iterations run from uniform quantiles until no centroid
-/// moves by more than `1e-12 (b - a)` or 10 000 iterations.
-pub fn lloyd_max_on(f: impl Fn(f64) -> f64, a: f64, b: f64, levels: usize) -> Vec<f64> {
-    const N: usize = 4096;
-    let h = (b - a) / N as f64;
-    let (mut m, mut s) = (vec![0.0f64; N + 1], vec![0.0f64; N + 1]);
-    let node = |k: usize| a + k as f64 * h;
-    for k in 1..=N {
-        let (x0, x1) = (node(k - 1), node(k));
-        let (f0, f1) = (f(x0), f(x1));
-        m[k] = m[k - 1] + 0.5 * h * (f0 + f1);
-        s[k] = s[k - 1] + 0.5 * h * (f0 * x0 + f1 * x1);
-    }
-    let at = |t: &[f64], x: f64| {
-        let u = ((x - a) / h).clamp(0.0, N as f64);
-        let k = (u.floor() as usize).min(N - 1);
-        t[k] + (u - k as f64) * (t[k + 1] - t[k])
-    };
-    let total = m[N];
-    let mut c: Vec<f64> = (0..levels)
-        .map(|i| {
-            let target = (i as f64 + 0.5) / levels as f64 * total;
-            let k = m.partition_point(|&v| v < target).clamp(1, N);
-            let frac = if m[k] > m[k - 1] {
-                (target - m[k - 1]) / (m[k] - m[k - 1])
-            } else {
-                0.0
-            };
-            node(k - 1) + frac * h
-        })
-        .collect();
-    for _ in 0..10_000 {
-        let mut moved = 0.0f64;
-        let mut next = c.clone();
-        for i in 0..levels {
-            let lo = if i == 0 { a } else { 0.5 * (c[i - 1] + c[i]) };
-            let hi = if i + 1 == levels {
-                b
-            } else {
-                0.5 * (c[i] + c[i + 1])
-            };
-            let mass = at(&m, hi) - at(&m, lo);
-            if mass > 1e-300 {
-                next[i] = (at(&s, hi) - at(&s, lo)) / mass;
-            }
-            moved = moved.max((next[i] - c[i]).abs());
-        }
-        c = next;
-        if moved < 1e-12 * (b - a) {
-            break;
-        }
-    }
-    c
-}
-
 /// One level's angle codebook: centroids with their cosines and sines, and cell boundaries.
 #[derive(Debug, Clone)]
 struct AngleBook {
@@ -214,6 +159,19 @@ impl AngleBook {
             return (k.clamp(0.0, n - 1.0)) as u8;
         }
         self.bounds.partition_point(|&b| b < angle) as u8
+    }
+}
+
+/// A query prepared for one [`PolarQuantizer`]: the rotated query `Π q`.
+#[derive(Debug, Clone)]
+pub struct PolarQuery {
+    rotated: Vec<f32>,
+}
+
+impl PolarQuery {
+    /// The rotated query `Π q`.
+    pub fn rotated(&self) -> &[f32] {
+        &self.rotated
     }
 }
 
@@ -273,6 +231,18 @@ impl PolarQuantizer {
     /// Stored bytes per vector: angle codes, one f16 radius per block, one f32 norm.
     pub fn bytes_per_vector(&self) -> usize {
         self.code_bytes + 2 * (self.dim() / self.config.block()) + 4
+    }
+
+    /// Prepares a query for scoring: `Π q`, once. O(d log d) (Hadamard) or O(d²) (Haar).
+    ///
+    /// # Errors
+    /// [`Error::DimMismatch`], [`Error::NonFinite`].
+    pub fn prepare_query(&self, q: &[f32]) -> Result<PolarQuery> {
+        check_dim(q, self.dim())?;
+        check_finite(q)?;
+        let mut rotated = vec![0.0f32; self.dim()];
+        self.rotation.apply_unchecked(q, &mut rotated);
+        Ok(PolarQuery { rotated })
     }
 
     /// The centroids of level `l` (1-based), ascending, in radians.
@@ -391,37 +361,6 @@ impl PolarQuantizer {
     }
 }
 
-/// Writes the low `bits` bits of `code` LSB-first at stream position `*pos` (the bytes start zeroed).
-fn write_bits(out: &mut [u8], pos: &mut usize, code: u8, bits: u32) {
-    for i in 0..bits as usize {
-        if (code >> i) & 1 == 1 {
-            let p = *pos + i;
-            out[p / 8] |= 1 << (p % 8);
-        }
-    }
-    *pos += bits as usize;
-}
-
-struct BitReader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> BitReader<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        Self { bytes, pos: 0 }
-    }
-    fn read(&mut self, bits: u32) -> u8 {
-        let mut v = 0u8;
-        for i in 0..bits as usize {
-            let p = self.pos + i;
-            v |= ((self.bytes[p / 8] >> (p % 8)) & 1) << i;
-        }
-        self.pos += bits as usize;
-        v
-    }
-}
-
 /// A growable batch of PolarQuant codes: row-major angle codes, f16 block radii and f32 norms.
 #[derive(Debug, Clone)]
 pub struct PolarBatch {
@@ -460,6 +399,11 @@ impl PolarBatch {
     /// Stored bytes per vector.
     pub fn bytes_per_vector(&self) -> usize {
         self.quantizer.bytes_per_vector()
+    }
+
+    /// Bytes held in memory: angle codes, f16 radii and norms.
+    pub fn memory_bytes(&self) -> usize {
+        self.codes.len() + 2 * self.radii.len() + 4 * self.norms.len()
     }
 
     /// Row-major angle codes (`len · code_bytes`).
@@ -603,15 +547,22 @@ impl PolarBatch {
     /// # Errors
     /// [`Error::DimMismatch`], [`Error::NonFinite`], `Core(LengthMismatch)` for `out`.
     pub fn score_into(&self, q: &[f32], out: &mut [f32]) -> Result<()> {
+        let q = self.quantizer.prepare_query(q)?;
+        self.score_query_into(&q, out)
+    }
+
+    /// As [`PolarBatch::score_into`] for a query prepared once (by [`PolarQuantizer::prepare_query`]).
+    ///
+    /// # Errors
+    /// [`Error::DimMismatch`] for a query of another dimension, `Core(LengthMismatch)` for `out`.
+    pub fn score_query_into(&self, q: &PolarQuery, out: &mut [f32]) -> Result<()> {
         let d = self.quantizer.dim();
-        check_dim(q, d)?;
-        check_finite(q)?;
+        check_dim(&q.rotated, d)?;
         check_len("score output", self.len(), out.len())?;
-        let mut rq = vec![0.0f32; d];
-        self.quantizer.rotation.apply_unchecked(q, &mut rq);
+        let rq = &q.rotated;
         let work = |(i, o): (usize, &mut f32), y: &mut Vec<f32>| {
             self.decode_row_rotated(i, y);
-            *o = simd::dot(&rq, y);
+            *o = simd::dot(rq, y);
         };
         if self.len() >= score::PARALLEL_MIN_ROWS {
             out.par_iter_mut()
@@ -629,8 +580,16 @@ impl PolarBatch {
     /// # Errors
     /// As [`PolarBatch::score_into`].
     pub fn top_k(&self, q: &[f32], k: usize) -> Result<Vec<Hit>> {
+        self.top_k_query(&self.quantizer.prepare_query(q)?, k)
+    }
+
+    /// As [`PolarBatch::top_k`] for a prepared query.
+    ///
+    /// # Errors
+    /// As [`PolarBatch::score_query_into`].
+    pub fn top_k_query(&self, q: &PolarQuery, k: usize) -> Result<Vec<Hit>> {
         let mut s = vec![0.0; self.len()];
-        self.score_into(q, &mut s)?;
+        self.score_query_into(q, &mut s)?;
         let idx = score::top_candidates(&s, k);
         Ok(score::finish_hits(
             idx.into_iter()

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use tq_core::{RotationKind, SeededRng, rng::stream};
-use tq_quant::io::SavedBatch;
+use tq_quant::AnyBatch;
 use tq_quant::{
     Error, MseBatch, MseConfig, MseQuantizer, ProdBatch, ProdConfig, ProdQuantizer, SketchKind,
 };
@@ -49,7 +49,7 @@ fn round_trips() {
     ] {
         let b = mse_batch(d, bits, n);
         let bytes = b.to_safetensors().unwrap();
-        let SavedBatch::Mse(back) = SavedBatch::from_safetensors(&bytes).unwrap() else {
+        let AnyBatch::Mse(back) = AnyBatch::from_safetensors(&bytes).unwrap() else {
             panic!("kind")
         };
         assert_eq!(back.codes(), b.codes());
@@ -57,7 +57,7 @@ fn round_trips() {
         assert_eq!(back.quantizer().config(), b.quantizer().config());
         let p = prod_batch(d, bits, n);
         let bytes = p.to_safetensors().unwrap();
-        let SavedBatch::Prod(back) = SavedBatch::from_safetensors(&bytes).unwrap() else {
+        let AnyBatch::Prod(back) = AnyBatch::from_safetensors(&bytes).unwrap() else {
             panic!("kind")
         };
         assert_eq!(back.codes(), p.codes());
@@ -92,12 +92,12 @@ fn malformed_metadata_and_tensors_are_typed_errors() {
     let good = mse_batch(64, 3, 10).to_safetensors().unwrap();
     let v = rewrite(&good, |h| h["__metadata__"]["version"] = "2".into());
     assert!(matches!(
-        SavedBatch::from_safetensors(&v),
+        AnyBatch::from_safetensors(&v),
         Err(Error::UnsupportedVersion { .. })
     ));
     let v = rewrite(&good, |h| h["__metadata__"]["kind"] = "pq".into());
     assert!(matches!(
-        SavedBatch::from_safetensors(&v),
+        AnyBatch::from_safetensors(&v),
         Err(Error::InvalidFormat {
             what: "__metadata__",
             ..
@@ -107,21 +107,21 @@ fn malformed_metadata_and_tensors_are_typed_errors() {
         h["__metadata__"]["config"] = r#"{"dim":64,"bits":9,"rotation":"hadamard","seed":1}"#.into()
     });
     assert!(matches!(
-        SavedBatch::from_safetensors(&v),
+        AnyBatch::from_safetensors(&v),
         Err(Error::BitsOutOfRange { .. })
     ));
     let v = rewrite(&good, |h| {
         h["__metadata__"]["config"] = r#"{"dim":65,"bits":3,"rotation":"hadamard","seed":1}"#.into()
     });
     assert!(matches!(
-        SavedBatch::from_safetensors(&v),
+        AnyBatch::from_safetensors(&v),
         Err(Error::InvalidFormat { what: "codes", .. })
     ));
     let v = rewrite(&good, |h| {
         h["__metadata__"].as_object_mut().unwrap().remove("config");
     });
     assert!(matches!(
-        SavedBatch::from_safetensors(&v),
+        AnyBatch::from_safetensors(&v),
         Err(Error::InvalidFormat {
             what: "__metadata__",
             ..
@@ -133,7 +133,7 @@ fn malformed_metadata_and_tensors_are_typed_errors() {
     let start = 8 + n + header["norms"]["data_offsets"][0].as_u64().unwrap() as usize;
     let mut v = good.clone();
     v[start + 4..start + 8].copy_from_slice(&f32::NAN.to_le_bytes());
-    let r = SavedBatch::from_safetensors(&v);
+    let r = AnyBatch::from_safetensors(&v);
     assert!(
         matches!(r, Err(Error::InvalidFormat { what: "norms", .. })),
         "{r:?}"
@@ -146,7 +146,7 @@ fn malformed_metadata_and_tensors_are_typed_errors() {
     let mut v = odd.clone();
     v[8 + n + start + 2] |= 0x80;
     assert!(matches!(
-        SavedBatch::from_safetensors(&v),
+        AnyBatch::from_safetensors(&v),
         Err(Error::InvalidFormat { what: "codes", .. })
     ));
 }
@@ -156,7 +156,7 @@ fn every_truncation_is_an_error() {
     let good = prod_batch(16, 3, 5).to_safetensors().unwrap();
     for cut in 0..good.len() {
         assert!(
-            SavedBatch::from_safetensors(&good[..cut]).is_err(),
+            AnyBatch::from_safetensors(&good[..cut]).is_err(),
             "cut {cut}"
         );
     }
@@ -166,7 +166,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
     #[test]
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let _ = SavedBatch::from_safetensors(&bytes);
+        let _ = AnyBatch::from_safetensors(&bytes);
     }
 
     #[test]
@@ -174,6 +174,6 @@ proptest! {
         let mut v = mse_batch(16, 2, 3).to_safetensors().unwrap();
         let p = pos % v.len();
         v[p] ^= 1 << bit;
-        let _ = SavedBatch::from_safetensors(&v);
+        let _ = AnyBatch::from_safetensors(&v);
     }
 }

@@ -195,7 +195,7 @@ fn scores_layout_and_errors() {
 
 #[test]
 fn saved_polar_batches_round_trip_and_are_validated() {
-    use tq_quant::io::SavedBatch;
+    use tq_quant::AnyBatch;
     let d = 32;
     let q = Arc::new(
         PolarQuantizer::new(PolarConfig {
@@ -209,14 +209,14 @@ fn saved_polar_batches_round_trip_and_are_validated() {
     let mut b = PolarBatch::new(q);
     b.extend(&rows(9, d, 8)).unwrap();
     let bytes = b.to_safetensors().unwrap();
-    let SavedBatch::Polar(back) = SavedBatch::from_safetensors(&bytes).unwrap() else {
+    let AnyBatch::Polar(back) = AnyBatch::from_safetensors(&bytes).unwrap() else {
         panic!("kind")
     };
     assert_eq!(back.codes(), b.codes());
     assert_eq!(back.radii(), b.radii());
     assert_eq!(back.dequantize_all(), b.dequantize_all());
     for cut in (0..bytes.len()).step_by(7) {
-        assert!(SavedBatch::from_safetensors(&bytes[..cut]).is_err());
+        assert!(AnyBatch::from_safetensors(&bytes[..cut]).is_err());
     }
     // a radius above 1 is rejected, naming the tensor
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -225,7 +225,7 @@ fn saved_polar_batches_round_trip_and_are_validated() {
     let mut bad = bytes.clone();
     bad[at..at + 2].copy_from_slice(&half::f16::from_f32(2.0).to_bits().to_le_bytes());
     assert!(matches!(
-        SavedBatch::from_safetensors(&bad),
+        AnyBatch::from_safetensors(&bad),
         Err(Error::InvalidFormat { what: "radii", .. })
     ));
     // A header asking for a 4096-dimensional Haar rotation over the tensors of d = 32 is refused
@@ -238,7 +238,7 @@ fn saved_polar_batches_round_trip_and_are_validated() {
     huge.extend(h);
     huge.extend(&bytes[8 + n..]);
     assert!(matches!(
-        SavedBatch::from_safetensors(&huge),
+        AnyBatch::from_safetensors(&huge),
         Err(Error::InvalidFormat { what: "codes", .. })
     ));
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use tq_core::{RotationKind, SeededRng, rng::stream};
-use tq_quant::io::SavedBatch;
+use tq_quant::AnyBatch;
 use tq_quant::{MseBatch, MseConfig, MseQuantizer, ScaleMode};
 
 fn rows(n: usize, d: usize, seed: u64) -> Vec<f32> {
@@ -170,8 +170,7 @@ fn centering_adds_the_mean_back_and_round_trips() {
         .sum::<f64>()
         / dot(&xs[7 * d..8 * d], &xs[7 * d..8 * d]);
     assert!(e < 0.05, "relative error {e}");
-    let SavedBatch::Mse(back) =
-        SavedBatch::from_safetensors(&bc.to_safetensors().unwrap()).unwrap()
+    let AnyBatch::Mse(back) = AnyBatch::from_safetensors(&bc.to_safetensors().unwrap()).unwrap()
     else {
         panic!("kind")
     };

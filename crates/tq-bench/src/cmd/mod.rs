@@ -1,0 +1,287 @@
+//! The CLI's workloads, one module each: its `#[derive(Args)]` struct, its `run` returning a
+//! [`Report`], and the report's table. What several workloads share lives here: the thread pool,
+//! progress bars, the vector input loader, the KV configuration grid and [`Report`] itself.
+
+pub mod attention;
+pub mod kernels;
+pub mod real_model;
+pub mod search;
+pub mod trace;
+pub mod vectors;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tq_bench::data::{self, Vectors};
+use tq_core::{RotationKind, SeededRng, rng::stream};
+use tq_kv::{HeadConfig, KeyStrategy, OutlierChoice, Precision, ScoreMode, ValueStrategy};
+use tq_quant::ScaleMode;
+
+/// A workload's result: one JSON object (schema in docs/REPORT_SCHEMA.md) or a table.
+pub trait Report: Serialize {
+    /// Prints the human-readable table on stdout.
+    fn print_table(&self);
+}
+
+/// Prints `report` as pretty JSON (`json`) or as its table.
+///
+/// # Errors
+/// Serialization errors (not expected).
+pub fn emit<R: Report>(report: &R, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        report.print_table();
+    }
+    Ok(())
+}
+
+/// Options every KV and kernel workload takes.
+#[derive(Args, Clone)]
+pub struct KvCommon {
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Seed of the quantizers and of generated data.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Print one JSON object on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The KV cache options `trace` and `real-model` share (their defaults agree).
+#[derive(Args, Clone)]
+pub struct KvCacheArgs {
+    /// Value precisions, same forms as --key-bits (each key precision is paired with each value
+    /// precision, or with the one at the same position under real-model's --pair).
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    pub value_bits: Vec<String>,
+    /// Key quantizers, comma-separated: mse, prod, polar.
+    #[arg(long, value_delimiter = ',', default_value = "mse")]
+    pub key_strategy: Vec<KeyStrategy>,
+    /// Value quantizer: mse or polar.
+    #[arg(long, default_value = "mse")]
+    pub value_strategy: ValueStrategy,
+    /// Centre MSE keys and values on per-head means (calibrated like --split auto).
+    #[arg(long)]
+    pub center: bool,
+    /// Outlier channels for split precisions: auto (per-head RMS calibration: on the trace for
+    /// `trace`, on a built-in text for `real-model`), none, or a list.
+    #[arg(long, default_value = "auto")]
+    pub split: OutlierChoice,
+}
+
+/// Where the vector workloads read their vectors.
+#[derive(Args, Clone)]
+pub struct InputArgs {
+    /// The base vectors: `.npy` (2-D float32, C or Fortran order), `.fvecs`, or `.safetensors`
+    /// (a 2-D F32 tensor named `vectors`).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Query vectors (same formats). Without it, a seeded random sample of the input is held out.
+    #[arg(long = "queries")]
+    pub queries_file: Option<PathBuf>,
+    /// Queries to use or hold out [default: min(1000, rows/10), or 100 with --quick].
+    #[arg(long)]
+    pub num_queries: Option<usize>,
+    /// Use at most this many base vectors (the first ones).
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+/// The thread count (all cores by default) and a pool of that many workers.
+///
+/// # Errors
+/// `--threads 0`; a pool that cannot start.
+pub fn pool(threads: Option<usize>) -> Result<(usize, rayon::ThreadPool)> {
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    ensure!(threads > 0, "--threads must be positive");
+    Ok((
+        threads,
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .context("cannot start the thread pool")?,
+    ))
+}
+
+/// A progress bar on stderr over `steps`, hidden with `--json` or when stderr is not a terminal.
+pub fn progress_bar(json: bool, steps: usize) -> ProgressBar {
+    if json || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(steps as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+/// The grid of KV cache configurations a workload evaluates.
+pub struct KvGrid<'a> {
+    pub key_bits: &'a [String],
+    pub value_bits: &'a [String],
+    /// Key and value precisions paired by position instead of crossed.
+    pub pair: bool,
+    pub strategies: &'a [KeyStrategy],
+    pub value_strategy: ValueStrategy,
+    pub scales: &'a [ScaleMode],
+    pub center: bool,
+    pub windows: &'a [usize],
+    pub rotations: &'a [RotationKind],
+}
+
+/// Every combination of the grid (keys x values x key strategy x scale x window x rotation; keys and
+/// values zipped instead with `pair`), for head dimension `d`. Centring applies to all-MSE
+/// configurations only.
+pub fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>> {
+    let widths: Vec<(&String, &String)> = if g.pair {
+        ensure!(
+            g.key_bits.len() == g.value_bits.len(),
+            "--pair needs as many --value-bits as --key-bits ({} and {})",
+            g.value_bits.len(),
+            g.key_bits.len()
+        );
+        g.key_bits.iter().zip(g.value_bits).collect()
+    } else {
+        g.key_bits
+            .iter()
+            .flat_map(|k| g.value_bits.iter().map(move |v| (k, v)))
+            .collect()
+    };
+    let mut configs = Vec::new();
+    for (kb, vb) in widths {
+        {
+            for &st in g.strategies {
+                for &scale in g.scales {
+                    for (&window, &rotation) in g
+                        .windows
+                        .iter()
+                        .flat_map(|w| g.rotations.iter().map(move |r| (w, r)))
+                    {
+                        let (kp, vp) = (Precision::parse(kb, d)?, Precision::parse(vb, d)?);
+                        configs.push(HeadConfig {
+                            key_strategy: st,
+                            value_strategy: g.value_strategy,
+                            window,
+                            rotation,
+                            seed,
+                            score_mode: ScoreMode::Fast,
+                            scale,
+                            center: g.center
+                                && st == KeyStrategy::Mse
+                                && g.value_strategy == ValueStrategy::Mse,
+                            ..HeadConfig::new(d, kp, vp)
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(configs)
+}
+
+/// Loads the base vectors (at most `--limit`) and the queries: the query file's first
+/// `--num-queries`, or a seeded hold-out sample of the base.
+pub fn load_base_and_queries(a: &InputArgs, quick: bool, seed: u64) -> Result<(Vectors, Vectors)> {
+    let (queries_file, num_queries, limit) = (&a.queries_file, a.num_queries, a.limit);
+    let mut base = data::load(&a.input)?;
+    if let Some(l) = limit {
+        ensure!(l > 0, "--limit must be positive");
+        base.rows = base.rows.min(l);
+        base.data.truncate(base.rows * base.dim);
+    }
+    match queries_file {
+        Some(path) => {
+            let qs = data::load(path)?;
+            ensure!(
+                qs.dim == base.dim,
+                "queries have dimension {} but the input has {}",
+                qs.dim,
+                base.dim
+            );
+            let qs = match num_queries {
+                Some(0) => bail!("--num-queries must be positive"),
+                Some(k) if k > qs.rows => bail!(
+                    "--num-queries {k} is more than the {} vectors of {}",
+                    qs.rows,
+                    path.display()
+                ),
+                Some(k) => qs.select(&(0..k).collect::<Vec<_>>()),
+                None => qs,
+            };
+            Ok((base, qs))
+        }
+        None => hold_out(base, num_queries, quick, seed),
+    }
+}
+
+/// Splits a seeded random sample of `k` rows off as queries.
+fn hold_out(all: Vectors, k: Option<usize>, quick: bool, seed: u64) -> Result<(Vectors, Vectors)> {
+    // At most half the input is held out, so the base keeps at least as many vectors as there
+    // are queries (a 1-vector base makes every recall 1).
+    let most = all.rows / 2;
+    let k = match k {
+        Some(0) => bail!("--num-queries must be positive"),
+        Some(k) if k > most => bail!(
+            "--num-queries {k} would hold out more than half of the {} input vectors \
+             (at most {most}); give --queries FILE for a separate query set",
+            all.rows
+        ),
+        Some(k) => k,
+        None => (if quick { 100 } else { 1000.min(all.rows / 10) }).min(most),
+    };
+    ensure!(
+        k > 0,
+        "the input has {} vectors: too few to hold out queries (give --queries FILE)",
+        all.rows
+    );
+    let mut r = SeededRng::new(seed, stream::QUERIES);
+    let perm = r.permutation(all.rows);
+    let mut is_query = vec![false; all.rows];
+    let mut qidx: Vec<usize> = perm[..k].iter().map(|&i| i as usize).collect();
+    qidx.sort_unstable();
+    for &i in &qidx {
+        is_query[i] = true;
+    }
+    let bidx: Vec<usize> = (0..all.rows).filter(|&i| !is_query[i]).collect();
+    Ok((all.select(&bidx), all.select(&qidx)))
+}
+
+/// Mesa's Vulkan drivers (the software adapter lavapipe among them) print "error:
+/// XDG_RUNTIME_DIR is invalid or not set" twice per process when the variable does not name a
+/// directory. Point it at a private one (mode 0700 under the temporary directory) in that case.
+pub fn ensure_runtime_dir() {
+    let set = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .is_some_and(|p| p.is_dir());
+    if set {
+        return;
+    }
+    let user = std::env::var("USER").unwrap_or_default();
+    let dir = std::env::temp_dir().join(format!("tq-runtime-{user}"));
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    let _ = builder.create(&dir);
+    // Only a real directory (not a symlink) that no one else may enter is used.
+    let private = std::fs::symlink_metadata(&dir).is_ok_and(|m| {
+        #[cfg(unix)]
+        let closed = std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o077 == 0;
+        #[cfg(not(unix))]
+        let closed = true;
+        m.is_dir() && closed
+    });
+    if private {
+        // SAFETY: called first in `main`, before this process starts any other thread, so no
+        // other thread can read the environment concurrently.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+    }
+}

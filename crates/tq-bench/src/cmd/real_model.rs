@@ -1,0 +1,337 @@
+//! `real-model`: a decoder-only ONNX model decoded by tract with exact and quantized KV caches,
+//! compared step by step or teacher-forced for perplexity ([`crate::real`]).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::Serialize;
+use tq_bench::count;
+use tq_core::RotationKind;
+use tq_quant::ScaleMode;
+
+use super::{KvCacheArgs, KvCommon, KvGrid, Report, kv_configs, pool};
+use crate::real;
+
+/// `real-model`'s options.
+#[derive(Args)]
+pub struct RealModelArgs {
+    /// Bundle directory (scripts/setup-real-model.sh writes artifacts/smollm2-135m-instruct).
+    #[arg(long, default_value = "artifacts/smollm2-135m-instruct")]
+    pub model_dir: PathBuf,
+    /// One prompt (wrapped in the model's chat template unless --raw).
+    #[arg(long, conflicts_with_all = ["prompts", "text"])]
+    pub prompt: Option<String>,
+    /// A prompt suite: JSON lines with a "prompt" string (e.g. fixtures/prompts.jsonl).
+    #[arg(long, conflicts_with = "text")]
+    pub prompts: Option<PathBuf>,
+    /// Teacher-forced perplexity of this text file instead of generation (one token per step,
+    /// so every prediction sees a quantized past).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// With --text: use at most this many tokens.
+    #[arg(long, default_value_t = 300)]
+    pub max_tokens: usize,
+    /// Feed prompts as they are, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    #[arg(long, value_enum, default_value_t = real::Mode::Compare)]
+    pub mode: real::Mode,
+    /// Key precisions, comma-separated: integers, 2.5 / 3.5 (outlier splits) or OBxCOUNT+RB.
+    /// The defaults (keys 5, values 4, least-squares scale, window 4) are the documented
+    /// default configuration (tq_kv::HeadConfig::recommended, docs/CHOOSING.md).
+    #[arg(long, value_delimiter = ',', default_value = "5")]
+    pub key_bits: Vec<String>,
+    /// Pair --key-bits and --value-bits by position (k1 with v1, k2 with v2, ...) instead of
+    /// running every combination; the two lists must have the same length.
+    #[arg(long)]
+    pub pair: bool,
+    /// Per-vector scalars of MSE keys and values, comma-separated: norm, unbiased, least-squares.
+    #[arg(long = "scale", value_delimiter = ',', default_value = "least-squares")]
+    pub scales: Vec<ScaleMode>,
+    /// Most recent tokens kept in f32, comma-separated for several configurations.
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    pub window: Vec<usize>,
+    /// Random rotations of the cache quantizers, comma-separated: hadamard, haar.
+    #[arg(long, value_delimiter = ',', default_value = "hadamard")]
+    pub rotation: Vec<RotationKind>,
+    /// Tokens generated per prompt [default: 32, or 16 with --quick].
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Size of the top-k overlap.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    /// Sample at this temperature instead of greedy decoding (seeded by --seed).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// With --temperature: sample among this many most likely tokens.
+    #[arg(long, default_value_t = 50)]
+    pub sample_top_k: usize,
+    /// Write the exact run's keys, values and queries (of the first prompt, or of --text) as a
+    /// trace (docs/FORMATS.md) for `tq-bench trace --trace FILE`.
+    #[arg(long)]
+    pub dump_trace: Option<PathBuf>,
+    /// 16 new tokens and the built-in default prompt.
+    #[arg(long)]
+    pub quick: bool,
+    #[command(flatten)]
+    pub cache: KvCacheArgs,
+    #[command(flatten)]
+    pub common: KvCommon,
+}
+
+/// `real-model`'s JSON report.
+#[derive(Serialize)]
+pub struct RealReport {
+    workload: &'static str,
+    source: &'static str,
+    model: String,
+    model_dir: String,
+    seed: u64,
+    layers: usize,
+    kv_heads: usize,
+    q_heads: usize,
+    head_dim: usize,
+    mode: String,
+    sampling: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+    note: &'static str,
+    results: Vec<real::Row>,
+}
+
+/// A relative `--model-dir` that does not exist from the working directory is looked up from the
+/// repository root as well, so the default (`artifacts/smollm2-135m-instruct`) works from any
+/// folder of the checkout this binary was built in.
+fn resolve_model_dir(dir: &std::path::Path) -> PathBuf {
+    if dir.is_relative() && !dir.exists() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let alt = root.join(dir);
+        if alt.is_dir() {
+            return alt;
+        }
+    }
+    dir.to_path_buf()
+}
+
+/// The default prompt of `real-model`.
+const DEFAULT_PROMPT: &str = "What is the capital of France?";
+
+/// Runs `real-model`.
+///
+/// # Errors
+/// A missing or invalid bundle; bad options; decoding and cache errors.
+pub fn run(a: RealModelArgs) -> Result<RealReport> {
+    let model_dir = resolve_model_dir(&a.model_dir);
+    let a = RealModelArgs { model_dir, ..a };
+    let c = &a.common;
+    let grid = KvGrid {
+        key_bits: &a.key_bits,
+        value_bits: &a.cache.value_bits,
+        pair: a.pair,
+        strategies: &a.cache.key_strategy,
+        value_strategy: a.cache.value_strategy,
+        scales: &a.scales,
+        center: a.cache.center,
+        windows: &a.window,
+        rotations: &a.rotation,
+    };
+    if !a.model_dir.is_dir() {
+        bail!(
+            "{}: no model bundle here (run scripts/setup-real-model.sh for SmolLM2-135M-Instruct, or pass --model-dir)",
+            a.model_dir.display()
+        );
+    }
+    let decoder = tq_onnx::Decoder::open(&a.model_dir)?;
+    let d = decoder.head_dim();
+    let configs: Vec<real::Config> = kv_configs(&grid, d, c.seed)?
+        .into_iter()
+        .map(|head| real::Config {
+            head,
+            split: a.cache.split.clone(),
+        })
+        .collect();
+    let sampling = match a.temperature {
+        None => tq_onnx::Sampling::Greedy,
+        Some(t) => tq_onnx::Sampling::Sample {
+            temperature: t,
+            top_k: a.sample_top_k,
+            seed: c.seed,
+        },
+    };
+    let max_new = a.max_new_tokens.unwrap_or(if a.quick { 16 } else { 32 });
+    let (_, pool) = pool(c.threads)?;
+    let (rows, text_label) = if let Some(path) = &a.text {
+        let body = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut ids = decoder.bundle().encode(&body)?;
+        ids.truncate(a.max_tokens);
+        let label = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        let rows = pool.install(|| {
+            real::run_text(
+                &decoder,
+                &label,
+                &ids,
+                &configs,
+                a.top_k,
+                a.dump_trace.as_ref(),
+                c.json,
+            )
+        })?;
+        (rows, Some(path.display().to_string()))
+    } else {
+        let texts = match (&a.prompt, &a.prompts) {
+            (Some(p), _) => vec![p.clone()],
+            (None, Some(f)) => real::read_prompts(f)?,
+            (None, None) => vec![DEFAULT_PROMPT.to_string()],
+        };
+        let prompts = texts
+            .iter()
+            .map(|t| {
+                let full = if a.raw {
+                    t.clone()
+                } else {
+                    decoder.bundle().chat_prompt(t)?
+                };
+                Ok(real::Prompt {
+                    label: t.clone(),
+                    ids: decoder.bundle().encode(&full)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rows = pool.install(|| {
+            real::run_prompts(
+                &decoder,
+                &prompts,
+                &configs,
+                a.mode,
+                max_new,
+                sampling,
+                a.top_k,
+                a.dump_trace.as_ref(),
+                c.json,
+            )
+        })?;
+        (rows, None)
+    };
+    let cfg = decoder.config();
+    let report = RealReport {
+        workload: "real-model",
+        source: "real-model",
+        model: cfg.name.clone(),
+        model_dir: a.model_dir.display().to_string(),
+        seed: c.seed,
+        layers: decoder.layers(),
+        kv_heads: decoder.kv_heads(),
+        q_heads: cfg.q_heads,
+        head_dim: d,
+        mode: if text_label.is_some() {
+            "perplexity".into()
+        } else {
+            format!("{:?}", a.mode).to_lowercase()
+        },
+        sampling: match sampling {
+            tq_onnx::Sampling::Greedy => "greedy".into(),
+            tq_onnx::Sampling::Sample {
+                temperature,
+                top_k,
+                seed,
+            } => format!("temperature {temperature}, top-{top_k}, seed {seed}"),
+        },
+        text: text_label,
+        note: "tract runs float attention over a past decoded from the cache's codes: the cache's storage and information are quantized, the attention arithmetic is not",
+        results: rows,
+    };
+    Ok(report)
+}
+
+impl Report for RealReport {
+    fn print_table(&self) {
+        println!(
+            "real-model | {} | {} x {} kv / {} q heads, d = {} | {} | {}",
+            self.model,
+            count(self.layers, "layer"),
+            self.kv_heads,
+            self.q_heads,
+            self.head_dim,
+            self.mode,
+            self.sampling
+        );
+        println!("note: {}", self.note);
+        print_real_table(&self.results);
+    }
+}
+
+/// The real-model table: rows grouped by prompt (each group ends with the exact run's text),
+/// then, over a prompt suite, one summary row per configuration.
+fn print_real_table(rows: &[real::Row]) {
+    let f = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
+    println!(
+        "{:>8} {:>8} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}",
+        "keys",
+        "values",
+        "kq",
+        "rotation",
+        "window",
+        "bits",
+        "top1",
+        "top5",
+        "KL",
+        "ppl_ex",
+        "ppl_q",
+        "ppl x",
+        "match",
+        "tok/s",
+        "q tok/s",
+        "x f16"
+    );
+    let line = |r: &real::Row| {
+        println!(
+            "{:>8} {:>8} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}",
+            r.key_precision.as_deref().unwrap_or("exact"),
+            r.value_precision.as_deref().unwrap_or("exact"),
+            r.key_strategy.map_or("-", |k| k.name()),
+            r.rotation
+                .map_or("-".to_string(), |k| format!("{k:?}").to_lowercase()),
+            r.window.map_or("-".into(), |w| w.to_string()),
+            f(r.bits_per_coordinate, 2),
+            f(r.top1_agreement, 3),
+            f(r.topk_overlap, 3),
+            r.kl_divergence.map_or("-".into(), |v| format!("{v:.2e}")),
+            f(r.perplexity_exact, 3),
+            f(r.perplexity_quantized, 3),
+            f(r.perplexity_ratio, 3),
+            f(r.token_match_rate, 3),
+            f(r.decode_tokens_per_s_exact, 1),
+            f(r.decode_tokens_per_s_quantized, 1),
+            f(r.kv_ratio_vs_f16, 2),
+        );
+    };
+    let mut prompts = 0;
+    for group in rows.chunk_by(|a, b| a.prompt == b.prompt) {
+        prompts += 1;
+        println!("-- {}", group[0].prompt);
+        for r in group {
+            line(r);
+            if r.mode == "exact" || r.mode == "quantized" {
+                println!("   text: {:?}", r.generated_text);
+            }
+            if let Some(t) = &r.generated_text_quantized {
+                println!("   quantized text: {t:?}");
+            }
+        }
+        if let Some(r) = group.iter().find(|r| r.mode == "compare") {
+            println!("   exact text: {:?}", r.generated_text);
+        }
+    }
+    let summary = real::suite_summary(rows);
+    if prompts > 1 && !summary.is_empty() {
+        println!("-- mean over {prompts} prompts (perplexity ratio: geometric mean)");
+        for r in &summary {
+            line(r);
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! The quantizer kinds chosen at run time: [`QuantizerKind`], [`QuantizerSpec`] (everything a
+//! consumer chooses, built in one place), and the enums [`AnyQuantizer`], [`AnyBatch`] and
+//! [`AnyQuery`] over the concrete kinds. The dispatch over kinds is written here once; every
+//! consumer (tq-kv's streams, tq-gpu, tq-bench, saved files) holds these types.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tq_core::RotationKind;
+
+use crate::encoded::EncodedVectors;
+use crate::polar::PolarQuery;
+use crate::score::Hit;
+use crate::{
+    Error, MseBatch, MseConfig, MseQuantizer, MseQuery, PolarBatch, PolarConfig, PolarQuantizer,
+    ProdBatch, ProdConfig, ProdQuantizer, ProdQuery, Result, ScaleMode, SketchKind,
+};
+
+/// The quantizers a batch can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantizerKind {
+    /// `TurboQuant_mse`: lowest reconstruction error; inner products shrink slightly.
+    #[default]
+    Mse,
+    /// `TurboQuant_prod`: unbiased inner products (`b - 1` MSE bits plus QJL signs).
+    Prod,
+    /// PolarQuant (experimental): level bits `b, b/2, b/2, b/2` for a width `b` unless given;
+    /// the dimension must be a multiple of 16 (of `2^levels`).
+    Polar,
+}
+
+impl QuantizerKind {
+    /// Lower-case name (`mse`, `prod`, `polar`): the `kind` of saved batches and of reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantizerKind::Mse => "mse",
+            QuantizerKind::Prod => "prod",
+            QuantizerKind::Polar => "polar",
+        }
+    }
+}
+
+impl std::fmt::Display for QuantizerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for QuantizerKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "mse" => Ok(Self::Mse),
+            "prod" => Ok(Self::Prod),
+            "polar" => Ok(Self::Polar),
+            other => Err(format!(
+                "unknown quantizer '{other}' (expected mse, prod or polar)"
+            )),
+        }
+    }
+}
+
+/// PolarQuant level bits for a nominal width `b`: `b, max(1, b/2), max(1, b/2), max(1, b/2)` (4
+/// gives the paper's 4,2,2,2).
+pub fn polar_levels_for(bits: u32) -> Vec<u32> {
+    let rest = (bits / 2).max(1);
+    vec![bits, rest, rest, rest]
+}
+
+/// Everything that chooses a quantizer at run time. Options that do not apply to the kind are
+/// ignored (`scale` and `mean` apply to MSE, `sketch` to Prod, `polar_levels` to Polar), except
+/// `mean`, which is refused for other kinds (a centred Prod or Polar quantizer does not exist).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizerSpec {
+    /// The kind.
+    pub kind: QuantizerKind,
+    /// Vector dimension.
+    pub dim: usize,
+    /// Bits per coordinate (for Polar, the level-1 width of [`polar_levels_for`]).
+    pub bits: u32,
+    /// The random rotation.
+    pub rotation: RotationKind,
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// MSE: the per-vector scalar.
+    pub scale: ScaleMode,
+    /// Prod: how the QJL matrix is drawn.
+    pub sketch: SketchKind,
+    /// MSE: a calibrated mean to centre on (`dim` finite values).
+    pub mean: Option<Vec<f32>>,
+    /// Polar: explicit level bits (overrides [`polar_levels_for`]).
+    pub polar_levels: Option<Vec<u32>>,
+}
+
+impl QuantizerSpec {
+    /// A spec with the default scale (norm), sketch (Gaussian), no mean and default Polar levels.
+    pub fn new(
+        kind: QuantizerKind,
+        dim: usize,
+        bits: u32,
+        rotation: RotationKind,
+        seed: u64,
+    ) -> Self {
+        Self {
+            kind,
+            dim,
+            bits,
+            rotation,
+            seed,
+            scale: ScaleMode::default(),
+            sketch: SketchKind::default(),
+            mean: None,
+            polar_levels: None,
+        }
+    }
+
+    /// With this MSE scale.
+    pub fn with_scale(mut self, scale: ScaleMode) -> Self {
+        self.scale = scale;
+        self
+    }
+
+    /// With this Prod sketch.
+    pub fn with_sketch(mut self, sketch: SketchKind) -> Self {
+        self.sketch = sketch;
+        self
+    }
+
+    /// Centred on `mean` (MSE only).
+    pub fn with_mean(mut self, mean: Option<Vec<f32>>) -> Self {
+        self.mean = mean;
+        self
+    }
+
+    /// With explicit Polar level bits.
+    pub fn with_polar_levels(mut self, levels: Option<Vec<u32>>) -> Self {
+        self.polar_levels = levels;
+        self
+    }
+
+    /// Builds the quantizer: O(d³) once per distinct dense `(d, seed)`, O(d log d) for Hadamard.
+    ///
+    /// # Errors
+    /// The kind's configuration errors; [`Error::ConfigMismatch`] for a mean on a kind other than
+    /// MSE.
+    pub fn build(&self) -> Result<AnyQuantizer> {
+        if self.mean.is_some() && self.kind != QuantizerKind::Mse {
+            return Err(Error::ConfigMismatch(format!(
+                "centring on a mean applies to mse quantizers, not {}",
+                self.kind
+            )));
+        }
+        Ok(match self.kind {
+            QuantizerKind::Mse => {
+                let cfg = MseConfig::new(self.dim, self.bits, self.rotation, self.seed)
+                    .with_scale(self.scale);
+                AnyQuantizer::Mse(Arc::new(match &self.mean {
+                    Some(m) => MseQuantizer::with_mean(cfg, m.clone())?,
+                    None => MseQuantizer::new(cfg)?,
+                }))
+            }
+            QuantizerKind::Prod => AnyQuantizer::Prod(Arc::new(ProdQuantizer::new(ProdConfig {
+                dim: self.dim,
+                bits: self.bits,
+                rotation: self.rotation,
+                sketch: self.sketch,
+                seed: self.seed,
+            })?)),
+            QuantizerKind::Polar => {
+                let level_bits = self
+                    .polar_levels
+                    .clone()
+                    .unwrap_or_else(|| polar_levels_for(self.bits));
+                AnyQuantizer::Polar(Arc::new(PolarQuantizer::new(PolarConfig {
+                    dim: self.dim,
+                    level_bits,
+                    rotation: self.rotation,
+                    seed: self.seed,
+                })?))
+            }
+        })
+    }
+}
+
+/// A shared quantizer of any kind.
+#[derive(Debug, Clone)]
+pub enum AnyQuantizer {
+    /// `TurboQuant_mse`.
+    Mse(Arc<MseQuantizer>),
+    /// `TurboQuant_prod`.
+    Prod(Arc<ProdQuantizer>),
+    /// PolarQuant (experimental).
+    Polar(Arc<PolarQuantizer>),
+}
+
+impl AnyQuantizer {
+    /// The kind.
+    pub fn kind(&self) -> QuantizerKind {
+        match self {
+            AnyQuantizer::Mse(_) => QuantizerKind::Mse,
+            AnyQuantizer::Prod(_) => QuantizerKind::Prod,
+            AnyQuantizer::Polar(_) => QuantizerKind::Polar,
+        }
+    }
+
+    /// Dimension.
+    pub fn dim(&self) -> usize {
+        match self {
+            AnyQuantizer::Mse(q) => q.dim(),
+            AnyQuantizer::Prod(q) => q.dim(),
+            AnyQuantizer::Polar(q) => q.dim(),
+        }
+    }
+
+    /// Stored bytes per vector (codes and scalars).
+    pub fn bytes_per_vector(&self) -> usize {
+        match self {
+            AnyQuantizer::Mse(q) => q.bytes_per_vector(),
+            AnyQuantizer::Prod(q) => q.bytes_per_vector(),
+            AnyQuantizer::Polar(q) => q.bytes_per_vector(),
+        }
+    }
+
+    /// The calibrated mean of a centred MSE quantizer.
+    pub fn mean(&self) -> Option<&[f32]> {
+        match self {
+            AnyQuantizer::Mse(q) => q.mean(),
+            _ => None,
+        }
+    }
+
+    /// An empty batch of this quantizer.
+    pub fn new_batch(&self) -> AnyBatch {
+        match self {
+            AnyQuantizer::Mse(q) => AnyBatch::Mse(MseBatch::new(q.clone())),
+            AnyQuantizer::Prod(q) => AnyBatch::Prod(ProdBatch::new(q.clone())),
+            AnyQuantizer::Polar(q) => AnyBatch::Polar(PolarBatch::new(q.clone())),
+        }
+    }
+
+    /// Prepares a query (`dim` finite floats).
+    ///
+    /// # Errors
+    /// [`Error::DimMismatch`], [`Error::NonFinite`].
+    pub fn prepare_query(&self, q: &[f32]) -> Result<AnyQuery> {
+        Ok(match self {
+            AnyQuantizer::Mse(m) => AnyQuery::Mse(m.prepare_query(q)?),
+            AnyQuantizer::Prod(m) => AnyQuery::Prod(m.prepare_query(q)?),
+            AnyQuantizer::Polar(m) => AnyQuery::Polar(m.prepare_query(q)?),
+        })
+    }
+
+    /// `true` when both are the same kind with equal configurations (so their codes are
+    /// interchangeable; a centred MSE quantizer's mean is part of its batch's data).
+    pub fn same_config(&self, other: &AnyQuantizer) -> bool {
+        match (self, other) {
+            (AnyQuantizer::Mse(a), AnyQuantizer::Mse(b)) => a.config() == b.config(),
+            (AnyQuantizer::Prod(a), AnyQuantizer::Prod(b)) => a.config() == b.config(),
+            (AnyQuantizer::Polar(a), AnyQuantizer::Polar(b)) => a.config() == b.config(),
+            _ => false,
+        }
+    }
+}
+
+/// A query prepared against an [`AnyQuantizer`].
+#[derive(Debug, Clone)]
+pub enum AnyQuery {
+    /// For an MSE batch.
+    Mse(MseQuery),
+    /// For a Prod batch.
+    Prod(ProdQuery),
+    /// For a Polar batch.
+    Polar(PolarQuery),
+}
+
+impl AnyQuery {
+    fn kind(&self) -> QuantizerKind {
+        match self {
+            AnyQuery::Mse(_) => QuantizerKind::Mse,
+            AnyQuery::Prod(_) => QuantizerKind::Prod,
+            AnyQuery::Polar(_) => QuantizerKind::Polar,
+        }
+    }
+}
+
+/// A batch of any kind: what a saved tq-batch file holds ([`crate::io`]) and what consumers keep
+/// when the kind is chosen at run time. Implements [`EncodedVectors`] by dispatch.
+#[derive(Debug, Clone)]
+pub enum AnyBatch {
+    /// A `TurboQuant_mse` batch.
+    Mse(MseBatch),
+    /// A `TurboQuant_prod` batch.
+    Prod(ProdBatch),
+    /// A PolarQuant batch (experimental).
+    Polar(PolarBatch),
+}
+
+/// Applies `$body` to the batch inside any variant.
+macro_rules! each {
+    ($batch:expr, $b:ident => $body:expr) => {
+        match $batch {
+            AnyBatch::Mse($b) => $body,
+            AnyBatch::Prod($b) => $body,
+            AnyBatch::Polar($b) => $body,
+        }
+    };
+}
+
+/// Applies `$body` to a batch and a query of the same kind; a query of another kind is an error.
+macro_rules! paired {
+    ($batch:expr, $query:expr, ($b:ident, $q:ident) => $body:expr) => {
+        match ($batch, $query) {
+            (AnyBatch::Mse($b), AnyQuery::Mse($q)) => $body,
+            (AnyBatch::Prod($b), AnyQuery::Prod($q)) => $body,
+            (AnyBatch::Polar($b), AnyQuery::Polar($q)) => $body,
+            (b, q) => Err(kind_mismatch(b.kind(), q.kind())),
+        }
+    };
+}
+
+fn kind_mismatch(batch: QuantizerKind, query: QuantizerKind) -> Error {
+    Error::ConfigMismatch(format!(
+        "a query prepared for a {query} batch was given to a {batch} batch"
+    ))
+}
+
+impl AnyBatch {
+    /// The kind.
+    pub fn kind(&self) -> QuantizerKind {
+        match self {
+            AnyBatch::Mse(_) => QuantizerKind::Mse,
+            AnyBatch::Prod(_) => QuantizerKind::Prod,
+            AnyBatch::Polar(_) => QuantizerKind::Polar,
+        }
+    }
+
+    /// The batch's quantizer (a shared handle).
+    pub fn quantizer(&self) -> AnyQuantizer {
+        match self {
+            AnyBatch::Mse(b) => AnyQuantizer::Mse(b.quantizer().clone()),
+            AnyBatch::Prod(b) => AnyQuantizer::Prod(b.quantizer().clone()),
+            AnyBatch::Polar(b) => AnyQuantizer::Polar(b.quantizer().clone()),
+        }
+    }
+
+    /// The calibrated mean of a centred MSE batch.
+    pub fn mean(&self) -> Option<&[f32]> {
+        match self {
+            AnyBatch::Mse(b) => b.quantizer().mean(),
+            _ => None,
+        }
+    }
+}
+
+impl From<MseBatch> for AnyBatch {
+    fn from(b: MseBatch) -> Self {
+        AnyBatch::Mse(b)
+    }
+}
+
+impl From<ProdBatch> for AnyBatch {
+    fn from(b: ProdBatch) -> Self {
+        AnyBatch::Prod(b)
+    }
+}
+
+impl From<PolarBatch> for AnyBatch {
+    fn from(b: PolarBatch) -> Self {
+        AnyBatch::Polar(b)
+    }
+}
+
+impl EncodedVectors for AnyBatch {
+    type Query = AnyQuery;
+    fn dim(&self) -> usize {
+        each!(self, b => EncodedVectors::dim(b))
+    }
+    fn len(&self) -> usize {
+        each!(self, b => b.len())
+    }
+    fn bytes_per_vector(&self) -> usize {
+        each!(self, b => b.bytes_per_vector())
+    }
+    fn memory_bytes(&self) -> usize {
+        each!(self, b => b.memory_bytes())
+    }
+    fn extend(&mut self, xs: &[f32]) -> Result<()> {
+        each!(self, b => b.extend(xs))
+    }
+    fn truncate(&mut self, n: usize) {
+        each!(self, b => b.truncate(n))
+    }
+    fn encode_query(&self, q: &[f32]) -> Result<AnyQuery> {
+        self.quantizer().prepare_query(q)
+    }
+    fn score_into(&self, q: &AnyQuery, out: &mut [f32]) -> Result<()> {
+        paired!(self, q, (b, q) => EncodedVectors::score_into(b, q, out))
+    }
+    fn score_exact_into(&self, q: &AnyQuery, out: &mut [f32]) -> Result<()> {
+        paired!(self, q, (b, q) => EncodedVectors::score_exact_into(b, q, out))
+    }
+    fn top_k(&self, q: &AnyQuery, k: usize) -> Result<Vec<Hit>> {
+        paired!(self, q, (b, q) => EncodedVectors::top_k(b, q, k))
+    }
+    fn dequantize_row(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        each!(self, b => b.dequantize_row(i, out))
+    }
+    fn dequantize_all(&self) -> Vec<f32> {
+        each!(self, b => EncodedVectors::dequantize_all(b))
+    }
+    fn weighted_sums_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
+        each!(self, b => EncodedVectors::weighted_sums_into(b, weights, outs))
+    }
+    fn to_safetensors(&self) -> Result<Vec<u8>> {
+        each!(self, b => b.to_safetensors())
+    }
+}

@@ -1,0 +1,295 @@
+//! The contract every packed batch meets: [`EncodedVectors`].
+//!
+//! A batch holds encoded rows of one quantizer and answers inner-product queries on the codes
+//! without decoding rows to floats. The three kinds ([`MseBatch`], [`ProdBatch`], [`PolarBatch`])
+//! implement it, and so does [`crate::AnyBatch`], the one enum over them that consumers (KV caches,
+//! GPU kernels, benchmarks, saved files) hold when the kind is chosen at run time. A new quantizer
+//! implements this trait, adds one variant to [`crate::AnyBatch`] / [`crate::AnyQuery`] /
+//! [`crate::AnyQuantizer`] and one to [`crate::QuantizerKind`]; nothing outside tq-quant changes.
+//!
+//! The inherent methods of each batch stay (they take the concrete query type and need no trait in
+//! scope); the trait's methods delegate to them.
+
+use rayon::prelude::*;
+use tq_core::simd;
+
+use crate::error::{check_dim, check_len};
+use crate::polar::PolarQuery;
+use crate::score::Hit;
+use crate::{MseBatch, MseQuery, PolarBatch, ProdBatch, ProdQuery, Result};
+
+/// A growable batch of encoded vectors scored on its codes.
+///
+/// Every method that takes a query takes one prepared by [`EncodedVectors::encode_query`] on the
+/// same batch (or a batch of the same quantizer). Row indices are `0..len()`.
+pub trait EncodedVectors: Sync {
+    /// A query prepared once against this batch's quantizer (rotation, projections, tables).
+    type Query;
+
+    /// Dimension of the encoded vectors.
+    fn dim(&self) -> usize;
+
+    /// Number of rows.
+    fn len(&self) -> usize;
+
+    /// `true` when the batch holds no rows.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stored bytes per vector: codes and every per-vector scalar.
+    fn bytes_per_vector(&self) -> usize;
+
+    /// Bytes held in memory by the rows (with any block padding).
+    fn memory_bytes(&self) -> usize;
+
+    /// Encodes and appends row-major vectors (`n · dim` finite floats), in parallel.
+    ///
+    /// # Errors
+    /// [`crate::Error::DimMismatch`], [`crate::Error::NonFinite`]; nothing is appended then.
+    fn extend(&mut self, xs: &[f32]) -> Result<()>;
+
+    /// Keeps the first `n` rows (no-op when `n >= len()`).
+    fn truncate(&mut self, n: usize);
+
+    /// Prepares a query (`dim` finite floats) for scoring against this batch.
+    ///
+    /// # Errors
+    /// [`crate::Error::DimMismatch`], [`crate::Error::NonFinite`].
+    fn encode_query(&self, q: &[f32]) -> Result<Self::Query>;
+
+    /// Inner-product estimates for every row through the fastest tables (`out.len() == len()`).
+    ///
+    /// # Errors
+    /// `Core(LengthMismatch)` for `out`; [`crate::Error::ConfigMismatch`] for a query of another
+    /// kind ([`crate::AnyBatch`]).
+    fn score_into(&self, q: &Self::Query, out: &mut [f32]) -> Result<()>;
+
+    /// As [`EncodedVectors::score_into`] with exact `f32` tables (the same as the fast path for
+    /// kinds without a faster one).
+    ///
+    /// # Errors
+    /// As [`EncodedVectors::score_into`].
+    fn score_exact_into(&self, q: &Self::Query, out: &mut [f32]) -> Result<()>;
+
+    /// The `k` rows with the largest estimated inner product, best first (ties by index).
+    ///
+    /// # Errors
+    /// As [`EncodedVectors::score_into`].
+    fn top_k(&self, q: &Self::Query, k: usize) -> Result<Vec<Hit>>;
+
+    /// Decodes row `i` into `out` (`dim` floats).
+    ///
+    /// # Errors
+    /// [`crate::Error::RowOutOfRange`], [`crate::Error::DimMismatch`].
+    fn dequantize_row(&self, i: usize, out: &mut [f32]) -> Result<()>;
+
+    /// Decodes every row (row-major `len · dim` floats), in parallel.
+    fn dequantize_all(&self) -> Vec<f32> {
+        let d = self.dim();
+        let mut out = vec![0.0; self.len() * d];
+        out.par_chunks_mut(d.max(1)).enumerate().for_each(|(i, o)| {
+            // Every index is in range and every chunk has length `d`.
+            let _ = self.dequantize_row(i, o);
+        });
+        out
+    }
+
+    /// `outs[j] = Σ_i weights[j][i] · x̃_i` for every weight vector (attention outputs over
+    /// decoded values). The default decodes each row with a non-zero weight once; kinds with a
+    /// faster route (MSE: the rotated domain, one inverse rotation per output) override it.
+    ///
+    /// # Errors
+    /// `Core(LengthMismatch)` unless `weights.len() == outs.len()` and every weight vector has
+    /// `len()` entries; [`crate::Error::DimMismatch`] unless every output has `dim` entries.
+    fn weighted_sums_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
+        check_weighted(self.len(), self.dim(), weights, outs)?;
+        outs.iter_mut().for_each(|o| o.fill(0.0));
+        let mut row = vec![0.0f32; self.dim()];
+        for i in 0..self.len() {
+            if weights.iter().all(|w| w[i] == 0.0) {
+                continue;
+            }
+            self.dequantize_row(i, &mut row)?;
+            for (w, o) in weights.iter().zip(outs.iter_mut()) {
+                simd::axpy(w[i], &row, o);
+            }
+        }
+        Ok(())
+    }
+
+    /// Serializes the batch as a saved tq-batch (safetensors; [`crate::io`]).
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidFormat`] only if the safetensors writer rejects the tensors.
+    fn to_safetensors(&self) -> Result<Vec<u8>>;
+}
+
+/// The shape checks of [`EncodedVectors::weighted_sums_into`].
+pub(crate) fn check_weighted(
+    len: usize,
+    dim: usize,
+    weights: &[&[f32]],
+    outs: &[&mut [f32]],
+) -> Result<()> {
+    check_len("weight vectors", outs.len(), weights.len())?;
+    for w in weights {
+        check_len("weights", len, w.len())?;
+    }
+    for o in outs {
+        check_dim(o, dim)?;
+    }
+    Ok(())
+}
+
+impl EncodedVectors for MseBatch {
+    type Query = MseQuery;
+    fn dim(&self) -> usize {
+        self.quantizer().dim()
+    }
+    fn len(&self) -> usize {
+        MseBatch::len(self)
+    }
+    fn bytes_per_vector(&self) -> usize {
+        MseBatch::bytes_per_vector(self)
+    }
+    fn memory_bytes(&self) -> usize {
+        MseBatch::memory_bytes(self)
+    }
+    fn extend(&mut self, xs: &[f32]) -> Result<()> {
+        MseBatch::extend(self, xs)
+    }
+    fn truncate(&mut self, n: usize) {
+        MseBatch::truncate(self, n)
+    }
+    fn encode_query(&self, q: &[f32]) -> Result<MseQuery> {
+        self.quantizer().prepare_query(q)
+    }
+    fn score_into(&self, q: &MseQuery, out: &mut [f32]) -> Result<()> {
+        MseBatch::score_into(self, q, out)
+    }
+    fn score_exact_into(&self, q: &MseQuery, out: &mut [f32]) -> Result<()> {
+        MseBatch::score_exact_into(self, q, out)
+    }
+    fn top_k(&self, q: &MseQuery, k: usize) -> Result<Vec<Hit>> {
+        Ok(MseBatch::top_k(self, q, k))
+    }
+    fn dequantize_row(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        MseBatch::dequantize_row(self, i, out)
+    }
+    fn dequantize_all(&self) -> Vec<f32> {
+        MseBatch::dequantize_all(self)
+    }
+    /// In the rotated domain: the codes are decoded once for all weight vectors, then one inverse
+    /// rotation per output; a centred quantizer's mean is added once, weighted by `Σ w`.
+    fn weighted_sums_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
+        check_weighted(self.len(), self.dim(), weights, outs)?;
+        let d = self.dim();
+        let mut rot = vec![vec![0.0f32; d]; weights.len()];
+        {
+            let mut refs: Vec<&mut [f32]> = rot.iter_mut().map(Vec::as_mut_slice).collect();
+            self.accumulate_rotated_multi(weights, &mut refs)?;
+        }
+        let q = self.quantizer();
+        for ((r, out), w) in rot.iter().zip(outs.iter_mut()).zip(weights) {
+            q.rotation().apply_inverse_unchecked(r, out);
+            q.add_mean(out, w.iter().sum());
+        }
+        Ok(())
+    }
+    fn to_safetensors(&self) -> Result<Vec<u8>> {
+        MseBatch::to_safetensors(self)
+    }
+}
+
+impl EncodedVectors for ProdBatch {
+    type Query = ProdQuery;
+    fn dim(&self) -> usize {
+        self.quantizer().dim()
+    }
+    fn len(&self) -> usize {
+        ProdBatch::len(self)
+    }
+    fn bytes_per_vector(&self) -> usize {
+        ProdBatch::bytes_per_vector(self)
+    }
+    fn memory_bytes(&self) -> usize {
+        ProdBatch::memory_bytes(self)
+    }
+    fn extend(&mut self, xs: &[f32]) -> Result<()> {
+        ProdBatch::extend(self, xs)
+    }
+    fn truncate(&mut self, n: usize) {
+        ProdBatch::truncate(self, n)
+    }
+    fn encode_query(&self, q: &[f32]) -> Result<ProdQuery> {
+        self.quantizer().prepare_query(q)
+    }
+    fn score_into(&self, q: &ProdQuery, out: &mut [f32]) -> Result<()> {
+        ProdBatch::score_into(self, q, out)
+    }
+    fn score_exact_into(&self, q: &ProdQuery, out: &mut [f32]) -> Result<()> {
+        ProdBatch::score_exact_into(self, q, out)
+    }
+    fn top_k(&self, q: &ProdQuery, k: usize) -> Result<Vec<Hit>> {
+        Ok(ProdBatch::top_k(self, q, k))
+    }
+    fn dequantize_row(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        ProdBatch::dequantize_row(self, i, out)
+    }
+    fn to_safetensors(&self) -> Result<Vec<u8>> {
+        ProdBatch::to_safetensors(self)
+    }
+}
+
+impl EncodedVectors for PolarBatch {
+    type Query = PolarQuery;
+    fn dim(&self) -> usize {
+        self.quantizer().dim()
+    }
+    fn len(&self) -> usize {
+        PolarBatch::len(self)
+    }
+    fn bytes_per_vector(&self) -> usize {
+        PolarBatch::bytes_per_vector(self)
+    }
+    fn memory_bytes(&self) -> usize {
+        PolarBatch::memory_bytes(self)
+    }
+    fn extend(&mut self, xs: &[f32]) -> Result<()> {
+        PolarBatch::extend(self, xs)
+    }
+    fn truncate(&mut self, n: usize) {
+        PolarBatch::truncate(self, n)
+    }
+    fn encode_query(&self, q: &[f32]) -> Result<PolarQuery> {
+        self.quantizer().prepare_query(q)
+    }
+    fn score_into(&self, q: &PolarQuery, out: &mut [f32]) -> Result<()> {
+        self.score_query_into(q, out)
+    }
+    fn score_exact_into(&self, q: &PolarQuery, out: &mut [f32]) -> Result<()> {
+        self.score_query_into(q, out)
+    }
+    fn top_k(&self, q: &PolarQuery, k: usize) -> Result<Vec<Hit>> {
+        self.top_k_query(q, k)
+    }
+    fn dequantize_row(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        PolarBatch::dequantize_row(self, i, out)
+    }
+    fn dequantize_all(&self) -> Vec<f32> {
+        PolarBatch::dequantize_all(self)
+    }
+    /// One pass over the rows per weight vector, decoding in the rotated domain; one inverse
+    /// rotation per output.
+    fn weighted_sums_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
+        check_weighted(self.len(), self.dim(), weights, outs)?;
+        for (w, out) in weights.iter().zip(outs.iter_mut()) {
+            self.weighted_sum(w, out)?;
+        }
+        Ok(())
+    }
+    fn to_safetensors(&self) -> Result<Vec<u8>> {
+        PolarBatch::to_safetensors(self)
+    }
+}
