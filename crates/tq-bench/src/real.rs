@@ -425,11 +425,11 @@ pub fn run_text(
 }
 
 fn write_trace(decoder: &Decoder, run: &Run, path: &Path) -> Result<()> {
-    let (trace, proxy) = trace_of(decoder, run)?;
+    let tq_onnx::RunTrace { trace, queries } = trace_of(decoder, run)?;
     trace
         .save(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    if proxy {
+    if queries == tq_onnx::TraceQueries::KeysAsProxy {
         eprintln!(
             "note: the graph exposes no queries.<i> outputs; {} holds each kv head's keys as its query heads' queries",
             path.display()

@@ -371,14 +371,32 @@ pub fn token_match(a: &[u32], b: &[u32]) -> (f64, Option<usize>) {
     (same as f64 / n as f64, first)
 }
 
+/// Where a run's trace took its queries from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TraceQueries {
+    /// The graph's `queries.<i>` outputs: the model's own queries.
+    Model,
+    /// The graph exposes no queries: each query head's queries are its kv head's keys (a proxy
+    /// the caller must say it used).
+    KeysAsProxy,
+}
+
+/// A run's K/V trace and where its queries came from.
+#[derive(Debug, Clone)]
+pub struct RunTrace {
+    /// The trace.
+    pub trace: KvTrace,
+    /// The source of its queries.
+    pub queries: TraceQueries,
+}
+
 /// The K/V trace (docs/DESIGN.md, Trace format) of a run made with [`Keep::trace`]: keys and values of every fed
 /// token (after RoPE), the queries of every position when the graph exposes them (query `i`
-/// attends to `i + 1` tokens), and `proxy_queries = true` when it does not (then each query
-/// head's queries are its kv head's keys, which the caller must say).
+/// attends to `i + 1` tokens), or [`TraceQueries::KeysAsProxy`] when it does not.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] when the run kept no trace; trace validation errors.
-pub fn trace_of(decoder: &Decoder, run: &Run) -> Result<(KvTrace, bool)> {
+pub fn trace_of(decoder: &Decoder, run: &Run) -> Result<RunTrace> {
     let LayerKv { keys, values } = run
         .kv
         .as_ref()
@@ -391,8 +409,8 @@ pub fn trace_of(decoder: &Decoder, run: &Run) -> Result<(KvTrace, bool)> {
     );
     let tokens = keys.first().map(|k| k.len() / (kv_heads * d)).unwrap_or(0);
     let group = q_heads / kv_heads;
-    let (queries, proxy) = match &run.queries {
-        Some(q) => (q.concat(), false),
+    let (queries, source) = match &run.queries {
+        Some(q) => (q.concat(), TraceQueries::Model),
         None => {
             let mut q = Vec::with_capacity(layers * q_heads * tokens * d);
             for k in keys {
@@ -401,7 +419,7 @@ pub fn trace_of(decoder: &Decoder, run: &Run) -> Result<(KvTrace, bool)> {
                     q.extend_from_slice(&k[kv * tokens * d..(kv + 1) * tokens * d]);
                 }
             }
-            (q, true)
+            (q, TraceQueries::KeysAsProxy)
         }
     };
     let trace = KvTrace {
@@ -421,5 +439,8 @@ pub fn trace_of(decoder: &Decoder, run: &Run) -> Result<(KvTrace, bool)> {
         },
     };
     trace.validate()?;
-    Ok((trace, proxy))
+    Ok(RunTrace {
+        trace,
+        queries: source,
+    })
 }

@@ -41,7 +41,8 @@ pub use bundle::{Bundle, ModelConfig};
 pub use cache::{CacheSpec, Sequence, calibrate};
 pub use error::{Error, Result};
 pub use eval::{
-    Keep, LayerKv, Run, Sampling, Timing, generate, replay, teacher_forced, token_match, trace_of,
+    Keep, LayerKv, Run, RunTrace, Sampling, Timing, TraceQueries, generate, replay, teacher_forced,
+    token_match, trace_of,
 };
 pub use metrics::{LogitComparison, LogitMetrics};
 pub use runner::{Decoder, KvTensors, StepOutput};

@@ -325,8 +325,8 @@ fn trace_dump_holds_keys_values_and_queries() {
         &mut || {},
     )
     .unwrap();
-    let (trace, proxy) = trace_of(&dec, &run).unwrap();
-    assert!(!proxy);
+    let tq_onnx::RunTrace { trace, queries } = trace_of(&dec, &run).unwrap();
+    assert_eq!(queries, tq_onnx::TraceQueries::Model);
     let t = ids.len() + 4;
     assert_eq!(
         (
