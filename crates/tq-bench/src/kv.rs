@@ -10,8 +10,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use tq_core::{SeededRng, rng::stream, simd};
 use tq_kv::{
-    HeadCalibration, HeadConfig, KeyStrategy, KvTrace, MultiHeadCache, OutlierChoice, Precision,
-    ScoreMode, ValueStrategy,
+    HeadCalibration, HeadConfig, KeyStrategy, KvTrace, MultiHeadCache, OutlierChoice, ValueStrategy,
 };
 
 /// Attention metrics of one configuration (overall or for one layer).
@@ -76,6 +75,9 @@ pub struct TraceRow {
     pub value_precision: String,
     pub key_strategy: KeyStrategy,
     pub value_strategy: ValueStrategy,
+    /// KIVI's group size, when keys or values use KIVI.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<usize>,
     /// Per-vector scalar of the MSE keys and values.
     pub scale: tq_quant::ScaleMode,
     /// Keys and values centred on per-head means.
@@ -85,6 +87,9 @@ pub struct TraceRow {
     pub overall: AttentionMetrics,
     /// `f16_bytes / cache_bytes`: how many times smaller than an f16 cache.
     pub memory_ratio_vs_f16: f64,
+    /// Stored bits per cached coordinate over keys and values: codes, every scale and zero, and
+    /// rows held unquantized (window, KIVI residual) at their width.
+    pub bits_per_coordinate: f64,
     pub cache_bytes: usize,
     pub f16_bytes: usize,
     pub per_layer: Vec<BTreeMap<String, f64>>,
@@ -239,15 +244,22 @@ pub fn eval_trace(
         value_precision: cfg.value_precision.to_string(),
         key_strategy: cfg.key_strategy,
         value_strategy: cfg.value_strategy,
+        group: uses_groups(cfg).then_some(cfg.group),
         scale: cfg.scale,
         centered: cfg.center,
         window: cfg.window,
         overall: total.metrics(),
         memory_ratio_vs_f16: f16_bytes as f64 / cache_bytes.max(1) as f64,
+        bits_per_coordinate: 16.0 * cache_bytes as f64 / f16_bytes.max(1) as f64,
         cache_bytes,
         f16_bytes,
         per_layer,
     })
+}
+
+/// `true` when keys or values use KIVI (the group size matters).
+pub fn uses_groups(cfg: &HeadConfig) -> bool {
+    cfg.key_strategy == KeyStrategy::Kivi || cfg.value_strategy == ValueStrategy::Kivi
 }
 
 /// One `attention` result row.
@@ -255,6 +267,13 @@ pub fn eval_trace(
 pub struct AttentionRow {
     pub tokens: usize,
     pub bits: f64,
+    pub key_strategy: KeyStrategy,
+    pub value_strategy: ValueStrategy,
+    /// KIVI's group size, when keys or values use KIVI.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<usize>,
+    /// Stored bits per cached coordinate (codes, scales, zeros, residual rows).
+    pub bits_per_coordinate: f64,
     pub heads: usize,
     pub kv_heads: usize,
     pub dim: usize,
@@ -301,16 +320,16 @@ fn time_it(budget: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 /// Decode-step attention over `tokens` random cached tokens for `heads` query heads sharing
-/// `kv_heads` kv heads at `bits`.
+/// `kv_heads` kv heads, each head's cache configured by `cfg` (its dimension, precisions,
+/// strategies and seed).
 pub fn eval_attention(
+    cfg: &HeadConfig,
     tokens: usize,
-    dim: usize,
     heads: usize,
     kv_heads: usize,
-    bits: Precision,
-    seed: u64,
     budget: f64,
 ) -> Result<AttentionRow> {
+    let (dim, seed) = (cfg.head_dim, cfg.seed);
     ensure!(
         tokens > 0 && heads > 0 && kv_heads > 0,
         "tokens and heads must be positive"
@@ -325,24 +344,19 @@ pub fn eval_attention(
     let keys: Vec<f32> = (0..n).map(|_| r.gaussian() as f32).collect();
     let values: Vec<f32> = (0..n).map(|_| r.gaussian() as f32).collect();
     let queries: Vec<f32> = (0..heads * dim).map(|_| r.gaussian() as f32).collect();
-    let cfg = HeadConfig {
-        score_mode: ScoreMode::Fast,
-        seed,
-        ..HeadConfig::new(dim, bits, bits)
-    };
     // One calibration per kv head (the caches hold kv heads; query heads share them).
     let outliers = (0..kv_heads)
         .map(|h| {
             let rows = h * tokens * dim..(h + 1) * tokens * dim;
             HeadCalibration::from_samples(
-                &cfg,
+                cfg,
                 &keys[rows.clone()],
                 &values[rows],
                 &OutlierChoice::Auto,
             )
         })
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let mut cache = MultiHeadCache::new(heads, kv_heads, &cfg, &outliers)?;
+    let mut cache = MultiHeadCache::new(heads, kv_heads, cfg, &outliers)?;
     cache.append(&keys, &values)?;
     let mut out = vec![0.0f32; heads * dim];
     let quantized = time_it(budget, || Ok(cache.attend(&queries, &mut out)?))?;
@@ -366,7 +380,11 @@ pub fn eval_attention(
     })?;
     Ok(AttentionRow {
         tokens,
-        bits: bits.bits_per_coordinate(dim),
+        bits: cfg.key_precision.bits_per_coordinate(dim),
+        key_strategy: cfg.key_strategy,
+        value_strategy: cfg.value_strategy,
+        group: uses_groups(cfg).then_some(cfg.group),
+        bits_per_coordinate: 16.0 * cache.memory_bytes() as f64 / cache.f16_bytes().max(1) as f64,
         heads,
         kv_heads,
         dim,

@@ -113,6 +113,8 @@ pub struct Row {
     pub key_strategy: Option<KeyStrategy>,
     /// Value quantizer.
     pub value_strategy: Option<ValueStrategy>,
+    /// KIVI's group size, when keys or values use KIVI.
+    pub group: Option<usize>,
     /// Per-vector scalar of MSE parts.
     pub scale: Option<ScaleMode>,
     /// Keys and values centred on calibrated means.
@@ -172,6 +174,7 @@ impl Row {
             value_precision: None,
             key_strategy: None,
             value_strategy: None,
+            group: None,
             scale: None,
             centered: None,
             window: None,
@@ -220,6 +223,7 @@ impl Row {
         self.value_precision = Some(c.head.value_precision.to_string());
         self.key_strategy = Some(c.head.key_strategy);
         self.value_strategy = Some(c.head.value_strategy);
+        self.group = crate::kv::uses_groups(&c.head).then_some(c.head.group);
         self.scale = Some(c.head.scale);
         self.centered = Some(c.head.center);
         self.window = Some(c.head.window);
@@ -453,11 +457,12 @@ fn write_trace(decoder: &Decoder, run: &Run, path: &Path) -> Result<()> {
 pub fn suite_summary(rows: &[Row]) -> Vec<Row> {
     let key = |r: &Row| {
         format!(
-            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
             r.key_precision,
             r.value_precision,
             r.key_strategy,
             r.value_strategy,
+            r.group,
             r.scale,
             r.centered,
             r.window,

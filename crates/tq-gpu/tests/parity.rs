@@ -450,7 +450,7 @@ fn run_time_kinds_dispatch_to_their_pipelines() {
         let typed = match &q {
             tq_quant::AnyQuantizer::Mse(m) => AnyBatch::from(gpu.quantize_mse(m, &xs).unwrap()),
             tq_quant::AnyQuantizer::Prod(p) => AnyBatch::from(gpu.quantize_prod(p, &xs).unwrap()),
-            tq_quant::AnyQuantizer::Polar(_) => unreachable!("not in this loop"),
+            _ => unreachable!("mse and prod only in this loop"),
         };
         // The same kernel on the same input: the same codes and scalars, so the same rows.
         assert!(any.dequantize_all() == typed.dequantize_all(), "{kind}");

@@ -15,12 +15,12 @@
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
-use tq_quant::ScaleMode;
+use tq_quant::{KiviAxis, ScaleMode};
 
 use crate::calibration::HeadCalibration;
 use crate::error::{check_finite, check_len};
 use crate::precision::Precision;
-use crate::store::{KeyStrategy, Store, ValueStrategy};
+use crate::store::{KeyStrategy, Store, StreamSpec, ValueStrategy};
 use crate::{Error, Result};
 
 /// How key scores are computed from the codes.
@@ -63,6 +63,14 @@ pub struct HeadConfig {
     pub center: bool,
     /// How key scores are computed.
     pub score_mode: ScoreMode,
+    /// KIVI's group size `G` (a power of two in 16..=128): tokens per key group, channels per
+    /// value group. Ignored by the other strategies.
+    #[serde(default = "default_group")]
+    pub group: usize,
+}
+
+fn default_group() -> usize {
+    tq_quant::DEFAULT_KIVI_GROUP
 }
 
 impl HeadConfig {
@@ -80,11 +88,18 @@ impl HeadConfig {
             scale: ScaleMode::Norm,
             center: false,
             score_mode: ScoreMode::Fast,
+            group: default_group(),
         }
     }
 }
 
 impl HeadConfig {
+    /// The paper's plain configuration: TurboQuant_mse at 4 bits for keys and values, norm
+    /// scales, no window, Hadamard rotation (4.5 stored bits per coordinate at d = 64).
+    pub fn paper(head_dim: usize) -> Self {
+        Self::new(head_dim, Precision::Uniform(4), Precision::Uniform(4))
+    }
+
     /// The documented default for LLM KV caches (docs/CHOOSING.md): 5-bit MSE keys, 4-bit MSE
     /// values, least-squares per-vector scales, the 4 most recent tokens kept in f32, Hadamard
     /// rotation. Chosen as the fewest stored bits per coordinate that kept perplexity within 2%
@@ -129,48 +144,42 @@ impl HeadCache {
     /// Invalid dimension or precision, or missing / malformed outlier channels for a split.
     pub fn new(config: HeadConfig, outliers: &HeadCalibration) -> Result<Self> {
         let d = config.head_dim;
-        let keys = Store::new(
-            d,
-            config.key_precision,
-            config.key_strategy,
-            config.scale,
-            outliers.keys.as_deref(),
-            if config.center {
-                Some(
-                    outliers
-                        .key_mean
-                        .as_deref()
-                        .ok_or_else(|| Error::InvalidChannels {
-                            reason: "a centred cache needs its key mean".into(),
-                        })?,
-                )
-            } else {
-                None
-            },
-            config.rotation,
-            config.seed,
-        )?;
-        let values = Store::new(
-            d,
-            config.value_precision,
-            config.value_strategy.into(),
-            config.scale,
-            outliers.values.as_deref(),
-            if config.center {
-                Some(
-                    outliers
-                        .value_mean
-                        .as_deref()
-                        .ok_or_else(|| Error::InvalidChannels {
-                            reason: "a centred cache needs its value mean".into(),
-                        })?,
-                )
-            } else {
-                None
-            },
-            config.rotation,
-            config.seed ^ VALUE_SEED_OFFSET,
-        )?;
+        fn mean<'a>(
+            center: bool,
+            m: &'a Option<Vec<f32>>,
+            what: &str,
+        ) -> Result<Option<&'a [f32]>> {
+            if !center {
+                return Ok(None);
+            }
+            m.as_deref()
+                .map(Some)
+                .ok_or_else(|| Error::InvalidChannels {
+                    reason: format!("a centred cache needs its {what} mean"),
+                })
+        }
+        let stream = StreamSpec {
+            dim: d,
+            precision: config.key_precision,
+            strategy: config.key_strategy,
+            scale: config.scale,
+            rotation: config.rotation,
+            seed: config.seed,
+            group: config.group,
+            axis: KiviAxis::Channel,
+            outliers: outliers.keys.as_deref(),
+            mean: mean(config.center, &outliers.key_mean, "key")?,
+        };
+        let keys = Store::new(&stream)?;
+        let values = Store::new(&StreamSpec {
+            precision: config.value_precision,
+            strategy: config.value_strategy.into(),
+            seed: config.seed ^ VALUE_SEED_OFFSET,
+            axis: KiviAxis::Token,
+            outliers: outliers.values.as_deref(),
+            mean: mean(config.center, &outliers.value_mean, "value")?,
+            ..stream
+        })?;
         Ok(Self {
             config,
             keys,
@@ -210,15 +219,24 @@ impl HeadCache {
         self.keys.len()
     }
 
+    /// Leading tokens whose decoded keys and values are final: later appends never change them.
+    /// Tokens past it (the window, and KIVI's residual key group until it fills) may decode
+    /// differently after the next append, so a consumer mirroring decoded rows re-reads from
+    /// here. `<= quantized_len()`.
+    pub fn settled_len(&self) -> usize {
+        self.keys.settled_len().min(self.values.settled_len())
+    }
+
     /// Tokens held in the f32 window.
     pub fn window_len(&self) -> usize {
         self.window_keys.len() / self.config.head_dim
     }
 
-    /// Exact bytes held: codes and scalars of the quantized tokens plus the f32 window.
+    /// Exact bytes held: codes and every scale of the quantized tokens, rows a strategy keeps
+    /// unquantized (KIVI's key residual) at their stored width, plus the f32 window.
     pub fn memory_bytes(&self) -> usize {
-        let q = self.quantized_len();
-        q * (self.keys.bytes_per_vector() + self.values.bytes_per_vector())
+        self.keys.stored_bytes()
+            + self.values.stored_bytes()
             + 4 * (self.window_keys.len() + self.window_values.len())
     }
 

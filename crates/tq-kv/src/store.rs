@@ -3,7 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
-use tq_quant::{AnyBatch, AnyQuery, EncodedVectors, QuantizerKind, QuantizerSpec, ScaleMode};
+use tq_quant::{
+    AnyBatch, AnyQuery, EncodedVectors, KiviAxis, QuantizerKind, QuantizerSpec, ScaleMode,
+};
 
 use crate::precision::{Precision, check_channels};
 use crate::{Error, Result};
@@ -20,6 +22,9 @@ pub enum KeyStrategy {
     /// PolarQuant (experimental; keys or values): a uniform precision `b` uses 4 levels of
     /// `b, b/2, b/2, b/2` bits (the paper's 4,2,2,2 at 4); the head dimension must be a multiple of 16.
     Polar,
+    /// KIVI keys: asymmetric uniform levels per channel over groups of `G` tokens (f16 scale and
+    /// zero per channel and group), the newest incomplete group in f32 until it fills.
+    Kivi,
 }
 
 impl KeyStrategy {
@@ -34,6 +39,7 @@ impl KeyStrategy {
             KeyStrategy::Mse => QuantizerKind::Mse,
             KeyStrategy::Prod => QuantizerKind::Prod,
             KeyStrategy::Polar => QuantizerKind::Polar,
+            KeyStrategy::Kivi => QuantizerKind::Kivi,
         }
     }
 }
@@ -45,8 +51,9 @@ impl std::str::FromStr for KeyStrategy {
             "mse" => Ok(Self::Mse),
             "prod" => Ok(Self::Prod),
             "polar" => Ok(Self::Polar),
+            "kivi" => Ok(Self::Kivi),
             other => Err(format!(
-                "unknown strategy '{other}' (expected mse, prod or polar)"
+                "unknown strategy '{other}' (expected mse, prod, polar or kivi)"
             )),
         }
     }
@@ -62,6 +69,8 @@ pub enum ValueStrategy {
     Mse,
     /// PolarQuant (experimental); the head dimension must be a multiple of 16.
     Polar,
+    /// KIVI values: asymmetric uniform levels per token over groups of `G` channels.
+    Kivi,
 }
 
 impl ValueStrategy {
@@ -76,6 +85,7 @@ impl From<ValueStrategy> for KeyStrategy {
         match v {
             ValueStrategy::Mse => KeyStrategy::Mse,
             ValueStrategy::Polar => KeyStrategy::Polar,
+            ValueStrategy::Kivi => KeyStrategy::Kivi,
         }
     }
 }
@@ -86,13 +96,14 @@ impl std::str::FromStr for ValueStrategy {
         match s {
             "mse" => Ok(Self::Mse),
             "polar" => Ok(Self::Polar),
+            "kivi" => Ok(Self::Kivi),
             "prod" => Err(
                 "values cannot use prod: TurboQuant_prod makes scores unbiased, and values are \
-                 summed, not scored (expected mse or polar)"
+                 summed, not scored (expected mse, polar or kivi)"
                     .into(),
             ),
             other => Err(format!(
-                "unknown value strategy '{other}' (expected mse or polar)"
+                "unknown value strategy '{other}' (expected mse, polar or kivi)"
             )),
         }
     }
@@ -117,49 +128,59 @@ fn part_seed(seed: u64, part: usize) -> u64 {
     seed.wrapping_add((part as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn make_part(
-    dim: usize,
-    bits: u32,
-    strategy: KeyStrategy,
-    scale: ScaleMode,
-    rotation: RotationKind,
-    seed: u64,
-    channels: Option<Vec<usize>>,
-    mean: Option<&[f32]>,
-) -> Result<Part> {
-    let mean: Option<Vec<f32>> = mean.map(|m| match &channels {
-        None => m.to_vec(),
-        Some(ch) => ch.iter().map(|&c| m[c]).collect(),
-    });
-    if mean.is_some() && strategy != KeyStrategy::Mse {
-        return Err(Error::InvalidChannels {
-            reason: "centering applies to MSE keys only".into(),
+/// Everything that configures one stream (keys or values of a head).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StreamSpec<'a> {
+    pub(crate) dim: usize,
+    pub(crate) precision: Precision,
+    pub(crate) strategy: KeyStrategy,
+    pub(crate) scale: ScaleMode,
+    pub(crate) rotation: RotationKind,
+    pub(crate) seed: u64,
+    /// KIVI's group size and axis (keys per channel, values per token).
+    pub(crate) group: usize,
+    pub(crate) axis: KiviAxis,
+    /// Outlier channels of a split precision.
+    pub(crate) outliers: Option<&'a [usize]>,
+    /// The full-dimension mean of a centred stream.
+    pub(crate) mean: Option<&'a [f32]>,
+}
+
+impl StreamSpec<'_> {
+    /// One part over `channels` (all of them when `None`) at `bits`.
+    fn part(&self, bits: u32, index: usize, channels: Option<Vec<usize>>) -> Result<Part> {
+        let mean: Option<Vec<f32>> = self.mean.map(|m| match &channels {
+            None => m.to_vec(),
+            Some(ch) => ch.iter().map(|&c| m[c]).collect(),
         });
+        if mean.is_some() && self.strategy != KeyStrategy::Mse {
+            return Err(Error::InvalidChannels {
+                reason: "centering applies to MSE keys only".into(),
+            });
+        }
+        let dim = channels.as_ref().map_or(self.dim, Vec::len);
+        let spec = QuantizerSpec::new(
+            self.strategy.quantizer_kind(),
+            dim,
+            bits,
+            self.rotation,
+            part_seed(self.seed, index),
+        )
+        .with_scale(self.scale)
+        .with_mean(mean)
+        .with_kivi(self.group, self.axis);
+        Ok(Part {
+            channels,
+            batch: spec.build()?.new_batch(),
+        })
     }
-    let spec = QuantizerSpec::new(strategy.quantizer_kind(), dim, bits, rotation, seed)
-        .with_scale(scale)
-        .with_mean(mean);
-    Ok(Part {
-        channels,
-        batch: spec.build()?.new_batch(),
-    })
 }
 
 impl Store {
-    /// A stream for `dim`-dimensional rows. A split precision needs its outlier channels.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        dim: usize,
-        precision: Precision,
-        strategy: KeyStrategy,
-        scale: ScaleMode,
-        outliers: Option<&[usize]>,
-        mean: Option<&[f32]>,
-        rotation: RotationKind,
-        seed: u64,
-    ) -> Result<Self> {
-        if let Some(m) = mean
+    /// A stream for `spec.dim`-dimensional rows. A split precision needs its outlier channels.
+    pub(crate) fn new(spec: &StreamSpec<'_>) -> Result<Self> {
+        let dim = spec.dim;
+        if let Some(m) = spec.mean
             && m.len() != dim
         {
             return Err(Error::Shape {
@@ -168,24 +189,15 @@ impl Store {
                 got: m.len(),
             });
         }
-        precision.validate(dim)?;
-        let parts = match precision {
-            Precision::Uniform(bits) => vec![make_part(
-                dim,
-                bits,
-                strategy,
-                scale,
-                rotation,
-                part_seed(seed, 0),
-                None,
-                mean,
-            )?],
+        spec.precision.validate(dim)?;
+        let parts = match spec.precision {
+            Precision::Uniform(bits) => vec![spec.part(bits, 0, None)?],
             Precision::Split {
                 outlier_bits,
                 outlier_channels,
                 regular_bits,
             } => {
-                let out = outliers.ok_or_else(|| Error::InvalidChannels {
+                let out = spec.outliers.ok_or_else(|| Error::InvalidChannels {
                     reason: "a split precision needs its outlier channels (calibrate or give them)"
                         .into(),
                 })?;
@@ -193,26 +205,8 @@ impl Store {
                 let regular: Vec<usize> =
                     (0..dim).filter(|c| out.binary_search(c).is_err()).collect();
                 vec![
-                    make_part(
-                        out.len(),
-                        outlier_bits,
-                        strategy,
-                        scale,
-                        rotation,
-                        part_seed(seed, 0),
-                        Some(out.to_vec()),
-                        mean,
-                    )?,
-                    make_part(
-                        regular.len(),
-                        regular_bits,
-                        strategy,
-                        scale,
-                        rotation,
-                        part_seed(seed, 1),
-                        Some(regular),
-                        mean,
-                    )?,
+                    spec.part(outlier_bits, 0, Some(out.to_vec()))?,
+                    spec.part(regular_bits, 1, Some(regular))?,
                 ]
             }
         };
@@ -223,9 +217,16 @@ impl Store {
         self.parts[0].batch.len()
     }
 
-    /// Exact stored bytes per row (codes and scalars of every part).
-    pub(crate) fn bytes_per_vector(&self) -> usize {
-        self.parts.iter().map(|p| p.batch.bytes_per_vector()).sum()
+    /// Leading rows whose decoded values are final: all rows but those a part keeps pending
+    /// (KIVI's residual, re-encoded when its group fills).
+    pub(crate) fn settled_len(&self) -> usize {
+        let pending = self.parts.iter().map(|p| p.batch.pending_len()).max();
+        self.len() - pending.unwrap_or(0)
+    }
+
+    /// Exact bytes stored by every part (rows a part keeps unquantized at their stored width).
+    pub(crate) fn stored_bytes(&self) -> usize {
+        self.parts.iter().map(|p| p.batch.stored_bytes()).sum()
     }
 
     /// The full-dimension mean of a centred stream (gathered back from its parts).

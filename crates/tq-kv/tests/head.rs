@@ -529,3 +529,71 @@ fn polar_keys_and_values() {
         .is_err()
     );
 }
+
+/// KIVI keys and values: attention on the codes (per-group tables, the f32 residual) equals
+/// attention over the decoded cache; every fill order gives the same cache; rollback across a
+/// group boundary keeps the kept tokens; the residual and every scale are counted in memory.
+#[test]
+fn kivi_keys_and_values_attend_on_codes() {
+    use tq_kv::ValueStrategy;
+    let d = 64;
+    let n = 150;
+    let (k, v) = (rows(n, d, 31), rows(n, d, 32));
+    let qs = rows(4, d, 33);
+    for (kb, vb, vs, group, window) in [
+        ("4", "4", ValueStrategy::Kivi, 32, 0),
+        ("2", "3", ValueStrategy::Mse, 16, 0),
+        ("3", "2", ValueStrategy::Kivi, 64, 7),
+        ("2.5", "4", ValueStrategy::Mse, 32, 0),
+    ] {
+        let cfg = HeadConfig {
+            value_strategy: vs,
+            group,
+            ..config(d, kb, vb, KeyStrategy::Kivi, window)
+        };
+        let cal = HeadCalibration::from_samples(&cfg, &k, &v, &tq_kv::OutlierChoice::Auto).unwrap();
+        let mut cache = HeadCache::new(cfg.clone(), &cal).unwrap();
+        cache.append(&k, &v).unwrap();
+        let (kd, vd) = (cache.keys().unwrap(), cache.values().unwrap());
+        for q in qs.chunks_exact(d) {
+            let mut out = vec![0.0; d];
+            cache.attend(q, &mut out).unwrap();
+            let want = attention(q, &kd, &vd, d, n);
+            assert!(
+                rel(&out, &want) < 1e-4,
+                "k{kb} v{vb} {vs:?} G{group} w{window}: {}",
+                rel(&out, &want)
+            );
+        }
+        // Token by token and in uneven blocks: the same decoded cache.
+        let mut single = HeadCache::new(cfg.clone(), &cal).unwrap();
+        for t in 0..n {
+            single
+                .append(&k[t * d..(t + 1) * d], &v[t * d..(t + 1) * d])
+                .unwrap();
+        }
+        assert_eq!(single.keys().unwrap(), kd);
+        assert_eq!(single.values().unwrap(), vd);
+        // Rollback into a quantized group keeps the kept tokens as they decoded.
+        let cut = group + group / 2 + 1;
+        let mut a = HeadCache::new(cfg.clone(), &cal).unwrap();
+        a.append(&k, &v).unwrap();
+        a.truncate(cut);
+        assert_eq!(a.len(), cut);
+        assert_eq!(a.keys().unwrap(), kd[..cut * d].to_vec());
+        a.append(&k[cut * d..], &v[cut * d..]).unwrap();
+        assert_eq!(a.len(), n);
+    }
+    // Memory: 4-bit KIVI keys (G = 32) and values over 150 tokens, d = 64: codes 32 B per row
+    // each, key scale + zero 2·2·64 B per complete group (4 of them), the 22-token key residual
+    // in f32, value scale + zero 2·2·2 B per row.
+    let cfg = HeadConfig {
+        value_strategy: ValueStrategy::Kivi,
+        ..config(d, "4", "4", KeyStrategy::Kivi, 0)
+    };
+    let mut c = HeadCache::new(cfg, &HeadCalibration::default()).unwrap();
+    c.append(&k, &v).unwrap();
+    let keys = 128 * 32 + 4 * 2 * 2 * 64 + 22 * 64 * 4;
+    let values = 150 * (32 + 2 * 2 * 2);
+    assert_eq!(c.memory_bytes(), keys + values);
+}

@@ -275,3 +275,40 @@ fn a_header_with_absurd_query_heads_is_refused() {
         );
     }
 }
+
+/// A KIVI cache (per-channel keys with a residual mid-group, per-token values) saves and restores
+/// to the same attention, continues identically, and a saved part with another group size is
+/// refused.
+#[test]
+fn kivi_caches_round_trip_and_refuse_a_changed_group() {
+    let (d, nkv, nq, t) = (32, 2, 4, 45);
+    let cfg = HeadConfig {
+        key_strategy: KeyStrategy::Kivi,
+        value_strategy: tq_kv::ValueStrategy::Kivi,
+        group: 16,
+        seed: 9,
+        ..HeadConfig::new(d, Precision::Uniform(3), Precision::Uniform(4))
+    };
+    let (k, v) = (rows(nkv * t * d, 11), rows(nkv * t * d, 12));
+    let mut layer = MultiHeadCache::new(nq, nkv, &cfg, &[]).unwrap();
+    layer.append(&k, &v).unwrap();
+    let mut m = ModelCache::from_layers(vec![layer]);
+    let bytes = m.to_safetensors().unwrap();
+    let mut back = ModelCache::from_safetensors(&bytes).unwrap();
+    assert_eq!(back.memory_bytes(), m.memory_bytes());
+    let q = rows(nq * d, 13);
+    let (k2, v2) = (rows(nkv * 5 * d, 14), rows(nkv * 5 * d, 15));
+    for step in 0..2 {
+        let (mut a, mut b) = (vec![0.0; nq * d], vec![0.0; nq * d]);
+        m.layer(0).unwrap().attend(&q, &mut a).unwrap();
+        back.layer(0).unwrap().attend(&q, &mut b).unwrap();
+        assert_eq!(a, b, "step {step}");
+        m.layer_mut(0).unwrap().append(&k2, &v2).unwrap();
+        back.layer_mut(0).unwrap().append(&k2, &v2).unwrap();
+    }
+    let changed = with_config(&bytes, |c| c["head"]["group"] = serde_json::json!(32));
+    assert!(matches!(
+        ModelCache::from_safetensors(&changed),
+        Err(Error::InvalidCache { .. })
+    ));
+}

@@ -2,8 +2,9 @@
 //!
 //! Exact: each step's `present` key-values are fed back as the next past. Quantized: after each
 //! step only the new tokens' keys and values are quantized into a [`ModelCache`] (the cache holds
-//! codes), and the rows that changed (the new tokens, and tokens that left the full-precision
-//! window) are decoded from their codes into the float past fed to the next step. tract still
+//! codes), and the rows that changed (the new tokens, tokens that left the full-precision window,
+//! and KIVI key groups that filled: everything past [`tq_kv::HeadCache::settled_len`]) are
+//! decoded from their codes into the float past fed to the next step. tract still
 //! runs float attention over that past; what is quantized is the cache's storage and so its
 //! information.
 
@@ -177,7 +178,7 @@ impl<'a> Sequence<'a> {
                     .layer_mut(l)
                     .ok_or_else(|| Error::InvalidArgument(format!("layer {l}")))?;
                 let starts: Vec<usize> = (0..kv)
-                    .map(|h| layer.head(h).map(|c| c.quantized_len()).unwrap_or(0))
+                    .map(|h| layer.head(h).map(|c| c.settled_len()).unwrap_or(0))
                     .collect();
                 let new = |t: &Tensor| -> Result<Vec<f32>> {
                     let all = plain_f32(t)?;

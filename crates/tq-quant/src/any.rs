@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
 
 use crate::encoded::EncodedVectors;
+use crate::kivi::{KiviAxis, KiviBatch, KiviConfig, KiviQuantizer, KiviQuery};
 use crate::polar::PolarQuery;
 use crate::score::Hit;
 use crate::{
@@ -28,6 +29,9 @@ pub enum QuantizerKind {
     /// PolarQuant (experimental): level bits `b, b/2, b/2, b/2` for a width `b` unless given;
     /// the dimension must be a multiple of 16 (of `2^levels`).
     Polar,
+    /// KIVI: asymmetric uniform levels with an f16 scale and zero per group of `G` (per channel
+    /// over tokens for keys, per token over channels for values).
+    Kivi,
 }
 
 impl QuantizerKind {
@@ -37,6 +41,7 @@ impl QuantizerKind {
             QuantizerKind::Mse => "mse",
             QuantizerKind::Prod => "prod",
             QuantizerKind::Polar => "polar",
+            QuantizerKind::Kivi => "kivi",
         }
     }
 }
@@ -54,12 +59,16 @@ impl std::str::FromStr for QuantizerKind {
             "mse" => Ok(Self::Mse),
             "prod" => Ok(Self::Prod),
             "polar" => Ok(Self::Polar),
+            "kivi" => Ok(Self::Kivi),
             other => Err(format!(
-                "unknown quantizer '{other}' (expected mse, prod or polar)"
+                "unknown quantizer '{other}' (expected mse, prod, polar or kivi)"
             )),
         }
     }
 }
+
+/// The default KIVI group size `G` (KIVI's own choice for keys; 16-128 in powers of two work).
+pub const DEFAULT_KIVI_GROUP: usize = 32;
 
 /// PolarQuant level bits for a nominal width `b`: `b, max(1, b/2), max(1, b/2), max(1, b/2)` (4
 /// gives the paper's 4,2,2,2).
@@ -69,8 +78,9 @@ pub fn polar_levels_for(bits: u32) -> Vec<u32> {
 }
 
 /// Everything that chooses a quantizer at run time. Options that do not apply to the kind are
-/// ignored (`scale` and `mean` apply to MSE, `sketch` to Prod, `polar_levels` to Polar), except
-/// `mean`, which is refused for other kinds (a centred Prod or Polar quantizer does not exist).
+/// ignored (`scale` and `mean` apply to MSE, `sketch` to Prod, `polar_levels` to Polar, `group`
+/// and `axis` to KIVI), except `mean`, which is refused for other kinds (a centred Prod, Polar or
+/// KIVI quantizer does not exist).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizerSpec {
     /// The kind.
@@ -91,6 +101,10 @@ pub struct QuantizerSpec {
     pub mean: Option<Vec<f32>>,
     /// Polar: explicit level bits (overrides [`polar_levels_for`]).
     pub polar_levels: Option<Vec<u32>>,
+    /// KIVI: the group size `G` (default 32).
+    pub group: usize,
+    /// KIVI: the grouping axis (default per channel, KIVI's keys).
+    pub axis: KiviAxis,
 }
 
 impl QuantizerSpec {
@@ -112,6 +126,8 @@ impl QuantizerSpec {
             sketch: SketchKind::default(),
             mean: None,
             polar_levels: None,
+            group: DEFAULT_KIVI_GROUP,
+            axis: KiviAxis::Channel,
         }
     }
 
@@ -136,6 +152,13 @@ impl QuantizerSpec {
     /// With explicit Polar level bits.
     pub fn with_polar_levels(mut self, levels: Option<Vec<u32>>) -> Self {
         self.polar_levels = levels;
+        self
+    }
+
+    /// With this KIVI group size and axis.
+    pub fn with_kivi(mut self, group: usize, axis: KiviAxis) -> Self {
+        self.group = group;
+        self.axis = axis;
         self
     }
 
@@ -179,6 +202,12 @@ impl QuantizerSpec {
                     seed: self.seed,
                 })?))
             }
+            QuantizerKind::Kivi => AnyQuantizer::Kivi(Arc::new(KiviQuantizer::new(KiviConfig {
+                dim: self.dim,
+                bits: self.bits,
+                group: self.group,
+                axis: self.axis,
+            })?)),
         })
     }
 }
@@ -192,6 +221,8 @@ pub enum AnyQuantizer {
     Prod(Arc<ProdQuantizer>),
     /// PolarQuant (experimental).
     Polar(Arc<PolarQuantizer>),
+    /// KIVI.
+    Kivi(Arc<KiviQuantizer>),
 }
 
 impl AnyQuantizer {
@@ -201,6 +232,7 @@ impl AnyQuantizer {
             AnyQuantizer::Mse(_) => QuantizerKind::Mse,
             AnyQuantizer::Prod(_) => QuantizerKind::Prod,
             AnyQuantizer::Polar(_) => QuantizerKind::Polar,
+            AnyQuantizer::Kivi(_) => QuantizerKind::Kivi,
         }
     }
 
@@ -210,6 +242,7 @@ impl AnyQuantizer {
             AnyQuantizer::Mse(q) => q.dim(),
             AnyQuantizer::Prod(q) => q.dim(),
             AnyQuantizer::Polar(q) => q.dim(),
+            AnyQuantizer::Kivi(q) => q.dim(),
         }
     }
 
@@ -219,6 +252,7 @@ impl AnyQuantizer {
             AnyQuantizer::Mse(q) => q.bytes_per_vector(),
             AnyQuantizer::Prod(q) => q.bytes_per_vector(),
             AnyQuantizer::Polar(q) => q.bytes_per_vector(),
+            AnyQuantizer::Kivi(q) => q.bytes_per_vector(),
         }
     }
 
@@ -236,6 +270,7 @@ impl AnyQuantizer {
             AnyQuantizer::Mse(q) => AnyBatch::Mse(MseBatch::new(q.clone())),
             AnyQuantizer::Prod(q) => AnyBatch::Prod(ProdBatch::new(q.clone())),
             AnyQuantizer::Polar(q) => AnyBatch::Polar(PolarBatch::new(q.clone())),
+            AnyQuantizer::Kivi(q) => AnyBatch::Kivi(KiviBatch::new(q.clone())),
         }
     }
 
@@ -248,6 +283,7 @@ impl AnyQuantizer {
             AnyQuantizer::Mse(m) => AnyQuery::Mse(m.prepare_query(q)?),
             AnyQuantizer::Prod(m) => AnyQuery::Prod(m.prepare_query(q)?),
             AnyQuantizer::Polar(m) => AnyQuery::Polar(m.prepare_query(q)?),
+            AnyQuantizer::Kivi(m) => AnyQuery::Kivi(m.prepare_query(q)?),
         })
     }
 
@@ -258,6 +294,7 @@ impl AnyQuantizer {
             (AnyQuantizer::Mse(a), AnyQuantizer::Mse(b)) => a.config() == b.config(),
             (AnyQuantizer::Prod(a), AnyQuantizer::Prod(b)) => a.config() == b.config(),
             (AnyQuantizer::Polar(a), AnyQuantizer::Polar(b)) => a.config() == b.config(),
+            (AnyQuantizer::Kivi(a), AnyQuantizer::Kivi(b)) => a.config() == b.config(),
             _ => false,
         }
     }
@@ -272,6 +309,8 @@ pub enum AnyQuery {
     Prod(ProdQuery),
     /// For a Polar batch.
     Polar(PolarQuery),
+    /// For a KIVI batch.
+    Kivi(KiviQuery),
 }
 
 impl AnyQuery {
@@ -280,6 +319,7 @@ impl AnyQuery {
             AnyQuery::Mse(_) => QuantizerKind::Mse,
             AnyQuery::Prod(_) => QuantizerKind::Prod,
             AnyQuery::Polar(_) => QuantizerKind::Polar,
+            AnyQuery::Kivi(_) => QuantizerKind::Kivi,
         }
     }
 }
@@ -294,6 +334,8 @@ pub enum AnyBatch {
     Prod(ProdBatch),
     /// A PolarQuant batch (experimental).
     Polar(PolarBatch),
+    /// A KIVI batch.
+    Kivi(KiviBatch),
 }
 
 /// Applies `$body` to the batch inside any variant.
@@ -303,6 +345,7 @@ macro_rules! each {
             AnyBatch::Mse($b) => $body,
             AnyBatch::Prod($b) => $body,
             AnyBatch::Polar($b) => $body,
+            AnyBatch::Kivi($b) => $body,
         }
     };
 }
@@ -314,6 +357,7 @@ macro_rules! paired {
             (AnyBatch::Mse($b), AnyQuery::Mse($q)) => $body,
             (AnyBatch::Prod($b), AnyQuery::Prod($q)) => $body,
             (AnyBatch::Polar($b), AnyQuery::Polar($q)) => $body,
+            (AnyBatch::Kivi($b), AnyQuery::Kivi($q)) => $body,
             (b, q) => Err(kind_mismatch(b.kind(), q.kind())),
         }
     };
@@ -332,6 +376,7 @@ impl AnyBatch {
             AnyBatch::Mse(_) => QuantizerKind::Mse,
             AnyBatch::Prod(_) => QuantizerKind::Prod,
             AnyBatch::Polar(_) => QuantizerKind::Polar,
+            AnyBatch::Kivi(_) => QuantizerKind::Kivi,
         }
     }
 
@@ -341,6 +386,7 @@ impl AnyBatch {
             AnyBatch::Mse(b) => AnyQuantizer::Mse(b.quantizer().clone()),
             AnyBatch::Prod(b) => AnyQuantizer::Prod(b.quantizer().clone()),
             AnyBatch::Polar(b) => AnyQuantizer::Polar(b.quantizer().clone()),
+            AnyBatch::Kivi(b) => AnyQuantizer::Kivi(b.quantizer().clone()),
         }
     }
 
@@ -365,6 +411,12 @@ impl From<ProdBatch> for AnyBatch {
     }
 }
 
+impl From<KiviBatch> for AnyBatch {
+    fn from(b: KiviBatch) -> Self {
+        AnyBatch::Kivi(b)
+    }
+}
+
 impl From<PolarBatch> for AnyBatch {
     fn from(b: PolarBatch) -> Self {
         AnyBatch::Polar(b)
@@ -384,6 +436,12 @@ impl EncodedVectors for AnyBatch {
     }
     fn memory_bytes(&self) -> usize {
         each!(self, b => b.memory_bytes())
+    }
+    fn stored_bytes(&self) -> usize {
+        each!(self, b => EncodedVectors::stored_bytes(b))
+    }
+    fn pending_len(&self) -> usize {
+        each!(self, b => EncodedVectors::pending_len(b))
     }
     fn extend(&mut self, xs: &[f32]) -> Result<()> {
         each!(self, b => b.extend(xs))

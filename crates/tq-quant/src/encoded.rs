@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use tq_core::simd;
 
 use crate::error::{check_dim, check_len};
+use crate::kivi::{KiviBatch, KiviQuery};
 use crate::polar::PolarQuery;
 use crate::score::Hit;
 use crate::{MseBatch, MseQuery, PolarBatch, ProdBatch, ProdQuery, Result};
@@ -42,6 +43,18 @@ pub trait EncodedVectors: Sync {
 
     /// Bytes held in memory by the rows (with any block padding).
     fn memory_bytes(&self) -> usize;
+
+    /// Exact bytes the rows store: codes and scalars, and rows kept unquantized at their stored
+    /// width. `len · bytes_per_vector` unless a kind keeps some rows another way (KIVI's residual).
+    fn stored_bytes(&self) -> usize {
+        self.len() * self.bytes_per_vector()
+    }
+
+    /// The newest rows a kind keeps unquantized until their group fills (KIVI's residual): their
+    /// decoded values change when it does. 0 for kinds that encode every row as it arrives.
+    fn pending_len(&self) -> usize {
+        0
+    }
 
     /// Encodes and appends row-major vectors (`n · dim` finite floats), in parallel.
     ///
@@ -291,5 +304,57 @@ impl EncodedVectors for PolarBatch {
     }
     fn to_safetensors(&self) -> Result<Vec<u8>> {
         PolarBatch::to_safetensors(self)
+    }
+}
+
+impl EncodedVectors for KiviBatch {
+    type Query = KiviQuery;
+    fn dim(&self) -> usize {
+        self.quantizer().dim()
+    }
+    fn len(&self) -> usize {
+        KiviBatch::len(self)
+    }
+    fn bytes_per_vector(&self) -> usize {
+        KiviBatch::bytes_per_vector(self)
+    }
+    fn memory_bytes(&self) -> usize {
+        KiviBatch::memory_bytes(self)
+    }
+    fn stored_bytes(&self) -> usize {
+        KiviBatch::stored_bytes(self)
+    }
+    fn pending_len(&self) -> usize {
+        self.residual_len()
+    }
+    fn extend(&mut self, xs: &[f32]) -> Result<()> {
+        KiviBatch::extend(self, xs)
+    }
+    fn truncate(&mut self, n: usize) {
+        KiviBatch::truncate(self, n)
+    }
+    fn encode_query(&self, q: &[f32]) -> Result<KiviQuery> {
+        self.quantizer().prepare_query(q)
+    }
+    fn score_into(&self, q: &KiviQuery, out: &mut [f32]) -> Result<()> {
+        KiviBatch::score_into(self, q, out)
+    }
+    fn score_exact_into(&self, q: &KiviQuery, out: &mut [f32]) -> Result<()> {
+        KiviBatch::score_exact_into(self, q, out)
+    }
+    fn top_k(&self, q: &KiviQuery, k: usize) -> Result<Vec<Hit>> {
+        KiviBatch::top_k(self, q, k)
+    }
+    fn dequantize_row(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        KiviBatch::dequantize_row(self, i, out)
+    }
+    fn dequantize_all(&self) -> Vec<f32> {
+        KiviBatch::dequantize_all(self)
+    }
+    fn weighted_sums_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
+        KiviBatch::weighted_sums_into(self, weights, outs)
+    }
+    fn to_safetensors(&self) -> Result<Vec<u8>> {
+        KiviBatch::to_safetensors(self)
     }
 }

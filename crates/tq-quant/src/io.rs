@@ -13,6 +13,11 @@
 //! | `signs` | U8 | `[n, ceil(d/8)]`, bit `j` = sign of `(S r)_j >= 0` | prod |
 //! | `mean` | F32 | `[d]`, the calibrated mean of a centred quantizer (`config.centered`) | mse |
 //!
+//! `kind = "kivi"` (KIVI, [`crate::kivi`]) stores `codes` U8 `[n, ceil(d·b/8)]` (the quantized
+//! rows), `scales` and `zeros` U16 `[groups, d]` (channel axis: one row per complete group of `G`
+//! rows) or `[n, ceil(d/G)]` (token axis), f16 bit patterns, and `residual` F32 `[r, d]` (the
+//! channel axis's incomplete newest group, `r < G`; `[0, d]` otherwise).
+//!
 //! `kind = "polar"` (PolarQuant, experimental) stores `codes` U8 `[n, code_bytes]` (angle codes,
 //! level by level inside each block), `radii` U16 `[n, d / 2^L]` (f16 bit patterns of the unit
 //! vector's block radii) and `norms` F32 `[n]`.
@@ -42,6 +47,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::config::{MseConfig, ProdConfig};
 use crate::encoded::EncodedVectors;
+use crate::kivi::{KiviAxis, KiviBatch, KiviConfig, KiviQuantizer};
 use crate::{
     AnyBatch, Error, MseBatch, MseQuantizer, PackedRows, PolarBatch, PolarConfig, PolarQuantizer,
     ProdBatch, ProdQuantizer, Result,
@@ -169,6 +175,113 @@ impl PolarBatch {
     }
 }
 
+impl KiviBatch {
+    /// Serializes the batch (format in the [module docs](crate::io)).
+    ///
+    /// # Errors
+    /// [`Error::InvalidFormat`] only if the safetensors writer rejects the tensors (not expected).
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let q = self.quantizer();
+        let (n, d) = (self.quantized_len(), q.dim());
+        let config = serde_json::to_string(q.config()).map_err(|e| bad("config", e.to_string()))?;
+        let u16_bytes = |v: &[u16]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let per = if q.config().axis == KiviAxis::Channel {
+            d
+        } else {
+            q.config().token_groups()
+        };
+        let groups = self.scales().len() / per.max(1);
+        serialize(
+            "kivi",
+            config,
+            vec![
+                (
+                    "codes",
+                    Dtype::U8,
+                    vec![n, q.row_bytes()],
+                    self.codes().to_row_major(),
+                ),
+                (
+                    "scales",
+                    Dtype::U16,
+                    vec![groups, per],
+                    u16_bytes(self.scales()),
+                ),
+                (
+                    "zeros",
+                    Dtype::U16,
+                    vec![groups, per],
+                    u16_bytes(self.zeros()),
+                ),
+                (
+                    "residual",
+                    Dtype::F32,
+                    vec![self.residual_len(), d],
+                    f32_bytes(self.residual()),
+                ),
+            ],
+        )
+    }
+}
+
+fn load_kivi(st: &SafeTensors<'_>, config: &str) -> Result<AnyBatch> {
+    let cfg: KiviConfig = serde_json::from_str(config).map_err(|e| bad("config", e.to_string()))?;
+    cfg.validate()?;
+    let d = cfg.dim;
+    let t = tensor(st, "codes", Dtype::U8)?;
+    let n = match t.shape() {
+        [n, _] => *n,
+        other => {
+            return Err(bad(
+                "codes",
+                format!("shape {other:?}, expected [n, row_bytes]"),
+            ));
+        }
+    };
+    let row_bytes = tq_core::bitpack::packed_len(d, cfg.bits);
+    let codes = read_rows(st, "codes", n, row_bytes, d * cfg.bits as usize)?;
+    let (groups, per) = match cfg.axis {
+        KiviAxis::Channel => (n / cfg.group, d),
+        KiviAxis::Token => (n, cfg.token_groups()),
+    };
+    let read_u16 = |name: &'static str| -> Result<Vec<u16>> {
+        let t = tensor(st, name, Dtype::U16)?;
+        if t.shape() != [groups, per] {
+            return Err(bad(
+                name,
+                format!("shape {:?}, expected [{groups}, {per}]", t.shape()),
+            ));
+        }
+        Ok(t.data()
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect())
+    };
+    let (scales, zeros) = (read_u16("scales")?, read_u16("zeros")?);
+    let t = tensor(st, "residual", Dtype::F32)?;
+    let r = match t.shape() {
+        [r, c] if *c == d => *r,
+        other => {
+            return Err(bad(
+                "residual",
+                format!("shape {other:?}, expected [r, {d}]"),
+            ));
+        }
+    };
+    let residual: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if residual.len() != r * d || residual.iter().any(|v| !v.is_finite()) {
+        return Err(bad("residual", "not r x d finite values"));
+    }
+    let q = Arc::new(KiviQuantizer::new(cfg)?);
+    let b = KiviBatch::from_parts(q, codes, scales, zeros, residual)
+        .map_err(|e| bad("tensors", e.to_string()))?;
+    Ok(AnyBatch::Kivi(b))
+}
+
 fn load_polar(st: &SafeTensors<'_>, config: &str) -> Result<AnyBatch> {
     let cfg: PolarConfig =
         serde_json::from_str(config).map_err(|e| bad("config", e.to_string()))?;
@@ -249,6 +362,7 @@ impl AnyBatch {
             "mse" => &["codes", "norms", "mean"],
             "prod" => &["codes", "norms", "residual_norms", "signs"],
             "polar" => &["codes", "radii", "norms"],
+            "kivi" => &["codes", "scales", "zeros", "residual"],
             other => {
                 return Err(bad(
                     "__metadata__",
@@ -270,6 +384,7 @@ impl AnyBatch {
         }
         match kind {
             "polar" => load_polar(&st, config),
+            "kivi" => load_kivi(&st, config),
             "mse" => {
                 let cfg: MseConfig =
                     serde_json::from_str(config).map_err(|e| bad("config", e.to_string()))?;

@@ -31,6 +31,7 @@ pub mod config;
 pub mod encoded;
 mod error;
 pub mod io;
+pub mod kivi;
 pub mod mse;
 pub mod packed;
 pub mod polar;
@@ -38,10 +39,14 @@ pub mod prod;
 pub mod qjl;
 pub mod score;
 
-pub use any::{AnyBatch, AnyQuantizer, AnyQuery, QuantizerKind, QuantizerSpec, polar_levels_for};
+pub use any::{
+    AnyBatch, AnyQuantizer, AnyQuery, DEFAULT_KIVI_GROUP, QuantizerKind, QuantizerSpec,
+    polar_levels_for,
+};
 pub use config::{MseConfig, ProdConfig, QjlConfig, ScaleMode, SketchKind};
 pub use encoded::EncodedVectors;
 pub use error::{Error, Result};
+pub use kivi::{KiviAxis, KiviBatch, KiviConfig, KiviQuantizer, KiviQuery};
 pub use mse::{MseBatch, MseQuantizer, MseQuery};
 pub use packed::PackedRows;
 pub use polar::{PolarBatch, PolarConfig, PolarQuantizer, PolarQuery};

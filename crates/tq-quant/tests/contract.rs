@@ -14,10 +14,11 @@ fn gaussian(n: usize, d: usize, seed: u64) -> Vec<f32> {
     (0..n * d).map(|_| r.gaussian() as f32 + 0.3).collect()
 }
 
-const KINDS: [QuantizerKind; 3] = [
+const KINDS: [QuantizerKind; 4] = [
     QuantizerKind::Mse,
     QuantizerKind::Prod,
     QuantizerKind::Polar,
+    QuantizerKind::Kivi,
 ];
 
 #[test]
@@ -54,6 +55,11 @@ fn any_batch_answers_as_its_concrete_batch() {
             AnyBatch::Polar(b) => {
                 b.score_into(&q, &mut f2).unwrap();
                 b.score_into(&q, &mut e2).unwrap();
+            }
+            AnyBatch::Kivi(b) => {
+                let kq = b.quantizer().prepare_query(&q).unwrap();
+                b.score_into(&kq, &mut f2).unwrap();
+                b.score_exact_into(&kq, &mut e2).unwrap();
             }
         }
         assert_eq!(fast, f2, "{kind}");
@@ -123,6 +129,10 @@ fn weighted_sums_equal_sums_of_decoded_rows() {
             .with_mean(Some(mean)),
         QuantizerSpec::new(QuantizerKind::Prod, d, 3, RotationKind::Hadamard, 5),
         QuantizerSpec::new(QuantizerKind::Polar, d, 4, RotationKind::Hadamard, 5),
+        QuantizerSpec::new(QuantizerKind::Kivi, d, 2, RotationKind::Hadamard, 5)
+            .with_kivi(16, tq_quant::KiviAxis::Channel),
+        QuantizerSpec::new(QuantizerKind::Kivi, d, 3, RotationKind::Hadamard, 5)
+            .with_kivi(16, tq_quant::KiviAxis::Token),
     ];
     let w1: Vec<f32> = (0..n).map(|i| ((i * 7 % 11) as f32) / 11.0).collect();
     let w2: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { 0.0 } else { 0.5 }).collect();
@@ -162,7 +172,11 @@ fn weighted_sums_equal_sums_of_decoded_rows() {
 fn a_spec_builds_what_it_names_and_refuses_a_mean_it_cannot_use() {
     let d = 16;
     let mean = vec![0.5; d];
-    for kind in [QuantizerKind::Prod, QuantizerKind::Polar] {
+    for kind in [
+        QuantizerKind::Prod,
+        QuantizerKind::Polar,
+        QuantizerKind::Kivi,
+    ] {
         let e = QuantizerSpec::new(kind, d, 4, RotationKind::Hadamard, 0)
             .with_mean(Some(mean.clone()))
             .build()

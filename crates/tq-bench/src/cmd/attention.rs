@@ -5,7 +5,7 @@ use anyhow::{Result, ensure};
 use clap::Args;
 use serde::Serialize;
 use tq_bench::count;
-use tq_kv::Precision;
+use tq_kv::{HeadConfig, KeyStrategy, Precision, ValueStrategy};
 
 use super::{KvCommon, Report, pool, progress_bar};
 use crate::kv;
@@ -28,6 +28,15 @@ pub struct AttentionArgs {
     /// Key and value precisions, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "2,3,4")]
     pub bits: Vec<String>,
+    /// Key quantizers, comma-separated: mse, prod, polar, kivi.
+    #[arg(long, value_delimiter = ',', default_value = "mse")]
+    pub key_strategy: Vec<KeyStrategy>,
+    /// Value quantizer: mse, polar or kivi.
+    #[arg(long, default_value = "mse")]
+    pub value_strategy: ValueStrategy,
+    /// KIVI's group size (a power of two in 16..=128).
+    #[arg(long, default_value_t = tq_quant::DEFAULT_KIVI_GROUP)]
+    pub group: usize,
     /// Seconds spent timing each configuration.
     #[arg(long, default_value_t = 0.5)]
     pub budget: f64,
@@ -56,6 +65,9 @@ pub fn run(a: AttentionArgs) -> Result<AttentionReport> {
         heads,
         kv_heads,
         bits,
+        key_strategy,
+        value_strategy,
+        group,
         budget,
         common,
     } = a;
@@ -71,16 +83,23 @@ pub fn run(a: AttentionArgs) -> Result<AttentionReport> {
         .iter()
         .map(|b| Precision::parse(b, dim))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let pb = progress_bar(c.json, tokens.len() * precisions.len());
+    let pb = progress_bar(c.json, tokens.len() * precisions.len() * key_strategy.len());
     let results = pool.install(|| -> Result<Vec<kv::AttentionRow>> {
         let mut rows = Vec::new();
         for &t in &tokens {
             for &p in &precisions {
-                pb.set_message(format!("T = {t}, {p} bits"));
-                rows.push(kv::eval_attention(
-                    t, dim, heads, kv_heads, p, c.seed, budget,
-                )?);
-                pb.inc(1);
+                for &ks in &key_strategy {
+                    pb.set_message(format!("T = {t}, {p} bits, {} keys", ks.name()));
+                    let cfg = HeadConfig {
+                        key_strategy: ks,
+                        value_strategy,
+                        group,
+                        seed: c.seed,
+                        ..HeadConfig::new(dim, p, p)
+                    };
+                    rows.push(kv::eval_attention(&cfg, t, heads, kv_heads, budget)?);
+                    pb.inc(1);
+                }
             }
         }
         Ok(rows)
@@ -103,14 +122,24 @@ impl Report for AttentionReport {
             count(self.threads, "thread")
         );
         println!(
-            "{:>8} {:>5} {:>7} {:>5} {:>12} {:>12} {:>8} {:>12} {:>8}",
-            "tokens", "bits", "q/kv", "dim", "f32 us", "tq us", "speedup", "cache KiB", "x f16"
+            "{:>8} {:>5} {:>10} {:>7} {:>5} {:>12} {:>12} {:>8} {:>12} {:>8}",
+            "tokens",
+            "bits",
+            "keys/vals",
+            "q/kv",
+            "dim",
+            "f32 us",
+            "tq us",
+            "speedup",
+            "cache KiB",
+            "x f16"
         );
         for r in &self.results {
             println!(
-                "{:>8} {:>5} {:>7} {:>5} {:>12.1} {:>12.1} {:>8.2} {:>12.1} {:>8.2}",
+                "{:>8} {:>5} {:>10} {:>7} {:>5} {:>12.1} {:>12.1} {:>8.2} {:>12.1} {:>8.2}",
                 r.tokens,
                 r.bits,
+                format!("{}/{}", r.key_strategy.name(), r.value_strategy.name()),
                 format!("{}/{}", r.heads, r.kv_heads),
                 r.dim,
                 r.f32_seconds_per_query * 1e6,

@@ -61,12 +61,21 @@ pub struct KvCacheArgs {
     /// precision, or with the one at the same position under real-model's --pair).
     #[arg(long, value_delimiter = ',', default_value = "4")]
     pub value_bits: Vec<String>,
-    /// Key quantizers, comma-separated: mse, prod, polar.
+    /// Key quantizers, comma-separated: mse, prod, polar, kivi (per-channel groups of --group
+    /// tokens, the newest incomplete group in f32).
     #[arg(long, value_delimiter = ',', default_value = "mse")]
     pub key_strategy: Vec<KeyStrategy>,
-    /// Value quantizer: mse or polar.
-    #[arg(long, default_value = "mse")]
-    pub value_strategy: ValueStrategy,
+    /// Value quantizers, comma-separated: mse, polar, kivi (per-token groups of --group channels).
+    #[arg(long, value_delimiter = ',', default_value = "mse")]
+    pub value_strategy: Vec<ValueStrategy>,
+    /// KIVI group sizes, comma-separated (powers of two in 16..=128); crossed with the
+    /// configurations that use KIVI.
+    #[arg(long, value_delimiter = ',', default_value = "32")]
+    pub group: Vec<usize>,
+    /// A named configuration instead of the grid: recommended (tq_kv::HeadConfig::recommended,
+    /// the documented default) or paper (TurboQuant_mse 4-bit keys and values, nothing else).
+    #[arg(long, value_enum)]
+    pub config: Option<NamedConfig>,
     /// Centre MSE keys and values on per-head means (calibrated like --split auto).
     #[arg(long)]
     pub center: bool,
@@ -124,6 +133,34 @@ pub fn progress_bar(json: bool, steps: usize) -> ProgressBar {
     pb
 }
 
+/// The table label of a cache's strategies: `keys/values`, KIVI with its group (`kivi32/mse`).
+pub fn strategy_label(k: KeyStrategy, v: ValueStrategy, group: Option<usize>) -> String {
+    let name = |n: &str| match (n, group) {
+        ("kivi", Some(g)) => format!("kivi{g}"),
+        _ => n.to_string(),
+    };
+    format!("{}/{}", name(k.name()), name(v.name()))
+}
+
+/// A named cache configuration (`--config`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NamedConfig {
+    /// `HeadConfig::recommended`: the documented default.
+    Recommended,
+    /// `HeadConfig::paper`: TurboQuant_mse at 4 bits for keys and values.
+    Paper,
+}
+
+impl NamedConfig {
+    /// The configuration at head dimension `d`.
+    pub fn head(self, d: usize) -> HeadConfig {
+        match self {
+            NamedConfig::Recommended => HeadConfig::recommended(d),
+            NamedConfig::Paper => HeadConfig::paper(d),
+        }
+    }
+}
+
 /// The grid of KV cache configurations a workload evaluates.
 pub struct KvGrid<'a> {
     pub key_bits: &'a [String],
@@ -131,7 +168,11 @@ pub struct KvGrid<'a> {
     /// Key and value precisions paired by position instead of crossed.
     pub pair: bool,
     pub strategies: &'a [KeyStrategy],
-    pub value_strategy: ValueStrategy,
+    pub value_strategies: &'a [ValueStrategy],
+    /// KIVI group sizes (crossed only with configurations that use KIVI).
+    pub groups: &'a [usize],
+    /// A named configuration replacing the whole grid.
+    pub named: Option<NamedConfig>,
     pub scales: &'a [ScaleMode],
     pub center: bool,
     pub windows: &'a [usize],
@@ -142,6 +183,12 @@ pub struct KvGrid<'a> {
 /// values zipped instead with `pair`), for head dimension `d`. Centring applies to all-MSE
 /// configurations only.
 pub fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>> {
+    if let Some(named) = g.named {
+        return Ok(vec![HeadConfig {
+            seed,
+            ..named.head(d)
+        }]);
+    }
     let widths: Vec<(&String, &String)> = if g.pair {
         ensure!(
             g.key_bits.len() == g.value_bits.len(),
@@ -158,28 +205,33 @@ pub fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>
     };
     let mut configs = Vec::new();
     for (kb, vb) in widths {
-        {
-            for &st in g.strategies {
-                for &scale in g.scales {
-                    for (&window, &rotation) in g
-                        .windows
-                        .iter()
-                        .flat_map(|w| g.rotations.iter().map(move |r| (w, r)))
-                    {
-                        let (kp, vp) = (Precision::parse(kb, d)?, Precision::parse(vb, d)?);
-                        configs.push(HeadConfig {
-                            key_strategy: st,
-                            value_strategy: g.value_strategy,
-                            window,
-                            rotation,
-                            seed,
-                            score_mode: ScoreMode::Fast,
-                            scale,
-                            center: g.center
-                                && st == KeyStrategy::Mse
-                                && g.value_strategy == ValueStrategy::Mse,
-                            ..HeadConfig::new(d, kp, vp)
-                        });
+        let (kp, vp) = (Precision::parse(kb, d)?, Precision::parse(vb, d)?);
+        for &st in g.strategies {
+            for &vs in g.value_strategies {
+                let kivi = st == KeyStrategy::Kivi || vs == ValueStrategy::Kivi;
+                let groups = if kivi { g.groups } else { &g.groups[..1] };
+                for &group in groups {
+                    for &scale in g.scales {
+                        for (&window, &rotation) in g
+                            .windows
+                            .iter()
+                            .flat_map(|w| g.rotations.iter().map(move |r| (w, r)))
+                        {
+                            configs.push(HeadConfig {
+                                key_strategy: st,
+                                value_strategy: vs,
+                                window,
+                                rotation,
+                                seed,
+                                score_mode: ScoreMode::Fast,
+                                scale,
+                                group,
+                                center: g.center
+                                    && st == KeyStrategy::Mse
+                                    && vs == ValueStrategy::Mse,
+                                ..HeadConfig::new(d, kp, vp)
+                            });
+                        }
                     }
                 }
             }

@@ -10,7 +10,7 @@ use tq_bench::count;
 use tq_core::RotationKind;
 use tq_quant::ScaleMode;
 
-use super::{KvCacheArgs, KvCommon, KvGrid, Report, kv_configs, pool};
+use super::{KvCacheArgs, KvCommon, KvGrid, Report, kv_configs, pool, strategy_label};
 use crate::real;
 
 /// `real-model`'s options.
@@ -130,7 +130,9 @@ pub fn run(a: RealModelArgs) -> Result<RealReport> {
         value_bits: &a.cache.value_bits,
         pair: a.pair,
         strategies: &a.cache.key_strategy,
-        value_strategy: a.cache.value_strategy,
+        value_strategies: &a.cache.value_strategy,
+        groups: &a.cache.group,
+        named: a.cache.config,
         scales: &a.scales,
         center: a.cache.center,
         windows: &a.window,
@@ -270,10 +272,10 @@ impl Report for RealReport {
 fn print_real_table(rows: &[real::Row]) {
     let f = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
     println!(
-        "{:>8} {:>8} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}",
+        "{:>8} {:>8} {:>15} {:>8} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}",
         "keys",
         "values",
-        "kq",
+        "k/v",
         "rotation",
         "window",
         "bits",
@@ -290,10 +292,13 @@ fn print_real_table(rows: &[real::Row]) {
     );
     let line = |r: &real::Row| {
         println!(
-            "{:>8} {:>8} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}",
+            "{:>8} {:>8} {:>15} {:>8} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}",
             r.key_precision.as_deref().unwrap_or("exact"),
             r.value_precision.as_deref().unwrap_or("exact"),
-            r.key_strategy.map_or("-", |k| k.name()),
+            match (r.key_strategy, r.value_strategy) {
+                (Some(k), Some(v)) => strategy_label(k, v, r.group),
+                _ => "-".into(),
+            },
             r.rotation
                 .map_or("-".to_string(), |k| format!("{k:?}").to_lowercase()),
             r.window.map_or("-".into(), |w| w.to_string()),

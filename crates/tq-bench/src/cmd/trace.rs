@@ -10,7 +10,9 @@ use tq_core::RotationKind;
 use tq_kv::{KvTrace, SyntheticTrace};
 use tq_quant::ScaleMode;
 
-use super::{KvCacheArgs, KvCommon, KvGrid, Report, kv_configs, pool, progress_bar};
+use super::{
+    KvCacheArgs, KvCommon, KvGrid, Report, kv_configs, pool, progress_bar, strategy_label,
+};
 use crate::kv;
 
 /// `trace`'s options.
@@ -103,7 +105,9 @@ pub fn run(a: TraceArgs) -> Result<TraceReport> {
             value_bits: &cache.value_bits,
             pair: false,
             strategies: &cache.key_strategy,
-            value_strategy: cache.value_strategy,
+            value_strategies: &cache.value_strategy,
+            groups: &cache.group,
+            named: cache.config,
             scales: &scales,
             center: cache.center,
             windows: &[window],
@@ -156,12 +160,13 @@ impl Report for TraceReport {
             count(self.queries, "query")
         );
         println!(
-            "{:>8} {:>8} {:>5} {:>13} {:>6} {:>10} {:>10} {:>8} {:>8} {:>10} {:>8}",
+            "{:>8} {:>8} {:>15} {:>13} {:>6} {:>6} {:>10} {:>10} {:>8} {:>8} {:>10} {:>8}",
             "keys",
             "values",
-            "kq",
+            "k/v",
             "scale",
             "window",
+            "bits",
             "out_err",
             "score_rmse",
             "top1",
@@ -171,12 +176,13 @@ impl Report for TraceReport {
         );
         for r in &self.results {
             println!(
-                "{:>8} {:>8} {:>5} {:>13} {:>6} {:>10.5} {:>10.5} {:>8.3} {:>8.3} {:>10.2e} {:>8.2}",
+                "{:>8} {:>8} {:>15} {:>13} {:>6} {:>6.2} {:>10.5} {:>10.5} {:>8.3} {:>8.3} {:>10.2e} {:>8.2}",
                 r.key_precision,
                 r.value_precision,
-                r.key_strategy.name(),
+                strategy_label(r.key_strategy, r.value_strategy, r.group),
                 r.scale.name(),
                 r.window,
+                r.bits_per_coordinate,
                 r.overall.output_rel_error,
                 r.overall.score_rmse,
                 r.overall.top1_agreement,

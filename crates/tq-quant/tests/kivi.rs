@@ -1,0 +1,328 @@
+//! KIVI against a direct per-group computation, streaming fills, scoring on codes, rollback
+//! across group boundaries and saved batches (round trip and tampering).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use half::f16;
+use tq_core::{SeededRng, bitpack, rng::stream};
+use tq_quant::{AnyBatch, EncodedVectors, Error, KiviAxis, KiviBatch, KiviConfig, KiviQuantizer};
+
+/// Rows with per-channel offsets that drift over tokens (what post-RoPE keys look like).
+fn keys(n: usize, d: usize, seed: u64) -> Vec<f32> {
+    let mut r = SeededRng::new(seed, stream::DATA);
+    let offsets: Vec<f32> = (0..d).map(|c| if c % 7 == 0 { 8.0 } else { 0.5 }).collect();
+    (0..n)
+        .flat_map(|t| {
+            let o = offsets.clone();
+            let g: Vec<f32> = (0..d).map(|_| r.gaussian() as f32).collect();
+            (0..d).map(move |c| o[c] * ((t as f32) * 0.01 + c as f32).sin() + g[c])
+        })
+        .collect()
+}
+
+fn batch(d: usize, bits: u32, group: usize, axis: KiviAxis) -> KiviBatch {
+    KiviBatch::new(Arc::new(
+        KiviQuantizer::new(KiviConfig {
+            dim: d,
+            bits,
+            group,
+            axis,
+        })
+        .unwrap(),
+    ))
+}
+
+/// The codes and decoded values of one group of values, computed directly from the definition.
+fn direct(values: &[f32], bits: u32) -> (Vec<u8>, Vec<f32>) {
+    let lo = values.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = ((1u32 << bits) - 1) as f32;
+    let z = f16::from_f32(lo).to_f32();
+    let s = f16::from_f32(((hi - z) / max).max(0.0)).to_f32();
+    let codes: Vec<u8> = values
+        .iter()
+        .map(|&x| {
+            if s > 0.0 {
+                ((x - z) / s).round().clamp(0.0, max) as u8
+            } else {
+                0
+            }
+        })
+        .collect();
+    let back = codes.iter().map(|&k| z + s * k as f32).collect();
+    (codes, back)
+}
+
+fn codes_of(b: &KiviBatch, i: usize) -> Vec<u8> {
+    let c = b.quantizer().config();
+    let mut packed = vec![0u8; b.quantizer().row_bytes()];
+    b.codes().read_row(i, &mut packed);
+    let mut codes = vec![0u8; c.dim];
+    bitpack::unpack(&packed, c.bits, &mut codes).unwrap();
+    codes
+}
+
+#[test]
+fn codes_follow_the_per_group_definition_on_both_axes() {
+    let (d, n, g) = (48, 70, 32);
+    let xs = keys(n, d, 1);
+    for bits in [2, 3, 4, 8] {
+        // Channel axis: each channel of each complete group of 32 rows.
+        let mut b = batch(d, bits, g, KiviAxis::Channel);
+        b.extend(&xs).unwrap();
+        assert_eq!((b.quantized_len(), b.residual_len()), (64, 6));
+        assert_eq!(b.residual(), &xs[64 * d..]);
+        let mut row = vec![0.0; d];
+        for group in 0..2 {
+            for c in 0..d {
+                let vals: Vec<f32> = (0..g).map(|t| xs[(group * g + t) * d + c]).collect();
+                let (codes, back) = direct(&vals, bits);
+                for t in 0..g {
+                    let i = group * g + t;
+                    assert_eq!(codes_of(&b, i)[c], codes[t], "bits {bits} row {i} ch {c}");
+                    b.dequantize_row(i, &mut row).unwrap();
+                    assert_eq!(row[c], back[t]);
+                }
+            }
+        }
+        // Token axis: each row in groups of 32 channels (the last one 16 wide).
+        let mut v = batch(d, bits, g, KiviAxis::Token);
+        v.extend(&xs).unwrap();
+        assert_eq!((v.quantized_len(), v.residual_len()), (n, 0));
+        for i in [0, 33, n - 1] {
+            let r = &xs[i * d..(i + 1) * d];
+            let (mut codes, mut back) = direct(&r[..32], bits);
+            let (c2, b2) = direct(&r[32..], bits);
+            codes.extend(c2);
+            back.extend(b2);
+            assert_eq!(codes_of(&v, i), codes, "bits {bits} row {i}");
+            v.dequantize_row(i, &mut row).unwrap();
+            assert_eq!(row, back);
+        }
+        // Stored bytes: codes, f16 scale and zero per channel and group, the f32 residual.
+        let rb = bitpack::packed_len(d, bits);
+        assert_eq!(b.stored_bytes(), 64 * rb + 2 * 2 * 2 * d + 6 * d * 4);
+        assert_eq!(v.stored_bytes(), n * (rb + 2 * 2 * 2));
+    }
+}
+
+#[test]
+fn any_fill_order_gives_the_same_codes() {
+    let (d, n) = (32, 150);
+    let xs = keys(n, d, 2);
+    for axis in [KiviAxis::Channel, KiviAxis::Token] {
+        let mut whole = batch(d, 3, 16, axis);
+        whole.extend(&xs).unwrap();
+        let mut single = batch(d, 3, 16, axis);
+        for row in xs.chunks_exact(d) {
+            single.extend(row).unwrap();
+        }
+        let mut mixed = batch(d, 3, 16, axis);
+        let mut at = 0;
+        for (k, step) in [1usize, 5, 16, 17, 40, 3, 68].iter().cycle().enumerate() {
+            if at == n || k > 100 {
+                break;
+            }
+            let take = (*step).min(n - at);
+            mixed.extend(&xs[at * d..(at + take) * d]).unwrap();
+            at += take;
+        }
+        assert_eq!(at, n);
+        let bytes = whole.to_safetensors().unwrap();
+        for other in [&single, &mixed] {
+            assert_eq!(other.len(), n);
+            assert_eq!(other.dequantize_all(), whole.dequantize_all(), "{axis:?}");
+            let back = AnyBatch::from_safetensors(&other.to_safetensors().unwrap()).unwrap();
+            let AnyBatch::Kivi(back) = back else {
+                panic!("a kivi batch loads as kivi")
+            };
+            assert_eq!(back.codes().to_row_major(), whole.codes().to_row_major());
+            assert_eq!(back.scales(), whole.scales());
+            assert_eq!(back.zeros(), whole.zeros());
+            assert_eq!(back.residual(), whole.residual());
+        }
+        assert!(!bytes.is_empty());
+    }
+}
+
+#[test]
+fn scores_on_codes_equal_scores_of_the_decoded_rows() {
+    let (d, n) = (64, 300);
+    let xs = keys(n, d, 3);
+    let mut r = SeededRng::new(9, stream::QUERIES);
+    let q: Vec<f32> = (0..d).map(|_| r.gaussian() as f32).collect();
+    for (bits, group, axis) in [
+        (4, 32, KiviAxis::Channel),
+        (2, 64, KiviAxis::Channel),
+        (3, 16, KiviAxis::Channel),
+        (1, 128, KiviAxis::Channel),
+        (6, 32, KiviAxis::Channel),
+        (4, 32, KiviAxis::Token),
+    ] {
+        let mut b = batch(d, bits, group, axis);
+        b.extend(&xs).unwrap();
+        let rows = b.dequantize_all();
+        let want: Vec<f32> = rows
+            .chunks_exact(d)
+            .map(|row| row.iter().zip(&q).map(|(a, b)| a * b).sum())
+            .collect();
+        let scale = want.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+        let query = b.encode_query(&q).unwrap();
+        let (mut exact, mut fast) = (vec![0.0; n], vec![0.0; n]);
+        b.score_exact_into(&query, &mut exact).unwrap();
+        b.score_into(&query, &mut fast).unwrap();
+        for i in 0..n {
+            assert!(
+                (exact[i] - want[i]).abs() <= 1e-4 * scale,
+                "{bits} bits, G = {group}, {axis:?}, row {i}: {} vs {}",
+                exact[i],
+                want[i]
+            );
+            // The u8 tables add at most half a step per table: well under 2% of the range.
+            assert!(
+                (fast[i] - want[i]).abs() <= 0.02 * scale,
+                "fast {bits} bits G = {group} row {i}: {} vs {}",
+                fast[i],
+                want[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn rollback_across_group_boundaries_keeps_what_was_kept() {
+    let (d, g) = (32, 16);
+    let xs = keys(100, d, 4);
+    for n in [0, 5, 16, 17, 40, 47, 48, 63, 64, 90] {
+        let mut b = batch(d, 4, g, KiviAxis::Channel);
+        b.extend(&xs).unwrap();
+        let before = b.dequantize_all();
+        b.truncate(n);
+        assert_eq!(b.len(), n);
+        assert_eq!(b.quantized_len(), n / g * g, "cut at {n}");
+        // Kept rows decode to what they decoded to before the cut.
+        assert_eq!(b.dequantize_all(), before[..n * d].to_vec(), "cut at {n}");
+        // Refilling completes the group and quantizes it again.
+        b.extend(&xs[n * d..]).unwrap();
+        assert_eq!(b.len(), 100);
+        assert_eq!(b.quantized_len(), 96);
+        let after = b.dequantize_all();
+        let err: f32 = after
+            .iter()
+            .zip(&xs)
+            .map(|(a, x)| (a - x).abs())
+            .fold(0.0, f32::max);
+        let range = xs.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+        assert!(err < 0.2 * range, "cut at {n}: max error {err}");
+    }
+    let mut v = batch(d, 4, g, KiviAxis::Token);
+    v.extend(&xs).unwrap();
+    let before = v.dequantize_all();
+    v.truncate(37);
+    assert_eq!(v.dequantize_all(), before[..37 * d].to_vec());
+}
+
+#[test]
+fn bad_configurations_and_inputs_are_typed_errors() {
+    for group in [8, 24, 256] {
+        let e = KiviQuantizer::new(KiviConfig {
+            dim: 64,
+            bits: 4,
+            group,
+            axis: KiviAxis::Channel,
+        })
+        .unwrap_err();
+        assert!(matches!(e, Error::ConfigMismatch(_)), "{e}");
+    }
+    assert!(matches!(
+        KiviQuantizer::new(KiviConfig {
+            dim: 64,
+            bits: 9,
+            group: 32,
+            axis: KiviAxis::Token,
+        }),
+        Err(Error::BitsOutOfRange { .. })
+    ));
+    let mut b = batch(4, 4, 16, KiviAxis::Channel);
+    let e = b.extend(&[1.0, 2.0, 70000.0, 0.0]).unwrap_err();
+    assert!(e.to_string().contains("70000"), "{e}");
+    assert!(b.is_empty());
+    assert!(b.extend(&[1.0, f32::NAN, 0.0, 0.0]).is_err());
+    assert!(b.extend(&[1.0, 2.0, 3.0]).is_err());
+    assert!(b.is_empty());
+}
+
+/// Rebuilds a saved batch with one tensor replaced.
+fn tamper(bytes: &[u8], name: &str, f: impl Fn(&mut Vec<u8>, &mut Vec<usize>)) -> Vec<u8> {
+    use safetensors::tensor::{SafeTensors, TensorView};
+    let st = SafeTensors::deserialize(bytes).unwrap();
+    let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    for (n, _, shape, data) in &mut owned {
+        if n == name {
+            f(data, shape);
+        }
+    }
+    let views: Vec<(String, TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, dt, s, d)| (n.clone(), TensorView::new(*dt, s.clone(), d).unwrap()))
+        .collect();
+    safetensors::serialize(views, header.metadata().clone()).unwrap()
+}
+
+#[test]
+fn saved_batches_round_trip_and_tampering_is_refused() {
+    let d = 32;
+    let xs = keys(40, d, 5);
+    let mut b = batch(d, 4, 16, KiviAxis::Channel);
+    b.extend(&xs).unwrap();
+    let bytes = b.to_safetensors().unwrap();
+    let AnyBatch::Kivi(back) = AnyBatch::from_safetensors(&bytes).unwrap() else {
+        panic!("kivi")
+    };
+    assert_eq!(back.dequantize_all(), b.dequantize_all());
+    assert_eq!(back.residual_len(), 8);
+    // A negative scale, an infinite zero, a residual of a whole group, padding bits set.
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "scale",
+            tamper(&bytes, "scales", |data, _| {
+                data[1] |= 0x80;
+                data[0] |= 1;
+            }),
+        ),
+        (
+            "zero",
+            tamper(&bytes, "zeros", |data, _| {
+                data[0] = 0x00;
+                data[1] = 0x7c;
+            }),
+        ),
+        (
+            "residual",
+            tamper(&bytes, "residual", |data, shape| {
+                data.extend(vec![0u8; 8 * d * 4]);
+                shape[0] = 16;
+            }),
+        ),
+        (
+            "shape",
+            tamper(&bytes, "scales", |data, shape| {
+                data.truncate(data.len() - 2 * d);
+                shape[0] -= 1;
+            }),
+        ),
+    ];
+    for (what, bad) in cases {
+        let e = AnyBatch::from_safetensors(&bad).unwrap_err();
+        assert!(matches!(e, Error::InvalidFormat { .. }), "{what}: {e}");
+    }
+    for cut in (0..bytes.len()).step_by(97) {
+        assert!(AnyBatch::from_safetensors(&bytes[..cut]).is_err());
+    }
+}
