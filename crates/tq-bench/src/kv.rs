@@ -257,9 +257,13 @@ pub fn eval_trace(
     })
 }
 
-/// `true` when keys or values use KIVI (the group size matters).
+/// `true` when keys or values use a grouped strategy (KIVI, gmse: the group size matters).
 pub fn uses_groups(cfg: &HeadConfig) -> bool {
-    cfg.key_strategy == KeyStrategy::Kivi || cfg.value_strategy == ValueStrategy::Kivi
+    matches!(cfg.key_strategy, KeyStrategy::Kivi | KeyStrategy::Gmse)
+        || matches!(
+            cfg.value_strategy,
+            ValueStrategy::Kivi | ValueStrategy::Gmse
+        )
 }
 
 /// One `attention` result row.

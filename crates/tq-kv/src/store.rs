@@ -25,6 +25,9 @@ pub enum KeyStrategy {
     /// KIVI keys: asymmetric uniform levels per channel over groups of `G` tokens (f16 scale and
     /// zero per channel and group), the newest incomplete group in f32 until it fills.
     Kivi,
+    /// Group-centred TurboQuant_mse: each group of `G` tokens loses its per-channel means (f16),
+    /// then TurboQuant_mse codes what is left; the newest incomplete group in f32 until it fills.
+    Gmse,
 }
 
 impl KeyStrategy {
@@ -40,6 +43,7 @@ impl KeyStrategy {
             KeyStrategy::Prod => QuantizerKind::Prod,
             KeyStrategy::Polar => QuantizerKind::Polar,
             KeyStrategy::Kivi => QuantizerKind::Kivi,
+            KeyStrategy::Gmse => QuantizerKind::Gmse,
         }
     }
 }
@@ -52,8 +56,9 @@ impl std::str::FromStr for KeyStrategy {
             "prod" => Ok(Self::Prod),
             "polar" => Ok(Self::Polar),
             "kivi" => Ok(Self::Kivi),
+            "gmse" => Ok(Self::Gmse),
             other => Err(format!(
-                "unknown strategy '{other}' (expected mse, prod, polar or kivi)"
+                "unknown strategy '{other}' (expected mse, prod, polar, kivi or gmse)"
             )),
         }
     }
@@ -71,6 +76,8 @@ pub enum ValueStrategy {
     Polar,
     /// KIVI values: asymmetric uniform levels per token over groups of `G` channels.
     Kivi,
+    /// Group-centred TurboQuant_mse over groups of `G` tokens (as for keys).
+    Gmse,
 }
 
 impl ValueStrategy {
@@ -86,6 +93,7 @@ impl From<ValueStrategy> for KeyStrategy {
             ValueStrategy::Mse => KeyStrategy::Mse,
             ValueStrategy::Polar => KeyStrategy::Polar,
             ValueStrategy::Kivi => KeyStrategy::Kivi,
+            ValueStrategy::Gmse => KeyStrategy::Gmse,
         }
     }
 }
@@ -97,13 +105,14 @@ impl std::str::FromStr for ValueStrategy {
             "mse" => Ok(Self::Mse),
             "polar" => Ok(Self::Polar),
             "kivi" => Ok(Self::Kivi),
+            "gmse" => Ok(Self::Gmse),
             "prod" => Err(
                 "values cannot use prod: TurboQuant_prod makes scores unbiased, and values are \
-                 summed, not scored (expected mse, polar or kivi)"
+                 summed, not scored (expected mse, polar, kivi or gmse)"
                     .into(),
             ),
             other => Err(format!(
-                "unknown value strategy '{other}' (expected mse, polar or kivi)"
+                "unknown value strategy '{other}' (expected mse, polar, kivi or gmse)"
             )),
         }
     }

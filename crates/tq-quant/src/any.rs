@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
 
 use crate::encoded::EncodedVectors;
+use crate::gmse::{GroupMseBatch, GroupMseConfig, GroupMseQuantizer, GroupMseQuery};
 use crate::kivi::{KiviAxis, KiviBatch, KiviConfig, KiviQuantizer, KiviQuery};
 use crate::polar::PolarQuery;
 use crate::score::Hit;
@@ -32,6 +33,9 @@ pub enum QuantizerKind {
     /// KIVI: asymmetric uniform levels with an f16 scale and zero per group of `G` (per channel
     /// over tokens for keys, per token over channels for values).
     Kivi,
+    /// Group-centred TurboQuant_mse: each group of `G` rows loses its per-channel means (f16),
+    /// then TurboQuant_mse codes what is left ([`crate::gmse`]).
+    Gmse,
 }
 
 impl QuantizerKind {
@@ -42,6 +46,7 @@ impl QuantizerKind {
             QuantizerKind::Prod => "prod",
             QuantizerKind::Polar => "polar",
             QuantizerKind::Kivi => "kivi",
+            QuantizerKind::Gmse => "gmse",
         }
     }
 }
@@ -60,8 +65,9 @@ impl std::str::FromStr for QuantizerKind {
             "prod" => Ok(Self::Prod),
             "polar" => Ok(Self::Polar),
             "kivi" => Ok(Self::Kivi),
+            "gmse" => Ok(Self::Gmse),
             other => Err(format!(
-                "unknown quantizer '{other}' (expected mse, prod, polar or kivi)"
+                "unknown quantizer '{other}' (expected mse, prod, polar, kivi or gmse)"
             )),
         }
     }
@@ -78,8 +84,8 @@ pub fn polar_levels_for(bits: u32) -> Vec<u32> {
 }
 
 /// Everything that chooses a quantizer at run time. Options that do not apply to the kind are
-/// ignored (`scale` and `mean` apply to MSE, `sketch` to Prod, `polar_levels` to Polar, `group`
-/// and `axis` to KIVI), except `mean`, which is refused for other kinds (a centred Prod, Polar or
+/// ignored (`scale` and `mean` apply to MSE, `scale` and `group` to gmse, `sketch` to Prod,
+/// `polar_levels` to Polar, `group` and `axis` to KIVI), except `mean`, which is refused for other kinds (a centred Prod, Polar or
 /// KIVI quantizer does not exist).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizerSpec {
@@ -101,7 +107,7 @@ pub struct QuantizerSpec {
     pub mean: Option<Vec<f32>>,
     /// Polar: explicit level bits (overrides [`polar_levels_for`]).
     pub polar_levels: Option<Vec<u32>>,
-    /// KIVI: the group size `G` (default 32).
+    /// KIVI and gmse: the group size `G` (default 32).
     pub group: usize,
     /// KIVI: the grouping axis (default per channel, KIVI's keys).
     pub axis: KiviAxis,
@@ -208,6 +214,16 @@ impl QuantizerSpec {
                 group: self.group,
                 axis: self.axis,
             })?)),
+            QuantizerKind::Gmse => {
+                AnyQuantizer::Gmse(Arc::new(GroupMseQuantizer::new(GroupMseConfig {
+                    dim: self.dim,
+                    bits: self.bits,
+                    rotation: self.rotation,
+                    seed: self.seed,
+                    scale: self.scale,
+                    group: self.group,
+                })?))
+            }
         })
     }
 }
@@ -223,6 +239,8 @@ pub enum AnyQuantizer {
     Polar(Arc<PolarQuantizer>),
     /// KIVI.
     Kivi(Arc<KiviQuantizer>),
+    /// Group-centred TurboQuant_mse.
+    Gmse(Arc<GroupMseQuantizer>),
 }
 
 impl AnyQuantizer {
@@ -233,6 +251,7 @@ impl AnyQuantizer {
             AnyQuantizer::Prod(_) => QuantizerKind::Prod,
             AnyQuantizer::Polar(_) => QuantizerKind::Polar,
             AnyQuantizer::Kivi(_) => QuantizerKind::Kivi,
+            AnyQuantizer::Gmse(_) => QuantizerKind::Gmse,
         }
     }
 
@@ -243,6 +262,7 @@ impl AnyQuantizer {
             AnyQuantizer::Prod(q) => q.dim(),
             AnyQuantizer::Polar(q) => q.dim(),
             AnyQuantizer::Kivi(q) => q.dim(),
+            AnyQuantizer::Gmse(q) => q.dim(),
         }
     }
 
@@ -253,6 +273,7 @@ impl AnyQuantizer {
             AnyQuantizer::Prod(q) => q.bytes_per_vector(),
             AnyQuantizer::Polar(q) => q.bytes_per_vector(),
             AnyQuantizer::Kivi(q) => q.bytes_per_vector(),
+            AnyQuantizer::Gmse(q) => q.bytes_per_vector(),
         }
     }
 
@@ -271,6 +292,7 @@ impl AnyQuantizer {
             AnyQuantizer::Prod(q) => AnyBatch::Prod(ProdBatch::new(q.clone())),
             AnyQuantizer::Polar(q) => AnyBatch::Polar(PolarBatch::new(q.clone())),
             AnyQuantizer::Kivi(q) => AnyBatch::Kivi(KiviBatch::new(q.clone())),
+            AnyQuantizer::Gmse(q) => AnyBatch::Gmse(GroupMseBatch::new(q.clone())),
         }
     }
 
@@ -284,6 +306,7 @@ impl AnyQuantizer {
             AnyQuantizer::Prod(m) => AnyQuery::Prod(m.prepare_query(q)?),
             AnyQuantizer::Polar(m) => AnyQuery::Polar(m.prepare_query(q)?),
             AnyQuantizer::Kivi(m) => AnyQuery::Kivi(m.prepare_query(q)?),
+            AnyQuantizer::Gmse(m) => AnyQuery::Gmse(m.prepare_query(q)?),
         })
     }
 
@@ -295,6 +318,7 @@ impl AnyQuantizer {
             (AnyQuantizer::Prod(a), AnyQuantizer::Prod(b)) => a.config() == b.config(),
             (AnyQuantizer::Polar(a), AnyQuantizer::Polar(b)) => a.config() == b.config(),
             (AnyQuantizer::Kivi(a), AnyQuantizer::Kivi(b)) => a.config() == b.config(),
+            (AnyQuantizer::Gmse(a), AnyQuantizer::Gmse(b)) => a.config() == b.config(),
             _ => false,
         }
     }
@@ -311,6 +335,8 @@ pub enum AnyQuery {
     Polar(PolarQuery),
     /// For a KIVI batch.
     Kivi(KiviQuery),
+    /// For a gmse batch.
+    Gmse(GroupMseQuery),
 }
 
 impl AnyQuery {
@@ -320,6 +346,7 @@ impl AnyQuery {
             AnyQuery::Prod(_) => QuantizerKind::Prod,
             AnyQuery::Polar(_) => QuantizerKind::Polar,
             AnyQuery::Kivi(_) => QuantizerKind::Kivi,
+            AnyQuery::Gmse(_) => QuantizerKind::Gmse,
         }
     }
 }
@@ -336,6 +363,8 @@ pub enum AnyBatch {
     Polar(PolarBatch),
     /// A KIVI batch.
     Kivi(KiviBatch),
+    /// A group-centred TurboQuant_mse batch.
+    Gmse(GroupMseBatch),
 }
 
 /// Applies `$body` to the batch inside any variant.
@@ -346,6 +375,7 @@ macro_rules! each {
             AnyBatch::Prod($b) => $body,
             AnyBatch::Polar($b) => $body,
             AnyBatch::Kivi($b) => $body,
+            AnyBatch::Gmse($b) => $body,
         }
     };
 }
@@ -358,6 +388,7 @@ macro_rules! paired {
             (AnyBatch::Prod($b), AnyQuery::Prod($q)) => $body,
             (AnyBatch::Polar($b), AnyQuery::Polar($q)) => $body,
             (AnyBatch::Kivi($b), AnyQuery::Kivi($q)) => $body,
+            (AnyBatch::Gmse($b), AnyQuery::Gmse($q)) => $body,
             (b, q) => Err(kind_mismatch(b.kind(), q.kind())),
         }
     };
@@ -377,6 +408,7 @@ impl AnyBatch {
             AnyBatch::Prod(_) => QuantizerKind::Prod,
             AnyBatch::Polar(_) => QuantizerKind::Polar,
             AnyBatch::Kivi(_) => QuantizerKind::Kivi,
+            AnyBatch::Gmse(_) => QuantizerKind::Gmse,
         }
     }
 
@@ -387,6 +419,7 @@ impl AnyBatch {
             AnyBatch::Prod(b) => AnyQuantizer::Prod(b.quantizer().clone()),
             AnyBatch::Polar(b) => AnyQuantizer::Polar(b.quantizer().clone()),
             AnyBatch::Kivi(b) => AnyQuantizer::Kivi(b.quantizer().clone()),
+            AnyBatch::Gmse(b) => AnyQuantizer::Gmse(b.quantizer().clone()),
         }
     }
 
@@ -408,6 +441,12 @@ impl From<MseBatch> for AnyBatch {
 impl From<ProdBatch> for AnyBatch {
     fn from(b: ProdBatch) -> Self {
         AnyBatch::Prod(b)
+    }
+}
+
+impl From<GroupMseBatch> for AnyBatch {
+    fn from(b: GroupMseBatch) -> Self {
+        AnyBatch::Gmse(b)
     }
 }
 

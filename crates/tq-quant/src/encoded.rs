@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use tq_core::simd;
 
 use crate::error::{check_dim, check_len};
+use crate::gmse::{GroupMseBatch, GroupMseQuery};
 use crate::kivi::{KiviBatch, KiviQuery};
 use crate::polar::PolarQuery;
 use crate::score::Hit;
@@ -356,5 +357,57 @@ impl EncodedVectors for KiviBatch {
     }
     fn to_safetensors(&self) -> Result<Vec<u8>> {
         KiviBatch::to_safetensors(self)
+    }
+}
+
+impl EncodedVectors for GroupMseBatch {
+    type Query = GroupMseQuery;
+    fn dim(&self) -> usize {
+        self.quantizer().dim()
+    }
+    fn len(&self) -> usize {
+        GroupMseBatch::len(self)
+    }
+    fn bytes_per_vector(&self) -> usize {
+        GroupMseBatch::bytes_per_vector(self)
+    }
+    fn memory_bytes(&self) -> usize {
+        GroupMseBatch::memory_bytes(self)
+    }
+    fn stored_bytes(&self) -> usize {
+        GroupMseBatch::stored_bytes(self)
+    }
+    fn pending_len(&self) -> usize {
+        self.residual_len()
+    }
+    fn extend(&mut self, xs: &[f32]) -> Result<()> {
+        GroupMseBatch::extend(self, xs)
+    }
+    fn truncate(&mut self, n: usize) {
+        GroupMseBatch::truncate(self, n)
+    }
+    fn encode_query(&self, q: &[f32]) -> Result<GroupMseQuery> {
+        self.quantizer().prepare_query(q)
+    }
+    fn score_into(&self, q: &GroupMseQuery, out: &mut [f32]) -> Result<()> {
+        GroupMseBatch::score_into(self, q, out)
+    }
+    fn score_exact_into(&self, q: &GroupMseQuery, out: &mut [f32]) -> Result<()> {
+        GroupMseBatch::score_exact_into(self, q, out)
+    }
+    fn top_k(&self, q: &GroupMseQuery, k: usize) -> Result<Vec<Hit>> {
+        GroupMseBatch::top_k(self, q, k)
+    }
+    fn dequantize_row(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        GroupMseBatch::dequantize_row(self, i, out)
+    }
+    fn dequantize_all(&self) -> Vec<f32> {
+        GroupMseBatch::dequantize_all(self)
+    }
+    fn weighted_sums_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
+        GroupMseBatch::weighted_sums_into(self, weights, outs)
+    }
+    fn to_safetensors(&self) -> Result<Vec<u8>> {
+        GroupMseBatch::to_safetensors(self)
     }
 }

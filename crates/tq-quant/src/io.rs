@@ -18,6 +18,10 @@
 //! rows) or `[n, ceil(d/G)]` (token axis), f16 bit patterns, and `residual` F32 `[r, d]` (the
 //! channel axis's incomplete newest group, `r < G`; `[0, d]` otherwise).
 //!
+//! `kind = "gmse"` (group-centred TurboQuant_mse, [`crate::gmse`]) stores the centred rows' `codes`
+//! U8 `[n, ceil(d·b/8)]` and `norms` F32 `[n]` (as mse), `means` U16 `[n / G, d]` (f16 channel
+//! means of each group) and `residual` F32 `[r, d]` (`r < G`).
+//!
 //! `kind = "polar"` (PolarQuant, experimental) stores `codes` U8 `[n, code_bytes]` (angle codes,
 //! level by level inside each block), `radii` U16 `[n, d / 2^L]` (f16 bit patterns of the unit
 //! vector's block radii) and `norms` F32 `[n]`.
@@ -47,6 +51,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::config::{MseConfig, ProdConfig};
 use crate::encoded::EncodedVectors;
+use crate::gmse::{GroupMseBatch, GroupMseConfig, GroupMseQuantizer};
 use crate::kivi::{KiviAxis, KiviBatch, KiviConfig, KiviQuantizer};
 use crate::{
     AnyBatch, Error, MseBatch, MseQuantizer, PackedRows, PolarBatch, PolarConfig, PolarQuantizer,
@@ -224,6 +229,106 @@ impl KiviBatch {
     }
 }
 
+impl GroupMseBatch {
+    /// Serializes the batch (format in the [module docs](crate::io)).
+    ///
+    /// # Errors
+    /// [`Error::InvalidFormat`] only if the safetensors writer rejects the tensors (not expected).
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let q = self.quantizer();
+        let (n, d) = (self.quantized_len(), q.dim());
+        let config = serde_json::to_string(q.config()).map_err(|e| bad("config", e.to_string()))?;
+        let means: Vec<u8> = self.means().iter().flat_map(|x| x.to_le_bytes()).collect();
+        serialize(
+            "gmse",
+            config,
+            vec![
+                (
+                    "codes",
+                    Dtype::U8,
+                    vec![n, q.mse().row_bytes()],
+                    self.centred().codes().to_row_major(),
+                ),
+                (
+                    "norms",
+                    Dtype::F32,
+                    vec![n],
+                    f32_bytes(self.centred().norms()),
+                ),
+                ("means", Dtype::U16, vec![n / q.config().group, d], means),
+                (
+                    "residual",
+                    Dtype::F32,
+                    vec![self.residual_len(), d],
+                    f32_bytes(self.residual()),
+                ),
+            ],
+        )
+    }
+}
+
+/// The `residual` tensor of kinds that keep one: F32 `[r, d]`, finite.
+fn read_residual(st: &SafeTensors<'_>, d: usize) -> Result<Vec<f32>> {
+    let t = tensor(st, "residual", Dtype::F32)?;
+    let r = match t.shape() {
+        [r, c] if *c == d => *r,
+        other => {
+            return Err(bad(
+                "residual",
+                format!("shape {other:?}, expected [r, {d}]"),
+            ));
+        }
+    };
+    let residual: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if residual.len() != r * d || residual.iter().any(|v| !v.is_finite()) {
+        return Err(bad("residual", "not r x d finite values"));
+    }
+    Ok(residual)
+}
+
+/// A U16 tensor of exactly `shape`, as values.
+fn read_u16(st: &SafeTensors<'_>, name: &'static str, shape: [usize; 2]) -> Result<Vec<u16>> {
+    let t = tensor(st, name, Dtype::U16)?;
+    if t.shape() != shape {
+        return Err(bad(
+            name,
+            format!("shape {:?}, expected {shape:?}", t.shape()),
+        ));
+    }
+    Ok(t.data()
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect())
+}
+
+fn load_gmse(st: &SafeTensors<'_>, config: &str) -> Result<AnyBatch> {
+    let cfg: GroupMseConfig =
+        serde_json::from_str(config).map_err(|e| bad("config", e.to_string()))?;
+    cfg.validate()?;
+    let d = cfg.dim;
+    let norms = read_f32(st, "norms", None)?;
+    let n = norms.len();
+    if !n.is_multiple_of(cfg.group) {
+        return Err(bad(
+            "norms",
+            format!("{n} rows are not whole groups of {}", cfg.group),
+        ));
+    }
+    let row_bytes = tq_core::bitpack::packed_len(d, cfg.bits);
+    let codes = read_rows(st, "codes", n, row_bytes, d * cfg.bits as usize)?;
+    let means = read_u16(st, "means", [n / cfg.group, d])?;
+    let residual = read_residual(st, d)?;
+    let q = Arc::new(GroupMseQuantizer::new(cfg)?);
+    let inner = MseBatch::from_parts(q.mse().clone(), codes, norms)?;
+    let b = GroupMseBatch::from_parts(q, inner, means, residual)
+        .map_err(|e| bad("tensors", e.to_string()))?;
+    Ok(AnyBatch::Gmse(b))
+}
+
 fn load_kivi(st: &SafeTensors<'_>, config: &str) -> Result<AnyBatch> {
     let cfg: KiviConfig = serde_json::from_str(config).map_err(|e| bad("config", e.to_string()))?;
     cfg.validate()?;
@@ -363,6 +468,7 @@ impl AnyBatch {
             "prod" => &["codes", "norms", "residual_norms", "signs"],
             "polar" => &["codes", "radii", "norms"],
             "kivi" => &["codes", "scales", "zeros", "residual"],
+            "gmse" => &["codes", "norms", "means", "residual"],
             other => {
                 return Err(bad(
                     "__metadata__",
@@ -385,6 +491,7 @@ impl AnyBatch {
         match kind {
             "polar" => load_polar(&st, config),
             "kivi" => load_kivi(&st, config),
+            "gmse" => load_gmse(&st, config),
             "mse" => {
                 let cfg: MseConfig =
                     serde_json::from_str(config).map_err(|e| bad("config", e.to_string()))?;

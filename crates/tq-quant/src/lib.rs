@@ -30,6 +30,7 @@ mod any;
 pub mod config;
 pub mod encoded;
 mod error;
+pub mod gmse;
 pub mod io;
 pub mod kivi;
 pub mod mse;
@@ -46,6 +47,7 @@ pub use any::{
 pub use config::{MseConfig, ProdConfig, QjlConfig, ScaleMode, SketchKind};
 pub use encoded::EncodedVectors;
 pub use error::{Error, Result};
+pub use gmse::{GroupMseBatch, GroupMseConfig, GroupMseQuantizer, GroupMseQuery};
 pub use kivi::{KiviAxis, KiviBatch, KiviConfig, KiviQuantizer, KiviQuery};
 pub use mse::{MseBatch, MseQuantizer, MseQuery};
 pub use packed::PackedRows;

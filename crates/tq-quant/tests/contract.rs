@@ -14,11 +14,12 @@ fn gaussian(n: usize, d: usize, seed: u64) -> Vec<f32> {
     (0..n * d).map(|_| r.gaussian() as f32 + 0.3).collect()
 }
 
-const KINDS: [QuantizerKind; 4] = [
+const KINDS: [QuantizerKind; 5] = [
     QuantizerKind::Mse,
     QuantizerKind::Prod,
     QuantizerKind::Polar,
     QuantizerKind::Kivi,
+    QuantizerKind::Gmse,
 ];
 
 #[test]
@@ -60,6 +61,11 @@ fn any_batch_answers_as_its_concrete_batch() {
                 let kq = b.quantizer().prepare_query(&q).unwrap();
                 b.score_into(&kq, &mut f2).unwrap();
                 b.score_exact_into(&kq, &mut e2).unwrap();
+            }
+            AnyBatch::Gmse(b) => {
+                let gq = b.quantizer().prepare_query(&q).unwrap();
+                b.score_into(&gq, &mut f2).unwrap();
+                b.score_exact_into(&gq, &mut e2).unwrap();
             }
         }
         assert_eq!(fast, f2, "{kind}");
@@ -133,6 +139,9 @@ fn weighted_sums_equal_sums_of_decoded_rows() {
             .with_kivi(16, tq_quant::KiviAxis::Channel),
         QuantizerSpec::new(QuantizerKind::Kivi, d, 3, RotationKind::Hadamard, 5)
             .with_kivi(16, tq_quant::KiviAxis::Token),
+        QuantizerSpec::new(QuantizerKind::Gmse, d, 3, RotationKind::Hadamard, 5)
+            .with_scale(ScaleMode::LeastSquares)
+            .with_kivi(16, tq_quant::KiviAxis::Channel),
     ];
     let w1: Vec<f32> = (0..n).map(|i| ((i * 7 % 11) as f32) / 11.0).collect();
     let w2: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { 0.0 } else { 0.5 }).collect();

@@ -58,18 +58,24 @@ pub struct KvCommon {
 #[derive(Args, Clone)]
 pub struct KvCacheArgs {
     /// Value precisions, same forms as --key-bits (each key precision is paired with each value
-    /// precision, or with the one at the same position under real-model's --pair).
+    /// precision, or with the one at the same position under --pair).
     #[arg(long, value_delimiter = ',', default_value = "4")]
     pub value_bits: Vec<String>,
+    /// Pair --key-bits and --value-bits by position (k1 with v1, k2 with v2, ...) instead of
+    /// running every combination; the two lists must have the same length.
+    #[arg(long)]
+    pub pair: bool,
     /// Key quantizers, comma-separated: mse, prod, polar, kivi (per-channel groups of --group
-    /// tokens, the newest incomplete group in f32).
+    /// tokens, the newest incomplete group in f32), gmse (group-centred TurboQuant_mse: the
+    /// per-channel means of each group of --group tokens removed, then mse).
     #[arg(long, value_delimiter = ',', default_value = "mse")]
     pub key_strategy: Vec<KeyStrategy>,
-    /// Value quantizers, comma-separated: mse, polar, kivi (per-token groups of --group channels).
+    /// Value quantizers, comma-separated: mse, polar, kivi (per-token groups of --group channels),
+    /// gmse.
     #[arg(long, value_delimiter = ',', default_value = "mse")]
     pub value_strategy: Vec<ValueStrategy>,
-    /// KIVI group sizes, comma-separated (powers of two in 16..=128); crossed with the
-    /// configurations that use KIVI.
+    /// Group sizes of kivi and gmse, comma-separated (powers of two in 16..=128); crossed with
+    /// the configurations that use them.
     #[arg(long, value_delimiter = ',', default_value = "32")]
     pub group: Vec<usize>,
     /// A named configuration instead of the grid: recommended (tq_kv::HeadConfig::recommended,
@@ -136,7 +142,7 @@ pub fn progress_bar(json: bool, steps: usize) -> ProgressBar {
 /// The table label of a cache's strategies: `keys/values`, KIVI with its group (`kivi32/mse`).
 pub fn strategy_label(k: KeyStrategy, v: ValueStrategy, group: Option<usize>) -> String {
     let name = |n: &str| match (n, group) {
-        ("kivi", Some(g)) => format!("kivi{g}"),
+        ("kivi" | "gmse", Some(g)) => format!("{n}{g}"),
         _ => n.to_string(),
     };
     format!("{}/{}", name(k.name()), name(v.name()))
@@ -208,8 +214,9 @@ pub fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>
         let (kp, vp) = (Precision::parse(kb, d)?, Precision::parse(vb, d)?);
         for &st in g.strategies {
             for &vs in g.value_strategies {
-                let kivi = st == KeyStrategy::Kivi || vs == ValueStrategy::Kivi;
-                let groups = if kivi { g.groups } else { &g.groups[..1] };
+                let grouped = matches!(st, KeyStrategy::Kivi | KeyStrategy::Gmse)
+                    || matches!(vs, ValueStrategy::Kivi | ValueStrategy::Gmse);
+                let groups = if grouped { g.groups } else { &g.groups[..1] };
                 for &group in groups {
                     for &scale in g.scales {
                         for (&window, &rotation) in g

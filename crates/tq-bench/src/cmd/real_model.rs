@@ -42,10 +42,6 @@ pub struct RealModelArgs {
     /// default configuration (tq_kv::HeadConfig::recommended, docs/CHOOSING.md).
     #[arg(long, value_delimiter = ',', default_value = "5")]
     pub key_bits: Vec<String>,
-    /// Pair --key-bits and --value-bits by position (k1 with v1, k2 with v2, ...) instead of
-    /// running every combination; the two lists must have the same length.
-    #[arg(long)]
-    pub pair: bool,
     /// Per-vector scalars of MSE keys and values, comma-separated: norm, unbiased, least-squares.
     #[arg(long = "scale", value_delimiter = ',', default_value = "least-squares")]
     pub scales: Vec<ScaleMode>,
@@ -128,7 +124,7 @@ pub fn run(a: RealModelArgs) -> Result<RealReport> {
     let grid = KvGrid {
         key_bits: &a.key_bits,
         value_bits: &a.cache.value_bits,
-        pair: a.pair,
+        pair: a.cache.pair,
         strategies: &a.cache.key_strategy,
         value_strategies: &a.cache.value_strategy,
         groups: &a.cache.group,

@@ -103,7 +103,7 @@ pub fn run(a: TraceArgs) -> Result<TraceReport> {
         &KvGrid {
             key_bits: &key_bits,
             value_bits: &cache.value_bits,
-            pair: false,
+            pair: cache.pair,
             strategies: &cache.key_strategy,
             value_strategies: &cache.value_strategy,
             groups: &cache.group,
