@@ -8,8 +8,8 @@ use tq_bench::data::npy_bytes as npy;
 use tq_core::{RotationKind, SeededRng, rng::stream};
 use tq_kv::{HeadCalibration, HeadConfig, KeyStrategy, ModelCache, MultiHeadCache, Precision};
 use tq_quant::{
-    MseBatch, MseConfig, MseQuantizer, PolarBatch, PolarConfig, PolarQuantizer, ProdBatch,
-    ProdConfig, ProdQuantizer, SketchKind,
+    EncodedVectors, KiviAxis, MseBatch, MseConfig, MseQuantizer, PolarBatch, PolarConfig,
+    PolarQuantizer, ProdBatch, ProdConfig, ProdQuantizer, QuantizerKind, QuantizerSpec, SketchKind,
 };
 
 fn gaussian(n: usize, seed: u64) -> Vec<f32> {
@@ -153,6 +153,29 @@ fn batches() -> Result<Vec<(String, Vec<u8>)>> {
     })?));
     polar.extend(&xs)?;
     out.push(("polar.safetensors".into(), polar.to_safetensors()?));
+    // Grouped kinds: 20 rows fill one group of 16 and leave a residual of 4.
+    let rows = gaussian(20 * d, 11);
+    for (name, spec) in [
+        (
+            "kivi-keys",
+            QuantizerSpec::new(QuantizerKind::Kivi, d, 3, RotationKind::Hadamard, 9)
+                .with_kivi(16, KiviAxis::Channel),
+        ),
+        (
+            "kivi-values",
+            QuantizerSpec::new(QuantizerKind::Kivi, d, 2, RotationKind::Hadamard, 9)
+                .with_kivi(16, KiviAxis::Token),
+        ),
+        (
+            "gmse",
+            QuantizerSpec::new(QuantizerKind::Gmse, d, 3, RotationKind::Hadamard, 10)
+                .with_kivi(16, KiviAxis::Channel),
+        ),
+    ] {
+        let mut b = spec.build()?.new_batch();
+        b.extend(&rows)?;
+        out.push((format!("{name}.safetensors"), b.to_safetensors()?));
+    }
     Ok(out)
 }
 
@@ -169,8 +192,15 @@ fn caches() -> Result<Vec<(String, Vec<u8>)>> {
         ..HeadConfig::new(d, Precision::parse("4x4+2", d)?, Precision::Uniform(3))
     };
     let mut out = Vec::new();
+    let kivi = HeadConfig {
+        key_strategy: KeyStrategy::Kivi,
+        value_strategy: tq_kv::ValueStrategy::Gmse,
+        group: 16,
+        ..HeadConfig::new(d, Precision::Uniform(2), Precision::Uniform(3))
+    };
     for (name, cfg, outliers) in [
         ("plain", &plain, vec![]),
+        ("kivi-gmse", &kivi, vec![]),
         (
             "split-prod",
             &split,

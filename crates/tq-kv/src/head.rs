@@ -63,8 +63,8 @@ pub struct HeadConfig {
     pub center: bool,
     /// How key scores are computed.
     pub score_mode: ScoreMode,
-    /// KIVI's group size `G` (a power of two in 16..=128): tokens per key group, channels per
-    /// value group. Ignored by the other strategies.
+    /// The group size `G` of the grouped strategies (a power of two in 16..=128): KIVI's tokens
+    /// per key group and channels per value group, gmse's tokens per group. Ignored by the others.
     #[serde(default = "default_group")]
     pub group: usize,
 }
@@ -220,11 +220,31 @@ impl HeadCache {
     }
 
     /// Leading tokens whose decoded keys and values are final: later appends never change them.
-    /// Tokens past it (the window, and KIVI's residual key group until it fills) may decode
+    /// Tokens past it (the window, and the pending group of KIVI keys or gmse streams) may decode
     /// differently after the next append, so a consumer mirroring decoded rows re-reads from
     /// here. `<= quantized_len()`.
     pub fn settled_len(&self) -> usize {
         self.keys.settled_len().min(self.values.settled_len())
+    }
+
+    /// Checks `n` tokens as [`HeadCache::append`] would, changing nothing.
+    ///
+    /// # Errors
+    /// As [`HeadCache::append`].
+    pub fn check_append(&self, keys: &[f32], values: &[f32]) -> Result<()> {
+        let d = self.config.head_dim;
+        if !keys.len().is_multiple_of(d) {
+            return Err(Error::Shape {
+                what: "keys",
+                expected: keys.len() / d * d,
+                got: keys.len(),
+            });
+        }
+        check_len("values", values.len(), keys.len())?;
+        check_finite("keys", keys)?;
+        check_finite("values", values)?;
+        self.keys.check_rows(keys)?;
+        self.values.check_rows(values)
     }
 
     /// Tokens held in the f32 window.
@@ -248,20 +268,14 @@ impl HeadCache {
     /// Appends `n = keys.len() / d` tokens (row-major f32 keys and values, any norms).
     ///
     /// # Errors
-    /// [`Error::Shape`] when the lengths are not `n · d` for the same `n`, [`Error::NonFinite`];
+    /// [`Error::Shape`] when the lengths are not `n · d` for the same `n`, [`Error::NonFinite`],
+    /// and with KIVI or gmse streams `Quant(ValueOutOfRange)` for a value beyond f16's range;
     /// nothing is appended then.
     pub fn append(&mut self, keys: &[f32], values: &[f32]) -> Result<()> {
         let d = self.config.head_dim;
-        if !keys.len().is_multiple_of(d) {
-            return Err(Error::Shape {
-                what: "keys",
-                expected: keys.len() / d * d,
-                got: keys.len(),
-            });
-        }
-        check_len("values", values.len(), keys.len())?;
-        check_finite("keys", keys)?;
-        check_finite("values", values)?;
+        // Every stream accepts the rows before anything changes (the grouped kinds refuse values
+        // f16 cannot hold), so a refused append leaves keys, values and window as they were.
+        self.check_append(keys, values)?;
         let w = self.config.window;
         if w == 0 {
             self.keys.extend(keys)?;

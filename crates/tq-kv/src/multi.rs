@@ -131,8 +131,21 @@ impl MultiHeadCache {
             });
         }
         check_len("values", values.len(), keys.len())?;
+        if keys.is_empty() {
+            return Ok(());
+        }
         crate::error::check_finite("keys", keys)?;
         crate::error::check_finite("values", values)?;
+        // Every head accepts its rows before any head changes, so a refused append leaves the
+        // heads in step.
+        for ((h, k), v) in self
+            .heads
+            .iter()
+            .zip(keys.chunks_exact(per))
+            .zip(values.chunks_exact(per))
+        {
+            h.check_append(k, v)?;
+        }
         let par = self.parallel(per / d);
         let jobs = self
             .heads

@@ -130,7 +130,8 @@ impl Precision {
                 if !ok_bits(outlier_bits) || !ok_bits(regular_bits) {
                     return Err(bad("bits must lie in 1..=8".into()));
                 }
-                if outlier_channels < 2 || dim < outlier_channels + 2 {
+                // `dim - 2` without overflow: a count near usize::MAX is refused, not wrapped.
+                if outlier_channels < 2 || outlier_channels > dim.saturating_sub(2) {
                     return Err(bad(format!(
                         "{outlier_channels} outlier channels leave a part under 2 channels at dimension {dim}"
                     )));
@@ -150,7 +151,7 @@ impl Precision {
                 regular_bits,
             } => {
                 (outlier_channels as f64 * outlier_bits as f64
-                    + (dim - outlier_channels) as f64 * regular_bits as f64)
+                    + dim.saturating_sub(outlier_channels) as f64 * regular_bits as f64)
                     / dim as f64
             }
         }
@@ -311,6 +312,9 @@ mod tests {
             })
             .collect();
         assert_eq!(calibrate_outliers(&samples, dim, 2).unwrap(), vec![2, 6]);
+        // A channel count near usize::MAX is an error, not an overflow (found by fuzzing).
+        let e = Precision::parse("4x18446744073709551615+2", 64).unwrap_err();
+        assert!(matches!(e, Error::InvalidPrecision { .. }), "{e}");
         assert!(calibrate_outliers(&samples[..5], dim, 2).is_err());
         assert!(calibrate_outliers(&samples, dim, 9).is_err());
         assert!(check_channels(&[3, 1], 8, 2).is_err());

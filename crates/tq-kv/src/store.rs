@@ -164,7 +164,7 @@ impl StreamSpec<'_> {
         });
         if mean.is_some() && self.strategy != KeyStrategy::Mse {
             return Err(Error::InvalidChannels {
-                reason: "centering applies to MSE keys only".into(),
+                reason: "centering applies to MSE keys and values only".into(),
             });
         }
         let dim = channels.as_ref().map_or(self.dim, Vec::len);
@@ -275,6 +275,15 @@ impl Store {
                 std::borrow::Cow::Owned(out)
             }
         }
+    }
+
+    /// Checks row-major rows as [`Store::extend`] would (every part), changing nothing.
+    pub(crate) fn check_rows(&self, xs: &[f32]) -> Result<()> {
+        for p in &self.parts {
+            p.batch
+                .check_rows(&Self::gather(&p.channels, xs, self.dim))?;
+        }
+        Ok(())
     }
 
     /// Appends row-major rows (trusted: finite, a multiple of `dim`).

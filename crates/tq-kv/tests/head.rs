@@ -597,3 +597,39 @@ fn kivi_keys_and_values_attend_on_codes() {
     let values = 150 * (32 + 2 * 2 * 2);
     assert_eq!(c.memory_bytes(), keys + values);
 }
+
+/// A value no f16 zero can hold is refused by a KIVI stream before anything changes: keys, values
+/// and window stay in step and the cache keeps working (a refused value used to leave the keys
+/// one append ahead of the values).
+#[test]
+fn a_refused_append_changes_nothing() {
+    use tq_kv::{MultiHeadCache, ValueStrategy};
+    let d = 16;
+    let (k, v) = (rows(40, d, 41), rows(40, d, 42));
+    for window in [0usize, 3] {
+        let cfg = HeadConfig {
+            value_strategy: ValueStrategy::Kivi,
+            group: 16,
+            ..config(d, "3", "3", KeyStrategy::Mse, window)
+        };
+        let mut c = HeadCache::new(cfg.clone(), &HeadCalibration::default()).unwrap();
+        c.append(&k[..20 * d], &v[..20 * d]).unwrap();
+        let (keys, values) = (c.keys().unwrap(), c.values().unwrap());
+        let mut bad = v[20 * d..25 * d].to_vec();
+        bad[7] = 1e6;
+        let e = c.append(&k[20 * d..25 * d], &bad).unwrap_err();
+        assert!(e.to_string().contains("1000000"), "{e}");
+        assert_eq!(
+            (c.len(), c.keys().unwrap(), c.values().unwrap()),
+            (20, keys, values)
+        );
+        c.append(&k[20 * d..], &v[20 * d..]).unwrap();
+        assert_eq!(c.len(), 40);
+        // Across heads: the second head's bad row leaves the first head unchanged too.
+        let mut m = MultiHeadCache::new(2, 2, &cfg, &[]).unwrap();
+        let mut vals = v[..2 * 10 * d].to_vec();
+        vals[10 * d + 3] = -1e6;
+        assert!(m.append(&k[..2 * 10 * d], &vals).is_err());
+        assert_eq!(m.len(), 0);
+    }
+}

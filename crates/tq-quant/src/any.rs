@@ -39,7 +39,8 @@ pub enum QuantizerKind {
 }
 
 impl QuantizerKind {
-    /// Lower-case name (`mse`, `prod`, `polar`): the `kind` of saved batches and of reports.
+    /// Lower-case name (`mse`, `prod`, `polar`, `kivi`, `gmse`): the `kind` of saved batches and
+    /// of reports.
     pub fn name(self) -> &'static str {
         match self {
             QuantizerKind::Mse => "mse",
@@ -99,7 +100,7 @@ pub struct QuantizerSpec {
     pub rotation: RotationKind,
     /// Seed of every random choice.
     pub seed: u64,
-    /// MSE: the per-vector scalar.
+    /// MSE and gmse: the per-vector scalar.
     pub scale: ScaleMode,
     /// Prod: how the QJL matrix is drawn.
     pub sketch: SketchKind,
@@ -161,7 +162,7 @@ impl QuantizerSpec {
         self
     }
 
-    /// With this KIVI group size and axis.
+    /// With this group size (KIVI and gmse) and axis (KIVI).
     pub fn with_kivi(mut self, group: usize, axis: KiviAxis) -> Self {
         self.group = group;
         self.axis = axis;
@@ -481,6 +482,9 @@ impl EncodedVectors for AnyBatch {
     }
     fn pending_len(&self) -> usize {
         each!(self, b => EncodedVectors::pending_len(b))
+    }
+    fn check_rows(&self, xs: &[f32]) -> Result<()> {
+        each!(self, b => EncodedVectors::check_rows(b, xs))
     }
     fn extend(&mut self, xs: &[f32]) -> Result<()> {
         each!(self, b => b.extend(xs))

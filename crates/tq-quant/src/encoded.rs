@@ -1,8 +1,8 @@
 //! The contract every packed batch meets: [`EncodedVectors`].
 //!
 //! A batch holds encoded rows of one quantizer and answers inner-product queries on the codes
-//! without decoding rows to floats. The three kinds ([`MseBatch`], [`ProdBatch`], [`PolarBatch`])
-//! implement it, and so does [`crate::AnyBatch`], the one enum over them that consumers (KV caches,
+//! without decoding rows to floats. Every kind ([`MseBatch`], [`ProdBatch`], [`PolarBatch`],
+//! [`KiviBatch`], [`GroupMseBatch`]) implements it, and so does [`crate::AnyBatch`], the one enum over them that consumers (KV caches,
 //! GPU kernels, benchmarks, saved files) hold when the kind is chosen at run time. A new quantizer
 //! implements this trait, adds one variant to [`crate::AnyBatch`] / [`crate::AnyQuery`] /
 //! [`crate::AnyQuantizer`] and one to [`crate::QuantizerKind`]; nothing outside tq-quant changes.
@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 use tq_core::simd;
 
-use crate::error::{check_dim, check_len};
+use crate::error::{check_batch, check_dim, check_len, check_range};
 use crate::gmse::{GroupMseBatch, GroupMseQuery};
 use crate::kivi::{KiviBatch, KiviQuery};
 use crate::polar::PolarQuery;
@@ -57,10 +57,20 @@ pub trait EncodedVectors: Sync {
         0
     }
 
+    /// Checks row-major vectors as [`EncodedVectors::extend`] would, without appending: callers
+    /// that append to several batches check all of them first, so a bad row changes none.
+    ///
+    /// # Errors
+    /// As [`EncodedVectors::extend`].
+    fn check_rows(&self, xs: &[f32]) -> Result<()> {
+        check_batch(xs, self.dim()).map(|_| ())
+    }
+
     /// Encodes and appends row-major vectors (`n · dim` finite floats), in parallel.
     ///
     /// # Errors
-    /// [`crate::Error::DimMismatch`], [`crate::Error::NonFinite`]; nothing is appended then.
+    /// [`crate::Error::DimMismatch`], [`crate::Error::NonFinite`], and for the grouped kinds (KIVI,
+    /// gmse) [`crate::Error::ValueOutOfRange`]; nothing is appended then.
     fn extend(&mut self, xs: &[f32]) -> Result<()>;
 
     /// Keeps the first `n` rows (no-op when `n >= len()`).
@@ -328,6 +338,10 @@ impl EncodedVectors for KiviBatch {
     fn pending_len(&self) -> usize {
         self.residual_len()
     }
+    fn check_rows(&self, xs: &[f32]) -> Result<()> {
+        check_batch(xs, self.dim())?;
+        check_range(xs, crate::kivi::MAX_ABS)
+    }
     fn extend(&mut self, xs: &[f32]) -> Result<()> {
         KiviBatch::extend(self, xs)
     }
@@ -379,6 +393,10 @@ impl EncodedVectors for GroupMseBatch {
     }
     fn pending_len(&self) -> usize {
         self.residual_len()
+    }
+    fn check_rows(&self, xs: &[f32]) -> Result<()> {
+        check_batch(xs, self.dim())?;
+        check_range(xs, crate::kivi::MAX_ABS)
     }
     fn extend(&mut self, xs: &[f32]) -> Result<()> {
         GroupMseBatch::extend(self, xs)

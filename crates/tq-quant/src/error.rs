@@ -55,6 +55,17 @@ pub enum Error {
         /// The value.
         value: f32,
     },
+    /// A value outside what a quantizer stores (the grouped kinds keep f16 zeros and means, so
+    /// their inputs must lie within `±max`).
+    #[error("value {value} at index {index} is outside ±{max}, the range this quantizer stores")]
+    ValueOutOfRange {
+        /// Flat index of the first such value.
+        index: usize,
+        /// The value.
+        value: f32,
+        /// The largest magnitude accepted.
+        max: f32,
+    },
     /// A row index past the end of a batch.
     #[error("row {index} is out of range for a batch of {len} rows")]
     RowOutOfRange {
@@ -107,6 +118,14 @@ pub(crate) fn check_finite(xs: &[f32]) -> Result<()> {
     });
     if bad && let Some((index, &value)) = xs.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         return Err(Error::NonFinite { index, value });
+    }
+    Ok(())
+}
+
+/// Rejects values of magnitude above `max` (after [`check_finite`]), reporting the first one.
+pub(crate) fn check_range(xs: &[f32], max: f32) -> Result<()> {
+    if let Some((index, &value)) = xs.iter().enumerate().find(|(_, v)| v.abs() > max) {
+        return Err(Error::ValueOutOfRange { index, value, max });
     }
     Ok(())
 }

@@ -29,7 +29,8 @@ use tq_core::{RotationKind, simd};
 
 use crate::config::MseConfig;
 use crate::encoded::{EncodedVectors, check_weighted};
-use crate::error::{check_batch, check_dim, check_finite, check_len};
+use crate::error::{check_batch, check_dim, check_finite, check_len, check_range};
+use crate::kivi::MAX_ABS;
 use crate::mse::{MseBatch, MseQuantizer, MseQuery};
 use crate::score::{self, Hit};
 use crate::{Error, Result, ScaleMode};
@@ -65,13 +66,7 @@ impl GroupMseConfig {
     /// two in `16..=128`.
     pub fn validate(&self) -> Result<()> {
         self.mse().validate()?;
-        if !self.group.is_power_of_two() || !(16..=128).contains(&self.group) {
-            return Err(Error::ConfigMismatch(format!(
-                "group {} is not a power of two in 16..=128",
-                self.group
-            )));
-        }
-        Ok(())
+        crate::kivi::check_group(self.group)
     }
 }
 
@@ -164,7 +159,8 @@ impl GroupMseBatch {
     /// configuration and the means and residual for finite values.
     ///
     /// # Errors
-    /// [`Error::ConfigMismatch`] naming the part that disagrees.
+    /// [`Error::ConfigMismatch`] naming the part that disagrees; [`Error::NonFinite`] or
+    /// [`Error::ValueOutOfRange`] for a residual value f16 cannot hold once its group fills.
     pub fn from_parts(
         quantizer: Arc<GroupMseQuantizer>,
         inner: MseBatch,
@@ -195,6 +191,7 @@ impl GroupMseBatch {
             ));
         }
         check_finite(&residual)?;
+        check_range(&residual, MAX_ABS)?;
         Ok(Self {
             quantizer,
             inner,
@@ -277,18 +274,12 @@ impl GroupMseBatch {
     /// Appends row-major rows to the residual and quantizes every group that fills. O(n · d).
     ///
     /// # Errors
-    /// [`Error::DimMismatch`], [`Error::NonFinite`], [`Error::ConfigMismatch`] for a value beyond
+    /// [`Error::DimMismatch`], [`Error::NonFinite`], [`Error::ValueOutOfRange`] for a value beyond
     /// f16's range (the means are f16); nothing is appended then.
     pub fn extend(&mut self, xs: &[f32]) -> Result<()> {
         let (d, g) = (self.d(), self.g());
         check_batch(xs, d)?;
-        if let Some(i) = xs.iter().position(|v| v.abs() > crate::kivi::MAX_ABS) {
-            return Err(Error::ConfigMismatch(format!(
-                "value {} at index {i} exceeds {}, the largest f16 a group mean holds",
-                xs[i],
-                crate::kivi::MAX_ABS
-            )));
-        }
+        check_range(xs, MAX_ABS)?;
         self.residual.extend_from_slice(xs);
         let full = self.residual_len() / g;
         if full == 0 {
@@ -298,7 +289,7 @@ impl GroupMseBatch {
         for group in done.chunks_exact_mut(g * d) {
             for c in 0..d {
                 let sum: f64 = group.iter().skip(c).step_by(d).map(|&v| v as f64).sum();
-                let m = f16::from_f64(sum / g as f64);
+                let m = f16::from_f64((sum / g as f64).clamp(-MAX_ABS as f64, MAX_ABS as f64));
                 self.means.push(m.to_bits());
                 let m = m.to_f32();
                 group.iter_mut().skip(c).step_by(d).for_each(|v| *v -= m);
@@ -376,6 +367,7 @@ impl GroupMseBatch {
     }
 
     fn score_rows(&self, query: &GroupMseQuery, out: &mut [f32], fast: bool) -> Result<()> {
+        check_dim(&query.q, self.d())?;
         check_len("score output", self.len(), out.len())?;
         let (d, g) = (self.d(), self.g());
         let q = self.quantized_len();
@@ -404,7 +396,8 @@ impl GroupMseBatch {
     /// Scores through the MSE batch's fast tables plus the group offsets.
     ///
     /// # Errors
-    /// `Core(LengthMismatch)` when `out.len() != len`.
+    /// `Core(LengthMismatch)` when `out.len() != len`; [`Error::DimMismatch`] for a query of
+    /// another dimension.
     pub fn score_into(&self, query: &GroupMseQuery, out: &mut [f32]) -> Result<()> {
         self.score_rows(query, out, true)
     }
@@ -420,20 +413,11 @@ impl GroupMseBatch {
     /// The `k` rows with the largest exact estimates, best first.
     ///
     /// # Errors
-    /// As [`GroupMseBatch::score_into`] (not expected).
+    /// As [`GroupMseBatch::score_into`].
     pub fn top_k(&self, query: &GroupMseQuery, k: usize) -> Result<Vec<Hit>> {
         let mut s = vec![0.0; self.len()];
         self.score_exact_into(query, &mut s)?;
-        let idx = score::top_candidates(&s, k);
-        Ok(score::finish_hits(
-            idx.into_iter()
-                .map(|i| Hit {
-                    index: i,
-                    score: s[i],
-                })
-                .collect(),
-            k,
-        ))
+        Ok(score::top_k_of(&s, k))
     }
 
     /// `outs[j] = Σ_i weights[j][i] · x̃_i`: the centred rows in the rotated domain (the MSE

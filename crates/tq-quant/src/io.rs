@@ -1,7 +1,7 @@
 //! Saving and loading batches as safetensors.
 //!
 //! **Format (version 1).** A safetensors file whose `__metadata__` holds `format = "tq-batch"`,
-//! `version = "1"`, `kind = "mse" | "prod"` and `config` (the quantizer configuration as JSON:
+//! `version = "1"`, `kind = "mse" | "prod" | "polar" | "kivi" | "gmse"` and `config` (the quantizer configuration as JSON:
 //! dimension, bits, rotation, sketch, seed; matrices are regenerated from the seed, never stored).
 //! Tensors, all row-major and little-endian:
 //!
@@ -31,8 +31,9 @@
 //! Rows are stored row-major (the interchange layout, readable from numpy); the in-memory 32-row
 //! block layout is rebuilt on load. Loading validates everything before use: header and offsets
 //! (by the safetensors crate), metadata keys, format version, configuration, tensor names, dtypes
-//! and shapes against the configuration, row counts, unused padding bits, and finite non-negative
-//! norms. Any defect is an [`Error`], never a panic.
+//! and shapes against the configuration, row counts, unused padding bits, finite non-negative
+//! norms and scales, finite zeros and means, and residual rows an f16 zero can hold. Any defect is
+//! an [`Error`], never a panic.
 //!
 //! **Work before validation is bounded by the file's size.** Every tensor's dtype and shape is
 //! checked against the configuration before the quantizer is built, so a header that asks for a
@@ -398,18 +399,7 @@ fn load_polar(st: &SafeTensors<'_>, config: &str) -> Result<AnyBatch> {
     let blocks = cfg.dim / cfg.block();
     let code_bits = blocks * cfg.code_bits_per_block();
     let codes = read_rows(st, "codes", n, code_bits.div_ceil(8), code_bits)?.to_row_major();
-    let t = tensor(st, "radii", Dtype::U16)?;
-    if t.shape() != [n, blocks] {
-        return Err(bad(
-            "radii",
-            format!("shape {:?}, expected [{n}, {blocks}]", t.shape()),
-        ));
-    }
-    let radii: Vec<u16> = t
-        .data()
-        .chunks_exact(2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        .collect();
+    let radii = read_u16(st, "radii", [n, blocks])?;
     // Radii of a unit vector's blocks lie in [0, 1] (f16 rounding may reach exactly 1).
     if let Some(i) = radii.iter().position(|&r| {
         let v = half::f16::from_bits(r).to_f32();

@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tq_core::{bitpack, scan::BLOCK, simd};
 
-use crate::error::{check_batch, check_dim, check_finite, check_len};
+use crate::error::{check_batch, check_dim, check_finite, check_len, check_range};
 use crate::packed::PackedRows;
 use crate::score::{self, Hit, Tables};
 use crate::{Error, Result};
@@ -80,13 +80,7 @@ impl KiviConfig {
                 max: 8,
             });
         }
-        if !self.group.is_power_of_two() || !(16..=128).contains(&self.group) {
-            return Err(Error::ConfigMismatch(format!(
-                "KIVI group {} is not a power of two in 16..=128",
-                self.group
-            )));
-        }
-        Ok(())
+        check_group(self.group)
     }
 
     /// Scale-and-zero groups per row of the token axis: `ceil(d / G)`.
@@ -105,12 +99,48 @@ impl KiviConfig {
     }
 }
 
-/// The f16 zero and scale of a group with minimum `lo` and maximum `hi` at `bits` bits.
+/// The largest f16 not above `x` (`x` within `±MAX_ABS`).
+pub(crate) fn f16_down(x: f32) -> f16 {
+    let h = f16::from_f32(x.clamp(-MAX_ABS, MAX_ABS));
+    if h.to_f32() <= x {
+        return h;
+    }
+    let b = h.to_bits();
+    f16::from_bits(match b {
+        0x0000 => 0x8001,
+        b if b & 0x8000 != 0 => b + 1,
+        b => b - 1,
+    })
+}
+
+/// The smallest f16 not below `x` (`0 <= x`; at most `MAX_ABS`).
+fn f16_up(x: f32) -> f16 {
+    let h = f16::from_f32(x.min(MAX_ABS));
+    if h.to_f32() >= x || h.to_f32() >= MAX_ABS {
+        h
+    } else {
+        f16::from_bits(h.to_bits() + 1)
+    }
+}
+
+/// The f16 zero and scale of a group with minimum `lo` and maximum `hi` at `bits` bits: the zero
+/// rounded down and the scale up, so the stored levels still cover `[lo, hi]` (the scale is capped
+/// at f16's largest value).
 fn group_params(lo: f32, hi: f32, bits: u32) -> (f16, f16) {
     let levels = ((1u32 << bits) - 1) as f32;
-    let z = f16::from_f32(lo);
-    let s = f16::from_f32(((hi - z.to_f32()) / levels).max(0.0));
+    let z = f16_down(lo);
+    let s = f16_up(((hi - z.to_f32()) / levels).max(0.0));
     (z, s)
+}
+
+/// Checks a group size: a power of two in `16..=128`.
+pub(crate) fn check_group(group: usize) -> Result<()> {
+    if !group.is_power_of_two() || !(16..=128).contains(&group) {
+        return Err(Error::ConfigMismatch(format!(
+            "group {group} is not a power of two in 16..=128"
+        )));
+    }
+    Ok(())
 }
 
 #[inline]
@@ -223,7 +253,8 @@ impl KiviBatch {
     /// configuration and every scale and zero for a finite value (scales non-negative).
     ///
     /// # Errors
-    /// [`Error::ConfigMismatch`] naming the part that disagrees.
+    /// [`Error::ConfigMismatch`] naming the part that disagrees; [`Error::NonFinite`] or
+    /// [`Error::ValueOutOfRange`] for a residual value f16 cannot hold once its group fills.
     pub fn from_parts(
         quantizer: Arc<KiviQuantizer>,
         codes: PackedRows,
@@ -285,6 +316,7 @@ impl KiviBatch {
             return bad(format!("zero {i} is not a finite f16"));
         }
         check_finite(&residual)?;
+        check_range(&residual, MAX_ABS)?;
         Ok(Self {
             quantizer,
             codes,
@@ -366,17 +398,12 @@ impl KiviBatch {
     /// the residual and quantizes every group of `G` rows as it fills. O(n · d).
     ///
     /// # Errors
-    /// [`Error::DimMismatch`], [`Error::NonFinite`], [`Error::ConfigMismatch`] for a value whose
+    /// [`Error::DimMismatch`], [`Error::NonFinite`], [`Error::ValueOutOfRange`] for a value whose
     /// magnitude exceeds [`MAX_ABS`] (f16 cannot hold its zero); nothing is appended then.
     pub fn extend(&mut self, xs: &[f32]) -> Result<()> {
         let d = self.d();
         check_batch(xs, d)?;
-        if let Some(i) = xs.iter().position(|v| v.abs() > MAX_ABS) {
-            return Err(Error::ConfigMismatch(format!(
-                "value {} at index {i} exceeds {MAX_ABS}, the largest f16 a KIVI zero holds",
-                xs[i]
-            )));
-        }
+        check_range(xs, MAX_ABS)?;
         match self.quantizer.config.axis {
             KiviAxis::Token => {
                 let rows: Vec<&[f32]> = xs.chunks_exact(d).collect();
@@ -593,6 +620,7 @@ impl KiviBatch {
     /// Inner-product estimates `⟨q, x̃_i⟩` for every row: channel-axis groups through per-group
     /// `u8` tables (`fast`) or `f32` tables, the residual and the token axis exactly.
     fn score_rows(&self, query: &KiviQuery, out: &mut [f32], fast: bool) -> Result<()> {
+        check_dim(&query.q, self.d())?;
         check_len("score output", self.len(), out.len())?;
         let c = self.quantizer.config;
         let d = c.dim;
@@ -688,7 +716,8 @@ impl KiviBatch {
     /// Scores through the fast tables (see the [module docs](self)).
     ///
     /// # Errors
-    /// `Core(LengthMismatch)` when `out.len() != len`.
+    /// `Core(LengthMismatch)` when `out.len() != len`; [`Error::DimMismatch`] for a query of
+    /// another dimension.
     pub fn score_into(&self, query: &KiviQuery, out: &mut [f32]) -> Result<()> {
         self.score_rows(query, out, true)
     }
@@ -705,19 +734,10 @@ impl KiviBatch {
     /// The `k` rows with the largest exact estimates, best first.
     ///
     /// # Errors
-    /// As [`KiviBatch::score_into`] (not expected).
+    /// As [`KiviBatch::score_into`].
     pub fn top_k(&self, query: &KiviQuery, k: usize) -> Result<Vec<Hit>> {
         let mut s = vec![0.0; self.len()];
         self.score_exact_into(query, &mut s)?;
-        let idx = score::top_candidates(&s, k);
-        Ok(score::finish_hits(
-            idx.into_iter()
-                .map(|i| Hit {
-                    index: i,
-                    score: s[i],
-                })
-                .collect(),
-            k,
-        ))
+        Ok(score::top_k_of(&s, k))
     }
 }

@@ -185,6 +185,20 @@ pub(crate) fn finish_hits(mut hits: Vec<Hit>, k: usize) -> Vec<Hit> {
     hits
 }
 
+/// The `k` best of `scores` as hits, best first (ties by index). O(n + k log k).
+pub(crate) fn top_k_of(scores: &[f32], k: usize) -> Vec<Hit> {
+    let idx = top_candidates(scores, k);
+    finish_hits(
+        idx.into_iter()
+            .map(|i| Hit {
+                index: i,
+                score: scores[i],
+            })
+            .collect(),
+        k,
+    )
+}
+
 /// Candidates re-ranked exactly for a fast top-k: enough that the `u8` table error (a small
 /// fraction of the quantization error) cannot push a true top-k row out of the candidate set in
 /// practice.

@@ -33,13 +33,23 @@ fn batch(d: usize, bits: u32, group: usize, axis: KiviAxis) -> KiviBatch {
     ))
 }
 
-/// The codes and decoded values of one group of values, computed directly from the definition.
+/// The nearest f16 at or below (`down`) or at or above `x`, by stepping through every f16.
+fn f16_toward(x: f32, down: bool) -> f32 {
+    (0..=u16::MAX)
+        .map(|b| f16::from_bits(b).to_f32())
+        .filter(|v| v.is_finite() && if down { *v <= x } else { *v >= x })
+        .min_by(|a, b| (a - x).abs().total_cmp(&(b - x).abs()))
+        .unwrap()
+}
+
+/// The codes and decoded values of one group of values, computed directly from the definition:
+/// the zero is `lo` rounded down to f16, the scale `(hi - z)/(2^b - 1)` rounded up.
 fn direct(values: &[f32], bits: u32) -> (Vec<u8>, Vec<f32>) {
     let lo = values.iter().copied().fold(f32::INFINITY, f32::min);
     let hi = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let max = ((1u32 << bits) - 1) as f32;
-    let z = f16::from_f32(lo).to_f32();
-    let s = f16::from_f32(((hi - z) / max).max(0.0)).to_f32();
+    let z = f16_toward(lo, true);
+    let s = f16_toward(((hi - z) / max).max(0.0), false);
     let codes: Vec<u8> = values
         .iter()
         .map(|&x| {
@@ -223,6 +233,31 @@ fn rollback_across_group_boundaries_keeps_what_was_kept() {
     assert_eq!(v.dequantize_all(), before[..37 * d].to_vec());
 }
 
+/// Wide ranges at 1 bit (a scale beyond f16's largest value) and narrow ranges far from zero (a
+/// zero that rounding to f16 would lift above the group's minimum) still decode to finite values
+/// inside the group's range.
+#[test]
+fn extreme_groups_stay_finite_and_covered() {
+    let d = 2;
+    let mut wide = batch(d, 1, 16, KiviAxis::Channel);
+    let rows: Vec<f32> = (0..16)
+        .flat_map(|t| [if t % 2 == 0 { -60000.0 } else { 60000.0 }, 1.0])
+        .collect();
+    wide.extend(&rows).unwrap();
+    assert!(wide.dequantize_all().iter().all(|v| v.is_finite()));
+    let back = AnyBatch::from_safetensors(&wide.to_safetensors().unwrap()).unwrap();
+    assert_eq!(back.len(), 16);
+    // 300.06..300.1 (f16 step 0.25 there): every value decodes within one f16 step of itself.
+    let mut narrow = batch(d, 4, 16, KiviAxis::Channel);
+    let rows: Vec<f32> = (0..16)
+        .flat_map(|t| [300.06 + t as f32 * 0.002, 0.0])
+        .collect();
+    narrow.extend(&rows).unwrap();
+    for (a, b) in narrow.dequantize_all().iter().zip(&rows) {
+        assert!((a - b).abs() <= 0.25, "{a} vs {b}");
+    }
+}
+
 #[test]
 fn bad_configurations_and_inputs_are_typed_errors() {
     for group in [8, 24, 256] {
@@ -246,8 +281,18 @@ fn bad_configurations_and_inputs_are_typed_errors() {
     ));
     let mut b = batch(4, 4, 16, KiviAxis::Channel);
     let e = b.extend(&[1.0, 2.0, 70000.0, 0.0]).unwrap_err();
+    assert!(matches!(e, Error::ValueOutOfRange { .. }), "{e}");
     assert!(e.to_string().contains("70000"), "{e}");
     assert!(b.is_empty());
+    // A query of another dimension is an error, not a panic.
+    let mut c = batch(4, 4, 16, KiviAxis::Channel);
+    c.extend(&[1.0; 4 * 20]).unwrap();
+    let small = batch(2, 4, 16, KiviAxis::Channel);
+    let q = small.quantizer().prepare_query(&[1.0, 2.0]).unwrap();
+    assert!(matches!(
+        c.score_into(&q, &mut [0.0; 20]),
+        Err(Error::DimMismatch { .. })
+    ));
     assert!(b.extend(&[1.0, f32::NAN, 0.0, 0.0]).is_err());
     assert!(b.extend(&[1.0, 2.0, 3.0]).is_err());
     assert!(b.is_empty());
@@ -287,7 +332,8 @@ fn saved_batches_round_trip_and_tampering_is_refused() {
     };
     assert_eq!(back.dequantize_all(), b.dequantize_all());
     assert_eq!(back.residual_len(), 8);
-    // A negative scale, an infinite zero, a residual of a whole group, padding bits set.
+    // A negative scale, an infinite zero, a residual of a whole group, a wrong shape, a residual
+    // value no f16 zero can hold.
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "scale",
@@ -315,6 +361,12 @@ fn saved_batches_round_trip_and_tampering_is_refused() {
             tamper(&bytes, "scales", |data, shape| {
                 data.truncate(data.len() - 2 * d);
                 shape[0] -= 1;
+            }),
+        ),
+        (
+            "residual range",
+            tamper(&bytes, "residual", |data, _| {
+                data[..4].copy_from_slice(&1e10f32.to_le_bytes());
             }),
         ),
     ];
