@@ -118,6 +118,39 @@ impl Tables {
         })
     }
 
+    /// Fast-path tables only (no `f32` tables: [`Tables::block_exact`] must not be used) for
+    /// 4-bit codes over the uniform levels `0..16`, one nibble per coordinate: table `n` holds
+    /// `weights[n] · v`, quantized to `u8` exactly as [`QuantizedLut::quantize_from`] would
+    /// (shared step `max |w| · 15 / 255`, per-table minimum as offset), without building the
+    /// float tables first. O(16 · positions).
+    pub(crate) fn uniform4_fast(weights: &[f32], positions: usize) -> Self {
+        let maxw = weights.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+        let step = if maxw > 0.0 { 15.0 * maxw / 255.0 } else { 1.0 };
+        let inv = 1.0 / step;
+        let mut fast = QuantizedLut {
+            tables: vec![0u8; 16 * positions],
+            offset: 0.0,
+            step,
+        };
+        let mut offset = 0.0f64;
+        for (n, t) in fast.tables.chunks_exact_mut(16).enumerate() {
+            let w = weights.get(n).copied().unwrap_or(0.0);
+            let lo = if w < 0.0 { 15.0 * w } else { 0.0 };
+            offset += lo as f64;
+            // Entries are >= 0: adding 0.5 and truncating rounds them without a libm call per
+            // entry (`f32::round` is a function call on baseline x86-64).
+            for (v, e) in t.iter_mut().enumerate() {
+                *e = ((w * v as f32 - lo) * inv + 0.5).min(255.0) as u8;
+            }
+        }
+        fast.offset = offset as f32;
+        Self {
+            kind: TableKind::Nibble,
+            exact: Vec::new(),
+            fast,
+        }
+    }
+
     /// Fast (u8) dots of the 32 rows of `block`.
     #[inline]
     pub(crate) fn block_fast(&self, block: &[u8], out: &mut [f32]) {
