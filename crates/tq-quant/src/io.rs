@@ -350,38 +350,9 @@ fn load_kivi(st: &SafeTensors<'_>, config: &str) -> Result<AnyBatch> {
         KiviAxis::Channel => (n / cfg.group, d),
         KiviAxis::Token => (n, cfg.token_groups()),
     };
-    let read_u16 = |name: &'static str| -> Result<Vec<u16>> {
-        let t = tensor(st, name, Dtype::U16)?;
-        if t.shape() != [groups, per] {
-            return Err(bad(
-                name,
-                format!("shape {:?}, expected [{groups}, {per}]", t.shape()),
-            ));
-        }
-        Ok(t.data()
-            .chunks_exact(2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-            .collect())
-    };
-    let (scales, zeros) = (read_u16("scales")?, read_u16("zeros")?);
-    let t = tensor(st, "residual", Dtype::F32)?;
-    let r = match t.shape() {
-        [r, c] if *c == d => *r,
-        other => {
-            return Err(bad(
-                "residual",
-                format!("shape {other:?}, expected [r, {d}]"),
-            ));
-        }
-    };
-    let residual: Vec<f32> = t
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    if residual.len() != r * d || residual.iter().any(|v| !v.is_finite()) {
-        return Err(bad("residual", "not r x d finite values"));
-    }
+    let scales = read_u16(st, "scales", [groups, per])?;
+    let zeros = read_u16(st, "zeros", [groups, per])?;
+    let residual = read_residual(st, d)?;
     let q = Arc::new(KiviQuantizer::new(cfg)?);
     let b = KiviBatch::from_parts(q, codes, scales, zeros, residual)
         .map_err(|e| bad("tensors", e.to_string()))?;
