@@ -5,7 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::head::HeadConfig;
-use crate::precision::{Precision, calibrate_outliers};
+use crate::precision::{Precision, calibrate_outliers, calibrate_outliers_grouped};
+use crate::store::KeyStrategy;
 use crate::{Error, Result};
 
 /// What a head's cache is calibrated with: outlier channels for split precisions (ascending
@@ -28,7 +29,9 @@ pub struct HeadCalibration {
 /// How the outlier channels of split precisions are chosen.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum OutlierChoice {
-    /// Per head, the channels of largest RMS over the samples ([`calibrate_outliers`]).
+    /// Per head, the channels of largest RMS over the samples ([`calibrate_outliers`]); for
+    /// keys of the per-group strategies (kivi, gmse), the channels of largest spread inside
+    /// groups of `G` tokens ([`calibrate_outliers_grouped`]).
     #[default]
     Auto,
     /// No outlier channels: a split precision is an error.
@@ -99,7 +102,10 @@ impl HeadCalibration {
         choice: &OutlierChoice,
     ) -> Result<Self> {
         let d = config.head_dim;
-        let pick = |p: Precision, xs: &[f32]| -> Result<Option<Vec<usize>>> {
+        // Per-channel, per-group key quantizers remove each group's offset: rank their channels
+        // by the spread inside groups, the others by RMS.
+        let grouped_keys = matches!(config.key_strategy, KeyStrategy::Kivi | KeyStrategy::Gmse);
+        let pick = |p: Precision, xs: &[f32], grouped: bool| -> Result<Option<Vec<usize>>> {
             match (p, choice) {
                 (Precision::Uniform(_), _) => Ok(None),
                 (Precision::Split { .. }, OutlierChoice::None) => Err(Error::InvalidChannels {
@@ -107,6 +113,17 @@ impl HeadCalibration {
                         "precision {p} needs outlier channels, but the outlier choice is none"
                     ),
                 }),
+                (
+                    Precision::Split {
+                        outlier_channels, ..
+                    },
+                    OutlierChoice::Auto,
+                ) if grouped => Ok(Some(calibrate_outliers_grouped(
+                    xs,
+                    d,
+                    outlier_channels,
+                    config.group,
+                )?)),
                 (
                     Precision::Split {
                         outlier_channels, ..
@@ -124,8 +141,8 @@ impl HeadCalibration {
             })
         };
         Ok(Self {
-            keys: pick(config.key_precision, keys)?,
-            values: pick(config.value_precision, values)?,
+            keys: pick(config.key_precision, keys, grouped_keys)?,
+            values: pick(config.value_precision, values, false)?,
             key_mean: mean(keys)?,
             value_mean: mean(values)?,
         })

@@ -34,7 +34,7 @@ pub use calibration::{HeadCalibration, OutlierChoice};
 pub use error::{Error, Result};
 pub use head::{HeadCache, HeadConfig, ScoreMode};
 pub use multi::{MAX_HEADS, ModelCache, MultiHeadCache};
-pub use precision::{Precision, calibrate_outliers};
+pub use precision::{Precision, calibrate_outliers, calibrate_outliers_grouped};
 pub use store::{KeyStrategy, ValueStrategy};
 pub use tq_core::RotationKind;
 pub use trace::{KvTrace, SyntheticTrace, TraceMeta};

@@ -204,6 +204,45 @@ pub fn calibrate_outliers(samples: &[f32], dim: usize, count: usize) -> Result<V
     Ok(out)
 }
 
+/// The `count` channels whose values spread most within groups of `group` consecutive rows
+/// (the mean over complete groups of the squared range `(max - min)²`; the whole sample is one
+/// group when it has fewer rows), sorted ascending, ties to the lower channel. This is the error
+/// scale of a per-channel, per-group quantizer (KIVI's keys): a channel with a large but steady
+/// offset is loud by RMS yet costs such a quantizer nothing, while a channel that swings inside
+/// each group is where extra bits pay. O(n·d + d log d).
+///
+/// # Errors
+/// As [`calibrate_outliers`].
+pub fn calibrate_outliers_grouped(
+    samples: &[f32],
+    dim: usize,
+    count: usize,
+    group: usize,
+) -> Result<Vec<usize>> {
+    // Shapes, counts and finiteness exactly as the RMS ranking checks them.
+    calibrate_outliers(samples, dim, count)?;
+    let rows = samples.len() / dim;
+    let g = group.clamp(1, rows);
+    let mut spread = vec![0.0f64; dim];
+    for block in samples.chunks_exact(g * dim) {
+        for (c, s) in spread.iter_mut().enumerate() {
+            let (lo, hi) = block
+                .iter()
+                .skip(c)
+                .step_by(dim)
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                    (a.min(v), b.max(v))
+                });
+            *s += ((hi - lo) as f64).powi(2);
+        }
+    }
+    let mut idx: Vec<usize> = (0..dim).collect();
+    idx.sort_by(|&a, &b| spread[b].total_cmp(&spread[a]).then(a.cmp(&b)));
+    let mut out = idx[..count].to_vec();
+    out.sort_unstable();
+    Ok(out)
+}
+
 /// Checks an explicit outlier list: sorted ascending, unique, each `< dim`, of length `count`.
 pub(crate) fn check_channels(channels: &[usize], dim: usize, count: usize) -> Result<()> {
     // Range first: a channel past the dimension is the mistake worth naming.
@@ -320,5 +359,32 @@ mod tests {
         assert!(check_channels(&[3, 1], 8, 2).is_err());
         assert!(check_channels(&[1, 8], 8, 2).is_err());
         assert!(check_channels(&[1, 3], 8, 2).is_ok());
+    }
+
+    /// A channel with a large steady offset is loud by RMS, but a per-group quantizer removes
+    /// the offset: the grouped ranking picks the channels that swing inside each group.
+    #[test]
+    fn grouped_calibration_picks_the_swinging_channels() {
+        let dim = 6;
+        let samples: Vec<f32> = (0..64)
+            .flat_map(|i| {
+                (0..dim).map(move |j| match j {
+                    0 => 50.0 + (i % 2) as f32 * 0.01,
+                    3 | 4 => ((i * 7 % 11) as f32 - 5.0) * j as f32,
+                    _ => (i % 3) as f32 * 0.1,
+                })
+            })
+            .collect();
+        assert!(calibrate_outliers(&samples, dim, 2).unwrap().contains(&0));
+        assert_eq!(
+            calibrate_outliers_grouped(&samples, dim, 2, 16).unwrap(),
+            vec![3, 4]
+        );
+        // Fewer rows than a group: the whole sample is one group.
+        assert_eq!(
+            calibrate_outliers_grouped(&samples[..5 * dim], dim, 2, 16).unwrap(),
+            vec![3, 4]
+        );
+        assert!(calibrate_outliers_grouped(&samples[..5], dim, 2, 16).is_err());
     }
 }

@@ -23,10 +23,10 @@ pub enum KeyStrategy {
     /// `b, b/2, b/2, b/2` bits (the paper's 4,2,2,2 at 4); the head dimension must be a multiple of 16.
     Polar,
     /// KIVI keys: asymmetric uniform levels per channel over groups of `G` tokens (f16 scale and
-    /// zero per channel and group), the newest incomplete group in f32 until it fills.
+    /// zero per channel and group), the newest incomplete group in f16 until it fills.
     Kivi,
     /// Group-centred TurboQuant_mse: each group of `G` tokens loses its per-channel means (f16),
-    /// then TurboQuant_mse codes what is left; the newest incomplete group in f32 until it fills.
+    /// then TurboQuant_mse codes what is left; the newest incomplete group in f16 until it fills.
     Gmse,
 }
 

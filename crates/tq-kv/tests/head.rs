@@ -574,26 +574,38 @@ fn kivi_keys_and_values_attend_on_codes() {
         }
         assert_eq!(single.keys().unwrap(), kd);
         assert_eq!(single.values().unwrap(), vd);
-        // Rollback into a quantized group keeps the kept tokens as they decoded.
+        // Rollback into a quantized group keeps the kept tokens as they decoded: exactly in the
+        // groups before the cut, at the residual's f16 precision in the group it cut into.
         let cut = group + group / 2 + 1;
         let mut a = HeadCache::new(cfg.clone(), &cal).unwrap();
         a.append(&k, &v).unwrap();
         a.truncate(cut);
         assert_eq!(a.len(), cut);
-        assert_eq!(a.keys().unwrap(), kd[..cut * d].to_vec());
+        let want: Vec<f32> = kd[..cut * d]
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                if i < group * d {
+                    x
+                } else {
+                    half::f16::from_f32(x).to_f32()
+                }
+            })
+            .collect();
+        assert_eq!(a.keys().unwrap(), want);
         a.append(&k[cut * d..], &v[cut * d..]).unwrap();
         assert_eq!(a.len(), n);
     }
     // Memory: 4-bit KIVI keys (G = 32) and values over 150 tokens, d = 64: codes 32 B per row
     // each, key scale + zero 2·2·64 B per complete group (4 of them), the 22-token key residual
-    // in f32, value scale + zero 2·2·2 B per row.
+    // in f16, value scale + zero 2·2·2 B per row.
     let cfg = HeadConfig {
         value_strategy: ValueStrategy::Kivi,
         ..config(d, "4", "4", KeyStrategy::Kivi, 0)
     };
     let mut c = HeadCache::new(cfg, &HeadCalibration::default()).unwrap();
     c.append(&k, &v).unwrap();
-    let keys = 128 * 32 + 4 * 2 * 2 * 64 + 22 * 64 * 4;
+    let keys = 128 * 32 + 4 * 2 * 2 * 64 + 22 * 64 * 2;
     let values = 150 * (32 + 2 * 2 * 2);
     assert_eq!(c.memory_bytes(), keys + values);
 }

@@ -101,7 +101,7 @@ fn the_quantized_past_is_the_decoded_code_cache() {
         ids.len() > 7 + 16,
         "the prompt fills a KIVI group during one-token steps"
     );
-    // KIVI keys (G = 16) keep their newest group in f32 until it fills mid-decoding: the rows
+    // KIVI keys (G = 16) keep their newest group in f16 until it fills mid-decoding: the rows
     // of that group change then, and the past must follow.
     let kivi = |window| {
         let CacheSpec::Quantized {

@@ -10,7 +10,7 @@
 //! codes, the configured per-vector scale).
 //!
 //! **Streaming.** As with KIVI's keys, rows arrive one by one: the newest incomplete group of
-//! fewer than `G` rows stays in f32 (the residual) and is centred and quantized as one block when
+//! fewer than `G` rows stays in f16 (the residual, [`crate::residual`]) and is centred and quantized as one block when
 //! it fills. Truncating into a quantized group moves its kept rows back into the residual as their
 //! decoded values.
 //!
@@ -18,20 +18,21 @@
 //! look-up-table scan, plus one offset per group; the residual rows are scored exactly.
 //!
 //! **Storage.** MSE codes and per-vector scales of the centred rows, `d` f16 means per complete
-//! group, the residual in f32: `b + 32/d + 16/G` bits per coordinate once the residual is
+//! group, the residual in f16: `b + 32/d + 16/G` bits per coordinate once the residual is
 //! amortised.
 
 use std::sync::Arc;
 
 use half::f16;
 use serde::{Deserialize, Serialize};
-use tq_core::{RotationKind, simd};
+use tq_core::RotationKind;
 
 use crate::config::MseConfig;
 use crate::encoded::{EncodedVectors, check_weighted};
-use crate::error::{check_batch, check_dim, check_finite, check_len, check_range};
+use crate::error::{check_batch, check_dim, check_len, check_range};
 use crate::kivi::MAX_ABS;
 use crate::mse::{MseBatch, MseQuantizer, MseQuery};
+use crate::residual::Residual;
 use crate::score::{self, Hit};
 use crate::{Error, Result, ScaleMode};
 
@@ -140,8 +141,8 @@ pub struct GroupMseBatch {
     inner: MseBatch,
     /// f16 channel means, `groups × d`.
     means: Vec<u16>,
-    /// The newest incomplete group's rows, in f32.
-    residual: Vec<f32>,
+    /// The newest incomplete group's rows, in f16.
+    residual: Residual,
 }
 
 impl GroupMseBatch {
@@ -149,9 +150,9 @@ impl GroupMseBatch {
     pub fn new(quantizer: Arc<GroupMseQuantizer>) -> Self {
         Self {
             inner: MseBatch::new(quantizer.mse.clone()),
-            quantizer,
             means: Vec::new(),
-            residual: Vec::new(),
+            residual: Residual::new(quantizer.dim(), quantizer.config.group),
+            quantizer,
         }
     }
 
@@ -159,13 +160,13 @@ impl GroupMseBatch {
     /// configuration and the means and residual for finite values.
     ///
     /// # Errors
-    /// [`Error::ConfigMismatch`] naming the part that disagrees; [`Error::NonFinite`] or
-    /// [`Error::ValueOutOfRange`] for a residual value f16 cannot hold once its group fills.
+    /// [`Error::ConfigMismatch`] naming the part that disagrees (including a residual of `G` rows
+    /// or more, or a residual value that is not a finite f16).
     pub fn from_parts(
         quantizer: Arc<GroupMseQuantizer>,
         inner: MseBatch,
         means: Vec<u16>,
-        residual: Vec<f32>,
+        residual: Vec<u16>,
     ) -> Result<Self> {
         let (d, g, n) = (quantizer.dim(), quantizer.config.group, inner.len());
         let bad = |what: String| Err(Error::ConfigMismatch(what));
@@ -184,14 +185,7 @@ impl GroupMseBatch {
         {
             return bad(format!("mean {i} is not a finite f16"));
         }
-        if !residual.len().is_multiple_of(d) || residual.len() / d >= g {
-            return bad(format!(
-                "a residual of {} values is not fewer than {g} rows of {d}",
-                residual.len()
-            ));
-        }
-        check_finite(&residual)?;
-        check_range(&residual, MAX_ABS)?;
+        let residual = Residual::from_bits(d, g, residual)?;
         Ok(Self {
             quantizer,
             inner,
@@ -223,9 +217,9 @@ impl GroupMseBatch {
         &self.means
     }
 
-    /// The residual rows (f32).
-    pub fn residual(&self) -> &[f32] {
-        &self.residual
+    /// The residual rows, f16 bit patterns, row-major.
+    pub fn residual(&self) -> &[u16] {
+        self.residual.bits()
     }
 
     /// Rows held as codes.
@@ -233,9 +227,9 @@ impl GroupMseBatch {
         self.inner.len()
     }
 
-    /// Rows held in the f32 residual.
+    /// Rows held in the f16 residual.
     pub fn residual_len(&self) -> usize {
-        self.residual.len() / self.d()
+        self.residual.rows()
     }
 
     /// Number of rows.
@@ -253,16 +247,16 @@ impl GroupMseBatch {
         self.quantizer.bytes_per_vector()
     }
 
-    /// Exact bytes stored: MSE codes and scales, f16 means, the f32 residual.
+    /// Exact bytes stored: MSE codes and scales, f16 means, the f16 residual.
     pub fn stored_bytes(&self) -> usize {
         self.quantized_len() * self.quantizer.mse.bytes_per_vector()
             + 2 * self.means.len()
-            + 4 * self.residual.len()
+            + self.residual.bytes()
     }
 
     /// Bytes held in memory (codes with block padding, means, residual).
     pub fn memory_bytes(&self) -> usize {
-        self.inner.memory_bytes() + 2 * self.means.len() + 4 * self.residual.len()
+        self.inner.memory_bytes() + 2 * self.means.len() + self.residual.bytes()
     }
 
     /// The f32 mean of channel `c` of group `g`.
@@ -280,12 +274,10 @@ impl GroupMseBatch {
         let (d, g) = (self.d(), self.g());
         check_batch(xs, d)?;
         check_range(xs, MAX_ABS)?;
-        self.residual.extend_from_slice(xs);
-        let full = self.residual_len() / g;
-        if full == 0 {
+        let mut done = self.residual.push(xs);
+        if done.is_empty() {
             return Ok(());
         }
-        let mut done: Vec<f32> = self.residual.drain(..full * g * d).collect();
         for group in done.chunks_exact_mut(g * d) {
             for c in 0..d {
                 let sum: f64 = group.iter().skip(c).step_by(d).map(|&v| v as f64).sum();
@@ -307,7 +299,7 @@ impl GroupMseBatch {
         let (d, g) = (self.d(), self.g());
         let q = self.quantized_len();
         if n >= q {
-            self.residual.truncate((n - q) * d);
+            self.residual.truncate(n - q);
             return;
         }
         let first = n / g * g;
@@ -317,15 +309,14 @@ impl GroupMseBatch {
         }
         self.inner.truncate(first);
         self.means.truncate(first / g * d);
-        self.residual = kept;
+        self.residual.replace(&kept);
     }
 
     /// Decodes row `i < len` (unchecked).
     fn decode_row(&self, i: usize, out: &mut [f32]) {
-        let d = self.d();
         let q = self.quantized_len();
         if i >= q {
-            out.copy_from_slice(&self.residual[(i - q) * d..(i - q + 1) * d]);
+            self.residual.row_into(i - q, out);
             return;
         }
         // In range and of length d: the inner batch cannot fail.
@@ -362,7 +353,7 @@ impl GroupMseBatch {
                 *o += self.mean(g, c);
             }
         }
-        out.extend_from_slice(&self.residual);
+        out.extend(self.residual.to_f32());
         out
     }
 
@@ -387,9 +378,7 @@ impl GroupMseBatch {
                 .sum();
             chunk.iter_mut().for_each(|s| *s += offset);
         }
-        for (o, row) in rest.iter_mut().zip(self.residual.chunks_exact(d)) {
-            *o = simd::dot(&query.q, row);
-        }
+        self.residual.score_into(&query.q, rest);
         Ok(())
     }
 
@@ -428,7 +417,7 @@ impl GroupMseBatch {
     /// `Core(LengthMismatch)` / [`Error::DimMismatch`] for shapes that do not fit.
     pub fn weighted_sums_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
         check_weighted(self.len(), self.d(), weights, outs)?;
-        let (d, g, q) = (self.d(), self.g(), self.quantized_len());
+        let (g, q) = (self.g(), self.quantized_len());
         let heads: Vec<&[f32]> = weights.iter().map(|w| &w[..q]).collect();
         EncodedVectors::weighted_sums_into(&self.inner, &heads, outs)?;
         for (w, out) in weights.iter().zip(outs.iter_mut()) {
@@ -440,9 +429,7 @@ impl GroupMseBatch {
                     }
                 }
             }
-            for (&wi, row) in w[q..].iter().zip(self.residual.chunks_exact(d)) {
-                simd::axpy(wi, row, out);
-            }
+            self.residual.add_weighted(&w[q..], out);
         }
         Ok(())
     }

@@ -15,12 +15,13 @@
 //!
 //! `kind = "kivi"` (KIVI, [`crate::kivi`]) stores `codes` U8 `[n, ceil(d·b/8)]` (the quantized
 //! rows), `scales` and `zeros` U16 `[groups, d]` (channel axis: one row per complete group of `G`
-//! rows) or `[n, ceil(d/G)]` (token axis), f16 bit patterns, and `residual` F32 `[r, d]` (the
-//! channel axis's incomplete newest group, `r < G`; `[0, d]` otherwise).
+//! rows) or `[n, ceil(d/G)]` (token axis), f16 bit patterns, and `residual` F16 `[r, d]` (the
+//! channel axis's incomplete newest group, `r < G`; `[0, d]` otherwise; an F32 residual, as
+//! earlier builds wrote it, is read and rounded to f16).
 //!
 //! `kind = "gmse"` (group-centred TurboQuant_mse, [`crate::gmse`]) stores the centred rows' `codes`
 //! U8 `[n, ceil(d·b/8)]` and `norms` F32 `[n]` (as mse), `means` U16 `[n / G, d]` (f16 channel
-//! means of each group) and `residual` F32 `[r, d]` (`r < G`).
+//! means of each group) and `residual` F16 `[r, d]` (`r < G`, F32 read as for kivi).
 //!
 //! `kind = "polar"` (PolarQuant, experimental) stores `codes` U8 `[n, code_bytes]` (angle codes,
 //! level by level inside each block), `radii` U16 `[n, d / 2^L]` (f16 bit patterns of the unit
@@ -68,6 +69,10 @@ fn bad(what: &'static str, detail: impl Into<String>) -> Error {
         what,
         detail: detail.into(),
     }
+}
+
+fn u16_bytes(v: &[u16]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -190,7 +195,6 @@ impl KiviBatch {
         let q = self.quantizer();
         let (n, d) = (self.quantized_len(), q.dim());
         let config = serde_json::to_string(q.config()).map_err(|e| bad("config", e.to_string()))?;
-        let u16_bytes = |v: &[u16]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
         let per = if q.config().axis == KiviAxis::Channel {
             d
         } else {
@@ -221,9 +225,9 @@ impl KiviBatch {
                 ),
                 (
                     "residual",
-                    Dtype::F32,
+                    Dtype::F16,
                     vec![self.residual_len(), d],
-                    f32_bytes(self.residual()),
+                    u16_bytes(self.residual()),
                 ),
             ],
         )
@@ -239,7 +243,6 @@ impl GroupMseBatch {
         let q = self.quantizer();
         let (n, d) = (self.quantized_len(), q.dim());
         let config = serde_json::to_string(q.config()).map_err(|e| bad("config", e.to_string()))?;
-        let means: Vec<u8> = self.means().iter().flat_map(|x| x.to_le_bytes()).collect();
         serialize(
             "gmse",
             config,
@@ -256,21 +259,30 @@ impl GroupMseBatch {
                     vec![n],
                     f32_bytes(self.centred().norms()),
                 ),
-                ("means", Dtype::U16, vec![n / q.config().group, d], means),
+                (
+                    "means",
+                    Dtype::U16,
+                    vec![n / q.config().group, d],
+                    u16_bytes(self.means()),
+                ),
                 (
                     "residual",
-                    Dtype::F32,
+                    Dtype::F16,
                     vec![self.residual_len(), d],
-                    f32_bytes(self.residual()),
+                    u16_bytes(self.residual()),
                 ),
             ],
         )
     }
 }
 
-/// The `residual` tensor of kinds that keep one: F32 `[r, d]`, finite.
-fn read_residual(st: &SafeTensors<'_>, d: usize) -> Result<Vec<f32>> {
-    let t = tensor(st, "residual", Dtype::F32)?;
+/// The `residual` tensor of kinds that keep one: F16 `[r, d]` as bit patterns (values checked by
+/// the batch), or F32 `[r, d]` as written before the residual was held in f16: finite values
+/// within f16's range, rounded to f16.
+fn read_residual(st: &SafeTensors<'_>, d: usize) -> Result<Vec<u16>> {
+    let t = st
+        .tensor("residual")
+        .map_err(|_| bad("residual", "missing"))?;
     let r = match t.shape() {
         [r, c] if *c == d => *r,
         other => {
@@ -280,15 +292,37 @@ fn read_residual(st: &SafeTensors<'_>, d: usize) -> Result<Vec<f32>> {
             ));
         }
     };
-    let residual: Vec<f32> = t
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    if residual.len() != r * d || residual.iter().any(|v| !v.is_finite()) {
-        return Err(bad("residual", "not r x d finite values"));
+    let bits: Vec<u16> = match t.dtype() {
+        Dtype::F16 => t
+            .data()
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect(),
+        Dtype::F32 => {
+            let values: Vec<f32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            if values
+                .iter()
+                .any(|v| !v.is_finite() || v.abs() > crate::kivi::MAX_ABS)
+            {
+                return Err(bad("residual", "a value f16 cannot hold"));
+            }
+            values
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect()
+        }
+        other => {
+            return Err(bad("residual", format!("dtype {other:?}, expected F16")));
+        }
+    };
+    if bits.len() != r * d {
+        return Err(bad("residual", "not r x d values"));
     }
-    Ok(residual)
+    Ok(bits)
 }
 
 /// A U16 tensor of exactly `shape`, as values.

@@ -9,20 +9,20 @@
 //!
 //! **Axes.** [`KiviAxis::Channel`] (keys): each channel of `G` consecutive rows is one group, so a
 //! channel's large local offset lands in its zero point. Rows arrive one by one: the newest
-//! incomplete group of fewer than `G` rows stays in f32 (the paper's residual) and is quantized as
-//! one `G × d` block when it fills. [`KiviAxis::Token`] (values): each row on its own, in groups of
+//! incomplete group of fewer than `G` rows stays at full model precision, f16 (the paper's residual,
+//! [`crate::residual`]), and is quantized as one `G × d` block when it fills. [`KiviAxis::Token`] (values): each row on its own, in groups of
 //! `G` consecutive channels (the last one shorter when `G` does not divide `d`).
 //!
 //! **Storage.** Codes are `b`-bit, packed LSB-first in the 32-row block layout of every batch.
 //! Channel axis: per complete group, `d` scales and `d` zeros (f16), plus the residual rows in
-//! f32: `b + 32/G` bits per coordinate once the residual's share is amortised. Token axis:
+//! f16: `b + 32/G` bits per coordinate once the residual's share is amortised. Token axis:
 //! `ceil(d/G)` scales and zeros per row: `b + 32·ceil(d/G)/d` bits per coordinate.
 //!
 //! **Scoring on the codes.** With the channel axis, `⟨q, k̃_t⟩ = Σ_c q_c z_{g,c} + Σ_c (q_c s_{g,c})
 //! · code_{t,c}` for the rows `t` of group `g`: the first sum is one offset per group, the second is
 //! the look-up-table scan of the other batches with per-group tables over the uniform levels
 //! `0..2^b` (fast `u8` tables and exact `f32` tables for widths 1-4; widths 5-8 decode rows). The
-//! residual rows are scored exactly in f32. The token axis scores each row exactly.
+//! residual rows are scored exactly (f16 values, f32 arithmetic). The token axis scores each row exactly.
 
 use std::sync::Arc;
 
@@ -33,6 +33,7 @@ use tq_core::{bitpack, scan::BLOCK, simd};
 
 use crate::error::{check_batch, check_dim, check_finite, check_len, check_range};
 use crate::packed::PackedRows;
+use crate::residual::Residual;
 use crate::score::{self, Hit, Tables};
 use crate::{Error, Result};
 
@@ -40,7 +41,7 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KiviAxis {
-    /// Per channel over `G` consecutive rows (KIVI's keys), with an f32 residual of the newest
+    /// Per channel over `G` consecutive rows (KIVI's keys), with an f16 residual of the newest
     /// incomplete group.
     Channel,
     /// Per row over `G` consecutive channels (KIVI's values).
@@ -89,7 +90,7 @@ impl KiviConfig {
     }
 
     /// Stored bits per coordinate, codes and f16 scales and zeros (the channel axis without its
-    /// residual, which is f32 until its group fills).
+    /// residual, which is f16 until its group fills).
     pub fn bits_per_coordinate(&self) -> f64 {
         let scalars = match self.axis {
             KiviAxis::Channel => 32.0 / self.group as f64,
@@ -223,6 +224,15 @@ impl KiviQuery {
     }
 }
 
+/// Buffers of channel-axis group scoring, reused across the groups of one query.
+#[derive(Default)]
+struct GroupScratch {
+    scales: Vec<f32>,
+    zeros: Vec<f32>,
+    weights: Vec<f32>,
+    tables: Tables,
+}
+
 /// A growable batch of KIVI codes (see the [module docs](self)).
 #[derive(Debug, Clone)]
 pub struct KiviBatch {
@@ -233,8 +243,9 @@ pub struct KiviBatch {
     scales: Vec<u16>,
     /// f16 zeros, as `scales`.
     zeros: Vec<u16>,
-    /// Channel axis: the rows of the newest incomplete group, in f32 (`< G` rows).
-    residual: Vec<f32>,
+    /// Channel axis: the rows of the newest incomplete group, in f16 (`< G` rows; always empty on
+    /// the token axis).
+    residual: Residual,
 }
 
 impl KiviBatch {
@@ -242,10 +253,10 @@ impl KiviBatch {
     pub fn new(quantizer: Arc<KiviQuantizer>) -> Self {
         Self {
             codes: PackedRows::new(quantizer.row_bytes()),
-            quantizer,
             scales: Vec::new(),
             zeros: Vec::new(),
-            residual: Vec::new(),
+            residual: Residual::new(quantizer.dim(), quantizer.config.group),
+            quantizer,
         }
     }
 
@@ -253,14 +264,14 @@ impl KiviBatch {
     /// configuration and every scale and zero for a finite value (scales non-negative).
     ///
     /// # Errors
-    /// [`Error::ConfigMismatch`] naming the part that disagrees; [`Error::NonFinite`] or
-    /// [`Error::ValueOutOfRange`] for a residual value f16 cannot hold once its group fills.
+    /// [`Error::ConfigMismatch`] naming the part that disagrees (including a residual of `G` rows
+    /// or more, or one on the token axis, or a residual value that is not a finite f16).
     pub fn from_parts(
         quantizer: Arc<KiviQuantizer>,
         codes: PackedRows,
         scales: Vec<u16>,
         zeros: Vec<u16>,
-        residual: Vec<f32>,
+        residual: Vec<u16>,
     ) -> Result<Self> {
         let c = quantizer.config;
         let (d, n) = (c.dim, codes.len());
@@ -277,13 +288,6 @@ impl KiviBatch {
                 if !n.is_multiple_of(c.group) {
                     return bad(format!(
                         "{n} quantized rows are not whole groups of {}",
-                        c.group
-                    ));
-                }
-                if !residual.len().is_multiple_of(d) || residual.len() / d >= c.group {
-                    return bad(format!(
-                        "a residual of {} values is not fewer than {} rows of {d}",
-                        residual.len(),
                         c.group
                     ));
                 }
@@ -315,8 +319,7 @@ impl KiviBatch {
         {
             return bad(format!("zero {i} is not a finite f16"));
         }
-        check_finite(&residual)?;
-        check_range(&residual, MAX_ABS)?;
+        let residual = Residual::from_bits(d, c.group, residual)?;
         Ok(Self {
             quantizer,
             codes,
@@ -340,9 +343,9 @@ impl KiviBatch {
         self.codes.len()
     }
 
-    /// Rows held in the f32 residual (channel axis; always 0 for the token axis).
+    /// Rows held in the f16 residual (channel axis; always 0 for the token axis).
     pub fn residual_len(&self) -> usize {
-        self.residual.len() / self.d()
+        self.residual.rows()
     }
 
     /// Number of rows.
@@ -370,9 +373,9 @@ impl KiviBatch {
         &self.zeros
     }
 
-    /// The f32 residual rows (channel axis).
-    pub fn residual(&self) -> &[f32] {
-        &self.residual
+    /// The residual rows (channel axis), f16 bit patterns, row-major.
+    pub fn residual(&self) -> &[u16] {
+        self.residual.bits()
     }
 
     /// Stored bytes per quantized row ([`KiviQuantizer::bytes_per_vector`]).
@@ -380,18 +383,18 @@ impl KiviBatch {
         self.quantizer.bytes_per_vector()
     }
 
-    /// Exact bytes stored: codes, every f16 scale and zero, and the f32 residual.
+    /// Exact bytes stored: codes, every f16 scale and zero, and the f16 residual.
     pub fn stored_bytes(&self) -> usize {
         self.quantized_len() * self.quantizer.row_bytes
             + 2 * (self.scales.len() + self.zeros.len())
-            + 4 * self.residual.len()
+            + self.residual.bytes()
     }
 
     /// Bytes held in memory (codes with block padding, scalars, residual).
     pub fn memory_bytes(&self) -> usize {
         self.codes.memory_bytes()
             + 2 * (self.scales.len() + self.zeros.len())
-            + 4 * self.residual.len()
+            + self.residual.bytes()
     }
 
     /// Appends row-major rows: the token axis quantizes each row; the channel axis adds them to
@@ -411,14 +414,9 @@ impl KiviBatch {
             }
             KiviAxis::Channel => {
                 let g = self.quantizer.config.group;
-                self.residual.extend_from_slice(xs);
-                let full = self.residual_len() / g;
-                if full > 0 {
-                    let take = full * g * d;
-                    let done: Vec<f32> = self.residual.drain(..take).collect();
-                    for group in done.chunks_exact(g * d) {
-                        self.push_channel_group(group);
-                    }
+                let done = self.residual.push(xs);
+                for group in done.chunks_exact(g * d) {
+                    self.push_channel_group(group);
                 }
             }
         }
@@ -493,7 +491,7 @@ impl KiviBatch {
     }
 
     /// Keeps the first `n` rows. On the channel axis, cutting into a quantized group moves that
-    /// group's kept rows back into the f32 residual as their decoded values (they are quantized
+    /// group's kept rows back into the residual as their decoded values (rounded to f16) (they are quantized
     /// again, with the rows that follow, when the group refills).
     pub fn truncate(&mut self, n: usize) {
         if n >= self.len() {
@@ -510,7 +508,7 @@ impl KiviBatch {
             KiviAxis::Channel => {
                 let q = self.quantized_len();
                 if n >= q {
-                    self.residual.truncate((n - q) * d);
+                    self.residual.truncate(n - q);
                     return;
                 }
                 let first = n / c.group * c.group;
@@ -521,7 +519,7 @@ impl KiviBatch {
                 self.codes.resize_rows(first);
                 self.scales.truncate(first / c.group * d);
                 self.zeros.truncate(first / c.group * d);
-                self.residual = kept;
+                self.residual.replace(&kept);
             }
         }
     }
@@ -543,7 +541,7 @@ impl KiviBatch {
         let d = c.dim;
         let q = self.quantized_len();
         if i >= q {
-            out.copy_from_slice(&self.residual[(i - q) * d..(i - q + 1) * d]);
+            self.residual.row_into(i - q, out);
             return;
         }
         let (packed, codes) = scratch;
@@ -626,16 +624,23 @@ impl KiviBatch {
         let d = c.dim;
         let q = self.quantized_len();
         let (coded, rest) = out.split_at_mut(q);
-        for (o, row) in rest.iter_mut().zip(self.residual.chunks_exact(d)) {
-            *o = simd::dot(&query.q, row);
-        }
+        self.residual.score_into(&query.q, rest);
         match c.axis {
             KiviAxis::Channel => {
-                let work = |(g, o): (usize, &mut [f32])| self.score_group(query, g, o, fast);
+                let work = |scratch: &mut GroupScratch, (g, o): (usize, &mut [f32])| {
+                    self.score_group(query, g, o, fast, scratch)
+                };
                 if q >= score::PARALLEL_MIN_ROWS && rayon::current_num_threads() > 1 {
-                    coded.par_chunks_mut(c.group).enumerate().for_each(work);
+                    coded
+                        .par_chunks_mut(c.group)
+                        .enumerate()
+                        .for_each_init(GroupScratch::default, work);
                 } else {
-                    coded.chunks_mut(c.group).enumerate().for_each(work);
+                    let mut scratch = GroupScratch::default();
+                    coded
+                        .chunks_mut(c.group)
+                        .enumerate()
+                        .for_each(|p| work(&mut scratch, p));
                 }
             }
             KiviAxis::Token => {
@@ -659,36 +664,53 @@ impl KiviBatch {
         Ok(())
     }
 
-    /// Scores the rows of channel-axis group `g` into `out` (`G` values).
-    fn score_group(&self, query: &KiviQuery, g: usize, out: &mut [f32], fast: bool) {
+    /// Scores the rows of channel-axis group `g` into `out` (`G` values), with buffers reused
+    /// across the groups of a query.
+    fn score_group(
+        &self,
+        query: &KiviQuery,
+        g: usize,
+        out: &mut [f32],
+        fast: bool,
+        scratch: &mut GroupScratch,
+    ) {
         use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
         let c = self.quantizer.config;
         let d = c.dim;
+        let GroupScratch {
+            scales,
+            zeros,
+            weights,
+            tables: reused,
+        } = scratch;
         // The group's scales and zeros to f32 in one (SIMD where the CPU has F16C) pass each.
-        let (mut scales, mut zeros) = (vec![0.0f32; d], vec![0.0f32; d]);
+        scales.resize(d, 0.0);
+        zeros.resize(d, 0.0);
         self.scales[g * d..(g + 1) * d]
             .reinterpret_cast::<f16>()
-            .convert_to_f32_slice(&mut scales);
+            .convert_to_f32_slice(scales);
         self.zeros[g * d..(g + 1) * d]
             .reinterpret_cast::<f16>()
-            .convert_to_f32_slice(&mut zeros);
-        let offset = simd::dot(&query.q, &zeros);
-        let weights: Vec<f32> = query.q.iter().zip(&scales).map(|(a, b)| a * b).collect();
+            .convert_to_f32_slice(zeros);
+        let offset = simd::dot(&query.q, zeros);
+        weights.clear();
+        weights.extend(query.q.iter().zip(scales.iter()).map(|(a, b)| a * b));
+        let weights = &weights[..];
         let first = g * c.group;
         // 4-bit codes on the fast path: one nibble per channel and linear tables `w · v`, built
         // straight into u8 (no f32 tables): the per-group cost stays a small share of the scan.
+        let built;
         let tables = if fast && c.bits == 4 {
-            Some(Tables::uniform4_fast(
-                &weights,
-                2 * self.quantizer.row_bytes,
-            ))
+            reused.refill_uniform4_fast(weights, 2 * self.quantizer.row_bytes);
+            Some(&*reused)
         } else {
-            Tables::for_codes(
-                &weights,
+            built = Tables::for_codes(
+                weights,
                 &self.quantizer.levels,
                 c.bits,
                 self.quantizer.row_bytes,
-            )
+            );
+            built.as_ref()
         };
         match tables {
             Some(t) => {

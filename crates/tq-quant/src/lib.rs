@@ -38,6 +38,7 @@ pub mod packed;
 pub mod polar;
 pub mod prod;
 pub mod qjl;
+mod residual;
 pub mod score;
 
 pub use any::{

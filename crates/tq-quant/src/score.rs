@@ -118,37 +118,17 @@ impl Tables {
         })
     }
 
-    /// Fast-path tables only (no `f32` tables: [`Tables::block_exact`] must not be used) for
-    /// 4-bit codes over the uniform levels `0..16`, one nibble per coordinate: table `n` holds
-    /// `weights[n] · v`, quantized to `u8` exactly as [`QuantizedLut::quantize_from`] would
-    /// (shared step `max |w| · 15 / 255`, per-table minimum as offset), without building the
-    /// float tables first. O(16 · positions).
-    pub(crate) fn uniform4_fast(weights: &[f32], positions: usize) -> Self {
-        let maxw = weights.iter().fold(0.0f32, |m, w| m.max(w.abs()));
-        let step = if maxw > 0.0 { 15.0 * maxw / 255.0 } else { 1.0 };
-        let inv = 1.0 / step;
-        let mut fast = QuantizedLut {
-            tables: vec![0u8; 16 * positions],
-            offset: 0.0,
-            step,
-        };
-        let mut offset = 0.0f64;
-        for (n, t) in fast.tables.chunks_exact_mut(16).enumerate() {
-            let w = weights.get(n).copied().unwrap_or(0.0);
-            let lo = if w < 0.0 { 15.0 * w } else { 0.0 };
-            offset += lo as f64;
-            // Entries are >= 0: adding 0.5 and truncating rounds them without a libm call per
-            // entry (`f32::round` is a function call on baseline x86-64).
-            for (v, e) in t.iter_mut().enumerate() {
-                *e = ((w * v as f32 - lo) * inv + 0.5).min(255.0) as u8;
-            }
-        }
-        fast.offset = offset as f32;
-        Self {
-            kind: TableKind::Nibble,
-            exact: Vec::new(),
-            fast,
-        }
+    /// Refills these tables as fast-path tables only (no `f32` tables: [`Tables::block_exact`]
+    /// must not be used) for 4-bit codes over the uniform levels `0..16`, one nibble per
+    /// coordinate: table `n` holds `weights[n] · v`, quantized to `u8` as
+    /// [`QuantizedLut::quantize_from`] would (shared step `max |w| · 15 / 255`, per-table minimum
+    /// as offset; an entry may differ by one unit from its multiply-by-inverse rounding), without
+    /// building the float tables first. Reuses the buffer: KIVI rebuilds a query's tables once
+    /// per token group. O(16 · positions).
+    pub(crate) fn refill_uniform4_fast(&mut self, weights: &[f32], positions: usize) {
+        self.kind = TableKind::Nibble;
+        self.exact.clear();
+        self.fast.fill_linear4(weights, positions);
     }
 
     /// Fast (u8) dots of the 32 rows of `block`.
@@ -237,4 +217,43 @@ pub(crate) fn top_k_of(scores: &[f32], k: usize) -> Vec<Hit> {
 /// practice.
 pub(crate) fn rerank_candidates(k: usize) -> usize {
     (4 * k).max(k + 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The directly built 4-bit uniform tables agree with quantizing the float tables (one `u8`
+    /// unit at most, from the multiply-by-inverse rounding), and refilling reuses the tables.
+    #[test]
+    fn uniform4_tables_match_quantized_float_tables() {
+        let levels: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        let mut reused = Tables::default();
+        for (seed, d) in [(1u32, 128usize), (2, 64), (3, 7)] {
+            let w: Vec<f32> = (0..d)
+                .map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) % 1000)
+                .map(|h| h as f32 / 250.0 - 2.0)
+                .collect();
+            let positions = 2 * tq_core::bitpack::packed_len(d, 4);
+            let Some(want) = Tables::for_codes(&w, &levels, 4, positions / 2) else {
+                panic!("4-bit codes have tables")
+            };
+            reused.refill_uniform4_fast(&w, positions);
+            let mut fresh = Tables::default();
+            fresh.refill_uniform4_fast(&w, positions);
+            for got in [fresh, reused.clone()] {
+                assert_eq!(got.fast.tables.len(), want.fast.tables.len());
+                let worst = got
+                    .fast
+                    .tables
+                    .iter()
+                    .zip(&want.fast.tables)
+                    .map(|(&a, &b)| (a as i32 - b as i32).abs())
+                    .max();
+                assert!(worst <= Some(1), "d {d}: {worst:?}");
+                assert!((got.fast.step - want.fast.step).abs() <= 1e-6 * want.fast.step);
+                assert!((got.fast.offset - want.fast.offset).abs() <= 1e-4);
+            }
+        }
+    }
 }

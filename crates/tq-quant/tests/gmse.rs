@@ -48,7 +48,11 @@ fn groups_are_centred_then_quantized_by_turboquant_mse() {
     b.extend(&xs).unwrap();
     assert_eq!((b.quantized_len(), b.residual_len()), (64, 6));
     // The definition: f16 means per channel and group, subtracted, then an MseBatch.
-    let mut centred = xs[..64 * d].to_vec();
+    // (Rows are held at model precision, f16, until their group fills.)
+    let mut centred: Vec<f32> = xs[..64 * d]
+        .iter()
+        .map(|&x| f16::from_f32(x).to_f32())
+        .collect();
     let mut means = Vec::new();
     for grp in centred.chunks_exact_mut(g * d) {
         for c in 0..d {
@@ -75,17 +79,25 @@ fn groups_are_centred_then_quantized_by_turboquant_mse() {
         direct.codes().to_row_major()
     );
     assert_eq!(b.centred().norms(), direct.norms());
-    assert_eq!(b.residual(), &xs[64 * d..]);
-    // Decoding adds the means back; the residual decodes exactly.
+    let bits16: Vec<u16> = xs[64 * d..]
+        .iter()
+        .map(|&x| f16::from_f32(x).to_bits())
+        .collect();
+    assert_eq!(b.residual(), &bits16[..]);
+    // Decoding adds the means back; the residual decodes to its f16 values.
     let all = b.dequantize_all();
     let mut row = vec![0.0; d];
     for i in [0, 40, 63, 64, 69] {
         b.dequantize_row(i, &mut row).unwrap();
         assert_eq!(&all[i * d..(i + 1) * d], &row[..]);
     }
-    assert_eq!(&all[64 * d..], &xs[64 * d..]);
-    // Stored bytes: MSE codes (12 B) and scale (4 B) per row, 2 B per mean, f32 residual.
-    assert_eq!(b.stored_bytes(), 64 * 16 + 2 * 2 * d + 6 * d * 4);
+    let half: Vec<f32> = xs[64 * d..]
+        .iter()
+        .map(|&x| f16::from_f32(x).to_f32())
+        .collect();
+    assert_eq!(&all[64 * d..], &half[..]);
+    // Stored bytes: MSE codes (12 B) and scale (4 B) per row, 2 B per mean, f16 residual.
+    assert_eq!(b.stored_bytes(), 64 * 16 + 2 * 2 * d + 6 * d * 2);
     // Centring removes the offsets the rotation would otherwise spread: lower error than plain
     // MSE at the same bits on these rows.
     let mut plain = MseBatch::new(b.quantizer().mse().clone());
@@ -137,7 +149,21 @@ fn rollback_and_saved_batches() {
         let before = b.dequantize_all();
         b.truncate(n);
         assert_eq!(b.len(), n);
-        assert_eq!(b.dequantize_all(), before[..n * d].to_vec(), "cut at {n}");
+        // Kept rows decode to what they decoded to before the cut: exactly in whole groups, and
+        // rounded to f16 (the residual's precision) in the group the cut moved to the residual.
+        let first = n / g * g;
+        let want: Vec<f32> = before[..n * d]
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                if i < first * d {
+                    v
+                } else {
+                    f16::from_f32(v).to_f32()
+                }
+            })
+            .collect();
+        assert_eq!(b.dequantize_all(), want, "cut at {n}");
         b.extend(&xs[n * d..]).unwrap();
         assert_eq!((b.len(), b.quantized_len()), (60, 48));
     }

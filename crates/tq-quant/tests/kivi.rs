@@ -82,11 +82,19 @@ fn codes_follow_the_per_group_definition_on_both_axes() {
         let mut b = batch(d, bits, g, KiviAxis::Channel);
         b.extend(&xs).unwrap();
         assert_eq!((b.quantized_len(), b.residual_len()), (64, 6));
-        assert_eq!(b.residual(), &xs[64 * d..]);
+        // Rows are held at model precision (f16) until their group fills.
+        let half: Vec<f32> = xs.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+        let bits16: Vec<u16> = xs[64 * d..]
+            .iter()
+            .map(|&x| f16::from_f32(x).to_bits())
+            .collect();
+        assert_eq!(b.residual(), &bits16[..]);
         let mut row = vec![0.0; d];
+        b.dequantize_row(65, &mut row).unwrap();
+        assert_eq!(row, &half[65 * d..66 * d]);
         for group in 0..2 {
             for c in 0..d {
-                let vals: Vec<f32> = (0..g).map(|t| xs[(group * g + t) * d + c]).collect();
+                let vals: Vec<f32> = (0..g).map(|t| half[(group * g + t) * d + c]).collect();
                 let (codes, back) = direct(&vals, bits);
                 for t in 0..g {
                     let i = group * g + t;
@@ -110,9 +118,9 @@ fn codes_follow_the_per_group_definition_on_both_axes() {
             v.dequantize_row(i, &mut row).unwrap();
             assert_eq!(row, back);
         }
-        // Stored bytes: codes, f16 scale and zero per channel and group, the f32 residual.
+        // Stored bytes: codes, f16 scale and zero per channel and group, the f16 residual.
         let rb = bitpack::packed_len(d, bits);
-        assert_eq!(b.stored_bytes(), 64 * rb + 2 * 2 * 2 * d + 6 * d * 4);
+        assert_eq!(b.stored_bytes(), 64 * rb + 2 * 2 * 2 * d + 6 * d * 2);
         assert_eq!(v.stored_bytes(), n * (rb + 2 * 2 * 2));
     }
 }
@@ -211,8 +219,21 @@ fn rollback_across_group_boundaries_keeps_what_was_kept() {
         b.truncate(n);
         assert_eq!(b.len(), n);
         assert_eq!(b.quantized_len(), n / g * g, "cut at {n}");
-        // Kept rows decode to what they decoded to before the cut.
-        assert_eq!(b.dequantize_all(), before[..n * d].to_vec(), "cut at {n}");
+        // Kept rows decode to what they decoded to before the cut: exactly in whole groups, and
+        // rounded to f16 (the residual's precision) in the group the cut moved to the residual.
+        let first = n / g * g;
+        let want: Vec<f32> = before[..n * d]
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                if i < first * d {
+                    v
+                } else {
+                    f16::from_f32(v).to_f32()
+                }
+            })
+            .collect();
+        assert_eq!(b.dequantize_all(), want, "cut at {n}");
         // Refilling completes the group and quantizes it again.
         b.extend(&xs[n * d..]).unwrap();
         assert_eq!(b.len(), 100);
@@ -300,6 +321,15 @@ fn bad_configurations_and_inputs_are_typed_errors() {
 
 /// Rebuilds a saved batch with one tensor replaced.
 fn tamper(bytes: &[u8], name: &str, f: impl Fn(&mut Vec<u8>, &mut Vec<usize>)) -> Vec<u8> {
+    rewrite(bytes, name, |_, data, shape| f(data, shape))
+}
+
+/// The saved batch with tensor `name`'s dtype, bytes and shape passed through `f`.
+fn rewrite(
+    bytes: &[u8],
+    name: &str,
+    f: impl Fn(&mut safetensors::Dtype, &mut Vec<u8>, &mut Vec<usize>),
+) -> Vec<u8> {
     use safetensors::tensor::{SafeTensors, TensorView};
     let st = SafeTensors::deserialize(bytes).unwrap();
     let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
@@ -308,9 +338,9 @@ fn tamper(bytes: &[u8], name: &str, f: impl Fn(&mut Vec<u8>, &mut Vec<usize>)) -
         .into_iter()
         .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
         .collect();
-    for (n, _, shape, data) in &mut owned {
+    for (n, dtype, shape, data) in &mut owned {
         if n == name {
-            f(data, shape);
+            f(dtype, data, shape);
         }
     }
     let views: Vec<(String, TensorView<'_>)> = owned
@@ -332,8 +362,8 @@ fn saved_batches_round_trip_and_tampering_is_refused() {
     };
     assert_eq!(back.dequantize_all(), b.dequantize_all());
     assert_eq!(back.residual_len(), 8);
-    // A negative scale, an infinite zero, a residual of a whole group, a wrong shape, a residual
-    // value no f16 zero can hold.
+    // A negative scale, an infinite zero, a residual of a whole group, a wrong shape, an
+    // infinite residual value.
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "scale",
@@ -352,7 +382,7 @@ fn saved_batches_round_trip_and_tampering_is_refused() {
         (
             "residual",
             tamper(&bytes, "residual", |data, shape| {
-                data.extend(vec![0u8; 8 * d * 4]);
+                data.extend(vec![0u8; 8 * d * 2]);
                 shape[0] = 16;
             }),
         ),
@@ -364,9 +394,9 @@ fn saved_batches_round_trip_and_tampering_is_refused() {
             }),
         ),
         (
-            "residual range",
+            "residual value",
             tamper(&bytes, "residual", |data, _| {
-                data[..4].copy_from_slice(&1e10f32.to_le_bytes());
+                data[..2].copy_from_slice(&0x7c00u16.to_le_bytes());
             }),
         ),
     ];
@@ -377,4 +407,32 @@ fn saved_batches_round_trip_and_tampering_is_refused() {
     for cut in (0..bytes.len()).step_by(97) {
         assert!(AnyBatch::from_safetensors(&bytes[..cut]).is_err());
     }
+}
+
+/// The same batch with its `residual` tensor rewritten as F32 `values` (as earlier builds wrote).
+fn with_f32_residual(bytes: &[u8], values: &[f32]) -> Vec<u8> {
+    rewrite(bytes, "residual", |dtype, data, _| {
+        *dtype = safetensors::Dtype::F32;
+        *data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    })
+}
+
+#[test]
+fn an_f32_residual_of_earlier_builds_loads_rounded_to_f16() {
+    let d = 32;
+    let xs = keys(40, d, 6);
+    let mut b = batch(d, 4, 16, KiviAxis::Channel);
+    b.extend(&xs).unwrap();
+    let old = with_f32_residual(&b.to_safetensors().unwrap(), &xs[32 * d..]);
+    let AnyBatch::Kivi(back) = AnyBatch::from_safetensors(&old).unwrap() else {
+        panic!("kivi")
+    };
+    assert_eq!(back.residual(), b.residual());
+    assert_eq!(back.dequantize_all(), b.dequantize_all());
+    // An F32 value beyond f16's range is refused, not rounded to infinity.
+    let mut big = xs[32 * d..].to_vec();
+    big[3] = 1e10;
+    let e = AnyBatch::from_safetensors(&with_f32_residual(&b.to_safetensors().unwrap(), &big))
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidFormat { .. }), "{e}");
 }

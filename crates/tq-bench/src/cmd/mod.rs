@@ -66,7 +66,7 @@ pub struct KvCacheArgs {
     #[arg(long)]
     pub pair: bool,
     /// Key quantizers, comma-separated: mse, prod, polar, kivi (per-channel groups of --group
-    /// tokens, the newest incomplete group in f32), gmse (group-centred TurboQuant_mse: the
+    /// tokens, the newest incomplete group in f16), gmse (group-centred TurboQuant_mse: the
     /// per-channel means of each group of --group tokens removed, then mse).
     #[arg(long, value_delimiter = ',', default_value = "mse")]
     pub key_strategy: Vec<KeyStrategy>,
