@@ -171,13 +171,17 @@ impl std::fmt::Display for Precision {
     }
 }
 
-/// The `count` channels with the largest root mean square over `samples` (row-major, `dim` wide),
-/// sorted ascending. Ties go to the lower channel. O(n·d + d log d).
-///
-/// # Errors
-/// [`Error::Shape`] if `samples` is empty or not a multiple of `dim`, [`Error::InvalidChannels`] if
-/// `count > dim`, [`Error::NonFinite`].
-pub fn calibrate_outliers(samples: &[f32], dim: usize, count: usize) -> Result<Vec<usize>> {
+/// The `count` channels of largest `score` (ties to the lower channel), ascending.
+fn top_channels(score: &[f64], count: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..score.len()).collect();
+    idx.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+    let mut out = idx[..count].to_vec();
+    out.sort_unstable();
+    out
+}
+
+/// The checks both rankings make: whole rows of `dim`, at least one, `count <= dim`, finite.
+fn check_samples(samples: &[f32], dim: usize, count: usize) -> Result<()> {
     if dim == 0 || samples.is_empty() || !samples.len().is_multiple_of(dim) {
         return Err(Error::Shape {
             what: "calibration samples",
@@ -191,17 +195,24 @@ pub fn calibrate_outliers(samples: &[f32], dim: usize, count: usize) -> Result<V
         });
     }
     crate::error::check_finite("calibration samples", samples)?;
+    Ok(())
+}
+
+/// The `count` channels with the largest root mean square over `samples` (row-major, `dim` wide),
+/// sorted ascending. Ties go to the lower channel. O(n·d + d log d).
+///
+/// # Errors
+/// [`Error::Shape`] if `samples` is empty or not a multiple of `dim`, [`Error::InvalidChannels`] if
+/// `count > dim`, [`Error::NonFinite`].
+pub fn calibrate_outliers(samples: &[f32], dim: usize, count: usize) -> Result<Vec<usize>> {
+    check_samples(samples, dim, count)?;
     let mut ms = vec![0.0f64; dim];
     for row in samples.chunks_exact(dim) {
         for (m, &v) in ms.iter_mut().zip(row) {
             *m += (v as f64) * (v as f64);
         }
     }
-    let mut idx: Vec<usize> = (0..dim).collect();
-    idx.sort_by(|&a, &b| ms[b].total_cmp(&ms[a]).then(a.cmp(&b)));
-    let mut out = idx[..count].to_vec();
-    out.sort_unstable();
-    Ok(out)
+    Ok(top_channels(&ms, count))
 }
 
 /// The `count` channels whose values spread most within groups of `group` consecutive rows
@@ -219,8 +230,7 @@ pub fn calibrate_outliers_grouped(
     count: usize,
     group: usize,
 ) -> Result<Vec<usize>> {
-    // Shapes, counts and finiteness exactly as the RMS ranking checks them.
-    calibrate_outliers(samples, dim, count)?;
+    check_samples(samples, dim, count)?;
     let rows = samples.len() / dim;
     let g = group.clamp(1, rows);
     let mut spread = vec![0.0f64; dim];
@@ -236,11 +246,7 @@ pub fn calibrate_outliers_grouped(
             *s += ((hi - lo) as f64).powi(2);
         }
     }
-    let mut idx: Vec<usize> = (0..dim).collect();
-    idx.sort_by(|&a, &b| spread[b].total_cmp(&spread[a]).then(a.cmp(&b)));
-    let mut out = idx[..count].to_vec();
-    out.sort_unstable();
-    Ok(out)
+    Ok(top_channels(&spread, count))
 }
 
 /// Checks an explicit outlier list: sorted ascending, unique, each `< dim`, of length `count`.
