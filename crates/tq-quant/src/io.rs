@@ -95,7 +95,31 @@ fn serialize(
             .map_err(|e| bad("tensor", e.to_string()))?;
         views.push((*name, view));
     }
-    safetensors::serialize(views, Some(meta)).map_err(|e| bad("header", e.to_string()))
+    let bytes = safetensors::serialize(views, Some(meta.clone()))
+        .map_err(|e| bad("header", e.to_string()))?;
+    Ok(sorted_metadata(bytes, &meta))
+}
+
+/// The file with its `__metadata__` entries in key order, so the same batch always gives the same
+/// bytes (the safetensors writer emits them in hash-map order, which changes from run to run).
+/// The sorted object has the same length, so offsets and padding stay; if the header does not
+/// start as the writer has always written it, the bytes are returned as they are (still valid).
+fn sorted_metadata(mut bytes: Vec<u8>, meta: &HashMap<String, String>) -> Vec<u8> {
+    const PREFIX: &[u8] = b"{\"__metadata__\":";
+    let sorted: std::collections::BTreeMap<&String, &String> = meta.iter().collect();
+    let Ok(json) = serde_json::to_vec(&sorted) else {
+        return bytes;
+    };
+    let start = 8 + PREFIX.len();
+    let end = start + json.len();
+    if bytes.get(8..start) == Some(PREFIX)
+        && bytes.get(start) == Some(&b'{')
+        && bytes.get(end - 1) == Some(&b'}')
+        && bytes.get(end) == Some(&b',')
+    {
+        bytes[start..end].copy_from_slice(&json);
+    }
+    bytes
 }
 
 impl MseBatch {
@@ -565,11 +589,7 @@ impl AnyBatch {
     /// # Errors
     /// [`Error::Io`]; `path` then keeps its old contents.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let bytes = self.to_safetensors()?;
-        tq_core::fsio::write_atomic(path, &bytes).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+        write_file(path, &self.to_safetensors()?)
     }
 
     /// Reads and validates a batch from `path`.
@@ -577,12 +597,49 @@ impl AnyBatch {
     /// # Errors
     /// [`Error::Io`] and those of [`AnyBatch::from_safetensors`].
     pub fn load(path: &Path) -> Result<AnyBatch> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_safetensors(&bytes)
+        Self::from_safetensors(&read_file(path)?)
     }
+}
+
+/// Writes `bytes` to `path` crash-safely (temporary file, sync, rename).
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    tq_core::fsio::write_atomic(path, bytes).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads the whole file at `path`.
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The value of metadata key `key` in a safetensors file (`None` when absent).
+///
+/// # Errors
+/// [`Error::InvalidFormat`] for a malformed header.
+pub(crate) fn metadata_value(bytes: &[u8], key: &str) -> Result<Option<String>> {
+    let (_, header) =
+        SafeTensors::read_metadata(bytes).map_err(|e| bad("header", e.to_string()))?;
+    Ok(header.metadata().as_ref().and_then(|m| m.get(key).cloned()))
+}
+
+/// The same safetensors file with metadata `key = value` added (or replaced). O(file size).
+///
+/// # Errors
+/// [`Error::InvalidFormat`] for a malformed file.
+pub(crate) fn with_metadata(bytes: &[u8], key: &str, value: &str) -> Result<Vec<u8>> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| bad("header", e.to_string()))?;
+    let (_, header) =
+        SafeTensors::read_metadata(bytes).map_err(|e| bad("header", e.to_string()))?;
+    let mut meta = header.metadata().clone().unwrap_or_default();
+    meta.insert(key.to_string(), value.to_string());
+    let out = safetensors::serialize(st.tensors(), Some(meta.clone()))
+        .map_err(|e| bad("header", e.to_string()))?;
+    Ok(sorted_metadata(out, &meta))
 }
 
 fn tensor<'a>(st: &SafeTensors<'a>, name: &'static str, dtype: Dtype) -> Result<TensorView<'a>> {

@@ -630,7 +630,7 @@ impl KiviBatch {
                 let work = |scratch: &mut GroupScratch, (g, o): (usize, &mut [f32])| {
                     self.score_group(query, g, o, fast, scratch)
                 };
-                if q >= score::PARALLEL_MIN_ROWS && rayon::current_num_threads() > 1 {
+                if score::split_rows(q) {
                     coded
                         .par_chunks_mut(c.group)
                         .enumerate()
@@ -650,7 +650,7 @@ impl KiviBatch {
                     *o = simd::dot(&query.q, row);
                 };
                 let init = || (self.scratch(), vec![0.0f32; d]);
-                if q >= score::PARALLEL_MIN_ROWS {
+                if score::split_rows(q) {
                     coded.par_iter_mut().enumerate().for_each_init(init, work);
                 } else {
                     let mut state = init();

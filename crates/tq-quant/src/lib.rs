@@ -7,6 +7,8 @@
 //! - [`MseBatch`] / [`ProdBatch`]: packed, growable batches with parallel quantization, scoring on
 //!   the packed codes through per-query look-up tables, top-k search, and safetensors I/O
 //!   ([`io`]);
+//! - [`Index`]: a faiss-shaped search index (inner product or L2, many queries in parallel) over
+//!   a batch of any kind;
 //! - [`EncodedVectors`]: the contract every batch meets, and [`AnyBatch`] / [`AnyQuantizer`] /
 //!   [`AnyQuery`] over the kinds, built from a [`QuantizerSpec`] when the kind is chosen at run
 //!   time.
@@ -31,6 +33,7 @@ pub mod config;
 pub mod encoded;
 mod error;
 pub mod gmse;
+pub mod index;
 pub mod io;
 pub mod kivi;
 pub mod mse;
@@ -49,6 +52,7 @@ pub use config::{MseConfig, ProdConfig, QjlConfig, ScaleMode, SketchKind};
 pub use encoded::EncodedVectors;
 pub use error::{Error, Result};
 pub use gmse::{GroupMseBatch, GroupMseConfig, GroupMseQuantizer, GroupMseQuery};
+pub use index::{Index, Metric, SearchResults};
 pub use kivi::{KiviAxis, KiviBatch, KiviConfig, KiviQuantizer, KiviQuery};
 pub use mse::{MseBatch, MseQuantizer, MseQuery};
 pub use packed::PackedRows;

@@ -564,7 +564,7 @@ impl PolarBatch {
             self.decode_row_rotated(i, y);
             *o = simd::dot(rq, y);
         };
-        if self.len() >= score::PARALLEL_MIN_ROWS {
+        if score::split_rows(self.len()) {
             out.par_iter_mut()
                 .enumerate()
                 .for_each_init(|| vec![0.0f32; d], |y, p| work(p, y));

@@ -156,13 +156,38 @@ impl Tables {
     }
 }
 
+thread_local! {
+    /// Set while this thread runs one task of work already spread over the pool (one query of a
+    /// many-query search): its row scans then stay on this thread.
+    static SEQUENTIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's row scans kept sequential: for callers that already give the pool
+/// one task per query, where splitting each query's rows again only adds scheduling.
+pub(crate) fn sequential<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SEQUENTIAL.set(self.0);
+        }
+    }
+    let _restore = Restore(SEQUENTIAL.replace(true));
+    f()
+}
+
+/// Whether a scan of `rows` rows should be split across the rayon pool: at least
+/// [`PARALLEL_MIN_ROWS`] rows, more than one thread, and not inside [`sequential`].
+pub(crate) fn split_rows(rows: usize) -> bool {
+    rows >= PARALLEL_MIN_ROWS && rayon::current_num_threads() > 1 && !SEQUENTIAL.get()
+}
+
 /// Runs `f(block, out_chunk)` for every 32-row chunk of `out`, in parallel on the current rayon
-/// pool when there are at least [`PARALLEL_MIN_ROWS`] rows.
+/// pool when [`split_rows`] says so.
 pub(crate) fn for_each_block<F>(out: &mut [f32], f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
-    if out.len() >= PARALLEL_MIN_ROWS && rayon::current_num_threads() > 1 {
+    if split_rows(out.len()) {
         out.par_chunks_mut(BLOCK * 8)
             .enumerate()
             .for_each(|(c, chunk)| {
@@ -177,18 +202,36 @@ where
     }
 }
 
-/// Indices of the `c` largest `scores` (unordered). O(n).
+/// Indices of the `c` largest `scores` (unordered; among equal scores the lower indices). O(n):
+/// one sequential pass that keeps a buffer of at most `2c` candidates above a rising threshold
+/// (the `c`-th best so far), selecting the best `c` whenever the buffer fills, so most rows cost
+/// one comparison and nothing of size `n` is allocated.
 pub(crate) fn top_candidates(scores: &[f32], c: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    let c = c.min(idx.len());
+    let c = c.min(scores.len());
     if c == 0 {
         return Vec::new();
     }
-    if c < idx.len() {
-        idx.select_nth_unstable_by(c - 1, |&a, &b| scores[b].total_cmp(&scores[a]));
-        idx.truncate(c);
+    // Best first: larger score, then lower index.
+    let order = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    let mut buf: Vec<(f32, usize)> = Vec::with_capacity(2 * c);
+    let mut threshold: Option<f32> = None;
+    for (i, &s) in scores.iter().enumerate() {
+        // A row equal to the threshold comes after the rows that set it, so it ranks below them.
+        if threshold.is_some_and(|t| !s.total_cmp(&t).is_gt()) {
+            continue;
+        }
+        buf.push((s, i));
+        if buf.len() == 2 * c {
+            buf.select_nth_unstable_by(c - 1, order);
+            buf.truncate(c);
+            threshold = Some(buf[c - 1].0);
+        }
     }
-    idx
+    if buf.len() > c {
+        buf.select_nth_unstable_by(c - 1, order);
+        buf.truncate(c);
+    }
+    buf.into_iter().map(|(_, i)| i).collect()
 }
 
 /// Sorts hits by descending score (ties by ascending index) and keeps `k`.
@@ -222,6 +265,31 @@ pub(crate) fn rerank_candidates(k: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The streaming selection returns exactly the `c` best by (score descending, index
+    /// ascending), ties and repeated values included, for every `c` from 0 past `n`.
+    #[test]
+    fn top_candidates_match_a_full_sort() {
+        let mut state = 12345u64;
+        for n in [0usize, 1, 2, 7, 64, 1000] {
+            let scores: Vec<f32> = (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    // Few distinct values: many ties.
+                    ((state >> 33) % 17) as f32 - 8.0
+                })
+                .collect();
+            let mut sorted: Vec<usize> = (0..n).collect();
+            sorted.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            for c in [0usize, 1, 3, 10, 50, n, n + 5] {
+                let mut got = top_candidates(&scores, c);
+                got.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+                assert_eq!(got, sorted[..c.min(n)].to_vec(), "n = {n}, c = {c}");
+            }
+        }
+    }
 
     /// The directly built 4-bit uniform tables agree with quantizing the float tables (one `u8`
     /// unit at most, from the multiply-by-inverse rounding), and refilling reuses the tables.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use tq_core::{RotationKind, SeededRng, rng::stream};
-use tq_quant::AnyBatch;
+use tq_quant::{AnyBatch, EncodedVectors};
 use tq_quant::{
     Error, MseBatch, MseConfig, MseQuantizer, ProdBatch, ProdConfig, ProdQuantizer, SketchKind,
 };
@@ -176,4 +176,26 @@ proptest! {
         v[p] ^= 1 << bit;
         let _ = AnyBatch::from_safetensors(&v);
     }
+}
+
+/// The same batch always serializes to the same bytes: the metadata entries are written in key
+/// order, not in the writer's hash-map order (which differs between maps and runs).
+#[test]
+fn saved_bytes_are_deterministic() {
+    let b = mse_batch(64, 3, 50);
+    let first = b.to_safetensors().unwrap();
+    for _ in 0..8 {
+        assert_eq!(b.to_safetensors().unwrap(), first);
+    }
+    let header_len = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&first[8..8 + header_len]).unwrap();
+    let keys = ["\"config\"", "\"format\"", "\"kind\"", "\"version\""];
+    let at: Vec<usize> = keys.iter().map(|k| header.find(k).unwrap()).collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "{header}");
+    let p = prod_batch(32, 2, 10);
+    assert_eq!(p.to_safetensors().unwrap(), p.to_safetensors().unwrap());
+    assert_eq!(
+        AnyBatch::from_safetensors(&first).unwrap().dequantize_all(),
+        AnyBatch::from(b).dequantize_all()
+    );
 }
