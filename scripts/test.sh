@@ -25,6 +25,11 @@ if [ "${CI:-}" = "true" ] || [ "${TQ_SKIP_REAL_MODEL:-0}" != "1" ]; then
 fi
 echo "== cargo test"
 cargo test --workspace --locked
+# The Python package (crates/tq-py): built into the project's venv by maturin, tested by pytest.
+echo "== Python package (maturin develop, pytest)"
+venv="$PWD/$(./scripts/python-venv.sh)"
+VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" maturin develop --quiet --locked -m crates/tq-py/Cargo.toml
+"$venv/bin/python" -m pytest -q crates/tq-py/tests
 # The kernels' length checks must hold where debug assertions are compiled out.
 echo "== soundness tests (release profile)"
 cargo test --release --locked -p tq-core --test soundness

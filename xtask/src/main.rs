@@ -32,6 +32,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "tq-fuzz",
         &["tq-bench", "tq-onnx", "tq-kv", "tq-quant", "tq-core"],
     ),
+    ("tq-py", &["tq-kv", "tq-quant", "tq-core"]),
 ];
 
 /// Largest file allowed in the source tree.
