@@ -665,44 +665,59 @@ impl MseBatch {
     /// stored scale, plus the query's mean offset.
     fn score_blocks(&self, query: &MseQuery, out: &mut [f32], fast: bool) -> Result<()> {
         self.check_out(out)?;
-        let bits = self.quantizer.bits();
-        score::for_each_block(out, |b, o| {
-            if fast {
-                query.block_dots_fast(&self.codes, b, bits, o);
-            } else {
-                query.block_dots_exact(&self.codes, b, bits, o);
-            }
-            for (v, &n) in o.iter_mut().zip(&self.norms[b * BLOCK..]) {
-                *v = *v * n + query.offset;
-            }
-        });
+        score::for_each_block(out, |b, o| self.score_block(query, b, o, fast));
         Ok(())
+    }
+
+    /// Scores block `b` into `o` (its rows, at most 32): unit dots times the stored scale, plus
+    /// the query's mean offset.
+    fn score_block(&self, query: &MseQuery, b: usize, o: &mut [f32], fast: bool) {
+        let bits = self.quantizer.bits();
+        if fast {
+            query.block_dots_fast(&self.codes, b, bits, o);
+        } else {
+            query.block_dots_exact(&self.codes, b, bits, o);
+        }
+        for (v, &n) in o.iter_mut().zip(&self.norms[b * BLOCK..]) {
+            *v = *v * n + query.offset;
+        }
     }
 
     /// The `k` rows with the largest estimated inner product, best first: fast scores for all rows,
     /// then the best `max(4k, k + 32)` re-scored with the exact tables. O(n + k log k).
     pub fn top_k(&self, query: &MseQuery, k: usize) -> Vec<Hit> {
-        let mut scores = vec![0.0; self.len()];
-        let _ = self.score_into(query, &mut scores);
-        if !query.has_fast_path() {
-            let idx = score::top_candidates(&scores, k);
-            return score::finish_hits(
-                idx.into_iter()
-                    .map(|i| Hit {
-                        index: i,
-                        score: scores[i],
-                    })
-                    .collect(),
-                k,
-            );
+        let fast = query.has_fast_path();
+        let mut sel = score::Candidates::new(if fast { score::rerank_candidates(k) } else { k });
+        if score::split_rows(self.len()) {
+            // A large batch and a free pool: score in parallel, then select.
+            let mut scores = vec![0.0; self.len()];
+            let _ = self.score_into(query, &mut scores);
+            for (b, chunk) in scores.chunks(BLOCK).enumerate() {
+                sel.push(b * BLOCK, chunk);
+            }
+        } else {
+            // One pass, block by block: nothing of the batch's size is allocated.
+            let mut o = [0.0f32; BLOCK];
+            for b in 0..self.len().div_ceil(BLOCK) {
+                let o = &mut o[..(self.len() - b * BLOCK).min(BLOCK)];
+                self.score_block(query, b, o, true);
+                sel.push(b * BLOCK, o);
+            }
         }
-        let cand = score::top_candidates(&scores, score::rerank_candidates(k));
+        let cand = sel.finish();
+        if !fast {
+            let hits = cand
+                .into_iter()
+                .map(|(score, index)| Hit { index, score })
+                .collect();
+            return score::finish_hits(hits, k);
+        }
         let mut packed = vec![0u8; self.codes.row_bytes()];
         let mut codes = vec![0u8; self.quantizer.dim()];
         let bits = self.quantizer.bits();
         let hits = cand
             .into_iter()
-            .map(|i| {
+            .map(|(_, i)| {
                 self.codes.read_row(i, &mut packed);
                 Hit {
                     index: i,

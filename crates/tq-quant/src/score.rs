@@ -202,36 +202,77 @@ where
     }
 }
 
-/// Indices of the `c` largest `scores` (unordered; among equal scores the lower indices). O(n):
-/// one sequential pass that keeps a buffer of at most `2c` candidates above a rising threshold
-/// (the `c`-th best so far), selecting the best `c` whenever the buffer fills, so most rows cost
-/// one comparison and nothing of size `n` is allocated.
+/// A streaming selection of the `c` best (score, row) pairs: larger score first, then lower row.
+/// Rows arrive in ascending order, in chunks; a buffer of at most `2c` candidates sits above a
+/// rising threshold (the `c`-th best so far) and is cut back to the best `c` whenever it fills, so
+/// most rows cost one comparison and nothing of the batch's size is allocated. O(n) overall.
+pub(crate) struct Candidates {
+    c: usize,
+    buf: Vec<(f32, usize)>,
+    threshold: f32,
+    full: bool,
+}
+
+/// Best first: larger score, then lower index.
+fn best_first(a: &(f32, usize), b: &(f32, usize)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+impl Candidates {
+    /// Keeps the best `c`.
+    pub(crate) fn new(c: usize) -> Self {
+        Self {
+            c,
+            buf: Vec::with_capacity(2 * c),
+            threshold: f32::NEG_INFINITY,
+            full: false,
+        }
+    }
+
+    /// Offers rows `start..start + chunk.len()` with these scores (chunks in ascending order).
+    pub(crate) fn push(&mut self, start: usize, chunk: &[f32]) {
+        if self.c == 0 {
+            return;
+        }
+        // Most chunks lie wholly at or below the threshold once it has risen: one comparison
+        // per row without an early exit (so it vectorizes) skips them. Scores are finite; a NaN
+        // would never pass `>` and is skipped.
+        let t = self.threshold;
+        if self.full && !chunk.iter().fold(false, |any, &v| any | (v > t)) {
+            return;
+        }
+        for (j, &s) in chunk.iter().enumerate() {
+            // A row equal to the threshold comes after the rows that set it: it ranks below them.
+            if self.full && s <= self.threshold {
+                continue;
+            }
+            self.buf.push((s, start + j));
+            if self.buf.len() == 2 * self.c {
+                self.buf.select_nth_unstable_by(self.c - 1, best_first);
+                self.buf.truncate(self.c);
+                self.threshold = self.buf[self.c - 1].0;
+                self.full = true;
+            }
+        }
+    }
+
+    /// The best `min(c, rows offered)` (score, row) pairs, unordered.
+    pub(crate) fn finish(mut self) -> Vec<(f32, usize)> {
+        if self.buf.len() > self.c {
+            self.buf.select_nth_unstable_by(self.c - 1, best_first);
+            self.buf.truncate(self.c);
+        }
+        self.buf
+    }
+}
+
+/// Indices of the `c` largest `scores` (unordered; among equal scores the lower indices). O(n).
 pub(crate) fn top_candidates(scores: &[f32], c: usize) -> Vec<usize> {
-    let c = c.min(scores.len());
-    if c == 0 {
-        return Vec::new();
+    let mut cand = Candidates::new(c);
+    for (i, chunk) in scores.chunks(BLOCK).enumerate() {
+        cand.push(i * BLOCK, chunk);
     }
-    // Best first: larger score, then lower index.
-    let order = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-    let mut buf: Vec<(f32, usize)> = Vec::with_capacity(2 * c);
-    let mut threshold: Option<f32> = None;
-    for (i, &s) in scores.iter().enumerate() {
-        // A row equal to the threshold comes after the rows that set it, so it ranks below them.
-        if threshold.is_some_and(|t| !s.total_cmp(&t).is_gt()) {
-            continue;
-        }
-        buf.push((s, i));
-        if buf.len() == 2 * c {
-            buf.select_nth_unstable_by(c - 1, order);
-            buf.truncate(c);
-            threshold = Some(buf[c - 1].0);
-        }
-    }
-    if buf.len() > c {
-        buf.select_nth_unstable_by(c - 1, order);
-        buf.truncate(c);
-    }
-    buf.into_iter().map(|(_, i)| i).collect()
+    cand.finish().into_iter().map(|(_, i)| i).collect()
 }
 
 /// Sorts hits by descending score (ties by ascending index) and keeps `k`.
