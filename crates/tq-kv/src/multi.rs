@@ -177,14 +177,10 @@ impl MultiHeadCache {
             })
     }
 
-    /// A block of `m = limits.len()` queries per head (`[n_q_heads, m, d]`), query `i` attending to
-    /// the first `limits[i]` tokens; `out` like `queries`.
-    ///
-    /// # Errors
-    /// [`Error::Shape`], [`Error::NonFinite`], [`Error::PositionOutOfRange`].
-    pub fn attend_block(&self, queries: &[f32], limits: &[usize], out: &mut [f32]) -> Result<()> {
-        let d = self.head_dim();
-        let per = limits.len() * d;
+    /// Checks a block of `limits.len()` queries per query head and its output; returns the
+    /// values per query head (`limits.len() · d`).
+    fn check_block(&self, queries: &[f32], limits: &[usize], out: &[f32]) -> Result<usize> {
+        let per = limits.len() * self.head_dim();
         let want = self.n_q_heads.checked_mul(per).ok_or(Error::Shape {
             what: "queries",
             expected: usize::MAX,
@@ -192,6 +188,16 @@ impl MultiHeadCache {
         })?;
         check_len("queries", queries.len(), want)?;
         check_len("output", out.len(), queries.len())?;
+        Ok(per)
+    }
+
+    /// A block of `m = limits.len()` queries per head (`[n_q_heads, m, d]`), query `i` attending to
+    /// the first `limits[i]` tokens; `out` like `queries`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`], [`Error::NonFinite`], [`Error::PositionOutOfRange`].
+    pub fn attend_block(&self, queries: &[f32], limits: &[usize], out: &mut [f32]) -> Result<()> {
+        let per = self.check_block(queries, limits, out)?;
         // The query heads of one kv head are consecutive, so a group's queries are one contiguous
         // run: they attend together and share one decode of the value codes.
         let group = self.n_q_heads / self.heads.len();
@@ -207,6 +213,72 @@ impl MultiHeadCache {
             jobs.collect::<Vec<_>>().into_par_iter().try_for_each(run)
         } else {
             jobs.into_iter().try_for_each(run)
+        }
+    }
+
+    /// One decoder step: appends `n` tokens (`keys`, `values` `[n_kv_heads, n, d]`) and computes
+    /// the attention of `m = limits.len()` queries per head (`[n_q_heads, m, d]`, query `i` over
+    /// the first `limits[i]` tokens counting the new ones) with the new tokens still exact, then
+    /// quantizes what leaves each head's window ([`HeadCache::append_attend`]); `out` like
+    /// `queries`. Heads in parallel for long contexts.
+    ///
+    /// # Errors
+    /// [`Error::Shape`], [`Error::NonFinite`], [`Error::PositionOutOfRange`] and the heads'
+    /// append errors; nothing changes when the tokens, queries or limits are refused.
+    pub fn append_attend(
+        &mut self,
+        keys: &[f32],
+        values: &[f32],
+        queries: &[f32],
+        limits: &[usize],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let d = self.head_dim();
+        let kv = self.heads.len();
+        if !keys.len().is_multiple_of(kv * d) {
+            return Err(Error::Shape {
+                what: "keys",
+                expected: keys.len() / (kv * d) * kv * d,
+                got: keys.len(),
+            });
+        }
+        check_len("values", values.len(), keys.len())?;
+        let per_kv = keys.len() / kv;
+        let per_q = self.check_block(queries, limits, out)?;
+        crate::error::check_finite("queries", queries)?;
+        let len = self.len() + per_kv / d;
+        if let Some(&limit) = limits.iter().find(|&&l| l == 0 || l > len) {
+            return Err(Error::PositionOutOfRange { limit, len });
+        }
+        for (h, head) in self.heads.iter().enumerate() {
+            let r = h * per_kv..(h + 1) * per_kv;
+            head.check_append(&keys[r.clone()], &values[r])?;
+        }
+        let group = self.n_q_heads / kv;
+        let limits_rep: Vec<usize> = (0..group).flat_map(|_| limits.iter().copied()).collect();
+        let par = self.parallel(len * limits.len() * group);
+        let limits_rep = &limits_rep;
+        // One job per kv head: its new rows, its group's queries and outputs.
+        let jobs = self
+            .heads
+            .iter_mut()
+            .enumerate()
+            .zip(
+                queries
+                    .chunks_exact(group * per_q)
+                    .zip(out.chunks_exact_mut(group * per_q)),
+            )
+            .map(|((h, head), (q, o))| {
+                let r = h * per_kv..(h + 1) * per_kv;
+                let (k, v) = (&keys[r.clone()], &values[r]);
+                move || head.append_attend(k, v, q, limits_rep, o)
+            });
+        if par {
+            jobs.collect::<Vec<_>>()
+                .into_par_iter()
+                .try_for_each(|mut job| job())
+        } else {
+            jobs.into_iter().try_for_each(|mut job| job())
         }
     }
 

@@ -645,3 +645,57 @@ fn a_refused_append_changes_nothing() {
         assert_eq!(m.len(), 0);
     }
 }
+
+/// One decoder step on the cache: the step's new tokens are attended exactly (the old ones on
+/// their codes), causally, and afterwards the cache holds what a plain append gives.
+#[test]
+fn append_attend_sees_the_new_tokens_exact_then_quantizes_them() {
+    let (d, old, new) = (64, 40, 5);
+    for (window, strategy) in [
+        (0, KeyStrategy::Mse),
+        (2, KeyStrategy::Mse),
+        (0, KeyStrategy::Kivi),
+    ] {
+        let mut cfg = HeadConfig::new(d, Precision::Uniform(3), Precision::Uniform(3));
+        cfg.window = window;
+        cfg.key_strategy = strategy;
+        cfg.group = 16;
+        cfg.score_mode = ScoreMode::Exact;
+        let none = HeadCalibration::default();
+        let (k0, v0) = (rows(old, d, 1), rows(old, d, 2));
+        let (k1, v1) = (rows(new, d, 3), rows(new, d, 4));
+        let q = rows(new, d, 5);
+        let mut a = HeadCache::new(cfg.clone(), &none).unwrap();
+        a.append(&k0, &v0).unwrap();
+        let mut b = a.clone();
+        // Reference: the old tokens as the cache decodes them, the new ones exact.
+        let (mut keys, mut values) = (a.keys().unwrap(), a.values().unwrap());
+        keys.extend_from_slice(&k1);
+        values.extend_from_slice(&v1);
+        let limits: Vec<usize> = (old + 1..=old + new).collect();
+        let mut out = vec![0.0; new * d];
+        a.append_attend(&k1, &v1, &q, &limits, &mut out).unwrap();
+        for (i, &lim) in limits.iter().enumerate() {
+            let want = attention(&q[i * d..(i + 1) * d], &keys, &values, d, lim);
+            let err = out[i * d..(i + 1) * d]
+                .iter()
+                .zip(&want)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err < 1e-4, "w{window} {strategy:?} query {i}: {err}");
+        }
+        b.append(&k1, &v1).unwrap();
+        assert_eq!(a.len(), b.len());
+        assert_eq!(a.window_len(), b.window_len());
+        assert_eq!(a.memory_bytes(), b.memory_bytes());
+        assert_eq!(a.keys().unwrap(), b.keys().unwrap());
+        assert_eq!(a.values().unwrap(), b.values().unwrap());
+        // A limit past the new length changes nothing.
+        let before = a.len();
+        let bad = [before + new + 1; 1];
+        assert!(matches!(
+            a.append_attend(&k1, &v1, &q[..d], &bad, &mut out[..d]),
+            Err(Error::PositionOutOfRange { .. })
+        ));
+        assert_eq!(a.len(), before);
+    }
+}

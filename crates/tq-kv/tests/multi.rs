@@ -89,3 +89,47 @@ fn model_cache_and_errors() {
     empty.attend(&rows(4 * 32, 7), &mut out).unwrap();
     assert!(out.iter().all(|&x| x == 0.0));
 }
+
+/// The layer's step equals each kv head's step with its group of query heads.
+#[test]
+fn multi_head_append_attend_is_each_heads_step() {
+    use tq_kv::{HeadCache, HeadCalibration};
+    let (d, kv, q_heads, old, new) = (32, 2, 6, 20, 3);
+    let cfg = HeadConfig::new(d, Precision::Uniform(4), Precision::Uniform(4));
+    let data = |n: usize, seed: u64| {
+        let mut r = tq_core::SeededRng::new(seed, tq_core::rng::stream::DATA);
+        (0..n).map(|_| r.gaussian() as f32).collect::<Vec<f32>>()
+    };
+    let mut layer = MultiHeadCache::new(q_heads, kv, &cfg, &[]).unwrap();
+    let (k0, v0) = (data(kv * old * d, 1), data(kv * old * d, 2));
+    layer.append(&k0, &v0).unwrap();
+    let (k1, v1) = (data(kv * new * d, 3), data(kv * new * d, 4));
+    let q = data(q_heads * new * d, 5);
+    let limits: Vec<usize> = (old + 1..=old + new).collect();
+    let mut out = vec![0.0; q.len()];
+    layer
+        .append_attend(&k1, &v1, &q, &limits, &mut out)
+        .unwrap();
+    let group = q_heads / kv;
+    let reps: Vec<usize> = (0..group).flat_map(|_| limits.iter().copied()).collect();
+    for h in 0..kv {
+        let mut head = HeadCache::new(cfg.clone(), &HeadCalibration::default()).unwrap();
+        head.append(
+            &k0[h * old * d..(h + 1) * old * d],
+            &v0[h * old * d..(h + 1) * old * d],
+        )
+        .unwrap();
+        let r = h * group * new * d..(h + 1) * group * new * d;
+        let mut want = vec![0.0; r.len()];
+        head.append_attend(
+            &k1[h * new * d..(h + 1) * new * d],
+            &v1[h * new * d..(h + 1) * new * d],
+            &q[r.clone()],
+            &reps,
+            &mut want,
+        )
+        .unwrap();
+        assert_eq!(&out[r], &want[..]);
+    }
+    assert_eq!(layer.len(), old + new);
+}

@@ -129,3 +129,60 @@ fn smollm2_answers_and_a_4_bit_cache_tracks_the_exact_run() {
 fn ratio(run: &tq_onnx::Run) -> f64 {
     run.f16_bytes as f64 / run.kv_bytes as f64
 }
+
+/// The native path (tract runs the stages around attention, tq-kv attends on its cache, no float
+/// past) on SmolLM2: greedy decoding with exact storage answers the reference prompt, its logits
+/// equal the float run's at every step, and with the documented default cache (exact scores)
+/// they equal the float path over the same codes.
+#[test]
+fn smollm2_native_path_matches_the_float_path() {
+    use tq_kv::ScoreMode;
+    use tq_onnx::{NativeDecoder, Sequence};
+    let Some(dir) = model_dir() else { return };
+    let float = Decoder::open(&dir).unwrap();
+    let native = NativeDecoder::open(&dir).unwrap();
+    let b = float.bundle();
+    let ids = b
+        .encode(&b.chat_prompt("What is the capital of France?").unwrap())
+        .unwrap();
+    let mut config = HeadConfig::recommended(64);
+    config.score_mode = ScoreMode::Exact;
+    let quantized = CacheSpec::Quantized {
+        config: config.clone(),
+        calibration: Vec::new(),
+    };
+    for (label, spec, mut cache) in [
+        ("exact", CacheSpec::Exact, native.exact_cache().unwrap()),
+        (
+            "default",
+            quantized,
+            native.new_cache(&config, &[]).unwrap(),
+        ),
+    ] {
+        let mut seq = Sequence::new(&float, &spec).unwrap();
+        let (mut next, mut tokens, mut worst) = (ids.clone(), Vec::new(), 0.0f32);
+        for _ in 0..8 {
+            let a = seq.feed(&next).unwrap().logits;
+            let n = native.step(&next, &mut cache).unwrap();
+            let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let diff = a
+                .iter()
+                .zip(&n)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            worst = worst.max(diff / scale);
+            let best = n
+                .iter()
+                .enumerate()
+                .max_by(|x, y| x.1.total_cmp(y.1))
+                .unwrap()
+                .0;
+            tokens.push(best as u32);
+            next = vec![best as u32];
+        }
+        eprintln!("native vs float, {label} cache: worst relative logit difference {worst:.2e}");
+        assert!(worst < 1e-4, "{worst}");
+        if matches!(spec, CacheSpec::Exact) {
+            assert_eq!(tokens, [504, 3575, 282, 4649, 314, 7042, 30, 2]);
+        }
+    }
+}
