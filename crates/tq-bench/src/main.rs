@@ -47,9 +47,11 @@ enum Command {
     /// Without --trace, a built-in synthetic trace with outlier channels is used.
     Trace(trace::TraceArgs),
     /// A real decoder-only model (ONNX bundle: model.onnx, tokenizer.json, config.json) run by
-    /// tract with its KV cache exact or stored as TurboQuant codes. Only the new tokens' keys and
-    /// values are quantized each step; the float past fed back is decoded from the codes (tract
-    /// runs float attention; the cache's storage and information are quantized).
+    /// tract with its KV cache exact or stored as TurboQuant codes. Native attention (the default
+    /// where the bundle has native/ stages): tract runs the model cut around attention and tq-kv
+    /// attends on the packed codes, keeping no float past. Float attention (--attention float,
+    /// or a bundle without stages): the float past fed back is decoded from the codes and tract
+    /// attends over it.
     ///
     /// compare: the exact run generates; each configuration replays the exact tokens in
     /// lock-step (logit RMSE, top-1, top-k, KL, perplexity of the exact tokens) and generates on

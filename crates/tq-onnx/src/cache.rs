@@ -6,13 +6,14 @@
 //! and KIVI key groups that filled: everything past [`tq_kv::HeadCache::settled_len`]) are
 //! decoded from their codes into the float past fed to the next step. tract still
 //! runs float attention over that past; what is quantized is the cache's storage and so its
-//! information.
+//! information. On a native decoder ([`Attention::Native`]) the cache is all there is: each step
+//! attends on it ([`crate::native`]), and an exact sequence keeps every token in f32.
 
-use tq_kv::{HeadCalibration, HeadConfig, ModelCache, MultiHeadCache, OutlierChoice};
+use tq_kv::{HeadCalibration, HeadConfig, ModelCache, OutlierChoice};
 use tract_onnx::prelude::*;
 
 use crate::error::tract;
-use crate::runner::{Decoder, KvTensors, StepOutput, plain_f32};
+use crate::runner::{Attention, Decoder, KvTensors, StepOutput, plain_f32};
 use crate::{Error, Result};
 
 /// How the KV cache is stored.
@@ -46,11 +47,44 @@ pub fn calibrate(
     if !HeadCalibration::needed(config) {
         return Ok(Vec::new());
     }
-    let out = decoder.step(ids, &decoder.empty_past()?)?;
     let (d, t) = (decoder.head_dim(), ids.len());
-    (0..decoder.layers())
-        .map(|l| {
-            let (k, v) = (out.present.keys_of(l)?, out.present.values_of(l)?);
+    // Each layer's exact keys and values of `ids`, `[kv_heads, t, d]`.
+    let layers: Vec<(Vec<f32>, Vec<f32>)> = match decoder.attention() {
+        Attention::Float => {
+            let out = decoder.step(ids, &decoder.empty_past()?)?;
+            (0..decoder.layers())
+                .map(|l| {
+                    Ok((
+                        out.present.keys_of(l)?.to_vec(),
+                        out.present.values_of(l)?.to_vec(),
+                    ))
+                })
+                .collect::<Result<_>>()?
+        }
+        Attention::Native => {
+            let mut cache = decoder.exact_cache()?;
+            decoder.native_step(ids, &mut cache)?;
+            (0..decoder.layers())
+                .map(|l| {
+                    let layer = cache
+                        .layer(l)
+                        .ok_or_else(|| Error::InvalidArgument(format!("layer {l}")))?;
+                    let (mut k, mut v) = (Vec::new(), Vec::new());
+                    for h in 0..decoder.kv_heads() {
+                        let head = layer
+                            .head(h)
+                            .ok_or_else(|| Error::InvalidArgument(format!("kv head {h}")))?;
+                        k.extend(head.keys()?);
+                        v.extend(head.values()?);
+                    }
+                    Ok((k, v))
+                })
+                .collect::<Result<_>>()?
+        }
+    };
+    layers
+        .iter()
+        .map(|(k, v)| {
             (0..decoder.kv_heads())
                 .map(|h| {
                     let r = h * t * d..(h + 1) * t * d;
@@ -70,8 +104,10 @@ pub fn calibrate(
 #[derive(Debug)]
 pub struct Sequence<'a> {
     decoder: &'a Decoder,
+    /// The float path's past (stays empty on the native path).
     past: KvTensors,
     quant: Option<ModelCache>,
+    len: usize,
 }
 
 impl<'a> Sequence<'a> {
@@ -81,53 +117,28 @@ impl<'a> Sequence<'a> {
     /// [`Error::InvalidArgument`] when the calibration does not cover every layer and kv head;
     /// cache construction errors (e.g. a head dimension the precision cannot split).
     pub fn new(decoder: &'a Decoder, spec: &CacheSpec) -> Result<Self> {
-        let quant = match spec {
-            CacheSpec::Exact => None,
-            CacheSpec::Quantized {
-                config,
-                calibration,
-            } => {
-                if config.head_dim != decoder.head_dim() {
-                    return Err(Error::InvalidArgument(format!(
-                        "cache head_dim {} differs from the model's {}",
-                        config.head_dim,
-                        decoder.head_dim()
-                    )));
-                }
-                let (layers, kv) = (decoder.layers(), decoder.kv_heads());
-                if !calibration.is_empty()
-                    && (calibration.len() != layers || calibration.iter().any(|c| c.len() != kv))
-                {
-                    return Err(Error::InvalidArgument(format!(
-                        "the calibration must cover {layers} layers x {kv} kv heads"
-                    )));
-                }
-                if calibration.is_empty() && HeadCalibration::needed(config) {
-                    return Err(Error::InvalidArgument(
-                        "split precisions and centring need a calibration (see `calibrate`)".into(),
-                    ));
-                }
-                let q_heads = decoder.config().q_heads;
-                let layers = (0..layers)
-                    .map(|l| {
-                        let cal: &[HeadCalibration] =
-                            calibration.get(l).map(Vec::as_slice).unwrap_or(&[]);
-                        MultiHeadCache::new(q_heads, kv, config, cal)
-                    })
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                Some(ModelCache::from_layers(layers))
-            }
+        let quant = match (spec, decoder.attention()) {
+            (CacheSpec::Exact, Attention::Float) => None,
+            (CacheSpec::Exact, Attention::Native) => Some(decoder.exact_cache()?),
+            (
+                CacheSpec::Quantized {
+                    config,
+                    calibration,
+                },
+                _,
+            ) => Some(decoder.new_cache(config, calibration)?),
         };
         Ok(Self {
             decoder,
             past: decoder.empty_past()?,
             quant,
+            len: 0,
         })
     }
 
     /// Tokens held.
     pub fn len(&self) -> usize {
-        self.past.len()
+        self.len
     }
 
     /// `true` before the first step.
@@ -135,7 +146,8 @@ impl<'a> Sequence<'a> {
         self.len() == 0
     }
 
-    /// The float past the next step sees (decoded from codes when quantized).
+    /// The float past the next step sees (decoded from codes when quantized); empty on the
+    /// native path, which keeps none.
     pub fn past(&self) -> &KvTensors {
         &self.past
     }
@@ -153,6 +165,11 @@ impl<'a> Sequence<'a> {
         }
     }
 
+    /// Where this sequence's attention runs.
+    pub fn attention(&self) -> Attention {
+        self.decoder.attention()
+    }
+
     /// Bytes of the same key-values in f16 (the usual storage of an unquantized cache).
     pub fn f16_bytes(&self) -> usize {
         2 * 2
@@ -168,6 +185,19 @@ impl<'a> Sequence<'a> {
     /// # Errors
     /// As [`Decoder::step`]; cache errors.
     pub fn feed(&mut self, ids: &[u32]) -> Result<StepOutput> {
+        if self.decoder.attention() == Attention::Native {
+            let cache = self
+                .quant
+                .as_mut()
+                .ok_or_else(|| Error::InvalidArgument("a native sequence keeps a cache".into()))?;
+            let logits = self.decoder.native_step(ids, cache)?;
+            self.len += ids.len();
+            return Ok(StepOutput {
+                logits,
+                present: self.past.clone(),
+                queries: None,
+            });
+        }
         let mut out = self.decoder.step(ids, &self.past)?;
         if let Some(cache) = &mut self.quant {
             let (d, kv) = (self.decoder.head_dim(), self.decoder.kv_heads());
@@ -220,6 +250,7 @@ impl<'a> Sequence<'a> {
             }
         }
         self.past = out.present.clone();
+        self.len = self.past.len();
         Ok(out)
     }
 }

@@ -9,7 +9,7 @@ use tq_kv::{KvTrace, TraceMeta};
 
 use crate::cache::{CacheSpec, Sequence};
 use crate::metrics::{LogitComparison, argmax, top_k};
-use crate::runner::Decoder;
+use crate::runner::{Attention, Decoder};
 use crate::{Error, Result};
 
 /// How the next token is chosen from the logits.
@@ -185,6 +185,11 @@ fn drive(
         Next::Choose { max_new, .. } => *max_new,
         Next::Given(t) => t.len(),
     };
+    if keep.trace && decoder.attention() == Attention::Native {
+        return Err(Error::Unsupported(
+            "trace dumps read the float past: open the decoder with float attention".into(),
+        ));
+    }
     let mut seq = Sequence::new(decoder, spec)?;
     let mut run = Run {
         prompt: prompt.to_vec(),

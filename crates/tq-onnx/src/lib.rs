@@ -8,7 +8,7 @@
 //! - [`Sequence`] with a [`CacheSpec`]: exact, or quantized (only the new tokens' K/V are
 //!   quantized each step; the float past fed back is decoded from the codes, so tract still runs
 //!   float attention while the cache's storage and information are quantized);
-//! - [`NativeDecoder`]: the native path of the project's exports (tract runs the model cut
+//! - [`Attention::Native`]: the native path of the project's exports (tract runs the model cut
 //!   around attention; tq-kv attends on its packed codes, no float past);
 //! - [`generate`], [`replay`], [`teacher_forced`], [`trace_of`] and the [`LogitComparison`]
 //!   metrics (logit RMSE, top-1, top-k, KL, perplexity).
@@ -48,6 +48,5 @@ pub use eval::{
     token_match, trace_of,
 };
 pub use metrics::{LogitComparison, LogitMetrics};
-pub use native::NativeDecoder;
-pub use runner::{Decoder, KvTensors, StepOutput};
+pub use runner::{Attention, Decoder, KvTensors, StepOutput};
 pub use tq_kv::OutlierChoice;

@@ -14,11 +14,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tq_kv::{HeadCalibration, HeadConfig, ModelCache, MultiHeadCache};
+use tq_kv::{ModelCache, MultiHeadCache};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
-use crate::bundle::Bundle;
+use crate::bundle::{Bundle, ModelConfig};
 use crate::error::tract;
 use crate::runner::plain_f32;
 use crate::{Error, Result};
@@ -40,21 +40,10 @@ enum StageInput {
     Positions,
 }
 
-/// A decoder run through its native stages (see the [module docs](self)).
-pub struct NativeDecoder {
-    bundle: Bundle,
+/// A bundle's native stages (see the [module docs](self)), run by [`crate::Decoder`] when it is
+/// opened with [`crate::Attention::Native`].
+pub(crate) struct Stages {
     stages: Vec<Stage>,
-    hidden: usize,
-}
-
-impl std::fmt::Debug for NativeDecoder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NativeDecoder")
-            .field("bundle", &self.bundle)
-            .field("stages", &self.stages.len())
-            .field("hidden", &self.hidden)
-            .finish()
-    }
 }
 
 /// The stage file of stage `i`.
@@ -62,30 +51,21 @@ fn stage_path(dir: &Path, i: usize) -> std::path::PathBuf {
     dir.join("native").join(format!("stage{i}.onnx"))
 }
 
-impl NativeDecoder {
-    /// Whether the bundle in `dir` has native stages (`native/stage0.onnx`).
-    pub fn available(dir: impl AsRef<Path>) -> bool {
-        stage_path(dir.as_ref(), 0).is_file()
-    }
+/// Whether the bundle in `dir` has native stages (`native/stage0.onnx`).
+pub(crate) fn available(dir: &Path) -> bool {
+    stage_path(dir, 0).is_file()
+}
 
-    /// Opens the bundle in `dir` and loads its `L + 1` stages.
+impl Stages {
+    /// Loads the `L + 1` stages of an opened bundle.
     ///
     /// # Errors
-    /// Bundle errors; [`Error::MissingFile`] naming the first missing stage;
-    /// [`Error::Unsupported`] for a stage without the inputs / outputs it needs;
-    /// [`Error::Tract`] when tract cannot load or optimize a stage.
-    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        Self::load(Bundle::open(dir)?)
-    }
-
-    /// Loads the stages of an opened bundle.
-    ///
-    /// # Errors
-    /// As [`NativeDecoder::open`].
-    pub fn load(bundle: Bundle) -> Result<Self> {
+    /// [`Error::MissingFile`] naming the first missing stage; [`Error::Unsupported`] for a stage
+    /// without the inputs / outputs it needs; [`Error::Tract`] when tract cannot load or
+    /// optimize a stage.
+    pub(crate) fn load(bundle: &Bundle) -> Result<Self> {
         let layers = bundle.config.layers;
         let mut stages = Vec::with_capacity(layers + 1);
-        let mut hidden = 0;
         for i in 0..=layers {
             let path = stage_path(&bundle.dir, i);
             if !path.is_file() {
@@ -95,20 +75,12 @@ impl NativeDecoder {
                     tried: format!("native/stage{i}.onnx"),
                 });
             }
-            let (stage, h) = Self::load_stage(&path, i, layers)?;
-            if let Some(h) = h {
-                hidden = h;
-            }
-            stages.push(stage);
+            stages.push(Self::load_stage(&path, i, layers)?);
         }
-        Ok(Self {
-            bundle,
-            stages,
-            hidden,
-        })
+        Ok(Self { stages })
     }
 
-    fn load_stage(path: &Path, i: usize, layers: usize) -> Result<(Stage, Option<usize>)> {
+    fn load_stage(path: &Path, i: usize, layers: usize) -> Result<Stage> {
         let what = format!("native stage {i}");
         let bad = |m: String| Error::Unsupported(format!("{}: {m}", path.display()));
         let mut model = tract_onnx::onnx()
@@ -119,7 +91,6 @@ impl NativeDecoder {
         let s = model.symbols.sym("S");
         let one = 1usize.to_dim();
         let mut inputs = Vec::new();
-        let mut hidden = None;
         for (ix, outlet) in model
             .input_outlets()
             .map_err(tract(&what))?
@@ -149,9 +120,6 @@ impl NativeDecoder {
                         .and_then(|d| d.as_i64())
                         .ok_or_else(|| bad(format!("input `{name}` has no fixed width")))?
                         as usize;
-                    if role == StageInput::Hidden {
-                        hidden = Some(width);
-                    }
                     InferenceFact::dt_shape(
                         f32::datum_type(),
                         tvec![one.clone(), s.to_dim(), width.to_dim()],
@@ -209,65 +177,11 @@ impl NativeDecoder {
             .map_err(tract(&what))?
             .into_runnable()
             .map_err(tract(&what))?;
-        Ok((
-            Stage {
-                plan,
-                inputs,
-                outputs,
-            },
-            hidden,
-        ))
-    }
-
-    /// The bundle (tokenizer, config).
-    pub fn bundle(&self) -> &Bundle {
-        &self.bundle
-    }
-
-    /// A cache for this model: `config` for every head, `calibration[layer][kv_head]` (or
-    /// empty).
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] for a head dimension other than the model's or a calibration
-    /// that does not cover every layer and kv head; cache construction errors.
-    pub fn new_cache(
-        &self,
-        config: &HeadConfig,
-        calibration: &[Vec<HeadCalibration>],
-    ) -> Result<ModelCache> {
-        let c = &self.bundle.config;
-        if config.head_dim != c.head_dim {
-            return Err(Error::InvalidArgument(format!(
-                "cache head_dim {} differs from the model's {}",
-                config.head_dim, c.head_dim
-            )));
-        }
-        if !calibration.is_empty()
-            && (calibration.len() != c.layers || calibration.iter().any(|l| l.len() != c.kv_heads))
-        {
-            return Err(Error::InvalidArgument(format!(
-                "the calibration must cover {} layers x {} kv heads",
-                c.layers, c.kv_heads
-            )));
-        }
-        let layers = (0..c.layers)
-            .map(|l| {
-                let cal = calibration.get(l).map(Vec::as_slice).unwrap_or(&[]);
-                MultiHeadCache::new(c.q_heads, c.kv_heads, config, cal)
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(ModelCache::from_layers(layers))
-    }
-
-    /// An exact cache: every token kept in f32 (the window holds them all), so attention is the
-    /// float model's.
-    ///
-    /// # Errors
-    /// As [`NativeDecoder::new_cache`].
-    pub fn exact_cache(&self) -> Result<ModelCache> {
-        let mut config = HeadConfig::paper(self.bundle.config.head_dim);
-        config.window = usize::MAX;
-        self.new_cache(&config, &[])
+        Ok(Stage {
+            plan,
+            inputs,
+            outputs,
+        })
     }
 
     /// Runs `ids` (S ≥ 1 new tokens at positions `P..P+S`, `P = cache.len()`): every stage, and
@@ -279,8 +193,12 @@ impl NativeDecoder {
     /// another shape; [`Error::Tract`] when a stage fails; [`Error::Unsupported`] for stage
     /// outputs of an unexpected shape; cache errors (the cache may then hold the step's tokens in
     /// some layers only: truncate it to `P` to retry).
-    pub fn step(&self, ids: &[u32], cache: &mut ModelCache) -> Result<Vec<f32>> {
-        let c = &self.bundle.config;
+    pub(crate) fn step(
+        &self,
+        c: &ModelConfig,
+        ids: &[u32],
+        cache: &mut ModelCache,
+    ) -> Result<Vec<f32>> {
         let s = ids.len();
         if s == 0 {
             return Err(Error::InvalidArgument(

@@ -7,8 +7,11 @@ use std::sync::Arc;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
+use tq_kv::{HeadCalibration, HeadConfig, ModelCache, MultiHeadCache};
+
 use crate::bundle::{Bundle, ModelConfig};
 use crate::error::tract;
+use crate::native::Stages;
 use crate::{Error, Result};
 
 /// What a graph input carries.
@@ -92,24 +95,58 @@ pub struct StepOutput {
     pub queries: Option<Vec<Vec<f32>>>,
 }
 
-/// A decoder-only model ready to run steps.
-pub struct Decoder {
-    bundle: Bundle,
+/// Where a decoder's attention runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attention {
+    /// tract runs the whole graph, attention included, over a float past (decoded from the codes
+    /// when the cache is quantized): any decoder-only ONNX export.
+    Float,
+    /// tract runs the model cut around attention (the bundle's `native/` stages) and tq-kv
+    /// attends on its packed codes: no float past exists ([`crate::native`]).
+    Native,
+}
+
+impl Attention {
+    /// `"float"` or `"native"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Attention::Float => "float",
+            Attention::Native => "native",
+        }
+    }
+}
+
+/// The float graph and where its inputs and outputs are.
+struct FloatGraph {
     plan: Arc<TypedRunnableModel>,
     inputs: Vec<Input>,
     outputs: Outputs,
+}
+
+/// A decoder-only model ready to run steps, with its attention on the float path or the native
+/// one.
+pub struct Decoder {
+    bundle: Bundle,
+    backend: Backend,
     layers: usize,
     kv_heads: usize,
     head_dim: usize,
 }
 
+enum Backend {
+    Float(FloatGraph),
+    Native(Stages),
+}
+
 impl std::fmt::Debug for Decoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Decoder")
-            .field("bundle", &self.bundle)
-            .field("inputs", &self.inputs)
-            .field("outputs", &self.outputs)
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("Decoder");
+        d.field("bundle", &self.bundle)
+            .field("attention", &self.attention());
+        if let Backend::Float(g) = &self.backend {
+            d.field("inputs", &g.inputs).field("outputs", &g.outputs);
+        }
+        d.finish_non_exhaustive()
     }
 }
 
@@ -316,13 +353,125 @@ impl Decoder {
             .map_err(tract("planning the graph"))?;
         Ok(Self {
             bundle,
-            plan,
-            inputs,
-            outputs,
+            backend: Backend::Float(FloatGraph {
+                plan,
+                inputs,
+                outputs,
+            }),
             layers,
             kv_heads,
             head_dim,
         })
+    }
+
+    /// Loads a bundle's native stages (`native/stage<i>.onnx`, written by the project's
+    /// exporter; the whole graph is not loaded).
+    ///
+    /// # Errors
+    /// [`Error::MissingFile`] naming the first missing stage; [`Error::Unsupported`] for a stage
+    /// without the inputs / outputs it needs; [`Error::Tract`].
+    pub fn load_native(bundle: Bundle) -> Result<Self> {
+        let stages = Stages::load(&bundle)?;
+        let c = &bundle.config;
+        let (layers, kv_heads, head_dim) = (c.layers, c.kv_heads, c.head_dim);
+        Ok(Self {
+            bundle,
+            backend: Backend::Native(stages),
+            layers,
+            kv_heads,
+            head_dim,
+        })
+    }
+
+    /// Opens the bundle in `dir` with its attention where asked.
+    ///
+    /// # Errors
+    /// As [`Bundle::open`], [`Decoder::load`] and [`Decoder::load_native`].
+    pub fn open_with(dir: impl AsRef<std::path::Path>, attention: Attention) -> Result<Self> {
+        let bundle = Bundle::open(dir)?;
+        match attention {
+            Attention::Float => Self::load(bundle),
+            Attention::Native => Self::load_native(bundle),
+        }
+    }
+
+    /// Whether the bundle in `dir` has native stages (`native/stage0.onnx`).
+    pub fn native_available(dir: impl AsRef<std::path::Path>) -> bool {
+        crate::native::available(dir.as_ref())
+    }
+
+    /// Where this decoder's attention runs.
+    pub fn attention(&self) -> Attention {
+        match self.backend {
+            Backend::Float(_) => Attention::Float,
+            Backend::Native(_) => Attention::Native,
+        }
+    }
+
+    /// One native step ([`crate::native`]): `ids` at positions `P..P+S` with `P = cache.len()`,
+    /// the cache updated; the logits of the last new token.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] on a float decoder; as the native path's step otherwise.
+    pub fn native_step(&self, ids: &[u32], cache: &mut ModelCache) -> Result<Vec<f32>> {
+        match &self.backend {
+            Backend::Native(stages) => stages.step(&self.bundle.config, ids, cache),
+            Backend::Float(_) => Err(Error::Unsupported(
+                "a native step needs a decoder opened with Attention::Native".into(),
+            )),
+        }
+    }
+
+    /// A cache for this model: `config` for every head, `calibration[layer][kv_head]` (or empty
+    /// when nothing is split or centred).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a head dimension other than the model's, a calibration
+    /// that does not cover every layer and kv head, or a missing one that `config` needs; cache
+    /// construction errors.
+    pub fn new_cache(
+        &self,
+        config: &HeadConfig,
+        calibration: &[Vec<HeadCalibration>],
+    ) -> Result<ModelCache> {
+        let c = &self.bundle.config;
+        if config.head_dim != c.head_dim {
+            return Err(Error::InvalidArgument(format!(
+                "cache head_dim {} differs from the model's {}",
+                config.head_dim, c.head_dim
+            )));
+        }
+        if !calibration.is_empty()
+            && (calibration.len() != c.layers || calibration.iter().any(|l| l.len() != c.kv_heads))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "the calibration must cover {} layers x {} kv heads",
+                c.layers, c.kv_heads
+            )));
+        }
+        if calibration.is_empty() && HeadCalibration::needed(config) {
+            return Err(Error::InvalidArgument(
+                "split precisions and centring need a calibration (see `calibrate`)".into(),
+            ));
+        }
+        let layers = (0..c.layers)
+            .map(|l| {
+                let cal = calibration.get(l).map(Vec::as_slice).unwrap_or(&[]);
+                MultiHeadCache::new(c.q_heads, c.kv_heads, config, cal)
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(ModelCache::from_layers(layers))
+    }
+
+    /// An exact cache for the native path: every token kept in f32 (the window holds them all),
+    /// so attention is the float model's.
+    ///
+    /// # Errors
+    /// As [`Decoder::new_cache`].
+    pub fn exact_cache(&self) -> Result<ModelCache> {
+        let mut config = HeadConfig::paper(self.head_dim);
+        config.window = usize::MAX;
+        self.new_cache(&config, &[])
     }
 
     fn map_outputs(names: &[String], layers: usize) -> Result<Outputs> {
@@ -388,7 +537,7 @@ impl Decoder {
 
     /// `true` when the graph exposes its queries (`queries.<i>` outputs).
     pub fn has_queries(&self) -> bool {
-        self.outputs.queries.is_some()
+        matches!(&self.backend, Backend::Float(g) if g.outputs.queries.is_some())
     }
 
     /// An empty cache (zero past tokens) for [`Decoder::step`].
@@ -415,6 +564,11 @@ impl Decoder {
     /// wrong shape; [`Error::Tract`] when the run fails; [`Error::Unsupported`] for outputs of an
     /// unexpected shape.
     pub fn step(&self, ids: &[u32], past: &KvTensors) -> Result<StepOutput> {
+        let Backend::Float(graph) = &self.backend else {
+            return Err(Error::Unsupported(
+                "a float step needs the whole graph: this decoder runs the native stages".into(),
+            ));
+        };
         let s = ids.len();
         if s == 0 {
             return Err(Error::InvalidArgument(
@@ -446,7 +600,7 @@ impl Decoder {
         let ids64: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
         let positions: Vec<i64> = (p..p + s).map(|i| i as i64).collect();
         let mut feed: TVec<TValue> = TVec::new();
-        for role in &self.inputs {
+        for role in &graph.inputs {
             let v = match role {
                 Input::Ids => t(Tensor::from_shape(&[1, s], &ids64))?.into_tvalue(),
                 Input::Positions => t(Tensor::from_shape(&[1, s], &positions))?.into_tvalue(),
@@ -460,8 +614,8 @@ impl Decoder {
             };
             feed.push(v);
         }
-        let mut out = self.plan.run(feed).map_err(tract("running a step"))?;
-        let logits_t = &out[self.outputs.logits];
+        let mut out = graph.plan.run(feed).map_err(tract("running a step"))?;
+        let logits_t = &out[graph.outputs.logits];
         let shape = logits_t.shape().to_vec();
         if shape.len() != 3 || shape[2] != vocab || (shape[1] != s && shape[1] != 1) {
             return Err(Error::Unsupported(format!(
@@ -474,13 +628,13 @@ impl Decoder {
             std::mem::replace(&mut out[ix], Tensor::default().into_tvalue())
         };
         let present = KvTensors {
-            keys: self
+            keys: graph
                 .outputs
                 .keys
                 .iter()
                 .map(|&ix| take(&mut out, ix))
                 .collect(),
-            values: self
+            values: graph
                 .outputs
                 .values
                 .iter()
@@ -499,7 +653,7 @@ impl Decoder {
                 bad.shape()
             )));
         }
-        let queries = match &self.outputs.queries {
+        let queries = match &graph.outputs.queries {
             None => None,
             Some(ixs) => Some(
                 ixs.iter()

@@ -37,6 +37,9 @@ pub struct RealModelArgs {
     pub raw: bool,
     #[arg(long, value_enum, default_value_t = real::Mode::Compare)]
     pub mode: real::Mode,
+    /// Where attention runs [default: native where the bundle has native stages, else float].
+    #[arg(long, value_enum)]
+    pub attention: Option<AttentionArg>,
     /// Key precisions, comma-separated: integers, 2.5 / 3.5 (outlier splits) or OBxCOUNT+RB.
     /// The defaults (keys 5, values 4, least-squares scale, window 4) are the documented
     /// default configuration (tq_kv::HeadConfig::recommended, docs/CHOOSING.md).
@@ -92,8 +95,53 @@ pub struct RealReport {
     sampling: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     text: Option<String>,
+    attention: &'static str,
     note: &'static str,
     results: Vec<real::Row>,
+}
+
+/// `--attention`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttentionArg {
+    /// tract runs the model cut around attention (the bundle's native/ stages, written by
+    /// scripts/export_llama_onnx.py) and tq-kv attends on the packed codes: no float past is
+    /// kept, so a quantized cache saves memory.
+    Native,
+    /// tract runs the whole graph over a float past decoded from the codes (any decoder-only
+    /// ONNX export; needed by --dump-trace).
+    Float,
+}
+
+/// Opens the decoder with its attention where asked, or native where the bundle allows and
+/// float otherwise (saying so).
+fn open_decoder(
+    dir: &std::path::Path,
+    asked: Option<AttentionArg>,
+    trace: bool,
+    quiet: bool,
+) -> Result<tq_onnx::Decoder> {
+    use tq_onnx::{Attention, Decoder};
+    let attention = match asked {
+        Some(AttentionArg::Native) => {
+            if trace {
+                bail!("--dump-trace reads the float past: use --attention float");
+            }
+            Attention::Native
+        }
+        Some(AttentionArg::Float) => Attention::Float,
+        None if trace => Attention::Float,
+        None if Decoder::native_available(dir) => Attention::Native,
+        None => {
+            if !quiet {
+                eprintln!(
+                    "note: {} has no native stages (native/stage0.onnx): attention runs on the float path",
+                    dir.display()
+                );
+            }
+            Attention::Float
+        }
+    };
+    Ok(Decoder::open_with(dir, attention)?)
 }
 
 /// A relative `--model-dir` that does not exist from the working directory is looked up from the
@@ -140,7 +188,7 @@ pub fn run(a: RealModelArgs) -> Result<RealReport> {
             a.model_dir.display()
         );
     }
-    let decoder = tq_onnx::Decoder::open(&a.model_dir)?;
+    let decoder = open_decoder(&a.model_dir, a.attention, a.dump_trace.is_some(), c.json)?;
     let d = decoder.head_dim();
     let configs: Vec<real::Config> = kv_configs(&grid, d, c.seed)?
         .into_iter()
@@ -240,7 +288,15 @@ pub fn run(a: RealModelArgs) -> Result<RealReport> {
             } => format!("temperature {temperature}, top-{top_k}, seed {seed}"),
         },
         text: text_label,
-        note: "tract runs float attention over a past decoded from the cache's codes: the cache's storage and information are quantized, the attention arithmetic is not",
+        attention: decoder.attention().name(),
+        note: match decoder.attention() {
+            tq_onnx::Attention::Native => {
+                "native attention: tract runs the model around attention and tq-kv attends on the cache's packed codes; no float past is kept"
+            }
+            tq_onnx::Attention::Float => {
+                "float attention: tract attends over a past decoded from the cache's codes; the cache's storage and information are quantized, the attention arithmetic is not"
+            }
+        },
         results: rows,
     };
     Ok(report)
