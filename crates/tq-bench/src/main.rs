@@ -7,6 +7,7 @@
 //! Each prints a table or (with `--json`) one JSON object (schema in `docs/REPORT_SCHEMA.md`).
 
 mod cmd;
+mod context;
 mod eval;
 mod kernels;
 mod kv;

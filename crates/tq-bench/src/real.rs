@@ -78,7 +78,7 @@ pub struct Config {
 }
 
 impl Config {
-    fn spec(&self, decoder: &Decoder) -> Result<CacheSpec> {
+    pub(crate) fn spec(&self, decoder: &Decoder) -> Result<CacheSpec> {
         let calibration = if HeadCalibration::needed(&self.head) {
             let ids = decoder.bundle().encode(CALIBRATION_TEXT)?;
             calibrate(decoder, &ids, &self.head, &self.split)

@@ -709,6 +709,64 @@ fn real_model_perplexity_exact_and_quantized_modes() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("ppl_q"));
 }
 
+/// `--context`: one row per length × cache (exact on both paths, each configuration on the
+/// native path), with the documented fields; the native exact and quantized runs keep no float
+/// past, so a 4-bit cache's bytes are about a sixth of the f32 exact cache's.
+#[test]
+fn real_model_context_rows() {
+    let text = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/prose.txt");
+    let out = bench(&[
+        "real-model",
+        "--model-dir",
+        tiny_model(),
+        "--text",
+        text,
+        "--context",
+        "32,96",
+        "--chunk",
+        "40",
+        "--max-new-tokens",
+        "3",
+        "--key-bits",
+        "4",
+        "--value-bits",
+        "4",
+        "--window",
+        "0",
+        "--json",
+    ]);
+    let v = json(&out);
+    assert_eq!(v["mode"], "context");
+    let rows = v["contexts"].as_array().unwrap();
+    assert_eq!(rows.len(), 2 * 3);
+    for r in rows {
+        for f in [
+            "tokens_per_s",
+            "prefill_tokens_per_s",
+            "cache_bytes",
+            "f16_cache_bytes",
+        ] {
+            assert!(r[f].as_f64().unwrap() > 0.0, "{f}: {r}");
+        }
+        assert!(r.get("peak_rss_bytes").is_some());
+    }
+    let at = |ctx: u64, config: &str, attention: &str| {
+        rows.iter()
+            .find(|r| r["context"] == ctx && r["config"] == config && r["attention"] == attention)
+            .unwrap_or_else(|| panic!("no row {ctx} {config} {attention}"))
+    };
+    let exact = at(96, "exact", "native");
+    assert_eq!(exact["bits_per_coordinate"], 32.0);
+    let quant = at(96, "k4 v4 mse/mse w0", "native");
+    let ratio = exact["cache_bytes"].as_f64().unwrap() / quant["cache_bytes"].as_f64().unwrap();
+    // 32 bits against 4 bits of code plus a 32-bit norm per 32 coordinates: 32 / 5 = 6.4.
+    assert!((ratio - 6.4).abs() < 0.01, "{ratio}");
+    assert_eq!(
+        at(96, "exact", "float")["f16_cache_bytes"],
+        exact["f16_cache_bytes"]
+    );
+}
+
 #[test]
 fn real_model_errors_are_one_line() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
@@ -744,6 +802,22 @@ fn real_model_errors_are_one_line() {
         (
             vec!["--model-dir", tiny_model(), "--max-new-tokens", "0"],
             "max-new-tokens",
+        ),
+        // The tiny model was built for 1024 positions.
+        (
+            vec!["--model-dir", tiny_model(), "--context", "1020"],
+            "1024 positions",
+        ),
+        (
+            vec![
+                "--model-dir",
+                tiny_model(),
+                "--attention",
+                "native",
+                "--dump-trace",
+                "/tmp/x.safetensors",
+            ],
+            "--attention float",
         ),
     ];
     for (args, needle) in cases {

@@ -167,6 +167,20 @@ fn every_report_field_is_documented_in_its_section() {
                 "8",
             ],
         ),
+        (
+            "real-model",
+            vec![
+                "real-model",
+                "--model-dir",
+                tiny,
+                "--text",
+                "fixtures/prose.txt",
+                "--context",
+                "16",
+                "--max-new-tokens",
+                "2",
+            ],
+        ),
     ];
     let sections = sections();
     for (workload, args) in runs {

@@ -30,6 +30,8 @@ pub struct ModelConfig {
     pub head_dim: usize,
     /// Vocabulary size (`vocab_size`).
     pub vocab: usize,
+    /// Positions the model was trained for (`max_position_embeddings`), when given.
+    pub max_positions: Option<usize>,
     /// End-of-sequence ids (`eos_token_id`, a number or a list; may be empty).
     pub eos_token_ids: Vec<u32>,
     /// Jinja chat template (`chat_template` in config.json or tokenizer_config.json).
@@ -111,6 +113,7 @@ impl ModelConfig {
             kv_heads,
             head_dim,
             vocab,
+            max_positions: count("max_position_embeddings")?,
             eos_token_ids,
             chat_template: v
                 .get("chat_template")

@@ -40,6 +40,17 @@ pub struct RealModelArgs {
     /// Where attention runs [default: native where the bundle has native stages, else float].
     #[arg(long, value_enum)]
     pub attention: Option<AttentionArg>,
+    /// Long-context workload, comma-separated lengths (e.g. 512,2048,4096,8192): each length of
+    /// --text (default fixtures/jargon-chapters.txt, repeated as needed) is prefilled in chunks
+    /// of --chunk tokens, then --max-new-tokens tokens (default 16) are decoded greedily. Prints
+    /// decode and prefill tokens/s, cache bytes against f16, and each row's peak memory growth,
+    /// for the exact cache (float and native attention) and each quantized configuration (on
+    /// --attention's path).
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["prompt", "prompts", "dump_trace"])]
+    pub context: Option<Vec<usize>>,
+    /// Tokens per prefill step of --context.
+    #[arg(long, default_value_t = 256)]
+    pub chunk: usize,
     /// Key precisions, comma-separated: integers, 2.5 / 3.5 (outlier splits) or OBxCOUNT+RB.
     /// The defaults (keys 5, values 4, least-squares scale, window 4) are the documented
     /// default configuration (tq_kv::HeadConfig::recommended, docs/CHOOSING.md).
@@ -98,6 +109,79 @@ pub struct RealReport {
     attention: &'static str,
     note: &'static str,
     results: Vec<real::Row>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    contexts: Vec<crate::context::ContextRow>,
+}
+
+/// `--context`: the exact cache on both paths (where the bundle has native stages) and each
+/// configuration on `--attention`'s path.
+fn run_context(a: &RealModelArgs, contexts: &[usize], grid: &KvGrid<'_>) -> Result<RealReport> {
+    use tq_onnx::{Attention, Decoder};
+    let c = &a.common;
+    let has_native = Decoder::native_available(&a.model_dir);
+    let float = Decoder::open_with(&a.model_dir, Attention::Float)?;
+    let native = match a.attention {
+        Some(AttentionArg::Float) => None,
+        Some(AttentionArg::Native) => Some(Decoder::open_with(&a.model_dir, Attention::Native)?),
+        None if has_native => Some(Decoder::open_with(&a.model_dir, Attention::Native)?),
+        None => {
+            if !c.json {
+                eprintln!(
+                    "note: {} has no native stages (native/stage0.onnx): every cache runs on the float path",
+                    a.model_dir.display()
+                );
+            }
+            None
+        }
+    };
+    let d = float.head_dim();
+    let configs: Vec<real::Config> = kv_configs(grid, d, c.seed)?
+        .into_iter()
+        .map(|head| real::Config {
+            head,
+            split: a.cache.split.clone(),
+        })
+        .collect();
+    let path = a
+        .text
+        .clone()
+        .unwrap_or_else(|| resolve_repo_path(std::path::Path::new("fixtures/jargon-chapters.txt")));
+    let body = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let ids = float.bundle().encode(&body)?;
+    let (_, pool) = pool(c.threads)?;
+    let rows = pool.install(|| {
+        crate::context::run(
+            Some(&float),
+            native.as_ref(),
+            &ids,
+            contexts,
+            &configs,
+            a.max_new_tokens.unwrap_or(16),
+            a.chunk,
+            c.json,
+        )
+    })?;
+    let cfg = float.config();
+    let on = if native.is_some() { "native" } else { "float" };
+    Ok(RealReport {
+        workload: "real-model",
+        source: "real-model",
+        model: cfg.name.clone(),
+        model_dir: a.model_dir.display().to_string(),
+        seed: c.seed,
+        layers: float.layers(),
+        kv_heads: float.kv_heads(),
+        q_heads: cfg.q_heads,
+        head_dim: d,
+        mode: "context".into(),
+        sampling: "greedy".into(),
+        text: Some(path.display().to_string()),
+        attention: on,
+        note: "long context: exact caches on the float and native paths, quantized caches on the attention path named; RSS+ is each row's peak resident memory growth",
+        results: Vec::new(),
+        contexts: rows,
+    })
 }
 
 /// `--attention`.
@@ -144,14 +228,15 @@ fn open_decoder(
     Ok(Decoder::open_with(dir, attention)?)
 }
 
-/// A relative `--model-dir` that does not exist from the working directory is looked up from the
-/// repository root as well, so the default (`artifacts/smollm2-135m-instruct`) works from any
-/// folder of the checkout this binary was built in.
-fn resolve_model_dir(dir: &std::path::Path) -> PathBuf {
+/// A relative path (`--model-dir`, the default long-context text) that does not exist from the
+/// working directory is looked up from the repository root as well, so the defaults
+/// (`artifacts/smollm2-135m-instruct`, `fixtures/jargon-chapters.txt`) work from any folder of
+/// the checkout this binary was built in.
+fn resolve_repo_path(dir: &std::path::Path) -> PathBuf {
     if dir.is_relative() && !dir.exists() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let alt = root.join(dir);
-        if alt.is_dir() {
+        if alt.exists() {
             return alt;
         }
     }
@@ -166,7 +251,7 @@ const DEFAULT_PROMPT: &str = "What is the capital of France?";
 /// # Errors
 /// A missing or invalid bundle; bad options; decoding and cache errors.
 pub fn run(a: RealModelArgs) -> Result<RealReport> {
-    let model_dir = resolve_model_dir(&a.model_dir);
+    let model_dir = resolve_repo_path(&a.model_dir);
     let a = RealModelArgs { model_dir, ..a };
     let c = &a.common;
     let grid = KvGrid {
@@ -187,6 +272,9 @@ pub fn run(a: RealModelArgs) -> Result<RealReport> {
             "{}: no model bundle here (run scripts/setup-real-model.sh for SmolLM2-135M-Instruct, or pass --model-dir)",
             a.model_dir.display()
         );
+    }
+    if let Some(contexts) = &a.context {
+        return run_context(&a, contexts, &grid);
     }
     let decoder = open_decoder(&a.model_dir, a.attention, a.dump_trace.is_some(), c.json)?;
     let d = decoder.head_dim();
@@ -289,6 +377,7 @@ pub fn run(a: RealModelArgs) -> Result<RealReport> {
         },
         text: text_label,
         attention: decoder.attention().name(),
+        contexts: Vec::new(),
         note: match decoder.attention() {
             tq_onnx::Attention::Native => {
                 "native attention: tract runs the model around attention and tq-kv attends on the cache's packed codes; no float past is kept"
@@ -315,7 +404,11 @@ impl Report for RealReport {
             self.sampling
         );
         println!("note: {}", self.note);
-        print_real_table(&self.results);
+        if self.contexts.is_empty() {
+            print_real_table(&self.results);
+        } else {
+            crate::context::print(&self.contexts);
+        }
     }
 }
 
