@@ -127,8 +127,91 @@ pub struct Codebook {
     bits: u32,
     centroids: Vec<f32>,
     boundaries: Vec<f32>,
+    cells: BoundaryCells,
     centroids_f64: Vec<f64>,
     distortion: f64,
+}
+
+/// A uniform grid over the boundaries' span that answers "how many boundaries lie below `y`"
+/// with one multiply, one table read and a short forward scan, instead of a binary search.
+///
+/// Cell `c` covers `[lo + c·w, lo + (c+1)·w)` with `w` at most the smallest gap between
+/// neighbouring boundaries (down to 4096 cells), and stores how many boundaries lie below
+/// `lo + c·w - w/2`: never more than the count of any value that maps to the cell (the half-cell
+/// margin absorbs the rounding of the index computation), so the forward scan `while y > b[k]`
+/// only ever moves up, ends at the exact count (ties take the lower code, NaN gives 0, as the
+/// binary search); when the cells are no wider than the smallest gap it is two branch-free compares.
+#[derive(Debug, Clone, PartialEq)]
+struct BoundaryCells {
+    lo: f32,
+    inv_width: f32,
+    start: Vec<u8>,
+    /// The boundaries followed by two `+inf`, so two compares past any start stay in bounds.
+    padded: Vec<f32>,
+    /// True when the cells are no wider than the smallest gap: at most two boundaries can lie
+    /// between a cell's start count and any value in it, and the count takes two branch-free
+    /// compares.
+    two_steps: bool,
+}
+
+impl BoundaryCells {
+    /// Cells for ascending `boundaries` (at most 255: counts fit a byte). O(cells + boundaries).
+    fn new(boundaries: &[f32]) -> Self {
+        debug_assert!(boundaries.len() <= 255 && boundaries.windows(2).all(|w| w[0] < w[1]));
+        let (lo, hi) = match (boundaries.first(), boundaries.last()) {
+            (Some(&lo), Some(&hi)) if hi > lo => (lo, hi),
+            _ => {
+                return Self {
+                    lo: boundaries.first().copied().unwrap_or(0.0),
+                    inv_width: 0.0,
+                    start: vec![0],
+                    padded: boundaries.to_vec(),
+                    two_steps: false,
+                };
+            }
+        };
+        let gap = boundaries
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .fold(f32::INFINITY, f32::min);
+        let wanted = ((hi - lo) / gap).ceil() as usize + 1;
+        let cells = wanted.clamp(1, 4096);
+        let width = (hi - lo) / cells as f32;
+        let start = (0..=cells)
+            .map(|c| {
+                let edge = lo + (c as f32 - 0.5) * width;
+                boundaries.iter().take_while(|&&b| b < edge).count() as u8
+            })
+            .collect();
+        let mut padded = boundaries.to_vec();
+        padded.extend([f32::INFINITY; 2]);
+        Self {
+            lo,
+            inv_width: 1.0 / width,
+            start,
+            padded,
+            two_steps: width <= gap,
+        }
+    }
+
+    /// `#{ k : y > boundaries[k] }` (NaN gives 0). O(1) expected.
+    #[inline]
+    fn count(&self, boundaries: &[f32], y: f32) -> u8 {
+        // `as usize` saturates: below `lo` (and NaN) gives cell 0, +inf the last cell.
+        let cell = (((y - self.lo) * self.inv_width) as usize).min(self.start.len() - 1);
+        let mut k = self.start[cell] as usize;
+        if self.two_steps {
+            // Values in a cell lie within 1.5 widths of its start edge, so past at most two
+            // boundaries (gaps are at least one width); the padding answers false.
+            k += (y > self.padded[k]) as usize;
+            k += (y > self.padded[k]) as usize;
+            return k as u8;
+        }
+        while k < boundaries.len() && y > boundaries[k] {
+            k += 1;
+        }
+        k as u8
+    }
 }
 
 /// Cumulative moments of the coordinate law on the θ grid.
@@ -283,11 +366,13 @@ impl Codebook {
         }
         let distortion = dim as f64 * per_coordinate_mse(&law, dim, &c);
         let boundaries: Vec<f32> = c.windows(2).map(|w| (0.5 * (w[0] + w[1])) as f32).collect();
+        let cells = BoundaryCells::new(&boundaries);
         Ok(Codebook {
             dim,
             bits,
             centroids: c.iter().map(|&v| v as f32).collect(),
             boundaries,
+            cells,
             centroids_f64: c,
             distortion,
         })
@@ -393,14 +478,16 @@ impl Codebook {
     }
 
     /// Codes of a slice of values, same rule as [`Codebook::quantize`]. `out.len()` must equal
-    /// `ys.len()` (checked with `debug_assert!`). Vectorised for `bits <= 4`.
+    /// `ys.len()` (checked with `debug_assert!`). Vectorised compares for `bits <= 4`; wider codes
+    /// look each value up in a uniform grid of boundary cells (one table read and about one
+    /// compare per value instead of a `bits`-step binary search). O(ys.len()).
     pub fn quantize_slice(&self, ys: &[f32], out: &mut [u8]) {
         debug_assert_eq!(ys.len(), out.len());
         if self.bits <= 4 {
             crate::simd::count_below(&self.boundaries, ys, out);
         } else {
             for (o, &y) in out.iter_mut().zip(ys) {
-                *o = self.quantize(y);
+                *o = self.cells.count(&self.boundaries, y);
             }
         }
     }
@@ -564,6 +651,29 @@ mod tests {
         cb.quantize_slice(&ys, &mut fast);
         let slow: Vec<u8> = ys.iter().map(|&y| cb.quantize(y)).collect();
         assert_eq!(fast, slow);
+    }
+
+    /// The boundary-cell look-up of wide codes equals the binary search on every boundary, its
+    /// neighbouring floats, the centroids, a dense sweep, infinities and NaN.
+    #[test]
+    fn boundary_cells_equal_the_binary_search() {
+        for bits in 5..=8 {
+            for dim in [8usize, 64, 128, 1024] {
+                let cb = Codebook::get(dim, bits).unwrap();
+                let mut ys = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e30];
+                for &b in cb.boundaries() {
+                    ys.extend([b, b.next_up(), b.next_down()]);
+                }
+                ys.extend_from_slice(cb.centroids());
+                let span = 2.0 * cb.centroids().last().unwrap();
+                ys.extend((0..20_000).map(|i| (i as f32 / 10_000.0 - 1.0) * span));
+                let mut fast = vec![0u8; ys.len()];
+                cb.quantize_slice(&ys, &mut fast);
+                for (&y, &f) in ys.iter().zip(&fast) {
+                    assert_eq!(f, cb.quantize(y), "bits={bits} dim={dim} y={y}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -211,6 +211,9 @@ fn save_loop_child() {
         return;
     };
     let caches = save_loop_caches();
+    // The parent starts its random delay from here, so a slow start (a loaded machine) cannot
+    // use the whole delay up before the first save.
+    println!("ready");
     for i in 0.. {
         caches[i % 2].save(std::path::Path::new(&path)).unwrap();
     }
@@ -236,13 +239,21 @@ fn killing_a_save_leaves_the_old_or_the_new_file() {
                 "save_loop_child",
                 "--ignored",
                 "--test-threads=1",
+                "--nocapture",
             ])
             .env(SAVE_LOOP_ENV, &path)
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(50 + r.next_u64() % 350));
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.trim_end().ends_with("ready") {
+            line.clear();
+            let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            assert!(n > 0, "round {round}: the child exited before it was ready");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20 + r.next_u64() % 200));
         child.kill().unwrap();
         child.wait().unwrap();
         let back = ModelCache::load(&path)

@@ -5,7 +5,8 @@
 //! codes, so `⟨Π q, ỹ⟩ = Σ_n T_n[nibble_n]` with one 16-entry table per nibble position:
 //! `T_n[v] = Σ_k q_{n·4/b + k} · c[(v >> k·b) & (2^b - 1)]` (coordinates past `d` contribute 0).
 //! The fast path sums those tables quantized to `u8` ([`QuantizedLut`]) with the SIMD scan
-//! kernel; the exact path sums the `f32` tables. Other widths decode each row (exact path only).
+//! kernel; the exact path sums the `f32` tables. Widths 3 and 5 take one table per coordinate
+//! (16 and 32 entries). Widths 6-8 decode each row (exact path only).
 
 use rayon::prelude::*;
 use tq_core::scan::{BLOCK, QuantizedLut};
@@ -30,14 +31,18 @@ pub(crate) enum TableKind {
     Nibble,
     /// Width 3: one table per coordinate, codes rebuilt from three nibbles per four coordinates.
     Code3,
+    /// Width 5: one 32-entry table per coordinate, codes rebuilt from ten nibbles per eight
+    /// coordinates.
+    Code5,
 }
 
-/// The table scheme for codes of `bits` bits, if any (widths 5-8 have none: exact path only).
+/// The table scheme for codes of `bits` bits, if any (widths 6-8 have none: exact path only).
 #[inline]
 pub(crate) fn table_kind(bits: u32) -> Option<TableKind> {
     match bits {
         1 | 2 | 4 => Some(TableKind::Nibble),
         3 => Some(TableKind::Code3),
+        5 => Some(TableKind::Code5),
         _ => None,
     }
 }
@@ -52,6 +57,18 @@ pub(crate) fn code3_tables(weights: &[f32], values: &[f32], coords: usize) -> Ve
             for (v, e) in table.iter_mut().enumerate() {
                 *e = w * values[if v < 8 { v } else { 0 }];
             }
+        }
+    }
+    t
+}
+
+/// Per-coordinate tables for 5-bit codes: `32 · coords` floats, table `j` holds
+/// `weights[j] · values[0..32]`; coordinates past `weights.len()` get all-zero tables.
+pub(crate) fn code5_tables(weights: &[f32], values: &[f32], coords: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; 32 * coords];
+    for (table, &w) in t.chunks_exact_mut(32).zip(weights) {
+        for (e, &v) in table.iter_mut().zip(values) {
+            *e = w * v;
         }
     }
     t
@@ -94,7 +111,8 @@ pub(crate) struct Tables {
 impl Tables {
     pub(crate) fn new(kind: TableKind, exact: Vec<f32>) -> Self {
         let mut fast = QuantizedLut::default();
-        fast.quantize_from(&exact);
+        let entries = if kind == TableKind::Code5 { 32 } else { 16 };
+        fast.quantize_tables(&exact, entries);
         Self { kind, exact, fast }
     }
 
@@ -114,6 +132,10 @@ impl Tables {
             TableKind::Code3 => Self::new(
                 TableKind::Code3,
                 code3_tables(weights, values, tq_core::scan::coords3(row_bytes)),
+            ),
+            TableKind::Code5 => Self::new(
+                TableKind::Code5,
+                code5_tables(weights, values, tq_core::scan::coords5(row_bytes)),
             ),
         })
     }
@@ -138,6 +160,7 @@ impl Tables {
         match self.kind {
             TableKind::Nibble => tq_core::scan::scan_block(block, &self.fast.tables, &mut acc),
             TableKind::Code3 => tq_core::scan::scan_block_b3(block, &self.fast.tables, &mut acc),
+            TableKind::Code5 => tq_core::scan::scan_block_b5(block, &self.fast.tables, &mut acc),
         }
         for (o, &a) in out.iter_mut().zip(&acc) {
             *o = self.fast.score(a);
@@ -151,6 +174,7 @@ impl Tables {
         match self.kind {
             TableKind::Nibble => tq_core::scan::scan_block_f32(block, &self.exact, &mut acc),
             TableKind::Code3 => tq_core::scan::scan_block_b3_f32(block, &self.exact, &mut acc),
+            TableKind::Code5 => tq_core::scan::scan_block_b5_f32(block, &self.exact, &mut acc),
         }
         out.copy_from_slice(&acc[..out.len()]);
     }

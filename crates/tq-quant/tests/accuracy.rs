@@ -254,11 +254,11 @@ fn mse_one_bit_shrinks_by_two_over_pi() {
     assert!((m - 2.0 / std::f64::consts::PI).abs() / (2.0 / std::f64::consts::PI) < 0.01);
 }
 
-/// The u8 tables of the fast path add error; it must stay at most 1/5 of the quantization error
-/// (root mean square over all query/row pairs).
 /// Scores query `qi` into `(fast, exact)`.
 type Scorer<'a> = dyn Fn(usize, &mut [f32], &mut [f32]) + 'a;
 
+/// The u8 tables of the fast path add error; it must stay at most 1/5 of the quantization error
+/// (root mean square over all query/row pairs) up to 4 bits, 1/2 at 5 bits.
 #[test]
 fn fast_path_error_is_a_fifth_of_quantization_error_or_less() {
     let d = 128;
@@ -285,7 +285,7 @@ fn fast_path_error_is_a_fifth_of_quantization_error_or_less() {
         (fast_err / quant_err).sqrt()
     };
     let query = |qi: usize| &qs[qi * d..(qi + 1) * d];
-    for b in [1u32, 2, 3, 4] {
+    for b in [1u32, 2, 3, 4, 5] {
         let q =
             Arc::new(MseQuantizer::new(MseConfig::new(d, b, RotationKind::Hadamard, 1)).unwrap());
         let mut batch = MseBatch::new(q.clone());
@@ -295,7 +295,12 @@ fn fast_path_error_is_a_fifth_of_quantization_error_or_less() {
             batch.score_into(&pq, fast).unwrap();
             batch.score_exact_into(&pq, exact).unwrap();
         });
-        assert!(r <= 0.2, "mse b={b}: fast/quantization RMSE ratio {r}");
+        // The u8 step is a fixed share of the widest table's range while the quantization error
+        // halves with each bit, so the ratio grows about 2.3x per bit (measured with seed 1:
+        // 0.009, 0.029, 0.076, 0.188, 0.432 for 1-5 bits). At 5 bits the tables add about 9% to
+        // the RMS score error (sqrt(1 + 0.43^2)); `ScoreMode::Exact` avoids it.
+        let bound = if b == 5 { 0.5 } else { 0.2 };
+        assert!(r <= bound, "mse b={b}: fast/quantization RMSE ratio {r}");
     }
     for b in [2u32, 3, 4, 5] {
         let cfg = ProdConfig {

@@ -16,6 +16,11 @@
 //! look-ups, accumulated in `u16` lanes and flushed to `u32` every 256 nibble pairs, so no sum can
 //! overflow (`256 · 255 < 65536`). [`scan_block_scalar`] is the specification.
 //!
+//! Widths 3 and 5 do not divide 4: their codes straddle nibbles, so their scans take one table
+//! per coordinate (16 bytes at 3 bits, 32 at 5) and rebuild each code from the two nibbles it
+//! spans ([`scan_block_b3`], [`scan_block_b5`]). Widths 6-8 have no table scan (tables of 64-256
+//! entries do not fit a register look-up).
+//!
 //! [`QuantizedLut`] turns float tables into `u8` tables with one shared step `Δ` and a per-table
 //! offset: `score ≈ offset + Δ · Σ u8`. Each entry is rounded to the nearest step, so the error of
 //! one table is at most `Δ/2` and the error of a score over `P` tables has standard deviation
@@ -33,7 +38,7 @@ pub use kernels::*;
 pub use layout::{BLOCK, block_bytes, read_row, write_block, write_row, write_rows};
 pub use tables::QuantizedLut;
 
-use kernels::code3;
 #[cfg(test)]
 use kernels::nibble;
+use kernels::{code3, code5};
 use layout::check_block;

@@ -1,4 +1,4 @@
-//! `u8` look-up tables for the nibble scan: float tables quantized with one shared step.
+//! `u8` look-up tables for the scans: float tables quantized with one shared step.
 
 /// `u8` look-up tables for [`scan_block`]: `16 * positions` bytes, table `n` at `16n..16n+16`.
 #[derive(Debug, Clone, Default)]
@@ -19,14 +19,24 @@ impl QuantizedLut {
     /// # Panics
     /// If `tables.len()` is not a multiple of 16.
     pub fn quantize_from(&mut self, tables: &[f32]) {
+        self.quantize_tables(tables, 16);
+    }
+
+    /// As [`QuantizedLut::quantize_from`] for tables of `entries` entries each (32 for the 5-bit
+    /// scan): shared step `Δ = max_n (max T_n - min T_n) / 255`, per-table offsets `min T_n`.
+    /// O(tables.len()).
+    ///
+    /// # Panics
+    /// If `entries` is 0 or `tables.len()` is not a multiple of `entries`.
+    pub fn quantize_tables(&mut self, tables: &[f32], entries: usize) {
         assert!(
-            tables.len().is_multiple_of(16),
-            "{} table entries are not whole 16-entry tables",
+            entries > 0 && tables.len().is_multiple_of(entries),
+            "{} table entries are not whole {entries}-entry tables",
             tables.len()
         );
         let mut offset = 0.0f64;
         let mut range = 0.0f32;
-        for t in tables.chunks_exact(16) {
+        for t in tables.chunks_exact(entries) {
             let (lo, hi) = t
                 .iter()
                 .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
@@ -38,7 +48,7 @@ impl QuantizedLut {
         let inv = 1.0 / step;
         self.tables.clear();
         self.tables.reserve(tables.len());
-        for t in tables.chunks_exact(16) {
+        for t in tables.chunks_exact(entries) {
             let lo = t.iter().copied().fold(f32::INFINITY, f32::min);
             offset += lo as f64;
             self.tables.extend(

@@ -200,6 +200,70 @@ fn scan_b3_parity_over_awkward_sizes() {
     }
 }
 
+/// The AVX2 5-bit scan equals its scalar twin, and both equal a direct sum over the unpacked
+/// codes, over dimensions that leave partial groups of eight and padding codes; the `f32` twin
+/// agrees on the same tables.
+#[test]
+fn scan_b5_parity_over_awkward_sizes() {
+    let dims: &[usize] = if cfg!(miri) {
+        &[1, 9, 17, 65]
+    } else {
+        &[1, 4, 5, 7, 8, 9, 15, 16, 17, 63, 64, 65, 127, 128, 129, 700]
+    };
+    for &d in dims {
+        let row_bytes = crate::bitpack::packed_len(d, 5);
+        let mut block = vec![0u8; block_bytes(row_bytes)];
+        let mut rows = Vec::new();
+        for slot in 0..BLOCK {
+            let codes: Vec<u8> = random_bytes(d, 11 * d as u64 + slot as u64)
+                .iter()
+                .map(|c| c & 31)
+                .collect();
+            let mut packed = vec![0u8; row_bytes];
+            crate::bitpack::pack(&codes, 5, &mut packed).unwrap();
+            write_row(&mut block, slot, &packed);
+            rows.push(codes);
+        }
+        let coords = coords5(row_bytes);
+        assert!(coords >= d, "d={d}");
+        let mut tables = random_bytes(32 * coords, 7 + d as u64);
+        for j in d..coords {
+            tables[32 * j..32 * j + 32].fill(0);
+        }
+        let (mut a, mut b) = ([0u32; BLOCK], [0u32; BLOCK]);
+        scan_block_b5(&block, &tables, &mut a);
+        scan_block_b5_scalar(&block, &tables, &mut b);
+        assert_eq!(a, b, "d={d}");
+        let float: Vec<f32> = tables.iter().map(|&t| t as f32).collect();
+        let mut f = [0.0f32; BLOCK];
+        scan_block_b5_f32(&block, &float, &mut f);
+        for (slot, codes) in rows.iter().enumerate() {
+            let want: u32 = codes
+                .iter()
+                .enumerate()
+                .map(|(j, &c)| tables[32 * j + c as usize] as u32)
+                .sum();
+            assert_eq!(b[slot], want, "d={d} slot {slot}");
+            assert_eq!(f[slot], want as f32, "d={d} slot {slot}");
+        }
+    }
+}
+
+/// The largest table entries in every position do not overflow the kernel's `u16` lanes: 700
+/// coordinates (88 groups, more than two flushes) of 255 sum exactly.
+#[test]
+fn scan_b5_saturated_tables_sum_exactly() {
+    let d = if cfg!(miri) { 80 } else { 700 };
+    let row_bytes = crate::bitpack::packed_len(d, 5);
+    let block = random_bytes(block_bytes(row_bytes), 3);
+    let tables = vec![255u8; 32 * coords5(row_bytes)];
+    let (mut a, mut b) = ([0u32; BLOCK], [0u32; BLOCK]);
+    scan_block_b5(&block, &tables, &mut a);
+    scan_block_b5_scalar(&block, &tables, &mut b);
+    assert_eq!(a, b);
+    assert!(a.iter().all(|&x| x == 255 * coords5(row_bytes) as u32));
+}
+
 fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut r = SeededRng::new(seed, stream::DATA);
     (0..n).map(|_| r.next_u64() as u8).collect()

@@ -60,23 +60,106 @@ pub(super) unsafe fn scan_block_b3_avx2(block: &[u8], tables: &[u8], out: &mut [
             }
         }
         g += chunk;
-        let mut a = [0u16; 16];
-        let mut b = [0u16; 16];
-        // SAFETY: 32-byte arrays.
-        unsafe {
-            _mm256_storeu_si256(a.as_mut_ptr() as *mut __m256i, lo);
-            _mm256_storeu_si256(b.as_mut_ptr() as *mut __m256i, hi);
-        }
-        for j in 0..8 {
-            out[j] += a[j] as u32;
-            out[16 + j] += a[8 + j] as u32;
-            out[8 + j] += b[j] as u32;
-            out[24 + j] += b[8 + j] as u32;
-        }
+        flush_row_lanes(lo, hi, out);
     }
     for j in 4 * groups..coords {
         for (slot, o) in out.iter_mut().enumerate() {
             *o += tables[16 * j + super::code3(block, j, slot)] as u32;
+        }
+    }
+}
+
+/// Adds the `u16` row sums of a per-coordinate scan to `out`: `lo` / `hi` are the zero-extended
+/// low / high byte halves of look-ups over 32 rows (lane 0 rows 0..15, lane 1 rows 16..31), so
+/// `lo` holds rows 0..8 and 16..24, `hi` rows 8..16 and 24..32.
+#[target_feature(enable = "avx2")]
+fn flush_row_lanes(lo: __m256i, hi: __m256i, out: &mut [u32; BLOCK]) {
+    let mut a = [0u16; 16];
+    let mut b = [0u16; 16];
+    // SAFETY: 32-byte arrays.
+    unsafe {
+        _mm256_storeu_si256(a.as_mut_ptr() as *mut __m256i, lo);
+        _mm256_storeu_si256(b.as_mut_ptr() as *mut __m256i, hi);
+    }
+    for j in 0..8 {
+        out[j] += a[j] as u32;
+        out[16 + j] += a[8 + j] as u32;
+        out[8 + j] += b[j] as u32;
+        out[24 + j] += b[8 + j] as u32;
+    }
+}
+
+/// AVX2 body of `scan_block_b5`: groups of ten nibble positions (eight coordinates) per step,
+/// the remaining coordinates through the scalar decoder. A code `c < 32` is looked up as
+/// `T_lo[x] | T_hi[x ^ 0x80]` with `x = c + 0x70`: for `c < 16`, `x < 0x80` indexes the low half
+/// and `x ^ 0x80` has its top bit set, so `vpshufb` gives 0 from the high half; for `c >= 16` the
+/// roles swap and both index with `c & 15`.
+///
+/// # Safety
+/// The CPU supports AVX2; `block.len()` is a multiple of 32 (nibble positions of 16 bytes)
+/// and `tables.len() == 32 * coords5(block.len() / 32)`, so every 16-byte load of a nibble
+/// position `< 2 · row_bytes` and of a half table `< 2 · coords` stays in its slice.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn scan_block_b5_avx2(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
+    out.fill(0);
+    let coords = tables.len() / 32;
+    let groups = coords / 8;
+    let low = _mm_set1_epi8(0x0F);
+    let m31 = _mm256_set1_epi8(31);
+    let bias = _mm256_set1_epi8(0x70);
+    let flip = _mm256_set1_epi8(0x80u8 as i8);
+    let zero = _mm256_setzero_si256();
+    let mut g = 0;
+    while g < groups {
+        // 32 groups of 8 look-ups of at most 255 per u16 lane: 65 280 < 65 536.
+        let chunk = (groups - g).min(32);
+        let (mut lo, mut hi) = (zero, zero);
+        for gg in g..g + chunk {
+            // Nibbles of 32 rows: lane 0 rows 0..15, lane 1 rows 16..31.
+            let mut e = [zero; 10];
+            for (k, ek) in e.iter_mut().enumerate() {
+                // SAFETY: nibble position 10gg+k < 2·row_bytes, so 16 bytes are in the block.
+                let b = unsafe {
+                    _mm_loadu_si128(block.as_ptr().add((10 * gg + k) * 16) as *const __m128i)
+                };
+                let l = _mm_and_si128(b, low);
+                let h = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+                *ek = _mm256_inserti128_si256(_mm256_castsi128_si256(l), h, 1);
+            }
+            for k in 0..8 {
+                let (pos, off) = (5 * k / 4, 5 * k % 4);
+                // Bytes hold nibbles (< 16): the 16-bit shifts move no set bit across a byte
+                // boundary that the mask keeps.
+                let c = _mm256_and_si256(
+                    _mm256_or_si256(
+                        _mm256_srl_epi16(e[pos], _mm_cvtsi32_si128(off as i32)),
+                        _mm256_sll_epi16(e[pos + 1], _mm_cvtsi32_si128(4 - off as i32)),
+                    ),
+                    m31,
+                );
+                let x = _mm256_add_epi8(c, bias);
+                // SAFETY: table 8gg+k < coords, 32 bytes each.
+                let (tl, th) = unsafe {
+                    let p = tables.as_ptr().add((8 * gg + k) * 32);
+                    (
+                        _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i)),
+                        _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(16) as *const __m128i)),
+                    )
+                };
+                let r = _mm256_or_si256(
+                    _mm256_shuffle_epi8(tl, x),
+                    _mm256_shuffle_epi8(th, _mm256_xor_si256(x, flip)),
+                );
+                lo = _mm256_add_epi16(lo, _mm256_unpacklo_epi8(r, zero));
+                hi = _mm256_add_epi16(hi, _mm256_unpackhi_epi8(r, zero));
+            }
+        }
+        g += chunk;
+        flush_row_lanes(lo, hi, out);
+    }
+    for j in 8 * groups..coords {
+        for (slot, o) in out.iter_mut().enumerate() {
+            *o += tables[32 * j + super::code5(block, j, slot)] as u32;
         }
     }
 }
