@@ -1,28 +1,35 @@
 //! `real-model --context`: decode speed, cache bytes and memory at long contexts. For each
 //! length the text's tokens (repeated as needed) are prefilled in chunks, then a few tokens are
 //! decoded greedily; each row is one length × one cache (the exact cache on the float and the
-//! native path, each quantized configuration on the chosen path), measured alone: the process's
-//! peak resident memory is reset before the row (Linux `/proc/self/clear_refs`), so the row's
-//! peak growth is its own.
+//! native path, each quantized configuration on the chosen path), measured alone: each row runs in
+//! its own child process (this binary, re-run with the same arguments and
+//! `TQ_BENCH_CONTEXT_ROW` naming the row), so no row reuses memory an earlier row freed, and the
+//! row's peak resident memory growth is its own (the peak is reset after the model is loaded,
+//! Linux `/proc/self/clear_refs`). Where the binary cannot re-run itself, rows run in turn in
+//! this process.
 
 use std::time::Instant;
 
-use anyhow::{Result, bail, ensure};
-use serde::Serialize;
+use anyhow::{Context as _, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
 use tq_onnx::{Attention, CacheSpec, Decoder, Sequence};
 
 use crate::cmd::strategy_label;
 use crate::real::Config;
 
+/// The environment variable that makes a run measure only row `i` (its value) of the
+/// lengths × caches list, in a child process of the run that lists them.
+const ROW_ENV: &str = "TQ_BENCH_CONTEXT_ROW";
+
 /// One row of the long-context workload.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContextRow {
     /// Tokens of context before decoding.
     pub context: usize,
     /// `exact` or the quantized cache's label.
     pub config: String,
     /// `native` or `float`.
-    pub attention: &'static str,
+    pub attention: String,
     /// Stored bits per coordinate of the cache at the end (32 for an f32 cache).
     pub bits_per_coordinate: f64,
     /// Decode tokens per second (greedy, one token per step, after the prefill).
@@ -129,13 +136,55 @@ pub fn run(
             jobs.push((label(c), q, c.spec(q)?));
         }
     }
-    let per_row: usize = contexts.iter().map(|&c| c.div_ceil(chunk) + decode).sum();
-    let pb = crate::cmd::progress_bar(json, per_row * jobs.len());
+    let list: Vec<(usize, usize)> = contexts
+        .iter()
+        .flat_map(|&c| (0..jobs.len()).map(move |j| (c, j)))
+        .collect();
+    let only = match std::env::var(ROW_ENV) {
+        Ok(v) => Some(
+            v.parse::<usize>()
+                .ok()
+                .filter(|&i| i < list.len())
+                .with_context(|| format!("{ROW_ENV}={v} names no row of {}", list.len()))?,
+        ),
+        Err(_) => None,
+    };
+    let steps = |c: usize| c.div_ceil(chunk) + decode;
     let (layers, kv, d) = (any.layers(), any.kv_heads(), any.head_dim());
+    if only.is_none()
+        && list.len() > 1
+        && let Ok(exe) = std::env::current_exe()
+    {
+        let all: usize = list.iter().map(|&(c, _)| steps(c)).sum();
+        let pb = crate::cmd::progress_bar(json, all);
+        let mut rows = Vec::new();
+        for (i, &(context, j)) in list.iter().enumerate() {
+            let (name, dec, _) = &jobs[j];
+            pb.set_message(format!(
+                "{context} tokens, {name} ({}), own process",
+                dec.attention().name()
+            ));
+            rows.push(run_child(&exe, i)?);
+            pb.inc(steps(context) as u64);
+        }
+        pb.finish_and_clear();
+        return Ok(rows);
+    }
+    let total: usize = list
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| only.is_none_or(|o| o == i))
+        .map(|(_, &(c, _))| steps(c))
+        .sum();
+    let pb = crate::cmd::progress_bar(json || only.is_some(), total);
     let mut rows = Vec::new();
-    for &context in contexts {
+    for (i, &(context, j)) in list.iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
         let ids: Vec<u32> = text.iter().copied().cycle().take(context).collect();
-        for (name, dec, spec) in &jobs {
+        {
+            let (name, dec, spec) = &jobs[j];
             pb.set_message(format!(
                 "{context} tokens, {name} ({})",
                 dec.attention().name()
@@ -167,7 +216,7 @@ pub fn run(
             rows.push(ContextRow {
                 context,
                 config: name.clone(),
-                attention: dec.attention().name(),
+                attention: dec.attention().name().to_string(),
                 bits_per_coordinate: 8.0 * cache_bytes as f64 / coords.max(1) as f64,
                 tokens_per_s: decode as f64 / decode_s.max(1e-12),
                 prefill_tokens_per_s: context as f64 / prefill_s.max(1e-12),
@@ -182,6 +231,40 @@ pub fn run(
     }
     pb.finish_and_clear();
     Ok(rows)
+}
+
+/// Runs row `i` in a child process: this binary with this process's arguments (plus `--json`),
+/// `TQ_BENCH_CONTEXT_ROW=i`; its report's one context row.
+fn run_child(exe: &std::path::Path, i: usize) -> Result<ContextRow> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if !args.iter().any(|a| a == "--json") {
+        args.push("--json".into());
+    }
+    let out = std::process::Command::new(exe)
+        .args(&args)
+        .env(ROW_ENV, i.to_string())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .with_context(|| format!("cannot run row {i} in a child process"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        bail!(
+            "row {i} failed in its child process: {}",
+            err.trim().lines().last().unwrap_or("no message")
+        );
+    }
+    #[derive(Deserialize)]
+    struct Child {
+        contexts: Vec<ContextRow>,
+    }
+    let child: Child = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("row {i}: the child process's report does not parse"))?;
+    child
+        .contexts
+        .into_iter()
+        .next()
+        .with_context(|| format!("row {i}: the child process reported no row"))
 }
 
 /// Prints the rows as a table.

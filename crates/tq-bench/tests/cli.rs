@@ -278,6 +278,26 @@ fn real_glove_fixture_meets_the_theory() {
     }
 }
 
+/// `--config recommended,paper` measures both named configurations in one run, in that order:
+/// the default's 5-bit keys with a 4-token window and the paper's plain 4/4.
+#[test]
+fn trace_measures_every_named_configuration_given() {
+    let out = bench(&["trace", "--config", "recommended,paper", "--json"]);
+    let r = json(&out);
+    let rows = r["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0]["key_bits"].as_f64(), rows[0]["window"].as_u64()),
+        (Some(5.0), Some(4))
+    );
+    assert_eq!(
+        (rows[1]["key_bits"].as_f64(), rows[1]["window"].as_u64()),
+        (Some(4.0), Some(0))
+    );
+    let bad = bench(&["trace", "--config", "recommended,best"]);
+    assert!(!bad.status.success());
+}
+
 #[test]
 fn trace_reports_attention_metrics_per_configuration_and_layer() {
     let path = tmp("trace.safetensors");

@@ -78,10 +78,11 @@ pub struct KvCacheArgs {
     /// the configurations that use them.
     #[arg(long, value_delimiter = ',', default_value = "32")]
     pub group: Vec<usize>,
-    /// A named configuration instead of the grid: recommended (tq_kv::HeadConfig::recommended,
-    /// the documented default) or paper (TurboQuant_mse 4-bit keys and values, nothing else).
-    #[arg(long, value_enum)]
-    pub config: Option<NamedConfig>,
+    /// Named configurations instead of the grid, comma-separated: recommended
+    /// (tq_kv::HeadConfig::recommended, the documented default) and/or paper (TurboQuant_mse
+    /// 4-bit keys and values, nothing else); `recommended,paper` measures both in one run.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub config: Vec<NamedConfig>,
     /// Centre MSE keys and values on per-head means (calibrated like --split auto).
     #[arg(long)]
     pub center: bool,
@@ -177,8 +178,8 @@ pub struct KvGrid<'a> {
     pub value_strategies: &'a [ValueStrategy],
     /// KIVI group sizes (crossed only with configurations that use KIVI).
     pub groups: &'a [usize],
-    /// A named configuration replacing the whole grid.
-    pub named: Option<NamedConfig>,
+    /// Named configurations replacing the whole grid (none: the grid).
+    pub named: &'a [NamedConfig],
     pub scales: &'a [ScaleMode],
     pub center: bool,
     pub windows: &'a [usize],
@@ -189,11 +190,15 @@ pub struct KvGrid<'a> {
 /// values zipped instead with `pair`), for head dimension `d`. Centring applies to all-MSE
 /// configurations only.
 pub fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>> {
-    if let Some(named) = g.named {
-        return Ok(vec![HeadConfig {
-            seed,
-            ..named.head(d)
-        }]);
+    if !g.named.is_empty() {
+        return Ok(g
+            .named
+            .iter()
+            .map(|named| HeadConfig {
+                seed,
+                ..named.head(d)
+            })
+            .collect());
     }
     let widths: Vec<(&String, &String)> = if g.pair {
         ensure!(

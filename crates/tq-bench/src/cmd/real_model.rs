@@ -45,7 +45,7 @@ pub struct RealModelArgs {
     /// of --chunk tokens, then --max-new-tokens tokens (default 16) are decoded greedily. Prints
     /// decode and prefill tokens/s, cache bytes against f16, and each row's peak memory growth,
     /// for the exact cache (float and native attention) and each quantized configuration (on
-    /// --attention's path).
+    /// --attention's path). Each row runs in its own child process, so rows do not share memory.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["prompt", "prompts", "dump_trace"])]
     pub context: Option<Vec<usize>>,
     /// Tokens per prefill step of --context.
@@ -261,7 +261,7 @@ pub fn run(a: RealModelArgs) -> Result<RealReport> {
         strategies: &a.cache.key_strategy,
         value_strategies: &a.cache.value_strategy,
         groups: &a.cache.group,
-        named: a.cache.config,
+        named: &a.cache.config,
         scales: &a.scales,
         center: a.cache.center,
         windows: &a.window,

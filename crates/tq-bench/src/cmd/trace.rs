@@ -107,7 +107,7 @@ pub fn run(a: TraceArgs) -> Result<TraceReport> {
             strategies: &cache.key_strategy,
             value_strategies: &cache.value_strategy,
             groups: &cache.group,
-            named: cache.config,
+            named: &cache.config,
             scales: &scales,
             center: cache.center,
             windows: &[window],
