@@ -221,8 +221,9 @@ pub fn scan_block_b5_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
 /// Weighted sum of decoded rows: `acc[j] += Σ_i weights[i] · values[code_j(row i)]` for rows
 /// `i < weights.len()` stored in `blocks` (`ceil(n/32)` blocks of `32 · row_bytes` bytes) and
 /// `j < acc.len()` (the dimension; at most the codes per row). Blocks whose weights are all zero
-/// are skipped. AVX2 for `bits <= 4`: each coordinate's 32 codes are cut out of one or two nibble
-/// vectors with shifts, looked up with `vpermps` (two tables and a blend at 4 bits) and multiplied
+/// are skipped. AVX2 for `bits <= 5`: each coordinate's 32 codes are cut out of one or two nibble
+/// vectors with shifts, looked up with `vpermps` (two tables and a blend at 4 bits, four tables and
+/// three blends at 5) and multiplied
 /// into 8 rows per FMA, with the per-coordinate partial sums kept in 8-lane registers across blocks
 /// and reduced once; wider codes and other CPUs use [`accumulate_block_scalar`]. O(n · dim).
 ///
@@ -261,11 +262,11 @@ pub fn accumulate_blocks_multi(
     check_accumulate(blocks.len(), row_bytes, bits, values.len(), weights, accs);
     #[cfg(target_arch = "x86_64")]
     {
-        if bits <= 4 && has_avx2_fma() {
+        if bits <= 5 && has_avx2_fma() {
             // SAFETY: AVX2 and FMA are present (checked at run time) and `check_accumulate`
             // proved every length the kernel reads through: each block has `2 · row_bytes`
             // nibble positions, each coordinate `j < dim` lies in them, each weight vector
-            // covers the blocks, and `values` has `2^bits <= 16` entries.
+            // covers the blocks, and `values` has `2^bits <= 32` entries.
             unsafe { x86::accumulate_blocks_avx2(blocks, row_bytes, bits, values, weights, accs) };
             return;
         }

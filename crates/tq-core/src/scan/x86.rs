@@ -169,7 +169,7 @@ pub(super) unsafe fn scan_block_b5_avx2(block: &[u8], tables: &[u8], out: &mut [
 /// weight vector; the partial sums are reduced once at the end.
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA; `1 <= bits <= 4`; `row_bytes >= 1` and `blocks` is whole
+/// The CPU supports AVX2 and FMA; `1 <= bits <= 5`; `row_bytes >= 1` and `blocks` is whole
 /// blocks of `32 · row_bytes` bytes; every weight vector covers exactly those blocks; every
 /// accumulator has the same length `dim <= 8 · row_bytes / bits`, so each coordinate's
 /// nibble positions lie inside its block; `values` has at least `2^bits` entries.
@@ -185,13 +185,15 @@ pub(super) unsafe fn accumulate_blocks_avx2(
     let b = bits as usize;
     let dim = accs.first().map_or(0, |a| a.len());
     let nq = weights.len();
-    let mut table = [0f32; 16];
+    let mut table = [0f32; 32];
     table[..1 << bits].copy_from_slice(&values[..1 << bits]);
-    // SAFETY: 16-entry table.
-    let (c_lo, c_hi) = unsafe {
+    // SAFETY: 32-entry table: four registers of eight.
+    let (c_lo, c_hi, c_lo2, c_hi2) = unsafe {
         (
             _mm256_loadu_ps(table.as_ptr()),
             _mm256_loadu_ps(table.as_ptr().add(8)),
+            _mm256_loadu_ps(table.as_ptr().add(16)),
+            _mm256_loadu_ps(table.as_ptr().add(24)),
         )
     };
     let low = _mm_set1_epi8(0x0F);
@@ -247,7 +249,21 @@ pub(super) unsafe fn accumulate_blocks_avx2(
             let mut v = [_mm256_setzero_ps(); 4];
             for (vg, g) in v.iter_mut().zip(groups) {
                 let idx = _mm256_cvtepu8_epi32(g);
-                *vg = if b == 4 {
+                *vg = if b == 5 {
+                    // Bit 3 picks within each 16-entry half, bit 4 between the halves.
+                    let bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+                    let lo16 = _mm256_blendv_ps(
+                        _mm256_permutevar8x32_ps(c_lo, idx),
+                        _mm256_permutevar8x32_ps(c_hi, idx),
+                        bit3,
+                    );
+                    let hi16 = _mm256_blendv_ps(
+                        _mm256_permutevar8x32_ps(c_lo2, idx),
+                        _mm256_permutevar8x32_ps(c_hi2, idx),
+                        bit3,
+                    );
+                    _mm256_blendv_ps(lo16, hi16, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27)))
+                } else if b == 4 {
                     let a_lo = _mm256_permutevar8x32_ps(c_lo, idx);
                     let a_hi = _mm256_permutevar8x32_ps(c_hi, idx);
                     _mm256_blendv_ps(a_lo, a_hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
