@@ -18,7 +18,8 @@ use crate::cmd::strategy_label;
 use crate::real::Config;
 
 /// The environment variable that makes a run measure only row `i` (its value) of the
-/// lengths × caches list, in a child process of the run that lists them.
+/// lengths × caches list, in a child process of the run that lists them (internal: set only by
+/// [`run_child`]; a run that finds it set measures that one row).
 const ROW_ENV: &str = "TQ_BENCH_CONTEXT_ROW";
 
 /// One row of the long-context workload.
@@ -249,9 +250,15 @@ fn run_child(exe: &std::path::Path, i: usize) -> Result<ContextRow> {
         .with_context(|| format!("cannot run row {i} in a child process"))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
+        // The error line (or a panic's message), not a trailing backtrace hint.
+        let why = err
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("error") || l.contains("panicked"))
+            .unwrap_or("no error message");
         bail!(
-            "row {i} failed in its child process: {}",
-            err.trim().lines().last().unwrap_or("no message")
+            "row {i} failed in its child process ({}): {why}",
+            out.status
         );
     }
     #[derive(Deserialize)]

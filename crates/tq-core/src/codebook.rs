@@ -155,9 +155,10 @@ struct BoundaryCells {
 }
 
 impl BoundaryCells {
-    /// Cells for ascending `boundaries` (at most 255: counts fit a byte). O(cells + boundaries).
+    /// Cells for ascending `boundaries` (at most 255: counts fit a byte). O(cells · boundaries)
+    /// (at most about a million compares, once per codebook).
     fn new(boundaries: &[f32]) -> Self {
-        debug_assert!(boundaries.len() <= 255 && boundaries.windows(2).all(|w| w[0] < w[1]));
+        debug_assert!(boundaries.len() <= 255 && boundaries.windows(2).all(|w| w[0] <= w[1]));
         let (lo, hi) = match (boundaries.first(), boundaries.last()) {
             (Some(&lo), Some(&hi)) if hi > lo => (lo, hi),
             _ => {
@@ -174,8 +175,8 @@ impl BoundaryCells {
             .windows(2)
             .map(|w| w[1] - w[0])
             .fold(f32::INFINITY, f32::min);
-        let wanted = ((hi - lo) / gap).ceil() as usize + 1;
-        let cells = wanted.clamp(1, 4096);
+        // `min` first: a zero gap (coinciding f32 boundaries) gives +inf, saturated here.
+        let cells = (((hi - lo) / gap).ceil().min(4095.0) as usize + 1).max(1);
         let width = (hi - lo) / cells as f32;
         let start = (0..=cells)
             .map(|c| {
@@ -658,7 +659,7 @@ mod tests {
     #[test]
     fn boundary_cells_equal_the_binary_search() {
         for bits in 5..=8 {
-            for dim in [8usize, 64, 128, 1024] {
+            for dim in [2usize, 3, 8, 64, 128, 1024] {
                 let cb = Codebook::get(dim, bits).unwrap();
                 let mut ys = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e30];
                 for &b in cb.boundaries() {

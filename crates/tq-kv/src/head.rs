@@ -27,7 +27,9 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ScoreMode {
-    /// `u8` look-up tables and the SIMD scan (extra error well below the quantization error).
+    /// `u8` look-up tables and the SIMD scan. Their extra error is a fraction of the quantization
+    /// error that grows with the width (RMS ratio 0.19 at 4 bits, 0.43 at 5 bits, where it adds
+    /// about 9% to the RMS score error); widths 6-8 have no tables and score exactly.
     #[default]
     Fast,
     /// `f32` look-up tables: the same function as scoring the dequantized keys.

@@ -253,7 +253,7 @@ fn killing_a_save_leaves_the_old_or_the_new_file() {
             let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
             assert!(n > 0, "round {round}: the child exited before it was ready");
         }
-        std::thread::sleep(std::time::Duration::from_millis(20 + r.next_u64() % 200));
+        std::thread::sleep(std::time::Duration::from_millis(20 + r.next_u64() % 380));
         child.kill().unwrap();
         child.wait().unwrap();
         let back = ModelCache::load(&path)

@@ -21,7 +21,7 @@
 //! **Scoring on the codes.** With the channel axis, `⟨q, k̃_t⟩ = Σ_c q_c z_{g,c} + Σ_c (q_c s_{g,c})
 //! · code_{t,c}` for the rows `t` of group `g`: the first sum is one offset per group, the second is
 //! the look-up-table scan of the other batches with per-group tables over the uniform levels
-//! `0..2^b` (fast `u8` tables and exact `f32` tables for widths 1-4; widths 5-8 decode rows). The
+//! `0..2^b` (fast `u8` tables and exact `f32` tables for widths 1-5; widths 6-8 decode rows). The
 //! residual rows are scored exactly (f16 values, f32 arithmetic). The token axis scores each row exactly.
 
 use std::sync::Arc;

@@ -293,7 +293,8 @@ impl MseQuantizer {
         }
     }
 
-    /// Prepares a query for scoring: rotates it once and builds its look-up tables. O(d log d + 16·d).
+    /// Prepares a query for scoring: rotates it once and builds its look-up tables. O(d log d + 2^b·d) at 3 and 5
+    /// bits, O(d log d + 16·d) at 1, 2 and 4.
     ///
     /// # Errors
     /// [`Error::DimMismatch`], [`Error::NonFinite`].

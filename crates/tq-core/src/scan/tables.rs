@@ -1,9 +1,11 @@
 //! `u8` look-up tables for the scans: float tables quantized with one shared step.
 
-/// `u8` look-up tables for [`scan_block`]: `16 * positions` bytes, table `n` at `16n..16n+16`.
+/// `u8` look-up tables for the scans: `entries` bytes per table (16 for
+/// [`scan_block`](super::scan_block) and [`scan_block_b3`](super::scan_block_b3), 32 for
+/// [`scan_block_b5`](super::scan_block_b5)), table `n` at `entries·n..entries·(n+1)`.
 #[derive(Debug, Clone, Default)]
 pub struct QuantizedLut {
-    /// The tables, 16 bytes per nibble position.
+    /// The tables, one after another (16 or 32 bytes each).
     pub tables: Vec<u8>,
     /// Sum of the per-table minima: added to every score.
     pub offset: f32,
