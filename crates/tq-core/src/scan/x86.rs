@@ -16,7 +16,6 @@ pub(super) unsafe fn scan_block_b3_avx2(block: &[u8], tables: &[u8], out: &mut [
     out.fill(0);
     let coords = tables.len() / 16;
     let groups = coords / 4;
-    let low = _mm256_set1_epi8(0x0F);
     let m1 = _mm256_set1_epi8(1);
     let m3 = _mm256_set1_epi8(3);
     let m7 = _mm256_set1_epi8(7);
@@ -30,12 +29,7 @@ pub(super) unsafe fn scan_block_b3_avx2(block: &[u8], tables: &[u8], out: &mut [
             let mut e = [zero; 3];
             for (k, ek) in e.iter_mut().enumerate() {
                 // SAFETY: nibble position 3gg+k < 2·row_bytes, so 16 bytes are in the block.
-                let b = unsafe {
-                    _mm_loadu_si128(block.as_ptr().add((3 * gg + k) * 16) as *const __m128i)
-                };
-                let l = _mm_and_si128(b, _mm256_castsi256_si128(low));
-                let h = _mm_and_si128(_mm_srli_epi16(b, 4), _mm256_castsi256_si128(low));
-                *ek = _mm256_inserti128_si256(_mm256_castsi128_si256(l), h, 1);
+                *ek = unsafe { nibble_rows(block, 3 * gg + k) };
             }
             let c0 = _mm256_and_si256(e[0], m7);
             let c1 = _mm256_or_si256(
@@ -67,6 +61,22 @@ pub(super) unsafe fn scan_block_b3_avx2(block: &[u8], tables: &[u8], out: &mut [
             *o += tables[16 * j + super::code3(block, j, slot)] as u32;
         }
     }
+}
+
+/// The nibbles of the 32 rows at nibble position `pos`, one per byte: lane 0 holds rows 0..15
+/// (the low halves of the position's 16 bytes), lane 1 rows 16..31 (the high halves).
+///
+/// # Safety
+/// The CPU supports AVX2 and `16 · (pos + 1) <= block.len()`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibble_rows(block: &[u8], pos: usize) -> __m256i {
+    let low = _mm_set1_epi8(0x0F);
+    // SAFETY: the caller guarantees 16 bytes at `16 · pos`.
+    let b = unsafe { _mm_loadu_si128(block.as_ptr().add(pos * 16) as *const __m128i) };
+    let l = _mm_and_si128(b, low);
+    let h = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+    _mm256_inserti128_si256(_mm256_castsi128_si256(l), h, 1)
 }
 
 /// Adds the `u16` row sums of a per-coordinate scan to `out`: `lo` / `hi` are the zero-extended
@@ -104,7 +114,6 @@ pub(super) unsafe fn scan_block_b5_avx2(block: &[u8], tables: &[u8], out: &mut [
     out.fill(0);
     let coords = tables.len() / 32;
     let groups = coords / 8;
-    let low = _mm_set1_epi8(0x0F);
     let m31 = _mm256_set1_epi8(31);
     let bias = _mm256_set1_epi8(0x70);
     let flip = _mm256_set1_epi8(0x80u8 as i8);
@@ -119,12 +128,7 @@ pub(super) unsafe fn scan_block_b5_avx2(block: &[u8], tables: &[u8], out: &mut [
             let mut e = [zero; 10];
             for (k, ek) in e.iter_mut().enumerate() {
                 // SAFETY: nibble position 10gg+k < 2·row_bytes, so 16 bytes are in the block.
-                let b = unsafe {
-                    _mm_loadu_si128(block.as_ptr().add((10 * gg + k) * 16) as *const __m128i)
-                };
-                let l = _mm_and_si128(b, low);
-                let h = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-                *ek = _mm256_inserti128_si256(_mm256_castsi128_si256(l), h, 1);
+                *ek = unsafe { nibble_rows(block, 10 * gg + k) };
             }
             for k in 0..8 {
                 let (pos, off) = (5 * k / 4, 5 * k % 4);
