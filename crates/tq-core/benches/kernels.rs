@@ -92,9 +92,68 @@ fn nibble_scan(c: &mut Criterion) {
     g.finish();
 }
 
+/// The scan kernels with the codes in cache (256 KiB: a 4 096-key, d = 128 head at 4 bits, or a
+/// search shard), where the kernel and not memory bandwidth sets the rate: 3, 4 and 5 bits.
+fn scan_in_cache(c: &mut Criterion) {
+    let mut g = c.benchmark_group("scan_in_cache");
+    type Kernel = fn(&[u8], &[u8], &mut [u32; scan::BLOCK]);
+    let cases: [(&str, u32, Kernel, usize); 3] = [
+        ("d128_b3", 3, scan::scan_block_b3, 16 * scan::coords3(48)),
+        ("d128_b4", 4, scan::scan_block, 2048),
+        ("d128_b5", 5, scan::scan_block_b5, 32 * scan::coords5(80)),
+    ];
+    for (name, bits, kernel, table_len) in cases {
+        let row_bytes = 16 * bits as usize;
+        let blocks = (256 << 10) / scan::block_bytes(row_bytes);
+        let mut r = SeededRng::new(4, stream::DATA);
+        let data: Vec<u8> = (0..blocks * scan::block_bytes(row_bytes))
+            .map(|_| r.next_u64() as u8)
+            .collect();
+        let tables: Vec<u8> = (0..table_len).map(|_| r.next_u64() as u8).collect();
+        g.throughput(Throughput::Elements((blocks * scan::BLOCK) as u64));
+        let mut out = [0u32; scan::BLOCK];
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut acc = 0u32;
+                for blk in data.chunks_exact(scan::block_bytes(row_bytes)) {
+                    kernel(blk, &tables, &mut out);
+                    acc = acc.wrapping_add(out[0]);
+                }
+                black_box(acc)
+            })
+        });
+    }
+    // Several queries per pass over the same 4-bit codes; throughput counts (key, query) pairs.
+    let row_bytes = 64;
+    let blocks = (256 << 10) / scan::block_bytes(row_bytes);
+    let mut r = SeededRng::new(5, stream::DATA);
+    let data: Vec<u8> = (0..blocks * scan::block_bytes(row_bytes))
+        .map(|_| r.next_u64() as u8)
+        .collect();
+    let tables: Vec<Vec<u8>> = (0..scan::MULTI_QUERIES)
+        .map(|_| (0..2048).map(|_| r.next_u64() as u8).collect())
+        .collect();
+    for nq in 1..=scan::MULTI_QUERIES {
+        let refs: Vec<&[u8]> = tables[..nq].iter().map(Vec::as_slice).collect();
+        let mut outs = vec![[0u32; scan::BLOCK]; nq];
+        g.throughput(Throughput::Elements((blocks * scan::BLOCK * nq) as u64));
+        g.bench_function(format!("d128_b4_queries{nq}"), |b| {
+            b.iter(|| {
+                let mut acc = 0u32;
+                for blk in data.chunks_exact(scan::block_bytes(row_bytes)) {
+                    scan::scan_block_multi(blk, &refs, &mut outs);
+                    acc = acc.wrapping_add(outs[0][0]);
+                }
+                black_box(acc)
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(2));
-    targets = rotations, codebook_search, nibble_scan
+    targets = rotations, codebook_search, nibble_scan, scan_in_cache
 }
 criterion_main!(benches);

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use tq_core::scan::{self, BLOCK};
+use tq_core::scan::{self, BLOCK, block_bytes};
 use tq_core::{Codebook, Rotation, bitpack, simd};
 
 use crate::config::{MseConfig, ScaleMode};
@@ -666,8 +666,37 @@ impl MseBatch {
     /// stored scale, plus the query's mean offset.
     fn score_blocks(&self, query: &MseQuery, out: &mut [f32], fast: bool) -> Result<()> {
         self.check_out(out)?;
-        score::for_each_block(out, |b, o| self.score_block(query, b, o, fast));
+        match (&query.tables, fast) {
+            (Some(t), true) => {
+                score::for_each_chunk(out, |start, o| self.fast_chunk(t, query, start, o, None))
+            }
+            _ => score::for_each_block(out, |b, o| self.score_block(query, b, o, fast)),
+        }
         Ok(())
+    }
+
+    /// Fast scores of rows `start..start + o.len()` (`start` a multiple of 32) through the query's
+    /// `u8` tables `t`: unit dots times the stored scale, plus the query's mean offset.
+    fn fast_chunk(
+        &self,
+        t: &Tables,
+        query: &MseQuery,
+        start: usize,
+        o: &mut [f32],
+        select: Option<(f32, &mut [u32])>,
+    ) {
+        let bb = block_bytes(self.codes.row_bytes());
+        let b0 = start / BLOCK;
+        let blocks = &self.codes.blocks()[b0 * bb..(b0 + o.len().div_ceil(BLOCK)) * bb];
+        let scales = &self.norms[start..start + o.len()];
+        t.scores_fast(
+            blocks,
+            self.codes.row_bytes(),
+            scales,
+            query.offset,
+            o,
+            select,
+        );
     }
 
     /// Scores block `b` into `o` (its rows, at most 32): unit dots times the stored scale, plus
@@ -696,8 +725,19 @@ impl MseBatch {
             for (b, chunk) in scores.chunks(BLOCK).enumerate() {
                 sel.push(b * BLOCK, chunk);
             }
+        } else if let Some(t) = &query.tables {
+            // One pass, a chunk of blocks at a time: nothing of the batch's size is allocated.
+            // The kernel marks the rows above the selection's threshold; only those are offered.
+            let mut o = [0.0f32; score::CHUNK_ROWS];
+            let mut masks = [0u32; score::CHUNK_ROWS / BLOCK];
+            for start in (0..self.len()).step_by(score::CHUNK_ROWS) {
+                let o = &mut o[..(self.len() - start).min(score::CHUNK_ROWS)];
+                let masks = &mut masks[..o.len().div_ceil(BLOCK)];
+                self.fast_chunk(t, query, start, o, Some((sel.threshold(), &mut *masks)));
+                sel.push_marked(start, o, masks);
+            }
         } else {
-            // One pass, block by block: nothing of the batch's size is allocated.
+            // No tables: the exact path, block by block.
             let mut o = [0.0f32; BLOCK];
             for b in 0..self.len().div_ceil(BLOCK) {
                 let o = &mut o[..(self.len() - b * BLOCK).min(BLOCK)];

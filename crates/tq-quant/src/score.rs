@@ -167,6 +167,54 @@ impl Tables {
         }
     }
 
+    /// Fast scores `scales[i] · dot_i + bias` of consecutive rows: `blocks` holds the
+    /// `out.len().div_ceil(32)` blocks of rows of `row_bytes` bytes, `scales` one scale per row.
+    /// With `select = Some((above, masks))`, bit `r` of `masks[b]` is also set iff
+    /// `out[32b + r] > above` (one mask per block). Nibble tables go through the fused kernel
+    /// ([`tq_core::scan::scan_blocks_scores_above`]: scan, conversion and threshold in one call per
+    /// run of blocks); 3- and 5-bit tables block by block.
+    pub(crate) fn scores_fast(
+        &self,
+        blocks: &[u8],
+        row_bytes: usize,
+        scales: &[f32],
+        bias: f32,
+        out: &mut [f32],
+        select: Option<(f32, &mut [u32])>,
+    ) {
+        if self.kind == TableKind::Nibble {
+            let affine = tq_core::scan::Affine {
+                offset: self.fast.offset,
+                step: self.fast.step,
+                bias,
+            };
+            let t = &self.fast.tables;
+            match select {
+                Some(marks) => tq_core::scan::scan_blocks_scores_above(
+                    blocks, row_bytes, t, affine, scales, out, marks,
+                ),
+                None => {
+                    tq_core::scan::scan_blocks_scores(blocks, row_bytes, t, affine, scales, out)
+                }
+            }
+            return;
+        }
+        let bb = tq_core::scan::block_bytes(row_bytes);
+        for ((block, o), sc) in blocks
+            .chunks_exact(bb)
+            .zip(out.chunks_mut(BLOCK))
+            .zip(scales.chunks(BLOCK))
+        {
+            self.block_fast(block, o);
+            for (v, &s) in o.iter_mut().zip(sc) {
+                *v = *v * s + bias;
+            }
+        }
+        if let Some((above, masks)) = select {
+            tq_core::scan::mark_above(out, above, masks);
+        }
+    }
+
     /// Exact (f32) dots of the 32 rows of `block`.
     #[inline]
     pub(crate) fn block_exact(&self, block: &[u8], out: &mut [f32]) {
@@ -226,6 +274,26 @@ where
     }
 }
 
+/// Rows per task of [`for_each_chunk`]: 8 blocks.
+pub(crate) const CHUNK_ROWS: usize = 8 * BLOCK;
+
+/// Runs `f(first_row, out_chunk)` for every [`CHUNK_ROWS`]-row chunk of `out` (the last may be
+/// shorter), in parallel on the current rayon pool when [`split_rows`] says so.
+pub(crate) fn for_each_chunk<F>(out: &mut [f32], f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    if split_rows(out.len()) {
+        out.par_chunks_mut(CHUNK_ROWS)
+            .enumerate()
+            .for_each(|(c, chunk)| f(c * CHUNK_ROWS, chunk));
+    } else {
+        for (c, chunk) in out.chunks_mut(CHUNK_ROWS).enumerate() {
+            f(c * CHUNK_ROWS, chunk)
+        }
+    }
+}
+
 /// A streaming selection of the `c` best (score, row) pairs: larger score first, then lower row.
 /// Rows arrive in ascending order, in chunks; a buffer of at most `2c` candidates sits above a
 /// rising threshold (the `c`-th best so far) and is cut back to the best `c` whenever it fills, so
@@ -258,25 +326,60 @@ impl Candidates {
         if self.c == 0 {
             return;
         }
-        // Most chunks lie wholly at or below the threshold once it has risen: one comparison
-        // per row without an early exit (so it vectorizes) skips them. Scores are finite; a NaN
-        // would never pass `>` and is skipped.
-        let t = self.threshold;
-        if self.full && !chunk.iter().fold(false, |any, &v| any | (v > t)) {
-            return;
-        }
-        for (j, &s) in chunk.iter().enumerate() {
-            // A row equal to the threshold comes after the rows that set it: it ranks below them.
-            if self.full && s <= self.threshold {
+        // Once the threshold has risen, most rows lie at or below it: each run of 16 rows is
+        // tested with one comparison per row and no early exit (so it vectorizes), and only runs
+        // holding a candidate are walked row by row. Scores are finite; a NaN never passes `>`.
+        for (r, run) in chunk.chunks(16).enumerate() {
+            let t = self.threshold;
+            if self.full && !run.iter().fold(false, |any, &v| any | (v > t)) {
                 continue;
             }
-            self.buf.push((s, start + j));
-            if self.buf.len() == 2 * self.c {
-                self.buf.select_nth_unstable_by(self.c - 1, best_first);
-                self.buf.truncate(self.c);
-                self.threshold = self.buf[self.c - 1].0;
-                self.full = true;
+            for (j, &s) in run.iter().enumerate() {
+                self.offer(s, start + 16 * r + j);
             }
+        }
+    }
+
+    /// The score a row must exceed to be kept: the `c`-th best so far once `2c` rows were
+    /// offered, `-inf` before.
+    pub(crate) fn threshold(&self) -> f32 {
+        if self.full {
+            self.threshold
+        } else {
+            f32::NEG_INFINITY
+        }
+    }
+
+    /// Offers the marked rows of `start..start + chunk.len()`: bit `r` of `masks[b]` marks row
+    /// `32b + r` of the chunk. Rows not marked must score at most [`Candidates::threshold`] as it
+    /// was when the marks were made (the threshold only rises, so they could not be kept).
+    pub(crate) fn push_marked(&mut self, start: usize, chunk: &[f32], masks: &[u32]) {
+        if self.c == 0 {
+            return;
+        }
+        for (b, &m) in masks.iter().enumerate() {
+            let mut m = m;
+            while m != 0 {
+                let j = BLOCK * b + m.trailing_zeros() as usize;
+                m &= m - 1;
+                self.offer(chunk[j], start + j);
+            }
+        }
+    }
+
+    /// Offers one row.
+    #[inline]
+    fn offer(&mut self, s: f32, row: usize) {
+        // A row equal to the threshold comes after the rows that set it: it ranks below them.
+        if self.full && s <= self.threshold {
+            return;
+        }
+        self.buf.push((s, row));
+        if self.buf.len() == 2 * self.c {
+            self.buf.select_nth_unstable_by(self.c - 1, best_first);
+            self.buf.truncate(self.c);
+            self.threshold = self.buf[self.c - 1].0;
+            self.full = true;
         }
     }
 

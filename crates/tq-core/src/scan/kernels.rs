@@ -21,11 +21,250 @@ pub fn scan_block(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
         if has_avx2() {
             // SAFETY: AVX2 is present (checked at run time) and `check_nibble_scan` proved
             // `block.len() == tables.len()`, a multiple of 32: the kernel's only preconditions.
-            unsafe { x86::scan_block_avx2(block, tables, out) };
+            unsafe { x86::scan_block_multi_avx2::<1>(block, [tables], std::array::from_mut(out)) };
             return;
         }
     }
     scan_block_scalar(block, tables, out)
+}
+
+/// [`scan_block`] for several queries at once: `outs[q][r] = Σ_n tables[q][16n + nibble_n(row r)]`.
+/// The block is read and its nibbles split once per group of up to [`MULTI_QUERIES`] queries, so
+/// each further query costs only its look-ups (the queries of a grouped-query head, or a batch of
+/// search queries). Runtime-dispatched like [`scan_block`]. O(32 · positions · queries).
+///
+/// # Panics
+/// If `outs.len() != tables.len()`, or any table slice fails [`scan_block`]'s check; the checks
+/// run before any kernel reads memory.
+pub fn scan_block_multi(block: &[u8], tables: &[&[u8]], outs: &mut [[u32; BLOCK]]) {
+    assert_eq!(outs.len(), tables.len(), "one output per query's tables");
+    for t in tables {
+        check_nibble_scan(block.len(), t.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            let mut q = 0;
+            while q < tables.len() {
+                let (t, o) = (&tables[q..], &mut outs[q..]);
+                // SAFETY: AVX2 is present (checked at run time) and every table slice was
+                // checked to have `block.len()` bytes, a multiple of 32: the kernel's only
+                // preconditions.
+                q += unsafe {
+                    match t.len() {
+                        1 => {
+                            x86::scan_block_multi_avx2::<1>(block, [t[0]], first_n(o));
+                            1
+                        }
+                        2 => {
+                            x86::scan_block_multi_avx2::<2>(block, [t[0], t[1]], first_n(o));
+                            2
+                        }
+                        3 => {
+                            x86::scan_block_multi_avx2::<3>(block, [t[0], t[1], t[2]], first_n(o));
+                            3
+                        }
+                        _ => {
+                            x86::scan_block_multi_avx2::<4>(
+                                block,
+                                [t[0], t[1], t[2], t[3]],
+                                first_n(o),
+                            );
+                            4
+                        }
+                    }
+                };
+            }
+            return;
+        }
+    }
+    for (t, o) in tables.iter().zip(outs.iter_mut()) {
+        scan_block_scalar(block, t, o);
+    }
+}
+
+/// The map from a row's table sum to its score: `score = scale · (offset + step · sum) + bias`,
+/// with `offset` and `step` those of the query's [`super::QuantizedLut`], `scale` the row's stored
+/// scale (its norm) and `bias` a per-query constant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Affine {
+    /// Added to `step · sum` (the tables' summed offsets).
+    pub offset: f32,
+    /// Value of one table unit.
+    pub step: f32,
+    /// Added after the row's scale.
+    pub bias: f32,
+}
+
+/// Scores of consecutive blocks of nibble codes (rows of `row_bytes` bytes) against one query's
+/// `u8` tables: `out[i] = scales[i] · (affine.offset + affine.step · sum_i) + affine.bias`, with
+/// `sum_i` row `i`'s table sum as [`scan_block`] computes it. `out.len()` rows are scored (the
+/// last block's empty slots are not written). With AVX2 and FMA the sums stay in registers and
+/// are converted 8 rows at a time, so a block costs one call, not a scan plus a conversion pass;
+/// else [`scan_blocks_scores_scalar`]. O(rows · row_bytes).
+///
+/// # Panics
+/// Before any memory is read, unless `1 <= row_bytes <= 2^22` (so sums stay below 2^31),
+/// `tables.len() == 32 · row_bytes`, `blocks.len() == out.len().div_ceil(32) · 32 · row_bytes`
+/// and `scales.len() == out.len()`.
+pub fn scan_blocks_scores(
+    blocks: &[u8],
+    row_bytes: usize,
+    tables: &[u8],
+    affine: Affine,
+    scales: &[f32],
+    out: &mut [f32],
+) {
+    fused_scores(blocks, row_bytes, tables, affine, scales, out, None)
+}
+
+/// [`scan_blocks_scores`] that also marks the rows scoring above a threshold: with
+/// `marks = (above, masks)`, bit `r` of `masks[b]` is set iff `out[32b + r] > above` (a NaN
+/// score is never marked). A top-k search passes its current threshold and walks only the marked
+/// rows, so rows below it cost no comparison outside the kernel. O(rows · row_bytes).
+///
+/// # Panics
+/// As [`scan_blocks_scores`], and unless `masks.len() == out.len().div_ceil(32)`.
+pub fn scan_blocks_scores_above(
+    blocks: &[u8],
+    row_bytes: usize,
+    tables: &[u8],
+    affine: Affine,
+    scales: &[f32],
+    out: &mut [f32],
+    marks: (f32, &mut [u32]),
+) {
+    assert_eq!(
+        marks.1.len(),
+        out.len().div_ceil(BLOCK),
+        "one mask per block"
+    );
+    fused_scores(blocks, row_bytes, tables, affine, scales, out, Some(marks))
+}
+
+/// The dispatch of [`scan_blocks_scores`] and [`scan_blocks_scores_above`].
+fn fused_scores(
+    blocks: &[u8],
+    row_bytes: usize,
+    tables: &[u8],
+    affine: Affine,
+    scales: &[f32],
+    out: &mut [f32],
+    marks: Option<(f32, &mut [u32])>,
+) {
+    check_blocks_scores(
+        blocks.len(),
+        row_bytes,
+        tables.len(),
+        scales.len(),
+        out.len(),
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: AVX2 and FMA are present (checked at run time), `check_blocks_scores`
+            // proved the kernel's length preconditions and the callers sized `masks`.
+            unsafe {
+                x86::scan_blocks_scores_avx2(
+                    blocks,
+                    block_bytes(row_bytes),
+                    tables,
+                    affine,
+                    scales,
+                    out,
+                    marks,
+                )
+            };
+            return;
+        }
+    }
+    scan_blocks_scores_scalar(blocks, row_bytes, tables, affine, scales, out);
+    if let Some((above, masks)) = marks {
+        mark_above(out, above, masks);
+    }
+}
+
+/// Sets bit `r` of `masks[b]` iff `scores[32b + r] > above` (bits past the scores are clear);
+/// the marks [`scan_blocks_scores_above`] makes, for scores computed elsewhere. O(rows).
+///
+/// # Panics
+/// Unless `masks.len() == scores.len().div_ceil(32)`.
+pub fn mark_above(scores: &[f32], above: f32, masks: &mut [u32]) {
+    assert_eq!(
+        masks.len(),
+        scores.len().div_ceil(BLOCK),
+        "one mask per block"
+    );
+    for (m, o) in masks.iter_mut().zip(scores.chunks(BLOCK)) {
+        *m = o
+            .iter()
+            .enumerate()
+            .fold(0, |m, (r, &v)| m | (u32::from(v > above) << r));
+    }
+}
+
+/// Scalar twin of [`scan_blocks_scores`] (the AVX2 body fuses `offset + step · sum` and the scale
+/// into two FMAs, so the two differ by rounding only).
+///
+/// # Panics
+/// As [`scan_blocks_scores`].
+pub fn scan_blocks_scores_scalar(
+    blocks: &[u8],
+    row_bytes: usize,
+    tables: &[u8],
+    affine: Affine,
+    scales: &[f32],
+    out: &mut [f32],
+) {
+    check_blocks_scores(
+        blocks.len(),
+        row_bytes,
+        tables.len(),
+        scales.len(),
+        out.len(),
+    );
+    let mut sums = [0u32; BLOCK];
+    for ((block, o), sc) in blocks
+        .chunks_exact(block_bytes(row_bytes))
+        .zip(out.chunks_mut(BLOCK))
+        .zip(scales.chunks(BLOCK))
+    {
+        scan_block_scalar(block, tables, &mut sums);
+        for ((o, &s), &sum) in o.iter_mut().zip(sc).zip(&sums) {
+            *o = s * (affine.offset + affine.step * sum as f32) + affine.bias;
+        }
+    }
+}
+
+/// Panics unless the lengths fit [`scan_blocks_scores`].
+fn check_blocks_scores(
+    blocks_len: usize,
+    row_bytes: usize,
+    tables_len: usize,
+    scales_len: usize,
+    rows: usize,
+) {
+    assert!(
+        (1..=1 << 22).contains(&row_bytes) && tables_len == block_bytes(row_bytes),
+        "{tables_len} table bytes do not fit rows of {row_bytes} bytes"
+    );
+    assert!(
+        blocks_len == rows.div_ceil(BLOCK) * block_bytes(row_bytes) && scales_len == rows,
+        "{blocks_len} block bytes and {scales_len} scales do not fit {rows} rows"
+    );
+}
+
+/// Queries [`scan_block_multi`] scores per pass over a block (the AVX2 body keeps four `u16`
+/// accumulators per query in registers).
+pub const MULTI_QUERIES: usize = 4;
+
+/// The first `N` outputs as an array (the caller guarantees `outs.len() >= N`).
+#[cfg(target_arch = "x86_64")]
+fn first_n<const N: usize>(outs: &mut [[u32; BLOCK]]) -> &mut [[u32; BLOCK]; N] {
+    match (&mut outs[..N]).try_into() {
+        Ok(a) => a,
+        Err(_) => unreachable!("the slice has exactly N elements"),
+    }
 }
 
 /// Scalar twin of [`scan_block`], the specification.

@@ -14,7 +14,13 @@
 //! score `Σ_j g_j(code_j)` is a sum of one 16-entry table per nibble position. [`scan_block`] sums
 //! such tables quantized to `u8` for all 32 rows at once: with AVX2 one `vpshufb` performs 32
 //! look-ups, accumulated in `u16` lanes and flushed to `u32` every 256 nibble pairs, so no sum can
-//! overflow (`256 · 255 < 65536`). [`scan_block_scalar`] is the specification.
+//! overflow (`256 · 255 < 65536`). [`scan_block_scalar`] is the specification. The `u16`
+//! accumulation is faiss FastScan's: look-ups are added as whole words (wrapping) beside the sums
+//! of their odd bytes, and the even-byte sums are recovered at the flush, so no per-step unpack is
+//! needed. [`scan_block_multi`] scores several queries per pass over a block;
+//! [`scan_blocks_scores`] / [`scan_blocks_scores_above`] fuse the scan of a run of blocks with the
+//! conversion to scores (`scale · (offset + step · sum) + bias`) and, for a top-k search, the
+//! marking of rows above the current threshold, so a block costs one call and no second pass.
 //!
 //! Widths 3 and 5 do not divide 4: their codes straddle nibbles, so their scans take one table
 //! per coordinate (16 bytes at 3 bits, 32 at 5) and rebuild each code from the two nibbles it

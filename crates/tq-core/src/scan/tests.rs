@@ -339,3 +339,108 @@ fn quantized_lut_error_is_within_half_a_step_per_table() {
         }
     }
 }
+
+/// Every query of a multi-query scan equals its own scalar scan, for query counts that fill one
+/// group, several groups and a partial last group, over sizes that cross the 256-step flush;
+/// saturated tables (all 255) check the even-byte recovery at its largest sums.
+#[test]
+fn scan_multi_equals_one_query_at_a_time() {
+    let sizes: &[usize] = if cfg!(miri) {
+        &[1, 300]
+    } else {
+        &[1, 7, 16, 25, 64, 129, 300]
+    };
+    let counts: &[usize] = if cfg!(miri) {
+        &[1, 5]
+    } else {
+        &[1, 2, 3, 4, 5, 7, 9]
+    };
+    for &row_bytes in sizes {
+        let block = random_bytes(block_bytes(row_bytes), 7 + row_bytes as u64);
+        for &nq in counts {
+            let tables: Vec<Vec<u8>> = (0..nq)
+                .map(|q| {
+                    if q == 1 {
+                        vec![255u8; block.len()]
+                    } else {
+                        random_bytes(block.len(), 100 * q as u64 + row_bytes as u64)
+                    }
+                })
+                .collect();
+            let refs: Vec<&[u8]> = tables.iter().map(Vec::as_slice).collect();
+            let mut got = vec![[0u32; BLOCK]; nq];
+            scan_block_multi(&block, &refs, &mut got);
+            for (q, t) in tables.iter().enumerate() {
+                let mut want = [0u32; BLOCK];
+                scan_block_scalar(&block, t, &mut want);
+                assert_eq!(got[q], want, "row_bytes={row_bytes} queries={nq} q={q}");
+            }
+        }
+    }
+}
+
+/// The fused block scores equal the scan's sums mapped through the affine by hand, for row
+/// counts that end inside a block and sizes that cross the 256-step flush; the AVX2 body's FMAs
+/// differ from the scalar twin by rounding only.
+#[test]
+fn blocks_scores_equal_scan_then_affine() {
+    let mut r = SeededRng::new(21, stream::DATA);
+    let sizes: &[usize] = if cfg!(miri) {
+        &[1, 300]
+    } else {
+        &[1, 25, 64, 300]
+    };
+    let affine = Affine {
+        offset: -3.25,
+        step: 0.0137,
+        bias: 0.5,
+    };
+    for &row_bytes in sizes {
+        for rows in [1usize, 31, 32, 33, 100] {
+            let blocks = random_bytes(
+                rows.div_ceil(BLOCK) * block_bytes(row_bytes),
+                3 + rows as u64,
+            );
+            let tables = random_bytes(block_bytes(row_bytes), 40 + row_bytes as u64);
+            let scales: Vec<f32> = (0..rows).map(|_| r.uniform() as f32 + 0.5).collect();
+            let (mut a, mut b) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
+            scan_blocks_scores(&blocks, row_bytes, &tables, affine, &scales, &mut a);
+            scan_blocks_scores_scalar(&blocks, row_bytes, &tables, affine, &scales, &mut b);
+            // The marks are exactly the rows above a threshold inside the scores' range.
+            let above = a.iter().copied().sum::<f32>() / rows as f32;
+            let mut masks = vec![u32::MAX; rows.div_ceil(BLOCK)];
+            let mut c = vec![0.0f32; rows];
+            scan_blocks_scores_above(
+                &blocks,
+                row_bytes,
+                &tables,
+                affine,
+                &scales,
+                &mut c,
+                (above, &mut masks),
+            );
+            assert_eq!(a, c);
+            for (i, &v) in c.iter().enumerate() {
+                assert_eq!(masks[i / BLOCK] >> (i % BLOCK) & 1 == 1, v > above, "i={i}");
+            }
+            for (blk, &m) in masks.iter().enumerate() {
+                let n = (rows - blk * BLOCK).min(BLOCK);
+                assert_eq!(m >> n.min(31) >> (n / 32), 0, "no marks past the last row");
+            }
+            let mut sums = [0u32; BLOCK];
+            for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
+                let blk = i / BLOCK;
+                let bb = block_bytes(row_bytes);
+                scan_block_scalar(&blocks[blk * bb..(blk + 1) * bb], &tables, &mut sums);
+                let want = scales[i] as f64
+                    * (affine.offset as f64 + affine.step as f64 * sums[i % BLOCK] as f64)
+                    + affine.bias as f64;
+                let tol = 1e-6 * (want.abs() + scales[i] as f64 * affine.offset.abs() as f64 + 1.0);
+                assert!(
+                    (x as f64 - want).abs() <= tol && (y as f64 - want).abs() <= tol,
+                    "row_bytes={row_bytes} rows={rows} i={i}: {x} {y} {want}"
+                );
+            }
+        }
+    }
+}

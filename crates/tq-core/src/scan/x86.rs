@@ -23,7 +23,7 @@ pub(super) unsafe fn scan_block_b3_avx2(block: &[u8], tables: &[u8], out: &mut [
     let mut g = 0;
     while g < groups {
         let chunk = (groups - g).min(64);
-        let (mut lo, mut hi) = (zero, zero);
+        let (mut words, mut odd) = (zero, zero);
         for gg in g..g + chunk {
             // Nibbles of 32 rows: lane 0 rows 0..15, lane 1 rows 16..31.
             let mut e = [zero; 3];
@@ -49,12 +49,12 @@ pub(super) unsafe fn scan_block_b3_avx2(block: &[u8], tables: &[u8], out: &mut [
                     ))
                 };
                 let r = _mm256_shuffle_epi8(t, c);
-                lo = _mm256_add_epi16(lo, _mm256_unpacklo_epi8(r, zero));
-                hi = _mm256_add_epi16(hi, _mm256_unpackhi_epi8(r, zero));
+                words = _mm256_add_epi16(words, r);
+                odd = _mm256_add_epi16(odd, _mm256_srli_epi16(r, 8));
             }
         }
         g += chunk;
-        flush_row_lanes(lo, hi, out);
+        flush_split_lanes(words, odd, out);
     }
     for j in 4 * groups..coords {
         for (slot, o) in out.iter_mut().enumerate() {
@@ -79,23 +79,31 @@ unsafe fn nibble_rows(block: &[u8], pos: usize) -> __m256i {
     _mm256_inserti128_si256(_mm256_castsi128_si256(l), h, 1)
 }
 
-/// Adds the `u16` row sums of a per-coordinate scan to `out`: `lo` / `hi` are the zero-extended
-/// low / high byte halves of look-ups over 32 rows (lane 0 rows 0..15, lane 1 rows 16..31), so
-/// `lo` holds rows 0..8 and 16..24, `hi` rows 8..16 and 24..32.
+/// Adds the row sums of a per-coordinate scan to `out`: look-ups over 32 rows (lane 0 rows
+/// 0..15, lane 1 rows 16..31, byte `i` of a lane row `i` of its half) accumulated as `u16` words,
+/// `words` their wrapping sums (even byte + 256 · odd byte) and `odd` the exact sums of the odd
+/// bytes, so the even-byte sums are `words - (odd << 8)` modulo 2^16 (exact while below 2^16).
+#[inline]
 #[target_feature(enable = "avx2")]
-fn flush_row_lanes(lo: __m256i, hi: __m256i, out: &mut [u32; BLOCK]) {
-    let mut a = [0u16; 16];
-    let mut b = [0u16; 16];
-    // SAFETY: 32-byte arrays.
-    unsafe {
-        _mm256_storeu_si256(a.as_mut_ptr() as *mut __m256i, lo);
-        _mm256_storeu_si256(b.as_mut_ptr() as *mut __m256i, hi);
-    }
-    for j in 0..8 {
-        out[j] += a[j] as u32;
-        out[16 + j] += a[8 + j] as u32;
-        out[8 + j] += b[j] as u32;
-        out[24 + j] += b[8 + j] as u32;
+fn flush_split_lanes(words: __m256i, odd: __m256i, out: &mut [u32; BLOCK]) {
+    let even = _mm256_sub_epi16(words, _mm256_slli_epi16(odd, 8));
+    let lane = |v: __m256i, half: usize| {
+        _mm256_cvtepu16_epi32(if half == 0 {
+            _mm256_castsi256_si128(v)
+        } else {
+            _mm256_extracti128_si256::<1>(v)
+        })
+    };
+    for half in 0..2 {
+        let rows = interleave_rows(lane(even, half), lane(odd, half));
+        for (k, r) in rows.into_iter().enumerate() {
+            let o = &mut out[16 * half + 8 * k..16 * half + 8 * k + 8];
+            // SAFETY: `o` is 8 u32 = 32 bytes; unaligned load and store.
+            unsafe {
+                let p = o.as_mut_ptr() as *mut __m256i;
+                _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), r));
+            }
+        }
     }
 }
 
@@ -122,7 +130,7 @@ pub(super) unsafe fn scan_block_b5_avx2(block: &[u8], tables: &[u8], out: &mut [
     while g < groups {
         // 32 groups of 8 look-ups of at most 255 per u16 lane: 65 280 < 65 536.
         let chunk = (groups - g).min(32);
-        let (mut lo, mut hi) = (zero, zero);
+        let (mut words, mut odd) = (zero, zero);
         for gg in g..g + chunk {
             // Nibbles of 32 rows: lane 0 rows 0..15, lane 1 rows 16..31.
             let mut e = [zero; 10];
@@ -154,12 +162,12 @@ pub(super) unsafe fn scan_block_b5_avx2(block: &[u8], tables: &[u8], out: &mut [
                     _mm256_shuffle_epi8(tl, x),
                     _mm256_shuffle_epi8(th, _mm256_xor_si256(x, flip)),
                 );
-                lo = _mm256_add_epi16(lo, _mm256_unpacklo_epi8(r, zero));
-                hi = _mm256_add_epi16(hi, _mm256_unpackhi_epi8(r, zero));
+                words = _mm256_add_epi16(words, r);
+                odd = _mm256_add_epi16(odd, _mm256_srli_epi16(r, 8));
             }
         }
         g += chunk;
-        flush_row_lanes(lo, hi, out);
+        flush_split_lanes(words, odd, out);
     }
     for j in 8 * groups..coords {
         for (slot, o) in out.iter_mut().enumerate() {
@@ -299,48 +307,196 @@ pub(super) unsafe fn accumulate_blocks_avx2(
     }
 }
 
-/// AVX2 body of `scan_block`: two nibble positions (32 bytes of codes, two 16-byte tables) per
-/// step; `u16` accumulators flushed to `u32` every 256 steps.
+/// AVX2 body of `scan_block` and `scan_block_multi`: the 32 rows of `block` scored against `Q`
+/// queries' tables in one pass over the codes ([`nibble_chunk`]), flushed to `u32` every 256
+/// steps.
 ///
 /// # Safety
-/// The CPU supports AVX2 and `tables.len() == block.len()`, a multiple of 32, so every
-/// 32-byte load at `s · 32` for `s < block.len() / 32` stays inside both slices.
+/// The CPU supports AVX2; `block.len()` is a multiple of 32 and every table slice has length
+/// `block.len()`.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn scan_block_avx2(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
-    out.fill(0);
+pub(super) unsafe fn scan_block_multi_avx2<const Q: usize>(
+    block: &[u8],
+    tables: [&[u8]; Q],
+    outs: &mut [[u32; BLOCK]; Q],
+) {
+    for o in outs.iter_mut() {
+        o.fill(0);
+    }
     let steps = block.len() / 32;
-    let mask = _mm256_set1_epi8(0x0F);
-    let zero = _mm256_setzero_si256();
     let mut done = 0;
     while done < steps {
         let chunk = (steps - done).min(256);
-        let (mut a0, mut a1, mut a2, mut a3) = (zero, zero, zero, zero);
-        for s in done..done + chunk {
-            // SAFETY: `s * 32 + 32 <= block.len() == tables.len()`; unaligned loads.
-            let (x, t) = unsafe {
-                (
-                    _mm256_loadu_si256(block.as_ptr().add(s * 32) as *const __m256i),
-                    _mm256_loadu_si256(tables.as_ptr().add(s * 32) as *const __m256i),
-                )
-            };
-            let lo = _mm256_and_si256(x, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), mask);
-            let rl = _mm256_shuffle_epi8(t, lo);
-            let rh = _mm256_shuffle_epi8(t, hi);
-            a0 = _mm256_add_epi16(a0, _mm256_unpacklo_epi8(rl, zero));
-            a1 = _mm256_add_epi16(a1, _mm256_unpackhi_epi8(rl, zero));
-            a2 = _mm256_add_epi16(a2, _mm256_unpacklo_epi8(rh, zero));
-            a3 = _mm256_add_epi16(a3, _mm256_unpackhi_epi8(rh, zero));
-        }
+        // SAFETY: forwarded from the caller; `done + chunk <= steps`.
+        let acc = unsafe { nibble_chunk(block, tables, done, done + chunk) };
         done += chunk;
-        // Lane 0 holds the even nibble position, lane 1 the odd one: add the two lanes.
-        for (k, acc) in [a0, a1, a2, a3].into_iter().enumerate() {
-            let mut lanes = [0u16; 16];
-            // SAFETY: `lanes` is 32 bytes.
-            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc) };
-            for j in 0..8 {
-                out[k * 8 + j] += lanes[j] as u32 + lanes[j + 8] as u32;
+        for (a, o) in acc.iter().zip(outs.iter_mut()) {
+            let rows = [word_rows(a[0], a[1]), word_rows(a[2], a[3])].concat();
+            for (k, r) in rows.into_iter().enumerate() {
+                let o = &mut o[8 * k..8 * k + 8];
+                // SAFETY: `o` is 8 u32 = 32 bytes; unaligned load and store.
+                unsafe {
+                    let p = o.as_mut_ptr() as *mut __m256i;
+                    _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), r));
+                }
             }
         }
     }
+}
+
+/// AVX2 body of `scan_blocks_scores_above`: per block, the single-query nibble scan with its
+/// `u32` row sums kept in registers, then `out = scales · (offset + step · sum) + bias` in `f32`
+/// (8 rows per FMA pair) and, with `marks = Some((above, masks))`, bit `r` of `masks[b]` set iff
+/// row `32b + r`'s score is `> above`. Rows past `out.len()` (the last block's empty slots) are computed and dropped.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `block_len` is a positive multiple of 32, `tables.len() ==
+/// block_len`, `blocks.len() == out.len().div_ceil(32) · block_len`, `scales.len() ==
+/// out.len()` and `masks`, if given, has `out.len().div_ceil(32)` entries.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn scan_blocks_scores_avx2(
+    blocks: &[u8],
+    block_len: usize,
+    tables: &[u8],
+    affine: super::Affine,
+    scales: &[f32],
+    out: &mut [f32],
+    mut marks: Option<(f32, &mut [u32])>,
+) {
+    let steps = block_len / 32;
+    let above = _mm256_set1_ps(marks.as_ref().map_or(f32::INFINITY, |m| m.0));
+    let (offset, step, bias) = (
+        _mm256_set1_ps(affine.offset),
+        _mm256_set1_ps(affine.step),
+        _mm256_set1_ps(affine.bias),
+    );
+    for (b, ((block, o), sc)) in blocks
+        .chunks_exact(block_len)
+        .zip(out.chunks_mut(BLOCK))
+        .zip(scales.chunks(BLOCK))
+        .enumerate()
+    {
+        let zero = _mm256_setzero_si256();
+        let mut sums = [zero; 4];
+        let mut done = 0;
+        while done < steps {
+            let chunk = (steps - done).min(256);
+            // SAFETY: forwarded from the caller; `done + chunk <= steps`.
+            let [a] = unsafe { nibble_chunk(block, [tables], done, done + chunk) };
+            done += chunk;
+            let [r0, r1] = word_rows(a[0], a[1]);
+            let [r2, r3] = word_rows(a[2], a[3]);
+            for (s, r) in sums.iter_mut().zip([r0, r1, r2, r3]) {
+                *s = _mm256_add_epi32(*s, r);
+            }
+        }
+        let full = o.len() == BLOCK;
+        let mut scale = [0.0f32; BLOCK];
+        let mut res = [0.0f32; BLOCK];
+        if !full {
+            scale[..sc.len()].copy_from_slice(sc);
+        }
+        let (src, dst) = if full {
+            (sc.as_ptr(), o.as_mut_ptr())
+        } else {
+            (scale.as_ptr(), res.as_mut_ptr())
+        };
+        let mut mask = 0u32;
+        for (k, s) in sums.into_iter().enumerate() {
+            // SAFETY: `src` and `dst` point at 32 floats (a full block's scales and output, or
+            // the padded copies); sums are below 2^31, so the signed conversion is exact.
+            let v = unsafe {
+                let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), step, offset);
+                let v = _mm256_fmadd_ps(v, _mm256_loadu_ps(src.add(8 * k)), bias);
+                _mm256_storeu_ps(dst.add(8 * k), v);
+                v
+            };
+            let gt = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, above)) as u32;
+            mask |= gt << (8 * k);
+        }
+        if let Some((_, m)) = marks.as_mut() {
+            m[b] = if full {
+                mask
+            } else {
+                mask & ((1u32 << o.len()) - 1)
+            };
+        }
+        if !full {
+            let n = o.len();
+            o.copy_from_slice(&res[..n]);
+        }
+    }
+}
+
+/// Steps `from..to` (`to - from <= 256`) of a nibble scan of `block` against `Q` queries' tables,
+/// as four `u16` accumulators per query: words and odd bytes of the low-nibble rows 0..15, then
+/// of the high-nibble rows 16..31. Each 32-byte step holds two nibble positions (16 bytes each,
+/// lane 0 the even position and lane 1 the odd one); its nibbles are split once and looked up in
+/// every query's pair of tables, with faiss-style accumulation: whole words (wrapping) and the
+/// odd bytes (`vpmaddubsw` with 0/1 weights, exact: at most 256 · 255), the even bytes recovered
+/// by [`word_rows`].
+///
+/// # Safety
+/// The CPU supports AVX2; `32 · to <= block.len()` and every table slice is at least as long.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibble_chunk<const Q: usize>(
+    block: &[u8],
+    tables: [&[u8]; Q],
+    from: usize,
+    to: usize,
+) -> [[__m256i; 4]; Q] {
+    let mask = _mm256_set1_epi8(0x0F);
+    let odd_sel = _mm256_set1_epi16(0x0100);
+    let zero = _mm256_setzero_si256();
+    let mut acc = [[zero; 4]; Q];
+    for s in from..to {
+        // SAFETY: `s * 32 + 32 <= block.len()`, and every table slice is as long.
+        let x = unsafe { _mm256_loadu_si256(block.as_ptr().add(s * 32) as *const __m256i) };
+        let lo = _mm256_and_si256(x, mask);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), mask);
+        for (a, t) in acc.iter_mut().zip(tables) {
+            // SAFETY: as above.
+            let t = unsafe { _mm256_loadu_si256(t.as_ptr().add(s * 32) as *const __m256i) };
+            let rl = _mm256_shuffle_epi8(t, lo);
+            let rh = _mm256_shuffle_epi8(t, hi);
+            a[0] = _mm256_add_epi16(a[0], rl);
+            a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(rl, odd_sel));
+            a[2] = _mm256_add_epi16(a[2], rh);
+            a[3] = _mm256_add_epi16(a[3], _mm256_maddubs_epi16(rh, odd_sel));
+        }
+    }
+    acc
+}
+
+/// The `u32` sums of 16 rows (rows 0..7, rows 8..15) from look-ups accumulated as `u16` words:
+/// `words` holds the wrapping sums of whole words (even byte + 256 · odd byte), `odd` the exact
+/// sums of the odd bytes, so the even-byte sums are `words - (odd << 8)` modulo 2^16 (exact while
+/// they stay below 2^16). Byte `i` of either 128-bit lane is row `i` (the two lanes hold two
+/// nibble positions of the same rows), so row `2j` is word `j` of both lanes' even sums and row
+/// `2j + 1` word `j` of their odd sums; the lanes are added in `u32`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn word_rows(words: __m256i, odd: __m256i) -> [__m256i; 2] {
+    let even = _mm256_sub_epi16(words, _mm256_slli_epi16(odd, 8));
+    let widen = |v: __m256i| {
+        _mm256_add_epi32(
+            _mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)),
+            _mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(v)),
+        )
+    };
+    interleave_rows(widen(even), widen(odd))
+}
+
+/// Sixteen `u32` row sums in order (rows 0..7, rows 8..15) from their even rows `e` and odd rows
+/// `o` (8 each, in order).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn interleave_rows(e: __m256i, o: __m256i) -> [__m256i; 2] {
+    // Per 128-bit lane: `lo` holds rows 0..3 and 8..11, `hi` rows 4..7 and 12..15.
+    let (lo, hi) = (_mm256_unpacklo_epi32(e, o), _mm256_unpackhi_epi32(e, o));
+    [
+        _mm256_permute2x128_si256::<0x20>(lo, hi),
+        _mm256_permute2x128_si256::<0x31>(lo, hi),
+    ]
 }
