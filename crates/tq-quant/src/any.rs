@@ -504,6 +504,21 @@ impl EncodedVectors for AnyBatch {
     fn top_k(&self, q: &AnyQuery, k: usize) -> Result<Vec<Hit>> {
         paired!(self, q, (b, q) => EncodedVectors::top_k(b, q, k))
     }
+    fn top_k_many(&self, qs: &[&AnyQuery], k: usize) -> Result<Vec<Vec<Hit>>> {
+        if let AnyBatch::Mse(b) = self {
+            let mse: Option<Vec<&MseQuery>> = qs
+                .iter()
+                .map(|q| match q {
+                    AnyQuery::Mse(q) => Some(q),
+                    _ => None,
+                })
+                .collect();
+            if let Some(mse) = mse {
+                return Ok(b.top_k_many(&mse, k));
+            }
+        }
+        qs.iter().map(|q| self.top_k(q, k)).collect()
+    }
     fn dequantize_row(&self, i: usize, out: &mut [f32]) -> Result<()> {
         each!(self, b => b.dequantize_row(i, out))
     }

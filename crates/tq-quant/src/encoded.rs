@@ -102,6 +102,15 @@ pub trait EncodedVectors: Sync {
     /// As [`EncodedVectors::score_into`].
     fn top_k(&self, q: &Self::Query, k: usize) -> Result<Vec<Hit>>;
 
+    /// [`EncodedVectors::top_k`] for several queries, in order; kinds that can scan several
+    /// queries per pass over the rows (MSE with 1-, 2- or 4-bit codes) do.
+    ///
+    /// # Errors
+    /// As [`EncodedVectors::top_k`] for any query.
+    fn top_k_many(&self, qs: &[&Self::Query], k: usize) -> Result<Vec<Vec<Hit>>> {
+        qs.iter().map(|q| self.top_k(q, k)).collect()
+    }
+
     /// Decodes row `i` into `out` (`dim` floats).
     ///
     /// # Errors
@@ -197,6 +206,9 @@ impl EncodedVectors for MseBatch {
     }
     fn top_k(&self, q: &MseQuery, k: usize) -> Result<Vec<Hit>> {
         Ok(MseBatch::top_k(self, q, k))
+    }
+    fn top_k_many(&self, qs: &[&MseQuery], k: usize) -> Result<Vec<Vec<Hit>>> {
+        Ok(MseBatch::top_k_many(self, qs, k))
     }
     fn dequantize_row(&self, i: usize, out: &mut [f32]) -> Result<()> {
         MseBatch::dequantize_row(self, i, out)

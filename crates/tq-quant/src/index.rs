@@ -256,38 +256,54 @@ impl Index {
             });
         }
         let n = self.len();
-        // With a query per thread or more, each query's rows are scanned on its own thread.
+        // With a query per thread or more, each task takes a group of queries and scans its rows
+        // on its own thread (inner product: the group shares each pass over the codes where the
+        // kind allows); with fewer, each query's rows are split across the pool.
         let per_query = nq >= rayon::current_num_threads();
-        let search_one = |scratch: &mut Vec<f32>, q: &[f32]| -> Result<Vec<Hit>> {
+        let group = if per_query && self.metric == Metric::InnerProduct {
+            tq_core::scan::FUSED_QUERIES
+        } else {
+            1
+        };
+        let search_group = |scratch: &mut Vec<f32>, qs: &[f32]| -> Result<Vec<Vec<Hit>>> {
             match self.metric {
                 Metric::InnerProduct => {
-                    let prepared = self.batch.encode_query(q)?;
-                    self.batch.top_k(&prepared, k)
+                    let prepared = qs
+                        .chunks(self.dim())
+                        .map(|q| self.batch.encode_query(q))
+                        .collect::<Result<Vec<_>>>()?;
+                    let refs: Vec<_> = prepared.iter().collect();
+                    self.batch.top_k_many(&refs, k)
                 }
-                Metric::L2 => {
-                    self.score_one(q, scratch)?;
-                    scratch.iter_mut().for_each(|v| *v = -*v);
-                    let mut hits = score::top_k_of(scratch, k);
-                    hits.iter_mut().for_each(|h| h.score = -h.score);
-                    Ok(hits)
-                }
+                Metric::L2 => qs
+                    .chunks(self.dim())
+                    .map(|q| {
+                        self.score_one(q, scratch)?;
+                        scratch.iter_mut().for_each(|v| *v = -*v);
+                        let mut hits = score::top_k_of(scratch, k);
+                        hits.iter_mut().for_each(|h| h.score = -h.score);
+                        Ok(hits)
+                    })
+                    .collect(),
             }
         };
         distances
-            .par_chunks_mut(k)
-            .zip(labels.par_chunks_mut(k))
-            .zip(queries.par_chunks(self.dim()))
+            .par_chunks_mut(group * k)
+            .zip(labels.par_chunks_mut(group * k))
+            .zip(queries.par_chunks(group * self.dim()))
             .try_for_each_init(
-                || vec![0.0f32; n],
-                |scratch, ((dist, lab), q)| -> Result<()> {
+                || vec![0.0f32; if self.metric == Metric::L2 { n } else { 0 }],
+                |scratch, ((dist, lab), qs)| -> Result<()> {
                     let hits = if per_query {
-                        score::sequential(|| search_one(scratch, q))?
+                        score::sequential(|| search_group(scratch, qs))?
                     } else {
-                        search_one(scratch, q)?
+                        search_group(scratch, qs)?
                     };
-                    for ((d, l), h) in dist.iter_mut().zip(lab.iter_mut()).zip(hits) {
-                        *d = h.score;
-                        *l = h.index as i64;
+                    for ((dist, lab), hits) in dist.chunks_mut(k).zip(lab.chunks_mut(k)).zip(hits) {
+                        for ((d, l), h) in dist.iter_mut().zip(lab.iter_mut()).zip(hits) {
+                            *d = h.score;
+                            *l = h.index as i64;
+                        }
                     }
                     Ok(())
                 },

@@ -18,7 +18,7 @@ use tq_core::{Codebook, Rotation, bitpack, simd};
 use crate::config::{MseConfig, ScaleMode};
 use crate::error::{check_batch, check_dim, check_finite, check_len};
 use crate::packed::PackedRows;
-use crate::score::{self, Hit, Tables};
+use crate::score::{self, Hit, TableKind, Tables};
 use crate::{Error, Result};
 
 /// A `TurboQuant_mse` quantizer: the rotation and codebook of one [`MseConfig`].
@@ -745,6 +745,79 @@ impl MseBatch {
                 sel.push(b * BLOCK, o);
             }
         }
+        self.finish_top_k(query, sel, fast, k)
+    }
+
+    /// The `k` best hits of each query, as [`MseBatch::top_k`] gives them one at a time; queries
+    /// with 1-, 2- or 4-bit tables are scanned in pairs (each block read once per pair, through
+    /// [`scan::scan_blocks_scores_multi`]) when the batch is scanned on this thread. O(queries · n
+    /// + k log k each).
+    pub fn top_k_many(&self, queries: &[&MseQuery], k: usize) -> Vec<Vec<Hit>> {
+        let pairable = |q: &MseQuery| {
+            q.tables
+                .as_ref()
+                .is_some_and(|t| t.kind == TableKind::Nibble)
+        };
+        if score::split_rows(self.len()) || !queries.iter().all(|q| pairable(q)) {
+            return queries.iter().map(|q| self.top_k(q, k)).collect();
+        }
+        let c = score::rerank_candidates(k);
+        let rb = self.codes.row_bytes();
+        let bb = block_bytes(rb);
+        let mut hits = Vec::with_capacity(queries.len());
+        for group in queries.chunks(scan::FUSED_QUERIES) {
+            let tables: Vec<&Tables> = group.iter().filter_map(|q| q.tables.as_ref()).collect();
+            let mut sels: Vec<score::Candidates> =
+                group.iter().map(|_| score::Candidates::new(c)).collect();
+            let mut outs = vec![[0.0f32; score::CHUNK_ROWS]; group.len()];
+            let mut masks = vec![[0u32; score::CHUNK_ROWS / BLOCK]; group.len()];
+            for start in (0..self.len()).step_by(score::CHUNK_ROWS) {
+                let n = (self.len() - start).min(score::CHUNK_ROWS);
+                let nb = n.div_ceil(BLOCK);
+                let blocks = &self.codes.blocks()[start / BLOCK * bb..(start / BLOCK + nb) * bb];
+                let mut jobs: Vec<scan::ScoreJob<'_>> = group
+                    .iter()
+                    .zip(&tables)
+                    .zip(outs.iter_mut().zip(masks.iter_mut()))
+                    .zip(&sels)
+                    .map(|(((q, t), (o, m)), sel)| scan::ScoreJob {
+                        tables: &t.fast.tables,
+                        affine: scan::Affine {
+                            offset: t.fast.offset,
+                            step: t.fast.step,
+                            bias: q.offset,
+                        },
+                        out: &mut o[..n],
+                        marks: Some((sel.threshold(), &mut m[..nb])),
+                    })
+                    .collect();
+                scan::scan_blocks_scores_multi(
+                    blocks,
+                    rb,
+                    &self.norms[start..start + n],
+                    &mut jobs,
+                );
+                drop(jobs);
+                for ((sel, o), m) in sels.iter_mut().zip(&outs).zip(&masks) {
+                    sel.push_marked(start, &o[..n], &m[..nb]);
+                }
+            }
+            for (q, sel) in group.iter().zip(sels) {
+                hits.push(self.finish_top_k(q, sel, true, k));
+            }
+        }
+        hits
+    }
+
+    /// The `k` best of a finished selection, best first: with `fast`, its candidates re-scored
+    /// with the exact tables; else its scores as they are.
+    fn finish_top_k(
+        &self,
+        query: &MseQuery,
+        sel: score::Candidates,
+        fast: bool,
+        k: usize,
+    ) -> Vec<Hit> {
         let cand = sel.finish();
         if !fast {
             let hits = cand

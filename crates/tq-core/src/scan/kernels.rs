@@ -142,7 +142,7 @@ pub fn scan_blocks_scores_above(
     fused_scores(blocks, row_bytes, tables, affine, scales, out, Some(marks))
 }
 
-/// The dispatch of [`scan_blocks_scores`] and [`scan_blocks_scores_above`].
+/// The dispatch of [`scan_blocks_scores`] and [`scan_blocks_scores_above`]: one job.
 fn fused_scores(
     blocks: &[u8],
     row_bytes: usize,
@@ -152,35 +152,82 @@ fn fused_scores(
     out: &mut [f32],
     marks: Option<(f32, &mut [u32])>,
 ) {
-    check_blocks_scores(
-        blocks.len(),
-        row_bytes,
-        tables.len(),
-        scales.len(),
-        out.len(),
-    );
+    let mut jobs = [ScoreJob {
+        tables,
+        affine,
+        out,
+        marks,
+    }];
+    scan_blocks_scores_multi(blocks, row_bytes, scales, &mut jobs);
+}
+
+/// One query of [`scan_blocks_scores_multi`]: its `u8` tables, its [`Affine`], its output scores
+/// and, optionally, its marks `(above, masks)` (see [`scan_blocks_scores_above`]).
+#[derive(Debug)]
+pub struct ScoreJob<'a> {
+    /// The query's nibble tables (`32 · row_bytes` bytes).
+    pub tables: &'a [u8],
+    /// Sum to score.
+    pub affine: Affine,
+    /// One score per row.
+    pub out: &'a mut [f32],
+    /// Threshold and one mask per block, if the rows above it are to be marked.
+    pub marks: Option<(f32, &'a mut [u32])>,
+}
+
+/// Queries [`scan_blocks_scores_multi`] scores per pass over a block (two keep every job's
+/// accumulators and sums in registers).
+pub const FUSED_QUERIES: usize = 2;
+
+/// [`scan_blocks_scores_above`] for several queries over the same rows: each block is read and its
+/// nibbles split once per group of up to [`FUSED_QUERIES`] jobs, and every job gets its scores
+/// (and marks, if asked) as if scanned alone. O(rows · row_bytes · jobs).
+///
+/// # Panics
+/// Before any memory is read, unless every job fits [`scan_blocks_scores_above`]'s checks for
+/// `out.len() == scales.len()` rows (marks: one mask per block).
+pub fn scan_blocks_scores_multi(
+    blocks: &[u8],
+    row_bytes: usize,
+    scales: &[f32],
+    jobs: &mut [ScoreJob<'_>],
+) {
+    let rows = scales.len();
+    for job in jobs.iter() {
+        check_blocks_scores(
+            blocks.len(),
+            row_bytes,
+            job.tables.len(),
+            rows,
+            job.out.len(),
+        );
+        if let Some((_, m)) = &job.marks {
+            assert_eq!(m.len(), rows.div_ceil(BLOCK), "one mask per block");
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2_fma() {
-            // SAFETY: AVX2 and FMA are present (checked at run time), `check_blocks_scores`
-            // proved the kernel's length preconditions and the callers sized `masks`.
-            unsafe {
-                x86::scan_blocks_scores_avx2(
-                    blocks,
-                    block_bytes(row_bytes),
-                    tables,
-                    affine,
-                    scales,
-                    out,
-                    marks,
-                )
-            };
+            let bl = block_bytes(row_bytes);
+            for group in jobs.chunks_mut(FUSED_QUERIES) {
+                // SAFETY: AVX2 and FMA are present (checked at run time) and the checks above
+                // proved every job's length preconditions.
+                unsafe {
+                    if group.len() == 2 {
+                        x86::scan_blocks_scores_avx2::<2>(blocks, bl, scales, first_n(group))
+                    } else {
+                        x86::scan_blocks_scores_avx2::<1>(blocks, bl, scales, first_n(group))
+                    }
+                }
+            }
             return;
         }
     }
-    scan_blocks_scores_scalar(blocks, row_bytes, tables, affine, scales, out);
-    if let Some((above, masks)) = marks {
-        mark_above(out, above, masks);
+    for job in jobs.iter_mut() {
+        scan_blocks_scores_scalar(blocks, row_bytes, job.tables, job.affine, scales, job.out);
+        if let Some((above, masks)) = job.marks.as_mut() {
+            mark_above(job.out, *above, masks);
+        }
     }
 }
 
@@ -258,10 +305,10 @@ fn check_blocks_scores(
 /// accumulators per query in registers).
 pub const MULTI_QUERIES: usize = 4;
 
-/// The first `N` outputs as an array (the caller guarantees `outs.len() >= N`).
+/// The first `N` items as an array (the caller guarantees `items.len() >= N`).
 #[cfg(target_arch = "x86_64")]
-fn first_n<const N: usize>(outs: &mut [[u32; BLOCK]]) -> &mut [[u32; BLOCK]; N] {
-    match (&mut outs[..N]).try_into() {
+fn first_n<T, const N: usize>(items: &mut [T]) -> &mut [T; N] {
+    match (&mut items[..N]).try_into() {
         Ok(a) => a,
         Err(_) => unreachable!("the slice has exactly N elements"),
     }

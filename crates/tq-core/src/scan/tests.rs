@@ -444,3 +444,67 @@ fn blocks_scores_equal_scan_then_affine() {
         }
     }
 }
+
+/// Every job of a fused multi-query scan gets the scores and marks it gets scanned alone, for job
+/// counts that fill a group, several groups and a partial one, with and without marks.
+#[test]
+fn blocks_scores_multi_equal_one_job_at_a_time() {
+    let mut r = SeededRng::new(22, stream::DATA);
+    for (row_bytes, rows) in [(25usize, 100usize), (64, 32), (300, 33)] {
+        let blocks = random_bytes(rows.div_ceil(BLOCK) * block_bytes(row_bytes), 5);
+        let scales: Vec<f32> = (0..rows).map(|_| r.uniform() as f32 + 0.5).collect();
+        for jobs in 1..=5usize {
+            let tables: Vec<Vec<u8>> = (0..jobs)
+                .map(|q| random_bytes(block_bytes(row_bytes), 60 + q as u64))
+                .collect();
+            let affines: Vec<Affine> = (0..jobs)
+                .map(|q| Affine {
+                    offset: -1.0 - q as f32,
+                    step: 0.01 + 0.002 * q as f32,
+                    bias: 0.25 * q as f32,
+                })
+                .collect();
+            let mut alone = vec![vec![0.0f32; rows]; jobs];
+            let mut alone_masks = vec![vec![0u32; rows.div_ceil(BLOCK)]; jobs];
+            let mut above = vec![0.0f32; jobs];
+            for q in 0..jobs {
+                scan_blocks_scores(
+                    &blocks,
+                    row_bytes,
+                    &tables[q],
+                    affines[q],
+                    &scales,
+                    &mut alone[q],
+                );
+                above[q] = alone[q].iter().sum::<f32>() / rows as f32;
+                mark_above(&alone[q], above[q], &mut alone_masks[q]);
+            }
+            let mut outs = vec![vec![f32::NAN; rows]; jobs];
+            let mut masks = vec![vec![u32::MAX; rows.div_ceil(BLOCK)]; jobs];
+            let mut list: Vec<ScoreJob<'_>> = outs
+                .iter_mut()
+                .zip(masks.iter_mut())
+                .enumerate()
+                .map(|(q, (out, m))| ScoreJob {
+                    tables: &tables[q],
+                    affine: affines[q],
+                    out,
+                    marks: (q % 2 == 0).then_some((above[q], m.as_mut_slice())),
+                })
+                .collect();
+            scan_blocks_scores_multi(&blocks, row_bytes, &scales, &mut list);
+            drop(list);
+            for q in 0..jobs {
+                assert_eq!(outs[q], alone[q], "row_bytes={row_bytes} jobs={jobs} q={q}");
+                if q % 2 == 0 {
+                    assert_eq!(masks[q], alone_masks[q], "marks, jobs={jobs} q={q}");
+                } else {
+                    assert!(
+                        masks[q].iter().all(|&m| m == u32::MAX),
+                        "unmarked job untouched"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -344,86 +344,76 @@ pub(super) unsafe fn scan_block_multi_avx2<const Q: usize>(
     }
 }
 
-/// AVX2 body of `scan_blocks_scores_above`: per block, the single-query nibble scan with its
-/// `u32` row sums kept in registers, then `out = scales · (offset + step · sum) + bias` in `f32`
-/// (8 rows per FMA pair) and, with `marks = Some((above, masks))`, bit `r` of `masks[b]` set iff
-/// row `32b + r`'s score is `> above`. Rows past `out.len()` (the last block's empty slots) are computed and dropped.
+/// AVX2 body of `scan_blocks_scores_multi`: per block, one nibble pass for the `Q` jobs' tables
+/// with each job's `u32` row sums kept in registers, then per job `out = scales · (offset + step ·
+/// sum) + bias` in `f32` (8 rows per FMA pair) and, with marks `(above, masks)`, bit `r` of
+/// `masks[b]` set iff row `32b + r`'s score is `> above`. Rows past `scales.len()` (the last
+/// block's empty slots) are computed and dropped.
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA; `block_len` is a positive multiple of 32, `tables.len() ==
-/// block_len`, `blocks.len() == out.len().div_ceil(32) · block_len`, `scales.len() ==
-/// out.len()` and `masks`, if given, has `out.len().div_ceil(32)` entries.
+/// The CPU supports AVX2 and FMA; `block_len` is a positive multiple of 32, `blocks.len() ==
+/// scales.len().div_ceil(32) · block_len`, and every job has `tables.len() == block_len`,
+/// `out.len() == scales.len()` and masks, if any, of `scales.len().div_ceil(32)` entries.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn scan_blocks_scores_avx2(
+pub(super) unsafe fn scan_blocks_scores_avx2<const Q: usize>(
     blocks: &[u8],
     block_len: usize,
-    tables: &[u8],
-    affine: super::Affine,
     scales: &[f32],
-    out: &mut [f32],
-    mut marks: Option<(f32, &mut [u32])>,
+    jobs: &mut [super::ScoreJob<'_>; Q],
 ) {
     let steps = block_len / 32;
-    let above = _mm256_set1_ps(marks.as_ref().map_or(f32::INFINITY, |m| m.0));
-    let (offset, step, bias) = (
-        _mm256_set1_ps(affine.offset),
-        _mm256_set1_ps(affine.step),
-        _mm256_set1_ps(affine.bias),
-    );
-    for (b, ((block, o), sc)) in blocks
-        .chunks_exact(block_len)
-        .zip(out.chunks_mut(BLOCK))
-        .zip(scales.chunks(BLOCK))
-        .enumerate()
-    {
+    let rows = scales.len();
+    let tables: [&[u8]; Q] = std::array::from_fn(|q| jobs[q].tables);
+    for (b, block) in blocks.chunks_exact(block_len).enumerate() {
         let zero = _mm256_setzero_si256();
-        let mut sums = [zero; 4];
+        let mut sums = [[zero; 4]; Q];
         let mut done = 0;
         while done < steps {
             let chunk = (steps - done).min(256);
             // SAFETY: forwarded from the caller; `done + chunk <= steps`.
-            let [a] = unsafe { nibble_chunk(block, [tables], done, done + chunk) };
+            let acc = unsafe { nibble_chunk(block, tables, done, done + chunk) };
             done += chunk;
-            let [r0, r1] = word_rows(a[0], a[1]);
-            let [r2, r3] = word_rows(a[2], a[3]);
-            for (s, r) in sums.iter_mut().zip([r0, r1, r2, r3]) {
-                *s = _mm256_add_epi32(*s, r);
+            for (s, a) in sums.iter_mut().zip(&acc) {
+                let [r0, r1] = word_rows(a[0], a[1]);
+                let [r2, r3] = word_rows(a[2], a[3]);
+                for (s, r) in s.iter_mut().zip([r0, r1, r2, r3]) {
+                    *s = _mm256_add_epi32(*s, r);
+                }
             }
         }
-        let full = o.len() == BLOCK;
+        let start = b * BLOCK;
+        let n = (rows - start).min(BLOCK);
         let mut scale = [0.0f32; BLOCK];
-        let mut res = [0.0f32; BLOCK];
-        if !full {
-            scale[..sc.len()].copy_from_slice(sc);
-        }
-        let (src, dst) = if full {
-            (sc.as_ptr(), o.as_mut_ptr())
-        } else {
-            (scale.as_ptr(), res.as_mut_ptr())
-        };
-        let mut mask = 0u32;
-        for (k, s) in sums.into_iter().enumerate() {
-            // SAFETY: `src` and `dst` point at 32 floats (a full block's scales and output, or
-            // the padded copies); sums are below 2^31, so the signed conversion is exact.
-            let v = unsafe {
-                let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), step, offset);
-                let v = _mm256_fmadd_ps(v, _mm256_loadu_ps(src.add(8 * k)), bias);
-                _mm256_storeu_ps(dst.add(8 * k), v);
-                v
-            };
-            let gt = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, above)) as u32;
-            mask |= gt << (8 * k);
-        }
-        if let Some((_, m)) = marks.as_mut() {
-            m[b] = if full {
-                mask
-            } else {
-                mask & ((1u32 << o.len()) - 1)
-            };
-        }
-        if !full {
-            let n = o.len();
-            o.copy_from_slice(&res[..n]);
+        scale[..n].copy_from_slice(&scales[start..start + n]);
+        for (job, sums) in jobs.iter_mut().zip(sums) {
+            let (offset, step, bias) = (
+                _mm256_set1_ps(job.affine.offset),
+                _mm256_set1_ps(job.affine.step),
+                _mm256_set1_ps(job.affine.bias),
+            );
+            let above = _mm256_set1_ps(job.marks.as_ref().map_or(f32::INFINITY, |m| m.0));
+            let mut res = [0.0f32; BLOCK];
+            let mut mask = 0u32;
+            for (k, s) in sums.into_iter().enumerate() {
+                // SAFETY: `scale` and `res` hold 32 floats; sums are below 2^31 (the public
+                // check bounds `row_bytes`), so the signed conversion is exact.
+                let v = unsafe {
+                    let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), step, offset);
+                    let v = _mm256_fmadd_ps(v, _mm256_loadu_ps(scale.as_ptr().add(8 * k)), bias);
+                    _mm256_storeu_ps(res.as_mut_ptr().add(8 * k), v);
+                    v
+                };
+                let gt = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, above)) as u32;
+                mask |= gt << (8 * k);
+            }
+            job.out[start..start + n].copy_from_slice(&res[..n]);
+            if let Some((_, m)) = job.marks.as_mut() {
+                m[b] = if n == BLOCK {
+                    mask
+                } else {
+                    mask & ((1u32 << n) - 1)
+                };
+            }
         }
     }
 }
@@ -433,8 +423,7 @@ pub(super) unsafe fn scan_blocks_scores_avx2(
 /// of the high-nibble rows 16..31. Each 32-byte step holds two nibble positions (16 bytes each,
 /// lane 0 the even position and lane 1 the odd one); its nibbles are split once and looked up in
 /// every query's pair of tables, with faiss-style accumulation: whole words (wrapping) and the
-/// odd bytes (`vpmaddubsw` with 0/1 weights, exact: at most 256 · 255), the even bytes recovered
-/// by [`word_rows`].
+/// odd bytes (`>> 8`, exact: at most 256 · 255), the even bytes recovered by [`word_rows`].
 ///
 /// # Safety
 /// The CPU supports AVX2; `32 · to <= block.len()` and every table slice is at least as long.
@@ -447,7 +436,6 @@ unsafe fn nibble_chunk<const Q: usize>(
     to: usize,
 ) -> [[__m256i; 4]; Q] {
     let mask = _mm256_set1_epi8(0x0F);
-    let odd_sel = _mm256_set1_epi16(0x0100);
     let zero = _mm256_setzero_si256();
     let mut acc = [[zero; 4]; Q];
     for s in from..to {
@@ -461,9 +449,9 @@ unsafe fn nibble_chunk<const Q: usize>(
             let rl = _mm256_shuffle_epi8(t, lo);
             let rh = _mm256_shuffle_epi8(t, hi);
             a[0] = _mm256_add_epi16(a[0], rl);
-            a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(rl, odd_sel));
+            a[1] = _mm256_add_epi16(a[1], _mm256_srli_epi16(rl, 8));
             a[2] = _mm256_add_epi16(a[2], rh);
-            a[3] = _mm256_add_epi16(a[3], _mm256_maddubs_epi16(rh, odd_sel));
+            a[3] = _mm256_add_epi16(a[3], _mm256_srli_epi16(rh, 8));
         }
     }
     acc
