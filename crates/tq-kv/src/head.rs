@@ -556,24 +556,49 @@ impl HeadCache {
         let d = self.config.head_dim;
         let qn = self.quantized_len();
         out.fill(0.0);
-        let mut probs: Vec<Vec<f32>> = Vec::with_capacity(limits.len());
-        for (q, &limit) in queries.chunks_exact(d).zip(limits) {
-            let mut p = vec![0.0f32; self.len()];
-            if limit > 0 {
-                self.scores_unchecked(q, &mut p)?;
-                let max = p[..limit].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f64;
-                for v in p[..limit].iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v as f64;
-                }
-                let inv = (1.0 / sum) as f32;
-                for v in p[..limit].iter_mut() {
-                    *v *= inv;
-                }
+        let n = self.len();
+        let mut probs: Vec<Vec<f32>> = vec![vec![0.0f32; n]; limits.len()];
+        // Raw scores of every query with a token to attend to: the quantized keys of all such
+        // queries in one call (queries sharing passes over the codes where the kind allows), the
+        // window exactly.
+        let live: Vec<usize> = (0..limits.len()).filter(|&i| limits[i] > 0).collect();
+        if qn > 0 && !live.is_empty() {
+            let prepared = live
+                .iter()
+                .map(|&i| self.keys.prepare(&queries[i * d..(i + 1) * d]))
+                .collect::<Result<Vec<_>>>()?;
+            let mut outs: Vec<&mut [f32]> = probs
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| limits[*i] > 0)
+                .map(|(_, p)| &mut p[..qn])
+                .collect();
+            self.keys.scores_many(
+                &prepared,
+                &mut outs,
+                self.config.score_mode == ScoreMode::Fast,
+            )?;
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        for &i in &live {
+            let (q, p, limit) = (&queries[i * d..(i + 1) * d], &mut probs[i], limits[i]);
+            for (o, k) in p[qn..].iter_mut().zip(self.window_keys.chunks_exact(d)) {
+                *o = tq_core::simd::dot(q, k);
+            }
+            for v in p.iter_mut() {
+                *v *= scale;
+            }
+            let max = p[..limit].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f64;
+            for v in p[..limit].iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            for v in p[..limit].iter_mut() {
+                *v *= inv;
             }
             p[limit..].fill(0.0);
-            probs.push(p);
         }
         if qn > 0 {
             let weights: Vec<&[f32]> = probs.iter().map(|p| &p[..qn]).collect();

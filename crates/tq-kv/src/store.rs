@@ -335,6 +335,42 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::scores`] for several prepared queries (`outs[i]` for `queries[i]`): each part
+    /// scores all of them in one call, so kinds that share a pass over the codes between queries
+    /// (MSE with 1-, 2- or 4-bit codes, on the fast path) do.
+    pub(crate) fn scores_many(
+        &self,
+        queries: &[Vec<AnyQuery>],
+        outs: &mut [&mut [f32]],
+        fast: bool,
+    ) -> Result<()> {
+        if !fast || queries.is_empty() {
+            for (q, o) in queries.iter().zip(outs.iter_mut()) {
+                self.scores(q, o, fast)?;
+            }
+            return Ok(());
+        }
+        let n = outs.first().map_or(0, |o| o.len());
+        let mut tmp = if self.parts.len() > 1 {
+            vec![vec![0.0f32; n]; queries.len()]
+        } else {
+            Vec::new()
+        };
+        for (i, p) in self.parts.iter().enumerate() {
+            let qs: Vec<&AnyQuery> = queries.iter().map(|q| &q[i]).collect();
+            if i == 0 {
+                p.batch.score_many_into(&qs, outs)?;
+            } else {
+                let mut refs: Vec<&mut [f32]> = tmp.iter_mut().map(Vec::as_mut_slice).collect();
+                p.batch.score_many_into(&qs, &mut refs)?;
+                for (o, t) in outs.iter_mut().zip(&tmp) {
+                    o.iter_mut().zip(t).for_each(|(o, t)| *o += t);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `outs[q] += Σ_t weights[q][t] · ṽ_t` for every weight vector, part by part (each part's
     /// batch sums its own rows: MSE in the rotated domain, one inverse rotation per vector).
     pub(crate) fn weighted_sums_into(

@@ -395,6 +395,16 @@ macro_rules! paired {
     };
 }
 
+/// The MSE queries of `qs`, if every one is an MSE query.
+fn mse_queries<'a>(qs: &[&'a AnyQuery]) -> Option<Vec<&'a MseQuery>> {
+    qs.iter()
+        .map(|q| match q {
+            AnyQuery::Mse(q) => Some(q),
+            _ => None,
+        })
+        .collect()
+}
+
 fn kind_mismatch(batch: QuantizerKind, query: QuantizerKind) -> Error {
     Error::ConfigMismatch(format!(
         "a query prepared for a {query} batch was given to a {batch} batch"
@@ -505,19 +515,19 @@ impl EncodedVectors for AnyBatch {
         paired!(self, q, (b, q) => EncodedVectors::top_k(b, q, k))
     }
     fn top_k_many(&self, qs: &[&AnyQuery], k: usize) -> Result<Vec<Vec<Hit>>> {
-        if let AnyBatch::Mse(b) = self {
-            let mse: Option<Vec<&MseQuery>> = qs
-                .iter()
-                .map(|q| match q {
-                    AnyQuery::Mse(q) => Some(q),
-                    _ => None,
-                })
-                .collect();
-            if let Some(mse) = mse {
-                return Ok(b.top_k_many(&mse, k));
-            }
+        if let (AnyBatch::Mse(b), Some(mse)) = (self, mse_queries(qs)) {
+            return Ok(b.top_k_many(&mse, k));
         }
         qs.iter().map(|q| self.top_k(q, k)).collect()
+    }
+    fn score_many_into(&self, qs: &[&AnyQuery], outs: &mut [&mut [f32]]) -> Result<()> {
+        if let (AnyBatch::Mse(b), Some(mse)) = (self, mse_queries(qs)) {
+            return b.score_many_into(&mse, outs);
+        }
+        crate::error::check_len("score outputs", outs.len(), qs.len())?;
+        qs.iter()
+            .zip(outs.iter_mut())
+            .try_for_each(|(q, o)| self.score_into(q, o))
     }
     fn dequantize_row(&self, i: usize, out: &mut [f32]) -> Result<()> {
         each!(self, b => b.dequantize_row(i, out))

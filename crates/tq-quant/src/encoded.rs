@@ -96,6 +96,20 @@ pub trait EncodedVectors: Sync {
     /// As [`EncodedVectors::score_into`].
     fn score_exact_into(&self, q: &Self::Query, out: &mut [f32]) -> Result<()>;
 
+    /// [`EncodedVectors::score_into`] for several queries (`outs[i]` for `qs[i]`); kinds that can
+    /// score several queries per pass over the rows (MSE with 1-, 2- or 4-bit codes) do, with the
+    /// same scores up to float rounding.
+    ///
+    /// # Errors
+    /// As [`EncodedVectors::score_into`] for any pair; `Core(LengthMismatch)` when the two slices
+    /// differ in length.
+    fn score_many_into(&self, qs: &[&Self::Query], outs: &mut [&mut [f32]]) -> Result<()> {
+        crate::error::check_len("score outputs", outs.len(), qs.len())?;
+        qs.iter()
+            .zip(outs.iter_mut())
+            .try_for_each(|(q, o)| self.score_into(q, o))
+    }
+
     /// The `k` rows with the largest estimated inner product, best first (ties by index).
     ///
     /// # Errors
@@ -209,6 +223,9 @@ impl EncodedVectors for MseBatch {
     }
     fn top_k_many(&self, qs: &[&MseQuery], k: usize) -> Result<Vec<Vec<Hit>>> {
         Ok(MseBatch::top_k_many(self, qs, k))
+    }
+    fn score_many_into(&self, qs: &[&MseQuery], outs: &mut [&mut [f32]]) -> Result<()> {
+        MseBatch::score_many_into(self, qs, outs)
     }
     fn dequantize_row(&self, i: usize, out: &mut [f32]) -> Result<()> {
         MseBatch::dequantize_row(self, i, out)

@@ -654,6 +654,51 @@ impl MseBatch {
         self.score_blocks(query, out, true)
     }
 
+    /// [`MseBatch::score_into`] for several queries (`outs[i]` for `queries[i]`): with 1-, 2- or
+    /// 4-bit tables and a batch scanned on this thread, queries are scored in pairs, each block
+    /// read once per pair ([`scan::scan_blocks_scores_multi`]); else one at a time. O(queries · n).
+    ///
+    /// # Errors
+    /// `Core(LengthMismatch)` when `outs.len() != queries.len()` or any `out.len() != len`.
+    pub fn score_many_into(&self, queries: &[&MseQuery], outs: &mut [&mut [f32]]) -> Result<()> {
+        check_len("score outputs", outs.len(), queries.len())?;
+        for o in outs.iter() {
+            self.check_out(o)?;
+        }
+        let tables: Option<Vec<&Tables>> = queries
+            .iter()
+            .map(|q| q.tables.as_ref().filter(|t| t.kind == TableKind::Nibble))
+            .collect();
+        let (Some(tables), false) = (tables, score::split_rows(self.len())) else {
+            return queries
+                .iter()
+                .zip(outs.iter_mut())
+                .try_for_each(|(q, o)| self.score_into(q, o));
+        };
+        let mut jobs: Vec<scan::ScoreJob<'_>> = queries
+            .iter()
+            .zip(tables)
+            .zip(outs.iter_mut())
+            .map(|((q, t), o)| scan::ScoreJob {
+                tables: &t.fast.tables,
+                affine: scan::Affine {
+                    offset: t.fast.offset,
+                    step: t.fast.step,
+                    bias: q.offset,
+                },
+                out: o,
+                marks: None,
+            })
+            .collect();
+        scan::scan_blocks_scores_multi(
+            self.codes.blocks(),
+            self.codes.row_bytes(),
+            &self.norms,
+            &mut jobs,
+        );
+        Ok(())
+    }
+
     /// As [`MseBatch::score_into`] with the exact `f32` tables.
     ///
     /// # Errors

@@ -284,3 +284,39 @@ fn weighted_sum_equals_sum_of_dequantized_rows() {
         }
     }
 }
+
+/// Scoring several queries at once (pairs through the fused kernel at 1, 2 and 4 bits, one by one
+/// at 3 and 5) gives each query its own `score_into` scores, up to float rounding (the fused
+/// kernel uses FMAs); an empty batch and a wrong output count are handled.
+#[test]
+fn score_many_equals_score_into_per_query() {
+    let d = 48;
+    for bits in [1u32, 2, 3, 4, 5] {
+        let q = mse(d, bits, RotationKind::Hadamard);
+        let mut batch = MseBatch::new(q.clone());
+        let n = 70;
+        batch.extend(&gaussian_rows(n, d, 3, 1.0)).unwrap();
+        let raw = gaussian_rows(5, d, 4, 1.0);
+        let queries: Vec<_> = raw.chunks(d).map(|x| q.prepare_query(x).unwrap()).collect();
+        let refs: Vec<_> = queries.iter().collect();
+        let mut many = vec![vec![0.0f32; n]; 5];
+        let mut outs: Vec<&mut [f32]> = many.iter_mut().map(Vec::as_mut_slice).collect();
+        batch.score_many_into(&refs, &mut outs).unwrap();
+        for (query, got) in queries.iter().zip(&many) {
+            let mut want = vec![0.0f32; n];
+            batch.score_into(query, &mut want).unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "bits {bits}: {a} vs {b}"
+                );
+            }
+        }
+        let mut short = vec![0.0f32; n];
+        let mut one: Vec<&mut [f32]> = vec![short.as_mut_slice()];
+        assert!(batch.score_many_into(&refs, &mut one).is_err());
+        let empty = MseBatch::new(q.clone());
+        let mut none: Vec<&mut [f32]> = vec![&mut [], &mut [], &mut [], &mut [], &mut []];
+        empty.score_many_into(&refs, &mut none).unwrap();
+    }
+}
