@@ -130,10 +130,10 @@ fn scan_in_cache(c: &mut Criterion) {
     let data: Vec<u8> = (0..blocks * scan::block_bytes(row_bytes))
         .map(|_| r.next_u64() as u8)
         .collect();
-    let tables: Vec<Vec<u8>> = (0..scan::MULTI_QUERIES)
+    let tables: Vec<Vec<u8>> = (0..4)
         .map(|_| (0..2048).map(|_| r.next_u64() as u8).collect())
         .collect();
-    for nq in 1..=scan::MULTI_QUERIES {
+    for nq in 1..=4 {
         let refs: Vec<&[u8]> = tables[..nq].iter().map(Vec::as_slice).collect();
         let mut outs = vec![[0u32; scan::BLOCK]; nq];
         g.throughput(Throughput::Elements((blocks * scan::BLOCK * nq) as u64));
@@ -142,6 +142,31 @@ fn scan_in_cache(c: &mut Criterion) {
                 let mut acc = 0u32;
                 for blk in data.chunks_exact(scan::block_bytes(row_bytes)) {
                     scan::scan_block_multi(blk, &refs, &mut outs);
+                    acc = acc.wrapping_add(outs[0][0]);
+                }
+                black_box(acc)
+            })
+        });
+    }
+    // The same at 5 bits (row_bytes 80): each code rebuilt once per group of up to three queries.
+    let row_bytes = 80;
+    let blocks = (256 << 10) / scan::block_bytes(row_bytes);
+    let data: Vec<u8> = (0..blocks * scan::block_bytes(row_bytes))
+        .map(|_| r.next_u64() as u8)
+        .collect();
+    let len = 32 * scan::coords5(row_bytes);
+    let tables: Vec<Vec<u8>> = (0..3)
+        .map(|_| (0..len).map(|_| r.next_u64() as u8).collect())
+        .collect();
+    for nq in 1..=3 {
+        let refs: Vec<&[u8]> = tables[..nq].iter().map(Vec::as_slice).collect();
+        let mut outs = vec![[0u32; scan::BLOCK]; nq];
+        g.throughput(Throughput::Elements((blocks * scan::BLOCK * nq) as u64));
+        g.bench_function(format!("d128_b5_queries{nq}"), |b| {
+            b.iter(|| {
+                let mut acc = 0u32;
+                for blk in data.chunks_exact(scan::block_bytes(row_bytes)) {
+                    scan::scan_block_b5_multi(blk, &refs, &mut outs);
                     acc = acc.wrapping_add(outs[0][0]);
                 }
                 black_box(acc)

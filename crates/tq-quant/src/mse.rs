@@ -654,9 +654,10 @@ impl MseBatch {
         self.score_blocks(query, out, true)
     }
 
-    /// [`MseBatch::score_into`] for several queries (`outs[i]` for `queries[i]`): with 1-, 2- or
-    /// 4-bit tables and a batch scanned on this thread, queries are scored in pairs, each block
-    /// read once per pair ([`scan::scan_blocks_scores_multi`]); else one at a time. O(queries · n).
+    /// [`MseBatch::score_into`] for several queries (`outs[i]` for `queries[i]`): on a batch
+    /// scanned on this thread, 1-, 2- and 4-bit tables score in pairs (each block read once per
+    /// pair, [`scan::scan_blocks_scores_multi`]) and 5-bit tables in groups of three (each code
+    /// rebuilt once per group); else one query at a time. O(queries · n).
     ///
     /// # Errors
     /// `Core(LengthMismatch)` when `outs.len() != queries.len()` or any `out.len() != len`.
@@ -665,36 +666,21 @@ impl MseBatch {
         for o in outs.iter() {
             self.check_out(o)?;
         }
-        let tables: Option<Vec<&Tables>> = queries
-            .iter()
-            .map(|q| q.tables.as_ref().filter(|t| t.kind == TableKind::Nibble))
-            .collect();
+        let tables: Option<Vec<&Tables>> = queries.iter().map(|q| q.tables.as_ref()).collect();
         let (Some(tables), false) = (tables, score::split_rows(self.len())) else {
             return queries
                 .iter()
                 .zip(outs.iter_mut())
                 .try_for_each(|(q, o)| self.score_into(q, o));
         };
-        let mut jobs: Vec<scan::ScoreJob<'_>> = queries
-            .iter()
-            .zip(tables)
-            .zip(outs.iter_mut())
-            .map(|((q, t), o)| scan::ScoreJob {
-                tables: &t.fast.tables,
-                affine: scan::Affine {
-                    offset: t.fast.offset,
-                    step: t.fast.step,
-                    bias: q.offset,
-                },
-                out: o,
-                marks: None,
-            })
-            .collect();
-        scan::scan_blocks_scores_multi(
+        let biases: Vec<f32> = queries.iter().map(|q| q.offset).collect();
+        Tables::scores_fast_many(
+            &tables,
             self.codes.blocks(),
             self.codes.row_bytes(),
             &self.norms,
-            &mut jobs,
+            &biases,
+            outs,
         );
         Ok(())
     }

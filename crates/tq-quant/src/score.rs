@@ -215,6 +215,62 @@ impl Tables {
         }
     }
 
+    /// [`Tables::scores_fast`] for several queries' tables over the same rows (`outs[i]` with
+    /// `biases[i]`, no marks): nibble tables in pairs through the fused kernel, 5-bit tables in
+    /// groups of up to three through [`tq_core::scan::scan_block_b5_multi`] (each code rebuilt
+    /// once per group), other mixes one query at a time.
+    pub(crate) fn scores_fast_many(
+        tables: &[&Tables],
+        blocks: &[u8],
+        row_bytes: usize,
+        scales: &[f32],
+        biases: &[f32],
+        outs: &mut [&mut [f32]],
+    ) {
+        let all = |k: TableKind| tables.iter().all(|t| t.kind == k);
+        if all(TableKind::Nibble) {
+            let mut jobs: Vec<tq_core::scan::ScoreJob<'_>> = tables
+                .iter()
+                .zip(biases)
+                .zip(outs.iter_mut())
+                .map(|((t, &bias), o)| tq_core::scan::ScoreJob {
+                    tables: &t.fast.tables,
+                    affine: tq_core::scan::Affine {
+                        offset: t.fast.offset,
+                        step: t.fast.step,
+                        bias,
+                    },
+                    out: o,
+                    marks: None,
+                })
+                .collect();
+            tq_core::scan::scan_blocks_scores_multi(blocks, row_bytes, scales, &mut jobs);
+        } else if all(TableKind::Code5) {
+            let refs: Vec<&[u8]> = tables.iter().map(|t| t.fast.tables.as_slice()).collect();
+            let mut sums = vec![[0u32; BLOCK]; tables.len()];
+            let bb = tq_core::scan::block_bytes(row_bytes);
+            for (b, (block, sc)) in blocks
+                .chunks_exact(bb)
+                .zip(scales.chunks(BLOCK))
+                .enumerate()
+            {
+                tq_core::scan::scan_block_b5_multi(block, &refs, &mut sums);
+                for (((t, &bias), o), sum) in
+                    tables.iter().zip(biases).zip(outs.iter_mut()).zip(&sums)
+                {
+                    let o = &mut o[b * BLOCK..b * BLOCK + sc.len()];
+                    for ((v, &s), &a) in o.iter_mut().zip(sc).zip(sum) {
+                        *v = t.fast.score(a) * s + bias;
+                    }
+                }
+            }
+        } else {
+            for ((t, &bias), o) in tables.iter().zip(biases).zip(outs.iter_mut()) {
+                t.scores_fast(blocks, row_bytes, scales, bias, o, None);
+            }
+        }
+    }
+
     /// Exact (f32) dots of the 32 rows of `block`.
     #[inline]
     pub(crate) fn block_exact(&self, block: &[u8], out: &mut [f32]) {

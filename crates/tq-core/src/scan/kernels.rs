@@ -44,37 +44,17 @@ pub fn scan_block_multi(block: &[u8], tables: &[&[u8]], outs: &mut [[u32; BLOCK]
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2() {
-            let mut q = 0;
-            while q < tables.len() {
-                let (t, o) = (&tables[q..], &mut outs[q..]);
-                // SAFETY: AVX2 is present (checked at run time) and every table slice was
-                // checked to have `block.len()` bytes, a multiple of 32: the kernel's only
-                // preconditions.
-                q += unsafe {
-                    match t.len() {
-                        1 => {
-                            x86::scan_block_multi_avx2::<1>(block, [t[0]], first_n(o));
-                            1
-                        }
-                        2 => {
-                            x86::scan_block_multi_avx2::<2>(block, [t[0], t[1]], first_n(o));
-                            2
-                        }
-                        3 => {
-                            x86::scan_block_multi_avx2::<3>(block, [t[0], t[1], t[2]], first_n(o));
-                            3
-                        }
-                        _ => {
-                            x86::scan_block_multi_avx2::<4>(
-                                block,
-                                [t[0], t[1], t[2], t[3]],
-                                first_n(o),
-                            );
-                            4
-                        }
-                    }
-                };
-            }
+            // SAFETY: AVX2 is present (checked at run time) and every table slice was checked
+            // to have `block.len()` bytes, a multiple of 32: the kernel's only preconditions.
+            unsafe {
+                in_groups!(
+                    x86::scan_block_multi_avx2,
+                    block,
+                    tables,
+                    outs,
+                    MULTI_QUERIES
+                )
+            };
             return;
         }
     }
@@ -302,8 +282,38 @@ fn check_blocks_scores(
 }
 
 /// Queries [`scan_block_multi`] scores per pass over a block (the AVX2 body keeps four `u16`
-/// accumulators per query in registers).
-pub const MULTI_QUERIES: usize = 4;
+/// accumulators per query in registers; with three or four queries they spill and the pass is
+/// slower per query than with two, `cargo bench -p tq-core -- scan_in_cache`).
+pub const MULTI_QUERIES: usize = 2;
+
+/// Runs the AVX2 kernel `$kernel::<Q>(block, [tables; Q], &mut [outs; Q])` over all of `tables`
+/// and `outs` (equal lengths) in groups of up to `$max` (1 to 3) queries. Unsafe to expand: the
+/// caller proves the kernel's preconditions for every table slice.
+#[cfg(target_arch = "x86_64")]
+macro_rules! in_groups {
+    ($($kernel:ident)::+, $block:expr, $tables:expr, $outs:expr, $max:expr) => {{
+        let (tables, outs): (&[&[u8]], &mut [[u32; BLOCK]]) = ($tables, $outs);
+        let mut q = 0;
+        while q < tables.len() {
+            let (t, o) = (&tables[q..], &mut outs[q..]);
+            q += match t.len().min($max) {
+                1 => {
+                    $($kernel)::+::<1>($block, [t[0]], first_n(o));
+                    1
+                }
+                2 => {
+                    $($kernel)::+::<2>($block, [t[0], t[1]], first_n(o));
+                    2
+                }
+                _ => {
+                    $($kernel)::+::<3>($block, [t[0], t[1], t[2]], first_n(o));
+                    3
+                }
+            };
+        }
+    }};
+}
+use in_groups;
 
 /// The first `N` items as an array (the caller guarantees `items.len() >= N`).
 #[cfg(target_arch = "x86_64")]
@@ -469,11 +479,37 @@ pub fn scan_block_b5(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
             // SAFETY: AVX2 is present (checked at run time) and `check_b5_scan` proved that the
             // block holds `2 · row_bytes` nibble positions of 16 bytes and the tables
             // `coords5(row_bytes)` tables of 32 bytes: the kernel's only preconditions.
-            unsafe { x86::scan_block_b5_avx2(block, tables, out) };
+            unsafe { x86::scan_block_b5_avx2::<1>(block, [tables], std::array::from_mut(out)) };
             return;
         }
     }
     scan_block_b5_scalar(block, tables, out)
+}
+
+/// [`scan_block_b5`] for several queries at once: each code is rebuilt from its nibbles once per
+/// group of up to three queries (a grouped-query head's) and looked up in every query's tables.
+/// O(32 · coords · queries).
+///
+/// # Panics
+/// If `outs.len() != tables.len()`, or any table slice fails [`scan_block_b5`]'s check; the
+/// checks run before any kernel reads memory.
+pub fn scan_block_b5_multi(block: &[u8], tables: &[&[u8]], outs: &mut [[u32; BLOCK]]) {
+    assert_eq!(outs.len(), tables.len(), "one output per query's tables");
+    for t in tables {
+        check_b5_scan(block.len(), t.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: AVX2 is present (checked at run time) and every table slice passed
+            // `check_b5_scan` against this block: the kernel's only preconditions.
+            unsafe { in_groups!(x86::scan_block_b5_avx2, block, tables, outs, 3) };
+            return;
+        }
+    }
+    for (t, o) in tables.iter().zip(outs.iter_mut()) {
+        scan_block_b5_scalar(block, t, o);
+    }
 }
 
 /// Scalar twin of [`scan_block_b5`].

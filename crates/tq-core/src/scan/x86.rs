@@ -107,7 +107,8 @@ fn flush_split_lanes(words: __m256i, odd: __m256i, out: &mut [u32; BLOCK]) {
     }
 }
 
-/// AVX2 body of `scan_block_b5`: groups of ten nibble positions (eight coordinates) per step,
+/// AVX2 body of `scan_block_b5` and `scan_block_b5_multi` (`Q` queries, each code rebuilt once
+/// and looked up in every query's table): groups of ten nibble positions (eight coordinates) per step,
 /// the remaining coordinates through the scalar decoder. A code `c < 32` is looked up as
 /// `T_lo[x] | T_hi[x ^ 0x80]` with `x = c + 0x70`: for `c < 16`, `x < 0x80` indexes the low half
 /// and `x ^ 0x80` has its top bit set, so `vpshufb` gives 0 from the high half; for `c >= 16` the
@@ -115,12 +116,19 @@ fn flush_split_lanes(words: __m256i, odd: __m256i, out: &mut [u32; BLOCK]) {
 ///
 /// # Safety
 /// The CPU supports AVX2; `block.len()` is a multiple of 32 (nibble positions of 16 bytes)
-/// and `tables.len() == 32 * coords5(block.len() / 32)`, so every 16-byte load of a nibble
-/// position `< 2 · row_bytes` and of a half table `< 2 · coords` stays in its slice.
+/// and every table slice has length `32 * coords5(block.len() / 32)`, so every 16-byte load of a
+/// nibble position `< 2 · row_bytes` and of a half table `< 2 · coords` stays in its slice.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn scan_block_b5_avx2(block: &[u8], tables: &[u8], out: &mut [u32; BLOCK]) {
-    out.fill(0);
-    let coords = tables.len() / 32;
+pub(super) unsafe fn scan_block_b5_avx2<const Q: usize>(
+    block: &[u8],
+    tables: [&[u8]; Q],
+    outs: &mut [[u32; BLOCK]; Q],
+) {
+    for o in outs.iter_mut() {
+        o.fill(0);
+    }
+    // Every table slice has the same length (checked by the caller).
+    let coords = tables[0].len() / 32;
     let groups = coords / 8;
     let m31 = _mm256_set1_epi8(31);
     let bias = _mm256_set1_epi8(0x70);
@@ -130,7 +138,7 @@ pub(super) unsafe fn scan_block_b5_avx2(block: &[u8], tables: &[u8], out: &mut [
     while g < groups {
         // 32 groups of 8 look-ups of at most 255 per u16 lane: 65 280 < 65 536.
         let chunk = (groups - g).min(32);
-        let (mut words, mut odd) = (zero, zero);
+        let mut acc = [[zero; 2]; Q];
         for gg in g..g + chunk {
             // Nibbles of 32 rows: lane 0 rows 0..15, lane 1 rows 16..31.
             let mut e = [zero; 10];
@@ -141,7 +149,7 @@ pub(super) unsafe fn scan_block_b5_avx2(block: &[u8], tables: &[u8], out: &mut [
             for k in 0..8 {
                 let (pos, off) = (5 * k / 4, 5 * k % 4);
                 // Bytes hold nibbles (< 16): the 16-bit shifts move no set bit across a byte
-                // boundary that the mask keeps.
+                // boundary that the mask keeps. The code is rebuilt once for every query.
                 let c = _mm256_and_si256(
                     _mm256_or_si256(
                         _mm256_srl_epi16(e[pos], _mm_cvtsi32_si128(off as i32)),
@@ -150,28 +158,36 @@ pub(super) unsafe fn scan_block_b5_avx2(block: &[u8], tables: &[u8], out: &mut [
                     m31,
                 );
                 let x = _mm256_add_epi8(c, bias);
-                // SAFETY: table 8gg+k < coords, 32 bytes each.
-                let (tl, th) = unsafe {
-                    let p = tables.as_ptr().add((8 * gg + k) * 32);
-                    (
-                        _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i)),
-                        _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(16) as *const __m128i)),
-                    )
-                };
-                let r = _mm256_or_si256(
-                    _mm256_shuffle_epi8(tl, x),
-                    _mm256_shuffle_epi8(th, _mm256_xor_si256(x, flip)),
-                );
-                words = _mm256_add_epi16(words, r);
-                odd = _mm256_add_epi16(odd, _mm256_srli_epi16(r, 8));
+                let xf = _mm256_xor_si256(x, flip);
+                for (a, t) in acc.iter_mut().zip(tables) {
+                    // SAFETY: table 8gg+k < coords, 32 bytes each, in every table slice.
+                    let (tl, th) = unsafe {
+                        let p = t.as_ptr().add((8 * gg + k) * 32);
+                        (
+                            _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i)),
+                            _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                                p.add(16) as *const __m128i
+                            )),
+                        )
+                    };
+                    let r =
+                        _mm256_or_si256(_mm256_shuffle_epi8(tl, x), _mm256_shuffle_epi8(th, xf));
+                    a[0] = _mm256_add_epi16(a[0], r);
+                    a[1] = _mm256_add_epi16(a[1], _mm256_srli_epi16(r, 8));
+                }
             }
         }
         g += chunk;
-        flush_split_lanes(words, odd, out);
+        for (a, o) in acc.iter().zip(outs.iter_mut()) {
+            flush_split_lanes(a[0], a[1], o);
+        }
     }
     for j in 8 * groups..coords {
-        for (slot, o) in out.iter_mut().enumerate() {
-            *o += tables[32 * j + super::code5(block, j, slot)] as u32;
+        for slot in 0..BLOCK {
+            let code = super::code5(block, j, slot);
+            for (t, o) in tables.iter().zip(outs.iter_mut()) {
+                o[slot] += t[32 * j + code] as u32;
+            }
         }
     }
 }
