@@ -200,3 +200,105 @@ fn layout_writers_refuse_mismatched_lengths() {
     scan::read_row(&block, 31, &mut back);
     assert_eq!(back, row);
 }
+
+/// The multi-query scans, the fused scan-to-score kernels and `mark_above` refuse every mismatch:
+/// a wrong table, output count, block, scale or mask length, `row_bytes` 0 or past 2^22.
+#[test]
+fn multi_and_fused_kernels_refuse_mismatched_lengths() {
+    use scan::{Affine, ScoreJob, coords5, mark_above, scan_block_b5_multi, scan_block_multi};
+    let rb = 10;
+    let block = vec![0u8; block_bytes(rb)];
+    let good = vec![1u8; block.len()];
+    let short = vec![1u8; block.len() - 32];
+    let mut outs = vec![[0u32; BLOCK]; 2];
+    must_panic("multi short table", || {
+        scan_block_multi(&block, &[&good, &short], &mut outs)
+    });
+    must_panic("multi output count", || {
+        scan_block_multi(&block, &[&good], &mut outs)
+    });
+    let good5 = vec![1u8; 32 * coords5(rb)];
+    let short5 = vec![1u8; 32 * coords5(rb) - 32];
+    must_panic("b5 multi short table", || {
+        scan_block_b5_multi(&block, &[&good5, &short5], &mut outs)
+    });
+    must_panic("b5 multi output count", || {
+        scan_block_b5_multi(&block, &[&good5, &good5, &good5], &mut outs)
+    });
+    let affine = Affine {
+        offset: 0.0,
+        step: 1.0,
+        bias: 0.0,
+    };
+    let rows = 40;
+    let blocks = vec![0u8; 2 * block_bytes(rb)];
+    let scales = vec![1f32; rows];
+    let mut out = vec![0f32; rows];
+    let mut masks = vec![0u32; 2];
+    must_panic("scores: blocks", || {
+        scan::scan_blocks_scores(&blocks[32..], rb, &good, affine, &scales, &mut out)
+    });
+    must_panic("scores: tables", || {
+        scan::scan_blocks_scores(&blocks, rb, &short, affine, &scales, &mut out)
+    });
+    must_panic("scores: scales", || {
+        scan::scan_blocks_scores(&blocks, rb, &good, affine, &scales[1..], &mut out)
+    });
+    must_panic("scores: row_bytes 0", || {
+        scan::scan_blocks_scores(&[], 0, &[], affine, &scales, &mut out)
+    });
+    must_panic("scores: row_bytes past 2^22", || {
+        scan::scan_blocks_scores(&[], (1 << 22) + 1, &[], affine, &[], &mut [])
+    });
+    must_panic("scores_above: masks", || {
+        scan::scan_blocks_scores_above(
+            &blocks,
+            rb,
+            &good,
+            affine,
+            &scales,
+            &mut out,
+            (0.0, &mut masks[..1]),
+        )
+    });
+    must_panic("scores_multi: one job's output", || {
+        let mut a = vec![0f32; rows];
+        let mut b = vec![0f32; rows - 1];
+        let mut jobs = [
+            ScoreJob {
+                tables: &good,
+                affine,
+                out: &mut a,
+                marks: None,
+            },
+            ScoreJob {
+                tables: &good,
+                affine,
+                out: &mut b,
+                marks: None,
+            },
+        ];
+        scan::scan_blocks_scores_multi(&blocks, rb, &scales, &mut jobs)
+    });
+    must_panic("mark_above: masks", || {
+        mark_above(&out, 0.0, &mut masks[..1])
+    });
+    // The well-formed calls go through: two jobs, the second with marks.
+    let mut first = vec![0f32; rows];
+    let mut jobs = [
+        ScoreJob {
+            tables: &good,
+            affine,
+            out: &mut first,
+            marks: None,
+        },
+        ScoreJob {
+            tables: &good,
+            affine,
+            out: &mut out,
+            marks: Some((0.0, &mut masks)),
+        },
+    ];
+    scan::scan_blocks_scores_multi(&blocks, rb, &scales, &mut jobs);
+    mark_above(&first, 0.0, &mut masks);
+}

@@ -545,8 +545,9 @@ impl HeadCache {
     }
 
     /// Attention of `m` queries, query `i` over the first `limits[i]` tokens (trusted arguments;
-    /// a limit of 0 gives zeros). Scores and softmax per query; the value codes are decoded once
-    /// for all queries.
+    /// a limit of 0 gives zeros). The quantized keys are scored for all queries in one call (shared
+    /// passes over the codes where the kind allows), the softmax per query; the value codes are
+    /// decoded once for all queries.
     pub(crate) fn attend_many(
         &self,
         queries: &[f32],

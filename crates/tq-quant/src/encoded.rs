@@ -97,8 +97,8 @@ pub trait EncodedVectors: Sync {
     fn score_exact_into(&self, q: &Self::Query, out: &mut [f32]) -> Result<()>;
 
     /// [`EncodedVectors::score_into`] for several queries (`outs[i]` for `qs[i]`); kinds that can
-    /// score several queries per pass over the rows (MSE with 1-, 2- or 4-bit codes) do, with the
-    /// same scores up to float rounding.
+    /// score several queries per pass over the rows (MSE with 1-, 2-, 4- or 5-bit codes) do, with
+    /// the same scores up to float rounding.
     ///
     /// # Errors
     /// As [`EncodedVectors::score_into`] for any pair; `Core(LengthMismatch)` when the two slices
@@ -117,7 +117,7 @@ pub trait EncodedVectors: Sync {
     fn top_k(&self, q: &Self::Query, k: usize) -> Result<Vec<Hit>>;
 
     /// [`EncodedVectors::top_k`] for several queries, in order; kinds that can scan several
-    /// queries per pass over the rows (MSE with 1-, 2- or 4-bit codes) do.
+    /// queries per pass over the rows (MSE when every query has 1-, 2- or 4-bit tables) do.
     ///
     /// # Errors
     /// As [`EncodedVectors::top_k`] for any query.

@@ -260,11 +260,14 @@ impl Index {
         // on its own thread (inner product: the group shares each pass over the codes where the
         // kind allows); with fewer, each query's rows are split across the pool.
         let per_query = nq >= rayon::current_num_threads();
-        let group = if per_query && self.metric == Metric::InnerProduct {
-            tq_core::scan::FUSED_QUERIES
-        } else {
-            1
-        };
+        // Pairs only when they still leave a task per thread.
+        let pairs = tq_core::scan::FUSED_QUERIES;
+        let group =
+            if nq >= pairs * rayon::current_num_threads() && self.metric == Metric::InnerProduct {
+                pairs
+            } else {
+                1
+            };
         let search_group = |scratch: &mut Vec<f32>, qs: &[f32]| -> Result<Vec<Vec<Hit>>> {
             match self.metric {
                 Metric::InnerProduct => {

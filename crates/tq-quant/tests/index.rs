@@ -35,11 +35,16 @@ fn decoded_l2(index: &Index, q: &[f32]) -> Vec<f32> {
 #[test]
 fn inner_product_search_is_the_batch_top_k_of_every_query() {
     let (d, n, nq, k) = (64, 500, 21, 7);
+    // Two threads: 21 queries give each a task of pairs (and one query alone) on any machine.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
     for bits in [2, 3, 4] {
         let mut idx = index(QuantizerKind::Mse, bits, Metric::InnerProduct, d);
         idx.add(&rows(n, d, 1)).unwrap();
         let queries = rows(nq, d, 2);
-        let res = idx.search(&queries, k).unwrap();
+        let res = pool.install(|| idx.search(&queries, k)).unwrap();
         assert_eq!(
             (res.k, res.labels.len(), res.distances.len()),
             (k, nq * k, nq * k)

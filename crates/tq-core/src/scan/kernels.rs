@@ -155,8 +155,8 @@ pub struct ScoreJob<'a> {
     pub marks: Option<(f32, &'a mut [u32])>,
 }
 
-/// Queries [`scan_blocks_scores_multi`] scores per pass over a block (two keep every job's
-/// accumulators and sums in registers).
+/// Queries [`scan_blocks_scores_multi`] scores per pass over a block (two measured fastest per
+/// query: more queries' accumulators do not fit the sixteen AVX2 registers).
 pub const FUSED_QUERIES: usize = 2;
 
 /// [`scan_blocks_scores_above`] for several queries over the same rows: each block is read and its
@@ -276,7 +276,8 @@ fn check_blocks_scores(
         "{tables_len} table bytes do not fit rows of {row_bytes} bytes"
     );
     assert!(
-        blocks_len == rows.div_ceil(BLOCK) * block_bytes(row_bytes) && scales_len == rows,
+        Some(blocks_len) == rows.div_ceil(BLOCK).checked_mul(block_bytes(row_bytes))
+            && scales_len == rows,
         "{blocks_len} block bytes and {scales_len} scales do not fit {rows} rows"
     );
 }
@@ -313,6 +314,7 @@ macro_rules! in_groups {
         }
     }};
 }
+#[cfg(target_arch = "x86_64")]
 use in_groups;
 
 /// The first `N` items as an array (the caller guarantees `items.len() >= N`).

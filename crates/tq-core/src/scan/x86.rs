@@ -347,8 +347,9 @@ pub(super) unsafe fn scan_block_multi_avx2<const Q: usize>(
         let acc = unsafe { nibble_chunk(block, tables, done, done + chunk) };
         done += chunk;
         for (a, o) in acc.iter().zip(outs.iter_mut()) {
-            let rows = [word_rows(a[0], a[1]), word_rows(a[2], a[3])].concat();
-            for (k, r) in rows.into_iter().enumerate() {
+            let [r0, r1] = word_rows(a[0], a[1]);
+            let [r2, r3] = word_rows(a[2], a[3]);
+            for (k, r) in [r0, r1, r2, r3].into_iter().enumerate() {
                 let o = &mut o[8 * k..8 * k + 8];
                 // SAFETY: `o` is 8 u32 = 32 bytes; unaligned load and store.
                 unsafe {
@@ -412,7 +413,7 @@ pub(super) unsafe fn scan_blocks_scores_avx2<const Q: usize>(
             let mut mask = 0u32;
             for (k, s) in sums.into_iter().enumerate() {
                 // SAFETY: `scale` and `res` hold 32 floats; sums are below 2^31 (the public
-                // check bounds `row_bytes`), so the signed conversion is exact.
+                // check bounds `row_bytes`), so the signed conversion rounds as `u32 as f32`.
                 let v = unsafe {
                     let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), step, offset);
                     let v = _mm256_fmadd_ps(v, _mm256_loadu_ps(scale.as_ptr().add(8 * k)), bias);
