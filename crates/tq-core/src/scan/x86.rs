@@ -96,14 +96,7 @@ fn flush_split_lanes(words: __m256i, odd: __m256i, out: &mut [u32; BLOCK]) {
     };
     for half in 0..2 {
         let rows = interleave_rows(lane(even, half), lane(odd, half));
-        for (k, r) in rows.into_iter().enumerate() {
-            let o = &mut out[16 * half + 8 * k..16 * half + 8 * k + 8];
-            // SAFETY: `o` is 8 u32 = 32 bytes; unaligned load and store.
-            unsafe {
-                let p = o.as_mut_ptr() as *mut __m256i;
-                _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), r));
-            }
-        }
+        add_rows(rows, &mut out[16 * half..16 * half + 16]);
     }
 }
 
@@ -349,14 +342,7 @@ pub(super) unsafe fn scan_block_multi_avx2<const Q: usize>(
         for (a, o) in acc.iter().zip(outs.iter_mut()) {
             let [r0, r1] = word_rows(a[0], a[1]);
             let [r2, r3] = word_rows(a[2], a[3]);
-            for (k, r) in [r0, r1, r2, r3].into_iter().enumerate() {
-                let o = &mut o[8 * k..8 * k + 8];
-                // SAFETY: `o` is 8 u32 = 32 bytes; unaligned load and store.
-                unsafe {
-                    let p = o.as_mut_ptr() as *mut __m256i;
-                    _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), r));
-                }
-            }
+            add_rows([r0, r1, r2, r3], o);
         }
     }
 }
@@ -491,6 +477,22 @@ fn word_rows(words: __m256i, odd: __m256i) -> [__m256i; 2] {
         )
     };
     interleave_rows(widen(even), widen(odd))
+}
+
+/// Adds `N` vectors of eight `u32` row sums to `out[..8N]`, vector `k` to rows `8k..8k + 8`.
+///
+/// # Panics
+/// If `out.len() < 8 · N` (a bounds check before any store).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn add_rows<const N: usize>(rows: [__m256i; N], out: &mut [u32]) {
+    for (r, o) in rows.into_iter().zip(out[..8 * N].chunks_exact_mut(8)) {
+        // SAFETY: `o` is 8 u32 = 32 bytes; unaligned load and store.
+        unsafe {
+            let p = o.as_mut_ptr() as *mut __m256i;
+            _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), r));
+        }
+    }
 }
 
 /// Sixteen `u32` row sums in order (rows 0..7, rows 8..15) from their even rows `e` and odd rows
