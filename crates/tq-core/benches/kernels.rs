@@ -31,6 +31,22 @@ fn rotations(c: &mut Criterion) {
             });
         }
     }
+    // 32 rows at a time (one block of the packed layout, as batch quantize rotates them): the
+    // rows stay in L1, so this is the transform's own cost without memory traffic.
+    for d in [128usize, 200] {
+        let n = 4096;
+        let xs = gaussians(n * d, 1);
+        let mut out = vec![0.0; 32 * d];
+        g.throughput(Throughput::Elements(n as u64));
+        let rot = Rotation::new(RotationKind::Hadamard, d, 7).expect("valid dim");
+        g.bench_with_input(BenchmarkId::new("hadamard_blocks32", d), &d, |b, _| {
+            b.iter(|| {
+                for rows in black_box(&xs).chunks_exact(32 * d) {
+                    rot.apply_batch(rows, &mut out).expect("sizes match");
+                }
+            })
+        });
+    }
     g.finish();
 }
 

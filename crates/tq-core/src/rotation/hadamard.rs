@@ -162,52 +162,118 @@ fn lanes_signs(x: &mut [[f32; LANES]], signs: &[f32]) {
     }
 }
 
-/// Normalised Walsh-Hadamard transform of transposed rows. Two butterfly stages are fused per
-/// pass (radix 4) to halve the memory traffic; every element still sees exactly the additions of
-/// [`block_pass`], in the same order, so the results are bit-identical.
+/// What a pass multiplies its elements by after its last butterfly.
+#[derive(Clone, Copy)]
+pub(super) enum Post<'a> {
+    None,
+    /// The block normalisation `1/sqrt(p)`.
+    Scale(f32),
+    /// One ±1 (or folded-norm) sign per element: the inverse round's diagonal.
+    Signs(&'a [f32]),
+}
+
+/// Normalised Walsh-Hadamard transform of transposed rows, in passes of up to three butterfly
+/// stages (radix 8) held in registers: each pass loads `R` elements `h` apart, runs its stages
+/// and stores them back, so `d = 128` takes three passes over the buffer instead of seven.
+/// `pre` (the forward round's signs) is applied as the first pass loads and `post` as the last
+/// pass stores. Every element still sees exactly the multiplications and additions of
+/// [`block_pass`] (signs, stages `h = 1, 2, 4, ...`, normalisation), in the same order, so the
+/// results are bit-identical to the row-wise path.
 #[inline(always)]
-fn lanes_pass(x: &mut [[f32; LANES]], norm: Option<f32>) {
+fn lanes_pass(x: &mut [[f32; LANES]], pre: Option<&[f32]>, post: Post<'_>) {
     let n = x.len();
-    // Flat views: element j's lanes are floats 8j..8j+8, so a block of h elements is one
-    // contiguous run of 8h floats and every butterfly is a plain element-wise loop.
-    let flat = x.as_flattened_mut();
     let mut h = 1;
-    while 4 * h <= n {
-        let w = h * LANES;
-        for blk in flat.chunks_exact_mut(4 * w) {
-            let (ab, ce) = blk.split_at_mut(2 * w);
-            let (a, b) = ab.split_at_mut(w);
-            let (c, e) = ce.split_at_mut(w);
-            for i in 0..w {
-                let (s0, d0) = (a[i] + b[i], a[i] - b[i]);
-                let (s1, d1) = (c[i] + e[i], c[i] - e[i]);
-                a[i] = s0 + s1;
-                c[i] = s0 - s1;
-                b[i] = d0 + d1;
-                e[i] = d0 - d1;
+    let mut pre = pre;
+    while h < n {
+        let r = if 8 * h <= n {
+            8
+        } else if 4 * h <= n {
+            4
+        } else {
+            2
+        };
+        let last = h * r == n;
+        let post = if last { post } else { Post::None };
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::x86::available() {
+                // SAFETY: AVX is present (checked at run time); `n` is a multiple of `r·h` (both
+                // powers of two, `r·h <= n`) and `pre` / the post signs, when given, hold one
+                // sign per element of `x`: the preconditions of `radix_pass`.
+                unsafe {
+                    match r {
+                        8 => super::x86::radix_pass::<8>(x, h, pre, post),
+                        4 => super::x86::radix_pass::<4>(x, h, pre, post),
+                        _ => super::x86::radix_pass::<2>(x, h, pre, post),
+                    }
+                }
+                pre = None;
+                h *= r;
+                continue;
             }
         }
-        h *= 4;
-    }
-    if h < n {
-        let w = h * LANES;
-        for blk in flat.chunks_exact_mut(2 * w) {
-            let (a, b) = blk.split_at_mut(w);
-            for i in 0..w {
-                let (s, t) = (a[i] + b[i], a[i] - b[i]);
-                a[i] = s;
-                b[i] = t;
-            }
+        match r {
+            8 => radix_pass::<8>(x, h, pre, post),
+            4 => radix_pass::<4>(x, h, pre, post),
+            _ => radix_pass::<2>(x, h, pre, post),
         }
+        pre = None;
+        h *= r;
     }
-    if let Some(norm) = norm {
-        for v in flat.iter_mut() {
-            *v *= norm;
+}
+
+/// Butterfly stages `h, 2h, .., (R/2)h` of a transposed block transform (see [`lanes_pass`]).
+#[inline(always)]
+fn radix_pass<const R: usize>(
+    x: &mut [[f32; LANES]],
+    h: usize,
+    pre: Option<&[f32]>,
+    post: Post<'_>,
+) {
+    for (b, blk) in x.chunks_exact_mut(R * h).enumerate() {
+        let base = b * R * h;
+        for i in 0..h {
+            let mut v = [[0f32; LANES]; R];
+            for (k, vk) in v.iter_mut().enumerate() {
+                *vk = blk[i + k * h];
+                if let Some(s) = pre {
+                    let s = s[base + i + k * h];
+                    for l in vk.iter_mut() {
+                        *l *= s;
+                    }
+                }
+            }
+            let mut span = 1;
+            while span < R {
+                for k in 0..R {
+                    if k & span == 0 {
+                        let (a, c) = (v[k], v[k + span]);
+                        for l in 0..LANES {
+                            v[k][l] = a[l] + c[l];
+                            v[k + span][l] = a[l] - c[l];
+                        }
+                    }
+                }
+                span *= 2;
+            }
+            for (k, vk) in v.iter_mut().enumerate() {
+                match post {
+                    Post::None => {}
+                    Post::Scale(s) => vk.iter_mut().for_each(|l| *l *= s),
+                    Post::Signs(s) => {
+                        let s = s[base + i + k * h];
+                        vk.iter_mut().for_each(|l| *l *= s);
+                    }
+                }
+                blk[i + k * h] = *vk;
+            }
         }
     }
 }
 
 /// All rounds on [`LANES`] transposed rows: element `j` holds coordinate `j` of every row.
+/// With one block per round (`p == d`, no permutation, normalisation folded into the signs) the
+/// signs ride on the first pass (forward) or the last (inverse).
 #[inline(always)]
 fn lanes_rounds(
     x: &mut [[f32; LANES]],
@@ -218,12 +284,17 @@ fn lanes_rounds(
     inverse: bool,
 ) {
     let d = x.len();
+    let post = norm.map_or(Post::None, Post::Scale);
     if inverse {
         for r in rounds.iter().rev() {
-            if p < d {
-                lanes_pass(&mut x[d - p..], norm);
+            if p == d && r.perm.is_empty() && norm.is_none() {
+                lanes_pass(x, None, Post::Signs(&r.signs));
+                continue;
             }
-            lanes_pass(&mut x[..p], norm);
+            if p < d {
+                lanes_pass(&mut x[d - p..], None, post);
+            }
+            lanes_pass(&mut x[..p], None, post);
             if !r.perm.is_empty() {
                 tmp.copy_from_slice(x);
                 for (v, &i) in tmp.iter().zip(&r.perm) {
@@ -234,6 +305,10 @@ fn lanes_rounds(
         }
     } else {
         for r in rounds {
+            if p == d && r.perm.is_empty() {
+                lanes_pass(x, Some(&r.signs), post);
+                continue;
+            }
             lanes_signs(x, &r.signs);
             if !r.perm.is_empty() {
                 tmp.copy_from_slice(x);
@@ -241,9 +316,9 @@ fn lanes_rounds(
                     *o = tmp[i as usize];
                 }
             }
-            lanes_pass(&mut x[..p], norm);
+            lanes_pass(&mut x[..p], None, post);
             if p < d {
-                lanes_pass(&mut x[d - p..], norm);
+                lanes_pass(&mut x[d - p..], None, post);
             }
         }
     }

@@ -77,7 +77,9 @@ fn batch_matches_single() {
 /// Batched (transposed) and single-row Hadamard paths must agree bit for bit.
 #[test]
 fn hadamard_batch_is_bitwise_equal_to_single_rows() {
-    for d in [2usize, 3, 8, 80, 128, 200] {
+    for d in [
+        2usize, 3, 4, 8, 16, 32, 64, 80, 128, 200, 256, 512, 576, 1024,
+    ] {
         let rot = Rotation::new(RotationKind::Hadamard, d, 4).unwrap();
         let n = 13;
         let xs: Vec<f32> = (0..n)

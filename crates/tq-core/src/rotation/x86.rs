@@ -1,7 +1,8 @@
-//! AVX transposes of 8 rows into lanes and back for the Hadamard path: the rotation's only
-//! unsafe code.
+//! AVX transposes of 8 rows into lanes and back, and the butterfly passes over the transposed
+//! rows, for the Hadamard path: the rotation's only unsafe code.
 
 use super::LANES;
+use super::hadamard::Post;
 use std::arch::x86_64::*;
 
 pub(super) fn available() -> bool {
@@ -92,6 +93,92 @@ pub(super) unsafe fn lanes_to_rows(buf: &[[f32; LANES]], d: usize, rows: &mut [f
     for j in full..d {
         for l in 0..8 {
             rows[l * d + j] = buf[j][l];
+        }
+    }
+}
+
+/// Butterfly stages `h, 2h, .., (R/2)h` of the transposed block transform, each element one
+/// register: the AVX twin of `hadamard::radix_pass` (same operations in the same order, so
+/// bit-identical). `pre` multiplies each element as it is loaded, `post` as it is stored.
+///
+/// # Safety
+/// The CPU supports AVX, `R` is a power of two, `x.len()` is a multiple of `R · h`, and `pre` and
+/// the signs of `Post::Signs`, when given, hold at least `x.len()` values.
+#[target_feature(enable = "avx")]
+pub(super) unsafe fn radix_pass<const R: usize>(
+    x: &mut [[f32; LANES]],
+    h: usize,
+    pre: Option<&[f32]>,
+    post: Post<'_>,
+) {
+    let n = x.len();
+    debug_assert!(n.is_multiple_of(R * h));
+    debug_assert!(pre.is_none_or(|s| s.len() >= n));
+    debug_assert!(!matches!(post, Post::Signs(s) if s.len() < n));
+    let p = x.as_mut_ptr() as *mut f32;
+    if h == 1 {
+        // Consecutive elements: constant offsets from one pointer (the general loop below keeps
+        // one induction pointer per element and spills them).
+        for j in (0..n).step_by(R) {
+            // SAFETY: elements j..j + R < n, as the caller guarantees.
+            unsafe { butterflies::<R>(p, j, 1, pre, post) };
+        }
+    } else {
+        for base in (0..n).step_by(R * h) {
+            for j in base..base + h {
+                // SAFETY: elements j + k·h < base + R·h <= n.
+                unsafe { butterflies::<R>(p, j, h, pre, post) };
+            }
+        }
+    }
+}
+
+/// The `R`-point butterfly on elements `j, j + h, .., j + (R - 1)·h` of the transposed rows at
+/// `p` (8 floats each), with `pre` / `post` as in [`radix_pass`].
+///
+/// # Safety
+/// AVX (it is inlined into `radix_pass`, whose target features it takes); those elements, and
+/// the signs at the same indices, are in bounds.
+#[inline(always)]
+unsafe fn butterflies<const R: usize>(
+    p: *mut f32,
+    j: usize,
+    h: usize,
+    pre: Option<&[f32]>,
+    post: Post<'_>,
+) {
+    // SAFETY: AVX is enabled in the caller this is inlined into; elements `j + k·h` and their
+    // signs are in bounds by the caller's contract.
+    unsafe {
+        let mut v = [_mm256_setzero_ps(); R];
+        for (k, vk) in v.iter_mut().enumerate() {
+            *vk = _mm256_loadu_ps(p.add((j + k * h) * LANES));
+            if let Some(s) = pre {
+                let s = *s.get_unchecked(j + k * h);
+                *vk = _mm256_mul_ps(*vk, _mm256_set1_ps(s));
+            }
+        }
+        let mut span = 1;
+        while span < R {
+            for k in 0..R {
+                if k & span == 0 {
+                    let (a, c) = (v[k], v[k + span]);
+                    v[k] = _mm256_add_ps(a, c);
+                    v[k + span] = _mm256_sub_ps(a, c);
+                }
+            }
+            span *= 2;
+        }
+        for (k, vk) in v.iter().enumerate() {
+            let out = match post {
+                Post::None => *vk,
+                Post::Scale(s) => _mm256_mul_ps(*vk, _mm256_set1_ps(s)),
+                Post::Signs(s) => {
+                    let s = *s.get_unchecked(j + k * h);
+                    _mm256_mul_ps(*vk, _mm256_set1_ps(s))
+                }
+            };
+            _mm256_storeu_ps(p.add((j + k * h) * LANES), out);
         }
     }
 }
