@@ -546,10 +546,10 @@ pub fn scan_block_b5_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
 /// `i < weights.len()` stored in `blocks` (`ceil(n/32)` blocks of `32 · row_bytes` bytes) and
 /// `j < acc.len()` (the dimension; at most the codes per row). Blocks whose weights are all zero
 /// are skipped. AVX2 for `bits <= 5`: each coordinate's 32 codes are cut out of one or two nibble
-/// vectors with shifts, looked up with `vpermps` (two tables and a blend at 4 bits, four tables and
-/// three blends at 5) and multiplied
-/// into 8 rows per FMA, with the per-coordinate partial sums kept in 8-lane registers across blocks
-/// and reduced once; wider codes and other CPUs use [`accumulate_block_scalar`]. O(n · dim).
+/// vectors with shifts, looked up as four `vpshufb` byte planes of the value table (two per
+/// plane at 5 bits) and interleaved back into floats, then multiplied into 8 rows per FMA, with
+/// the per-coordinate partial sums kept in 8-lane registers across blocks and reduced once;
+/// wider codes and other CPUs use [`accumulate_block_scalar`]. O(n · dim).
 ///
 /// # Panics
 /// As [`accumulate_blocks_multi`].

@@ -186,8 +186,11 @@ pub(super) unsafe fn scan_block_b5_avx2<const Q: usize>(
 }
 
 /// AVX2 body of `accumulate_blocks_multi`: per block and coordinate, the 32 codes are cut out
-/// of one or two nibble vectors, looked up once, and FMA'd into 8-lane partial sums of every
-/// weight vector; the partial sums are reduced once at the end.
+/// of one or two nibble vectors (rows 0..16 in the low 128-bit lane, rows 16..32 in the high),
+/// looked up once as four `vpshufb` byte planes of the value table, interleaved back into f32
+/// (no lane-crossing permutes), and FMA'd into 8-lane partial sums of every weight vector (the
+/// weights permuted once per block into the order the decode yields); the partial sums are
+/// reduced once at the end.
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA; `1 <= bits <= 5`; `row_bytes >= 1` and `blocks` is whole
@@ -203,22 +206,48 @@ pub(super) unsafe fn accumulate_blocks_avx2(
     weights: &[&[f32]],
     accs: &mut [&mut [f32]],
 ) {
-    let b = bits as usize;
+    // SAFETY: the caller's contract, passed on unchanged.
+    unsafe {
+        match bits {
+            1 => accumulate_avx2::<1>(blocks, row_bytes, values, weights, accs),
+            2 => accumulate_avx2::<2>(blocks, row_bytes, values, weights, accs),
+            3 => accumulate_avx2::<3>(blocks, row_bytes, values, weights, accs),
+            4 => accumulate_avx2::<4>(blocks, row_bytes, values, weights, accs),
+            _ => accumulate_avx2::<5>(blocks, row_bytes, values, weights, accs),
+        }
+    }
+}
+
+/// [`accumulate_blocks_avx2`] for `B`-bit codes.
+///
+/// # Safety
+/// As [`accumulate_blocks_avx2`] with `bits == B`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn accumulate_avx2<const B: usize>(
+    blocks: &[u8],
+    row_bytes: usize,
+    values: &[f32],
+    weights: &[&[f32]],
+    accs: &mut [&mut [f32]],
+) {
     let dim = accs.first().map_or(0, |a| a.len());
     let nq = weights.len();
-    let mut table = [0f32; 32];
-    table[..1 << bits].copy_from_slice(&values[..1 << bits]);
-    // SAFETY: 32-entry table: four registers of eight.
-    let (c_lo, c_hi, c_lo2, c_hi2) = unsafe {
-        (
-            _mm256_loadu_ps(table.as_ptr()),
-            _mm256_loadu_ps(table.as_ptr().add(8)),
-            _mm256_loadu_ps(table.as_ptr().add(16)),
-            _mm256_loadu_ps(table.as_ptr().add(24)),
-        )
+    // planes[p][k]: byte p (little-endian) of values[k]; entries past 2^B are never indexed.
+    let mut planes = [[0u8; 32]; 4];
+    for (k, v) in values[..1 << B].iter().enumerate() {
+        for (plane, byte) in planes.iter_mut().zip(v.to_le_bytes()) {
+            plane[k] = byte;
+        }
+    }
+    // SAFETY: each plane has 32 bytes: two 16-byte halves.
+    let half = |p: usize, h: usize| unsafe {
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(planes[p].as_ptr().add(16 * h) as *const _))
     };
-    let low = _mm_set1_epi8(0x0F);
-    let mask = _mm_set1_epi8(((1u32 << bits) - 1) as i8);
+    let lo = [half(0, 0), half(1, 0), half(2, 0), half(3, 0)];
+    let hi = [half(0, 1), half(1, 1), half(2, 1), half(3, 1)];
+    let nib_mask = _mm256_set1_epi8(0x0F);
+    let lane_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    let code_mask = _mm256_set1_epi8(((1u32 << B) - 1) as i8);
     // lanes[q * dim + j]: 8-lane partial sums of query q, coordinate j.
     let mut lanes = vec![_mm256_setzero_ps(); nq * dim];
     let mut w = vec![[_mm256_setzero_ps(); 4]; nq];
@@ -232,74 +261,47 @@ pub(super) unsafe fn accumulate_blocks_avx2(
             w32[..part.len()].copy_from_slice(part);
             *act = w32.iter().any(|&x| x != 0.0);
             any |= *act;
-            // SAFETY: `w32` has 32 entries.
-            *wq = unsafe {
-                [
-                    _mm256_loadu_ps(w32.as_ptr()),
-                    _mm256_loadu_ps(w32.as_ptr().add(8)),
-                    _mm256_loadu_ps(w32.as_ptr().add(16)),
-                    _mm256_loadu_ps(w32.as_ptr().add(24)),
-                ]
-            };
+            // Register g of the decode holds rows 4g..4g+4 (low lane) and 16+4g..20+4g (high).
+            // SAFETY: 4g + 4 <= 16 and 16 + 4g + 4 <= 32 floats of `w32`.
+            *wq = std::array::from_fn(|g| unsafe {
+                _mm256_loadu2_m128(w32.as_ptr().add(16 + 4 * g), w32.as_ptr().add(4 * g))
+            });
         }
         if !any {
             continue;
         }
-        let nibbles = |pos: usize| -> (__m128i, __m128i) {
+        // Low nibbles of the 16 bytes at nibble position `pos` (rows 0..16) in the low lane,
+        // high nibbles (rows 16..32) in the high lane.
+        let nib = |pos: usize| {
             // SAFETY: nibble position `pos < 2·row_bytes` has 16 bytes in the block.
             let v = unsafe { _mm_loadu_si128(block.as_ptr().add(16 * pos) as *const __m128i) };
-            (
-                _mm_and_si128(v, low),
-                _mm_and_si128(_mm_srli_epi16(v, 4), low),
+            _mm256_and_si256(
+                _mm256_srlv_epi32(_mm256_broadcastsi128_si256(v), lane_shift),
+                nib_mask,
             )
         };
         for j in 0..dim {
-            let (pos, off) = (b * j / 4, b * j % 4);
-            let shift = _mm_cvtsi32_si128(off as i32);
-            let (mut lo, mut hi) = nibbles(pos);
-            lo = _mm_srl_epi16(lo, shift);
-            hi = _mm_srl_epi16(hi, shift);
-            if off + b > 4 {
+            let (pos, off) = (B * j / 4, B * j % 4);
+            let mut code = nib(pos);
+            if off > 0 {
+                code = _mm256_srl_epi16(code, _mm_cvtsi32_si128(off as i32));
+            }
+            if off + B > 4 {
                 let back = _mm_cvtsi32_si128((4 - off) as i32);
-                let (lo2, hi2) = nibbles(pos + 1);
-                lo = _mm_or_si128(lo, _mm_sll_epi16(lo2, back));
-                hi = _mm_or_si128(hi, _mm_sll_epi16(hi2, back));
+                code = _mm256_or_si256(code, _mm256_sll_epi16(nib(pos + 1), back));
             }
-            let (lo, hi) = (_mm_and_si128(lo, mask), _mm_and_si128(hi, mask));
-            let groups = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
-            let mut v = [_mm256_setzero_ps(); 4];
-            for (vg, g) in v.iter_mut().zip(groups) {
-                let idx = _mm256_cvtepu8_epi32(g);
-                *vg = if b == 5 {
-                    // Bit 3 picks within each 16-entry half, bit 4 between the halves.
-                    let bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
-                    let lo16 = _mm256_blendv_ps(
-                        _mm256_permutevar8x32_ps(c_lo, idx),
-                        _mm256_permutevar8x32_ps(c_hi, idx),
-                        bit3,
-                    );
-                    let hi16 = _mm256_blendv_ps(
-                        _mm256_permutevar8x32_ps(c_lo2, idx),
-                        _mm256_permutevar8x32_ps(c_hi2, idx),
-                        bit3,
-                    );
-                    _mm256_blendv_ps(lo16, hi16, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27)))
-                } else if b == 4 {
-                    let a_lo = _mm256_permutevar8x32_ps(c_lo, idx);
-                    let a_hi = _mm256_permutevar8x32_ps(c_hi, idx);
-                    _mm256_blendv_ps(a_lo, a_hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
-                } else {
-                    _mm256_permutevar8x32_ps(c_lo, idx)
-                };
+            if B != 4 {
+                code = _mm256_and_si256(code, code_mask);
             }
+            let x = decode_planes::<B>(code, &lo, &hi);
             for (q, wq) in w.iter().enumerate() {
                 if !active[q] {
                     continue;
                 }
                 let lane = &mut lanes[q * dim + j];
                 let mut s = *lane;
-                for (vg, wg) in v.iter().zip(wq) {
-                    s = _mm256_fmadd_ps(*vg, *wg, s);
+                for (xg, wg) in x.iter().zip(wq) {
+                    s = _mm256_fmadd_ps(*xg, *wg, s);
                 }
                 *lane = s;
             }
@@ -314,6 +316,43 @@ pub(super) unsafe fn accumulate_blocks_avx2(
             *a += _mm_cvtss_f32(x);
         }
     }
+}
+
+/// The f32 values of 32 codes (`code`: one per byte, rows 0..16 in the low lane, 16..32 in the
+/// high) from the byte planes of a 16-entry (`lo`) or 32-entry (`lo`, `hi`, 5 bits) table: each
+/// plane is one `vpshufb` (two at 5 bits, each half zeroing the other's lanes through bit 7 of
+/// its index), and two rounds of byte / word interleaves reassemble the floats. Register `g`
+/// holds rows `4g..4g+4` in its low lane and `16+4g..20+4g` in its high lane.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn decode_planes<const B: usize>(
+    code: __m256i,
+    lo: &[__m256i; 4],
+    hi: &[__m256i; 4],
+) -> [__m256; 4] {
+    let b: [__m256i; 4] = if B == 5 {
+        let upper = _mm256_cmpgt_epi8(code, _mm256_set1_epi8(15));
+        let idx_lo = _mm256_or_si256(code, upper);
+        let idx_hi = _mm256_or_si256(code, _mm256_xor_si256(upper, _mm256_set1_epi8(-1)));
+        std::array::from_fn(|p| {
+            _mm256_or_si256(
+                _mm256_shuffle_epi8(lo[p], idx_lo),
+                _mm256_shuffle_epi8(hi[p], idx_hi),
+            )
+        })
+    } else {
+        std::array::from_fn(|p| _mm256_shuffle_epi8(lo[p], code))
+    };
+    let l01 = _mm256_unpacklo_epi8(b[0], b[1]);
+    let h01 = _mm256_unpackhi_epi8(b[0], b[1]);
+    let l23 = _mm256_unpacklo_epi8(b[2], b[3]);
+    let h23 = _mm256_unpackhi_epi8(b[2], b[3]);
+    [
+        _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23)),
+        _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23)),
+        _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23)),
+        _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23)),
+    ]
 }
 
 /// AVX2 body of `scan_block` and `scan_block_multi`: the 32 rows of `block` scored against `Q`
