@@ -297,14 +297,11 @@ fn f32_attend(q: &[f32], keys: &[f32], values: &[f32], out: &mut [f32], scores: 
     let d = q.len();
     let scale = 1.0 / (d as f32).sqrt();
     for (s, k) in scores.iter_mut().zip(keys.chunks_exact(d)) {
-        *s = simd::dot(q, k) * scale;
+        *s = simd::dot(q, k);
     }
-    let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut z = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - m).exp();
-        z += *s;
-    }
+    // The same SIMD softmax as the quantized cache's.
+    let m = simd::max(scores);
+    let z = simd::exp_affine_sum(scores, scale, scale * m);
     out.fill(0.0);
     for (s, v) in scores.iter().zip(values.chunks_exact(d)) {
         simd::axpy(s / z, v, out);

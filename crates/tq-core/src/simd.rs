@@ -145,6 +145,140 @@ pub fn count_below_scalar(sorted: &[f32], ys: &[f32], out: &mut [u8]) {
     }
 }
 
+/// `max_i x_i` (`-inf` for an empty slice). NaN-free input (checked with `debug_assert!`). O(n).
+#[inline]
+pub fn max(x: &[f32]) -> f32 {
+    debug_assert!(x.iter().all(|v| !v.is_nan()));
+    struct Op<'a>(&'a [f32]);
+    impl WithSimd for Op<'_> {
+        type Output = f32;
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, simd: S) -> f32 {
+            let (head, tail) = S::as_simd_f32s(self.0);
+            let mut acc = [simd.splat_f32s(f32::NEG_INFINITY); 4];
+            let mut chunks = head.chunks_exact(4);
+            for c in &mut chunks {
+                for k in 0..4 {
+                    acc[k] = simd.max_f32s(acc[k], c[k]);
+                }
+            }
+            for v in chunks.remainder() {
+                acc[0] = simd.max_f32s(acc[0], *v);
+            }
+            let m = simd.max_f32s(simd.max_f32s(acc[0], acc[1]), simd.max_f32s(acc[2], acc[3]));
+            tail.iter().fold(simd.reduce_max_f32s(m), |a, &b| a.max(b))
+        }
+    }
+    arch().dispatch(Op(x))
+}
+
+/// Scalar twin of [`max`].
+pub fn max_scalar(x: &[f32]) -> f32 {
+    x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+// `exp` on f32 lanes: `x = n·ln2 + r` with `n = round(x·log2 e)` (read from the low mantissa
+// bits of `x·log2 e + 1.5·2^23 + 127`, which are also `n + 127`, the exponent of `2^n`), `r` by a
+// two-part `ln 2` (Cody-Waite), `e^r` by Cephes' degree-7 minimax form on `|r| <= ln2/2`.
+// Arguments are clamped to `[-87, 88]` so `2^n` stays a normal float. About 2 ulp.
+const EXP_LO: f32 = -87.0;
+const EXP_HI: f32 = 88.0;
+const EXP_MAGIC: f32 = 12_583_039.0;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const EXP_P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_2e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
+/// One lane of the vector `exp` (the same fused operations in the same order).
+#[inline(always)]
+fn exp_lane(x: f32) -> f32 {
+    let x = x.clamp(EXP_LO, EXP_HI);
+    let t = x.mul_add(std::f32::consts::LOG2_E, EXP_MAGIC);
+    let n = t - EXP_MAGIC;
+    let r = n.mul_add(-LN2_HI, x);
+    let r = n.mul_add(-LN2_LO, r);
+    let mut p = EXP_P[0];
+    for &c in &EXP_P[1..] {
+        p = p.mul_add(r, c);
+    }
+    let y = p.mul_add(r * r, r + 1.0);
+    y * f32::from_bits(t.to_bits() << 23)
+}
+
+#[inline(always)]
+fn exp_lanes<S: Simd>(simd: S, x: S::f32s) -> S::f32s {
+    let x = simd.min_f32s(
+        simd.max_f32s(x, simd.splat_f32s(EXP_LO)),
+        simd.splat_f32s(EXP_HI),
+    );
+    let magic = simd.splat_f32s(EXP_MAGIC);
+    let t = simd.mul_add_f32s(x, simd.splat_f32s(std::f32::consts::LOG2_E), magic);
+    let n = simd.sub_f32s(t, magic);
+    let r = simd.mul_add_f32s(n, simd.splat_f32s(-LN2_HI), x);
+    let r = simd.mul_add_f32s(n, simd.splat_f32s(-LN2_LO), r);
+    let mut p = simd.splat_f32s(EXP_P[0]);
+    for &c in &EXP_P[1..] {
+        p = simd.mul_add_f32s(p, r, simd.splat_f32s(c));
+    }
+    let y = simd.mul_add_f32s(
+        p,
+        simd.mul_f32s(r, r),
+        simd.add_f32s(r, simd.splat_f32s(1.0)),
+    );
+    let bits = simd.wrapping_dyn_shl_u32s(simd.transmute_u32s_f32s(t), simd.splat_u32s(23));
+    simd.mul_f32s(y, simd.transmute_f32s_u32s(bits))
+}
+
+/// The softmax numerator in place: `x_i ← exp(scale · x_i − shift)` (one fused multiply-add for
+/// the argument), returning `Σ_i x_i`. Each element is bit-identical to
+/// [`exp_affine_sum_scalar`]'s; the sum keeps 8-lane partial sums, folded into an `f64` every
+/// 512 elements. Arguments below −87 give `e^−87` (about 1.6e-38) instead of smaller values, so
+/// the softmax weight of a token more than 87 nats below the maximum is at most that. About
+/// 2 ulp per element. O(n).
+pub fn exp_affine_sum(x: &mut [f32], scale: f32, shift: f32) -> f32 {
+    struct Op<'a>(&'a mut [f32], f32, f32);
+    impl WithSimd for Op<'_> {
+        type Output = f32;
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, simd: S) -> f32 {
+            let Op(x, scale, shift) = self;
+            let (head, tail) = S::as_mut_simd_f32s(x);
+            let (sc, sh) = (simd.splat_f32s(scale), simd.splat_f32s(-shift));
+            let mut total = 0.0f64;
+            for chunk in head.chunks_mut(512 / S::F32_LANES.max(1)) {
+                let mut acc = simd.splat_f32s(0.0);
+                for v in chunk.iter_mut() {
+                    *v = exp_lanes(simd, simd.mul_add_f32s(*v, sc, sh));
+                    acc = simd.add_f32s(acc, *v);
+                }
+                total += simd.reduce_sum_f32s(acc) as f64;
+            }
+            for v in tail.iter_mut() {
+                *v = exp_lane(v.mul_add(scale, -shift));
+                total += *v as f64;
+            }
+            total as f32
+        }
+    }
+    arch().dispatch(Op(x, scale, shift))
+}
+
+/// Scalar twin of [`exp_affine_sum`] (sequential `f64` sum).
+pub fn exp_affine_sum_scalar(x: &mut [f32], scale: f32, shift: f32) -> f32 {
+    let mut total = 0.0f64;
+    for v in x.iter_mut() {
+        *v = exp_lane(v.mul_add(scale, -shift));
+        total += *v as f64;
+    }
+    total as f32
+}
+
 /// Unnormalised fast Walsh-Hadamard transform in place (`x ← H x` with `H` the ±1 Sylvester matrix).
 /// `x.len()` must be a power of two (checked with `debug_assert!`). O(n log n).
 pub fn fwht(x: &mut [f32]) {
@@ -306,6 +440,57 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn max_parity() {
+        for n in SIZES {
+            let x = data(n, 9);
+            assert_eq!(max(&x).to_bits(), max_scalar(&x).to_bits(), "n={n}");
+        }
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
+    }
+
+    /// Every element against `f64::exp` (relative error within 4 ulp, measured about 2), and
+    /// bit-identical to the scalar twin; the sum within the `f64` sum's rounding.
+    #[test]
+    fn exp_affine_sum_is_accurate_and_matches_its_twin() {
+        let mut r = SeededRng::new(10, stream::DATA);
+        for n in SIZES.iter().copied().chain([4096, 5000]) {
+            // Arguments across [-90, 5] (past the clamp at -87 too).
+            let x: Vec<f32> = (0..n).map(|_| (r.uniform() * 95.0 - 90.0) as f32).collect();
+            let (scale, shift) = (1.25f32, 2.5f32);
+            let (mut a, mut b) = (x.clone(), x.clone());
+            let (sa, sb) = (
+                exp_affine_sum(&mut a, scale, shift),
+                exp_affine_sum_scalar(&mut b, scale, shift),
+            );
+            let mut want_sum = 0.0f64;
+            for ((&u, &v), &x) in a.iter().zip(&b).zip(&x) {
+                assert_eq!(u.to_bits(), v.to_bits(), "n={n} x={x}");
+                let arg = x.mul_add(scale, -shift) as f64;
+                let want = arg.max(EXP_LO as f64).exp();
+                want_sum += want;
+                assert!(
+                    ((u as f64 - want) / want).abs() <= 4.0 * f32::EPSILON as f64,
+                    "exp({arg}) = {u}, want {want}"
+                );
+            }
+            assert!(
+                ((sa as f64) - want_sum).abs() <= 1e-6 * want_sum + 1e-30,
+                "n={n}"
+            );
+            assert!(
+                ((sb as f64) - want_sum).abs() <= 1e-6 * want_sum + 1e-30,
+                "n={n}"
+            );
+        }
+        // Exact points: e^0 = 1 and the clamps.
+        let mut x = [0.0f32, -1000.0, 200.0];
+        exp_affine_sum(&mut x, 1.0, 0.0);
+        assert_eq!(x[0], 1.0);
+        assert!(x[1] > 0.0 && (x[1] as f64 - (-87f64).exp()).abs() < 1e-44);
+        assert!(x[2].is_finite() && x[2] > 1e38);
     }
 
     #[test]

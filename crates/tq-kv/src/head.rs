@@ -586,19 +586,12 @@ impl HeadCache {
             for (o, k) in p[qn..].iter_mut().zip(self.window_keys.chunks_exact(d)) {
                 *o = tq_core::simd::dot(q, k);
             }
-            for v in p.iter_mut() {
-                *v *= scale;
-            }
-            let max = p[..limit].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f64;
-            for v in p[..limit].iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v as f64;
-            }
-            let inv = (1.0 / sum) as f32;
-            for v in p[..limit].iter_mut() {
-                *v *= inv;
-            }
+            // Softmax of the scaled scores on SIMD lanes: scale first, so the largest score's
+            // argument is exactly zero.
+            tq_core::simd::scale_in_place(&mut p[..limit], scale);
+            let max = tq_core::simd::max(&p[..limit]);
+            let sum = tq_core::simd::exp_affine_sum(&mut p[..limit], 1.0, max);
+            tq_core::simd::scale_in_place(&mut p[..limit], 1.0 / sum);
             p[limit..].fill(0.0);
         }
         if qn > 0 {

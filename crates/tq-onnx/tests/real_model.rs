@@ -133,7 +133,11 @@ fn ratio(run: &tq_onnx::Run) -> f64 {
 /// The native path (tract runs the stages around attention, tq-kv attends on its cache, no float
 /// past) on SmolLM2: greedy decoding with exact storage answers the reference prompt, its logits
 /// equal the float run's at every step, and with the documented default cache (exact scores)
-/// they equal the float path over the same codes.
+/// they equal the float path over the same codes. "The same codes": each native step starts from
+/// a copy of the float sequence's cache before that step. Two free-running sequences drift apart
+/// for a reason that is not attention: the two paths' K/V differ in the last bits, and the few
+/// coordinates that sit on a quantization boundary round to different codes (measured: 47 keys
+/// and 104 values in the prompt), which moves the logits by up to ~3e-4 after 8 steps.
 #[test]
 fn smollm2_native_path_matches_the_float_path() {
     use tq_kv::ScoreMode;
@@ -156,8 +160,17 @@ fn smollm2_native_path_matches_the_float_path() {
         let mut b_seq = Sequence::new(&native, &spec).unwrap();
         let (mut next, mut tokens, mut worst) = (ids.clone(), Vec::new(), 0.0f32);
         for _ in 0..8 {
+            // The native step attends over a copy of the float sequence's codes (exact storage
+            // keeps its own, bit-for-bit the same rows up to f32 rounding).
+            let shared = match a_seq.cache() {
+                Some(cache) if label == "default" => Some(cache.clone()),
+                _ => None,
+            };
             let a = a_seq.feed(&next).unwrap().logits;
-            let n = b_seq.feed(&next).unwrap().logits;
+            let n = match shared {
+                Some(mut cache) => native.native_step(&next, &mut cache).unwrap(),
+                None => b_seq.feed(&next).unwrap().logits,
+            };
             let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let diff = a
                 .iter()
