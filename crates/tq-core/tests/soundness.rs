@@ -135,7 +135,7 @@ fn accumulation_refuses_mismatched_lengths() {
     let mut a2 = vec![0f32; dim];
     let mut a3 = vec![0f32; dim - 1];
     must_panic("accumulate_blocks_multi counts", || {
-        accumulate_blocks_multi(&blocks, rb, bits, &values, &[&w, &w], &mut [&mut acc])
+        accumulate_blocks_multi(&blocks, rb, bits, &values, None, &[&w, &w], &mut [&mut acc])
     });
     must_panic("accumulate_blocks_multi lengths", || {
         accumulate_blocks_multi(
@@ -143,13 +143,34 @@ fn accumulation_refuses_mismatched_lengths() {
             rb,
             bits,
             &values,
+            None,
             &[&w, &w],
             &mut [&mut a2, &mut a3],
         )
     });
+    let few = vec![1f32; w.len() - 1];
+    must_panic("accumulate_blocks_multi row scales", || {
+        accumulate_blocks_multi(
+            &blocks,
+            rb,
+            bits,
+            &values,
+            Some(&few),
+            &[&w],
+            &mut [&mut acc],
+        )
+    });
     let short = vec![1f32; 5];
     must_panic("accumulate_blocks_multi weights", || {
-        accumulate_blocks_multi(&blocks, rb, bits, &values, &[&w, &short], &mut [&mut acc])
+        accumulate_blocks_multi(
+            &blocks,
+            rb,
+            bits,
+            &values,
+            None,
+            &[&w, &short],
+            &mut [&mut acc],
+        )
     });
     // The scalar one-block twin checks too.
     let ws = [1f32; BLOCK];

@@ -608,18 +608,15 @@ impl MseBatch {
         for o in outs.iter() {
             check_dim(o, self.quantizer.dim())?;
         }
-        let scaled: Vec<Vec<f32>> = weights
-            .iter()
-            .map(|w| w.iter().zip(&self.norms).map(|(w, n)| w * n).collect())
-            .collect();
-        let refs: Vec<&[f32]> = scaled.iter().map(Vec::as_slice).collect();
         let c = self.quantizer.codebook().centroids();
+        // The rows' norms scale the weights inside the kernel (no per-query scaled copy).
         scan::accumulate_blocks_multi(
             self.codes.blocks(),
             self.codes.row_bytes(),
             self.quantizer.bits(),
             c,
-            &refs,
+            Some(&self.norms),
+            weights,
             outs,
         );
         Ok(())

@@ -561,29 +561,52 @@ pub fn accumulate_blocks(
     weights: &[f32],
     acc: &mut [f32],
 ) {
-    accumulate_blocks_multi(blocks, row_bytes, bits, values, &[weights], &mut [acc]);
+    accumulate_blocks_multi(
+        blocks,
+        row_bytes,
+        bits,
+        values,
+        None,
+        &[weights],
+        &mut [acc],
+    );
 }
 
 /// [`accumulate_blocks`] for several weight vectors at once (e.g. the queries of one
-/// grouped-query head): `accs[q][j] += Σ_i weights[q][i] · values[code_j(row i)]`. The codes are
-/// decoded once per block and coordinate and used by every weight vector. All weight vectors have
-/// the same length `n`; all accumulators the same length `dim`. O(n · dim · (1 + queries/8)).
+/// grouped-query head): `accs[q][j] += Σ_i (weights[q][i] · s_i) · values[code_j(row i)]` with
+/// `s_i = row_scales[i]` (e.g. the rows' norms), or 1 when `row_scales` is `None`; the product
+/// `weights[q][i] · s_i` is rounded to `f32` before it is used, as if the caller had scaled the
+/// weights. The codes are decoded once per block and coordinate and used by every weight vector.
+/// All weight vectors have the same length `n`; all accumulators the same length `dim`.
+/// O(n · dim · (1 + queries/8)).
 ///
 /// # Panics
 /// Before any memory is read, unless: `bits` is in `1..=8`, `row_bytes >= 1`, `values` holds at
 /// least `2^bits` entries, there are as many accumulators as weight vectors, every weight vector
 /// covers exactly the blocks (`blocks.len() == ceil(len / 32) · 32 · row_bytes`; rows past a
-/// shorter vector's end weigh 0), and every accumulator has the same length
-/// `dim <= 8 · row_bytes / bits` (the codes a row holds).
+/// shorter vector's end weigh 0), `row_scales`, when given, is at least as long as every weight
+/// vector, and every accumulator has the same length `dim <= 8 · row_bytes / bits` (the codes a
+/// row holds).
 pub fn accumulate_blocks_multi(
     blocks: &[u8],
     row_bytes: usize,
     bits: u32,
     values: &[f32],
+    row_scales: Option<&[f32]>,
     weights: &[&[f32]],
     accs: &mut [&mut [f32]],
 ) {
     check_accumulate(blocks.len(), row_bytes, bits, values.len(), weights, accs);
+    if let Some(s) = row_scales {
+        for w in weights {
+            assert!(
+                s.len() >= w.len(),
+                "{} row scales for {} weights",
+                s.len(),
+                w.len()
+            );
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     {
         if bits <= 5 && has_avx2_fma() {
@@ -591,22 +614,39 @@ pub fn accumulate_blocks_multi(
             // proved every length the kernel reads through: each block has `2 · row_bytes`
             // nibble positions, each coordinate `j < dim` lies in them, each weight vector
             // covers the blocks, and `values` has `2^bits <= 32` entries.
-            unsafe { x86::accumulate_blocks_avx2(blocks, row_bytes, bits, values, weights, accs) };
+            unsafe {
+                x86::accumulate_blocks_avx2(
+                    blocks, row_bytes, bits, values, row_scales, weights, accs,
+                )
+            };
             return;
         }
     }
     for (w, acc) in weights.iter().zip(accs.iter_mut()) {
-        for (block, w) in blocks
+        for (bi, (block, w)) in blocks
             .chunks_exact(block_bytes(row_bytes))
             .zip(w.chunks(BLOCK))
+            .enumerate()
         {
-            let mut w32 = [0.0f32; BLOCK];
-            w32[..w.len()].copy_from_slice(w);
+            let w32 = block_weights(w, row_scales.map(|s| &s[bi * BLOCK..]));
             if w32.iter().any(|&x| x != 0.0) {
                 accumulate_block_scalar(block, bits, values, &w32, acc);
             }
         }
     }
+}
+
+/// One block's 32 weights: `w` (at most 32) times the matching leading `scales`, zero-padded.
+#[inline(always)]
+pub(super) fn block_weights(w: &[f32], scales: Option<&[f32]>) -> [f32; BLOCK] {
+    let mut w32 = [0.0f32; BLOCK];
+    w32[..w.len()].copy_from_slice(w);
+    if let Some(s) = scales {
+        for (x, &s) in w32.iter_mut().zip(&s[..w.len()]) {
+            *x *= s;
+        }
+    }
+    w32
 }
 
 /// Scalar twin of [`accumulate_blocks`] for one block (rows with weight 0 are skipped).
@@ -712,6 +752,19 @@ fn check_accumulate(
         "accumulators of different lengths"
     );
     check_codes(row_bytes, bits, values, dim);
+}
+
+/// The instruction set the scan and accumulation kernels use on this CPU: `"avx2+fma"` on x86-64
+/// CPUs with both, `"scalar"` otherwise (the portable twins). Widths 6-8 take the per-row
+/// decoding path on every CPU. O(1) after the first call.
+pub fn kernel_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            return "avx2+fma";
+        }
+    }
+    "scalar"
 }
 
 #[cfg(target_arch = "x86_64")]

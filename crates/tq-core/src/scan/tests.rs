@@ -83,12 +83,45 @@ fn accumulate_multi_equals_one_at_a_time() {
         {
             let wr: Vec<&[f32]> = ws.iter().map(|w| w.as_slice()).collect();
             let mut ar: Vec<&mut [f32]> = multi.iter_mut().map(|a| a.as_mut_slice()).collect();
-            accumulate_blocks_multi(&blocks, row_bytes, bits, &values, &wr, &mut ar);
+            accumulate_blocks_multi(&blocks, row_bytes, bits, &values, None, &wr, &mut ar);
         }
         for (w, m) in ws.iter().zip(&multi) {
             let mut one = vec![0.0f32; d];
             accumulate_blocks(&blocks, row_bytes, bits, &values, w, &mut one);
             assert_eq!(&one, m, "bits={bits}");
+        }
+        // Row scales inside the kernel give exactly what pre-scaled weights give (SIMD path and
+        // scalar twin: 70 rows leave a partial last block).
+        let scales: Vec<f32> = (0..n).map(|_| 0.5 + r.uniform() as f32).collect();
+        let mut inside = vec![vec![0.0f32; d]; 3];
+        {
+            let wr: Vec<&[f32]> = ws.iter().map(|w| w.as_slice()).collect();
+            let mut ar: Vec<&mut [f32]> = inside.iter_mut().map(|a| a.as_mut_slice()).collect();
+            accumulate_blocks_multi(
+                &blocks,
+                row_bytes,
+                bits,
+                &values,
+                Some(&scales),
+                &wr,
+                &mut ar,
+            );
+        }
+        for (w, m) in ws.iter().zip(&inside) {
+            let pre: Vec<f32> = w.iter().zip(&scales).map(|(w, s)| w * s).collect();
+            let mut one = vec![0.0f32; d];
+            accumulate_blocks(&blocks, row_bytes, bits, &values, &pre, &mut one);
+            assert_eq!(&one, m, "bits={bits} scaled");
+            let mut twin = vec![0.0f32; d];
+            for (bi, block) in blocks.chunks_exact(block_bytes(row_bytes)).enumerate() {
+                let mut w32 = [0.0f32; BLOCK];
+                let part = &pre[bi * BLOCK..((bi + 1) * BLOCK).min(n)];
+                w32[..part.len()].copy_from_slice(part);
+                accumulate_block_scalar(block, bits, &values, &w32, &mut twin);
+            }
+            for (a, b) in twin.iter().zip(m) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "bits={bits} twin");
+            }
         }
     }
 }

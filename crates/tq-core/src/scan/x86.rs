@@ -196,24 +196,27 @@ pub(super) unsafe fn scan_block_b5_avx2<const Q: usize>(
 /// The CPU supports AVX2 and FMA; `1 <= bits <= 5`; `row_bytes >= 1` and `blocks` is whole
 /// blocks of `32 · row_bytes` bytes; every weight vector covers exactly those blocks; every
 /// accumulator has the same length `dim <= 8 · row_bytes / bits`, so each coordinate's
-/// nibble positions lie inside its block; `values` has at least `2^bits` entries.
+/// nibble positions lie inside its block; `values` has at least `2^bits` entries; `scales`, when
+/// given, is at least as long as every weight vector.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn accumulate_blocks_avx2(
     blocks: &[u8],
     row_bytes: usize,
     bits: u32,
     values: &[f32],
+    scales: Option<&[f32]>,
     weights: &[&[f32]],
     accs: &mut [&mut [f32]],
 ) {
+    let (v, s, w) = (values, scales, weights);
     // SAFETY: the caller's contract, passed on unchanged.
     unsafe {
         match bits {
-            1 => accumulate_avx2::<1>(blocks, row_bytes, values, weights, accs),
-            2 => accumulate_avx2::<2>(blocks, row_bytes, values, weights, accs),
-            3 => accumulate_avx2::<3>(blocks, row_bytes, values, weights, accs),
-            4 => accumulate_avx2::<4>(blocks, row_bytes, values, weights, accs),
-            _ => accumulate_avx2::<5>(blocks, row_bytes, values, weights, accs),
+            1 => accumulate_avx2::<1>(blocks, row_bytes, v, s, w, accs),
+            2 => accumulate_avx2::<2>(blocks, row_bytes, v, s, w, accs),
+            3 => accumulate_avx2::<3>(blocks, row_bytes, v, s, w, accs),
+            4 => accumulate_avx2::<4>(blocks, row_bytes, v, s, w, accs),
+            _ => accumulate_avx2::<5>(blocks, row_bytes, v, s, w, accs),
         }
     }
 }
@@ -227,6 +230,7 @@ unsafe fn accumulate_avx2<const B: usize>(
     blocks: &[u8],
     row_bytes: usize,
     values: &[f32],
+    scales: Option<&[f32]>,
     weights: &[&[f32]],
     accs: &mut [&mut [f32]],
 ) {
@@ -256,9 +260,8 @@ unsafe fn accumulate_avx2<const B: usize>(
     for (bi, block) in blocks.chunks_exact(bb).enumerate() {
         let mut any = false;
         for ((wq, act), src) in w.iter_mut().zip(active.iter_mut()).zip(weights) {
-            let mut w32 = [0.0f32; BLOCK];
             let part = &src[bi * BLOCK..((bi + 1) * BLOCK).min(src.len())];
-            w32[..part.len()].copy_from_slice(part);
+            let w32 = super::kernels::block_weights(part, scales.map(|s| &s[bi * BLOCK..]));
             *act = w32.iter().any(|&x| x != 0.0);
             any |= *act;
             // Register g of the decode holds rows 4g..4g+4 (low lane) and 16+4g..20+4g (high).
