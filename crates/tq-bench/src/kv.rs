@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
+use half::f16;
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 use serde::Serialize;
-use tq_core::{SeededRng, rng::stream, simd};
+use tq_core::{SeededRng, half_simd, rng::stream, simd};
 use tq_kv::{
     HeadCalibration, HeadConfig, KeyStrategy, KvTrace, MultiHeadCache, OutlierChoice, ValueStrategy,
 };
@@ -281,11 +282,18 @@ pub struct AttentionRow {
     pub heads: usize,
     pub kv_heads: usize,
     pub dim: usize,
-    /// One decode step (one query per head) with the f32 baseline.
+    /// Worker threads of this row.
+    pub threads: usize,
+    /// One decode step (one query per head) with the f32 baseline (median over timing rounds).
     pub f32_seconds_per_query: f64,
+    /// The same step with the f16 baseline (rows widened to f32 as they are read).
+    pub f16_seconds_per_query: f64,
     /// The same step on the quantized cache.
     pub quantized_seconds_per_query: f64,
+    /// `f32_seconds_per_query / quantized_seconds_per_query`.
     pub speedup: f64,
+    /// `f16_seconds_per_query / quantized_seconds_per_query`.
+    pub f16_speedup: f64,
     pub cache_bytes: usize,
     pub f16_bytes: usize,
     pub f32_bytes: usize,
@@ -308,16 +316,55 @@ fn f32_attend(q: &[f32], keys: &[f32], values: &[f32], out: &mut [f32], scores: 
     }
 }
 
-/// Times `f` until at least `budget` seconds have passed (at least 3 runs); returns seconds per run.
-fn time_it(budget: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let start = Instant::now();
-    let mut runs = 0;
-    while runs < 3 || start.elapsed().as_secs_f64() < budget {
-        f()?;
-        runs += 1;
+/// f16 decode attention for one head: K and V stored as binary16 bit patterns and widened to f32
+/// in registers as they are read (F16C where the CPU has it), with the same softmax as
+/// [`f32_attend`].
+fn f16_attend(q: &[f32], keys: &[u16], values: &[u16], out: &mut [f32], scores: &mut [f32]) {
+    let d = q.len();
+    let scale = 1.0 / (d as f32).sqrt();
+    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(d)) {
+        *s = half_simd::dot(q, k);
     }
-    Ok(start.elapsed().as_secs_f64() / runs as f64)
+    let m = simd::max(scores);
+    let z = simd::exp_affine_sum(scores, scale, scale * m);
+    out.fill(0.0);
+    for (s, v) in scores.iter().zip(values.chunks_exact(d)) {
+        half_simd::axpy(s / z, v, out);
+    }
+}
+
+/// Times the closures in alternating rounds until `budget` seconds per closure have passed and at
+/// least 7 rounds ran (each round runs every closure `reps` times, `reps` chosen so the slowest
+/// takes about 5 ms); returns each closure's median seconds per run over the rounds. Alternating
+/// gives every closure the same machine state, and the median drops rounds disturbed by other
+/// load, so ratios between the closures hold on a noisy machine.
+fn time_interleaved(budget: f64, fs: &mut [&mut dyn FnMut() -> Result<()>]) -> Result<Vec<f64>> {
+    let mut slowest = 1e-9f64;
+    for f in fs.iter_mut() {
+        let t = Instant::now();
+        f()?;
+        slowest = slowest.max(t.elapsed().as_secs_f64());
+    }
+    let reps = ((0.005 / slowest).ceil() as usize).clamp(1, 100_000);
+    let mut rounds: Vec<Vec<f64>> = vec![Vec::new(); fs.len()];
+    let start = Instant::now();
+    let total = budget * fs.len() as f64;
+    while rounds[0].len() < 7 || start.elapsed().as_secs_f64() < total {
+        for (f, r) in fs.iter_mut().zip(rounds.iter_mut()) {
+            let t = Instant::now();
+            for _ in 0..reps {
+                f()?;
+            }
+            r.push(t.elapsed().as_secs_f64() / reps as f64);
+        }
+    }
+    Ok(rounds
+        .into_iter()
+        .map(|mut r| {
+            r.sort_by(f64::total_cmp);
+            r[r.len() / 2]
+        })
+        .collect())
 }
 
 /// Decode-step attention over `tokens` random cached tokens for `heads` query heads sharing
@@ -360,10 +407,19 @@ pub fn eval_attention(
     let mut cache = MultiHeadCache::new(heads, kv_heads, cfg, &outliers)?;
     cache.append(&keys, &values)?;
     let mut out = vec![0.0f32; heads * dim];
-    let quantized = time_it(budget, || Ok(cache.attend(&queries, &mut out)?))?;
     let per = tokens * dim;
-    let mut f32_out = vec![0.0f32; heads * dim];
-    let f32_time = time_it(budget, || {
+    let (keys16, values16) = (
+        keys.iter()
+            .map(|&x| f16::from_f32(x).to_bits())
+            .collect::<Vec<_>>(),
+        values
+            .iter()
+            .map(|&x| f16::from_f32(x).to_bits())
+            .collect::<Vec<_>>(),
+    );
+    let (mut f32_out, mut f16_out) = (vec![0.0f32; heads * dim], vec![0.0f32; heads * dim]);
+    let mut quantized = || Ok(cache.attend(&queries, &mut out)?);
+    let mut f32_run = || {
         f32_out.par_chunks_mut(dim).enumerate().for_each_init(
             || vec![0.0f32; tokens],
             |scores, (h, o)| {
@@ -378,7 +434,25 @@ pub fn eval_attention(
             },
         );
         Ok(())
-    })?;
+    };
+    let mut f16_run = || {
+        f16_out.par_chunks_mut(dim).enumerate().for_each_init(
+            || vec![0.0f32; tokens],
+            |scores, (h, o)| {
+                let kv = h / group;
+                f16_attend(
+                    &queries[h * dim..(h + 1) * dim],
+                    &keys16[kv * per..(kv + 1) * per],
+                    &values16[kv * per..(kv + 1) * per],
+                    o,
+                    scores,
+                )
+            },
+        );
+        Ok(())
+    };
+    let times = time_interleaved(budget, &mut [&mut quantized, &mut f32_run, &mut f16_run])?;
+    let (quantized, f32_time, f16_time) = (times[0], times[1], times[2]);
     Ok(AttentionRow {
         tokens,
         bits: cfg.key_precision.bits_per_coordinate(dim),
@@ -389,9 +463,12 @@ pub fn eval_attention(
         heads,
         kv_heads,
         dim,
+        threads: rayon::current_num_threads(),
         f32_seconds_per_query: f32_time,
+        f16_seconds_per_query: f16_time,
         quantized_seconds_per_query: quantized,
         speedup: f32_time / quantized,
+        f16_speedup: f16_time / quantized,
         cache_bytes: cache.memory_bytes(),
         f16_bytes: cache.f16_bytes(),
         f32_bytes: 2 * n * 4,

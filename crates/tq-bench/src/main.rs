@@ -63,7 +63,8 @@ enum Command {
     /// synchronisation included), with vectors/s and GB/s moved. MSE, Hadamard rotation.
     Kernels(cmd::kernels::KernelsArgs),
     /// Decode-step attention time (one query per head over T cached tokens) on quantized caches
-    /// against an f32 baseline (SIMD dot products and axpy over contiguous K and V, same threads).
+    /// against f32 and f16 baselines (SIMD dot products and axpy over contiguous K and V, f16
+    /// widened in registers; same threads), timed in alternating rounds, medians reported.
     Attention(attention::AttentionArgs),
 }
 
@@ -104,7 +105,7 @@ fn run(cli: Cli) -> Result<()> {
             emit(&cmd::kernels::run(a)?, json)
         }
         Command::Attention(a) => {
-            let json = a.common.json;
+            let json = a.json;
             emit(&attention::run(a)?, json)
         }
     }

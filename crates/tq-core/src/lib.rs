@@ -30,6 +30,7 @@ pub mod bitpack;
 pub mod codebook;
 mod error;
 pub mod fsio;
+pub mod half_simd;
 pub mod rng;
 pub mod rotation;
 pub mod scan;

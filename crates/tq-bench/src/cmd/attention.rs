@@ -1,4 +1,4 @@
-//! `attention`: decode-step attention time on quantized caches against an f32 baseline
+//! `attention`: decode-step attention time on quantized caches against f32 and f16 baselines
 //! ([`crate::kv`]).
 
 use anyhow::{Result, ensure};
@@ -7,7 +7,7 @@ use serde::Serialize;
 use tq_bench::count;
 use tq_kv::{HeadConfig, KeyStrategy, Precision, ValueStrategy};
 
-use super::{KvCommon, Report, pool, progress_bar};
+use super::{Report, pool, progress_bar};
 use crate::kv;
 
 /// `attention`'s options.
@@ -37,11 +37,20 @@ pub struct AttentionArgs {
     /// KIVI's group size (a power of two in 16..=128).
     #[arg(long, default_value_t = tq_quant::DEFAULT_KIVI_GROUP)]
     pub group: usize,
-    /// Seconds spent timing each configuration.
+    /// Seconds spent timing each of the three caches (quantized, f32, f16) per row; they are
+    /// timed in alternating rounds and each reports its median round.
     #[arg(long, default_value_t = 0.5)]
     pub budget: f64,
-    #[command(flatten)]
-    pub common: KvCommon,
+    /// Worker threads, comma-separated: one set of rows per count (kv heads run in parallel)
+    /// [default: all cores].
+    #[arg(long, value_delimiter = ',')]
+    pub threads: Vec<usize>,
+    /// Seed of the quantizers and of generated data.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Print one JSON object on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `attention`'s JSON report.
@@ -50,7 +59,9 @@ pub struct AttentionReport {
     workload: &'static str,
     source: &'static str,
     seed: u64,
-    threads: usize,
+    threads: Vec<usize>,
+    /// The instruction set of the scan and accumulation kernels.
+    isa: &'static str,
     results: Vec<kv::AttentionRow>,
 }
 
@@ -69,47 +80,63 @@ pub fn run(a: AttentionArgs) -> Result<AttentionReport> {
         value_strategy,
         group,
         budget,
-        common,
+        threads,
+        seed,
+        json,
     } = a;
     let kv_heads = kv_heads.unwrap_or(heads);
-    let c = &common;
     ensure!(dim >= 2, "--dim must be at least 2");
     ensure!(
         budget > 0.0 && budget.is_finite(),
         "--budget must be positive"
     );
-    let (threads, pool) = pool(c.threads)?;
+    let threads: Vec<Option<usize>> = if threads.is_empty() {
+        vec![None]
+    } else {
+        threads.into_iter().map(Some).collect()
+    };
     let precisions = bits
         .iter()
         .map(|b| Precision::parse(b, dim))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let pb = progress_bar(c.json, tokens.len() * precisions.len() * key_strategy.len());
-    let results = pool.install(|| -> Result<Vec<kv::AttentionRow>> {
-        let mut rows = Vec::new();
-        for &t in &tokens {
-            for &p in &precisions {
-                for &ks in &key_strategy {
-                    pb.set_message(format!("T = {t}, {p} bits, {} keys", ks.name()));
-                    let cfg = HeadConfig {
-                        key_strategy: ks,
-                        value_strategy,
-                        group,
-                        seed: c.seed,
-                        ..HeadConfig::new(dim, p, p)
-                    };
-                    rows.push(kv::eval_attention(&cfg, t, heads, kv_heads, budget)?);
-                    pb.inc(1);
+    let pb = progress_bar(
+        json,
+        threads.len() * tokens.len() * precisions.len() * key_strategy.len(),
+    );
+    let (mut results, mut counts) = (Vec::new(), Vec::new());
+    for &th in &threads {
+        let (count, pool) = pool(th)?;
+        counts.push(count);
+        pool.install(|| -> Result<()> {
+            for &t in &tokens {
+                for &p in &precisions {
+                    for &ks in &key_strategy {
+                        pb.set_message(format!(
+                            "{count} thr, T = {t}, {p} bits, {} keys",
+                            ks.name()
+                        ));
+                        let cfg = HeadConfig {
+                            key_strategy: ks,
+                            value_strategy,
+                            group,
+                            seed,
+                            ..HeadConfig::new(dim, p, p)
+                        };
+                        results.push(kv::eval_attention(&cfg, t, heads, kv_heads, budget)?);
+                        pb.inc(1);
+                    }
                 }
             }
-        }
-        Ok(rows)
-    })?;
+            Ok(())
+        })?;
+    }
     pb.finish_and_clear();
     let report = AttentionReport {
         workload: "attention",
         source: "synthetic",
-        seed: c.seed,
-        threads,
+        seed,
+        threads: counts,
+        isa: tq_core::scan::kernel_isa(),
         results,
     };
     Ok(report)
@@ -117,34 +144,42 @@ pub fn run(a: AttentionArgs) -> Result<AttentionReport> {
 
 impl Report for AttentionReport {
     fn print_table(&self) {
+        let threads: Vec<String> = self.threads.iter().map(|&t| count(t, "thread")).collect();
         println!(
-            "attention | decode step, one query per head | {}",
-            count(self.threads, "thread")
+            "attention | decode step, one query per head | {} | kernels {} | median of alternating rounds",
+            threads.join(", "),
+            self.isa
         );
         println!(
-            "{:>8} {:>5} {:>10} {:>7} {:>5} {:>12} {:>12} {:>8} {:>12} {:>8}",
+            "{:>8} {:>5} {:>10} {:>7} {:>5} {:>4} {:>10} {:>10} {:>10} {:>7} {:>7} {:>11} {:>6}",
             "tokens",
             "bits",
             "keys/vals",
             "q/kv",
             "dim",
+            "thr",
             "f32 us",
+            "f16 us",
             "tq us",
-            "speedup",
+            "vs f32",
+            "vs f16",
             "cache KiB",
             "x f16"
         );
         for r in &self.results {
             println!(
-                "{:>8} {:>5} {:>10} {:>7} {:>5} {:>12.1} {:>12.1} {:>8.2} {:>12.1} {:>8.2}",
+                "{:>8} {:>5} {:>10} {:>7} {:>5} {:>4} {:>10.1} {:>10.1} {:>10.1} {:>7.2} {:>7.2} {:>11.1} {:>6.2}",
                 r.tokens,
                 r.bits,
                 format!("{}/{}", r.key_strategy.name(), r.value_strategy.name()),
                 format!("{}/{}", r.heads, r.kv_heads),
                 r.dim,
+                r.threads,
                 r.f32_seconds_per_query * 1e6,
+                r.f16_seconds_per_query * 1e6,
                 r.quantized_seconds_per_query * 1e6,
                 r.speedup,
+                r.f16_speedup,
                 r.cache_bytes as f64 / 1024.0,
                 r.f16_bytes as f64 / r.cache_bytes as f64
             );
