@@ -316,6 +316,40 @@ fn f32_attend(q: &[f32], keys: &[f32], values: &[f32], out: &mut [f32], scores: 
     }
 }
 
+/// One head's dense attention: `(query, keys, values, out, scores scratch)`.
+type HeadAttend<T> = fn(&[f32], &[T], &[T], &mut [f32], &mut [f32]);
+
+/// One decode step of a dense baseline cache: query head `h` (`out`'s chunk `h`) attends with
+/// `attend` over kv head `h / group` of `keys` and `values` (`[kv_heads, T, d]`, `d` the head
+/// dimension), heads in
+/// parallel on the current rayon pool.
+fn dense_step<T: Sync>(
+    queries: &[f32],
+    keys: &[T],
+    values: &[T],
+    d: usize,
+    group: usize,
+    out: &mut [f32],
+    attend: HeadAttend<T>,
+) {
+    let kv_heads = (out.len() / d / group).max(1);
+    let per = keys.len() / kv_heads;
+    let tokens = per / d;
+    out.par_chunks_mut(d).enumerate().for_each_init(
+        || vec![0.0f32; tokens],
+        |scores, (h, o)| {
+            let kv = h / group;
+            attend(
+                &queries[h * d..(h + 1) * d],
+                &keys[kv * per..(kv + 1) * per],
+                &values[kv * per..(kv + 1) * per],
+                o,
+                scores,
+            )
+        },
+    );
+}
+
 /// f16 decode attention for one head: K and V stored as binary16 bit patterns and widened to f32
 /// in registers as they are read (F16C where the CPU has it), with the same softmax as
 /// [`f32_attend`].
@@ -407,7 +441,6 @@ pub fn eval_attention(
     let mut cache = MultiHeadCache::new(heads, kv_heads, cfg, &outliers)?;
     cache.append(&keys, &values)?;
     let mut out = vec![0.0f32; heads * dim];
-    let per = tokens * dim;
     let (keys16, values16) = (
         keys.iter()
             .map(|&x| f16::from_f32(x).to_bits())
@@ -420,34 +453,26 @@ pub fn eval_attention(
     let (mut f32_out, mut f16_out) = (vec![0.0f32; heads * dim], vec![0.0f32; heads * dim]);
     let mut quantized = || Ok(cache.attend(&queries, &mut out)?);
     let mut f32_run = || {
-        f32_out.par_chunks_mut(dim).enumerate().for_each_init(
-            || vec![0.0f32; tokens],
-            |scores, (h, o)| {
-                let kv = h / group;
-                f32_attend(
-                    &queries[h * dim..(h + 1) * dim],
-                    &keys[kv * per..(kv + 1) * per],
-                    &values[kv * per..(kv + 1) * per],
-                    o,
-                    scores,
-                )
-            },
+        dense_step(
+            &queries,
+            &keys,
+            &values,
+            dim,
+            group,
+            &mut f32_out,
+            f32_attend,
         );
         Ok(())
     };
     let mut f16_run = || {
-        f16_out.par_chunks_mut(dim).enumerate().for_each_init(
-            || vec![0.0f32; tokens],
-            |scores, (h, o)| {
-                let kv = h / group;
-                f16_attend(
-                    &queries[h * dim..(h + 1) * dim],
-                    &keys16[kv * per..(kv + 1) * per],
-                    &values16[kv * per..(kv + 1) * per],
-                    o,
-                    scores,
-                )
-            },
+        dense_step(
+            &queries,
+            &keys16,
+            &values16,
+            dim,
+            group,
+            &mut f16_out,
+            f16_attend,
         );
         Ok(())
     };
