@@ -246,7 +246,7 @@ impl EncodedVectors for MseBatch {
         let q = self.quantizer();
         for ((r, out), w) in rot.iter().zip(outs.iter_mut()).zip(weights) {
             q.rotation().apply_inverse_unchecked(r, out);
-            q.add_mean(out, w.iter().sum());
+            q.add_weighted_mean(out, w);
         }
         Ok(())
     }

@@ -293,6 +293,14 @@ impl MseQuantizer {
         }
     }
 
+    /// [`Self::add_mean`] weighted by `Σ weights` (a weighted sum of decoded rows carries the mean
+    /// that many times); the sum is only taken for a centred quantizer. O(n + d) or O(1).
+    pub(crate) fn add_weighted_mean(&self, out: &mut [f32], weights: &[f32]) {
+        if self.mean.is_some() {
+            self.add_mean(out, weights.iter().sum());
+        }
+    }
+
     /// Prepares a query for scoring: rotates it once and builds its look-up tables. O(d log d + 2^b·d) at 3 and 5
     /// bits, O(d log d + 16·d) at 1, 2 and 4.
     ///
@@ -632,7 +640,7 @@ impl MseBatch {
         self.accumulate_rotated(weights, &mut rot)?;
         check_dim(out, self.quantizer.dim())?;
         self.quantizer.rotation().apply_inverse_unchecked(&rot, out);
-        self.quantizer.add_mean(out, weights.iter().sum());
+        self.quantizer.add_weighted_mean(out, weights);
         Ok(())
     }
 

@@ -262,13 +262,16 @@ unsafe fn accumulate_avx2<const B: usize>(
         for ((wq, act), src) in w.iter_mut().zip(active.iter_mut()).zip(weights) {
             let part = &src[bi * BLOCK..((bi + 1) * BLOCK).min(src.len())];
             let w32 = super::kernels::block_weights(part, scales.map(|s| &s[bi * BLOCK..]));
-            *act = w32.iter().any(|&x| x != 0.0);
-            any |= *act;
             // Register g of the decode holds rows 4g..4g+4 (low lane) and 16+4g..20+4g (high).
             // SAFETY: 4g + 4 <= 16 and 16 + 4g + 4 <= 32 floats of `w32`.
             *wq = std::array::from_fn(|g| unsafe {
                 _mm256_loadu2_m128(w32.as_ptr().add(16 + 4 * g), w32.as_ptr().add(4 * g))
             });
+            let nonzero = wq.iter().fold(0, |m, &x| {
+                m | _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(x, _mm256_setzero_ps()))
+            });
+            *act = nonzero != 0;
+            any |= *act;
         }
         if !any {
             continue;
