@@ -369,12 +369,16 @@ impl MseQuery {
         match &self.tables {
             Some(t) => t.block_exact(rows.block(b), out),
             None => {
-                let mut packed = vec![0u8; rows.row_bytes()];
-                let mut codes = vec![0u8; self.rotated.len()];
-                for (k, o) in out.iter_mut().enumerate() {
-                    rows.read_row(b * BLOCK + k, &mut packed);
-                    *o = self.row_dot(&packed, bits, &mut codes);
-                }
+                // Widths without tables (6-8 bits): straight from the block layout.
+                let mut all = [0.0f32; BLOCK];
+                scan::dot_block_codes(
+                    rows.block(b),
+                    bits,
+                    &self.centroids,
+                    &self.rotated,
+                    &mut all,
+                );
+                out.copy_from_slice(&all[..out.len()]);
             }
         }
     }

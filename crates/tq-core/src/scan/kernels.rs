@@ -545,11 +545,12 @@ pub fn scan_block_b5_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
 /// Weighted sum of decoded rows: `acc[j] += Σ_i weights[i] · values[code_j(row i)]` for rows
 /// `i < weights.len()` stored in `blocks` (`ceil(n/32)` blocks of `32 · row_bytes` bytes) and
 /// `j < acc.len()` (the dimension; at most the codes per row). Blocks whose weights are all zero
-/// are skipped. AVX2 for `bits <= 5`: each coordinate's 32 codes are cut out of one or two nibble
-/// vectors with shifts, looked up as four `vpshufb` byte planes of the value table (two per
-/// plane at 5 bits) and interleaved back into floats, then multiplied into 8 rows per FMA, with
-/// the per-coordinate partial sums kept in 8-lane registers across blocks and reduced once;
-/// wider codes and other CPUs use [`accumulate_block_scalar`]. O(n · dim).
+/// are skipped. AVX2: each coordinate's 32 codes are cut out of one to three nibble vectors with
+/// shifts; up to 5 bits they are looked up as four `vpshufb` byte planes of the value table (two
+/// per plane at 5 bits) and interleaved back into floats, at 6-8 bits decoded by four 8-lane
+/// gathers; then multiplied into 8 rows per FMA, with the per-coordinate partial sums kept in
+/// 8-lane registers across blocks and reduced once; other CPUs use [`accumulate_block_scalar`].
+/// O(n · dim).
 ///
 /// # Panics
 /// As [`accumulate_blocks_multi`].
@@ -609,11 +610,11 @@ pub fn accumulate_blocks_multi(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if bits <= 5 && has_avx2_fma() {
+        if has_avx2_fma() {
             // SAFETY: AVX2 and FMA are present (checked at run time) and `check_accumulate`
             // proved every length the kernel reads through: each block has `2 · row_bytes`
             // nibble positions, each coordinate `j < dim` lies in them, each weight vector
-            // covers the blocks, and `values` has `2^bits <= 32` entries.
+            // covers the blocks, and `values` has `2^bits` entries.
             unsafe {
                 x86::accumulate_blocks_avx2(
                     blocks, row_bytes, bits, values, row_scales, weights, accs,
@@ -633,6 +634,60 @@ pub fn accumulate_blocks_multi(
                 accumulate_block_scalar(block, bits, values, &w32, acc);
             }
         }
+    }
+}
+
+/// Unit dots of the 32 rows of one block with a rotated query, exactly in f32:
+/// `out[r] = Σ_j q[j] · values[code_j(row r)]` for `j < q.len()`, any width 1-8 (the exact path of
+/// widths without look-up tables). AVX2 + FMA at 6-8 bits (each coordinate's 32 codes cut out of
+/// the nibble layout and decoded by gathers), the row-by-row scalar decode otherwise.
+/// O(32 · q.len()).
+///
+/// # Panics
+/// Unless `bits` is in `1..=8`, `block.len()` is a positive multiple of 32, `values` holds at least
+/// `2^bits` entries and `q.len() <= 8 · row_bytes / bits` (the codes a row holds).
+pub fn dot_block_codes(block: &[u8], bits: u32, values: &[f32], q: &[f32], out: &mut [f32; BLOCK]) {
+    let row_bytes = block.len() / BLOCK;
+    check_block(block.len(), row_bytes);
+    check_codes(row_bytes, bits, values.len(), q.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if bits >= 6 && has_avx2_fma() {
+            // SAFETY: AVX2 and FMA are present (checked at run time); the checks above proved
+            // the block's size, that every coordinate of `q` lies in a row and that every code
+            // indexes `values`.
+            unsafe { x86::dot_block_wide_avx2(block, bits, values, q, out) };
+            return;
+        }
+    }
+    dot_block_codes_scalar(block, bits, values, q, out);
+}
+
+/// Scalar twin of [`dot_block_codes`]: each row read out of the block, unpacked and dotted in
+/// order.
+///
+/// # Panics
+/// As [`dot_block_codes`].
+pub fn dot_block_codes_scalar(
+    block: &[u8],
+    bits: u32,
+    values: &[f32],
+    q: &[f32],
+    out: &mut [f32; BLOCK],
+) {
+    let row_bytes = block.len() / BLOCK;
+    check_block(block.len(), row_bytes);
+    check_codes(row_bytes, bits, values.len(), q.len());
+    let mut row = vec![0u8; row_bytes];
+    let mut codes = vec![0u8; 8 * row_bytes / bits as usize];
+    for (slot, o) in out.iter_mut().enumerate() {
+        read_row(block, slot, &mut row);
+        crate::bitpack::unpack_unchecked(&row, bits, &mut codes);
+        *o = q
+            .iter()
+            .zip(&codes)
+            .map(|(w, &c)| w * values[c as usize])
+            .sum();
     }
 }
 

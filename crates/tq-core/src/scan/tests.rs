@@ -576,3 +576,38 @@ fn scan_b5_multi_equals_one_query_at_a_time() {
         }
     }
 }
+
+/// The block dots of every width against the `code_at` specification, SIMD path and scalar twin.
+#[test]
+fn dot_block_codes_matches_the_layout_spec() {
+    let mut r = SeededRng::new(8, stream::DATA);
+    let dims: &[usize] = if cfg!(miri) {
+        &[7]
+    } else {
+        &[1, 3, 7, 8, 64, 65, 128, 129]
+    };
+    for bits in 1u32..=8 {
+        for &d in dims {
+            let row_bytes = crate::bitpack::packed_len(d, bits);
+            let block: Vec<u8> = (0..block_bytes(row_bytes))
+                .map(|_| r.next_u64() as u8)
+                .collect();
+            let values: Vec<f32> = (0..1 << bits).map(|_| r.gaussian() as f32).collect();
+            let q: Vec<f32> = (0..d).map(|_| r.gaussian() as f32).collect();
+            let (mut a, mut b) = ([0f32; BLOCK], [0f32; BLOCK]);
+            dot_block_codes(&block, bits, &values, &q, &mut a);
+            dot_block_codes_scalar(&block, bits, &values, &q, &mut b);
+            for slot in 0..BLOCK {
+                let terms = (0..d).map(|j| q[j] * values[code_at(&block, bits, j, slot)]);
+                let want: f32 = terms.clone().sum();
+                let tol = d as f32 * f32::EPSILON * terms.map(f32::abs).sum::<f32>();
+                assert!(
+                    (a[slot] - want).abs() <= tol && (b[slot] - want).abs() <= tol,
+                    "bits={bits} d={d} slot={slot}: {} {} {want}",
+                    a[slot],
+                    b[slot]
+                );
+            }
+        }
+    }
+}

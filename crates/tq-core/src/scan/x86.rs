@@ -186,14 +186,14 @@ pub(super) unsafe fn scan_block_b5_avx2<const Q: usize>(
 }
 
 /// AVX2 body of `accumulate_blocks_multi`: per block and coordinate, the 32 codes are cut out
-/// of one or two nibble vectors (rows 0..16 in the low 128-bit lane, rows 16..32 in the high),
-/// looked up once as four `vpshufb` byte planes of the value table, interleaved back into f32
-/// (no lane-crossing permutes), and FMA'd into 8-lane partial sums of every weight vector (the
+/// of one to three nibble vectors (rows 0..16 in the low 128-bit lane, rows 16..32 in the high),
+/// decoded once (up to 5 bits as four `vpshufb` byte planes of the value table interleaved back
+/// into f32, no lane-crossing permutes; 6-8 bits by gathers in the same register order), and FMA'd into 8-lane partial sums of every weight vector (the
 /// weights permuted once per block into the order the decode yields); the partial sums are
 /// reduced once at the end.
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA; `1 <= bits <= 5`; `row_bytes >= 1` and `blocks` is whole
+/// The CPU supports AVX2 and FMA; `1 <= bits <= 8`; `row_bytes >= 1` and `blocks` is whole
 /// blocks of `32 · row_bytes` bytes; every weight vector covers exactly those blocks; every
 /// accumulator has the same length `dim <= 8 · row_bytes / bits`, so each coordinate's
 /// nibble positions lie inside its block; `values` has at least `2^bits` entries; `scales`, when
@@ -216,7 +216,10 @@ pub(super) unsafe fn accumulate_blocks_avx2(
             2 => accumulate_avx2::<2>(blocks, row_bytes, v, s, w, accs),
             3 => accumulate_avx2::<3>(blocks, row_bytes, v, s, w, accs),
             4 => accumulate_avx2::<4>(blocks, row_bytes, v, s, w, accs),
-            _ => accumulate_avx2::<5>(blocks, row_bytes, v, s, w, accs),
+            5 => accumulate_avx2::<5>(blocks, row_bytes, v, s, w, accs),
+            6 => accumulate_avx2::<6>(blocks, row_bytes, v, s, w, accs),
+            7 => accumulate_avx2::<7>(blocks, row_bytes, v, s, w, accs),
+            _ => accumulate_avx2::<8>(blocks, row_bytes, v, s, w, accs),
         }
     }
 }
@@ -238,7 +241,7 @@ unsafe fn accumulate_avx2<const B: usize>(
     let nq = weights.len();
     // planes[p][k]: byte p (little-endian) of values[k]; entries past 2^B are never indexed.
     let mut planes = [[0u8; 32]; 4];
-    for (k, v) in values[..1 << B].iter().enumerate() {
+    for (k, v) in values[..if B <= 5 { 1 << B } else { 0 }].iter().enumerate() {
         for (plane, byte) in planes.iter_mut().zip(v.to_le_bytes()) {
             plane[k] = byte;
         }
@@ -287,19 +290,25 @@ unsafe fn accumulate_avx2<const B: usize>(
             )
         };
         for j in 0..dim {
-            let (pos, off) = (B * j / 4, B * j % 4);
-            let mut code = nib(pos);
-            if off > 0 {
-                code = _mm256_srl_epi16(code, _mm_cvtsi32_si128(off as i32));
-            }
-            if off + B > 4 {
-                let back = _mm_cvtsi32_si128((4 - off) as i32);
-                code = _mm256_or_si256(code, _mm256_sll_epi16(nib(pos + 1), back));
-            }
-            if B != 4 {
-                code = _mm256_and_si256(code, code_mask);
-            }
-            let x = decode_planes::<B>(code, &lo, &hi);
+            let x = if B <= 5 {
+                let (pos, off) = (B * j / 4, B * j % 4);
+                let mut code = nib(pos);
+                if off > 0 {
+                    code = _mm256_srl_epi16(code, _mm_cvtsi32_si128(off as i32));
+                }
+                if off + B > 4 {
+                    let back = _mm_cvtsi32_si128((4 - off) as i32);
+                    code = _mm256_or_si256(code, _mm256_sll_epi16(nib(pos + 1), back));
+                }
+                if B != 4 {
+                    code = _mm256_and_si256(code, code_mask);
+                }
+                decode_planes::<B>(code, &lo, &hi)
+            } else {
+                // SAFETY: coordinate j's nibbles lie in the block (the caller's contract) and
+                // `values` has 2^B entries.
+                unsafe { gather_values(wide_codes::<B>(block, j), values) }
+            };
             for (q, wq) in w.iter().enumerate() {
                 if !active[q] {
                     continue;
@@ -321,6 +330,124 @@ unsafe fn accumulate_avx2<const B: usize>(
             let x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
             *a += _mm_cvtss_f32(x);
         }
+    }
+}
+
+/// The 32 `B`-bit codes (`6 <= B <= 8`) of coordinate `j` of `block`, one per byte: rows 0..16
+/// in the low lane, rows 16..32 in the high lane. The code's bits are gathered from two or three
+/// nibble positions, each piece masked before it is shifted so no bit crosses into a neighbouring
+/// byte.
+///
+/// # Safety
+/// The CPU supports AVX2; nibble positions `B·j/4 ..= (B·j + B - 1)/4` lie in the block (16 bytes
+/// each).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn wide_codes<const B: usize>(block: &[u8], j: usize) -> __m256i {
+    let lane_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    let nib = |pos: usize| {
+        // SAFETY: `pos` is one of the caller's nibble positions.
+        let v = unsafe { _mm_loadu_si128(block.as_ptr().add(16 * pos) as *const __m128i) };
+        _mm256_and_si256(
+            _mm256_srlv_epi32(_mm256_broadcastsi128_si256(v), lane_shift),
+            _mm256_set1_epi8(0x0F),
+        )
+    };
+    let (mut pos, off) = (B * j / 4, B * j % 4);
+    let mut code = _mm256_and_si256(
+        _mm256_srl_epi16(nib(pos), _mm_cvtsi32_si128(off as i32)),
+        _mm256_set1_epi8((0x0F >> off) as i8),
+    );
+    let mut got = 4 - off;
+    while got < B {
+        pos += 1;
+        let need = (B - got).min(4);
+        let piece = _mm256_and_si256(nib(pos), _mm256_set1_epi8(((1 << need) - 1) as i8));
+        code = _mm256_or_si256(code, _mm256_sll_epi16(piece, _mm_cvtsi32_si128(got as i32)));
+        got += need;
+    }
+    code
+}
+
+/// The f32 `values` of 32 codes (one per byte, rows 0..16 in the low lane, 16..32 in the high) by
+/// four 8-lane gathers, in the register order of [`decode_planes`]: register `g` holds rows
+/// `4g..4g+4` in its low lane and `16+4g..20+4g` in its high lane.
+///
+/// # Safety
+/// The CPU supports AVX2; every code indexes `values`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn gather_values(code: __m256i, values: &[f32]) -> [__m256; 4] {
+    let (lo, hi) = (
+        _mm256_castsi256_si128(code),
+        _mm256_extracti128_si256(code, 1),
+    );
+    // Bytes: rows 0-3, 16-19, 4-7, 20-23 | rows 8-11, 24-27, 12-15, 28-31.
+    let (a, b) = (_mm_unpacklo_epi32(lo, hi), _mm_unpackhi_epi32(lo, hi));
+    let idx = [
+        _mm256_cvtepu8_epi32(a),
+        _mm256_cvtepu8_epi32(_mm_srli_si128(a, 8)),
+        _mm256_cvtepu8_epi32(b),
+        _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)),
+    ];
+    // SAFETY: every index is a code, inside `values` (the caller's contract).
+    idx.map(|i| unsafe { _mm256_i32gather_ps::<4>(values.as_ptr(), i) })
+}
+
+/// AVX2 body of `dot_block_codes` for widths 6-8: `out[r] = Σ_j q[j] · values[code_j(row r)]`,
+/// the 32 codes of each coordinate cut out of the nibble layout ([`wide_codes`]), decoded by
+/// gathers and FMA'd into four 8-row sums.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `6 <= bits <= 8`; `block` is one block of `32 · row_bytes`
+/// bytes with `q.len() <= 8 · row_bytes / bits`; `values` has at least `2^bits` entries.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn dot_block_wide_avx2(
+    block: &[u8],
+    bits: u32,
+    values: &[f32],
+    q: &[f32],
+    out: &mut [f32; BLOCK],
+) {
+    // SAFETY: the caller's contract, passed on unchanged.
+    unsafe {
+        match bits {
+            6 => dot_block_wide::<6>(block, values, q, out),
+            7 => dot_block_wide::<7>(block, values, q, out),
+            _ => dot_block_wide::<8>(block, values, q, out),
+        }
+    }
+}
+
+/// [`dot_block_wide_avx2`] for `B`-bit codes.
+///
+/// # Safety
+/// As [`dot_block_wide_avx2`] with `bits == B`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_block_wide<const B: usize>(
+    block: &[u8],
+    values: &[f32],
+    q: &[f32],
+    out: &mut [f32; BLOCK],
+) {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (j, &qj) in q.iter().enumerate() {
+        // SAFETY: coordinate j < q.len() has its nibbles in the block; codes index `values`.
+        let x = unsafe { gather_values(wide_codes::<B>(block, j), values) };
+        let qv = _mm256_set1_ps(qj);
+        for (a, x) in acc.iter_mut().zip(x) {
+            *a = _mm256_fmadd_ps(x, qv, *a);
+        }
+    }
+    for (g, a) in acc.iter().enumerate() {
+        // SAFETY: 4g + 4 <= 16 and 16 + 4g + 4 <= 32 floats of `out`.
+        unsafe {
+            _mm256_storeu2_m128(
+                out.as_mut_ptr().add(16 + 4 * g),
+                out.as_mut_ptr().add(4 * g),
+                *a,
+            )
+        };
     }
 }
 
