@@ -25,7 +25,8 @@ impl QuantizedLut {
     }
 
     /// As [`QuantizedLut::quantize_from`] for tables of `entries` entries each (32 for the 5-bit
-    /// scan): shared step `Δ = max_n (max T_n - min T_n) / 255`, per-table offsets `min T_n`.
+    /// scan): shared step `Δ = max_n (max T_n - min T_n) / 255`, per-table offsets `min T_n`,
+    /// entries `(T - min T_n) / Δ` rounded to nearest (ties to even), the same bytes on every CPU.
     /// O(tables.len()).
     ///
     /// # Panics
@@ -36,27 +37,47 @@ impl QuantizedLut {
             "{} table entries are not whole {entries}-entry tables",
             tables.len()
         );
-        let mut offset = 0.0f64;
-        let mut range = 0.0f32;
+        // Each table's minimum and maximum (8 lanes of compare-selects, which vectorise; the
+        // lane order does not change a minimum).
+        let (mut lows, mut range) = (Vec::with_capacity(tables.len() / entries), 0.0f32);
         for t in tables.chunks_exact(entries) {
-            let (lo, hi) = t
-                .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-                    (a.min(v), b.max(v))
-                });
+            let (mut lo, mut hi) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8]);
+            let mut chunks = t.chunks_exact(8);
+            for c in &mut chunks {
+                for k in 0..8 {
+                    lo[k] = if c[k] < lo[k] { c[k] } else { lo[k] };
+                    hi[k] = if c[k] > hi[k] { c[k] } else { hi[k] };
+                }
+            }
+            for &v in chunks.remainder() {
+                lo[0] = if v < lo[0] { v } else { lo[0] };
+                hi[0] = if v > hi[0] { v } else { hi[0] };
+            }
+            let lo = lo.iter().copied().fold(f32::INFINITY, f32::min);
+            let hi = hi.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             range = range.max(hi - lo);
+            lows.push(lo);
         }
         let step = if range > 0.0 { range / 255.0 } else { 1.0 };
         let inv = 1.0 / step;
         self.tables.clear();
-        self.tables.reserve(tables.len());
-        for t in tables.chunks_exact(entries) {
-            let lo = t.iter().copied().fold(f32::INFINITY, f32::min);
+        self.tables.resize(tables.len(), 0);
+        let mut offset = 0.0f64;
+        for ((t, out), &lo) in tables
+            .chunks_exact(entries)
+            .zip(self.tables.chunks_exact_mut(entries))
+            .zip(&lows)
+        {
             offset += lo as f64;
-            self.tables.extend(
-                t.iter()
-                    .map(|&v| ((v - lo) * inv).round().clamp(0.0, 255.0) as u8),
-            );
+            // Round to nearest (ties to even) by adding 1.5 · 2^23: the integer lands in the low
+            // mantissa bits. `f32::round` is a libm call per entry on baseline x86-64 and float
+            // to integer casts do not vectorise there; clamps, adds and bit casts do.
+            for (o, &v) in out.iter_mut().zip(t) {
+                let x = (v - lo) * inv;
+                let x = if x > 0.0 { x } else { 0.0 };
+                let x = if x < 255.0 { x } else { 255.0 };
+                *o = ((x + 12_582_912.0).to_bits() & 0xFF) as u8;
+            }
         }
         self.offset = offset as f32;
         self.step = step;
