@@ -54,7 +54,7 @@ pub use error::{Error, Result};
 pub use gmse::{GroupMseBatch, GroupMseConfig, GroupMseQuantizer, GroupMseQuery};
 pub use index::{Index, Metric, SearchResults};
 pub use kivi::{KiviAxis, KiviBatch, KiviConfig, KiviQuantizer, KiviQuery};
-pub use mse::{MseBatch, MseQuantizer, MseQuery};
+pub use mse::{ACCUMULATE_CHUNK_ROWS, MseBatch, MseQuantizer, MseQuery};
 pub use packed::PackedRows;
 pub use polar::{PolarBatch, PolarConfig, PolarQuantizer, PolarQuery};
 pub use prod::{ProdBatch, ProdQuantizer, ProdQuery};

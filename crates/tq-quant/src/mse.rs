@@ -21,6 +21,10 @@ use crate::packed::PackedRows;
 use crate::score::{self, Hit, TableKind, Tables};
 use crate::{Error, Result};
 
+/// Rows summed per chunk by [`MseBatch::accumulate_rotated_multi`] (a multiple of the 32-row
+/// block): long batches are split here so that threads can share one head's value sum.
+pub const ACCUMULATE_CHUNK_ROWS: usize = 8192;
+
 /// A `TurboQuant_mse` quantizer: the rotation and codebook of one [`MseConfig`].
 #[derive(Debug, Clone)]
 pub struct MseQuantizer {
@@ -603,7 +607,10 @@ impl MseBatch {
     }
 
     /// [`MseBatch::accumulate_rotated`] for several weight vectors at once: the codes are decoded
-    /// once and shared (the queries of a grouped-query head, or a block of queries).
+    /// once and shared (the queries of a grouped-query head, or a block of queries). Batches longer
+    /// than [`ACCUMULATE_CHUNK_ROWS`] are summed a chunk of rows at a time, chunks in parallel on
+    /// the current rayon pool when it has threads to spare, and the chunk sums are added in chunk
+    /// order, so the result does not depend on the number of threads.
     ///
     /// # Errors
     /// As [`MseBatch::accumulate_rotated`] for every pair; `Core(LengthMismatch)` when the two
@@ -620,17 +627,47 @@ impl MseBatch {
         for o in outs.iter() {
             check_dim(o, self.quantizer.dim())?;
         }
-        let c = self.quantizer.codebook().centroids();
+        let (n, d) = (self.len(), self.quantizer.dim());
         // The rows' norms scale the weights inside the kernel (no per-query scaled copy).
-        scan::accumulate_blocks_multi(
-            self.codes.blocks(),
-            self.codes.row_bytes(),
-            self.quantizer.bits(),
-            c,
-            Some(&self.norms),
-            weights,
-            outs,
-        );
+        let chunk = |rows: std::ops::Range<usize>, accs: &mut [&mut [f32]]| {
+            let bb = block_bytes(self.codes.row_bytes());
+            let blocks =
+                &self.codes.blocks()[rows.start / BLOCK * bb..rows.end.div_ceil(BLOCK) * bb];
+            let ws: Vec<&[f32]> = weights.iter().map(|w| &w[rows.clone()]).collect();
+            scan::accumulate_blocks_multi(
+                blocks,
+                self.codes.row_bytes(),
+                self.quantizer.bits(),
+                self.quantizer.codebook().centroids(),
+                Some(&self.norms[rows]),
+                &ws,
+                accs,
+            );
+        };
+        if n <= ACCUMULATE_CHUNK_ROWS {
+            chunk(0..n, outs);
+            return Ok(());
+        }
+        let part = |c: usize| {
+            let rows = c * ACCUMULATE_CHUNK_ROWS..((c + 1) * ACCUMULATE_CHUNK_ROWS).min(n);
+            let mut acc = vec![0.0f32; weights.len() * d];
+            let mut refs: Vec<&mut [f32]> = acc.chunks_exact_mut(d).collect();
+            chunk(rows, &mut refs);
+            acc
+        };
+        let chunks = n.div_ceil(ACCUMULATE_CHUNK_ROWS);
+        let parts: Vec<Vec<f32>> = if score::split_rows(n) {
+            (0..chunks).into_par_iter().map(part).collect()
+        } else {
+            (0..chunks).map(part).collect()
+        };
+        for p in &parts {
+            for (o, a) in outs.iter_mut().zip(p.chunks_exact(d)) {
+                for (o, &a) in o.iter_mut().zip(a) {
+                    *o += a;
+                }
+            }
+        }
         Ok(())
     }
 

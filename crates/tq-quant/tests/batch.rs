@@ -361,3 +361,43 @@ fn single_pass_top_k_equals_sort_and_rerank() {
         }
     }
 }
+
+/// A batch longer than one accumulation chunk (rows not a multiple of the chunk or of 32) sums to
+/// the chunk-by-chunk reference, and gives the same bits on 1 and 2 threads (chunk sums are added
+/// in chunk order whatever runs them).
+#[test]
+fn chunked_accumulation_is_exact_and_thread_independent() {
+    let (d, n) = (64usize, 2 * tq_quant::ACCUMULATE_CHUNK_ROWS + 45);
+    let mut b = MseBatch::new(mse(d, 4, RotationKind::Hadamard));
+    b.extend(&gaussian_rows(n, d, 41, 1.0)).unwrap();
+    let weights: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 * 0.11).cos()).collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut out = vec![0.0f32; d];
+            b.accumulate_rotated(&weights, &mut out).unwrap();
+            out
+        })
+    };
+    let (one, two) = (run(1), run(2));
+    assert_eq!(one, two);
+    // Reference: each chunk on its own batch (below the chunk size, one kernel call), summed in
+    // order.
+    let deq_rows = gaussian_rows(n, d, 41, 1.0);
+    let mut want = vec![0.0f32; d];
+    for start in (0..n).step_by(tq_quant::ACCUMULATE_CHUNK_ROWS) {
+        let end = (start + tq_quant::ACCUMULATE_CHUNK_ROWS).min(n);
+        let mut part = MseBatch::new(mse(d, 4, RotationKind::Hadamard));
+        part.extend(&deq_rows[start * d..end * d]).unwrap();
+        let mut acc = vec![0.0f32; d];
+        part.accumulate_rotated(&weights[start..end], &mut acc)
+            .unwrap();
+        for (w, a) in want.iter_mut().zip(&acc) {
+            *w += a;
+        }
+    }
+    assert_eq!(one, want);
+}
