@@ -299,38 +299,63 @@ pub struct AttentionRow {
     pub f32_bytes: usize,
 }
 
-/// f32 decode attention for one head: SIMD dot products over contiguous keys, softmax, SIMD axpy
-/// over contiguous values.
-fn f32_attend(q: &[f32], keys: &[f32], values: &[f32], out: &mut [f32], scores: &mut [f32]) {
+/// What a dense baseline cache stores per coordinate: `f32`, or binary16 bit patterns (`u16`)
+/// widened to f32 in registers as they are read (F16C where the CPU has it).
+trait DenseElem: Sync + Sized {
+    fn dot(q: &[f32], k: &[Self]) -> f32;
+    fn axpy(a: f32, x: &[Self], y: &mut [f32]);
+}
+
+impl DenseElem for f32 {
+    fn dot(q: &[f32], k: &[f32]) -> f32 {
+        simd::dot(q, k)
+    }
+    fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        simd::axpy(a, x, y)
+    }
+}
+
+impl DenseElem for u16 {
+    fn dot(q: &[f32], k: &[u16]) -> f32 {
+        half_simd::dot(q, k)
+    }
+    fn axpy(a: f32, x: &[u16], y: &mut [f32]) {
+        half_simd::axpy(a, x, y)
+    }
+}
+
+/// Dense decode attention for one head: SIMD dot products over contiguous keys, the same SIMD
+/// softmax as the quantized cache's, SIMD axpy over contiguous values.
+fn dense_attend<T: DenseElem>(
+    q: &[f32],
+    keys: &[T],
+    values: &[T],
+    out: &mut [f32],
+    scores: &mut [f32],
+) {
     let d = q.len();
     let scale = 1.0 / (d as f32).sqrt();
     for (s, k) in scores.iter_mut().zip(keys.chunks_exact(d)) {
-        *s = simd::dot(q, k);
+        *s = T::dot(q, k);
     }
-    // The same SIMD softmax as the quantized cache's.
     let m = simd::max(scores);
     let z = simd::exp_affine_sum(scores, scale, scale * m);
     out.fill(0.0);
     for (s, v) in scores.iter().zip(values.chunks_exact(d)) {
-        simd::axpy(s / z, v, out);
+        T::axpy(s / z, v, out);
     }
 }
 
-/// One head's dense attention: `(query, keys, values, out, scores scratch)`.
-type HeadAttend<T> = fn(&[f32], &[T], &[T], &mut [f32], &mut [f32]);
-
 /// One decode step of a dense baseline cache: query head `h` (`out`'s chunk `h`) attends with
-/// `attend` over kv head `h / group` of `keys` and `values` (`[kv_heads, T, d]`, `d` the head
-/// dimension), heads in
-/// parallel on the current rayon pool.
-fn dense_step<T: Sync>(
+/// [`dense_attend`] over kv head `h / group` of `keys` and `values` (`[kv_heads, T, d]`, `d` the
+/// head dimension), heads in parallel on the current rayon pool.
+fn dense_step<T: DenseElem>(
     queries: &[f32],
     keys: &[T],
     values: &[T],
     d: usize,
     group: usize,
     out: &mut [f32],
-    attend: HeadAttend<T>,
 ) {
     let kv_heads = (out.len() / d / group).max(1);
     let per = keys.len() / kv_heads;
@@ -339,7 +364,7 @@ fn dense_step<T: Sync>(
         || vec![0.0f32; tokens],
         |scores, (h, o)| {
             let kv = h / group;
-            attend(
+            dense_attend(
                 &queries[h * d..(h + 1) * d],
                 &keys[kv * per..(kv + 1) * per],
                 &values[kv * per..(kv + 1) * per],
@@ -348,23 +373,6 @@ fn dense_step<T: Sync>(
             )
         },
     );
-}
-
-/// f16 decode attention for one head: K and V stored as binary16 bit patterns and widened to f32
-/// in registers as they are read (F16C where the CPU has it), with the same softmax as
-/// [`f32_attend`].
-fn f16_attend(q: &[f32], keys: &[u16], values: &[u16], out: &mut [f32], scores: &mut [f32]) {
-    let d = q.len();
-    let scale = 1.0 / (d as f32).sqrt();
-    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(d)) {
-        *s = half_simd::dot(q, k);
-    }
-    let m = simd::max(scores);
-    let z = simd::exp_affine_sum(scores, scale, scale * m);
-    out.fill(0.0);
-    for (s, v) in scores.iter().zip(values.chunks_exact(d)) {
-        half_simd::axpy(s / z, v, out);
-    }
 }
 
 /// Times the closures in alternating rounds until `budget` seconds per closure have passed and at
@@ -453,27 +461,11 @@ pub fn eval_attention(
     let (mut f32_out, mut f16_out) = (vec![0.0f32; heads * dim], vec![0.0f32; heads * dim]);
     let mut quantized = || Ok(cache.attend(&queries, &mut out)?);
     let mut f32_run = || {
-        dense_step(
-            &queries,
-            &keys,
-            &values,
-            dim,
-            group,
-            &mut f32_out,
-            f32_attend,
-        );
+        dense_step(&queries, &keys, &values, dim, group, &mut f32_out);
         Ok(())
     };
     let mut f16_run = || {
-        dense_step(
-            &queries,
-            &keys16,
-            &values16,
-            dim,
-            group,
-            &mut f16_out,
-            f16_attend,
-        );
+        dense_step(&queries, &keys16, &values16, dim, group, &mut f16_out);
         Ok(())
     };
     let times = time_interleaved(budget, &mut [&mut quantized, &mut f32_run, &mut f16_run])?;
