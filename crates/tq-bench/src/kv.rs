@@ -338,11 +338,10 @@ fn dense_attend<T: DenseElem>(
     for (s, k) in scores.iter_mut().zip(keys.chunks_exact(d)) {
         *s = T::dot(q, k);
     }
-    let m = simd::max(scores);
-    let z = simd::exp_affine_sum(scores, scale, scale * m);
+    simd::softmax_in_place(scores, scale);
     out.fill(0.0);
     for (s, v) in scores.iter().zip(values.chunks_exact(d)) {
-        T::axpy(s / z, v, out);
+        T::axpy(*s, v, out);
     }
 }
 

@@ -279,6 +279,20 @@ pub fn exp_affine_sum_scalar(x: &mut [f32], scale: f32, shift: f32) -> f32 {
     total as f32
 }
 
+/// Softmax of `scale · x` in place: the scores are scaled first (so the largest one's argument is
+/// exactly zero), then `exp(x_i − max)` and its sum on SIMD lanes ([`exp_affine_sum`]), then one
+/// multiply by `1 / Σ`. The attention of the quantized caches and the dense baselines it is
+/// measured against share it. NaN-free input; an empty slice is left as is. O(n).
+pub fn softmax_in_place(x: &mut [f32], scale: f32) {
+    if x.is_empty() {
+        return;
+    }
+    scale_in_place(x, scale);
+    let m = max(x);
+    let sum = exp_affine_sum(x, 1.0, m);
+    scale_in_place(x, 1.0 / sum);
+}
+
 /// Unnormalised fast Walsh-Hadamard transform in place (`x ← H x` with `H` the ±1 Sylvester matrix).
 /// `x.len()` must be a power of two (checked with `debug_assert!`). O(n log n).
 pub fn fwht(x: &mut [f32]) {
@@ -476,12 +490,14 @@ mod tests {
                     "exp({arg}) = {u}, want {want}"
                 );
             }
+            // Each term is within 4 eps; the SIMD sum adds at most 512 / 8 = 64 terms per f32 lane
+            // before folding into f64 (64 eps), reduces 8 lanes (8 eps) and rounds once to f32.
+            let eps = f32::EPSILON as f64;
+            let tol = (4.0 + 64.0 + 8.0 + 1.0) * eps * want_sum + 1e-30;
+            assert!(((sa as f64) - want_sum).abs() <= tol, "n={n}");
+            // The twin sums in f64: the terms' error and the final rounding.
             assert!(
-                ((sa as f64) - want_sum).abs() <= 1e-6 * want_sum + 1e-30,
-                "n={n}"
-            );
-            assert!(
-                ((sb as f64) - want_sum).abs() <= 1e-6 * want_sum + 1e-30,
+                ((sb as f64) - want_sum).abs() <= (4.0 + 1.0) * eps * want_sum + 1e-30,
                 "n={n}"
             );
         }
@@ -491,6 +507,34 @@ mod tests {
         assert_eq!(x[0], 1.0);
         assert!(x[1] > 0.0 && (x[1] as f64 - (-87f64).exp()).abs() < 1e-44);
         assert!(x[2].is_finite() && x[2] > 1e38);
+    }
+
+    #[test]
+    fn softmax_matches_an_f64_reference() {
+        let mut r = SeededRng::new(11, stream::DATA);
+        for n in SIZES.iter().copied().filter(|&n| n > 0).chain([4096]) {
+            let x: Vec<f32> = (0..n).map(|_| (r.gaussian() * 8.0) as f32).collect();
+            let scale = 0.125f32;
+            let mut p = x.clone();
+            softmax_in_place(&mut p, scale);
+            let scaled: Vec<f64> = x.iter().map(|&v| (v * scale) as f64).collect();
+            let m = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = scaled.iter().map(|v| (v - m).exp()).sum();
+            // Each probability: exp within 4 eps, the sum within 77 eps (the bound of
+            // `exp_affine_sum`'s test), the subtraction of the max exact in f32 up to one rounding
+            // of the argument (|arg| · eps, arguments here below 64 in size), two multiplies.
+            let eps = f32::EPSILON as f64;
+            for ((&got, v), &xi) in p.iter().zip(&scaled).zip(&x) {
+                let want = (v - m).exp() / z;
+                let tol = (4.0 + 77.0 + 64.0 + 2.0) * eps * want + 1e-30;
+                assert!(
+                    (got as f64 - want).abs() <= tol,
+                    "n={n} x={xi}: {got} vs {want}"
+                );
+            }
+        }
+        let mut empty: [f32; 0] = [];
+        softmax_in_place(&mut empty, 1.0);
     }
 
     #[test]

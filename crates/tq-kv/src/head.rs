@@ -586,12 +586,7 @@ impl HeadCache {
             for (o, k) in p[qn..].iter_mut().zip(self.window_keys.chunks_exact(d)) {
                 *o = tq_core::simd::dot(q, k);
             }
-            // Softmax of the scaled scores on SIMD lanes: scale first, so the largest score's
-            // argument is exactly zero.
-            tq_core::simd::scale_in_place(&mut p[..limit], scale);
-            let max = tq_core::simd::max(&p[..limit]);
-            let sum = tq_core::simd::exp_affine_sum(&mut p[..limit], 1.0, max);
-            tq_core::simd::scale_in_place(&mut p[..limit], 1.0 / sum);
+            tq_core::simd::softmax_in_place(&mut p[..limit], scale);
             p[limit..].fill(0.0);
         }
         if qn > 0 {

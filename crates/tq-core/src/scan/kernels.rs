@@ -810,8 +810,8 @@ fn check_accumulate(
 }
 
 /// The instruction set the scan and accumulation kernels use on this CPU: `"avx2+fma"` on x86-64
-/// CPUs with both, `"scalar"` otherwise (the portable twins). Widths 6-8 take the per-row
-/// decoding path on every CPU. O(1) after the first call.
+/// CPUs with both (nibble tables up to 5 bits, gathers at 6-8), `"scalar"` otherwise (the portable
+/// twins). O(1) after the first call.
 pub fn kernel_isa() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
