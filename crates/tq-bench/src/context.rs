@@ -78,7 +78,8 @@ fn label(c: &Config) -> String {
                     h.value_strategy,
                     tq_kv::ValueStrategy::Kivi | tq_kv::ValueStrategy::Gmse
                 )
-            })
+            }),
+            Some(h.scale_precision),
         ),
         h.window
     )

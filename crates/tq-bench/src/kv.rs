@@ -81,6 +81,8 @@ pub struct TraceRow {
     pub group: Option<usize>,
     /// Per-vector scalar of the MSE keys and values.
     pub scale: tq_quant::ScaleMode,
+    /// Stored width of that scalar (`f32`, `f16`).
+    pub scale_precision: tq_quant::ScalePrecision,
     /// Keys and values centred on per-head means.
     pub centered: bool,
     pub window: usize,
@@ -247,6 +249,7 @@ pub fn eval_trace(
         value_strategy: cfg.value_strategy,
         group: uses_groups(cfg).then_some(cfg.group),
         scale: cfg.scale,
+        scale_precision: cfg.scale_precision,
         centered: cfg.center,
         window: cfg.window,
         overall: total.metrics(),

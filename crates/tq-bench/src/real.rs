@@ -12,7 +12,7 @@ use tq_onnx::{
     CacheSpec, Decoder, Keep, LogitMetrics, Run, Sampling, calibrate, generate, replay,
     teacher_forced, token_match, trace_of,
 };
-use tq_quant::ScaleMode;
+use tq_quant::{ScaleMode, ScalePrecision};
 
 /// Text the outlier channels and means of split or centred caches are calibrated on: ordinary
 /// prose unrelated to the prompt suite and the perplexity text.
@@ -117,6 +117,8 @@ pub struct Row {
     pub group: Option<usize>,
     /// Per-vector scalar of MSE parts.
     pub scale: Option<ScaleMode>,
+    /// Stored width of that scalar (`f32`, `f16`).
+    pub scale_precision: Option<ScalePrecision>,
     /// Keys and values centred on calibrated means.
     pub centered: Option<bool>,
     /// Most recent tokens kept in f32.
@@ -176,6 +178,7 @@ impl Row {
             value_strategy: None,
             group: None,
             scale: None,
+            scale_precision: None,
             centered: None,
             window: None,
             rotation: None,
@@ -225,6 +228,7 @@ impl Row {
         self.value_strategy = Some(c.head.value_strategy);
         self.group = crate::kv::uses_groups(&c.head).then_some(c.head.group);
         self.scale = Some(c.head.scale);
+        self.scale_precision = Some(c.head.scale_precision);
         self.centered = Some(c.head.center);
         self.window = Some(c.head.window);
         self.rotation = Some(c.head.rotation);

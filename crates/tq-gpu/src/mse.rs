@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use tq_quant::{AnyQuantizer, MseBatch, MseQuantizer, PackedRows};
+use tq_quant::{AnyQuantizer, MseBatch, MseQuantizer, PackedRows, RowScales};
 
 use crate::Result;
 use crate::context::{GpuContext, Params, check_rows};
@@ -63,7 +63,9 @@ impl GpuContext {
             let nb = self.read(&norm_buf, (rows * 4) as u64)?;
             norms.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&nb));
         }
-        Ok(MseBatch::from_parts(quantizer.clone(), packed, norms)?)
+        // f16 scales are rounded here, as the CPU rounds them (an overflow is the same error).
+        let scales = RowScales::from_f32(quantizer.config().scale_precision, &norms)?;
+        Ok(MseBatch::from_parts(quantizer.clone(), packed, scales)?)
     }
 
     /// Decodes every row of `batch` on the GPU: `norm · Πᵀ c[codes]` (row-major `n · d`).
@@ -77,7 +79,7 @@ impl GpuContext {
             bytemuck::cast_slice(q.codebook().centroids()),
             wgpu::BufferUsages::STORAGE,
         );
-        let chunks = self.chunks_of(batch.codes(), None, batch.norms(), None, q.dim() * 4)?;
+        let chunks = self.chunks_of(batch.codes(), None, &batch.norms(), None, q.dim() * 4)?;
         self.decode_chunks(&self.dequantize, &qb, &table, &chunks, q.dim(), batch.len())
     }
 
@@ -88,7 +90,7 @@ impl GpuContext {
     pub fn upload<'a>(&'a self, batch: &MseBatch) -> Result<ResidentBatch<'a>> {
         let q = batch.quantizer().clone();
         let qb = self.quant_buffers(&q, None)?;
-        let chunks = self.chunks_of(batch.codes(), None, batch.norms(), None, 4)?;
+        let chunks = self.chunks_of(batch.codes(), None, &batch.norms(), None, 4)?;
         Ok(ResidentBatch {
             ctx: self,
             quantizer: AnyQuantizer::Mse(q),

@@ -97,7 +97,7 @@ fn quantize_gives_the_cpu_codes_and_norms() {
         cpu.extend(&xs).unwrap();
         let g = gpu.quantize_mse(&q, &xs).unwrap();
         assert_eq!(g.len(), n);
-        for (i, (a, b)) in g.norms().iter().zip(cpu.norms()).enumerate() {
+        for (i, (a, b)) in g.norms().iter().zip(cpu.norms().iter()).enumerate() {
             assert!(
                 (a - b).abs() <= 2e-6 * b.abs(),
                 "d{d} b{bits} row {i}: norm {a} vs {b}"

@@ -15,7 +15,7 @@
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
-use tq_quant::{KiviAxis, ScaleMode};
+use tq_quant::{KiviAxis, ScaleMode, ScalePrecision};
 
 use crate::calibration::HeadCalibration;
 use crate::error::{check_finite, check_len};
@@ -59,6 +59,10 @@ pub struct HeadConfig {
     /// Per-vector scalar of the MSE key and value quantizers (Prod keys always store the norm).
     #[serde(default)]
     pub scale: ScaleMode,
+    /// Stored width of that scalar (MSE streams; KIVI keeps f16 scales and zeros, Prod f32
+    /// norms). Caches saved before the field existed hold f32 scales.
+    #[serde(default)]
+    pub scale_precision: ScalePrecision,
     /// Centre MSE keys and values on calibrated means ([`HeadCalibration::key_mean`] / `value_mean`);
     /// scores add `⟨q, mean⟩` and attention outputs add the value mean back.
     #[serde(default)]
@@ -88,6 +92,7 @@ impl HeadConfig {
             rotation: RotationKind::Hadamard,
             seed: 0,
             scale: ScaleMode::Norm,
+            scale_precision: ScalePrecision::F32,
             center: false,
             score_mode: ScoreMode::Fast,
             group: default_group(),
@@ -165,6 +170,7 @@ impl HeadCache {
             precision: config.key_precision,
             strategy: config.key_strategy,
             scale: config.scale,
+            scale_precision: config.scale_precision,
             rotation: config.rotation,
             seed: config.seed,
             group: config.group,

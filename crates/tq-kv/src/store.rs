@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
 use tq_quant::{
     AnyBatch, AnyQuery, EncodedVectors, KiviAxis, QuantizerKind, QuantizerSpec, ScaleMode,
+    ScalePrecision,
 };
 
 use crate::precision::{Precision, check_channels};
@@ -144,6 +145,7 @@ pub(crate) struct StreamSpec<'a> {
     pub(crate) precision: Precision,
     pub(crate) strategy: KeyStrategy,
     pub(crate) scale: ScaleMode,
+    pub(crate) scale_precision: ScalePrecision,
     pub(crate) rotation: RotationKind,
     pub(crate) seed: u64,
     /// KIVI's group size and axis (keys per channel, values per token).
@@ -176,6 +178,7 @@ impl StreamSpec<'_> {
             part_seed(self.seed, index),
         )
         .with_scale(self.scale)
+        .with_scale_precision(self.scale_precision)
         .with_mean(mean)
         .with_kivi(self.group, self.axis);
         Ok(Part {

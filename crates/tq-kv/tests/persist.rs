@@ -323,3 +323,63 @@ fn kivi_caches_round_trip_and_refuse_a_changed_group() {
         Err(Error::InvalidCache { .. })
     ));
 }
+
+/// A cache with f16 per-vector scales (KIVI keys, MSE values, a window) holds 2 bytes less per
+/// quantized value row than the same cache with f32 scales, attends within the scales' rounding
+/// of it, saves and restores to the same attention, and a saved cache whose configuration is
+/// edited back to f32 scales is refused.
+#[test]
+fn f16_scale_caches_round_trip_and_refuse_a_changed_width() {
+    let (d, nkv, nq, t) = (32, 2, 4, 45);
+    let cfg = HeadConfig {
+        key_strategy: KeyStrategy::Kivi,
+        group: 16,
+        window: 3,
+        seed: 9,
+        scale: tq_quant::ScaleMode::LeastSquares,
+        ..HeadConfig::new(d, Precision::Uniform(3), Precision::Uniform(4))
+    };
+    let half = HeadConfig {
+        scale_precision: tq_quant::ScalePrecision::F16,
+        ..cfg.clone()
+    };
+    let (k, v) = (rows(nkv * t * d, 21), rows(nkv * t * d, 22));
+    let mut caches = [&cfg, &half].map(|c| {
+        let mut layer = MultiHeadCache::new(nq, nkv, c, &[]).unwrap();
+        layer.append(&k, &v).unwrap();
+        ModelCache::from_layers(vec![layer])
+    });
+    // Values are the MSE stream: (t - window) quantized rows per kv head, 2 bytes saved on each.
+    assert_eq!(
+        caches[0].memory_bytes() - caches[1].memory_bytes(),
+        2 * nkv * (t - 3)
+    );
+    let q = rows(nq * d, 23);
+    let (mut a, mut b) = (vec![0.0; nq * d], vec![0.0; nq * d]);
+    caches[0].layer(0).unwrap().attend(&q, &mut a).unwrap();
+    caches[1].layer(0).unwrap().attend(&q, &mut b).unwrap();
+    // Each value row's scale moves by at most 2^-11 relative; so does their weighted mean.
+    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 2f32.powi(-11) * 4.0 * scale, "{x} {y}");
+    }
+    let bytes = caches[1].to_safetensors().unwrap();
+    let mut back = ModelCache::from_safetensors(&bytes).unwrap();
+    assert_eq!(back.memory_bytes(), caches[1].memory_bytes());
+    let (k2, v2) = (rows(nkv * 5 * d, 24), rows(nkv * 5 * d, 25));
+    for step in 0..2 {
+        let (mut a, mut b) = (vec![0.0; nq * d], vec![0.0; nq * d]);
+        caches[1].layer(0).unwrap().attend(&q, &mut a).unwrap();
+        back.layer(0).unwrap().attend(&q, &mut b).unwrap();
+        assert_eq!(a, b, "step {step}");
+        caches[1].layer_mut(0).unwrap().append(&k2, &v2).unwrap();
+        back.layer_mut(0).unwrap().append(&k2, &v2).unwrap();
+    }
+    let changed = with_config(&bytes, |c| {
+        c["head"]["scale_precision"] = serde_json::json!("f32")
+    });
+    assert!(matches!(
+        ModelCache::from_safetensors(&changed),
+        Err(Error::InvalidCache { .. })
+    ));
+}

@@ -15,7 +15,7 @@ use crate::polar::PolarQuery;
 use crate::score::Hit;
 use crate::{
     Error, MseBatch, MseConfig, MseQuantizer, MseQuery, PolarBatch, PolarConfig, PolarQuantizer,
-    ProdBatch, ProdConfig, ProdQuantizer, ProdQuery, Result, ScaleMode, SketchKind,
+    ProdBatch, ProdConfig, ProdQuantizer, ProdQuery, Result, ScaleMode, ScalePrecision, SketchKind,
 };
 
 /// The quantizers a batch can hold.
@@ -102,6 +102,9 @@ pub struct QuantizerSpec {
     pub seed: u64,
     /// MSE and gmse: the per-vector scalar.
     pub scale: ScaleMode,
+    /// MSE: the stored width of that scalar (the other kinds store their own scalars and ignore
+    /// it).
+    pub scale_precision: ScalePrecision,
     /// Prod: how the QJL matrix is drawn.
     pub sketch: SketchKind,
     /// MSE: a calibrated mean to centre on (`dim` finite values).
@@ -130,6 +133,7 @@ impl QuantizerSpec {
             rotation,
             seed,
             scale: ScaleMode::default(),
+            scale_precision: ScalePrecision::default(),
             sketch: SketchKind::default(),
             mean: None,
             polar_levels: None,
@@ -141,6 +145,12 @@ impl QuantizerSpec {
     /// With this MSE scale.
     pub fn with_scale(mut self, scale: ScaleMode) -> Self {
         self.scale = scale;
+        self
+    }
+
+    /// With this MSE scale width.
+    pub fn with_scale_precision(mut self, precision: ScalePrecision) -> Self {
+        self.scale_precision = precision;
         self
     }
 
@@ -184,7 +194,8 @@ impl QuantizerSpec {
         Ok(match self.kind {
             QuantizerKind::Mse => {
                 let cfg = MseConfig::new(self.dim, self.bits, self.rotation, self.seed)
-                    .with_scale(self.scale);
+                    .with_scale(self.scale)
+                    .with_scale_precision(self.scale_precision);
                 AnyQuantizer::Mse(Arc::new(match &self.mean {
                     Some(m) => MseQuantizer::with_mean(cfg, m.clone())?,
                     None => MseQuantizer::new(cfg)?,

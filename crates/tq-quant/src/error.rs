@@ -66,6 +66,19 @@ pub enum Error {
         /// The largest magnitude accepted.
         max: f32,
     },
+    /// A vector whose stored scale does not fit the configured width
+    /// ([`ScalePrecision::F16`](crate::ScalePrecision::F16) holds at most 65 504).
+    #[error(
+        "row {row}'s scale {scale} exceeds {max}, the largest scale this batch stores (use f32 scales)"
+    )]
+    ScaleOverflow {
+        /// Row of the first such vector within the rows given.
+        row: usize,
+        /// Its scale.
+        scale: f32,
+        /// The largest scale the width holds.
+        max: f32,
+    },
     /// A row index past the end of a batch.
     #[error("row {index} is out of range for a batch of {len} rows")]
     RowOutOfRange {

@@ -8,7 +8,7 @@
 //! | tensor | dtype | shape | kind |
 //! |---|---|---|---|
 //! | `codes` | U8 | `[n, ceil(d·b'/8)]` packed LSB-first (`b' = b` for mse, `b - 1` for prod; absent when `b' = 0`) | both |
-//! | `norms` | F32 | `[n]` | both |
+//! | `norms` | F32, or F16 when `config.scale_precision = "f16"` (mse) | `[n]` | both |
 //! | `residual_norms` | F32 | `[n]` | prod |
 //! | `signs` | U8 | `[n, ceil(d/8)]`, bit `j` = sign of `(S r)_j >= 0` | prod |
 //! | `mean` | F32 | `[d]`, the calibrated mean of a centred quantizer (`config.centered`) | mse |
@@ -27,7 +27,8 @@
 //! level by level inside each block), `radii` U16 `[n, d / 2^L]` (f16 bit patterns of the unit
 //! vector's block radii) and `norms` F32 `[n]`.
 //!
-//! `norms` holds the per-vector scale of the configuration's `ScaleMode` (the norm by default).
+//! `norms` holds the per-vector scale of the configuration's `ScaleMode` (the norm by default), at
+//! the width of its `scale_precision` (absent from files written before f16 scales existed: f32).
 //!
 //! Rows are stored row-major (the interchange layout, readable from numpy); the in-memory 32-row
 //! block layout is rebuilt on load. Loading validates everything before use: header and offsets
@@ -51,13 +52,13 @@ use std::sync::Arc;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::config::{MseConfig, ProdConfig};
+use crate::config::{MseConfig, ProdConfig, ScalePrecision};
 use crate::encoded::EncodedVectors;
 use crate::gmse::{GroupMseBatch, GroupMseConfig, GroupMseQuantizer};
 use crate::kivi::{KiviAxis, KiviBatch, KiviConfig, KiviQuantizer};
 use crate::{
     AnyBatch, Error, MseBatch, MseQuantizer, PackedRows, PolarBatch, PolarConfig, PolarQuantizer,
-    ProdBatch, ProdQuantizer, Result,
+    ProdBatch, ProdQuantizer, Result, RowScales,
 };
 
 /// The format version this build writes and reads.
@@ -77,6 +78,15 @@ fn u16_bytes(v: &[u16]) -> Vec<u8> {
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The `norms` tensor of a batch's scales: F32, or F16 for [`ScalePrecision::F16`].
+fn scales_tensor(s: &RowScales) -> (&'static str, Dtype, Vec<usize>, Vec<u8>) {
+    let (dtype, bytes) = match s {
+        RowScales::F32(v) => (Dtype::F32, f32_bytes(v)),
+        RowScales::F16(v) => (Dtype::F16, u16_bytes(v)),
+    };
+    ("norms", dtype, vec![s.len()], bytes)
 }
 
 fn serialize(
@@ -138,7 +148,7 @@ impl MseBatch {
                 vec![n, q.row_bytes()],
                 self.codes().to_row_major(),
             ),
-            ("norms", Dtype::F32, vec![n], f32_bytes(self.norms())),
+            scales_tensor(self.scales()),
         ];
         if let Some(m) = q.mean() {
             tensors.push(("mean", Dtype::F32, vec![m.len()], f32_bytes(m)));
@@ -277,12 +287,7 @@ impl GroupMseBatch {
                     vec![n, q.mse().row_bytes()],
                     self.centred().codes().to_row_major(),
                 ),
-                (
-                    "norms",
-                    Dtype::F32,
-                    vec![n],
-                    f32_bytes(self.centred().norms()),
-                ),
+                scales_tensor(self.centred().scales()),
                 (
                     "means",
                     Dtype::U16,
@@ -369,7 +374,7 @@ fn load_gmse(st: &SafeTensors<'_>, config: &str) -> Result<AnyBatch> {
         serde_json::from_str(config).map_err(|e| bad("config", e.to_string()))?;
     cfg.validate()?;
     let d = cfg.dim;
-    let norms = read_f32(st, "norms", None)?;
+    let norms = read_scales(st, ScalePrecision::F32)?;
     let n = norms.len();
     if !n.is_multiple_of(cfg.group) {
         return Err(bad(
@@ -516,7 +521,7 @@ impl AnyBatch {
                     serde_json::from_str(config).map_err(|e| bad("config", e.to_string()))?;
                 cfg.validate()?;
                 // Shapes are checked against the configuration before the quantizer is built.
-                let norms = read_f32(&st, "norms", None)?;
+                let norms = read_scales(&st, cfg.scale_precision)?;
                 let n = norms.len();
                 let row_bytes = tq_core::bitpack::packed_len(cfg.dim, cfg.bits);
                 let codes = read_rows(&st, "codes", n, row_bytes, cfg.dim * cfg.bits as usize)?;
@@ -651,6 +656,36 @@ fn tensor<'a>(st: &SafeTensors<'a>, name: &'static str, dtype: Dtype) -> Result<
         ));
     }
     Ok(t)
+}
+
+/// The `norms` tensor of an mse or gmse batch at width `precision` (F32 or F16), every scale a
+/// finite non-negative value.
+fn read_scales(st: &SafeTensors<'_>, precision: ScalePrecision) -> Result<RowScales> {
+    if precision == ScalePrecision::F32 {
+        return Ok(RowScales::F32(read_f32(st, "norms", None)?));
+    }
+    let t = tensor(st, "norms", Dtype::F16)?;
+    if t.shape().len() != 1 {
+        return Err(bad("norms", format!("shape {:?}, expected [n]", t.shape())));
+    }
+    let v: Vec<u16> = t
+        .data()
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    if v.len() != t.shape()[0] {
+        return Err(bad("norms", "data length does not match the shape"));
+    }
+    if let Some(i) = v.iter().position(|&h| {
+        let x = half::f16::from_bits(h).to_f32();
+        !x.is_finite() || x < 0.0
+    }) {
+        return Err(bad(
+            "norms",
+            format!("entry {i} is not a finite non-negative f16 scale"),
+        ));
+    }
+    Ok(RowScales::F16(v))
 }
 
 /// A 1-D F32 tensor of finite non-negative values (of length `n` when given).

@@ -42,13 +42,14 @@ pub mod polar;
 pub mod prod;
 pub mod qjl;
 mod residual;
+pub mod scales;
 pub mod score;
 
 pub use any::{
     AnyBatch, AnyQuantizer, AnyQuery, DEFAULT_KIVI_GROUP, QuantizerKind, QuantizerSpec,
     polar_levels_for,
 };
-pub use config::{MseConfig, ProdConfig, QjlConfig, ScaleMode, SketchKind};
+pub use config::{MseConfig, ProdConfig, QjlConfig, ScaleMode, ScalePrecision, SketchKind};
 pub use encoded::EncodedVectors;
 pub use error::{Error, Result};
 pub use gmse::{GroupMseBatch, GroupMseConfig, GroupMseQuantizer, GroupMseQuery};
@@ -59,5 +60,6 @@ pub use packed::PackedRows;
 pub use polar::{PolarBatch, PolarConfig, PolarQuantizer, PolarQuery};
 pub use prod::{ProdBatch, ProdQuantizer, ProdQuery};
 pub use qjl::QjlSketch;
+pub use scales::RowScales;
 pub use score::Hit;
 pub use tq_core::RotationKind;

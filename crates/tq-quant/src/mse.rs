@@ -15,9 +15,10 @@ use rayon::prelude::*;
 use tq_core::scan::{self, BLOCK, block_bytes};
 use tq_core::{Codebook, Rotation, bitpack, simd};
 
-use crate::config::{MseConfig, ScaleMode};
+use crate::config::{MseConfig, ScaleMode, ScalePrecision};
 use crate::error::{check_batch, check_dim, check_finite, check_len};
 use crate::packed::PackedRows;
+use crate::scales::RowScales;
 use crate::score::{self, Hit, TableKind, Tables};
 use crate::{Error, Result};
 
@@ -115,6 +116,15 @@ impl MseQuantizer {
     /// ([`ScaleMode`]).
     #[inline]
     pub(crate) fn scale_of(&self, norm: f32, y: &[f32], codes: &[u8]) -> f32 {
+        let s = self.unrounded_scale(norm, y, codes);
+        match self.config.scale_precision {
+            ScalePrecision::F32 => s,
+            ScalePrecision::F16 => half::f16::from_f32(s).to_f32(),
+        }
+    }
+
+    /// [`Self::scale_of`] before rounding to the stored width.
+    fn unrounded_scale(&self, norm: f32, y: &[f32], codes: &[u8]) -> f32 {
         if self.config.scale == ScaleMode::Norm || norm == 0.0 {
             return norm;
         }
@@ -164,9 +174,9 @@ impl MseQuantizer {
         self.row_bytes
     }
 
-    /// Stored bytes per vector: codes plus the f32 norm.
+    /// Stored bytes per vector: codes plus the scale (4 or 2 bytes, [`ScalePrecision`]).
     pub fn bytes_per_vector(&self) -> usize {
-        self.row_bytes + 4
+        self.row_bytes + self.config.scale_precision.bytes()
     }
 
     /// Rotates `n` rows and scales each to unit norm: `ys[i] = Π xs[i] / ‖xs[i]‖` (zero rows stay
@@ -237,21 +247,23 @@ impl MseQuantizer {
         scan::write_rows(&s.packed, rb, block, first_slot);
     }
 
-    /// Quantizes one vector: returns its packed codes (`row_bytes` bytes) and norm. O(d log d)
-    /// (Hadamard) or O(d²) (Haar).
+    /// Quantizes one vector: returns its packed codes (`row_bytes` bytes) and scale (rounded to
+    /// the configured [`ScalePrecision`]). O(d log d) (Hadamard) or O(d²) (Haar).
     ///
     /// # Errors
-    /// [`Error::DimMismatch`], [`Error::NonFinite`].
+    /// [`Error::DimMismatch`], [`Error::NonFinite`], [`Error::ScaleOverflow`].
     pub fn quantize(&self, x: &[f32]) -> Result<(Vec<u8>, f32)> {
         let mut packed = vec![0u8; self.row_bytes];
         let norm = self.quantize_into(x, &mut packed)?;
         Ok((packed, norm))
     }
 
-    /// Quantizes one vector into `packed` (`row_bytes` bytes) and returns its norm.
+    /// Quantizes one vector into `packed` (`row_bytes` bytes) and returns its scale (rounded to
+    /// the configured [`ScalePrecision`]).
     ///
     /// # Errors
-    /// [`Error::DimMismatch`], [`Error::NonFinite`], `Core(LengthMismatch)` for a wrong `packed`.
+    /// [`Error::DimMismatch`], [`Error::NonFinite`], `Core(LengthMismatch)` for a wrong `packed`,
+    /// [`Error::ScaleOverflow`] for a scale f16 scales cannot hold.
     pub fn quantize_into(&self, x: &[f32], packed: &mut [u8]) -> Result<f32> {
         check_dim(x, self.dim())?;
         check_finite(x)?;
@@ -261,7 +273,15 @@ impl MseQuantizer {
         self.rotate_unit(x, &mut y, &mut norm);
         let mut codes = vec![0u8; self.dim()];
         self.code_row(&y, &mut codes, packed);
-        Ok(self.scale_of(norm[0], &y, &codes))
+        let s = self.scale_of(norm[0], &y, &codes);
+        if !s.is_finite() {
+            return Err(Error::ScaleOverflow {
+                row: 0,
+                scale: self.unrounded_scale(norm[0], &y, &codes),
+                max: half::f16::MAX.to_f32(),
+            });
+        }
+        Ok(s)
     }
 
     /// Rotated-domain reconstruction `c[codes]` of one packed row (unit scale).
@@ -402,35 +422,45 @@ impl MseQuery {
     }
 }
 
-/// A growable batch of `TurboQuant_mse` codes: packed codes in the 32-row block layout and one f32
-/// norm per row. Bytes per vector: `ceil(d·b/8) + 4`.
+/// A growable batch of `TurboQuant_mse` codes: packed codes in the 32-row block layout and one
+/// scale per row (f32 or f16, [`ScalePrecision`]). Bytes per vector: `ceil(d·b/8) + 4` or `+ 2`.
 #[derive(Debug, Clone)]
 pub struct MseBatch {
     quantizer: Arc<MseQuantizer>,
     codes: PackedRows,
-    norms: Vec<f32>,
+    norms: RowScales,
 }
 
 impl MseBatch {
     /// An empty batch for `quantizer`.
     pub fn new(quantizer: Arc<MseQuantizer>) -> Self {
         let codes = PackedRows::new(quantizer.row_bytes());
+        let norms = RowScales::new(quantizer.config().scale_precision);
         Self {
             quantizer,
             codes,
-            norms: Vec::new(),
+            norms,
         }
     }
 
-    /// Assembles a batch from parts (used by deserialization; lengths are checked).
+    /// Assembles a batch from parts (used by deserialization; lengths and widths are checked).
     ///
     /// # Errors
-    /// [`Error::ConfigMismatch`] when the parts disagree with each other or the quantizer.
+    /// [`Error::ConfigMismatch`] when the parts disagree with each other or the quantizer (codes
+    /// of another row width or count, scales of another width than the configuration's).
     pub fn from_parts(
         quantizer: Arc<MseQuantizer>,
         codes: PackedRows,
-        norms: Vec<f32>,
+        norms: RowScales,
     ) -> Result<Self> {
+        let want = quantizer.config().scale_precision;
+        if norms.precision() != want {
+            return Err(Error::ConfigMismatch(format!(
+                "{} scales for a quantizer that stores {} scales",
+                norms.precision().name(),
+                want.name()
+            )));
+        }
         if codes.row_bytes() != quantizer.row_bytes() || codes.len() != norms.len() {
             return Err(Error::ConfigMismatch(format!(
                 "codes of {} rows x {} bytes with {} norms for rows of {} bytes",
@@ -467,8 +497,13 @@ impl MseBatch {
         &self.codes
     }
 
-    /// The stored norms.
-    pub fn norms(&self) -> &[f32] {
+    /// The stored scales as f32 (borrowed for f32 scales, converted for f16). O(n) for f16.
+    pub fn norms(&self) -> std::borrow::Cow<'_, [f32]> {
+        self.norms.to_f32()
+    }
+
+    /// The stored scales at their stored width.
+    pub fn scales(&self) -> &RowScales {
         &self.norms
     }
 
@@ -477,9 +512,9 @@ impl MseBatch {
         self.quantizer.bytes_per_vector()
     }
 
-    /// Bytes held in memory (codes with the last block's padding, and norms).
+    /// Bytes held in memory (codes with the last block's padding, and scales).
     pub fn memory_bytes(&self) -> usize {
-        self.codes.memory_bytes() + 4 * self.norms.len()
+        self.codes.memory_bytes() + self.norms.memory_bytes()
     }
 
     /// Appends one vector. O(d log d) or O(d²).
@@ -495,14 +530,27 @@ impl MseBatch {
     /// current rayon pool.
     ///
     /// # Errors
-    /// [`Error::DimMismatch`] if `xs.len()` is not a multiple of `d`, [`Error::NonFinite`] (nothing
-    /// is appended then).
+    /// [`Error::DimMismatch`] if `xs.len()` is not a multiple of `d`, [`Error::NonFinite`],
+    /// [`Error::ScaleOverflow`] for a scale f16 scales cannot hold (nothing is appended then).
     pub fn extend(&mut self, xs: &[f32]) -> Result<()> {
         let d = self.quantizer.dim();
         let n = check_batch(xs, d)?;
         let start = self.len();
         self.codes.resize_rows(start + n);
-        self.norms.resize(start + n, 0.0);
+        let mut norms = vec![0.0f32; n];
+        self.encode_rows(xs, start, &mut norms);
+        if let Err(e) = self.norms.extend_from_f32(&norms) {
+            self.codes.resize_rows(start);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Encodes the `n = norms.len()` trusted rows `xs` into rows `start..start + n` of the codes
+    /// (already sized), writing their scales into `norms`.
+    fn encode_rows(&mut self, xs: &[f32], start: usize, norms: &mut [f32]) {
+        let d = self.quantizer.dim();
+        let n = norms.len();
         let q = &*self.quantizer;
         // Fill the partially used last block first, then whole blocks in parallel.
         let head = ((BLOCK - start % BLOCK) % BLOCK).min(n);
@@ -513,14 +561,14 @@ impl MseBatch {
                 &xs[..head * d],
                 self.codes.block_mut(b),
                 start % BLOCK,
-                &mut self.norms[start..start + head],
+                &mut norms[..head],
                 &mut s,
             );
         }
         let first_block = (start + head) / BLOCK;
         let bb = scan::block_bytes(q.row_bytes());
         let rest = &xs[head * d..];
-        let norms = &mut self.norms[start + head..];
+        let norms = &mut norms[head..];
         self.codes
             .blocks_mut_from(first_block)
             .par_chunks_mut(bb)
@@ -529,7 +577,6 @@ impl MseBatch {
             .for_each_init(Scratch::default, |s, ((block, x), nrm)| {
                 q.encode_block(x, block, 0, nrm, s)
             });
-        Ok(())
     }
 
     /// Keeps the first `n` rows (no-op when `n >= len`).
@@ -569,7 +616,8 @@ impl MseBatch {
         self.check_row(i)?;
         let mut packed = vec![0u8; self.codes.row_bytes()];
         self.codes.read_row(i, &mut packed);
-        self.quantizer.dequantize_into(&packed, self.norms[i], out)
+        self.quantizer
+            .dequantize_into(&packed, self.norms.get(i), out)
     }
 
     /// Decodes every row (row-major `len · d` floats).
@@ -588,7 +636,7 @@ impl MseBatch {
                 self.codes.read_row(i, packed);
                 self.quantizer.decode_rotated(packed, codes, y);
                 self.quantizer.rotation().apply_inverse_unchecked(y, o);
-                simd::scale_in_place(o, self.norms[i]);
+                simd::scale_in_place(o, self.norms.get(i));
                 self.quantizer.add_mean(o, 1.0);
             },
         );
@@ -639,7 +687,7 @@ impl MseBatch {
                 self.codes.row_bytes(),
                 self.quantizer.bits(),
                 self.quantizer.codebook().centroids(),
-                Some(&self.norms[rows]),
+                Some(&self.norms.f32_range(rows)),
                 &ws,
                 accs,
             );
@@ -724,7 +772,7 @@ impl MseBatch {
             &tables,
             self.codes.blocks(),
             self.codes.row_bytes(),
-            &self.norms,
+            &self.norms.to_f32(),
             &biases,
             outs,
         );
@@ -765,11 +813,11 @@ impl MseBatch {
         let bb = block_bytes(self.codes.row_bytes());
         let b0 = start / BLOCK;
         let blocks = &self.codes.blocks()[b0 * bb..(b0 + o.len().div_ceil(BLOCK)) * bb];
-        let scales = &self.norms[start..start + o.len()];
+        let scales = self.norms.f32_range(start..start + o.len());
         t.scores_fast(
             blocks,
             self.codes.row_bytes(),
-            scales,
+            &scales,
             query.offset,
             o,
             select,
@@ -785,7 +833,8 @@ impl MseBatch {
         } else {
             query.block_dots_exact(&self.codes, b, bits, o);
         }
-        for (v, &n) in o.iter_mut().zip(&self.norms[b * BLOCK..]) {
+        let scales = self.norms.f32_range(b * BLOCK..b * BLOCK + o.len());
+        for (v, &n) in o.iter_mut().zip(scales.iter()) {
             *v = *v * n + query.offset;
         }
     }
@@ -871,7 +920,7 @@ impl MseBatch {
                 scan::scan_blocks_scores_multi(
                     blocks,
                     rb,
-                    &self.norms[start..start + n],
+                    &self.norms.f32_range(start..start + n),
                     &mut jobs,
                 );
                 drop(jobs);
@@ -912,7 +961,8 @@ impl MseBatch {
                 self.codes.read_row(i, &mut packed);
                 Hit {
                     index: i,
-                    score: self.norms[i] * query.row_dot(&packed, bits, &mut codes) + query.offset,
+                    score: self.norms.get(i) * query.row_dot(&packed, bits, &mut codes)
+                        + query.offset,
                 }
             })
             .collect();

@@ -187,3 +187,108 @@ fn centering_adds_the_mean_back_and_round_trips() {
         .is_err()
     );
 }
+
+/// f16 scales: the same codes, each scale the f32 scale rounded to nearest f16 (relative error at
+/// most 2^-11), 2 bytes per row in memory and on disk, scores and value sums that follow the
+/// rounded scales, and files that round-trip and refuse bad scales.
+#[test]
+fn f16_scales_round_the_f32_scales_and_round_trip() {
+    use tq_quant::ScalePrecision;
+    let (n, d) = (77, 64);
+    let xs: Vec<f32> = rows(n, d, 21).iter().map(|v| v * 3.0).collect();
+    for scale in [ScaleMode::Norm, ScaleMode::LeastSquares] {
+        let base = MseConfig::new(d, 3, RotationKind::Hadamard, 5).with_scale(scale);
+        let full = batch(base, &xs);
+        let half = batch(base.with_scale_precision(ScalePrecision::F16), &xs);
+        assert_eq!(half.codes(), full.codes());
+        let (s16, s32) = (half.norms(), full.norms());
+        for (a, b) in s16.iter().zip(s32.iter()) {
+            assert_eq!(*a, half::f16::from_f32(*b).to_f32());
+            assert!((a - b).abs() <= b * 2f32.powi(-11));
+        }
+        assert_eq!(half.bytes_per_vector(), full.bytes_per_vector() - 2);
+        assert_eq!(half.memory_bytes(), full.memory_bytes() - 2 * n);
+        // One vector at a time gives the same codes and scales as the batch.
+        for i in [0, 31, 76] {
+            let (p, s) = half.quantizer().quantize(&xs[i * d..(i + 1) * d]).unwrap();
+            assert_eq!(s, s16[i]);
+            let mut row = vec![0u8; p.len()];
+            half.row_codes(i, &mut row).unwrap();
+            assert_eq!(row, p);
+        }
+        // Scores differ from the f32 batch's by the scale ratio alone.
+        let q = rows(1, d, 22);
+        let prepared = half.quantizer().prepare_query(&q).unwrap();
+        let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
+        half.score_into(&prepared, &mut a).unwrap();
+        full.score_into(&prepared, &mut b).unwrap();
+        for i in 0..n {
+            let want = b[i] * s16[i] / s32[i];
+            assert!((a[i] - want).abs() <= 1e-5 * want.abs().max(1e-3), "{i}");
+        }
+        // Value sums use the rounded scales: equal to the f32 batch with pre-scaled weights.
+        let w: Vec<f32> = (0..n).map(|i| 1.0 / (1 + i) as f32).collect();
+        let w32: Vec<f32> = (0..n).map(|i| w[i] * s16[i] / s32[i]).collect();
+        let (mut oa, mut ob) = (vec![0.0; d], vec![0.0; d]);
+        half.weighted_sum(&w, &mut oa).unwrap();
+        full.weighted_sum(&w32, &mut ob).unwrap();
+        for (x, y) in oa.iter().zip(&ob) {
+            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()));
+        }
+        // Save and load.
+        let bytes = half.to_safetensors().unwrap();
+        let back = match AnyBatch::from_safetensors(&bytes).unwrap() {
+            AnyBatch::Mse(b) => b,
+            _ => panic!("kind"),
+        };
+        assert_eq!(back.scales(), half.scales());
+        assert_eq!(back.codes(), half.codes());
+        // An f32 file whose configuration is edited to say f16 is refused (dtype mismatch).
+        let mut f32_file = full.to_safetensors().unwrap();
+        let from = br#"scale_precision\":\"f32"#;
+        let at = f32_file
+            .windows(from.len())
+            .position(|w| w == from)
+            .unwrap();
+        f32_file[at + from.len() - 2..at + from.len()].copy_from_slice(b"16");
+        let e = AnyBatch::from_safetensors(&f32_file).unwrap_err();
+        assert!(e.to_string().contains("norms"), "{e}");
+    }
+}
+
+/// A scale that f16 cannot hold is refused and leaves the batch as it was; a saved f16 scale that
+/// is NaN or negative is refused on load.
+#[test]
+fn f16_scale_overflow_and_tampering_are_errors() {
+    use tq_quant::{Error, ScalePrecision};
+    let d = 32;
+    let cfg =
+        MseConfig::new(d, 4, RotationKind::Hadamard, 1).with_scale_precision(ScalePrecision::F16);
+    let mut b = batch(cfg, &rows(3, d, 2));
+    let big = vec![2.0e4f32; d]; // norm 1.13e5 > 65 504
+    let e = b.push(&big).unwrap_err();
+    assert!(matches!(e, Error::ScaleOverflow { row: 0, .. }), "{e}");
+    assert_eq!(b.len(), 3);
+    assert_eq!(b.codes().len(), 3);
+    assert!(b.quantizer().quantize(&big).is_err());
+    b.push(&rows(1, d, 3)).unwrap();
+    assert_eq!(b.len(), 4);
+
+    let bytes = b.to_safetensors().unwrap();
+    // The norms tensor's data: the four f16 scales, little-endian, found in the file.
+    let tq_quant::RowScales::F16(raw) = b.scales() else {
+        panic!("f16 scales")
+    };
+    let pattern: Vec<u8> = raw.iter().flat_map(|h| h.to_le_bytes()).collect();
+    let at = bytes
+        .windows(pattern.len())
+        .position(|w| w == pattern)
+        .unwrap();
+    for bad in [0x7e00u16, 0xbc00] {
+        let mut t = bytes.clone();
+        t[at + 6..at + 8].copy_from_slice(&bad.to_le_bytes());
+        let e = AnyBatch::from_safetensors(&t).unwrap_err();
+        assert!(e.to_string().contains("norms"), "{e}");
+    }
+    assert!(AnyBatch::from_safetensors(&bytes).is_ok());
+}

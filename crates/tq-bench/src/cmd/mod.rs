@@ -19,7 +19,7 @@ use serde::Serialize;
 use tq_bench::data::{self, Vectors};
 use tq_core::{RotationKind, SeededRng, rng::stream};
 use tq_kv::{HeadConfig, KeyStrategy, OutlierChoice, Precision, ScoreMode, ValueStrategy};
-use tq_quant::ScaleMode;
+use tq_quant::{ScaleMode, ScalePrecision};
 
 /// A workload's result: one JSON object (schema in docs/REPORT_SCHEMA.md) or a table.
 pub trait Report: Serialize {
@@ -83,6 +83,10 @@ pub struct KvCacheArgs {
     /// 4-bit keys and values, nothing else); `recommended,paper` measures both in one run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub config: Vec<NamedConfig>,
+    /// Stored widths of the per-vector scales of MSE keys and values, comma-separated: f32, f16
+    /// (f16 halves the scale's share: 0.25 instead of 0.5 bits per coordinate at d = 64).
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    pub scale_precision: Vec<ScalePrecision>,
     /// Centre MSE keys and values on per-head means (calibrated like --split auto).
     #[arg(long)]
     pub center: bool,
@@ -140,13 +144,23 @@ pub fn progress_bar(json: bool, steps: usize) -> ProgressBar {
     pb
 }
 
-/// The table label of a cache's strategies: `keys/values`, KIVI with its group (`kivi32/mse`).
-pub fn strategy_label(k: KeyStrategy, v: ValueStrategy, group: Option<usize>) -> String {
+/// The table label of a cache's strategies: `keys/values`, KIVI with its group (`kivi32/mse`),
+/// and ` f16` after it for f16 per-vector scales.
+pub fn strategy_label(
+    k: KeyStrategy,
+    v: ValueStrategy,
+    group: Option<usize>,
+    scale_precision: Option<ScalePrecision>,
+) -> String {
     let name = |n: &str| match (n, group) {
         ("kivi" | "gmse", Some(g)) => format!("{n}{g}"),
         _ => n.to_string(),
     };
-    format!("{}/{}", name(k.name()), name(v.name()))
+    let half = match scale_precision {
+        Some(ScalePrecision::F16) => " f16",
+        _ => "",
+    };
+    format!("{}/{}{half}", name(k.name()), name(v.name()))
 }
 
 /// A named cache configuration (`--config`).
@@ -181,6 +195,7 @@ pub struct KvGrid<'a> {
     /// Named configurations replacing the whole grid (none: the grid).
     pub named: &'a [NamedConfig],
     pub scales: &'a [ScaleMode],
+    pub scale_precisions: &'a [ScalePrecision],
     pub center: bool,
     pub windows: &'a [usize],
     pub rotations: &'a [RotationKind],
@@ -223,7 +238,11 @@ pub fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>
                     || matches!(vs, ValueStrategy::Kivi | ValueStrategy::Gmse);
                 let groups = if grouped { g.groups } else { &g.groups[..1] };
                 for &group in groups {
-                    for &scale in g.scales {
+                    for (&scale, &scale_precision) in g
+                        .scales
+                        .iter()
+                        .flat_map(|s| g.scale_precisions.iter().map(move |p| (s, p)))
+                    {
                         for (&window, &rotation) in g
                             .windows
                             .iter()
@@ -237,6 +256,7 @@ pub fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>
                                 seed,
                                 score_mode: ScoreMode::Fast,
                                 scale,
+                                scale_precision,
                                 group,
                                 center: g.center
                                     && st == KeyStrategy::Mse

@@ -263,6 +263,7 @@ pub fn run(a: RealModelArgs) -> Result<RealReport> {
         groups: &a.cache.group,
         named: &a.cache.config,
         scales: &a.scales,
+        scale_precisions: &a.cache.scale_precision,
         center: a.cache.center,
         windows: &a.window,
         rotations: &a.rotation,
@@ -441,7 +442,7 @@ fn print_real_table(rows: &[real::Row]) {
             r.key_precision.as_deref().unwrap_or("exact"),
             r.value_precision.as_deref().unwrap_or("exact"),
             match (r.key_strategy, r.value_strategy) {
-                (Some(k), Some(v)) => strategy_label(k, v, r.group),
+                (Some(k), Some(v)) => strategy_label(k, v, r.group, r.scale_precision),
                 _ => "-".into(),
             },
             r.rotation
