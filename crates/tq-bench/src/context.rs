@@ -82,7 +82,11 @@ fn label(c: &Config) -> String {
             Some(h.scale_precision),
         ),
         h.window
-    )
+    ) + &if h.sink > 0 {
+        format!(" s{}", h.sink)
+    } else {
+        String::new()
+    }
 }
 
 /// Runs every length × cache. `float` and `native` are the decoders on each path (either may be

@@ -86,6 +86,8 @@ pub struct TraceRow {
     /// Keys and values centred on per-head means.
     pub centered: bool,
     pub window: usize,
+    /// First tokens kept in f32 for good.
+    pub sink: usize,
     #[serde(flatten)]
     pub overall: AttentionMetrics,
     /// `f16_bytes / cache_bytes`: how many times smaller than an f16 cache.
@@ -252,6 +254,7 @@ pub fn eval_trace(
         scale_precision: cfg.scale_precision,
         centered: cfg.center,
         window: cfg.window,
+        sink: cfg.sink,
         overall: total.metrics(),
         memory_ratio_vs_f16: f16_bytes as f64 / cache_bytes.max(1) as f64,
         bits_per_coordinate: 16.0 * cache_bytes as f64 / f16_bytes.max(1) as f64,
@@ -280,6 +283,8 @@ pub struct AttentionRow {
     /// KIVI's group size, when keys or values use KIVI.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<usize>,
+    /// Stored width of the MSE streams' per-vector scales (`f32`, `f16`).
+    pub scale_precision: tq_quant::ScalePrecision,
     /// Stored bits per cached coordinate (codes, scales, zeros, residual rows).
     pub bits_per_coordinate: f64,
     pub heads: usize,
@@ -478,6 +483,7 @@ pub fn eval_attention(
         key_strategy: cfg.key_strategy,
         value_strategy: cfg.value_strategy,
         group: uses_groups(cfg).then_some(cfg.group),
+        scale_precision: cfg.scale_precision,
         bits_per_coordinate: 16.0 * cache.memory_bytes() as f64 / cache.f16_bytes().max(1) as f64,
         heads,
         kv_heads,

@@ -123,6 +123,9 @@ pub struct Row {
     pub centered: Option<bool>,
     /// Most recent tokens kept in f32.
     pub window: Option<usize>,
+    /// First tokens kept in f32 for good.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sink: Option<usize>,
     /// Random rotation of the quantizers.
     pub rotation: Option<RotationKind>,
     /// Mean stored bits per coordinate over keys and values (codes and per-vector scalars).
@@ -181,6 +184,7 @@ impl Row {
             scale_precision: None,
             centered: None,
             window: None,
+            sink: None,
             rotation: None,
             bits_per_coordinate: None,
             tokens,
@@ -231,6 +235,7 @@ impl Row {
         self.scale_precision = Some(c.head.scale_precision);
         self.centered = Some(c.head.center);
         self.window = Some(c.head.window);
+        self.sink = Some(c.head.sink);
         self.rotation = Some(c.head.rotation);
         // Stored bits per coordinate, scalars included, from the cache's exact byte count.
         let coords = run.f16_bytes as f64 / 2.0;
@@ -459,17 +464,20 @@ fn write_trace(decoder: &Decoder, run: &Run, path: &Path) -> Result<()> {
 /// mean of the perplexity ratios (the ratio of the mean per-token losses' exponentials). Labelled
 /// `suite`; empty when no row compares a configuration.
 pub fn suite_summary(rows: &[Row]) -> Vec<Row> {
+    // Every field that tells one configuration from another.
     let key = |r: &Row| {
         format!(
-            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
             r.key_precision,
             r.value_precision,
             r.key_strategy,
             r.value_strategy,
             r.group,
             r.scale,
+            r.scale_precision,
             r.centered,
             r.window,
+            r.sink,
             r.rotation
         )
     };
@@ -547,5 +555,28 @@ mod suite_tests {
         assert!((s[0].perplexity_ratio.unwrap() - 1.0).abs() < 1e-12);
         assert!((s[1].perplexity_ratio.unwrap() - 4.0).abs() < 1e-12);
         assert_eq!(s[1].tokens, 20);
+    }
+
+    /// Configurations that differ only in the scale width or the sink stay separate rows.
+    #[test]
+    fn scale_width_and_sink_separate_configurations() {
+        let mut rows = Vec::new();
+        for prompt in ["a", "b"] {
+            for (precision, sink) in [
+                (ScalePrecision::F32, 0),
+                (ScalePrecision::F16, 0),
+                (ScalePrecision::F16, 4),
+            ] {
+                let mut r = row(prompt, "4", 0.9, 1.1);
+                r.scale_precision = Some(precision);
+                r.sink = Some(sink);
+                rows.push(r);
+            }
+        }
+        let s = suite_summary(&rows);
+        assert_eq!(s.len(), 3);
+        assert!(s.iter().all(|r| r.tokens == 20));
+        assert_eq!(s[1].scale_precision, Some(ScalePrecision::F16));
+        assert_eq!(s[2].sink, Some(4));
     }
 }

@@ -4,7 +4,9 @@
 //! Tokens are appended at the end. Keys and values are quantized independently, each with its own
 //! strategy and [`Precision`]. An optional full-precision window keeps the most recent `W` tokens
 //! as f32 and quantizes each token when it ages out, so a token's code never depends on how the
-//! cache was filled (one token at a time, in blocks, or restored).
+//! cache was filled (one token at a time, in blocks, or restored). An optional sink keeps the
+//! first `S` tokens as f32 for good (the attention sink: in most layers the first tokens draw a
+//! large share of every query's attention). Token order: sink, quantized tokens, window.
 //!
 //! Attention for a query `q`: `s_t = ⟨q, k̃_t⟩ / sqrt(d)` through the per-query look-up tables of
 //! the key codes (exact dot products for window tokens), a max-subtracted softmax, and
@@ -52,6 +54,10 @@ pub struct HeadConfig {
     pub value_strategy: ValueStrategy,
     /// Most recent tokens kept in f32 (0: quantize every token at once).
     pub window: usize,
+    /// First tokens kept in f32 for good (0: none). Caches saved before the field existed have
+    /// none.
+    #[serde(default)]
+    pub sink: usize,
     /// Rotation of every quantizer.
     pub rotation: RotationKind,
     /// Seed of the key quantizers; the value quantizers use an independent derived seed.
@@ -89,6 +95,7 @@ impl HeadConfig {
             value_precision,
             value_strategy: ValueStrategy::Mse,
             window: 0,
+            sink: 0,
             rotation: RotationKind::Hadamard,
             seed: 0,
             scale: ScaleMode::Norm,
@@ -130,6 +137,8 @@ pub(crate) struct SavedParts<'a> {
     pub(crate) values: Vec<Vec<u8>>,
     pub(crate) window_keys: &'a [f32],
     pub(crate) window_values: &'a [f32],
+    pub(crate) sink_keys: &'a [f32],
+    pub(crate) sink_values: &'a [f32],
 }
 
 const VALUE_SEED_OFFSET: u64 = 0x5641_4c55_4553_0001;
@@ -142,6 +151,8 @@ pub struct HeadCache {
     values: Store,
     window_keys: Vec<f32>,
     window_values: Vec<f32>,
+    sink_keys: Vec<f32>,
+    sink_values: Vec<f32>,
 }
 
 impl HeadCache {
@@ -194,6 +205,8 @@ impl HeadCache {
             values,
             window_keys: Vec::new(),
             window_values: Vec::new(),
+            sink_keys: Vec::new(),
+            sink_values: Vec::new(),
         })
     }
 
@@ -214,7 +227,7 @@ impl HeadCache {
 
     /// Tokens held.
     pub fn len(&self) -> usize {
-        self.keys.len() + self.window_len()
+        self.sink_len() + self.keys.len() + self.window_len()
     }
 
     /// True when no token is held.
@@ -222,17 +235,22 @@ impl HeadCache {
         self.len() == 0
     }
 
-    /// Tokens held as codes.
+    /// Tokens held as codes (positions `sink_len()..sink_len() + quantized_len()`).
     pub fn quantized_len(&self) -> usize {
         self.keys.len()
+    }
+
+    /// Tokens held in the f32 sink (the first ones, at most `config.sink`).
+    pub fn sink_len(&self) -> usize {
+        self.sink_keys.len() / self.config.head_dim
     }
 
     /// Leading tokens whose decoded keys and values are final: later appends never change them.
     /// Tokens past it (the window, and the pending group of KIVI keys or gmse streams) may decode
     /// differently after the next append, so a consumer mirroring decoded rows re-reads from
-    /// here. `<= quantized_len()`.
+    /// here. `<= sink_len() + quantized_len()`.
     pub fn settled_len(&self) -> usize {
-        self.keys.settled_len().min(self.values.settled_len())
+        self.sink_len() + self.keys.settled_len().min(self.values.settled_len())
     }
 
     /// Checks `n` tokens as [`HeadCache::append`] would, changing nothing.
@@ -261,11 +279,14 @@ impl HeadCache {
     }
 
     /// Exact bytes held: codes and every scale of the quantized tokens, rows a strategy keeps
-    /// unquantized (KIVI's key residual) at their stored width, plus the f32 window.
+    /// unquantized (KIVI's key residual) at their stored width, plus the f32 window and sink.
     pub fn memory_bytes(&self) -> usize {
         self.keys.stored_bytes()
             + self.values.stored_bytes()
-            + 4 * (self.window_keys.len() + self.window_values.len())
+            + 4 * (self.window_keys.len()
+                + self.window_values.len()
+                + self.sink_keys.len()
+                + self.sink_values.len())
     }
 
     /// Bytes the same tokens take as f16 keys and values.
@@ -283,6 +304,7 @@ impl HeadCache {
         // Every stream accepts the rows before anything changes (the grouped kinds refuse values
         // f16 cannot hold), so a refused append leaves keys, values and window as they were.
         self.check_append(keys, values)?;
+        let (keys, values) = self.fill_sink(keys, values);
         if self.config.window == 0 {
             self.keys.extend(keys)?;
             return self.values.extend(values);
@@ -319,6 +341,7 @@ impl HeadCache {
         if let Some(&limit) = limits.iter().find(|&&l| l == 0 || l > len) {
             return Err(Error::PositionOutOfRange { limit, len });
         }
+        let (keys, values) = self.fill_sink(keys, values);
         self.window_keys.extend_from_slice(keys);
         self.window_values.extend_from_slice(values);
         let attended = self.attend_many(queries, limits, out);
@@ -326,6 +349,20 @@ impl HeadCache {
         // failed, so the window never stays beyond its size.
         let settled = self.settle();
         attended.and(settled)
+    }
+
+    /// Moves the leading tokens of `keys` / `values` (trusted, whole rows) into the sink while it
+    /// has room; returns the rest.
+    fn fill_sink<'a>(&mut self, keys: &'a [f32], values: &'a [f32]) -> (&'a [f32], &'a [f32]) {
+        let d = self.config.head_dim;
+        let take = self
+            .config
+            .sink
+            .saturating_sub(self.sink_len())
+            .min(keys.len() / d);
+        self.sink_keys.extend_from_slice(&keys[..take * d]);
+        self.sink_values.extend_from_slice(&values[..take * d]);
+        (&keys[take * d..], &values[take * d..])
     }
 
     /// Quantizes the oldest window tokens beyond the window size (all of them when it is 0),
@@ -364,9 +401,16 @@ impl HeadCache {
     }
 
     /// Keeps the first `n` tokens (speculative-decoding rollback). Tokens that were already
-    /// quantized stay quantized: the window then holds only tokens that never aged out.
+    /// quantized stay quantized: the window then holds only tokens that never aged out. Sink
+    /// tokens stay in the sink.
     pub fn truncate(&mut self, n: usize) {
         let d = self.config.head_dim;
+        let s = self.sink_len();
+        if n < s {
+            self.sink_keys.truncate(n * d);
+            self.sink_values.truncate(n * d);
+        }
+        let n = n.saturating_sub(s);
         let q = self.quantized_len();
         if n >= q {
             let keep = (n - q).min(self.window_len());
@@ -385,19 +429,28 @@ impl HeadCache {
         self.truncate(0);
     }
 
-    /// Tokens `start..len` decoded into `len - start` rows (quantized rows from their codes,
-    /// window rows copied).
-    fn reconstruct_from(&self, store: &Store, window: &[f32], start: usize) -> Result<Vec<f32>> {
+    /// Tokens `start..len` decoded into `len - start` rows (sink and window rows copied,
+    /// quantized rows from their codes).
+    fn reconstruct_from(
+        &self,
+        store: &Store,
+        sink: &[f32],
+        window: &[f32],
+        start: usize,
+    ) -> Result<Vec<f32>> {
         let d = self.config.head_dim;
+        let (s, q) = (self.sink_len(), self.quantized_len());
         let start = start.min(self.len());
-        let mut out = vec![0.0f32; (self.len() - start) * d];
-        let q = self.quantized_len();
-        for (i, row) in (start..q).zip(out.chunks_exact_mut(d)) {
+        let mut out = Vec::with_capacity((self.len() - start) * d);
+        out.extend_from_slice(&sink[start.min(s) * d..]);
+        let first_code = start.max(s) - s;
+        let base = out.len();
+        out.resize(base + q.saturating_sub(first_code) * d, 0.0);
+        for (i, row) in (first_code..q).zip(out[base..].chunks_exact_mut(d)) {
             store.reconstruct(i, row)?;
         }
-        let first_window = start.max(q) - q;
-        let skip = (q.saturating_sub(start)) * d;
-        out[skip..].copy_from_slice(&window[first_window * d..]);
+        let first_window = start.max(s + q) - (s + q);
+        out.extend_from_slice(&window[first_window * d..]);
         Ok(out)
     }
 
@@ -425,7 +478,7 @@ impl HeadCache {
     /// # Errors
     /// Only on internal inconsistency (not expected).
     pub fn keys_from(&self, start: usize) -> Result<Vec<f32>> {
-        self.reconstruct_from(&self.keys, &self.window_keys, start)
+        self.reconstruct_from(&self.keys, &self.sink_keys, &self.window_keys, start)
     }
 
     /// Values of tokens `start..len` decoded to f32; as [`HeadCache::keys_from`].
@@ -433,7 +486,7 @@ impl HeadCache {
     /// # Errors
     /// Only on internal inconsistency (not expected).
     pub fn values_from(&self, start: usize) -> Result<Vec<f32>> {
-        self.reconstruct_from(&self.values, &self.window_values, start)
+        self.reconstruct_from(&self.values, &self.sink_values, &self.window_values, start)
     }
 
     /// Saved parts: key and value part batches (tq-batch bytes) and the window rows.
@@ -443,6 +496,8 @@ impl HeadCache {
             values: self.values.to_blobs()?,
             window_keys: &self.window_keys,
             window_values: &self.window_values,
+            sink_keys: &self.sink_keys,
+            sink_values: &self.sink_values,
         })
     }
 
@@ -452,10 +507,11 @@ impl HeadCache {
         &mut self,
         keys: &[&[u8]],
         values: &[&[u8]],
-        window_keys: Vec<f32>,
-        window_values: Vec<f32>,
+        window: (Vec<f32>, Vec<f32>),
+        sink: (Vec<f32>, Vec<f32>),
         what: &str,
     ) -> Result<()> {
+        let ((window_keys, window_values), (sink_keys, sink_values)) = (window, sink);
         let d = self.config.head_dim;
         self.keys.restore(keys, &format!("{what}.keys"))?;
         self.values.restore(values, &format!("{what}.values"))?;
@@ -478,8 +534,26 @@ impl HeadCache {
                 ),
             });
         }
+        let sink_rows = sink_keys.len() / d;
+        if sink_keys.len() != sink_values.len()
+            || !sink_keys.len().is_multiple_of(d)
+            || sink_rows > self.config.sink
+            || (sink_rows < self.config.sink && (self.keys.len() > 0 || !window_keys.is_empty()))
+        {
+            return Err(Error::InvalidCache {
+                tensor: format!("{what}.sink_keys"),
+                reason: format!(
+                    "sink of {} values does not fit S = {} before {} later tokens",
+                    sink_keys.len(),
+                    self.config.sink,
+                    self.keys.len() + window_keys.len() / d
+                ),
+            });
+        }
         self.window_keys = window_keys;
         self.window_values = window_values;
+        self.sink_keys = sink_keys;
+        self.sink_values = sink_values;
         Ok(())
     }
 
@@ -500,17 +574,23 @@ impl HeadCache {
 
     fn scores_unchecked(&self, q: &[f32], out: &mut [f32]) -> Result<()> {
         let d = self.config.head_dim;
-        let qn = self.quantized_len();
+        let (s, qn) = (self.sink_len(), self.quantized_len());
         let scale = 1.0 / (d as f32).sqrt();
         if qn > 0 {
             let prepared = self.keys.prepare(q)?;
             self.keys.scores(
                 &prepared,
-                &mut out[..qn],
+                &mut out[s..s + qn],
                 self.config.score_mode == ScoreMode::Fast,
             )?;
         }
-        for (o, k) in out[qn..].iter_mut().zip(self.window_keys.chunks_exact(d)) {
+        let (head, tail) = out.split_at_mut(s + qn);
+        let exact = self
+            .sink_keys
+            .chunks_exact(d)
+            .zip(&mut head[..s])
+            .chain(self.window_keys.chunks_exact(d).zip(tail));
+        for (k, o) in exact {
             *o = tq_core::simd::dot(q, k);
         }
         for o in out.iter_mut() {
@@ -561,13 +641,14 @@ impl HeadCache {
         out: &mut [f32],
     ) -> Result<()> {
         let d = self.config.head_dim;
-        let qn = self.quantized_len();
+        let (s, qn) = (self.sink_len(), self.quantized_len());
+        let codes = s..s + qn;
         out.fill(0.0);
         let n = self.len();
         let mut probs: Vec<Vec<f32>> = vec![vec![0.0f32; n]; limits.len()];
         // Raw scores of every query with a token to attend to: the quantized keys of all such
         // queries in one call (queries sharing passes over the codes where the kind allows), the
-        // window exactly.
+        // sink and the window exactly.
         let live: Vec<usize> = (0..limits.len()).filter(|&i| limits[i] > 0).collect();
         if qn > 0 && !live.is_empty() {
             let prepared = live
@@ -578,7 +659,7 @@ impl HeadCache {
                 .iter_mut()
                 .enumerate()
                 .filter(|(i, _)| limits[*i] > 0)
-                .map(|(_, p)| &mut p[..qn])
+                .map(|(_, p)| &mut p[codes.clone()])
                 .collect();
             self.keys.scores_many(
                 &prepared,
@@ -589,22 +670,31 @@ impl HeadCache {
         let scale = 1.0 / (d as f32).sqrt();
         for &i in &live {
             let (q, p, limit) = (&queries[i * d..(i + 1) * d], &mut probs[i], limits[i]);
-            for (o, k) in p[qn..].iter_mut().zip(self.window_keys.chunks_exact(d)) {
+            let (head, tail) = p.split_at_mut(codes.end);
+            let exact = self
+                .sink_keys
+                .chunks_exact(d)
+                .zip(&mut head[..s])
+                .chain(self.window_keys.chunks_exact(d).zip(tail));
+            for (k, o) in exact {
                 *o = tq_core::simd::dot(q, k);
             }
             tq_core::simd::softmax_in_place(&mut p[..limit], scale);
             p[limit..].fill(0.0);
         }
         if qn > 0 {
-            let weights: Vec<&[f32]> = probs.iter().map(|p| &p[..qn]).collect();
+            let weights: Vec<&[f32]> = probs.iter().map(|p| &p[codes.clone()]).collect();
             let mut outs: Vec<&mut [f32]> = out.chunks_exact_mut(d).collect();
             self.values.weighted_sums_into(&weights, &mut outs)?;
         }
         for ((p, &limit), o) in probs.iter().zip(limits).zip(out.chunks_exact_mut(d)) {
-            for (&w, v) in p[qn..limit.max(qn)]
-                .iter()
-                .zip(self.window_values.chunks_exact(d))
-            {
+            // Weights past a query's limit are zero, so whole rows can be summed.
+            let exact = self.sink_values.chunks_exact(d).zip(&p[..s]).chain(
+                self.window_values
+                    .chunks_exact(d)
+                    .zip(&p[codes.end..limit.max(codes.end)]),
+            );
+            for (v, &w) in exact {
                 for (a, &x) in o.iter_mut().zip(v) {
                     *a += w * x;
                 }

@@ -3,8 +3,9 @@
 //! `__metadata__`: `format = "tq-kv-cache"`, `version = "1"`, `config` = JSON
 //! `{"layers", "n_q_heads", "n_kv_heads", "head": HeadConfig, "outliers": [[HeadCalibration; kv heads]; layers]}`.
 //! Per layer `l` and kv head `h`: `l{l}.h{h}.keys.p{p}` and `l{l}.h{h}.values.p{p}` (U8: each
-//! channel part's batch as a saved tq-batch, see tq-quant's `io`), and `l{l}.h{h}.window_keys` /
-//! `window_values` (F32 `[w, d]`). Loading checks the header, rebuilds the configured cache,
+//! channel part's batch as a saved tq-batch, see tq-quant's `io`), `l{l}.h{h}.window_keys` /
+//! `window_values` (F32 `[w, d]`), and with a sink (`head.sink > 0`) `l{l}.h{h}.sink_keys` /
+//! `sink_values` (F32 `[s, d]`; files written before sinks existed have none and load with none). Loading checks the header, rebuilds the configured cache,
 //! requires every stored quantizer to equal the configured one, and checks row counts, window
 //! shapes and finiteness; malformed bytes are an error, never a panic. Every tensor's shape is
 //! checked against the header before any quantizer is built (see `check_shapes`), so the work done
@@ -50,7 +51,18 @@ fn check_shapes(st: &SafeTensors<'_>, header: &CacheHeader) -> Result<()> {
     let d = header.head.head_dim;
     for l in 0..header.layers {
         for h in 0..header.n_kv_heads {
-            for t in ["window_keys", "window_values"] {
+            let sinks: &[&str] = if header.head.sink > 0 {
+                &["sink_keys", "sink_values"]
+            } else {
+                &[]
+            };
+            if sinks.is_empty() && st.tensor(&format!("l{l}.h{h}.sink_keys")).is_ok() {
+                return Err(bad(
+                    format!("l{l}.h{h}.sink_keys"),
+                    "present in a cache configured without a sink",
+                ));
+            }
+            for t in ["window_keys", "window_values"].iter().chain(sinks) {
                 let name = format!("l{l}.h{h}.{t}");
                 let tv = st.tensor(&name).map_err(|_| bad(name.clone(), "missing"))?;
                 if tv.dtype() != Dtype::F32 || tv.shape().len() != 2 || tv.shape()[1] != d {
@@ -132,11 +144,13 @@ impl ModelCache {
             for h in 0..layer.n_kv_heads() {
                 let head = layer.head(h).ok_or_else(|| bad("heads", "missing head"))?;
                 let parts = head.parts()?;
-                let (kb, vb, wk, wv) = (
+                let (kb, vb, wk, wv, sk, sv) = (
                     parts.keys,
                     parts.values,
                     parts.window_keys,
                     parts.window_values,
+                    parts.sink_keys,
+                    parts.sink_values,
                 );
                 for (t, blobs) in [("keys", kb), ("values", vb)] {
                     for (p, blob) in blobs.into_iter().enumerate() {
@@ -149,7 +163,11 @@ impl ModelCache {
                     }
                 }
                 let d = head.config().head_dim;
-                for (t, w) in [("window_keys", wk), ("window_values", wv)] {
+                let mut rows = vec![("window_keys", wk), ("window_values", wv)];
+                if head.config().sink > 0 {
+                    rows.extend([("sink_keys", sk), ("sink_values", sv)]);
+                }
+                for (t, w) in rows {
                     let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
                     owned.push((
                         format!("l{l}.h{h}.{t}"),
@@ -260,10 +278,15 @@ impl ModelCache {
                 };
                 let (kb, vb) = (blobs("keys")?, blobs("values")?);
                 let (wk, wv) = (window("window_keys")?, window("window_values")?);
+                let (sk, sv) = if header.head.sink > 0 {
+                    (window("sink_keys")?, window("sink_values")?)
+                } else {
+                    (Vec::new(), Vec::new())
+                };
                 let head = layer
                     .head_mut(h)
                     .ok_or_else(|| bad("heads", "missing head"))?;
-                head.restore(&kb, &vb, wk, wv, &format!("l{l}.h{h}"))?;
+                head.restore(&kb, &vb, (wk, wv), (sk, sv), &format!("l{l}.h{h}"))?;
             }
             if (0..header.n_kv_heads)
                 .any(|h| layer.head(h).map(HeadCache::len) != layer.head(0).map(HeadCache::len))

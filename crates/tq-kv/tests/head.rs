@@ -699,3 +699,116 @@ fn append_attend_sees_the_new_tokens_exact_then_quantizes_them() {
         assert_eq!(a.len(), before);
     }
 }
+
+/// A sink keeps the first `S` tokens exact for good: whatever the fill order, the codes and the
+/// attention are the same; attention (any causal limit, inside the sink or past it) equals
+/// attention over the decoded cache; suffix decoding and rollback across the sink's end are
+/// exact; the sink costs exactly its f32 rows.
+#[test]
+fn sink_tokens_stay_exact_and_everything_else_is_unchanged() {
+    let (d, n, sink) = (32, 90, 5);
+    let (k, v) = (rows(n, d, 41), rows(n, d, 42));
+    for (strategy, window) in [
+        (KeyStrategy::Mse, 0usize),
+        (KeyStrategy::Mse, 7),
+        (KeyStrategy::Kivi, 0),
+        (KeyStrategy::Kivi, 7),
+    ] {
+        let cfg = HeadConfig {
+            sink,
+            group: 16,
+            ..config(d, "3", "4", strategy, window)
+        };
+        let what = format!("{strategy:?} w{window}");
+        let new = || HeadCache::new(cfg.clone(), &HeadCalibration::default()).unwrap();
+        let mut whole = new();
+        whole.append(&k, &v).unwrap();
+        assert_eq!((whole.len(), whole.sink_len()), (n, sink), "{what}");
+        let (kd, vd) = (whole.keys().unwrap(), whole.values().unwrap());
+        assert!(kd[..sink * d] == k[..sink * d], "{what}");
+        assert!(vd[..sink * d] == v[..sink * d], "{what}");
+        // The quantized tokens are those of a sink-less cache fed tokens sink.. .
+        let mut plain = HeadCache::new(
+            HeadConfig {
+                sink: 0,
+                ..cfg.clone()
+            },
+            &HeadCalibration::default(),
+        )
+        .unwrap();
+        plain.append(&k[sink * d..], &v[sink * d..]).unwrap();
+        assert!(kd[sink * d..] == plain.keys().unwrap()[..], "{what}");
+        assert_eq!(
+            whole.memory_bytes(),
+            plain.memory_bytes() + 2 * 4 * sink * d,
+            "{what}"
+        );
+        // Fill order: one token at a time, and blocks straddling the sink's end.
+        let mut single = new();
+        for t in 0..n {
+            single
+                .append(&k[t * d..(t + 1) * d], &v[t * d..(t + 1) * d])
+                .unwrap();
+        }
+        let mut mixed = new();
+        let mut t = 0;
+        for step in [3usize, 4, 31, 1, 40, 11] {
+            mixed
+                .append(&k[t * d..(t + step) * d], &v[t * d..(t + step) * d])
+                .unwrap();
+            t += step;
+        }
+        let qs = rows(4, d, 43);
+        let limits = [2usize, sink, sink + 1, n];
+        let mut want_block = vec![0.0; 4 * d];
+        whole.attend_block(&qs, &limits, &mut want_block).unwrap();
+        for (i, &l) in limits.iter().enumerate() {
+            let want = attention(&qs[i * d..(i + 1) * d], &kd, &vd, d, l);
+            let got = &want_block[i * d..(i + 1) * d];
+            assert!(rel(got, &want) < 1e-4, "{what} limit {l}");
+        }
+        for c in [&single, &mixed] {
+            assert!(c.keys().unwrap() == kd, "{what}");
+            assert!(c.values().unwrap() == vd, "{what}");
+            let mut out = vec![0.0; 4 * d];
+            c.attend_block(&qs, &limits, &mut out).unwrap();
+            assert!(out == want_block, "{what}");
+        }
+        let mut scores = vec![0.0; n];
+        whole.scores(&qs[..d], &mut scores).unwrap();
+        for (t, s) in scores.iter().enumerate() {
+            let exact: f32 = qs[..d]
+                .iter()
+                .zip(&kd[t * d..(t + 1) * d])
+                .map(|(a, b)| a * b)
+                .sum::<f32>()
+                / (d as f32).sqrt();
+            assert!((s - exact).abs() < 1e-4, "{what} token {t}");
+        }
+        for start in [0usize, 3, sink, sink + 1, 40, n - window, n] {
+            assert!(
+                whole.keys_from(start).unwrap() == kd[start * d..],
+                "{what} {start}"
+            );
+            assert!(
+                whole.values_from(start).unwrap() == vd[start * d..],
+                "{what} {start}"
+            );
+        }
+        // Rollback into the sink and past it, then the same tokens again.
+        for cut in [3usize, sink, 30] {
+            let mut c = whole.clone();
+            c.truncate(cut);
+            assert_eq!(c.len(), cut, "{what}");
+            assert_eq!(c.sink_len(), cut.min(sink), "{what}");
+            c.append(&k[cut * d..], &v[cut * d..]).unwrap();
+            // Codes equal the whole fill's unless rows were quantized before the cut and their
+            // group changes (a window, or KIVI's groups); after a cut inside the sink every later
+            // token is new.
+            if (window == 0 && strategy == KeyStrategy::Mse) || cut < sink {
+                assert!(c.keys().unwrap() == kd, "{what} cut {cut}");
+            }
+            assert!(c.keys_from(0).unwrap()[..sink * d] == k[..sink * d]);
+        }
+    }
+}

@@ -383,3 +383,44 @@ fn f16_scale_caches_round_trip_and_refuse_a_changed_width() {
         Err(Error::InvalidCache { .. })
     ));
 }
+
+/// A cache with a sink saves and restores to the same attention and continues identically; a
+/// sink tensor in a cache configured without one, or a sink cut short before later tokens, is
+/// refused.
+#[test]
+fn sink_caches_round_trip_and_refuse_inconsistent_sinks() {
+    let (d, nkv, nq, t) = (32, 2, 4, 40);
+    let cfg = HeadConfig {
+        sink: 4,
+        window: 3,
+        seed: 9,
+        ..HeadConfig::new(d, Precision::Uniform(3), Precision::Uniform(4))
+    };
+    let (k, v) = (rows(nkv * t * d, 31), rows(nkv * t * d, 32));
+    let mut layer = MultiHeadCache::new(nq, nkv, &cfg, &[]).unwrap();
+    layer.append(&k, &v).unwrap();
+    let mut m = ModelCache::from_layers(vec![layer]);
+    let bytes = m.to_safetensors().unwrap();
+    let mut back = ModelCache::from_safetensors(&bytes).unwrap();
+    assert_eq!(back.memory_bytes(), m.memory_bytes());
+    let q = rows(nq * d, 33);
+    let (k2, v2) = (rows(nkv * 5 * d, 34), rows(nkv * 5 * d, 35));
+    for step in 0..2 {
+        let (mut a, mut b) = (vec![0.0; nq * d], vec![0.0; nq * d]);
+        m.layer(0).unwrap().attend(&q, &mut a).unwrap();
+        back.layer(0).unwrap().attend(&q, &mut b).unwrap();
+        assert_eq!(a, b, "step {step}");
+        m.layer_mut(0).unwrap().append(&k2, &v2).unwrap();
+        back.layer_mut(0).unwrap().append(&k2, &v2).unwrap();
+    }
+    for sink in [0, 6] {
+        let changed = with_config(&bytes, |c| c["head"]["sink"] = serde_json::json!(sink));
+        assert!(
+            matches!(
+                ModelCache::from_safetensors(&changed),
+                Err(Error::InvalidCache { .. })
+            ),
+            "sink {sink}"
+        );
+    }
+}

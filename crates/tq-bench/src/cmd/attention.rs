@@ -37,6 +37,9 @@ pub struct AttentionArgs {
     /// KIVI's group size (a power of two in 16..=128).
     #[arg(long, default_value_t = tq_quant::DEFAULT_KIVI_GROUP)]
     pub group: usize,
+    /// Stored widths of the MSE streams' per-vector scales, comma-separated: f32, f16.
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    pub scale_precision: Vec<tq_quant::ScalePrecision>,
     /// Seconds spent timing each of the three caches (quantized, f32, f16) per row; they are
     /// timed in alternating rounds and each reports its median round.
     #[arg(long, default_value_t = 0.5)]
@@ -79,6 +82,7 @@ pub fn run(a: AttentionArgs) -> Result<AttentionReport> {
         key_strategy,
         value_strategy,
         group,
+        scale_precision,
         budget,
         threads,
         seed,
@@ -101,7 +105,11 @@ pub fn run(a: AttentionArgs) -> Result<AttentionReport> {
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let pb = progress_bar(
         json,
-        threads.len() * tokens.len() * precisions.len() * key_strategy.len(),
+        threads.len()
+            * tokens.len()
+            * precisions.len()
+            * key_strategy.len()
+            * scale_precision.len(),
     );
     let (mut results, mut counts) = (Vec::new(), Vec::new());
     for &th in &threads {
@@ -110,16 +118,21 @@ pub fn run(a: AttentionArgs) -> Result<AttentionReport> {
         pool.install(|| -> Result<()> {
             for &t in &tokens {
                 for &p in &precisions {
-                    for &ks in &key_strategy {
+                    for (&ks, &sp) in key_strategy
+                        .iter()
+                        .flat_map(|k| scale_precision.iter().map(move |s| (k, s)))
+                    {
                         pb.set_message(format!(
-                            "{count} thr, T = {t}, {p} bits, {} keys",
-                            ks.name()
+                            "{count} thr, T = {t}, {p} bits, {} keys, {} scales",
+                            ks.name(),
+                            sp.name()
                         ));
                         let cfg = HeadConfig {
                             key_strategy: ks,
                             value_strategy,
                             group,
                             seed,
+                            scale_precision: sp,
                             ..HeadConfig::new(dim, p, p)
                         };
                         results.push(kv::eval_attention(&cfg, t, heads, kv_heads, budget)?);
@@ -171,7 +184,12 @@ impl Report for AttentionReport {
                 "{:>8} {:>5} {:>10} {:>7} {:>5} {:>4} {:>10.1} {:>10.1} {:>10.1} {:>7.2} {:>7.2} {:>11.1} {:>6.2}",
                 r.tokens,
                 r.bits,
-                format!("{}/{}", r.key_strategy.name(), r.value_strategy.name()),
+                crate::cmd::strategy_label(
+                    r.key_strategy,
+                    r.value_strategy,
+                    None,
+                    Some(r.scale_precision)
+                ),
                 format!("{}/{}", r.heads, r.kv_heads),
                 r.dim,
                 r.threads,

@@ -87,6 +87,10 @@ pub struct KvCacheArgs {
     /// (f16 halves the scale's share: 0.25 instead of 0.5 bits per coordinate at d = 64).
     #[arg(long, value_delimiter = ',', default_value = "f32")]
     pub scale_precision: Vec<ScalePrecision>,
+    /// First tokens kept in f32 for good (the attention sink), comma-separated for several
+    /// configurations; their f32 rows count in the stored bits.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub sink: Vec<usize>,
     /// Centre MSE keys and values on per-head means (calibrated like --split auto).
     #[arg(long)]
     pub center: bool,
@@ -144,6 +148,15 @@ pub fn progress_bar(json: bool, steps: usize) -> ProgressBar {
     pb
 }
 
+/// The table label of a cache's f32 rows: the window `W`, or `sS wW` with a sink of `S` tokens.
+pub fn window_label(window: usize, sink: usize) -> String {
+    if sink == 0 {
+        window.to_string()
+    } else {
+        format!("s{sink} w{window}")
+    }
+}
+
 /// The table label of a cache's strategies: `keys/values`, KIVI with its group (`kivi32/mse`),
 /// and ` f16` after it for f16 per-vector scales.
 pub fn strategy_label(
@@ -196,6 +209,7 @@ pub struct KvGrid<'a> {
     pub named: &'a [NamedConfig],
     pub scales: &'a [ScaleMode],
     pub scale_precisions: &'a [ScalePrecision],
+    pub sinks: &'a [usize],
     pub center: bool,
     pub windows: &'a [usize],
     pub rotations: &'a [RotationKind],
@@ -243,15 +257,17 @@ pub fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>
                         .iter()
                         .flat_map(|s| g.scale_precisions.iter().map(move |p| (s, p)))
                     {
-                        for (&window, &rotation) in g
+                        for ((&window, &sink), &rotation) in g
                             .windows
                             .iter()
-                            .flat_map(|w| g.rotations.iter().map(move |r| (w, r)))
+                            .flat_map(|w| g.sinks.iter().map(move |s| (w, s)))
+                            .flat_map(|ws| g.rotations.iter().map(move |r| (ws, r)))
                         {
                             configs.push(HeadConfig {
                                 key_strategy: st,
                                 value_strategy: vs,
                                 window,
+                                sink,
                                 rotation,
                                 seed,
                                 score_mode: ScoreMode::Fast,

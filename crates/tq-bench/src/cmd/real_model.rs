@@ -264,6 +264,7 @@ pub fn run(a: RealModelArgs) -> Result<RealReport> {
         named: &a.cache.config,
         scales: &a.scales,
         scale_precisions: &a.cache.scale_precision,
+        sinks: &a.cache.sink,
         center: a.cache.center,
         windows: &a.window,
         rotations: &a.rotation,
@@ -447,7 +448,8 @@ fn print_real_table(rows: &[real::Row]) {
             },
             r.rotation
                 .map_or("-".to_string(), |k| format!("{k:?}").to_lowercase()),
-            r.window.map_or("-".into(), |w| w.to_string()),
+            r.window
+                .map_or("-".into(), |w| super::window_label(w, r.sink.unwrap_or(0))),
             f(r.bits_per_coordinate, 2),
             f(r.top1_agreement, 3),
             f(r.topk_overlap, 3),
