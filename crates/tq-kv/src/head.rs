@@ -572,6 +572,22 @@ impl HeadCache {
         self.scores_unchecked(q, out)
     }
 
+    /// Raw dots of `q` with the f32 keys: the sink's into `p[..sink_len]`, the window's into
+    /// `p[sink_len + quantized_len..]` (`p` has one entry per token; the rest is left as it is).
+    fn exact_dots(&self, q: &[f32], p: &mut [f32]) {
+        let d = self.config.head_dim;
+        let s = self.sink_len();
+        let (head, tail) = p.split_at_mut(s + self.quantized_len());
+        let exact = self
+            .sink_keys
+            .chunks_exact(d)
+            .zip(&mut head[..s])
+            .chain(self.window_keys.chunks_exact(d).zip(tail));
+        for (k, o) in exact {
+            *o = tq_core::simd::dot(q, k);
+        }
+    }
+
     fn scores_unchecked(&self, q: &[f32], out: &mut [f32]) -> Result<()> {
         let d = self.config.head_dim;
         let (s, qn) = (self.sink_len(), self.quantized_len());
@@ -584,15 +600,7 @@ impl HeadCache {
                 self.config.score_mode == ScoreMode::Fast,
             )?;
         }
-        let (head, tail) = out.split_at_mut(s + qn);
-        let exact = self
-            .sink_keys
-            .chunks_exact(d)
-            .zip(&mut head[..s])
-            .chain(self.window_keys.chunks_exact(d).zip(tail));
-        for (k, o) in exact {
-            *o = tq_core::simd::dot(q, k);
-        }
+        self.exact_dots(q, out);
         for o in out.iter_mut() {
             *o *= scale;
         }
@@ -670,15 +678,7 @@ impl HeadCache {
         let scale = 1.0 / (d as f32).sqrt();
         for &i in &live {
             let (q, p, limit) = (&queries[i * d..(i + 1) * d], &mut probs[i], limits[i]);
-            let (head, tail) = p.split_at_mut(codes.end);
-            let exact = self
-                .sink_keys
-                .chunks_exact(d)
-                .zip(&mut head[..s])
-                .chain(self.window_keys.chunks_exact(d).zip(tail));
-            for (k, o) in exact {
-                *o = tq_core::simd::dot(q, k);
-            }
+            self.exact_dots(q, p);
             tq_core::simd::softmax_in_place(&mut p[..limit], scale);
             p[limit..].fill(0.0);
         }

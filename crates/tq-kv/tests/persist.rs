@@ -139,6 +139,31 @@ fn with_config(bytes: &[u8], edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
 /// A header that promises a 4096-dimensional dense rotation per head over tensors of d = 16 is
 /// refused by the shape check, which runs before any quantizer is built (building one would take
 /// 64 MB and about a minute per head).
+/// Fills a one-layer cache of `cfg` with `t` random tokens per kv head, saves and restores it, and
+/// checks that the two hold the same bytes, attend identically and stay identical through two
+/// more appends; returns the saved bytes.
+fn saved_round_trip(cfg: &HeadConfig, nkv: usize, nq: usize, t: usize, seed: u64) -> Vec<u8> {
+    let d = cfg.head_dim;
+    let (k, v) = (rows(nkv * t * d, seed), rows(nkv * t * d, seed + 1));
+    let mut layer = MultiHeadCache::new(nq, nkv, cfg, &[]).unwrap();
+    layer.append(&k, &v).unwrap();
+    let mut m = ModelCache::from_layers(vec![layer]);
+    let bytes = m.to_safetensors().unwrap();
+    let mut back = ModelCache::from_safetensors(&bytes).unwrap();
+    assert_eq!(back.memory_bytes(), m.memory_bytes());
+    let q = rows(nq * d, seed + 2);
+    let (k2, v2) = (rows(nkv * 5 * d, seed + 3), rows(nkv * 5 * d, seed + 4));
+    for step in 0..2 {
+        let (mut a, mut b) = (vec![0.0; nq * d], vec![0.0; nq * d]);
+        m.layer(0).unwrap().attend(&q, &mut a).unwrap();
+        back.layer(0).unwrap().attend(&q, &mut b).unwrap();
+        assert_eq!(a, b, "step {step}");
+        m.layer_mut(0).unwrap().append(&k2, &v2).unwrap();
+        back.layer_mut(0).unwrap().append(&k2, &v2).unwrap();
+    }
+    bytes
+}
+
 #[test]
 fn a_header_larger_than_its_tensors_is_refused_before_building() {
     let bytes = small_model().to_safetensors().unwrap();
@@ -300,23 +325,7 @@ fn kivi_caches_round_trip_and_refuse_a_changed_group() {
         seed: 9,
         ..HeadConfig::new(d, Precision::Uniform(3), Precision::Uniform(4))
     };
-    let (k, v) = (rows(nkv * t * d, 11), rows(nkv * t * d, 12));
-    let mut layer = MultiHeadCache::new(nq, nkv, &cfg, &[]).unwrap();
-    layer.append(&k, &v).unwrap();
-    let mut m = ModelCache::from_layers(vec![layer]);
-    let bytes = m.to_safetensors().unwrap();
-    let mut back = ModelCache::from_safetensors(&bytes).unwrap();
-    assert_eq!(back.memory_bytes(), m.memory_bytes());
-    let q = rows(nq * d, 13);
-    let (k2, v2) = (rows(nkv * 5 * d, 14), rows(nkv * 5 * d, 15));
-    for step in 0..2 {
-        let (mut a, mut b) = (vec![0.0; nq * d], vec![0.0; nq * d]);
-        m.layer(0).unwrap().attend(&q, &mut a).unwrap();
-        back.layer(0).unwrap().attend(&q, &mut b).unwrap();
-        assert_eq!(a, b, "step {step}");
-        m.layer_mut(0).unwrap().append(&k2, &v2).unwrap();
-        back.layer_mut(0).unwrap().append(&k2, &v2).unwrap();
-    }
+    let bytes = saved_round_trip(&cfg, nkv, nq, t, 11);
     let changed = with_config(&bytes, |c| c["head"]["group"] = serde_json::json!(32));
     assert!(matches!(
         ModelCache::from_safetensors(&changed),
@@ -344,7 +353,7 @@ fn f16_scale_caches_round_trip_and_refuse_a_changed_width() {
         ..cfg.clone()
     };
     let (k, v) = (rows(nkv * t * d, 21), rows(nkv * t * d, 22));
-    let mut caches = [&cfg, &half].map(|c| {
+    let caches = [&cfg, &half].map(|c| {
         let mut layer = MultiHeadCache::new(nq, nkv, c, &[]).unwrap();
         layer.append(&k, &v).unwrap();
         ModelCache::from_layers(vec![layer])
@@ -363,18 +372,7 @@ fn f16_scale_caches_round_trip_and_refuse_a_changed_width() {
     for (x, y) in a.iter().zip(&b) {
         assert!((x - y).abs() <= 2f32.powi(-11) * 4.0 * scale, "{x} {y}");
     }
-    let bytes = caches[1].to_safetensors().unwrap();
-    let mut back = ModelCache::from_safetensors(&bytes).unwrap();
-    assert_eq!(back.memory_bytes(), caches[1].memory_bytes());
-    let (k2, v2) = (rows(nkv * 5 * d, 24), rows(nkv * 5 * d, 25));
-    for step in 0..2 {
-        let (mut a, mut b) = (vec![0.0; nq * d], vec![0.0; nq * d]);
-        caches[1].layer(0).unwrap().attend(&q, &mut a).unwrap();
-        back.layer(0).unwrap().attend(&q, &mut b).unwrap();
-        assert_eq!(a, b, "step {step}");
-        caches[1].layer_mut(0).unwrap().append(&k2, &v2).unwrap();
-        back.layer_mut(0).unwrap().append(&k2, &v2).unwrap();
-    }
+    let bytes = saved_round_trip(&half, nkv, nq, t, 24);
     let changed = with_config(&bytes, |c| {
         c["head"]["scale_precision"] = serde_json::json!("f32")
     });
@@ -396,23 +394,7 @@ fn sink_caches_round_trip_and_refuse_inconsistent_sinks() {
         seed: 9,
         ..HeadConfig::new(d, Precision::Uniform(3), Precision::Uniform(4))
     };
-    let (k, v) = (rows(nkv * t * d, 31), rows(nkv * t * d, 32));
-    let mut layer = MultiHeadCache::new(nq, nkv, &cfg, &[]).unwrap();
-    layer.append(&k, &v).unwrap();
-    let mut m = ModelCache::from_layers(vec![layer]);
-    let bytes = m.to_safetensors().unwrap();
-    let mut back = ModelCache::from_safetensors(&bytes).unwrap();
-    assert_eq!(back.memory_bytes(), m.memory_bytes());
-    let q = rows(nq * d, 33);
-    let (k2, v2) = (rows(nkv * 5 * d, 34), rows(nkv * 5 * d, 35));
-    for step in 0..2 {
-        let (mut a, mut b) = (vec![0.0; nq * d], vec![0.0; nq * d]);
-        m.layer(0).unwrap().attend(&q, &mut a).unwrap();
-        back.layer(0).unwrap().attend(&q, &mut b).unwrap();
-        assert_eq!(a, b, "step {step}");
-        m.layer_mut(0).unwrap().append(&k2, &v2).unwrap();
-        back.layer_mut(0).unwrap().append(&k2, &v2).unwrap();
-    }
+    let bytes = saved_round_trip(&cfg, nkv, nq, t, 31);
     for sink in [0, 6] {
         let changed = with_config(&bytes, |c| c["head"]["sink"] = serde_json::json!(sink));
         assert!(
