@@ -96,9 +96,111 @@ fn sum_squares_body(x: &[f32]) -> f32 {
 /// take the lower code, NaN gives 0). `out.len() == ys.len()` (checked with `debug_assert!`).
 /// O(n · sorted.len()); used for `sorted.len() <= 15`. Counts are kept in 32-bit lanes (one compare
 /// and one subtract per boundary and 8 values with AVX2).
+///
+/// With AVX2 (x86-64, checked at run time) and at most 15 boundaries, each lane runs a branch-free
+/// binary search instead: one compare per level against the boundary its partial code selects
+/// (`vpermps` from a per-level table), 4 levels for 15 boundaries, and the codes are narrowed to
+/// bytes 32 at a time. Codes are integers: both paths give the scalar twin's exactly.
 pub fn count_below(sorted: &[f32], ys: &[f32], out: &mut [u8]) {
     debug_assert_eq!(ys.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if sorted.len() <= 15 && x86::has_avx2() {
+        // SAFETY: AVX2 is present (checked at run time); lengths are equal (debug-checked above,
+        // and the kernel reads `ys` and writes `out` only up to the shorter of the two).
+        unsafe { x86::count_below_avx2(sorted, ys, out) };
+        return;
+    }
     arch().dispatch(CountBelow { sorted, ys, out })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    pub(super) fn has_avx2() -> bool {
+        use std::sync::OnceLock;
+        static AVX2: OnceLock<bool> = OnceLock::new();
+        *AVX2.get_or_init(|| !cfg!(miri) && std::arch::is_x86_feature_detected!("avx2"))
+    }
+
+    /// [`super::count_below`] for at most 15 sorted boundaries by a per-lane binary search.
+    /// The boundaries are padded with `+inf` to `2^L - 1` (no value is above `+inf`, so the
+    /// counts do not change); at level `l` a lane whose code so far is `c` (a multiple of
+    /// `2^(L-l)`) compares against boundary `c + 2^(L-l-1) - 1`, read from an 8-entry table by
+    /// `vpermps` at index `c >> (L-l)`, and adds `2^(L-l-1)` when above it. NaN compares false
+    /// everywhere and gets code 0, as in the scalar twin.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `sorted.len() <= 15`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn count_below_avx2(sorted: &[f32], ys: &[f32], out: &mut [u8]) {
+        let n = ys.len().min(out.len());
+        let levels = (usize::BITS - sorted.len().leading_zeros()) as usize;
+        let mut padded = [f32::INFINITY; 15];
+        padded[..sorted.len()].copy_from_slice(sorted);
+        let mut tables = [_mm256_setzero_ps(); 4];
+        let mut steps = [_mm256_setzero_si256(); 4];
+        let mut shifts = [_mm_setzero_si128(); 4];
+        for l in 0..levels {
+            let step = 1usize << (levels - 1 - l);
+            let mut t = [0f32; 8];
+            for (j, v) in t.iter_mut().enumerate().take(1 << l) {
+                *v = padded[j * 2 * step + step - 1];
+            }
+            // SAFETY: `t` holds 8 floats.
+            tables[l] = unsafe { _mm256_loadu_ps(t.as_ptr()) };
+            steps[l] = _mm256_set1_epi32(step as i32);
+            shifts[l] = _mm_cvtsi32_si128((levels - l) as i32);
+        }
+        // The code of 8 values, one per 32-bit lane.
+        let code = |v: __m256| {
+            let mut c = _mm256_setzero_si256();
+            for l in 0..levels {
+                let t = _mm256_permutevar8x32_ps(tables[l], _mm256_srl_epi32(c, shifts[l]));
+                let above = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(v, t));
+                c = _mm256_add_epi32(c, _mm256_and_si256(above, steps[l]));
+            }
+            c
+        };
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let mut i = 0;
+        while i + 32 <= n {
+            let v = &ys[i..i + 32];
+            // SAFETY: `v` holds 32 floats.
+            let (c0, c1, c2, c3) = unsafe {
+                let p = v.as_ptr();
+                (
+                    code(_mm256_loadu_ps(p)),
+                    code(_mm256_loadu_ps(p.add(8))),
+                    code(_mm256_loadu_ps(p.add(16))),
+                    code(_mm256_loadu_ps(p.add(24))),
+                )
+            };
+            // Codes fit a byte: pack to 16 then 8 bits (per 128-bit lane), then put the dwords
+            // back in value order.
+            let w = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+            let bytes = _mm256_permutevar8x32_epi32(w, order);
+            let o = &mut out[i..i + 32];
+            // SAFETY: `o` holds 32 bytes.
+            unsafe { _mm256_storeu_si256(o.as_mut_ptr().cast(), bytes) };
+            i += 32;
+        }
+        while i + 8 <= n {
+            let mut lanes = [0u32; 8];
+            let v = &ys[i..i + 8];
+            // SAFETY: `v` holds 8 floats and `lanes` 8 u32s.
+            unsafe {
+                _mm256_storeu_si256(lanes.as_mut_ptr().cast(), code(_mm256_loadu_ps(v.as_ptr())))
+            };
+            for (o, &c) in out[i..i + 8].iter_mut().zip(&lanes) {
+                *o = c as u8;
+            }
+            i += 8;
+        }
+        for (o, &y) in out[i..n].iter_mut().zip(&ys[i..n]) {
+            *o = sorted.iter().filter(|&&b| y > b).count() as u8;
+        }
+    }
 }
 
 struct CountBelow<'a> {
@@ -537,15 +639,31 @@ mod tests {
         softmax_in_place(&mut empty, 1.0);
     }
 
+    /// Every boundary count 0-15 (the binary search pads to `2^L - 1`), every size, values that
+    /// tie a boundary exactly, lie beyond the ends, or are NaN / infinite: the codes equal the
+    /// scalar twin's.
     #[test]
     fn count_below_parity() {
-        let bounds = [-0.5f32, -0.1, 0.0, 0.2, 0.7];
-        for n in SIZES {
-            let ys = data(n, 3);
-            let (mut a, mut b) = (vec![0u8; n], vec![0u8; n]);
-            count_below(&bounds, &ys, &mut a);
-            count_below_scalar(&bounds, &ys, &mut b);
-            assert_eq!(a, b, "n={n}");
+        for len in 0..=15usize {
+            let mut bounds: Vec<f32> = data(len, 30 + len as u64);
+            bounds.sort_by(f32::total_cmp);
+            for n in SIZES {
+                let mut ys = data(n, 3);
+                for (i, y) in ys.iter_mut().enumerate() {
+                    match i % 11 {
+                        0 if len > 0 => *y = bounds[i % len],
+                        1 => *y = f32::NAN,
+                        2 => *y = f32::INFINITY,
+                        3 => *y = f32::NEG_INFINITY,
+                        4 => *y *= 10.0,
+                        _ => {}
+                    }
+                }
+                let (mut a, mut b) = (vec![0u8; n], vec![0u8; n]);
+                count_below(&bounds, &ys, &mut a);
+                count_below_scalar(&bounds, &ys, &mut b);
+                assert_eq!(a, b, "len={len} n={n}");
+            }
         }
     }
 
