@@ -465,8 +465,9 @@ fn _search_seconds(
 /// A quantized KV cache of one attention layer (grouped-query heads), attention computed on the
 /// codes.
 ///
-/// Defaults to the documented recommended configuration (5-bit keys, 4-bit values, least-squares
-/// scales, the 4 newest tokens in float32); every argument given overrides one field of it.
+/// Defaults to the documented recommended configuration (4-bit KIVI keys in groups of 64 tokens,
+/// 4-bit TurboQuant values with least-squares f16 scales, the first 4 and the 4 newest tokens in
+/// float32); every argument given overrides one field of it.
 /// `key_bits` / `value_bits` take an int or a precision string ("3.5", "4x32+3"; a split needs
 /// calibrated channels and is refused here). With `kv_heads == 1` (the default) keys, values
 /// and queries may be 2-D `(n, head_dim)`; otherwise keys and values are `(kv_heads, n, head_dim)`
@@ -524,8 +525,8 @@ impl KVCache {
 impl KVCache {
     #[new]
     #[pyo3(signature = (head_dim, key_bits = None, value_bits = None, *, heads = 1, kv_heads = None,
-        window = None, key_strategy = None, value_strategy = None, group = None, scale = None,
-        rotation = None, seed = None))]
+        window = None, sink = None, key_strategy = None, value_strategy = None, group = None,
+        scale = None, scale_precision = None, rotation = None, seed = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         head_dim: usize,
@@ -534,10 +535,12 @@ impl KVCache {
         heads: usize,
         kv_heads: Option<usize>,
         window: Option<usize>,
+        sink: Option<usize>,
         key_strategy: Option<&str>,
         value_strategy: Option<&str>,
         group: Option<usize>,
         scale: Option<&str>,
+        scale_precision: Option<&str>,
         rotation: Option<&str>,
         seed: Option<u64>,
     ) -> PyResult<Self> {
@@ -551,6 +554,9 @@ impl KVCache {
         if let Some(w) = window {
             cfg.window = w;
         }
+        if let Some(s) = sink {
+            cfg.sink = s;
+        }
         if let Some(s) = key_strategy {
             cfg.key_strategy = parse::<KeyStrategy>("key_strategy", s)?;
         }
@@ -562,6 +568,9 @@ impl KVCache {
         }
         if let Some(s) = scale {
             cfg.scale = parse("scale", s)?;
+        }
+        if let Some(s) = scale_precision {
+            cfg.scale_precision = parse("scale_precision", s)?;
         }
         if let Some(r) = rotation {
             cfg.rotation = parse("rotation", r)?;

@@ -3,15 +3,16 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use serde::Serialize;
 use tq_bench::count;
 use tq_core::RotationKind;
 use tq_quant::ScaleMode;
 
-use super::{KvCacheArgs, KvCommon, KvGrid, Report, kv_configs, pool, strategy_label};
+use super::{KvCacheArgs, KvCommon, KvGrid, NamedConfig, Report, kv_configs, pool, strategy_label};
 use crate::real;
+use tq_kv::{KeyStrategy, ValueStrategy};
 
 /// `real-model`'s options.
 #[derive(Args)]
@@ -52,10 +53,11 @@ pub struct RealModelArgs {
     #[arg(long, default_value_t = 256)]
     pub chunk: usize,
     /// Key precisions, comma-separated: integers, 2.5 / 3.5 (outlier splits) or OBxCOUNT+RB.
-    /// The defaults (keys 5, values 4, least-squares scale, window 4) are the documented
-    /// default configuration (tq_kv::HeadConfig::recommended, docs/CHOOSING.md).
-    #[arg(long, value_delimiter = ',', default_value = "5")]
-    pub key_bits: Vec<String>,
+    /// Without --key-bits and --config the run measures the documented default cache
+    /// (tq_kv::HeadConfig::recommended, docs/CHOOSING.md; the other grid options must then keep
+    /// their defaults); with --key-bits, the grid they and the other options span.
+    #[arg(long, value_delimiter = ',')]
+    pub key_bits: Option<Vec<String>>,
     /// Per-vector scalars of MSE keys and values, comma-separated: norm, unbiased, least-squares.
     #[arg(long = "scale", value_delimiter = ',', default_value = "least-squares")]
     pub scales: Vec<ScaleMode>,
@@ -246,6 +248,23 @@ fn resolve_repo_path(dir: &std::path::Path) -> PathBuf {
 /// The default prompt of `real-model`.
 const DEFAULT_PROMPT: &str = "What is the capital of France?";
 
+/// True when no grid option differs from its default (so a run without --key-bits measures the
+/// default cache and ignores nothing the user asked for).
+fn grid_options_at_defaults(a: &RealModelArgs) -> bool {
+    let k = &a.cache;
+    k.value_bits == ["4"]
+        && !k.pair
+        && k.key_strategy == [KeyStrategy::Mse]
+        && k.value_strategy == [ValueStrategy::Mse]
+        && k.group == [tq_quant::DEFAULT_KIVI_GROUP]
+        && k.scale_precision == [tq_quant::ScalePrecision::F32]
+        && k.sink == [0]
+        && !k.center
+        && a.scales == [ScaleMode::LeastSquares]
+        && a.window == [4]
+        && a.rotation == [RotationKind::Hadamard]
+}
+
 /// Runs `real-model`.
 ///
 /// # Errors
@@ -254,14 +273,26 @@ pub fn run(a: RealModelArgs) -> Result<RealReport> {
     let model_dir = resolve_repo_path(&a.model_dir);
     let a = RealModelArgs { model_dir, ..a };
     let c = &a.common;
+    let default_cache = [NamedConfig::Recommended];
+    let (key_bits, named): (&[String], &[NamedConfig]) = match (&a.key_bits, &a.cache.config[..]) {
+        (Some(k), named) => (k, named),
+        (None, []) => {
+            ensure!(
+                grid_options_at_defaults(&a),
+                "grid options (--value-bits, --window, --scale, --sink, ...) need --key-bits; without it the run measures the default cache (--config recommended)"
+            );
+            (&[], &default_cache)
+        }
+        (None, named) => (&[], named),
+    };
     let grid = KvGrid {
-        key_bits: &a.key_bits,
+        key_bits,
         value_bits: &a.cache.value_bits,
         pair: a.cache.pair,
         strategies: &a.cache.key_strategy,
         value_strategies: &a.cache.value_strategy,
         groups: &a.cache.group,
-        named: &a.cache.config,
+        named,
         scales: &a.scales,
         scale_precisions: &a.cache.scale_precision,
         sinks: &a.cache.sink,

@@ -103,8 +103,9 @@ def read_index(path: PathLike) -> Index:
 class KVCache:
     """A quantized KV cache of one attention layer; attention runs on the codes.
 
-    Defaults to the recommended configuration (5-bit keys, 4-bit values, least-squares scales,
-    a 4-token float32 window); each argument given overrides one field.
+    Defaults to the recommended configuration (4-bit KIVI keys in groups of 64 tokens, 4-bit
+    TurboQuant values with least-squares f16 scales, the first 4 and the 4 newest tokens in
+    float32); each argument given overrides one field.
     """
 
     def __init__(
@@ -116,10 +117,12 @@ class KVCache:
         heads: int = 1,
         kv_heads: Optional[int] = None,
         window: Optional[int] = None,
+        sink: Optional[int] = None,
         key_strategy: Optional[str] = None,
         value_strategy: Optional[str] = None,
         group: Optional[int] = None,
         scale: Optional[str] = None,
+        scale_precision: Optional[str] = None,
         rotation: Optional[str] = None,
         seed: Optional[int] = None,
     ) -> None: ...
