@@ -298,6 +298,14 @@ fn trace_measures_every_named_configuration_given() {
         (rows[1]["key_bits"].as_f64(), rows[1]["window"].as_u64()),
         (Some(4.0), Some(0))
     );
+    let out = bench(&["trace", "--config", "compact", "--json"]);
+    let r = json(&out);
+    let row = &r["results"][0];
+    assert_eq!(
+        (row["value_precision"].as_str(), row["window"].as_u64()),
+        (Some("3"), Some(12))
+    );
+    assert!(row["key_precision"].as_str().unwrap().ends_with("+3"));
     let bad = bench(&["trace", "--config", "recommended,best"]);
     assert!(!bad.status.success());
 }

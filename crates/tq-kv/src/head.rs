@@ -137,6 +137,32 @@ impl HeadConfig {
             ..Self::new(head_dim, Precision::Uniform(4), Precision::Uniform(4))
         }
     }
+
+    /// The compact configuration, under 4 stored bits per coordinate at 2 000 tokens: KIVI keys
+    /// (groups of 64 tokens) at 4 bits on the half of the channels that swing most inside groups
+    /// and 3 bits on the rest, 3-bit TurboQuant_mse values with least-squares f16 scales, a
+    /// 4-token sink and a 12-token window in f32. On SmolLM2-135M-Instruct (`head_dim` 64:
+    /// `4x32+3` keys) it stores 3.85 bits per coordinate at 2 000 tokens of
+    /// `fixtures/jargon-chapters.txt` and kept all four checks of [`HeadConfig::recommended`]:
+    /// x1.003 / top-1 0.954 there, prose x1.010 / 0.953, expository x0.995 / 0.970, the prompt
+    /// suite x1.014 / 0.957 (docs/REAL_MODEL.md).
+    ///
+    /// The key split needs calibrated channels: build the cache with
+    /// `HeadCalibration::from_samples(&config, keys, values, &OutlierChoice::Auto)` on sample
+    /// key-values of the head (tq-onnx's `calibrate` does it from a prompt). `head_dim >= 4`.
+    pub fn compact(head_dim: usize) -> Self {
+        let half = head_dim / 2;
+        Self {
+            key_precision: Precision::Split {
+                outlier_bits: 4,
+                outlier_channels: half,
+                regular_bits: 3,
+            },
+            value_precision: Precision::Uniform(3),
+            window: 12,
+            ..Self::recommended(head_dim)
+        }
+    }
 }
 
 /// A head's serialized parts (see [`crate::persist`]).

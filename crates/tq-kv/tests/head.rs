@@ -812,3 +812,29 @@ fn sink_tokens_stay_exact_and_everything_else_is_unchanged() {
         }
     }
 }
+
+/// The compact configuration needs its key split calibrated: without channels it is a typed
+/// error, with `from_samples` it builds, stores fewer bits than the default, and attends close
+/// to exact attention.
+#[test]
+fn compact_configuration_is_calibrated_then_attends() {
+    let (d, n) = (64, 300);
+    let (k, v) = (rows(n, d, 51), rows(n, d, 52));
+    let cfg = HeadConfig::compact(d);
+    assert!(matches!(
+        HeadCache::new(cfg.clone(), &HeadCalibration::default()),
+        Err(Error::InvalidChannels { .. })
+    ));
+    let cal = HeadCalibration::from_samples(&cfg, &k, &v, &tq_kv::OutlierChoice::Auto).unwrap();
+    let mut cache = HeadCache::new(cfg, &cal).unwrap();
+    cache.append(&k, &v).unwrap();
+    let mut default =
+        HeadCache::new(HeadConfig::recommended(d), &HeadCalibration::default()).unwrap();
+    default.append(&k, &v).unwrap();
+    assert!(cache.memory_bytes() < default.memory_bytes());
+    let q = rows(1, d, 53);
+    let mut out = vec![0.0; d];
+    cache.attend(&q, &mut out).unwrap();
+    let want = attention(&q, &k, &v, d, n);
+    assert!(rel(&out, &want) < 0.3, "{}", rel(&out, &want));
+}

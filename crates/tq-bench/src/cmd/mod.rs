@@ -79,8 +79,9 @@ pub struct KvCacheArgs {
     #[arg(long, value_delimiter = ',', default_value = "32")]
     pub group: Vec<usize>,
     /// Named configurations instead of the grid, comma-separated: recommended
-    /// (tq_kv::HeadConfig::recommended, the documented default) and/or paper (TurboQuant_mse
-    /// 4-bit keys and values, nothing else); `recommended,paper` measures both in one run.
+    /// (tq_kv::HeadConfig::recommended, the documented default), paper (TurboQuant_mse 4-bit
+    /// keys and values, nothing else) and compact (HeadConfig::compact: under 4 bits, calibrated
+    /// key split); `recommended,paper` measures both in one run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub config: Vec<NamedConfig>,
     /// Stored widths of the per-vector scales of MSE keys and values, comma-separated: f32, f16
@@ -183,6 +184,9 @@ pub enum NamedConfig {
     Recommended,
     /// `HeadConfig::paper`: TurboQuant_mse at 4 bits for keys and values.
     Paper,
+    /// `HeadConfig::compact`: KIVI keys split 4/3 bits by calibrated channels, 3-bit values,
+    /// under 4 bits per coordinate at 2 000 tokens.
+    Compact,
 }
 
 impl NamedConfig {
@@ -191,6 +195,7 @@ impl NamedConfig {
         match self {
             NamedConfig::Recommended => HeadConfig::recommended(d),
             NamedConfig::Paper => HeadConfig::paper(d),
+            NamedConfig::Compact => HeadConfig::compact(d),
         }
     }
 }
