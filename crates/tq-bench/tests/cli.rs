@@ -279,7 +279,8 @@ fn real_glove_fixture_meets_the_theory() {
 }
 
 /// `--config recommended,paper` measures both named configurations in one run, in that order:
-/// the default's 4-bit KIVI keys with a 4-token window and sink, and the paper's plain 4/4.
+/// the default's 4-bit KIVI keys with a 4-token sink and a 12-token window, and the paper's
+/// plain 4/4.
 #[test]
 fn trace_measures_every_named_configuration_given() {
     let out = bench(&["trace", "--config", "recommended,paper", "--json"]);
@@ -292,7 +293,7 @@ fn trace_measures_every_named_configuration_given() {
             rows[0]["window"].as_u64(),
             rows[0]["sink"].as_u64()
         ),
-        (Some("kivi"), Some(4), Some(4))
+        (Some("kivi"), Some(12), Some(4))
     );
     assert_eq!(
         (rows[1]["key_bits"].as_f64(), rows[1]["window"].as_u64()),

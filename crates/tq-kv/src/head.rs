@@ -115,13 +115,13 @@ impl HeadConfig {
     }
 
     /// The documented default for LLM KV caches (docs/CHOOSING.md): 4-bit KIVI keys (per-channel
-    /// groups of 64 tokens, f16 scale and zero, the newest incomplete group in f16), 4-bit
+    /// groups of 64 tokens, f16 scale and zero, the newest incomplete group in f16), 3-bit
     /// TurboQuant_mse values with least-squares f16 scales, the first 4 tokens (the attention
-    /// sink) and the 4 most recent kept in f32, Hadamard rotation. Chosen as the fewest stored
+    /// sink) and the 12 most recent kept in f32, Hadamard rotation. Chosen as the fewest stored
     /// bits per coordinate measured to keep perplexity within 2% of the exact cache and next-token
     /// top-1 agreement at or above 0.95 on SmolLM2-135M-Instruct in all four checks:
-    /// teacher-forced over 2 047 tokens of `fixtures/jargon-chapters.txt` (4.64 bits, x1.002,
-    /// top-1 0.961) and 300 tokens of each of two English texts, and greedy 64-token
+    /// teacher-forced over 2 000 tokens of `fixtures/jargon-chapters.txt` (4.10 bits, x1.002,
+    /// top-1 0.955) and 299 tokens of each of two English texts, and greedy 64-token
     /// continuations of an 8-prompt suite. Its keys are KIVI's, not TurboQuant's: per-channel
     /// zero points remove the post-RoPE keys' channel offsets that a rotation would spread
     /// (docs/REAL_MODEL.md). Scoring KIVI keys builds look-up tables per group, so decode
@@ -130,18 +130,18 @@ impl HeadConfig {
         Self {
             key_strategy: KeyStrategy::Kivi,
             group: 64,
-            window: 4,
+            window: 12,
             sink: 4,
             scale: ScaleMode::LeastSquares,
             scale_precision: ScalePrecision::F16,
-            ..Self::new(head_dim, Precision::Uniform(4), Precision::Uniform(4))
+            ..Self::new(head_dim, Precision::Uniform(4), Precision::Uniform(3))
         }
     }
 
-    /// The compact configuration, under 4 stored bits per coordinate at 2 000 tokens: KIVI keys
-    /// (groups of 64 tokens) at 4 bits on the half of the channels that swing most inside groups
-    /// and 3 bits on the rest, 3-bit TurboQuant_mse values with least-squares f16 scales, a
-    /// 4-token sink and a 12-token window in f32. On SmolLM2-135M-Instruct (`head_dim` 64:
+    /// The compact configuration, under 4 stored bits per coordinate at 2 000 tokens: the
+    /// default with its KIVI keys split, 4 bits on the half of the channels that swing most
+    /// inside groups and 3 bits on the rest (3-bit TurboQuant_mse values with least-squares f16
+    /// scales, a 4-token sink and a 12-token window in f32, as the default). On SmolLM2-135M-Instruct (`head_dim` 64:
     /// `4x32+3` keys) it stores 3.85 bits per coordinate at 2 000 tokens of
     /// `fixtures/jargon-chapters.txt` and kept all four checks of [`HeadConfig::recommended`]:
     /// x1.003 / top-1 0.954 there, prose x1.010 / 0.953, expository x0.995 / 0.970, the prompt
@@ -158,8 +158,6 @@ impl HeadConfig {
                 outlier_channels: half,
                 regular_bits: 3,
             },
-            value_precision: Precision::Uniform(3),
-            window: 12,
             ..Self::recommended(head_dim)
         }
     }

@@ -245,8 +245,10 @@ def test_kv_attention_on_codes_is_close_to_numpy():
     out = cache.attend(q)
     ref = attention(q, k, v)
     rel = np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)
-    # 4-bit KIVI keys / 4-bit values: about 0.1 relative output error per query on this data.
-    assert rel.mean() < 0.2, rel
+    # 3-bit values carry a relative error of sqrt(D_mse) = sqrt(0.034) = 0.18 each, and on this
+    # unstructured data the output (a wide average of values) keeps about that relative error;
+    # the 4-bit KIVI keys add a little: measured 0.21 on average.
+    assert rel.mean() < 0.3, rel
     assert cache.nbytes * 2.5 < cache.f16_nbytes
     # Causal limits: query i sees the first limits[i] tokens.
     limits = [1, 10, 200, n]

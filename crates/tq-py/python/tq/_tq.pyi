@@ -103,8 +103,8 @@ def read_index(path: PathLike) -> Index:
 class KVCache:
     """A quantized KV cache of one attention layer; attention runs on the codes.
 
-    Defaults to the recommended configuration (4-bit KIVI keys in groups of 64 tokens, 4-bit
-    TurboQuant values with least-squares f16 scales, the first 4 and the 4 newest tokens in
+    Defaults to the recommended configuration (4-bit KIVI keys in groups of 64 tokens, 3-bit
+    TurboQuant values with least-squares f16 scales, the first 4 and the 12 newest tokens in
     float32); each argument given overrides one field.
     """
 
