@@ -60,33 +60,24 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// The cache's label: precisions, strategies, window.
+/// The cache's label: precisions, strategies, window (and sink).
 fn label(c: &Config) -> String {
     let h = &c.head;
+    let window = match h.sink {
+        0 => format!("w{}", h.window),
+        _ => crate::cmd::window_label(h.window, h.sink),
+    };
     format!(
-        "k{} v{} {} w{}",
+        "k{} v{} {} {window}",
         h.key_precision,
         h.value_precision,
         strategy_label(
             h.key_strategy,
             h.value_strategy,
-            Some(h.group).filter(|_| {
-                matches!(
-                    h.key_strategy,
-                    tq_kv::KeyStrategy::Kivi | tq_kv::KeyStrategy::Gmse
-                ) || matches!(
-                    h.value_strategy,
-                    tq_kv::ValueStrategy::Kivi | tq_kv::ValueStrategy::Gmse
-                )
-            }),
+            crate::kv::uses_groups(h).then_some(h.group),
             Some(h.scale_precision),
         ),
-        h.window
-    ) + &if h.sink > 0 {
-        format!(" s{}", h.sink)
-    } else {
-        String::new()
-    }
+    )
 }
 
 /// Runs every length × cache. `float` and `native` are the decoders on each path (either may be

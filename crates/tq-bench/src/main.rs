@@ -70,7 +70,18 @@ enum Command {
 
 fn main() {
     cmd::ensure_runtime_dir();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // real-model measures the default cache unless a grid option was given on the command line
+    // (a value equal to its default counts as given).
+    if let (Command::RealModel(a), Some((_, sub))) = (&mut cli.command, matches.subcommand()) {
+        a.grid_given = real_model::GRID_ARGS
+            .iter()
+            .any(|id| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine));
+    }
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

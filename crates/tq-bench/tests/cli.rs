@@ -1220,3 +1220,46 @@ fn a_relative_model_dir_is_found_from_the_repository_root() {
     let err = fails_with(&["real-model", "--model-dir", "no/such/bundle"]);
     assert!(err.contains("no/such/bundle"), "{err}");
 }
+
+/// Without --key-bits, real-model measures the default cache; a grid option given then (even at
+/// its default value) is an error naming --key-bits, not ignored.
+#[test]
+fn real_model_without_key_bits_runs_the_default_cache_or_refuses_grid_options() {
+    let out = bench(&[
+        "real-model",
+        "--model-dir",
+        tiny_model(),
+        "--quick",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]);
+    let r = json(&out);
+    let q: Vec<&serde_json::Value> = r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|row| row["mode"] == "compare")
+        .collect();
+    assert_eq!(q.len(), 1);
+    assert_eq!(
+        (
+            q[0]["key_strategy"].as_str(),
+            q[0]["window"].as_u64(),
+            q[0]["sink"].as_u64()
+        ),
+        (Some("kivi"), Some(12), Some(4))
+    );
+    for extra in [
+        ["--window", "4"],
+        ["--sink", "0"],
+        ["--scale", "least-squares"],
+    ] {
+        let mut args = vec!["real-model", "--model-dir", tiny_model(), "--quick"];
+        args.extend(extra);
+        let out = bench(&args);
+        assert!(!out.status.success(), "{extra:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--key-bits"), "{extra:?}: {err}");
+    }
+}

@@ -65,8 +65,9 @@ pub struct HeadConfig {
     /// Per-vector scalar of the MSE key and value quantizers (Prod keys always store the norm).
     #[serde(default)]
     pub scale: ScaleMode,
-    /// Stored width of that scalar (MSE streams; KIVI keeps f16 scales and zeros, Prod f32
-    /// norms). Caches saved before the field existed hold f32 scales.
+    /// Stored width of that scalar (MSE streams only: KIVI keeps f16 scales and zeros, Prod,
+    /// gmse and polar f32 norms whatever this says). Caches saved before the field existed hold
+    /// f32 scales.
     #[serde(default)]
     pub scale_precision: ScalePrecision,
     /// Centre MSE keys and values on calibrated means ([`HeadCalibration::key_mean`] / `value_mean`);
@@ -486,7 +487,7 @@ impl HeadCache {
         Ok(out)
     }
 
-    /// All keys decoded to f32 (`len · d`, row-major; window tokens exact).
+    /// All keys decoded to f32 (`len · d`, row-major; sink and window tokens exact).
     ///
     /// # Errors
     /// Only on internal inconsistency (not expected).
@@ -494,7 +495,7 @@ impl HeadCache {
         self.keys_from(0)
     }
 
-    /// All values decoded to f32 (`len · d`, row-major; window tokens exact).
+    /// All values decoded to f32 (`len · d`, row-major; sink and window tokens exact).
     ///
     /// # Errors
     /// Only on internal inconsistency (not expected).
@@ -521,7 +522,7 @@ impl HeadCache {
         self.reconstruct_from(&self.values, &self.sink_values, &self.window_values, start)
     }
 
-    /// Saved parts: key and value part batches (tq-batch bytes) and the window rows.
+    /// Saved parts: key and value part batches (tq-batch bytes), the window rows and the sink rows.
     pub(crate) fn parts(&self) -> Result<SavedParts<'_>> {
         Ok(SavedParts {
             keys: self.keys.to_blobs()?,

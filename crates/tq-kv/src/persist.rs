@@ -1,6 +1,10 @@
-//! Saving and loading whole caches (safetensors, format `tq-kv-cache` version 1).
+//! Saving and loading whole caches (safetensors, format `tq-kv-cache` version 2).
 //!
-//! `__metadata__`: `format = "tq-kv-cache"`, `version = "1"`, `config` = JSON
+//! Version 2 added the sink (`head.sink`, `sink_keys` / `sink_values`) and f16 scales
+//! (`head.scale_precision`); this build writes 2 and reads 1 and 2 (a version-1 file has neither),
+//! so a build that reads only version 1 refuses a file whose sink it would drop.
+//!
+//! `__metadata__`: `format = "tq-kv-cache"`, `version = "2"`, `config` = JSON
 //! `{"layers", "n_q_heads", "n_kv_heads", "head": HeadConfig, "outliers": [[HeadCalibration; kv heads]; layers]}`.
 //! Per layer `l` and kv head `h`: `l{l}.h{h}.keys.p{p}` and `l{l}.h{h}.values.p{p}` (U8: each
 //! channel part's batch as a saved tq-batch, see tq-quant's `io`), `l{l}.h{h}.window_keys` /
@@ -24,7 +28,7 @@ use crate::multi::{ModelCache, MultiHeadCache};
 use crate::{Error, Result};
 
 /// The format version this build writes and reads.
-pub const CACHE_FORMAT_VERSION: u32 = 1;
+pub const CACHE_FORMAT_VERSION: u32 = 2;
 const FORMAT: &str = "tq-kv-cache";
 
 #[derive(Serialize, Deserialize)]
@@ -56,11 +60,13 @@ fn check_shapes(st: &SafeTensors<'_>, header: &CacheHeader) -> Result<()> {
             } else {
                 &[]
             };
-            if sinks.is_empty() && st.tensor(&format!("l{l}.h{h}.sink_keys")).is_ok() {
-                return Err(bad(
-                    format!("l{l}.h{h}.sink_keys"),
-                    "present in a cache configured without a sink",
-                ));
+            for t in ["sink_keys", "sink_values"] {
+                if sinks.is_empty() && st.tensor(&format!("l{l}.h{h}.{t}")).is_ok() {
+                    return Err(bad(
+                        format!("l{l}.h{h}.{t}"),
+                        "present in a cache configured without a sink",
+                    ));
+                }
             }
             for t in ["window_keys", "window_values"].iter().chain(sinks) {
                 let name = format!("l{l}.h{h}.{t}");
@@ -216,10 +222,11 @@ impl ModelCache {
         if get("format")? != FORMAT {
             return Err(bad("__metadata__", "not a tq-kv-cache file"));
         }
-        if get("version")?.parse::<u32>().ok() != Some(CACHE_FORMAT_VERSION) {
+        let version = get("version")?.parse::<u32>().ok();
+        if !matches!(version, Some(v) if (1..=CACHE_FORMAT_VERSION).contains(&v)) {
             return Err(bad(
                 "__metadata__",
-                format!("unsupported version (this build reads {CACHE_FORMAT_VERSION})"),
+                format!("unsupported version (this build reads 1 to {CACHE_FORMAT_VERSION})"),
             ));
         }
         let header: CacheHeader =

@@ -646,6 +646,49 @@ fn a_refused_append_changes_nothing() {
     }
 }
 
+/// f16 value scales hold at most 65 504: a value row whose coordinates are all in f16's range but
+/// whose scale is not is refused before anything changes (the default cache, with its sink and
+/// window, and without them), in one head and across heads.
+#[test]
+fn a_scale_f16_cannot_hold_is_refused_before_anything_changes() {
+    use tq_kv::MultiHeadCache;
+    let d = 64;
+    let (k, v) = (rows(40, d, 61), rows(40, d, 62));
+    let big = vec![8200.0f32; d]; // every coordinate fits f16; the norm is 65 600
+    for (sink, window) in [(4usize, 12usize), (0, 0), (0, 3)] {
+        let cfg = HeadConfig {
+            sink,
+            window,
+            ..HeadConfig::recommended(d)
+        };
+        let mut c = HeadCache::new(cfg.clone(), &HeadCalibration::default()).unwrap();
+        c.append(&k[..20 * d], &v[..20 * d]).unwrap();
+        let (keys, values) = (c.keys().unwrap(), c.values().unwrap());
+        let mut bad = v[20 * d..25 * d].to_vec();
+        bad[2 * d..3 * d].copy_from_slice(&big);
+        let e = c.append(&k[20 * d..25 * d], &bad).unwrap_err();
+        assert!(e.to_string().contains("65504"), "{e}");
+        assert!(c.len() == 20 && c.keys().unwrap() == keys && c.values().unwrap() == values);
+        let mut out = vec![0.0; 3 * d];
+        let e = c.append_attend(
+            &k[20 * d..25 * d],
+            &bad,
+            &k[..3 * d],
+            &[1, 10, 25],
+            &mut out,
+        );
+        assert!(e.is_err());
+        assert!(c.len() == 20 && c.values().unwrap() == values);
+        c.append(&k[20 * d..], &v[20 * d..]).unwrap();
+        assert_eq!(c.len(), 40);
+        let mut m = MultiHeadCache::new(2, 2, &cfg, &[]).unwrap();
+        let mut vals = v[..2 * 10 * d].to_vec();
+        vals[10 * d..11 * d].copy_from_slice(&big);
+        assert!(m.append(&k[..2 * 10 * d], &vals).is_err());
+        assert_eq!(m.len(), 0);
+    }
+}
+
 /// One decoder step on the cache: the step's new tokens are attended exactly (the old ones on
 /// their codes), causally, and afterwards the cache holds what a plain append gives.
 #[test]

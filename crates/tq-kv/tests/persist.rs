@@ -136,9 +136,6 @@ fn with_config(bytes: &[u8], edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
     safetensors::serialize(tensors, Some(meta)).unwrap()
 }
 
-/// A header that promises a 4096-dimensional dense rotation per head over tensors of d = 16 is
-/// refused by the shape check, which runs before any quantizer is built (building one would take
-/// 64 MB and about a minute per head).
 /// Fills a one-layer cache of `cfg` with `t` random tokens per kv head, saves and restores it, and
 /// checks that the two hold the same bytes, attend identically and stay identical through two
 /// more appends; returns the saved bytes.
@@ -164,6 +161,9 @@ fn saved_round_trip(cfg: &HeadConfig, nkv: usize, nq: usize, t: usize, seed: u64
     bytes
 }
 
+/// A header that promises a 4096-dimensional dense rotation per head over tensors of d = 16 is
+/// refused by the shape check, which runs before any quantizer is built (building one would take
+/// 64 MB and about a minute per head).
 #[test]
 fn a_header_larger_than_its_tensors_is_refused_before_building() {
     let bytes = small_model().to_safetensors().unwrap();
@@ -403,6 +403,29 @@ fn sink_caches_round_trip_and_refuse_inconsistent_sinks() {
                 Err(Error::InvalidCache { .. })
             ),
             "sink {sink}"
+        );
+    }
+}
+
+/// Version 1 files (written before sinks and f16 scales) still load; a version this build does
+/// not know is refused.
+#[test]
+fn version_1_loads_and_unknown_versions_are_refused() {
+    let (m, _, _) = model();
+    let bytes = m.to_safetensors().unwrap();
+    let from = br#""version":"2""#;
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("the version key");
+    for (v, ok) in [(b'1', true), (b'3', false), (b'0', false)] {
+        let mut b = bytes.clone();
+        b[at + from.len() - 2] = v;
+        assert_eq!(
+            ModelCache::from_safetensors(&b).is_ok(),
+            ok,
+            "version {}",
+            v as char
         );
     }
 }

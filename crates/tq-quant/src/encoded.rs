@@ -69,8 +69,9 @@ pub trait EncodedVectors: Sync {
     /// Encodes and appends row-major vectors (`n · dim` finite floats), in parallel.
     ///
     /// # Errors
-    /// [`crate::Error::DimMismatch`], [`crate::Error::NonFinite`], and for the grouped kinds (KIVI,
-    /// gmse) [`crate::Error::ValueOutOfRange`]; nothing is appended then.
+    /// [`crate::Error::DimMismatch`], [`crate::Error::NonFinite`], for the grouped kinds (KIVI,
+    /// gmse) [`crate::Error::ValueOutOfRange`], and for MSE [`crate::Error::ScaleOverflow`] (a
+    /// row whose scale its width cannot hold); nothing is appended then.
     fn extend(&mut self, xs: &[f32]) -> Result<()>;
 
     /// Keeps the first `n` rows (no-op when `n >= len()`).
@@ -202,6 +203,10 @@ impl EncodedVectors for MseBatch {
     }
     fn memory_bytes(&self) -> usize {
         MseBatch::memory_bytes(self)
+    }
+    fn check_rows(&self, xs: &[f32]) -> Result<()> {
+        check_batch(xs, self.dim())?;
+        self.quantizer().check_scales(xs)
     }
     fn extend(&mut self, xs: &[f32]) -> Result<()> {
         MseBatch::extend(self, xs)

@@ -115,16 +115,8 @@ impl MseQuantizer {
     /// The stored scalar for a row with norm `norm`, rotated unit vector `y` and codes `codes`
     /// ([`ScaleMode`]).
     #[inline]
+    /// Before rounding to the stored width ([`RowScales`] rounds as it stores).
     pub(crate) fn scale_of(&self, norm: f32, y: &[f32], codes: &[u8]) -> f32 {
-        let s = self.unrounded_scale(norm, y, codes);
-        match self.config.scale_precision {
-            ScalePrecision::F32 => s,
-            ScalePrecision::F16 => half::f16::from_f32(s).to_f32(),
-        }
-    }
-
-    /// [`Self::scale_of`] before rounding to the stored width.
-    fn unrounded_scale(&self, norm: f32, y: &[f32], codes: &[u8]) -> f32 {
         if self.config.scale == ScaleMode::Norm || norm == 0.0 {
             return norm;
         }
@@ -212,6 +204,63 @@ impl MseQuantizer {
         }
     }
 
+    /// Checks that every row of `xs` (trusted: finite, whole rows) gets a scale the configured
+    /// width holds, writing nothing: with f32 scales, that each row's squared norm is finite (a
+    /// finite norm keeps every scale mode finite); with f16 scales, by computing each row's
+    /// scale as quantization would (rotation and codebook search, no packing). O(n · d log d)
+    /// for f16, O(n · d) for f32.
+    ///
+    /// # Errors
+    /// [`Error::ScaleOverflow`] naming the first such row.
+    pub(crate) fn check_scales(&self, xs: &[f32]) -> Result<()> {
+        let d = self.dim();
+        if self.config.scale_precision == ScalePrecision::F32 {
+            let mut centred = vec![0.0f32; d];
+            for (row, x) in xs.chunks_exact(d).enumerate() {
+                let x = match &self.mean {
+                    Some(m) => {
+                        for ((c, a), b) in centred.iter_mut().zip(x).zip(m.iter()) {
+                            *c = a - b;
+                        }
+                        &centred[..]
+                    }
+                    None => x,
+                };
+                let sq = simd::sum_squares_fixed(x);
+                if !sq.is_finite() {
+                    return Err(Error::ScaleOverflow {
+                        row,
+                        scale: sq.sqrt(),
+                        max: f32::MAX,
+                    });
+                }
+            }
+            return Ok(());
+        }
+        let mut s = Scratch::default();
+        let mut norms = [0.0f32; BLOCK];
+        for (b, chunk) in xs.chunks(BLOCK * d).enumerate() {
+            let n = chunk.len() / d;
+            s.ys.resize(n * d, 0.0);
+            s.codes.resize(d, 0);
+            self.rotate_unit(chunk, &mut s.ys, &mut norms[..n]);
+            let mut scales = [0.0f32; BLOCK];
+            for ((y, norm), sc) in s.ys.chunks_exact(d).zip(&norms[..n]).zip(&mut scales) {
+                self.codebook.quantize_slice(y, &mut s.codes);
+                *sc = self.scale_of(*norm, y, &s.codes);
+            }
+            RowScales::from_f32(ScalePrecision::F16, &scales[..n]).map_err(|e| match e {
+                Error::ScaleOverflow { row, scale, max } => Error::ScaleOverflow {
+                    row: b * BLOCK + row,
+                    scale,
+                    max,
+                },
+                other => other,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Codes and packed bytes of one rotated unit row.
     #[inline]
     pub(crate) fn code_row(&self, y: &[f32], codes: &mut [u8], packed: &mut [u8]) {
@@ -274,14 +323,8 @@ impl MseQuantizer {
         let mut codes = vec![0u8; self.dim()];
         self.code_row(&y, &mut codes, packed);
         let s = self.scale_of(norm[0], &y, &codes);
-        if !s.is_finite() {
-            return Err(Error::ScaleOverflow {
-                row: 0,
-                scale: self.unrounded_scale(norm[0], &y, &codes),
-                max: half::f16::MAX.to_f32(),
-            });
-        }
-        Ok(s)
+        let stored = RowScales::from_f32(self.config.scale_precision, &[s])?;
+        Ok(stored.get(0))
     }
 
     /// Rotated-domain reconstruction `c[codes]` of one packed row (unit scale).
@@ -520,7 +563,8 @@ impl MseBatch {
     /// Appends one vector. O(d log d) or O(d²).
     ///
     /// # Errors
-    /// [`Error::DimMismatch`], [`Error::NonFinite`] (nothing is appended then).
+    /// [`Error::DimMismatch`], [`Error::NonFinite`], [`Error::ScaleOverflow`] (nothing is
+    /// appended then).
     pub fn push(&mut self, x: &[f32]) -> Result<()> {
         check_dim(x, self.quantizer.dim())?;
         self.extend(x)

@@ -159,7 +159,8 @@ pub fn window_label(window: usize, sink: usize) -> String {
 }
 
 /// The table label of a cache's strategies: `keys/values`, KIVI with its group (`kivi32/mse`),
-/// and ` f16` after it for f16 per-vector scales.
+/// and ` f16` after it for f16 per-vector scales (shown where a stream is MSE, the kind that
+/// stores them).
 pub fn strategy_label(
     k: KeyStrategy,
     v: ValueStrategy,
@@ -170,8 +171,10 @@ pub fn strategy_label(
         ("kivi" | "gmse", Some(g)) => format!("{n}{g}"),
         _ => n.to_string(),
     };
+    // Only MSE streams store the width-selectable scale.
+    let mse = k == KeyStrategy::Mse || v == ValueStrategy::Mse;
     let half = match scale_precision {
-        Some(ScalePrecision::F16) => " f16",
+        Some(ScalePrecision::F16) if mse => " f16",
         _ => "",
     };
     format!("{}/{}{half}", name(k.name()), name(v.name()))
@@ -257,10 +260,17 @@ pub fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>
                     || matches!(vs, ValueStrategy::Kivi | ValueStrategy::Gmse);
                 let groups = if grouped { g.groups } else { &g.groups[..1] };
                 for &group in groups {
+                    // The scale width applies to MSE streams only: others take the first.
+                    let mse = st == KeyStrategy::Mse || vs == ValueStrategy::Mse;
+                    let widths = if mse {
+                        g.scale_precisions
+                    } else {
+                        &g.scale_precisions[..1]
+                    };
                     for (&scale, &scale_precision) in g
                         .scales
                         .iter()
-                        .flat_map(|s| g.scale_precisions.iter().map(move |p| (s, p)))
+                        .flat_map(|s| widths.iter().map(move |p| (s, p)))
                     {
                         for ((&window, &sink), &rotation) in g
                             .windows

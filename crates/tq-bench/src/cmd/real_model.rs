@@ -12,7 +12,6 @@ use tq_quant::ScaleMode;
 
 use super::{KvCacheArgs, KvCommon, KvGrid, NamedConfig, Report, kv_configs, pool, strategy_label};
 use crate::real;
-use tq_kv::{KeyStrategy, ValueStrategy};
 
 /// `real-model`'s options.
 #[derive(Args)]
@@ -58,6 +57,9 @@ pub struct RealModelArgs {
     /// their defaults); with --key-bits, the grid they and the other options span.
     #[arg(long, value_delimiter = ',')]
     pub key_bits: Option<Vec<String>>,
+    /// Set by the CLI when a grid option (one of [`GRID_ARGS`]) was given on the command line.
+    #[arg(skip)]
+    pub grid_given: bool,
     /// Per-vector scalars of MSE keys and values, comma-separated: norm, unbiased, least-squares.
     #[arg(long = "scale", value_delimiter = ',', default_value = "least-squares")]
     pub scales: Vec<ScaleMode>,
@@ -248,22 +250,22 @@ fn resolve_repo_path(dir: &std::path::Path) -> PathBuf {
 /// The default prompt of `real-model`.
 const DEFAULT_PROMPT: &str = "What is the capital of France?";
 
-/// True when no grid option differs from its default (so a run without --key-bits measures the
-/// default cache and ignores nothing the user asked for).
-fn grid_options_at_defaults(a: &RealModelArgs) -> bool {
-    let k = &a.cache;
-    k.value_bits == ["4"]
-        && !k.pair
-        && k.key_strategy == [KeyStrategy::Mse]
-        && k.value_strategy == [ValueStrategy::Mse]
-        && k.group == [tq_quant::DEFAULT_KIVI_GROUP]
-        && k.scale_precision == [tq_quant::ScalePrecision::F32]
-        && k.sink == [0]
-        && !k.center
-        && a.scales == [ScaleMode::LeastSquares]
-        && a.window == [4]
-        && a.rotation == [RotationKind::Hadamard]
-}
+/// The ids of the grid options: given without --key-bits (and without --config), they are an
+/// error rather than ignored.
+pub const GRID_ARGS: [&str; 12] = [
+    "value_bits",
+    "pair",
+    "key_strategy",
+    "value_strategy",
+    "group",
+    "scale_precision",
+    "sink",
+    "center",
+    "split",
+    "scales",
+    "window",
+    "rotation",
+];
 
 /// Runs `real-model`.
 ///
@@ -278,7 +280,7 @@ pub fn run(a: RealModelArgs) -> Result<RealReport> {
         (Some(k), named) => (k, named),
         (None, []) => {
             ensure!(
-                grid_options_at_defaults(&a),
+                !a.grid_given,
                 "grid options (--value-bits, --window, --scale, --sink, ...) need --key-bits; without it the run measures the default cache (--config recommended)"
             );
             (&[], &default_cache)
