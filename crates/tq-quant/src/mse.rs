@@ -205,36 +205,54 @@ impl MseQuantizer {
     }
 
     /// Checks that every row of `xs` (trusted: finite, whole rows) gets a scale the configured
-    /// width holds, writing nothing: with f32 scales, that each row's squared norm is finite (a
-    /// finite norm keeps every scale mode finite); with f16 scales, by computing each row's
-    /// scale as quantization would (rotation and codebook search, no packing). O(n · d log d)
-    /// for f16, O(n · d) for f32.
+    /// width holds, writing nothing. Every row's squared norm must be finite (a finite norm keeps
+    /// every scale mode finite in f32). For f16 scales a row passes at once when its norm times a
+    /// bound on `scale / norm` stays under the largest f16 (the bound, from the codebook's
+    /// smallest centroid `c`: 1 for the norm scale, `1 / (sqrt(d) c)` for least squares since
+    /// `<y,ỹ>/|ỹ|² <= 1/|ỹ|`, `sqrt(d) / c` for the unbiased scale since `<y,ỹ> >= max_j |y_j| c`);
+    /// only batches with a row above it compute the scales as quantization would (rotation and
+    /// codebook search, no packing). O(n · d), or O(n · d log d) for such a batch.
     ///
     /// # Errors
     /// [`Error::ScaleOverflow`] naming the first such row.
     pub(crate) fn check_scales(&self, xs: &[f32]) -> Result<()> {
         let d = self.dim();
-        if self.config.scale_precision == ScalePrecision::F32 {
-            let mut centred = vec![0.0f32; d];
-            for (row, x) in xs.chunks_exact(d).enumerate() {
-                let x = match &self.mean {
-                    Some(m) => {
-                        for ((c, a), b) in centred.iter_mut().zip(x).zip(m.iter()) {
-                            *c = a - b;
-                        }
-                        &centred[..]
+        let f16_max = half::f16::MAX.to_f32();
+        let c_min = self
+            .codebook
+            .centroids()
+            .iter()
+            .fold(f32::INFINITY, |m, c| m.min(c.abs()));
+        let sqrt_d = (d as f32).sqrt();
+        let ratio = match self.config.scale {
+            ScaleMode::Norm => 1.0,
+            ScaleMode::LeastSquares => 1.0 / (sqrt_d * c_min),
+            ScaleMode::Unbiased => sqrt_d / c_min,
+        };
+        let mut all_small = true;
+        let mut centred = vec![0.0f32; d];
+        for (row, x) in xs.chunks_exact(d).enumerate() {
+            let x = match &self.mean {
+                Some(m) => {
+                    for ((c, a), b) in centred.iter_mut().zip(x).zip(m.iter()) {
+                        *c = a - b;
                     }
-                    None => x,
-                };
-                let sq = simd::sum_squares_fixed(x);
-                if !sq.is_finite() {
-                    return Err(Error::ScaleOverflow {
-                        row,
-                        scale: sq.sqrt(),
-                        max: f32::MAX,
-                    });
+                    &centred[..]
                 }
+                None => x,
+            };
+            let sq = simd::sum_squares_fixed(x);
+            if !sq.is_finite() {
+                return Err(Error::ScaleOverflow {
+                    row,
+                    scale: sq.sqrt(),
+                    max: f32::MAX,
+                });
             }
+            // A 1% margin covers the rounding of the norm and of the bound.
+            all_small &= sq.sqrt() * ratio <= 0.99 * f16_max;
+        }
+        if self.config.scale_precision == ScalePrecision::F32 || all_small {
             return Ok(());
         }
         let mut s = Scratch::default();

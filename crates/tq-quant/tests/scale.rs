@@ -292,3 +292,68 @@ fn f16_scale_overflow_and_tampering_are_errors() {
     }
     assert!(AnyBatch::from_safetensors(&bytes).is_ok());
 }
+
+/// `check_rows` (which appends refuse on before anything changes) agrees with `extend` about
+/// f16 scale overflow at every width and scale mode, for rows whose norms straddle the limit,
+/// including rows whose scale exceeds their norm; and the documented bounds on `scale / norm`
+/// hold for random and for one-hot rotated rows.
+#[test]
+fn f16_scale_checks_agree_with_extend_and_the_ratio_bounds_hold() {
+    use tq_quant::{EncodedVectors, ScalePrecision};
+    let d = 64;
+    let unit: Vec<f32> = rows(40, d, 31)
+        .chunks_exact(d)
+        .flat_map(|r| {
+            let n = dot(r, r).sqrt() as f32;
+            r.iter().map(move |v| v / n).collect::<Vec<_>>()
+        })
+        .collect();
+    for bits in [1u32, 2, 3, 4, 8] {
+        for mode in [
+            ScaleMode::Norm,
+            ScaleMode::LeastSquares,
+            ScaleMode::Unbiased,
+        ] {
+            let cfg = MseConfig::new(d, bits, RotationKind::Hadamard, 7).with_scale(mode);
+            let q = Arc::new(MseQuantizer::new(cfg).unwrap());
+            let c_min = q
+                .codebook()
+                .centroids()
+                .iter()
+                .fold(f32::INFINITY, |m, c| m.min(c.abs()));
+            let sd = (d as f32).sqrt();
+            let bound = match mode {
+                ScaleMode::Norm => 1.0,
+                ScaleMode::LeastSquares => 1.0 / (sd * c_min),
+                ScaleMode::Unbiased => sd / c_min,
+            };
+            // One-hot rows in the rotated domain: Πᵀ e_j.
+            let mut onehot = vec![0.0f32; d];
+            let mut probes = unit.clone();
+            for j in [0, 17] {
+                onehot.fill(0.0);
+                onehot[j] = 1.0;
+                let mut x = vec![0.0f32; d];
+                q.rotation().apply_inverse(&onehot, &mut x).unwrap();
+                probes.extend(x);
+            }
+            for x in probes.chunks_exact(d) {
+                let (_, s) = q.quantize(x).unwrap();
+                assert!(s <= bound * 1.0001, "{bits} {mode:?}: {s} > {bound}");
+            }
+            let half =
+                Arc::new(MseQuantizer::new(cfg.with_scale_precision(ScalePrecision::F16)).unwrap());
+            for norm in [1.0f32, 30_000.0, 60_000.0, 65_000.0, 66_000.0, 1.0e5, 1.0e6] {
+                let xs: Vec<f32> = probes.iter().map(|v| v * norm).collect();
+                let b = MseBatch::new(half.clone());
+                let checked = EncodedVectors::check_rows(&b, &xs).is_ok();
+                let mut c = b.clone();
+                assert_eq!(
+                    checked,
+                    c.extend(&xs).is_ok(),
+                    "{bits} {mode:?} norm {norm}"
+                );
+            }
+        }
+    }
+}
