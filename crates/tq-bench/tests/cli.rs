@@ -278,6 +278,18 @@ fn real_glove_fixture_meets_the_theory() {
     }
 }
 
+/// A report row of `HeadConfig::recommended`: KIVI keys, a 12-token window, a 4-token sink.
+fn assert_default_cache_row(row: &serde_json::Value) {
+    assert_eq!(
+        (
+            row["key_strategy"].as_str(),
+            row["window"].as_u64(),
+            row["sink"].as_u64()
+        ),
+        (Some("kivi"), Some(12), Some(4))
+    );
+}
+
 /// `--config recommended,paper` measures both named configurations in one run, in that order:
 /// the default's 4-bit KIVI keys with a 4-token sink and a 12-token window, and the paper's
 /// plain 4/4.
@@ -287,14 +299,7 @@ fn trace_measures_every_named_configuration_given() {
     let r = json(&out);
     let rows = r["results"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
-    assert_eq!(
-        (
-            rows[0]["key_strategy"].as_str(),
-            rows[0]["window"].as_u64(),
-            rows[0]["sink"].as_u64()
-        ),
-        (Some("kivi"), Some(12), Some(4))
-    );
+    assert_default_cache_row(&rows[0]);
     assert_eq!(
         (rows[1]["key_bits"].as_f64(), rows[1]["window"].as_u64()),
         (Some(4.0), Some(0))
@@ -1242,14 +1247,7 @@ fn real_model_without_key_bits_runs_the_default_cache_or_refuses_grid_options() 
         .filter(|row| row["mode"] == "compare")
         .collect();
     assert_eq!(q.len(), 1);
-    assert_eq!(
-        (
-            q[0]["key_strategy"].as_str(),
-            q[0]["window"].as_u64(),
-            q[0]["sink"].as_u64()
-        ),
-        (Some("kivi"), Some(12), Some(4))
-    );
+    assert_default_cache_row(q[0]);
     for extra in [
         ["--window", "4"],
         ["--sink", "0"],

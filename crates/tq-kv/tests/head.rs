@@ -879,5 +879,7 @@ fn compact_configuration_is_calibrated_then_attends() {
     let mut out = vec![0.0; d];
     cache.attend(&q, &mut out).unwrap();
     let want = attention(&q, &k, &v, d, n);
+    // 3-bit values alone carry sqrt(D_mse) = sqrt(0.034) = 0.18 relative error each, which a
+    // wide average of random values keeps; 0.3 leaves 0.12 for the split keys' score error.
     assert!(rel(&out, &want) < 0.3, "{}", rel(&out, &want));
 }
