@@ -416,6 +416,16 @@ fn mse_queries<'a>(qs: &[&'a AnyQuery]) -> Option<Vec<&'a MseQuery>> {
         .collect()
 }
 
+/// The KIVI queries of `qs`, if every one is a KIVI query.
+fn kivi_queries<'a>(qs: &[&'a AnyQuery]) -> Option<Vec<&'a KiviQuery>> {
+    qs.iter()
+        .map(|q| match q {
+            AnyQuery::Kivi(q) => Some(q),
+            _ => None,
+        })
+        .collect()
+}
+
 fn kind_mismatch(batch: QuantizerKind, query: QuantizerKind) -> Error {
     Error::ConfigMismatch(format!(
         "a query prepared for a {query} batch was given to a {batch} batch"
@@ -534,6 +544,9 @@ impl EncodedVectors for AnyBatch {
     fn score_many_into(&self, qs: &[&AnyQuery], outs: &mut [&mut [f32]]) -> Result<()> {
         if let (AnyBatch::Mse(b), Some(mse)) = (self, mse_queries(qs)) {
             return b.score_many_into(&mse, outs);
+        }
+        if let (AnyBatch::Kivi(b), Some(kivi)) = (self, kivi_queries(qs)) {
+            return b.score_many_into(&kivi, outs);
         }
         crate::error::check_len("score outputs", outs.len(), qs.len())?;
         qs.iter()

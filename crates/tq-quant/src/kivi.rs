@@ -29,7 +29,8 @@ use std::sync::Arc;
 use half::f16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use tq_core::{bitpack, scan::BLOCK, simd};
+use tq_core::scan::{self, BLOCK};
+use tq_core::{bitpack, simd};
 
 use crate::error::{check_batch, check_dim, check_finite, check_len, check_range};
 use crate::packed::PackedRows;
@@ -224,13 +225,39 @@ impl KiviQuery {
     }
 }
 
-/// Buffers of channel-axis group scoring, reused across the groups of one query.
+/// Buffers of channel-axis group scoring, reused across the groups of a scoring call.
 #[derive(Default)]
 struct GroupScratch {
+    /// The group's scales and zeros in f32.
     scales: Vec<f32>,
     zeros: Vec<f32>,
-    weights: Vec<f32>,
-    tables: Tables,
+    /// Each query's `i8` weights (`2 · row_bytes` per query) on the fast 4-bit path.
+    weights: Vec<i8>,
+    /// Each query's `(offset, step)`: score = offset + step · integer dot.
+    affine: Vec<(f32, f32)>,
+    /// Each query's integer dots of one block.
+    sums: Vec<[i32; BLOCK]>,
+}
+
+/// Rounds the weights `q_c · s_c` to `i8` with the shared step `max_c |q_c s_c| / 127` (ties to
+/// even, the same bytes on every CPU) into `out` (entries past `q.len()` zero) and returns the
+/// step (1 when every weight is zero). A weight's error is at most half a step, so a row's
+/// score moves by at most `step / 2 · Σ_c code_c`. O(d).
+fn i8_weights(q: &[f32], scales: &[f32], out: &mut [i8]) -> f32 {
+    let maxw = q
+        .iter()
+        .zip(scales)
+        .fold(0.0f32, |m, (a, b)| m.max((a * b).abs()));
+    let step = if maxw > 0.0 { maxw / 127.0 } else { 1.0 };
+    let inv = 1.0 / step;
+    out.fill(0);
+    for ((o, a), b) in out.iter_mut().zip(q).zip(scales) {
+        // Round to nearest by adding 1.5 · 2^23 (the integer lands in the low mantissa bits,
+        // two's complement in the low byte); the clamp keeps `maxw · inv` rounding inside i8.
+        let x = (a * b * inv).clamp(-127.0, 127.0);
+        *o = ((x + 12_582_912.0).to_bits() & 0xFF) as u8 as i8;
+    }
+    step
 }
 
 /// A growable batch of KIVI codes (see the [module docs](self)).
@@ -615,136 +642,201 @@ impl KiviBatch {
         Ok(())
     }
 
-    /// Inner-product estimates `⟨q, x̃_i⟩` for every row: channel-axis groups through per-group
-    /// `u8` tables (`fast`) or `f32` tables, the residual and the token axis exactly.
-    fn score_rows(&self, query: &KiviQuery, out: &mut [f32], fast: bool) -> Result<()> {
-        check_dim(&query.q, self.d())?;
-        check_len("score output", self.len(), out.len())?;
+    /// Inner-product estimates `⟨q, x̃_i⟩` of every row for each query into `outs[j]`:
+    /// channel-axis groups through [`KiviBatch::score_group`] (all queries per pass over a
+    /// group's codes on the fast 4-bit path), the residual and the token axis exactly.
+    fn score_rows(
+        &self,
+        queries: &[&KiviQuery],
+        outs: &mut [&mut [f32]],
+        fast: bool,
+    ) -> Result<()> {
+        check_len("score outputs", outs.len(), queries.len())?;
+        for (query, out) in queries.iter().zip(outs.iter()) {
+            check_dim(&query.q, self.d())?;
+            check_len("score output", self.len(), out.len())?;
+        }
         let c = self.quantizer.config;
         let d = c.dim;
         let q = self.quantized_len();
-        let (coded, rest) = out.split_at_mut(q);
-        self.residual.score_into(&query.q, rest);
+        let mut coded: Vec<&mut [f32]> = Vec::with_capacity(outs.len());
+        for (query, out) in queries.iter().zip(outs.iter_mut()) {
+            let (head, rest) = out.split_at_mut(q);
+            self.residual.score_into(&query.q, rest);
+            coded.push(head);
+        }
         match c.axis {
             KiviAxis::Channel => {
-                let work = |scratch: &mut GroupScratch, (g, o): (usize, &mut [f32])| {
-                    self.score_group(query, g, o, fast, scratch)
+                // Each group's slice of every query's output, so groups can run in parallel.
+                let mut groups: Vec<Vec<&mut [f32]>> = (0..q / c.group)
+                    .map(|_| Vec::with_capacity(queries.len()))
+                    .collect();
+                for o in coded {
+                    for (g, chunk) in groups.iter_mut().zip(o.chunks_mut(c.group)) {
+                        g.push(chunk);
+                    }
+                }
+                let work = |scratch: &mut GroupScratch, (g, mut o): (usize, Vec<&mut [f32]>)| {
+                    self.score_group(queries, g, &mut o, fast, scratch)
                 };
                 if score::split_rows(q) {
-                    coded
-                        .par_chunks_mut(c.group)
+                    groups
+                        .into_par_iter()
                         .enumerate()
                         .for_each_init(GroupScratch::default, work);
                 } else {
                     let mut scratch = GroupScratch::default();
-                    coded
-                        .chunks_mut(c.group)
+                    groups
+                        .into_iter()
                         .enumerate()
                         .for_each(|p| work(&mut scratch, p));
                 }
             }
             KiviAxis::Token => {
-                let work = |(scratch, row): &mut ((Vec<u8>, Vec<u8>), Vec<f32>),
-                            (i, o): (usize, &mut f32)| {
-                    self.decode_row_with(i, row, scratch);
-                    *o = simd::dot(&query.q, row);
-                };
-                let init = || (self.scratch(), vec![0.0f32; d]);
-                if score::split_rows(q) {
-                    coded.par_iter_mut().enumerate().for_each_init(init, work);
-                } else {
-                    let mut state = init();
-                    coded
-                        .iter_mut()
-                        .enumerate()
-                        .for_each(|p| work(&mut state, p));
+                for (query, coded) in queries.iter().zip(coded) {
+                    let work = |(scratch, row): &mut ((Vec<u8>, Vec<u8>), Vec<f32>),
+                                (i, o): (usize, &mut f32)| {
+                        self.decode_row_with(i, row, scratch);
+                        *o = simd::dot(&query.q, row);
+                    };
+                    let init = || (self.scratch(), vec![0.0f32; d]);
+                    if score::split_rows(q) {
+                        coded.par_iter_mut().enumerate().for_each_init(init, work);
+                    } else {
+                        let mut state = init();
+                        coded
+                            .iter_mut()
+                            .enumerate()
+                            .for_each(|p| work(&mut state, p));
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    /// Scores the rows of channel-axis group `g` into `out` (`G` values), with buffers reused
-    /// across the groups of a query.
+    /// Scores the rows of channel-axis group `g` for every query into `outs[j]` (`G` values
+    /// each), with buffers reused across the groups. 4-bit codes on the fast path take integer
+    /// dot products against `i8` weights ([`KiviBatch::score_group_i8`]); other widths and the
+    /// exact path per-group tables, one query at a time.
     fn score_group(
         &self,
-        query: &KiviQuery,
+        queries: &[&KiviQuery],
         g: usize,
-        out: &mut [f32],
+        outs: &mut [&mut [f32]],
         fast: bool,
         scratch: &mut GroupScratch,
     ) {
         use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
         let c = self.quantizer.config;
         let d = c.dim;
-        let GroupScratch {
-            scales,
-            zeros,
-            weights,
-            tables: reused,
-        } = scratch;
         // The group's scales and zeros to f32 in one (SIMD where the CPU has F16C) pass each.
-        scales.resize(d, 0.0);
-        zeros.resize(d, 0.0);
+        scratch.scales.resize(d, 0.0);
+        scratch.zeros.resize(d, 0.0);
         self.scales[g * d..(g + 1) * d]
             .reinterpret_cast::<f16>()
-            .convert_to_f32_slice(scales);
+            .convert_to_f32_slice(&mut scratch.scales);
         self.zeros[g * d..(g + 1) * d]
             .reinterpret_cast::<f16>()
-            .convert_to_f32_slice(zeros);
-        let offset = simd::dot(&query.q, zeros);
-        weights.clear();
-        weights.extend(query.q.iter().zip(scales.iter()).map(|(a, b)| a * b));
-        let weights = &weights[..];
+            .convert_to_f32_slice(&mut scratch.zeros);
+        if fast && c.bits == 4 {
+            self.score_group_i8(queries, g, outs, scratch);
+            return;
+        }
         let first = g * c.group;
-        // 4-bit codes on the fast path: one nibble per channel and linear tables `w · v`, built
-        // straight into u8 (no f32 tables): the per-group cost stays a small share of the scan.
-        let built;
-        let tables = if fast && c.bits == 4 {
-            reused.refill_uniform4_fast(weights, 2 * self.quantizer.row_bytes);
-            Some(&*reused)
-        } else {
-            built = Tables::for_codes(
-                weights,
+        for (query, out) in queries.iter().zip(outs.iter_mut()) {
+            let offset = simd::dot(&query.q, &scratch.zeros);
+            let weights: Vec<f32> = query
+                .q
+                .iter()
+                .zip(&scratch.scales)
+                .map(|(a, b)| a * b)
+                .collect();
+            let tables = Tables::for_codes(
+                &weights,
                 &self.quantizer.levels,
                 c.bits,
                 self.quantizer.row_bytes,
             );
-            built.as_ref()
-        };
-        match tables {
-            Some(t) => {
-                let mut dots = [0.0f32; BLOCK];
-                let mut done = 0;
-                while done < out.len() {
-                    let row = first + done;
-                    let (b, slot) = (row / BLOCK, row % BLOCK);
-                    if fast {
-                        t.block_fast(self.codes.block(b), &mut dots);
-                    } else {
-                        t.block_exact(self.codes.block(b), &mut dots);
+            match tables {
+                Some(t) => {
+                    let mut dots = [0.0f32; BLOCK];
+                    let mut done = 0;
+                    while done < out.len() {
+                        let row = first + done;
+                        let (b, slot) = (row / BLOCK, row % BLOCK);
+                        if fast {
+                            t.block_fast(self.codes.block(b), &mut dots);
+                        } else {
+                            t.block_exact(self.codes.block(b), &mut dots);
+                        }
+                        let take = (BLOCK - slot).min(out.len() - done);
+                        for (o, &v) in out[done..done + take].iter_mut().zip(&dots[slot..]) {
+                            *o = v + offset;
+                        }
+                        done += take;
                     }
-                    let take = (BLOCK - slot).min(out.len() - done);
-                    for (o, &v) in out[done..done + take].iter_mut().zip(&dots[slot..]) {
-                        *o = v + offset;
+                }
+                None => {
+                    let mut packed = vec![0u8; self.quantizer.row_bytes];
+                    let mut codes = vec![0u8; d];
+                    for (k, o) in out.iter_mut().enumerate() {
+                        self.codes.read_row(first + k, &mut packed);
+                        bitpack::unpack_unchecked(&packed, c.bits, &mut codes);
+                        *o = offset
+                            + weights
+                                .iter()
+                                .zip(&codes)
+                                .map(|(w, &v)| w * v as f32)
+                                .sum::<f32>();
                     }
-                    done += take;
                 }
             }
-            None => {
-                let mut packed = vec![0u8; self.quantizer.row_bytes];
-                let mut codes = vec![0u8; d];
-                for (k, o) in out.iter_mut().enumerate() {
-                    self.codes.read_row(first + k, &mut packed);
-                    bitpack::unpack_unchecked(&packed, c.bits, &mut codes);
-                    *o = offset
-                        + weights
-                            .iter()
-                            .zip(&codes)
-                            .map(|(w, &v)| w * v as f32)
-                            .sum::<f32>();
+        }
+    }
+
+    /// The fast 4-bit path of [`KiviBatch::score_group`] (scales and zeros already in
+    /// `scratch`): per query, weights `q_c s_c` rounded to `i8` with step `max_c |q_c s_c| / 127`
+    /// ([`i8_weights`]) and the offset `Σ_c q_c z_c`; then one integer pass over each block of the
+    /// group for all queries ([`scan::dot_nibbles_i8`]). No per-query tables.
+    fn score_group_i8(
+        &self,
+        queries: &[&KiviQuery],
+        g: usize,
+        outs: &mut [&mut [f32]],
+        scratch: &mut GroupScratch,
+    ) {
+        let c = self.quantizer.config;
+        let positions = 2 * self.quantizer.row_bytes;
+        let nq = queries.len();
+        scratch.weights.resize(nq * positions, 0);
+        scratch.affine.clear();
+        for (query, w) in queries
+            .iter()
+            .zip(scratch.weights.chunks_exact_mut(positions))
+        {
+            let step = i8_weights(&query.q, &scratch.scales, w);
+            scratch
+                .affine
+                .push((simd::dot(&query.q, &scratch.zeros), step));
+        }
+        let weights: Vec<&[i8]> = scratch.weights.chunks_exact(positions).collect();
+        scratch.sums.resize(nq, [0; BLOCK]);
+        let first = g * c.group;
+        let mut done = 0;
+        while done < c.group {
+            let row = first + done;
+            let (b, slot) = (row / BLOCK, row % BLOCK);
+            scan::dot_nibbles_i8(self.codes.block(b), &weights, &mut scratch.sums);
+            let take = (BLOCK - slot).min(c.group - done);
+            for ((out, sums), &(offset, step)) in
+                outs.iter_mut().zip(&scratch.sums).zip(&scratch.affine)
+            {
+                for (o, &v) in out[done..done + take].iter_mut().zip(&sums[slot..]) {
+                    *o = offset + step * v as f32;
                 }
             }
+            done += take;
         }
     }
 
@@ -754,7 +846,17 @@ impl KiviBatch {
     /// `Core(LengthMismatch)` when `out.len() != len`; [`Error::DimMismatch`] for a query of
     /// another dimension.
     pub fn score_into(&self, query: &KiviQuery, out: &mut [f32]) -> Result<()> {
-        self.score_rows(query, out, true)
+        self.score_rows(&[query], &mut [out], true)
+    }
+
+    /// [`KiviBatch::score_into`] for several queries at once (the query heads of one kv head):
+    /// on the fast 4-bit path each group's codes are read once for all queries. O(queries · n · d).
+    ///
+    /// # Errors
+    /// `Core(LengthMismatch)` when `outs.len() != queries.len()` or any `out.len() != len`;
+    /// [`Error::DimMismatch`] for a query of another dimension.
+    pub fn score_many_into(&self, queries: &[&KiviQuery], outs: &mut [&mut [f32]]) -> Result<()> {
+        self.score_rows(queries, outs, true)
     }
 
     /// As [`KiviBatch::score_into`] with exact `f32` tables: equal to scoring the decoded rows up
@@ -763,7 +865,7 @@ impl KiviBatch {
     /// # Errors
     /// As [`KiviBatch::score_into`].
     pub fn score_exact_into(&self, query: &KiviQuery, out: &mut [f32]) -> Result<()> {
-        self.score_rows(query, out, false)
+        self.score_rows(&[query], &mut [out], false)
     }
 
     /// The `k` rows with the largest exact estimates, best first.

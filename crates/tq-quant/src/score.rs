@@ -140,19 +140,6 @@ impl Tables {
         })
     }
 
-    /// Refills these tables as fast-path tables only (no `f32` tables: [`Tables::block_exact`]
-    /// must not be used) for 4-bit codes over the uniform levels `0..16`, one nibble per
-    /// coordinate: table `n` holds `weights[n] · v`, quantized to `u8` as
-    /// [`QuantizedLut::quantize_from`] would (shared step `max |w| · 15 / 255`, per-table minimum
-    /// as offset; an entry may differ by one unit from its multiply-by-inverse rounding), without
-    /// building the float tables first. Reuses the buffer: KIVI rebuilds a query's tables once
-    /// per token group. O(16 · positions).
-    pub(crate) fn refill_uniform4_fast(&mut self, weights: &[f32], positions: usize) {
-        self.kind = TableKind::Nibble;
-        self.exact.clear();
-        self.fast.fill_linear4(weights, positions);
-    }
-
     /// Fast (u8) dots of the 32 rows of `block`.
     #[inline]
     pub(crate) fn block_fast(&self, block: &[u8], out: &mut [f32]) {
@@ -511,40 +498,6 @@ mod tests {
                 let mut got = top_candidates(&scores, c);
                 got.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
                 assert_eq!(got, sorted[..c.min(n)].to_vec(), "n = {n}, c = {c}");
-            }
-        }
-    }
-
-    /// The directly built 4-bit uniform tables agree with quantizing the float tables (one `u8`
-    /// unit at most, from the multiply-by-inverse rounding), and refilling reuses the tables.
-    #[test]
-    fn uniform4_tables_match_quantized_float_tables() {
-        let levels: Vec<f32> = (0..16).map(|v| v as f32).collect();
-        let mut reused = Tables::default();
-        for (seed, d) in [(1u32, 128usize), (2, 64), (3, 7)] {
-            let w: Vec<f32> = (0..d)
-                .map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) % 1000)
-                .map(|h| h as f32 / 250.0 - 2.0)
-                .collect();
-            let positions = 2 * tq_core::bitpack::packed_len(d, 4);
-            let Some(want) = Tables::for_codes(&w, &levels, 4, positions / 2) else {
-                panic!("4-bit codes have tables")
-            };
-            reused.refill_uniform4_fast(&w, positions);
-            let mut fresh = Tables::default();
-            fresh.refill_uniform4_fast(&w, positions);
-            for got in [fresh, reused.clone()] {
-                assert_eq!(got.fast.tables.len(), want.fast.tables.len());
-                let worst = got
-                    .fast
-                    .tables
-                    .iter()
-                    .zip(&want.fast.tables)
-                    .map(|(&a, &b)| (a as i32 - b as i32).abs())
-                    .max();
-                assert!(worst <= Some(1), "d {d}: {worst:?}");
-                assert!((got.fast.step - want.fast.step).abs() <= 1e-6 * want.fast.step);
-                assert!((got.fast.offset - want.fast.offset).abs() <= 1e-4);
             }
         }
     }

@@ -208,6 +208,76 @@ fn scores_on_codes_equal_scores_of_the_decoded_rows() {
     }
 }
 
+/// The fast 4-bit path rounds each group's weights `q_c s_c` to `i8` with step
+/// `max_c |q_c s_c| / 127`: a row's fast score differs from its exact score by at most
+/// `step / 2 · Σ_c code_c` (plus float rounding of the two sums). Scoring several queries at
+/// once gives each query's one-at-a-time scores bit for bit, on the residual rows too.
+#[test]
+fn fast_four_bit_scores_stay_within_the_weight_rounding_bound() {
+    for (d, group, n) in [(64usize, 32usize, 300usize), (128, 64, 200), (7, 16, 40)] {
+        let xs = keys(n, d, 11);
+        let mut b = batch(d, 4, group, KiviAxis::Channel);
+        b.extend(&xs).unwrap();
+        let mut r = SeededRng::new(12, stream::QUERIES);
+        let qs: Vec<Vec<f32>> = (0..4)
+            .map(|_| (0..d).map(|_| r.gaussian() as f32).collect())
+            .collect();
+        let queries: Vec<_> = qs
+            .iter()
+            .map(|q| b.quantizer().prepare_query(q).unwrap())
+            .collect();
+        let mut alone = vec![vec![0.0f32; n]; qs.len()];
+        for (q, (query, fast)) in qs.iter().zip(queries.iter().zip(alone.iter_mut())) {
+            let mut exact = vec![0.0; n];
+            b.score_exact_into(query, &mut exact).unwrap();
+            b.score_into(query, fast).unwrap();
+            for i in 0..b.quantized_len() {
+                let g = i / group;
+                let scales: Vec<f32> = b.scales()[g * d..(g + 1) * d]
+                    .iter()
+                    .map(|&s| f16::from_bits(s).to_f32())
+                    .collect();
+                let maxw = q
+                    .iter()
+                    .zip(&scales)
+                    .fold(0.0f32, |m, (a, s)| m.max((a * s).abs()));
+                let codes: f32 = codes_of(&b, i).iter().map(|&k| k as f32).sum();
+                let size: f32 = exact[i].abs()
+                    + q.iter()
+                        .zip(&scales)
+                        .map(|(a, s)| (a * s).abs())
+                        .sum::<f32>()
+                        * 15.0;
+                let bound = maxw / 127.0 / 2.0 * codes + 1e-5 * size;
+                assert!(
+                    (fast[i] - exact[i]).abs() <= bound,
+                    "d {d} G {group} row {i}: {} vs {} (bound {bound})",
+                    fast[i],
+                    exact[i]
+                );
+            }
+            for i in b.quantized_len()..n {
+                assert!((fast[i] - exact[i]).abs() <= 1e-5 * exact[i].abs().max(1.0));
+            }
+        }
+        let refs: Vec<_> = queries.iter().collect();
+        let mut many = vec![vec![0.0f32; n]; qs.len()];
+        let mut outs: Vec<&mut [f32]> = many.iter_mut().map(|o| &mut o[..]).collect();
+        b.score_many_into(&refs, &mut outs).unwrap();
+        assert_eq!(many, alone, "d {d} G {group}");
+        // Mismatched outputs are typed errors.
+        let mut short = vec![0.0f32; n - 1];
+        assert!(
+            b.score_many_into(&refs[..1], &mut [&mut short[..]])
+                .is_err()
+        );
+        assert!(
+            b.score_many_into(&refs[..2], &mut [&mut many[0][..]])
+                .is_err()
+        );
+    }
+}
+
 #[test]
 fn rollback_across_group_boundaries_keeps_what_was_kept() {
     let (d, g) = (32, 16);

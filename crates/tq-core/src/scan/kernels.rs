@@ -63,6 +63,89 @@ pub fn scan_block_multi(block: &[u8], tables: &[&[u8]], outs: &mut [[u32; BLOCK]
     }
 }
 
+/// Integer dot products of the 32 rows of `block` with signed 8-bit weights, one weight per
+/// nibble position: `outs[q][r] = Σ_n weights[q][n] · nibble_n(row r)` (nibbles as unsigned
+/// `0..16`). Each `weights[q]` holds `2 · row_bytes` entries (`block.len() / 16`). The linear
+/// alternative to a table scan where every nibble is one uniform code (4-bit KIVI keys: weight
+/// `n` is the query coordinate times the channel's scale, quantized to `i8`): no per-query
+/// tables to build, and the block's nibbles are split once for all queries. With AVX2, pairs of
+/// nibble positions go through `vpmaddubsw` (exact: a pair sums to at most `2 · 15 · 128`) into
+/// `i16` lanes flushed to `i32` every 16 positions, so no sum overflows; else
+/// [`dot_nibbles_i8_scalar`] per query. Exact in both (integer arithmetic).
+/// O(32 · positions · queries).
+///
+/// # Panics
+/// Before any memory is read, unless `block.len()` is a multiple of 32, `outs.len() ==
+/// weights.len()` and every `weights[q].len() == block.len() / 16`.
+pub fn dot_nibbles_i8(block: &[u8], weights: &[&[i8]], outs: &mut [[i32; BLOCK]]) {
+    assert_eq!(outs.len(), weights.len(), "one output per weight vector");
+    for w in weights {
+        check_nibble_weights(block.len(), w.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            let mut q = 0;
+            while q < weights.len() {
+                let (w, o) = (&weights[q..], &mut outs[q..]);
+                // SAFETY: AVX2 is present (checked at run time) and every weight slice was
+                // checked to hold `block.len() / 16` entries of a block whose length is a
+                // multiple of 32: the kernel's only preconditions.
+                q += unsafe {
+                    match w.len().min(DOT_QUERIES) {
+                        1 => {
+                            x86::dot_nibbles_i8_avx2::<1>(block, [w[0]], first_n(o));
+                            1
+                        }
+                        2 => {
+                            x86::dot_nibbles_i8_avx2::<2>(block, [w[0], w[1]], first_n(o));
+                            2
+                        }
+                        _ => {
+                            x86::dot_nibbles_i8_avx2::<3>(block, [w[0], w[1], w[2]], first_n(o));
+                            3
+                        }
+                    }
+                };
+            }
+            return;
+        }
+    }
+    for (w, o) in weights.iter().zip(outs.iter_mut()) {
+        dot_nibbles_i8_scalar(block, w, o);
+    }
+}
+
+/// Queries [`dot_nibbles_i8`] handles per pass over a block (three: a grouped-query head of
+/// SmolLM2's shape in one pass).
+pub const DOT_QUERIES: usize = 3;
+
+/// Scalar twin of [`dot_nibbles_i8`] for one weight vector, the specification.
+///
+/// # Panics
+/// As [`dot_nibbles_i8`].
+pub fn dot_nibbles_i8_scalar(block: &[u8], weights: &[i8], out: &mut [i32; BLOCK]) {
+    check_nibble_weights(block.len(), weights.len());
+    out.fill(0);
+    for (bytes, &w) in block.chunks_exact(16).zip(weights) {
+        let w = w as i32;
+        for (i, &b) in bytes.iter().enumerate() {
+            out[i] += w * (b & 0x0F) as i32;
+            out[i + 16] += w * (b >> 4) as i32;
+        }
+    }
+}
+
+/// Panics unless `block_len` is a multiple of 32 and `weights_len` is one weight per nibble
+/// position (`block_len / 16`).
+#[inline]
+fn check_nibble_weights(block_len: usize, weights_len: usize) {
+    assert!(
+        block_len.is_multiple_of(BLOCK) && weights_len == block_len / 16,
+        "{weights_len} weights do not fit a block of {block_len} bytes"
+    );
+}
+
 /// The map from a row's table sum to its score: `score = scale · (offset + step · sum) + bias`,
 /// with `offset` and `step` those of the query's [`super::QuantizedLut`], `scale` the row's stored
 /// scale (its norm) and `bias` a per-query constant.

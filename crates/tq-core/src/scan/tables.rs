@@ -83,60 +83,6 @@ impl QuantizedLut {
         self.step = step;
     }
 
-    /// Fills the tables of the linear 4-bit levels `0..16` directly: table `n` holds
-    /// `weights[n] · v` for `v` in `0..16` (zero past `weights.len()`), quantized as
-    /// [`QuantizedLut::quantize_from`] quantizes those float tables (shared step
-    /// `max |w| · 15 / 255`, each table's minimum as offset), up to one unit where the product
-    /// lies within `2^-12` of a rounding boundary. Reuses `self`'s allocation. Entries come from
-    /// 16.16 fixed-point integer steps (`start + a·v`), which vectorise and give the same bytes on
-    /// every CPU. O(16 · positions).
-    pub fn fill_linear4(&mut self, weights: &[f32], positions: usize) {
-        struct Fill<'a> {
-            weights: &'a [f32],
-            tables: &'a mut [u8],
-            inv: f32,
-        }
-        impl pulp::WithSimd for Fill<'_> {
-            type Output = f64;
-            #[inline(always)]
-            fn with_simd<S: pulp::Simd>(self, _simd: S) -> f64 {
-                const ONE: f32 = 65536.0;
-                const TOP: i32 = (256 << 16) - 1;
-                let mut offset = 0.0f64;
-                for (n, t) in self.tables.chunks_exact_mut(16).enumerate() {
-                    let w = self.weights.get(n).copied().unwrap_or(0.0);
-                    let lo = if w < 0.0 { 15.0 * w } else { 0.0 };
-                    offset += lo as f64;
-                    // Entry v = round((w·v - lo) / step) in 16.16 fixed point: the slope
-                    // w / step is at most 17 in magnitude and the start (0.5 - lo / step) at
-                    // most 256, so neither overflows i32; the clamp keeps rounding noise at
-                    // either end inside 0..=255.
-                    let a = (w * self.inv * ONE) as i32;
-                    let start = ((0.5 - lo * self.inv) * ONE) as i32;
-                    let mut e = [0i32; 16];
-                    for (v, x) in e.iter_mut().enumerate() {
-                        *x = (start + a * v as i32).clamp(0, TOP) >> 16;
-                    }
-                    for (o, &x) in t.iter_mut().zip(&e) {
-                        *o = x as u8;
-                    }
-                }
-                offset
-            }
-        }
-        let maxw = weights.iter().fold(0.0f32, |m, w| m.max(w.abs()));
-        let step = if maxw > 0.0 { 15.0 * maxw / 255.0 } else { 1.0 };
-        self.tables.clear();
-        self.tables.resize(16 * positions, 0);
-        let offset = crate::simd::arch().dispatch(Fill {
-            weights,
-            tables: &mut self.tables,
-            inv: 1.0 / step,
-        });
-        self.offset = offset as f32;
-        self.step = step;
-    }
-
     /// Converts a `u8` table sum to a score.
     #[inline]
     pub fn score(&self, sum: u32) -> f32 {

@@ -611,3 +611,56 @@ fn dot_block_codes_matches_the_layout_spec() {
         }
     }
 }
+
+/// The integer dot kernel equals its scalar twin and an independent read-back of every row,
+/// over awkward sizes (odd step counts, the `i16` flush every 16 positions) and extreme
+/// weights, one query at a time and in groups.
+#[test]
+fn dot_nibbles_i8_parity_over_awkward_sizes() {
+    let sizes: &[usize] = if cfg!(miri) {
+        &[1, 3, 17]
+    } else {
+        &[1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 33, 64, 65, 300]
+    };
+    let mut r = SeededRng::new(21, stream::DATA);
+    for &row_bytes in sizes {
+        let block = random_bytes(block_bytes(row_bytes), 77 + row_bytes as u64);
+        let positions = 2 * row_bytes;
+        let mut sets: Vec<Vec<i8>> = (0..4)
+            .map(|_| (0..positions).map(|_| r.next_u64() as i8).collect())
+            .collect();
+        // Saturated weights and nibbles (the largest partial sums in magnitude).
+        sets.push(vec![-128; positions]);
+        sets.push(vec![127; positions]);
+        let all_ones = vec![0xFFu8; block.len()];
+        for blk in [&block, &all_ones] {
+            let refs: Vec<&[i8]> = sets.iter().map(|w| &w[..]).collect();
+            let mut many = vec![[0i32; BLOCK]; refs.len()];
+            dot_nibbles_i8(blk, &refs, &mut many);
+            let mut row = vec![0u8; row_bytes];
+            for (w, got) in refs.iter().zip(&many) {
+                let mut twin = [0i32; BLOCK];
+                dot_nibbles_i8_scalar(blk, w, &mut twin);
+                assert_eq!(got, &twin, "row_bytes={row_bytes}");
+                let mut one = [[0i32; BLOCK]];
+                dot_nibbles_i8(blk, &[w], &mut one);
+                assert_eq!(&one[0], got, "row_bytes={row_bytes}, one query");
+                for (slot, &g) in got.iter().enumerate() {
+                    read_row(blk, slot, &mut row);
+                    let want: i32 = (0..positions)
+                        .map(|n| w[n] as i32 * ((row[n / 2] >> (4 * (n % 2))) & 0x0F) as i32)
+                        .sum();
+                    assert_eq!(g, want, "row_bytes={row_bytes} slot={slot}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "weights do not fit")]
+fn dot_nibbles_i8_refuses_short_weights() {
+    let block = vec![0u8; block_bytes(4)];
+    let w = vec![0i8; 7];
+    dot_nibbles_i8(&block, &[&w], &mut [[0i32; BLOCK]]);
+}

@@ -679,3 +679,92 @@ fn interleave_rows(e: __m256i, o: __m256i) -> [__m256i; 2] {
         _mm256_permute2x128_si256::<0x31>(lo, hi),
     ]
 }
+
+/// AVX2 body of `dot_nibbles_i8` for `Q` weight vectors. Each 32-byte step holds nibble positions
+/// `2s` (lane 0) and `2s + 1` (lane 1); two steps are split into nibbles once and their bytes
+/// interleaved, so each 16-bit pair holds one row's nibbles at positions `(2s, 2s + 2)` (lane 0)
+/// or `(2s + 1, 2s + 3)` (lane 1), and `vpmaddubsw` against the matching weight pairs gives that
+/// row's partial sum over the two positions (at most `2 · 15 · 128` in magnitude). Eight such
+/// double steps are summed in `i16` (at most `8 · 3840 < 2^15`), then the two lanes are widened
+/// and added in `i32`. An odd last step pairs with zero nibbles and zero weights.
+///
+/// # Safety
+/// The CPU supports AVX2; `block.len()` is a multiple of 32 and every weight slice has
+/// `block.len() / 16` entries.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn dot_nibbles_i8_avx2<const Q: usize>(
+    block: &[u8],
+    weights: [&[i8]; Q],
+    outs: &mut [[i32; BLOCK]; Q],
+) {
+    let steps = block.len() / 32;
+    let mask = _mm256_set1_epi8(0x0F);
+    // Of four broadcast weights (positions 2s..2s + 4), lane 0 takes the pair (2s, 2s + 2) and
+    // lane 1 the pair (2s + 1, 2s + 3), repeated over the lane.
+    #[rustfmt::skip]
+    let pick = _mm256_setr_epi8(
+        0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2,
+        1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3,
+    );
+    let zero = _mm256_setzero_si256();
+    let mut wide = [[zero; 4]; Q];
+    let pairs = steps.div_ceil(2);
+    let mut t = 0;
+    while t < pairs {
+        let end = (t + 8).min(pairs);
+        let mut narrow = [[zero; 4]; Q];
+        for p in t..end {
+            let s = 2 * p;
+            // SAFETY: `s < steps`, so 32 bytes at `32 s` lie in the block; the second step
+            // is read only when it exists.
+            let (x0, x1) = unsafe {
+                let x0 = _mm256_loadu_si256(block.as_ptr().add(32 * s) as *const __m256i);
+                let x1 = if s + 1 < steps {
+                    _mm256_loadu_si256(block.as_ptr().add(32 * s + 32) as *const __m256i)
+                } else {
+                    zero
+                };
+                (x0, x1)
+            };
+            let (l0, l1) = (_mm256_and_si256(x0, mask), _mm256_and_si256(x1, mask));
+            let h0 = _mm256_and_si256(_mm256_srli_epi16(x0, 4), mask);
+            let h1 = _mm256_and_si256(_mm256_srli_epi16(x1, 4), mask);
+            let rows = [
+                _mm256_unpacklo_epi8(l0, l1),
+                _mm256_unpackhi_epi8(l0, l1),
+                _mm256_unpacklo_epi8(h0, h1),
+                _mm256_unpackhi_epi8(h0, h1),
+            ];
+            for (n, w) in narrow.iter_mut().zip(weights) {
+                // Positions 2s..2s + 4: whole when the second step exists (then 4 s + 4 <=
+                // 2 · steps = w.len()), else the last two positions and two zeros.
+                let four = if s + 1 < steps {
+                    // SAFETY: `2s + 4 <= w.len()` (above); an unaligned 4-byte read.
+                    unsafe { (w.as_ptr().add(2 * s) as *const i32).read_unaligned() }
+                } else {
+                    i32::from_le_bytes([w[2 * s] as u8, w[2 * s + 1] as u8, 0, 0])
+                };
+                let wv = _mm256_shuffle_epi8(_mm256_set1_epi32(four), pick);
+                for (a, r) in n.iter_mut().zip(rows) {
+                    *a = _mm256_add_epi16(*a, _mm256_maddubs_epi16(r, wv));
+                }
+            }
+        }
+        for (w, n) in wide.iter_mut().zip(narrow) {
+            for (a, v) in w.iter_mut().zip(n) {
+                let lanes = _mm256_add_epi32(
+                    _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)),
+                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(v)),
+                );
+                *a = _mm256_add_epi32(*a, lanes);
+            }
+        }
+        t = end;
+    }
+    for (w, o) in wide.iter().zip(outs.iter_mut()) {
+        for (k, v) in w.iter().enumerate() {
+            // SAFETY: `o` holds 32 i32; rows 8k..8k + 8.
+            unsafe { _mm256_storeu_si256(o.as_mut_ptr().add(8 * k) as *mut __m256i, *v) };
+        }
+    }
+}
