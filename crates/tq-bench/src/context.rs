@@ -65,7 +65,7 @@ fn label(c: &Config) -> String {
     let h = &c.head;
     let window = match h.sink {
         0 => format!("w{}", h.window),
-        _ => crate::cmd::window_label(h.window, h.sink),
+        _ => crate::cmd::window_label(h.window, h.sink, h.window_precision),
     };
     format!(
         "k{} v{} {} {window}",

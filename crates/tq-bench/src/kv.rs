@@ -86,8 +86,10 @@ pub struct TraceRow {
     /// Keys and values centred on per-head means.
     pub centered: bool,
     pub window: usize,
-    /// First tokens kept in f32 for good.
+    /// First tokens kept unquantized for good.
     pub sink: usize,
+    /// Stored width of the sink and window rows (`f32`, `f16`).
+    pub window_precision: tq_kv::WindowPrecision,
     #[serde(flatten)]
     pub overall: AttentionMetrics,
     /// `f16_bytes / cache_bytes`: how many times smaller than an f16 cache.
@@ -255,6 +257,7 @@ pub fn eval_trace(
         centered: cfg.center,
         window: cfg.window,
         sink: cfg.sink,
+        window_precision: cfg.window_precision,
         overall: total.metrics(),
         memory_ratio_vs_f16: f16_bytes as f64 / cache_bytes.max(1) as f64,
         bits_per_coordinate: 16.0 * cache_bytes as f64 / f16_bytes.max(1) as f64,

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, ensure};
 use indicatif::ProgressBar;
 use serde::Serialize;
-use tq_kv::{HeadCalibration, HeadConfig, KeyStrategy, OutlierChoice, RotationKind, ValueStrategy};
+use tq_kv::{
+    HeadCalibration, HeadConfig, KeyStrategy, OutlierChoice, RotationKind, ValueStrategy,
+    WindowPrecision,
+};
 use tq_onnx::{
     CacheSpec, Decoder, Keep, LogitMetrics, Run, Sampling, calibrate, generate, replay,
     teacher_forced, token_match, trace_of,
@@ -126,6 +129,9 @@ pub struct Row {
     /// First tokens kept in f32 for good.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sink: Option<usize>,
+    /// Stored width of the sink and window rows (`f32`, `f16`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_precision: Option<WindowPrecision>,
     /// Random rotation of the quantizers.
     pub rotation: Option<RotationKind>,
     /// Mean stored bits per coordinate over keys and values (codes and per-vector scalars).
@@ -185,6 +191,7 @@ impl Row {
             centered: None,
             window: None,
             sink: None,
+            window_precision: None,
             rotation: None,
             bits_per_coordinate: None,
             tokens,
@@ -236,6 +243,7 @@ impl Row {
         self.centered = Some(c.head.center);
         self.window = Some(c.head.window);
         self.sink = Some(c.head.sink);
+        self.window_precision = Some(c.head.window_precision);
         self.rotation = Some(c.head.rotation);
         // Stored bits per coordinate, scalars included, from the cache's exact byte count.
         let coords = run.f16_bytes as f64 / 2.0;
@@ -467,7 +475,7 @@ pub fn suite_summary(rows: &[Row]) -> Vec<Row> {
     // Every field that tells one configuration from another.
     let key = |r: &Row| {
         format!(
-            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
             r.key_precision,
             r.value_precision,
             r.key_strategy,
@@ -478,6 +486,7 @@ pub fn suite_summary(rows: &[Row]) -> Vec<Row> {
             r.centered,
             r.window,
             r.sink,
+            r.window_precision,
             r.rotation
         )
     };

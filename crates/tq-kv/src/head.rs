@@ -14,6 +14,8 @@
 //! query. With [`ScoreMode::Exact`] the result equals attention over the dequantized cache up to
 //! float rounding; [`ScoreMode::Fast`] scores through `u8` tables (see tq-quant).
 
+use std::borrow::Cow;
+
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
@@ -22,6 +24,7 @@ use tq_quant::{KiviAxis, ScaleMode, ScalePrecision};
 use crate::calibration::HeadCalibration;
 use crate::error::{check_finite, check_len};
 use crate::precision::Precision;
+use crate::rows::{PlainRows, WindowPrecision};
 use crate::store::{KeyStrategy, Store, StreamSpec, ValueStrategy};
 use crate::{Error, Result};
 
@@ -80,6 +83,10 @@ pub struct HeadConfig {
     /// per key group and channels per value group, gmse's tokens per group. Ignored by the others.
     #[serde(default = "default_group")]
     pub group: usize,
+    /// Stored width of the sink and window tokens. Caches saved before the field existed hold
+    /// f32 rows.
+    #[serde(default)]
+    pub window_precision: WindowPrecision,
 }
 
 fn default_group() -> usize {
@@ -104,6 +111,7 @@ impl HeadConfig {
             center: false,
             score_mode: ScoreMode::Fast,
             group: default_group(),
+            window_precision: WindowPrecision::F32,
         }
     }
 }
@@ -118,15 +126,15 @@ impl HeadConfig {
     /// The documented default for LLM KV caches (docs/CHOOSING.md): 4-bit KIVI keys (per-channel
     /// groups of 64 tokens, f16 scale and zero, the newest incomplete group in f16), 3-bit
     /// TurboQuant_mse values with least-squares f16 scales, the first 4 tokens (the attention
-    /// sink) and the 12 most recent kept in f32, Hadamard rotation. Chosen as the fewest stored
-    /// bits per coordinate measured to keep perplexity within 2% of the exact cache and next-token
-    /// top-1 agreement at or above 0.95 on SmolLM2-135M-Instruct in all four checks:
-    /// teacher-forced over 2 000 tokens of `fixtures/jargon-chapters.txt` (4.10 bits, x1.002,
-    /// top-1 0.955) and 299 tokens of each of two English texts, and greedy 64-token
+    /// sink) and the 12 most recent kept unquantized in f16, Hadamard rotation. Chosen as the
+    /// fewest stored bits per coordinate measured to keep perplexity within 2% of the exact cache
+    /// and next-token top-1 agreement at or above 0.95 on SmolLM2-135M-Instruct in all four
+    /// checks: teacher-forced over 2 000 tokens of `fixtures/jargon-chapters.txt` (3.97 bits,
+    /// x1.003, top-1 0.956) and 299 tokens of each of two English texts, and greedy 64-token
     /// continuations of an 8-prompt suite. Its keys are KIVI's, not TurboQuant's: per-channel
     /// zero points remove the post-RoPE keys' channel offsets that a rotation would spread
-    /// (docs/REAL_MODEL.md). Scoring KIVI keys builds look-up tables per group, so decode
-    /// attention takes about 1.7x the time of 4-bit TurboQuant keys at 32 768 tokens (d = 128).
+    /// (docs/REAL_MODEL.md). Decode attention on it takes about 1.15x the time of 4-bit
+    /// TurboQuant keys at 32 768 tokens (d = 128; integer dot products per key group).
     pub fn recommended(head_dim: usize) -> Self {
         Self {
             key_strategy: KeyStrategy::Kivi,
@@ -135,6 +143,7 @@ impl HeadConfig {
             sink: 4,
             scale: ScaleMode::LeastSquares,
             scale_precision: ScalePrecision::F16,
+            window_precision: WindowPrecision::F16,
             ..Self::new(head_dim, Precision::Uniform(4), Precision::Uniform(3))
         }
     }
@@ -142,7 +151,7 @@ impl HeadConfig {
     /// The compact configuration, under 4 stored bits per coordinate at 2 000 tokens: the
     /// default with its KIVI keys split, 4 bits on the half of the channels that swing most
     /// inside groups and 3 bits on the rest (3-bit TurboQuant_mse values with least-squares f16
-    /// scales, a 4-token sink and a 12-token window in f32, as the default). On SmolLM2-135M-Instruct (`head_dim` 64:
+    /// scales, a 4-token sink and a 12-token window in f16, as the default). On SmolLM2-135M-Instruct (`head_dim` 64:
     /// `4x32+3` keys) it stores 3.85 bits per coordinate at 2 000 tokens of
     /// `fixtures/jargon-chapters.txt` and kept all four checks of [`HeadConfig::recommended`]:
     /// x1.003 / top-1 0.954 there, prose x1.010 / 0.953, expository x0.995 / 0.970, the prompt
@@ -168,10 +177,10 @@ impl HeadConfig {
 pub(crate) struct SavedParts<'a> {
     pub(crate) keys: Vec<Vec<u8>>,
     pub(crate) values: Vec<Vec<u8>>,
-    pub(crate) window_keys: &'a [f32],
-    pub(crate) window_values: &'a [f32],
-    pub(crate) sink_keys: &'a [f32],
-    pub(crate) sink_values: &'a [f32],
+    pub(crate) window_keys: &'a PlainRows,
+    pub(crate) window_values: &'a PlainRows,
+    pub(crate) sink_keys: &'a PlainRows,
+    pub(crate) sink_values: &'a PlainRows,
 }
 
 const VALUE_SEED_OFFSET: u64 = 0x5641_4c55_4553_0001;
@@ -182,10 +191,10 @@ pub struct HeadCache {
     config: HeadConfig,
     keys: Store,
     values: Store,
-    window_keys: Vec<f32>,
-    window_values: Vec<f32>,
-    sink_keys: Vec<f32>,
-    sink_values: Vec<f32>,
+    window_keys: PlainRows,
+    window_values: PlainRows,
+    sink_keys: PlainRows,
+    sink_values: PlainRows,
 }
 
 impl HeadCache {
@@ -232,14 +241,15 @@ impl HeadCache {
             mean: mean(config.center, &outliers.value_mean, "value")?,
             ..stream
         })?;
+        let rows = PlainRows::new(config.window_precision);
         Ok(Self {
             config,
             keys,
             values,
-            window_keys: Vec::new(),
-            window_values: Vec::new(),
-            sink_keys: Vec::new(),
-            sink_values: Vec::new(),
+            window_keys: rows.clone(),
+            window_values: rows.clone(),
+            sink_keys: rows.clone(),
+            sink_values: rows,
         })
     }
 
@@ -302,6 +312,21 @@ impl HeadCache {
         check_len("values", values.len(), keys.len())?;
         check_finite("keys", keys)?;
         check_finite("values", values)?;
+        // The tokens that enter the sink or the window must fit their stored width.
+        let sink = self
+            .config
+            .sink
+            .saturating_sub(self.sink_len())
+            .min(keys.len() / d)
+            * d;
+        let plain = if self.config.window > 0 {
+            keys.len()
+        } else {
+            sink
+        };
+        let width = self.config.window_precision;
+        width.check(&keys[..plain])?;
+        width.check(&values[..plain])?;
         self.keys.check_rows(keys)?;
         self.values.check_rows(values)
     }
@@ -316,10 +341,10 @@ impl HeadCache {
     pub fn memory_bytes(&self) -> usize {
         self.keys.stored_bytes()
             + self.values.stored_bytes()
-            + 4 * (self.window_keys.len()
-                + self.window_values.len()
-                + self.sink_keys.len()
-                + self.sink_values.len())
+            + self.window_keys.stored_bytes()
+            + self.window_values.stored_bytes()
+            + self.sink_keys.stored_bytes()
+            + self.sink_values.stored_bytes()
     }
 
     /// Bytes the same tokens take as f16 keys and values.
@@ -342,8 +367,8 @@ impl HeadCache {
             self.keys.extend(keys)?;
             return self.values.extend(values);
         }
-        self.window_keys.extend_from_slice(keys);
-        self.window_values.extend_from_slice(values);
+        self.window_keys.extend(keys);
+        self.window_values.extend(values);
         self.settle()
     }
 
@@ -374,10 +399,10 @@ impl HeadCache {
         if let Some(&limit) = limits.iter().find(|&&l| l == 0 || l > len) {
             return Err(Error::PositionOutOfRange { limit, len });
         }
-        let (keys, values) = self.fill_sink(keys, values);
-        self.window_keys.extend_from_slice(keys);
-        self.window_values.extend_from_slice(values);
-        let attended = self.attend_many(queries, limits, out);
+        let (rest_k, rest_v) = self.fill_sink(keys, values);
+        self.window_keys.extend(rest_k);
+        self.window_values.extend(rest_v);
+        let attended = self.attend_fresh(queries, limits, out, Some((keys, values)));
         // The tokens are in either way; what left the window is quantized even if attention
         // failed, so the window never stays beyond its size.
         let settled = self.settle();
@@ -393,8 +418,8 @@ impl HeadCache {
             .sink
             .saturating_sub(self.sink_len())
             .min(keys.len() / d);
-        self.sink_keys.extend_from_slice(&keys[..take * d]);
-        self.sink_values.extend_from_slice(&values[..take * d]);
+        self.sink_keys.extend(&keys[..take * d]);
+        self.sink_values.extend(&values[..take * d]);
         (&keys[take * d..], &values[take * d..])
     }
 
@@ -405,10 +430,11 @@ impl HeadCache {
         let over = self.window_len().saturating_sub(self.config.window);
         if over > 0 {
             // Quantize the aged tokens straight from the window, then drop them from it.
-            self.keys.extend(&self.window_keys[..over * d])?;
-            self.values.extend(&self.window_values[..over * d])?;
-            self.window_keys.drain(..over * d);
-            self.window_values.drain(..over * d);
+            self.keys.extend(&self.window_keys.to_f32()[..over * d])?;
+            self.values
+                .extend(&self.window_values.to_f32()[..over * d])?;
+            self.window_keys.drain_front(over * d);
+            self.window_values.drain_front(over * d);
         }
         Ok(())
     }
@@ -452,8 +478,8 @@ impl HeadCache {
         } else {
             self.keys.truncate(n);
             self.values.truncate(n);
-            self.window_keys.clear();
-            self.window_values.clear();
+            self.window_keys.truncate(0);
+            self.window_values.truncate(0);
         }
     }
 
@@ -467,15 +493,15 @@ impl HeadCache {
     fn reconstruct_from(
         &self,
         store: &Store,
-        sink: &[f32],
-        window: &[f32],
+        sink: &PlainRows,
+        window: &PlainRows,
         start: usize,
     ) -> Result<Vec<f32>> {
         let d = self.config.head_dim;
         let (s, q) = (self.sink_len(), self.quantized_len());
         let start = start.min(self.len());
         let mut out = Vec::with_capacity((self.len() - start) * d);
-        out.extend_from_slice(&sink[start.min(s) * d..]);
+        out.extend_from_slice(&sink.to_f32()[start.min(s) * d..]);
         let first_code = start.max(s) - s;
         let base = out.len();
         out.resize(base + q.saturating_sub(first_code) * d, 0.0);
@@ -483,7 +509,7 @@ impl HeadCache {
             store.reconstruct(i, row)?;
         }
         let first_window = start.max(s + q) - (s + q);
-        out.extend_from_slice(&window[first_window * d..]);
+        out.extend_from_slice(&window.to_f32()[first_window * d..]);
         Ok(out)
     }
 
@@ -540,8 +566,8 @@ impl HeadCache {
         &mut self,
         keys: &[&[u8]],
         values: &[&[u8]],
-        window: (Vec<f32>, Vec<f32>),
-        sink: (Vec<f32>, Vec<f32>),
+        window: (PlainRows, PlainRows),
+        sink: (PlainRows, PlainRows),
         what: &str,
     ) -> Result<()> {
         let ((window_keys, window_values), (sink_keys, sink_values)) = (window, sink);
@@ -605,17 +631,17 @@ impl HeadCache {
         self.scores_unchecked(q, out)
     }
 
-    /// Raw dots of `q` with the f32 keys: the sink's into `p[..sink_len]`, the window's into
-    /// `p[sink_len + quantized_len..]` (`p` has one entry per token; the rest is left as it is).
-    fn exact_dots(&self, q: &[f32], p: &mut [f32]) {
+    /// Raw dots of `q` with the unquantized keys `sink` and `window` (f32 rows): the sink's into
+    /// `p[..sink_len]`, the window's into `p[sink_len + quantized_len..]` (`p` has one entry per
+    /// token; the rest is left as it is).
+    fn exact_dots(&self, sink: &[f32], window: &[f32], q: &[f32], p: &mut [f32]) {
         let d = self.config.head_dim;
         let s = self.sink_len();
         let (head, tail) = p.split_at_mut(s + self.quantized_len());
-        let exact = self
-            .sink_keys
+        let exact = sink
             .chunks_exact(d)
             .zip(&mut head[..s])
-            .chain(self.window_keys.chunks_exact(d).zip(tail));
+            .chain(window.chunks_exact(d).zip(tail));
         for (k, o) in exact {
             *o = tq_core::simd::dot(q, k);
         }
@@ -633,7 +659,8 @@ impl HeadCache {
                 self.config.score_mode == ScoreMode::Fast,
             )?;
         }
-        self.exact_dots(q, out);
+        let (sink, window) = (self.sink_keys.to_f32(), self.window_keys.to_f32());
+        self.exact_dots(&sink, &window, q, out);
         for o in out.iter_mut() {
             *o *= scale;
         }
@@ -681,6 +708,39 @@ impl HeadCache {
         limits: &[usize],
         out: &mut [f32],
     ) -> Result<()> {
+        self.attend_fresh(queries, limits, out, None)
+    }
+
+    /// The sink and window rows as f32, with `fresh` (the exact keys or values of the newest
+    /// tokens, all of them in the sink or the window) written over their stored rounding: f16
+    /// rows hold the newest tokens rounded, but the step that computes them attends to them exact.
+    fn plain_f32<'a>(
+        &self,
+        sink: &'a PlainRows,
+        window: &'a PlainRows,
+        fresh: Option<&[f32]>,
+    ) -> (Cow<'a, [f32]>, Cow<'a, [f32]>) {
+        let (mut s, mut w) = (sink.to_f32(), window.to_f32());
+        if let Some(f) = fresh.filter(|_| self.config.window_precision != WindowPrecision::F32) {
+            let in_window = f.len().min(w.len());
+            let at = w.len() - in_window;
+            w.to_mut()[at..].copy_from_slice(&f[f.len() - in_window..]);
+            let rest = f.len() - in_window;
+            let at = s.len() - rest;
+            s.to_mut()[at..].copy_from_slice(&f[..rest]);
+        }
+        (s, w)
+    }
+
+    /// [`HeadCache::attend_many`], the newest tokens' exact `(keys, values)` attended in place of
+    /// their stored rows when given (see [`HeadCache::plain_f32`]).
+    fn attend_fresh(
+        &self,
+        queries: &[f32],
+        limits: &[usize],
+        out: &mut [f32],
+        fresh: Option<(&[f32], &[f32])>,
+    ) -> Result<()> {
         let d = self.config.head_dim;
         let (s, qn) = (self.sink_len(), self.quantized_len());
         let codes = s..s + qn;
@@ -709,9 +769,11 @@ impl HeadCache {
             )?;
         }
         let scale = 1.0 / (d as f32).sqrt();
+        let (sink_k, window_k) =
+            self.plain_f32(&self.sink_keys, &self.window_keys, fresh.map(|f| f.0));
         for &i in &live {
             let (q, p, limit) = (&queries[i * d..(i + 1) * d], &mut probs[i], limits[i]);
-            self.exact_dots(q, p);
+            self.exact_dots(&sink_k, &window_k, q, p);
             tq_core::simd::softmax_in_place(&mut p[..limit], scale);
             p[limit..].fill(0.0);
         }
@@ -720,10 +782,12 @@ impl HeadCache {
             let mut outs: Vec<&mut [f32]> = out.chunks_exact_mut(d).collect();
             self.values.weighted_sums_into(&weights, &mut outs)?;
         }
+        let (sink, window) =
+            self.plain_f32(&self.sink_values, &self.window_values, fresh.map(|f| f.1));
         for ((p, &limit), o) in probs.iter().zip(limits).zip(out.chunks_exact_mut(d)) {
             // Weights past a query's limit are zero, so whole rows can be summed.
-            let exact = self.sink_values.chunks_exact(d).zip(&p[..s]).chain(
-                self.window_values
+            let exact = sink.chunks_exact(d).zip(&p[..s]).chain(
+                window
                     .chunks_exact(d)
                     .zip(&p[codes.end..limit.max(codes.end)]),
             );

@@ -27,6 +27,7 @@ pub mod head;
 pub mod multi;
 pub mod persist;
 pub mod precision;
+pub mod rows;
 mod store;
 pub mod trace;
 
@@ -35,6 +36,7 @@ pub use error::{Error, Result};
 pub use head::{HeadCache, HeadConfig, ScoreMode};
 pub use multi::{MAX_HEADS, ModelCache, MultiHeadCache};
 pub use precision::{Precision, calibrate_outliers, calibrate_outliers_grouped};
+pub use rows::WindowPrecision;
 pub use store::{KeyStrategy, ValueStrategy};
 pub use tq_core::RotationKind;
 pub use trace::{KvTrace, SyntheticTrace, TraceMeta};

@@ -1,15 +1,16 @@
-//! Saving and loading whole caches (safetensors, format `tq-kv-cache` version 2).
+//! Saving and loading whole caches (safetensors, format `tq-kv-cache` version 3).
 //!
 //! Version 2 added the sink (`head.sink`, `sink_keys` / `sink_values`) and f16 scales
-//! (`head.scale_precision`); this build writes 2 and reads 1 and 2 (a version-1 file has neither),
-//! so a build that reads only version 1 refuses a file whose sink it would drop.
+//! (`head.scale_precision`); version 3 f16 sink and window rows (`head.window_precision`). This
+//! build writes 3 and reads 1 to 3 (an older file has none of the later settings), so a build
+//! that reads only older versions refuses a file whose settings it would drop.
 //!
-//! `__metadata__`: `format = "tq-kv-cache"`, `version = "2"`, `config` = JSON
+//! `__metadata__`: `format = "tq-kv-cache"`, `version = "3"`, `config` = JSON
 //! `{"layers", "n_q_heads", "n_kv_heads", "head": HeadConfig, "outliers": [[HeadCalibration; kv heads]; layers]}`.
 //! Per layer `l` and kv head `h`: `l{l}.h{h}.keys.p{p}` and `l{l}.h{h}.values.p{p}` (U8: each
 //! channel part's batch as a saved tq-batch, see tq-quant's `io`), `l{l}.h{h}.window_keys` /
-//! `window_values` (F32 `[w, d]`), and with a sink (`head.sink > 0`) `l{l}.h{h}.sink_keys` /
-//! `sink_values` (F32 `[s, d]`; files written before sinks existed have none and load with none). Loading checks the header, rebuilds the configured cache,
+//! `window_values` (`[w, d]`, F32, or F16 when `head.window_precision` is `f16`), and with a sink
+//! (`head.sink > 0`) `l{l}.h{h}.sink_keys` / `sink_values` (`[s, d]`, the same type; files written before sinks existed have none and load with none). Loading checks the header, rebuilds the configured cache,
 //! requires every stored quantizer to equal the configured one, and checks row counts, window
 //! shapes and finiteness; malformed bytes are an error, never a panic. Every tensor's shape is
 //! checked against the header before any quantizer is built (see `check_shapes`), so the work done
@@ -25,10 +26,11 @@ use serde::{Deserialize, Serialize};
 use crate::calibration::HeadCalibration;
 use crate::head::{HeadCache, HeadConfig};
 use crate::multi::{ModelCache, MultiHeadCache};
+use crate::rows::{PlainRows, WindowPrecision};
 use crate::{Error, Result};
 
 /// The format version this build writes and reads.
-pub const CACHE_FORMAT_VERSION: u32 = 2;
+pub const CACHE_FORMAT_VERSION: u32 = 3;
 const FORMAT: &str = "tq-kv-cache";
 
 #[derive(Serialize, Deserialize)]
@@ -68,14 +70,15 @@ fn check_shapes(st: &SafeTensors<'_>, header: &CacheHeader) -> Result<()> {
                     ));
                 }
             }
+            let dtype = row_dtype(header.head.window_precision);
             for t in ["window_keys", "window_values"].iter().chain(sinks) {
                 let name = format!("l{l}.h{h}.{t}");
                 let tv = st.tensor(&name).map_err(|_| bad(name.clone(), "missing"))?;
-                if tv.dtype() != Dtype::F32 || tv.shape().len() != 2 || tv.shape()[1] != d {
+                if tv.dtype() != dtype || tv.shape().len() != 2 || tv.shape()[1] != d {
                     return Err(bad(
                         name,
                         format!(
-                            "expected F32 [w, {d}], found {:?} {:?}",
+                            "expected {dtype:?} [w, {d}], found {:?} {:?}",
                             tv.dtype(),
                             tv.shape()
                         ),
@@ -104,6 +107,14 @@ fn check_shapes(st: &SafeTensors<'_>, header: &CacheHeader) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The tensor type of the sink and window rows at a stored width.
+fn row_dtype(width: WindowPrecision) -> Dtype {
+    match width {
+        WindowPrecision::F32 => Dtype::F32,
+        WindowPrecision::F16 => Dtype::F16,
+    }
 }
 
 /// The `dim` of a saved batch's configuration, read from its metadata alone.
@@ -173,13 +184,13 @@ impl ModelCache {
                 if head.config().sink > 0 {
                     rows.extend([("sink_keys", sk), ("sink_values", sv)]);
                 }
+                let dtype = row_dtype(head.config().window_precision);
                 for (t, w) in rows {
-                    let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
                     owned.push((
                         format!("l{l}.h{h}.{t}"),
-                        Dtype::F32,
+                        dtype,
                         vec![w.len() / d, d],
-                        bytes,
+                        w.to_le_bytes(),
                     ));
                 }
             }
@@ -269,26 +280,20 @@ impl ModelCache {
                     }
                     Ok(v)
                 };
-                let window = |t: &str| -> Result<Vec<f32>> {
+                let width = header.head.window_precision;
+                let window = |t: &str| -> Result<PlainRows> {
                     // dtype and shape were checked by `check_shapes`.
                     let name = format!("l{l}.h{h}.{t}");
                     let tv = st.tensor(&name).map_err(|_| bad(name.clone(), "missing"))?;
-                    let w: Vec<f32> = tv
-                        .data()
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect();
-                    if w.iter().any(|x| !x.is_finite()) {
-                        return Err(bad(name, "non-finite value"));
-                    }
-                    Ok(w)
+                    PlainRows::from_le_bytes(width, tv.data())
+                        .ok_or_else(|| bad(name, "non-finite value"))
                 };
                 let (kb, vb) = (blobs("keys")?, blobs("values")?);
                 let (wk, wv) = (window("window_keys")?, window("window_values")?);
                 let (sk, sv) = if header.head.sink > 0 {
                     (window("sink_keys")?, window("sink_values")?)
                 } else {
-                    (Vec::new(), Vec::new())
+                    (PlainRows::new(width), PlainRows::new(width))
                 };
                 let head = layer
                     .head_mut(h)

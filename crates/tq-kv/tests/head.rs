@@ -6,7 +6,7 @@ use half::{bf16, f16};
 use tq_core::{SeededRng, rng::stream};
 use tq_kv::{
     Error, HeadCache, HeadCalibration, HeadConfig, KeyStrategy, Precision, ScoreMode,
-    calibrate_outliers,
+    WindowPrecision, calibrate_outliers,
 };
 
 fn rows(n: usize, d: usize, seed: u64) -> Vec<f32> {
@@ -882,4 +882,100 @@ fn compact_configuration_is_calibrated_then_attends() {
     // 3-bit values alone carry sqrt(D_mse) = sqrt(0.034) = 0.18 relative error each, which a
     // wide average of random values keeps; 0.3 leaves 0.12 for the split keys' score error.
     assert!(rel(&out, &want) < 0.3, "{}", rel(&out, &want));
+}
+
+/// f16 sink and window rows: a cache storing them in f16 behaves exactly like an f32-row cache
+/// fed the same tokens rounded to f16 (every token passes through the window, so even the
+/// quantized ones start from the rounded values), for attention at every causal limit, decoded
+/// rows and rollback; it stores 2 bytes less per sink and window value; a value f16 cannot hold
+/// is refused before anything changes (and accepted by f32 rows).
+#[test]
+fn f16_window_rows_equal_f32_rows_of_rounded_tokens() {
+    let (d, n) = (32, 70);
+    let (k, v) = (rows(n, d, 61), rows(n, d, 62));
+    let round = |x: &[f32]| -> Vec<f32> { x.iter().map(|&a| f16::from_f32(a).to_f32()).collect() };
+    for (strategy, sink, window) in [
+        (KeyStrategy::Kivi, 4usize, 12usize),
+        (KeyStrategy::Mse, 0, 6),
+        (KeyStrategy::Mse, 3, 1),
+    ] {
+        let what = format!("{strategy:?} sink {sink} window {window}");
+        let f32_rows = HeadConfig {
+            key_strategy: strategy,
+            group: 16,
+            sink,
+            window,
+            ..HeadConfig::new(d, Precision::Uniform(4), Precision::Uniform(3))
+        };
+        let f16_rows = HeadConfig {
+            window_precision: WindowPrecision::F16,
+            ..f32_rows.clone()
+        };
+        let mut a = HeadCache::new(f16_rows, &HeadCalibration::default()).unwrap();
+        let mut b = HeadCache::new(f32_rows, &HeadCalibration::default()).unwrap();
+        for (kc, vc) in k.chunks(7 * d).zip(v.chunks(7 * d)) {
+            a.append(kc, vc).unwrap();
+            b.append(&round(kc), &round(vc)).unwrap();
+        }
+        assert_eq!(a.keys().unwrap(), b.keys().unwrap(), "{what}");
+        assert_eq!(a.values().unwrap(), b.values().unwrap(), "{what}");
+        assert_eq!(
+            b.memory_bytes() - a.memory_bytes(),
+            2 * 2 * (sink + window) * d,
+            "{what}"
+        );
+        let q = rows(3, d, 63);
+        let limits = [1usize, sink.max(1), n];
+        let (mut oa, mut ob) = (vec![0.0; 3 * d], vec![0.0; 3 * d]);
+        a.attend_block(&q, &limits, &mut oa).unwrap();
+        b.attend_block(&q, &limits, &mut ob).unwrap();
+        assert_eq!(oa, ob, "{what}");
+        // A decoder step attends to its own new tokens exact, stored rounding or not: new
+        // tokens straddling the sink's end, then a step past it.
+        let (mut sa, mut sb) = (
+            HeadCache::new(a.config().clone(), &HeadCalibration::default()).unwrap(),
+            HeadCache::new(b.config().clone(), &HeadCalibration::default()).unwrap(),
+        );
+        for (from, to) in [(0usize, 6usize), (6, 30), (30, 31)] {
+            let (kc, vc) = (&k[from * d..to * d], &v[from * d..to * d]);
+            let limits: Vec<usize> = (from + 1..=to).collect();
+            let qs = rows(to - from, d, 64 + from as u64);
+            let (mut xa, mut xb) = (vec![0.0; qs.len()], vec![0.0; qs.len()]);
+            sa.append_attend(kc, vc, &qs, &limits, &mut xa).unwrap();
+            sb.append_attend(kc, vc, &qs, &limits, &mut xb).unwrap();
+            assert_eq!(xa, xb, "{what}: step {from}..{to}");
+            // Then store them rounded in the f32 cache too, as the f16 cache did.
+            sb.truncate(from);
+            sb.append(&round(kc), &round(vc)).unwrap();
+        }
+        a.truncate(n - 3);
+        b.truncate(n - 3);
+        assert_eq!(
+            a.keys().unwrap(),
+            b.keys().unwrap(),
+            "{what} after rollback"
+        );
+        // Out of f16's range: refused with nothing changed; f32 rows take it.
+        let before = (a.len(), a.keys().unwrap());
+        let mut big = k[..d].to_vec();
+        big[5] = 70_000.0;
+        assert!(
+            matches!(
+                a.append(&big, &v[..d]),
+                Err(Error::Quant(tq_quant::Error::ValueOutOfRange {
+                    index: 5,
+                    ..
+                }))
+            ),
+            "{what}"
+        );
+        assert!(matches!(
+            a.append(&k[..d], &big),
+            Err(Error::Quant(tq_quant::Error::ValueOutOfRange { .. }))
+        ));
+        assert_eq!((a.len(), a.keys().unwrap()), before, "{what}");
+        if strategy == KeyStrategy::Mse {
+            b.append(&big, &v[..d]).unwrap();
+        }
+    }
 }

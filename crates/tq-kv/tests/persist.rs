@@ -139,6 +139,39 @@ fn with_config(bytes: &[u8], edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
 /// Fills a one-layer cache of `cfg` with `t` random tokens per kv head, saves and restores it, and
 /// checks that the two hold the same bytes, attend identically and stay identical through two
 /// more appends; returns the saved bytes.
+/// A cache with f16 sink and window rows saves them as F16 tensors and restores to the same
+/// attention, continuing identically; its header edited to f32 rows (F16 tensors where F32 are
+/// expected) is refused.
+#[test]
+fn f16_window_caches_round_trip_and_refuse_a_changed_width() {
+    let (d, nkv, nq, t) = (32, 2, 4, 40);
+    let cfg = HeadConfig {
+        key_strategy: KeyStrategy::Kivi,
+        group: 16,
+        sink: 4,
+        window: 5,
+        seed: 9,
+        window_precision: tq_kv::WindowPrecision::F16,
+        ..HeadConfig::new(d, Precision::Uniform(4), Precision::Uniform(3))
+    };
+    let bytes = saved_round_trip(&cfg, nkv, nq, t, 41);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for name in ["l0.h1.window_keys", "l0.h0.sink_values"] {
+        assert_eq!(
+            st.tensor(name).unwrap().dtype(),
+            safetensors::Dtype::F16,
+            "{name}"
+        );
+    }
+    let changed = with_config(&bytes, |c| {
+        c["head"]["window_precision"] = serde_json::json!("f32")
+    });
+    assert!(matches!(
+        ModelCache::from_safetensors(&changed),
+        Err(Error::InvalidCache { .. })
+    ));
+}
+
 fn saved_round_trip(cfg: &HeadConfig, nkv: usize, nq: usize, t: usize, seed: u64) -> Vec<u8> {
     let d = cfg.head_dim;
     let (k, v) = (rows(nkv * t * d, seed), rows(nkv * t * d, seed + 1));
@@ -420,18 +453,18 @@ fn sink_caches_round_trip_and_refuse_inconsistent_sinks() {
     }
 }
 
-/// Version 1 files (written before sinks and f16 scales) still load; a version this build does
-/// not know is refused.
+/// Version 1 and 2 files (written before sinks and f16 scales, before f16 windows) still load;
+/// a version this build does not know is refused.
 #[test]
-fn version_1_loads_and_unknown_versions_are_refused() {
+fn older_versions_load_and_unknown_versions_are_refused() {
     let (m, _, _) = model();
     let bytes = m.to_safetensors().unwrap();
-    let from = br#""version":"2""#;
+    let from = br#""version":"3""#;
     let at = bytes
         .windows(from.len())
         .position(|w| w == from)
         .expect("the version key");
-    for (v, ok) in [(b'1', true), (b'3', false), (b'0', false)] {
+    for (v, ok) in [(b'1', true), (b'2', true), (b'4', false), (b'0', false)] {
         let mut b = bytes.clone();
         b[at + from.len() - 2] = v;
         assert_eq!(

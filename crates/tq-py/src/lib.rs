@@ -526,7 +526,8 @@ impl KVCache {
     #[new]
     #[pyo3(signature = (head_dim, key_bits = None, value_bits = None, *, heads = 1, kv_heads = None,
         window = None, sink = None, key_strategy = None, value_strategy = None, group = None,
-        scale = None, scale_precision = None, rotation = None, seed = None))]
+        scale = None, scale_precision = None, window_precision = None, rotation = None,
+        seed = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         head_dim: usize,
@@ -541,6 +542,7 @@ impl KVCache {
         group: Option<usize>,
         scale: Option<&str>,
         scale_precision: Option<&str>,
+        window_precision: Option<&str>,
         rotation: Option<&str>,
         seed: Option<u64>,
     ) -> PyResult<Self> {
@@ -571,6 +573,9 @@ impl KVCache {
         }
         if let Some(s) = scale_precision {
             cfg.scale_precision = parse("scale_precision", s)?;
+        }
+        if let Some(s) = window_precision {
+            cfg.window_precision = parse("window_precision", s)?;
         }
         if let Some(r) = rotation {
             cfg.rotation = parse("rotation", r)?;

@@ -284,6 +284,14 @@ def test_kv_grouped_heads_and_strategies():
     narrow.append(k1, v1)
     assert len(wide) == len(narrow) == n
     assert wide.nbytes - narrow.nbytes == 2 * (n - 4)
+    with pytest.raises(ValueError, match="window_precision"):
+        tq.KVCache(d, window_precision="bf16")
+    # f32 sink and window rows: 2 more bytes per value of the 4 + 12 such tokens.
+    rows32 = tq.KVCache(d, window_precision="f32")
+    rows16 = tq.KVCache(d, window_precision="f16")
+    rows32.append(k1, v1)
+    rows16.append(k1, v1)
+    assert rows32.nbytes - rows16.nbytes == 2 * 2 * 16 * d
     with pytest.raises(ValueError, match=r"\(2, n, 32\)"):
         cache.append(k[0], v[0])
     with pytest.raises(ValueError, match="differ"):

@@ -20,9 +20,14 @@
 //!
 //! **Scoring on the codes.** With the channel axis, `⟨q, k̃_t⟩ = Σ_c q_c z_{g,c} + Σ_c (q_c s_{g,c})
 //! · code_{t,c}` for the rows `t` of group `g`: the first sum is one offset per group, the second is
-//! the look-up-table scan of the other batches with per-group tables over the uniform levels
-//! `0..2^b` (fast `u8` tables and exact `f32` tables for widths 1-5; widths 6-8 decode rows). The
-//! residual rows are scored exactly (f16 values, f32 arithmetic). The token axis scores each row exactly.
+//! linear in the codes. At 4 bits the fast path rounds the group's weights `q_c s_c` to `i8`
+//! (step `max_c |q_c s_c| / 127`, so a score moves by at most `step / 2 · Σ_c code_c`) and takes
+//! integer dot products with the nibbles ([`tq_core::scan::dot_nibbles_i8`]): no per-query tables,
+//! and a kv head's queries share each pass over a group ([`KiviBatch::score_many_into`]). Other
+//! widths use the look-up-table scan of the other batches with per-group tables over the uniform
+//! levels `0..2^b` (fast `u8` tables and exact `f32` tables for widths 1-5; widths 6-8 decode
+//! rows), as does the exact path at every width. The residual rows are scored exactly (f16
+//! values, f32 arithmetic). The token axis scores each row exactly.
 
 use std::sync::Arc;
 

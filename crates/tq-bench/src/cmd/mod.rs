@@ -18,7 +18,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tq_bench::data::{self, Vectors};
 use tq_core::{RotationKind, SeededRng, rng::stream};
-use tq_kv::{HeadConfig, KeyStrategy, OutlierChoice, Precision, ScoreMode, ValueStrategy};
+use tq_kv::{
+    HeadConfig, KeyStrategy, OutlierChoice, Precision, ScoreMode, ValueStrategy, WindowPrecision,
+};
 use tq_quant::{ScaleMode, ScalePrecision};
 
 /// A workload's result: one JSON object (schema in docs/REPORT_SCHEMA.md) or a table.
@@ -92,6 +94,10 @@ pub struct KvCacheArgs {
     /// configurations; their f32 rows count in the stored bits.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub sink: Vec<usize>,
+    /// Stored widths of the sink and window rows, comma-separated: f32, f16 (f16 halves their
+    /// share of the stored bits; crossed only with configurations that keep such rows).
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    pub window_precision: Vec<WindowPrecision>,
     /// Centre MSE keys and values on per-head means (calibrated like --split auto).
     #[arg(long)]
     pub center: bool,
@@ -149,12 +155,17 @@ pub fn progress_bar(json: bool, steps: usize) -> ProgressBar {
     pb
 }
 
-/// The table label of a cache's f32 rows: the window `W`, or `sS wW` with a sink of `S` tokens.
-pub fn window_label(window: usize, sink: usize) -> String {
-    if sink == 0 {
+/// The table label of a cache's unquantized rows: the window `W`, or `sS wW` with a sink of `S`
+/// tokens, and ` f16` after it when those rows are stored in f16.
+pub fn window_label(window: usize, sink: usize, precision: WindowPrecision) -> String {
+    let base = if sink == 0 {
         window.to_string()
     } else {
         format!("s{sink} w{window}")
+    };
+    match precision {
+        WindowPrecision::F16 if window + sink > 0 => format!("{base} f16"),
+        _ => base,
     }
 }
 
@@ -218,6 +229,8 @@ pub struct KvGrid<'a> {
     pub scales: &'a [ScaleMode],
     pub scale_precisions: &'a [ScalePrecision],
     pub sinks: &'a [usize],
+    /// Stored widths of the sink and window rows (crossed only where a configuration has some).
+    pub window_precisions: &'a [WindowPrecision],
     pub center: bool,
     pub windows: &'a [usize],
     pub rotations: &'a [RotationKind],
@@ -278,22 +291,30 @@ pub fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>
                             .flat_map(|w| g.sinks.iter().map(move |s| (w, s)))
                             .flat_map(|ws| g.rotations.iter().map(move |r| (ws, r)))
                         {
-                            configs.push(HeadConfig {
-                                key_strategy: st,
-                                value_strategy: vs,
-                                window,
-                                sink,
-                                rotation,
-                                seed,
-                                score_mode: ScoreMode::Fast,
-                                scale,
-                                scale_precision,
-                                group,
-                                center: g.center
-                                    && st == KeyStrategy::Mse
-                                    && vs == ValueStrategy::Mse,
-                                ..HeadConfig::new(d, kp, vp)
-                            });
+                            let plain = if window + sink > 0 {
+                                g.window_precisions
+                            } else {
+                                &g.window_precisions[..1]
+                            };
+                            for &window_precision in plain {
+                                configs.push(HeadConfig {
+                                    key_strategy: st,
+                                    value_strategy: vs,
+                                    window,
+                                    sink,
+                                    rotation,
+                                    seed,
+                                    score_mode: ScoreMode::Fast,
+                                    scale,
+                                    scale_precision,
+                                    group,
+                                    center: g.center
+                                        && st == KeyStrategy::Mse
+                                        && vs == ValueStrategy::Mse,
+                                    window_precision,
+                                    ..HeadConfig::new(d, kp, vp)
+                                });
+                            }
                         }
                     }
                 }

@@ -252,7 +252,7 @@ const DEFAULT_PROMPT: &str = "What is the capital of France?";
 
 /// The ids of the grid options: given without --key-bits (and without --config), they are an
 /// error rather than ignored.
-pub const GRID_ARGS: [&str; 12] = [
+pub const GRID_ARGS: [&str; 13] = [
     "value_bits",
     "pair",
     "key_strategy",
@@ -260,6 +260,7 @@ pub const GRID_ARGS: [&str; 12] = [
     "group",
     "scale_precision",
     "sink",
+    "window_precision",
     "center",
     "split",
     "scales",
@@ -298,6 +299,7 @@ pub fn run(a: RealModelArgs) -> Result<RealReport> {
         scales: &a.scales,
         scale_precisions: &a.cache.scale_precision,
         sinks: &a.cache.sink,
+        window_precisions: &a.cache.window_precision,
         center: a.cache.center,
         windows: &a.window,
         rotations: &a.rotation,
@@ -481,8 +483,11 @@ fn print_real_table(rows: &[real::Row]) {
             },
             r.rotation
                 .map_or("-".to_string(), |k| format!("{k:?}").to_lowercase()),
-            r.window
-                .map_or("-".into(), |w| super::window_label(w, r.sink.unwrap_or(0))),
+            r.window.map_or("-".into(), |w| super::window_label(
+                w,
+                r.sink.unwrap_or(0),
+                r.window_precision.unwrap_or_default()
+            )),
             f(r.bits_per_coordinate, 2),
             f(r.top1_agreement, 3),
             f(r.topk_overlap, 3),

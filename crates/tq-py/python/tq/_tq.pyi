@@ -123,6 +123,7 @@ class KVCache:
         group: Optional[int] = None,
         scale: Optional[str] = None,
         scale_precision: Optional[str] = None,
+        window_precision: Optional[str] = None,
         rotation: Optional[str] = None,
         seed: Optional[int] = None,
     ) -> None: ...
