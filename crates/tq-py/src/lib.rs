@@ -466,8 +466,8 @@ fn _search_seconds(
 /// codes.
 ///
 /// Defaults to the documented recommended configuration (4-bit KIVI keys in groups of 64 tokens,
-/// 3-bit TurboQuant values with least-squares f16 scales, the first 4 and the 12 newest tokens in
-/// float32); every argument given overrides one field of it.
+/// 3-bit TurboQuant values with least-squares f16 scales, the first 4 and the 12 newest tokens
+/// kept unquantized in float16); every argument given overrides one field of it.
 /// `key_bits` / `value_bits` take an int or a precision string ("3.5", "4x32+3"; a split needs
 /// calibrated channels and is refused here). With `kv_heads == 1` (the default) keys, values
 /// and queries may be 2-D `(n, head_dim)`; otherwise keys and values are `(kv_heads, n, head_dim)`

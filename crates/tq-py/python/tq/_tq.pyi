@@ -104,8 +104,8 @@ class KVCache:
     """A quantized KV cache of one attention layer; attention runs on the codes.
 
     Defaults to the recommended configuration (4-bit KIVI keys in groups of 64 tokens, 3-bit
-    TurboQuant values with least-squares f16 scales, the first 4 and the 12 newest tokens in
-    float32); each argument given overrides one field.
+    TurboQuant values with least-squares f16 scales, the first 4 and the 12 newest tokens kept
+    unquantized in float16); each argument given overrides one field.
     """
 
     def __init__(
