@@ -278,16 +278,92 @@ fn real_glove_fixture_meets_the_theory() {
     }
 }
 
-/// A report row of `HeadConfig::recommended`: KIVI keys, a 12-token window, a 4-token sink.
+/// A report row of `HeadConfig::recommended`: KIVI keys, a 12-token window and a 4-token sink
+/// in f16 rows.
 fn assert_default_cache_row(row: &serde_json::Value) {
     assert_eq!(
         (
             row["key_strategy"].as_str(),
             row["window"].as_u64(),
-            row["sink"].as_u64()
+            row["sink"].as_u64(),
+            row["window_precision"].as_str()
         ),
-        (Some("kivi"), Some(12), Some(4))
+        (Some("kivi"), Some(12), Some(4), Some("f16"))
     );
+}
+
+/// `--cache` specs measure configurations no grid crosses in one run, after the named ones:
+/// each spec over its base (or plain 4/4), in order; bad specs are errors naming the pair.
+#[test]
+fn trace_measures_explicit_cache_specs_after_named_ones() {
+    let out = bench(&[
+        "trace",
+        "--config",
+        "recommended",
+        "--cache",
+        "key-strategy=kivi,group=64,key-bits=3,value-bits=2,sink=4,window=8",
+        "--cache",
+        "base=recommended,window-precision=f32,window=4",
+        "--cache",
+        "value-bits=3",
+        "--json",
+    ]);
+    let r = json(&out);
+    let rows = r["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    assert_default_cache_row(&rows[0]);
+    let pick = |row: &serde_json::Value| {
+        (
+            row["key_strategy"].as_str().map(str::to_string),
+            row["key_precision"].as_str().map(str::to_string),
+            row["value_precision"].as_str().map(str::to_string),
+            row["group"].as_u64(),
+            row["sink"].as_u64(),
+            row["window"].as_u64(),
+            row["window_precision"].as_str().map(str::to_string),
+        )
+    };
+    let s = |x: &str| Some(x.to_string());
+    assert_eq!(
+        pick(&rows[1]),
+        (
+            s("kivi"),
+            s("3"),
+            s("2"),
+            Some(64),
+            Some(4),
+            Some(8),
+            s("f32")
+        )
+    );
+    assert_eq!(
+        pick(&rows[2]),
+        (
+            s("kivi"),
+            s("4"),
+            s("3"),
+            Some(64),
+            Some(4),
+            Some(4),
+            s("f32")
+        )
+    );
+    assert_eq!(
+        pick(&rows[3]),
+        (s("mse"), s("4"), s("3"), None, Some(0), Some(0), s("f32"))
+    );
+    for (spec, says) in [
+        ("window", "not name=value"),
+        ("windows=3", "unknown name"),
+        ("sink=2,sink=3", "given twice"),
+        ("base=best", "base=best"),
+        ("group=x", "group=x"),
+    ] {
+        let bad = bench(&["trace", "--cache", spec]);
+        assert!(!bad.status.success(), "{spec}");
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(err.contains(says), "{spec}: {err}");
+    }
 }
 
 /// `--config recommended,paper` measures both named configurations in one run, in that order:
@@ -1259,5 +1335,37 @@ fn real_model_without_key_bits_runs_the_default_cache_or_refuses_grid_options() 
         assert!(!out.status.success(), "{extra:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("--key-bits"), "{extra:?}: {err}");
+    }
+    // --cache names whole configurations: a spec runs; with --key-bits or a grid option it is
+    // an error rather than a silently ignored grid.
+    let spec = "base=recommended,window=2";
+    let out = bench(&[
+        "real-model",
+        "--model-dir",
+        tiny_model(),
+        "--quick",
+        "--max-new-tokens",
+        "2",
+        "--cache",
+        spec,
+        "--json",
+    ]);
+    let r = json(&out);
+    let rows: Vec<&serde_json::Value> = r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|row| row["mode"] == "compare")
+        .collect();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["window"].as_u64(), Some(2));
+    for extra in [["--key-bits", "4"], ["--window", "4"]] {
+        let mut args = vec!["real-model", "--model-dir", tiny_model(), "--quick"];
+        args.extend(["--cache", spec]);
+        args.extend(extra);
+        let out = bench(&args);
+        assert!(!out.status.success(), "{extra:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--cache"), "{extra:?}: {err}");
     }
 }

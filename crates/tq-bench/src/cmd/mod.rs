@@ -12,7 +12,7 @@ pub mod vectors;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -86,6 +86,14 @@ pub struct KvCacheArgs {
     /// key split); `recommended,paper` measures both in one run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub config: Vec<NamedConfig>,
+    /// One explicit configuration per occurrence, measured after the --config ones in the same
+    /// run instead of the grid (rows that no grid crosses, side by side): comma-separated
+    /// `name=value` pairs named as the grid options (key-bits, value-bits, key-strategy,
+    /// value-strategy, group, scale, scale-precision, sink, window, window-precision, rotation),
+    /// over `base=recommended|paper|compact` or, without one, TurboQuant_mse 4/4 with nothing
+    /// else. Example: `--cache key-strategy=kivi,group=64,key-bits=3,value-bits=2,sink=4,window=8`.
+    #[arg(long = "cache", value_name = "SPEC")]
+    pub caches: Vec<String>,
     /// Stored widths of the per-vector scales of MSE keys and values, comma-separated: f32, f16
     /// (f16 halves the scale's share: 0.25 instead of 0.5 bits per coordinate at d = 64).
     #[arg(long, value_delimiter = ',', default_value = "f32")]
@@ -226,6 +234,9 @@ pub struct KvGrid<'a> {
     pub groups: &'a [usize],
     /// Named configurations replacing the whole grid (none: the grid).
     pub named: &'a [NamedConfig],
+    /// Explicit configurations (`--cache` specs), measured after the named ones, also replacing
+    /// the grid.
+    pub caches: &'a [String],
     pub scales: &'a [ScaleMode],
     pub scale_precisions: &'a [ScalePrecision],
     pub sinks: &'a [usize],
@@ -240,15 +251,22 @@ pub struct KvGrid<'a> {
 /// values zipped instead with `pair`), for head dimension `d`. Centring applies to all-MSE
 /// configurations only.
 pub fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>> {
-    if !g.named.is_empty() {
-        return Ok(g
+    if !g.named.is_empty() || !g.caches.is_empty() {
+        let mut configs: Vec<HeadConfig> = g
             .named
             .iter()
             .map(|named| HeadConfig {
                 seed,
                 ..named.head(d)
             })
-            .collect());
+            .collect();
+        for spec in g.caches {
+            configs.push(HeadConfig {
+                seed,
+                ..cache_spec(spec, d)?
+            });
+        }
+        return Ok(configs);
     }
     let widths: Vec<(&String, &String)> = if g.pair {
         ensure!(
@@ -322,6 +340,58 @@ pub fn kv_configs(g: &KvGrid<'_>, d: usize, seed: u64) -> Result<Vec<HeadConfig>
         }
     }
     Ok(configs)
+}
+
+/// The configuration a `--cache` spec names at head dimension `d` (see [`KvCacheArgs::caches`]):
+/// `base` first wherever it appears, then every other pair in order.
+///
+/// # Errors
+/// A pair without `=`, an unknown name, a name given twice, or a value its option refuses.
+pub fn cache_spec(spec: &str, d: usize) -> Result<HeadConfig> {
+    fn value<T: std::str::FromStr>(spec: &str, name: &str, v: &str) -> Result<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        v.parse::<T>()
+            .map_err(|e| anyhow!("--cache {spec}: {name}={v}: {e}"))
+    }
+    let mut pairs = Vec::new();
+    for pair in spec.split(',').filter(|p| !p.is_empty()) {
+        let (name, v) = pair
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--cache {spec}: '{pair}' is not name=value"))?;
+        ensure!(
+            pairs.iter().all(|(n, _)| *n != name),
+            "--cache {spec}: {name} given twice"
+        );
+        pairs.push((name, v));
+    }
+    let mut c = match pairs.iter().find(|(n, _)| *n == "base") {
+        Some((_, v)) => <NamedConfig as clap::ValueEnum>::from_str(v, true)
+            .map_err(|e| anyhow!("--cache {spec}: base={v}: {e}"))?
+            .head(d),
+        None => HeadConfig::new(d, Precision::Uniform(4), Precision::Uniform(4)),
+    };
+    for (name, v) in pairs {
+        match name {
+            "base" => {}
+            "key-bits" => c.key_precision = Precision::parse(v, d)?,
+            "value-bits" => c.value_precision = Precision::parse(v, d)?,
+            "key-strategy" => c.key_strategy = value(spec, name, v)?,
+            "value-strategy" => c.value_strategy = value(spec, name, v)?,
+            "group" => c.group = value(spec, name, v)?,
+            "scale" => c.scale = value(spec, name, v)?,
+            "scale-precision" => c.scale_precision = value(spec, name, v)?,
+            "sink" => c.sink = value(spec, name, v)?,
+            "window" => c.window = value(spec, name, v)?,
+            "window-precision" => c.window_precision = value(spec, name, v)?,
+            "rotation" => c.rotation = value(spec, name, v)?,
+            other => bail!(
+                "--cache {spec}: unknown name '{other}' (expected base, key-bits, value-bits, key-strategy, value-strategy, group, scale, scale-precision, sink, window, window-precision or rotation)"
+            ),
+        }
+    }
+    Ok(c)
 }
 
 /// Loads the base vectors (at most `--limit`) and the queries: the query file's first

@@ -277,8 +277,21 @@ pub fn run(a: RealModelArgs) -> Result<RealReport> {
     let a = RealModelArgs { model_dir, ..a };
     let c = &a.common;
     let default_cache = [NamedConfig::Recommended];
+    let explicit = !a.cache.caches.is_empty();
     let (key_bits, named): (&[String], &[NamedConfig]) = match (&a.key_bits, &a.cache.config[..]) {
+        (Some(_), _) if explicit => {
+            bail!(
+                "--key-bits builds a grid, --cache names its configurations: give one or the other"
+            )
+        }
         (Some(k), named) => (k, named),
+        (None, []) if explicit => {
+            ensure!(
+                !a.grid_given,
+                "grid options (--value-bits, --window, --scale, --sink, ...) do not apply to --cache specs: name them inside each spec"
+            );
+            (&[], &[])
+        }
         (None, []) => {
             ensure!(
                 !a.grid_given,
@@ -296,6 +309,7 @@ pub fn run(a: RealModelArgs) -> Result<RealReport> {
         value_strategies: &a.cache.value_strategy,
         groups: &a.cache.group,
         named,
+        caches: &a.cache.caches,
         scales: &a.scales,
         scale_precisions: &a.cache.scale_precision,
         sinks: &a.cache.sink,

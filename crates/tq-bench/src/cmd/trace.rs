@@ -108,6 +108,7 @@ pub fn run(a: TraceArgs) -> Result<TraceReport> {
             value_strategies: &cache.value_strategy,
             groups: &cache.group,
             named: &cache.config,
+            caches: &cache.caches,
             scales: &scales,
             scale_precisions: &cache.scale_precision,
             sinks: &cache.sink,
