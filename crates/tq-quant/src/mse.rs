@@ -300,16 +300,25 @@ impl MseQuantizer {
         let n = xs.len() / d;
         let rb = self.row_bytes;
         s.ys.resize(n * d, 0.0);
-        s.codes.resize(d, 0);
-        s.packed.resize(n * rb, 0);
+        s.codes.resize(n * d, 0);
         self.rotate_unit(xs, &mut s.ys, norms);
-        for ((y, p), n) in
+        // Every row's codes in one search (the codebook's SIMD tables are set up once).
+        self.codebook.quantize_slice(&s.ys, &mut s.codes);
+        for ((y, c), n) in
             s.ys.chunks_exact(d)
-                .zip(s.packed.chunks_exact_mut(rb))
+                .zip(s.codes.chunks_exact(d))
                 .zip(norms.iter_mut())
         {
-            self.code_row(y, &mut s.codes, p);
-            *n = self.scale_of(*n, y, &s.codes);
+            *n = self.scale_of(*n, y, c);
+        }
+        if self.bits() == 4 && first_slot == 0 {
+            // 4-bit codes go straight into the block layout, unpacked.
+            scan::write_block_codes4(&s.codes, d, block);
+            return;
+        }
+        s.packed.resize(n * rb, 0);
+        for (c, p) in s.codes.chunks_exact(d).zip(s.packed.chunks_exact_mut(rb)) {
+            bitpack::pack_unchecked(c, self.bits(), p);
         }
         scan::write_rows(&s.packed, rb, block, first_slot);
     }

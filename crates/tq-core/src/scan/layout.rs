@@ -65,6 +65,132 @@ pub fn write_block(rows: &[u8], row_bytes: usize, block: &mut [u8]) {
     }
 }
 
+/// Writes up to 32 rows of 4-bit codes given one per byte (`codes` row-major, `n = codes.len() /
+/// d` rows of `d` codes, each below 16) into a whole block, slots `n..32` zero: the block
+/// [`write_block`] makes from the same rows packed LSB-first (nibble `j` holds code `j`), without
+/// packing them first. A nibble position past `d` (odd `d`) is zero. On x86-64 whole blocks go 16
+/// positions at a time through an SSE2 16 x 16 byte transpose; [`write_block_codes4_scalar`] is
+/// the specification. O(32 · d).
+///
+/// # Panics
+/// Before anything is written, unless `d >= 1`, `codes.len()` is a whole number of at most 32
+/// rows of `d` and `block.len() == 32 · ceil(d / 2)`.
+pub fn write_block_codes4(codes: &[u8], d: usize, block: &mut [u8]) {
+    check_codes4(codes.len(), d, block.len());
+    #[cfg(target_arch = "x86_64")]
+    if codes.len() == BLOCK * d && !cfg!(miri) {
+        // SSE2 is part of x86-64; the lengths were checked above.
+        let done = transpose_codes4_sse2(codes, d, block);
+        write_positions_scalar(codes, d, block, done);
+        return;
+    }
+    write_positions_scalar(codes, d, block, 0);
+}
+
+/// Scalar twin of [`write_block_codes4`], the specification.
+///
+/// # Panics
+/// As [`write_block_codes4`].
+pub fn write_block_codes4_scalar(codes: &[u8], d: usize, block: &mut [u8]) {
+    check_codes4(codes.len(), d, block.len());
+    write_positions_scalar(codes, d, block, 0);
+}
+
+fn check_codes4(codes: usize, d: usize, block: usize) {
+    assert!(
+        d >= 1
+            && codes.is_multiple_of(d)
+            && codes <= BLOCK * d
+            && block == block_bytes(d.div_ceil(2)),
+        "{codes} codes are not whole rows of {d} fitting a block of {block} bytes"
+    );
+}
+
+/// Nibble positions `from..` of a [`write_block_codes4`] block (checked lengths).
+fn write_positions_scalar(codes: &[u8], d: usize, block: &mut [u8], from: usize) {
+    let n = codes.len() / d;
+    let code = |slot: usize, p: usize| {
+        if slot < n && p < d {
+            codes[slot * d + p] & 0x0F
+        } else {
+            0
+        }
+    };
+    for p in from..2 * d.div_ceil(2) {
+        for i in 0..16 {
+            block[16 * p + i] = code(i, p) | (code(i + 16, p) << 4);
+        }
+    }
+}
+
+/// The positions `0..16 ⌊d / 16⌋` of a whole block (`codes.len() == 32 d`, checked) by 16 x 16
+/// byte transposes: rows `i` and `i + 16` of 16 positions are merged into one byte each (`lo |
+/// hi << 4`, codes below 16 so the 16-bit shift cannot carry across bytes), then four rounds of
+/// unpacks turn the 16 row vectors into 16 position vectors. Returns the first position not
+/// written.
+#[cfg(target_arch = "x86_64")]
+fn transpose_codes4_sse2(codes: &[u8], d: usize, block: &mut [u8]) -> usize {
+    use std::arch::x86_64::*;
+    let whole = d / 16 * 16;
+    let low = |v| unsafe { _mm_and_si128(v, _mm_set1_epi8(0x0F)) };
+    for p0 in (0..whole).step_by(16) {
+        let mut v = [unsafe { _mm_setzero_si128() }; 16];
+        for (i, x) in v.iter_mut().enumerate() {
+            let (a, b) = (
+                &codes[i * d + p0..][..16],
+                &codes[(i + 16) * d + p0..][..16],
+            );
+            // SAFETY: SSE2 is baseline on x86-64; `a` and `b` hold 16 bytes each (sliced above).
+            *x = unsafe {
+                let a = low(_mm_loadu_si128(a.as_ptr().cast()));
+                let b = low(_mm_loadu_si128(b.as_ptr().cast()));
+                _mm_or_si128(a, _mm_slli_epi16(b, 4))
+            };
+        }
+        // SAFETY (every unpack below): SSE2 is baseline on x86-64; register operations only.
+        let a: [__m128i; 16] = std::array::from_fn(|k| unsafe {
+            let (x, y) = (v[k / 2 * 2], v[k / 2 * 2 + 1]);
+            if k % 2 == 0 {
+                _mm_unpacklo_epi8(x, y)
+            } else {
+                _mm_unpackhi_epi8(x, y)
+            }
+        });
+        // Rows 4q..4q + 4: from (a[4q], a[4q + 2]) and (a[4q + 1], a[4q + 3]).
+        let b: [__m128i; 16] = std::array::from_fn(|k| unsafe {
+            let (q, r) = (k / 4, k % 4);
+            let (x, y) = (a[4 * q + r / 2], a[4 * q + r / 2 + 2]);
+            if r % 2 == 0 {
+                _mm_unpacklo_epi16(x, y)
+            } else {
+                _mm_unpackhi_epi16(x, y)
+            }
+        });
+        // Rows 8h..8h + 8: from (b[8h + j], b[8h + j + 4]), j = 0..4.
+        let c: [__m128i; 16] = std::array::from_fn(|k| unsafe {
+            let (h, r) = (k / 8, k % 8);
+            let (x, y) = (b[8 * h + r / 2], b[8 * h + r / 2 + 4]);
+            if r % 2 == 0 {
+                _mm_unpacklo_epi32(x, y)
+            } else {
+                _mm_unpackhi_epi32(x, y)
+            }
+        });
+        for j in 0..8 {
+            let (x, y) = (c[j], c[j + 8]);
+            for (half, t) in [
+                (0, unsafe { _mm_unpacklo_epi64(x, y) }),
+                (1, unsafe { _mm_unpackhi_epi64(x, y) }),
+            ] {
+                let out = &mut block[16 * (p0 + 2 * j + half)..][..16];
+                // SAFETY: `out` holds 16 bytes (sliced above).
+                unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), t) };
+            }
+        }
+    }
+    whole
+}
+
 /// Writes `rows.len() / row_bytes` row-major packed rows into slots `first_slot..` of `block`:
 /// a whole-block [`write_block`] from slot 0 (later slots become zero), per-row [`write_row`]s
 /// otherwise (the other slots are kept).

@@ -41,7 +41,10 @@ mod tests;
 mod x86;
 
 pub use kernels::*;
-pub use layout::{BLOCK, block_bytes, read_row, write_block, write_row, write_rows};
+pub use layout::{
+    BLOCK, block_bytes, read_row, write_block, write_block_codes4, write_block_codes4_scalar,
+    write_row, write_rows,
+};
 pub use tables::QuantizedLut;
 
 #[cfg(test)]
