@@ -37,7 +37,7 @@ pub struct ContextRow {
     pub tokens_per_s: f64,
     /// Prefill tokens per second (chunks of `--chunk` tokens).
     pub prefill_tokens_per_s: f64,
-    /// Bytes the cache holds at the end (codes, scales, f32 windows; the float past on the float
+    /// Bytes the cache holds at the end (codes, scales, sink and window rows; the float past on the float
     /// path with an exact cache).
     pub cache_bytes: usize,
     /// Bytes of the same tokens' keys and values as f16.

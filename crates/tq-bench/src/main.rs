@@ -77,10 +77,17 @@ fn main() {
     };
     // real-model measures the default cache unless a grid option was given on the command line
     // (a value equal to its default counts as given).
-    if let (Command::RealModel(a), Some((_, sub))) = (&mut cli.command, matches.subcommand()) {
-        a.grid_given = real_model::GRID_ARGS
-            .iter()
-            .any(|id| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine));
+    // real-model and trace refuse grid options beside --config or --cache.
+    let given = |sub: &clap::ArgMatches, ids: &[&str]| {
+        ids.iter()
+            .any(|id| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+    };
+    match (&mut cli.command, matches.subcommand()) {
+        (Command::RealModel(a), Some((_, sub))) => {
+            a.grid_given = given(sub, &real_model::GRID_ARGS)
+        }
+        (Command::Trace(a), Some((_, sub))) => a.grid_given = given(sub, &trace::GRID_ARGS),
+        _ => {}
     }
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");

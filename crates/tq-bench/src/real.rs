@@ -124,9 +124,9 @@ pub struct Row {
     pub scale_precision: Option<ScalePrecision>,
     /// Keys and values centred on calibrated means.
     pub centered: Option<bool>,
-    /// Most recent tokens kept in f32.
+    /// Most recent tokens kept unquantized.
     pub window: Option<usize>,
-    /// First tokens kept in f32 for good.
+    /// First tokens kept unquantized for good.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sink: Option<usize>,
     /// Stored width of the sink and window rows (`f32`, `f16`).

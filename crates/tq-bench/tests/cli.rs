@@ -364,6 +364,19 @@ fn trace_measures_explicit_cache_specs_after_named_ones() {
         let err = String::from_utf8_lossy(&bad.stderr);
         assert!(err.contains(says), "{spec}: {err}");
     }
+    // Grid options beside named configurations would be ignored: they are errors.
+    for args in [
+        ["--config", "recommended", "--window", "3"],
+        ["--cache", "value-bits=3", "--key-bits", "3"],
+        ["--cache", "value-bits=3", "--sink", "0"],
+    ] {
+        let mut all = vec!["trace"];
+        all.extend(args);
+        let bad = bench(&all);
+        assert!(!bad.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(err.contains("whole configurations"), "{args:?}: {err}");
+    }
 }
 
 /// `--config recommended,paper` measures both named configurations in one run, in that order:

@@ -55,9 +55,10 @@ pub struct HeadConfig {
     /// Value quantizer: [`ValueStrategy::Mse`] (default) or [`ValueStrategy::Polar`].
     #[serde(default)]
     pub value_strategy: ValueStrategy,
-    /// Most recent tokens kept in f32 (0: quantize every token at once).
+    /// Most recent tokens kept unquantized (0: quantize every token at once), at
+    /// [`HeadConfig::window_precision`].
     pub window: usize,
-    /// First tokens kept in f32 for good (0: none). Caches saved before the field existed have
+    /// First tokens kept unquantized for good (0: none). Caches saved before the field existed have
     /// none.
     #[serde(default)]
     pub sink: usize,
@@ -130,7 +131,7 @@ impl HeadConfig {
     /// fewest stored bits per coordinate measured to keep perplexity within 2% of the exact cache
     /// and next-token top-1 agreement at or above 0.95 on SmolLM2-135M-Instruct in all four
     /// checks: teacher-forced over 2 000 tokens of `fixtures/jargon-chapters.txt` (3.97 bits,
-    /// x1.003, top-1 0.956) and 299 tokens of each of two English texts, and greedy 64-token
+    /// x1.006, top-1 0.952) and 299 tokens of each of two English texts, and greedy 64-token
     /// continuations of an 8-prompt suite. Its keys are KIVI's, not TurboQuant's: per-channel
     /// zero points remove the post-RoPE keys' channel offsets that a rotation would spread
     /// (docs/REAL_MODEL.md). Decode attention on it takes about 1.15x the time of 4-bit
@@ -152,10 +153,10 @@ impl HeadConfig {
     /// default with its KIVI keys split, 4 bits on the half of the channels that swing most
     /// inside groups and 3 bits on the rest (3-bit TurboQuant_mse values with least-squares f16
     /// scales, a 4-token sink and a 12-token window in f16, as the default). On SmolLM2-135M-Instruct (`head_dim` 64:
-    /// `4x32+3` keys) it stores 3.85 bits per coordinate at 2 000 tokens of
+    /// `4x32+3` keys) it stores 3.72 bits per coordinate at 2 000 tokens of
     /// `fixtures/jargon-chapters.txt` and kept all four checks of [`HeadConfig::recommended`]:
-    /// x1.003 / top-1 0.954 there, prose x1.010 / 0.953, expository x0.995 / 0.970, the prompt
-    /// suite x1.014 / 0.957 (docs/REAL_MODEL.md).
+    /// x1.005 / top-1 0.951 there, prose x1.010 / 0.957, expository x0.991 / 0.980, the prompt
+    /// suite x1.004 / 0.969 (docs/REAL_MODEL.md).
     ///
     /// The key split needs calibrated channels: build the cache with
     /// `HeadCalibration::from_samples(&config, keys, values, &OutlierChoice::Auto)` on sample
@@ -283,7 +284,7 @@ impl HeadCache {
         self.keys.len()
     }
 
-    /// Tokens held in the f32 sink (the first ones, at most `config.sink`).
+    /// Tokens held in the sink (the first ones, unquantized, at most `config.sink`).
     pub fn sink_len(&self) -> usize {
         self.sink_keys.len() / self.config.head_dim
     }
@@ -331,13 +332,14 @@ impl HeadCache {
         self.values.check_rows(values)
     }
 
-    /// Tokens held in the f32 window.
+    /// Tokens held in the window (unquantized).
     pub fn window_len(&self) -> usize {
         self.window_keys.len() / self.config.head_dim
     }
 
     /// Exact bytes held: codes and every scale of the quantized tokens, rows a strategy keeps
-    /// unquantized (KIVI's key residual) at their stored width, plus the f32 window and sink.
+    /// unquantized (KIVI's key residual) at their stored width, plus the window and sink rows at
+    /// theirs.
     pub fn memory_bytes(&self) -> usize {
         self.keys.stored_bytes()
             + self.values.stored_bytes()
@@ -405,7 +407,17 @@ impl HeadCache {
         let attended = self.attend_fresh(queries, limits, out, Some((keys, values)));
         // The tokens are in either way; what left the window is quantized even if attention
         // failed, so the window never stays beyond its size.
-        let settled = self.settle();
+        let settled = if self.config.window == 0 {
+            // The new tokens only passed through the window (attended exact): quantize them
+            // from their exact values, as `append` does, not from the window's stored rounding.
+            self.window_keys.truncate(0);
+            self.window_values.truncate(0);
+            self.keys
+                .extend(rest_k)
+                .and_then(|()| self.values.extend(rest_v))
+        } else {
+            self.settle()
+        };
         attended.and(settled)
     }
 

@@ -2,7 +2,8 @@
 //!
 //! - [`HeadCache`]: one head's keys and values (keys MSE or Prod, values MSE), each at its own
 //!   [`Precision`] (uniform, or the paper's fractional widths by outlier-channel splitting), an
-//!   optional f32 window of recent tokens, attention and raw scores on the packed codes;
+//!   optional attention sink and window of recent tokens kept unquantized (f32 or f16 rows),
+//!   attention and raw scores on the packed codes;
 //! - [`MultiHeadCache`] (grouped-query attention, heads in parallel) and [`ModelCache`];
 //! - [`Precision`] for mixed precision, [`HeadCalibration`] (outlier channels and means from
 //!   samples) and [`calibrate_outliers`];

@@ -979,3 +979,38 @@ fn f16_window_rows_equal_f32_rows_of_rounded_tokens() {
         }
     }
 }
+
+/// With f16 rows and no window, a decoder step's new tokens only pass through the window: they
+/// are attended exact and quantized from their exact values, so `append_attend` leaves the same
+/// codes as `append`, and a value beyond f16's range past the sink is taken (the MSE streams
+/// hold it) without leaving keys and values out of step.
+#[test]
+fn f16_rows_without_a_window_quantize_the_exact_tokens() {
+    let (d, n) = (32, 20);
+    let (mut k, v) = (rows(n, d, 71), rows(n, d, 72));
+    k[5 * d + 3] = 70_000.0;
+    let cfg = HeadConfig {
+        sink: 2,
+        window_precision: WindowPrecision::F16,
+        ..HeadConfig::new(d, Precision::Uniform(4), Precision::Uniform(3))
+    };
+    let mut a = HeadCache::new(cfg.clone(), &HeadCalibration::default()).unwrap();
+    let mut b = HeadCache::new(cfg, &HeadCalibration::default()).unwrap();
+    a.append(&k, &v).unwrap();
+    for t in 0..n {
+        let q = rows(1, d, 73 + t as u64);
+        let mut out = vec![0.0; d];
+        b.append_attend(&k[t * d..(t + 1) * d], &v[t * d..(t + 1) * d], &q, &[t + 1], &mut out)
+            .unwrap();
+        assert!(out.iter().all(|x| x.is_finite()), "step {t}");
+    }
+    assert_eq!((a.len(), b.len(), b.window_len()), (n, n, 0));
+    assert_eq!(a.keys().unwrap(), b.keys().unwrap());
+    assert_eq!(a.values().unwrap(), b.values().unwrap());
+    // The sink itself is f16: a value it cannot hold is refused there.
+    let mut c = HeadCache::new(a.config().clone(), &HeadCalibration::default()).unwrap();
+    let mut big = k[..d].to_vec();
+    big[0] = 70_000.0;
+    assert!(c.append(&big, &v[..d]).is_err());
+    assert_eq!(c.len(), 0);
+}

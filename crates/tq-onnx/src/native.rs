@@ -8,7 +8,7 @@
 //! hidden state and layer `i`'s q / k / v; stage `L` ends with the logits. A step runs the stages
 //! in turn and, between them, appends the new keys and values to the layer's
 //! [`MultiHeadCache`] and attends on it ([`MultiHeadCache::append_attend`]: grouped-query,
-//! causal by position, every key/value strategy, the f32 window; the step's own tokens are
+//! causal by position, every key/value strategy, the sink and window; the step's own tokens are
 //! attended exactly, as the model's forward pass computes them, and quantized after).
 
 use std::path::Path;

@@ -98,8 +98,8 @@ pub struct KvCacheArgs {
     /// (f16 halves the scale's share: 0.25 instead of 0.5 bits per coordinate at d = 64).
     #[arg(long, value_delimiter = ',', default_value = "f32")]
     pub scale_precision: Vec<ScalePrecision>,
-    /// First tokens kept in f32 for good (the attention sink), comma-separated for several
-    /// configurations; their f32 rows count in the stored bits.
+    /// First tokens kept unquantized for good (the attention sink), comma-separated for several
+    /// configurations; their rows count in the stored bits at --window-precision.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub sink: Vec<usize>,
     /// Stored widths of the sink and window rows, comma-separated: f32, f16 (f16 halves their

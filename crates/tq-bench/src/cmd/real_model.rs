@@ -63,7 +63,8 @@ pub struct RealModelArgs {
     /// Per-vector scalars of MSE keys and values, comma-separated: norm, unbiased, least-squares.
     #[arg(long = "scale", value_delimiter = ',', default_value = "least-squares")]
     pub scales: Vec<ScaleMode>,
-    /// Most recent tokens kept in f32, comma-separated for several configurations.
+    /// Most recent tokens kept unquantized (at --window-precision), comma-separated for several
+    /// configurations.
     #[arg(long, value_delimiter = ',', default_value = "4")]
     pub window: Vec<usize>,
     /// Random rotations of the cache quantizers, comma-separated: hadamard, haar.
@@ -250,9 +251,12 @@ fn resolve_repo_path(dir: &std::path::Path) -> PathBuf {
 /// The default prompt of `real-model`.
 const DEFAULT_PROMPT: &str = "What is the capital of France?";
 
-/// The ids of the grid options: given without --key-bits (and without --config), they are an
-/// error rather than ignored.
-pub const GRID_ARGS: [&str; 13] = [
+/// Why grid options and named configurations do not mix (the grid would be ignored).
+pub const LISTED_NOT_GRID: &str = "--config and --cache name whole configurations: the grid options (--key-bits, --value-bits, --window, --scale, --sink, ...) do not apply to them (a --cache spec names its own settings)";
+
+/// The ids of the grid options: given without --key-bits, or with --config or --cache, they are
+/// an error rather than ignored.
+pub const GRID_ARGS: [&str; 12] = [
     "value_bits",
     "pair",
     "key_strategy",
@@ -262,7 +266,6 @@ pub const GRID_ARGS: [&str; 13] = [
     "sink",
     "window_precision",
     "center",
-    "split",
     "scales",
     "window",
     "rotation",
@@ -277,29 +280,21 @@ pub fn run(a: RealModelArgs) -> Result<RealReport> {
     let a = RealModelArgs { model_dir, ..a };
     let c = &a.common;
     let default_cache = [NamedConfig::Recommended];
-    let explicit = !a.cache.caches.is_empty();
-    let (key_bits, named): (&[String], &[NamedConfig]) = match (&a.key_bits, &a.cache.config[..]) {
-        (Some(_), _) if explicit => {
-            bail!(
-                "--key-bits builds a grid, --cache names its configurations: give one or the other"
-            )
-        }
-        (Some(k), named) => (k, named),
-        (None, []) if explicit => {
-            ensure!(
-                !a.grid_given,
-                "grid options (--value-bits, --window, --scale, --sink, ...) do not apply to --cache specs: name them inside each spec"
-            );
-            (&[], &[])
-        }
-        (None, []) => {
+    let listed = !a.cache.caches.is_empty() || !a.cache.config.is_empty();
+    ensure!(
+        !(listed && (a.key_bits.is_some() || a.grid_given)),
+        "{LISTED_NOT_GRID}"
+    );
+    let (key_bits, named): (&[String], &[NamedConfig]) = match &a.key_bits {
+        Some(k) => (k, &[]),
+        None if listed => (&[], &a.cache.config),
+        None => {
             ensure!(
                 !a.grid_given,
                 "grid options (--value-bits, --window, --scale, --sink, ...) need --key-bits; without it the run measures the default cache (--config recommended)"
             );
             (&[], &default_cache)
         }
-        (None, named) => (&[], named),
     };
     let grid = KvGrid {
         key_bits,

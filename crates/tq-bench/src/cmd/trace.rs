@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use clap::Args;
 use serde::Serialize;
 use tq_bench::count;
@@ -33,9 +33,12 @@ pub struct TraceArgs {
     /// Also write the evaluated trace to this file (safetensors trace format).
     #[arg(long)]
     pub save_trace: Option<PathBuf>,
-    /// Most recent tokens kept in f32.
+    /// Most recent tokens kept unquantized (at --window-precision).
     #[arg(long, default_value_t = 0)]
     pub window: usize,
+    /// Set by the CLI when a grid option (one of [`GRID_ARGS`]) was given on the command line.
+    #[arg(skip)]
+    pub grid_given: bool,
     #[command(flatten)]
     pub cache: KvCacheArgs,
     #[command(flatten)]
@@ -61,6 +64,23 @@ pub struct TraceReport {
     results: Vec<kv::TraceRow>,
 }
 
+/// The ids of `trace`'s grid options: given with --config or --cache, they are an error rather
+/// than ignored.
+pub const GRID_ARGS: [&str; 12] = [
+    "key_bits",
+    "value_bits",
+    "pair",
+    "key_strategy",
+    "value_strategy",
+    "group",
+    "scale_precision",
+    "sink",
+    "window_precision",
+    "center",
+    "scales",
+    "window",
+];
+
 /// Runs `trace`.
 ///
 /// # Errors
@@ -75,7 +95,13 @@ pub fn run(a: TraceArgs) -> Result<TraceReport> {
         window,
         cache,
         common,
+        grid_given,
     } = a;
+    ensure!(
+        !(grid_given && !(cache.config.is_empty() && cache.caches.is_empty())),
+        "{}",
+        super::real_model::LISTED_NOT_GRID
+    );
     let c = &common;
     let trace = match &path {
         Some(p) => KvTrace::load(p).with_context(|| p.display().to_string())?,

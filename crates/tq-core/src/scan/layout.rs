@@ -132,21 +132,20 @@ fn write_positions_scalar(codes: &[u8], d: usize, block: &mut [u8], from: usize)
 fn transpose_codes4_sse2(codes: &[u8], d: usize, block: &mut [u8]) -> usize {
     use std::arch::x86_64::*;
     let whole = d / 16 * 16;
-    let low = |v| unsafe { _mm_and_si128(v, _mm_set1_epi8(0x0F)) };
     for p0 in (0..whole).step_by(16) {
-        let mut v = [unsafe { _mm_setzero_si128() }; 16];
-        for (i, x) in v.iter_mut().enumerate() {
+        let v: [__m128i; 16] = std::array::from_fn(|i| {
             let (a, b) = (
                 &codes[i * d + p0..][..16],
                 &codes[(i + 16) * d + p0..][..16],
             );
             // SAFETY: SSE2 is baseline on x86-64; `a` and `b` hold 16 bytes each (sliced above).
-            *x = unsafe {
-                let a = low(_mm_loadu_si128(a.as_ptr().cast()));
-                let b = low(_mm_loadu_si128(b.as_ptr().cast()));
+            unsafe {
+                let mask = _mm_set1_epi8(0x0F);
+                let a = _mm_and_si128(_mm_loadu_si128(a.as_ptr().cast()), mask);
+                let b = _mm_and_si128(_mm_loadu_si128(b.as_ptr().cast()), mask);
                 _mm_or_si128(a, _mm_slli_epi16(b, 4))
-            };
-        }
+            }
+        });
         // SAFETY (every unpack below): SSE2 is baseline on x86-64; register operations only.
         let a: [__m128i; 16] = std::array::from_fn(|k| unsafe {
             let (x, y) = (v[k / 2 * 2], v[k / 2 * 2 + 1]);
@@ -178,10 +177,9 @@ fn transpose_codes4_sse2(codes: &[u8], d: usize, block: &mut [u8]) -> usize {
         });
         for j in 0..8 {
             let (x, y) = (c[j], c[j + 8]);
-            for (half, t) in [
-                (0, unsafe { _mm_unpacklo_epi64(x, y) }),
-                (1, unsafe { _mm_unpackhi_epi64(x, y) }),
-            ] {
+            // SAFETY: SSE2 is baseline on x86-64; register operations only.
+            let halves = unsafe { [_mm_unpacklo_epi64(x, y), _mm_unpackhi_epi64(x, y)] };
+            for (half, t) in halves.into_iter().enumerate() {
                 let out = &mut block[16 * (p0 + 2 * j + half)..][..16];
                 // SAFETY: `out` holds 16 bytes (sliced above).
                 unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), t) };
