@@ -1000,8 +1000,14 @@ fn f16_rows_without_a_window_quantize_the_exact_tokens() {
     for t in 0..n {
         let q = rows(1, d, 73 + t as u64);
         let mut out = vec![0.0; d];
-        b.append_attend(&k[t * d..(t + 1) * d], &v[t * d..(t + 1) * d], &q, &[t + 1], &mut out)
-            .unwrap();
+        b.append_attend(
+            &k[t * d..(t + 1) * d],
+            &v[t * d..(t + 1) * d],
+            &q,
+            &[t + 1],
+            &mut out,
+        )
+        .unwrap();
         assert!(out.iter().all(|x| x.is_finite()), "step {t}");
     }
     assert_eq!((a.len(), b.len(), b.window_len()), (n, n, 0));
