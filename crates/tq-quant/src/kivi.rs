@@ -236,6 +236,8 @@ struct GroupScratch {
     /// The group's scales and zeros in f32.
     scales: Vec<f32>,
     zeros: Vec<f32>,
+    /// One query's weights `q_c s_c` in f32 (the table path).
+    products: Vec<f32>,
     /// Each query's `i8` weights (`2 · row_bytes` per query) on the fast 4-bit path.
     weights: Vec<i8>,
     /// Each query's `(offset, step)`: score = offset + step · integer dot.
@@ -671,7 +673,7 @@ impl KiviBatch {
             coded.push(head);
         }
         match c.axis {
-            KiviAxis::Channel => {
+            KiviAxis::Channel if score::split_rows(q) => {
                 // Each group's slice of every query's output, so groups can run in parallel.
                 let mut groups: Vec<Vec<&mut [f32]>> = (0..q / c.group)
                     .map(|_| Vec::with_capacity(queries.len()))
@@ -681,20 +683,19 @@ impl KiviBatch {
                         g.push(chunk);
                     }
                 }
-                let work = |scratch: &mut GroupScratch, (g, mut o): (usize, Vec<&mut [f32]>)| {
-                    self.score_group(queries, g, &mut o, fast, scratch)
-                };
-                if score::split_rows(q) {
-                    groups
-                        .into_par_iter()
-                        .enumerate()
-                        .for_each_init(GroupScratch::default, work);
-                } else {
-                    let mut scratch = GroupScratch::default();
-                    groups
-                        .into_iter()
-                        .enumerate()
-                        .for_each(|p| work(&mut scratch, p));
+                groups
+                    .into_par_iter()
+                    .enumerate()
+                    .for_each_init(GroupScratch::default, |scratch, (g, mut o)| {
+                        self.score_group(queries, g, &mut o, 0, fast, scratch)
+                    });
+            }
+            KiviAxis::Channel => {
+                // One thread: every group writes its rows of the whole outputs, nothing allocated
+                // per group.
+                let mut scratch = GroupScratch::default();
+                for g in 0..q / c.group {
+                    self.score_group(queries, g, &mut coded, g * c.group, fast, &mut scratch);
                 }
             }
             KiviAxis::Token => {
@@ -720,15 +721,16 @@ impl KiviBatch {
         Ok(())
     }
 
-    /// Scores the rows of channel-axis group `g` for every query into `outs[j]` (`G` values
-    /// each), with buffers reused across the groups. 4-bit codes on the fast path take integer
-    /// dot products against `i8` weights ([`KiviBatch::score_group_i8`]); other widths and the
-    /// exact path per-group tables, one query at a time.
+    /// Scores the rows of channel-axis group `g` for every query into `outs[j][at..at + G]`, with
+    /// buffers reused across the groups. 4-bit codes on the fast path take integer dot products
+    /// against `i8` weights ([`KiviBatch::score_group_i8`]); other widths and the exact path
+    /// per-group tables, one query at a time.
     fn score_group(
         &self,
         queries: &[&KiviQuery],
         g: usize,
         outs: &mut [&mut [f32]],
+        at: usize,
         fast: bool,
         scratch: &mut GroupScratch,
     ) {
@@ -745,20 +747,20 @@ impl KiviBatch {
             .reinterpret_cast::<f16>()
             .convert_to_f32_slice(&mut scratch.zeros);
         if fast && c.bits == 4 {
-            self.score_group_i8(queries, g, outs, scratch);
+            self.score_group_i8(queries, g, outs, at, scratch);
             return;
         }
         let first = g * c.group;
         for (query, out) in queries.iter().zip(outs.iter_mut()) {
+            let out = &mut out[at..at + c.group];
             let offset = simd::dot(&query.q, &scratch.zeros);
-            let weights: Vec<f32> = query
-                .q
-                .iter()
-                .zip(&scratch.scales)
-                .map(|(a, b)| a * b)
-                .collect();
+            scratch.products.clear();
+            scratch
+                .products
+                .extend(query.q.iter().zip(&scratch.scales).map(|(a, b)| a * b));
+            let weights = &scratch.products[..];
             let tables = Tables::for_codes(
-                &weights,
+                weights,
                 &self.quantizer.levels,
                 c.bits,
                 self.quantizer.row_bytes,
@@ -809,6 +811,7 @@ impl KiviBatch {
         queries: &[&KiviQuery],
         g: usize,
         outs: &mut [&mut [f32]],
+        at: usize,
         scratch: &mut GroupScratch,
     ) {
         let c = self.quantizer.config;
@@ -837,7 +840,10 @@ impl KiviBatch {
             for ((out, sums), &(offset, step)) in
                 outs.iter_mut().zip(&scratch.sums).zip(&scratch.affine)
             {
-                for (o, &v) in out[done..done + take].iter_mut().zip(&sums[slot..]) {
+                for (o, &v) in out[at + done..at + done + take]
+                    .iter_mut()
+                    .zip(&sums[slot..])
+                {
                     *o = offset + step * v as f32;
                 }
             }

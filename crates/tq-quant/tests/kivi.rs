@@ -265,6 +265,28 @@ fn fast_four_bit_scores_stay_within_the_weight_rounding_bound() {
         let mut outs: Vec<&mut [f32]> = many.iter_mut().map(|o| &mut o[..]).collect();
         b.score_many_into(&refs, &mut outs).unwrap();
         assert_eq!(many, alone, "d {d} G {group}");
+        // Long batches split their groups across threads: the same scores as one thread.
+        if d == 7 {
+            let n = 16_400;
+            let mut long = batch(d, 4, group, KiviAxis::Channel);
+            long.extend(&keys(n, d, 13)).unwrap();
+            let pool = |t| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(t)
+                    .build()
+                    .unwrap()
+            };
+            let two: Vec<_> = queries.iter().take(2).collect();
+            let run = |threads| {
+                let mut outs = vec![vec![0.0f32; n]; 2];
+                let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+                pool(threads)
+                    .install(|| long.score_many_into(&two, &mut refs))
+                    .unwrap();
+                outs
+            };
+            assert_eq!(run(1), run(2));
+        }
         // Mismatched outputs are typed errors.
         let mut short = vec![0.0f32; n - 1];
         assert!(
