@@ -78,8 +78,9 @@ fn main() {
     // real-model measures the default cache unless a grid option was given on the command line
     // (a value equal to its default counts as given).
     // real-model and trace refuse grid options beside --config or --cache.
-    let given = |sub: &clap::ArgMatches, ids: &[&str]| {
+    let given = |sub: &clap::ArgMatches, ids: &[&[&str]]| {
         ids.iter()
+            .flat_map(|list| list.iter())
             .any(|id| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
     };
     match (&mut cli.command, matches.subcommand()) {

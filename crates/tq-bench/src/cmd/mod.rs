@@ -56,6 +56,20 @@ pub struct KvCommon {
     pub json: bool,
 }
 
+/// The ids of [`KvCacheArgs`]' grid options (every one but --config and --cache): the workloads
+/// refuse them beside --config or --cache, where they would be ignored.
+pub const CACHE_GRID_ARGS: [&str; 9] = [
+    "value_bits",
+    "pair",
+    "key_strategy",
+    "value_strategy",
+    "group",
+    "scale_precision",
+    "sink",
+    "window_precision",
+    "center",
+];
+
 /// The KV cache options `trace` and `real-model` share (their defaults agree).
 #[derive(Args, Clone)]
 pub struct KvCacheArgs {

@@ -256,20 +256,7 @@ pub const LISTED_NOT_GRID: &str = "--config and --cache name whole configuration
 
 /// The ids of the grid options: given without --key-bits, or with --config or --cache, they are
 /// an error rather than ignored.
-pub const GRID_ARGS: [&str; 12] = [
-    "value_bits",
-    "pair",
-    "key_strategy",
-    "value_strategy",
-    "group",
-    "scale_precision",
-    "sink",
-    "window_precision",
-    "center",
-    "scales",
-    "window",
-    "rotation",
-];
+pub const GRID_ARGS: [&[&str]; 2] = [&super::CACHE_GRID_ARGS, &["scales", "window", "rotation"]];
 
 /// Runs `real-model`.
 ///

@@ -66,20 +66,7 @@ pub struct TraceReport {
 
 /// The ids of `trace`'s grid options: given with --config or --cache, they are an error rather
 /// than ignored.
-pub const GRID_ARGS: [&str; 12] = [
-    "key_bits",
-    "value_bits",
-    "pair",
-    "key_strategy",
-    "value_strategy",
-    "group",
-    "scale_precision",
-    "sink",
-    "window_precision",
-    "center",
-    "scales",
-    "window",
-];
+pub const GRID_ARGS: [&[&str]; 2] = [&super::CACHE_GRID_ARGS, &["key_bits", "scales", "window"]];
 
 /// Runs `trace`.
 ///
