@@ -359,9 +359,7 @@ fn trace_measures_explicit_cache_specs_after_named_ones() {
         ("base=best", "base=best"),
         ("group=x", "group=x"),
     ] {
-        let bad = bench(&["trace", "--cache", spec]);
-        assert!(!bad.status.success(), "{spec}");
-        let err = String::from_utf8_lossy(&bad.stderr);
+        let err = fails_with(&["trace", "--cache", spec]);
         assert!(err.contains(says), "{spec}: {err}");
     }
     // Grid options beside named configurations would be ignored: they are errors.
@@ -370,11 +368,7 @@ fn trace_measures_explicit_cache_specs_after_named_ones() {
         ["--cache", "value-bits=3", "--key-bits", "3"],
         ["--cache", "value-bits=3", "--sink", "0"],
     ] {
-        let mut all = vec!["trace"];
-        all.extend(args);
-        let bad = bench(&all);
-        assert!(!bad.status.success(), "{args:?}");
-        let err = String::from_utf8_lossy(&bad.stderr);
+        let err = fails_with(&[&["trace"][..], &args[..]].concat());
         assert!(err.contains("whole configurations"), "{args:?}: {err}");
     }
 }
@@ -1315,11 +1309,9 @@ fn a_relative_model_dir_is_found_from_the_repository_root() {
     assert!(err.contains("no/such/bundle"), "{err}");
 }
 
-/// Without --key-bits, real-model measures the default cache; a grid option given then (even at
-/// its default value) is an error naming --key-bits, not ignored.
-#[test]
-fn real_model_without_key_bits_runs_the_default_cache_or_refuses_grid_options() {
-    let out = bench(&[
+/// The `compare` rows of a quick real-model run on the tiny bundle with `extra` options.
+fn tiny_compare_rows(extra: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec![
         "real-model",
         "--model-dir",
         tiny_model(),
@@ -1327,58 +1319,42 @@ fn real_model_without_key_bits_runs_the_default_cache_or_refuses_grid_options() 
         "--max-new-tokens",
         "2",
         "--json",
-    ]);
-    let r = json(&out);
-    let q: Vec<&serde_json::Value> = r["results"]
+    ];
+    args.extend(extra);
+    let r = json(&bench(&args));
+    r["results"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|row| row["mode"] == "compare")
-        .collect();
+        .cloned()
+        .collect()
+}
+
+/// Without --key-bits, real-model measures the default cache; a grid option given then (even at
+/// its default value) is an error naming --key-bits, not ignored.
+#[test]
+fn real_model_without_key_bits_runs_the_default_cache_or_refuses_grid_options() {
+    let q = tiny_compare_rows(&[]);
     assert_eq!(q.len(), 1);
-    assert_default_cache_row(q[0]);
+    assert_default_cache_row(&q[0]);
+    let base = ["real-model", "--model-dir", tiny_model(), "--quick"];
     for extra in [
         ["--window", "4"],
         ["--sink", "0"],
         ["--scale", "least-squares"],
     ] {
-        let mut args = vec!["real-model", "--model-dir", tiny_model(), "--quick"];
-        args.extend(extra);
-        let out = bench(&args);
-        assert!(!out.status.success(), "{extra:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = fails_with(&[&base[..], &extra[..]].concat());
         assert!(err.contains("--key-bits"), "{extra:?}: {err}");
     }
     // --cache names whole configurations: a spec runs; with --key-bits or a grid option it is
     // an error rather than a silently ignored grid.
     let spec = "base=recommended,window=2";
-    let out = bench(&[
-        "real-model",
-        "--model-dir",
-        tiny_model(),
-        "--quick",
-        "--max-new-tokens",
-        "2",
-        "--cache",
-        spec,
-        "--json",
-    ]);
-    let r = json(&out);
-    let rows: Vec<&serde_json::Value> = r["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|row| row["mode"] == "compare")
-        .collect();
+    let rows = tiny_compare_rows(&["--cache", spec]);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["window"].as_u64(), Some(2));
     for extra in [["--key-bits", "4"], ["--window", "4"]] {
-        let mut args = vec!["real-model", "--model-dir", tiny_model(), "--quick"];
-        args.extend(["--cache", spec]);
-        args.extend(extra);
-        let out = bench(&args);
-        assert!(!out.status.success(), "{extra:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = fails_with(&[&base[..], &["--cache", spec], &extra[..]].concat());
         assert!(err.contains("--cache"), "{extra:?}: {err}");
     }
 }

@@ -159,35 +159,26 @@ impl PlainRows {
             PlainRows::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         }
     }
-}
 
-impl PlainRows {
     /// Rows read back from little-endian bytes of the given width (a saved cache's tensor data).
     /// `None` unless the bytes are whole values and every value is finite.
     pub(crate) fn from_le_bytes(precision: WindowPrecision, bytes: &[u8]) -> Option<Self> {
+        if !bytes.len().is_multiple_of(precision.bytes()) {
+            return None;
+        }
         let rows = match precision {
-            WindowPrecision::F32 => {
-                if !bytes.len().is_multiple_of(4) {
-                    return None;
-                }
-                PlainRows::F32(
-                    bytes
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect(),
-                )
-            }
-            WindowPrecision::F16 => {
-                if !bytes.len().is_multiple_of(2) {
-                    return None;
-                }
-                PlainRows::F16(
-                    bytes
-                        .chunks_exact(2)
-                        .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                        .collect(),
-                )
-            }
+            WindowPrecision::F32 => PlainRows::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            WindowPrecision::F16 => PlainRows::F16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
         };
         rows.to_f32().iter().all(|x| x.is_finite()).then_some(rows)
     }

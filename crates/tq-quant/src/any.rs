@@ -406,24 +406,28 @@ macro_rules! paired {
     };
 }
 
-/// The MSE queries of `qs`, if every one is an MSE query.
-fn mse_queries<'a>(qs: &[&'a AnyQuery]) -> Option<Vec<&'a MseQuery>> {
-    qs.iter()
-        .map(|q| match q {
-            AnyQuery::Mse(q) => Some(q),
-            _ => None,
-        })
-        .collect()
+/// The queries of `qs` that `pick` accepts (one kind), if it accepts every one.
+fn queries_of<'a, T>(
+    qs: &[&'a AnyQuery],
+    pick: impl Fn(&'a AnyQuery) -> Option<&'a T>,
+) -> Option<Vec<&'a T>> {
+    qs.iter().map(|&q| pick(q)).collect()
 }
 
-/// The KIVI queries of `qs`, if every one is a KIVI query.
-fn kivi_queries<'a>(qs: &[&'a AnyQuery]) -> Option<Vec<&'a KiviQuery>> {
-    qs.iter()
-        .map(|q| match q {
-            AnyQuery::Kivi(q) => Some(q),
-            _ => None,
-        })
-        .collect()
+/// The MSE query inside `q`.
+fn as_mse(q: &AnyQuery) -> Option<&MseQuery> {
+    match q {
+        AnyQuery::Mse(q) => Some(q),
+        _ => None,
+    }
+}
+
+/// The KIVI query inside `q`.
+fn as_kivi(q: &AnyQuery) -> Option<&KiviQuery> {
+    match q {
+        AnyQuery::Kivi(q) => Some(q),
+        _ => None,
+    }
 }
 
 fn kind_mismatch(batch: QuantizerKind, query: QuantizerKind) -> Error {
@@ -536,16 +540,16 @@ impl EncodedVectors for AnyBatch {
         paired!(self, q, (b, q) => EncodedVectors::top_k(b, q, k))
     }
     fn top_k_many(&self, qs: &[&AnyQuery], k: usize) -> Result<Vec<Vec<Hit>>> {
-        if let (AnyBatch::Mse(b), Some(mse)) = (self, mse_queries(qs)) {
+        if let (AnyBatch::Mse(b), Some(mse)) = (self, queries_of(qs, as_mse)) {
             return Ok(b.top_k_many(&mse, k));
         }
         qs.iter().map(|q| self.top_k(q, k)).collect()
     }
     fn score_many_into(&self, qs: &[&AnyQuery], outs: &mut [&mut [f32]]) -> Result<()> {
-        if let (AnyBatch::Mse(b), Some(mse)) = (self, mse_queries(qs)) {
+        if let (AnyBatch::Mse(b), Some(mse)) = (self, queries_of(qs, as_mse)) {
             return b.score_many_into(&mse, outs);
         }
-        if let (AnyBatch::Kivi(b), Some(kivi)) = (self, kivi_queries(qs)) {
+        if let (AnyBatch::Kivi(b), Some(kivi)) = (self, queries_of(qs, as_kivi)) {
             return b.score_many_into(&kivi, outs);
         }
         crate::error::check_len("score outputs", outs.len(), qs.len())?;

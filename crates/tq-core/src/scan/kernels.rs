@@ -85,29 +85,10 @@ pub fn dot_nibbles_i8(block: &[u8], weights: &[&[i8]], outs: &mut [[i32; BLOCK]]
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2() {
-            let mut q = 0;
-            while q < weights.len() {
-                let (w, o) = (&weights[q..], &mut outs[q..]);
-                // SAFETY: AVX2 is present (checked at run time) and every weight slice was
-                // checked to hold `block.len() / 16` entries of a block whose length is a
-                // multiple of 32: the kernel's only preconditions.
-                q += unsafe {
-                    match w.len().min(DOT_QUERIES) {
-                        1 => {
-                            x86::dot_nibbles_i8_avx2::<1>(block, [w[0]], first_n(o));
-                            1
-                        }
-                        2 => {
-                            x86::dot_nibbles_i8_avx2::<2>(block, [w[0], w[1]], first_n(o));
-                            2
-                        }
-                        _ => {
-                            x86::dot_nibbles_i8_avx2::<3>(block, [w[0], w[1], w[2]], first_n(o));
-                            3
-                        }
-                    }
-                };
-            }
+            // SAFETY: AVX2 is present (checked at run time) and every weight slice was checked
+            // to hold `block.len() / 16` entries of a block whose length is a multiple of 32: the
+            // kernel's only preconditions.
+            unsafe { in_groups!(x86::dot_nibbles_i8_avx2, block, weights, outs, DOT_QUERIES) };
             return;
         }
     }
@@ -371,12 +352,13 @@ fn check_blocks_scores(
 pub const MULTI_QUERIES: usize = 2;
 
 /// Runs the AVX2 kernel `$kernel::<Q>(block, [tables; Q], &mut [outs; Q])` over all of `tables`
-/// and `outs` (equal lengths) in groups of up to `$max` (1 to 3) queries. Unsafe to expand: the
-/// caller proves the kernel's preconditions for every table slice.
+/// and `outs` (equal lengths; any per-query table and output types) in groups of up to `$max`
+/// (1 to 3) queries. Unsafe to expand: the caller proves the kernel's preconditions for every
+/// table slice.
 #[cfg(target_arch = "x86_64")]
 macro_rules! in_groups {
     ($($kernel:ident)::+, $block:expr, $tables:expr, $outs:expr, $max:expr) => {{
-        let (tables, outs): (&[&[u8]], &mut [[u32; BLOCK]]) = ($tables, $outs);
+        let (tables, outs) = ($tables, $outs);
         let mut q = 0;
         while q < tables.len() {
             let (t, o) = (&tables[q..], &mut outs[q..]);
