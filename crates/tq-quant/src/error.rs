@@ -167,14 +167,21 @@ pub(crate) fn check_dim(xs: &[f32], dim: usize) -> Result<()> {
     Ok(())
 }
 
-/// Rejects a row-major batch whose length is not a multiple of `dim`.
-pub(crate) fn check_batch(xs: &[f32], dim: usize) -> Result<usize> {
+/// The rows of a row-major batch: rejects one whose length is not a multiple of `dim`.
+pub(crate) fn check_rows(xs: &[f32], dim: usize) -> Result<usize> {
     if !xs.len().is_multiple_of(dim) {
         return Err(Error::DimMismatch {
             expected: dim,
             got: xs.len() % dim,
         });
     }
-    check_finite(xs)?;
     Ok(xs.len() / dim)
+}
+
+/// The rows of a row-major batch: rejects one whose length is not a multiple of `dim`
+/// ([`check_rows`]) or that holds a non-finite value ([`check_finite`]).
+pub(crate) fn check_batch(xs: &[f32], dim: usize) -> Result<usize> {
+    let n = check_rows(xs, dim)?;
+    check_finite(xs)?;
+    Ok(n)
 }

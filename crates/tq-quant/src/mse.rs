@@ -16,7 +16,7 @@ use tq_core::scan::{self, BLOCK, block_bytes};
 use tq_core::{Codebook, Rotation, bitpack, simd};
 
 use crate::config::{MseConfig, ScaleMode, ScalePrecision};
-use crate::error::{check_batch, check_dim, check_finite, check_len};
+use crate::error::{check_batch, check_dim, check_finite, check_len, check_rows};
 use crate::packed::PackedRows;
 use crate::scales::RowScales;
 use crate::score::{self, Hit, TableKind, Tables};
@@ -186,16 +186,15 @@ impl MseQuantizer {
             }
             None => xs,
         };
+        // The norms first: their sequential pass brings the rows into cache for the rotation's
+        // transposed reads.
+        for (x, n) in xs.chunks_exact(d).zip(norms.iter_mut()) {
+            *n = simd::sum_squares_fixed(x).sqrt();
+        }
         if self.rotation.apply_batch(xs, ys).is_err() {
             debug_assert!(false, "rotate_unit: sizes");
         }
-        for ((x, y), n) in xs
-            .chunks_exact(d)
-            .zip(ys.chunks_exact_mut(d))
-            .zip(norms.iter_mut())
-        {
-            let norm = simd::sum_squares_fixed(x).sqrt();
-            *n = norm;
+        for (y, &norm) in ys.chunks_exact_mut(d).zip(norms.iter()) {
             if norm > 0.0 {
                 simd::scale_in_place(y, 1.0 / norm);
             } else {
@@ -605,12 +604,20 @@ impl MseBatch {
     /// [`Error::ScaleOverflow`] for a scale f16 scales cannot hold (nothing is appended then).
     pub fn extend(&mut self, xs: &[f32]) -> Result<()> {
         let d = self.quantizer.dim();
-        let n = check_batch(xs, d)?;
+        let n = check_rows(xs, d)?;
         let start = self.len();
         self.codes.resize_rows(start + n);
         let mut norms = vec![0.0f32; n];
+        // Finiteness is checked on the way, not in a pass of its own over the input: a row with
+        // a non-finite value has a non-finite sum of squares, hence a non-finite scale in every
+        // scale mode, and only then is the input searched for the value to report.
         self.encode_rows(xs, start, &mut norms);
-        if let Err(e) = self.norms.extend_from_f32(&norms) {
+        let checked = if norms.iter().all(|s| s.is_finite()) {
+            Ok(())
+        } else {
+            check_finite(xs)
+        };
+        if let Err(e) = checked.and_then(|()| self.norms.extend_from_f32(&norms)) {
             self.codes.resize_rows(start);
             return Err(e);
         }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use tq_core::{RotationKind, SeededRng, rng::stream};
 use tq_quant::{
-    Error, MseBatch, MseConfig, MseQuantizer, ProdBatch, ProdConfig, ProdQuantizer, SketchKind,
+    Error, MseBatch, MseConfig, MseQuantizer, ProdBatch, ProdConfig, ProdQuantizer, ScaleMode,
+    ScalePrecision, SketchKind,
 };
 
 fn gaussian_rows(n: usize, d: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -124,6 +125,62 @@ fn zero_vector_and_any_norm() {
             .sum::<f32>()
             / x.iter().map(|a| a * a).sum::<f32>();
         assert!(err < 0.05, "relative error {err}");
+    }
+}
+
+/// A batch's finiteness is checked while it is encoded (no pass of its own): the first non-finite
+/// value is reported wherever it lies (a partly filled block, later whole blocks encoded in
+/// parallel), for every scale mode and width and a centred quantizer, and the batch is left as it
+/// was; a finite row whose squared norm overflows is still a scale overflow.
+#[test]
+fn non_finite_found_in_any_block_and_nothing_appended() {
+    let d = 64;
+    let rows = gaussian_rows(200, d, 5, 1.0);
+    let prefix = gaussian_rows(7, d, 6, 1.0);
+    let modes = [
+        ScaleMode::Norm,
+        ScaleMode::LeastSquares,
+        ScaleMode::Unbiased,
+    ];
+    let widths = [ScalePrecision::F32, ScalePrecision::F16];
+    for (scale, precision) in modes.iter().flat_map(|&m| widths.map(|w| (m, w))) {
+        for centred in [false, true] {
+            let cfg = MseConfig::new(d, 4, RotationKind::Hadamard, 3)
+                .with_scale(scale)
+                .with_scale_precision(precision);
+            let q = Arc::new(if centred {
+                MseQuantizer::with_mean(cfg, vec![0.25; d]).unwrap()
+            } else {
+                MseQuantizer::new(cfg).unwrap()
+            });
+            let mut b = MseBatch::new(q);
+            b.extend(&prefix).unwrap();
+            let before = b.dequantize_all();
+            for (at, bad) in [
+                (3, f32::NAN),
+                (40 * d + 5, f32::INFINITY),
+                (199 * d, f32::NEG_INFINITY),
+            ] {
+                let mut xs = rows.clone();
+                xs[at] = bad;
+                // A later non-finite value is not the one reported.
+                xs[199 * d + 1] = f32::NAN;
+                let got = b.extend(&xs);
+                assert!(
+                    matches!(got, Err(Error::NonFinite { index, .. }) if index == at),
+                    "{scale:?} {precision:?} centred {centred} at {at}: {got:?}"
+                );
+                assert_eq!(b.len(), 7);
+                assert_eq!(b.dequantize_all(), before, "batch changed");
+            }
+            let mut huge = rows.clone();
+            huge[50 * d..51 * d].fill(1e30);
+            assert!(matches!(
+                b.extend(&huge),
+                Err(Error::ScaleOverflow { row: 50, .. })
+            ));
+            assert_eq!(b.len(), 7);
+        }
     }
 }
 

@@ -11,6 +11,9 @@ pub(super) struct Round {
 }
 
 pub(super) struct HadamardOp<'a> {
+    /// The rows to transform (as long as `rows`).
+    pub(super) src: &'a [f32],
+    /// Where the transformed rows are written.
     pub(super) rows: &'a mut [f32],
     pub(super) rounds: &'a [Round],
     pub(super) d: usize,
@@ -24,6 +27,7 @@ impl pulp::WithSimd for HadamardOp<'_> {
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _simd: S) {
         let HadamardOp {
+            src,
             rows,
             rounds,
             d,
@@ -38,15 +42,17 @@ impl pulp::WithSimd for HadamardOp<'_> {
             let mut tmp = vec![[0f32; LANES]; d];
             while done < n {
                 let group = (n - done).min(LANES);
-                let chunk = &mut rows[done * d..(done + group) * d];
-                transpose_in(chunk, d, &mut buf);
+                let range = done * d..(done + group) * d;
+                // Read straight from the source: no copy of the input first.
+                transpose_in(&src[range.clone()], d, &mut buf);
                 lanes_rounds(&mut buf, &mut tmp, rounds, p, norm, inverse);
-                transpose_out(&buf, d, chunk);
+                transpose_out(&buf, d, &mut rows[range]);
                 done += group;
             }
         }
         if done < n {
             let mut tmp = vec![0f32; d];
+            rows[done * d..].copy_from_slice(&src[done * d..]);
             for x in rows[done * d..].chunks_exact_mut(d) {
                 row_rounds(x, &mut tmp, rounds, p, norm, inverse);
             }

@@ -224,8 +224,7 @@ impl Rotation {
                 }
             }
             Inner::Hadamard { .. } => {
-                out.copy_from_slice(x);
-                self.hadamard_rows(out, false);
+                self.hadamard_rows(x, out, false);
             }
         }
     }
@@ -258,8 +257,7 @@ impl Rotation {
                 }
             }
             Inner::Hadamard { .. } => {
-                out.copy_from_slice(y);
-                self.hadamard_rows(out, true);
+                self.hadamard_rows(y, out, true);
             }
         }
     }
@@ -308,10 +306,7 @@ impl Rotation {
                     general_mat_mul(1.0, &x, &mat.t(), 0.0, &mut y);
                 }
             }
-            Inner::Hadamard { .. } => {
-                out.copy_from_slice(xs);
-                self.hadamard_rows(out, inverse);
-            }
+            Inner::Hadamard { .. } => self.hadamard_rows(xs, out, inverse),
         }
         Ok(())
     }
@@ -331,12 +326,15 @@ impl Rotation {
         })
     }
 
-    /// Applies the Hadamard rotation (or its inverse) to every `d`-row of `rows` in place, inside
-    /// one SIMD dispatch. Groups of [`LANES`] rows are transposed so that every butterfly is a
-    /// vertical SIMD operation across rows; a lone row takes the row-wise path. Both paths perform
-    /// the same floating-point operations on every element, so results are bit-identical however
-    /// rows are grouped (a vector gets the same code alone or in a batch).
-    fn hadamard_rows(&self, rows: &mut [f32], inverse: bool) {
+    /// Applies the Hadamard rotation (or its inverse) to every `d`-row of `src`, writing `rows`
+    /// (as long as `src`), inside one SIMD dispatch; the rows are read from `src` as they are
+    /// transformed, not copied first.
+    /// Groups of [`LANES`] rows are transposed so that every butterfly is a vertical SIMD
+    /// operation across rows; a lone row takes the row-wise path. Both paths perform the same
+    /// floating-point operations on every element, so results are bit-identical however rows are
+    /// grouped (a vector gets the same code alone or in a batch).
+    fn hadamard_rows(&self, src: &[f32], rows: &mut [f32], inverse: bool) {
+        debug_assert_eq!(src.len(), rows.len());
         let Inner::Hadamard { block, rounds } = &self.inner else {
             return;
         };
@@ -348,6 +346,7 @@ impl Rotation {
             None
         };
         simd::arch().dispatch(HadamardOp {
+            src,
             rows,
             rounds,
             d,
