@@ -55,10 +55,17 @@ fn accumulate_parity_over_widths_and_dims() {
     }
 }
 
+/// Any number of weight vectors (taken by the kernel in groups of up to four, each group size its
+/// own kernel) gives each one exactly what it gets alone, including one whose first blocks weigh
+/// zero, at every width (gathers at 6-8 bits).
 #[test]
 fn accumulate_multi_equals_one_at_a_time() {
     let mut r = SeededRng::new(12, stream::DATA);
-    for bits in [2u32, 3, 4, 5] {
+    let cases = [2u32, 3, 4, 5, 8]
+        .into_iter()
+        .map(|b| (b, 3usize))
+        .chain([1usize, 2, 4, 5, 7, 9].map(|nq| (4, nq)));
+    for (bits, nq) in cases {
         let d = 40;
         let row_bytes = crate::bitpack::packed_len(d, bits);
         let n: usize = 70;
@@ -66,11 +73,11 @@ fn accumulate_multi_equals_one_at_a_time() {
             .map(|_| r.next_u64() as u8)
             .collect();
         let values: Vec<f32> = (0..1 << bits).map(|_| r.gaussian() as f32).collect();
-        let ws: Vec<Vec<f32>> = (0..3)
+        let ws: Vec<Vec<f32>> = (0..nq)
             .map(|q| {
                 (0..n)
                     .map(|i| {
-                        if q == 1 && i < 40 {
+                        if q % 3 == 1 && i < 40 {
                             0.0
                         } else {
                             r.uniform() as f32
@@ -79,7 +86,7 @@ fn accumulate_multi_equals_one_at_a_time() {
                     .collect()
             })
             .collect();
-        let mut multi = vec![vec![0.0f32; d]; 3];
+        let mut multi = vec![vec![0.0f32; d]; nq];
         {
             let wr: Vec<&[f32]> = ws.iter().map(|w| w.as_slice()).collect();
             let mut ar: Vec<&mut [f32]> = multi.iter_mut().map(|a| a.as_mut_slice()).collect();
@@ -88,12 +95,12 @@ fn accumulate_multi_equals_one_at_a_time() {
         for (w, m) in ws.iter().zip(&multi) {
             let mut one = vec![0.0f32; d];
             accumulate_blocks(&blocks, row_bytes, bits, &values, w, &mut one);
-            assert_eq!(&one, m, "bits={bits}");
+            assert_eq!(&one, m, "bits={bits} queries={nq}");
         }
         // Row scales inside the kernel give exactly what pre-scaled weights give (SIMD path and
         // scalar twin: 70 rows leave a partial last block).
         let scales: Vec<f32> = (0..n).map(|_| 0.5 + r.uniform() as f32).collect();
-        let mut inside = vec![vec![0.0f32; d]; 3];
+        let mut inside = vec![vec![0.0f32; d]; nq];
         {
             let wr: Vec<&[f32]> = ws.iter().map(|w| w.as_slice()).collect();
             let mut ar: Vec<&mut [f32]> = inside.iter_mut().map(|a| a.as_mut_slice()).collect();
@@ -111,7 +118,7 @@ fn accumulate_multi_equals_one_at_a_time() {
             let pre: Vec<f32> = w.iter().zip(&scales).map(|(w, s)| w * s).collect();
             let mut one = vec![0.0f32; d];
             accumulate_blocks(&blocks, row_bytes, bits, &values, &pre, &mut one);
-            assert_eq!(&one, m, "bits={bits} scaled");
+            assert_eq!(&one, m, "bits={bits} queries={nq} scaled");
             let mut twin = vec![0.0f32; d];
             for (bi, block) in blocks.chunks_exact(block_bytes(row_bytes)).enumerate() {
                 let mut w32 = [0.0f32; BLOCK];

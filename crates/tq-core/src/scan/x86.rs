@@ -188,9 +188,11 @@ pub(super) unsafe fn scan_block_b5_avx2<const Q: usize>(
 /// AVX2 body of `accumulate_blocks_multi`: per block and coordinate, the 32 codes are cut out
 /// of one to three nibble vectors (rows 0..16 in the low 128-bit lane, rows 16..32 in the high),
 /// decoded once (up to 5 bits as four `vpshufb` byte planes of the value table interleaved back
-/// into f32, no lane-crossing permutes; 6-8 bits by gathers in the same register order), and FMA'd into 8-lane partial sums of every weight vector (the
-/// weights permuted once per block into the order the decode yields); the partial sums are
-/// reduced once at the end.
+/// into f32, no lane-crossing permutes; 6-8 bits by gathers in the same register order), and
+/// FMA'd into 8-lane partial sums of every weight vector (the weights permuted once per block
+/// into the order the decode yields); the partial sums are reduced once at the end. Weight
+/// vectors are taken up to four at a time, each such group a kernel of its own size (the
+/// per-query work unrolled, no per-query branches in the inner loop); a group shares one decode.
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA; `1 <= bits <= 8`; `row_bytes >= 1` and `blocks` is whole
@@ -208,37 +210,67 @@ pub(super) unsafe fn accumulate_blocks_avx2(
     weights: &[&[f32]],
     accs: &mut [&mut [f32]],
 ) {
-    let (v, s, w) = (values, scales, weights);
-    // SAFETY: the caller's contract, passed on unchanged.
-    unsafe {
-        match bits {
-            1 => accumulate_avx2::<1>(blocks, row_bytes, v, s, w, accs),
-            2 => accumulate_avx2::<2>(blocks, row_bytes, v, s, w, accs),
-            3 => accumulate_avx2::<3>(blocks, row_bytes, v, s, w, accs),
-            4 => accumulate_avx2::<4>(blocks, row_bytes, v, s, w, accs),
-            5 => accumulate_avx2::<5>(blocks, row_bytes, v, s, w, accs),
-            6 => accumulate_avx2::<6>(blocks, row_bytes, v, s, w, accs),
-            7 => accumulate_avx2::<7>(blocks, row_bytes, v, s, w, accs),
-            _ => accumulate_avx2::<8>(blocks, row_bytes, v, s, w, accs),
+    // Groups of at most four, as even as possible (7 = 4 + 3, not 4 + 3 after 4 + ...).
+    let groups = weights.len().div_ceil(4).max(1);
+    let size = weights.len().div_ceil(groups).max(1);
+    for (w, a) in weights.chunks(size).zip(accs.chunks_mut(size)) {
+        // SAFETY: the caller's contract, passed on unchanged (a group of weight vectors and
+        // their accumulators satisfies it as the whole does).
+        unsafe {
+            match w.len() {
+                1 => accumulate_group::<1>(blocks, row_bytes, bits, values, scales, w, a),
+                2 => accumulate_group::<2>(blocks, row_bytes, bits, values, scales, w, a),
+                3 => accumulate_group::<3>(blocks, row_bytes, bits, values, scales, w, a),
+                _ => accumulate_group::<4>(blocks, row_bytes, bits, values, scales, w, a),
+            }
         }
     }
 }
 
-/// [`accumulate_blocks_avx2`] for `B`-bit codes.
+/// [`accumulate_blocks_avx2`] for a group of exactly `Q` weight vectors.
 ///
 /// # Safety
-/// As [`accumulate_blocks_avx2`] with `bits == B`.
+/// As [`accumulate_blocks_avx2`], with `weights.len() == accs.len() == Q`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_avx2<const B: usize>(
+unsafe fn accumulate_group<const Q: usize>(
+    blocks: &[u8],
+    row_bytes: usize,
+    bits: u32,
+    v: &[f32],
+    s: Option<&[f32]>,
+    weights: &[&[f32]],
+    accs: &mut [&mut [f32]],
+) {
+    let w: [&[f32]; Q] = std::array::from_fn(|q| weights[q]);
+    // SAFETY: the caller's contract, passed on unchanged.
+    unsafe {
+        match bits {
+            1 => accumulate_avx2::<1, Q>(blocks, row_bytes, v, s, w, accs),
+            2 => accumulate_avx2::<2, Q>(blocks, row_bytes, v, s, w, accs),
+            3 => accumulate_avx2::<3, Q>(blocks, row_bytes, v, s, w, accs),
+            4 => accumulate_avx2::<4, Q>(blocks, row_bytes, v, s, w, accs),
+            5 => accumulate_avx2::<5, Q>(blocks, row_bytes, v, s, w, accs),
+            6 => accumulate_avx2::<6, Q>(blocks, row_bytes, v, s, w, accs),
+            7 => accumulate_avx2::<7, Q>(blocks, row_bytes, v, s, w, accs),
+            _ => accumulate_avx2::<8, Q>(blocks, row_bytes, v, s, w, accs),
+        }
+    }
+}
+
+/// [`accumulate_blocks_avx2`] for `B`-bit codes and `Q` weight vectors.
+///
+/// # Safety
+/// As [`accumulate_blocks_avx2`] with `bits == B` and `accs.len() == Q`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn accumulate_avx2<const B: usize, const Q: usize>(
     blocks: &[u8],
     row_bytes: usize,
     values: &[f32],
     scales: Option<&[f32]>,
-    weights: &[&[f32]],
+    weights: [&[f32]; Q],
     accs: &mut [&mut [f32]],
 ) {
     let dim = accs.first().map_or(0, |a| a.len());
-    let nq = weights.len();
     // planes[p][k]: byte p (little-endian) of values[k]; entries past 2^B are never indexed.
     let mut planes = [[0u8; 32]; 4];
     for (k, v) in values[..if B <= 5 { 1 << B } else { 0 }].iter().enumerate() {
@@ -255,28 +287,27 @@ unsafe fn accumulate_avx2<const B: usize>(
     let nib_mask = _mm256_set1_epi8(0x0F);
     let lane_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     let code_mask = _mm256_set1_epi8(((1u32 << B) - 1) as i8);
-    // lanes[q * dim + j]: 8-lane partial sums of query q, coordinate j.
-    let mut lanes = vec![_mm256_setzero_ps(); nq * dim];
-    let mut w = vec![[_mm256_setzero_ps(); 4]; nq];
-    let mut active = vec![false; nq];
+    // lanes[j][q]: 8-lane partial sums of query q, coordinate j (a coordinate's queries adjacent).
+    let mut lanes = vec![[_mm256_setzero_ps(); Q]; dim];
+    let mut w = [[_mm256_setzero_ps(); 4]; Q];
+    let mut active = [false; Q];
     let bb = super::block_bytes(row_bytes);
     for (bi, block) in blocks.chunks_exact(bb).enumerate() {
-        let mut any = false;
-        for ((wq, act), src) in w.iter_mut().zip(active.iter_mut()).zip(weights) {
+        for q in 0..Q {
+            let src = weights[q];
             let part = &src[bi * BLOCK..((bi + 1) * BLOCK).min(src.len())];
             let w32 = super::kernels::block_weights(part, scales.map(|s| &s[bi * BLOCK..]));
             // Register g of the decode holds rows 4g..4g+4 (low lane) and 16+4g..20+4g (high).
             // SAFETY: 4g + 4 <= 16 and 16 + 4g + 4 <= 32 floats of `w32`.
-            *wq = std::array::from_fn(|g| unsafe {
+            w[q] = std::array::from_fn(|g| unsafe {
                 _mm256_loadu2_m128(w32.as_ptr().add(16 + 4 * g), w32.as_ptr().add(4 * g))
             });
-            let nonzero = wq.iter().fold(0, |m, &x| {
+            let nonzero = w[q].iter().fold(0, |m, &x| {
                 m | _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(x, _mm256_setzero_ps()))
             });
-            *act = nonzero != 0;
-            any |= *act;
+            active[q] = nonzero != 0;
         }
-        if !any {
+        if !active.contains(&true) {
             continue;
         }
         // Low nibbles of the 16 bytes at nibble position `pos` (rows 0..16) in the low lane,
@@ -289,7 +320,7 @@ unsafe fn accumulate_avx2<const B: usize>(
                 nib_mask,
             )
         };
-        for j in 0..dim {
+        for (j, lane) in lanes.iter_mut().enumerate() {
             let x = if B <= 5 {
                 let (pos, off) = (B * j / 4, B * j % 4);
                 let mut code = nib(pos);
@@ -309,22 +340,20 @@ unsafe fn accumulate_avx2<const B: usize>(
                 // `values` has 2^B entries.
                 unsafe { gather_values(wide_codes::<B>(block, j), values) }
             };
-            for (q, wq) in w.iter().enumerate() {
-                if !active[q] {
-                    continue;
+            for q in 0..Q {
+                if active[q] {
+                    let mut s = lane[q];
+                    for (xg, wg) in x.iter().zip(&w[q]) {
+                        s = _mm256_fmadd_ps(*xg, *wg, s);
+                    }
+                    lane[q] = s;
                 }
-                let lane = &mut lanes[q * dim + j];
-                let mut s = *lane;
-                for (xg, wg) in x.iter().zip(wq) {
-                    s = _mm256_fmadd_ps(*xg, *wg, s);
-                }
-                *lane = s;
             }
         }
     }
     for (q, acc) in accs.iter_mut().enumerate() {
-        for (a, s) in acc.iter_mut().zip(&lanes[q * dim..(q + 1) * dim]) {
-            let s = *s;
+        for (a, l) in acc.iter_mut().zip(&lanes) {
+            let s = l[q];
             let x = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
             let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
             let x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
@@ -558,8 +587,16 @@ pub(super) unsafe fn scan_blocks_scores_avx2<const Q: usize>(
         }
         let start = b * BLOCK;
         let n = (rows - start).min(BLOCK);
+        // A whole block reads its scales and writes its scores in place (no copies through
+        // 32-float buffers, which cost as much as a short block's scan); the last block's empty
+        // slots go through the buffers.
         let mut scale = [0.0f32; BLOCK];
-        scale[..n].copy_from_slice(&scales[start..start + n]);
+        let scale: &[f32] = if n == BLOCK {
+            &scales[start..start + BLOCK]
+        } else {
+            scale[..n].copy_from_slice(&scales[start..start + n]);
+            &scale
+        };
         for (job, sums) in jobs.iter_mut().zip(sums) {
             let (offset, step, bias) = (
                 _mm256_set1_ps(job.affine.offset),
@@ -567,7 +604,12 @@ pub(super) unsafe fn scan_blocks_scores_avx2<const Q: usize>(
                 _mm256_set1_ps(job.affine.bias),
             );
             let above = _mm256_set1_ps(job.marks.as_ref().map_or(f32::INFINITY, |m| m.0));
-            let mut res = [0.0f32; BLOCK];
+            let mut buf = [0.0f32; BLOCK];
+            let res: &mut [f32] = if n == BLOCK {
+                &mut job.out[start..start + BLOCK]
+            } else {
+                &mut buf
+            };
             let mut mask = 0u32;
             for (k, s) in sums.into_iter().enumerate() {
                 // SAFETY: `scale` and `res` hold 32 floats; sums are below 2^31 (the public
@@ -581,7 +623,9 @@ pub(super) unsafe fn scan_blocks_scores_avx2<const Q: usize>(
                 let gt = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, above)) as u32;
                 mask |= gt << (8 * k);
             }
-            job.out[start..start + n].copy_from_slice(&res[..n]);
+            if n < BLOCK {
+                job.out[start..start + n].copy_from_slice(&buf[..n]);
+            }
             if let Some((_, m)) = job.marks.as_mut() {
                 m[b] = if n == BLOCK {
                     mask
