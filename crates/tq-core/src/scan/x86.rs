@@ -590,12 +590,14 @@ pub(super) unsafe fn scan_blocks_scores_avx2<const Q: usize>(
         // A whole block reads its scales and writes its scores in place (no copies through
         // 32-float buffers, which cost as much as a short block's scan); the last block's empty
         // slots go through the buffers.
-        let mut scale = [0.0f32; BLOCK];
+        let tail: [f32; BLOCK];
         let scale: &[f32] = if n == BLOCK {
             &scales[start..start + BLOCK]
         } else {
-            scale[..n].copy_from_slice(&scales[start..start + n]);
-            &scale
+            let mut t = [0.0f32; BLOCK];
+            t[..n].copy_from_slice(&scales[start..start + n]);
+            tail = t;
+            &tail
         };
         for (job, sums) in jobs.iter_mut().zip(sums) {
             let (offset, step, bias) = (
@@ -604,28 +606,31 @@ pub(super) unsafe fn scan_blocks_scores_avx2<const Q: usize>(
                 _mm256_set1_ps(job.affine.bias),
             );
             let above = _mm256_set1_ps(job.marks.as_ref().map_or(f32::INFINITY, |m| m.0));
-            let mut buf = [0.0f32; BLOCK];
-            let res: &mut [f32] = if n == BLOCK {
-                &mut job.out[start..start + BLOCK]
-            } else {
-                &mut buf
+            let affine = |res: &mut [f32]| {
+                let mut mask = 0u32;
+                for (k, s) in sums.into_iter().enumerate() {
+                    // SAFETY: `scale` and `res` hold 32 floats; sums are below 2^31 (the public
+                    // check bounds `row_bytes`), so the signed conversion rounds as `u32 as f32`.
+                    let v = unsafe {
+                        let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), step, offset);
+                        let sc = _mm256_loadu_ps(scale.as_ptr().add(8 * k));
+                        let v = _mm256_fmadd_ps(v, sc, bias);
+                        _mm256_storeu_ps(res.as_mut_ptr().add(8 * k), v);
+                        v
+                    };
+                    let gt = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, above)) as u32;
+                    mask |= gt << (8 * k);
+                }
+                mask
             };
-            let mut mask = 0u32;
-            for (k, s) in sums.into_iter().enumerate() {
-                // SAFETY: `scale` and `res` hold 32 floats; sums are below 2^31 (the public
-                // check bounds `row_bytes`), so the signed conversion rounds as `u32 as f32`.
-                let v = unsafe {
-                    let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), step, offset);
-                    let v = _mm256_fmadd_ps(v, _mm256_loadu_ps(scale.as_ptr().add(8 * k)), bias);
-                    _mm256_storeu_ps(res.as_mut_ptr().add(8 * k), v);
-                    v
-                };
-                let gt = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, above)) as u32;
-                mask |= gt << (8 * k);
-            }
-            if n < BLOCK {
+            let mask = if n == BLOCK {
+                affine(&mut job.out[start..start + BLOCK])
+            } else {
+                let mut buf = [0.0f32; BLOCK];
+                let mask = affine(&mut buf);
                 job.out[start..start + n].copy_from_slice(&buf[..n]);
-            }
+                mask
+            };
             if let Some((_, m)) = job.marks.as_mut() {
                 m[b] = if n == BLOCK {
                     mask
