@@ -172,7 +172,8 @@ impl MseQuantizer {
     }
 
     /// Rotates `n` rows and scales each to unit norm: `ys[i] = Π xs[i] / ‖xs[i]‖` (zero rows stay
-    /// zero), `norms[i] = ‖xs[i]‖`. Inputs are trusted.
+    /// zero), `norms[i] = ‖xs[i]‖`. Lengths are trusted; a row with a non-finite value gets a
+    /// non-finite norm (what [`MseBatch::extend`] relies on to find it without a pass of its own).
     pub(crate) fn rotate_unit(&self, xs: &[f32], ys: &mut [f32], norms: &mut [f32]) {
         let d = self.dim();
         let centred: Vec<f32>;
@@ -285,7 +286,8 @@ impl MseQuantizer {
         bitpack::pack_unchecked(codes, self.bits(), packed);
     }
 
-    /// Encodes up to 32 trusted rows into slots `first_slot..` of one block, writing their norms.
+    /// Encodes up to 32 rows (trusted lengths) into slots `first_slot..` of one block, writing
+    /// their scales; a row with a non-finite value gets a non-finite scale.
     /// A block filled from slot 0 is written whole (its later slots become zero).
     pub(crate) fn encode_block(
         &self,
@@ -624,7 +626,8 @@ impl MseBatch {
         Ok(())
     }
 
-    /// Encodes the `n = norms.len()` trusted rows `xs` into rows `start..start + n` of the codes
+    /// Encodes the `n = norms.len()` rows `xs` (trusted lengths; a non-finite value gives its row a
+    /// non-finite scale) into rows `start..start + n` of the codes
     /// (already sized), writing their scales into `norms`.
     fn encode_rows(&mut self, xs: &[f32], start: usize, norms: &mut [f32]) {
         let d = self.quantizer.dim();

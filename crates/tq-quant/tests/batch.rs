@@ -130,22 +130,33 @@ fn zero_vector_and_any_norm() {
 
 /// A batch's finiteness is checked while it is encoded (no pass of its own): the first non-finite
 /// value is reported wherever it lies (a partly filled block, later whole blocks encoded in
-/// parallel), for every scale mode and width and a centred quantizer, and the batch is left as it
-/// was; a finite row whose squared norm overflows is still a scale overflow.
+/// parallel), for every scale mode and width, a centred quantizer, both rotations (a
+/// non-power-of-two `d` too) and widths packed in other ways, and the batch is left as it was
+/// (a valid batch appended afterwards lands as in a fresh one); a finite row whose squared norm
+/// overflows is still a scale overflow.
 #[test]
 fn non_finite_found_in_any_block_and_nothing_appended() {
-    let d = 64;
-    let rows = gaussian_rows(200, d, 5, 1.0);
-    let prefix = gaussian_rows(7, d, 6, 1.0);
     let modes = [
         ScaleMode::Norm,
         ScaleMode::LeastSquares,
         ScaleMode::Unbiased,
     ];
     let widths = [ScalePrecision::F32, ScalePrecision::F16];
-    for (scale, precision) in modes.iter().flat_map(|&m| widths.map(|w| (m, w))) {
+    let scales = modes.iter().flat_map(|&m| widths.map(|w| (m, w)));
+    let shapes = [
+        (RotationKind::Haar, 64, 4),
+        (RotationKind::Hadamard, 50, 2),
+        (RotationKind::Haar, 50, 6),
+        (RotationKind::Hadamard, 64, 6),
+    ];
+    let cases = scales
+        .map(|(m, w)| (m, w, RotationKind::Hadamard, 64usize, 4u32))
+        .chain(shapes.map(|(r, d, b)| (ScaleMode::Norm, ScalePrecision::F32, r, d, b)));
+    for (scale, precision, rotation, d, bits) in cases {
+        let rows = gaussian_rows(200, d, 5, 1.0);
+        let prefix = gaussian_rows(7, d, 6, 1.0);
         for centred in [false, true] {
-            let cfg = MseConfig::new(d, 4, RotationKind::Hadamard, 3)
+            let cfg = MseConfig::new(d, bits, rotation, 3)
                 .with_scale(scale)
                 .with_scale_precision(precision);
             let q = Arc::new(if centred {
@@ -153,9 +164,11 @@ fn non_finite_found_in_any_block_and_nothing_appended() {
             } else {
                 MseQuantizer::new(cfg).unwrap()
             });
-            let mut b = MseBatch::new(q);
+            let mut b = MseBatch::new(q.clone());
             b.extend(&prefix).unwrap();
             let before = b.dequantize_all();
+            let case =
+                format!("{scale:?} {precision:?} {rotation:?} d={d} b={bits} centred {centred}");
             for (at, bad) in [
                 (3, f32::NAN),
                 (40 * d + 5, f32::INFINITY),
@@ -168,18 +181,35 @@ fn non_finite_found_in_any_block_and_nothing_appended() {
                 let got = b.extend(&xs);
                 assert!(
                     matches!(got, Err(Error::NonFinite { index, .. }) if index == at),
-                    "{scale:?} {precision:?} centred {centred} at {at}: {got:?}"
+                    "{case} at {at}: {got:?}"
                 );
-                assert_eq!(b.len(), 7);
-                assert_eq!(b.dequantize_all(), before, "batch changed");
+                assert_eq!(b.len(), 7, "{case}");
+                assert_eq!(b.dequantize_all(), before, "{case}: batch changed");
             }
             let mut huge = rows.clone();
             huge[50 * d..51 * d].fill(1e30);
-            assert!(matches!(
-                b.extend(&huge),
-                Err(Error::ScaleOverflow { row: 50, .. })
-            ));
-            assert_eq!(b.len(), 7);
+            assert!(
+                matches!(b.extend(&huge), Err(Error::ScaleOverflow { row: 50, .. })),
+                "{case}"
+            );
+            assert_eq!(b.len(), 7, "{case}");
+            // After the refusals the batch takes valid rows exactly as a fresh one does.
+            b.extend(&rows).unwrap();
+            let mut fresh = MseBatch::new(q);
+            fresh.extend(&prefix).unwrap();
+            fresh.extend(&rows).unwrap();
+            assert_eq!(
+                b.dequantize_all(),
+                fresh.dequantize_all(),
+                "{case}: after refusals"
+            );
+            let rb = b.quantizer().row_bytes();
+            let (mut x, mut y) = (vec![0u8; rb], vec![0u8; rb]);
+            for i in 0..b.len() {
+                b.row_codes(i, &mut x).unwrap();
+                fresh.row_codes(i, &mut y).unwrap();
+                assert_eq!(x, y, "{case}: row {i}");
+            }
         }
     }
 }

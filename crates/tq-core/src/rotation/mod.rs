@@ -263,7 +263,7 @@ impl Rotation {
     }
 
     /// Rotates `n = xs.len() / d` row-major vectors: `out[i] = Π xs[i]`. The Haar path is one matrix
-    /// product `X Πᵀ`; the Hadamard path transforms each row in place.
+    /// product `X Πᵀ`; the Hadamard path transforms the rows as it reads them from `xs`.
     ///
     /// # Errors
     /// [`Error::LengthMismatch`] if `xs.len()` is not a multiple of `d` or `out.len() != xs.len()`.

@@ -210,27 +210,25 @@ pub(super) unsafe fn accumulate_blocks_avx2(
     weights: &[&[f32]],
     accs: &mut [&mut [f32]],
 ) {
-    // Groups of at most four, as even as possible (7 = 4 + 3, not 4 + 3 after 4 + ...).
-    let groups = weights.len().div_ceil(4).max(1);
-    let size = weights.len().div_ceil(groups).max(1);
-    for (w, a) in weights.chunks(size).zip(accs.chunks_mut(size)) {
-        // SAFETY: the caller's contract, passed on unchanged (a group of weight vectors and
-        // their accumulators satisfies it as the whole does).
-        unsafe {
-            match w.len() {
-                1 => accumulate_group::<1>(blocks, row_bytes, bits, values, scales, w, a),
-                2 => accumulate_group::<2>(blocks, row_bytes, bits, values, scales, w, a),
-                3 => accumulate_group::<3>(blocks, row_bytes, bits, values, scales, w, a),
-                _ => accumulate_group::<4>(blocks, row_bytes, bits, values, scales, w, a),
-            }
+    // Up to four weight vectors: one kernel of exactly that many. More: groups of four (the
+    // last one partly empty), all of them served by each decode.
+    let q = weights.len().min(4);
+    // SAFETY: the caller's contract, passed on unchanged.
+    unsafe {
+        match q {
+            0 => {}
+            1 => accumulate_group::<1>(blocks, row_bytes, bits, values, scales, weights, accs),
+            2 => accumulate_group::<2>(blocks, row_bytes, bits, values, scales, weights, accs),
+            3 => accumulate_group::<3>(blocks, row_bytes, bits, values, scales, weights, accs),
+            _ => accumulate_group::<4>(blocks, row_bytes, bits, values, scales, weights, accs),
         }
     }
 }
 
-/// [`accumulate_blocks_avx2`] for a group of exactly `Q` weight vectors.
+/// [`accumulate_blocks_avx2`] with the weight vectors taken `Q` at a time.
 ///
 /// # Safety
-/// As [`accumulate_blocks_avx2`], with `weights.len() == accs.len() == Q`.
+/// As [`accumulate_blocks_avx2`], with `weights` not empty.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn accumulate_group<const Q: usize>(
     blocks: &[u8],
@@ -241,36 +239,63 @@ unsafe fn accumulate_group<const Q: usize>(
     weights: &[&[f32]],
     accs: &mut [&mut [f32]],
 ) {
-    let w: [&[f32]; Q] = std::array::from_fn(|q| weights[q]);
+    if weights.len() <= Q {
+        // SAFETY: the caller's contract, passed on unchanged.
+        unsafe { accumulate_bits::<Q, true>(blocks, row_bytes, bits, v, s, weights, accs) }
+    } else {
+        // SAFETY: as above.
+        unsafe { accumulate_bits::<Q, false>(blocks, row_bytes, bits, v, s, weights, accs) }
+    }
+}
+
+/// [`accumulate_group`] dispatched on the width; `ONE`: the weight vectors are one group.
+///
+/// # Safety
+/// As [`accumulate_group`], with `weights.len() <= Q` when `ONE`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn accumulate_bits<const Q: usize, const ONE: bool>(
+    blocks: &[u8],
+    row_bytes: usize,
+    bits: u32,
+    v: &[f32],
+    s: Option<&[f32]>,
+    w: &[&[f32]],
+    accs: &mut [&mut [f32]],
+) {
     // SAFETY: the caller's contract, passed on unchanged.
     unsafe {
         match bits {
-            1 => accumulate_avx2::<1, Q>(blocks, row_bytes, v, s, w, accs),
-            2 => accumulate_avx2::<2, Q>(blocks, row_bytes, v, s, w, accs),
-            3 => accumulate_avx2::<3, Q>(blocks, row_bytes, v, s, w, accs),
-            4 => accumulate_avx2::<4, Q>(blocks, row_bytes, v, s, w, accs),
-            5 => accumulate_avx2::<5, Q>(blocks, row_bytes, v, s, w, accs),
-            6 => accumulate_avx2::<6, Q>(blocks, row_bytes, v, s, w, accs),
-            7 => accumulate_avx2::<7, Q>(blocks, row_bytes, v, s, w, accs),
-            _ => accumulate_avx2::<8, Q>(blocks, row_bytes, v, s, w, accs),
+            1 => accumulate_avx2::<1, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            2 => accumulate_avx2::<2, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            3 => accumulate_avx2::<3, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            4 => accumulate_avx2::<4, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            5 => accumulate_avx2::<5, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            6 => accumulate_avx2::<6, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            7 => accumulate_avx2::<7, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            _ => accumulate_avx2::<8, Q, ONE>(blocks, row_bytes, v, s, w, accs),
         }
     }
 }
 
-/// [`accumulate_blocks_avx2`] for `B`-bit codes and `Q` weight vectors.
+/// [`accumulate_blocks_avx2`] for `B`-bit codes, the weight vectors in `ceil(n / Q)` groups of
+/// `Q` (the last group's missing members inactive): per block and coordinate one decode, then
+/// each group's FMAs unrolled.
 ///
 /// # Safety
-/// As [`accumulate_blocks_avx2`] with `bits == B` and `accs.len() == Q`.
+/// As [`accumulate_blocks_avx2`] with `bits == B`, `weights` not empty and, when `ONE`, at most
+/// `Q` weight vectors.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_avx2<const B: usize, const Q: usize>(
+unsafe fn accumulate_avx2<const B: usize, const Q: usize, const ONE: bool>(
     blocks: &[u8],
     row_bytes: usize,
     values: &[f32],
     scales: Option<&[f32]>,
-    weights: [&[f32]; Q],
+    weights: &[&[f32]],
     accs: &mut [&mut [f32]],
 ) {
     let dim = accs.first().map_or(0, |a| a.len());
+    let n = weights.len();
+    let groups = if ONE { 1 } else { n.div_ceil(Q) };
     // planes[p][k]: byte p (little-endian) of values[k]; entries past 2^B are never indexed.
     let mut planes = [[0u8; 32]; 4];
     for (k, v) in values[..if B <= 5 { 1 << B } else { 0 }].iter().enumerate() {
@@ -287,27 +312,37 @@ unsafe fn accumulate_avx2<const B: usize, const Q: usize>(
     let nib_mask = _mm256_set1_epi8(0x0F);
     let lane_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     let code_mask = _mm256_set1_epi8(((1u32 << B) - 1) as i8);
-    // lanes[j][q]: 8-lane partial sums of query q, coordinate j (a coordinate's queries adjacent).
-    let mut lanes = vec![[_mm256_setzero_ps(); Q]; dim];
-    let mut w = [[_mm256_setzero_ps(); 4]; Q];
-    let mut active = [false; Q];
+    // lanes[j · groups + g][i]: 8-lane partial sums of query Q·g + i, coordinate j (a
+    // coordinate's queries adjacent).
+    let mut lanes = vec![[_mm256_setzero_ps(); Q]; dim * groups];
+    // One group (the common case: a kv head's few grouped queries) keeps its weights in a stack
+    // array the compiler sees whole; more groups take vectors.
+    let (mut w_one, mut active_one) = ([[[_mm256_setzero_ps(); 4]; Q]; 1], [[false; Q]; 1]);
+    let (mut w_many, mut active_many);
+    let (w, active): (&mut [[[__m256; 4]; Q]], &mut [[bool; Q]]) = if ONE {
+        (&mut w_one, &mut active_one)
+    } else {
+        w_many = vec![[[_mm256_setzero_ps(); 4]; Q]; groups];
+        active_many = vec![[false; Q]; groups];
+        (&mut w_many, &mut active_many)
+    };
     let bb = super::block_bytes(row_bytes);
     for (bi, block) in blocks.chunks_exact(bb).enumerate() {
-        for q in 0..Q {
-            let src = weights[q];
+        for (k, src) in weights.iter().enumerate() {
             let part = &src[bi * BLOCK..((bi + 1) * BLOCK).min(src.len())];
             let w32 = super::kernels::block_weights(part, scales.map(|s| &s[bi * BLOCK..]));
             // Register g of the decode holds rows 4g..4g+4 (low lane) and 16+4g..20+4g (high).
             // SAFETY: 4g + 4 <= 16 and 16 + 4g + 4 <= 32 floats of `w32`.
-            w[q] = std::array::from_fn(|g| unsafe {
+            let wk: [__m256; 4] = std::array::from_fn(|g| unsafe {
                 _mm256_loadu2_m128(w32.as_ptr().add(16 + 4 * g), w32.as_ptr().add(4 * g))
             });
-            let nonzero = w[q].iter().fold(0, |m, &x| {
+            let nonzero = wk.iter().fold(0, |m, &x| {
                 m | _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(x, _mm256_setzero_ps()))
             });
-            active[q] = nonzero != 0;
+            w[k / Q][k % Q] = wk;
+            active[k / Q][k % Q] = nonzero != 0;
         }
-        if !active.contains(&true) {
+        if !active.iter().flatten().any(|&a| a) {
             continue;
         }
         // Low nibbles of the 16 bytes at nibble position `pos` (rows 0..16) in the low lane,
@@ -320,7 +355,7 @@ unsafe fn accumulate_avx2<const B: usize, const Q: usize>(
                 nib_mask,
             )
         };
-        for (j, lane) in lanes.iter_mut().enumerate() {
+        for (j, lane) in lanes.chunks_exact_mut(groups).enumerate() {
             let x = if B <= 5 {
                 let (pos, off) = (B * j / 4, B * j % 4);
                 let mut code = nib(pos);
@@ -340,20 +375,22 @@ unsafe fn accumulate_avx2<const B: usize, const Q: usize>(
                 // `values` has 2^B entries.
                 unsafe { gather_values(wide_codes::<B>(block, j), values) }
             };
-            for q in 0..Q {
-                if active[q] {
-                    let mut s = lane[q];
-                    for (xg, wg) in x.iter().zip(&w[q]) {
-                        s = _mm256_fmadd_ps(*xg, *wg, s);
+            for ((lane, w), active) in lane.iter_mut().zip(&*w).zip(&*active) {
+                for q in 0..Q {
+                    if active[q] {
+                        let mut s = lane[q];
+                        for (xg, wg) in x.iter().zip(&w[q]) {
+                            s = _mm256_fmadd_ps(*xg, *wg, s);
+                        }
+                        lane[q] = s;
                     }
-                    lane[q] = s;
                 }
             }
         }
     }
-    for (q, acc) in accs.iter_mut().enumerate() {
-        for (a, l) in acc.iter_mut().zip(&lanes) {
-            let s = l[q];
+    for (k, acc) in accs.iter_mut().take(n).enumerate() {
+        for (a, l) in acc.iter_mut().zip(lanes.iter().skip(k / Q).step_by(groups)) {
+            let s = l[k % Q];
             let x = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
             let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
             let x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
