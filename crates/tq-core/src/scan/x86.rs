@@ -190,9 +190,9 @@ pub(super) unsafe fn scan_block_b5_avx2<const Q: usize>(
 /// decoded once (up to 5 bits as four `vpshufb` byte planes of the value table interleaved back
 /// into f32, no lane-crossing permutes; 6-8 bits by gathers in the same register order), and
 /// FMA'd into 8-lane partial sums of every weight vector (the weights permuted once per block
-/// into the order the decode yields); the partial sums are reduced once at the end. Weight
-/// vectors are taken up to four at a time, each such group a kernel of its own size (the
-/// per-query work unrolled, no per-query branches in the inner loop); a group shares one decode.
+/// into the order the decode yields); the partial sums are reduced once at the end. Up to four
+/// weight vectors run in a kernel of exactly that many (the per-query FMAs unrolled); more run in
+/// groups of four, every group served by each decode.
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA; `1 <= bits <= 8`; `row_bytes >= 1` and `blocks` is whole
