@@ -519,8 +519,8 @@ unsafe fn dot_block_wide<const B: usize>(
 
 /// The f32 values of 32 codes (`code`: one per byte, rows 0..16 in the low lane, 16..32 in the
 /// high) from the byte planes of a 16-entry (`lo`) or 32-entry (`lo`, `hi`, 5 bits) table: each
-/// plane is one `vpshufb` (two at 5 bits, each half zeroing the other's lanes through bit 7 of
-/// its index), and two rounds of byte / word interleaves reassemble the floats. Register `g`
+/// plane is one `vpshufb` (two at 5 bits, one per half, joined by a `vpblendvb` on the code's
+/// bit 4), and two rounds of byte / word interleaves reassemble the floats. Register `g`
 /// holds rows `4g..4g+4` in its low lane and `16+4g..20+4g` in its high lane.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -530,13 +530,15 @@ fn decode_planes<const B: usize>(
     hi: &[__m256i; 4],
 ) -> [__m256; 4] {
     let b: [__m256i; 4] = if B == 5 {
-        let upper = _mm256_cmpgt_epi8(code, _mm256_set1_epi8(15));
-        let idx_lo = _mm256_or_si256(code, upper);
-        let idx_hi = _mm256_or_si256(code, _mm256_xor_si256(upper, _mm256_set1_epi8(-1)));
+        // `vpshufb` reads an index's low four bits (bit 7 clear: codes are below 32), so both
+        // halves are looked up with the code itself and bit 4, shifted to bit 7 (codes' bits
+        // 5-7 are zero, so nothing crosses between bytes), picks the half.
+        let upper = _mm256_slli_epi16(code, 3);
         std::array::from_fn(|p| {
-            _mm256_or_si256(
-                _mm256_shuffle_epi8(lo[p], idx_lo),
-                _mm256_shuffle_epi8(hi[p], idx_hi),
+            _mm256_blendv_epi8(
+                _mm256_shuffle_epi8(lo[p], code),
+                _mm256_shuffle_epi8(hi[p], code),
+                upper,
             )
         })
     } else {
