@@ -1,6 +1,9 @@
 //! The 32-row block layout: writing and reading rows of packed codes (see the module docs of
 //! `scan`).
 
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::__m128i;
+
 /// Rows per block.
 pub const BLOCK: usize = 32;
 
@@ -147,34 +150,24 @@ fn transpose_codes4_sse2(codes: &[u8], d: usize, block: &mut [u8]) -> usize {
             }
         });
         // SAFETY (every unpack below): SSE2 is baseline on x86-64; register operations only.
-        let a: [__m128i; 16] = std::array::from_fn(|k| unsafe {
-            let (x, y) = (v[k / 2 * 2], v[k / 2 * 2 + 1]);
-            if k % 2 == 0 {
-                _mm_unpacklo_epi8(x, y)
-            } else {
-                _mm_unpackhi_epi8(x, y)
-            }
-        });
-        // Rows 4q..4q + 4: from (a[4q], a[4q + 2]) and (a[4q + 1], a[4q + 3]).
-        let b: [__m128i; 16] = std::array::from_fn(|k| unsafe {
-            let (q, r) = (k / 4, k % 4);
-            let (x, y) = (a[4 * q + r / 2], a[4 * q + r / 2 + 2]);
-            if r % 2 == 0 {
-                _mm_unpacklo_epi16(x, y)
-            } else {
-                _mm_unpackhi_epi16(x, y)
-            }
-        });
-        // Rows 8h..8h + 8: from (b[8h + j], b[8h + j + 4]), j = 0..4.
-        let c: [__m128i; 16] = std::array::from_fn(|k| unsafe {
-            let (h, r) = (k / 8, k % 8);
-            let (x, y) = (b[8 * h + r / 2], b[8 * h + r / 2 + 4]);
-            if r % 2 == 0 {
-                _mm_unpacklo_epi32(x, y)
-            } else {
-                _mm_unpackhi_epi32(x, y)
-            }
-        });
+        let a = unpack_round(
+            &v,
+            1,
+            |x, y| unsafe { _mm_unpacklo_epi8(x, y) },
+            |x, y| unsafe { _mm_unpackhi_epi8(x, y) },
+        );
+        let b = unpack_round(
+            &a,
+            2,
+            |x, y| unsafe { _mm_unpacklo_epi16(x, y) },
+            |x, y| unsafe { _mm_unpackhi_epi16(x, y) },
+        );
+        let c = unpack_round(
+            &b,
+            4,
+            |x, y| unsafe { _mm_unpacklo_epi32(x, y) },
+            |x, y| unsafe { _mm_unpackhi_epi32(x, y) },
+        );
         for j in 0..8 {
             let (x, y) = (c[j], c[j + 8]);
             // SAFETY: SSE2 is baseline on x86-64; register operations only.
@@ -187,6 +180,29 @@ fn transpose_codes4_sse2(codes: &[u8], d: usize, block: &mut [u8]) -> usize {
         }
     }
     whole
+}
+
+/// One interleave round of [`transpose_codes4_sse2`]: output `k` interleaves `v[i]` and
+/// `v[i + span]` with `i = 2·span·⌊k / 2span⌋ + (k mod 2span) / 2`, the low halves (`lo`) for even
+/// `k`, the high halves (`hi`) for odd `k`. Spans 1, 2 and 4 with byte, word and dword unpacks
+/// are the transpose's first three rounds.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn unpack_round(
+    v: &[__m128i; 16],
+    span: usize,
+    lo: impl Fn(__m128i, __m128i) -> __m128i,
+    hi: impl Fn(__m128i, __m128i) -> __m128i,
+) -> [__m128i; 16] {
+    std::array::from_fn(|k| {
+        let (q, r) = (k / (2 * span), k % (2 * span));
+        let i = 2 * span * q + r / 2;
+        if r % 2 == 0 {
+            lo(v[i], v[i + span])
+        } else {
+            hi(v[i], v[i + span])
+        }
+    })
 }
 
 /// Writes `rows.len() / row_bytes` row-major packed rows into slots `first_slot..` of `block`:

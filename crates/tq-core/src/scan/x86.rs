@@ -212,46 +212,25 @@ pub(super) unsafe fn accumulate_blocks_avx2(
 ) {
     // Up to four weight vectors: one kernel of exactly that many. More: groups of four (the
     // last one partly empty), all of them served by each decode.
-    let q = weights.len().min(4);
-    // SAFETY: the caller's contract, passed on unchanged.
+    let (b, v, s, w) = (bits, values, scales, weights);
+    // SAFETY: the caller's contract, passed on unchanged (`ONE` only for at most `Q` vectors).
     unsafe {
-        match q {
+        match w.len() {
             0 => {}
-            1 => accumulate_group::<1>(blocks, row_bytes, bits, values, scales, weights, accs),
-            2 => accumulate_group::<2>(blocks, row_bytes, bits, values, scales, weights, accs),
-            3 => accumulate_group::<3>(blocks, row_bytes, bits, values, scales, weights, accs),
-            _ => accumulate_group::<4>(blocks, row_bytes, bits, values, scales, weights, accs),
+            1 => accumulate_bits::<1, true>(blocks, row_bytes, b, v, s, w, accs),
+            2 => accumulate_bits::<2, true>(blocks, row_bytes, b, v, s, w, accs),
+            3 => accumulate_bits::<3, true>(blocks, row_bytes, b, v, s, w, accs),
+            4 => accumulate_bits::<4, true>(blocks, row_bytes, b, v, s, w, accs),
+            _ => accumulate_bits::<4, false>(blocks, row_bytes, b, v, s, w, accs),
         }
     }
 }
 
-/// [`accumulate_blocks_avx2`] with the weight vectors taken `Q` at a time.
+/// [`accumulate_blocks_avx2`] dispatched on the width, the weight vectors taken `Q` at a time;
+/// `ONE`: they are one group.
 ///
 /// # Safety
-/// As [`accumulate_blocks_avx2`], with `weights` not empty.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_group<const Q: usize>(
-    blocks: &[u8],
-    row_bytes: usize,
-    bits: u32,
-    v: &[f32],
-    s: Option<&[f32]>,
-    weights: &[&[f32]],
-    accs: &mut [&mut [f32]],
-) {
-    if weights.len() <= Q {
-        // SAFETY: the caller's contract, passed on unchanged.
-        unsafe { accumulate_bits::<Q, true>(blocks, row_bytes, bits, v, s, weights, accs) }
-    } else {
-        // SAFETY: as above.
-        unsafe { accumulate_bits::<Q, false>(blocks, row_bytes, bits, v, s, weights, accs) }
-    }
-}
-
-/// [`accumulate_group`] dispatched on the width; `ONE`: the weight vectors are one group.
-///
-/// # Safety
-/// As [`accumulate_group`], with `weights.len() <= Q` when `ONE`.
+/// As [`accumulate_blocks_avx2`], with `weights` not empty and `weights.len() <= Q` when `ONE`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn accumulate_bits<const Q: usize, const ONE: bool>(
     blocks: &[u8],
