@@ -610,10 +610,11 @@ pub fn scan_block_b5_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
 /// Weighted sum of decoded rows: `acc[j] += Σ_i weights[i] · values[code_j(row i)]` for rows
 /// `i < weights.len()` stored in `blocks` (`ceil(n/32)` blocks of `32 · row_bytes` bytes) and
 /// `j < acc.len()` (the dimension; at most the codes per row). Blocks whose weights are all zero
-/// are skipped. AVX2: each coordinate's 32 codes are cut out of one to three nibble vectors with
-/// shifts; up to 5 bits they are looked up as four `vpshufb` byte planes of the value table (two
-/// per plane at 5 bits) and interleaved back into floats, at 6-8 bits decoded by four 8-lane
-/// gathers; then multiplied into 8 rows per FMA, with the per-coordinate partial sums kept in
+/// are skipped. AVX2: up to 3 bits each 8 rows' codes of a coordinate are shifted into their
+/// lanes and looked up by one `vpermps` in an 8-entry table; at 4-5 bits a coordinate's 32 codes
+/// are cut out of one to three nibble vectors with shifts, looked up as four `vpshufb` byte
+/// planes of the value table (two per plane at 5 bits) and interleaved back into floats; at 6-8
+/// bits they are decoded by four 8-lane gathers; then multiplied into 8 rows per FMA, with the per-coordinate partial sums kept in
 /// 8-lane registers across blocks and reduced once; other CPUs use [`accumulate_block_scalar`].
 /// O(n · dim).
 ///

@@ -187,8 +187,10 @@ pub(super) unsafe fn scan_block_b5_avx2<const Q: usize>(
 
 /// AVX2 body of `accumulate_blocks_multi`: per block and coordinate, the 32 codes are cut out
 /// of one to three nibble vectors (rows 0..16 in the low 128-bit lane, rows 16..32 in the high),
-/// decoded once (up to 5 bits as four `vpshufb` byte planes of the value table interleaved back
-/// into f32, no lane-crossing permutes; 6-8 bits by gathers in the same register order), and
+/// decoded once (up to 3 bits by `vpermps` from an 8-entry table, the codes shifted into place
+/// per lane ([`decode_permute`]); 4-5 bits as four `vpshufb` byte planes of the value table
+/// interleaved back into f32, no lane-crossing permutes; 6-8 bits by gathers; all in the same
+/// register order), and
 /// FMA'd into 8-lane partial sums of every weight vector (the weights permuted once per block
 /// into the order the decode yields); the partial sums are reduced once at the end. Up to four
 /// weight vectors run in a kernel of exactly that many (the per-query FMAs unrolled); more run in
@@ -288,6 +290,16 @@ unsafe fn accumulate_avx2<const B: usize, const Q: usize, const ONE: bool>(
     };
     let lo = [half(0, 0), half(1, 0), half(2, 0), half(3, 0)];
     let hi = [half(0, 1), half(1, 1), half(2, 1), half(3, 1)];
+    // Up to 3 bits: an 8-entry `vpermps` table whose entry k is `values[k mod 2^B]` (an index's
+    // bits past B belong to a neighbouring code).
+    let perm = if B <= 3 {
+        // SAFETY: `values` has at least 2^B entries (the caller's contract).
+        let t: [f32; 8] = std::array::from_fn(|k| unsafe { *values.get_unchecked(k % (1 << B)) });
+        // SAFETY: `t` has 8 floats.
+        unsafe { _mm256_loadu_ps(t.as_ptr()) }
+    } else {
+        _mm256_setzero_ps()
+    };
     let nib_mask = _mm256_set1_epi8(0x0F);
     let lane_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     let code_mask = _mm256_set1_epi8(((1u32 << B) - 1) as i8);
@@ -334,6 +346,42 @@ unsafe fn accumulate_avx2<const B: usize, const Q: usize, const ONE: bool>(
                 nib_mask,
             )
         };
+        // Adds one coordinate's decoded rows, times every active weight vector, to its lanes.
+        let fma = |lane: &mut [[__m256; Q]], x: [__m256; 4]| {
+            for ((lane, w), active) in lane.iter_mut().zip(&*w).zip(&*active) {
+                for q in 0..Q {
+                    if active[q] {
+                        let mut s = lane[q];
+                        for (xg, wg) in x.iter().zip(&w[q]) {
+                            s = _mm256_fmadd_ps(*xg, *wg, s);
+                        }
+                        lane[q] = s;
+                    }
+                }
+            }
+        };
+        if B <= 3 {
+            // Four coordinates per step, so each one's bit offset is a constant.
+            for (quad, lanes) in lanes.chunks_mut(4 * groups).enumerate() {
+                let j = 4 * quad;
+                let mut lane = lanes.chunks_exact_mut(groups);
+                // SAFETY (each): coordinate j + K < dim has its nibble positions in the block
+                // (the caller's contract).
+                if let Some(l) = lane.next() {
+                    fma(l, unsafe { decode_permute::<B, 0>(block, j, perm) });
+                }
+                if let Some(l) = lane.next() {
+                    fma(l, unsafe { decode_permute::<B, 1>(block, j + 1, perm) });
+                }
+                if let Some(l) = lane.next() {
+                    fma(l, unsafe { decode_permute::<B, 2>(block, j + 2, perm) });
+                }
+                if let Some(l) = lane.next() {
+                    fma(l, unsafe { decode_permute::<B, 3>(block, j + 3, perm) });
+                }
+            }
+            continue;
+        }
         for (j, lane) in lanes.chunks_exact_mut(groups).enumerate() {
             let x = if B <= 5 {
                 let (pos, off) = (B * j / 4, B * j % 4);
@@ -354,17 +402,7 @@ unsafe fn accumulate_avx2<const B: usize, const Q: usize, const ONE: bool>(
                 // `values` has 2^B entries.
                 unsafe { gather_values(wide_codes::<B>(block, j), values) }
             };
-            for ((lane, w), active) in lane.iter_mut().zip(&*w).zip(&*active) {
-                for q in 0..Q {
-                    if active[q] {
-                        let mut s = lane[q];
-                        for (xg, wg) in x.iter().zip(&w[q]) {
-                            s = _mm256_fmadd_ps(*xg, *wg, s);
-                        }
-                        lane[q] = s;
-                    }
-                }
-            }
+            fma(lane, x);
         }
     }
     for (k, acc) in accs.iter_mut().take(n).enumerate() {
@@ -376,6 +414,56 @@ unsafe fn accumulate_avx2<const B: usize, const Q: usize, const ONE: bool>(
             *a += _mm_cvtss_f32(x);
         }
     }
+}
+
+/// The f32 values of coordinate `j`'s 32 `B`-bit codes (`B <= 3`, `K = j mod 4`, so the code's
+/// bit offset in its nibble, `B·j mod 4`, is a constant), in [`decode_planes`]'s register order:
+/// register `g` broadcasts the word at byte `4g` of the coordinate's nibble position, shifts
+/// each lane's row to the bottom (rows `4g..4g+4` are the low nibbles of bytes `4g..4g+4`, rows
+/// `16+4g..20+4g` their high nibbles) and looks the lane's low three bits up in `perm` (entry
+/// `k` is `values[k mod 2^B]`, so bits above the code do not matter); a 3-bit code that runs
+/// into the next nibble position takes its upper bits from there. Per 8 codes one broadcast
+/// load, one shift and one permute (five more operations for a crossing code), where the
+/// byte-plane decode spends three shuffles; at 4 bits the two permutes and a blend it would need
+/// lose to the planes.
+///
+/// # Safety
+/// The CPU supports AVX2; `K == j mod 4`; the nibble positions of coordinate `j` (`B·j/4`, and
+/// the next one when the code crosses into it) lie in the block (16 bytes each).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn decode_permute<const B: usize, const K: usize>(
+    block: &[u8],
+    j: usize,
+    perm: __m256,
+) -> [__m256; 4] {
+    // (Instantiated for every width by `accumulate_avx2`, called only up to 3 bits.)
+    const { assert!(K < 4) };
+    debug_assert!(B <= 3);
+    // Constant shifts below 32: plain `vpsrlvd`s, with no out-of-range guard.
+    let off = (B * K % 4) as i32;
+    let rows = _mm256_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28);
+    let shifts = _mm256_add_epi32(rows, _mm256_set1_epi32(off));
+    let pos = B * j / 4;
+    // SAFETY (each use): the word at byte `4g < 16` of a nibble position of coordinate `j`.
+    let word = |p: usize, g: usize| unsafe {
+        _mm256_set1_epi32(std::ptr::read_unaligned(
+            block.as_ptr().add(16 * p + 4 * g) as *const i32
+        ))
+    };
+    std::array::from_fn(|g| {
+        let mut idx = _mm256_srlv_epi32(word(pos, g), shifts);
+        if B as i32 + off > 4 {
+            // The code's low `4 - off` bits come from this nibble, the rest from the next.
+            let keep = _mm256_set1_epi32((1 << (4 - off)) - 1);
+            let next = _mm256_srlv_epi32(word(pos + 1, g), rows);
+            idx = _mm256_or_si256(
+                _mm256_and_si256(idx, keep),
+                _mm256_sll_epi32(next, _mm_cvtsi32_si128(4 - off)),
+            );
+        }
+        _mm256_permutevar8x32_ps(perm, idx)
+    })
 }
 
 /// The 32 `B`-bit codes (`6 <= B <= 8`) of coordinate `j` of `block`, one per byte: rows 0..16
