@@ -614,7 +614,8 @@ pub fn scan_block_b5_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
 /// lanes and looked up by one `vpermps` in an 8-entry table; at 4-5 bits a coordinate's 32 codes
 /// are cut out of one to three nibble vectors with shifts, looked up as four `vpshufb` byte
 /// planes of the value table (two per plane at 5 bits) and interleaved back into floats; at 6-8
-/// bits they are decoded by four 8-lane gathers; then multiplied into 8 rows per FMA, with the per-coordinate partial sums kept in
+/// bits they are decoded by four 8-lane gathers (with AVX-512 VBMI, 5-8 bits: two coordinates'
+/// 64 codes per `vpermb` / `vpermi2b` of each byte plane, the same floats); then multiplied into 8 rows per FMA, with the per-coordinate partial sums kept in
 /// 8-lane registers across blocks and reduced once; other CPUs use [`accumulate_block_scalar`].
 /// O(n · dim).
 ///
@@ -683,7 +684,14 @@ pub fn accumulate_blocks_multi(
             // covers the blocks, and `values` has `2^bits` entries.
             unsafe {
                 x86::accumulate_blocks_avx2(
-                    blocks, row_bytes, bits, values, row_scales, weights, accs,
+                    blocks,
+                    row_bytes,
+                    bits,
+                    values,
+                    row_scales,
+                    weights,
+                    accs,
+                    has_avx512_vbmi(),
                 )
             };
             return;
@@ -706,7 +714,8 @@ pub fn accumulate_blocks_multi(
 /// Unit dots of the 32 rows of one block with a rotated query, exactly in f32:
 /// `out[r] = Σ_j q[j] · values[code_j(row r)]` for `j < q.len()`, any width 1-8 (the exact path of
 /// widths without look-up tables). AVX2 + FMA at 6-8 bits (each coordinate's 32 codes cut out of
-/// the nibble layout and decoded by gathers), the row-by-row scalar decode otherwise.
+/// the nibble layout and decoded by gathers, or with AVX-512 VBMI two coordinates at a time by
+/// byte permutes: the same floats, the same sums), the row-by-row scalar decode otherwise.
 /// O(32 · q.len()).
 ///
 /// # Panics
@@ -722,7 +731,7 @@ pub fn dot_block_codes(block: &[u8], bits: u32, values: &[f32], q: &[f32], out: 
             // SAFETY: AVX2 and FMA are present (checked at run time); the checks above proved
             // the block's size, that every coordinate of `q` lies in a row and that every code
             // indexes `values`.
-            unsafe { x86::dot_block_wide_avx2(block, bits, values, q, out) };
+            unsafe { x86::dot_block_wide_avx2(block, bits, values, q, out, has_avx512_vbmi()) };
             return;
         }
     }
@@ -875,12 +884,17 @@ fn check_accumulate(
     check_codes(row_bytes, bits, values, dim);
 }
 
-/// The instruction set the scan and accumulation kernels use on this CPU: `"avx2+fma"` on x86-64
-/// CPUs with both (nibble tables up to 5 bits, gathers at 6-8), `"scalar"` otherwise (the portable
+/// The instruction set the scan and accumulation kernels use on this CPU:
+/// `"avx2+fma+avx512vbmi"` on x86-64 CPUs with AVX-512 F, BW and VBMI too (5-8-bit value and
+/// 6-8-bit exact key decoding by byte permutes; off with `TQ_NO_AVX512=1`), `"avx2+fma"` with
+/// AVX2 and FMA (nibble tables up to 5 bits, gathers at 6-8), `"scalar"` otherwise (the portable
 /// twins). O(1) after the first call.
 pub fn kernel_isa() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
+        if has_avx512_vbmi() {
+            return "avx2+fma+avx512vbmi";
+        }
         if has_avx2_fma() {
             return "avx2+fma";
         }
@@ -896,6 +910,22 @@ fn has_avx2_fma() -> bool {
         !cfg!(miri)
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
+    })
+}
+
+/// AVX-512 F, BW and VBMI beside AVX2 and FMA: 5-8-bit values and 6-8-bit exact key dots
+/// decode through byte permutes. `TQ_NO_AVX512=1` in the environment turns them off (to
+/// compare the two paths on one machine).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn has_avx512_vbmi() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        has_avx2_fma()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vbmi")
+            && std::env::var_os("TQ_NO_AVX512").is_none_or(|v| v.is_empty() || v == "0")
     })
 }
 

@@ -38,6 +38,8 @@ mod tables;
 #[cfg(test)]
 mod tests;
 #[cfg(target_arch = "x86_64")]
+mod vbmi;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use kernels::*;

@@ -705,3 +705,63 @@ fn write_block_codes4_equals_packing_then_writing() {
 fn write_block_codes4_refuses_a_wrong_block() {
     write_block_codes4(&[0u8; 32 * 8], 8, &mut [0u8; 32 * 8]);
 }
+
+/// The AVX-512 VBMI decoders give exactly the floats of the AVX2 ones (byte planes at 5 bits,
+/// gathers at 6-8) in the same order, so the value sums (1-6 weight vectors, with and without row
+/// scales) and the exact 6-8-bit dots agree bit for bit; odd and even dimensions cover the paired
+/// decode's lone last coordinate and 8 bits' one-load pairs. On a CPU without VBMI there is no
+/// second path to compare, and the test says so on stderr.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn vbmi_kernels_equal_avx2_bit_for_bit() {
+    if !super::kernels::has_avx512_vbmi() {
+        eprintln!("no AVX-512 VBMI on this CPU (or TQ_NO_AVX512 set): nothing to compare");
+        return;
+    }
+    let mut r = SeededRng::new(31, stream::DATA);
+    for bits in 5..=8u32 {
+        for d in [1usize, 2, 3, 4, 5, 6, 7, 9, 33, 64, 65, 127, 128, 129] {
+            let row_bytes = crate::bitpack::packed_len(d, bits);
+            let n = 75usize;
+            let blocks: Vec<u8> = (0..n.div_ceil(BLOCK) * block_bytes(row_bytes))
+                .map(|_| r.next_u64() as u8)
+                .collect();
+            let values: Vec<f32> = (0..1 << bits).map(|_| r.gaussian() as f32).collect();
+            let scales: Vec<f32> = (0..n).map(|_| 0.5 + r.uniform() as f32).collect();
+            for nq in [1usize, 2, 3, 4, 6] {
+                let ws: Vec<Vec<f32>> = (0..nq)
+                    .map(|_| (0..n).map(|_| r.uniform() as f32).collect())
+                    .collect();
+                for row_scales in [None, Some(scales.as_slice())] {
+                    let run = |vbmi: bool| {
+                        let mut out = vec![vec![0.25f32; d]; nq];
+                        let wr: Vec<&[f32]> = ws.iter().map(|w| w.as_slice()).collect();
+                        let mut ar: Vec<&mut [f32]> =
+                            out.iter_mut().map(|a| a.as_mut_slice()).collect();
+                        // SAFETY: AVX2, FMA and (for `vbmi`) AVX-512 VBMI are present; the
+                        // blocks, weights, scales and accumulators have the checked shapes.
+                        unsafe {
+                            super::x86::accumulate_blocks_avx2(
+                                &blocks, row_bytes, bits, &values, row_scales, &wr, &mut ar, vbmi,
+                            )
+                        };
+                        out
+                    };
+                    assert_eq!(run(false), run(true), "bits={bits} d={d} queries={nq}");
+                }
+            }
+            if bits >= 6 {
+                let q: Vec<f32> = (0..d).map(|_| r.gaussian() as f32).collect();
+                for block in blocks.chunks_exact(block_bytes(row_bytes)) {
+                    let (mut a, mut b) = ([0f32; BLOCK], [0f32; BLOCK]);
+                    // SAFETY: as above; `q` has d <= 8 · row_bytes / bits coordinates.
+                    unsafe {
+                        super::x86::dot_block_wide_avx2(block, bits, &values, &q, &mut a, false);
+                        super::x86::dot_block_wide_avx2(block, bits, &values, &q, &mut b, true);
+                    }
+                    assert_eq!(a, b, "dot bits={bits} d={d}");
+                }
+            }
+        }
+    }
+}

@@ -189,20 +189,22 @@ pub(super) unsafe fn scan_block_b5_avx2<const Q: usize>(
 /// of one to three nibble vectors (rows 0..16 in the low 128-bit lane, rows 16..32 in the high),
 /// decoded once (up to 3 bits by `vpermps` from an 8-entry table, the codes shifted into place
 /// per lane ([`decode_permute`]); 4-5 bits as four `vpshufb` byte planes of the value table
-/// interleaved back into f32, no lane-crossing permutes; 6-8 bits by gathers; all in the same
-/// register order), and
-/// FMA'd into 8-lane partial sums of every weight vector (the weights permuted once per block
-/// into the order the decode yields); the partial sums are reduced once at the end. Up to four
-/// weight vectors run in a kernel of exactly that many (the per-query FMAs unrolled); more run in
-/// groups of four, every group served by each decode.
+/// interleaved back into f32, no lane-crossing permutes; 6-8 bits by gathers; with `vbmi`, 5-8
+/// bits two coordinates at a time by AVX-512 VBMI byte permutes ([`super::vbmi::decode_pair`]);
+/// all in the same register order, so every path gives the same floats), and FMA'd into 8-lane
+/// partial sums of every weight vector (the weights permuted once per block into the order the
+/// decode yields); the partial sums are reduced once at the end. Up to four weight vectors run
+/// in a kernel of exactly that many (the per-query FMAs unrolled); more run in groups of four,
+/// every group served by each decode.
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA; `1 <= bits <= 8`; `row_bytes >= 1` and `blocks` is whole
+/// The CPU supports AVX2 and FMA, and AVX-512 F, BW and VBMI when `vbmi`; `1 <= bits <= 8`; `row_bytes >= 1` and `blocks` is whole
 /// blocks of `32 · row_bytes` bytes; every weight vector covers exactly those blocks; every
 /// accumulator has the same length `dim <= 8 · row_bytes / bits`, so each coordinate's
 /// nibble positions lie inside its block; `values` has at least `2^bits` entries; `scales`, when
 /// given, is at least as long as every weight vector.
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn accumulate_blocks_avx2(
     blocks: &[u8],
     row_bytes: usize,
@@ -211,29 +213,31 @@ pub(super) unsafe fn accumulate_blocks_avx2(
     scales: Option<&[f32]>,
     weights: &[&[f32]],
     accs: &mut [&mut [f32]],
+    vbmi: bool,
 ) {
     // Up to four weight vectors: one kernel of exactly that many. More: groups of four (the
     // last one partly empty), all of them served by each decode.
-    let (b, v, s, w) = (bits, values, scales, weights);
+    let (b, v, s, w, x) = (bits, values, scales, weights, vbmi);
     // SAFETY: the caller's contract, passed on unchanged (`ONE` only for at most `Q` vectors).
     unsafe {
         match w.len() {
             0 => {}
-            1 => accumulate_bits::<1, true>(blocks, row_bytes, b, v, s, w, accs),
-            2 => accumulate_bits::<2, true>(blocks, row_bytes, b, v, s, w, accs),
-            3 => accumulate_bits::<3, true>(blocks, row_bytes, b, v, s, w, accs),
-            4 => accumulate_bits::<4, true>(blocks, row_bytes, b, v, s, w, accs),
-            _ => accumulate_bits::<4, false>(blocks, row_bytes, b, v, s, w, accs),
+            1 => accumulate_bits::<1, true>(blocks, row_bytes, b, v, s, w, accs, x),
+            2 => accumulate_bits::<2, true>(blocks, row_bytes, b, v, s, w, accs, x),
+            3 => accumulate_bits::<3, true>(blocks, row_bytes, b, v, s, w, accs, x),
+            4 => accumulate_bits::<4, true>(blocks, row_bytes, b, v, s, w, accs, x),
+            _ => accumulate_bits::<4, false>(blocks, row_bytes, b, v, s, w, accs, x),
         }
     }
 }
 
 /// [`accumulate_blocks_avx2`] dispatched on the width, the weight vectors taken `Q` at a time;
-/// `ONE`: they are one group.
+/// `ONE`: they are one group; `vbmi`: 5-8-bit codes are decoded by [`accumulate_vbmi`].
 ///
 /// # Safety
 /// As [`accumulate_blocks_avx2`], with `weights` not empty and `weights.len() <= Q` when `ONE`.
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn accumulate_bits<const Q: usize, const ONE: bool>(
     blocks: &[u8],
     row_bytes: usize,
@@ -242,179 +246,239 @@ unsafe fn accumulate_bits<const Q: usize, const ONE: bool>(
     s: Option<&[f32]>,
     w: &[&[f32]],
     accs: &mut [&mut [f32]],
+    vbmi: bool,
 ) {
-    // SAFETY: the caller's contract, passed on unchanged.
+    // SAFETY: the caller's contract, passed on unchanged; `vbmi` only where the CPU has it.
     unsafe {
-        match bits {
-            1 => accumulate_avx2::<1, Q, ONE>(blocks, row_bytes, v, s, w, accs),
-            2 => accumulate_avx2::<2, Q, ONE>(blocks, row_bytes, v, s, w, accs),
-            3 => accumulate_avx2::<3, Q, ONE>(blocks, row_bytes, v, s, w, accs),
-            4 => accumulate_avx2::<4, Q, ONE>(blocks, row_bytes, v, s, w, accs),
-            5 => accumulate_avx2::<5, Q, ONE>(blocks, row_bytes, v, s, w, accs),
-            6 => accumulate_avx2::<6, Q, ONE>(blocks, row_bytes, v, s, w, accs),
-            7 => accumulate_avx2::<7, Q, ONE>(blocks, row_bytes, v, s, w, accs),
-            _ => accumulate_avx2::<8, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+        match (bits, vbmi) {
+            (1, _) => accumulate_avx2::<1, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            (2, _) => accumulate_avx2::<2, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            (3, _) => accumulate_avx2::<3, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            (4, _) => accumulate_avx2::<4, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            (5, false) => accumulate_avx2::<5, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            (6, false) => accumulate_avx2::<6, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            (7, false) => accumulate_avx2::<7, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            (_, false) => accumulate_avx2::<8, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            (5, true) => accumulate_vbmi::<5, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            (6, true) => accumulate_vbmi::<6, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            (7, true) => accumulate_vbmi::<7, Q, ONE>(blocks, row_bytes, v, s, w, accs),
+            (_, true) => accumulate_vbmi::<8, Q, ONE>(blocks, row_bytes, v, s, w, accs),
         }
     }
 }
 
-/// [`accumulate_blocks_avx2`] for `B`-bit codes, the weight vectors in `ceil(n / Q)` groups of
-/// `Q` (the last group's missing members inactive): per block and coordinate one decode, then
-/// each group's FMAs unrolled.
-///
-/// # Safety
-/// As [`accumulate_blocks_avx2`] with `bits == B`, `weights` not empty and, when `ONE`, at most
-/// `Q` weight vectors.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_avx2<const B: usize, const Q: usize, const ONE: bool>(
-    blocks: &[u8],
-    row_bytes: usize,
-    values: &[f32],
-    scales: Option<&[f32]>,
-    weights: &[&[f32]],
-    accs: &mut [&mut [f32]],
-) {
-    let dim = accs.first().map_or(0, |a| a.len());
-    let n = weights.len();
-    let groups = if ONE { 1 } else { n.div_ceil(Q) };
-    // planes[p][k]: byte p (little-endian) of values[k]; entries past 2^B are never indexed.
-    let mut planes = [[0u8; 32]; 4];
-    for (k, v) in values[..if B <= 5 { 1 << B } else { 0 }].iter().enumerate() {
-        for (plane, byte) in planes.iter_mut().zip(v.to_le_bytes()) {
-            plane[k] = byte;
-        }
-    }
-    // SAFETY: each plane has 32 bytes: two 16-byte halves.
-    let half = |p: usize, h: usize| unsafe {
-        _mm256_broadcastsi128_si256(_mm_loadu_si128(planes[p].as_ptr().add(16 * h) as *const _))
-    };
-    let lo = [half(0, 0), half(1, 0), half(2, 0), half(3, 0)];
-    let hi = [half(0, 1), half(1, 1), half(2, 1), half(3, 1)];
-    // Up to 3 bits: an 8-entry `vpermps` table whose entry k is `values[k mod 2^B]` (an index's
-    // bits past B belong to a neighbouring code).
-    let perm = if B <= 3 {
-        // SAFETY: `values` has at least 2^B entries (the caller's contract).
-        let t: [f32; 8] = std::array::from_fn(|k| unsafe { *values.get_unchecked(k % (1 << B)) });
-        // SAFETY: `t` has 8 floats.
-        unsafe { _mm256_loadu_ps(t.as_ptr()) }
-    } else {
-        _mm256_setzero_ps()
-    };
-    let nib_mask = _mm256_set1_epi8(0x0F);
-    let lane_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-    let code_mask = _mm256_set1_epi8(((1u32 << B) - 1) as i8);
-    // lanes[j · groups + g][i]: 8-lane partial sums of query Q·g + i, coordinate j (a
-    // coordinate's queries adjacent).
-    let mut lanes = vec![[_mm256_setzero_ps(); Q]; dim * groups];
-    // One group (the common case: a kv head's few grouped queries) keeps its weights in a stack
-    // array the compiler sees whole; more groups take vectors.
-    let (mut w_one, mut active_one) = ([[[_mm256_setzero_ps(); 4]; Q]; 1], [[false; Q]; 1]);
-    let (mut w_many, mut active_many);
-    let (w, active): (&mut [[[__m256; 4]; Q]], &mut [[bool; Q]]) = if ONE {
-        (&mut w_one, &mut active_one)
-    } else {
-        w_many = vec![[[_mm256_setzero_ps(); 4]; Q]; groups];
-        active_many = vec![[false; Q]; groups];
-        (&mut w_many, &mut active_many)
-    };
-    let bb = super::block_bytes(row_bytes);
-    for (bi, block) in blocks.chunks_exact(bb).enumerate() {
-        for (k, src) in weights.iter().enumerate() {
-            let part = &src[bi * BLOCK..((bi + 1) * BLOCK).min(src.len())];
-            let w32 = super::kernels::block_weights(part, scales.map(|s| &s[bi * BLOCK..]));
-            // Register g of the decode holds rows 4g..4g+4 (low lane) and 16+4g..20+4g (high).
-            // SAFETY: 4g + 4 <= 16 and 16 + 4g + 4 <= 32 floats of `w32`.
-            let wk: [__m256; 4] = std::array::from_fn(|g| unsafe {
-                _mm256_loadu2_m128(w32.as_ptr().add(16 + 4 * g), w32.as_ptr().add(4 * g))
-            });
-            let nonzero = wk.iter().fold(0, |m, &x| {
-                m | _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(x, _mm256_setzero_ps()))
-            });
-            w[k / Q][k % Q] = wk;
-            active[k / Q][k % Q] = nonzero != 0;
-        }
-        if !active.iter().flatten().any(|&a| a) {
-            continue;
-        }
-        // Low nibbles of the 16 bytes at nibble position `pos` (rows 0..16) in the low lane,
-        // high nibbles (rows 16..32) in the high lane.
-        let nib = |pos: usize| {
-            // SAFETY: nibble position `pos < 2·row_bytes` has 16 bytes in the block.
-            let v = unsafe { _mm_loadu_si128(block.as_ptr().add(16 * pos) as *const __m128i) };
-            _mm256_and_si256(
-                _mm256_srlv_epi32(_mm256_broadcastsi128_si256(v), lane_shift),
-                nib_mask,
-            )
-        };
-        // Adds one coordinate's decoded rows, times every active weight vector, to its lanes.
-        let fma = |lane: &mut [[__m256; Q]], x: [__m256; 4]| {
-            for ((lane, w), active) in lane.iter_mut().zip(&*w).zip(&*active) {
-                for q in 0..Q {
-                    if active[q] {
-                        let mut s = lane[q];
-                        for (xg, wg) in x.iter().zip(&w[q]) {
-                            s = _mm256_fmadd_ps(*xg, *wg, s);
-                        }
-                        lane[q] = s;
-                    }
+/// Stamps out the value accumulation kernel for one instruction-set level (`$vbmi`: 5-8-bit
+/// codes are decoded two coordinates at a time by AVX-512 VBMI byte permutes,
+/// [`super::vbmi::decode_pair`]), so each copy is compiled with its features and inlines its
+/// decoders.
+macro_rules! accumulate_kernel {
+    ($(#[$attr:meta])* $name:ident, $vbmi:literal) => {
+        /// [`accumulate_blocks_avx2`] for `B`-bit codes, the weight vectors in `ceil(n / Q)`
+        /// groups of `Q` (the last group's missing members inactive): per block and coordinate
+        /// one decode, then each group's FMAs unrolled.
+        ///
+        /// # Safety
+        /// As [`accumulate_blocks_avx2`] with `bits == B`, `weights` not empty and, when `ONE`, at
+        /// most `Q` weight vectors; for the VBMI copy, `B >= 5` and the CPU supports AVX-512 F,
+        /// BW and VBMI.
+        $(#[$attr])*
+        // The AVX2 copy needs `unsafe` to call the VBMI decoders it never reaches; the VBMI copy
+        // calls them safely.
+        #[allow(unused_unsafe)]
+        unsafe fn $name<const B: usize, const Q: usize, const ONE: bool>(
+            blocks: &[u8],
+            row_bytes: usize,
+            values: &[f32],
+            scales: Option<&[f32]>,
+            weights: &[&[f32]],
+            accs: &mut [&mut [f32]],
+        ) {
+            let dim = accs.first().map_or(0, |a| a.len());
+            let n = weights.len();
+            let groups = if ONE { 1 } else { n.div_ceil(Q) };
+            // planes[p][k]: byte p (little-endian) of values[k]; entries past 2^B are never indexed.
+            let mut planes = [[0u8; 32]; 4];
+            for (k, v) in values[..if B <= 5 { 1 << B } else { 0 }].iter().enumerate() {
+                for (plane, byte) in planes.iter_mut().zip(v.to_le_bytes()) {
+                    plane[k] = byte;
                 }
             }
-        };
-        if B <= 3 {
-            // Four coordinates per step, so each one's bit offset is a constant.
-            for (quad, lanes) in lanes.chunks_mut(4 * groups).enumerate() {
-                let j = 4 * quad;
-                let mut lane = lanes.chunks_exact_mut(groups);
-                // SAFETY (each): coordinate j + K < dim has its nibble positions in the block
-                // (the caller's contract).
-                if let Some(l) = lane.next() {
-                    fma(l, unsafe { decode_permute::<B, 0>(block, j, perm) });
-                }
-                if let Some(l) = lane.next() {
-                    fma(l, unsafe { decode_permute::<B, 1>(block, j + 1, perm) });
-                }
-                if let Some(l) = lane.next() {
-                    fma(l, unsafe { decode_permute::<B, 2>(block, j + 2, perm) });
-                }
-                if let Some(l) = lane.next() {
-                    fma(l, unsafe { decode_permute::<B, 3>(block, j + 3, perm) });
-                }
-            }
-            continue;
-        }
-        for (j, lane) in lanes.chunks_exact_mut(groups).enumerate() {
-            let x = if B <= 5 {
-                let (pos, off) = (B * j / 4, B * j % 4);
-                let mut code = nib(pos);
-                if off > 0 {
-                    code = _mm256_srl_epi16(code, _mm_cvtsi32_si128(off as i32));
-                }
-                if off + B > 4 {
-                    let back = _mm_cvtsi32_si128((4 - off) as i32);
-                    code = _mm256_or_si256(code, _mm256_sll_epi16(nib(pos + 1), back));
-                }
-                if B != 4 {
-                    code = _mm256_and_si256(code, code_mask);
-                }
-                decode_planes::<B>(code, &lo, &hi)
-            } else {
-                // SAFETY: coordinate j's nibbles lie in the block (the caller's contract) and
-                // `values` has 2^B entries.
-                unsafe { gather_values(wide_codes::<B>(block, j), values) }
+            // SAFETY: each plane has 32 bytes: two 16-byte halves.
+            let half = |p: usize, h: usize| unsafe {
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(planes[p].as_ptr().add(16 * h) as *const _))
             };
-            fma(lane, x);
+            let lo = [half(0, 0), half(1, 0), half(2, 0), half(3, 0)];
+            let hi = [half(0, 1), half(1, 1), half(2, 1), half(3, 1)];
+            // Up to 3 bits: an 8-entry `vpermps` table whose entry k is `values[k mod 2^B]` (an index's
+            // bits past B belong to a neighbouring code).
+            let perm = if B <= 3 {
+                // SAFETY: `values` has at least 2^B entries (the caller's contract).
+                let t: [f32; 8] = std::array::from_fn(|k| unsafe { *values.get_unchecked(k % (1 << B)) });
+                // SAFETY: `t` has 8 floats.
+                unsafe { _mm256_loadu_ps(t.as_ptr()) }
+            } else {
+                _mm256_setzero_ps()
+            };
+            // SAFETY: `$vbmi` only where the CPU has AVX-512 F (the caller's contract).
+            let wide = $vbmi.then(|| unsafe { super::vbmi::WidePlanes::new(&values[..1 << B]) });
+            let nib_mask = _mm256_set1_epi8(0x0F);
+            let lane_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+            let code_mask = _mm256_set1_epi8(((1u32 << B) - 1) as i8);
+            // lanes[j · groups + g][i]: 8-lane partial sums of query Q·g + i, coordinate j (a
+            // coordinate's queries adjacent).
+            let mut lanes = vec![[_mm256_setzero_ps(); Q]; dim * groups];
+            // One group (the common case: a kv head's few grouped queries) keeps its weights in a stack
+            // array the compiler sees whole; more groups take vectors.
+            let (mut w_one, mut active_one) = ([[[_mm256_setzero_ps(); 4]; Q]; 1], [[false; Q]; 1]);
+            let (mut w_many, mut active_many);
+            let (w, active): (&mut [[[__m256; 4]; Q]], &mut [[bool; Q]]) = if ONE {
+                (&mut w_one, &mut active_one)
+            } else {
+                w_many = vec![[[_mm256_setzero_ps(); 4]; Q]; groups];
+                active_many = vec![[false; Q]; groups];
+                (&mut w_many, &mut active_many)
+            };
+            let bb = super::block_bytes(row_bytes);
+            for (bi, block) in blocks.chunks_exact(bb).enumerate() {
+                for (k, src) in weights.iter().enumerate() {
+                    let part = &src[bi * BLOCK..((bi + 1) * BLOCK).min(src.len())];
+                    let w32 = super::kernels::block_weights(part, scales.map(|s| &s[bi * BLOCK..]));
+                    // Register g of the decode holds rows 4g..4g+4 (low lane) and 16+4g..20+4g (high).
+                    // SAFETY: 4g + 4 <= 16 and 16 + 4g + 4 <= 32 floats of `w32`.
+                    let wk: [__m256; 4] = std::array::from_fn(|g| unsafe {
+                        _mm256_loadu2_m128(w32.as_ptr().add(16 + 4 * g), w32.as_ptr().add(4 * g))
+                    });
+                    let nonzero = wk.iter().fold(0, |m, &x| {
+                        m | _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(x, _mm256_setzero_ps()))
+                    });
+                    w[k / Q][k % Q] = wk;
+                    active[k / Q][k % Q] = nonzero != 0;
+                }
+                if !active.iter().flatten().any(|&a| a) {
+                    continue;
+                }
+                // Low nibbles of the 16 bytes at nibble position `pos` (rows 0..16) in the low lane,
+                // high nibbles (rows 16..32) in the high lane.
+                let nib = |pos: usize| {
+                    // SAFETY: nibble position `pos < 2·row_bytes` has 16 bytes in the block.
+                    let v = unsafe { _mm_loadu_si128(block.as_ptr().add(16 * pos) as *const __m128i) };
+                    _mm256_and_si256(
+                        _mm256_srlv_epi32(_mm256_broadcastsi128_si256(v), lane_shift),
+                        nib_mask,
+                    )
+                };
+                // Adds one coordinate's decoded rows, times every active weight vector, to its lanes.
+                let fma = |lane: &mut [[__m256; Q]], x: [__m256; 4]| {
+                    for ((lane, w), active) in lane.iter_mut().zip(&*w).zip(&*active) {
+                        for q in 0..Q {
+                            if active[q] {
+                                let mut s = lane[q];
+                                for (xg, wg) in x.iter().zip(&w[q]) {
+                                    s = _mm256_fmadd_ps(*xg, *wg, s);
+                                }
+                                lane[q] = s;
+                            }
+                        }
+                    }
+                };
+                if let Some(planes) = &wide {
+                    // Two coordinates per decode, four per step (so every shift is a constant).
+                    let pair = |lanes: &mut [[__m256; Q]], codes: __m512i| {
+                        // SAFETY: `$vbmi` only with the CPU features (the caller's contract).
+                        let h = unsafe {
+                            super::vbmi::decode_pair::<B>(codes, planes)
+                                .map(|r| super::vbmi::halves(r))
+                        };
+                        let mut lane = lanes.chunks_exact_mut(groups);
+                        if let Some(l) = lane.next() {
+                            fma(l, h.map(|(lo, _)| lo));
+                        }
+                        if let Some(l) = lane.next() {
+                            fma(l, h.map(|(_, hi)| hi));
+                        }
+                    };
+                    for (quad, lanes) in lanes.chunks_mut(4 * groups).enumerate() {
+                        let (j, coords) = (4 * quad, lanes.len() / groups);
+                        let (first, second) = lanes.split_at_mut((2 * groups).min(lanes.len()));
+                        // SAFETY (both): coordinates j..j + coords are below dim, so their nibble positions
+                        // lie in the block; `$vbmi` only with the CPU features.
+                        let codes = unsafe { super::vbmi::pair_codes::<B, 0>(block, j, coords >= 2) };
+                        pair(first, codes);
+                        if coords > 2 {
+                            let codes = unsafe { super::vbmi::pair_codes::<B, 2>(block, j + 2, coords == 4) };
+                            pair(second, codes);
+                        }
+                    }
+                    continue;
+                }
+                if B <= 3 {
+                    // Four coordinates per step, so each one's bit offset is a constant.
+                    for (quad, lanes) in lanes.chunks_mut(4 * groups).enumerate() {
+                        let j = 4 * quad;
+                        let mut lane = lanes.chunks_exact_mut(groups);
+                        // SAFETY (each): coordinate j + K < dim has its nibble positions in the block
+                        // (the caller's contract).
+                        if let Some(l) = lane.next() {
+                            fma(l, unsafe { decode_permute::<B, 0>(block, j, perm) });
+                        }
+                        if let Some(l) = lane.next() {
+                            fma(l, unsafe { decode_permute::<B, 1>(block, j + 1, perm) });
+                        }
+                        if let Some(l) = lane.next() {
+                            fma(l, unsafe { decode_permute::<B, 2>(block, j + 2, perm) });
+                        }
+                        if let Some(l) = lane.next() {
+                            fma(l, unsafe { decode_permute::<B, 3>(block, j + 3, perm) });
+                        }
+                    }
+                    continue;
+                }
+                for (j, lane) in lanes.chunks_exact_mut(groups).enumerate() {
+                    let x = if B <= 5 {
+                        let (pos, off) = (B * j / 4, B * j % 4);
+                        let mut code = nib(pos);
+                        if off > 0 {
+                            code = _mm256_srl_epi16(code, _mm_cvtsi32_si128(off as i32));
+                        }
+                        if off + B > 4 {
+                            let back = _mm_cvtsi32_si128((4 - off) as i32);
+                            code = _mm256_or_si256(code, _mm256_sll_epi16(nib(pos + 1), back));
+                        }
+                        if B != 4 {
+                            code = _mm256_and_si256(code, code_mask);
+                        }
+                        decode_planes::<B>(code, &lo, &hi)
+                    } else {
+                        // SAFETY: coordinate j's nibbles lie in the block (the caller's contract) and
+                        // `values` has 2^B entries.
+                        unsafe { gather_values(wide_codes::<B>(block, j), values) }
+                    };
+                    fma(lane, x);
+                }
+            }
+            for (k, acc) in accs.iter_mut().take(n).enumerate() {
+                for (a, l) in acc.iter_mut().zip(lanes.iter().skip(k / Q).step_by(groups)) {
+                    let s = l[k % Q];
+                    let x = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+                    let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+                    let x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+                    *a += _mm_cvtss_f32(x);
+                }
+            }
         }
-    }
-    for (k, acc) in accs.iter_mut().take(n).enumerate() {
-        for (a, l) in acc.iter_mut().zip(lanes.iter().skip(k / Q).step_by(groups)) {
-            let s = l[k % Q];
-            let x = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-            let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-            let x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
-            *a += _mm_cvtss_f32(x);
-        }
-    }
+    };
 }
+
+accumulate_kernel!(
+    #[target_feature(enable = "avx2,fma")]
+    accumulate_avx2,
+    false
+);
+accumulate_kernel!(
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vbmi")]
+    accumulate_vbmi,
+    true
+);
 
 /// The f32 values of coordinate `j`'s 32 `B`-bit codes (`B <= 3`, `K = j mod 4`, so the code's
 /// bit offset in its nibble, `B·j mod 4`, is a constant), in [`decode_planes`]'s register order:
@@ -466,17 +530,41 @@ unsafe fn decode_permute<const B: usize, const K: usize>(
     })
 }
 
-/// The 32 `B`-bit codes (`6 <= B <= 8`) of coordinate `j` of `block`, one per byte: rows 0..16
-/// in the low lane, rows 16..32 in the high lane. The code's bits are gathered from two or three
-/// nibble positions, each piece masked before it is shifted so no bit crosses into a neighbouring
-/// byte.
+/// The 32 `B`-bit codes (`5 <= B <= 8`) of coordinate `j` of `block`, one per byte: rows 0..16
+/// in the low lane, rows 16..32 in the high lane ([`wide_codes_k`] for `j`'s residue mod 4).
 ///
 /// # Safety
-/// The CPU supports AVX2; nibble positions `B·j/4 ..= (B·j + B - 1)/4` lie in the block (16 bytes
-/// each).
+/// As [`wide_codes_k`].
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn wide_codes<const B: usize>(block: &[u8], j: usize) -> __m256i {
+    // SAFETY: the caller's contract; the residue matches `j`.
+    unsafe {
+        match j % 4 {
+            0 => wide_codes_k::<B, 0>(block, j),
+            1 => wide_codes_k::<B, 1>(block, j),
+            2 => wide_codes_k::<B, 2>(block, j),
+            _ => wide_codes_k::<B, 3>(block, j),
+        }
+    }
+}
+
+/// The 32 `B`-bit codes (`5 <= B <= 8`) of coordinate `j` (`j mod 4 == K`) of `block`, one per
+/// byte: rows 0..16 in the low lane, rows 16..32 in the high lane. The code's bits are gathered
+/// from two or three nibble positions, each piece masked before it is shifted so no bit crosses
+/// into a neighbouring byte; `K` makes the bit offset (`B·K mod 4`) and so every shift a
+/// constant.
+///
+/// # Safety
+/// The CPU supports AVX2; `j % 4 == K`; nibble positions `B·j/4 ..= (B·j + B - 1)/4` lie in the
+/// block (16 bytes each).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn wide_codes_k<const B: usize, const K: usize>(
+    block: &[u8],
+    j: usize,
+) -> __m256i {
+    debug_assert_eq!(j % 4, K);
     let lane_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     let nib = |pos: usize| {
         // SAFETY: `pos` is one of the caller's nibble positions.
@@ -486,7 +574,7 @@ unsafe fn wide_codes<const B: usize>(block: &[u8], j: usize) -> __m256i {
             _mm256_set1_epi8(0x0F),
         )
     };
-    let (mut pos, off) = (B * j / 4, B * j % 4);
+    let (mut pos, off) = (B * j / 4, B * K % 4);
     let mut code = _mm256_and_si256(
         _mm256_srl_epi16(nib(pos), _mm_cvtsi32_si128(off as i32)),
         _mm256_set1_epi8((0x0F >> off) as i8),
@@ -529,11 +617,14 @@ unsafe fn gather_values(code: __m256i, values: &[f32]) -> [__m256; 4] {
 
 /// AVX2 body of `dot_block_codes` for widths 6-8: `out[r] = Σ_j q[j] · values[code_j(row r)]`,
 /// the 32 codes of each coordinate cut out of the nibble layout ([`wide_codes`]), decoded by
-/// gathers and FMA'd into four 8-row sums.
+/// gathers (with `vbmi`, two coordinates at a time by byte permutes,
+/// [`super::vbmi::dot_block_pairs`]: the same floats in the same order) and FMA'd into four
+/// 8-row sums.
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA; `6 <= bits <= 8`; `block` is one block of `32 · row_bytes`
-/// bytes with `q.len() <= 8 · row_bytes / bits`; `values` has at least `2^bits` entries.
+/// The CPU supports AVX2 and FMA, and AVX-512 F, BW and VBMI when `vbmi`; `6 <= bits <= 8`;
+/// `block` is one block of `32 · row_bytes` bytes with `q.len() <= 8 · row_bytes / bits`;
+/// `values` has at least `2^bits` entries.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn dot_block_wide_avx2(
     block: &[u8],
@@ -541,13 +632,18 @@ pub(super) unsafe fn dot_block_wide_avx2(
     values: &[f32],
     q: &[f32],
     out: &mut [f32; BLOCK],
+    vbmi: bool,
 ) {
-    // SAFETY: the caller's contract, passed on unchanged.
+    use super::vbmi::dot_block_pairs;
+    // SAFETY: the caller's contract, passed on unchanged; `vbmi` only with the CPU features.
     unsafe {
-        match bits {
-            6 => dot_block_wide::<6>(block, values, q, out),
-            7 => dot_block_wide::<7>(block, values, q, out),
-            _ => dot_block_wide::<8>(block, values, q, out),
+        match (bits, vbmi) {
+            (6, false) => dot_block_wide::<6>(block, values, q, out),
+            (7, false) => dot_block_wide::<7>(block, values, q, out),
+            (_, false) => dot_block_wide::<8>(block, values, q, out),
+            (6, true) => dot_block_pairs::<6>(block, values, q, out),
+            (7, true) => dot_block_pairs::<7>(block, values, q, out),
+            (_, true) => dot_block_pairs::<8>(block, values, q, out),
         }
     }
 }
@@ -572,6 +668,14 @@ unsafe fn dot_block_wide<const B: usize>(
             *a = _mm256_fmadd_ps(x, qv, *a);
         }
     }
+    store_rows(acc, out);
+}
+
+/// Stores four registers in the decoders' row order to `out`: register `g` holds rows
+/// `4g..4g+4` in its low lane and `16+4g..20+4g` in its high lane.
+#[inline]
+#[target_feature(enable = "avx")]
+pub(super) fn store_rows(acc: [__m256; 4], out: &mut [f32; BLOCK]) {
     for (g, a) in acc.iter().enumerate() {
         // SAFETY: 4g + 4 <= 16 and 16 + 4g + 4 <= 32 floats of `out`.
         unsafe {

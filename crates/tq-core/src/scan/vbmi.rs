@@ -1,0 +1,179 @@
+//! AVX-512 VBMI value decoding for 5-8-bit codes: the byte planes of a value table of up to 256
+//! entries looked up with `vpermb` / `vpermi2b` instead of gathers, two coordinates' 32 codes per
+//! 512-bit register. Every function here is `unsafe`: its `# Safety` names what the caller (the
+//! checked public kernels) must have proven, and the CPU must support AVX-512 F, BW and VBMI.
+
+use super::BLOCK;
+use super::x86::{store_rows, wide_codes_k};
+use std::arch::x86_64::*;
+
+/// The four byte planes of a value table of up to 256 entries: `t[p][q]` holds byte `p` (little
+/// endian) of `values[64q..64q + 64]`, zero past the table's end.
+pub(super) struct WidePlanes {
+    t: [[__m512i; 4]; 4],
+}
+
+impl WidePlanes {
+    /// The planes of `values[..min(len, 256)]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn new(values: &[f32]) -> Self {
+        let mut bytes = [[0u8; 256]; 4];
+        for (k, v) in values.iter().take(256).enumerate() {
+            for (plane, byte) in bytes.iter_mut().zip(v.to_le_bytes()) {
+                plane[k] = byte;
+            }
+        }
+        // SAFETY: each plane has 256 bytes: four 64-byte quarters.
+        let t = std::array::from_fn(|p| {
+            std::array::from_fn(|q| unsafe {
+                _mm512_loadu_si512(bytes[p].as_ptr().add(64 * q) as *const _)
+            })
+        });
+        Self { t }
+    }
+}
+
+/// The f32 values of 64 `B`-bit codes (`5 <= B <= 8`, one per byte: the low 256 bits one
+/// coordinate's 32 rows, the high 256 bits another's, each half as `decode_planes` takes them),
+/// in `decode_planes`'s register order per half: register `g` holds, per 256-bit half, rows
+/// `4g..4g+4` in its low 128 bits and `16+4g..20+4g` in its high. Each plane is one `vpermb`
+/// (up to 6 bits), one `vpermi2b` (7 bits) or two and a byte blend on bit 7 (8 bits); two rounds
+/// of byte / word interleaves reassemble the floats.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+pub(super) fn decode_pair<const B: usize>(codes: __m512i, planes: &WidePlanes) -> [__m512; 4] {
+    let t = &planes.t;
+    let upper = _mm512_movepi8_mask(codes);
+    let b: [__m512i; 4] = std::array::from_fn(|p| match B {
+        ..=6 => _mm512_permutexvar_epi8(codes, t[p][0]),
+        7 => _mm512_permutex2var_epi8(t[p][0], codes, t[p][1]),
+        _ => _mm512_mask_blend_epi8(
+            upper,
+            _mm512_permutex2var_epi8(t[p][0], codes, t[p][1]),
+            _mm512_permutex2var_epi8(t[p][2], codes, t[p][3]),
+        ),
+    });
+    let l01 = _mm512_unpacklo_epi8(b[0], b[1]);
+    let h01 = _mm512_unpackhi_epi8(b[0], b[1]);
+    let l23 = _mm512_unpacklo_epi8(b[2], b[3]);
+    let h23 = _mm512_unpackhi_epi8(b[2], b[3]);
+    [
+        _mm512_castsi512_ps(_mm512_unpacklo_epi16(l01, l23)),
+        _mm512_castsi512_ps(_mm512_unpackhi_epi16(l01, l23)),
+        _mm512_castsi512_ps(_mm512_unpacklo_epi16(h01, h23)),
+        _mm512_castsi512_ps(_mm512_unpackhi_epi16(h01, h23)),
+    ]
+}
+
+/// The 32 `B`-bit codes of coordinate `j` (`j mod 4 == K`, `K` 0 or 2) in the low 256 bits and,
+/// when `second`, those of coordinate `j + 1` in the high 256 bits (zero otherwise), as
+/// [`decode_pair`] takes them.
+///
+/// # Safety
+/// The CPU supports AVX-512 F and AVX2; `5 <= B <= 8`; `j % 4 == K`; the nibble positions of
+/// coordinate `j` (and of `j + 1` when `second`) lie in the block (16 bytes each).
+#[inline]
+#[target_feature(enable = "avx2,avx512f")]
+pub(super) unsafe fn pair_codes<const B: usize, const K: usize>(
+    block: &[u8],
+    j: usize,
+    second: bool,
+) -> __m512i {
+    const { assert!(K == 0 || K == 2) };
+    if B == 8 && second {
+        // SAFETY: nibble positions 2j..2j + 4 of coordinates j and j + 1 are 64 contiguous
+        // bytes of the block (the caller's contract).
+        return unsafe { byte_pair(block, j) };
+    }
+    // SAFETY: the caller's contract.
+    let lo = unsafe { wide_codes_k::<B, K>(block, j) };
+    let hi = if second {
+        // SAFETY: the caller's contract; `(j + 1) % 4 == K + 1`.
+        unsafe {
+            if K == 0 {
+                wide_codes_k::<B, 1>(block, j + 1)
+            } else {
+                wide_codes_k::<B, 3>(block, j + 1)
+            }
+        }
+    } else {
+        _mm256_setzero_si256()
+    };
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+}
+
+/// [`pair_codes`] at 8 bits, from one 64-byte load: nibble positions `P0..P4 = 2j..2j + 4`
+/// (coordinate `j`'s low and high nibbles, then `j + 1`'s). Rows 0..16 of a coordinate are the
+/// low nibbles of its two positions, rows 16..32 their high nibbles: with `E = [P0, P0, P2, P2]`
+/// and `O = [P1, P1, P3, P3]` (128-bit lanes), the codes are `E >> 4s` for the low nibble and
+/// `O << 4(1 - s)` for the high one (`s` 0 in lanes 0 and 2, 1 in lanes 1 and 3), joined by one
+/// bit select.
+///
+/// # Safety
+/// The CPU supports AVX-512 F; `64 · (j / 2) + 64 <= block.len()` with `j` even (coordinates `j`
+/// and `j + 1` are in the rows).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn byte_pair(block: &[u8], j: usize) -> __m512i {
+    // SAFETY: the caller's contract: 64 bytes at nibble position 2j.
+    let a = unsafe { _mm512_loadu_si512(block.as_ptr().add(32 * j) as *const _) };
+    // 128-bit lanes (0, 0, 2, 2) and (1, 1, 3, 3) of `a`.
+    let e = _mm512_shuffle_i64x2::<0b10_10_00_00>(a, a);
+    let o = _mm512_shuffle_i64x2::<0b11_11_01_01>(a, a);
+    let low = _mm512_srlv_epi64(e, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4));
+    let high = _mm512_sllv_epi64(o, _mm512_setr_epi64(4, 4, 0, 0, 4, 4, 0, 0));
+    // Bit select: `low` where the mask 0x0F has a bit, `high` elsewhere (0xCA = a ? b : c).
+    _mm512_ternarylogic_epi32::<0xCA>(_mm512_set1_epi8(0x0F), low, high)
+}
+
+/// The two 256-bit halves of a decoded pair register.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) fn halves(x: __m512) -> (__m256, __m256) {
+    (
+        _mm512_castps512_ps256(x),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x))),
+    )
+}
+
+/// `dot_block_codes` for `B`-bit codes (`6 <= B <= 8`) with VBMI decoding: `out[r] = Σ_j q[j] ·
+/// values[code_j(row r)]`, coordinates two at a time through [`decode_pair`], FMA'd into four
+/// 8-row sums in the order of the AVX2 twin (`dot_block_wide_avx2`), so both give the same
+/// floats.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and AVX-512 F, BW and VBMI; `block` is one block of
+/// `32 · row_bytes` bytes with `q.len() <= 8 · row_bytes / B`; `values` has at least `2^B`
+/// entries.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vbmi")]
+pub(super) unsafe fn dot_block_pairs<const B: usize>(
+    block: &[u8],
+    values: &[f32],
+    q: &[f32],
+    out: &mut [f32; BLOCK],
+) {
+    let planes = WidePlanes::new(&values[..1 << B]);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (pair, qs) in q.chunks(2).enumerate() {
+        let j = 2 * pair;
+        // SAFETY (both): coordinates j (and j + 1 when present) are below q.len(), so their
+        // nibble positions lie in the block; every code indexes the planes.
+        let codes = unsafe {
+            if pair % 2 == 0 {
+                pair_codes::<B, 0>(block, j, qs.len() == 2)
+            } else {
+                pair_codes::<B, 2>(block, j, qs.len() == 2)
+            }
+        };
+        let x = decode_pair::<B>(codes, &planes);
+        for (k, &qj) in qs.iter().enumerate() {
+            let qv = _mm256_set1_ps(qj);
+            for (a, x) in acc.iter_mut().zip(x) {
+                let (lo, hi) = halves(x);
+                *a = _mm256_fmadd_ps(if k == 0 { lo } else { hi }, qv, *a);
+            }
+        }
+    }
+    store_rows(acc, out);
+}
