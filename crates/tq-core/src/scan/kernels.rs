@@ -615,9 +615,9 @@ pub fn scan_block_b5_f32(block: &[u8], tables: &[f32], out: &mut [f32; BLOCK]) {
 /// are cut out of one to three nibble vectors with shifts, looked up as four `vpshufb` byte
 /// planes of the value table (two per plane at 5 bits) and interleaved back into floats; at 6-8
 /// bits they are decoded by four 8-lane gathers (with AVX-512 VBMI, 5-8 bits: two coordinates'
-/// 64 codes per `vpermb` / `vpermi2b` of each byte plane, the same floats); then multiplied into 8 rows per FMA, with the per-coordinate partial sums kept in
-/// 8-lane registers across blocks and reduced once; other CPUs use [`accumulate_block_scalar`].
-/// O(n · dim).
+/// 64 codes per `vpermb` / `vpermi2b` of each byte plane, the same floats); then multiplied into 8
+/// rows per FMA, with the per-coordinate partial sums kept in 8-lane registers across blocks and
+/// reduced once; other CPUs use [`accumulate_block_scalar`]. O(n · dim).
 ///
 /// # Panics
 /// As [`accumulate_blocks_multi`].
@@ -683,7 +683,7 @@ pub fn accumulate_blocks_multi(
             // nibble positions, each coordinate `j < dim` lies in them, each weight vector
             // covers the blocks, and `values` has `2^bits` entries.
             unsafe {
-                x86::accumulate_blocks_avx2(
+                x86::accumulate_blocks_x86(
                     blocks,
                     row_bytes,
                     bits,
@@ -731,7 +731,7 @@ pub fn dot_block_codes(block: &[u8], bits: u32, values: &[f32], q: &[f32], out: 
             // SAFETY: AVX2 and FMA are present (checked at run time); the checks above proved
             // the block's size, that every coordinate of `q` lies in a row and that every code
             // indexes `values`.
-            unsafe { x86::dot_block_wide_avx2(block, bits, values, q, out, has_avx512_vbmi()) };
+            unsafe { x86::dot_block_wide_x86(block, bits, values, q, out, has_avx512_vbmi()) };
             return;
         }
     }

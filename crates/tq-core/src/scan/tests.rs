@@ -10,7 +10,10 @@ fn accumulate_parity_over_widths_and_dims() {
     let (widths, dims): (&[u32], &[usize]) = if cfg!(miri) {
         (&[1, 3, 4, 5], &[1, 7, 65])
     } else {
-        (&[1, 2, 3, 4, 5, 6, 7, 8], &[1, 3, 7, 8, 64, 65, 128, 129])
+        (
+            &[1, 2, 3, 4, 5, 6, 7, 8],
+            &[1, 2, 3, 7, 8, 64, 65, 66, 128, 129],
+        )
     };
     for &bits in widths {
         for &d in dims {
@@ -714,8 +717,14 @@ fn write_block_codes4_refuses_a_wrong_block() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn vbmi_kernels_equal_avx2_bit_for_bit() {
-    if !super::kernels::has_avx512_vbmi() {
-        eprintln!("no AVX-512 VBMI on this CPU (or TQ_NO_AVX512 set): nothing to compare");
+    // The CPU's features, not `has_avx512_vbmi` (which `TQ_NO_AVX512` turns off).
+    let vbmi = std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vbmi");
+    if cfg!(miri) || !vbmi {
+        eprintln!("no AVX-512 VBMI on this CPU: nothing to compare");
         return;
     }
     let mut r = SeededRng::new(31, stream::DATA);
@@ -741,7 +750,7 @@ fn vbmi_kernels_equal_avx2_bit_for_bit() {
                         // SAFETY: AVX2, FMA and (for `vbmi`) AVX-512 VBMI are present; the
                         // blocks, weights, scales and accumulators have the checked shapes.
                         unsafe {
-                            super::x86::accumulate_blocks_avx2(
+                            super::x86::accumulate_blocks_x86(
                                 &blocks, row_bytes, bits, &values, row_scales, &wr, &mut ar, vbmi,
                             )
                         };
@@ -756,8 +765,8 @@ fn vbmi_kernels_equal_avx2_bit_for_bit() {
                     let (mut a, mut b) = ([0f32; BLOCK], [0f32; BLOCK]);
                     // SAFETY: as above; `q` has d <= 8 · row_bytes / bits coordinates.
                     unsafe {
-                        super::x86::dot_block_wide_avx2(block, bits, &values, &q, &mut a, false);
-                        super::x86::dot_block_wide_avx2(block, bits, &values, &q, &mut b, true);
+                        super::x86::dot_block_wide_x86(block, bits, &values, &q, &mut a, false);
+                        super::x86::dot_block_wide_x86(block, bits, &values, &q, &mut b, true);
                     }
                     assert_eq!(a, b, "dot bits={bits} d={d}");
                 }

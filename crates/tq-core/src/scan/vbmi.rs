@@ -1,7 +1,8 @@
 //! AVX-512 VBMI value decoding for 5-8-bit codes: the byte planes of a value table of up to 256
 //! entries looked up with `vpermb` / `vpermi2b` instead of gathers, two coordinates' 32 codes per
-//! 512-bit register. Every function here is `unsafe`: its `# Safety` names what the caller (the
-//! checked public kernels) must have proven, and the CPU must support AVX-512 F, BW and VBMI.
+//! 512-bit register. Every function needs the AVX-512 features it names (the callers check them
+//! once at run time); the `unsafe` ones also read memory, and their `# Safety` names the lengths
+//! the caller (the checked public kernels) must have proven.
 
 use super::BLOCK;
 use super::x86::{store_rows, wide_codes_k};
@@ -14,22 +15,44 @@ pub(super) struct WidePlanes {
 }
 
 impl WidePlanes {
-    /// The planes of `values[..min(len, 256)]`.
+    /// The planes of `values[..min(len, 256)]`: per 64 entries, four 16-float loads (masked at
+    /// the table's end), one `vpermb` each gathering byte `p` of its 16 floats into 128-bit lane
+    /// `p`, and a 4 x 4 transpose of those lanes (eight `vshufi64x2`). O(1): at most 16 loads
+    /// and 48 shuffles, cheap enough to run once per block.
     #[inline]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
     pub(super) fn new(values: &[f32]) -> Self {
-        let mut bytes = [[0u8; 256]; 4];
-        for (k, v) in values.iter().take(256).enumerate() {
-            for (plane, byte) in bytes.iter_mut().zip(v.to_le_bytes()) {
-                plane[k] = byte;
-            }
-        }
-        // SAFETY: each plane has 256 bytes: four 64-byte quarters.
-        let t = std::array::from_fn(|p| {
-            std::array::from_fn(|q| unsafe {
-                _mm512_loadu_si512(bytes[p].as_ptr().add(64 * q) as *const _)
-            })
+        let len = values.len().min(256);
+        // Byte i of a gathered chunk: byte 4·(i mod 16) + i / 16 of its 16 floats.
+        let idx: [u8; 64] = std::array::from_fn(|i| (4 * (i % 16) + i / 16) as u8);
+        // SAFETY: `idx` has 64 bytes.
+        let idx = unsafe { _mm512_loadu_si512(idx.as_ptr() as *const _) };
+        // quarters[q][p]: plane p of entries 64q..64q + 64.
+        let quarters: [[__m512i; 4]; 4] = std::array::from_fn(|q| {
+            let r: [__m512i; 4] = std::array::from_fn(|c| {
+                let start = 64 * q + 16 * c;
+                if start >= len {
+                    return _mm512_setzero_si512();
+                }
+                let n = (len - start).min(16);
+                let mask = ((1u32 << n) - 1) as __mmask16;
+                // SAFETY: the mask enables floats start..start + n, all inside `values`.
+                let v = unsafe { _mm512_maskz_loadu_ps(mask, values.as_ptr().add(start)) };
+                _mm512_permutexvar_epi8(idx, _mm512_castps_si512(v))
+            });
+            // Lanes (0, 1) and (2, 3) of chunks 0-1 and 2-3, then plane p = lane p of each.
+            let a = _mm512_shuffle_i64x2::<0b01_00_01_00>(r[0], r[1]);
+            let b = _mm512_shuffle_i64x2::<0b11_10_11_10>(r[0], r[1]);
+            let c = _mm512_shuffle_i64x2::<0b01_00_01_00>(r[2], r[3]);
+            let d = _mm512_shuffle_i64x2::<0b11_10_11_10>(r[2], r[3]);
+            [
+                _mm512_shuffle_i64x2::<0b10_00_10_00>(a, c),
+                _mm512_shuffle_i64x2::<0b11_01_11_01>(a, c),
+                _mm512_shuffle_i64x2::<0b10_00_10_00>(b, d),
+                _mm512_shuffle_i64x2::<0b11_01_11_01>(b, d),
+            ]
         });
+        let t = std::array::from_fn(|p| std::array::from_fn(|q| quarters[q][p]));
         Self { t }
     }
 }
@@ -80,7 +103,9 @@ pub(super) unsafe fn pair_codes<const B: usize, const K: usize>(
     j: usize,
     second: bool,
 ) -> __m512i {
+    // (Instantiated at every width by the AVX2 copy of the value kernel, which never calls it.)
     const { assert!(K == 0 || K == 2) };
+    debug_assert!((5..=8).contains(&B));
     if B == 8 && second {
         // SAFETY: nibble positions 2j..2j + 4 of coordinates j and j + 1 are 64 contiguous
         // bytes of the block (the caller's contract).
@@ -111,7 +136,7 @@ pub(super) unsafe fn pair_codes<const B: usize, const K: usize>(
 /// bit select.
 ///
 /// # Safety
-/// The CPU supports AVX-512 F; `64 · (j / 2) + 64 <= block.len()` with `j` even (coordinates `j`
+/// The CPU supports AVX-512 F; `j` is even and `32 · j + 64 <= block.len()` (coordinates `j`
 /// and `j + 1` are in the rows).
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -139,7 +164,7 @@ pub(super) fn halves(x: __m512) -> (__m256, __m256) {
 
 /// `dot_block_codes` for `B`-bit codes (`6 <= B <= 8`) with VBMI decoding: `out[r] = Σ_j q[j] ·
 /// values[code_j(row r)]`, coordinates two at a time through [`decode_pair`], FMA'd into four
-/// 8-row sums in the order of the AVX2 twin (`dot_block_wide_avx2`), so both give the same
+/// 8-row sums in the order of the AVX2 twin (`dot_block_wide_x86`), so both give the same
 /// floats.
 ///
 /// # Safety

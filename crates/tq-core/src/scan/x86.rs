@@ -101,8 +101,8 @@ fn flush_split_lanes(words: __m256i, odd: __m256i, out: &mut [u32; BLOCK]) {
 }
 
 /// AVX2 body of `scan_block_b5` and `scan_block_b5_multi` (`Q` queries, each code rebuilt once
-/// and looked up in every query's table): groups of ten nibble positions (eight coordinates) per step,
-/// the remaining coordinates through the scalar decoder. A code `c < 32` is looked up as
+/// and looked up in every query's table): groups of ten nibble positions (eight coordinates) per
+/// step, the remaining coordinates through the scalar decoder. A code `c < 32` is looked up as
 /// `T_lo[x] | T_hi[x ^ 0x80]` with `x = c + 0x70`: for `c < 16`, `x < 0x80` indexes the low half
 /// and `x ^ 0x80` has its top bit set, so `vpshufb` gives 0 from the high half; for `c >= 16` the
 /// roles swap and both index with `c & 15`.
@@ -198,14 +198,14 @@ pub(super) unsafe fn scan_block_b5_avx2<const Q: usize>(
 /// every group served by each decode.
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA, and AVX-512 F, BW and VBMI when `vbmi`; `1 <= bits <= 8`; `row_bytes >= 1` and `blocks` is whole
-/// blocks of `32 · row_bytes` bytes; every weight vector covers exactly those blocks; every
-/// accumulator has the same length `dim <= 8 · row_bytes / bits`, so each coordinate's
-/// nibble positions lie inside its block; `values` has at least `2^bits` entries; `scales`, when
-/// given, is at least as long as every weight vector.
+/// The CPU supports AVX2 and FMA, and AVX-512 F, BW and VBMI when `vbmi`; `1 <= bits <= 8`;
+/// `row_bytes >= 1` and `blocks` is whole blocks of `32 · row_bytes` bytes; every weight vector
+/// covers exactly those blocks; every accumulator has the same length `dim <= 8 · row_bytes /
+/// bits`, so each coordinate's nibble positions lie inside its block; `values` has at least
+/// `2^bits` entries; `scales`, when given, is at least as long as every weight vector.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn accumulate_blocks_avx2(
+pub(super) unsafe fn accumulate_blocks_x86(
     blocks: &[u8],
     row_bytes: usize,
     bits: u32,
@@ -231,11 +231,11 @@ pub(super) unsafe fn accumulate_blocks_avx2(
     }
 }
 
-/// [`accumulate_blocks_avx2`] dispatched on the width, the weight vectors taken `Q` at a time;
+/// [`accumulate_blocks_x86`] dispatched on the width, the weight vectors taken `Q` at a time;
 /// `ONE`: they are one group; `vbmi`: 5-8-bit codes are decoded by [`accumulate_vbmi`].
 ///
 /// # Safety
-/// As [`accumulate_blocks_avx2`], with `weights` not empty and `weights.len() <= Q` when `ONE`.
+/// As [`accumulate_blocks_x86`], with `weights` not empty and `weights.len() <= Q` when `ONE`.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn accumulate_bits<const Q: usize, const ONE: bool>(
@@ -273,12 +273,12 @@ unsafe fn accumulate_bits<const Q: usize, const ONE: bool>(
 /// decoders.
 macro_rules! accumulate_kernel {
     ($(#[$attr:meta])* $name:ident, $vbmi:literal) => {
-        /// [`accumulate_blocks_avx2`] for `B`-bit codes, the weight vectors in `ceil(n / Q)`
+        /// [`accumulate_blocks_x86`] for `B`-bit codes, the weight vectors in `ceil(n / Q)`
         /// groups of `Q` (the last group's missing members inactive): per block and coordinate
         /// one decode, then each group's FMAs unrolled.
         ///
         /// # Safety
-        /// As [`accumulate_blocks_avx2`] with `bits == B`, `weights` not empty and, when `ONE`, at
+        /// As [`accumulate_blocks_x86`] with `bits == B`, `weights` not empty and, when `ONE`, at
         /// most `Q` weight vectors; for the VBMI copy, `B >= 5` and the CPU supports AVX-512 F,
         /// BW and VBMI.
         $(#[$attr])*
@@ -293,10 +293,13 @@ macro_rules! accumulate_kernel {
             weights: &[&[f32]],
             accs: &mut [&mut [f32]],
         ) {
+            // The VBMI copy decodes 5-8-bit codes only (`accumulate_bits` calls it for those).
+            const { assert!(!$vbmi || B >= 5) };
             let dim = accs.first().map_or(0, |a| a.len());
             let n = weights.len();
             let groups = if ONE { 1 } else { n.div_ceil(Q) };
-            // planes[p][k]: byte p (little-endian) of values[k]; entries past 2^B are never indexed.
+            // planes[p][k]: byte p (little-endian) of values[k]; entries past 2^B are never
+            // indexed.
             let mut planes = [[0u8; 32]; 4];
             for (k, v) in values[..if B <= 5 { 1 << B } else { 0 }].iter().enumerate() {
                 for (plane, byte) in planes.iter_mut().zip(v.to_le_bytes()) {
@@ -305,15 +308,17 @@ macro_rules! accumulate_kernel {
             }
             // SAFETY: each plane has 32 bytes: two 16-byte halves.
             let half = |p: usize, h: usize| unsafe {
-                _mm256_broadcastsi128_si256(_mm_loadu_si128(planes[p].as_ptr().add(16 * h) as *const _))
+                let p = planes[p].as_ptr().add(16 * h);
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const _))
             };
             let lo = [half(0, 0), half(1, 0), half(2, 0), half(3, 0)];
             let hi = [half(0, 1), half(1, 1), half(2, 1), half(3, 1)];
-            // Up to 3 bits: an 8-entry `vpermps` table whose entry k is `values[k mod 2^B]` (an index's
-            // bits past B belong to a neighbouring code).
+            // Up to 3 bits: an 8-entry `vpermps` table whose entry k is `values[k mod 2^B]` (an
+            // index's bits past B belong to a neighbouring code).
             let perm = if B <= 3 {
                 // SAFETY: `values` has at least 2^B entries (the caller's contract).
-                let t: [f32; 8] = std::array::from_fn(|k| unsafe { *values.get_unchecked(k % (1 << B)) });
+                let t: [f32; 8] =
+                    std::array::from_fn(|k| unsafe { *values.get_unchecked(k % (1 << B)) });
                 // SAFETY: `t` has 8 floats.
                 unsafe { _mm256_loadu_ps(t.as_ptr()) }
             } else {
@@ -327,8 +332,8 @@ macro_rules! accumulate_kernel {
             // lanes[j · groups + g][i]: 8-lane partial sums of query Q·g + i, coordinate j (a
             // coordinate's queries adjacent).
             let mut lanes = vec![[_mm256_setzero_ps(); Q]; dim * groups];
-            // One group (the common case: a kv head's few grouped queries) keeps its weights in a stack
-            // array the compiler sees whole; more groups take vectors.
+            // One group (the common case: a kv head's few grouped queries) keeps its weights in a
+            // stack array the compiler sees whole; more groups take vectors.
             let (mut w_one, mut active_one) = ([[[_mm256_setzero_ps(); 4]; Q]; 1], [[false; Q]; 1]);
             let (mut w_many, mut active_many);
             let (w, active): (&mut [[[__m256; 4]; Q]], &mut [[bool; Q]]) = if ONE {
@@ -343,7 +348,8 @@ macro_rules! accumulate_kernel {
                 for (k, src) in weights.iter().enumerate() {
                     let part = &src[bi * BLOCK..((bi + 1) * BLOCK).min(src.len())];
                     let w32 = super::kernels::block_weights(part, scales.map(|s| &s[bi * BLOCK..]));
-                    // Register g of the decode holds rows 4g..4g+4 (low lane) and 16+4g..20+4g (high).
+                    // Register g of the decode holds rows 4g..4g+4 (low lane) and 16+4g..20+4g
+                    // (high).
                     // SAFETY: 4g + 4 <= 16 and 16 + 4g + 4 <= 32 floats of `w32`.
                     let wk: [__m256; 4] = std::array::from_fn(|g| unsafe {
                         _mm256_loadu2_m128(w32.as_ptr().add(16 + 4 * g), w32.as_ptr().add(4 * g))
@@ -357,17 +363,20 @@ macro_rules! accumulate_kernel {
                 if !active.iter().flatten().any(|&a| a) {
                     continue;
                 }
-                // Low nibbles of the 16 bytes at nibble position `pos` (rows 0..16) in the low lane,
-                // high nibbles (rows 16..32) in the high lane.
+                // Low nibbles of the 16 bytes at nibble position `pos` (rows 0..16) in the low
+                // lane, high nibbles (rows 16..32) in the high lane.
                 let nib = |pos: usize| {
                     // SAFETY: nibble position `pos < 2·row_bytes` has 16 bytes in the block.
-                    let v = unsafe { _mm_loadu_si128(block.as_ptr().add(16 * pos) as *const __m128i) };
+                    let v = unsafe {
+                        _mm_loadu_si128(block.as_ptr().add(16 * pos) as *const __m128i)
+                    };
                     _mm256_and_si256(
                         _mm256_srlv_epi32(_mm256_broadcastsi128_si256(v), lane_shift),
                         nib_mask,
                     )
                 };
-                // Adds one coordinate's decoded rows, times every active weight vector, to its lanes.
+                // Adds one coordinate's decoded rows, times every active weight vector, to its
+                // lanes.
                 let fma = |lane: &mut [[__m256; Q]], x: [__m256; 4]| {
                     for ((lane, w), active) in lane.iter_mut().zip(&*w).zip(&*active) {
                         for q in 0..Q {
@@ -400,12 +409,15 @@ macro_rules! accumulate_kernel {
                     for (quad, lanes) in lanes.chunks_mut(4 * groups).enumerate() {
                         let (j, coords) = (4 * quad, lanes.len() / groups);
                         let (first, second) = lanes.split_at_mut((2 * groups).min(lanes.len()));
-                        // SAFETY (both): coordinates j..j + coords are below dim, so their nibble positions
-                        // lie in the block; `$vbmi` only with the CPU features.
-                        let codes = unsafe { super::vbmi::pair_codes::<B, 0>(block, j, coords >= 2) };
+                        // SAFETY (both): coordinates j..j + coords are below dim, so their nibble
+                        // positions lie in the block; `$vbmi` only with the CPU features.
+                        let codes =
+                            unsafe { super::vbmi::pair_codes::<B, 0>(block, j, coords >= 2) };
                         pair(first, codes);
                         if coords > 2 {
-                            let codes = unsafe { super::vbmi::pair_codes::<B, 2>(block, j + 2, coords == 4) };
+                            let codes = unsafe {
+                                super::vbmi::pair_codes::<B, 2>(block, j + 2, coords == 4)
+                            };
                             pair(second, codes);
                         }
                     }
@@ -416,8 +428,8 @@ macro_rules! accumulate_kernel {
                     for (quad, lanes) in lanes.chunks_mut(4 * groups).enumerate() {
                         let j = 4 * quad;
                         let mut lane = lanes.chunks_exact_mut(groups);
-                        // SAFETY (each): coordinate j + K < dim has its nibble positions in the block
-                        // (the caller's contract).
+                        // SAFETY (each): coordinate j + K < dim has its nibble positions in the
+                        // block (the caller's contract).
                         if let Some(l) = lane.next() {
                             fma(l, unsafe { decode_permute::<B, 0>(block, j, perm) });
                         }
@@ -449,8 +461,8 @@ macro_rules! accumulate_kernel {
                         }
                         decode_planes::<B>(code, &lo, &hi)
                     } else {
-                        // SAFETY: coordinate j's nibbles lie in the block (the caller's contract) and
-                        // `values` has 2^B entries.
+                        // SAFETY: coordinate j's nibbles lie in the block (the caller's contract)
+                        // and `values` has 2^B entries.
                         unsafe { gather_values(wide_codes::<B>(block, j), values) }
                     };
                     fma(lane, x);
@@ -626,7 +638,7 @@ unsafe fn gather_values(code: __m256i, values: &[f32]) -> [__m256; 4] {
 /// `block` is one block of `32 · row_bytes` bytes with `q.len() <= 8 · row_bytes / bits`;
 /// `values` has at least `2^bits` entries.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn dot_block_wide_avx2(
+pub(super) unsafe fn dot_block_wide_x86(
     block: &[u8],
     bits: u32,
     values: &[f32],
@@ -648,10 +660,10 @@ pub(super) unsafe fn dot_block_wide_avx2(
     }
 }
 
-/// [`dot_block_wide_avx2`] for `B`-bit codes.
+/// [`dot_block_wide_x86`] for `B`-bit codes.
 ///
 /// # Safety
-/// As [`dot_block_wide_avx2`] with `bits == B`.
+/// As [`dot_block_wide_x86`] with `bits == B`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_block_wide<const B: usize>(
     block: &[u8],
