@@ -208,7 +208,11 @@ fn accumulate(c: &mut Criterion) {
         let blocks: Vec<u8> = (0..n.div_ceil(scan::BLOCK) * scan::block_bytes(row_bytes))
             .map(|_| r.next_u64() as u8)
             .collect();
-        let values = gaussians(1 << bits, 7);
+        // The d = 128 Lloyd-Max centroids, as a KV cache's values use them.
+        let values = Codebook::get(128, bits)
+            .expect("valid codebook")
+            .centroids()
+            .to_vec();
         for nq in [1usize, 3] {
             let w: Vec<&[f32]> = weights[..nq].iter().map(Vec::as_slice).collect();
             let mut accs = vec![vec![0.0f32; d]; nq];

@@ -9,9 +9,12 @@ use super::x86::{store_rows, wide_codes_k};
 use std::arch::x86_64::*;
 
 /// The four byte planes of a value table of up to 256 entries: `t[p][q]` holds byte `p` (little
-/// endian) of `values[64q..64q + 64]`, zero past the table's end.
+/// endian) of `values[64q..64q + 64]`, zero past the table's end. `folded`: the table has 256
+/// entries and is antisymmetric bit for bit (`values[255 - k] == -values[k]`, as every Lloyd-Max
+/// codebook here is), so entries 128..256 are entries 0..128 mirrored with the sign flipped.
 pub(super) struct WidePlanes {
     t: [[__m512i; 4]; 4],
+    folded: bool,
 }
 
 impl WidePlanes {
@@ -53,7 +56,29 @@ impl WidePlanes {
             ]
         });
         let t = std::array::from_fn(|p| std::array::from_fn(|q| quarters[q][p]));
-        Self { t }
+        // Antisymmetry, 16 entries at a time: entries 16c.. against 255 - (16c..), reversed and
+        // negated (bit patterns compared, so -0.0 mirrors only +0.0).
+        let reverse = _mm512_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let folded = len == 256
+            && (0..8).all(|c| {
+                // SAFETY: 16c + 16 <= 128 and 240 - 16c + 16 <= 256 floats of `values`.
+                let (low, high) = unsafe {
+                    (
+                        _mm512_loadu_si512(values.as_ptr().add(16 * c) as *const _),
+                        _mm512_loadu_si512(values.as_ptr().add(240 - 16 * c) as *const _),
+                    )
+                };
+                let mirrored = _mm512_xor_si512(_mm512_permutexvar_epi32(reverse, high), sign);
+                _mm512_cmpeq_epi32_mask(low, mirrored) == 0xFFFF
+            });
+        Self { t, folded }
+    }
+
+    /// Whether the table was found antisymmetric (256 entries, mirrored with the sign flipped).
+    #[cfg(test)]
+    pub(super) fn folded(&self) -> bool {
+        self.folded
     }
 }
 
@@ -61,13 +86,31 @@ impl WidePlanes {
 /// coordinate's 32 rows, the high 256 bits another's, each half as `decode_planes` takes them),
 /// in `decode_planes`'s register order per half: register `g` holds, per 256-bit half, rows
 /// `4g..4g+4` in its low 128 bits and `16+4g..20+4g` in its high. Each plane is one `vpermb`
-/// (up to 6 bits), one `vpermi2b` (7 bits) or two and a byte blend on bit 7 (8 bits); two rounds
-/// of byte / word interleaves reassemble the floats.
+/// (up to 6 bits), one `vpermi2b` (7 bits) or two and a byte blend on bit 7 (8 bits; one, when
+/// the table is antisymmetric: codes from 128 index their mirror `255 - k` and flip the sign byte
+/// plane's top bit, the same floats); two rounds of byte / word interleaves reassemble the floats.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
 pub(super) fn decode_pair<const B: usize>(codes: __m512i, planes: &WidePlanes) -> [__m512; 4] {
     let t = &planes.t;
     let upper = _mm512_movepi8_mask(codes);
+    if B == 8 && planes.folded {
+        // Code k >= 128 reads entry 255 - k (k XOR 0x7F in the 7 bits `vpermi2b` reads), and
+        // its sign bit (bit 7 of plane 3) is flipped.
+        let mirror = _mm512_mask_blend_epi8(
+            upper,
+            codes,
+            _mm512_xor_si512(codes, _mm512_set1_epi8(0x7F)),
+        );
+        let mut b: [__m512i; 4] =
+            std::array::from_fn(|p| _mm512_permutex2var_epi8(t[p][0], mirror, t[p][1]));
+        b[3] = _mm512_mask_blend_epi8(
+            upper,
+            b[3],
+            _mm512_xor_si512(b[3], _mm512_set1_epi8(i8::MIN)),
+        );
+        return interleave_planes(b);
+    }
     let b: [__m512i; 4] = std::array::from_fn(|p| match B {
         ..=6 => _mm512_permutexvar_epi8(codes, t[p][0]),
         7 => _mm512_permutex2var_epi8(t[p][0], codes, t[p][1]),
@@ -77,6 +120,14 @@ pub(super) fn decode_pair<const B: usize>(codes: __m512i, planes: &WidePlanes) -
             _mm512_permutex2var_epi8(t[p][2], codes, t[p][3]),
         ),
     });
+    interleave_planes(b)
+}
+
+/// Four byte planes of 64 floats reassembled by two rounds of byte / word interleaves (within
+/// 128-bit lanes, so each 256-bit half keeps `decode_planes`'s register order).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn interleave_planes(b: [__m512i; 4]) -> [__m512; 4] {
     let l01 = _mm512_unpacklo_epi8(b[0], b[1]);
     let h01 = _mm512_unpackhi_epi8(b[0], b[1]);
     let l23 = _mm512_unpacklo_epi8(b[2], b[3]);
