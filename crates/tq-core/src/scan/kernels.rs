@@ -70,7 +70,8 @@ pub fn scan_block_multi(block: &[u8], tables: &[&[u8]], outs: &mut [[u32; BLOCK]
 /// `n` is the query coordinate times the channel's scale, quantized to `i8`): no per-query
 /// tables to build, and the block's nibbles are split once for all queries. With AVX2, pairs of
 /// nibble positions go through `vpmaddubsw` (exact: a pair sums to at most `2 · 15 · 128`) into
-/// `i16` lanes flushed to `i32` every 16 positions, so no sum overflows; else
+/// `i16` lanes flushed to `i32` every 16 positions, so no sum overflows; with AVX-512 VNNI, four
+/// positions per `vpdpbusd` straight into `i32` lanes; else
 /// [`dot_nibbles_i8_scalar`] per query. Exact in both (integer arithmetic).
 /// O(32 · positions · queries).
 ///
@@ -84,6 +85,20 @@ pub fn dot_nibbles_i8(block: &[u8], weights: &[&[i8]], outs: &mut [[i32; BLOCK]]
     }
     #[cfg(target_arch = "x86_64")]
     {
+        if has_avx512_vnni() {
+            // SAFETY: AVX2 and AVX-512 F, VL and VNNI are present (checked at run time); the
+            // lengths as below.
+            unsafe {
+                in_groups!(
+                    super::avx512::dot_nibbles_i8_vnni,
+                    block,
+                    weights,
+                    outs,
+                    DOT_QUERIES
+                )
+            };
+            return;
+        }
         if has_avx2() {
             // SAFETY: AVX2 is present (checked at run time) and every weight slice was checked
             // to hold `block.len() / 16` entries of a block whose length is a multiple of 32: the
@@ -884,19 +899,20 @@ fn check_accumulate(
     check_codes(row_bytes, bits, values, dim);
 }
 
-/// The instruction set the scan and accumulation kernels use on this CPU:
-/// `"avx2+fma+avx512vbmi"` on x86-64 CPUs with AVX-512 F, BW and VBMI too (5-8-bit value and
-/// 6-8-bit exact key decoding by byte permutes; off with `TQ_NO_AVX512=1`), `"avx2+fma"` with
-/// AVX2 and FMA (nibble tables up to 5 bits, gathers at 6-8), `"scalar"` otherwise (the portable
-/// twins). O(1) after the first call.
+/// The instruction set the scan and accumulation kernels use on this CPU: `"avx2+fma"` on x86-64
+/// CPUs with both (nibble tables up to 5 bits, gathers at 6-8), followed by `+avx512vbmi` where
+/// AVX-512 F, BW and VBMI decode 5-8-bit values and 6-8-bit exact key dots by byte permutes, and
+/// `+avx512vnni` where AVX-512 F, VL and VNNI run the nibble dot products (both off with
+/// `TQ_NO_AVX512=1`); `"scalar"` otherwise (the portable twins). O(1) after the first call.
 pub fn kernel_isa() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx512_vbmi() {
-            return "avx2+fma+avx512vbmi";
-        }
-        if has_avx2_fma() {
-            return "avx2+fma";
+        match (has_avx2_fma(), has_avx512_vbmi(), has_avx512_vnni()) {
+            (true, true, true) => return "avx2+fma+avx512vbmi+avx512vnni",
+            (true, true, false) => return "avx2+fma+avx512vbmi",
+            (true, false, true) => return "avx2+fma+avx512vnni",
+            (true, false, false) => return "avx2+fma",
+            _ => {}
         }
     }
     "scalar"
@@ -914,19 +930,38 @@ fn has_avx2_fma() -> bool {
 }
 
 /// AVX-512 F, BW and VBMI beside AVX2 and FMA: 5-8-bit values and 6-8-bit exact key dots
-/// decode through byte permutes. `TQ_NO_AVX512=1` in the environment turns them off (to
-/// compare the two paths on one machine).
+/// decode through byte permutes. `TQ_NO_AVX512=1` in the environment turns every AVX-512 body
+/// off (to compare the paths on one machine).
 #[cfg(target_arch = "x86_64")]
 pub(super) fn has_avx512_vbmi() -> bool {
     use std::sync::OnceLock;
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
-        has_avx2_fma()
-            && std::arch::is_x86_feature_detected!("avx512f")
+        avx512_allowed()
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vbmi")
-            && std::env::var_os("TQ_NO_AVX512").is_none_or(|v| v.is_empty() || v == "0")
     })
+}
+
+/// AVX-512 F, VL and VNNI beside AVX2 and FMA: the nibble dot products (KIVI keys) use
+/// `vpdpbusd`. Off with `TQ_NO_AVX512=1`, as [`has_avx512_vbmi`].
+#[cfg(target_arch = "x86_64")]
+pub(super) fn has_avx512_vnni() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        avx512_allowed()
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    })
+}
+
+/// AVX2, FMA and AVX-512 F present, and `TQ_NO_AVX512` unset (or empty or `0`).
+#[cfg(target_arch = "x86_64")]
+fn avx512_allowed() -> bool {
+    has_avx2_fma()
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::env::var_os("TQ_NO_AVX512").is_none_or(|v| v.is_empty() || v == "0")
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -32,13 +32,13 @@
 //! one table is at most `Δ/2` and the error of a score over `P` tables has standard deviation
 //! `Δ · sqrt(P / 12)` when the roundings are independent.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod kernels;
 mod layout;
 mod tables;
 #[cfg(test)]
 mod tests;
-#[cfg(target_arch = "x86_64")]
-mod vbmi;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -745,7 +745,7 @@ fn vbmi_kernels_equal_avx2_bit_for_bit() {
             }
             if bits == 8 {
                 // SAFETY: the CPU has AVX-512 F, BW and VBMI (checked above).
-                let folded = unsafe { super::vbmi::WidePlanes::new(&values) }.folded();
+                let folded = unsafe { super::avx512::WidePlanes::new(&values) }.folded();
                 assert_eq!(
                     folded,
                     d % 2 == 1,
@@ -786,6 +786,51 @@ fn vbmi_kernels_equal_avx2_bit_for_bit() {
                     }
                     assert_eq!(a, b, "dot bits={bits} d={d}");
                 }
+            }
+        }
+    }
+}
+
+/// The AVX-512 VNNI nibble dots equal the AVX2 ones (and so the scalar twin: integer sums) over
+/// awkward step counts (every remainder of the four-step group), one to three weight vectors per
+/// pass, random and saturated weights and nibbles. Without VNNI there is nothing to compare.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn vnni_dots_equal_avx2() {
+    let vnni = std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512vnni");
+    if cfg!(miri) || !vnni {
+        eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+        return;
+    }
+    let mut r = SeededRng::new(41, stream::DATA);
+    for row_bytes in [1usize, 2, 3, 4, 5, 6, 7, 8, 9, 16, 31, 32, 33, 64, 65] {
+        let positions = 2 * row_bytes;
+        let random = random_bytes(block_bytes(row_bytes), 5 + row_bytes as u64);
+        let ones = vec![0xFFu8; block_bytes(row_bytes)];
+        let mut sets: Vec<Vec<i8>> = (0..3)
+            .map(|_| (0..positions).map(|_| r.next_u64() as i8).collect())
+            .collect();
+        sets.push(vec![-128; positions]);
+        sets.push(vec![127; positions]);
+        for block in [&random, &ones] {
+            for w in sets.windows(3) {
+                let (a, b, c) = (&w[0][..], &w[1][..], &w[2][..]);
+                let (mut x1, mut y1) = ([[0i32; BLOCK]; 1], [[0i32; BLOCK]; 1]);
+                let (mut x3, mut y3) = ([[0i32; BLOCK]; 3], [[0i32; BLOCK]; 3]);
+                // SAFETY: the CPU features are present (checked above); every weight slice has
+                // `block.len() / 16` entries of a block whose length is a multiple of 32.
+                unsafe {
+                    super::x86::dot_nibbles_i8_avx2::<1>(block, [a], &mut x1);
+                    super::avx512::dot_nibbles_i8_vnni::<1>(block, [a], &mut y1);
+                    super::x86::dot_nibbles_i8_avx2::<3>(block, [a, b, c], &mut x3);
+                    super::avx512::dot_nibbles_i8_vnni::<3>(block, [a, b, c], &mut y3);
+                }
+                assert_eq!(x1, y1, "row_bytes={row_bytes}");
+                assert_eq!(x3, y3, "row_bytes={row_bytes}, three vectors");
+                assert_eq!(x1[0], x3[0], "row_bytes={row_bytes}, first of three");
             }
         }
     }

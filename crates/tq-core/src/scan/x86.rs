@@ -190,7 +190,7 @@ pub(super) unsafe fn scan_block_b5_avx2<const Q: usize>(
 /// decoded once (up to 3 bits by `vpermps` from an 8-entry table, the codes shifted into place
 /// per lane ([`decode_permute`]); 4-5 bits as four `vpshufb` byte planes of the value table
 /// interleaved back into f32, no lane-crossing permutes; 6-8 bits by gathers; with `vbmi`, 5-8
-/// bits two coordinates at a time by AVX-512 VBMI byte permutes ([`super::vbmi::decode_pair`]);
+/// bits two coordinates at a time by AVX-512 VBMI byte permutes ([`super::avx512::decode_pair`]);
 /// all in the same register order, so every path gives the same floats), and FMA'd into 8-lane
 /// partial sums of every weight vector (the weights permuted once per block into the order the
 /// decode yields); the partial sums are reduced once at the end. Up to four weight vectors run
@@ -269,7 +269,7 @@ unsafe fn accumulate_bits<const Q: usize, const ONE: bool>(
 
 /// Stamps out the value accumulation kernel for one instruction-set level (`$vbmi`: 5-8-bit
 /// codes are decoded two coordinates at a time by AVX-512 VBMI byte permutes,
-/// [`super::vbmi::decode_pair`]), so each copy is compiled with its features and inlines its
+/// [`super::avx512::decode_pair`]), so each copy is compiled with its features and inlines its
 /// decoders.
 macro_rules! accumulate_kernel {
     ($(#[$attr:meta])* $name:ident, $vbmi:literal) => {
@@ -325,7 +325,7 @@ macro_rules! accumulate_kernel {
                 _mm256_setzero_ps()
             };
             // SAFETY: `$vbmi` only where the CPU has AVX-512 F (the caller's contract).
-            let wide = $vbmi.then(|| unsafe { super::vbmi::WidePlanes::new(&values[..1 << B]) });
+            let wide = $vbmi.then(|| unsafe { super::avx512::WidePlanes::new(&values[..1 << B]) });
             let nib_mask = _mm256_set1_epi8(0x0F);
             let lane_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
             let code_mask = _mm256_set1_epi8(((1u32 << B) - 1) as i8);
@@ -395,8 +395,8 @@ macro_rules! accumulate_kernel {
                     let pair = |lanes: &mut [[__m256; Q]], codes: __m512i| {
                         // SAFETY: `$vbmi` only with the CPU features (the caller's contract).
                         let h = unsafe {
-                            super::vbmi::decode_pair::<B>(codes, planes)
-                                .map(|r| super::vbmi::halves(r))
+                            super::avx512::decode_pair::<B>(codes, planes)
+                                .map(|r| super::avx512::halves(r))
                         };
                         let mut lane = lanes.chunks_exact_mut(groups);
                         if let Some(l) = lane.next() {
@@ -412,11 +412,11 @@ macro_rules! accumulate_kernel {
                         // SAFETY (both): coordinates j..j + coords are below dim, so their nibble
                         // positions lie in the block; `$vbmi` only with the CPU features.
                         let codes =
-                            unsafe { super::vbmi::pair_codes::<B, 0>(block, j, coords >= 2) };
+                            unsafe { super::avx512::pair_codes::<B, 0>(block, j, coords >= 2) };
                         pair(first, codes);
                         if coords > 2 {
                             let codes = unsafe {
-                                super::vbmi::pair_codes::<B, 2>(block, j + 2, coords == 4)
+                                super::avx512::pair_codes::<B, 2>(block, j + 2, coords == 4)
                             };
                             pair(second, codes);
                         }
@@ -630,7 +630,7 @@ unsafe fn gather_values(code: __m256i, values: &[f32]) -> [__m256; 4] {
 /// AVX2 body of `dot_block_codes` for widths 6-8: `out[r] = Σ_j q[j] · values[code_j(row r)]`,
 /// the 32 codes of each coordinate cut out of the nibble layout ([`wide_codes`]), decoded by
 /// gathers (with `vbmi`, two coordinates at a time by byte permutes,
-/// [`super::vbmi::dot_block_pairs`]: the same floats in the same order) and FMA'd into four
+/// [`super::avx512::dot_block_pairs`]: the same floats in the same order) and FMA'd into four
 /// 8-row sums.
 ///
 /// # Safety
@@ -646,7 +646,7 @@ pub(super) unsafe fn dot_block_wide_x86(
     out: &mut [f32; BLOCK],
     vbmi: bool,
 ) {
-    use super::vbmi::dot_block_pairs;
+    use super::avx512::dot_block_pairs;
     // SAFETY: the caller's contract, passed on unchanged; `vbmi` only with the CPU features.
     unsafe {
         match (bits, vbmi) {

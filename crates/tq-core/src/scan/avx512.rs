@@ -1,6 +1,7 @@
-//! AVX-512 VBMI value decoding for 5-8-bit codes: the byte planes of a value table of up to 256
-//! entries looked up with `vpermb` / `vpermi2b` instead of gathers, two coordinates' 32 codes per
-//! 512-bit register. Every function needs the AVX-512 features it names (the callers check them
+//! The AVX-512 bodies: VBMI value decoding for 5-8-bit codes (the byte planes of a value table of
+//! up to 256 entries looked up with `vpermb` / `vpermi2b` instead of gathers, two coordinates' 32
+//! codes per 512-bit register) and VNNI nibble dot products (`vpdpbusd`: four nibble positions
+//! of a row against four `i8` weights into one `i32` lane). Every function needs the AVX-512 features it names (the callers check them
 //! once at run time); the `unsafe` ones also read memory, and their `# Safety` names the lengths
 //! the caller (the checked public kernels) must have proven.
 
@@ -252,4 +253,95 @@ pub(super) unsafe fn dot_block_pairs<const B: usize>(
         }
     }
     store_rows(acc, out);
+}
+
+/// VNNI body of `dot_nibbles_i8` for `Q` weight vectors: four scan steps (eight nibble
+/// positions) at a time. Each step's nibbles are split and two rounds of interleaves (bytes of
+/// steps `(4u, 4u + 1)` and `(4u + 2, 4u + 3)`, then their 16-bit pairs) gather one row's four
+/// nibbles at positions `8u, 8u + 2, 8u + 4, 8u + 6` (low 128-bit lane) or `8u + 1, .., 8u + 7`
+/// (high lane) into one 32-bit lane, so one `vpdpbusd` against the matching weights adds four
+/// products to that row's `i32` sum: no `i16` stage, no widening. Missing steps of the last group
+/// are zero nibbles with zero weights. Exact: the same integer sums as the AVX2 and scalar paths.
+///
+/// # Safety
+/// The CPU supports AVX2, AVX-512 F, VL and VNNI; `block.len()` is a multiple of 32 and every
+/// weight slice has `block.len() / 16` entries.
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+pub(super) unsafe fn dot_nibbles_i8_vnni<const Q: usize>(
+    block: &[u8],
+    weights: [&[i8]; Q],
+    outs: &mut [[i32; BLOCK]; Q],
+) {
+    let steps = block.len() / 32;
+    let mask = _mm256_set1_epi8(0x0F);
+    // Of eight weights (positions 8u..8u + 8), lane 0 takes the even positions and lane 1 the
+    // odd ones, four per 32-bit lane, repeated over the lane.
+    #[rustfmt::skip]
+    let pick = _mm256_setr_epi8(
+        0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6,
+        1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7,
+    );
+    let zero = _mm256_setzero_si256();
+    // acc[q][2k]: rows 8k..8k + 4, acc[q][2k + 1]: rows 8k + 4..8k + 8 (even positions in the
+    // low lane, odd ones in the high lane).
+    let mut acc = [[zero; 8]; Q];
+    for u in 0..steps.div_ceil(4) {
+        let x: [__m256i; 4] = std::array::from_fn(|i| {
+            let s = 4 * u + i;
+            if s < steps {
+                // SAFETY: step s < steps: 32 bytes at 32 s lie in the block.
+                unsafe { _mm256_loadu_si256(block.as_ptr().add(32 * s) as *const __m256i) }
+            } else {
+                zero
+            }
+        });
+        let l = x.map(|v| _mm256_and_si256(v, mask));
+        let h = x.map(|v| _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+        // Rows 0-7, 8-15, 16-23, 24-31 of a pair of steps, each row's two positions adjacent.
+        let pair = |a: usize, b: usize| {
+            [
+                _mm256_unpacklo_epi8(l[a], l[b]),
+                _mm256_unpackhi_epi8(l[a], l[b]),
+                _mm256_unpacklo_epi8(h[a], h[b]),
+                _mm256_unpackhi_epi8(h[a], h[b]),
+            ]
+        };
+        let (first, second) = (pair(0, 1), pair(2, 3));
+        let quads: [__m256i; 8] = std::array::from_fn(|m| {
+            let k = m / 2;
+            if m % 2 == 0 {
+                _mm256_unpacklo_epi16(first[k], second[k])
+            } else {
+                _mm256_unpackhi_epi16(first[k], second[k])
+            }
+        });
+        for (a, w) in acc.iter_mut().zip(weights) {
+            // Positions 8u..8u + 8; past the last step, zeros.
+            let eight = if 8 * u + 8 <= w.len() {
+                // SAFETY: 8u + 8 <= w.len(); an unaligned 8-byte read.
+                unsafe { (w.as_ptr().add(8 * u) as *const i64).read_unaligned() }
+            } else {
+                let mut b = [0u8; 8];
+                for (d, &s) in b.iter_mut().zip(&w[8 * u..]) {
+                    *d = s as u8;
+                }
+                i64::from_le_bytes(b)
+            };
+            let wv = _mm256_shuffle_epi8(_mm256_set1_epi64x(eight), pick);
+            for (a, q) in a.iter_mut().zip(quads) {
+                *a = _mm256_dpbusd_epi32(*a, q, wv);
+            }
+        }
+    }
+    for (a, o) in acc.iter().zip(outs.iter_mut()) {
+        for k in 0..4 {
+            let (lo, hi) = (a[2 * k], a[2 * k + 1]);
+            let rows = _mm256_add_epi32(
+                _mm256_permute2x128_si256::<0x20>(lo, hi),
+                _mm256_permute2x128_si256::<0x31>(lo, hi),
+            );
+            // SAFETY: `o` holds 32 i32; rows 8k..8k + 8.
+            unsafe { _mm256_storeu_si256(o.as_mut_ptr().add(8 * k) as *mut __m256i, rows) };
+        }
+    }
 }
