@@ -1,9 +1,10 @@
 //! The AVX-512 bodies: VBMI value decoding for 5-8-bit codes (the byte planes of a value table of
 //! up to 256 entries looked up with `vpermb` / `vpermi2b` instead of gathers, two coordinates' 32
 //! codes per 512-bit register) and VNNI nibble dot products (`vpdpbusd`: four nibble positions
-//! of a row against four `i8` weights into one `i32` lane). Every function needs the AVX-512 features it names (the callers check them
-//! once at run time); the `unsafe` ones also read memory, and their `# Safety` names the lengths
-//! the caller (the checked public kernels) must have proven.
+//! of a row against four `i8` weights into one `i32` lane). Every function needs the AVX-512
+//! features it names (the callers check them once at run time); the `unsafe` ones also read
+//! memory, and their `# Safety` names the lengths the caller (the checked public kernels) must
+//! have proven.
 
 use super::BLOCK;
 use super::x86::{store_rows, wide_codes_k};

@@ -72,7 +72,7 @@ pub fn scan_block_multi(block: &[u8], tables: &[&[u8]], outs: &mut [[u32; BLOCK]
 /// nibble positions go through `vpmaddubsw` (exact: a pair sums to at most `2 · 15 · 128`) into
 /// `i16` lanes flushed to `i32` every 16 positions, so no sum overflows; with AVX-512 VNNI, four
 /// positions per `vpdpbusd` straight into `i32` lanes; else
-/// [`dot_nibbles_i8_scalar`] per query. Exact in both (integer arithmetic).
+/// [`dot_nibbles_i8_scalar`] per query. Exact on every path (integer arithmetic).
 /// O(32 · positions · queries).
 ///
 /// # Panics
