@@ -97,20 +97,13 @@ pub(super) fn decode_pair<const B: usize>(codes: __m512i, planes: &WidePlanes) -
     let t = &planes.t;
     let upper = _mm512_movepi8_mask(codes);
     if B == 8 && planes.folded {
-        // Code k >= 128 reads entry 255 - k (k XOR 0x7F in the 7 bits `vpermi2b` reads), and
-        // its sign bit (bit 7 of plane 3) is flipped.
-        let mirror = _mm512_mask_blend_epi8(
-            upper,
-            codes,
-            _mm512_xor_si512(codes, _mm512_set1_epi8(0x7F)),
-        );
+        // Code k >= 128 reads entry 255 - k (0x7F - k wraps to the same low 7 bits, the ones
+        // `vpermi2b` reads), and its sign bit (bit 7 of plane 3) takes the code's bit 7:
+        // `b3 ^ (codes & 0x80)` (ternary-logic table 0x78).
+        let mirror = _mm512_mask_sub_epi8(codes, upper, _mm512_set1_epi8(0x7F), codes);
         let mut b: [__m512i; 4] =
             std::array::from_fn(|p| _mm512_permutex2var_epi8(t[p][0], mirror, t[p][1]));
-        b[3] = _mm512_mask_blend_epi8(
-            upper,
-            b[3],
-            _mm512_xor_si512(b[3], _mm512_set1_epi8(i8::MIN)),
-        );
+        b[3] = _mm512_ternarylogic_epi32::<0x78>(b[3], codes, _mm512_set1_epi8(i8::MIN));
         return interleave_planes(b);
     }
     let b: [__m512i; 4] = std::array::from_fn(|p| match B {

@@ -712,8 +712,9 @@ fn write_block_codes4_refuses_a_wrong_block() {
 /// The AVX-512 VBMI decoders give exactly the floats of the AVX2 ones (byte planes at 5 bits,
 /// gathers at 6-8) in the same order, so the value sums (1-6 weight vectors, with and without row
 /// scales) and the exact 6-8-bit dots agree bit for bit; odd and even dimensions cover the paired
-/// decode's lone last coordinate and 8 bits' one-load pairs. On a CPU without VBMI there is no
-/// second path to compare, and the test says so on stderr.
+/// decode's lone last coordinate and 8 bits' one-load pairs; 8 bits also run an antisymmetric
+/// table (the folded decode) and a near miss that must not fold. On a CPU without VBMI there is
+/// no second path to compare, and the test says so on stderr.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn vbmi_kernels_equal_avx2_bit_for_bit() {
@@ -735,56 +736,60 @@ fn vbmi_kernels_equal_avx2_bit_for_bit() {
             let blocks: Vec<u8> = (0..n.div_ceil(BLOCK) * block_bytes(row_bytes))
                 .map(|_| r.next_u64() as u8)
                 .collect();
-            let mut values: Vec<f32> = (0..1 << bits).map(|_| r.gaussian() as f32).collect();
-            // At 8 bits, odd dimensions take an antisymmetric table (the folded decode), even
-            // ones a general one.
-            if bits == 8 && d % 2 == 1 {
-                for k in 0..128 {
-                    values[255 - k] = -values[k];
-                }
-            }
+            // At 8 bits three tables: a general one, an antisymmetric one (the folded decode) and
+            // one whose last mirrored pair is one ulp off (no fold).
+            let general: Vec<f32> = (0..1 << bits).map(|_| r.gaussian() as f32).collect();
+            let mut tables = vec![general.clone()];
             if bits == 8 {
-                // SAFETY: the CPU has AVX-512 F, BW and VBMI (checked above).
-                let folded = unsafe { super::avx512::WidePlanes::new(&values) }.folded();
-                assert_eq!(
-                    folded,
-                    d % 2 == 1,
-                    "d={d}: the table's antisymmetry is found"
-                );
-            }
-            let scales: Vec<f32> = (0..n).map(|_| 0.5 + r.uniform() as f32).collect();
-            for nq in [1usize, 2, 3, 4, 6] {
-                let ws: Vec<Vec<f32>> = (0..nq)
-                    .map(|_| (0..n).map(|_| r.uniform() as f32).collect())
-                    .collect();
-                for row_scales in [None, Some(scales.as_slice())] {
-                    let run = |vbmi: bool| {
-                        let mut out = vec![vec![0.25f32; d]; nq];
-                        let wr: Vec<&[f32]> = ws.iter().map(|w| w.as_slice()).collect();
-                        let mut ar: Vec<&mut [f32]> =
-                            out.iter_mut().map(|a| a.as_mut_slice()).collect();
-                        // SAFETY: AVX2, FMA and (for `vbmi`) AVX-512 VBMI are present; the
-                        // blocks, weights, scales and accumulators have the checked shapes.
-                        unsafe {
-                            super::x86::accumulate_blocks_x86(
-                                &blocks, row_bytes, bits, &values, row_scales, &wr, &mut ar, vbmi,
-                            )
-                        };
-                        out
-                    };
-                    assert_eq!(run(false), run(true), "bits={bits} d={d} queries={nq}");
+                let mut anti = general.clone();
+                for k in 0..128 {
+                    anti[255 - k] = -anti[k];
                 }
+                let mut near = anti.clone();
+                near[128] = f32::from_bits(near[128].to_bits() + 1);
+                tables.extend([anti, near]);
             }
-            if bits >= 6 {
-                let q: Vec<f32> = (0..d).map(|_| r.gaussian() as f32).collect();
-                for block in blocks.chunks_exact(block_bytes(row_bytes)) {
-                    let (mut a, mut b) = ([0f32; BLOCK], [0f32; BLOCK]);
-                    // SAFETY: as above; `q` has d <= 8 · row_bytes / bits coordinates.
-                    unsafe {
-                        super::x86::dot_block_wide_x86(block, bits, &values, &q, &mut a, false);
-                        super::x86::dot_block_wide_x86(block, bits, &values, &q, &mut b, true);
+            for (ti, values) in tables.iter().enumerate() {
+                if bits == 8 {
+                    // SAFETY: the CPU has AVX-512 F, BW and VBMI (checked above).
+                    let folded = unsafe { super::avx512::WidePlanes::new(values) }.folded();
+                    assert_eq!(folded, ti == 1, "d={d} table {ti}: antisymmetry found");
+                }
+                let scales: Vec<f32> = (0..n).map(|_| 0.5 + r.uniform() as f32).collect();
+                for nq in [1usize, 2, 3, 4, 6] {
+                    let ws: Vec<Vec<f32>> = (0..nq)
+                        .map(|_| (0..n).map(|_| r.uniform() as f32).collect())
+                        .collect();
+                    for row_scales in [None, Some(scales.as_slice())] {
+                        let run = |vbmi: bool| {
+                            let mut out = vec![vec![0.25f32; d]; nq];
+                            let wr: Vec<&[f32]> = ws.iter().map(|w| w.as_slice()).collect();
+                            let mut ar: Vec<&mut [f32]> =
+                                out.iter_mut().map(|a| a.as_mut_slice()).collect();
+                            // SAFETY: AVX2, FMA and (for `vbmi`) AVX-512 VBMI are present; the
+                            // blocks, weights, scales and accumulators have the checked shapes.
+                            unsafe {
+                                super::x86::accumulate_blocks_x86(
+                                    &blocks, row_bytes, bits, values, row_scales, &wr, &mut ar,
+                                    vbmi,
+                                )
+                            };
+                            out
+                        };
+                        assert_eq!(run(false), run(true), "bits={bits} d={d} queries={nq}");
                     }
-                    assert_eq!(a, b, "dot bits={bits} d={d}");
+                }
+                if bits >= 6 {
+                    let q: Vec<f32> = (0..d).map(|_| r.gaussian() as f32).collect();
+                    for block in blocks.chunks_exact(block_bytes(row_bytes)) {
+                        let (mut a, mut b) = ([0f32; BLOCK], [0f32; BLOCK]);
+                        // SAFETY: as above; `q` has d <= 8 · row_bytes / bits coordinates.
+                        unsafe {
+                            super::x86::dot_block_wide_x86(block, bits, values, &q, &mut a, false);
+                            super::x86::dot_block_wide_x86(block, bits, values, &q, &mut b, true);
+                        }
+                        assert_eq!(a, b, "dot bits={bits} d={d}");
+                    }
                 }
             }
         }
@@ -819,16 +824,20 @@ fn vnni_dots_equal_avx2() {
             for w in sets.windows(3) {
                 let (a, b, c) = (&w[0][..], &w[1][..], &w[2][..]);
                 let (mut x1, mut y1) = ([[0i32; BLOCK]; 1], [[0i32; BLOCK]; 1]);
+                let (mut x2, mut y2) = ([[0i32; BLOCK]; 2], [[0i32; BLOCK]; 2]);
                 let (mut x3, mut y3) = ([[0i32; BLOCK]; 3], [[0i32; BLOCK]; 3]);
                 // SAFETY: the CPU features are present (checked above); every weight slice has
                 // `block.len() / 16` entries of a block whose length is a multiple of 32.
                 unsafe {
                     super::x86::dot_nibbles_i8_avx2::<1>(block, [a], &mut x1);
                     super::avx512::dot_nibbles_i8_vnni::<1>(block, [a], &mut y1);
+                    super::x86::dot_nibbles_i8_avx2::<2>(block, [a, b], &mut x2);
+                    super::avx512::dot_nibbles_i8_vnni::<2>(block, [a, b], &mut y2);
                     super::x86::dot_nibbles_i8_avx2::<3>(block, [a, b, c], &mut x3);
                     super::avx512::dot_nibbles_i8_vnni::<3>(block, [a, b, c], &mut y3);
                 }
                 assert_eq!(x1, y1, "row_bytes={row_bytes}");
+                assert_eq!(x2, y2, "row_bytes={row_bytes}, two vectors");
                 assert_eq!(x3, y3, "row_bytes={row_bytes}, three vectors");
                 assert_eq!(x1[0], x3[0], "row_bytes={row_bytes}, first of three");
             }
