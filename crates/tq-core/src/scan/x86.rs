@@ -326,9 +326,6 @@ macro_rules! accumulate_kernel {
             };
             // SAFETY: `$vbmi` only where the CPU has AVX-512 F (the caller's contract).
             let wide = $vbmi.then(|| unsafe { super::avx512::WidePlanes::new(&values[..1 << B]) });
-            let nib_mask = _mm256_set1_epi8(0x0F);
-            let lane_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-            let code_mask = _mm256_set1_epi8(((1u32 << B) - 1) as i8);
             // lanes[j · groups + g][i]: 8-lane partial sums of query Q·g + i, coordinate j (a
             // coordinate's queries adjacent).
             let mut lanes = vec![[_mm256_setzero_ps(); Q]; dim * groups];
@@ -363,18 +360,6 @@ macro_rules! accumulate_kernel {
                 if !active.iter().flatten().any(|&a| a) {
                     continue;
                 }
-                // Low nibbles of the 16 bytes at nibble position `pos` (rows 0..16) in the low
-                // lane, high nibbles (rows 16..32) in the high lane.
-                let nib = |pos: usize| {
-                    // SAFETY: nibble position `pos < 2·row_bytes` has 16 bytes in the block.
-                    let v = unsafe {
-                        _mm_loadu_si128(block.as_ptr().add(16 * pos) as *const __m128i)
-                    };
-                    _mm256_and_si256(
-                        _mm256_srlv_epi32(_mm256_broadcastsi128_si256(v), lane_shift),
-                        nib_mask,
-                    )
-                };
                 // Adds one coordinate's decoded rows, times every active weight vector, to its
                 // lanes.
                 let fma = |lane: &mut [[__m256; Q]], x: [__m256; 4]| {
@@ -423,49 +408,25 @@ macro_rules! accumulate_kernel {
                     }
                     continue;
                 }
-                if B <= 3 {
-                    // Four coordinates per step, so each one's bit offset is a constant.
-                    for (quad, lanes) in lanes.chunks_mut(4 * groups).enumerate() {
-                        let j = 4 * quad;
-                        let mut lane = lanes.chunks_exact_mut(groups);
-                        // SAFETY (each): coordinate j + K < dim has its nibble positions in the
-                        // block (the caller's contract).
-                        if let Some(l) = lane.next() {
-                            fma(l, unsafe { decode_permute::<B, 0>(block, j, perm) });
-                        }
-                        if let Some(l) = lane.next() {
-                            fma(l, unsafe { decode_permute::<B, 1>(block, j + 1, perm) });
-                        }
-                        if let Some(l) = lane.next() {
-                            fma(l, unsafe { decode_permute::<B, 2>(block, j + 2, perm) });
-                        }
-                        if let Some(l) = lane.next() {
-                            fma(l, unsafe { decode_permute::<B, 3>(block, j + 3, perm) });
-                        }
+                // Four coordinates per step, so each one's bit offset is a constant.
+                for (quad, lanes) in lanes.chunks_mut(4 * groups).enumerate() {
+                    let j = 4 * quad;
+                    let mut lane = lanes.chunks_exact_mut(groups);
+                    // SAFETY (each): coordinate j + K < dim has its nibble positions in the block
+                    // and every code indexes `values` (the caller's contract).
+                    let (v, p) = (values, perm);
+                    if let Some(l) = lane.next() {
+                        fma(l, unsafe { decode_coordinate::<B, 0>(block, j, p, &lo, &hi, v) });
                     }
-                    continue;
-                }
-                for (j, lane) in lanes.chunks_exact_mut(groups).enumerate() {
-                    let x = if B <= 5 {
-                        let (pos, off) = (B * j / 4, B * j % 4);
-                        let mut code = nib(pos);
-                        if off > 0 {
-                            code = _mm256_srl_epi16(code, _mm_cvtsi32_si128(off as i32));
-                        }
-                        if off + B > 4 {
-                            let back = _mm_cvtsi32_si128((4 - off) as i32);
-                            code = _mm256_or_si256(code, _mm256_sll_epi16(nib(pos + 1), back));
-                        }
-                        if B != 4 {
-                            code = _mm256_and_si256(code, code_mask);
-                        }
-                        decode_planes::<B>(code, &lo, &hi)
-                    } else {
-                        // SAFETY: coordinate j's nibbles lie in the block (the caller's contract)
-                        // and `values` has 2^B entries.
-                        unsafe { gather_values(wide_codes::<B>(block, j), values) }
-                    };
-                    fma(lane, x);
+                    if let Some(l) = lane.next() {
+                        fma(l, unsafe { decode_coordinate::<B, 1>(block, j + 1, p, &lo, &hi, v) });
+                    }
+                    if let Some(l) = lane.next() {
+                        fma(l, unsafe { decode_coordinate::<B, 2>(block, j + 2, p, &lo, &hi, v) });
+                    }
+                    if let Some(l) = lane.next() {
+                        fma(l, unsafe { decode_coordinate::<B, 3>(block, j + 3, p, &lo, &hi, v) });
+                    }
                 }
             }
             for (k, acc) in accs.iter_mut().take(n).enumerate() {
@@ -491,6 +452,37 @@ accumulate_kernel!(
     accumulate_vbmi,
     true
 );
+
+/// The f32 values of coordinate `j`'s 32 `B`-bit codes on the AVX2 paths (`K = j mod 4`, so the
+/// bit offsets are constants), in [`decode_planes`]'s register order: up to 3 bits by
+/// [`decode_permute`]; at 4-8 bits the codes are cut out by [`wide_codes_k`] and looked up as byte
+/// planes (4-5 bits, [`decode_planes`]) or gathered (6-8 bits, [`gather_values`]).
+///
+/// # Safety
+/// The CPU supports AVX2; `K == j mod 4`; the nibble positions of coordinate `j` lie in the block;
+/// `values` has `2^B` entries, `perm` is [`decode_permute`]'s table (up to 3 bits) and `lo` / `hi`
+/// the byte planes of `values` (4-5 bits).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn decode_coordinate<const B: usize, const K: usize>(
+    block: &[u8],
+    j: usize,
+    perm: __m256,
+    lo: &[__m256i; 4],
+    hi: &[__m256i; 4],
+    values: &[f32],
+) -> [__m256; 4] {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if B <= 3 {
+            decode_permute::<B, K>(block, j, perm)
+        } else if B <= 5 {
+            decode_planes::<B>(wide_codes_k::<B, K>(block, j), lo, hi)
+        } else {
+            gather_values(wide_codes_k::<B, K>(block, j), values)
+        }
+    }
+}
 
 /// The f32 values of coordinate `j`'s 32 `B`-bit codes (`B <= 3`, `K = j mod 4`, so the code's
 /// bit offset in its nibble, `B·j mod 4`, is a constant), in [`decode_planes`]'s register order:
@@ -561,7 +553,7 @@ unsafe fn wide_codes<const B: usize>(block: &[u8], j: usize) -> __m256i {
     }
 }
 
-/// The 32 `B`-bit codes (`5 <= B <= 8`) of coordinate `j` (`j mod 4 == K`) of `block`, one per
+/// The 32 `B`-bit codes (`4 <= B <= 8`) of coordinate `j` (`j mod 4 == K`) of `block`, one per
 /// byte: rows 0..16 in the low lane, rows 16..32 in the high lane. The code's bits are gathered
 /// from two or three nibble positions, each piece masked before it is shifted so no bit crosses
 /// into a neighbouring byte; `K` makes the bit offset (`B·K mod 4`) and so every shift a
