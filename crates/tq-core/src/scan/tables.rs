@@ -83,6 +83,29 @@ impl QuantizedLut {
         self.step = step;
     }
 
+    /// The same tables on the coarser grid `0..=levels` (`1 <= levels <= 255`): entries
+    /// `round(t · levels / 255)` (halves up, in integers: the same bytes on every CPU), the
+    /// step scaled by `255 / levels`, the offset kept. Each entry moves by at most half a new
+    /// step plus half an old one. The fused scan adds the look-ups of four steps as bytes when
+    /// every entry is below 64, so `levels` 63 trades table precision for a faster scan
+    /// (`scan_blocks_scores_multi`). O(tables.len()).
+    ///
+    /// # Panics
+    /// If `levels` is 0.
+    pub fn with_levels(&self, levels: u8) -> QuantizedLut {
+        assert!(levels > 0, "a table needs at least two levels");
+        let l = u32::from(levels);
+        QuantizedLut {
+            tables: self
+                .tables
+                .iter()
+                .map(|&t| ((u32::from(t) * l + 127) / 255) as u8)
+                .collect(),
+            offset: self.offset,
+            step: self.step * (255.0 / levels as f32),
+        }
+    }
+
     /// Converts a `u8` table sum to a score.
     #[inline]
     pub fn score(&self, sum: u32) -> f32 {

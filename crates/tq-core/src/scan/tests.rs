@@ -380,6 +380,136 @@ fn quantized_lut_error_is_within_half_a_step_per_table() {
     }
 }
 
+/// Coarser tables keep the offset, scale the step by `255 / levels` and move each entry to the
+/// nearest point of the new grid (no ties: 255 is odd), staying within `0..=levels`; at 255
+/// levels nothing changes.
+#[test]
+fn quantized_lut_with_levels_rounds_to_the_coarser_grid() {
+    let mut r = SeededRng::new(10, stream::DATA);
+    let tables: Vec<f32> = (0..16 * 25).map(|_| r.gaussian() as f32).collect();
+    let mut q = QuantizedLut::default();
+    q.quantize_from(&tables);
+    assert!(q.tables.contains(&255) && q.tables.contains(&0));
+    for levels in [1u8, 2, 63, 64, 127, 255] {
+        let c = q.with_levels(levels);
+        assert_eq!(c.offset, q.offset);
+        assert_eq!(c.step, q.step * (255.0 / levels as f32));
+        for (&t, &u) in q.tables.iter().zip(&c.tables) {
+            assert!(u <= levels, "levels {levels}: {u}");
+            // In old units the new entry is `u · 255 / levels`; nearest means within half a
+            // new step, and no other grid point is nearer.
+            let back = u as f64 * 255.0 / levels as f64;
+            let err = (back - t as f64).abs();
+            assert!(
+                err < 255.0 / (2.0 * levels as f64),
+                "levels {levels}: {t} -> {u}"
+            );
+        }
+        if levels == 255 {
+            assert_eq!(c.tables, q.tables);
+        }
+    }
+}
+
+/// The fused scores kernel adds four steps' look-ups as bytes when every table entry is below
+/// 64: with a unit affine and unit scales its scores are the exact scan sums for tables that
+/// reach that limit (and one past it, and the larger limits), saturated and random, over step
+/// counts with every remainder of 4 and one that crosses the 256-step flush; a group of two jobs
+/// with different limits takes the narrower grouping; the marks follow the scores.
+#[test]
+fn blocks_scores_grouped_look_ups_equal_scan_sums() {
+    let sizes: &[usize] = if cfg!(miri) {
+        &[3, 300]
+    } else {
+        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 25, 64, 300]
+    };
+    let unit = Affine {
+        offset: 0.0,
+        step: 1.0,
+        bias: 0.0,
+    };
+    for &row_bytes in sizes {
+        let rows = 2 * BLOCK + 5;
+        let blocks = random_bytes(3 * block_bytes(row_bytes), 70 + row_bytes as u64);
+        let scales = vec![1.0f32; rows];
+        for top in [63u8, 64, 127, 128, 255] {
+            for saturated in [false, true] {
+                let tables: Vec<Vec<u8>> = (0..2u64)
+                    .map(|q| {
+                        let mut t: Vec<u8> = if saturated {
+                            vec![top; block_bytes(row_bytes)]
+                        } else {
+                            random_bytes(block_bytes(row_bytes), 80 + q + row_bytes as u64)
+                                .into_iter()
+                                .map(|v| (v as u32 * (top as u32 + 1) / 256) as u8)
+                                .collect()
+                        };
+                        let at = q as usize % t.len();
+                        t[at] = top;
+                        // The second job's tables stay on the finest grid: the pair of them
+                        // must take the one-step path.
+                        if q == 1 {
+                            t[0] = 255;
+                        }
+                        t
+                    })
+                    .collect();
+                let mut want = vec![vec![0.0f32; rows]; 2];
+                for (q, t) in tables.iter().enumerate() {
+                    let mut sums = [0u32; BLOCK];
+                    for (b, block) in blocks.chunks_exact(block_bytes(row_bytes)).enumerate() {
+                        scan_block_scalar(block, t, &mut sums);
+                        for (i, &v) in sums.iter().enumerate() {
+                            if b * BLOCK + i < rows {
+                                want[q][b * BLOCK + i] = v as f32;
+                            }
+                        }
+                    }
+                }
+                let above = want[0][rows / 2];
+                // Alone: the grouping `top` allows.
+                let mut got = vec![f32::NAN; rows];
+                let mut masks = vec![0u32; rows.div_ceil(BLOCK)];
+                scan_blocks_scores_above(
+                    &blocks,
+                    row_bytes,
+                    &tables[0],
+                    unit,
+                    &scales,
+                    &mut got,
+                    (above, &mut masks),
+                );
+                assert_eq!(
+                    got, want[0],
+                    "row_bytes={row_bytes} top={top} sat={saturated}"
+                );
+                for (i, &v) in got.iter().enumerate() {
+                    assert_eq!(masks[i / BLOCK] >> (i % BLOCK) & 1 == 1, v > above);
+                }
+                // Paired with a finest-grid job.
+                let (mut a, mut b) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
+                let mut jobs = [
+                    ScoreJob {
+                        tables: &tables[0],
+                        affine: unit,
+                        out: &mut a,
+                        marks: None,
+                    },
+                    ScoreJob {
+                        tables: &tables[1],
+                        affine: unit,
+                        out: &mut b,
+                        marks: None,
+                    },
+                ];
+                scan_blocks_scores_multi(&blocks, row_bytes, &scales, &mut jobs);
+                assert_eq!(a, want[0], "pair, row_bytes={row_bytes} top={top}");
+                assert_eq!(b, want[1], "pair, row_bytes={row_bytes} top={top}");
+            }
+        }
+    }
+}
+
 /// Every query of a multi-query scan equals its own scalar scan, for query counts that fill one
 /// group, several groups and a partial last group, over sizes that cross the 256-step flush;
 /// saturated tables (all 255) check the even-byte recovery at its largest sums.

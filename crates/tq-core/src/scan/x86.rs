@@ -752,12 +752,10 @@ pub(super) unsafe fn scan_block_multi_avx2<const Q: usize>(
     while done < steps {
         let chunk = (steps - done).min(256);
         // SAFETY: forwarded from the caller; `done + chunk <= steps`.
-        let acc = unsafe { nibble_chunk(block, tables, done, done + chunk) };
+        let acc = unsafe { nibble_chunk::<Q, 1>(block, tables, done, done + chunk) };
         done += chunk;
         for (a, o) in acc.iter().zip(outs.iter_mut()) {
-            let [r0, r1] = word_rows(a[0], a[1]);
-            let [r2, r3] = word_rows(a[2], a[3]);
-            add_rows([r0, r1, r2, r3], o);
+            add_rows(chunk_rows(a, steps <= SHORT_STEPS), o);
         }
     }
 }
@@ -766,14 +764,16 @@ pub(super) unsafe fn scan_block_multi_avx2<const Q: usize>(
 /// with each job's `u32` row sums kept in registers, then per job `out = scales · (offset + step ·
 /// sum) + bias` in `f32` (8 rows per FMA pair) and, with marks `(above, masks)`, bit `r` of
 /// `masks[b]` set iff row `32b + r`'s score is `> above`. Rows past `scales.len()` (the last
-/// block's empty slots) are computed and dropped.
+/// block's empty slots) are computed and dropped. `G` look-up steps are added as bytes before
+/// they are accumulated ([`nibble_chunk`]), which needs every job's table entries at most
+/// `255 / G` (else the sums are wrong, though memory stays safe).
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA; `block_len` is a positive multiple of 32, `blocks.len() ==
 /// scales.len().div_ceil(32) · block_len`, and every job has `tables.len() == block_len`,
 /// `out.len() == scales.len()` and masks, if any, of `scales.len().div_ceil(32)` entries.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn scan_blocks_scores_avx2<const Q: usize>(
+pub(super) unsafe fn scan_blocks_scores_avx2<const Q: usize, const G: usize>(
     blocks: &[u8],
     block_len: usize,
     scales: &[f32],
@@ -789,12 +789,10 @@ pub(super) unsafe fn scan_blocks_scores_avx2<const Q: usize>(
         while done < steps {
             let chunk = (steps - done).min(256);
             // SAFETY: forwarded from the caller; `done + chunk <= steps`.
-            let acc = unsafe { nibble_chunk(block, tables, done, done + chunk) };
+            let acc = unsafe { nibble_chunk::<Q, G>(block, tables, done, done + chunk) };
             done += chunk;
             for (s, a) in sums.iter_mut().zip(&acc) {
-                let [r0, r1] = word_rows(a[0], a[1]);
-                let [r2, r3] = word_rows(a[2], a[3]);
-                for (s, r) in s.iter_mut().zip([r0, r1, r2, r3]) {
+                for (s, r) in s.iter_mut().zip(chunk_rows(a, steps <= SHORT_STEPS)) {
                     *s = _mm256_add_epi32(*s, r);
                 }
             }
@@ -856,6 +854,12 @@ pub(super) unsafe fn scan_blocks_scores_avx2<const Q: usize>(
     }
 }
 
+/// The OR of every byte of `tables` (below 64 or 128 iff every entry is), in 32-byte steps.
+#[target_feature(enable = "avx2")]
+pub(super) fn table_bits(tables: &[u8]) -> u8 {
+    tables.iter().fold(0u8, |m, &t| m | t)
+}
+
 /// Steps `from..to` (`to - from <= 256`) of a nibble scan of `block` against `Q` queries' tables,
 /// as four `u16` accumulators per query: words and odd bytes of the low-nibble rows 0..15, then
 /// of the high-nibble rows 16..31. Each 32-byte step holds two nibble positions (16 bytes each,
@@ -863,36 +867,117 @@ pub(super) unsafe fn scan_blocks_scores_avx2<const Q: usize>(
 /// every query's pair of tables, with faiss-style accumulation: whole words (wrapping) and the
 /// odd bytes (`>> 8`, exact: at most 256 · 255), the even bytes recovered by [`word_rows`].
 ///
+/// With `G > 1` every table entry is at most `255 / G` (the caller checked), so the look-ups of
+/// `G` consecutive steps (the same rows at other positions) are first added as bytes without
+/// carry, and only their sum is accumulated: per step and query two shuffles and `2 / G` byte
+/// adds instead of two shuffles, four word adds and two shifts. Steps past the last whole group
+/// go one at a time. The sums are the same integers for every `G`.
+///
 /// # Safety
 /// The CPU supports AVX2; `32 · to <= block.len()` and every table slice is at least as long.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn nibble_chunk<const Q: usize>(
+unsafe fn nibble_chunk<const Q: usize, const G: usize>(
     block: &[u8],
     tables: [&[u8]; Q],
     from: usize,
     to: usize,
 ) -> [[__m256i; 4]; Q] {
-    let mask = _mm256_set1_epi8(0x0F);
     let zero = _mm256_setzero_si256();
     let mut acc = [[zero; 4]; Q];
-    for s in from..to {
-        // SAFETY: `s * 32 + 32 <= block.len()`, and every table slice is as long.
-        let x = unsafe { _mm256_loadu_si256(block.as_ptr().add(s * 32) as *const __m256i) };
-        let lo = _mm256_and_si256(x, mask);
-        let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), mask);
-        for (a, t) in acc.iter_mut().zip(tables) {
-            // SAFETY: as above.
-            let t = unsafe { _mm256_loadu_si256(t.as_ptr().add(s * 32) as *const __m256i) };
-            let rl = _mm256_shuffle_epi8(t, lo);
-            let rh = _mm256_shuffle_epi8(t, hi);
-            a[0] = _mm256_add_epi16(a[0], rl);
-            a[1] = _mm256_add_epi16(a[1], _mm256_srli_epi16(rl, 8));
-            a[2] = _mm256_add_epi16(a[2], rh);
-            a[3] = _mm256_add_epi16(a[3], _mm256_srli_epi16(rh, 8));
-        }
+    let mut s = from;
+    while s + G <= to {
+        // SAFETY: forwarded; `s + G <= to`.
+        unsafe { nibble_group::<Q, G>(block, tables, s, &mut acc) };
+        s += G;
+    }
+    while s < to {
+        // SAFETY: forwarded; `s < to`.
+        unsafe { nibble_group::<Q, 1>(block, tables, s, &mut acc) };
+        s += 1;
     }
     acc
+}
+
+/// Steps `s..s + G` of [`nibble_chunk`]: per query, the byte sums of the `G` steps' look-ups
+/// (exact when every entry is at most `255 / G`), added to `acc` as words and odd bytes.
+///
+/// # Safety
+/// The CPU supports AVX2; `32 · (s + G) <= block.len()` and every table slice is as long.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibble_group<const Q: usize, const G: usize>(
+    block: &[u8],
+    tables: [&[u8]; Q],
+    s: usize,
+    acc: &mut [[__m256i; 4]; Q],
+) {
+    const {
+        assert!(
+            G == 1 || G.is_multiple_of(2),
+            "steps go one or two at a time"
+        )
+    };
+    let zero = _mm256_setzero_si256();
+    let mut part = [[zero; 2]; Q];
+    if G == 1 {
+        // SAFETY: forwarded (`32 · s + 32 <= block.len()`).
+        unsafe { look_up::<Q, false>(block, tables, s, &mut part) };
+    } else {
+        // Two steps at a time (their nibbles split once, then each query's four look-ups),
+        // which keeps the live registers within sixteen for two queries.
+        for h in (s..s + G).step_by(2) {
+            // SAFETY: forwarded (`32 · h + 64 <= block.len()`: `G` is even here).
+            unsafe { look_up::<Q, true>(block, tables, h, &mut part) };
+        }
+    }
+    for (a, [rl, rh]) in acc.iter_mut().zip(part) {
+        a[0] = _mm256_add_epi16(a[0], rl);
+        a[1] = _mm256_add_epi16(a[1], _mm256_srli_epi16(rl, 8));
+        a[2] = _mm256_add_epi16(a[2], rh);
+        a[3] = _mm256_add_epi16(a[3], _mm256_srli_epi16(rh, 8));
+    }
+}
+
+/// Adds to `part` each query's byte look-ups of step `h` (and `h + 1` with `TWO`): low-nibble
+/// rows in `part[q][0]`, high-nibble rows in `part[q][1]` (wrapping bytes: the caller bounds
+/// the entries).
+///
+/// # Safety
+/// The CPU supports AVX2; `32 · (h + 2) <= block.len()` with `TWO`, else `32 · (h + 1)`, and
+/// every table slice is as long.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn look_up<const Q: usize, const TWO: bool>(
+    block: &[u8],
+    tables: [&[u8]; Q],
+    h: usize,
+    part: &mut [[__m256i; 2]; Q],
+) {
+    let mask = _mm256_set1_epi8(0x0F);
+    let split = |k: usize| {
+        // SAFETY: `32 · (h + k) + 32 <= block.len()` for the steps asked.
+        let x = unsafe { _mm256_loadu_si256(block.as_ptr().add((h + k) * 32) as *const __m256i) };
+        (
+            _mm256_and_si256(x, mask),
+            _mm256_and_si256(_mm256_srli_epi16(x, 4), mask),
+        )
+    };
+    let (lo0, hi0) = split(0);
+    let (lo1, hi1) = if TWO { split(1) } else { (lo0, hi0) };
+    for (p, t) in part.iter_mut().zip(tables) {
+        // SAFETY: as above, the tables being as long as the block.
+        let t0 = unsafe { _mm256_loadu_si256(t.as_ptr().add(h * 32) as *const __m256i) };
+        let (mut rl, mut rh) = (_mm256_shuffle_epi8(t0, lo0), _mm256_shuffle_epi8(t0, hi0));
+        if TWO {
+            // SAFETY: as above.
+            let t1 = unsafe { _mm256_loadu_si256(t.as_ptr().add(h * 32 + 32) as *const __m256i) };
+            rl = _mm256_add_epi8(rl, _mm256_shuffle_epi8(t1, lo1));
+            rh = _mm256_add_epi8(rh, _mm256_shuffle_epi8(t1, hi1));
+        }
+        p[0] = _mm256_add_epi8(p[0], rl);
+        p[1] = _mm256_add_epi8(p[1], rh);
+    }
 }
 
 /// The `u32` sums of 16 rows (rows 0..7, rows 8..15) from look-ups accumulated as `u16` words:
@@ -912,6 +997,40 @@ fn word_rows(words: __m256i, odd: __m256i) -> [__m256i; 2] {
         )
     };
     interleave_rows(widen(even), widen(odd))
+}
+
+/// The `u32` sums of a chunk's 32 rows (rows 0..7, 8..15, 16..23, 24..31) from its four
+/// accumulators ([`nibble_chunk`]): with `short` (the whole block is at most [`SHORT_STEPS`]
+/// steps) through [`word_rows_short`], else [`word_rows`].
+#[inline]
+#[target_feature(enable = "avx2")]
+fn chunk_rows(a: &[__m256i; 4], short: bool) -> [__m256i; 4] {
+    let ([r0, r1], [r2, r3]) = if short {
+        (word_rows_short(a[0], a[1]), word_rows_short(a[2], a[3]))
+    } else {
+        (word_rows(a[0], a[1]), word_rows(a[2], a[3]))
+    };
+    [r0, r1, r2, r3]
+}
+
+/// Blocks of at most this many steps have row totals (two lanes of at most `128 · 255` each)
+/// that fit `u16`, so [`word_rows_short`] may add the lanes before widening.
+const SHORT_STEPS: usize = 128;
+
+/// [`word_rows`] for a chunk of at most [`SHORT_STEPS`] steps: the two lanes' even and odd sums
+/// are added as `u16` first (exact there), then interleaved and widened once, six shuffles where
+/// [`word_rows`] takes ten.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn word_rows_short(words: __m256i, odd: __m256i) -> [__m256i; 2] {
+    let even = _mm256_sub_epi16(words, _mm256_slli_epi16(odd, 8));
+    let fold =
+        |v: __m256i| _mm_add_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let (e, o) = (fold(even), fold(odd));
+    [
+        _mm256_cvtepu16_epi32(_mm_unpacklo_epi16(e, o)),
+        _mm256_cvtepu16_epi32(_mm_unpackhi_epi16(e, o)),
+    ]
 }
 
 /// Adds `N` vectors of eight `u32` row sums to `out[..8N]`, vector `k` to rows `8k..8k + 8`.
