@@ -260,14 +260,12 @@ impl Index {
         // on its own thread (inner product: the group shares each pass over the codes where the
         // kind allows); with fewer, each query's rows are split across the pool.
         let per_query = nq >= rayon::current_num_threads();
-        // Pairs only when they still leave a task per thread.
-        let pairs = tq_core::scan::FUSED_QUERIES;
-        let group =
-            if nq >= pairs * rayon::current_num_threads() && self.metric == Metric::InnerProduct {
-                pairs
-            } else {
-                1
-            };
+        // Groups of up to `SEARCH_QUERIES`, as large as still leaves a task per thread.
+        let group = if self.metric == Metric::InnerProduct {
+            (nq / rayon::current_num_threads()).clamp(1, crate::score::SEARCH_QUERIES)
+        } else {
+            1
+        };
         let search_group = |scratch: &mut Vec<f32>, qs: &[f32]| -> Result<Vec<Vec<Hit>>> {
             match self.metric {
                 Metric::InnerProduct => {

@@ -921,24 +921,41 @@ impl MseBatch {
     }
 
     /// The `k` rows with the largest estimated inner product, best first: fast scores for all rows,
-    /// then the best `max(4k, k + 32)` re-scored with the exact tables. O(n + k log k).
+    /// then the best `max(4k, k + 32)` re-scored with the exact tables. Nibble-table queries
+    /// choose those candidates with their `u8` tables coarsened to 64 levels (the fused scan then
+    /// adds four steps' look-ups as bytes); the same tables on one thread or many, so the hits do
+    /// not depend on the pool. O(n + k log k).
     pub fn top_k(&self, query: &MseQuery, k: usize) -> Vec<Hit> {
         let fast = query.has_fast_path();
-        let mut sel = score::Candidates::new(if fast { score::rerank_candidates(k) } else { k });
+        let c = if fast { score::rerank_candidates(k) } else { k };
+        let mut sel = score::Candidates::new(c);
         if score::split_rows(self.len()) {
-            // A large batch and a free pool: score in parallel, then select.
+            // A large batch and a free pool: score in parallel (with the tables the one-pass
+            // branch scans, so both choose the same candidates), then select.
             let mut scores = vec![0.0; self.len()];
-            let _ = self.score_into(query, &mut scores);
+            match &query.tables {
+                Some(t) => {
+                    let t = t.for_search();
+                    score::for_each_chunk(&mut scores, |start, o| {
+                        self.fast_chunk(&t, query, start, o, None)
+                    });
+                }
+                None => {
+                    let _ = self.score_into(query, &mut scores);
+                }
+            }
             for (b, chunk) in scores.chunks(BLOCK).enumerate() {
                 sel.push(b * BLOCK, chunk);
             }
         } else if let Some(t) = &query.tables {
             // One pass, a chunk of blocks at a time: nothing of the batch's size is allocated.
             // The kernel marks the rows above the selection's threshold; only those are offered.
-            let mut o = [0.0f32; score::CHUNK_ROWS];
-            let mut masks = [0u32; score::CHUNK_ROWS / BLOCK];
-            for start in (0..self.len()).step_by(score::CHUNK_ROWS) {
-                let o = &mut o[..(self.len() - start).min(score::CHUNK_ROWS)];
+            let t = t.for_search();
+            let t = t.as_ref();
+            let mut o = [0.0f32; score::SEARCH_CHUNK_ROWS];
+            let mut masks = [0u32; score::SEARCH_CHUNK_ROWS / BLOCK];
+            for (start, n) in score::search_chunks(self.len(), c) {
+                let o = &mut o[..n];
                 let masks = &mut masks[..o.len().div_ceil(BLOCK)];
                 self.fast_chunk(t, query, start, o, Some((sel.threshold(), &mut *masks)));
                 sel.push_marked(start, o, masks);
@@ -955,10 +972,11 @@ impl MseBatch {
         self.finish_top_k(query, sel, fast, k)
     }
 
-    /// The `k` best hits of each query, as [`MseBatch::top_k`] gives them one at a time; queries
-    /// with 1-, 2- or 4-bit tables are scanned in pairs (each block read once per pair, through
-    /// [`scan::scan_blocks_scores_multi`]) when the batch is scanned on this thread. O(queries · n
-    /// + k log k each).
+    /// The `k` best hits of each query, as [`MseBatch::top_k`] gives them one at a time (the same
+    /// coarsened candidate tables); queries with 1-, 2- or 4-bit tables are scanned in groups of
+    /// eight when the batch is scanned on this thread: each chunk of rows goes to
+    /// [`scan::scan_blocks_scores_multi`] with the group's jobs, which reads the chunk once per
+    /// pair while it stays in cache. O(queries · n + k log k each).
     pub fn top_k_many(&self, queries: &[&MseQuery], k: usize) -> Vec<Vec<Hit>> {
         let pairable = |q: &MseQuery| {
             q.tables
@@ -972,14 +990,16 @@ impl MseBatch {
         let rb = self.codes.row_bytes();
         let bb = block_bytes(rb);
         let mut hits = Vec::with_capacity(queries.len());
-        for group in queries.chunks(scan::FUSED_QUERIES) {
-            let tables: Vec<&Tables> = group.iter().filter_map(|q| q.tables.as_ref()).collect();
+        for group in queries.chunks(score::SEARCH_QUERIES) {
+            let tables: Vec<_> = group
+                .iter()
+                .filter_map(|q| q.tables.as_ref().map(Tables::for_search))
+                .collect();
             let mut sels: Vec<score::Candidates> =
                 group.iter().map(|_| score::Candidates::new(c)).collect();
-            let mut outs = vec![[0.0f32; score::CHUNK_ROWS]; group.len()];
-            let mut masks = vec![[0u32; score::CHUNK_ROWS / BLOCK]; group.len()];
-            for start in (0..self.len()).step_by(score::CHUNK_ROWS) {
-                let n = (self.len() - start).min(score::CHUNK_ROWS);
+            let mut outs = vec![[0.0f32; score::SEARCH_CHUNK_ROWS]; group.len()];
+            let mut masks = vec![[0u32; score::SEARCH_CHUNK_ROWS / BLOCK]; group.len()];
+            for (start, n) in score::search_chunks(self.len(), c) {
                 let nb = n.div_ceil(BLOCK);
                 let blocks = &self.codes.blocks()[start / BLOCK * bb..(start / BLOCK + nb) * bb];
                 let mut jobs: Vec<scan::ScoreJob<'_>> = group
@@ -1064,5 +1084,74 @@ impl MseBatch {
                 .collect(),
             k,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tq_core::{RotationKind, SeededRng, rng::stream};
+
+    fn gaussian_rows(n: usize, d: usize, seed: u64) -> Vec<f32> {
+        let mut r = SeededRng::new(seed, stream::DATA);
+        (0..n * d).map(|_| r.gaussian() as f32).collect()
+    }
+
+    /// The single-pass top-k (the kernel marks rows above the running threshold, only those are
+    /// offered) equals an independent reference: the best `max(4k, k + 32)` rows by their scores
+    /// through the search tables ([`score::Tables::for_search`]; full sort, ties by index),
+    /// re-ranked by their exact scores. Quantized data with many near-ties.
+    #[test]
+    fn single_pass_top_k_equals_sort_and_rerank() {
+        let (d, n, k) = (32, 3000, 10);
+        for bits in [2u32, 4] {
+            let q = Arc::new(
+                MseQuantizer::new(MseConfig::new(d, bits, RotationKind::Hadamard, 17)).unwrap(),
+            );
+            let mut batch = MseBatch::new(q.clone());
+            // Rows repeat every 97: equal codes and scores, ties broken by index.
+            let base = gaussian_rows(97, d, 8);
+            let rows: Vec<f32> = (0..n)
+                .flat_map(|i| base[(i % 97) * d..(i % 97 + 1) * d].to_vec())
+                .collect();
+            batch.extend(&rows).unwrap();
+            for seed in 0..3 {
+                let query = q.prepare_query(&gaussian_rows(1, d, 20 + seed)).unwrap();
+                let got = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .unwrap()
+                    .install(|| batch.top_k(&query, k));
+                let tables = query.tables.as_ref().unwrap().for_search();
+                let (mut fast, mut exact) = (vec![0.0f32; n], vec![0.0f32; n]);
+                for start in (0..n).step_by(score::CHUNK_ROWS) {
+                    let end = (start + score::CHUNK_ROWS).min(n);
+                    batch.fast_chunk(&tables, &query, start, &mut fast[start..end], None);
+                }
+                batch.score_exact_into(&query, &mut exact).unwrap();
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by(|&a, &b| fast[b].total_cmp(&fast[a]).then(a.cmp(&b)));
+                let mut cand = order[..(4 * k).max(k + 32)].to_vec();
+                cand.sort_by(|&a, &b| exact[b].total_cmp(&exact[a]).then(a.cmp(&b)));
+                let want: Vec<usize> = cand[..k].to_vec();
+                let idx: Vec<usize> = got.iter().map(|h| h.index).collect();
+                assert_eq!(idx, want, "bits {bits} seed {seed}");
+                for h in &got {
+                    assert!(
+                        (h.score - exact[h.index]).abs() <= 1e-4 * (1.0 + exact[h.index].abs())
+                    );
+                }
+                // The search tables are the coarser grid, not the scoring tables.
+                let fine = &query.tables.as_ref().unwrap().fast;
+                assert!(
+                    tables
+                        .fast
+                        .tables
+                        .iter()
+                        .all(|&t| t <= score::SEARCH_LEVELS)
+                );
+                assert!(fine.tables.iter().any(|&t| t > score::SEARCH_LEVELS));
+            }
+        }
     }
 }
