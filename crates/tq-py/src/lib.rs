@@ -334,7 +334,9 @@ fn load(py: Python<'_>, path: PathBuf) -> PyResult<Codes> {
 /// A faiss-shaped index of TurboQuant codes: `add(x)`, `search(q, k) -> (D, I)`.
 ///
 /// `metric`: "ip" (largest estimated inner product first) or "l2" (smallest estimated squared
-/// distance first); other arguments as for `Quantizer`. Queries are searched in parallel.
+/// distance first); other arguments as for `Quantizer`, except that `scale` defaults to
+/// "unbiased" (inner products unbiased per vector: the better recall, as `tq-bench search`
+/// defaults to). Queries are searched in parallel.
 #[pyclass(module = "tq")]
 struct Index {
     index: tq_quant::Index,
@@ -343,7 +345,7 @@ struct Index {
 #[pymethods]
 impl Index {
     #[new]
-    #[pyo3(signature = (dim, bits, metric = "ip", kind = "mse", rotation = "hadamard", scale = "norm", seed = 0))]
+    #[pyo3(signature = (dim, bits, metric = "ip", kind = "mse", rotation = "hadamard", scale = "unbiased", seed = 0))]
     fn new(
         dim: usize,
         bits: u32,

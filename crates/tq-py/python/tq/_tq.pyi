@@ -66,7 +66,8 @@ def load(path: PathLike) -> Codes:
     """Reads a tq-batch file (validated before use)."""
 
 class Index:
-    """A faiss-shaped index of TurboQuant codes (metric "ip" or "l2")."""
+    """A faiss-shaped index of TurboQuant codes (metric "ip" or "l2"); scale defaults to
+    "unbiased" (inner products unbiased per vector), other arguments as for Quantizer."""
 
     def __init__(
         self,
@@ -75,7 +76,7 @@ class Index:
         metric: str = "ip",
         kind: str = "mse",
         rotation: str = "hadamard",
-        scale: str = "norm",
+        scale: str = "unbiased",
         seed: int = 0,
     ) -> None: ...
     @property
