@@ -38,7 +38,10 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=5,
                    help="interleaved rounds, each searching every index once (best kept)")
     p.add_argument("--allow-debug", action="store_true", help="time a debug build anyway")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    return args
 
 
 args = parse_args()
@@ -156,12 +159,19 @@ def main():
     for _ in range(args.repeats):
         for e in entries:
             # Indexes slower than a second per search are timed once: their rank is not close.
-            if e["out"] is not None and e["best"] > 1.0:
+            if e.get("failed") or (e["out"] is not None and e["best"] > 1.0):
                 continue
-            secs, e["out"] = best_time(lambda: e["search"](e["index"]), 1)
+            try:
+                secs, e["out"] = best_time(lambda: e["search"](e["index"]), 1)
+            except (TypeError, RuntimeError) as err:
+                e["failed"] = True
+                print(f"  ({e['name']} search failed: {str(err).splitlines()[0][:100]})")
+                continue
             e["best"] = min(e["best"], secs)
     rows = []
     for e in entries:
+        if e.get("failed"):
+            continue
         D, I = e["out"]
         rows.append((e["name"], e["nbytes"], recall(I, truth, 1), recall(I, truth, 10),
                      nq / e["best"], e["build_s"]))

@@ -260,9 +260,10 @@ impl Index {
         // on its own thread (inner product: the group shares each pass over the codes where the
         // kind allows); with fewer, each query's rows are split across the pool.
         let per_query = nq >= rayon::current_num_threads();
-        // Groups of up to `SEARCH_QUERIES`, as large as still leaves a task per thread.
+        // Groups of up to `SEARCH_QUERIES`, in a task count that is a multiple of the threads
+        // (so no thread is left a short last round) and sizes that differ by at most one.
         let group = if self.metric == Metric::InnerProduct {
-            (nq / rayon::current_num_threads()).clamp(1, crate::score::SEARCH_QUERIES)
+            search_group_size(nq, rayon::current_num_threads())
         } else {
             1
         };
@@ -363,5 +364,40 @@ impl Index {
     /// [`Error::Io`] and those of [`Index::from_safetensors`].
     pub fn load(path: &Path) -> Result<Self> {
         Self::from_safetensors(&crate::io::read_file(path)?)
+    }
+}
+
+/// Queries per task of a many-query inner-product search on `threads` threads: tasks in a
+/// multiple of `threads` (the fewest that keeps groups within [`crate::score::SEARCH_QUERIES`]),
+/// the queries spread evenly over them, so the last round leaves no thread with a short task
+/// while another has a full one (20 queries on 2 threads: 4 tasks of 5, not 8, 8 and 4).
+fn search_group_size(nq: usize, threads: usize) -> usize {
+    let threads = threads.max(1);
+    let rounds = nq.div_ceil(threads * crate::score::SEARCH_QUERIES).max(1);
+    nq.div_ceil(threads * rounds).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_groups_fill_every_thread_evenly() {
+        assert_eq!(search_group_size(20, 2), 5);
+        assert_eq!(search_group_size(1000, 2), 8);
+        assert_eq!(search_group_size(136, 16), 5);
+        assert_eq!(search_group_size(3, 2), 2);
+        assert_eq!(search_group_size(1, 4), 1);
+        assert_eq!(search_group_size(0, 2), 1);
+        for threads in 1..=16 {
+            for nq in 1..=300 {
+                let g = search_group_size(nq, threads);
+                let tasks = nq.div_ceil(g);
+                assert!((1..=crate::score::SEARCH_QUERIES).contains(&g));
+                // No more rounds of tasks than the fewest full-size groups would need.
+                let rounds = tasks.div_ceil(threads);
+                assert!(rounds <= nq.div_ceil(threads * crate::score::SEARCH_QUERIES).max(1));
+            }
+        }
     }
 }

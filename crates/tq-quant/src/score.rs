@@ -108,24 +108,29 @@ pub(crate) struct Tables {
     pub(crate) fast: QuantizedLut,
 }
 
-/// Levels of the nibble tables a top-k search scans its candidates with (entries `0..=63`,
-/// [`QuantizedLut::with_levels`]): the fused kernel then adds four steps' look-ups as bytes
-/// before accumulating them (1 000-query d = 50 search on one thread, Zen 4: 95-96 ms against
-/// 104 ms with the `u8` tables), and the candidates are re-scored with the exact tables, so
-/// only the choice of candidates sees the coarser grid (GloVe recall 1@1 and 1@10 unchanged in
-/// `scripts/bench_python.py`).
-pub(crate) const SEARCH_LEVELS: u8 = 63;
+/// Largest entry of the nibble tables (1, 2 and 4 bits) a top-k search scans its candidates
+/// with: 64 levels, entries `0..=63` ([`QuantizedLut::quantize_tables_to`]). The fused kernel then
+/// adds four steps' look-ups as bytes before accumulating them (1 000-query d = 50 search on one
+/// thread, Zen 4: 95-96 ms against 104 ms with the 256-level tables). The coarser grid's
+/// rounding is about four times the `u8` tables' (at 4 bits about 0.8 of the quantization
+/// error, where the `u8` tables add 0.19: measured in `coarse_candidate_error_against_quantization`),
+/// but only the choice of candidates sees it: they are re-scored with the exact tables, and
+/// the exact top-k is found among them (`top_k_finds_the_exact_top_k_with_coarse_candidates`;
+/// GloVe recall 1@1 and 1@10 unchanged in `scripts/bench_python.py`).
+pub(crate) const SEARCH_MAX_ENTRY: u8 = 63;
 
 impl Tables {
-    /// The tables a top-k candidate scan uses: nibble tables on [`SEARCH_LEVELS`] levels
+    /// The tables a top-k candidate scan uses: nibble tables with entries up to [`SEARCH_MAX_ENTRY`]
     /// (without the exact tables, which the re-scoring takes from the query), other kinds as
     /// they are. O(tables).
     pub(crate) fn for_search(&self) -> std::borrow::Cow<'_, Tables> {
         if self.kind == TableKind::Nibble {
+            let mut fast = QuantizedLut::default();
+            fast.quantize_tables_to(&self.exact, 16, SEARCH_MAX_ENTRY);
             std::borrow::Cow::Owned(Tables {
                 kind: self.kind,
                 exact: Vec::new(),
-                fast: self.fast.with_levels(SEARCH_LEVELS),
+                fast,
             })
         } else {
             std::borrow::Cow::Borrowed(self)
@@ -355,9 +360,10 @@ pub(crate) const SEARCH_QUERIES: usize = 8;
 pub(crate) const SEARCH_CHUNK_ROWS: usize = 32 * BLOCK;
 
 /// The `(start, rows)` chunks a top-k scan of `len` rows keeping `c` candidates walks: the first
-/// just fills the selection (`2c` rows rounded up to whole blocks), so a threshold exists after
-/// it; the next ones double up to [`SEARCH_CHUNK_ROWS`], so the early, fast-rising threshold is
-/// refreshed often and stale marks stay few. Every start is a multiple of 32.
+/// fills the selection (`2c` rows rounded up to whole blocks, at most [`SEARCH_CHUNK_ROWS`]: for
+/// `c > 512` the threshold appears a few chunks later), so a threshold exists after it; the next
+/// ones double up to [`SEARCH_CHUNK_ROWS`], so the early, fast-rising threshold is refreshed
+/// often and stale marks stay few. Every start is a multiple of 32.
 pub(crate) fn search_chunks(len: usize, c: usize) -> impl Iterator<Item = (usize, usize)> {
     let first = (2 * c).div_ceil(BLOCK).clamp(1, SEARCH_CHUNK_ROWS / BLOCK) * BLOCK;
     let mut next = (0usize, first);
@@ -518,9 +524,10 @@ pub(crate) fn top_k_of(scores: &[f32], k: usize) -> Vec<Hit> {
     )
 }
 
-/// Candidates re-ranked exactly for a fast top-k: enough that the `u8` table error (a small
-/// fraction of the quantization error) cannot push a true top-k row out of the candidate set in
-/// practice.
+/// Candidates re-ranked exactly for a fast top-k: enough that the candidate tables' rounding
+/// (nibble tables quantized to 64 levels, [`SEARCH_MAX_ENTRY`]: about 0.8 of the quantization
+/// error at 4 bits; `u8` tables elsewhere, under 0.2) does not push an exact top-k row out of the
+/// candidate set in practice (tested: `top_k_finds_the_exact_top_k_with_coarse_candidates`).
 pub(crate) fn rerank_candidates(k: usize) -> usize {
     (4 * k).max(k + 32)
 }

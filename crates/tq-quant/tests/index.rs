@@ -30,12 +30,14 @@ fn decoded_l2(index: &Index, q: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// Queries searched in pairs (one pass over the codes per pair, 1-, 2- and 4-bit codes) give each
-/// query exactly its own top-k; an odd count leaves a last query alone, 3-bit codes go one by one.
+/// Queries searched in groups (each chunk of codes scanned once per pair of the group's queries,
+/// 1-, 2- and 4-bit codes) give each query exactly its own top-k; groups of odd size leave a
+/// query alone in its last pass, 3-bit codes go one by one.
 #[test]
 fn inner_product_search_is_the_batch_top_k_of_every_query() {
     let (d, n, nq, k) = (64, 500, 21, 7);
-    // Two threads: 21 queries give each a task of pairs (and one query alone) on any machine.
+    // Two threads: 21 queries make tasks of 6, 6, 6 and 3 (pairs, and a query alone in the
+    // last) on any machine.
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()

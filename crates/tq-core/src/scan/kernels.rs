@@ -270,18 +270,19 @@ pub fn scan_blocks_scores_multi(
             let bl = block_bytes(row_bytes);
             for group in jobs.chunks_mut(FUSED_QUERIES) {
                 // Tables whose entries are all below 64 let four steps' look-ups add as bytes
-                // first (an OR over the tables decides: one table read per call). Two steps for
-                // entries below 128 measured slower than none (d = 50 search: 111 against 104
-                // ms), so other tables take one step at a time.
+                // first. The check stops at the first 32 bytes holding a larger entry, which for
+                // `u8` tables on the full grid is almost always the first (a 64-level table is
+                // read once per call). Two steps for entries below 128 measured slower than none
+                // (d = 50 search: 111 against 104 ms), so other tables take one step at a time.
                 // SAFETY: AVX2 is present (checked at run time).
-                let top = group
+                let small = group
                     .iter()
-                    .fold(0u8, |m, j| m | unsafe { x86::table_bits(j.tables) });
+                    .all(|j| unsafe { x86::entries_below_64(j.tables) });
                 macro_rules! run {
                     ($g:literal) => {
                         // SAFETY: AVX2 and FMA are present (checked at run time), the checks
                         // above proved every job's length preconditions, and every entry is
-                        // at most `255 / G` (`top` below 64, or any with one step).
+                        // at most `255 / G` (below 64 with four steps, any with one).
                         unsafe {
                             if group.len() == 2 {
                                 x86::scan_blocks_scores_avx2::<2, $g>(
@@ -301,7 +302,7 @@ pub fn scan_blocks_scores_multi(
                         }
                     };
                 }
-                if top < 64 { run!(4) } else { run!(1) }
+                if small { run!(4) } else { run!(1) }
             }
             return;
         }

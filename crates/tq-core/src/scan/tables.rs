@@ -32,6 +32,20 @@ impl QuantizedLut {
     /// # Panics
     /// If `entries` is 0 or `tables.len()` is not a multiple of `entries`.
     pub fn quantize_tables(&mut self, tables: &[f32], entries: usize) {
+        self.quantize_tables_to(tables, entries, 255);
+    }
+
+    /// [`QuantizedLut::quantize_tables`] on the coarser grid `0..=max` (`max + 1` levels):
+    /// `Δ = max_n (max T_n - min T_n) / max`. The fused scan adds the look-ups of four steps as
+    /// bytes when every entry is below 64, so `max` 63 trades table precision (four times the
+    /// step) for a faster scan (`scan_blocks_scores_multi`). Quantize from the floats: re-rounding
+    /// `u8` tables onto the coarser grid biased the sums (d = 128, 4 bits: a mean error per query
+    /// one to two times the spread of the errors). O(tables.len()).
+    ///
+    /// # Panics
+    /// If `entries` or `max` is 0, or `tables.len()` is not a multiple of `entries`.
+    pub fn quantize_tables_to(&mut self, tables: &[f32], entries: usize, max: u8) {
+        assert!(max > 0, "a table needs at least two levels");
         assert!(
             entries > 0 && tables.len().is_multiple_of(entries),
             "{} table entries are not whole {entries}-entry tables",
@@ -58,7 +72,8 @@ impl QuantizedLut {
             range = range.max(hi - lo);
             lows.push(lo);
         }
-        let step = if range > 0.0 { range / 255.0 } else { 1.0 };
+        let top = f32::from(max);
+        let step = if range > 0.0 { range / top } else { 1.0 };
         let inv = 1.0 / step;
         self.tables.clear();
         self.tables.resize(tables.len(), 0);
@@ -75,35 +90,12 @@ impl QuantizedLut {
             for (o, &v) in out.iter_mut().zip(t) {
                 let x = (v - lo) * inv;
                 let x = if x > 0.0 { x } else { 0.0 };
-                let x = if x < 255.0 { x } else { 255.0 };
+                let x = if x < top { x } else { top };
                 *o = ((x + 12_582_912.0).to_bits() & 0xFF) as u8;
             }
         }
         self.offset = offset as f32;
         self.step = step;
-    }
-
-    /// The same tables on the coarser grid `0..=levels` (`1 <= levels <= 255`): entries
-    /// `round(t · levels / 255)` (halves up, in integers: the same bytes on every CPU), the
-    /// step scaled by `255 / levels`, the offset kept. Each entry moves by at most half a new
-    /// step plus half an old one. The fused scan adds the look-ups of four steps as bytes when
-    /// every entry is below 64, so `levels` 63 trades table precision for a faster scan
-    /// (`scan_blocks_scores_multi`). O(tables.len()).
-    ///
-    /// # Panics
-    /// If `levels` is 0.
-    pub fn with_levels(&self, levels: u8) -> QuantizedLut {
-        assert!(levels > 0, "a table needs at least two levels");
-        let l = u32::from(levels);
-        QuantizedLut {
-            tables: self
-                .tables
-                .iter()
-                .map(|&t| ((u32::from(t) * l + 127) / 255) as u8)
-                .collect(),
-            offset: self.offset,
-            step: self.step * (255.0 / levels as f32),
-        }
     }
 
     /// Converts a `u8` table sum to a score.

@@ -362,51 +362,48 @@ fn scan_parity_over_awkward_sizes() {
     }
 }
 
+/// Every entry of `q` (16-entry tables quantized from `tables`) decodes to within half a step of
+/// its float.
+fn assert_within_half_a_step(tables: &[f32], q: &QuantizedLut, what: &str) {
+    for (n, t) in tables.chunks_exact(16).enumerate() {
+        let lo = t.iter().copied().fold(f32::INFINITY, f32::min);
+        for (v, &want) in t.iter().enumerate() {
+            let back = lo + q.step * q.tables[16 * n + v] as f32;
+            assert!(
+                (back - want).abs() <= 0.5001 * q.step,
+                "{what}: table {n} entry {v}"
+            );
+        }
+    }
+}
+
 #[test]
 fn quantized_lut_error_is_within_half_a_step_per_table() {
     let mut r = SeededRng::new(9, stream::DATA);
     let tables: Vec<f32> = (0..16 * 40).map(|_| r.gaussian() as f32).collect();
     let mut q = QuantizedLut::default();
     q.quantize_from(&tables);
-    for n in 0..40 {
-        let lo = tables[16 * n..16 * n + 16]
-            .iter()
-            .copied()
-            .fold(f32::INFINITY, f32::min);
-        for v in 0..16 {
-            let back = lo + q.step * q.tables[16 * n + v] as f32;
-            assert!((back - tables[16 * n + v]).abs() <= 0.5001 * q.step);
-        }
-    }
+    assert_within_half_a_step(&tables, &q, "u8");
 }
 
-/// Coarser tables keep the offset, scale the step by `255 / levels` and move each entry to the
-/// nearest point of the new grid (no ties: 255 is odd), staying within `0..=levels`; at 255
-/// levels nothing changes.
+/// Tables on a coarser grid keep the offsets, take the widest range over `max` as the step,
+/// stay within `0..=max` and come within half a step of every float; at 255 they are the `u8`
+/// tables.
 #[test]
-fn quantized_lut_with_levels_rounds_to_the_coarser_grid() {
+fn quantized_lut_to_a_coarser_grid_is_within_half_a_step() {
     let mut r = SeededRng::new(10, stream::DATA);
     let tables: Vec<f32> = (0..16 * 25).map(|_| r.gaussian() as f32).collect();
-    let mut q = QuantizedLut::default();
-    q.quantize_from(&tables);
-    assert!(q.tables.contains(&255) && q.tables.contains(&0));
-    for levels in [1u8, 2, 63, 64, 127, 255] {
-        let c = q.with_levels(levels);
-        assert_eq!(c.offset, q.offset);
-        assert_eq!(c.step, q.step * (255.0 / levels as f32));
-        for (&t, &u) in q.tables.iter().zip(&c.tables) {
-            assert!(u <= levels, "levels {levels}: {u}");
-            // In old units the new entry is `u · 255 / levels`; nearest means within half a
-            // new step, and no other grid point is nearer.
-            let back = u as f64 * 255.0 / levels as f64;
-            let err = (back - t as f64).abs();
-            assert!(
-                err < 255.0 / (2.0 * levels as f64),
-                "levels {levels}: {t} -> {u}"
-            );
-        }
-        if levels == 255 {
-            assert_eq!(c.tables, q.tables);
+    let mut fine = QuantizedLut::default();
+    fine.quantize_from(&tables);
+    for max in [1u8, 2, 63, 64, 127, 255] {
+        let mut q = QuantizedLut::default();
+        q.quantize_tables_to(&tables, 16, max);
+        assert_eq!(q.offset, fine.offset);
+        assert!((q.step * max as f32 - fine.step * 255.0).abs() <= 1e-6 * fine.step * 255.0);
+        assert!(q.tables.iter().all(|&t| t <= max) && q.tables.contains(&max));
+        assert_within_half_a_step(&tables, &q, &format!("max {max}"));
+        if max == 255 {
+            assert_eq!(q.tables, fine.tables);
         }
     }
 }
@@ -414,14 +411,16 @@ fn quantized_lut_with_levels_rounds_to_the_coarser_grid() {
 /// The fused scores kernel adds four steps' look-ups as bytes when every table entry is below
 /// 64: with a unit affine and unit scales its scores are the exact scan sums for tables that
 /// reach that limit (and one past it, and the larger limits), saturated and random, over step
-/// counts with every remainder of 4 and one that crosses the 256-step flush; a group of two jobs
-/// with different limits takes the narrower grouping; the marks follow the scores.
+/// counts with every remainder of 4, the largest one-pass block (128 steps: saturated sums of
+/// 65 280) and ones past it and past the 256-step flush; alone, paired with a job of the same
+/// limit (two queries per pass, as a top-k search runs them) and with a finest-grid job (the
+/// pair then takes one step at a time); the marks follow the scores.
 #[test]
 fn blocks_scores_grouped_look_ups_equal_scan_sums() {
     let sizes: &[usize] = if cfg!(miri) {
         &[3, 300]
     } else {
-        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 25, 64, 300]
+        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 25, 64, 128, 129, 300]
     };
     let unit = Affine {
         offset: 0.0,
@@ -434,7 +433,7 @@ fn blocks_scores_grouped_look_ups_equal_scan_sums() {
         let scales = vec![1.0f32; rows];
         for top in [63u8, 64, 127, 128, 255] {
             for saturated in [false, true] {
-                let tables: Vec<Vec<u8>> = (0..2u64)
+                let tables: Vec<Vec<u8>> = (0..3u64)
                     .map(|q| {
                         let mut t: Vec<u8> = if saturated {
                             vec![top; block_bytes(row_bytes)]
@@ -454,7 +453,7 @@ fn blocks_scores_grouped_look_ups_equal_scan_sums() {
                         t
                     })
                     .collect();
-                let mut want = vec![vec![0.0f32; rows]; 2];
+                let mut want = vec![vec![0.0f32; rows]; 3];
                 for (q, t) in tables.iter().enumerate() {
                     let mut sums = [0u32; BLOCK];
                     for (b, block) in blocks.chunks_exact(block_bytes(row_bytes)).enumerate() {
@@ -486,25 +485,28 @@ fn blocks_scores_grouped_look_ups_equal_scan_sums() {
                 for (i, &v) in got.iter().enumerate() {
                     assert_eq!(masks[i / BLOCK] >> (i % BLOCK) & 1 == 1, v > above);
                 }
-                // Paired with a finest-grid job.
-                let (mut a, mut b) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
-                let mut jobs = [
-                    ScoreJob {
-                        tables: &tables[0],
-                        affine: unit,
-                        out: &mut a,
-                        marks: None,
-                    },
-                    ScoreJob {
-                        tables: &tables[1],
-                        affine: unit,
-                        out: &mut b,
-                        marks: None,
-                    },
-                ];
-                scan_blocks_scores_multi(&blocks, row_bytes, &scales, &mut jobs);
-                assert_eq!(a, want[0], "pair, row_bytes={row_bytes} top={top}");
-                assert_eq!(b, want[1], "pair, row_bytes={row_bytes} top={top}");
+                // Paired with a finest-grid job, then with one of the same limit.
+                for other in [1, 2] {
+                    let (mut a, mut b) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
+                    let mut jobs = [
+                        ScoreJob {
+                            tables: &tables[0],
+                            affine: unit,
+                            out: &mut a,
+                            marks: None,
+                        },
+                        ScoreJob {
+                            tables: &tables[other],
+                            affine: unit,
+                            out: &mut b,
+                            marks: None,
+                        },
+                    ];
+                    scan_blocks_scores_multi(&blocks, row_bytes, &scales, &mut jobs);
+                    let what = format!("pair {other}, row_bytes={row_bytes} top={top}");
+                    assert_eq!(a, want[0], "{what}");
+                    assert_eq!(b, want[other], "{what}");
+                }
             }
         }
     }
@@ -518,7 +520,7 @@ fn scan_multi_equals_one_query_at_a_time() {
     let sizes: &[usize] = if cfg!(miri) {
         &[1, 300]
     } else {
-        &[1, 7, 16, 25, 64, 129, 300]
+        &[1, 7, 16, 25, 64, 128, 129, 300]
     };
     let counts: &[usize] = if cfg!(miri) {
         &[1, 5]

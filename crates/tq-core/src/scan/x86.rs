@@ -854,10 +854,24 @@ pub(super) unsafe fn scan_blocks_scores_avx2<const Q: usize, const G: usize>(
     }
 }
 
-/// The OR of every byte of `tables` (below 64 or 128 iff every entry is), in 32-byte steps.
+/// Whether every byte of `tables` is below 64: 128 bytes at a time, the OR of four loads with bit
+/// 6 of each byte shifted onto bit 7 (a 16-bit shift: the bit a low byte pushes out lands on bit
+/// 0 of its neighbour) and the sign bits read by `vpmovmskb`, stopping at the first run with
+/// either bit set; the last bytes one by one.
 #[target_feature(enable = "avx2")]
-pub(super) fn table_bits(tables: &[u8]) -> u8 {
-    tables.iter().fold(0u8, |m, &t| m | t)
+pub(super) fn entries_below_64(tables: &[u8]) -> bool {
+    let mut runs = tables.chunks_exact(128);
+    for run in &mut runs {
+        let v: [__m256i; 4] = std::array::from_fn(|k| {
+            // SAFETY: `run` holds 128 bytes; unaligned 32-byte load at `32k`.
+            unsafe { _mm256_loadu_si256(run.as_ptr().add(32 * k) as *const __m256i) }
+        });
+        let or = _mm256_or_si256(_mm256_or_si256(v[0], v[1]), _mm256_or_si256(v[2], v[3]));
+        if _mm256_movemask_epi8(_mm256_or_si256(or, _mm256_slli_epi16(or, 1))) != 0 {
+            return false;
+        }
+    }
+    runs.remainder().iter().all(|&t| t < 64)
 }
 
 /// Steps `from..to` (`to - from <= 256`) of a nibble scan of `block` against `Q` queries' tables,
@@ -869,9 +883,10 @@ pub(super) fn table_bits(tables: &[u8]) -> u8 {
 ///
 /// With `G > 1` every table entry is at most `255 / G` (the caller checked), so the look-ups of
 /// `G` consecutive steps (the same rows at other positions) are first added as bytes without
-/// carry, and only their sum is accumulated: per step and query two shuffles and `2 / G` byte
-/// adds instead of two shuffles, four word adds and two shifts. Steps past the last whole group
-/// go one at a time. The sums are the same integers for every `G`.
+/// carry, and only their sum is accumulated: per step and query two shuffles, about `2 - 2 / G`
+/// byte adds and `6 / G` word adds and shifts, where one step at a time takes two shuffles, four
+/// word adds and two shifts. Steps past the last whole group go one at a time. The sums are the
+/// same integers for every `G`.
 ///
 /// # Safety
 /// The CPU supports AVX2; `32 · to <= block.len()` and every table slice is at least as long.
