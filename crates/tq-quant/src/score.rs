@@ -111,7 +111,7 @@ pub(crate) struct Tables {
 /// Largest entry of the nibble tables (1, 2 and 4 bits) a top-k search scans its candidates
 /// with: 64 levels, entries `0..=63` ([`QuantizedLut::quantize_tables_to`]). The fused kernel then
 /// adds four steps' look-ups as bytes before accumulating them (1 000-query d = 50 search on one
-/// thread, Zen 4: 95-96 ms against 104 ms with the 256-level tables). The coarser grid's
+/// thread, Zen 4: 97-98 ms against 105-106 ms with the 256-level tables). The coarser grid's
 /// rounding is about four times the `u8` tables' (at 4 bits about 0.8 of the quantization
 /// error, where the `u8` tables add 0.19: measured in `coarse_candidate_error_against_quantization`),
 /// but only the choice of candidates sees it: they are re-scored with the exact tables, and
