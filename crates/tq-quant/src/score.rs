@@ -109,20 +109,20 @@ pub(crate) struct Tables {
 }
 
 /// Largest entry of the nibble tables (1, 2 and 4 bits) a top-k search scans its candidates
-/// with: 64 levels, entries `0..=63` ([`QuantizedLut::quantize_tables_to`]). The fused kernel then
-/// adds four steps' look-ups as bytes before accumulating them (1 000-query d = 50 search on one
-/// thread, Zen 4: 97-98 ms against 105-106 ms with the 256-level tables). The coarser grid's
-/// rounding is about four times the `u8` tables' (at 4 bits about 0.8 of the quantization
-/// error, where the `u8` tables add 0.19: measured in `coarse_candidate_error_against_quantization`),
-/// but only the choice of candidates sees it: they are re-scored with the exact tables, and
-/// the exact top-k is found among them (`top_k_finds_the_exact_top_k_with_coarse_candidates`;
+/// with: 64 levels, entries `0..=63` ([`QuantizedLut::quantize_tables_to`]). The fused kernel
+/// then adds four steps' look-ups as bytes before accumulating them (1 000-query d = 50 search
+/// on one thread, Zen 4: 97-98 ms against 105-106 ms with the 256-level tables). The coarser
+/// grid's rounding is four times the `u8` tables' (at 4 bits about 0.8 of the quantization
+/// error, where the `u8` tables add 0.19: `coarse_candidate_error_against_quantization`), but
+/// only the choice of candidates sees it: they are re-scored with the exact tables, and the
+/// exact top-k is found among them (`top_k_finds_the_exact_top_k_with_coarse_candidates`;
 /// GloVe recall 1@1 and 1@10 unchanged in `scripts/bench_python.py`).
 pub(crate) const SEARCH_MAX_ENTRY: u8 = 63;
 
 impl Tables {
-    /// The tables a top-k candidate scan uses: nibble tables with entries up to [`SEARCH_MAX_ENTRY`]
-    /// (without the exact tables, which the re-scoring takes from the query), other kinds as
-    /// they are. O(tables).
+    /// The tables a top-k candidate scan uses: nibble tables quantized from the exact ones with
+    /// entries up to [`SEARCH_MAX_ENTRY`] (without the exact tables, which the re-scoring takes
+    /// from the query), other kinds as they are. O(tables).
     pub(crate) fn for_search(&self) -> std::borrow::Cow<'_, Tables> {
         if self.kind == TableKind::Nibble {
             let mut fast = QuantizedLut::default();

@@ -270,9 +270,9 @@ pub fn scan_blocks_scores_multi(
             let bl = block_bytes(row_bytes);
             for group in jobs.chunks_mut(FUSED_QUERIES) {
                 // Tables whose entries are all below 64 let four steps' look-ups add as bytes
-                // first. The check stops at the first 32 bytes holding a larger entry, which for
+                // first. The check stops at the first 128 bytes holding a larger entry, which for
                 // `u8` tables on the full grid is almost always the first (a 64-level table is
-                // read once per call). Two steps for entries below 128 measured slower than none
+                // read whole, once per call). Two steps for entries below 128 measured slower than none
                 // (d = 50 search: 111 against 104 ms), so other tables take one step at a time.
                 // SAFETY: AVX2 is present (checked at run time).
                 let small = group
