@@ -1008,10 +1008,10 @@ impl MseBatch {
                     .zip(outs.iter_mut().zip(masks.iter_mut()))
                     .zip(&sels)
                     .map(|(((q, t), (o, m)), sel)| scan::ScoreJob {
-                        tables: &t.fast.tables,
+                        tables: &t.fast().tables,
                         affine: scan::Affine {
-                            offset: t.fast.offset,
-                            step: t.fast.step,
+                            offset: t.fast().offset,
+                            step: t.fast().step,
                             bias: q.offset,
                         },
                         out: &mut o[..n],
@@ -1241,10 +1241,10 @@ mod tests {
                     );
                 }
                 // The search tables are the coarser grid, not the scoring tables.
-                let fine = &query.tables.as_ref().unwrap().fast;
+                let fine = query.tables.as_ref().unwrap().fast();
                 assert!(
                     tables
-                        .fast
+                        .fast()
                         .tables
                         .iter()
                         .all(|&t| t <= score::SEARCH_MAX_ENTRY)

@@ -100,12 +100,14 @@ pub(crate) fn nibble_tables(
     t
 }
 
-/// The tables of a query: `f32` for the exact path and `u8` for the fast path.
+/// The tables of a query: `f32` for the exact path and `u8` for the fast path, the latter
+/// quantized on first use ([`Tables::fast`]): a top-k search scans its own 64-level tables
+/// ([`Tables::for_search`]) and never needs them.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Tables {
     pub(crate) kind: TableKind,
     pub(crate) exact: Vec<f32>,
-    pub(crate) fast: QuantizedLut,
+    fast: std::sync::OnceLock<QuantizedLut>,
 }
 
 /// Largest entry of the nibble tables (1, 2 and 4 bits) a top-k search scans its candidates
@@ -130,7 +132,7 @@ impl Tables {
             std::borrow::Cow::Owned(Tables {
                 kind: self.kind,
                 exact: Vec::new(),
-                fast,
+                fast: fast.into(),
             })
         } else {
             std::borrow::Cow::Borrowed(self)
@@ -138,10 +140,26 @@ impl Tables {
     }
 
     pub(crate) fn new(kind: TableKind, exact: Vec<f32>) -> Self {
-        let mut fast = QuantizedLut::default();
-        let entries = if kind == TableKind::Code5 { 32 } else { 16 };
-        fast.quantize_tables(&exact, entries);
-        Self { kind, exact, fast }
+        Self {
+            kind,
+            exact,
+            fast: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The `u8` tables of the fast path, quantized from the exact ones on the first call (any
+    /// thread; the others wait for it). O(tables) once, then O(1).
+    pub(crate) fn fast(&self) -> &QuantizedLut {
+        self.fast.get_or_init(|| {
+            let mut fast = QuantizedLut::default();
+            let entries = if self.kind == TableKind::Code5 {
+                32
+            } else {
+                16
+            };
+            fast.quantize_tables(&self.exact, entries);
+            fast
+        })
     }
 
     /// Builds the tables of `weights` (a rotated query) against codebook `values` for rows of
@@ -173,12 +191,12 @@ impl Tables {
     pub(crate) fn block_fast(&self, block: &[u8], out: &mut [f32]) {
         let mut acc = [0u32; BLOCK];
         match self.kind {
-            TableKind::Nibble => tq_core::scan::scan_block(block, &self.fast.tables, &mut acc),
-            TableKind::Code3 => tq_core::scan::scan_block_b3(block, &self.fast.tables, &mut acc),
-            TableKind::Code5 => tq_core::scan::scan_block_b5(block, &self.fast.tables, &mut acc),
+            TableKind::Nibble => tq_core::scan::scan_block(block, &self.fast().tables, &mut acc),
+            TableKind::Code3 => tq_core::scan::scan_block_b3(block, &self.fast().tables, &mut acc),
+            TableKind::Code5 => tq_core::scan::scan_block_b5(block, &self.fast().tables, &mut acc),
         }
         for (o, &a) in out.iter_mut().zip(&acc) {
-            *o = self.fast.score(a);
+            *o = self.fast().score(a);
         }
     }
 
@@ -199,11 +217,11 @@ impl Tables {
     ) {
         if self.kind == TableKind::Nibble {
             let affine = tq_core::scan::Affine {
-                offset: self.fast.offset,
-                step: self.fast.step,
+                offset: self.fast().offset,
+                step: self.fast().step,
                 bias,
             };
-            let t = &self.fast.tables;
+            let t = &self.fast().tables;
             match select {
                 Some(marks) => tq_core::scan::scan_blocks_scores_above(
                     blocks, row_bytes, t, affine, scales, out, marks,
@@ -249,10 +267,10 @@ impl Tables {
                 .zip(biases)
                 .zip(outs.iter_mut())
                 .map(|((t, &bias), o)| tq_core::scan::ScoreJob {
-                    tables: &t.fast.tables,
+                    tables: &t.fast().tables,
                     affine: tq_core::scan::Affine {
-                        offset: t.fast.offset,
-                        step: t.fast.step,
+                        offset: t.fast().offset,
+                        step: t.fast().step,
                         bias,
                     },
                     out: o,
@@ -261,7 +279,7 @@ impl Tables {
                 .collect();
             tq_core::scan::scan_blocks_scores_multi(blocks, row_bytes, scales, &mut jobs);
         } else if all(TableKind::Code5) {
-            let refs: Vec<&[u8]> = tables.iter().map(|t| t.fast.tables.as_slice()).collect();
+            let refs: Vec<&[u8]> = tables.iter().map(|t| t.fast().tables.as_slice()).collect();
             let mut sums = vec![[0u32; BLOCK]; tables.len()];
             let bb = tq_core::scan::block_bytes(row_bytes);
             for (b, (block, sc)) in blocks
@@ -275,7 +293,7 @@ impl Tables {
                 {
                     let o = &mut o[b * BLOCK..b * BLOCK + sc.len()];
                     for ((v, &s), &a) in o.iter_mut().zip(sc).zip(sum) {
-                        *v = t.fast.score(a) * s + bias;
+                        *v = t.fast().score(a) * s + bias;
                     }
                 }
             }
