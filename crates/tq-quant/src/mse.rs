@@ -881,6 +881,21 @@ impl MseBatch {
         Ok(())
     }
 
+    /// The scores a top-k search chooses its candidates by, one per row into `out` (`out.len() ==
+    /// len`): through the query's 64-level search tables ([`Tables::for_search`]) where it has
+    /// tables, else its fast scores; chunks in parallel when [`score::split_rows`] says so.
+    fn candidate_scores(&self, query: &MseQuery, out: &mut [f32]) {
+        match &query.tables {
+            Some(t) => {
+                let t = t.for_search();
+                score::for_each_chunk(out, |start, o| self.fast_chunk(&t, query, start, o, None));
+            }
+            None => {
+                let _ = self.score_into(query, out);
+            }
+        }
+    }
+
     /// Fast scores of rows `start..start + o.len()` (`start` a multiple of 32) through the query's
     /// `u8` tables `t`: unit dots times the stored scale, plus the query's mean offset.
     fn fast_chunk(
@@ -933,17 +948,7 @@ impl MseBatch {
             // A large batch and a free pool: score in parallel (with the tables the one-pass
             // branch scans, so both choose the same candidates), then select.
             let mut scores = vec![0.0; self.len()];
-            match &query.tables {
-                Some(t) => {
-                    let t = t.for_search();
-                    score::for_each_chunk(&mut scores, |start, o| {
-                        self.fast_chunk(&t, query, start, o, None)
-                    });
-                }
-                None => {
-                    let _ = self.score_into(query, &mut scores);
-                }
-            }
+            self.candidate_scores(query, &mut scores);
             for (b, chunk) in scores.chunks(BLOCK).enumerate() {
                 sel.push(b * BLOCK, chunk);
             }
@@ -1007,15 +1012,18 @@ impl MseBatch {
                     .zip(&tables)
                     .zip(outs.iter_mut().zip(masks.iter_mut()))
                     .zip(&sels)
-                    .map(|(((q, t), (o, m)), sel)| scan::ScoreJob {
-                        tables: &t.fast().tables,
-                        affine: scan::Affine {
-                            offset: t.fast().offset,
-                            step: t.fast().step,
-                            bias: q.offset,
-                        },
-                        out: &mut o[..n],
-                        marks: Some((sel.threshold(), &mut m[..nb])),
+                    .map(|(((q, t), (o, m)), sel)| {
+                        let lut = t.fast();
+                        scan::ScoreJob {
+                            tables: &lut.tables,
+                            affine: scan::Affine {
+                                offset: lut.offset,
+                                step: lut.step,
+                                bias: q.offset,
+                            },
+                            out: &mut o[..n],
+                            marks: Some((sel.threshold(), &mut m[..nb])),
+                        }
                     })
                     .collect();
                 scan::scan_blocks_scores_multi(
@@ -1126,11 +1134,7 @@ mod tests {
                 (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
             for (qi, qv) in qs.chunks_exact(d).enumerate() {
                 let query = q.prepare_query(qv).unwrap();
-                let tables = query.tables.as_ref().unwrap().for_search();
-                for start in (0..n).step_by(score::CHUNK_ROWS) {
-                    let end = (start + score::CHUNK_ROWS).min(n);
-                    batch.fast_chunk(&tables, &query, start, &mut coarse[start..end], None);
-                }
+                batch.candidate_scores(&query, &mut coarse);
                 batch.score_into(&query, &mut fine).unwrap();
                 batch.score_exact_into(&query, &mut exact).unwrap();
                 for i in 0..n {
@@ -1223,10 +1227,7 @@ mod tests {
                     .install(|| batch.top_k(&query, k));
                 let tables = query.tables.as_ref().unwrap().for_search();
                 let (mut fast, mut exact) = (vec![0.0f32; n], vec![0.0f32; n]);
-                for start in (0..n).step_by(score::CHUNK_ROWS) {
-                    let end = (start + score::CHUNK_ROWS).min(n);
-                    batch.fast_chunk(&tables, &query, start, &mut fast[start..end], None);
-                }
+                batch.candidate_scores(&query, &mut fast);
                 batch.score_exact_into(&query, &mut exact).unwrap();
                 let mut order: Vec<usize> = (0..n).collect();
                 order.sort_by(|&a, &b| fast[b].total_cmp(&fast[a]).then(a.cmp(&b)));
