@@ -232,9 +232,66 @@ fn accumulate(c: &mut Criterion) {
     g.finish();
 }
 
+/// Key scoring at 6-8 bits, d = 128, 8 192 rows in cache: the exact float decode
+/// (`dot_block_codes`, block by block) against the integer dots on the codebook's grid
+/// (`dot_blocks_scores_i16`, the fast path); throughput counts keys.
+fn wide_dots(c: &mut Criterion) {
+    let mut g = c.benchmark_group("wide_dots");
+    let (d, n) = (128usize, 8192usize);
+    let mut r = SeededRng::new(7, stream::DATA);
+    let q = gaussians(d, 8);
+    let scales = vec![1.0f32; n];
+    for bits in 6..=8u32 {
+        let row_bytes = tq_core::bitpack::packed_len(d, bits);
+        let bb = scan::block_bytes(row_bytes);
+        let blocks: Vec<u8> = (0..n.div_ceil(scan::BLOCK) * bb)
+            .map(|_| r.next_u64() as u8)
+            .collect();
+        let values = Codebook::get(d, bits)
+            .expect("valid codebook")
+            .centroids()
+            .to_vec();
+        let book = scan::IntCodebook::from_centroids(&values);
+        let iq = book.quantize_query(&q);
+        let affine = scan::Affine {
+            offset: iq.offset,
+            step: iq.step,
+            bias: 0.0,
+        };
+        g.throughput(Throughput::Elements(n as u64));
+        let mut out = vec![0.0f32; n];
+        g.bench_function(format!("d128_b{bits}_exact"), |b| {
+            b.iter(|| {
+                let mut all = [0.0f32; scan::BLOCK];
+                for (blk, o) in blocks.chunks_exact(bb).zip(out.chunks_mut(scan::BLOCK)) {
+                    scan::dot_block_codes(blk, bits, &values, &q, &mut all);
+                    o.copy_from_slice(&all[..o.len()]);
+                }
+                black_box(out[0])
+            })
+        });
+        g.bench_function(format!("d128_b{bits}_int"), |b| {
+            b.iter(|| {
+                scan::dot_blocks_scores_i16(
+                    &blocks,
+                    row_bytes,
+                    bits,
+                    &book,
+                    &iq.weights,
+                    affine,
+                    &scales,
+                    &mut out,
+                );
+                black_box(out[0])
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(2));
-    targets = rotations, codebook_search, nibble_scan, scan_in_cache, accumulate
+    targets = rotations, codebook_search, nibble_scan, scan_in_cache, accumulate, wide_dots
 }
 criterion_main!(benches);

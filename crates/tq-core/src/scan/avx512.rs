@@ -6,8 +6,8 @@
 //! memory, and their `# Safety` names the lengths the caller (the checked public kernels) must
 //! have proven.
 
-use super::BLOCK;
 use super::x86::{store_rows, wide_codes_k};
+use super::{BLOCK, IntCodebook};
 use std::arch::x86_64::*;
 
 /// The four byte planes of a value table of up to 256 entries: `t[p][q]` holds byte `p` (little
@@ -336,6 +336,213 @@ pub(super) unsafe fn dot_nibbles_i8_vnni<const Q: usize>(
             );
             // SAFETY: `o` holds 32 i32; rows 8k..8k + 8.
             unsafe { _mm256_storeu_si256(o.as_mut_ptr().add(8 * k) as *mut __m256i, rows) };
+        }
+    }
+}
+
+/// An [`IntCodebook`]'s two byte planes in registers: `t[p][q]` holds byte `p` (little endian)
+/// of `values[64q..64q + 64]`, zero past the table's end.
+pub(super) struct IntPlanes {
+    t: [[__m512i; 4]; 2],
+    folded: bool,
+}
+
+impl IntPlanes {
+    /// The planes of `codebook` (eight 64-byte loads).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn new(codebook: &IntCodebook) -> Self {
+        let planes = codebook.planes();
+        let t = std::array::from_fn(|p| {
+            std::array::from_fn(|q| {
+                // SAFETY: bytes 64q..64q + 64 of a 256-byte plane.
+                unsafe { _mm512_loadu_si512(planes[p][64 * q..].as_ptr() as *const _) }
+            })
+        });
+        Self {
+            t,
+            folded: codebook.folded(),
+        }
+    }
+}
+
+/// Where byte `o` of the interleaved code register comes from: 128-bit lane `k` holds, in bytes
+/// `0..8`, rows `4k..4k + 4` and in bytes `8..16` rows `16 + 4k..20 + 4k`, each row's codes of
+/// coordinates `j` and `j + 1` adjacent. Returns `(row, coordinate 0 or 1)`.
+const fn interleaved(o: usize) -> (usize, usize) {
+    let (k, b) = (o / 16, o % 16);
+    let row = if b < 8 {
+        4 * k + b / 2
+    } else {
+        16 + 4 * k + (b - 8) / 2
+    };
+    (row, b % 2)
+}
+
+/// `vpermb` indices from [`pair_codes`]'s order (coordinate `c`'s row `r` at byte `32c + r`) to
+/// the interleaved order.
+const INTERLEAVE: [u8; 64] = {
+    let mut idx = [0u8; 64];
+    let mut o = 0;
+    while o < 64 {
+        let (r, c) = interleaved(o);
+        idx[o] = (32 * c + r) as u8;
+        o += 1;
+    }
+    idx
+};
+
+/// `vpermi2b` indices of the 8-bit codes' nibbles, in the interleaved order, from the 64 bytes
+/// of nibble positions `2j..2j + 4` (`A`, lanes `P0..P3`): a code's low nibble is in lane `2c`
+/// and its high nibble in lane `2c + 1`, byte `r mod 16`, in the low half of the byte for rows
+/// below 16 and the high half above. `NIBBLES[0]` picks the low nibbles from `(A, A >> 4)` (low
+/// half of the byte); `NIBBLES[1]` the high nibbles from `(A << 4, A)` (high half).
+const NIBBLES: [[u8; 64]; 2] = {
+    let mut idx = [[0u8; 64]; 2];
+    let mut o = 0;
+    while o < 64 {
+        let (r, c) = interleaved(o);
+        let table = if r >= 16 { 64 } else { 0 };
+        idx[0][o] = (table + 16 * (2 * c) + r % 16) as u8;
+        idx[1][o] = (table + 16 * (2 * c + 1) + r % 16) as u8;
+        o += 1;
+    }
+    idx
+};
+
+/// AVX-512 body of `dot_blocks_scores_i16` for one block: `out[r] = Σ_j weights[j] ·
+/// values[code_j(row r)]` in `i32`, two coordinates per step: their 64 codes in the interleaved
+/// order (8 bits: two `vpermi2b` over the nibble positions and a bit select; 6-7 bits:
+/// [`pair_codes`] and one `vpermb`), the grid values' two byte planes looked up
+/// ([`look_up_ints`]) and unpacked into words, each row's `(j, j + 1)` pair in one 32-bit lane,
+/// so one `vpdpwssd` per 16 rows adds both products. Exact (integers), the same sums as the
+/// scalar twin.
+///
+/// # Safety
+/// The CPU supports AVX2 and AVX-512 F, BW, VBMI and VNNI; `6 <= bits <= 8`; `block` is one block
+/// of `32 · row_bytes` bytes with `weights.len() <= 8 · row_bytes / bits`; no partial sum
+/// overflows an `i32` (`Σ|w| · max|value| <= i32::MAX`).
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni")]
+pub(super) unsafe fn dot_block_i16_x86(
+    block: &[u8],
+    bits: u32,
+    planes: &IntPlanes,
+    weights: &[i16],
+    out: &mut [i32; BLOCK],
+) {
+    // SAFETY (all three): the caller's contract, passed on with `bits == B`.
+    unsafe {
+        match bits {
+            6 => dot_block_i16_vnni::<6>(block, planes, weights, out),
+            7 => dot_block_i16_vnni::<7>(block, planes, weights, out),
+            _ => dot_block_i16_vnni::<8>(block, planes, weights, out),
+        }
+    }
+}
+
+/// [`dot_block_i16_x86`] for `B`-bit codes.
+///
+/// # Safety
+/// As [`dot_block_i16_x86`] with `bits == B`.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni")]
+unsafe fn dot_block_i16_vnni<const B: usize>(
+    block: &[u8],
+    planes: &IntPlanes,
+    weights: &[i16],
+    out: &mut [i32; BLOCK],
+) {
+    // SAFETY (the three loads): 64-byte constants.
+    let (interleave, low, high) = unsafe {
+        (
+            _mm512_loadu_si512(INTERLEAVE.as_ptr() as *const _),
+            _mm512_loadu_si512(NIBBLES[0].as_ptr() as *const _),
+            _mm512_loadu_si512(NIBBLES[1].as_ptr() as *const _),
+        )
+    };
+    let mut acc = [_mm512_setzero_si512(); 2];
+    for (pair, ws) in weights.chunks(2).enumerate() {
+        let (j, second) = (2 * pair, ws.len() == 2);
+        let codes = if B == 8 {
+            // SAFETY: nibble positions 2j..2j + 2 (and 2j + 2..2j + 4 when `second`) belong
+            // to coordinates below weights.len(), inside the block.
+            let a = unsafe {
+                let p = block.as_ptr().add(32 * j);
+                if second {
+                    _mm512_loadu_si512(p as *const _)
+                } else {
+                    _mm512_zextsi256_si512(_mm256_loadu_si256(p as *const __m256i))
+                }
+            };
+            let lo = _mm512_permutex2var_epi8(a, low, _mm512_srli_epi16::<4>(a));
+            let hi = _mm512_permutex2var_epi8(_mm512_slli_epi16::<4>(a), high, a);
+            // Bit select: the low nibble from `lo`, the high one from `hi` (0xCA = a ? b : c).
+            _mm512_ternarylogic_epi32::<0xCA>(_mm512_set1_epi8(0x0F), lo, hi)
+        } else {
+            // SAFETY: coordinates j (and j + 1 when `second`) are below weights.len(), so
+            // their nibble positions lie in the block; j % 4 is 0 or 2 as the pair's parity.
+            let codes = unsafe {
+                if pair % 2 == 0 {
+                    pair_codes::<B, 0>(block, j, second)
+                } else {
+                    pair_codes::<B, 2>(block, j, second)
+                }
+            };
+            _mm512_permutexvar_epi8(interleave, codes)
+        };
+        let (lo, hi) = look_up_ints::<B>(codes, planes);
+        let w1 = ws.get(1).copied().unwrap_or(0);
+        let pair_weights = (u32::from(ws[0] as u16) | (u32::from(w1 as u16) << 16)) as i32;
+        let wv = _mm512_set1_epi32(pair_weights);
+        acc[0] = _mm512_dpwssd_epi32(acc[0], _mm512_unpacklo_epi8(lo, hi), wv);
+        acc[1] = _mm512_dpwssd_epi32(acc[1], _mm512_unpackhi_epi8(lo, hi), wv);
+    }
+    // SAFETY: rows 0..16 and 16..32 of `out` (32 i32).
+    unsafe {
+        _mm512_storeu_si512(out.as_mut_ptr() as *mut _, acc[0]);
+        _mm512_storeu_si512(out.as_mut_ptr().add(16) as *mut _, acc[1]);
+    }
+}
+
+/// The low and high bytes of the grid values of 64 `B`-bit codes: one `vpermb` (6 bits) or
+/// `vpermi2b` (7 bits) per plane; at 8 bits two and a blend on bit 7, or, when the grid is
+/// antisymmetric (`values[255 - k] == !values[k]`), one on the mirrored index `255 - k` for codes
+/// from 128, whose bytes are then complemented.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+fn look_up_ints<const B: usize>(codes: __m512i, planes: &IntPlanes) -> (__m512i, __m512i) {
+    let t = &planes.t;
+    match B {
+        ..=6 => (
+            _mm512_permutexvar_epi8(codes, t[0][0]),
+            _mm512_permutexvar_epi8(codes, t[1][0]),
+        ),
+        7 => (
+            _mm512_permutex2var_epi8(t[0][0], codes, t[0][1]),
+            _mm512_permutex2var_epi8(t[1][0], codes, t[1][1]),
+        ),
+        _ => {
+            let upper = _mm512_movepi8_mask(codes);
+            if planes.folded {
+                // 0x7F - k has the low 7 bits of 255 - k, the ones `vpermi2b` reads.
+                let mirror = _mm512_mask_sub_epi8(codes, upper, _mm512_set1_epi8(0x7F), codes);
+                let lo = _mm512_permutex2var_epi8(t[0][0], mirror, t[0][1]);
+                let hi = _mm512_permutex2var_epi8(t[1][0], mirror, t[1][1]);
+                // -1 - x = !x, byte by byte: the word's one's complement.
+                let ones = _mm512_set1_epi8(-1);
+                (
+                    _mm512_mask_sub_epi8(lo, upper, ones, lo),
+                    _mm512_mask_sub_epi8(hi, upper, ones, hi),
+                )
+            } else {
+                let plane = |p: usize| {
+                    _mm512_mask_blend_epi8(
+                        upper,
+                        _mm512_permutex2var_epi8(t[p][0], codes, t[p][1]),
+                        _mm512_permutex2var_epi8(t[p][2], codes, t[p][3]),
+                    )
+                };
+                (plane(0), plane(1))
+            }
         }
     }
 }

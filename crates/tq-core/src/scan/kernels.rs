@@ -4,7 +4,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{BLOCK, block_bytes, check_block, read_row};
+use super::{BLOCK, IntCodebook, block_bytes, check_block, read_row};
 
 /// `out[r] = Σ_n tables[16n + nibble_n(row r)]` for the 32 rows of `block` (see the module docs).
 /// `tables.len()` must be `16 * positions` with `positions = 2 * row_bytes`, i.e. equal to
@@ -776,6 +776,180 @@ pub fn dot_block_codes(block: &[u8], bits: u32, values: &[f32], q: &[f32], out: 
         }
     }
     dot_block_codes_scalar(block, bits, values, q, out);
+}
+
+/// Scores of consecutive blocks of `bits`-bit codes (`6 <= bits <= 8`, rows of `row_bytes`
+/// bytes) against one query on an integer grid: `out[i] = scales[i] · (affine.offset +
+/// affine.step · S_i) + affine.bias` with `S_i = Σ_j weights[j] · codebook.values()[code_j(row
+/// i)]`, an exact `i32` sum (the checks bound it). The fast path of 6-8-bit keys, with
+/// [`IntCodebook::quantize_query`]'s weights, offset and step. With AVX-512 VBMI and VNNI, each
+/// pair of coordinates' 64 codes is looked up in the grid's two byte planes by one `vpermb` /
+/// `vpermi2b` per plane (8 bits: one per plane when the grid is antisymmetric, else two and a
+/// blend), interleaved into `(j, j + 1)` word pairs per row and summed by two `vpdpwssd`; with
+/// AVX2, four gathers and multiplies per coordinate; else [`dot_blocks_scores_i16_scalar`]. Every
+/// path computes the same integers and converts them with the same float operations, so the
+/// scores are the same bits on every CPU. `out.len()` rows are scored (the last block's empty
+/// slots are not written). O(rows · weights.len()).
+///
+/// # Panics
+/// Before any memory is read, unless `6 <= bits <= 8`, `row_bytes >= 1`, `blocks.len() ==
+/// out.len().div_ceil(32) · 32 · row_bytes`, `scales.len() == out.len()`, the codebook has at
+/// least `2^bits` values, `weights.len() <= 8 · row_bytes / bits` and `Σ_j |weights[j]| · max_k
+/// |values[k]| <= i32::MAX`.
+#[allow(clippy::too_many_arguments)]
+pub fn dot_blocks_scores_i16(
+    blocks: &[u8],
+    row_bytes: usize,
+    bits: u32,
+    codebook: &IntCodebook,
+    weights: &[i16],
+    affine: Affine,
+    scales: &[f32],
+    out: &mut [f32],
+) {
+    check_int_dots(
+        blocks.len(),
+        row_bytes,
+        bits,
+        codebook,
+        weights,
+        scales.len(),
+        out.len(),
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512_vbmi() && has_avx512_vnni() {
+            // SAFETY: AVX2 and AVX-512 F, BW, VBMI and VNNI are present (checked at run time).
+            let planes = unsafe { super::avx512::IntPlanes::new(codebook) };
+            int_blocks(blocks, row_bytes, affine, scales, out, |block, sums| {
+                // SAFETY: the CPU features as above; the checks proved the block's size, that
+                // every weight's coordinate lies in a row and that no partial sum overflows.
+                unsafe { super::avx512::dot_block_i16_x86(block, bits, &planes, weights, sums) }
+            });
+            return;
+        }
+        if has_avx2_fma() {
+            int_blocks(blocks, row_bytes, affine, scales, out, |block, sums| {
+                // SAFETY: AVX2 is present (checked at run time); the checks as above, and every
+                // code indexes the widened table (at least 2^bits entries).
+                unsafe { x86::dot_block_i16_avx2(block, bits, codebook.wide(), weights, sums) }
+            });
+            return;
+        }
+    }
+    int_blocks(blocks, row_bytes, affine, scales, out, |block, sums| {
+        dot_block_i16_scalar(block, bits, codebook.values(), weights, sums)
+    });
+}
+
+/// Runs `body` (one block's integer sums) over each block and converts its sums to scores
+/// ([`int_scores`]).
+#[inline(always)]
+fn int_blocks(
+    blocks: &[u8],
+    row_bytes: usize,
+    affine: Affine,
+    scales: &[f32],
+    out: &mut [f32],
+    mut body: impl FnMut(&[u8], &mut [i32; BLOCK]),
+) {
+    let mut sums = [0i32; BLOCK];
+    for ((block, o), sc) in blocks
+        .chunks_exact(block_bytes(row_bytes))
+        .zip(out.chunks_mut(BLOCK))
+        .zip(scales.chunks(BLOCK))
+    {
+        body(block, &mut sums);
+        int_scores(&sums, affine, sc, o);
+    }
+}
+
+/// Scalar twin of [`dot_blocks_scores_i16`] (each row read out of the block, unpacked and
+/// summed in order): the same integers, the same scores.
+///
+/// # Panics
+/// As [`dot_blocks_scores_i16`].
+#[allow(clippy::too_many_arguments)]
+pub fn dot_blocks_scores_i16_scalar(
+    blocks: &[u8],
+    row_bytes: usize,
+    bits: u32,
+    codebook: &IntCodebook,
+    weights: &[i16],
+    affine: Affine,
+    scales: &[f32],
+    out: &mut [f32],
+) {
+    check_int_dots(
+        blocks.len(),
+        row_bytes,
+        bits,
+        codebook,
+        weights,
+        scales.len(),
+        out.len(),
+    );
+    int_blocks(blocks, row_bytes, affine, scales, out, |block, sums| {
+        dot_block_i16_scalar(block, bits, codebook.values(), weights, sums)
+    });
+}
+
+/// One block's integer sums, row by row (the specification of the SIMD bodies).
+pub(super) fn dot_block_i16_scalar(
+    block: &[u8],
+    bits: u32,
+    values: &[i16],
+    weights: &[i16],
+    out: &mut [i32; BLOCK],
+) {
+    let row_bytes = block.len() / BLOCK;
+    let mut row = vec![0u8; row_bytes];
+    let mut codes = vec![0u8; 8 * row_bytes / bits as usize];
+    for (slot, o) in out.iter_mut().enumerate() {
+        read_row(block, slot, &mut row);
+        crate::bitpack::unpack_unchecked(&row, bits, &mut codes);
+        *o = weights
+            .iter()
+            .zip(&codes)
+            .map(|(&w, &c)| i32::from(w) * i32::from(values[c as usize]))
+            .sum();
+    }
+}
+
+/// A block's scores from its integer sums: `scale · (offset + step · sum) + bias`, one rounding
+/// per operation (no fused multiply-add), so every path's scores are the same bits.
+#[inline]
+fn int_scores(sums: &[i32; BLOCK], affine: Affine, scales: &[f32], out: &mut [f32]) {
+    for ((o, &s), &sum) in out.iter_mut().zip(scales).zip(sums) {
+        *o = s * (affine.offset + affine.step * sum as f32) + affine.bias;
+    }
+}
+
+/// Panics unless the arguments fit [`dot_blocks_scores_i16`].
+fn check_int_dots(
+    blocks_len: usize,
+    row_bytes: usize,
+    bits: u32,
+    codebook: &IntCodebook,
+    weights: &[i16],
+    scales_len: usize,
+    rows: usize,
+) {
+    assert!(
+        (6..=8).contains(&bits),
+        "integer dots take 6- to 8-bit codes, not {bits}"
+    );
+    assert!(row_bytes > 0, "rows of 0 bytes hold no codes");
+    check_codes(row_bytes, bits, codebook.values().len(), weights.len());
+    assert!(
+        blocks_len == rows.div_ceil(BLOCK) * block_bytes(row_bytes) && scales_len == rows,
+        "{blocks_len} block bytes and {scales_len} scales do not fit {rows} rows of {row_bytes} bytes"
+    );
+    let l1: i64 = weights.iter().map(|&w| i64::from(w).abs()).sum();
+    assert!(
+        l1 * codebook.max_abs() <= i64::from(i32::MAX),
+        "weights summing to {l1} in magnitude could overflow an i32 dot"
+    );
 }
 
 /// Scalar twin of [`dot_block_codes`]: each row read out of the block, unpacked and dotted in

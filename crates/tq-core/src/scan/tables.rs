@@ -104,3 +104,193 @@ impl QuantizedLut {
         self.offset + self.step * sum as f32
     }
 }
+
+/// Largest magnitude of an [`IntCodebook`] entry: values live on a 14-bit signed grid, so a
+/// query's weights may sum (in magnitude) to [`INT_WEIGHT_BUDGET`] before an `i32` sum of
+/// products could overflow.
+pub const INT_CODE_MAX: i32 = (1 << 13) - 1;
+
+/// Largest `Σ_j |w_j|` of an [`IntQuery`]'s weights: `floor((2^31 - 1) / 2^13)` (a grid value's
+/// magnitude is at most `INT_CODE_MAX + 1`, the mirror of `INT_CODE_MAX`), so every
+/// partial sum `Σ_j w_j · m_j` of [`super::dot_blocks_scores_i16`] fits an `i32`.
+pub const INT_WEIGHT_BUDGET: i64 = i32::MAX as i64 / (INT_CODE_MAX as i64 + 1);
+
+/// A codebook of up to 256 values on an integer grid, for the integer dot products of 6-8-bit
+/// codes ([`super::dot_blocks_scores_i16`]): value `k` stands for `(values[k] + 1/2) · step`,
+/// within `step / 2` of the float it was made from, with `step = max |c| / INT_CODE_MAX`, about
+/// `2^-13` of the codebook's span, far below the spacing of a 256-entry Lloyd-Max codebook (so
+/// the grid adds almost nothing to 8-bit quantization's own error). A codebook that is
+/// antisymmetric bit for bit (`c[n - 1 - k] == -c[k]`, as every Lloyd-Max codebook here is) keeps
+/// that symmetry exactly: `values[n - 1 - k] == !values[k]` (one's complement is negation on the
+/// half-integer grid), which lets the 8-bit AVX-512 kernel look up half the table.
+#[derive(Debug, Clone)]
+pub struct IntCodebook {
+    values: Vec<i16>,
+    step: f32,
+    /// Byte planes for the permute look-ups: `planes[p][k]` is byte `p` of `values[k]`, zero past
+    /// the table's end.
+    planes: [[u8; 256]; 2],
+    /// `values[n - 1 - k] == !values[k]` for every `k` (and `n == 256`).
+    folded: bool,
+    /// `values` widened, for the AVX2 gathers.
+    wide: Vec<i32>,
+}
+
+impl IntCodebook {
+    /// The grid of `centroids` (1 to 256 finite floats). O(n).
+    ///
+    /// # Panics
+    /// If `centroids` is empty, longer than 256 or holds a non-finite value.
+    pub fn from_centroids(centroids: &[f32]) -> Self {
+        let n = centroids.len();
+        assert!(
+            (1..=256).contains(&n),
+            "a codebook of {n} values does not fit 8-bit codes"
+        );
+        assert!(
+            centroids.iter().all(|c| c.is_finite()),
+            "a codebook value is not finite"
+        );
+        let top = centroids.iter().fold(0.0f32, |m, c| m.max(c.abs()));
+        let step = if top > 0.0 {
+            top / INT_CODE_MAX as f32
+        } else {
+            1.0
+        };
+        // floor(c / step) puts c in [m·step, (m + 1)·step), so (m + 1/2)·step is within step/2
+        // (the quotient in f64, where rounding cannot move it across an integer that matters).
+        // |c / step| <= INT_CODE_MAX up to the f32 step's rounding: -top may land on -2^13.
+        let grid = |c: f32| {
+            let m = (f64::from(c) / f64::from(step)).floor();
+            m.clamp(f64::from(-INT_CODE_MAX - 1), f64::from(INT_CODE_MAX)) as i16
+        };
+        let symmetric = (0..n).all(|k| centroids[n - 1 - k].to_bits() == (-centroids[k]).to_bits());
+        let values: Vec<i16> = (0..n)
+            .map(|k| {
+                if symmetric && 2 * k >= n {
+                    // The mirror: -(m + 1/2) = !m + 1/2, the same distance from -c as m from c.
+                    !grid(centroids[n - 1 - k])
+                } else {
+                    grid(centroids[k])
+                }
+            })
+            .collect();
+        Self::from_values(values, step)
+    }
+
+    /// A codebook of the given grid values (at most 256, each within `±INT_CODE_MAX` but for
+    /// `-INT_CODE_MAX - 1`) and step. O(n).
+    ///
+    /// # Panics
+    /// If `values` is empty, longer than 256 or out of the grid, or `step` is not finite.
+    pub fn from_values(values: Vec<i16>, step: f32) -> Self {
+        let n = values.len();
+        assert!(
+            (1..=256).contains(&n),
+            "a codebook of {n} values does not fit 8-bit codes"
+        );
+        assert!(
+            values
+                .iter()
+                .all(|&v| (-INT_CODE_MAX - 1..=INT_CODE_MAX).contains(&i32::from(v))),
+            "a codebook value is off the {}-bit grid",
+            14
+        );
+        assert!(step.is_finite(), "the grid's step is not finite");
+        let mut planes = [[0u8; 256]; 2];
+        for (k, v) in values.iter().enumerate() {
+            let [lo, hi] = v.to_le_bytes();
+            planes[0][k] = lo;
+            planes[1][k] = hi;
+        }
+        let folded = n == 256 && (0..n).all(|k| values[n - 1 - k] == !values[k]);
+        let wide = values.iter().map(|&v| i32::from(v)).collect();
+        Self {
+            values,
+            step,
+            planes,
+            folded,
+            wide,
+        }
+    }
+
+    /// The grid values.
+    pub fn values(&self) -> &[i16] {
+        &self.values
+    }
+
+    /// The value of one grid unit.
+    pub fn step(&self) -> f32 {
+        self.step
+    }
+
+    /// Largest `|values[k]|` (at most `INT_CODE_MAX + 1`).
+    pub(super) fn max_abs(&self) -> i64 {
+        self.values
+            .iter()
+            .map(|&v| i64::from(v).abs())
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub(super) fn planes(&self) -> &[[u8; 256]; 2] {
+        &self.planes
+    }
+
+    pub(super) fn folded(&self) -> bool {
+        self.folded
+    }
+
+    pub(super) fn wide(&self) -> &[i32] {
+        &self.wide
+    }
+
+    /// A query `q` on this codebook's grid: `Σ_j q_j · c[k_j] ≈ affine.offset + affine.step ·
+    /// Σ_j w_j · values[k_j]`. The weights share one step `s = max(Σ|q| / (B - d), max|q| / 32767)`
+    /// (`B` = [`INT_WEIGHT_BUDGET`]), so with rounding `Σ|w| <= B` and every `|w| <= 32767`; each
+    /// weight is within `s / 2` of `q_j / s`. O(d).
+    ///
+    /// # Panics
+    /// If `q.len() >= INT_WEIGHT_BUDGET / 2` or `q` holds a non-finite value.
+    pub fn quantize_query(&self, q: &[f32]) -> IntQuery {
+        let d = q.len() as i64;
+        assert!(
+            2 * d < INT_WEIGHT_BUDGET,
+            "{d} coordinates exceed the integer dot's budget"
+        );
+        assert!(
+            q.iter().all(|x| x.is_finite()),
+            "a query value is not finite"
+        );
+        let l1: f64 = q.iter().map(|&x| f64::from(x.abs())).sum();
+        let top = q.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let s = (l1 / (INT_WEIGHT_BUDGET - d) as f64).max(f64::from(top) / 32767.0);
+        let weights: Vec<i16> = if s > 0.0 {
+            q.iter()
+                .map(|&x| (f64::from(x) / s).round().clamp(-32767.0, 32767.0) as i16)
+                .collect()
+        } else {
+            vec![0; q.len()]
+        };
+        let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
+        let unit = (s * f64::from(self.step)) as f32;
+        IntQuery {
+            weights,
+            offset: (0.5 * total as f64 * s * f64::from(self.step)) as f32,
+            step: unit,
+        }
+    }
+}
+
+/// A query on an [`IntCodebook`]'s grid ([`IntCodebook::quantize_query`]): its weights and the
+/// map from an integer sum `S = Σ_j w_j · values[k_j]` to the dot, `offset + step · S` (as
+/// [`super::Affine`]'s `offset` and `step`).
+#[derive(Debug, Clone, Default)]
+pub struct IntQuery {
+    /// One weight per coordinate.
+    pub weights: Vec<i16>,
+    /// `Σ_j w_j / 2` grid units (the half-integer grid's offset), as a float.
+    pub offset: f32,
+    /// The value of one unit of `S`.
+    pub step: f32,
+}

@@ -976,3 +976,216 @@ fn vnni_dots_equal_avx2() {
         }
     }
 }
+
+/// Random weights for the integer dots, scaled so `Σ|w| · max|value|` sits at the kernel's limit
+/// (the largest partial sums it accepts), or plain random ones.
+fn int_weights(r: &mut SeededRng, d: usize, max_abs: i64, at_limit: bool) -> Vec<i16> {
+    let raw: Vec<i64> = (0..d)
+        .map(|_| (r.next_u64() % 65535) as i64 - 32767)
+        .collect();
+    if !at_limit {
+        return raw.iter().map(|&w| w as i16).collect();
+    }
+    let budget = i64::from(i32::MAX) / max_abs.max(1);
+    let l1: i64 = raw.iter().map(|w| w.abs()).sum::<i64>().max(1);
+    raw.iter()
+        .map(|&w| (w * budget / l1).clamp(-32767, 32767) as i16)
+        .collect()
+}
+
+/// The integer dot kernel (the dispatching one, and on x86 each SIMD body it may pick) equals
+/// its scalar twin bit for bit and an independent read-back of every row, at 6-8 bits over
+/// awkward sizes (odd coordinate counts: a last pair with one coordinate; partial last blocks),
+/// with general, antisymmetric (folded at 8 bits) and nearly antisymmetric grids, random weights
+/// and weights at the overflow limit.
+#[test]
+fn int_dots_equal_the_scalar_twin_and_the_rows() {
+    let mut r = SeededRng::new(51, stream::DATA);
+    let dims: &[usize] = if cfg!(miri) {
+        &[3]
+    } else {
+        &[1, 2, 3, 4, 5, 7, 9, 33, 64, 65, 127, 128, 129]
+    };
+    for bits in 6..=8u32 {
+        let n_values = 1usize << bits;
+        for &d in dims {
+            let row_bytes = crate::bitpack::packed_len(d, bits);
+            let rows: usize = if cfg!(miri) { 33 } else { 75 };
+            let blocks = random_bytes(rows.div_ceil(BLOCK) * block_bytes(row_bytes), 9 + d as u64);
+            let general: Vec<i16> = (0..n_values)
+                .map(|_| ((r.next_u64() % 16383) as i32 - 8192) as i16)
+                .collect();
+            let mut anti = general.clone();
+            for k in 0..n_values / 2 {
+                anti[n_values - 1 - k] = !anti[k];
+            }
+            let mut near = anti.clone();
+            near[n_values / 2] ^= 1;
+            for (ti, values) in [general, anti, near].into_iter().enumerate() {
+                let book = IntCodebook::from_values(values, 0.001);
+                assert_eq!(
+                    book.folded(),
+                    bits == 8 && ti == 1,
+                    "bits={bits} table {ti}"
+                );
+                let scales: Vec<f32> = (0..rows).map(|_| 0.5 + r.uniform() as f32).collect();
+                for at_limit in [false, true] {
+                    let w = int_weights(&mut r, d, book.max_abs(), at_limit);
+                    let l1: i64 = w.iter().map(|&w| i64::from(w).abs()).sum();
+                    if l1 * book.max_abs() > i64::from(i32::MAX) {
+                        continue;
+                    }
+                    let affine = Affine {
+                        offset: 0.375,
+                        step: 1.0e-6,
+                        bias: -0.25,
+                    };
+                    let (mut a, mut b) = (vec![0f32; rows], vec![0f32; rows]);
+                    dot_blocks_scores_i16(
+                        &blocks, row_bytes, bits, &book, &w, affine, &scales, &mut a,
+                    );
+                    dot_blocks_scores_i16_scalar(
+                        &blocks, row_bytes, bits, &book, &w, affine, &scales, &mut b,
+                    );
+                    let what = format!("bits={bits} d={d} table {ti} limit {at_limit}");
+                    assert_eq!(
+                        a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        b.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        "{what}"
+                    );
+                    let bb = block_bytes(row_bytes);
+                    for (i, &got) in a.iter().enumerate() {
+                        let block = &blocks[i / BLOCK * bb..(i / BLOCK + 1) * bb];
+                        let sum: i64 = (0..d)
+                            .map(|j| {
+                                i64::from(w[j])
+                                    * i64::from(book.values()[code_at(block, bits, j, i % BLOCK)])
+                            })
+                            .sum();
+                        let want =
+                            scales[i] * (affine.offset + affine.step * sum as f32) + affine.bias;
+                        assert_eq!(got.to_bits(), want.to_bits(), "{what} row {i}");
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    int_dot_bodies_agree(&blocks, row_bytes, bits, &book, &w, &what);
+                }
+            }
+        }
+    }
+}
+
+/// Each x86 body of the integer dots the CPU can run gives the scalar twin's sums.
+#[cfg(target_arch = "x86_64")]
+fn int_dot_bodies_agree(
+    blocks: &[u8],
+    row_bytes: usize,
+    bits: u32,
+    book: &IntCodebook,
+    w: &[i16],
+    what: &str,
+) {
+    use std::arch::is_x86_feature_detected as has;
+    if cfg!(miri) || !has!("avx2") {
+        return;
+    }
+    let vnni = has!("avx512f") && has!("avx512bw") && has!("avx512vbmi") && has!("avx512vnni");
+    for block in blocks.chunks_exact(block_bytes(row_bytes)) {
+        let mut want = [0i32; BLOCK];
+        super::kernels::dot_block_i16_scalar(block, bits, book.values(), w, &mut want);
+        let mut got = [0i32; BLOCK];
+        // SAFETY: AVX2 is present; the block, weights and table have the checked shapes.
+        unsafe { super::x86::dot_block_i16_avx2(block, bits, book.wide(), w, &mut got) };
+        assert_eq!(got, want, "{what}: AVX2");
+        if vnni {
+            // SAFETY: the AVX-512 features are present (checked above); shapes as above.
+            unsafe {
+                let planes = super::avx512::IntPlanes::new(book);
+                super::avx512::dot_block_i16_x86(block, bits, &planes, w, &mut got);
+            }
+            assert_eq!(got, want, "{what}: AVX-512");
+        }
+    }
+}
+
+/// A codebook's grid is within half a step of every centroid, keeps an antisymmetric codebook's
+/// symmetry as one's complement (so the 8-bit kernel folds), and a query's weights respect the
+/// overflow budget with each within half a weight step of the query.
+#[test]
+fn int_codebook_and_query_grids() {
+    let mut r = SeededRng::new(52, stream::DATA);
+    let mut half: Vec<f32> = (0..128).map(|_| r.gaussian().abs() as f32 * 0.1).collect();
+    half.sort_by(f32::total_cmp);
+    let centroids: Vec<f32> = half
+        .iter()
+        .rev()
+        .map(|&c| -c)
+        .chain(half.iter().copied())
+        .collect();
+    let book = IntCodebook::from_centroids(&centroids);
+    assert!(book.folded(), "an antisymmetric codebook folds");
+    for (&c, &m) in centroids.iter().zip(book.values()) {
+        let v = (f64::from(m) + 0.5) * f64::from(book.step());
+        let err = (v - f64::from(c)).abs();
+        assert!(err <= 0.5 * f64::from(book.step()) * 1.0001, "{c} as {v}");
+        assert!(i32::from(m).abs() <= INT_CODE_MAX + 1);
+    }
+    let mut skew = centroids.clone();
+    skew[200] += 1e-3;
+    assert!(!IntCodebook::from_centroids(&skew).folded());
+    for d in [1usize, 3, 64, 128, 1000] {
+        let mut q: Vec<f32> = (0..d).map(|_| r.gaussian() as f32).collect();
+        if d == 3 {
+            q[1] = 1.0e6; // one dominant coordinate: the i16 range binds, not the budget
+        }
+        let iq = book.quantize_query(&q);
+        let l1: i64 = iq.weights.iter().map(|&w| i64::from(w).abs()).sum();
+        assert!(l1 <= INT_WEIGHT_BUDGET, "d={d}: {l1}");
+        assert!(l1 * book.max_abs() <= i64::from(i32::MAX));
+        let s = iq.step / book.step();
+        for (&x, &w) in q.iter().zip(&iq.weights) {
+            assert!(
+                (f32::from(w) * s - x).abs() <= 0.5 * s * 1.001,
+                "d={d}: {x} as {w}"
+            );
+        }
+        // The affine map reproduces the dot of the query with the grid's values.
+        let codes: Vec<usize> = (0..d).map(|_| (r.next_u64() % 256) as usize).collect();
+        let sum: i64 = codes
+            .iter()
+            .zip(&iq.weights)
+            .map(|(&k, &w)| i64::from(w) * i64::from(book.values()[k]))
+            .sum();
+        let got = f64::from(iq.offset) + f64::from(iq.step) * sum as f64;
+        let want: f64 = codes
+            .iter()
+            .zip(&iq.weights)
+            .map(|(&k, &w)| f64::from(w) * f64::from(s) * (f64::from(book.values()[k]) + 0.5))
+            .sum::<f64>()
+            * f64::from(book.step());
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "d={d}: {got} vs {want}"
+        );
+    }
+    assert!(
+        IntCodebook::from_centroids(&[0.0; 4])
+            .quantize_query(&[0.0; 4])
+            .weights
+            == [0; 4]
+    );
+}
+
+#[test]
+#[should_panic(expected = "could overflow an i32 dot")]
+fn int_dots_refuse_weights_past_the_budget() {
+    let book = IntCodebook::from_values(vec![INT_CODE_MAX as i16; 256], 1.0);
+    let w = vec![32767i16; 16];
+    let mut out = [0f32; BLOCK];
+    let blocks = vec![0u8; block_bytes(16)];
+    let affine = Affine {
+        offset: 0.0,
+        step: 1.0,
+        bias: 0.0,
+    };
+    dot_blocks_scores_i16(&blocks, 16, 8, &book, &w, affine, &[1.0; BLOCK], &mut out);
+}

@@ -603,20 +603,97 @@ pub(super) unsafe fn wide_codes_k<const B: usize, const K: usize>(
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn gather_values(code: __m256i, values: &[f32]) -> [__m256; 4] {
+    // SAFETY: every index is a code, inside `values` (the caller's contract).
+    gather_indices(code).map(|i| unsafe { _mm256_i32gather_ps::<4>(values.as_ptr(), i) })
+}
+
+/// [`gather_values`] from a table of `i32`.
+///
+/// # Safety
+/// The CPU supports AVX2; every code indexes `values`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn gather_ints(code: __m256i, values: &[i32]) -> [__m256i; 4] {
+    // SAFETY: every index is a code, inside `values` (the caller's contract).
+    gather_indices(code).map(|i| unsafe { _mm256_i32gather_epi32::<4>(values.as_ptr(), i) })
+}
+
+/// The 32 codes of a register (rows 0..16 in the low lane, 16..32 in the high) widened to
+/// `i32` indices in [`decode_planes`]'s register order.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn gather_indices(code: __m256i) -> [__m256i; 4] {
     let (lo, hi) = (
         _mm256_castsi256_si128(code),
         _mm256_extracti128_si256(code, 1),
     );
     // Bytes: rows 0-3, 16-19, 4-7, 20-23 | rows 8-11, 24-27, 12-15, 28-31.
     let (a, b) = (_mm_unpacklo_epi32(lo, hi), _mm_unpackhi_epi32(lo, hi));
-    let idx = [
+    [
         _mm256_cvtepu8_epi32(a),
         _mm256_cvtepu8_epi32(_mm_srli_si128(a, 8)),
         _mm256_cvtepu8_epi32(b),
         _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)),
-    ];
-    // SAFETY: every index is a code, inside `values` (the caller's contract).
-    idx.map(|i| unsafe { _mm256_i32gather_ps::<4>(values.as_ptr(), i) })
+    ]
+}
+
+/// AVX2 body of `dot_blocks_scores_i16` for one block: `out[r] = Σ_j weights[j] ·
+/// values[code_j(row r)]` in `i32`, each coordinate's 32 codes cut out of the nibble layout
+/// ([`wide_codes`]), gathered and multiplied into four 8-row sums (integers: the order does not
+/// matter).
+///
+/// # Safety
+/// The CPU supports AVX2; `6 <= bits <= 8`; `block` is one block of `32 · row_bytes` bytes with
+/// `weights.len() <= 8 · row_bytes / bits`; `values` has at least `2^bits` entries.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn dot_block_i16_avx2(
+    block: &[u8],
+    bits: u32,
+    values: &[i32],
+    weights: &[i16],
+    out: &mut [i32; BLOCK],
+) {
+    // SAFETY (all three): the caller's contract, passed on with `bits == B`.
+    unsafe {
+        match bits {
+            6 => dot_block_i16_wide::<6>(block, values, weights, out),
+            7 => dot_block_i16_wide::<7>(block, values, weights, out),
+            _ => dot_block_i16_wide::<8>(block, values, weights, out),
+        }
+    }
+}
+
+/// [`dot_block_i16_avx2`] for `B`-bit codes.
+///
+/// # Safety
+/// As [`dot_block_i16_avx2`] with `bits == B`.
+#[target_feature(enable = "avx2")]
+unsafe fn dot_block_i16_wide<const B: usize>(
+    block: &[u8],
+    values: &[i32],
+    weights: &[i16],
+    out: &mut [i32; BLOCK],
+) {
+    let mut acc = [_mm256_setzero_si256(); 4];
+    for (j, &w) in weights.iter().enumerate() {
+        // SAFETY: coordinate j < weights.len() has its nibbles in the block; codes index
+        // `values`.
+        let x = unsafe { gather_ints(wide_codes::<B>(block, j), values) };
+        let wv = _mm256_set1_epi32(i32::from(w));
+        for (a, x) in acc.iter_mut().zip(x) {
+            *a = _mm256_add_epi32(*a, _mm256_mullo_epi32(x, wv));
+        }
+    }
+    for (g, a) in acc.iter().enumerate() {
+        // SAFETY: 4g + 4 <= 16 and 16 + 4g + 4 <= 32 lanes of `out`.
+        unsafe {
+            _mm256_storeu2_m128i(
+                out.as_mut_ptr().add(16 + 4 * g) as *mut __m128i,
+                out.as_mut_ptr().add(4 * g) as *mut __m128i,
+                *a,
+            )
+        };
+    }
 }
 
 /// AVX2 body of `dot_block_codes` for widths 6-8: `out[r] = Σ_j q[j] · values[code_j(row r)]`,
