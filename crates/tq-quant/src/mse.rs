@@ -12,14 +12,14 @@
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use tq_core::scan::{self, BLOCK, block_bytes};
+use tq_core::scan::{self, BLOCK, IntCodebook, IntQuery, block_bytes};
 use tq_core::{Codebook, Rotation, bitpack, simd};
 
 use crate::config::{MseConfig, ScaleMode, ScalePrecision};
 use crate::error::{check_batch, check_dim, check_finite, check_len, check_rows};
 use crate::packed::PackedRows;
 use crate::scales::RowScales;
-use crate::score::{self, Hit, TableKind, Tables};
+use crate::score::{self, Hit, INT_DOT_MIN_BITS, TableKind, Tables};
 use crate::{Error, Result};
 
 /// Rows summed per chunk by [`MseBatch::accumulate_rotated_multi`] (a multiple of the 32-row
@@ -35,6 +35,9 @@ pub struct MseQuantizer {
     row_bytes: usize,
     /// The calibrated mean subtracted before quantization (`config.centered`).
     mean: Option<Arc<[f32]>>,
+    /// The codebook on the integer grid of the 6-8-bit fast path (`None` below 6 bits, where the
+    /// fast path scans `u8` tables).
+    grid: Option<Arc<IntCodebook>>,
 }
 
 /// Reusable buffers for encoding.
@@ -59,12 +62,15 @@ impl MseQuantizer {
         }
         let rotation = Rotation::new(config.rotation, config.dim, config.seed)?;
         let codebook = Codebook::get(config.dim, config.bits)?;
+        let grid = (config.bits >= INT_DOT_MIN_BITS)
+            .then(|| Arc::new(IntCodebook::from_centroids(codebook.centroids())));
         Ok(Self {
             config,
             rotation,
             codebook,
             row_bytes: bitpack::packed_len(config.dim, config.bits),
             mean: None,
+            grid,
         })
     }
 
@@ -413,9 +419,14 @@ impl MseQuantizer {
             self.bits(),
             self.row_bytes,
         );
+        let int = self
+            .grid
+            .as_ref()
+            .map(|g| (Arc::clone(g), g.quantize_query(&rotated)));
         Ok(MseQuery {
             rotated,
             tables,
+            int,
             centroids: self.codebook.centroids().to_vec(),
             offset,
         })
@@ -427,6 +438,8 @@ impl MseQuantizer {
 pub struct MseQuery {
     rotated: Vec<f32>,
     tables: Option<Tables>,
+    /// 6-8 bits: the codebook's integer grid and the rotated query on it (the fast path).
+    int: Option<(Arc<IntCodebook>, IntQuery)>,
     centroids: Vec<f32>,
     /// `⟨q, mean⟩` for a centred quantizer, added to every score.
     offset: f32,
@@ -478,18 +491,60 @@ impl MseQuery {
         }
     }
 
-    /// Unit-scale dots of block `b` through the `u8` tables (fast path), or the exact path when the
-    /// width has no nibble tables.
+    /// Unit-scale dots of block `b` (`out.len() <= 32` rows) on the fast path: through the `u8`
+    /// tables (1-5 bits) or the integer dots on the codebook's grid (6-8 bits), else exact.
     pub(crate) fn block_dots_fast(&self, rows: &PackedRows, b: usize, bits: u32, out: &mut [f32]) {
-        match &self.tables {
-            Some(t) => t.block_fast(rows.block(b), out),
-            None => self.block_dots_exact(rows, b, bits, out),
+        match (&self.tables, &self.int) {
+            (Some(t), _) => t.block_fast(rows.block(b), out),
+            (None, Some(_)) => {
+                let ones = [1.0f32; BLOCK];
+                self.int_scores(
+                    rows.block(b),
+                    rows.row_bytes(),
+                    bits,
+                    0.0,
+                    &ones[..out.len()],
+                    out,
+                );
+            }
+            (None, None) => self.block_dots_exact(rows, b, bits, out),
         }
     }
 
-    /// True when the fast path differs from the exact one (u8 tables in use).
+    /// Integer-dot scores `scales[i] · dot_i + bias` of `out.len()` rows of the consecutive
+    /// `blocks` ([`scan::dot_blocks_scores_i16`]). Only for a query with an integer grid.
+    fn int_scores(
+        &self,
+        blocks: &[u8],
+        row_bytes: usize,
+        bits: u32,
+        bias: f32,
+        scales: &[f32],
+        out: &mut [f32],
+    ) {
+        let Some((book, iq)) = &self.int else {
+            unreachable!("integer scores of a query without a grid")
+        };
+        let affine = scan::Affine {
+            offset: iq.offset,
+            step: iq.step,
+            bias,
+        };
+        scan::dot_blocks_scores_i16(
+            blocks,
+            row_bytes,
+            bits,
+            book,
+            &iq.weights,
+            affine,
+            scales,
+            out,
+        );
+    }
+
+    /// True when the fast path differs from the exact one (`u8` tables or integer dots in use).
     pub fn has_fast_path(&self) -> bool {
-        self.tables.is_some()
+        self.tables.is_some() || self.int.is_some()
     }
 }
 
@@ -872,9 +927,12 @@ impl MseBatch {
     /// stored scale, plus the query's mean offset.
     fn score_blocks(&self, query: &MseQuery, out: &mut [f32], fast: bool) -> Result<()> {
         self.check_out(out)?;
-        match (&query.tables, fast) {
-            (Some(t), true) => {
+        match (&query.tables, &query.int, fast) {
+            (Some(t), _, true) => {
                 score::for_each_chunk(out, |start, o| self.fast_chunk(t, query, start, o, None))
+            }
+            (None, Some(_), true) => {
+                score::for_each_chunk(out, |start, o| self.int_chunk(query, start, o))
             }
             _ => score::for_each_block(out, |b, o| self.score_block(query, b, o, fast)),
         }
@@ -918,6 +976,18 @@ impl MseBatch {
             o,
             select,
         );
+    }
+
+    /// Integer-dot scores of rows `start..start + o.len()` (`start` a multiple of 32) for a query
+    /// with an integer grid (6-8 bits): unit dots times the stored scale, plus the query's mean
+    /// offset, in one kernel call.
+    fn int_chunk(&self, query: &MseQuery, start: usize, o: &mut [f32]) {
+        let rb = self.codes.row_bytes();
+        let bb = block_bytes(rb);
+        let b0 = start / BLOCK;
+        let blocks = &self.codes.blocks()[b0 * bb..(b0 + o.len().div_ceil(BLOCK)) * bb];
+        let scales = self.norms.f32_range(start..start + o.len());
+        query.int_scores(blocks, rb, self.quantizer.bits(), query.offset, &scales, o);
     }
 
     /// Scores block `b` into `o` (its rows, at most 32): unit dots times the stored scale, plus
@@ -965,8 +1035,16 @@ impl MseBatch {
                 self.fast_chunk(t, query, start, o, Some((sel.threshold(), &mut *masks)));
                 sel.push_marked(start, o, masks);
             }
+        } else if query.int.is_some() {
+            // Integer dots (6-8 bits), a chunk of blocks per kernel call.
+            let mut o = [0.0f32; score::SEARCH_CHUNK_ROWS];
+            for (start, n) in score::search_chunks(self.len(), c) {
+                let o = &mut o[..n];
+                self.int_chunk(query, start, o);
+                sel.push(start, o);
+            }
         } else {
-            // No tables: the exact path, block by block.
+            // No fast path: the exact path, block by block.
             let mut o = [0.0f32; BLOCK];
             for b in 0..self.len().div_ceil(BLOCK) {
                 let o = &mut o[..(self.len() - b * BLOCK).min(BLOCK)];
@@ -1162,9 +1240,10 @@ mod tests {
         }
     }
 
-    /// With the coarse candidate tables, `top_k` still returns the exact-table top-k: over 40
-    /// queries on 20 000 Gaussian rows (d = 128) at 1, 2 and 4 bits, the same best row for every
-    /// query and at least 99% of the ten best (measured with these seeds: every one).
+    /// With the coarse candidate tables (and at 8 bits the integer dots), `top_k` still returns
+    /// the exact-table top-k: over 40 queries on 20 000 Gaussian rows (d = 128) at 1, 2, 4 and 8
+    /// bits, the same best row for every query and at least 99% of the ten best (measured with
+    /// these seeds: every one).
     #[test]
     fn top_k_finds_the_exact_top_k_with_coarse_candidates() {
         let (d, n, nq, k) = (128, 20_000, 40, 10);
@@ -1174,7 +1253,7 @@ mod tests {
             .num_threads(1)
             .build()
             .unwrap();
-        for bits in [1u32, 2, 4] {
+        for bits in [1u32, 2, 4, 8] {
             let q = Arc::new(
                 MseQuantizer::new(MseConfig::new(d, bits, RotationKind::Hadamard, 3)).unwrap(),
             );
@@ -1202,12 +1281,13 @@ mod tests {
 
     /// The single-pass top-k (the kernel marks rows above the running threshold, only those are
     /// offered) equals an independent reference: the best `max(4k, k + 32)` rows by their scores
-    /// through the search tables ([`score::Tables::for_search`]; full sort, ties by index),
-    /// re-ranked by their exact scores. Quantized data with many near-ties.
+    /// through the search tables ([`score::Tables::for_search`]; at 8 bits the integer dots;
+    /// full sort, ties by index), re-ranked by their exact scores. Quantized data with many
+    /// near-ties.
     #[test]
     fn single_pass_top_k_equals_sort_and_rerank() {
         let (d, n, k) = (32, 3000, 10);
-        for bits in [2u32, 4] {
+        for bits in [2u32, 4, 8] {
             let q = Arc::new(
                 MseQuantizer::new(MseConfig::new(d, bits, RotationKind::Hadamard, 17)).unwrap(),
             );
@@ -1225,7 +1305,6 @@ mod tests {
                     .build()
                     .unwrap()
                     .install(|| batch.top_k(&query, k));
-                let tables = query.tables.as_ref().unwrap().for_search();
                 let (mut fast, mut exact) = (vec![0.0f32; n], vec![0.0f32; n]);
                 batch.candidate_scores(&query, &mut fast);
                 batch.score_exact_into(&query, &mut exact).unwrap();
@@ -1241,16 +1320,24 @@ mod tests {
                         (h.score - exact[h.index]).abs() <= 1e-4 * (1.0 + exact[h.index].abs())
                     );
                 }
-                // The search tables are the coarser grid, not the scoring tables.
-                let fine = query.tables.as_ref().unwrap().fast();
+                // The search tables are the coarser grid, not the scoring tables; 8 bits has
+                // none, its candidates are the integer dots (the fast scores).
+                let Some(t) = query.tables.as_ref() else {
+                    assert!(query.int.is_some() && bits == 8);
+                    let mut scores = vec![0.0f32; n];
+                    batch.score_into(&query, &mut scores).unwrap();
+                    assert_eq!(scores, fast, "bits {bits}");
+                    continue;
+                };
+                let coarse = t.for_search();
                 assert!(
-                    tables
+                    coarse
                         .fast()
                         .tables
                         .iter()
                         .all(|&t| t <= score::SEARCH_MAX_ENTRY)
                 );
-                assert!(fine.tables.iter().any(|&t| t > score::SEARCH_MAX_ENTRY));
+                assert!(t.fast().tables.iter().any(|&t| t > score::SEARCH_MAX_ENTRY));
             }
         }
     }

@@ -6,7 +6,9 @@
 //! `T_n[v] = Σ_k q_{n·4/b + k} · c[(v >> k·b) & (2^b - 1)]` (coordinates past `d` contribute 0).
 //! The fast path sums those tables quantized to `u8` ([`QuantizedLut`]) with the SIMD scan
 //! kernel; the exact path sums the `f32` tables. Widths 3 and 5 take one table per coordinate
-//! (16 and 32 entries). Widths 6-8 decode each row (exact path only).
+//! (16 and 32 entries). Widths 6-8 have no tables: the fast path puts the codebook and the
+//! query on integer grids and sums `i16` products ([`tq_core::scan::dot_blocks_scores_i16`]);
+//! the exact path decodes each row.
 
 use rayon::prelude::*;
 use tq_core::scan::{BLOCK, QuantizedLut};
@@ -36,7 +38,14 @@ pub(crate) enum TableKind {
     Code5,
 }
 
-/// The table scheme for codes of `bits` bits, if any (widths 6-8 have none: exact path only).
+/// The narrowest width whose fast path is the integer dots on the codebook's grid
+/// ([`tq_core::scan::dot_blocks_scores_i16`]) rather than a table scan: tables of 64-256 entries
+/// per coordinate do not fit a register look-up, and `u8` tables would round more than 6-8-bit
+/// quantization errs.
+pub(crate) const INT_DOT_MIN_BITS: u32 = 6;
+
+/// The table scheme for codes of `bits` bits, if any (widths 6-8 have none: their fast path is
+/// the integer dots, [`INT_DOT_MIN_BITS`]).
 #[inline]
 pub(crate) fn table_kind(bits: u32) -> Option<TableKind> {
     match bits {

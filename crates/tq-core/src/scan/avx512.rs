@@ -411,24 +411,24 @@ const NIBBLES: [[u8; 64]; 2] = {
 };
 
 /// AVX-512 body of `dot_blocks_scores_i16` for one block: `out[r] = Σ_j weights[j] ·
-/// values[code_j(row r)]` in `i32`, two coordinates per step: their 64 codes in the interleaved
+/// values[code_j(row r)]`, in `i32` per chunk of `INT_CHUNK` coordinates whose sums are added
+/// to `f32` totals, two coordinates per step: their 64 codes in the interleaved
 /// order (8 bits: two `vpermi2b` over the nibble positions and a bit select; 6-7 bits:
 /// [`pair_codes`] and one `vpermb`), the grid values' two byte planes looked up
 /// ([`look_up_ints`]) and unpacked into words, each row's `(j, j + 1)` pair in one 32-bit lane,
-/// so one `vpdpwssd` per 16 rows adds both products. Exact (integers), the same sums as the
-/// scalar twin.
+/// so one `vpdpwssd` per 16 rows adds both products. The same sums as the scalar twin.
 ///
 /// # Safety
 /// The CPU supports AVX2 and AVX-512 F, BW, VBMI and VNNI; `6 <= bits <= 8`; `block` is one block
-/// of `32 · row_bytes` bytes with `weights.len() <= 8 · row_bytes / bits`; no partial sum
-/// overflows an `i32` (`Σ|w| · max|value| <= i32::MAX`).
+/// of `32 · row_bytes` bytes with `weights.len() <= 8 · row_bytes / bits`; no chunk's partial
+/// sum overflows an `i32` (`Σ|w| · max|value| <= i32::MAX` per chunk).
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni")]
 pub(super) unsafe fn dot_block_i16_x86(
     block: &[u8],
     bits: u32,
     planes: &IntPlanes,
     weights: &[i16],
-    out: &mut [i32; BLOCK],
+    out: &mut [f32; BLOCK],
 ) {
     // SAFETY (all three): the caller's contract, passed on with `bits == B`.
     unsafe {
@@ -449,7 +449,7 @@ unsafe fn dot_block_i16_vnni<const B: usize>(
     block: &[u8],
     planes: &IntPlanes,
     weights: &[i16],
-    out: &mut [i32; BLOCK],
+    out: &mut [f32; BLOCK],
 ) {
     // SAFETY (the three loads): 64-byte constants.
     let (interleave, low, high) = unsafe {
@@ -459,7 +459,9 @@ unsafe fn dot_block_i16_vnni<const B: usize>(
             _mm512_loadu_si512(NIBBLES[1].as_ptr() as *const _),
         )
     };
+    const { assert!(super::INT_CHUNK.is_multiple_of(2)) };
     let mut acc = [_mm512_setzero_si512(); 2];
+    let mut total = [_mm512_setzero_ps(); 2];
     for (pair, ws) in weights.chunks(2).enumerate() {
         let (j, second) = (2 * pair, ws.len() == 2);
         let codes = if B == 8 {
@@ -495,11 +497,17 @@ unsafe fn dot_block_i16_vnni<const B: usize>(
         let wv = _mm512_set1_epi32(pair_weights);
         acc[0] = _mm512_dpwssd_epi32(acc[0], _mm512_unpacklo_epi8(lo, hi), wv);
         acc[1] = _mm512_dpwssd_epi32(acc[1], _mm512_unpackhi_epi8(lo, hi), wv);
+        if (j + 2).is_multiple_of(super::INT_CHUNK) || j + 2 >= weights.len() {
+            for (t, a) in total.iter_mut().zip(&mut acc) {
+                *t = _mm512_add_ps(*t, _mm512_cvtepi32_ps(*a));
+                *a = _mm512_setzero_si512();
+            }
+        }
     }
-    // SAFETY: rows 0..16 and 16..32 of `out` (32 i32).
+    // SAFETY: rows 0..16 and 16..32 of `out` (32 floats).
     unsafe {
-        _mm512_storeu_si512(out.as_mut_ptr() as *mut _, acc[0]);
-        _mm512_storeu_si512(out.as_mut_ptr().add(16) as *mut _, acc[1]);
+        _mm512_storeu_ps(out.as_mut_ptr(), total[0]);
+        _mm512_storeu_ps(out.as_mut_ptr().add(16), total[1]);
     }
 }
 

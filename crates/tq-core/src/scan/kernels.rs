@@ -4,7 +4,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{BLOCK, IntCodebook, block_bytes, check_block, read_row};
+use super::{BLOCK, INT_CHUNK, IntCodebook, block_bytes, check_block, read_row};
 
 /// `out[r] = Σ_n tables[16n + nibble_n(row r)]` for the 32 rows of `block` (see the module docs).
 /// `tables.len()` must be `16 * positions` with `positions = 2 * row_bytes`, i.e. equal to
@@ -781,7 +781,8 @@ pub fn dot_block_codes(block: &[u8], bits: u32, values: &[f32], q: &[f32], out: 
 /// Scores of consecutive blocks of `bits`-bit codes (`6 <= bits <= 8`, rows of `row_bytes`
 /// bytes) against one query on an integer grid: `out[i] = scales[i] · (affine.offset +
 /// affine.step · S_i) + affine.bias` with `S_i = Σ_j weights[j] · codebook.values()[code_j(row
-/// i)]`, an exact `i32` sum (the checks bound it). The fast path of 6-8-bit keys, with
+/// i)]`, summed exactly in `i32` over each chunk of [`INT_CHUNK`] coordinates (the checks bound
+/// it) and the chunks' sums added in `f32`, in order. The fast path of 6-8-bit keys, with
 /// [`IntCodebook::quantize_query`]'s weights, offset and step. With AVX-512 VBMI and VNNI, each
 /// pair of coordinates' 64 codes is looked up in the grid's two byte planes by one `vpermb` /
 /// `vpermi2b` per plane (8 bits: one per plane when the grid is antisymmetric, else two and a
@@ -794,8 +795,8 @@ pub fn dot_block_codes(block: &[u8], bits: u32, values: &[f32], q: &[f32], out: 
 /// # Panics
 /// Before any memory is read, unless `6 <= bits <= 8`, `row_bytes >= 1`, `blocks.len() ==
 /// out.len().div_ceil(32) · 32 · row_bytes`, `scales.len() == out.len()`, the codebook has at
-/// least `2^bits` values, `weights.len() <= 8 · row_bytes / bits` and `Σ_j |weights[j]| · max_k
-/// |values[k]| <= i32::MAX`.
+/// least `2^bits` values, `weights.len() <= 8 · row_bytes / bits` and, over every chunk of
+/// [`INT_CHUNK`] weights, `Σ_j |weights[j]| · max_k |values[k]| <= i32::MAX`.
 #[allow(clippy::too_many_arguments)]
 pub fn dot_blocks_scores_i16(
     blocks: &[u8],
@@ -851,9 +852,9 @@ fn int_blocks(
     affine: Affine,
     scales: &[f32],
     out: &mut [f32],
-    mut body: impl FnMut(&[u8], &mut [i32; BLOCK]),
+    mut body: impl FnMut(&[u8], &mut [f32; BLOCK]),
 ) {
-    let mut sums = [0i32; BLOCK];
+    let mut sums = [0f32; BLOCK];
     for ((block, o), sc) in blocks
         .chunks_exact(block_bytes(row_bytes))
         .zip(out.chunks_mut(BLOCK))
@@ -894,13 +895,14 @@ pub fn dot_blocks_scores_i16_scalar(
     });
 }
 
-/// One block's integer sums, row by row (the specification of the SIMD bodies).
+/// One block's sums, row by row (the specification of the SIMD bodies): each chunk of
+/// [`INT_CHUNK`] coordinates summed in `i32`, the chunks' sums added in `f32` from 0, in order.
 pub(super) fn dot_block_i16_scalar(
     block: &[u8],
     bits: u32,
     values: &[i16],
     weights: &[i16],
-    out: &mut [i32; BLOCK],
+    out: &mut [f32; BLOCK],
 ) {
     let row_bytes = block.len() / BLOCK;
     let mut row = vec![0u8; row_bytes];
@@ -908,20 +910,27 @@ pub(super) fn dot_block_i16_scalar(
     for (slot, o) in out.iter_mut().enumerate() {
         read_row(block, slot, &mut row);
         crate::bitpack::unpack_unchecked(&row, bits, &mut codes);
-        *o = weights
-            .iter()
-            .zip(&codes)
-            .map(|(&w, &c)| i32::from(w) * i32::from(values[c as usize]))
-            .sum();
+        *o =
+            weights
+                .chunks(INT_CHUNK)
+                .zip(codes.chunks(INT_CHUNK))
+                .fold(0.0f32, |total, (w, c)| {
+                    let chunk: i32 = w
+                        .iter()
+                        .zip(c)
+                        .map(|(&w, &c)| i32::from(w) * i32::from(values[c as usize]))
+                        .sum();
+                    total + chunk as f32
+                });
     }
 }
 
-/// A block's scores from its integer sums: `scale · (offset + step · sum) + bias`, one rounding
-/// per operation (no fused multiply-add), so every path's scores are the same bits.
+/// A block's scores from its sums: `scale · (offset + step · sum) + bias`, one rounding per
+/// operation (no fused multiply-add), so every path's scores are the same bits.
 #[inline]
-fn int_scores(sums: &[i32; BLOCK], affine: Affine, scales: &[f32], out: &mut [f32]) {
+fn int_scores(sums: &[f32; BLOCK], affine: Affine, scales: &[f32], out: &mut [f32]) {
     for ((o, &s), &sum) in out.iter_mut().zip(scales).zip(sums) {
-        *o = s * (affine.offset + affine.step * sum as f32) + affine.bias;
+        *o = s * (affine.offset + affine.step * sum) + affine.bias;
     }
 }
 
@@ -945,10 +954,14 @@ fn check_int_dots(
         blocks_len == rows.div_ceil(BLOCK) * block_bytes(row_bytes) && scales_len == rows,
         "{blocks_len} block bytes and {scales_len} scales do not fit {rows} rows of {row_bytes} bytes"
     );
-    let l1: i64 = weights.iter().map(|&w| i64::from(w).abs()).sum();
+    let l1 = weights
+        .chunks(INT_CHUNK)
+        .map(|c| c.iter().map(|&w| i64::from(w).abs()).sum::<i64>())
+        .max()
+        .unwrap_or(0);
     assert!(
         l1 * codebook.max_abs() <= i64::from(i32::MAX),
-        "weights summing to {l1} in magnitude could overflow an i32 dot"
+        "weights summing to {l1} in magnitude in one chunk could overflow an i32 dot"
     );
 }
 

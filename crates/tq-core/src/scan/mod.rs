@@ -47,7 +47,7 @@ pub use layout::{
     BLOCK, block_bytes, read_row, write_block, write_block_codes4, write_block_codes4_scalar,
     write_row, write_rows,
 };
-pub use tables::{INT_CODE_MAX, INT_WEIGHT_BUDGET, IntCodebook, IntQuery, QuantizedLut};
+pub use tables::{INT_CHUNK, INT_CODE_MAX, INT_WEIGHT_BUDGET, IntCodebook, IntQuery, QuantizedLut};
 
 #[cfg(test)]
 use kernels::nibble;

@@ -106,13 +106,18 @@ impl QuantizedLut {
 }
 
 /// Largest magnitude of an [`IntCodebook`] entry: values live on a 14-bit signed grid, so a
-/// query's weights may sum (in magnitude) to [`INT_WEIGHT_BUDGET`] before an `i32` sum of
-/// products could overflow.
+/// query's weights may sum (in magnitude) to [`INT_WEIGHT_BUDGET`] per [`INT_CHUNK`] coordinates
+/// before an `i32` sum of products could overflow.
 pub const INT_CODE_MAX: i32 = (1 << 13) - 1;
 
-/// Largest `Σ_j |w_j|` of an [`IntQuery`]'s weights: `floor((2^31 - 1) / 2^13)` (a grid value's
-/// magnitude is at most `INT_CODE_MAX + 1`, the mirror of `INT_CODE_MAX`), so every
-/// partial sum `Σ_j w_j · m_j` of [`super::dot_blocks_scores_i16`] fits an `i32`.
+/// Coordinates whose products [`super::dot_blocks_scores_i16`] sums in `i32` before adding the
+/// sum to the row's `f32` total: the overflow budget holds per chunk, so a query's weights keep
+/// their precision at any dimension.
+pub const INT_CHUNK: usize = 128;
+
+/// Largest `Σ_j |w_j|` over one chunk of an [`IntQuery`]'s weights: `floor((2^31 - 1) / 2^13)`
+/// (a grid value's magnitude is at most `INT_CODE_MAX + 1`, the mirror of `INT_CODE_MAX`), so
+/// every partial sum `Σ_j w_j · m_j` of a chunk fits an `i32`.
 pub const INT_WEIGHT_BUDGET: i64 = i32::MAX as i64 / (INT_CODE_MAX as i64 + 1);
 
 /// A codebook of up to 256 values on an integer grid, for the integer dot products of 6-8-bit
@@ -246,25 +251,27 @@ impl IntCodebook {
     }
 
     /// A query `q` on this codebook's grid: `Σ_j q_j · c[k_j] ≈ affine.offset + affine.step ·
-    /// Σ_j w_j · values[k_j]`. The weights share one step `s = max(Σ|q| / (B - d), max|q| / 32767)`
-    /// (`B` = [`INT_WEIGHT_BUDGET`]), so with rounding `Σ|w| <= B` and every `|w| <= 32767`; each
-    /// weight is within `s / 2` of `q_j / s`. O(d).
+    /// Σ_j w_j · values[k_j]`. The weights share one step `s = max(max_c Σ_{j∈c} |q_j| / (B -
+    /// |c|), max|q| / 32767)` over the chunks `c` of [`INT_CHUNK`] coordinates (`B` =
+    /// [`INT_WEIGHT_BUDGET`]), so with rounding each chunk's `Σ|w| <= B` and every `|w| <=
+    /// 32767`; each weight is within `s / 2` of `q_j / s`. O(d).
     ///
     /// # Panics
-    /// If `q.len() >= INT_WEIGHT_BUDGET / 2` or `q` holds a non-finite value.
+    /// If `q` holds a non-finite value.
     pub fn quantize_query(&self, q: &[f32]) -> IntQuery {
-        let d = q.len() as i64;
-        assert!(
-            2 * d < INT_WEIGHT_BUDGET,
-            "{d} coordinates exceed the integer dot's budget"
-        );
         assert!(
             q.iter().all(|x| x.is_finite()),
             "a query value is not finite"
         );
-        let l1: f64 = q.iter().map(|&x| f64::from(x.abs())).sum();
+        let per_chunk = q
+            .chunks(INT_CHUNK)
+            .map(|c| {
+                let l1: f64 = c.iter().map(|&x| f64::from(x.abs())).sum();
+                l1 / (INT_WEIGHT_BUDGET - c.len() as i64) as f64
+            })
+            .fold(0.0f64, f64::max);
         let top = q.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        let s = (l1 / (INT_WEIGHT_BUDGET - d) as f64).max(f64::from(top) / 32767.0);
+        let s = per_chunk.max(f64::from(top) / 32767.0);
         let weights: Vec<i16> = if s > 0.0 {
             q.iter()
                 .map(|&x| (f64::from(x) / s).round().clamp(-32767.0, 32767.0) as i16)

@@ -977,41 +977,59 @@ fn vnni_dots_equal_avx2() {
     }
 }
 
-/// Random weights for the integer dots, scaled so `Σ|w| · max|value|` sits at the kernel's limit
-/// (the largest partial sums it accepts), or plain random ones.
+/// Random weights for the integer dots, each chunk scaled so `Σ|w| · max|value|` sits at the
+/// kernel's limit (the largest partial sums it accepts), or plain random ones within ±2047.
 fn int_weights(r: &mut SeededRng, d: usize, max_abs: i64, at_limit: bool) -> Vec<i16> {
     let raw: Vec<i64> = (0..d)
         .map(|_| (r.next_u64() % 65535) as i64 - 32767)
         .collect();
     if !at_limit {
-        return raw.iter().map(|&w| w as i16).collect();
+        // Within ±2047: a whole chunk stays inside the budget for any grid.
+        return raw.iter().map(|&w| (w / 16) as i16).collect();
     }
     let budget = i64::from(i32::MAX) / max_abs.max(1);
-    let l1: i64 = raw.iter().map(|w| w.abs()).sum::<i64>().max(1);
-    raw.iter()
-        .map(|&w| (w * budget / l1).clamp(-32767, 32767) as i16)
+    raw.chunks(INT_CHUNK)
+        .flat_map(|c| {
+            let l1: i64 = c.iter().map(|w| w.abs()).sum::<i64>().max(1);
+            c.iter()
+                .map(move |&w| (w * budget / l1).clamp(-32767, 32767) as i16)
+        })
         .collect()
+}
+
+/// The largest `Σ|w|` of a chunk of weights.
+fn chunk_l1(w: &[i16]) -> i64 {
+    w.chunks(INT_CHUNK)
+        .map(|c| c.iter().map(|&w| i64::from(w).abs()).sum())
+        .max()
+        .unwrap_or(0)
 }
 
 /// The integer dot kernel (the dispatching one, and on x86 each SIMD body it may pick) equals
 /// its scalar twin bit for bit and an independent read-back of every row, at 6-8 bits over
-/// awkward sizes (odd coordinate counts: a last pair with one coordinate; partial last blocks),
-/// with general, antisymmetric (folded at 8 bits) and nearly antisymmetric grids, random weights
-/// and weights at the overflow limit.
+/// awkward sizes (odd coordinate counts: a last pair with one coordinate; several chunks, the
+/// last one partial; partial last blocks), with general, antisymmetric (folded at 8 bits) and
+/// nearly antisymmetric grids, random weights and weights at the overflow limit.
 #[test]
 fn int_dots_equal_the_scalar_twin_and_the_rows() {
     let mut r = SeededRng::new(51, stream::DATA);
     let dims: &[usize] = if cfg!(miri) {
         &[3]
     } else {
-        &[1, 2, 3, 4, 5, 7, 9, 33, 64, 65, 127, 128, 129]
+        &[1, 2, 3, 4, 5, 7, 9, 33, 64, 65, 127, 128, 129, 256, 301]
+    };
+    let affine = Affine {
+        offset: 0.375,
+        step: 1.0e-6,
+        bias: -0.25,
     };
     for bits in 6..=8u32 {
         let n_values = 1usize << bits;
         for &d in dims {
             let row_bytes = crate::bitpack::packed_len(d, bits);
             let rows: usize = if cfg!(miri) { 33 } else { 75 };
-            let blocks = random_bytes(rows.div_ceil(BLOCK) * block_bytes(row_bytes), 9 + d as u64);
+            let bb = block_bytes(row_bytes);
+            let blocks = random_bytes(rows.div_ceil(BLOCK) * bb, 9 + d as u64);
             let general: Vec<i16> = (0..n_values)
                 .map(|_| ((r.next_u64() % 16383) as i32 - 8192) as i16)
                 .collect();
@@ -1031,39 +1049,30 @@ fn int_dots_equal_the_scalar_twin_and_the_rows() {
                 let scales: Vec<f32> = (0..rows).map(|_| 0.5 + r.uniform() as f32).collect();
                 for at_limit in [false, true] {
                     let w = int_weights(&mut r, d, book.max_abs(), at_limit);
-                    let l1: i64 = w.iter().map(|&w| i64::from(w).abs()).sum();
-                    if l1 * book.max_abs() > i64::from(i32::MAX) {
+                    if chunk_l1(&w) * book.max_abs() > i64::from(i32::MAX) {
                         continue;
                     }
-                    let affine = Affine {
-                        offset: 0.375,
-                        step: 1.0e-6,
-                        bias: -0.25,
-                    };
                     let (mut a, mut b) = (vec![0f32; rows], vec![0f32; rows]);
-                    dot_blocks_scores_i16(
-                        &blocks, row_bytes, bits, &book, &w, affine, &scales, &mut a,
-                    );
-                    dot_blocks_scores_i16_scalar(
-                        &blocks, row_bytes, bits, &book, &w, affine, &scales, &mut b,
-                    );
+                    #[rustfmt::skip]
+                    dot_blocks_scores_i16(&blocks, row_bytes, bits, &book, &w, affine, &scales, &mut a);
+                    #[rustfmt::skip]
+                    dot_blocks_scores_i16_scalar(&blocks, row_bytes, bits, &book, &w, affine, &scales, &mut b);
                     let what = format!("bits={bits} d={d} table {ti} limit {at_limit}");
-                    assert_eq!(
-                        a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                        b.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                        "{what}"
-                    );
-                    let bb = block_bytes(row_bytes);
+                    let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits_of(&a), bits_of(&b), "{what}");
                     for (i, &got) in a.iter().enumerate() {
                         let block = &blocks[i / BLOCK * bb..(i / BLOCK + 1) * bb];
-                        let sum: i64 = (0..d)
-                            .map(|j| {
-                                i64::from(w[j])
-                                    * i64::from(book.values()[code_at(block, bits, j, i % BLOCK)])
-                            })
-                            .sum();
-                        let want =
-                            scales[i] * (affine.offset + affine.step * sum as f32) + affine.bias;
+                        // Each chunk's exact sum (i64), then the chunks added in f32.
+                        let sum = (0..d).step_by(INT_CHUNK).fold(0.0f32, |total, c| {
+                            let chunk: i64 = (c..d.min(c + INT_CHUNK))
+                                .map(|j| {
+                                    let k = code_at(block, bits, j, i % BLOCK);
+                                    i64::from(w[j]) * i64::from(book.values()[k])
+                                })
+                                .sum();
+                            total + chunk as f32
+                        });
+                        let want = scales[i] * (affine.offset + affine.step * sum) + affine.bias;
                         assert_eq!(got.to_bits(), want.to_bits(), "{what} row {i}");
                     }
                     #[cfg(target_arch = "x86_64")]
@@ -1090,26 +1099,28 @@ fn int_dot_bodies_agree(
     }
     let vnni = has!("avx512f") && has!("avx512bw") && has!("avx512vbmi") && has!("avx512vnni");
     for block in blocks.chunks_exact(block_bytes(row_bytes)) {
-        let mut want = [0i32; BLOCK];
+        let mut want = [0f32; BLOCK];
         super::kernels::dot_block_i16_scalar(block, bits, book.values(), w, &mut want);
-        let mut got = [0i32; BLOCK];
+        let want = want.map(f32::to_bits);
+        let mut got = [0f32; BLOCK];
         // SAFETY: AVX2 is present; the block, weights and table have the checked shapes.
         unsafe { super::x86::dot_block_i16_avx2(block, bits, book.wide(), w, &mut got) };
-        assert_eq!(got, want, "{what}: AVX2");
+        assert_eq!(got.map(f32::to_bits), want, "{what}: AVX2");
         if vnni {
             // SAFETY: the AVX-512 features are present (checked above); shapes as above.
             unsafe {
                 let planes = super::avx512::IntPlanes::new(book);
                 super::avx512::dot_block_i16_x86(block, bits, &planes, w, &mut got);
             }
-            assert_eq!(got, want, "{what}: AVX-512");
+            assert_eq!(got.map(f32::to_bits), want, "{what}: AVX-512");
         }
     }
 }
 
 /// A codebook's grid is within half a step of every centroid, keeps an antisymmetric codebook's
 /// symmetry as one's complement (so the 8-bit kernel folds), and a query's weights respect the
-/// overflow budget with each within half a weight step of the query.
+/// overflow budget per chunk, each within half a weight step of the query, with about 11 bits
+/// per weight at any dimension.
 #[test]
 fn int_codebook_and_query_grids() {
     let mut r = SeededRng::new(52, stream::DATA);
@@ -1132,15 +1143,19 @@ fn int_codebook_and_query_grids() {
     let mut skew = centroids.clone();
     skew[200] += 1e-3;
     assert!(!IntCodebook::from_centroids(&skew).folded());
-    for d in [1usize, 3, 64, 128, 1000] {
+    for d in [1usize, 3, 64, 128, 1000, 300_000] {
         let mut q: Vec<f32> = (0..d).map(|_| r.gaussian() as f32).collect();
         if d == 3 {
             q[1] = 1.0e6; // one dominant coordinate: the i16 range binds, not the budget
         }
         let iq = book.quantize_query(&q);
-        let l1: i64 = iq.weights.iter().map(|&w| i64::from(w).abs()).sum();
+        let l1 = chunk_l1(&iq.weights);
         assert!(l1 <= INT_WEIGHT_BUDGET, "d={d}: {l1}");
         assert!(l1 * book.max_abs() <= i64::from(i32::MAX));
+        if d >= 1000 {
+            let mean = iq.weights.iter().map(|&w| f64::from(w).abs()).sum::<f64>() / d as f64;
+            assert!(mean > 1000.0, "d={d}: mean weight {mean}");
+        }
         let s = iq.step / book.step();
         for (&x, &w) in q.iter().zip(&iq.weights) {
             assert!(
@@ -1148,7 +1163,7 @@ fn int_codebook_and_query_grids() {
                 "d={d}: {x} as {w}"
             );
         }
-        // The affine map reproduces the dot of the query with the grid's values.
+        // The affine map reproduces the dot of the query's weights with the grid's values.
         let codes: Vec<usize> = (0..d).map(|_| (r.next_u64() % 256) as usize).collect();
         let sum: i64 = codes
             .iter()
@@ -1162,24 +1177,23 @@ fn int_codebook_and_query_grids() {
             .map(|(&k, &w)| f64::from(w) * f64::from(s) * (f64::from(book.values()[k]) + 0.5))
             .sum::<f64>()
             * f64::from(book.step());
-        assert!(
-            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-            "d={d}: {got} vs {want}"
-        );
+        let scale: f64 = codes
+            .iter()
+            .zip(&iq.weights)
+            .map(|(&k, &w)| (f64::from(w) * f64::from(s) * f64::from(book.values()[k])).abs())
+            .sum::<f64>()
+            * f64::from(book.step());
+        assert!((got - want).abs() <= 1e-5 * scale, "d={d}: {got} vs {want}");
     }
-    assert!(
-        IntCodebook::from_centroids(&[0.0; 4])
-            .quantize_query(&[0.0; 4])
-            .weights
-            == [0; 4]
-    );
+    let zero = IntCodebook::from_centroids(&[0.0; 4]).quantize_query(&[0.0; 4]);
+    assert_eq!(zero.weights, [0; 4]);
 }
 
 #[test]
 #[should_panic(expected = "could overflow an i32 dot")]
 fn int_dots_refuse_weights_past_the_budget() {
     let book = IntCodebook::from_values(vec![INT_CODE_MAX as i16; 256], 1.0);
-    let w = vec![32767i16; 16];
+    let w = vec![32767i16; 16]; // one chunk: 16 · 32767 · 8191 > 2^31
     let mut out = [0f32; BLOCK];
     let blocks = vec![0u8; block_bytes(16)];
     let affine = Affine {

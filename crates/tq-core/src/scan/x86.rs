@@ -638,20 +638,21 @@ fn gather_indices(code: __m256i) -> [__m256i; 4] {
 }
 
 /// AVX2 body of `dot_blocks_scores_i16` for one block: `out[r] = Σ_j weights[j] ·
-/// values[code_j(row r)]` in `i32`, each coordinate's 32 codes cut out of the nibble layout
-/// ([`wide_codes`]), gathered and multiplied into four 8-row sums (integers: the order does not
-/// matter).
+/// values[code_j(row r)]`, each coordinate's 32 codes cut out of the nibble layout
+/// ([`wide_codes`]), gathered and multiplied into four 8-row `i32` sums (integers: the order
+/// does not matter), each chunk of `INT_CHUNK` coordinates' sums added to `f32` totals.
 ///
 /// # Safety
 /// The CPU supports AVX2; `6 <= bits <= 8`; `block` is one block of `32 · row_bytes` bytes with
-/// `weights.len() <= 8 · row_bytes / bits`; `values` has at least `2^bits` entries.
+/// `weights.len() <= 8 · row_bytes / bits`; `values` has at least `2^bits` entries; no chunk's
+/// partial sum overflows an `i32`.
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn dot_block_i16_avx2(
     block: &[u8],
     bits: u32,
     values: &[i32],
     weights: &[i16],
-    out: &mut [i32; BLOCK],
+    out: &mut [f32; BLOCK],
 ) {
     // SAFETY (all three): the caller's contract, passed on with `bits == B`.
     unsafe {
@@ -672,28 +673,26 @@ unsafe fn dot_block_i16_wide<const B: usize>(
     block: &[u8],
     values: &[i32],
     weights: &[i16],
-    out: &mut [i32; BLOCK],
+    out: &mut [f32; BLOCK],
 ) {
-    let mut acc = [_mm256_setzero_si256(); 4];
-    for (j, &w) in weights.iter().enumerate() {
-        // SAFETY: coordinate j < weights.len() has its nibbles in the block; codes index
-        // `values`.
-        let x = unsafe { gather_ints(wide_codes::<B>(block, j), values) };
-        let wv = _mm256_set1_epi32(i32::from(w));
-        for (a, x) in acc.iter_mut().zip(x) {
-            *a = _mm256_add_epi32(*a, _mm256_mullo_epi32(x, wv));
+    let mut total = [_mm256_setzero_ps(); 4];
+    for (c, chunk) in weights.chunks(super::INT_CHUNK).enumerate() {
+        let mut acc = [_mm256_setzero_si256(); 4];
+        for (i, &w) in chunk.iter().enumerate() {
+            let j = c * super::INT_CHUNK + i;
+            // SAFETY: coordinate j < weights.len() has its nibbles in the block; codes index
+            // `values`.
+            let x = unsafe { gather_ints(wide_codes::<B>(block, j), values) };
+            let wv = _mm256_set1_epi32(i32::from(w));
+            for (a, x) in acc.iter_mut().zip(x) {
+                *a = _mm256_add_epi32(*a, _mm256_mullo_epi32(x, wv));
+            }
+        }
+        for (t, a) in total.iter_mut().zip(acc) {
+            *t = _mm256_add_ps(*t, _mm256_cvtepi32_ps(a));
         }
     }
-    for (g, a) in acc.iter().enumerate() {
-        // SAFETY: 4g + 4 <= 16 and 16 + 4g + 4 <= 32 lanes of `out`.
-        unsafe {
-            _mm256_storeu2_m128i(
-                out.as_mut_ptr().add(16 + 4 * g) as *mut __m128i,
-                out.as_mut_ptr().add(4 * g) as *mut __m128i,
-                *a,
-            )
-        };
-    }
+    store_rows(total, out);
 }
 
 /// AVX2 body of `dot_block_codes` for widths 6-8: `out[r] = Σ_j q[j] · values[code_j(row r)]`,
