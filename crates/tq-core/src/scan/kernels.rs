@@ -1114,8 +1114,9 @@ fn check_accumulate(
 /// The instruction set the scan and accumulation kernels use on this CPU: `"avx2+fma"` on x86-64
 /// CPUs with both (nibble tables up to 5 bits, gathers at 6-8), followed by `+avx512vbmi` where
 /// AVX-512 F, BW and VBMI decode 5-8-bit values and 6-8-bit exact key dots by byte permutes, and
-/// `+avx512vnni` where AVX-512 F, VL and VNNI run the nibble dot products (both off with
-/// `TQ_NO_AVX512=1`); `"scalar"` otherwise (the portable twins). O(1) after the first call.
+/// `+avx512vnni` where AVX-512 F, VL and VNNI run the nibble dot products (with VBMI too, the
+/// 6-8-bit integer key dots; all off with `TQ_NO_AVX512=1`); `"scalar"` otherwise (the portable
+/// twins). O(1) after the first call.
 pub fn kernel_isa() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
@@ -1156,7 +1157,7 @@ pub(super) fn has_avx512_vbmi() -> bool {
 }
 
 /// AVX-512 F, VL and VNNI beside AVX2 and FMA: the nibble dot products (KIVI keys) use
-/// `vpdpbusd`. Off with `TQ_NO_AVX512=1`, as [`has_avx512_vbmi`].
+/// `vpdpbusd`, and with VBMI the 6-8-bit integer key dots `vpdpwssd`. Off with `TQ_NO_AVX512=1`, as [`has_avx512_vbmi`].
 #[cfg(target_arch = "x86_64")]
 pub(super) fn has_avx512_vnni() -> bool {
     use std::sync::OnceLock;

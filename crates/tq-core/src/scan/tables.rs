@@ -1,4 +1,5 @@
-//! `u8` look-up tables for the scans: float tables quantized with one shared step.
+//! The integer grids the scans take: `u8` look-up tables (float tables quantized with one shared
+//! step) and, for 6-8-bit codes, a codebook and a query on `i16` grids.
 
 /// `u8` look-up tables for the scans: `entries` bytes per table (16 for
 /// [`scan_block`](super::scan_block) and [`scan_block_b3`](super::scan_block_b3), 32 for
