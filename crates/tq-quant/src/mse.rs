@@ -889,8 +889,11 @@ impl MseBatch {
 
     /// [`MseBatch::score_into`] for several queries (`outs[i]` for `queries[i]`): on a batch
     /// scanned on this thread, 1-, 2- and 4-bit tables score in pairs (each block read once per
-    /// pair, [`scan::scan_blocks_scores_multi`]) and 5-bit tables in groups of three (each code
-    /// rebuilt once per group); else one query at a time. O(queries · n).
+    /// pair, [`scan::scan_blocks_scores_multi`]), 5-bit tables in groups of three (each code
+    /// rebuilt once per group) and 6-8-bit queries on one integer grid in groups of three (each
+    /// code cut out and looked up once per group, [`scan::dot_blocks_scores_i16_multi`]); else
+    /// one query at a time (the integer dots give [`MseBatch::score_into`]'s bits). O(queries ·
+    /// n).
     ///
     /// # Errors
     /// `Core(LengthMismatch)` when `outs.len() != queries.len()` or any `out.len() != len`.
@@ -898,6 +901,31 @@ impl MseBatch {
         check_len("score outputs", outs.len(), queries.len())?;
         for o in outs.iter() {
             self.check_out(o)?;
+        }
+        if let Some(book) = self.shared_grid(queries) {
+            // 6-8 bits: the codes cut out and looked up once per group of three queries.
+            let (rb, n) = (self.codes.row_bytes(), self.len());
+            let blocks = &self.codes.blocks()[..n.div_ceil(BLOCK) * block_bytes(rb)];
+            let mut jobs: Vec<scan::IntJob<'_>> = queries
+                .iter()
+                .zip(outs.iter_mut())
+                .filter_map(|(q, o)| {
+                    let (_, iq) = q.int.as_ref()?;
+                    Some(scan::IntJob {
+                        weights: &iq.weights,
+                        affine: scan::Affine {
+                            offset: iq.offset,
+                            step: iq.step,
+                            bias: q.offset,
+                        },
+                        out: o,
+                    })
+                })
+                .collect();
+            let scales = self.norms.to_f32();
+            let bits = self.quantizer.bits();
+            scan::dot_blocks_scores_i16_multi(blocks, rb, bits, book, &scales, &mut jobs);
+            return Ok(());
         }
         let tables: Option<Vec<&Tables>> = queries.iter().map(|q| q.tables.as_ref()).collect();
         let (Some(tables), false) = (tables, score::split_rows(self.len())) else {
@@ -916,6 +944,19 @@ impl MseBatch {
             outs,
         );
         Ok(())
+    }
+
+    /// The integer grid every query in `queries` (at least one) is weighted on, when they share
+    /// one and the batch is scanned on this thread: then [`MseBatch::score_many_into`] scores
+    /// them in groups ([`scan::dot_blocks_scores_i16_multi`]).
+    fn shared_grid<'q>(&self, queries: &[&'q MseQuery]) -> Option<&'q IntCodebook> {
+        let (first, _) = queries.first()?.int.as_ref()?;
+        let shared = queries.iter().all(|q| {
+            q.int
+                .as_ref()
+                .is_some_and(|(book, _)| Arc::ptr_eq(book, first))
+        });
+        (shared && !score::split_rows(self.len())).then_some(&**first)
     }
 
     /// As [`MseBatch::score_into`] with the exact `f32` tables.

@@ -416,26 +416,27 @@ const NIBBLES: [[u8; 64]; 2] = {
 /// order (8 bits: two `vpermi2b` over the nibble positions and a bit select; 6-7 bits:
 /// [`pair_codes`] and one `vpermb`), the grid values' two byte planes looked up
 /// ([`look_up_ints`]) and unpacked into words, each row's `(j, j + 1)` pair in one 32-bit lane,
-/// so one `vpdpwssd` per 16 rows adds both products. The same sums as the scalar twin.
+/// so one `vpdpwssd` per 16 rows adds both products, for each of the `Q` weight vectors (all of
+/// one length) from one look-up. The same sums as the scalar twin.
 ///
 /// # Safety
 /// The CPU supports AVX2 and AVX-512 F, BW, VBMI and VNNI; `6 <= bits <= 8`; `block` is one block
-/// of `32 · row_bytes` bytes with `weights.len() <= 8 · row_bytes / bits`; no chunk's partial
-/// sum overflows an `i32` (`Σ|w| · max|value| <= i32::MAX` per chunk).
+/// of `32 · row_bytes` bytes; every weight slice has the same length `<= 8 · row_bytes / bits`;
+/// no chunk's partial sum overflows an `i32` (`Σ|w| · max|value| <= i32::MAX` per chunk).
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni")]
-pub(super) unsafe fn dot_block_i16_x86(
+pub(super) unsafe fn dot_block_i16_x86<const Q: usize>(
     block: &[u8],
     bits: u32,
     planes: &IntPlanes,
-    weights: &[i16],
-    out: &mut [f32; BLOCK],
+    weights: [&[i16]; Q],
+    out: &mut [[f32; BLOCK]; Q],
 ) {
     // SAFETY (all three): the caller's contract, passed on with `bits == B`.
     unsafe {
         match bits {
-            6 => dot_block_i16_vnni::<6>(block, planes, weights, out),
-            7 => dot_block_i16_vnni::<7>(block, planes, weights, out),
-            _ => dot_block_i16_vnni::<8>(block, planes, weights, out),
+            6 => dot_block_i16_vnni::<6, Q>(block, planes, weights, out),
+            7 => dot_block_i16_vnni::<7, Q>(block, planes, weights, out),
+            _ => dot_block_i16_vnni::<8, Q>(block, planes, weights, out),
         }
     }
 }
@@ -445,11 +446,11 @@ pub(super) unsafe fn dot_block_i16_x86(
 /// # Safety
 /// As [`dot_block_i16_x86`] with `bits == B`.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni")]
-unsafe fn dot_block_i16_vnni<const B: usize>(
+unsafe fn dot_block_i16_vnni<const B: usize, const Q: usize>(
     block: &[u8],
     planes: &IntPlanes,
-    weights: &[i16],
-    out: &mut [f32; BLOCK],
+    weights: [&[i16]; Q],
+    out: &mut [[f32; BLOCK]; Q],
 ) {
     // SAFETY (the three loads): 64-byte constants.
     let (interleave, low, high) = unsafe {
@@ -460,13 +461,14 @@ unsafe fn dot_block_i16_vnni<const B: usize>(
         )
     };
     const { assert!(super::INT_CHUNK.is_multiple_of(2)) };
-    let mut acc = [_mm512_setzero_si512(); 2];
-    let mut total = [_mm512_setzero_ps(); 2];
-    for (pair, ws) in weights.chunks(2).enumerate() {
-        let (j, second) = (2 * pair, ws.len() == 2);
+    let dim = if Q == 0 { 0 } else { weights[0].len() };
+    let mut acc = [[_mm512_setzero_si512(); 2]; Q];
+    let mut total = [[_mm512_setzero_ps(); 2]; Q];
+    for pair in 0..dim.div_ceil(2) {
+        let (j, second) = (2 * pair, 2 * pair + 1 < dim);
         let codes = if B == 8 {
             // SAFETY: nibble positions 2j..2j + 2 (and 2j + 2..2j + 4 when `second`) belong
-            // to coordinates below weights.len(), inside the block.
+            // to coordinates below the weights' length, inside the block.
             let a = unsafe {
                 let p = block.as_ptr().add(32 * j);
                 if second {
@@ -480,7 +482,7 @@ unsafe fn dot_block_i16_vnni<const B: usize>(
             // Bit select: the low nibble from `lo`, the high one from `hi` (0xCA = a ? b : c).
             _mm512_ternarylogic_epi32::<0xCA>(_mm512_set1_epi8(0x0F), lo, hi)
         } else {
-            // SAFETY: coordinates j (and j + 1 when `second`) are below weights.len(), so
+            // SAFETY: coordinates j (and j + 1 when `second`) are below the weights' length, so
             // their nibble positions lie in the block; j % 4 is 0 or 2 as the pair's parity.
             let codes = unsafe {
                 if pair % 2 == 0 {
@@ -492,22 +494,28 @@ unsafe fn dot_block_i16_vnni<const B: usize>(
             _mm512_permutexvar_epi8(interleave, codes)
         };
         let (lo, hi) = look_up_ints::<B>(codes, planes);
-        let w1 = ws.get(1).copied().unwrap_or(0);
-        let pair_weights = (u32::from(ws[0] as u16) | (u32::from(w1 as u16) << 16)) as i32;
-        let wv = _mm512_set1_epi32(pair_weights);
-        acc[0] = _mm512_dpwssd_epi32(acc[0], _mm512_unpacklo_epi8(lo, hi), wv);
-        acc[1] = _mm512_dpwssd_epi32(acc[1], _mm512_unpackhi_epi8(lo, hi), wv);
-        if (j + 2).is_multiple_of(super::INT_CHUNK) || j + 2 >= weights.len() {
-            for (t, a) in total.iter_mut().zip(&mut acc) {
-                *t = _mm512_add_ps(*t, _mm512_cvtepi32_ps(*a));
-                *a = _mm512_setzero_si512();
+        let (w0, w1) = (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi));
+        let flush = (j + 2).is_multiple_of(super::INT_CHUNK) || j + 2 >= dim;
+        for ((a, t), w) in acc.iter_mut().zip(&mut total).zip(weights) {
+            let second_weight = if second { w[j + 1] } else { 0 };
+            let pair_weights = u32::from(w[j] as u16) | (u32::from(second_weight as u16) << 16);
+            let wv = _mm512_set1_epi32(pair_weights as i32);
+            a[0] = _mm512_dpwssd_epi32(a[0], w0, wv);
+            a[1] = _mm512_dpwssd_epi32(a[1], w1, wv);
+            if flush {
+                for (t, a) in t.iter_mut().zip(a.iter_mut()) {
+                    *t = _mm512_add_ps(*t, _mm512_cvtepi32_ps(*a));
+                    *a = _mm512_setzero_si512();
+                }
             }
         }
     }
-    // SAFETY: rows 0..16 and 16..32 of `out` (32 floats).
-    unsafe {
-        _mm512_storeu_ps(out.as_mut_ptr(), total[0]);
-        _mm512_storeu_ps(out.as_mut_ptr().add(16), total[1]);
+    for (t, o) in total.iter().zip(out.iter_mut()) {
+        // SAFETY: rows 0..16 and 16..32 of `o` (32 floats).
+        unsafe {
+            _mm512_storeu_ps(o.as_mut_ptr(), t[0]);
+            _mm512_storeu_ps(o.as_mut_ptr().add(16), t[1]);
+        }
     }
 }
 

@@ -808,21 +808,87 @@ pub fn dot_blocks_scores_i16(
     scales: &[f32],
     out: &mut [f32],
 ) {
-    check_int_dots(
-        blocks.len(),
-        row_bytes,
-        bits,
-        codebook,
+    let mut jobs = [IntJob {
         weights,
-        scales.len(),
-        out.len(),
-    );
+        affine,
+        out,
+    }];
+    dot_blocks_scores_i16_multi(blocks, row_bytes, bits, codebook, scales, &mut jobs);
+}
+
+/// One query of [`dot_blocks_scores_i16_multi`]: its weights on the codebook's grid, its
+/// [`Affine`] and its output scores.
+#[derive(Debug)]
+pub struct IntJob<'a> {
+    /// One weight per coordinate ([`super::IntQuery::weights`]).
+    pub weights: &'a [i16],
+    /// Sum to score.
+    pub affine: Affine,
+    /// One score per row.
+    pub out: &'a mut [f32],
+}
+
+/// Queries [`dot_blocks_scores_i16_multi`] scores per pass over a block (a grouped-query head of
+/// SmolLM2's shape in one pass).
+pub const INT_QUERIES: usize = 3;
+
+/// [`dot_blocks_scores_i16`] for several queries over the same rows: each block's codes are cut
+/// out and looked up once per group of up to [`INT_QUERIES`] jobs (with AVX2, gathered once), and
+/// every job gets the scores it would get alone (the same bits). O(rows · d · jobs).
+///
+/// # Panics
+/// Before any memory is read, unless every job fits [`dot_blocks_scores_i16`]'s checks for
+/// `scales.len()` rows and all jobs have the same number of weights.
+pub fn dot_blocks_scores_i16_multi(
+    blocks: &[u8],
+    row_bytes: usize,
+    bits: u32,
+    codebook: &IntCodebook,
+    scales: &[f32],
+    jobs: &mut [IntJob<'_>],
+) {
+    let dim = jobs.first().map_or(0, |j| j.weights.len());
+    for job in jobs.iter() {
+        assert_eq!(
+            job.weights.len(),
+            dim,
+            "every job weights the same coordinates"
+        );
+        check_int_dots(
+            blocks.len(),
+            row_bytes,
+            bits,
+            codebook,
+            job.weights,
+            scales.len(),
+            job.out.len(),
+        );
+    }
+    for group in jobs.chunks_mut(INT_QUERIES) {
+        match group.len() {
+            1 => int_group::<1>(blocks, row_bytes, bits, codebook, scales, group),
+            2 => int_group::<2>(blocks, row_bytes, bits, codebook, scales, group),
+            _ => int_group::<3>(blocks, row_bytes, bits, codebook, scales, group),
+        }
+    }
+}
+
+/// [`dot_blocks_scores_i16_multi`] for one group of exactly `Q` checked jobs.
+fn int_group<const Q: usize>(
+    blocks: &[u8],
+    row_bytes: usize,
+    bits: u32,
+    codebook: &IntCodebook,
+    scales: &[f32],
+    jobs: &mut [IntJob<'_>],
+) {
+    let weights: [&[i16]; Q] = std::array::from_fn(|q| jobs[q].weights);
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx512_vbmi() && has_avx512_vnni() {
             // SAFETY: AVX2 and AVX-512 F, BW, VBMI and VNNI are present (checked at run time).
             let planes = unsafe { super::avx512::IntPlanes::new(codebook) };
-            int_blocks(blocks, row_bytes, affine, scales, out, |block, sums| {
+            int_blocks::<Q>(blocks, row_bytes, scales, jobs, |block, sums| {
                 // SAFETY: the CPU features as above; the checks proved the block's size, that
                 // every weight's coordinate lies in a row and that no partial sum overflows.
                 unsafe { super::avx512::dot_block_i16_x86(block, bits, &planes, weights, sums) }
@@ -830,7 +896,7 @@ pub fn dot_blocks_scores_i16(
             return;
         }
         if has_avx2_fma() {
-            int_blocks(blocks, row_bytes, affine, scales, out, |block, sums| {
+            int_blocks::<Q>(blocks, row_bytes, scales, jobs, |block, sums| {
                 // SAFETY: AVX2 is present (checked at run time); the checks as above, and every
                 // code indexes the widened table (at least 2^bits entries).
                 unsafe { x86::dot_block_i16_avx2(block, bits, codebook.wide(), weights, sums) }
@@ -838,30 +904,34 @@ pub fn dot_blocks_scores_i16(
             return;
         }
     }
-    int_blocks(blocks, row_bytes, affine, scales, out, |block, sums| {
-        dot_block_i16_scalar(block, bits, codebook.values(), weights, sums)
+    int_blocks::<Q>(blocks, row_bytes, scales, jobs, |block, sums| {
+        for (w, s) in weights.iter().zip(sums.iter_mut()) {
+            dot_block_i16_scalar(block, bits, codebook.values(), w, s);
+        }
     });
 }
 
-/// Runs `body` (one block's integer sums) over each block and converts its sums to scores
-/// ([`int_scores`]).
+/// Runs `body` (one block's sums for each of the `Q` jobs) over each block and converts every
+/// job's sums to its scores ([`int_scores`]).
 #[inline(always)]
-fn int_blocks(
+fn int_blocks<const Q: usize>(
     blocks: &[u8],
     row_bytes: usize,
-    affine: Affine,
     scales: &[f32],
-    out: &mut [f32],
-    mut body: impl FnMut(&[u8], &mut [f32; BLOCK]),
+    jobs: &mut [IntJob<'_>],
+    mut body: impl FnMut(&[u8], &mut [[f32; BLOCK]; Q]),
 ) {
-    let mut sums = [0f32; BLOCK];
-    for ((block, o), sc) in blocks
+    let mut sums = [[0f32; BLOCK]; Q];
+    for (b, (block, sc)) in blocks
         .chunks_exact(block_bytes(row_bytes))
-        .zip(out.chunks_mut(BLOCK))
         .zip(scales.chunks(BLOCK))
+        .enumerate()
     {
         body(block, &mut sums);
-        int_scores(&sums, affine, sc, o);
+        for (job, s) in jobs.iter_mut().zip(&sums) {
+            let o = &mut job.out[b * BLOCK..b * BLOCK + sc.len()];
+            int_scores(s, job.affine, sc, o);
+        }
     }
 }
 
@@ -890,8 +960,13 @@ pub fn dot_blocks_scores_i16_scalar(
         scales.len(),
         out.len(),
     );
-    int_blocks(blocks, row_bytes, affine, scales, out, |block, sums| {
-        dot_block_i16_scalar(block, bits, codebook.values(), weights, sums)
+    let mut jobs = [IntJob {
+        weights,
+        affine,
+        out,
+    }];
+    int_blocks::<1>(blocks, row_bytes, scales, &mut jobs, |block, sums| {
+        dot_block_i16_scalar(block, bits, codebook.values(), weights, &mut sums[0])
     });
 }
 

@@ -1083,7 +1083,8 @@ fn int_dots_equal_the_scalar_twin_and_the_rows() {
     }
 }
 
-/// Each x86 body of the integer dots the CPU can run gives the scalar twin's sums.
+/// Each x86 body of the integer dots the CPU can run gives the scalar twin's sums, for one
+/// weight vector and for three per pass.
 #[cfg(target_arch = "x86_64")]
 fn int_dot_bodies_agree(
     blocks: &[u8],
@@ -1102,17 +1103,44 @@ fn int_dot_bodies_agree(
         let mut want = [0f32; BLOCK];
         super::kernels::dot_block_i16_scalar(block, bits, book.values(), w, &mut want);
         let want = want.map(f32::to_bits);
-        let mut got = [0f32; BLOCK];
+        let mut got = [[0f32; BLOCK]];
         // SAFETY: AVX2 is present; the block, weights and table have the checked shapes.
-        unsafe { super::x86::dot_block_i16_avx2(block, bits, book.wide(), w, &mut got) };
-        assert_eq!(got.map(f32::to_bits), want, "{what}: AVX2");
+        unsafe { super::x86::dot_block_i16_avx2(block, bits, book.wide(), [w], &mut got) };
+        assert_eq!(got[0].map(f32::to_bits), want, "{what}: AVX2");
         if vnni {
             // SAFETY: the AVX-512 features are present (checked above); shapes as above.
             unsafe {
                 let planes = super::avx512::IntPlanes::new(book);
-                super::avx512::dot_block_i16_x86(block, bits, &planes, w, &mut got);
+                super::avx512::dot_block_i16_x86(block, bits, &planes, [w], &mut got);
             }
-            assert_eq!(got.map(f32::to_bits), want, "{what}: AVX-512");
+            assert_eq!(got[0].map(f32::to_bits), want, "{what}: AVX-512");
+        }
+        // Three weight vectors per pass (the negated weights have the same budget).
+        let neg: Vec<i16> = w.iter().map(|&x| -x).collect();
+        let mut want_neg = [0f32; BLOCK];
+        super::kernels::dot_block_i16_scalar(block, bits, book.values(), &neg, &mut want_neg);
+        let want3 = [want, want_neg.map(f32::to_bits), want];
+        let mut got3 = [[0f32; BLOCK]; 3];
+        // SAFETY: as above; the three slices have one length.
+        unsafe {
+            super::x86::dot_block_i16_avx2(block, bits, book.wide(), [w, &neg, w], &mut got3)
+        };
+        assert_eq!(
+            got3.map(|g| g.map(f32::to_bits)),
+            want3,
+            "{what}: AVX2, three"
+        );
+        if vnni {
+            // SAFETY: as above.
+            unsafe {
+                let planes = super::avx512::IntPlanes::new(book);
+                super::avx512::dot_block_i16_x86(block, bits, &planes, [w, &neg, w], &mut got3);
+            }
+            assert_eq!(
+                got3.map(|g| g.map(f32::to_bits)),
+                want3,
+                "{what}: AVX-512, three"
+            );
         }
     }
 }
@@ -1202,4 +1230,64 @@ fn int_dots_refuse_weights_past_the_budget() {
         bias: 0.0,
     };
     dot_blocks_scores_i16(&blocks, 16, 8, &book, &w, affine, &[1.0; BLOCK], &mut out);
+}
+
+/// Several queries per pass (groups of up to three, any remainder) give each query the scores
+/// it gets alone, bit for bit, at 6-8 bits over sizes with odd pairs and several chunks.
+#[test]
+fn int_dots_multi_equal_one_query_at_a_time() {
+    let mut r = SeededRng::new(53, stream::DATA);
+    let dims: &[usize] = if cfg!(miri) {
+        &[3]
+    } else {
+        &[1, 3, 64, 129, 301]
+    };
+    for bits in 6..=8u32 {
+        for &d in dims {
+            let row_bytes = crate::bitpack::packed_len(d, bits);
+            let rows = 70usize;
+            let bb = block_bytes(row_bytes);
+            let blocks = random_bytes(rows.div_ceil(BLOCK) * bb, 99 + d as u64);
+            let centroids: Vec<f32> = (0..1 << bits).map(|_| r.gaussian() as f32).collect();
+            let book = IntCodebook::from_centroids(&centroids);
+            let scales: Vec<f32> = (0..rows).map(|_| 0.5 + r.uniform() as f32).collect();
+            let queries: Vec<IntQuery> = (0..5)
+                .map(|_| {
+                    let q: Vec<f32> = (0..d).map(|_| r.gaussian() as f32).collect();
+                    book.quantize_query(&q)
+                })
+                .collect();
+            let affine = |q: &IntQuery| Affine {
+                offset: q.offset,
+                step: q.step,
+                bias: 0.125,
+            };
+            let alone: Vec<Vec<u32>> = queries
+                .iter()
+                .map(|q| {
+                    let mut o = vec![0f32; rows];
+                    #[rustfmt::skip]
+                    dot_blocks_scores_i16(&blocks, row_bytes, bits, &book, &q.weights, affine(q), &scales, &mut o);
+                    o.iter().map(|x| x.to_bits()).collect()
+                })
+                .collect();
+            for n in 1..=queries.len() {
+                let mut outs = vec![vec![0f32; rows]; n];
+                let mut jobs: Vec<IntJob<'_>> = queries[..n]
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .map(|(q, o)| IntJob {
+                        weights: &q.weights,
+                        affine: affine(q),
+                        out: o,
+                    })
+                    .collect();
+                dot_blocks_scores_i16_multi(&blocks, row_bytes, bits, &book, &scales, &mut jobs);
+                for (k, o) in outs.iter().enumerate() {
+                    let got: Vec<u32> = o.iter().map(|x| x.to_bits()).collect();
+                    assert_eq!(got, alone[k], "bits={bits} d={d} {n} jobs, job {k}");
+                }
+            }
+        }
+    }
 }

@@ -644,26 +644,27 @@ fn gather_indices(code: __m256i) -> [__m256i; 4] {
 /// AVX2 body of `dot_blocks_scores_i16` for one block: `out[r] = Σ_j weights[j] ·
 /// values[code_j(row r)]`, each coordinate's 32 codes cut out of the nibble layout
 /// ([`wide_codes`]), gathered and multiplied (`vpmaddwd`) into four 8-row `i32` sums (integers: the order
-/// does not matter), each chunk of `INT_CHUNK` coordinates' sums added to `f32` totals.
+/// does not matter), each chunk of `INT_CHUNK` coordinates' sums added to `f32` totals; for each
+/// of the `Q` weight vectors (all of one length) from one gather.
 ///
 /// # Safety
 /// The CPU supports AVX2; `6 <= bits <= 8`; `block` is one block of `32 · row_bytes` bytes with
-/// `weights.len() <= 8 · row_bytes / bits`; `values` has at least `2^bits` entries; no chunk's
-/// partial sum overflows an `i32`.
+/// every weight slice has the same length `<= 8 · row_bytes / bits`; `values` has at least
+/// `2^bits` entries; no chunk's partial sum overflows an `i32`.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn dot_block_i16_avx2(
+pub(super) unsafe fn dot_block_i16_avx2<const Q: usize>(
     block: &[u8],
     bits: u32,
     values: &[i32],
-    weights: &[i16],
-    out: &mut [f32; BLOCK],
+    weights: [&[i16]; Q],
+    out: &mut [[f32; BLOCK]; Q],
 ) {
     // SAFETY (all three): the caller's contract, passed on with `bits == B`.
     unsafe {
         match bits {
-            6 => dot_block_i16_wide::<6>(block, values, weights, out),
-            7 => dot_block_i16_wide::<7>(block, values, weights, out),
-            _ => dot_block_i16_wide::<8>(block, values, weights, out),
+            6 => dot_block_i16_wide::<6, Q>(block, values, weights, out),
+            7 => dot_block_i16_wide::<7, Q>(block, values, weights, out),
+            _ => dot_block_i16_wide::<8, Q>(block, values, weights, out),
         }
     }
 }
@@ -673,32 +674,37 @@ pub(super) unsafe fn dot_block_i16_avx2(
 /// # Safety
 /// As [`dot_block_i16_avx2`] with `bits == B`.
 #[target_feature(enable = "avx2")]
-unsafe fn dot_block_i16_wide<const B: usize>(
+unsafe fn dot_block_i16_wide<const B: usize, const Q: usize>(
     block: &[u8],
     values: &[i32],
-    weights: &[i16],
-    out: &mut [f32; BLOCK],
+    weights: [&[i16]; Q],
+    out: &mut [[f32; BLOCK]; Q],
 ) {
-    let mut total = [_mm256_setzero_ps(); 4];
-    for (c, chunk) in weights.chunks(super::INT_CHUNK).enumerate() {
-        let mut acc = [_mm256_setzero_si256(); 4];
-        for (i, &w) in chunk.iter().enumerate() {
-            let j = c * super::INT_CHUNK + i;
-            // SAFETY: coordinate j < weights.len() has its nibbles in the block; codes index
-            // `values`.
-            let x = unsafe { gather_ints(wide_codes::<B>(block, j), values) };
+    let dim = if Q == 0 { 0 } else { weights[0].len() };
+    let mut acc = [[_mm256_setzero_si256(); 4]; Q];
+    let mut total = [[_mm256_setzero_ps(); 4]; Q];
+    for j in 0..dim {
+        // SAFETY: coordinate j < dim has its nibbles in the block; codes index `values`.
+        let x = unsafe { gather_ints(wide_codes::<B>(block, j), values) };
+        let flush = (j + 1).is_multiple_of(super::INT_CHUNK) || j + 1 == dim;
+        for ((a, t), w) in acc.iter_mut().zip(&mut total).zip(weights) {
             // `vpmaddwd` against (w, 0) word pairs: each lane's low word (the value as i16)
             // times w, plus its high word times 0; exact, and faster than `vpmulld`.
-            let wv = _mm256_set1_epi32(i32::from(w as u16));
-            for (a, x) in acc.iter_mut().zip(x) {
+            let wv = _mm256_set1_epi32(i32::from(w[j] as u16));
+            for (a, x) in a.iter_mut().zip(x) {
                 *a = _mm256_add_epi32(*a, _mm256_madd_epi16(x, wv));
             }
-        }
-        for (t, a) in total.iter_mut().zip(acc) {
-            *t = _mm256_add_ps(*t, _mm256_cvtepi32_ps(a));
+            if flush {
+                for (t, a) in t.iter_mut().zip(a.iter_mut()) {
+                    *t = _mm256_add_ps(*t, _mm256_cvtepi32_ps(*a));
+                    *a = _mm256_setzero_si256();
+                }
+            }
         }
     }
-    store_rows(total, out);
+    for (t, o) in total.into_iter().zip(out.iter_mut()) {
+        store_rows(t, o);
+    }
 }
 
 /// AVX2 body of `dot_block_codes` for widths 6-8: `out[r] = Σ_j q[j] · values[code_j(row r)]`,
