@@ -251,6 +251,7 @@ struct GroupScratch {
 /// step (1 when every weight is zero). A weight's error is at most half a step, so a row's
 /// score moves by at most `step / 2 · Σ_c code_c`. O(d).
 fn i8_weights(q: &[f32], scales: &[f32], out: &mut [i8]) -> f32 {
+    debug_assert_eq!(q.len(), scales.len());
     // The largest |q_c s_c| in 8 lanes of compare-selects, which vectorise (a fold of `f32::max`
     // is one serial chain: it cost about a fifth of a grouped-query head's key scoring, called
     // per query per group); the order does not change a maximum.

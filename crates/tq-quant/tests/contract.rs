@@ -220,3 +220,48 @@ fn a_spec_builds_what_it_names_and_refuses_a_mean_it_cannot_use() {
     .into();
     assert_eq!(b.mean(), Some(&mean[..]));
 }
+
+/// A finite query large enough for the rotation's sums to pass `f32::MAX` is a typed error at
+/// every width (at 6-8 bits it reached an assertion of the integer grid before), a query at the
+/// bound scores finitely, and a query so small that its integer unit is subnormal scores through
+/// the exact path at 6-8 bits (its fast scores equal its exact ones and the true dots).
+#[test]
+fn extreme_queries_are_refused_or_scored_exactly() {
+    use tq_quant::{MseConfig, MseQuantizer};
+    let (n, d) = (64, 128);
+    let xs = gaussian(n, d, 5);
+    for bits in [1u32, 4, 5, 6, 8] {
+        let q = std::sync::Arc::new(
+            MseQuantizer::new(MseConfig::new(d, bits, RotationKind::Hadamard, 3)).unwrap(),
+        );
+        let bound = f32::MAX / (2 * d) as f32;
+        let huge = vec![f32::MAX / 2.0; d];
+        assert!(
+            matches!(
+                q.prepare_query(&huge),
+                Err(Error::ValueOutOfRange { index: 0, .. })
+            ),
+            "bits {bits}"
+        );
+        let mut batch = MseBatch::new(q.clone());
+        batch.extend(&xs).unwrap();
+        let edge: Vec<f32> = (0..d)
+            .map(|j| if j % 2 == 0 { bound } else { -bound })
+            .collect();
+        let prepared = q.prepare_query(&edge).unwrap();
+        let mut out = vec![0.0f32; n];
+        batch.score_exact_into(&prepared, &mut out).unwrap();
+        assert!(out.iter().all(|v| v.is_finite()), "bits {bits}: {out:?}");
+        let tiny: Vec<f32> = gaussian(1, d, 6).iter().map(|v| v * 1e-36).collect();
+        let prepared = q.prepare_query(&tiny).unwrap();
+        let (mut fast, mut exact) = (vec![0.0f32; n], vec![0.0f32; n]);
+        batch.score_into(&prepared, &mut fast).unwrap();
+        batch.score_exact_into(&prepared, &mut exact).unwrap();
+        if bits >= 6 {
+            assert_eq!(fast, exact, "bits {bits}");
+            assert!(!prepared.has_fast_path(), "bits {bits}");
+        }
+        let scale = exact.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0 && scale.is_normal(), "bits {bits}: {scale}");
+    }
+}

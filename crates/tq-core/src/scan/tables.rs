@@ -124,7 +124,7 @@ pub const INT_WEIGHT_BUDGET: i64 = i32::MAX as i64 / (INT_CODE_MAX as i64 + 1);
 /// A codebook of up to 256 values on an integer grid, for the integer dot products of 6-8-bit
 /// codes ([`super::dot_blocks_scores_i16`]): value `k` stands for `(values[k] + 1/2) · step`,
 /// within `step / 2` of the float it was made from, with `step = max |c| / INT_CODE_MAX`, about
-/// `2^-13` of the codebook's span, far below the spacing of a 256-entry Lloyd-Max codebook (so
+/// `2^-14` of the codebook's span, far below the spacing of a 256-entry Lloyd-Max codebook (so
 /// the grid adds almost nothing to 8-bit quantization's own error). A codebook that is
 /// antisymmetric bit for bit (`c[n - 1 - k] == -c[k]`, as every Lloyd-Max codebook here is) keeps
 /// that symmetry exactly: `values[n - 1 - k] == !values[k]` (one's complement is negation on the
@@ -255,7 +255,7 @@ impl IntCodebook {
     /// Σ_j w_j · values[k_j]`. The weights share one step `s = max(max_c Σ_{j∈c} |q_j| / (B -
     /// |c|), max|q| / 32767)` over the chunks `c` of [`INT_CHUNK`] coordinates (`B` =
     /// [`INT_WEIGHT_BUDGET`]), so with rounding each chunk's `Σ|w| <= B` and every `|w| <=
-    /// 32767`; each weight is within `s / 2` of `q_j / s`. O(d).
+    /// 32767`; each `w_j · s` is within `s / 2` of `q_j`. O(d).
     ///
     /// # Panics
     /// If `q` holds a non-finite value.

@@ -1030,9 +1030,11 @@ fn int_dots_equal_the_scalar_twin_and_the_rows() {
             let rows: usize = if cfg!(miri) { 33 } else { 75 };
             let bb = block_bytes(row_bytes);
             let blocks = random_bytes(rows.div_ceil(BLOCK) * bb, 9 + d as u64);
-            let general: Vec<i16> = (0..n_values)
+            let mut general: Vec<i16> = (0..n_values)
                 .map(|_| ((r.next_u64() % 16383) as i32 - 8192) as i16)
                 .collect();
+            // The grid's extremes: -8192 (the mirror of 8191) sets the budget.
+            (general[0], general[1]) = (-8192, 8191);
             let mut anti = general.clone();
             for k in 0..n_values / 2 {
                 anti[n_values - 1 - k] = !anti[k];
@@ -1049,9 +1051,7 @@ fn int_dots_equal_the_scalar_twin_and_the_rows() {
                 let scales: Vec<f32> = (0..rows).map(|_| 0.5 + r.uniform() as f32).collect();
                 for at_limit in [false, true] {
                     let w = int_weights(&mut r, d, book.max_abs(), at_limit);
-                    if chunk_l1(&w) * book.max_abs() > i64::from(i32::MAX) {
-                        continue;
-                    }
+                    assert!(chunk_l1(&w) * book.max_abs() <= i64::from(i32::MAX));
                     let (mut a, mut b) = (vec![0f32; rows], vec![0f32; rows]);
                     #[rustfmt::skip]
                     dot_blocks_scores_i16(&blocks, row_bytes, bits, &book, &w, affine, &scales, &mut a);
@@ -1115,8 +1115,8 @@ fn int_dot_bodies_agree(
             }
             assert_eq!(got[0].map(f32::to_bits), want, "{what}: AVX-512");
         }
-        // Three weight vectors per pass (the negated weights have the same budget).
-        let neg: Vec<i16> = w.iter().map(|&x| -x).collect();
+        // Three weight vectors per pass (the negated weights have at most the same budget).
+        let neg: Vec<i16> = w.iter().map(|&x| x.saturating_neg()).collect();
         let mut want_neg = [0f32; BLOCK];
         super::kernels::dot_block_i16_scalar(block, bits, book.values(), &neg, &mut want_neg);
         let want3 = [want, want_neg.map(f32::to_bits), want];
@@ -1289,5 +1289,79 @@ fn int_dots_multi_equal_one_query_at_a_time() {
                 }
             }
         }
+    }
+}
+
+/// Sums at the edge of `i32`: every code the grid's extreme value (all-ones blocks index the
+/// last entry), every weight of one sign and the largest magnitude the budget allows (including
+/// -32768 where it fits), so each row's chunk sum lands within one product of `±(2^31 - 1)`;
+/// the kernel (every x86 body the CPU runs) and the scalar twin give the exact value.
+#[test]
+fn int_dots_reach_the_i32_limit_exactly() {
+    for bits in 6..=8u32 {
+        for (last, sign) in [(-8192i16, 1i64), (-8192, -1), (8191, 1), (8191, -1)] {
+            let n_values = 1usize << bits;
+            let mut values = vec![0i16; n_values];
+            values[n_values - 1] = last;
+            let book = IntCodebook::from_values(values, 1.0);
+            // d = 4: weights clamp at -32768 / 32767, short of the edge.
+            for d in [4usize, 8, 16, 128, 200] {
+                let row_bytes = crate::bitpack::packed_len(d, bits);
+                let blocks = vec![0xFFu8; block_bytes(row_bytes)];
+                // Per chunk, weights of one sign summing to the budget.
+                let budget = i64::from(i32::MAX) / book.max_abs();
+                let w: Vec<i16> = (0..d)
+                    .map(|j| {
+                        let len = (d - j / INT_CHUNK * INT_CHUNK).min(INT_CHUNK) as i64;
+                        let base = budget / len;
+                        let extra = i64::from(((j % INT_CHUNK) as i64) < budget % len);
+                        let m = (base + extra).min(32768);
+                        if sign < 0 {
+                            (-m) as i16
+                        } else {
+                            m.min(32767) as i16
+                        }
+                    })
+                    .collect();
+                assert!(chunk_l1(&w) * book.max_abs() <= i64::from(i32::MAX));
+                let affine = Affine {
+                    offset: 0.0,
+                    step: 1.0,
+                    bias: 0.0,
+                };
+                let ones = [1.0f32; BLOCK];
+                let (mut a, mut b) = ([0f32; BLOCK], [0f32; BLOCK]);
+                #[rustfmt::skip]
+                dot_blocks_scores_i16(&blocks, row_bytes, bits, &book, &w, affine, &ones, &mut a);
+                #[rustfmt::skip]
+                dot_blocks_scores_i16_scalar(&blocks, row_bytes, bits, &book, &w, affine, &ones, &mut b);
+                let want = w.chunks(INT_CHUNK).fold(0.0f32, |t, c| {
+                    let s: i64 = c.iter().map(|&x| i64::from(x) * i64::from(last)).sum();
+                    assert!(s.abs() <= i64::from(i32::MAX));
+                    if d >= 8 {
+                        let edge = i64::from(i32::MAX) - 32768 * 8192;
+                        assert!(s.abs() > edge, "not at the edge");
+                    }
+                    t + s as f32
+                });
+                let what = format!("bits={bits} last={last} sign={sign} d={d}");
+                assert!(
+                    a.iter().chain(&b).all(|&x| x == want),
+                    "{what}: {a:?} vs {want}"
+                );
+                #[cfg(target_arch = "x86_64")]
+                int_dot_bodies_agree(&blocks, row_bytes, bits, &book, &w, &what);
+            }
+        }
+    }
+}
+
+/// The shipped 8-bit Lloyd-Max codebooks are antisymmetric, so their grids fold (one byte
+/// permute per plane in the 8-bit kernel).
+#[test]
+fn shipped_8_bit_grids_fold() {
+    for d in [2usize, 64, 128, 256, 1536] {
+        let c = crate::Codebook::get(d, 8).unwrap();
+        assert!(IntCodebook::from_centroids(c.centroids()).folded(), "d={d}");
     }
 }

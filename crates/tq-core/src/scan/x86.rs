@@ -643,13 +643,13 @@ fn gather_indices(code: __m256i) -> [__m256i; 4] {
 
 /// AVX2 body of `dot_blocks_scores_i16` for one block: `out[r] = Σ_j weights[j] ·
 /// values[code_j(row r)]`, each coordinate's 32 codes cut out of the nibble layout
-/// ([`wide_codes`]), gathered and multiplied (`vpmaddwd`) into four 8-row `i32` sums (integers: the order
-/// does not matter), each chunk of `INT_CHUNK` coordinates' sums added to `f32` totals; for each
+/// ([`wide_codes`]), gathered and multiplied (`vpmaddwd`) into four 8-row `i32` sums (integers:
+/// the order does not matter), each chunk of `INT_CHUNK` coordinates' sums added to `f32` totals; for each
 /// of the `Q` weight vectors (all of one length) from one gather.
 ///
 /// # Safety
-/// The CPU supports AVX2; `6 <= bits <= 8`; `block` is one block of `32 · row_bytes` bytes with
-/// every weight slice has the same length `<= 8 · row_bytes / bits`; `values` has at least
+/// The CPU supports AVX2; `6 <= bits <= 8`; `block` is one block of `32 · row_bytes` bytes; every
+/// weight slice has the same length, at most `8 · row_bytes / bits`; `values` has at least
 /// `2^bits` entries; no chunk's partial sum overflows an `i32`.
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn dot_block_i16_avx2<const Q: usize>(
