@@ -503,56 +503,47 @@ impl MseQuery {
     pub(crate) fn block_dots_fast(&self, rows: &PackedRows, b: usize, bits: u32, out: &mut [f32]) {
         match (&self.tables, &self.int) {
             (Some(t), _) => t.block_fast(rows.block(b), out),
-            (None, Some(_)) => {
+            (None, Some(grid)) => {
                 let ones = [1.0f32; BLOCK];
-                self.int_scores(
-                    rows.block(b),
-                    rows.row_bytes(),
-                    bits,
-                    0.0,
-                    &ones[..out.len()],
-                    out,
-                );
+                let (rb, ones) = (rows.row_bytes(), &ones[..out.len()]);
+                int_scores(grid, rows.block(b), rb, bits, 0.0, ones, out);
             }
             (None, None) => self.block_dots_exact(rows, b, bits, out),
         }
-    }
-
-    /// Integer-dot scores `scales[i] · dot_i + bias` of `out.len()` rows of the consecutive
-    /// `blocks` ([`scan::dot_blocks_scores_i16`]). Only for a query with an integer grid.
-    fn int_scores(
-        &self,
-        blocks: &[u8],
-        row_bytes: usize,
-        bits: u32,
-        bias: f32,
-        scales: &[f32],
-        out: &mut [f32],
-    ) {
-        let Some((book, iq)) = &self.int else {
-            unreachable!("integer scores of a query without a grid")
-        };
-        let affine = scan::Affine {
-            offset: iq.offset,
-            step: iq.step,
-            bias,
-        };
-        scan::dot_blocks_scores_i16(
-            blocks,
-            row_bytes,
-            bits,
-            book,
-            &iq.weights,
-            affine,
-            scales,
-            out,
-        );
     }
 
     /// True when the fast path differs from the exact one (`u8` tables or integer dots in use).
     pub fn has_fast_path(&self) -> bool {
         self.tables.is_some() || self.int.is_some()
     }
+}
+
+/// Integer-dot scores `scales[i] · dot_i + bias` of `out.len()` rows of the consecutive `blocks`
+/// for a query on the integer grid `(book, weights)` ([`scan::dot_blocks_scores_i16`]).
+fn int_scores(
+    (book, iq): &(Arc<IntCodebook>, IntQuery),
+    blocks: &[u8],
+    row_bytes: usize,
+    bits: u32,
+    bias: f32,
+    scales: &[f32],
+    out: &mut [f32],
+) {
+    let affine = scan::Affine {
+        offset: iq.offset,
+        step: iq.step,
+        bias,
+    };
+    scan::dot_blocks_scores_i16(
+        blocks,
+        row_bytes,
+        bits,
+        book,
+        &iq.weights,
+        affine,
+        scales,
+        out,
+    );
 }
 
 /// A growable batch of `TurboQuant_mse` codes: packed codes in the 32-row block layout and one
@@ -980,8 +971,8 @@ impl MseBatch {
             (Some(t), _, true) => {
                 score::for_each_chunk(out, |start, o| self.fast_chunk(t, query, start, o, None))
             }
-            (None, Some(_), true) => {
-                score::for_each_chunk(out, |start, o| self.int_chunk(query, start, o))
+            (None, Some(grid), true) => {
+                score::for_each_chunk(out, |start, o| self.int_chunk(grid, query, start, o))
             }
             _ => score::for_each_block(out, |b, o| self.score_block(query, b, o, fast)),
         }
@@ -1027,16 +1018,30 @@ impl MseBatch {
         );
     }
 
-    /// Integer-dot scores of rows `start..start + o.len()` (`start` a multiple of 32) for a query
-    /// with an integer grid (6-8 bits): unit dots times the stored scale, plus the query's mean
-    /// offset, in one kernel call.
-    fn int_chunk(&self, query: &MseQuery, start: usize, o: &mut [f32]) {
+    /// Integer-dot scores of rows `start..start + o.len()` (`start` a multiple of 32) for `query`
+    /// on its integer grid `grid` (6-8 bits): unit dots times the stored scale, plus the query's
+    /// mean offset, in one kernel call.
+    fn int_chunk(
+        &self,
+        grid: &(Arc<IntCodebook>, IntQuery),
+        query: &MseQuery,
+        start: usize,
+        o: &mut [f32],
+    ) {
         let rb = self.codes.row_bytes();
         let bb = block_bytes(rb);
         let b0 = start / BLOCK;
         let blocks = &self.codes.blocks()[b0 * bb..(b0 + o.len().div_ceil(BLOCK)) * bb];
         let scales = self.norms.f32_range(start..start + o.len());
-        query.int_scores(blocks, rb, self.quantizer.bits(), query.offset, &scales, o);
+        int_scores(
+            grid,
+            blocks,
+            rb,
+            self.quantizer.bits(),
+            query.offset,
+            &scales,
+            o,
+        );
     }
 
     /// Scores block `b` into `o` (its rows, at most 32): unit dots times the stored scale, plus
@@ -1084,12 +1089,12 @@ impl MseBatch {
                 self.fast_chunk(t, query, start, o, Some((sel.threshold(), &mut *masks)));
                 sel.push_marked(start, o, masks);
             }
-        } else if query.int.is_some() {
+        } else if let Some(grid) = &query.int {
             // Integer dots (6-8 bits), a chunk of blocks per kernel call.
             let mut o = [0.0f32; score::SEARCH_CHUNK_ROWS];
             for (start, n) in score::search_chunks(self.len(), c) {
                 let o = &mut o[..n];
-                self.int_chunk(query, start, o);
+                self.int_chunk(grid, query, start, o);
                 sel.push(start, o);
             }
         } else {
