@@ -32,10 +32,10 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ScoreMode {
-    /// `u8` look-up tables and the SIMD scan (1-5 bits), integer dots on the codebook's grid (6-8
+    /// `u8` look-up tables and the SIMD scan (1-4 bits), integer dots on the codebook's grid (5-8
     /// bits). Their extra error is a fraction of the quantization error: RMS ratio 0.19 at 4
-    /// bits, 0.43 at 5 bits (where it adds about 9% to the RMS score error), 0.007 / 0.016 / 0.030
-    /// at 6 / 7 / 8 bits.
+    /// bits (where it adds under 2% to the RMS score error), 0.003 / 0.007 / 0.016 / 0.030 at 5 /
+    /// 6 / 7 / 8 bits.
     #[default]
     Fast,
     /// `f32` look-up tables: the same function as scoring the dequantized keys.

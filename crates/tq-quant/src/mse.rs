@@ -501,13 +501,13 @@ impl MseQuery {
     /// Unit-scale dots of block `b` (`out.len() <= 32` rows) on the fast path: through the `u8`
     /// tables (1-5 bits) or the integer dots on the codebook's grid (6-8 bits), else exact.
     pub(crate) fn block_dots_fast(&self, rows: &PackedRows, b: usize, bits: u32, out: &mut [f32]) {
-        match (&self.tables, &self.int) {
-            (Some(t), _) => t.block_fast(rows.block(b), out),
-            (None, Some(grid)) => {
+        match (&self.int, &self.tables) {
+            (Some(grid), _) => {
                 let ones = [1.0f32; BLOCK];
                 let (rb, ones) = (rows.row_bytes(), &ones[..out.len()]);
                 int_scores(grid, rows.block(b), rb, bits, 0.0, ones, out);
             }
+            (None, Some(t)) => t.block_fast(rows.block(b), out),
             (None, None) => self.block_dots_exact(rows, b, bits, out),
         }
     }
@@ -967,12 +967,12 @@ impl MseBatch {
     /// stored scale, plus the query's mean offset.
     fn score_blocks(&self, query: &MseQuery, out: &mut [f32], fast: bool) -> Result<()> {
         self.check_out(out)?;
-        match (&query.tables, &query.int, fast) {
-            (Some(t), _, true) => {
-                score::for_each_chunk(out, |start, o| self.fast_chunk(t, query, start, o, None))
-            }
-            (None, Some(grid), true) => {
+        match (&query.int, &query.tables, fast) {
+            (Some(grid), _, true) => {
                 score::for_each_chunk(out, |start, o| self.int_chunk(grid, query, start, o))
+            }
+            (None, Some(t), true) => {
+                score::for_each_chunk(out, |start, o| self.fast_chunk(t, query, start, o, None))
             }
             _ => score::for_each_block(out, |b, o| self.score_block(query, b, o, fast)),
         }
@@ -983,12 +983,12 @@ impl MseBatch {
     /// len`): through the query's 64-level search tables ([`Tables::for_search`]) where it has
     /// tables, else its fast scores; chunks in parallel when [`score::split_rows`] says so.
     fn candidate_scores(&self, query: &MseQuery, out: &mut [f32]) {
-        match &query.tables {
-            Some(t) => {
+        match (&query.int, &query.tables) {
+            (None, Some(t)) => {
                 let t = t.for_search();
                 score::for_each_chunk(out, |start, o| self.fast_chunk(&t, query, start, o, None));
             }
-            None => {
+            _ => {
                 let _ = self.score_into(query, out);
             }
         }
@@ -1076,6 +1076,14 @@ impl MseBatch {
             for (b, chunk) in scores.chunks(BLOCK).enumerate() {
                 sel.push(b * BLOCK, chunk);
             }
+        } else if let Some(grid) = &query.int {
+            // Integer dots (5-8 bits), a chunk of blocks per kernel call.
+            let mut o = [0.0f32; score::SEARCH_CHUNK_ROWS];
+            for (start, n) in score::search_chunks(self.len(), c) {
+                let o = &mut o[..n];
+                self.int_chunk(grid, query, start, o);
+                sel.push(start, o);
+            }
         } else if let Some(t) = &query.tables {
             // One pass, a chunk of blocks at a time: nothing of the batch's size is allocated.
             // The kernel marks the rows above the selection's threshold; only those are offered.
@@ -1088,14 +1096,6 @@ impl MseBatch {
                 let masks = &mut masks[..o.len().div_ceil(BLOCK)];
                 self.fast_chunk(t, query, start, o, Some((sel.threshold(), &mut *masks)));
                 sel.push_marked(start, o, masks);
-            }
-        } else if let Some(grid) = &query.int {
-            // Integer dots (6-8 bits), a chunk of blocks per kernel call.
-            let mut o = [0.0f32; score::SEARCH_CHUNK_ROWS];
-            for (start, n) in score::search_chunks(self.len(), c) {
-                let o = &mut o[..n];
-                self.int_chunk(grid, query, start, o);
-                sel.push(start, o);
             }
         } else {
             // No fast path: the exact path, block by block.

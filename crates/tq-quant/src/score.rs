@@ -39,13 +39,14 @@ pub(crate) enum TableKind {
 }
 
 /// The narrowest width whose fast path is the integer dots on the codebook's grid
-/// ([`tq_core::scan::dot_blocks_scores_i16`]) rather than a table scan: tables of 64-256 entries
-/// per coordinate do not fit a register look-up, and `u8` tables would round more than 6-8-bit
-/// quantization errs.
-pub(crate) const INT_DOT_MIN_BITS: u32 = 6;
+/// ([`tq_core::scan::dot_blocks_scores_i16`]) rather than a `u8` table scan: at 6-8 bits tables
+/// of 64-256 entries per coordinate do not fit a register look-up; at 5 bits the 32-entry `u8`
+/// tables would, but their rounding is 0.43 of the quantization error where the grid's is under
+/// 0.01 (the 5-bit `f32` tables stay the exact path).
+pub(crate) const INT_DOT_MIN_BITS: u32 = 5;
 
 /// The table scheme for codes of `bits` bits, if any (widths 6-8 have none: their fast path is
-/// the integer dots, [`INT_DOT_MIN_BITS`]).
+/// the integer dots, [`INT_DOT_MIN_BITS`], as is 5 bits' for MSE codes).
 #[inline]
 pub(crate) fn table_kind(bits: u32) -> Option<TableKind> {
     match bits {

@@ -413,14 +413,14 @@ const NIBBLES: [[u8; 64]; 2] = {
 /// AVX-512 body of `dot_blocks_scores_i16` for one block: `out[r] = Σ_j weights[j] ·
 /// values[code_j(row r)]`, in `i32` per chunk of `INT_CHUNK` coordinates whose sums are added
 /// to `f32` totals, two coordinates per step: their 64 codes in the interleaved
-/// order (8 bits: two `vpermi2b` over the nibble positions and a bit select; 6-7 bits:
+/// order (8 bits: two `vpermi2b` over the nibble positions and a bit select; 5-7 bits:
 /// [`pair_codes`] and one `vpermb`), the grid values' two byte planes looked up
 /// ([`look_up_ints`]) and unpacked into words, each row's `(j, j + 1)` pair in one 32-bit lane,
 /// so one `vpdpwssd` per 16 rows adds both products, for each of the `Q` weight vectors (all of
 /// one length) from one look-up. The same sums as the scalar twin.
 ///
 /// # Safety
-/// The CPU supports AVX2 and AVX-512 F, BW, VBMI and VNNI; `6 <= bits <= 8`; `block` is one block
+/// The CPU supports AVX2 and AVX-512 F, BW, VBMI and VNNI; `5 <= bits <= 8`; `block` is one block
 /// of `32 · row_bytes` bytes; every weight slice has the same length `<= 8 · row_bytes / bits`;
 /// no chunk's partial sum overflows an `i32` (`Σ|w| · max|value| <= i32::MAX` per chunk).
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni")]
@@ -434,6 +434,7 @@ pub(super) unsafe fn dot_block_i16_x86<const Q: usize>(
     // SAFETY (all three): the caller's contract, passed on with `bits == B`.
     unsafe {
         match bits {
+            5 => dot_block_i16_vnni::<5, Q>(block, planes, weights, out),
             6 => dot_block_i16_vnni::<6, Q>(block, planes, weights, out),
             7 => dot_block_i16_vnni::<7, Q>(block, planes, weights, out),
             _ => dot_block_i16_vnni::<8, Q>(block, planes, weights, out),

@@ -778,11 +778,11 @@ pub fn dot_block_codes(block: &[u8], bits: u32, values: &[f32], q: &[f32], out: 
     dot_block_codes_scalar(block, bits, values, q, out);
 }
 
-/// Scores of consecutive blocks of `bits`-bit codes (`6 <= bits <= 8`, rows of `row_bytes`
+/// Scores of consecutive blocks of `bits`-bit codes (`5 <= bits <= 8`, rows of `row_bytes`
 /// bytes) against one query on an integer grid: `out[i] = scales[i] · (affine.offset +
 /// affine.step · S_i) + affine.bias` with `S_i = Σ_j weights[j] · codebook.values()[code_j(row
 /// i)]`, summed exactly in `i32` over each chunk of [`INT_CHUNK`] coordinates (the checks bound
-/// it) and the chunks' sums added in `f32`, in order. The fast path of 6-8-bit keys, with
+/// it) and the chunks' sums added in `f32`, in order. The fast path of 5-8-bit keys, with
 /// [`IntCodebook::quantize_query`]'s weights, offset and step. With AVX-512 VBMI and VNNI, each
 /// pair of coordinates' 64 codes is looked up in the grid's two byte planes by one `vpermb` /
 /// `vpermi2b` per plane (8 bits: one per plane when the grid is antisymmetric, else two and a
@@ -793,7 +793,7 @@ pub fn dot_block_codes(block: &[u8], bits: u32, values: &[f32], q: &[f32], out: 
 /// slots are not written). O(rows · weights.len()).
 ///
 /// # Panics
-/// Before any memory is read, unless `6 <= bits <= 8`, `row_bytes >= 1`, `blocks.len() ==
+/// Before any memory is read, unless `5 <= bits <= 8`, `row_bytes >= 1`, `blocks.len() ==
 /// out.len().div_ceil(32) · 32 · row_bytes`, `scales.len() == out.len()`, the codebook has at
 /// least `2^bits` values, `weights.len() <= 8 · row_bytes / bits` and, over every chunk of
 /// [`INT_CHUNK`] weights, `Σ_j |weights[j]| · max_k |values[k]| <= i32::MAX`.
@@ -899,7 +899,10 @@ fn int_group<const Q: usize>(
             int_blocks::<Q>(blocks, row_bytes, scales, jobs, |block, sums| {
                 // SAFETY: AVX2 is present (checked at run time); the checks as above, and every
                 // code indexes the widened table (at least 2^bits entries).
-                unsafe { x86::dot_block_i16_avx2(block, bits, codebook.wide(), weights, sums) }
+                unsafe {
+                    let (wide, planes) = (codebook.wide(), codebook.planes());
+                    x86::dot_block_i16_avx2(block, bits, wide, planes, weights, sums)
+                }
             });
             return;
         }
@@ -1020,8 +1023,8 @@ fn check_int_dots(
     rows: usize,
 ) {
     assert!(
-        (6..=8).contains(&bits),
-        "integer dots take 6- to 8-bit codes, not {bits}"
+        (5..=8).contains(&bits),
+        "integer dots take 5- to 8-bit codes, not {bits}"
     );
     assert!(row_bytes > 0, "rows of 0 bytes hold no codes");
     check_codes(row_bytes, bits, codebook.values().len(), weights.len());
@@ -1190,7 +1193,7 @@ fn check_accumulate(
 /// CPUs with both (nibble tables up to 5 bits, gathers at 6-8), followed by `+avx512vbmi` where
 /// AVX-512 F, BW and VBMI decode 5-8-bit values and 6-8-bit exact key dots by byte permutes, and
 /// `+avx512vnni` where AVX-512 F, VL and VNNI run the nibble dot products (with VBMI too, the
-/// 6-8-bit integer key dots; all off with `TQ_NO_AVX512=1`); `"scalar"` otherwise (the portable
+/// 5-8-bit integer key dots; all off with `TQ_NO_AVX512=1`); `"scalar"` otherwise (the portable
 /// twins). O(1) after the first call.
 pub fn kernel_isa() -> &'static str {
     #[cfg(target_arch = "x86_64")]
@@ -1232,7 +1235,7 @@ pub(super) fn has_avx512_vbmi() -> bool {
 }
 
 /// AVX-512 F, VL and VNNI beside AVX2 and FMA: the nibble dot products (KIVI keys) use
-/// `vpdpbusd`, and with VBMI the 6-8-bit integer key dots `vpdpwssd`. Off with `TQ_NO_AVX512=1`, as [`has_avx512_vbmi`].
+/// `vpdpbusd`, and with VBMI the 5-8-bit integer key dots `vpdpwssd`. Off with `TQ_NO_AVX512=1`, as [`has_avx512_vbmi`].
 #[cfg(target_arch = "x86_64")]
 pub(super) fn has_avx512_vnni() -> bool {
     use std::sync::OnceLock;

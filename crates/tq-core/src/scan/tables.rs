@@ -1,5 +1,5 @@
 //! The integer grids the scans take: `u8` look-up tables (float tables quantized with one shared
-//! step) and, for 6-8-bit codes, a codebook and a query on `i16` grids.
+//! step) and, for 5-8-bit codes, a codebook and a query on `i16` grids.
 
 /// `u8` look-up tables for the scans: `entries` bytes per table (16 for
 /// [`scan_block`](super::scan_block) and [`scan_block_b3`](super::scan_block_b3), 32 for
@@ -121,7 +121,7 @@ pub const INT_CHUNK: usize = 128;
 /// every partial sum `Σ_j w_j · m_j` of a chunk fits an `i32`.
 pub const INT_WEIGHT_BUDGET: i64 = i32::MAX as i64 / (INT_CODE_MAX as i64 + 1);
 
-/// A codebook of up to 256 values on an integer grid, for the integer dot products of 6-8-bit
+/// A codebook of up to 256 values on an integer grid, for the integer dot products of 5-8-bit
 /// codes ([`super::dot_blocks_scores_i16`]): value `k` stands for `(values[k] + 1/2) · step`,
 /// within `step / 2` of the float it was made from, with `step = max |c| / INT_CODE_MAX`, about
 /// `2^-14` of the codebook's span, far below the spacing of a 256-entry Lloyd-Max codebook (so

@@ -1006,7 +1006,7 @@ fn chunk_l1(w: &[i16]) -> i64 {
 }
 
 /// The integer dot kernel (the dispatching one, and on x86 each SIMD body it may pick) equals
-/// its scalar twin bit for bit and an independent read-back of every row, at 6-8 bits over
+/// its scalar twin bit for bit and an independent read-back of every row, at 5-8 bits over
 /// awkward sizes (odd coordinate counts: a last pair with one coordinate; several chunks, the
 /// last one partial; partial last blocks), with general, antisymmetric (folded at 8 bits) and
 /// nearly antisymmetric grids, random weights and weights at the overflow limit.
@@ -1023,7 +1023,7 @@ fn int_dots_equal_the_scalar_twin_and_the_rows() {
         step: 1.0e-6,
         bias: -0.25,
     };
-    for bits in 6..=8u32 {
+    for bits in 5..=8u32 {
         let n_values = 1usize << bits;
         for &d in dims {
             let row_bytes = crate::bitpack::packed_len(d, bits);
@@ -1105,7 +1105,9 @@ fn int_dot_bodies_agree(
         let want = want.map(f32::to_bits);
         let mut got = [[0f32; BLOCK]];
         // SAFETY: AVX2 is present; the block, weights and table have the checked shapes.
-        unsafe { super::x86::dot_block_i16_avx2(block, bits, book.wide(), [w], &mut got) };
+        unsafe {
+            super::x86::dot_block_i16_avx2(block, bits, book.wide(), book.planes(), [w], &mut got)
+        };
         assert_eq!(got[0].map(f32::to_bits), want, "{what}: AVX2");
         if vnni {
             // SAFETY: the AVX-512 features are present (checked above); shapes as above.
@@ -1123,7 +1125,14 @@ fn int_dot_bodies_agree(
         let mut got3 = [[0f32; BLOCK]; 3];
         // SAFETY: as above; the three slices have one length.
         unsafe {
-            super::x86::dot_block_i16_avx2(block, bits, book.wide(), [w, &neg, w], &mut got3)
+            super::x86::dot_block_i16_avx2(
+                block,
+                bits,
+                book.wide(),
+                book.planes(),
+                [w, &neg, w],
+                &mut got3,
+            )
         };
         assert_eq!(
             got3.map(|g| g.map(f32::to_bits)),
@@ -1233,7 +1242,7 @@ fn int_dots_refuse_weights_past_the_budget() {
 }
 
 /// Several queries per pass (groups of up to three, any remainder) give each query the scores
-/// it gets alone, bit for bit, at 6-8 bits over sizes with odd pairs and several chunks.
+/// it gets alone, bit for bit, at 5-8 bits over sizes with odd pairs and several chunks.
 #[test]
 fn int_dots_multi_equal_one_query_at_a_time() {
     let mut r = SeededRng::new(53, stream::DATA);
@@ -1242,7 +1251,7 @@ fn int_dots_multi_equal_one_query_at_a_time() {
     } else {
         &[1, 3, 64, 129, 301]
     };
-    for bits in 6..=8u32 {
+    for bits in 5..=8u32 {
         for &d in dims {
             let row_bytes = crate::bitpack::packed_len(d, bits);
             let rows = 70usize;
@@ -1298,7 +1307,7 @@ fn int_dots_multi_equal_one_query_at_a_time() {
 /// the kernel (every x86 body the CPU runs) and the scalar twin give the exact value.
 #[test]
 fn int_dots_reach_the_i32_limit_exactly() {
-    for bits in 6..=8u32 {
+    for bits in 5..=8u32 {
         for (last, sign) in [(-8192i16, 1i64), (-8192, -1), (8191, 1), (8191, -1)] {
             let n_values = 1usize << bits;
             let mut values = vec![0i16; n_values];

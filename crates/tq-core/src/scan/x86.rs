@@ -648,24 +648,113 @@ fn gather_indices(code: __m256i) -> [__m256i; 4] {
 /// of the `Q` weight vectors (all of one length) from one gather.
 ///
 /// # Safety
-/// The CPU supports AVX2; `6 <= bits <= 8`; `block` is one block of `32 · row_bytes` bytes; every
+/// The CPU supports AVX2; `5 <= bits <= 8`; `block` is one block of `32 · row_bytes` bytes; every
 /// weight slice has the same length, at most `8 · row_bytes / bits`; `values` has at least
-/// `2^bits` entries; no chunk's partial sum overflows an `i32`.
+/// `2^bits` entries and `planes` holds their bytes; no chunk's partial sum overflows an `i32`.
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn dot_block_i16_avx2<const Q: usize>(
     block: &[u8],
     bits: u32,
     values: &[i32],
+    planes: &[[u8; 256]; 2],
     weights: [&[i16]; Q],
     out: &mut [[f32; BLOCK]; Q],
 ) {
-    // SAFETY (all three): the caller's contract, passed on with `bits == B`.
+    // SAFETY (all four): the caller's contract, passed on with `bits == B`.
     unsafe {
         match bits {
+            5 => dot_block_i16_b5::<Q>(block, planes, weights, out),
             6 => dot_block_i16_wide::<6, Q>(block, values, weights, out),
             7 => dot_block_i16_wide::<7, Q>(block, values, weights, out),
             _ => dot_block_i16_wide::<8, Q>(block, values, weights, out),
         }
+    }
+}
+
+/// [`dot_block_i16_avx2`] at 5 bits, without gathers: each coordinate's codes look the grid's
+/// two 32-entry byte planes up by two `pshufb` over their halves and a blend on bit 4 (as the
+/// 5-bit table scan does), and each pair of coordinates' words is interleaved into `(j, j + 1)`
+/// pairs per row, so one `vpmaddwd` per 8 rows adds both products. The same integers.
+///
+/// # Safety
+/// As [`dot_block_i16_avx2`] with `bits == 5`; `planes` holds the grid's bytes (entries past 32
+/// unread).
+#[target_feature(enable = "avx2")]
+unsafe fn dot_block_i16_b5<const Q: usize>(
+    block: &[u8],
+    planes: &[[u8; 256]; 2],
+    weights: [&[i16]; Q],
+    out: &mut [[f32; BLOCK]; Q],
+) {
+    // t[p][h]: entries 16h..16h + 16 of plane p, in both 128-bit lanes.
+    let t: [[__m256i; 2]; 2] = std::array::from_fn(|p| {
+        std::array::from_fn(|h| {
+            // SAFETY: bytes 16h..16h + 16 of a 256-byte plane.
+            let half = unsafe { _mm_loadu_si128(planes[p][16 * h..].as_ptr() as *const __m128i) };
+            _mm256_broadcastsi128_si256(half)
+        })
+    });
+    let look_up = |codes: __m256i| {
+        // Bit 4 of each code into bit 7 of its byte (the 16-bit shift's carries land in bits 0-2
+        // of the byte above, which `vpblendvb` does not read).
+        let upper = _mm256_slli_epi16::<3>(codes);
+        let plane = |t: &[__m256i; 2]| {
+            _mm256_blendv_epi8(
+                _mm256_shuffle_epi8(t[0], codes),
+                _mm256_shuffle_epi8(t[1], codes),
+                upper,
+            )
+        };
+        (plane(&t[0]), plane(&t[1]))
+    };
+    let dim = if Q == 0 { 0 } else { weights[0].len() };
+    let zero = _mm256_setzero_si256();
+    let mut acc = [[zero; 4]; Q];
+    let mut total = [[_mm256_setzero_ps(); 4]; Q];
+    for pair in 0..dim.div_ceil(2) {
+        let (j, second) = (2 * pair, 2 * pair + 1 < dim);
+        // SAFETY (both): coordinates j and (when `second`) j + 1 are below the weights' length,
+        // so their nibble positions lie in the block.
+        let (lo0, hi0) = look_up(unsafe { wide_codes::<5>(block, j) });
+        let (lo1, hi1) = if second {
+            look_up(unsafe { wide_codes::<5>(block, j + 1) })
+        } else {
+            (zero, zero)
+        };
+        // Words of rows 0-7 | 16-23 and 8-15 | 24-31, then (j, j + 1) pairs in the register
+        // order of `store_rows`.
+        let (a0, b0) = (
+            _mm256_unpacklo_epi8(lo0, hi0),
+            _mm256_unpackhi_epi8(lo0, hi0),
+        );
+        let (a1, b1) = (
+            _mm256_unpacklo_epi8(lo1, hi1),
+            _mm256_unpackhi_epi8(lo1, hi1),
+        );
+        let x = [
+            _mm256_unpacklo_epi16(a0, a1),
+            _mm256_unpackhi_epi16(a0, a1),
+            _mm256_unpacklo_epi16(b0, b1),
+            _mm256_unpackhi_epi16(b0, b1),
+        ];
+        let flush = (j + 2).is_multiple_of(super::INT_CHUNK) || j + 2 >= dim;
+        for ((a, t), w) in acc.iter_mut().zip(&mut total).zip(weights) {
+            let second_weight = if second { w[j + 1] } else { 0 };
+            let pair_weights = u32::from(w[j] as u16) | (u32::from(second_weight as u16) << 16);
+            let wv = _mm256_set1_epi32(pair_weights as i32);
+            for (a, x) in a.iter_mut().zip(x) {
+                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(x, wv));
+            }
+            if flush {
+                for (t, a) in t.iter_mut().zip(a.iter_mut()) {
+                    *t = _mm256_add_ps(*t, _mm256_cvtepi32_ps(*a));
+                    *a = zero;
+                }
+            }
+        }
+    }
+    for (t, o) in total.into_iter().zip(out.iter_mut()) {
+        store_rows(t, o);
     }
 }
 
