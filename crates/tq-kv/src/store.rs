@@ -340,7 +340,7 @@ impl Store {
 
     /// [`Store::scores`] for several prepared queries (`outs[i]` for `queries[i]`): each part
     /// scores all of them in one call, so kinds that share a pass over the codes between queries
-    /// (MSE on the fast path: tables at 1, 2, 4 and 5 bits, integer dots at 6-8) do.
+    /// (MSE on the fast path: tables at 1, 2 and 4 bits, integer dots at 5-8) do.
     pub(crate) fn scores_many(
         &self,
         queries: &[Vec<AnyQuery>],

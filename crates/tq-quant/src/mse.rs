@@ -35,7 +35,7 @@ pub struct MseQuantizer {
     row_bytes: usize,
     /// The calibrated mean subtracted before quantization (`config.centered`).
     mean: Option<Arc<[f32]>>,
-    /// The codebook on the integer grid of the 6-8-bit fast path (`None` below 6 bits, where the
+    /// The codebook on the integer grid of the 5-8-bit fast path (`None` below 5 bits, where the
     /// fast path scans `u8` tables).
     grid: Option<Arc<IntCodebook>>,
 }
@@ -402,9 +402,10 @@ impl MseQuantizer {
         }
     }
 
-    /// Prepares a query for scoring: rotates it once and builds its look-up tables (1-5 bits) or
-    /// its `i16` weights on the codebook's integer grid (6-8 bits). O(d log d + 2^b·d) at 3 and 5
-    /// bits, O(d log d + 16·d) at 1, 2 and 4, O(d log d) at 6-8.
+    /// Prepares a query for scoring: rotates it once, builds its look-up tables (1-5 bits; at 5
+    /// bits the exact path's only) and its `i16` weights on the codebook's integer grid (5-8 bits,
+    /// the fast path). O(d log d + 2^b·d) at 3 and 5 bits, O(d log d + 16·d) at 1, 2 and 4,
+    /// O(d log d) at 6-8.
     ///
     /// # Errors
     /// [`Error::DimMismatch`], [`Error::NonFinite`]; [`Error::ValueOutOfRange`] for a value of
@@ -439,13 +440,13 @@ impl MseQuantizer {
     }
 }
 
-/// A query prepared for one [`MseQuantizer`]: the rotated query and its look-up tables (1-5 bits)
-/// or its integer weights (6-8 bits).
+/// A query prepared for one [`MseQuantizer`]: the rotated query, its look-up tables (1-5 bits)
+/// and its integer weights (5-8 bits).
 #[derive(Debug, Clone)]
 pub struct MseQuery {
     rotated: Vec<f32>,
     tables: Option<Tables>,
-    /// 6-8 bits: the codebook's integer grid and the rotated query on it (the fast path).
+    /// 5-8 bits: the codebook's integer grid and the rotated query on it (the fast path).
     int: Option<(Arc<IntCodebook>, IntQuery)>,
     centroids: Vec<f32>,
     /// `⟨q, mean⟩` for a centred quantizer, added to every score.
@@ -499,7 +500,7 @@ impl MseQuery {
     }
 
     /// Unit-scale dots of block `b` (`out.len() <= 32` rows) on the fast path: through the `u8`
-    /// tables (1-5 bits) or the integer dots on the codebook's grid (6-8 bits), else exact.
+    /// tables (1-4 bits) or the integer dots on the codebook's grid (5-8 bits), else exact.
     pub(crate) fn block_dots_fast(&self, rows: &PackedRows, b: usize, bits: u32, out: &mut [f32]) {
         match (&self.int, &self.tables) {
             (Some(grid), _) => {
@@ -873,7 +874,7 @@ impl MseBatch {
     }
 
     /// Inner-product estimates `‖x_i‖ · ⟨Π q, c[codes_i]⟩` for every row on the fast path: the
-    /// `u8` tables at 1-5 bits, the integer dots on the codebook's grid at 6-8
+    /// `u8` tables at 1-4 bits, the integer dots on the codebook's grid at 5-8
     /// ([`scan::dot_blocks_scores_i16`]; 0.007-0.030 of the quantization error). Parallel on the
     /// current rayon pool for large batches.
     ///
@@ -885,11 +886,10 @@ impl MseBatch {
 
     /// [`MseBatch::score_into`] for several queries (`outs[i]` for `queries[i]`): on a batch
     /// scanned on this thread, 1-, 2- and 4-bit tables score in pairs (each block read once per
-    /// pair, [`scan::scan_blocks_scores_multi`]), 5-bit tables in groups of three (each code
-    /// rebuilt once per group) and 6-8-bit queries on one integer grid in groups of three (each
-    /// code cut out and looked up once per group, [`scan::dot_blocks_scores_i16_multi`]); else
-    /// one query at a time (the integer dots give [`MseBatch::score_into`]'s bits). O(queries ·
-    /// n).
+    /// pair, [`scan::scan_blocks_scores_multi`]) and 5-8-bit queries on one integer grid in groups
+    /// of three (each code cut out and looked up once per group,
+    /// [`scan::dot_blocks_scores_i16_multi`]); else one query at a time (the integer dots give
+    /// [`MseBatch::score_into`]'s bits). O(queries · n).
     ///
     /// # Errors
     /// `Core(LengthMismatch)` when `outs.len() != queries.len()` or any `out.len() != len`.
@@ -899,7 +899,7 @@ impl MseBatch {
             self.check_out(o)?;
         }
         if let Some(book) = self.shared_grid(queries) {
-            // 6-8 bits: the codes cut out and looked up once per group of three queries.
+            // 5-8 bits: the codes cut out and looked up once per group of three queries.
             let (rb, n) = (self.codes.row_bytes(), self.len());
             let blocks = &self.codes.blocks()[..n.div_ceil(BLOCK) * block_bytes(rb)];
             let mut jobs: Vec<scan::IntJob<'_>> = queries
@@ -1019,7 +1019,7 @@ impl MseBatch {
     }
 
     /// Integer-dot scores of rows `start..start + o.len()` (`start` a multiple of 32) for `query`
-    /// on its integer grid `grid` (6-8 bits): unit dots times the stored scale, plus the query's
+    /// on its integer grid `grid` (5-8 bits): unit dots times the stored scale, plus the query's
     /// mean offset, in one kernel call.
     fn int_chunk(
         &self,

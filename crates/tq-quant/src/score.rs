@@ -6,7 +6,8 @@
 //! `T_n[v] = Σ_k q_{n·4/b + k} · c[(v >> k·b) & (2^b - 1)]` (coordinates past `d` contribute 0).
 //! The fast path sums those tables quantized to `u8` ([`QuantizedLut`]) with the SIMD scan
 //! kernel; the exact path sums the `f32` tables. Widths 3 and 5 take one table per coordinate
-//! (16 and 32 entries). Widths 6-8 have no tables: the fast path puts the codebook and the
+//! (16 and 32 entries). Widths 6-8 have no tables, and MSE codes take the same fast path at 5
+//! bits (finer than the 32-entry `u8` tables): it puts the codebook and the
 //! query on integer grids and sums `i16` products ([`tq_core::scan::dot_blocks_scores_i16`]);
 //! the exact path decodes each row.
 

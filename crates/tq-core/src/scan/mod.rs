@@ -26,8 +26,9 @@
 //! per coordinate (16 bytes at 3 bits, 32 at 5) and rebuild each code from the two nibbles it
 //! spans ([`scan_block_b3`], [`scan_block_b5`]). Widths 6-8 have no table scan (tables of 64-256
 //! entries do not fit a register look-up): [`dot_blocks_scores_i16`] sums integer products of
-//! the codebook on a 14-bit grid ([`IntCodebook`]) and the query on `i16` weights ([`IntQuery`]),
-//! and [`dot_block_codes`] decodes exact floats.
+//! the codebook on a 14-bit grid ([`IntCodebook`]) and the query on `i16` weights ([`IntQuery`])
+//! (at 5 bits too, where it rounds far less than `u8` tables), and [`dot_block_codes`] decodes
+//! exact floats.
 //!
 //! [`QuantizedLut`] turns float tables into `u8` tables with one shared step `Δ` and a per-table
 //! offset: `score ≈ offset + Δ · Σ u8`. Each entry is rounded to the nearest step, so the error of
