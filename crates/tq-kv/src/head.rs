@@ -12,7 +12,8 @@
 //! the key codes (exact dot products for window tokens), a max-subtracted softmax, and
 //! `Σ_t p_t ṽ_t` accumulated in the rotated domain of the value quantizer and rotated back once per
 //! query. With [`ScoreMode::Exact`] the result equals attention over the dequantized cache up to
-//! float rounding; [`ScoreMode::Fast`] scores through `u8` tables (see tq-quant).
+//! float rounding; [`ScoreMode::Fast`] scores through `u8` tables or, for TurboQuant keys of 5-8
+//! bits, integer dots (see tq-quant).
 
 use std::borrow::Cow;
 
@@ -32,10 +33,10 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ScoreMode {
-    /// `u8` look-up tables and the SIMD scan (1-4 bits), integer dots on the codebook's grid (5-8
-    /// bits). Their extra error is a fraction of the quantization error: RMS ratio 0.19 at 4
-    /// bits (where it adds under 2% to the RMS score error), 0.003 / 0.007 / 0.016 / 0.030 at 5 /
-    /// 6 / 7 / 8 bits.
+    /// `u8` look-up tables and the SIMD scan (TurboQuant keys at 1-4 bits, KIVI keys), integer
+    /// dots on the codebook's grid (TurboQuant keys at 5-8 bits). Their extra error is a fraction
+    /// of the quantization error: for TurboQuant keys an RMS ratio of 0.19 at 4 bits (under 2%
+    /// more RMS score error), 0.003 / 0.007 / 0.016 / 0.030 at 5 / 6 / 7 / 8 bits.
     #[default]
     Fast,
     /// `f32` look-up tables: the same function as scoring the dequantized keys.

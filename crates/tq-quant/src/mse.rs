@@ -424,7 +424,7 @@ impl MseQuantizer {
             self.row_bytes,
         );
         // A query so small that one unit of its integer sums is not a normal f32 would lose the
-        // fast scores' precision: it takes the exact path instead.
+        // fast scores' precision: it keeps the tables' fast path (5 bits) or the exact path.
         let int = self
             .grid
             .as_ref()
@@ -875,7 +875,7 @@ impl MseBatch {
 
     /// Inner-product estimates `‖x_i‖ · ⟨Π q, c[codes_i]⟩` for every row on the fast path: the
     /// `u8` tables at 1-4 bits, the integer dots on the codebook's grid at 5-8
-    /// ([`scan::dot_blocks_scores_i16`]; 0.007-0.030 of the quantization error). Parallel on the
+    /// ([`scan::dot_blocks_scores_i16`]; 0.003-0.030 of the quantization error). Parallel on the
     /// current rayon pool for large batches.
     ///
     /// # Errors
@@ -923,7 +923,12 @@ impl MseBatch {
             scan::dot_blocks_scores_i16_multi(blocks, rb, bits, book, &scales, &mut jobs);
             return Ok(());
         }
-        let tables: Option<Vec<&Tables>> = queries.iter().map(|q| q.tables.as_ref()).collect();
+        // Queries on the integer grid but not one shared grid score one at a time (as
+        // `score_into`, on their grids); the tables serve only queries without one.
+        let tables: Option<Vec<&Tables>> = queries
+            .iter()
+            .map(|q| q.tables.as_ref().filter(|_| q.int.is_none()))
+            .collect();
         let (Some(tables), false) = (tables, score::split_rows(self.len())) else {
             return queries
                 .iter()
@@ -1294,9 +1299,9 @@ mod tests {
         }
     }
 
-    /// With the coarse candidate tables (and at 8 bits the integer dots), `top_k` still returns
-    /// the exact-table top-k: over 40 queries on 20 000 Gaussian rows (d = 128) at 1, 2, 4 and 8
-    /// bits, the same best row for every query and at least 99% of the ten best (measured with
+    /// With the coarse candidate tables (and at 5 and 8 bits the integer dots), `top_k` still
+    /// returns the exact-table top-k: over 40 queries on 20 000 Gaussian rows (d = 128) at 1, 2,
+    /// 4, 5 and 8 bits, the same best row for every query and at least 99% of the ten best (measured with
     /// these seeds: every one).
     #[test]
     fn top_k_finds_the_exact_top_k_with_coarse_candidates() {
@@ -1307,7 +1312,7 @@ mod tests {
             .num_threads(1)
             .build()
             .unwrap();
-        for bits in [1u32, 2, 4, 8] {
+        for bits in [1u32, 2, 4, 5, 8] {
             let q = Arc::new(
                 MseQuantizer::new(MseConfig::new(d, bits, RotationKind::Hadamard, 3)).unwrap(),
             );
@@ -1335,13 +1340,13 @@ mod tests {
 
     /// The single-pass top-k (the kernel marks rows above the running threshold, only those are
     /// offered) equals an independent reference: the best `max(4k, k + 32)` rows by their scores
-    /// through the search tables ([`score::Tables::for_search`]; at 8 bits the integer dots;
+    /// through the search tables ([`score::Tables::for_search`]; at 5 and 8 bits the integer dots;
     /// full sort, ties by index), re-ranked by their exact scores. Quantized data with many
     /// near-ties.
     #[test]
     fn single_pass_top_k_equals_sort_and_rerank() {
         let (d, n, k) = (32, 3000, 10);
-        for bits in [2u32, 4, 8] {
+        for bits in [2u32, 4, 5, 8] {
             let q = Arc::new(
                 MseQuantizer::new(MseConfig::new(d, bits, RotationKind::Hadamard, 17)).unwrap(),
             );
@@ -1374,11 +1379,14 @@ mod tests {
                         (h.score - exact[h.index]).abs() <= 1e-4 * (1.0 + exact[h.index].abs())
                     );
                 }
-                // The search tables are the coarser grid, not the scoring tables; 8 bits has
-                // none, its candidates are the integer dots (the fast scores).
-                let Some(t) = query.tables.as_ref() else {
-                    assert!(query.int.is_some() && query.has_fast_path() && bits == 8);
+                // The search tables are the coarser grid, not the scoring tables; at 5 and 8 bits
+                // the candidates are the integer dots (the fast scores).
+                if bits >= 5 {
+                    assert!(query.int.is_some() && query.has_fast_path());
                     continue;
+                }
+                let Some(t) = query.tables.as_ref() else {
+                    panic!("bits {bits}: no tables")
                 };
                 let coarse = t.for_search();
                 assert!(

@@ -382,6 +382,42 @@ fn weighted_sum_equals_sum_of_dequantized_rows() {
     }
 }
 
+/// Queries prepared by two quantizers of one configuration (equal grids, not one shared grid)
+/// and queries too small for the grid (the tables' fast path at 5 bits, the exact one at 6-8)
+/// scored together give each its own `score_into` bits: no query falls back to the 5-bit `u8`
+/// tables while it has a grid.
+#[test]
+fn score_many_with_mixed_grids_equals_score_into() {
+    let (d, n) = (40, 90);
+    for bits in [5u32, 6, 8] {
+        let (qa, qb) = (
+            mse(d, bits, RotationKind::Hadamard),
+            mse(d, bits, RotationKind::Hadamard),
+        );
+        let mut batch = MseBatch::new(qa.clone());
+        batch.extend(&gaussian_rows(n, d, 5, 1.0)).unwrap();
+        let raw = gaussian_rows(4, d, 6, 1.0);
+        let tiny: Vec<f32> = raw[..d].iter().map(|v| v * 1e-36).collect();
+        for set in [[&qa, &qb, &qa], [&qa, &qa, &qb]] {
+            let mut queries: Vec<_> = raw
+                .chunks(d)
+                .zip(set.iter().cycle())
+                .map(|(x, q)| q.prepare_query(x).unwrap())
+                .collect();
+            queries.push(qa.prepare_query(&tiny).unwrap());
+            let refs: Vec<_> = queries.iter().collect();
+            let mut many = vec![vec![0.0f32; n]; refs.len()];
+            let mut outs: Vec<&mut [f32]> = many.iter_mut().map(Vec::as_mut_slice).collect();
+            batch.score_many_into(&refs, &mut outs).unwrap();
+            for (k, (query, got)) in queries.iter().zip(&many).enumerate() {
+                let mut want = vec![0.0f32; n];
+                batch.score_into(query, &mut want).unwrap();
+                assert_eq!(got, &want, "bits {bits} query {k}");
+            }
+        }
+    }
+}
+
 /// Scoring several queries at once (pairs through the fused kernel at 1, 2 and 4 bits, groups of
 /// three at 5-8 bits, one by one at 3) gives each query its own `score_into` scores, up to float
 /// rounding (the fused kernel uses FMAs; the 5-8-bit integer dots give the same bits); an empty

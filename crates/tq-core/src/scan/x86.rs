@@ -643,9 +643,10 @@ fn gather_indices(code: __m256i) -> [__m256i; 4] {
 
 /// AVX2 body of `dot_blocks_scores_i16` for one block: `out[r] = Σ_j weights[j] ·
 /// values[code_j(row r)]`, each coordinate's 32 codes cut out of the nibble layout
-/// ([`wide_codes`]), gathered and multiplied (`vpmaddwd`) into four 8-row `i32` sums (integers:
-/// the order does not matter), each chunk of `INT_CHUNK` coordinates' sums added to `f32` totals; for each
-/// of the `Q` weight vectors (all of one length) from one gather.
+/// ([`wide_codes`]), looked up by `pshufb` (5 bits, [`dot_block_i16_b5`]) or gathered (6-8 bits)
+/// and multiplied (`vpmaddwd`) into four 8-row `i32` sums (integers: the order does not matter),
+/// each chunk of `INT_CHUNK` coordinates' sums added to `f32` totals; for each of the `Q` weight
+/// vectors (all of one length) from one look-up.
 ///
 /// # Safety
 /// The CPU supports AVX2; `5 <= bits <= 8`; `block` is one block of `32 · row_bytes` bytes; every
@@ -707,6 +708,7 @@ unsafe fn dot_block_i16_b5<const Q: usize>(
         };
         (plane(&t[0]), plane(&t[1]))
     };
+    const { assert!(super::INT_CHUNK.is_multiple_of(2)) };
     let dim = if Q == 0 { 0 } else { weights[0].len() };
     let zero = _mm256_setzero_si256();
     let mut acc = [[zero; 4]; Q];
