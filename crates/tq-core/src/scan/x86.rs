@@ -743,16 +743,7 @@ unsafe fn dot_block_i16_b5<const Q: usize>(
         for ((a, t), w) in acc.iter_mut().zip(&mut total).zip(weights) {
             let second_weight = if second { w[j + 1] } else { 0 };
             let pair_weights = u32::from(w[j] as u16) | (u32::from(second_weight as u16) << 16);
-            let wv = _mm256_set1_epi32(pair_weights as i32);
-            for (a, x) in a.iter_mut().zip(x) {
-                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(x, wv));
-            }
-            if flush {
-                for (t, a) in t.iter_mut().zip(a.iter_mut()) {
-                    *t = _mm256_add_ps(*t, _mm256_cvtepi32_ps(*a));
-                    *a = zero;
-                }
-            }
+            madd_rows(a, t, x, _mm256_set1_epi32(pair_weights as i32), flush);
         }
     }
     for (t, o) in total.into_iter().zip(out.iter_mut()) {
@@ -781,20 +772,33 @@ unsafe fn dot_block_i16_wide<const B: usize, const Q: usize>(
         for ((a, t), w) in acc.iter_mut().zip(&mut total).zip(weights) {
             // `vpmaddwd` against (w, 0) word pairs: each lane's low word (the value as i16)
             // times w, plus its high word times 0; exact, and faster than `vpmulld`.
-            let wv = _mm256_set1_epi32(i32::from(w[j] as u16));
-            for (a, x) in a.iter_mut().zip(x) {
-                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(x, wv));
-            }
-            if flush {
-                for (t, a) in t.iter_mut().zip(a.iter_mut()) {
-                    *t = _mm256_add_ps(*t, _mm256_cvtepi32_ps(*a));
-                    *a = _mm256_setzero_si256();
-                }
-            }
+            madd_rows(a, t, x, _mm256_set1_epi32(i32::from(w[j] as u16)), flush);
         }
     }
     for (t, o) in total.into_iter().zip(out.iter_mut()) {
         store_rows(t, o);
+    }
+}
+
+/// Adds `vpmaddwd(x[g], wv)` (each 32-bit lane's two word products) to the rows' `i32` sums
+/// `acc`, and with `flush` (a chunk's end) moves those sums into the `f32` totals.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn madd_rows(
+    acc: &mut [__m256i; 4],
+    total: &mut [__m256; 4],
+    x: [__m256i; 4],
+    wv: __m256i,
+    flush: bool,
+) {
+    for (a, x) in acc.iter_mut().zip(x) {
+        *a = _mm256_add_epi32(*a, _mm256_madd_epi16(x, wv));
+    }
+    if flush {
+        for (t, a) in total.iter_mut().zip(acc.iter_mut()) {
+            *t = _mm256_add_ps(*t, _mm256_cvtepi32_ps(*a));
+            *a = _mm256_setzero_si256();
+        }
     }
 }
 
