@@ -140,6 +140,8 @@ pub struct IntCodebook {
     folded: bool,
     /// `values` widened, for the AVX2 gathers.
     wide: Vec<i32>,
+    /// Largest `|values[k]|`, which every kernel call's overflow check reads.
+    max_abs: i64,
 }
 
 impl IntCodebook {
@@ -211,12 +213,18 @@ impl IntCodebook {
         }
         let folded = n == 256 && (0..n).all(|k| values[n - 1 - k] == !values[k]);
         let wide = values.iter().map(|&v| i32::from(v)).collect();
+        let max_abs = values
+            .iter()
+            .map(|&v| i64::from(v).abs())
+            .max()
+            .unwrap_or(0);
         Self {
             values,
             step,
             planes,
             folded,
             wide,
+            max_abs,
         }
     }
 
@@ -230,13 +238,9 @@ impl IntCodebook {
         self.step
     }
 
-    /// Largest `|values[k]|` (at most `INT_CODE_MAX + 1`).
+    /// Largest `|values[k]|` (at most `INT_CODE_MAX + 1`), found once at construction.
     pub(super) fn max_abs(&self) -> i64 {
-        self.values
-            .iter()
-            .map(|&v| i64::from(v).abs())
-            .max()
-            .unwrap_or(0)
+        self.max_abs
     }
 
     pub(super) fn planes(&self) -> &[[u8; 256]; 2] {
