@@ -375,18 +375,24 @@ impl Store {
     }
 
     /// `outs[q] += Σ_t weights[q][t] · ṽ_t` for every weight vector, part by part (each part's
-    /// batch sums its own rows: MSE in the rotated domain, one inverse rotation per vector).
+    /// batch sums its own rows: MSE in the rotated domain, one inverse rotation per vector; with
+    /// `fast`, 4-bit MSE parts on integer sums).
     pub(crate) fn weighted_sums_into(
         &self,
         weights: &[&[f32]],
         outs: &mut [&mut [f32]],
+        fast: bool,
     ) -> Result<()> {
         for p in &self.parts {
             let k = p.batch.dim();
             let mut parts = vec![vec![0.0f32; k]; weights.len()];
             {
                 let mut refs: Vec<&mut [f32]> = parts.iter_mut().map(Vec::as_mut_slice).collect();
-                p.batch.weighted_sums_into(weights, &mut refs)?;
+                if fast {
+                    p.batch.weighted_sums_fast_into(weights, &mut refs)?;
+                } else {
+                    p.batch.weighted_sums_into(weights, &mut refs)?;
+                }
             }
             for (part, out) in parts.iter().zip(outs.iter_mut()) {
                 match &p.channels {

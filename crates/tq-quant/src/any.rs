@@ -566,6 +566,9 @@ impl EncodedVectors for AnyBatch {
     fn weighted_sums_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
         each!(self, b => EncodedVectors::weighted_sums_into(b, weights, outs))
     }
+    fn weighted_sums_fast_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
+        each!(self, b => EncodedVectors::weighted_sums_fast_into(b, weights, outs))
+    }
     fn to_safetensors(&self) -> Result<Vec<u8>> {
         each!(self, b => b.to_safetensors())
     }

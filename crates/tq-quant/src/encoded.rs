@@ -166,6 +166,16 @@ pub trait EncodedVectors: Sync {
         Ok(())
     }
 
+    /// [`EncodedVectors::weighted_sums_into`] on the fast path, where a kind has one (MSE with
+    /// 4-bit codes: integer sums on the codebook's grid, see
+    /// [`crate::MseBatch::accumulate_rotated_fast_multi`]); the default is the exact route.
+    ///
+    /// # Errors
+    /// As [`EncodedVectors::weighted_sums_into`].
+    fn weighted_sums_fast_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
+        self.weighted_sums_into(weights, outs)
+    }
+
     /// Serializes the batch as a saved tq-batch (safetensors; [`crate::io`]).
     ///
     /// # Errors
@@ -241,19 +251,11 @@ impl EncodedVectors for MseBatch {
     /// In the rotated domain: the codes are decoded once for all weight vectors, then one inverse
     /// rotation per output; a centred quantizer's mean is added once, weighted by `Σ w`.
     fn weighted_sums_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
-        check_weighted(self.len(), self.dim(), weights, outs)?;
-        let d = self.dim();
-        let mut rot = vec![vec![0.0f32; d]; weights.len()];
-        {
-            let mut refs: Vec<&mut [f32]> = rot.iter_mut().map(Vec::as_mut_slice).collect();
-            self.accumulate_rotated_multi(weights, &mut refs)?;
-        }
-        let q = self.quantizer();
-        for ((r, out), w) in rot.iter().zip(outs.iter_mut()).zip(weights) {
-            q.rotation().apply_inverse_unchecked(r, out);
-            q.add_weighted_mean(out, w);
-        }
-        Ok(())
+        self.weighted_sums_with(weights, outs, false)
+    }
+    /// At 4 bits, integer sums ([`MseBatch::accumulate_rotated_fast_multi`]).
+    fn weighted_sums_fast_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
+        self.weighted_sums_with(weights, outs, true)
     }
     fn to_safetensors(&self) -> Result<Vec<u8>> {
         MseBatch::to_safetensors(self)

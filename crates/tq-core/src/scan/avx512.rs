@@ -1,7 +1,8 @@
 //! The AVX-512 bodies: VBMI value decoding for 5-8-bit codes (the byte planes of a value table of
 //! up to 256 entries looked up with `vpermb` / `vpermi2b` instead of gathers, two coordinates' 32
 //! codes per 512-bit register) and VNNI nibble dot products (`vpdpbusd`: four nibble positions
-//! of a row against four `i8` weights into one `i32` lane). Every function needs the AVX-512
+//! of a row against four `i8` weights into one `i32` lane; `vpdpwssd`: the integer weighted
+//! sums of 4-bit codes, four coordinates per register). Every function needs the AVX-512
 //! features it names (the callers check them once at run time); the `unsafe` ones also read
 //! memory, and their `# Safety` names the lengths the caller (the checked public kernels) must
 //! have proven.
@@ -563,3 +564,42 @@ fn look_up_ints<const B: usize>(codes: __m512i, planes: &IntPlanes) -> (__m512i,
         }
     }
 }
+
+/// `p`'s first 16 bytes in all four 128-bit lanes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn broadcast_16(p: *const __m128i) -> __m512i {
+    // SAFETY: the caller's 16 readable bytes.
+    unsafe { _mm512_broadcast_i32x4(_mm_loadu_si128(p)) }
+}
+
+/// Four nibble positions of a block (64 bytes at `p`).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_4(p: *const u8) -> __m512i {
+    // SAFETY: the caller's 64 readable bytes.
+    unsafe { _mm512_loadu_si512(p as *const _) }
+}
+
+/// The `left < 4` nibble positions left at the end of a row: `16 · left` bytes at `p`, zeros
+/// above (a masked load reads nothing past them).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn load_positions(p: *const u8, left: usize) -> __m512i {
+    // SAFETY: the caller's 16 readable bytes per position below `left`.
+    unsafe { _mm512_maskz_loadu_epi8((1u64 << (16 * left)) - 1, p as *const i8) }
+}
+
+super::x86::int_sums_kernel!(
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
+    accumulate_i16_vnni, __m512i, 4,
+    zero: _mm512_setzero_si512(), splat: _mm512_set1_epi8,
+    load: load_4, load_part: load_positions,
+    and: _mm512_and_si512, srli: _mm512_srli_epi16, shuffle: _mm512_shuffle_epi8,
+    unpacklo8: _mm512_unpacklo_epi8, unpackhi8: _mm512_unpackhi_epi8,
+    unpacklo32: _mm512_unpacklo_epi32, unpackhi32: _mm512_unpackhi_epi32,
+    unpacklo64: _mm512_unpacklo_epi64, unpackhi64: _mm512_unpackhi_epi64,
+    add: _mm512_add_epi32, dot: _mm512_dpwssd_epi32, broadcast: broadcast_16,
+    fsplat: _mm512_set1_ps, cvt: _mm512_cvtepi32_ps, fadd: _mm512_add_ps,
+    fmul: _mm512_mul_ps, fload: _mm512_loadu_ps, fstore: _mm512_storeu_ps
+);

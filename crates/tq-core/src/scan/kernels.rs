@@ -4,7 +4,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{BLOCK, INT_CHUNK, IntCodebook, block_bytes, check_block, read_row};
+use super::{BLOCK, INT_CHUNK, IntCodebook, IntWeights, block_bytes, check_block, read_row};
 
 /// `out[r] = Σ_n tables[16n + nibble_n(row r)]` for the 32 rows of `block` (see the module docs).
 /// `tables.len()` must be `16 * positions` with `positions = 2 * row_bytes`, i.e. equal to
@@ -748,6 +748,165 @@ pub fn accumulate_blocks_multi(
                 accumulate_block_scalar(block, bits, values, &w32, acc);
             }
         }
+    }
+}
+
+/// Weighted sums of 4-bit codes on an integer grid (the fast path of attention over 4-bit
+/// values): for each weight vector `q` and coordinate `j < dim`, chunk by chunk of
+/// [`INT_CHUNK`] rows, `S = Σ_{i in chunk} w_i · values[code_j(row i)]` exactly in `i32`
+/// (`w` = `weights[q]`'s `i16` weights, `values` the codebook's grid), then `local_j = local_j +
+/// (offset_c + step_c · S)` in `f32` from 0 (one rounding per operation, no fused multiply-add)
+/// and finally `accs[q][j] += local_j`. Every path gives the same integers and the same bits.
+///
+/// With AVX-512 BW and VNNI, four coordinates' 32 codes per 64-byte load: the nibbles split,
+/// each looked up in the grid's two byte planes by `vpshufb` and interleaved into `i16` pairs of
+/// rows, one `vpdpwssd` per 8 rows and weight vector (a grouped-query head's queries share the
+/// decode); with AVX2 the same two coordinates at a time through `vpmaddwd`; else
+/// [`accumulate_blocks_i16_scalar`] per vector. Blocks whose weights are all zero are skipped.
+/// O(rows · dim · (1 + vectors / 4)).
+///
+/// # Panics
+/// Before any memory is read, unless `row_bytes >= 1`, `blocks` is a whole number of blocks of
+/// `32 · row_bytes` bytes, the codebook has at least 16 values, there are as many accumulators as
+/// weight vectors, every weight vector covers exactly the blocks' rows
+/// ([`IntWeights::padded_len`]) and every accumulator has the same length `dim <= 2 · row_bytes`
+/// (the 4-bit codes a row holds).
+pub fn accumulate_blocks_i16(
+    blocks: &[u8],
+    row_bytes: usize,
+    codebook: &IntCodebook,
+    weights: &[&IntWeights],
+    accs: &mut [&mut [f32]],
+) {
+    check_int_sums(blocks.len(), row_bytes, codebook, weights, accs);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let codes = IntSumCodes {
+            blocks,
+            row_bytes,
+            planes: codebook.planes(),
+        };
+        if has_avx512_vnni() && std::arch::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: AVX2 and AVX-512 F, BW and VNNI are present (checked at run time);
+            // `check_int_sums` proved the lengths the kernel reads through and, with the
+            // weights' budget, that no sum overflows.
+            unsafe {
+                in_groups!(
+                    super::avx512::accumulate_i16_vnni,
+                    codes,
+                    weights,
+                    accs,
+                    INT_QUERIES
+                )
+            };
+            return;
+        }
+        if has_avx2() {
+            // SAFETY: AVX2 is present (checked at run time); the lengths as above.
+            unsafe { in_groups!(x86::accumulate_i16_avx2, codes, weights, accs, INT_QUERIES) };
+            return;
+        }
+    }
+    for (w, acc) in weights.iter().zip(accs.iter_mut()) {
+        int_sums_scalar(blocks, row_bytes, codebook.values(), w, acc);
+    }
+}
+
+/// The codes an `accumulate_i16` body reads: whole blocks of `row_bytes`-byte rows and the
+/// grid's two byte planes (the first 16 bytes of each are the 4-bit grid's).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(super) struct IntSumCodes<'a> {
+    pub(super) blocks: &'a [u8],
+    pub(super) row_bytes: usize,
+    pub(super) planes: &'a [[u8; 256]; 2],
+}
+
+/// Scalar twin of [`accumulate_blocks_i16`] for one weight vector, the specification: each
+/// chunk's sums row by row, in order.
+///
+/// # Panics
+/// As [`accumulate_blocks_i16`].
+pub fn accumulate_blocks_i16_scalar(
+    blocks: &[u8],
+    row_bytes: usize,
+    codebook: &IntCodebook,
+    weights: &IntWeights,
+    acc: &mut [f32],
+) {
+    check_int_sums(blocks.len(), row_bytes, codebook, &[weights], &[&mut *acc]);
+    int_sums_scalar(blocks, row_bytes, codebook.values(), weights, acc);
+}
+
+fn int_sums_scalar(
+    blocks: &[u8],
+    row_bytes: usize,
+    values: &[i16],
+    weights: &IntWeights,
+    acc: &mut [f32],
+) {
+    let blocks_per_chunk = INT_CHUNK / BLOCK;
+    let blocks: Vec<&[u8]> = blocks.chunks_exact(block_bytes(row_bytes)).collect();
+    let (mut local, mut sums) = (vec![0.0f32; acc.len()], vec![0i32; acc.len()]);
+    for (c, &(offset, step)) in weights.chunks.iter().enumerate() {
+        let range = c * blocks_per_chunk..((c + 1) * blocks_per_chunk).min(blocks.len());
+        sums.fill(0);
+        for b in range {
+            for slot in 0..BLOCK {
+                let w = i32::from(weights.weights[b * BLOCK + slot]);
+                for (j, s) in sums.iter_mut().enumerate() {
+                    *s += w * i32::from(values[nibble(blocks[b], j, slot) as usize]);
+                }
+            }
+        }
+        for (l, &s) in local.iter_mut().zip(&sums) {
+            *l += offset + step * s as f32;
+        }
+    }
+    for (a, l) in acc.iter_mut().zip(&local) {
+        *a += l;
+    }
+}
+
+/// Panics unless the arguments fit [`accumulate_blocks_i16`].
+fn check_int_sums(
+    blocks_len: usize,
+    row_bytes: usize,
+    codebook: &IntCodebook,
+    weights: &[&IntWeights],
+    accs: &[&mut [f32]],
+) {
+    assert!(row_bytes > 0, "rows of 0 bytes hold no codes");
+    let bb = block_bytes(row_bytes);
+    assert!(
+        blocks_len.is_multiple_of(bb),
+        "{blocks_len} bytes are not whole blocks of {bb}"
+    );
+    let rows = blocks_len / bb * BLOCK;
+    assert!(
+        codebook.values().len() >= 16,
+        "a grid of {} values for 4-bit codes",
+        codebook.values().len()
+    );
+    assert_eq!(
+        weights.len(),
+        accs.len(),
+        "one accumulator per weight vector"
+    );
+    let dim = accs.first().map_or(0, |a| a.len());
+    assert!(
+        dim <= 2 * row_bytes,
+        "{dim} coordinates in rows of {row_bytes} bytes"
+    );
+    for (w, a) in weights.iter().zip(accs) {
+        assert!(
+            w.weights.len() == rows
+                && w.active.len() == rows / BLOCK
+                && w.chunks.len() == rows.div_ceil(INT_CHUNK),
+            "weights for {} rows over {rows} rows",
+            w.weights.len()
+        );
+        assert_eq!(a.len(), dim, "accumulators of different lengths");
     }
 }
 

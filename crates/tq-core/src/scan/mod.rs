@@ -28,7 +28,9 @@
 //! entries do not fit a register look-up): [`dot_blocks_scores_i16`] sums integer products of
 //! the codebook on a 14-bit grid ([`IntCodebook`]) and the query on `i16` weights ([`IntQuery`])
 //! (at 5 bits too, where it rounds far less than `u8` tables), and [`dot_block_codes`] decodes
-//! exact floats.
+//! exact floats. Weighted sums of decoded rows (attention over values) run in floats
+//! ([`accumulate_blocks_multi`], any width) or, for 4-bit codes, in integers on the same grid
+//! with `i16` weights ([`accumulate_blocks_i16`], [`IntWeights`]).
 //!
 //! [`QuantizedLut`] turns float tables into `u8` tables with one shared step `Δ` and a per-table
 //! offset: `score ≈ offset + Δ · Σ u8`. Each entry is rounded to the nearest step, so the error of
@@ -50,7 +52,9 @@ pub use layout::{
     BLOCK, block_bytes, read_row, write_block, write_block_codes4, write_block_codes4_scalar,
     write_row, write_rows,
 };
-pub use tables::{INT_CHUNK, INT_CODE_MAX, INT_WEIGHT_BUDGET, IntCodebook, IntQuery, QuantizedLut};
+pub use tables::{
+    INT_CHUNK, INT_CODE_MAX, INT_WEIGHT_BUDGET, IntCodebook, IntQuery, IntWeights, QuantizedLut,
+};
 
 #[cfg(test)]
 use kernels::nibble;

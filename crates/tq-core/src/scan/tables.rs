@@ -292,6 +292,174 @@ impl IntCodebook {
             step: unit,
         }
     }
+
+    /// A weight vector (e.g. a query's attention weights over the rows of a 4-bit value batch)
+    /// on `i16`, for [`super::accumulate_blocks_i16`]: row `i` weighs `x_i = weights[i] · s_i`
+    /// (`s_i = row_scales[i]`, e.g. the rows' norms, or 1; the product rounded to `f32`). Each
+    /// chunk of [`INT_CHUNK`] rows has its own step `s = max(Σ_chunk |x_i| / (B - rows), max_chunk
+    /// |x_i| / 32767)` (`B` = [`INT_WEIGHT_BUDGET`]), so with rounding a chunk's `Σ|w| <= B`
+    /// (no `i32` sum of a chunk's products overflows) and every `|w| <= 32767`; each `w_i · s`
+    /// is within `s / 2` of `x_i`, at least 11 bits of the chunk's largest weight. The same
+    /// function of its inputs on every CPU (the rounding is in `f64`, lane order fixed). O(rows).
+    ///
+    /// `None` when a product `x_i` is not finite or the largest `|x_i|` is so small that one unit
+    /// of its chunk's sums is not a normal `f32` (callers then take the exact float path).
+    ///
+    /// # Panics
+    /// If `row_scales` is shorter than `weights`.
+    pub fn quantize_weights(
+        &self,
+        weights: &[f32],
+        row_scales: Option<&[f32]>,
+    ) -> Option<IntWeights> {
+        if let Some(s) = row_scales {
+            assert!(
+                s.len() >= weights.len(),
+                "{} row scales for {} weights",
+                s.len(),
+                weights.len()
+            );
+        }
+        let n = weights.len();
+        let mut out = IntWeights {
+            weights: vec![0; n.div_ceil(super::BLOCK) * super::BLOCK],
+            chunks: Vec::with_capacity(n.div_ceil(INT_CHUNK)),
+            active: vec![false; n.div_ceil(super::BLOCK)],
+        };
+        let op = QuantizeWeights {
+            step: self.step,
+            weights,
+            row_scales,
+            out: &mut out,
+        };
+        let top = crate::simd::arch().dispatch(op)?;
+        let unit = f64::from(top) / 32767.0 * f64::from(self.step);
+        if top > 0.0 && !(unit as f32).is_normal() {
+            return None;
+        }
+        for (a, w) in out.active.iter_mut().zip(out.weights.chunks(super::BLOCK)) {
+            *a = w.iter().any(|&w| w != 0);
+        }
+        Some(out)
+    }
+}
+
+/// The body of [`IntCodebook::quantize_weights`], compiled for the CPU's vector width (plain
+/// lane-wise float operations: the same results at any width). Returns the largest `|x_i|`, or
+/// `None` for a non-finite product.
+struct QuantizeWeights<'a> {
+    step: f32,
+    weights: &'a [f32],
+    row_scales: Option<&'a [f32]>,
+    out: &'a mut IntWeights,
+}
+
+impl pulp::WithSimd for QuantizeWeights<'_> {
+    type Output = Option<f32>;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) -> Option<f32> {
+        // Adding 1.5 · 2^23 (2^52 in f64) rounds a float of magnitude below 2^22 (2^51) to the
+        // nearest integer, ties to even, in plain arithmetic.
+        const ROUND32: f32 = 12_582_912.0;
+        const ROUND64: f64 = 6_755_399_441_055_744.0;
+        let Self {
+            step,
+            weights,
+            row_scales,
+            out,
+        } = self;
+        let mut x = [0.0f32; INT_CHUNK];
+        let mut top_all = 0.0f32;
+        for (c, w) in weights.chunks(INT_CHUNK).enumerate() {
+            let start = c * INT_CHUNK;
+            let x = &mut x[..w.len()];
+            match row_scales {
+                Some(s) => {
+                    for ((x, &w), &s) in x.iter_mut().zip(w).zip(&s[start..]) {
+                        *x = w * s;
+                    }
+                }
+                None => x.copy_from_slice(w),
+            }
+            // Sixteen lanes, combined in order: the same sums however the loop is compiled.
+            let (mut top, mut l1) = ([0.0f32; 16], [0.0f32; 16]);
+            let mut lanes = |part: &[f32]| {
+                for ((t, l), &v) in top.iter_mut().zip(l1.iter_mut()).zip(part) {
+                    // A plain comparison (one `maxps`): NaN is caught by the sums below.
+                    let a = v.abs();
+                    *t = if a > *t { a } else { *t };
+                    *l += a;
+                }
+            };
+            let mut parts = x.chunks_exact(16);
+            for part in &mut parts {
+                lanes(part);
+            }
+            lanes(parts.remainder());
+            let top = top.iter().fold(0.0f32, |m, &t| m.max(t));
+            let l1: f64 = l1.iter().map(|&l| f64::from(l)).sum();
+            // A NaN product makes its lane's sum NaN, an infinite one makes `top` infinite.
+            if !top.is_finite() || !l1.is_finite() {
+                return None;
+            }
+            top_all = top_all.max(top);
+            let s =
+                (l1 / (INT_WEIGHT_BUDGET - w.len() as i64) as f64).max(f64::from(top) / 32767.0);
+            if s == 0.0 {
+                out.chunks.push((0.0, 0.0));
+                continue;
+            }
+            let ws = &mut out.weights[start..start + w.len()];
+            // |x / s| <= 32767 and each chunk's Σ|x / s| <= B - rows, so the roundings (half a
+            // unit each, plus the f32 product's 2^-23 relative) keep |w| <= 32767 and Σ|w| <= B.
+            let inv = (1.0 / s) as f32;
+            if inv.is_finite() {
+                // `v · inv + 1.5 · 2^23` has the rounded integer in its low mantissa bits, above
+                // the bits of 1.5 · 2^23 (0x4B40_0000): integer operations that vectorize.
+                for (o, &v) in ws.iter_mut().zip(x.iter()) {
+                    *o = ((v * inv + ROUND32).to_bits() as i32).wrapping_sub(0x4B40_0000) as i16;
+                }
+            } else {
+                // A chunk far below f32's range: its steps in f64.
+                let inv = 1.0 / s;
+                for (o, &v) in ws.iter_mut().zip(x.iter()) {
+                    *o = ((f64::from(v) * inv + ROUND64) - ROUND64) as i32 as i16;
+                }
+            }
+            let total: i64 = ws.iter().map(|&w| i64::from(w)).sum();
+            let unit = s * f64::from(step);
+            out.chunks
+                .push(((0.5 * total as f64 * unit) as f32, unit as f32));
+        }
+        Some(top_all)
+    }
+}
+
+/// A weight vector on an [`IntCodebook`]'s grid ([`IntCodebook::quantize_weights`]): `i16`
+/// weights, one [`INT_CHUNK`] of rows per scale. Chunk `c` adds `offset_c + step_c · S_j` to
+/// coordinate `j`'s sum, with `S_j = Σ_{i in c} w_i · values[code_j(row i)]` exact in `i32`.
+#[derive(Debug, Clone, Default)]
+pub struct IntWeights {
+    /// One weight per row, zero up to a whole number of blocks.
+    pub(super) weights: Vec<i16>,
+    /// Per chunk: `(offset, step)`; `offset` is `Σ w / 2` grid units (the half-integer grid's
+    /// offset) as a float.
+    pub(super) chunks: Vec<(f32, f32)>,
+    /// Per block of 32 rows: some weight is not zero.
+    pub(super) active: Vec<bool>,
+}
+
+impl IntWeights {
+    /// Rows covered (a whole number of blocks).
+    pub fn padded_len(&self) -> usize {
+        self.weights.len()
+    }
+
+    /// The weights, one per row (zero past the rows given).
+    pub fn weights(&self) -> &[i16] {
+        &self.weights
+    }
 }
 
 /// A query on an [`IntCodebook`]'s grid ([`IntCodebook::quantize_query`]): its weights and the

@@ -1374,3 +1374,208 @@ fn shipped_8_bit_grids_fold() {
         assert!(IntCodebook::from_centroids(c.centroids()).folded(), "d={d}");
     }
 }
+
+/// The integer weighted sums of 4-bit codes: the dispatching kernel, its scalar twin, every x86
+/// body the CPU runs (one and three weight vectors per pass) and an independent read-back of
+/// the rows give the same bits, over odd dimensions (a lone last nibble position), partial last
+/// blocks and chunks, zero blocks, and sums at the edge of `i32`.
+#[test]
+fn int_sums_equal_the_scalar_twin_and_the_rows() {
+    let mut r = SeededRng::new(61, stream::DATA);
+    let (dims, row_counts): (&[usize], &[usize]) = if cfg!(miri) {
+        (&[3], &[33])
+    } else {
+        (
+            &[1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33, 63, 64, 65, 128, 129],
+            &[1, 31, 32, 129, 300],
+        )
+    };
+    let mut values: Vec<i16> = (0..16)
+        .map(|_| ((r.next_u64() % 16383) as i32 - 8192) as i16)
+        .collect();
+    // Code 0 is the grid's most negative value: all-zero blocks sum at the budget's edge.
+    values[0] = -8192;
+    let book = IntCodebook::from_values(values, 0.001);
+    for &d in dims {
+        let row_bytes = crate::bitpack::packed_len(d, 4);
+        let bb = block_bytes(row_bytes);
+        for &rows in row_counts {
+            let nb = rows.div_ceil(BLOCK);
+            for case in 0..3 {
+                let blocks = match case {
+                    2 => vec![0u8; nb * bb],
+                    _ => random_bytes(nb * bb, 5 + d as u64 + rows as u64),
+                };
+                // Case 0: random signed weights with zero runs; 1: one dominant weight per
+                // chunk; 2: flat positive weights, each chunk's sum at the budget.
+                let w: Vec<f32> = (0..rows)
+                    .map(|i| match case {
+                        0 if (i / 40) % 3 == 1 => 0.0,
+                        0 => r.gaussian() as f32,
+                        1 if i % INT_CHUNK == 7 => 3.0e4,
+                        1 => r.uniform() as f32 * 1e-3,
+                        _ => 1.0,
+                    })
+                    .collect();
+                let scales: Vec<f32> = (0..rows).map(|_| 0.5 + r.uniform() as f32).collect();
+                let iw = book
+                    .quantize_weights(&w, Some(&scales))
+                    .expect("finite weights");
+                let what = format!("d={d} rows={rows} case {case}");
+                let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let start: Vec<f32> = (0..d).map(|j| j as f32 * 0.25).collect();
+                let (mut a, mut b) = (start.clone(), start.clone());
+                accumulate_blocks_i16(&blocks, row_bytes, &book, &[&iw], &mut [&mut a]);
+                accumulate_blocks_i16_scalar(&blocks, row_bytes, &book, &iw, &mut b);
+                assert_eq!(bits_of(&a), bits_of(&b), "{what}");
+                // Independent read-back: each chunk's exact sum in i64, checked to fit i32.
+                let mut local = vec![0.0f32; d];
+                for (c, &(offset, step)) in iw.chunks.iter().enumerate() {
+                    for (j, l) in local.iter_mut().enumerate() {
+                        let sum: i64 = (c * INT_CHUNK..((c + 1) * INT_CHUNK).min(nb * BLOCK))
+                            .map(|i| {
+                                let block = &blocks[i / BLOCK * bb..(i / BLOCK + 1) * bb];
+                                let k = code_at(block, 4, j, i % BLOCK);
+                                i64::from(iw.weights[i]) * i64::from(book.values()[k])
+                            })
+                            .sum();
+                        let sum = i32::try_from(sum).expect("a chunk's sum fits i32");
+                        *l += offset + step * sum as f32;
+                    }
+                }
+                let want: Vec<f32> = start.iter().zip(&local).map(|(s, l)| s + l).collect();
+                assert_eq!(bits_of(&a), bits_of(&want), "{what}");
+                #[cfg(target_arch = "x86_64")]
+                int_sum_bodies_agree(&blocks, row_bytes, &book, &iw, &b, &what);
+            }
+        }
+    }
+}
+
+/// Each x86 body of the integer sums the CPU can run gives the scalar twin's bits for one weight
+/// vector and for three per pass (the second and third with other weights).
+#[cfg(target_arch = "x86_64")]
+fn int_sum_bodies_agree(
+    blocks: &[u8],
+    row_bytes: usize,
+    book: &IntCodebook,
+    iw: &IntWeights,
+    want: &[f32],
+    what: &str,
+) {
+    use std::arch::is_x86_feature_detected as has;
+    if cfg!(miri) || !has!("avx2") {
+        return;
+    }
+    let d = want.len();
+    let start: Vec<f32> = (0..d).map(|j| j as f32 * 0.25).collect();
+    let rows = iw.padded_len();
+    let other: Vec<f32> = (0..rows).map(|i| ((i * 7919) % 97) as f32 - 48.0).collect();
+    let iw2 = book.quantize_weights(&other, None).expect("finite");
+    let mut want2 = start.clone();
+    accumulate_blocks_i16_scalar(blocks, row_bytes, book, &iw2, &mut want2);
+    let codes = super::kernels::IntSumCodes {
+        blocks,
+        row_bytes,
+        planes: book.planes(),
+    };
+    let vnni = has!("avx512f") && has!("avx512bw") && has!("avx512vnni");
+    for body in 0..2 {
+        if body == 1 && !vnni {
+            continue;
+        }
+        let mut one = [start.clone()];
+        let mut three = [start.clone(), start.clone(), start.clone()];
+        {
+            let mut a1: [&mut [f32]; 1] = one.each_mut().map(|v| v.as_mut_slice());
+            let mut a3: [&mut [f32]; 3] = three.each_mut().map(|v| v.as_mut_slice());
+            // SAFETY: the CPU features were checked above; the arguments passed the public
+            // kernel's checks in the caller.
+            unsafe {
+                if body == 0 {
+                    super::x86::accumulate_i16_avx2::<1>(codes, [iw], &mut a1);
+                    super::x86::accumulate_i16_avx2::<3>(codes, [iw, &iw2, iw], &mut a3);
+                } else {
+                    super::avx512::accumulate_i16_vnni::<1>(codes, [iw], &mut a1);
+                    super::avx512::accumulate_i16_vnni::<3>(codes, [iw, &iw2, iw], &mut a3);
+                }
+            }
+        }
+        let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits_of(&one[0]), bits_of(want), "{what} body {body}");
+        assert_eq!(
+            bits_of(&three[0]),
+            bits_of(want),
+            "{what} body {body} first of 3"
+        );
+        assert_eq!(
+            bits_of(&three[1]),
+            bits_of(&want2),
+            "{what} body {body} second of 3"
+        );
+        assert_eq!(
+            bits_of(&three[2]),
+            bits_of(want),
+            "{what} body {body} third of 3"
+        );
+    }
+}
+
+/// `quantize_weights`: within half a step of each weight, every chunk within the budget, zero
+/// blocks inactive, `None` for non-finite products and vanishing weights.
+#[test]
+fn int_weights_stay_in_budget_and_near_the_weights() {
+    let mut r = SeededRng::new(62, stream::DATA);
+    let book = IntCodebook::from_values((0..16).map(|k| k * 100 - 800).collect(), 0.01);
+    let rows: usize = 1000;
+    for case in 0..3 {
+        let w: Vec<f32> = (0..rows)
+            .map(|i| match case {
+                0 => r.gaussian() as f32,
+                1 if (200..300).contains(&i) => 0.0,
+                1 => (r.uniform() as f32).powi(8),
+                _ => 1.0e30,
+            })
+            .collect();
+        let iw = book.quantize_weights(&w, None).expect("finite");
+        assert_eq!(iw.padded_len(), rows.div_ceil(BLOCK) * BLOCK);
+        assert!(iw.weights[rows..].iter().all(|&x| x == 0));
+        for (c, &(offset, step)) in iw.chunks.iter().enumerate() {
+            let ws = &iw.weights[c * INT_CHUNK..((c + 1) * INT_CHUNK).min(rows)];
+            let l1: i64 = ws.iter().map(|&x| i64::from(x).abs()).sum();
+            assert!(l1 <= INT_WEIGHT_BUDGET, "case {case} chunk {c}: {l1}");
+            assert!(ws.iter().all(|&x| x != i16::MIN));
+            let s = f64::from(step) / f64::from(book.step());
+            for (i, &x) in ws.iter().enumerate() {
+                let want = f64::from(w[c * INT_CHUNK + i]);
+                let err = (f64::from(x) * s - want).abs();
+                // Half a step, plus the f32 product's rounding (2^-23 of at most 32767 steps).
+                assert!(err <= 0.505 * s, "case {case} row {i}: {err} vs {s}");
+            }
+            let total: i64 = ws.iter().map(|&x| i64::from(x)).sum();
+            let want_offset = 0.5 * total as f64 * f64::from(step);
+            assert!((f64::from(offset) - want_offset).abs() <= 1e-6 * want_offset.abs() + 1e-30);
+        }
+        for (b, &a) in iw.active.iter().enumerate() {
+            let any = iw.weights[b * BLOCK..(b + 1) * BLOCK]
+                .iter()
+                .any(|&x| x != 0);
+            assert_eq!(a, any, "case {case} block {b}");
+        }
+        if case == 1 {
+            assert!(!iw.active[7] && !iw.active[8], "rows 224-287 weigh nothing");
+        }
+    }
+    assert!(book.quantize_weights(&[1.0, f32::NAN], None).is_none());
+    assert!(
+        book.quantize_weights(&[f32::MAX, 2.0], Some(&[1.0, 4.0]))
+            .is_some()
+    );
+    assert!(
+        book.quantize_weights(&[f32::MAX, 1.0], Some(&[4.0, 1.0]))
+            .is_none()
+    );
+    assert!(book.quantize_weights(&[1.0e-38, 0.0], None).is_none());
+    let empty = book.quantize_weights(&[], None).expect("no weights");
+    assert_eq!(empty.padded_len(), 0);
+}

@@ -1348,3 +1348,168 @@ pub(super) unsafe fn dot_nibbles_i8_avx2<const Q: usize>(
         }
     }
 }
+
+/// Stamps out the body of `accumulate_blocks_i16` for one register width: `$lanes` 128-bit
+/// lanes, each holding one coordinate's 16 bytes of nibbles (rows `i` and `i + 16` in byte `i`).
+/// Per block, a group of `4 · $lanes` coordinates is four loads; each load's nibbles are split
+/// (rows 0-15 and 16-31), looked up in the grid's low and high byte planes by `vpshufb` and
+/// interleaved into `i16` values of rows 0-7, 8-15, 16-23 and 24-31, so 32-bit lane `k` of a
+/// coordinate holds rows `2k, 2k + 1` of each eight; `$dot` multiplies them by the matching
+/// eight weights (broadcast to every 128-bit lane) and adds pairs into `i32` sums. At a chunk's
+/// end the four loads' sums are reduced inside each 128-bit lane (two rounds of interleaves and
+/// adds) so element `4c + g` holds coordinate `base + $lanes · g + c`, converted, scaled and
+/// added to the `f32` locals.
+macro_rules! int_sums_kernel {
+    (
+        $(#[$attr:meta])* $name:ident, $reg:ty, $lanes:literal,
+        zero: $zero:expr, splat: $splat:ident, load: $load:ident, load_part: $load_part:ident,
+        and: $and:ident, srli: $srli:ident, shuffle: $shuffle:ident,
+        unpacklo8: $ul8:ident, unpackhi8: $uh8:ident, unpacklo32: $ul32:ident,
+        unpackhi32: $uh32:ident, unpacklo64: $ul64:ident, unpackhi64: $uh64:ident,
+        add: $add:ident, dot: $dot:ident, broadcast: $bcast:ident, fsplat: $fsplat:ident, cvt: $cvt:ident, fadd: $fadd:ident,
+        fmul: $fmul:ident, fload: $fload:ident, fstore: $fstore:ident
+    ) => {
+        /// The `accumulate_blocks_i16` body for `Q` weight vectors (see the macro's docs).
+        ///
+        /// # Safety
+        /// The CPU has the features this copy is compiled with; the arguments passed
+        /// `check_int_sums` (whole blocks, weights covering them, `dim <= 2 · row_bytes`) and
+        /// each weight vector is an `IntWeights` (its chunks' sums fit `i32`).
+        $(#[$attr])*
+        pub(super) unsafe fn $name<const Q: usize>(
+            codes: super::kernels::IntSumCodes<'_>,
+            weights: [&super::IntWeights; Q],
+            accs: &mut [&mut [f32]; Q],
+        ) {
+            let (blocks, row_bytes, planes) = (codes.blocks, codes.row_bytes, codes.planes);
+            const W: usize = 4 * $lanes;
+            let dim = accs[0].len();
+            let positions = 2 * row_bytes;
+            let bb = BLOCK * row_bytes;
+            let nblocks = blocks.len() / bb;
+            let groups = dim.div_ceil(W);
+            let per_chunk = super::INT_CHUNK / BLOCK;
+            // SAFETY (both): each plane has 256 bytes; the first 16 are the 4-bit grid's.
+            let (p0, p1) = unsafe {
+                (
+                    $bcast(planes[0].as_ptr() as *const __m128i),
+                    $bcast(planes[1].as_ptr() as *const __m128i),
+                )
+            };
+            let nib = $splat(0x0F);
+            let mut local = vec![[0.0f32; W]; Q * groups];
+            for c in 0..nblocks.div_ceil(per_chunk) {
+                let range = c * per_chunk..((c + 1) * per_chunk).min(nblocks);
+                let live = |b: usize| weights.iter().any(|w| w.active[b]);
+                if !range.clone().any(live) {
+                    continue;
+                }
+                for g4 in 0..groups {
+                    let mut acc = [[$zero; 4]; Q];
+                    for b in range.clone().filter(|&b| live(b)) {
+                        // SAFETY: block b < nblocks lies in `blocks`.
+                        let block = unsafe { blocks.as_ptr().add(b * bb) };
+                        // SAFETY: each weight vector covers the blocks: rows 32b..32b + 32.
+                        let wv: [[$reg; 4]; Q] = std::array::from_fn(|q| {
+                            std::array::from_fn(|r| unsafe {
+                                let p = weights[q].weights.as_ptr().add(b * BLOCK + 8 * r);
+                                $bcast(p as *const __m128i)
+                            })
+                        });
+                        for g in 0..4 {
+                            let p = W * g4 + $lanes * g;
+                            if p >= dim {
+                                break;
+                            }
+                            // SAFETY: positions p.. hold 16 bytes each inside the block;
+                            // `load_part` reads only the positions below `positions`.
+                            let x = unsafe {
+                                if p + $lanes <= positions {
+                                    $load(block.add(16 * p))
+                                } else {
+                                    $load_part(block.add(16 * p), positions - p)
+                                }
+                            };
+                            let lo = $and(x, nib);
+                            let hi = $and($srli::<4>(x), nib);
+                            let (l0, h0) = ($shuffle(p0, lo), $shuffle(p1, lo));
+                            let (l1, h1) = ($shuffle(p0, hi), $shuffle(p1, hi));
+                            let r = [$ul8(l0, h0), $uh8(l0, h0), $ul8(l1, h1), $uh8(l1, h1)];
+                            for (a, w) in acc.iter_mut().zip(&wv) {
+                                for (x, w) in r.iter().zip(w) {
+                                    a[g] = $dot(a[g], *x, *w);
+                                }
+                            }
+                        }
+                    }
+                    for (q, a) in acc.iter().enumerate() {
+                        let t01 = $add($ul32(a[0], a[1]), $uh32(a[0], a[1]));
+                        let t23 = $add($ul32(a[2], a[3]), $uh32(a[2], a[3]));
+                        let s = $add($ul64(t01, t23), $uh64(t01, t23));
+                        let (offset, step) = weights[q].chunks[c];
+                        let f = $fadd($fsplat(offset), $fmul($fsplat(step), $cvt(s)));
+                        let l = &mut local[q * groups + g4];
+                        // SAFETY: `l` holds W floats, one register.
+                        unsafe { $fstore(l.as_mut_ptr(), $fadd($fload(l.as_ptr()), f)) };
+                    }
+                }
+            }
+            for (q, acc) in accs.iter_mut().enumerate() {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let (g4, rest) = (j / W, j % W);
+                    let (g, c) = (rest / $lanes, rest % $lanes);
+                    *a += local[q * groups + g4][4 * c + g];
+                }
+            }
+        }
+    };
+}
+pub(super) use int_sums_kernel;
+
+/// `p`'s first 16 bytes in both 128-bit lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn broadcast_16(p: *const __m128i) -> __m256i {
+    // SAFETY: the caller's 16 readable bytes.
+    unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(p)) }
+}
+
+/// Two nibble positions of a block (32 bytes at `p`).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load_2(p: *const u8) -> __m256i {
+    // SAFETY: the caller's 32 readable bytes.
+    unsafe { _mm256_loadu_si256(p as *const __m256i) }
+}
+
+/// The one nibble position left at the end of a row (`left == 1`): 16 bytes at `p`, zeros above.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load_positions(p: *const u8, left: usize) -> __m256i {
+    // SAFETY: the caller's 16 readable bytes per position below `left` (one here: `left == 1`).
+    unsafe {
+        debug_assert_eq!(left, 1);
+        _mm256_zextsi128_si256(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+/// `acc + Σ pairs of a · b` (`vpmaddwd` and an add).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn madd_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+}
+
+int_sums_kernel!(
+    #[target_feature(enable = "avx2")]
+    accumulate_i16_avx2, __m256i, 2,
+    zero: _mm256_setzero_si256(), splat: _mm256_set1_epi8,
+    load: load_2, load_part: load_positions,
+    and: _mm256_and_si256, srli: _mm256_srli_epi16, shuffle: _mm256_shuffle_epi8,
+    unpacklo8: _mm256_unpacklo_epi8, unpackhi8: _mm256_unpackhi_epi8,
+    unpacklo32: _mm256_unpacklo_epi32, unpackhi32: _mm256_unpackhi_epi32,
+    unpacklo64: _mm256_unpacklo_epi64, unpackhi64: _mm256_unpackhi_epi64,
+    add: _mm256_add_epi32, dot: madd_add, broadcast: broadcast_16,
+    fsplat: _mm256_set1_ps, cvt: _mm256_cvtepi32_ps, fadd: _mm256_add_ps,
+    fmul: _mm256_mul_ps, fload: _mm256_loadu_ps, fstore: _mm256_storeu_ps
+);
