@@ -300,7 +300,8 @@ impl IntCodebook {
     /// |x_i| / 32767)` (`B` = [`INT_WEIGHT_BUDGET`]), so with rounding a chunk's `Σ|w| <= B`
     /// (no `i32` sum of a chunk's products overflows) and every `|w| <= 32767`; each `w_i · s`
     /// is within `s / 2` of `x_i`, at least 11 bits of the chunk's largest weight. The same
-    /// function of its inputs on every CPU (the rounding is in `f64`, lane order fixed). O(rows).
+    /// function of its inputs on every CPU (lane-wise float operations, folded in a fixed order).
+    /// O(rows).
     ///
     /// `None` when a product `x_i` is not finite or the largest `|x_i|` is so small that one unit
     /// of its chunk's sums is not a normal `f32` (callers then take the exact float path).
@@ -363,26 +364,30 @@ impl pulp::WithSimd for QuantizeWeights<'_> {
         // nearest integer, ties to even, in plain arithmetic.
         const ROUND32: f32 = 12_582_912.0;
         const ROUND64: f64 = 6_755_399_441_055_744.0;
+        const ONES: [f32; INT_CHUNK] = [1.0; INT_CHUNK];
         let Self {
             step,
             weights,
             row_scales,
             out,
         } = self;
+        // The 16 lanes folded pairwise in a fixed tree: the same result however the lanes were
+        // computed.
+        fn fold(l: [f32; 16], f: impl Fn(f32, f32) -> f32) -> f32 {
+            let a: [f32; 8] = std::array::from_fn(|i| f(l[i], l[i + 8]));
+            let b: [f32; 4] = std::array::from_fn(|i| f(a[i], a[i + 4]));
+            f(f(b[0], b[2]), f(b[1], b[3]))
+        }
         let mut x = [0.0f32; INT_CHUNK];
         let mut top_all = 0.0f32;
         for (c, w) in weights.chunks(INT_CHUNK).enumerate() {
             let start = c * INT_CHUNK;
             let x = &mut x[..w.len()];
-            match row_scales {
-                Some(s) => {
-                    for ((x, &w), &s) in x.iter_mut().zip(w).zip(&s[start..]) {
-                        *x = w * s;
-                    }
-                }
-                None => x.copy_from_slice(w),
+            let scales = row_scales.map_or(&ONES[..w.len()], |s| &s[start..start + w.len()]);
+            for ((x, &w), &s) in x.iter_mut().zip(w).zip(scales) {
+                *x = w * s;
             }
-            // Sixteen lanes, combined in order: the same sums however the loop is compiled.
+            // The products' largest magnitude and their sum, in 16 lanes.
             let (mut top, mut l1) = ([0.0f32; 16], [0.0f32; 16]);
             let mut lanes = |part: &[f32]| {
                 for ((t, l), &v) in top.iter_mut().zip(l1.iter_mut()).zip(part) {
@@ -397,23 +402,23 @@ impl pulp::WithSimd for QuantizeWeights<'_> {
                 lanes(part);
             }
             lanes(parts.remainder());
-            let top = top.iter().fold(0.0f32, |m, &t| m.max(t));
-            let l1: f64 = l1.iter().map(|&l| f64::from(l)).sum();
+            let top = fold(top, |a, b| if b > a { b } else { a });
+            let l1 = fold(l1, |a, b| a + b);
             // A NaN product makes its lane's sum NaN, an infinite one makes `top` infinite.
             if !top.is_finite() || !l1.is_finite() {
                 return None;
             }
             top_all = top_all.max(top);
-            let s =
-                (l1 / (INT_WEIGHT_BUDGET - w.len() as i64) as f64).max(f64::from(top) / 32767.0);
+            let s = (l1 / (INT_WEIGHT_BUDGET - w.len() as i64) as f32).max(top / 32767.0);
             if s == 0.0 {
                 out.chunks.push((0.0, 0.0));
                 continue;
             }
             let ws = &mut out.weights[start..start + w.len()];
             // |x / s| <= 32767 and each chunk's Σ|x / s| <= B - rows, so the roundings (half a
-            // unit each, plus the f32 product's 2^-23 relative) keep |w| <= 32767 and Σ|w| <= B.
-            let inv = (1.0 / s) as f32;
+            // unit each, plus the f32 divisions' and products' few 2^-24) keep |w| <= 32767 and
+            // Σ|w| <= B.
+            let inv = 1.0 / s;
             if inv.is_finite() {
                 // `v · inv + 1.5 · 2^23` has the rounded integer in its low mantissa bits, above
                 // the bits of 1.5 · 2^23 (0x4B40_0000): integer operations that vectorize.
@@ -421,16 +426,15 @@ impl pulp::WithSimd for QuantizeWeights<'_> {
                     *o = ((v * inv + ROUND32).to_bits() as i32).wrapping_sub(0x4B40_0000) as i16;
                 }
             } else {
-                // A chunk far below f32's range: its steps in f64.
-                let inv = 1.0 / s;
+                // A chunk far below f32's normal range: its steps in f64.
+                let inv = 1.0 / f64::from(s);
                 for (o, &v) in ws.iter_mut().zip(x.iter()) {
                     *o = ((f64::from(v) * inv + ROUND64) - ROUND64) as i32 as i16;
                 }
             }
-            let total: i64 = ws.iter().map(|&w| i64::from(w)).sum();
-            let unit = s * f64::from(step);
-            out.chunks
-                .push(((0.5 * total as f64 * unit) as f32, unit as f32));
+            let total: i32 = ws.iter().map(|&w| i32::from(w)).sum();
+            let unit = s * step;
+            out.chunks.push((0.5 * total as f32 * unit, unit));
         }
         Some(top_all)
     }

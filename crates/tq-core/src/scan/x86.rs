@@ -1404,45 +1404,63 @@ macro_rules! int_sums_kernel {
                 if !range.clone().any(live) {
                     continue;
                 }
+                // The chunk's weights broadcast once (read from memory by the dots below).
+                let mut wide = [[[$zero; 4]; 4]; Q];
+                for (i, b) in range.clone().enumerate() {
+                    for (wq, w) in wide.iter_mut().zip(&weights) {
+                        // SAFETY: each weight vector covers the blocks: rows 32b..32b + 32.
+                        wq[i] = std::array::from_fn(|r| unsafe {
+                            $bcast(w.weights.as_ptr().add(b * BLOCK + 8 * r) as *const __m128i)
+                        });
+                    }
+                }
                 for g4 in 0..groups {
-                    let mut acc = [[$zero; 4]; Q];
-                    for b in range.clone().filter(|&b| live(b)) {
+                    // acc[g][q]: load g's coordinates, weight vector q.
+                    let mut acc = [[$zero; Q]; 4];
+                    // One load's coordinates (from position `p`): decoded once, then each
+                    // weight vector's dots.
+                    let one = |acc: &mut [$reg; Q], block: *const u8, p: usize, wv: [&[$reg; 4]; Q]| {
+                        // SAFETY: positions p.. hold 16 bytes each inside the block; `load_part`
+                        // reads only the positions below `positions`.
+                        let x = unsafe {
+                            if p + $lanes <= positions {
+                                $load(block.add(16 * p))
+                            } else {
+                                $load_part(block.add(16 * p), positions - p)
+                            }
+                        };
+                        let lo = $and(x, nib);
+                        let hi = $and($srli::<4>(x), nib);
+                        let (l0, h0) = ($shuffle(p0, lo), $shuffle(p1, lo));
+                        let (l1, h1) = ($shuffle(p0, hi), $shuffle(p1, hi));
+                        let r = [$ul8(l0, h0), $uh8(l0, h0), $ul8(l1, h1), $uh8(l1, h1)];
+                        for (a, w) in acc.iter_mut().zip(wv) {
+                            for (x, w) in r.iter().zip(w) {
+                                *a = $dot(*a, *x, *w);
+                            }
+                        }
+                    };
+                    // Loads of this group with coordinates below `dim` (all four but at the end).
+                    let loads = (dim - W * g4).div_ceil($lanes).min(4);
+                    for (i, b) in range.clone().enumerate().filter(|&(_, b)| live(b)) {
                         // SAFETY: block b < nblocks lies in `blocks`.
                         let block = unsafe { blocks.as_ptr().add(b * bb) };
-                        // SAFETY: each weight vector covers the blocks: rows 32b..32b + 32.
-                        let wv: [[$reg; 4]; Q] = std::array::from_fn(|q| {
-                            std::array::from_fn(|r| unsafe {
-                                let p = weights[q].weights.as_ptr().add(b * BLOCK + 8 * r);
-                                $bcast(p as *const __m128i)
-                            })
-                        });
-                        for g in 0..4 {
-                            let p = W * g4 + $lanes * g;
-                            if p >= dim {
-                                break;
-                            }
-                            // SAFETY: positions p.. hold 16 bytes each inside the block;
-                            // `load_part` reads only the positions below `positions`.
-                            let x = unsafe {
-                                if p + $lanes <= positions {
-                                    $load(block.add(16 * p))
-                                } else {
-                                    $load_part(block.add(16 * p), positions - p)
-                                }
-                            };
-                            let lo = $and(x, nib);
-                            let hi = $and($srli::<4>(x), nib);
-                            let (l0, h0) = ($shuffle(p0, lo), $shuffle(p1, lo));
-                            let (l1, h1) = ($shuffle(p0, hi), $shuffle(p1, hi));
-                            let r = [$ul8(l0, h0), $uh8(l0, h0), $ul8(l1, h1), $uh8(l1, h1)];
-                            for (a, w) in acc.iter_mut().zip(&wv) {
-                                for (x, w) in r.iter().zip(w) {
-                                    a[g] = $dot(a[g], *x, *w);
-                                }
+                        let wv: [&[$reg; 4]; Q] = std::array::from_fn(|q| &wide[q][i]);
+                        let p = W * g4;
+                        if loads == 4 {
+                            let [a0, a1, a2, a3] = &mut acc;
+                            one(a0, block, p, wv);
+                            one(a1, block, p + $lanes, wv);
+                            one(a2, block, p + 2 * $lanes, wv);
+                            one(a3, block, p + 3 * $lanes, wv);
+                        } else {
+                            for (g, a) in acc.iter_mut().enumerate().take(loads) {
+                                one(a, block, p + $lanes * g, wv);
                             }
                         }
                     }
-                    for (q, a) in acc.iter().enumerate() {
+                    for q in 0..Q {
+                        let a = [acc[0][q], acc[1][q], acc[2][q], acc[3][q]];
                         let t01 = $add($ul32(a[0], a[1]), $uh32(a[0], a[1]));
                         let t23 = $add($ul32(a[2], a[3]), $uh32(a[2], a[3]));
                         let s = $add($ul64(t01, t23), $uh64(t01, t23));
