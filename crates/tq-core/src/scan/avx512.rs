@@ -590,9 +590,10 @@ unsafe fn load_positions(p: *const u8, left: usize) -> __m512i {
     unsafe { _mm512_maskz_loadu_epi8((1u64 << (16 * left)) - 1, p as *const i8) }
 }
 
-/// `acc + Σ pairs of a · b` in `i32` lanes: one `vpdpwssd`. Written out, because LLVM's generic
-/// x86-64 tuning splits the intrinsic into `vpmaddwd` and `vpaddd`, twice the operations in the
-/// integer sums' inner loop (about 15% of a grouped-query decode step on Zen 4).
+/// `acc + Σ pairs of a · b` in `i32` lanes: one `vpdpwssd`. Written out, because under LLVM's
+/// generic x86-64 tuning a chain of the intrinsic on one accumulator (four per load here) comes
+/// out as `vpmaddwd` and `vpaddd` pairs, twice the operations in the integer sums' inner loop
+/// (about 7% of a grouped-query decode step on Zen 4).
 #[inline]
 #[target_feature(enable = "avx512f,avx512vnni")]
 fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
