@@ -19,7 +19,7 @@ use crate::config::{MseConfig, ScaleMode, ScalePrecision};
 use crate::error::{check_batch, check_dim, check_finite, check_len, check_range, check_rows};
 use crate::packed::PackedRows;
 use crate::scales::RowScales;
-use crate::score::{self, Hit, INT_DOT_MIN_BITS, INT_SUM_BITS, TableKind, Tables};
+use crate::score::{self, Hit, INT_DOT_MIN_BITS, INT_SUM_MIN_BITS, TableKind, Tables};
 use crate::{Error, Result};
 
 /// Rows summed per chunk by [`MseBatch::accumulate_rotated_multi`] (a multiple of the 32-row
@@ -63,7 +63,7 @@ impl MseQuantizer {
         }
         let rotation = Rotation::new(config.rotation, config.dim, config.seed)?;
         let codebook = Codebook::get(config.dim, config.bits)?;
-        let grid = (config.bits >= INT_SUM_BITS)
+        let grid = (config.bits >= INT_SUM_MIN_BITS)
             .then(|| Arc::new(IntCodebook::from_centroids(codebook.centroids())));
         Ok(Self {
             config,
@@ -808,12 +808,13 @@ impl MseBatch {
         self.accumulate_rotated_with(weights, outs, false)
     }
 
-    /// [`MseBatch::accumulate_rotated_multi`] on the fast path: with 4-bit codes each weight
-    /// vector goes on `i16` weights (one scale per 128 rows, [`IntCodebook::quantize_weights`])
-    /// and the codebook on its 14-bit grid, and the sums are exact integers
-    /// ([`scan::accumulate_blocks_i16`]: `vpdpwssd` with AVX-512 VNNI, `vpmaddwd` with AVX2, the
-    /// same bits on every CPU). The roundings add about 0.001 of the quantization error (RMS, see
-    /// the accuracy tests). Other widths, and rows whose weights the grid cannot hold (a non-finite
+    /// [`MseBatch::accumulate_rotated_multi`] on the fast path: with 4- to 8-bit codes each
+    /// weight vector goes on `i16` weights (one scale per 128 rows,
+    /// [`IntCodebook::quantize_weights`]) and the codebook on its 14-bit grid, and the sums are
+    /// exact integers ([`scan::accumulate_blocks_i16`]: `vpdpwssd` with AVX-512 VNNI, `vpmaddwd`
+    /// with AVX2, the same bits on every CPU). The roundings add about 0.001 of the quantization
+    /// error at 4 bits (RMS, see the accuracy tests; relatively more at 8 bits, whose own error is
+    /// 16 times smaller). Widths 1-3, and rows whose weights the grid cannot hold (a non-finite
     /// product `weight · norm`, or all of them below about `2^-110`), take the exact path.
     ///
     /// # Errors
@@ -848,14 +849,15 @@ impl MseBatch {
             let ws: Vec<&[f32]> = weights.iter().map(|w| &w[rows.clone()]).collect();
             let norms = self.norms.f32_range(rows);
             let grid = self.quantizer.grid.as_deref();
-            if let Some(book) = grid.filter(|_| fast && self.quantizer.bits() == INT_SUM_BITS) {
+            if let Some(book) = grid.filter(|_| fast && self.quantizer.bits() >= INT_SUM_MIN_BITS) {
                 let ints: Option<Vec<_>> = ws
                     .iter()
                     .map(|w| book.quantize_weights(w, Some(&norms)))
                     .collect();
                 if let Some(ints) = ints {
                     let refs: Vec<&scan::IntWeights> = ints.iter().collect();
-                    scan::accumulate_blocks_i16(blocks, self.codes.row_bytes(), book, &refs, accs);
+                    let (rb, bits) = (self.codes.row_bytes(), self.quantizer.bits());
+                    scan::accumulate_blocks_i16(blocks, rb, bits, book, &refs, accs);
                     return;
                 }
             }

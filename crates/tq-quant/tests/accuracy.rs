@@ -335,12 +335,14 @@ fn softmax_weights(r: &mut SeededRng, n: usize, beta: f64) -> Vec<f32> {
     e.iter().map(|&x| (x / total) as f32).collect()
 }
 
-/// The fast weighted sums of 4-bit values (integer sums: `i16` weights per 128 rows, the codebook
-/// on its 14-bit grid) add about a thousandth of the quantization error (measured with seed 7:
-/// 0.0011 at d = 64, 0.0013 at d = 128; the bound leaves 4x): RMS of (fast - exact) over
-/// RMS of (exact - truth), for attention-like weights from flat to peaky, rows of varied norms,
-/// a zero run (a causal limit) and more rows than one accumulation chunk. Other widths have no
-/// fast path: their fast sums are the exact ones, bit for bit.
+/// The fast weighted sums of 4- to 8-bit values (integer sums: `i16` weights per 128 rows, the
+/// codebook on its 14-bit grid) add a small share of the quantization error, about a thousandth
+/// at 4 bits and doubling per bit as the quantization error halves (measured with seed 7, d = 64
+/// / 128: 0.0011 / 0.0013, 0.0020 / 0.0021, 0.0054 / 0.0064, 0.0123 / 0.0129, 0.0246 / 0.0271 at
+/// 4-8 bits; the bounds leave 3-4x): RMS of (fast - exact) over RMS of (exact - truth), for
+/// attention-like weights from flat to peaky, rows of varied norms, a zero run (a causal limit)
+/// and more rows than one accumulation chunk. Widths 1-3 have no fast path: their fast sums are
+/// the exact ones, bit for bit.
 #[test]
 fn fast_weighted_sums_add_a_thousandth_of_quantization_error() {
     use tq_quant::EncodedVectors;
@@ -359,7 +361,7 @@ fn fast_weighted_sums_add_a_thousandth_of_quantization_error() {
             })
             .collect();
         let refs: Vec<&[f32]> = weights.iter().map(Vec::as_slice).collect();
-        for b in 1u32..=5 {
+        for b in 1u32..=8 {
             let q = Arc::new(
                 MseQuantizer::new(MseConfig::new(d, b, RotationKind::Hadamard, 3)).unwrap(),
             );
@@ -373,7 +375,7 @@ fn fast_weighted_sums_add_a_thousandth_of_quantization_error() {
                 batch.weighted_sums_fast_into(&refs, &mut f).unwrap();
                 batch.weighted_sums_into(&refs, &mut e).unwrap();
             }
-            if b != 4 {
+            if b < 4 {
                 assert_eq!(fast, exact, "d={d} b={b}: no fast path, the exact sums");
                 continue;
             }
@@ -389,8 +391,10 @@ fn fast_weighted_sums_add_a_thousandth_of_quantization_error() {
             }
             let ratio = (fast_err / quant_err).sqrt();
             println!("d={d} b={b}: fast/quantization RMSE ratio {ratio:.5}");
+            // The grid's rounding is fixed while the quantization error halves per bit.
+            let bound = 0.005 * f64::from(1u32 << (b - 4));
             assert!(
-                ratio <= 0.005,
+                ratio <= bound,
                 "d={d} b={b}: fast/quantization RMSE ratio {ratio}"
             );
         }

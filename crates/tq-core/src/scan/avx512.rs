@@ -625,3 +625,80 @@ super::x86::int_sums_kernel!(
     fsplat: _mm512_set1_ps, cvt: _mm512_cvtepi32_ps, fadd: _mm512_add_ps,
     fmul: _mm512_mul_ps, fload: _mm512_loadu_ps, fstore: _mm512_storeu_ps
 );
+
+/// The four units' sums of the wide integer sums on AVX-512 (two coordinates per unit: 128-bit
+/// lanes 0-1 the first, 2-3 the second): each lane's four 32-bit partial sums added by two rounds
+/// of interleaves, then lanes 0 + 1 and 2 + 3, so the result holds the units' first coordinates
+/// in its low half and their second coordinates in its high half.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn reduce_pairs(a: [__m512i; 4]) -> __m256i {
+    let t01 = _mm512_add_epi32(
+        _mm512_unpacklo_epi32(a[0], a[1]),
+        _mm512_unpackhi_epi32(a[0], a[1]),
+    );
+    let t23 = _mm512_add_epi32(
+        _mm512_unpacklo_epi32(a[2], a[3]),
+        _mm512_unpackhi_epi32(a[2], a[3]),
+    );
+    let s = _mm512_add_epi32(
+        _mm512_unpacklo_epi64(t01, t23),
+        _mm512_unpackhi_epi64(t01, t23),
+    );
+    // Lanes (1, 0, 3, 2) added to (0, 1, 2, 3); then lanes 0 and 2 into the low 256 bits.
+    let t = _mm512_add_epi32(s, _mm512_shuffle_i64x2::<0b10_11_00_01>(s, s));
+    _mm512_castsi512_si256(_mm512_shuffle_i64x2::<0b00_00_10_00>(t, t))
+}
+
+/// The weights of one block for the wide integer sums on AVX-512: rows 0-7 | 16-23 and
+/// 8-15 | 24-31, each twice (once per coordinate of a unit).
+///
+/// # Safety
+/// 32 readable `i16` at `p`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn pair_weights(p: *const i16) -> [__m512i; 2] {
+    // SAFETY: the caller's 64 bytes.
+    let v = unsafe { _mm512_loadu_si512(p as *const _) };
+    [
+        _mm512_shuffle_i64x2::<0b10_00_10_00>(v, v),
+        _mm512_shuffle_i64x2::<0b11_01_11_01>(v, v),
+    ]
+}
+
+/// The grid values of coordinates `2u` and `2u + 1` (the second zero past `dim`): their 64 codes
+/// ([`pair_codes`]), the grid's two byte planes looked up ([`look_up_ints`]) and interleaved into
+/// words: rows 0-7 | 16-23 and 8-15 | 24-31 of each coordinate.
+///
+/// # Safety
+/// AVX2 and AVX-512 F, BW and VBMI; `5 <= B <= 8`; coordinates below `dim` have their nibble
+/// positions in `block`; `planes` is the grid's.
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi")]
+unsafe fn decode_pair_ints<const B: usize>(
+    block: &[u8],
+    u: usize,
+    dim: usize,
+    planes: &IntPlanes,
+) -> [__m512i; 2] {
+    let (j, second) = (2 * u, 2 * u + 1 < dim);
+    // SAFETY: the caller's contract; j % 4 is 0 or 2 as u's parity.
+    let codes = unsafe {
+        if u.is_multiple_of(2) {
+            pair_codes::<B, 0>(block, j, second)
+        } else {
+            pair_codes::<B, 2>(block, j, second)
+        }
+    };
+    let (lo, hi) = look_up_ints::<B>(codes, planes);
+    [_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi)]
+}
+
+super::x86::int_sums_wide_kernel!(
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    accumulate_i16_wide_vnni, __m512i, __m256, 2, _mm512_setzero_si512(),
+    decode: |block: &[u8], unit: usize, dim: usize| decode_pair_ints::<B>(block, unit, dim, planes),
+    weights: pair_weights, dot: dpwssd, reduce: reduce_pairs,
+    fsplat: _mm256_set1_ps, cvt: _mm256_cvtepi32_ps, fadd: _mm256_add_ps, fmul: _mm256_mul_ps,
+    fload: _mm256_loadu_ps, fstore: _mm256_storeu_ps, extra: (planes: &IntPlanes)
+);

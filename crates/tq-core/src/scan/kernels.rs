@@ -751,34 +751,37 @@ pub fn accumulate_blocks_multi(
     }
 }
 
-/// Weighted sums of 4-bit codes on an integer grid (the fast path of attention over 4-bit
+/// Weighted sums of 4- to 8-bit codes on an integer grid (the fast path of attention over
 /// values): for each weight vector `q` and coordinate `j < dim`, chunk by chunk of
 /// [`INT_CHUNK`] rows, `S = Σ_{i in chunk} w_i · values[code_j(row i)]` exactly in `i32`
 /// (`w` = `weights[q]`'s `i16` weights, `values` the codebook's grid), then `local_j = local_j +
 /// (offset_c + step_c · S)` in `f32` from 0 (one rounding per operation, no fused multiply-add)
 /// and finally `accs[q][j] += local_j`. Every path gives the same integers and the same bits.
 ///
-/// With AVX-512 BW and VNNI, four coordinates' 32 codes per 64-byte load: the nibbles split,
-/// each looked up in the grid's two byte planes by `vpshufb` and interleaved into `i16` pairs of
-/// rows, one `vpdpwssd` per 8 rows and weight vector (a grouped-query head's queries share the
-/// decode); with AVX2 the same two coordinates at a time through `vpmaddwd`; else
-/// [`accumulate_blocks_i16_scalar`] per vector. Blocks whose weights are all zero are skipped.
-/// O(rows · dim · (1 + vectors / 4)).
+/// 4 bits: with AVX-512 BW and VNNI, four coordinates' 32 codes per 64-byte load, the nibbles
+/// split, each looked up in the grid's two byte planes by `vpshufb` and interleaved into `i16`
+/// pairs of rows, one `vpdpwssd` per 8 rows and weight vector; with AVX2 two coordinates at a
+/// time through `vpmaddwd`. 5-8 bits: with AVX-512 VBMI and VNNI, two coordinates' 64 codes cut
+/// out of the nibble layout and both byte planes looked up by `vpermb` / `vpermi2b`; with AVX2
+/// one coordinate's codes, looked up by `pshufb` (5 bits) or gathered (6-8 bits). A grouped-query
+/// head's weight vectors share each decode; other CPUs take [`accumulate_blocks_i16_scalar`] per
+/// vector. Blocks whose weights are all zero are skipped. O(rows · dim · (1 + vectors / 4)).
 ///
 /// # Panics
-/// Before any memory is read, unless `row_bytes >= 1`, `blocks` is a whole number of blocks of
-/// `32 · row_bytes` bytes, the codebook has at least 16 values, there are as many accumulators as
-/// weight vectors, every weight vector covers exactly the blocks' rows
-/// ([`IntWeights::padded_len`]) and every accumulator has the same length `dim <= 2 · row_bytes`
-/// (the 4-bit codes a row holds).
+/// Before any memory is read, unless `4 <= bits <= 8`, `row_bytes >= 1`, `blocks` is a whole
+/// number of blocks of `32 · row_bytes` bytes, the codebook has at least `2^bits` values, there
+/// are as many accumulators as weight vectors, every weight vector covers exactly the blocks'
+/// rows ([`IntWeights::padded_len`]) and every accumulator has the same length `dim <= 8 ·
+/// row_bytes / bits` (the codes a row holds).
 pub fn accumulate_blocks_i16(
     blocks: &[u8],
     row_bytes: usize,
+    bits: u32,
     codebook: &IntCodebook,
     weights: &[&IntWeights],
     accs: &mut [&mut [f32]],
 ) {
-    check_int_sums(blocks.len(), row_bytes, codebook, weights, accs);
+    check_int_sums(blocks.len(), row_bytes, bits, codebook, weights, accs);
     #[cfg(target_arch = "x86_64")]
     {
         let codes = IntSumCodes {
@@ -786,34 +789,119 @@ pub fn accumulate_blocks_i16(
             row_bytes,
             planes: codebook.planes(),
         };
-        if has_avx512_vnni() && std::arch::is_x86_feature_detected!("avx512bw") {
-            // SAFETY: AVX2 and AVX-512 F, BW and VNNI are present (checked at run time);
-            // `check_int_sums` proved the lengths the kernel reads through and, with the
-            // weights' budget, that no sum overflows.
-            unsafe {
-                in_groups!(
-                    super::avx512::accumulate_i16_vnni,
-                    codes,
-                    weights,
-                    accs,
-                    INT_QUERIES
-                )
-            };
-            return;
-        }
-        if has_avx2() {
-            // SAFETY: AVX2 is present (checked at run time); the lengths as above.
-            unsafe { in_groups!(x86::accumulate_i16_avx2, codes, weights, accs, INT_QUERIES) };
+        // SAFETY (each body): the CPU features each needs are checked at run time before it
+        // is called; `check_int_sums` proved the lengths it reads through (and that every
+        // code indexes the grid) and, with the weights' budget, that no sum overflows.
+        let done = unsafe {
+            match bits {
+                4 => int_sums_4(codes, weights, accs),
+                5 => int_sums_wide::<5>(codes, codebook, weights, accs),
+                6 => int_sums_wide::<6>(codes, codebook, weights, accs),
+                7 => int_sums_wide::<7>(codes, codebook, weights, accs),
+                _ => int_sums_wide::<8>(codes, codebook, weights, accs),
+            }
+        };
+        if done {
             return;
         }
     }
     for (w, acc) in weights.iter().zip(accs.iter_mut()) {
-        int_sums_scalar(blocks, row_bytes, codebook.values(), w, acc);
+        int_sums_scalar(blocks, row_bytes, bits, codebook.values(), w, acc);
     }
 }
 
+/// [`accumulate_blocks_i16`] at 4 bits on x86: `false` when the CPU has no body for it.
+///
+/// # Safety
+/// The arguments passed `check_int_sums` for 4 bits.
+#[cfg(target_arch = "x86_64")]
+unsafe fn int_sums_4(
+    codes: IntSumCodes<'_>,
+    weights: &[&IntWeights],
+    accs: &mut [&mut [f32]],
+) -> bool {
+    if has_avx512_vnni() && std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: AVX2 and AVX-512 F, BW and VNNI are present; the caller's contract.
+        unsafe {
+            in_groups!(
+                super::avx512::accumulate_i16_vnni,
+                codes,
+                weights,
+                accs,
+                INT_QUERIES
+            )
+        };
+        return true;
+    }
+    if has_avx2() {
+        // SAFETY: AVX2 is present; the caller's contract.
+        unsafe { in_groups!(x86::accumulate_i16_avx2, codes, weights, accs, INT_QUERIES) };
+        return true;
+    }
+    false
+}
+
+/// Runs a wide integer-sum body for `B`-bit codes over the weight vectors in groups of up to
+/// [`INT_QUERIES`], with the body's extra arguments.
+#[cfg(target_arch = "x86_64")]
+macro_rules! wide_groups {
+    ($($kernel:ident)::+, $b:ident, $codes:expr, ($($extra:expr),*), $weights:expr, $accs:expr) => {{
+        for (w, a) in $weights.chunks(INT_QUERIES).zip($accs.chunks_mut(INT_QUERIES)) {
+            match w.len() {
+                1 => $($kernel)::+::<$b, 1>($codes, $($extra,)* [w[0]], first_n(a)),
+                2 => $($kernel)::+::<$b, 2>($codes, $($extra,)* [w[0], w[1]], first_n(a)),
+                _ => $($kernel)::+::<$b, 3>($codes, $($extra,)* [w[0], w[1], w[2]], first_n(a)),
+            }
+        }
+    }};
+}
+
+/// [`accumulate_blocks_i16`] at `B` bits (5-8) on x86: `false` when the CPU has no body for it.
+///
+/// # Safety
+/// The arguments passed `check_int_sums` for `B` bits.
+#[cfg(target_arch = "x86_64")]
+unsafe fn int_sums_wide<const B: usize>(
+    codes: IntSumCodes<'_>,
+    codebook: &IntCodebook,
+    weights: &[&IntWeights],
+    accs: &mut [&mut [f32]],
+) -> bool {
+    if has_avx512_vbmi() && has_avx512_vnni() {
+        // SAFETY: AVX2 and AVX-512 F, BW, VBMI and VNNI are present; the caller's contract.
+        unsafe {
+            let planes = super::avx512::IntPlanes::new(codebook);
+            wide_groups!(
+                super::avx512::accumulate_i16_wide_vnni,
+                B,
+                codes,
+                (&planes),
+                weights,
+                accs
+            );
+        }
+        return true;
+    }
+    if has_avx2() {
+        // SAFETY: AVX2 is present; the caller's contract (the widened grid has 2^B entries).
+        unsafe {
+            let halves = x86::plane_halves(codebook.planes());
+            wide_groups!(
+                x86::accumulate_i16_wide_avx2,
+                B,
+                codes,
+                (codebook.wide(), halves),
+                weights,
+                accs
+            );
+        }
+        return true;
+    }
+    false
+}
+
 /// The codes an `accumulate_i16` body reads: whole blocks of `row_bytes`-byte rows and the
-/// grid's two byte planes (the first 16 bytes of each are the 4-bit grid's).
+/// grid's two byte planes.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 pub(super) struct IntSumCodes<'a> {
@@ -830,17 +918,26 @@ pub(super) struct IntSumCodes<'a> {
 pub fn accumulate_blocks_i16_scalar(
     blocks: &[u8],
     row_bytes: usize,
+    bits: u32,
     codebook: &IntCodebook,
     weights: &IntWeights,
     acc: &mut [f32],
 ) {
-    check_int_sums(blocks.len(), row_bytes, codebook, &[weights], &[&mut *acc]);
-    int_sums_scalar(blocks, row_bytes, codebook.values(), weights, acc);
+    check_int_sums(
+        blocks.len(),
+        row_bytes,
+        bits,
+        codebook,
+        &[weights],
+        &[&mut *acc],
+    );
+    int_sums_scalar(blocks, row_bytes, bits, codebook.values(), weights, acc);
 }
 
 fn int_sums_scalar(
     blocks: &[u8],
     row_bytes: usize,
+    bits: u32,
     values: &[i16],
     weights: &IntWeights,
     acc: &mut [f32],
@@ -848,14 +945,18 @@ fn int_sums_scalar(
     let blocks_per_chunk = INT_CHUNK / BLOCK;
     let blocks: Vec<&[u8]> = blocks.chunks_exact(block_bytes(row_bytes)).collect();
     let (mut local, mut sums) = (vec![0.0f32; acc.len()], vec![0i32; acc.len()]);
+    let mut row = vec![0u8; row_bytes];
+    let mut codes = vec![0u8; 8 * row_bytes / bits as usize];
     for (c, &(offset, step)) in weights.chunks.iter().enumerate() {
         let range = c * blocks_per_chunk..((c + 1) * blocks_per_chunk).min(blocks.len());
         sums.fill(0);
         for b in range {
             for slot in 0..BLOCK {
                 let w = i32::from(weights.weights[b * BLOCK + slot]);
-                for (j, s) in sums.iter_mut().enumerate() {
-                    *s += w * i32::from(values[nibble(blocks[b], j, slot) as usize]);
+                read_row(blocks[b], slot, &mut row);
+                crate::bitpack::unpack_unchecked(&row, bits, &mut codes);
+                for (s, &code) in sums.iter_mut().zip(&codes) {
+                    *s += w * i32::from(values[code as usize]);
                 }
             }
         }
@@ -872,10 +973,15 @@ fn int_sums_scalar(
 fn check_int_sums(
     blocks_len: usize,
     row_bytes: usize,
+    bits: u32,
     codebook: &IntCodebook,
     weights: &[&IntWeights],
     accs: &[&mut [f32]],
 ) {
+    assert!(
+        (4..=8).contains(&bits),
+        "integer sums take 4- to 8-bit codes, not {bits}"
+    );
     assert!(row_bytes > 0, "rows of 0 bytes hold no codes");
     let bb = block_bytes(row_bytes);
     assert!(
@@ -884,8 +990,8 @@ fn check_int_sums(
     );
     let rows = blocks_len / bb * BLOCK;
     assert!(
-        codebook.values().len() >= 16,
-        "a grid of {} values for 4-bit codes",
+        codebook.values().len() >= 1 << bits,
+        "a grid of {} values for {bits}-bit codes",
         codebook.values().len()
     );
     assert_eq!(
@@ -895,8 +1001,8 @@ fn check_int_sums(
     );
     let dim = accs.first().map_or(0, |a| a.len());
     assert!(
-        dim <= 2 * row_bytes,
-        "{dim} coordinates in rows of {row_bytes} bytes"
+        dim <= 8 * row_bytes / bits as usize,
+        "{dim} coordinates of {bits} bits in rows of {row_bytes} bytes"
     );
     for (w, a) in weights.iter().zip(accs) {
         assert!(

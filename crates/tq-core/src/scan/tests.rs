@@ -1375,10 +1375,11 @@ fn shipped_8_bit_grids_fold() {
     }
 }
 
-/// The integer weighted sums of 4-bit codes: the dispatching kernel, its scalar twin, every x86
-/// body the CPU runs (one and three weight vectors per pass) and an independent read-back of
-/// the rows give the same bits, over odd dimensions (a lone last nibble position), partial last
-/// blocks and chunks, zero blocks, and sums at the edge of `i32`.
+/// The integer weighted sums of 4- to 8-bit codes: the dispatching kernel, its scalar twin,
+/// every x86 body the CPU runs (one and three weight vectors per pass) and an independent
+/// read-back of the rows give the same bits, over odd dimensions (a lone last nibble position or
+/// coordinate of a pair), partial last blocks and chunks, zero blocks, and sums at the edge of
+/// `i32`.
 #[test]
 fn int_sums_equal_the_scalar_twin_and_the_rows() {
     let mut r = SeededRng::new(61, stream::DATA);
@@ -1390,74 +1391,80 @@ fn int_sums_equal_the_scalar_twin_and_the_rows() {
             &[1, 31, 32, 129, 300],
         )
     };
-    let mut values: Vec<i16> = (0..16)
-        .map(|_| ((r.next_u64() % 16383) as i32 - 8192) as i16)
-        .collect();
-    // Code 0 is the grid's most negative value: all-zero blocks sum at the budget's edge.
-    values[0] = -8192;
-    let book = IntCodebook::from_values(values, 0.001);
-    for &d in dims {
-        let row_bytes = crate::bitpack::packed_len(d, 4);
-        let bb = block_bytes(row_bytes);
-        for &rows in row_counts {
-            let nb = rows.div_ceil(BLOCK);
-            for case in 0..3 {
-                let blocks = match case {
-                    2 => vec![0u8; nb * bb],
-                    _ => random_bytes(nb * bb, 5 + d as u64 + rows as u64),
-                };
-                // Case 0: random signed weights with zero runs; 1: one dominant weight per
-                // chunk; 2: flat positive weights, each chunk's sum at the budget.
-                let w: Vec<f32> = (0..rows)
-                    .map(|i| match case {
-                        0 if (i / 40) % 3 == 1 => 0.0,
-                        0 => r.gaussian() as f32,
-                        1 if i % INT_CHUNK == 7 => 3.0e4,
-                        1 => r.uniform() as f32 * 1e-3,
-                        _ => 1.0,
-                    })
-                    .collect();
-                let scales: Vec<f32> = (0..rows).map(|_| 0.5 + r.uniform() as f32).collect();
-                let iw = book
-                    .quantize_weights(&w, Some(&scales))
-                    .expect("finite weights");
-                let what = format!("d={d} rows={rows} case {case}");
-                let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                let start: Vec<f32> = (0..d).map(|j| j as f32 * 0.25).collect();
-                let (mut a, mut b) = (start.clone(), start.clone());
-                accumulate_blocks_i16(&blocks, row_bytes, &book, &[&iw], &mut [&mut a]);
-                accumulate_blocks_i16_scalar(&blocks, row_bytes, &book, &iw, &mut b);
-                assert_eq!(bits_of(&a), bits_of(&b), "{what}");
-                // Independent read-back: each chunk's exact sum in i64, checked to fit i32.
-                let mut local = vec![0.0f32; d];
-                for (c, &(offset, step)) in iw.chunks.iter().enumerate() {
-                    for (j, l) in local.iter_mut().enumerate() {
-                        let sum: i64 = (c * INT_CHUNK..((c + 1) * INT_CHUNK).min(nb * BLOCK))
-                            .map(|i| {
-                                let block = &blocks[i / BLOCK * bb..(i / BLOCK + 1) * bb];
-                                let k = code_at(block, 4, j, i % BLOCK);
-                                i64::from(iw.weights[i]) * i64::from(book.values()[k])
-                            })
-                            .sum();
-                        let sum = i32::try_from(sum).expect("a chunk's sum fits i32");
-                        *l += offset + step * sum as f32;
+    for bits in 4..=8u32 {
+        let mut values: Vec<i16> = (0..1 << bits)
+            .map(|_| ((r.next_u64() % 16383) as i32 - 8192) as i16)
+            .collect();
+        // Code 0 is the grid's most negative value: all-zero blocks sum at the budget's edge.
+        values[0] = -8192;
+        let book = IntCodebook::from_values(values, 0.001);
+        for &d in dims {
+            let row_bytes = crate::bitpack::packed_len(d, bits);
+            let bb = block_bytes(row_bytes);
+            for &rows in row_counts {
+                let nb = rows.div_ceil(BLOCK);
+                for case in 0..3 {
+                    let blocks = match case {
+                        2 => vec![0u8; nb * bb],
+                        _ => random_bytes(nb * bb, 5 + d as u64 + rows as u64),
+                    };
+                    // Case 0: random signed weights with zero runs; 1: one dominant weight per
+                    // chunk; 2: flat positive weights, each chunk's sum at the budget.
+                    let w: Vec<f32> = (0..rows)
+                        .map(|i| match case {
+                            0 if (i / 40) % 3 == 1 => 0.0,
+                            0 => r.gaussian() as f32,
+                            1 if i % INT_CHUNK == 7 => 3.0e4,
+                            1 => r.uniform() as f32 * 1e-3,
+                            _ => 1.0,
+                        })
+                        .collect();
+                    let scales: Vec<f32> = (0..rows).map(|_| 0.5 + r.uniform() as f32).collect();
+                    let iw = book
+                        .quantize_weights(&w, Some(&scales))
+                        .expect("finite weights");
+                    let what = format!("bits={bits} d={d} rows={rows} case {case}");
+                    let start: Vec<f32> = (0..d).map(|j| j as f32 * 0.25).collect();
+                    let (mut a, mut b) = (start.clone(), start.clone());
+                    accumulate_blocks_i16(&blocks, row_bytes, bits, &book, &[&iw], &mut [&mut a]);
+                    accumulate_blocks_i16_scalar(&blocks, row_bytes, bits, &book, &iw, &mut b);
+                    assert_eq!(bits_of(&a), bits_of(&b), "{what}");
+                    // Independent read-back: each chunk's exact sum in i64, checked to fit i32.
+                    let mut local = vec![0.0f32; d];
+                    for (c, &(offset, step)) in iw.chunks.iter().enumerate() {
+                        for (j, l) in local.iter_mut().enumerate() {
+                            let sum: i64 = (c * INT_CHUNK..((c + 1) * INT_CHUNK).min(nb * BLOCK))
+                                .map(|i| {
+                                    let block = &blocks[i / BLOCK * bb..(i / BLOCK + 1) * bb];
+                                    let k = code_at(block, bits, j, i % BLOCK);
+                                    i64::from(iw.weights[i]) * i64::from(book.values()[k])
+                                })
+                                .sum();
+                            let sum = i32::try_from(sum).expect("a chunk's sum fits i32");
+                            *l += offset + step * sum as f32;
+                        }
                     }
+                    let want: Vec<f32> = start.iter().zip(&local).map(|(s, l)| s + l).collect();
+                    assert_eq!(bits_of(&a), bits_of(&want), "{what}");
+                    #[cfg(target_arch = "x86_64")]
+                    int_sum_bodies_agree(&blocks, row_bytes, bits, &book, &iw, &b, &what);
                 }
-                let want: Vec<f32> = start.iter().zip(&local).map(|(s, l)| s + l).collect();
-                assert_eq!(bits_of(&a), bits_of(&want), "{what}");
-                #[cfg(target_arch = "x86_64")]
-                int_sum_bodies_agree(&blocks, row_bytes, &book, &iw, &b, &what);
             }
         }
     }
 }
 
+fn bits_of(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 /// Each x86 body of the integer sums the CPU can run gives the scalar twin's bits for one weight
-/// vector and for three per pass (the second and third with other weights).
+/// vector and for three per pass (the second with other weights).
 #[cfg(target_arch = "x86_64")]
 fn int_sum_bodies_agree(
     blocks: &[u8],
     row_bytes: usize,
+    bits: u32,
     book: &IntCodebook,
     iw: &IntWeights,
     want: &[f32],
@@ -1473,15 +1480,16 @@ fn int_sum_bodies_agree(
     let other: Vec<f32> = (0..rows).map(|i| ((i * 7919) % 97) as f32 - 48.0).collect();
     let iw2 = book.quantize_weights(&other, None).expect("finite");
     let mut want2 = start.clone();
-    accumulate_blocks_i16_scalar(blocks, row_bytes, book, &iw2, &mut want2);
+    accumulate_blocks_i16_scalar(blocks, row_bytes, bits, book, &iw2, &mut want2);
     let codes = super::kernels::IntSumCodes {
         blocks,
         row_bytes,
         planes: book.planes(),
     };
     let vnni = has!("avx512f") && has!("avx512bw") && has!("avx512vnni");
+    let vbmi = vnni && has!("avx512vbmi");
     for body in 0..2 {
-        if body == 1 && !vnni {
+        if body == 1 && !(if bits == 4 { vnni } else { vbmi }) {
             continue;
         }
         let mut one = [start.clone()];
@@ -1489,19 +1497,32 @@ fn int_sum_bodies_agree(
         {
             let mut a1: [&mut [f32]; 1] = one.each_mut().map(|v| v.as_mut_slice());
             let mut a3: [&mut [f32]; 3] = three.each_mut().map(|v| v.as_mut_slice());
+            let ws = [iw, &iw2, iw];
             // SAFETY: the CPU features were checked above; the arguments passed the public
             // kernel's checks in the caller.
             unsafe {
-                if body == 0 {
-                    super::x86::accumulate_i16_avx2::<1>(codes, [iw], &mut a1);
-                    super::x86::accumulate_i16_avx2::<3>(codes, [iw, &iw2, iw], &mut a3);
-                } else {
-                    super::avx512::accumulate_i16_vnni::<1>(codes, [iw], &mut a1);
-                    super::avx512::accumulate_i16_vnni::<3>(codes, [iw, &iw2, iw], &mut a3);
+                match (bits, body) {
+                    (4, 0) => {
+                        super::x86::accumulate_i16_avx2::<1>(codes, [iw], &mut a1);
+                        super::x86::accumulate_i16_avx2::<3>(codes, ws, &mut a3);
+                    }
+                    (4, _) => {
+                        super::avx512::accumulate_i16_vnni::<1>(codes, [iw], &mut a1);
+                        super::avx512::accumulate_i16_vnni::<3>(codes, ws, &mut a3);
+                    }
+                    (_, 0) => {
+                        let halves = super::x86::plane_halves(book.planes());
+                        wide_avx2(bits, codes, book.wide(), halves, [iw], &mut a1);
+                        wide_avx2(bits, codes, book.wide(), halves, ws, &mut a3);
+                    }
+                    _ => {
+                        let planes = super::avx512::IntPlanes::new(book);
+                        wide_vnni(bits, codes, &planes, [iw], &mut a1);
+                        wide_vnni(bits, codes, &planes, ws, &mut a3);
+                    }
                 }
             }
         }
-        let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits_of(&one[0]), bits_of(want), "{what} body {body}");
         assert_eq!(
             bits_of(&three[0]),
@@ -1518,6 +1539,55 @@ fn int_sum_bodies_agree(
             bits_of(want),
             "{what} body {body} third of 3"
         );
+    }
+}
+
+/// The AVX2 wide body at `bits` (5-8).
+///
+/// # Safety
+/// AVX2; the arguments as the body's.
+#[cfg(target_arch = "x86_64")]
+unsafe fn wide_avx2<const Q: usize>(
+    bits: u32,
+    codes: super::kernels::IntSumCodes<'_>,
+    wide: &[i32],
+    halves: [[std::arch::x86_64::__m256i; 2]; 2],
+    ws: [&IntWeights; Q],
+    accs: &mut [&mut [f32]; Q],
+) {
+    use super::x86::accumulate_i16_wide_avx2 as f;
+    // SAFETY: the caller's contract.
+    unsafe {
+        match bits {
+            5 => f::<5, Q>(codes, wide, halves, ws, accs),
+            6 => f::<6, Q>(codes, wide, halves, ws, accs),
+            7 => f::<7, Q>(codes, wide, halves, ws, accs),
+            _ => f::<8, Q>(codes, wide, halves, ws, accs),
+        }
+    }
+}
+
+/// The AVX-512 wide body at `bits` (5-8).
+///
+/// # Safety
+/// AVX2 and AVX-512 F, BW, VBMI and VNNI; the arguments as the body's.
+#[cfg(target_arch = "x86_64")]
+unsafe fn wide_vnni<const Q: usize>(
+    bits: u32,
+    codes: super::kernels::IntSumCodes<'_>,
+    planes: &super::avx512::IntPlanes,
+    ws: [&IntWeights; Q],
+    accs: &mut [&mut [f32]; Q],
+) {
+    use super::avx512::accumulate_i16_wide_vnni as f;
+    // SAFETY: the caller's contract.
+    unsafe {
+        match bits {
+            5 => f::<5, Q>(codes, planes, ws, accs),
+            6 => f::<6, Q>(codes, planes, ws, accs),
+            7 => f::<7, Q>(codes, planes, ws, accs),
+            _ => f::<8, Q>(codes, planes, ws, accs),
+        }
     }
 }
 

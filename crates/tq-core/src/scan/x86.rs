@@ -1531,3 +1531,205 @@ int_sums_kernel!(
     fsplat: _mm256_set1_ps, cvt: _mm256_cvtepi32_ps, fadd: _mm256_add_ps,
     fmul: _mm256_mul_ps, fload: _mm256_loadu_ps, fstore: _mm256_storeu_ps
 );
+
+/// Stamps out the body of `accumulate_blocks_i16` for 5-8-bit codes on one register width. A
+/// "unit" is what one register holds: one coordinate (AVX2) or two (AVX-512, `$per == 2`), each
+/// coordinate's 32 rows in two 128-bit lanes (rows 0-15, 16-31). `$decode(block, unit)` returns
+/// the unit's grid values as two `i16` registers, rows 0-7 | 16-23 and 8-15 | 24-31 of each
+/// coordinate (so 32-bit lane `k` holds two adjacent rows), and `$weights(p)` the matching two
+/// registers of the 32 weights at `p` (chunks `[0, 2]` and `[1, 3]` of 8, repeated). Units go
+/// four at a time with their accumulators in registers; at a chunk's end `$reduce` turns the
+/// four units' lanes into one register of their `4 · $per` coordinate sums (element `4k + u` is
+/// coordinate `k` of unit `u`), converted, scaled and added to the `f32` locals.
+macro_rules! int_sums_wide_kernel {
+    (
+        $(#[$attr:meta])* $name:ident, $reg:ty, $freg:ty, $per:literal, $zero:expr,
+        decode: $decode:expr, weights: $weights:expr, dot: $dot:ident, reduce: $reduce:ident,
+        fsplat: $fsplat:ident, cvt: $cvt:ident, fadd: $fadd:ident, fmul: $fmul:ident,
+        fload: $fload:ident, fstore: $fstore:ident, extra: ($($ex:ident: $ext:ty),*)
+    ) => {
+        /// The `accumulate_blocks_i16` body for `B`-bit codes (`5 <= B <= 8`) and `Q` weight
+        /// vectors (see the macro's docs).
+        ///
+        /// # Safety
+        /// The CPU has the features this copy is compiled with; `5 <= B <= 8`; the arguments
+        /// passed `check_int_sums` for `B` bits (whole blocks, weights covering them, `dim <= 8
+        /// · row_bytes / B`, a grid of at least `2^B` values) and each weight vector is an
+        /// `IntWeights` (its chunks' sums fit `i32`).
+        $(#[$attr])*
+        pub(super) unsafe fn $name<const B: usize, const Q: usize>(
+            codes: super::kernels::IntSumCodes<'_>,
+            $($ex: $ext,)*
+            weights: [&super::IntWeights; Q],
+            accs: &mut [&mut [f32]; Q],
+        ) {
+            const W: usize = 4 * $per;
+            let (blocks, row_bytes) = (codes.blocks, codes.row_bytes);
+            let dim = accs[0].len();
+            let bb = BLOCK * row_bytes;
+            let nblocks = blocks.len() / bb;
+            let units = dim.div_ceil($per);
+            let groups = units.div_ceil(4);
+            let per_chunk = super::INT_CHUNK / BLOCK;
+            let mut local = vec![[0.0f32; W]; Q * groups];
+            for c in 0..nblocks.div_ceil(per_chunk) {
+                let range = c * per_chunk..((c + 1) * per_chunk).min(nblocks);
+                let live = |b: usize| weights.iter().any(|w| w.active[b]);
+                if !range.clone().any(live) {
+                    continue;
+                }
+                let mut wide = [[[$zero; 2]; 4]; Q];
+                for (i, b) in range.clone().enumerate() {
+                    for (wq, w) in wide.iter_mut().zip(&weights) {
+                        // SAFETY: each weight vector covers the blocks: rows 32b..32b + 32.
+                        wq[i] = unsafe { $weights(w.weights.as_ptr().add(b * BLOCK)) };
+                    }
+                }
+                for g4 in 0..groups {
+                    // acc[u][q]: unit 4 · g4 + u, weight vector q.
+                    let mut acc = [[$zero; Q]; 4];
+                    let n = (units - 4 * g4).min(4);
+                    for (i, b) in range.clone().enumerate().filter(|&(_, b)| live(b)) {
+                        let block = &blocks[b * bb..(b + 1) * bb];
+                        let one = |acc: &mut [$reg; Q], unit: usize| {
+                            // SAFETY: the unit's coordinates below `dim` lie in the rows.
+                            let r: [$reg; 2] = unsafe { $decode(block, unit, dim) };
+                            for (a, w) in acc.iter_mut().zip(&wide) {
+                                *a = $dot($dot(*a, r[0], w[i][0]), r[1], w[i][1]);
+                            }
+                        };
+                        if n == 4 {
+                            let [a0, a1, a2, a3] = &mut acc;
+                            one(a0, 4 * g4);
+                            one(a1, 4 * g4 + 1);
+                            one(a2, 4 * g4 + 2);
+                            one(a3, 4 * g4 + 3);
+                        } else {
+                            for (u, a) in acc.iter_mut().enumerate().take(n) {
+                                one(a, 4 * g4 + u);
+                            }
+                        }
+                    }
+                    for q in 0..Q {
+                        let s = $reduce([acc[0][q], acc[1][q], acc[2][q], acc[3][q]]);
+                        let (offset, step) = weights[q].chunks[c];
+                        let f = $fadd($fsplat(offset), $fmul($fsplat(step), $cvt(s)));
+                        let l = &mut local[q * groups + g4];
+                        // SAFETY: `l` holds W floats, one register.
+                        unsafe { $fstore(l.as_mut_ptr(), $fadd($fload(l.as_ptr()), f)) };
+                    }
+                }
+            }
+            for (q, acc) in accs.iter_mut().enumerate() {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    #[allow(clippy::modulo_one)]
+                    let (unit, k) = (j / $per, j % $per);
+                    *a += local[q * groups + unit / 4][4 * k + unit % 4];
+                }
+            }
+        }
+    };
+}
+pub(super) use int_sums_wide_kernel;
+
+/// The four units' sums of [`int_sums_wide_kernel`] on AVX2 (one coordinate per unit, in both
+/// 128-bit lanes): each lane's four 32-bit partial sums added by two rounds of interleaves, then
+/// the two lanes added.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn reduce_units(a: [__m256i; 4]) -> __m128i {
+    let t01 = _mm256_add_epi32(
+        _mm256_unpacklo_epi32(a[0], a[1]),
+        _mm256_unpackhi_epi32(a[0], a[1]),
+    );
+    let t23 = _mm256_add_epi32(
+        _mm256_unpacklo_epi32(a[2], a[3]),
+        _mm256_unpackhi_epi32(a[2], a[3]),
+    );
+    let s = _mm256_add_epi32(
+        _mm256_unpacklo_epi64(t01, t23),
+        _mm256_unpackhi_epi64(t01, t23),
+    );
+    _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1))
+}
+
+/// The weights of one block for [`int_sums_wide_kernel`] on AVX2: rows 0-7 | 16-23 and
+/// 8-15 | 24-31.
+///
+/// # Safety
+/// 32 readable `i16` at `p`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn wide_weights(p: *const i16) -> [__m256i; 2] {
+    // SAFETY: the caller's 64 bytes.
+    unsafe {
+        [
+            _mm256_loadu2_m128i(p.add(16) as *const __m128i, p as *const __m128i),
+            _mm256_loadu2_m128i(p.add(24) as *const __m128i, p.add(8) as *const __m128i),
+        ]
+    }
+}
+
+/// One coordinate's 32 grid values as [`int_sums_wide_kernel`] takes them on AVX2: its codes
+/// cut out of the nibble layout ([`wide_codes`]), then at 5 bits the grid's two byte planes
+/// looked up by `pshufb` over their halves with a blend on bit 4 and interleaved into words,
+/// at 6-8 bits gathered as `i32` ([`gather_ints`]) and packed to words (the grid fits `i16`).
+///
+/// # Safety
+/// AVX2; `B` as the codes; coordinate `j < dim` has its nibble positions in `block`; `wide` has
+/// `2^B` entries and `halves` holds the grid's bytes 0-15 and 16-31 of each plane (5 bits).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn decode_wide_avx2<const B: usize>(
+    block: &[u8],
+    j: usize,
+    wide: &[i32],
+    halves: &[[__m256i; 2]; 2],
+) -> [__m256i; 2] {
+    // SAFETY: the caller's contract.
+    let codes = unsafe { wide_codes::<B>(block, j) };
+    if B == 5 {
+        // Bit 4 of each code into bit 7 of its byte (the 16-bit shift's carries land in bits
+        // 0-2 of the byte above, which `vpblendvb` does not read).
+        let upper = _mm256_slli_epi16::<3>(codes);
+        let plane = |t: &[__m256i; 2]| {
+            _mm256_blendv_epi8(
+                _mm256_shuffle_epi8(t[0], codes),
+                _mm256_shuffle_epi8(t[1], codes),
+                upper,
+            )
+        };
+        let (lo, hi) = (plane(&halves[0]), plane(&halves[1]));
+        [_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)]
+    } else {
+        // SAFETY: every code indexes `wide` (the caller's contract).
+        let g = unsafe { gather_ints(codes, wide) };
+        [
+            _mm256_packs_epi32(g[0], g[1]),
+            _mm256_packs_epi32(g[2], g[3]),
+        ]
+    }
+}
+
+/// The grid's two 32-entry byte planes as 16-byte halves in both 128-bit lanes (the 5-bit
+/// look-up of [`decode_wide_avx2`]).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn plane_halves(planes: &[[u8; 256]; 2]) -> [[__m256i; 2]; 2] {
+    std::array::from_fn(|p| {
+        std::array::from_fn(|h| {
+            // SAFETY: bytes 16h..16h + 16 of a 256-byte plane.
+            let half = unsafe { _mm_loadu_si128(planes[p][16 * h..].as_ptr() as *const __m128i) };
+            _mm256_broadcastsi128_si256(half)
+        })
+    })
+}
+
+int_sums_wide_kernel!(
+    #[target_feature(enable = "avx2")]
+    accumulate_i16_wide_avx2, __m256i, __m128, 1, _mm256_setzero_si256(),
+    decode: |block: &[u8], unit: usize, _dim: usize| decode_wide_avx2::<B>(block, unit, wide, &halves),
+    weights: wide_weights, dot: madd_add, reduce: reduce_units,
+    fsplat: _mm_set1_ps, cvt: _mm_cvtepi32_ps, fadd: _mm_add_ps, fmul: _mm_mul_ps,
+    fload: _mm_loadu_ps, fstore: _mm_storeu_ps, extra: (wide: &[i32], halves: [[__m256i; 2]; 2])
+);
