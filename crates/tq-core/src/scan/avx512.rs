@@ -565,31 +565,6 @@ fn look_up_ints<const B: usize>(codes: __m512i, planes: &IntPlanes) -> (__m512i,
     }
 }
 
-/// `p`'s first 16 bytes in all four 128-bit lanes.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn broadcast_16(p: *const __m128i) -> __m512i {
-    // SAFETY: the caller's 16 readable bytes.
-    unsafe { _mm512_broadcast_i32x4(_mm_loadu_si128(p)) }
-}
-
-/// Four nibble positions of a block (64 bytes at `p`).
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn load_4(p: *const u8) -> __m512i {
-    // SAFETY: the caller's 64 readable bytes.
-    unsafe { _mm512_loadu_si512(p as *const _) }
-}
-
-/// The `left < 4` nibble positions left at the end of a row: `16 · left` bytes at `p`, zeros
-/// above (a masked load reads nothing past them).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn load_positions(p: *const u8, left: usize) -> __m512i {
-    // SAFETY: the caller's 16 readable bytes per position below `left`.
-    unsafe { _mm512_maskz_loadu_epi8((1u64 << (16 * left)) - 1, p as *const i8) }
-}
-
 /// `acc + Σ pairs of a · b` in `i32` lanes: one `vpdpwssd`. Written out, because under LLVM's
 /// generic x86-64 tuning a chain of the intrinsic on one accumulator (four per load here) comes
 /// out as `vpmaddwd` and `vpaddd` pairs, twice the operations in the integer sums' inner loop
@@ -612,27 +587,74 @@ fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
     acc
 }
 
-super::x86::int_sums_kernel!(
-    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
-    accumulate_i16_vnni, __m512i, 4,
-    zero: _mm512_setzero_si512(), splat: _mm512_set1_epi8,
-    load: load_4, load_part: load_positions,
-    and: _mm512_and_si512, srli: _mm512_srli_epi16, shuffle: _mm512_shuffle_epi8,
-    unpacklo8: _mm512_unpacklo_epi8, unpackhi8: _mm512_unpackhi_epi8,
-    unpacklo32: _mm512_unpacklo_epi32, unpackhi32: _mm512_unpackhi_epi32,
-    unpacklo64: _mm512_unpacklo_epi64, unpackhi64: _mm512_unpackhi_epi64,
-    add: _mm512_add_epi32, dot: dpwssd, broadcast: broadcast_16,
-    fsplat: _mm512_set1_ps, cvt: _mm512_cvtepi32_ps, fadd: _mm512_add_ps,
-    fmul: _mm512_mul_ps, fload: _mm512_loadu_ps, fstore: _mm512_storeu_ps
-);
+/// One unit of 4-bit codes for the integer sums on AVX-512: nibble positions `4u..4u + 4` (one
+/// coordinate per 128-bit lane; past the row's positions, zeros by a masked load), split into
+/// rows 0-15 and 16-31, looked up in the grid's two byte planes (`planes`, in every lane) by
+/// `vpshufb` and interleaved into words of rows 0-7, 8-15, 16-23 and 24-31.
+///
+/// # Safety
+/// AVX-512 F and BW; `block` is one block (16 bytes per nibble position) and position `4u` lies
+/// in it.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn decode_nibbles_512(block: &[u8], u: usize, planes: &[__m512i; 2]) -> [__m512i; 4] {
+    let (p, positions) = (4 * u, block.len() / 16);
+    // SAFETY: the positions read are inside the block; the masked load reads only those below
+    // `positions`.
+    let x = unsafe {
+        let at = block.as_ptr().add(16 * p);
+        if p + 4 <= positions {
+            _mm512_loadu_si512(at as *const _)
+        } else {
+            _mm512_maskz_loadu_epi8((1u64 << (16 * (positions - p))) - 1, at as *const i8)
+        }
+    };
+    let nib = _mm512_set1_epi8(0x0F);
+    let lo = _mm512_and_si512(x, nib);
+    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(x), nib);
+    let (l0, h0) = (
+        _mm512_shuffle_epi8(planes[0], lo),
+        _mm512_shuffle_epi8(planes[1], lo),
+    );
+    let (l1, h1) = (
+        _mm512_shuffle_epi8(planes[0], hi),
+        _mm512_shuffle_epi8(planes[1], hi),
+    );
+    [
+        _mm512_unpacklo_epi8(l0, h0),
+        _mm512_unpackhi_epi8(l0, h0),
+        _mm512_unpacklo_epi8(l1, h1),
+        _mm512_unpackhi_epi8(l1, h1),
+    ]
+}
 
-/// The four units' sums of the wide integer sums on AVX-512 (two coordinates per unit: 128-bit
-/// lanes 0-1 the first, 2-3 the second): each lane's four 32-bit partial sums added by two rounds
-/// of interleaves, then lanes 0 + 1 and 2 + 3, so the result holds the units' first coordinates
-/// in its low half and their second coordinates in its high half.
+/// The 4-bit grid's two byte planes (the first 16 bytes of each) in all four 128-bit lanes.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn reduce_pairs(a: [__m512i; 4]) -> __m256i {
+pub(super) fn nibble_planes_512(planes: &[[u8; 256]; 2]) -> [__m512i; 2] {
+    // SAFETY: 16 bytes of each 256-byte plane.
+    planes.map(|p| unsafe { _mm512_broadcast_i32x4(_mm_loadu_si128(p.as_ptr() as *const __m128i)) })
+}
+
+/// The weights of one block for 4-bit units on AVX-512: rows 0-7, 8-15, 16-23 and 24-31, each in
+/// all four 128-bit lanes.
+///
+/// # Safety
+/// 32 readable `i16` at `p`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn nibble_weights_512(p: *const i16) -> [__m512i; 4] {
+    // SAFETY: the caller's 64 bytes.
+    std::array::from_fn(|r| unsafe {
+        _mm512_broadcast_i32x4(_mm_loadu_si128(p.add(8 * r) as *const __m128i))
+    })
+}
+
+/// Four units' sums inside each 128-bit lane on AVX-512: each lane's four 32-bit partial sums
+/// added by two rounds of interleaves (element `4c + u` is lane `c` of unit `u`).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn reduce_lanes_512(a: [__m512i; 4]) -> __m512i {
     let t01 = _mm512_add_epi32(
         _mm512_unpacklo_epi32(a[0], a[1]),
         _mm512_unpackhi_epi32(a[0], a[1]),
@@ -641,10 +663,29 @@ fn reduce_pairs(a: [__m512i; 4]) -> __m256i {
         _mm512_unpacklo_epi32(a[2], a[3]),
         _mm512_unpackhi_epi32(a[2], a[3]),
     );
-    let s = _mm512_add_epi32(
+    _mm512_add_epi32(
         _mm512_unpacklo_epi64(t01, t23),
         _mm512_unpackhi_epi64(t01, t23),
-    );
+    )
+}
+
+super::x86::int_sums_kernel!(
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
+    accumulate_i16_vnni, __m512i, per: 4, regs: 4, zero: _mm512_setzero_si512(),
+    decode: |block: &[u8], unit: usize, _dim: usize| decode_nibbles_512(block, unit, &planes),
+    weights: nibble_weights_512, dot: dpwssd, reduce: reduce_lanes_512,
+    fsplat: _mm512_set1_ps, cvt: _mm512_cvtepi32_ps, fadd: _mm512_add_ps, fmul: _mm512_mul_ps,
+    fload: _mm512_loadu_ps, fstore: _mm512_storeu_ps, extra: (planes: [__m512i; 2])
+);
+
+/// The four 5-8-bit units' sums on AVX-512 (two coordinates per unit: 128-bit lanes 0-1 the
+/// first, 2-3 the second): the lanes' sums ([`reduce_lanes_512`]), then lanes 0 + 1 and 2 + 3,
+/// so the result holds the units' first coordinates in its low half and their second
+/// coordinates in its high half.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn reduce_pairs(a: [__m512i; 4]) -> __m256i {
+    let s = reduce_lanes_512(a);
     // Lanes (1, 0, 3, 2) added to (0, 1, 2, 3); then lanes 0 and 2 into the low 256 bits.
     let t = _mm512_add_epi32(s, _mm512_shuffle_i64x2::<0b10_11_00_01>(s, s));
     _mm512_castsi512_si256(_mm512_shuffle_i64x2::<0b00_00_10_00>(t, t))
@@ -694,9 +735,9 @@ unsafe fn decode_pair_ints<const B: usize>(
     [_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi)]
 }
 
-super::x86::int_sums_wide_kernel!(
+super::x86::int_sums_kernel!(
     #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni")]
-    accumulate_i16_wide_vnni, __m512i, __m256, 2, _mm512_setzero_si512(),
+    accumulate_i16_wide_vnni, __m512i, per: 2, regs: 2, zero: _mm512_setzero_si512(),
     decode: |block: &[u8], unit: usize, dim: usize| decode_pair_ints::<B>(block, unit, dim, planes),
     weights: pair_weights, dot: dpwssd, reduce: reduce_pairs,
     fsplat: _mm256_set1_ps, cvt: _mm256_cvtepi32_ps, fadd: _mm256_add_ps, fmul: _mm256_mul_ps,

@@ -794,11 +794,11 @@ pub fn accumulate_blocks_i16(
         // code indexes the grid) and, with the weights' budget, that no sum overflows.
         let done = unsafe {
             match bits {
-                4 => int_sums_4(codes, weights, accs),
-                5 => int_sums_wide::<5>(codes, codebook, weights, accs),
-                6 => int_sums_wide::<6>(codes, codebook, weights, accs),
-                7 => int_sums_wide::<7>(codes, codebook, weights, accs),
-                _ => int_sums_wide::<8>(codes, codebook, weights, accs),
+                4 => int_sums::<4>(codes, codebook, weights, accs),
+                5 => int_sums::<5>(codes, codebook, weights, accs),
+                6 => int_sums::<6>(codes, codebook, weights, accs),
+                7 => int_sums::<7>(codes, codebook, weights, accs),
+                _ => int_sums::<8>(codes, codebook, weights, accs),
             }
         };
         if done {
@@ -810,41 +810,10 @@ pub fn accumulate_blocks_i16(
     }
 }
 
-/// [`accumulate_blocks_i16`] at 4 bits on x86: `false` when the CPU has no body for it.
-///
-/// # Safety
-/// The arguments passed `check_int_sums` for 4 bits.
-#[cfg(target_arch = "x86_64")]
-unsafe fn int_sums_4(
-    codes: IntSumCodes<'_>,
-    weights: &[&IntWeights],
-    accs: &mut [&mut [f32]],
-) -> bool {
-    if has_avx512_vnni() && std::arch::is_x86_feature_detected!("avx512bw") {
-        // SAFETY: AVX2 and AVX-512 F, BW and VNNI are present; the caller's contract.
-        unsafe {
-            in_groups!(
-                super::avx512::accumulate_i16_vnni,
-                codes,
-                weights,
-                accs,
-                INT_QUERIES
-            )
-        };
-        return true;
-    }
-    if has_avx2() {
-        // SAFETY: AVX2 is present; the caller's contract.
-        unsafe { in_groups!(x86::accumulate_i16_avx2, codes, weights, accs, INT_QUERIES) };
-        return true;
-    }
-    false
-}
-
-/// Runs a wide integer-sum body for `B`-bit codes over the weight vectors in groups of up to
+/// Runs an integer-sum body for `B`-bit codes over the weight vectors in groups of up to
 /// [`INT_QUERIES`], with the body's extra arguments.
 #[cfg(target_arch = "x86_64")]
-macro_rules! wide_groups {
+macro_rules! int_groups {
     ($($kernel:ident)::+, $b:ident, $codes:expr, ($($extra:expr),*), $weights:expr, $accs:expr) => {{
         for (w, a) in $weights.chunks(INT_QUERIES).zip($accs.chunks_mut(INT_QUERIES)) {
             match w.len() {
@@ -856,48 +825,48 @@ macro_rules! wide_groups {
     }};
 }
 
-/// [`accumulate_blocks_i16`] at `B` bits (5-8) on x86: `false` when the CPU has no body for it.
+/// [`accumulate_blocks_i16`] at `B` bits on x86: `false` when the CPU has no body for it (4
+/// bits: AVX-512 BW + VNNI or AVX2; 5-8 bits: AVX-512 VBMI + VNNI or AVX2).
 ///
 /// # Safety
 /// The arguments passed `check_int_sums` for `B` bits.
 #[cfg(target_arch = "x86_64")]
-unsafe fn int_sums_wide<const B: usize>(
+unsafe fn int_sums<const B: usize>(
     codes: IntSumCodes<'_>,
     codebook: &IntCodebook,
     weights: &[&IntWeights],
     accs: &mut [&mut [f32]],
 ) -> bool {
-    if has_avx512_vbmi() && has_avx512_vnni() {
-        // SAFETY: AVX2 and AVX-512 F, BW, VBMI and VNNI are present; the caller's contract.
-        unsafe {
+    use super::avx512::{accumulate_i16_vnni, accumulate_i16_wide_vnni};
+    use x86::{accumulate_i16_avx2, accumulate_i16_wide_avx2};
+    let bw = std::arch::is_x86_feature_detected!("avx512bw");
+    // SAFETY (each): the CPU features the body needs are checked first; the caller's contract.
+    unsafe {
+        if B == 4 && has_avx512_vnni() && bw {
+            let planes = super::avx512::nibble_planes_512(codes.planes);
+            int_groups!(accumulate_i16_vnni, B, codes, (planes), weights, accs);
+        } else if B > 4 && has_avx512_vbmi() && has_avx512_vnni() {
             let planes = super::avx512::IntPlanes::new(codebook);
-            wide_groups!(
-                super::avx512::accumulate_i16_wide_vnni,
+            int_groups!(accumulate_i16_wide_vnni, B, codes, (&planes), weights, accs);
+        } else if B == 4 && has_avx2() {
+            let planes = x86::nibble_planes_avx2(codes.planes);
+            int_groups!(accumulate_i16_avx2, B, codes, (planes), weights, accs);
+        } else if has_avx2() {
+            let halves = x86::plane_halves(codes.planes);
+            let wide = codebook.wide();
+            int_groups!(
+                accumulate_i16_wide_avx2,
                 B,
                 codes,
-                (&planes),
+                (wide, halves),
                 weights,
                 accs
             );
+        } else {
+            return false;
         }
-        return true;
     }
-    if has_avx2() {
-        // SAFETY: AVX2 is present; the caller's contract (the widened grid has 2^B entries).
-        unsafe {
-            let halves = x86::plane_halves(codebook.planes());
-            wide_groups!(
-                x86::accumulate_i16_wide_avx2,
-                B,
-                codes,
-                (codebook.wide(), halves),
-                weights,
-                accs
-            );
-        }
-        return true;
-    }
-    false
+    true
 }
 
 /// The codes an `accumulate_i16` body reads: whole blocks of `row_bytes`-byte rows and the

@@ -1503,12 +1503,16 @@ fn int_sum_bodies_agree(
             unsafe {
                 match (bits, body) {
                     (4, 0) => {
-                        super::x86::accumulate_i16_avx2::<1>(codes, [iw], &mut a1);
-                        super::x86::accumulate_i16_avx2::<3>(codes, ws, &mut a3);
+                        use super::x86::accumulate_i16_avx2 as f;
+                        let planes = super::x86::nibble_planes_avx2(book.planes());
+                        f::<4, 1>(codes, planes, [iw], &mut a1);
+                        f::<4, 3>(codes, planes, ws, &mut a3);
                     }
                     (4, _) => {
-                        super::avx512::accumulate_i16_vnni::<1>(codes, [iw], &mut a1);
-                        super::avx512::accumulate_i16_vnni::<3>(codes, ws, &mut a3);
+                        use super::avx512::accumulate_i16_vnni as f;
+                        let planes = super::avx512::nibble_planes_512(book.planes());
+                        f::<4, 1>(codes, planes, [iw], &mut a1);
+                        f::<4, 3>(codes, planes, ws, &mut a3);
                     }
                     (_, 0) => {
                         let halves = super::x86::plane_halves(book.planes());

@@ -1349,168 +1349,6 @@ pub(super) unsafe fn dot_nibbles_i8_avx2<const Q: usize>(
     }
 }
 
-/// Stamps out the body of `accumulate_blocks_i16` for one register width: `$lanes` 128-bit
-/// lanes, each holding one coordinate's 16 bytes of nibbles (rows `i` and `i + 16` in byte `i`).
-/// Per block, a group of `4 · $lanes` coordinates is four loads; each load's nibbles are split
-/// (rows 0-15 and 16-31), looked up in the grid's low and high byte planes by `vpshufb` and
-/// interleaved into `i16` values of rows 0-7, 8-15, 16-23 and 24-31, so 32-bit lane `k` of a
-/// coordinate holds rows `2k, 2k + 1` of each eight; `$dot` multiplies them by the matching
-/// eight weights (broadcast to every 128-bit lane) and adds pairs into `i32` sums. At a chunk's
-/// end the four loads' sums are reduced inside each 128-bit lane (two rounds of interleaves and
-/// adds) so element `4c + g` holds coordinate `base + $lanes · g + c`, converted, scaled and
-/// added to the `f32` locals.
-macro_rules! int_sums_kernel {
-    (
-        $(#[$attr:meta])* $name:ident, $reg:ty, $lanes:literal,
-        zero: $zero:expr, splat: $splat:ident, load: $load:ident, load_part: $load_part:ident,
-        and: $and:ident, srli: $srli:ident, shuffle: $shuffle:ident,
-        unpacklo8: $ul8:ident, unpackhi8: $uh8:ident, unpacklo32: $ul32:ident,
-        unpackhi32: $uh32:ident, unpacklo64: $ul64:ident, unpackhi64: $uh64:ident,
-        add: $add:ident, dot: $dot:ident, broadcast: $bcast:ident, fsplat: $fsplat:ident, cvt: $cvt:ident, fadd: $fadd:ident,
-        fmul: $fmul:ident, fload: $fload:ident, fstore: $fstore:ident
-    ) => {
-        /// The `accumulate_blocks_i16` body for `Q` weight vectors (see the macro's docs).
-        ///
-        /// # Safety
-        /// The CPU has the features this copy is compiled with; the arguments passed
-        /// `check_int_sums` (whole blocks, weights covering them, `dim <= 2 · row_bytes`) and
-        /// each weight vector is an `IntWeights` (its chunks' sums fit `i32`).
-        $(#[$attr])*
-        pub(super) unsafe fn $name<const Q: usize>(
-            codes: super::kernels::IntSumCodes<'_>,
-            weights: [&super::IntWeights; Q],
-            accs: &mut [&mut [f32]; Q],
-        ) {
-            let (blocks, row_bytes, planes) = (codes.blocks, codes.row_bytes, codes.planes);
-            const W: usize = 4 * $lanes;
-            let dim = accs[0].len();
-            let positions = 2 * row_bytes;
-            let bb = BLOCK * row_bytes;
-            let nblocks = blocks.len() / bb;
-            let groups = dim.div_ceil(W);
-            let per_chunk = super::INT_CHUNK / BLOCK;
-            // SAFETY (both): each plane has 256 bytes; the first 16 are the 4-bit grid's.
-            let (p0, p1) = unsafe {
-                (
-                    $bcast(planes[0].as_ptr() as *const __m128i),
-                    $bcast(planes[1].as_ptr() as *const __m128i),
-                )
-            };
-            let nib = $splat(0x0F);
-            let mut local = vec![[0.0f32; W]; Q * groups];
-            for c in 0..nblocks.div_ceil(per_chunk) {
-                let range = c * per_chunk..((c + 1) * per_chunk).min(nblocks);
-                let live = |b: usize| weights.iter().any(|w| w.active[b]);
-                if !range.clone().any(live) {
-                    continue;
-                }
-                // The chunk's weights broadcast once (read from memory by the dots below).
-                let mut wide = [[[$zero; 4]; 4]; Q];
-                for (i, b) in range.clone().enumerate() {
-                    for (wq, w) in wide.iter_mut().zip(&weights) {
-                        // SAFETY: each weight vector covers the blocks: rows 32b..32b + 32.
-                        wq[i] = std::array::from_fn(|r| unsafe {
-                            $bcast(w.weights.as_ptr().add(b * BLOCK + 8 * r) as *const __m128i)
-                        });
-                    }
-                }
-                for g4 in 0..groups {
-                    // acc[g][q]: load g's coordinates, weight vector q.
-                    let mut acc = [[$zero; Q]; 4];
-                    // One load's coordinates (from position `p`): decoded once, then each
-                    // weight vector's dots.
-                    let one = |acc: &mut [$reg; Q], block: *const u8, p: usize, wv: [&[$reg; 4]; Q]| {
-                        // SAFETY: positions p.. hold 16 bytes each inside the block; `load_part`
-                        // reads only the positions below `positions`.
-                        let x = unsafe {
-                            if p + $lanes <= positions {
-                                $load(block.add(16 * p))
-                            } else {
-                                $load_part(block.add(16 * p), positions - p)
-                            }
-                        };
-                        let lo = $and(x, nib);
-                        let hi = $and($srli::<4>(x), nib);
-                        let (l0, h0) = ($shuffle(p0, lo), $shuffle(p1, lo));
-                        let (l1, h1) = ($shuffle(p0, hi), $shuffle(p1, hi));
-                        let r = [$ul8(l0, h0), $uh8(l0, h0), $ul8(l1, h1), $uh8(l1, h1)];
-                        for (a, w) in acc.iter_mut().zip(wv) {
-                            for (x, w) in r.iter().zip(w) {
-                                *a = $dot(*a, *x, *w);
-                            }
-                        }
-                    };
-                    // Loads of this group with coordinates below `dim` (all four but at the end).
-                    let loads = (dim - W * g4).div_ceil($lanes).min(4);
-                    for (i, b) in range.clone().enumerate().filter(|&(_, b)| live(b)) {
-                        // SAFETY: block b < nblocks lies in `blocks`.
-                        let block = unsafe { blocks.as_ptr().add(b * bb) };
-                        let wv: [&[$reg; 4]; Q] = std::array::from_fn(|q| &wide[q][i]);
-                        let p = W * g4;
-                        if loads == 4 {
-                            let [a0, a1, a2, a3] = &mut acc;
-                            one(a0, block, p, wv);
-                            one(a1, block, p + $lanes, wv);
-                            one(a2, block, p + 2 * $lanes, wv);
-                            one(a3, block, p + 3 * $lanes, wv);
-                        } else {
-                            for (g, a) in acc.iter_mut().enumerate().take(loads) {
-                                one(a, block, p + $lanes * g, wv);
-                            }
-                        }
-                    }
-                    for q in 0..Q {
-                        let a = [acc[0][q], acc[1][q], acc[2][q], acc[3][q]];
-                        let t01 = $add($ul32(a[0], a[1]), $uh32(a[0], a[1]));
-                        let t23 = $add($ul32(a[2], a[3]), $uh32(a[2], a[3]));
-                        let s = $add($ul64(t01, t23), $uh64(t01, t23));
-                        let (offset, step) = weights[q].chunks[c];
-                        let f = $fadd($fsplat(offset), $fmul($fsplat(step), $cvt(s)));
-                        let l = &mut local[q * groups + g4];
-                        // SAFETY: `l` holds W floats, one register.
-                        unsafe { $fstore(l.as_mut_ptr(), $fadd($fload(l.as_ptr()), f)) };
-                    }
-                }
-            }
-            for (q, acc) in accs.iter_mut().enumerate() {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let (g4, rest) = (j / W, j % W);
-                    let (g, c) = (rest / $lanes, rest % $lanes);
-                    *a += local[q * groups + g4][4 * c + g];
-                }
-            }
-        }
-    };
-}
-pub(super) use int_sums_kernel;
-
-/// `p`'s first 16 bytes in both 128-bit lanes.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn broadcast_16(p: *const __m128i) -> __m256i {
-    // SAFETY: the caller's 16 readable bytes.
-    unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(p)) }
-}
-
-/// Two nibble positions of a block (32 bytes at `p`).
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn load_2(p: *const u8) -> __m256i {
-    // SAFETY: the caller's 32 readable bytes.
-    unsafe { _mm256_loadu_si256(p as *const __m256i) }
-}
-
-/// The one nibble position left at the end of a row (`left == 1`): 16 bytes at `p`, zeros above.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn load_positions(p: *const u8, left: usize) -> __m256i {
-    // SAFETY: the caller's 16 readable bytes per position below `left` (one here: `left == 1`).
-    unsafe {
-        debug_assert_eq!(left, 1);
-        _mm256_zextsi128_si256(_mm_loadu_si128(p as *const __m128i))
-    }
-}
-
 /// `acc + Σ pairs of a · b` (`vpmaddwd` and an add).
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -1518,44 +1356,34 @@ fn madd_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
     _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 }
 
-int_sums_kernel!(
-    #[target_feature(enable = "avx2")]
-    accumulate_i16_avx2, __m256i, 2,
-    zero: _mm256_setzero_si256(), splat: _mm256_set1_epi8,
-    load: load_2, load_part: load_positions,
-    and: _mm256_and_si256, srli: _mm256_srli_epi16, shuffle: _mm256_shuffle_epi8,
-    unpacklo8: _mm256_unpacklo_epi8, unpackhi8: _mm256_unpackhi_epi8,
-    unpacklo32: _mm256_unpacklo_epi32, unpackhi32: _mm256_unpackhi_epi32,
-    unpacklo64: _mm256_unpacklo_epi64, unpackhi64: _mm256_unpackhi_epi64,
-    add: _mm256_add_epi32, dot: madd_add, broadcast: broadcast_16,
-    fsplat: _mm256_set1_ps, cvt: _mm256_cvtepi32_ps, fadd: _mm256_add_ps,
-    fmul: _mm256_mul_ps, fload: _mm256_loadu_ps, fstore: _mm256_storeu_ps
-);
-
-/// Stamps out the body of `accumulate_blocks_i16` for 5-8-bit codes on one register width. A
-/// "unit" is what one register holds: one coordinate (AVX2) or two (AVX-512, `$per == 2`), each
-/// coordinate's 32 rows in two 128-bit lanes (rows 0-15, 16-31). `$decode(block, unit)` returns
-/// the unit's grid values as two `i16` registers, rows 0-7 | 16-23 and 8-15 | 24-31 of each
-/// coordinate (so 32-bit lane `k` holds two adjacent rows), and `$weights(p)` the matching two
-/// registers of the 32 weights at `p` (chunks `[0, 2]` and `[1, 3]` of 8, repeated). Units go
-/// four at a time with their accumulators in registers; at a chunk's end `$reduce` turns the
-/// four units' lanes into one register of their `4 · $per` coordinate sums (element `4k + u` is
-/// coordinate `k` of unit `u`), converted, scaled and added to the `f32` locals.
-macro_rules! int_sums_wide_kernel {
+/// Stamps out a body of `accumulate_blocks_i16` for one register width and code layout. A
+/// "unit" is what one decode yields: `$per` coordinates, their 32 rows' grid values as `$regs`
+/// registers of `i16` in which 32-bit lane `k` holds two adjacent rows of one coordinate;
+/// `$decode(block, unit, dim)` makes them and `$weights(p)` the matching `$regs` registers of
+/// the block's 32 weights at `p`. 4 bits: a unit is one load of nibble positions (one
+/// coordinate per 128-bit lane), four registers of rows 0-7, 8-15, 16-23 and 24-31. 5-8 bits:
+/// a unit is one coordinate (AVX2) or two (AVX-512, 128-bit lanes 0-1 and 2-3), two registers
+/// of rows 0-7 | 16-23 and 8-15 | 24-31. Units go four at a time with their accumulators in
+/// registers (`$dot` multiplies a unit by its weights and adds the pairs into `i32` sums); at a
+/// chunk's end `$reduce` turns the four units' lanes into one register of their `4 · $per`
+/// coordinate sums (element `4k + u` is coordinate `k` of unit `u`), converted, scaled and
+/// added to the `f32` locals.
+macro_rules! int_sums_kernel {
     (
-        $(#[$attr:meta])* $name:ident, $reg:ty, $freg:ty, $per:literal, $zero:expr,
-        decode: $decode:expr, weights: $weights:expr, dot: $dot:ident, reduce: $reduce:ident,
-        fsplat: $fsplat:ident, cvt: $cvt:ident, fadd: $fadd:ident, fmul: $fmul:ident,
-        fload: $fload:ident, fstore: $fstore:ident, extra: ($($ex:ident: $ext:ty),*)
+        $(#[$attr:meta])* $name:ident, $reg:ty, per: $per:literal, regs: $regs:literal,
+        zero: $zero:expr, decode: $decode:expr, weights: $weights:ident, dot: $dot:ident,
+        reduce: $reduce:ident, fsplat: $fsplat:ident, cvt: $cvt:ident, fadd: $fadd:ident,
+        fmul: $fmul:ident, fload: $fload:ident, fstore: $fstore:ident,
+        extra: ($($ex:ident: $ext:ty),*)
     ) => {
-        /// The `accumulate_blocks_i16` body for `B`-bit codes (`5 <= B <= 8`) and `Q` weight
-        /// vectors (see the macro's docs).
+        /// The `accumulate_blocks_i16` body for `B`-bit codes and `Q` weight vectors (see the
+        /// macro's docs).
         ///
         /// # Safety
-        /// The CPU has the features this copy is compiled with; `5 <= B <= 8`; the arguments
-        /// passed `check_int_sums` for `B` bits (whole blocks, weights covering them, `dim <= 8
-        /// · row_bytes / B`, a grid of at least `2^B` values) and each weight vector is an
-        /// `IntWeights` (its chunks' sums fit `i32`).
+        /// The CPU has the features this copy is compiled with; `B` is a width the copy's
+        /// decode takes; the arguments passed `check_int_sums` for `B` bits (whole blocks,
+        /// weights covering them, `dim <= 8 · row_bytes / B`, a grid of at least `2^B` values)
+        /// and each weight vector is an `IntWeights` (its chunks' sums fit `i32`).
         $(#[$attr])*
         pub(super) unsafe fn $name<const B: usize, const Q: usize>(
             codes: super::kernels::IntSumCodes<'_>,
@@ -1578,7 +1406,7 @@ macro_rules! int_sums_wide_kernel {
                 if !range.clone().any(live) {
                     continue;
                 }
-                let mut wide = [[[$zero; 2]; 4]; Q];
+                let mut wide = [[[$zero; $regs]; 4]; Q];
                 for (i, b) in range.clone().enumerate() {
                     for (wq, w) in wide.iter_mut().zip(&weights) {
                         // SAFETY: each weight vector covers the blocks: rows 32b..32b + 32.
@@ -1593,9 +1421,11 @@ macro_rules! int_sums_wide_kernel {
                         let block = &blocks[b * bb..(b + 1) * bb];
                         let one = |acc: &mut [$reg; Q], unit: usize| {
                             // SAFETY: the unit's coordinates below `dim` lie in the rows.
-                            let r: [$reg; 2] = unsafe { $decode(block, unit, dim) };
+                            let r: [$reg; $regs] = unsafe { $decode(block, unit, dim) };
                             for (a, w) in acc.iter_mut().zip(&wide) {
-                                *a = $dot($dot(*a, r[0], w[i][0]), r[1], w[i][1]);
+                                for (x, w) in r.iter().zip(&w[i]) {
+                                    *a = $dot(*a, *x, *w);
+                                }
                             }
                         };
                         if n == 4 {
@@ -1630,14 +1460,76 @@ macro_rules! int_sums_wide_kernel {
         }
     };
 }
-pub(super) use int_sums_wide_kernel;
+pub(super) use int_sums_kernel;
 
-/// The four units' sums of [`int_sums_wide_kernel`] on AVX2 (one coordinate per unit, in both
-/// 128-bit lanes): each lane's four 32-bit partial sums added by two rounds of interleaves, then
-/// the two lanes added.
+/// One unit of 4-bit codes for [`int_sums_kernel`] on AVX2: nibble positions `2u, 2u + 1` (one
+/// coordinate per 128-bit lane; past the row's positions, zeros), split into rows 0-15 and
+/// 16-31, looked up in the grid's two byte planes (`planes`, in both lanes) by `vpshufb` and
+/// interleaved into words of rows 0-7, 8-15, 16-23 and 24-31.
+///
+/// # Safety
+/// AVX2; `block` is one block (16 bytes per nibble position) and position `2u` lies in it.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn reduce_units(a: [__m256i; 4]) -> __m128i {
+unsafe fn decode_nibbles_avx2(block: &[u8], u: usize, planes: &[__m256i; 2]) -> [__m256i; 4] {
+    let (p, positions) = (2 * u, block.len() / 16);
+    // SAFETY: positions p (and p + 1 when the row has it) are inside the block.
+    let x = unsafe {
+        let at = block.as_ptr().add(16 * p);
+        if p + 2 <= positions {
+            _mm256_loadu_si256(at as *const __m256i)
+        } else {
+            _mm256_zextsi128_si256(_mm_loadu_si128(at as *const __m128i))
+        }
+    };
+    let nib = _mm256_set1_epi8(0x0F);
+    let lo = _mm256_and_si256(x, nib);
+    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), nib);
+    let (l0, h0) = (
+        _mm256_shuffle_epi8(planes[0], lo),
+        _mm256_shuffle_epi8(planes[1], lo),
+    );
+    let (l1, h1) = (
+        _mm256_shuffle_epi8(planes[0], hi),
+        _mm256_shuffle_epi8(planes[1], hi),
+    );
+    [
+        _mm256_unpacklo_epi8(l0, h0),
+        _mm256_unpackhi_epi8(l0, h0),
+        _mm256_unpacklo_epi8(l1, h1),
+        _mm256_unpackhi_epi8(l1, h1),
+    ]
+}
+
+/// The 4-bit grid's two byte planes (the first 16 bytes of each) in both 128-bit lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn nibble_planes_avx2(planes: &[[u8; 256]; 2]) -> [__m256i; 2] {
+    // SAFETY: 16 bytes of each 256-byte plane.
+    planes.map(|p| unsafe {
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(p.as_ptr() as *const __m128i))
+    })
+}
+
+/// The weights of one block for 4-bit units on AVX2: rows 0-7, 8-15, 16-23 and 24-31, each in
+/// both 128-bit lanes.
+///
+/// # Safety
+/// 32 readable `i16` at `p`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibble_weights_avx2(p: *const i16) -> [__m256i; 4] {
+    // SAFETY: the caller's 64 bytes.
+    std::array::from_fn(|r| unsafe {
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(8 * r) as *const __m128i))
+    })
+}
+
+/// Four units' sums inside each 128-bit lane on AVX2: each lane's four 32-bit partial sums
+/// added by two rounds of interleaves (element `4c + u` is lane `c` of unit `u`).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn reduce_lanes_avx2(a: [__m256i; 4]) -> __m256i {
     let t01 = _mm256_add_epi32(
         _mm256_unpacklo_epi32(a[0], a[1]),
         _mm256_unpackhi_epi32(a[0], a[1]),
@@ -1646,14 +1538,31 @@ fn reduce_units(a: [__m256i; 4]) -> __m128i {
         _mm256_unpacklo_epi32(a[2], a[3]),
         _mm256_unpackhi_epi32(a[2], a[3]),
     );
-    let s = _mm256_add_epi32(
+    _mm256_add_epi32(
         _mm256_unpacklo_epi64(t01, t23),
         _mm256_unpackhi_epi64(t01, t23),
-    );
+    )
+}
+
+int_sums_kernel!(
+    #[target_feature(enable = "avx2")]
+    accumulate_i16_avx2, __m256i, per: 2, regs: 4, zero: _mm256_setzero_si256(),
+    decode: |block: &[u8], unit: usize, _dim: usize| decode_nibbles_avx2(block, unit, &planes),
+    weights: nibble_weights_avx2, dot: madd_add, reduce: reduce_lanes_avx2,
+    fsplat: _mm256_set1_ps, cvt: _mm256_cvtepi32_ps, fadd: _mm256_add_ps, fmul: _mm256_mul_ps,
+    fload: _mm256_loadu_ps, fstore: _mm256_storeu_ps, extra: (planes: [__m256i; 2])
+);
+
+/// The four 5-8-bit units' sums on AVX2 (one coordinate per unit, in both 128-bit lanes): the
+/// lanes' sums ([`reduce_lanes_avx2`]), then the two lanes added.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn reduce_units(a: [__m256i; 4]) -> __m128i {
+    let s = reduce_lanes_avx2(a);
     _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1))
 }
 
-/// The weights of one block for [`int_sums_wide_kernel`] on AVX2: rows 0-7 | 16-23 and
+/// The weights of one block for 5-8-bit units on AVX2: rows 0-7 | 16-23 and
 /// 8-15 | 24-31.
 ///
 /// # Safety
@@ -1670,7 +1579,7 @@ unsafe fn wide_weights(p: *const i16) -> [__m256i; 2] {
     }
 }
 
-/// One coordinate's 32 grid values as [`int_sums_wide_kernel`] takes them on AVX2: its codes
+/// One coordinate's 32 grid values as [`int_sums_kernel`] takes them on AVX2: its codes
 /// cut out of the nibble layout ([`wide_codes`]), then at 5 bits the grid's two byte planes
 /// looked up by `pshufb` over their halves with a blend on bit 4 and interleaved into words,
 /// at 6-8 bits gathered as `i32` ([`gather_ints`]) and packed to words (the grid fits `i16`).
@@ -1725,9 +1634,9 @@ pub(super) fn plane_halves(planes: &[[u8; 256]; 2]) -> [[__m256i; 2]; 2] {
     })
 }
 
-int_sums_wide_kernel!(
+int_sums_kernel!(
     #[target_feature(enable = "avx2")]
-    accumulate_i16_wide_avx2, __m256i, __m128, 1, _mm256_setzero_si256(),
+    accumulate_i16_wide_avx2, __m256i, per: 1, regs: 2, zero: _mm256_setzero_si256(),
     decode: |block: &[u8], unit: usize, _dim: usize| decode_wide_avx2::<B>(block, unit, wide, &halves),
     weights: wide_weights, dot: madd_add, reduce: reduce_units,
     fsplat: _mm_set1_ps, cvt: _mm_cvtepi32_ps, fadd: _mm_add_ps, fmul: _mm_mul_ps,
