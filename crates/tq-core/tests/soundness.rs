@@ -323,3 +323,67 @@ fn multi_and_fused_kernels_refuse_mismatched_lengths() {
     scan::scan_blocks_scores_multi(&blocks, rb, &scales, &mut jobs);
     mark_above(&first, 0.0, &mut masks);
 }
+
+#[test]
+fn integer_value_sums_refuse_mismatched_lengths() {
+    use scan::{IntCodebook, accumulate_blocks_i16, accumulate_blocks_i16_scalar};
+    let (rb, dim, n) = (16usize, 32usize, 40usize);
+    let blocks = vec![0u8; n.div_ceil(BLOCK) * block_bytes(rb)];
+    let book = IntCodebook::from_values((0..16).map(|k| k * 10 - 80).collect(), 0.01);
+    let wide = IntCodebook::from_values((0..256).map(|k| k - 128).collect(), 0.01);
+    let iw = book.quantize_weights(&vec![1f32; n], None).expect("finite");
+    let mut acc = vec![0f32; dim];
+    // Weights covering other rows than the blocks' (more, fewer).
+    for wn in [0usize, 10, 65, 200] {
+        let other = book
+            .quantize_weights(&vec![1f32; wn], None)
+            .expect("finite");
+        must_panic("accumulate_blocks_i16 weights", || {
+            accumulate_blocks_i16(&blocks, rb, 4, &book, &[&other], &mut [&mut acc])
+        });
+        must_panic("accumulate_blocks_i16_scalar weights", || {
+            accumulate_blocks_i16_scalar(&blocks, rb, 4, &book, &other, &mut acc)
+        });
+    }
+    // An accumulator longer than a row's codes, at 4 and at 8 bits.
+    for (bits, d) in [(4u32, dim + 1), (8, 2 * rb / 2 + 1)] {
+        let mut long = vec![0f32; d];
+        must_panic("accumulate_blocks_i16 dim", || {
+            accumulate_blocks_i16(&blocks, rb, bits, &wide, &[&iw], &mut [&mut long])
+        });
+    }
+    // Widths outside 4..=8, a grid too small for the width, rows of zero bytes, partial blocks.
+    for b in [0u32, 3, 9] {
+        must_panic("accumulate_blocks_i16 bits", || {
+            accumulate_blocks_i16(&blocks, rb, b, &wide, &[&iw], &mut [&mut acc])
+        });
+    }
+    must_panic("accumulate_blocks_i16 grid", || {
+        accumulate_blocks_i16(&blocks, rb, 5, &book, &[&iw], &mut [&mut acc])
+    });
+    must_panic("accumulate_blocks_i16 row_bytes", || {
+        accumulate_blocks_i16(&[], 0, 4, &book, &[], &mut [])
+    });
+    must_panic("accumulate_blocks_i16 partial block", || {
+        accumulate_blocks_i16(&blocks[1..], rb, 4, &book, &[&iw], &mut [&mut acc])
+    });
+    // Several vectors: counts and lengths must agree.
+    let (mut a2, mut a3) = (vec![0f32; dim], vec![0f32; dim - 1]);
+    must_panic("accumulate_blocks_i16 counts", || {
+        accumulate_blocks_i16(&blocks, rb, 4, &book, &[&iw, &iw], &mut [&mut acc])
+    });
+    must_panic("accumulate_blocks_i16 lengths", || {
+        accumulate_blocks_i16(&blocks, rb, 4, &book, &[&iw, &iw], &mut [&mut a2, &mut a3])
+    });
+    // Row scales shorter than the weights.
+    must_panic("quantize_weights row scales", || {
+        let _ = book.quantize_weights(&[1.0; 8], Some(&[1.0; 7]));
+    });
+    // The correct shape runs: every code is 0 (grid value -80), weights 1 on n rows.
+    accumulate_blocks_i16(&blocks, rb, 4, &book, &[&iw], &mut [&mut acc]);
+    let want = n as f32 * (-80.0 + 0.5) * 0.01;
+    assert!(
+        acc.iter().all(|&x| (x - want).abs() <= 1e-3 * want.abs()),
+        "{acc:?}"
+    );
+}
