@@ -13,7 +13,7 @@
 //! `Σ_t p_t ṽ_t` accumulated in the rotated domain of the value quantizer and rotated back once per
 //! query. With [`ScoreMode::Exact`] the result equals attention over the dequantized cache up to
 //! float rounding; [`ScoreMode::Fast`] scores through `u8` tables or, for TurboQuant keys of 5-8
-//! bits, integer dots, and sums 4-bit TurboQuant values in integers (see tq-quant).
+//! bits, integer dots, and sums 4-8-bit TurboQuant values in integers (see tq-quant).
 
 use std::borrow::Cow;
 
@@ -29,16 +29,17 @@ use crate::rows::{PlainRows, WindowPrecision};
 use crate::store::{KeyStrategy, Store, StreamSpec, ValueStrategy};
 use crate::{Error, Result};
 
-/// How attention reads the codes: key scores, and the weighted sum of 4-bit TurboQuant values.
+/// How attention reads the codes: key scores, and the weighted sum of 4-8-bit TurboQuant values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ScoreMode {
     /// Keys: `u8` look-up tables and the SIMD scan (TurboQuant keys at 1-4 bits, KIVI keys),
-    /// integer dots on the codebook's grid (TurboQuant keys at 5-8 bits). Values: 4-bit
+    /// integer dots on the codebook's grid (TurboQuant keys at 5-8 bits). Values: 4-8-bit
     /// TurboQuant values summed in integers on the codebook's grid with the weights on `i16`
     /// (other values exactly). The extra error is a fraction of the quantization error: for
     /// TurboQuant keys an RMS ratio of 0.19 at 4 bits (under 2% more RMS score error), 0.003 /
-    /// 0.007 / 0.016 / 0.030 at 5 / 6 / 7 / 8 bits; for 4-bit values about 0.001.
+    /// 0.007 / 0.016 / 0.030 at 5 / 6 / 7 / 8 bits; for values 0.001 / 0.002 / 0.005 / 0.012 /
+    /// 0.025 at 4-8 bits.
     #[default]
     Fast,
     /// `f32` look-up tables and `f32` sums: the same function as attention over the dequantized

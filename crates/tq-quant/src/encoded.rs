@@ -166,8 +166,8 @@ pub trait EncodedVectors: Sync {
         Ok(())
     }
 
-    /// [`EncodedVectors::weighted_sums_into`] on the fast path, where a kind has one (MSE with
-    /// 4-bit codes: integer sums on the codebook's grid, see
+    /// [`EncodedVectors::weighted_sums_into`] on the fast path, where a kind has one (MSE and
+    /// grouped MSE with 4-8-bit codes: integer sums on the codebook's grid, see
     /// [`crate::MseBatch::accumulate_rotated_fast_multi`]); the default is the exact route.
     ///
     /// # Errors
@@ -253,7 +253,7 @@ impl EncodedVectors for MseBatch {
     fn weighted_sums_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
         self.weighted_sums_with(weights, outs, false)
     }
-    /// At 4 bits, integer sums ([`MseBatch::accumulate_rotated_fast_multi`]).
+    /// At 4-8 bits, integer sums ([`MseBatch::accumulate_rotated_fast_multi`]).
     fn weighted_sums_fast_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
         self.weighted_sums_with(weights, outs, true)
     }
@@ -460,6 +460,9 @@ impl EncodedVectors for GroupMseBatch {
     }
     fn weighted_sums_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
         GroupMseBatch::weighted_sums_into(self, weights, outs)
+    }
+    fn weighted_sums_fast_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
+        GroupMseBatch::weighted_sums_fast_into(self, weights, outs)
     }
     fn to_safetensors(&self) -> Result<Vec<u8>> {
         GroupMseBatch::to_safetensors(self)

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
 
 use crate::config::MseConfig;
-use crate::encoded::{EncodedVectors, check_weighted};
+use crate::encoded::check_weighted;
 use crate::error::{check_batch, check_dim, check_len, check_range};
 use crate::kivi::MAX_ABS;
 use crate::mse::{MseBatch, MseQuantizer, MseQuery};
@@ -416,10 +416,32 @@ impl GroupMseBatch {
     /// # Errors
     /// `Core(LengthMismatch)` / [`Error::DimMismatch`] for shapes that do not fit.
     pub fn weighted_sums_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
+        self.weighted_sums_with(weights, outs, false)
+    }
+
+    /// [`GroupMseBatch::weighted_sums_into`] with the centred rows on the MSE batch's fast path
+    /// (integer sums at 4-8 bits, [`MseBatch::accumulate_rotated_fast_multi`]).
+    ///
+    /// # Errors
+    /// As [`GroupMseBatch::weighted_sums_into`].
+    pub fn weighted_sums_fast_into(
+        &self,
+        weights: &[&[f32]],
+        outs: &mut [&mut [f32]],
+    ) -> Result<()> {
+        self.weighted_sums_with(weights, outs, true)
+    }
+
+    fn weighted_sums_with(
+        &self,
+        weights: &[&[f32]],
+        outs: &mut [&mut [f32]],
+        fast: bool,
+    ) -> Result<()> {
         check_weighted(self.len(), self.d(), weights, outs)?;
         let (g, q) = (self.g(), self.quantized_len());
         let heads: Vec<&[f32]> = weights.iter().map(|w| &w[..q]).collect();
-        EncodedVectors::weighted_sums_into(&self.inner, &heads, outs)?;
+        self.inner.weighted_sums_with(&heads, outs, fast)?;
         for (w, out) in weights.iter().zip(outs.iter_mut()) {
             for (gi, chunk) in w[..q].chunks(g).enumerate() {
                 let total: f32 = chunk.iter().sum();

@@ -36,7 +36,7 @@ pub struct MseQuantizer {
     /// The calibrated mean subtracted before quantization (`config.centered`).
     mean: Option<Arc<[f32]>>,
     /// The codebook on the integer grid of the fast paths (`None` below 4 bits): 5-8-bit keys
-    /// score through integer dots on it, 4-bit values are summed on it (below 5 bits keys scan
+    /// score through integer dots on it, 4-8-bit values are summed on it (below 5 bits keys scan
     /// `u8` tables).
     grid: Option<Arc<IntCodebook>>,
 }
@@ -814,8 +814,12 @@ impl MseBatch {
     /// exact integers ([`scan::accumulate_blocks_i16`]: `vpdpwssd` with AVX-512 VNNI, `vpmaddwd`
     /// with AVX2, the same bits on every CPU). The roundings add about 0.001 of the quantization
     /// error at 4 bits (RMS, see the accuracy tests; relatively more at 8 bits, whose own error is
-    /// 16 times smaller). Widths 1-3, and rows whose weights the grid cannot hold (a non-finite
-    /// product `weight · norm`, or all of them below about `2^-110`), take the exact path.
+    /// 16 times smaller). Widths 1-3 take the exact path, and so does a part of
+    /// [`ACCUMULATE_CHUNK_ROWS`] rows whose weights the grid cannot hold for some weight vector
+    /// (a non-finite product `weight · norm`, or all of that vector's products in the part so
+    /// small that a unit of its sums would not be a normal `f32`: below about `2^-96` for these
+    /// codebooks). On CPUs without AVX2 the integer sums run their scalar twin (the same
+    /// results, no faster than the exact path there).
     ///
     /// # Errors
     /// As [`MseBatch::accumulate_rotated_multi`].

@@ -588,7 +588,8 @@ fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
 }
 
 /// One unit of 4-bit codes for the integer sums on AVX-512: nibble positions `4u..4u + 4` (one
-/// coordinate per 128-bit lane; past the row's positions, zeros by a masked load), split into
+/// coordinate per 128-bit lane; past the row's positions, which come in pairs, the last two are
+/// zeros by a masked load), split into
 /// rows 0-15 and 16-31, looked up in the grid's two byte planes (`planes`, in every lane) by
 /// `vpshufb` and interleaved into words of rows 0-7, 8-15, 16-23 and 24-31.
 ///

@@ -919,7 +919,7 @@ fn int_sums_scalar(
     for (c, &(offset, step)) in weights.chunks.iter().enumerate() {
         let range = c * blocks_per_chunk..((c + 1) * blocks_per_chunk).min(blocks.len());
         sums.fill(0);
-        for b in range {
+        for b in range.filter(|&b| weights.active[b]) {
             for slot in 0..BLOCK {
                 let w = i32::from(weights.weights[b * BLOCK + slot]);
                 read_row(blocks[b], slot, &mut row);

@@ -1,5 +1,6 @@
 //! The integer grids the scans take: `u8` look-up tables (float tables quantized with one shared
-//! step) and, for 5-8-bit codes, a codebook and a query on `i16` grids.
+//! step) and, for 4-8-bit codes, a codebook on an `i16` grid with a query (key dots, 5-8 bits)
+//! or a weight vector (value sums, 4-8 bits) on `i16` weights.
 
 /// `u8` look-up tables for the scans: `entries` bytes per table (16 for
 /// [`scan_block`](super::scan_block) and [`scan_block_b3`](super::scan_block_b3), 32 for
@@ -122,7 +123,8 @@ pub const INT_CHUNK: usize = 128;
 pub const INT_WEIGHT_BUDGET: i64 = i32::MAX as i64 / (INT_CODE_MAX as i64 + 1);
 
 /// A codebook of up to 256 values on an integer grid, for the integer dot products of 5-8-bit
-/// codes ([`super::dot_blocks_scores_i16`]): value `k` stands for `(values[k] + 1/2) · step`,
+/// codes ([`super::dot_blocks_scores_i16`]) and the integer weighted sums of 4-8-bit codes
+/// ([`super::accumulate_blocks_i16`]): value `k` stands for `(values[k] + 1/2) · step`,
 /// within `step / 2` of the float it was made from, with `step = max |c| / INT_CODE_MAX`, about
 /// `2^-14` of the codebook's span, far below the spacing of a 256-entry Lloyd-Max codebook (so
 /// the grid adds almost nothing to 8-bit quantization's own error). A codebook that is
@@ -293,18 +295,22 @@ impl IntCodebook {
         }
     }
 
-    /// A weight vector (e.g. a query's attention weights over the rows of a 4-bit value batch)
-    /// on `i16`, for [`super::accumulate_blocks_i16`]: row `i` weighs `x_i = weights[i] · s_i`
-    /// (`s_i = row_scales[i]`, e.g. the rows' norms, or 1; the product rounded to `f32`). Each
-    /// chunk of [`INT_CHUNK`] rows has its own step `s = max(Σ_chunk |x_i| / (B - rows), max_chunk
-    /// |x_i| / 32767)` (`B` = [`INT_WEIGHT_BUDGET`]), so with rounding a chunk's `Σ|w| <= B`
-    /// (no `i32` sum of a chunk's products overflows) and every `|w| <= 32767`; each `w_i · s`
-    /// is within `s / 2` of `x_i`, at least 11 bits of the chunk's largest weight. The same
-    /// function of its inputs on every CPU (lane-wise float operations, folded in a fixed order).
-    /// O(rows).
+    /// A weight vector (e.g. a query's attention weights over the rows of a 4- to 8-bit value
+    /// batch) on `i16`, for [`super::accumulate_blocks_i16`]: row `i` weighs `x_i = weights[i] ·
+    /// s_i` (`s_i = row_scales[i]`, e.g. the rows' norms, or 1; the product rounded to `f32`).
+    /// Each chunk of [`INT_CHUNK`] rows has its own step `s = max(Σ_chunk |x_i| / (B - rows),
+    /// max_chunk |x_i| / 32767)` (`B` = [`INT_WEIGHT_BUDGET`]; in `f64` for a chunk whose `f32`
+    /// step would be subnormal), so with rounding a chunk's `Σ|w| <= B` (no `i32` sum of a chunk's
+    /// products overflows) and every `|w| <= 32767`; each `w_i · s` is within about `s / 2` of
+    /// `x_i` (plus `2^-23` of the chunk's largest), at least 11 bits of the chunk's largest
+    /// weight. The same function of its inputs on every CPU (lane-wise float operations, folded
+    /// in a fixed order). O(rows).
     ///
-    /// `None` when a product `x_i` is not finite or the largest `|x_i|` is so small that one unit
-    /// of its chunk's sums is not a normal `f32` (callers then take the exact float path).
+    /// `None` (callers then take the exact float path) when a product `x_i` is not finite, when
+    /// the largest `|x_i|` of all rows is so small that a unit of its chunk's sums would not be a
+    /// normal `f32`, or when a chunk's unit or offset overflows `f32` (grids with enormous steps).
+    /// Chunks far below the largest weight may get subnormal units: their sums are then below
+    /// `2^-126` and lose relative, not absolute, precision.
     ///
     /// # Panics
     /// If `row_scales` is shorter than `weights`.
@@ -417,24 +423,36 @@ impl pulp::WithSimd for QuantizeWeights<'_> {
             let ws = &mut out.weights[start..start + w.len()];
             // |x / s| <= 32767 and each chunk's Σ|x / s| <= B - rows, so the roundings (half a
             // unit each, plus the f32 divisions' and products' few 2^-24) keep |w| <= 32767 and
-            // Σ|w| <= B.
-            let inv = 1.0 / s;
-            if inv.is_finite() {
+            // Σ|w| <= B; the clamp only guards the bound.
+            let (total, unit) = if s.is_normal() {
+                let inv = 1.0 / s;
                 // `v · inv + 1.5 · 2^23` has the rounded integer in its low mantissa bits, above
                 // the bits of 1.5 · 2^23 (0x4B40_0000): integer operations that vectorize.
                 for (o, &v) in ws.iter_mut().zip(x.iter()) {
-                    *o = ((v * inv + ROUND32).to_bits() as i32).wrapping_sub(0x4B40_0000) as i16;
+                    let q = (v * inv).clamp(-32767.0, 32767.0);
+                    *o = ((q + ROUND32).to_bits() as i32).wrapping_sub(0x4B40_0000) as i16;
                 }
+                let total: i32 = ws.iter().map(|&w| i32::from(w)).sum();
+                (f64::from(total), f64::from(s * step))
             } else {
-                // A chunk far below f32's normal range: its steps in f64.
-                let inv = 1.0 / f64::from(s);
+                // A chunk far below f32's normal range, where a subnormal step would keep too
+                // few bits: its step and roundings in f64.
+                let l1: f64 = x.iter().map(|&v| f64::from(v.abs())).sum();
+                let s = (l1 / (INT_WEIGHT_BUDGET - w.len() as i64) as f64)
+                    .max(f64::from(top) / 32767.0);
+                let inv = 1.0 / s;
                 for (o, &v) in ws.iter_mut().zip(x.iter()) {
-                    *o = ((f64::from(v) * inv + ROUND64) - ROUND64) as i32 as i16;
+                    let q = (f64::from(v) * inv).clamp(-32767.0, 32767.0);
+                    *o = ((q + ROUND64) - ROUND64) as i32 as i16;
                 }
+                let total: i32 = ws.iter().map(|&w| i32::from(w)).sum();
+                (f64::from(total), s * f64::from(step))
+            };
+            let (offset, unit) = ((0.5 * total * unit) as f32, unit as f32);
+            if !offset.is_finite() || !unit.is_finite() {
+                return None;
             }
-            let total: i32 = ws.iter().map(|&w| i32::from(w)).sum();
-            let unit = s * step;
-            out.chunks.push((0.5 * total as f32 * unit, unit));
+            out.chunks.push((offset, unit));
         }
         Some(top_all)
     }

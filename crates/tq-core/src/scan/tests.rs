@@ -1391,13 +1391,26 @@ fn int_sums_equal_the_scalar_twin_and_the_rows() {
             &[1, 31, 32, 129, 300],
         )
     };
+    let mut grids = Vec::new();
     for bits in 4..=8u32 {
         let mut values: Vec<i16> = (0..1 << bits)
             .map(|_| ((r.next_u64() % 16383) as i32 - 8192) as i16)
             .collect();
         // Code 0 is the grid's most negative value: all-zero blocks sum at the budget's edge.
         values[0] = -8192;
-        let book = IntCodebook::from_values(values, 0.001);
+        if bits == 8 {
+            // An antisymmetric 8-bit grid too: its look-up folds (one `vpermi2b` per plane).
+            let mut folded = values.clone();
+            for k in 0..128 {
+                folded[255 - k] = !folded[k];
+            }
+            let book = IntCodebook::from_values(folded, 0.001);
+            assert!(book.folded());
+            grids.push((bits, book));
+        }
+        grids.push((bits, IntCodebook::from_values(values, 0.001)));
+    }
+    for (bits, book) in grids {
         for &d in dims {
             let row_bytes = crate::bitpack::packed_len(d, bits);
             let bb = block_bytes(row_bytes);
@@ -1412,7 +1425,8 @@ fn int_sums_equal_the_scalar_twin_and_the_rows() {
                     // chunk; 2: flat positive weights, each chunk's sum at the budget.
                     let w: Vec<f32> = (0..rows)
                         .map(|i| match case {
-                            0 if (i / 40) % 3 == 1 => 0.0,
+                            // Zero runs of 130 rows: some blocks, and a whole chunk (128-255).
+                            0 if (i / 130) % 3 == 1 => 0.0,
                             0 => r.gaussian() as f32,
                             1 if i % INT_CHUNK == 7 => 3.0e4,
                             1 => r.uniform() as f32 * 1e-3,
@@ -1459,7 +1473,8 @@ fn bits_of(v: &[f32]) -> Vec<u32> {
 }
 
 /// Each x86 body of the integer sums the CPU can run gives the scalar twin's bits for one weight
-/// vector and for three per pass (the second with other weights).
+/// vector, for two per pass (the same weights, so whole chunks are skipped) and for three (the
+/// second with other weights).
 #[cfg(target_arch = "x86_64")]
 fn int_sum_bodies_agree(
     blocks: &[u8],
@@ -1493,11 +1508,14 @@ fn int_sum_bodies_agree(
             continue;
         }
         let mut one = [start.clone()];
+        let mut two = [start.clone(), start.clone()];
         let mut three = [start.clone(), start.clone(), start.clone()];
         {
             let mut a1: [&mut [f32]; 1] = one.each_mut().map(|v| v.as_mut_slice());
+            let mut a2: [&mut [f32]; 2] = two.each_mut().map(|v| v.as_mut_slice());
             let mut a3: [&mut [f32]; 3] = three.each_mut().map(|v| v.as_mut_slice());
-            let ws = [iw, &iw2, iw];
+            // Two vectors with the same zero runs (whole chunks skipped), three with another.
+            let (w2, ws) = ([iw, iw], [iw, &iw2, iw]);
             // SAFETY: the CPU features were checked above; the arguments passed the public
             // kernel's checks in the caller.
             unsafe {
@@ -1506,28 +1524,35 @@ fn int_sum_bodies_agree(
                         use super::x86::accumulate_i16_avx2 as f;
                         let planes = super::x86::nibble_planes_avx2(book.planes());
                         f::<4, 1>(codes, planes, [iw], &mut a1);
+                        f::<4, 2>(codes, planes, w2, &mut a2);
                         f::<4, 3>(codes, planes, ws, &mut a3);
                     }
                     (4, _) => {
                         use super::avx512::accumulate_i16_vnni as f;
                         let planes = super::avx512::nibble_planes_512(book.planes());
                         f::<4, 1>(codes, planes, [iw], &mut a1);
+                        f::<4, 2>(codes, planes, w2, &mut a2);
                         f::<4, 3>(codes, planes, ws, &mut a3);
                     }
                     (_, 0) => {
                         let halves = super::x86::plane_halves(book.planes());
                         wide_avx2(bits, codes, book.wide(), halves, [iw], &mut a1);
+                        wide_avx2(bits, codes, book.wide(), halves, w2, &mut a2);
                         wide_avx2(bits, codes, book.wide(), halves, ws, &mut a3);
                     }
                     _ => {
                         let planes = super::avx512::IntPlanes::new(book);
                         wide_vnni(bits, codes, &planes, [iw], &mut a1);
+                        wide_vnni(bits, codes, &planes, w2, &mut a2);
                         wide_vnni(bits, codes, &planes, ws, &mut a3);
                     }
                 }
             }
         }
         assert_eq!(bits_of(&one[0]), bits_of(want), "{what} body {body}");
+        for (k, t) in two.iter().enumerate() {
+            assert_eq!(bits_of(t), bits_of(want), "{what} body {body} {k} of 2");
+        }
         assert_eq!(
             bits_of(&three[0]),
             bits_of(want),
@@ -1640,6 +1665,31 @@ fn int_weights_stay_in_budget_and_near_the_weights() {
             assert!(!iw.active[7] && !iw.active[8], "rows 224-287 weigh nothing");
         }
     }
+    // A chunk of weights near 1e-39 (a subnormal f32 step) beside a chunk near 1, and a chunk
+    // of zeros: every chunk still within its limits, the tiny one's steps taken in f64.
+    let mixed: Vec<f32> = (0..3 * INT_CHUNK)
+        .map(|i| match i / INT_CHUNK {
+            0 => 1.0e-39 * (1.0 + (i % 7) as f32),
+            1 => 0.0,
+            _ => 0.5 + (i % 5) as f32,
+        })
+        .collect();
+    let iw = book
+        .quantize_weights(&mixed, None)
+        .expect("normal largest weight");
+    for (c, ws) in iw.weights.chunks(INT_CHUNK).enumerate() {
+        let l1: i64 = ws.iter().map(|&x| i64::from(x).abs()).sum();
+        assert!(
+            l1 <= INT_WEIGHT_BUDGET && ws.iter().all(|&x| x != i16::MIN),
+            "chunk {c}"
+        );
+    }
+    assert!(
+        iw.weights[..INT_CHUNK].iter().all(|&x| x > 0),
+        "tiny weights kept"
+    );
+    assert_eq!(iw.chunks[1], (0.0, 0.0));
+    assert!(iw.weights[INT_CHUNK..2 * INT_CHUNK].iter().all(|&x| x == 0));
     assert!(book.quantize_weights(&[1.0, f32::NAN], None).is_none());
     assert!(
         book.quantize_weights(&[f32::MAX, 2.0], Some(&[1.0, 4.0]))

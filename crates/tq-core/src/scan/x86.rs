@@ -1399,6 +1399,8 @@ macro_rules! int_sums_kernel {
             let units = dim.div_ceil($per);
             let groups = units.div_ceil(4);
             let per_chunk = super::INT_CHUNK / BLOCK;
+            // A chunk's weights are kept for four blocks.
+            const { assert!(super::INT_CHUNK / BLOCK == 4) };
             let mut local = vec![[0.0f32; W]; Q * groups];
             for c in 0..nblocks.div_ceil(per_chunk) {
                 let range = c * per_chunk..((c + 1) * per_chunk).min(nblocks);
@@ -1463,25 +1465,19 @@ macro_rules! int_sums_kernel {
 pub(super) use int_sums_kernel;
 
 /// One unit of 4-bit codes for [`int_sums_kernel`] on AVX2: nibble positions `2u, 2u + 1` (one
-/// coordinate per 128-bit lane; past the row's positions, zeros), split into rows 0-15 and
-/// 16-31, looked up in the grid's two byte planes (`planes`, in both lanes) by `vpshufb` and
-/// interleaved into words of rows 0-7, 8-15, 16-23 and 24-31.
+/// coordinate per 128-bit lane), split into rows 0-15 and 16-31, looked up in the grid's two
+/// byte planes (`planes`, in both lanes) by `vpshufb` and interleaved into words of rows 0-7,
+/// 8-15, 16-23 and 24-31.
 ///
 /// # Safety
-/// AVX2; `block` is one block (16 bytes per nibble position) and position `2u` lies in it.
+/// AVX2; `block` is one block (16 bytes per nibble position, `2 · row_bytes` of them, an even
+/// count) and position `2u` lies in it, so `2u + 1` does too.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn decode_nibbles_avx2(block: &[u8], u: usize, planes: &[__m256i; 2]) -> [__m256i; 4] {
-    let (p, positions) = (2 * u, block.len() / 16);
-    // SAFETY: positions p (and p + 1 when the row has it) are inside the block.
-    let x = unsafe {
-        let at = block.as_ptr().add(16 * p);
-        if p + 2 <= positions {
-            _mm256_loadu_si256(at as *const __m256i)
-        } else {
-            _mm256_zextsi128_si256(_mm_loadu_si128(at as *const __m128i))
-        }
-    };
+    debug_assert!(32 * u + 32 <= block.len());
+    // SAFETY: positions 2u and 2u + 1 are inside the block (the caller's contract).
+    let x = unsafe { _mm256_loadu_si256(block.as_ptr().add(32 * u) as *const __m256i) };
     let nib = _mm256_set1_epi8(0x0F);
     let lo = _mm256_and_si256(x, nib);
     let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), nib);
