@@ -197,7 +197,10 @@ fn fast_weighted_sums_follow_the_exact_route() {
     let xs = rows(n, d, 9);
     let mut b = batch(d, 4, g);
     b.extend(&xs).unwrap();
-    assert!(b.quantized_len() > 0 && b.quantized_len() < n, "a residual too");
+    assert!(
+        b.quantized_len() > 0 && b.quantized_len() < n,
+        "a residual too"
+    );
     let w: Vec<f32> = (0..n).map(|i| 1.0 / (1.0 + (i % 13) as f32)).collect();
     let (mut fast, mut exact) = (vec![0.0f32; d], vec![0.0f32; d]);
     b.weighted_sums_fast_into(&[&w], &mut [&mut fast]).unwrap();
