@@ -477,11 +477,6 @@ impl IntWeights {
     pub fn padded_len(&self) -> usize {
         self.weights.len()
     }
-
-    /// The weights, one per row (zero past the rows given).
-    pub fn weights(&self) -> &[i16] {
-        &self.weights
-    }
 }
 
 /// A query on an [`IntCodebook`]'s grid ([`IntCodebook::quantize_query`]): its weights and the

@@ -687,27 +687,8 @@ unsafe fn dot_block_i16_b5<const Q: usize>(
     weights: [&[i16]; Q],
     out: &mut [[f32; BLOCK]; Q],
 ) {
-    // t[p][h]: entries 16h..16h + 16 of plane p, in both 128-bit lanes.
-    let t: [[__m256i; 2]; 2] = std::array::from_fn(|p| {
-        std::array::from_fn(|h| {
-            // SAFETY: bytes 16h..16h + 16 of a 256-byte plane.
-            let half = unsafe { _mm_loadu_si128(planes[p][16 * h..].as_ptr() as *const __m128i) };
-            _mm256_broadcastsi128_si256(half)
-        })
-    });
-    let look_up = |codes: __m256i| {
-        // Bit 4 of each code into bit 7 of its byte (the 16-bit shift's carries land in bits 0-2
-        // of the byte above, which `vpblendvb` does not read).
-        let upper = _mm256_slli_epi16::<3>(codes);
-        let plane = |t: &[__m256i; 2]| {
-            _mm256_blendv_epi8(
-                _mm256_shuffle_epi8(t[0], codes),
-                _mm256_shuffle_epi8(t[1], codes),
-                upper,
-            )
-        };
-        (plane(&t[0]), plane(&t[1]))
-    };
+    let t = plane_halves(planes);
+    let look_up = |codes: __m256i| look_up_b5(codes, &t);
     const { assert!(super::INT_CHUNK.is_multiple_of(2)) };
     let dim = if Q == 0 { 0 } else { weights[0].len() };
     let zero = _mm256_setzero_si256();
@@ -1594,17 +1575,7 @@ unsafe fn decode_wide_avx2<const B: usize>(
     // SAFETY: the caller's contract.
     let codes = unsafe { wide_codes::<B>(block, j) };
     if B == 5 {
-        // Bit 4 of each code into bit 7 of its byte (the 16-bit shift's carries land in bits
-        // 0-2 of the byte above, which `vpblendvb` does not read).
-        let upper = _mm256_slli_epi16::<3>(codes);
-        let plane = |t: &[__m256i; 2]| {
-            _mm256_blendv_epi8(
-                _mm256_shuffle_epi8(t[0], codes),
-                _mm256_shuffle_epi8(t[1], codes),
-                upper,
-            )
-        };
-        let (lo, hi) = (plane(&halves[0]), plane(&halves[1]));
+        let (lo, hi) = look_up_b5(codes, halves);
         [_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)]
     } else {
         // SAFETY: every code indexes `wide` (the caller's contract).
@@ -1616,8 +1587,27 @@ unsafe fn decode_wide_avx2<const B: usize>(
     }
 }
 
+/// The low and high bytes of the grid values of 32 5-bit codes: each plane's two 16-entry halves
+/// looked up by `pshufb` and joined by a blend on bit 4 (the key dots' and the value sums' 5-bit
+/// look-up on AVX2).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn look_up_b5(codes: __m256i, halves: &[[__m256i; 2]; 2]) -> (__m256i, __m256i) {
+    // Bit 4 of each code into bit 7 of its byte (the 16-bit shift's carries land in bits 0-2 of
+    // the byte above, which `vpblendvb` does not read).
+    let upper = _mm256_slli_epi16::<3>(codes);
+    let plane = |t: &[__m256i; 2]| {
+        _mm256_blendv_epi8(
+            _mm256_shuffle_epi8(t[0], codes),
+            _mm256_shuffle_epi8(t[1], codes),
+            upper,
+        )
+    };
+    (plane(&halves[0]), plane(&halves[1]))
+}
+
 /// The grid's two 32-entry byte planes as 16-byte halves in both 128-bit lanes (the 5-bit
-/// look-up of [`decode_wide_avx2`]).
+/// look-up, [`look_up_b5`]).
 #[inline]
 #[target_feature(enable = "avx2")]
 pub(super) fn plane_halves(planes: &[[u8; 256]; 2]) -> [[__m256i; 2]; 2] {
