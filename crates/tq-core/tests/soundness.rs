@@ -379,7 +379,9 @@ fn integer_value_sums_refuse_mismatched_lengths() {
     must_panic("quantize_weights row scales", || {
         let _ = book.quantize_weights(&[1.0; 8], Some(&[1.0; 7]));
     });
-    // The correct shape runs: every code is 0 (grid value -80), weights 1 on n rows.
+    // The correct shape runs: every code is 0 (grid value -80), weights 1 on n rows. Each row's
+    // integer weight is round(1 / s) with s = n_chunk / (B - n_chunk), about 2 000 or more, so
+    // the sum is within 0.5 / 2 000 (2.5e-4) of exact, relative.
     accumulate_blocks_i16(&blocks, rb, 4, &book, &[&iw], &mut [&mut acc]);
     let want = n as f32 * (-80.0 + 0.5) * 0.01;
     assert!(

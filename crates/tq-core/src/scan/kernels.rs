@@ -839,10 +839,9 @@ unsafe fn int_sums<const B: usize>(
 ) -> bool {
     use super::avx512::{accumulate_i16_vnni, accumulate_i16_wide_vnni};
     use x86::{accumulate_i16_avx2, accumulate_i16_wide_avx2};
-    let bw = std::arch::is_x86_feature_detected!("avx512bw");
     // SAFETY (each): the CPU features the body needs are checked first; the caller's contract.
     unsafe {
-        if B == 4 && has_avx512_vnni() && bw {
+        if B == 4 && has_avx512_bw_vnni() {
             let planes = super::avx512::nibble_planes_512(codes.planes);
             int_groups!(accumulate_i16_vnni, B, codes, (planes), weights, accs);
         } else if B > 4 && has_avx512_vbmi() && has_avx512_vnni() {
@@ -1479,6 +1478,15 @@ pub(super) fn has_avx512_vnni() -> bool {
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni")
     })
+}
+
+/// [`has_avx512_vnni`] and AVX-512 BW: the 4-bit integer value sums (byte shuffles and masked
+/// byte loads on 512-bit registers, `vpdpwssd`).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_bw_vnni() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| has_avx512_vnni() && std::arch::is_x86_feature_detected!("avx512bw"))
 }
 
 /// AVX2, FMA and AVX-512 F present, and `TQ_NO_AVX512` unset (or empty or `0`).

@@ -1385,12 +1385,16 @@ macro_rules! int_sums_kernel {
             let mut local = vec![[0.0f32; W]; Q * groups];
             for c in 0..nblocks.div_ceil(per_chunk) {
                 let range = c * per_chunk..((c + 1) * per_chunk).min(nblocks);
-                let live = |b: usize| weights.iter().any(|w| w.active[b]);
-                if !range.clone().any(live) {
+                // The chunk's blocks where some weight vector weighs a row (found once).
+                let live: [bool; 4] = std::array::from_fn(|i| {
+                    range.contains(&(range.start + i))
+                        && weights.iter().any(|w| w.active[range.start + i])
+                });
+                if !live.contains(&true) {
                     continue;
                 }
                 let mut wide = [[[$zero; $regs]; 4]; Q];
-                for (i, b) in range.clone().enumerate() {
+                for (i, b) in range.clone().enumerate().filter(|&(i, _)| live[i]) {
                     for (wq, w) in wide.iter_mut().zip(&weights) {
                         // SAFETY: each weight vector covers the blocks: rows 32b..32b + 32.
                         wq[i] = unsafe { $weights(w.weights.as_ptr().add(b * BLOCK)) };
@@ -1400,7 +1404,7 @@ macro_rules! int_sums_kernel {
                     // acc[u][q]: unit 4 · g4 + u, weight vector q.
                     let mut acc = [[$zero; Q]; 4];
                     let n = (units - 4 * g4).min(4);
-                    for (i, b) in range.clone().enumerate().filter(|&(_, b)| live(b)) {
+                    for (i, b) in range.clone().enumerate().filter(|&(i, _)| live[i]) {
                         let block = &blocks[b * bb..(b + 1) * bb];
                         let one = |acc: &mut [$reg; Q], unit: usize| {
                             // SAFETY: the unit's coordinates below `dim` lie in the rows.
