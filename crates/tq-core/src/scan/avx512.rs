@@ -138,13 +138,19 @@ fn interleave_planes(b: [__m512i; 4]) -> [__m512; 4] {
 
 /// The 32 `B`-bit codes of coordinate `j` (`j mod 4 == K`, `K` 0 or 2) in the low 256 bits and,
 /// when `second`, those of coordinate `j + 1` in the high 256 bits (zero otherwise), as
-/// [`decode_pair`] takes them.
+/// [`decode_pair`] takes them: coordinate `c`'s row `r` at byte `32c + r`. Two 8-bit
+/// coordinates come from one load ([`byte_pair`]); 7-bit ones from the row windows of
+/// [`pair_codes_in`]; 5 and 6 bits (and a lone 8-bit coordinate) two [`wide_codes_k`] on AVX2
+/// registers. Chosen by measurement on Zen 4, where 512-bit permutes share two pipes: the
+/// windows' four permutes cost more than `wide_codes_k`'s shifts at 5 and 6 bits (f32 value sums
+/// 6% slower, integer sums no faster) and less at 7, where `wide_codes_k` reads three nibble
+/// positions per coordinate (integer value sums 8% faster, key dots 16%).
 ///
 /// # Safety
-/// The CPU supports AVX-512 F and AVX2; `5 <= B <= 8`; `j % 4 == K`; the nibble positions of
-/// coordinate `j` (and of `j + 1` when `second`) lie in the block (16 bytes each).
+/// The CPU supports AVX2 and AVX-512 F, BW and VBMI; `5 <= B <= 8`; `j % 4 == K`; the nibble
+/// positions of coordinate `j` (and of `j + 1` when `second`) lie in the block (16 bytes each).
 #[inline]
-#[target_feature(enable = "avx2,avx512f")]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi")]
 pub(super) unsafe fn pair_codes<const B: usize, const K: usize>(
     block: &[u8],
     j: usize,
@@ -157,6 +163,13 @@ pub(super) unsafe fn pair_codes<const B: usize, const K: usize>(
         // SAFETY: nibble positions 2j..2j + 4 of coordinates j and j + 1 are 64 contiguous
         // bytes of the block (the caller's contract).
         return unsafe { byte_pair(block, j) };
+    }
+    if B == 7 {
+        // SAFETY: the caller's contract; `PAIR_ORDER` has 64 bytes.
+        return unsafe {
+            let order = _mm512_loadu_si512(PAIR_ORDER.as_ptr() as *const _);
+            pair_codes_in::<B, K>(block, j, second, order)
+        };
     }
     // SAFETY: the caller's contract.
     let lo = unsafe { wide_codes_k::<B, K>(block, j) };
@@ -173,6 +186,134 @@ pub(super) unsafe fn pair_codes<const B: usize, const K: usize>(
         _mm256_setzero_si256()
     };
     _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+}
+
+/// Where [`pair_codes_in`]'s fields land before its last permute: the 64-bit word `r / 4`
+/// holds rows `4(r / 4)..+4`, coordinate `j`'s codes in its bytes `0..4` and `j + 1`'s in
+/// `4..8`. Returns the byte holding coordinate `c`'s row `r`.
+const fn field_byte(r: usize, c: usize) -> u8 {
+    (8 * (r / 4) + 4 * c + r % 4) as u8
+}
+
+/// `vpermb` indices from [`field_byte`]'s order to [`pair_codes`]'s (coordinate `c`'s row `r` at
+/// byte `32c + r`).
+const PAIR_ORDER: [u8; 64] = field_order(false);
+
+/// `vpermb` indices from [`field_byte`]'s order to [`pair_codes`]'s (`interleaved_order` false) or
+/// to the interleaved order of [`interleaved`].
+const fn field_order(interleaved_order: bool) -> [u8; 64] {
+    let mut idx = [0u8; 64];
+    let mut o = 0;
+    while o < 64 {
+        let (r, c) = if interleaved_order {
+            interleaved(o)
+        } else {
+            (o % 32, o / 32)
+        };
+        idx[o] = field_byte(r, c);
+        o += 1;
+    }
+    idx
+}
+
+/// Nibble positions `p..p + 4` of `block` (16 bytes each), those past its end zero (a masked
+/// load reads only the block's bytes).
+///
+/// # Safety
+/// AVX-512 F and BW; position `p` lies in `block` (`16 · p < block.len()`, a multiple of 16).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn load_positions(block: &[u8], p: usize) -> __m512i {
+    let positions = block.len() / 16;
+    debug_assert!(p < positions);
+    // SAFETY: position p lies in the block; the masked load reads only positions below
+    // `positions`.
+    unsafe {
+        let at = block.as_ptr().add(16 * p);
+        if p + 4 <= positions {
+            _mm512_loadu_si512(at as *const _)
+        } else {
+            _mm512_maskz_loadu_epi8((1u64 << (16 * (positions - p))) - 1, at as *const i8)
+        }
+    }
+}
+
+/// `vpermb` indices gathering each row's 16-bit window of four nibble positions from their 64
+/// bytes (128-bit lane `p` = position `p`, byte `r mod 16`: the low nibble for rows below 16,
+/// the high one above): `WINDOW[h]` puts, at byte `2r + b` (row `r`'s word, byte `b`), byte
+/// `r mod 16` of lane `2b + h`, whose nibble becomes the low (`h = 0`) or high (`h = 1`) half
+/// of that byte.
+const WINDOW: [[u8; 64]; 2] = {
+    let mut idx = [[0u8; 64]; 2];
+    let mut o = 0;
+    while o < 64 {
+        let (r, b) = (o / 2, o % 2);
+        idx[0][o] = (16 * (2 * b) + r % 16) as u8;
+        idx[1][o] = (16 * (2 * b + 1) + r % 16) as u8;
+        o += 1;
+    }
+    idx
+};
+
+/// The 64 `B`-bit codes of coordinates `j` and `j + 1` (`j mod 4 == K`, `K` 0 or 2; those of
+/// `j + 1` zero unless `second`), one per byte, placed by `order`: byte `o` of the result is
+/// byte `order[o]` of the [`field_byte`] order. One 64-byte load of the four nibble positions
+/// from `B·j / 4` (masked past the block's end) holds both codes of every row, at bit offset
+/// `B·K mod 4` of the row's 16-bit window: two `vpermb`, two shifts and a bit select assemble
+/// the 32 windows, one `vpmultishiftqb` cuts each row's two fields out of them, a mask keeps
+/// their `B` bits and one `vpermb` places them: nine operations for 64 codes, four of them permutes.
+///
+/// # Safety
+/// The CPU supports AVX-512 F, BW and VBMI; `5 <= B <= 8`; `j % 4 == K`; the nibble positions of
+/// coordinate `j` (and of `j + 1` when `second`) lie in the block (16 bytes each); `order` holds
+/// indices below 64.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+pub(super) unsafe fn pair_codes_in<const B: usize, const K: usize>(
+    block: &[u8],
+    j: usize,
+    second: bool,
+    order: __m512i,
+) -> __m512i {
+    // (Instantiated at every width by the AVX2 copies of the kernels, which never call it.)
+    const { assert!(K == 0 || K == 2) };
+    debug_assert!((5..=8).contains(&B) && j % 4 == K);
+    // SAFETY: position B·j / 4 (coordinate j's first) lies in the block.
+    let x = unsafe { load_positions(block, B * j / 4) };
+    // SAFETY: `WINDOW` holds two 64-byte tables.
+    let (even, odd) = unsafe {
+        (
+            _mm512_loadu_si512(WINDOW[0].as_ptr() as *const _),
+            _mm512_loadu_si512(WINDOW[1].as_ptr() as *const _),
+        )
+    };
+    // Rows 0..16 (64-bit words 0..4) take low nibbles, rows 16..32 high ones.
+    let low = _mm512_srlv_epi64(
+        _mm512_permutexvar_epi8(even, x),
+        _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4),
+    );
+    let high = _mm512_sllv_epi64(
+        _mm512_permutexvar_epi8(odd, x),
+        _mm512_setr_epi64(4, 4, 4, 4, 0, 0, 0, 0),
+    );
+    // Bit select: `low` where the mask 0x0F has a bit, `high` elsewhere (0xCA = a ? b : c).
+    let windows = _mm512_ternarylogic_epi32::<0xCA>(_mm512_set1_epi8(0x0F), low, high);
+    // Byte 4c + k of each 64-bit word: the field at bit 16k + B·K mod 4 + c·B (window k).
+    let shifts = const {
+        let mut s = 0u64;
+        let mut i = 0;
+        while i < 8 {
+            let (c, k) = (i / 4, i % 4);
+            s |= ((16 * k + B * K % 4 + c * B) as u64) << (8 * i);
+            i += 1;
+        }
+        s
+    };
+    let fields = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(shifts as i64), windows);
+    let mask = const { ((1u64 << B) - 1) * 0x0101_0101 };
+    let keep = if second { mask | (mask << 32) } else { mask };
+    let codes = _mm512_and_si512(fields, _mm512_set1_epi64(keep as i64));
+    _mm512_permutexvar_epi8(order, codes)
 }
 
 /// [`pair_codes`] at 8 bits, from one 64-byte load: nibble positions `P0..P4 = 2j..2j + 4`
@@ -380,18 +521,9 @@ const fn interleaved(o: usize) -> (usize, usize) {
     (row, b % 2)
 }
 
-/// `vpermb` indices from [`pair_codes`]'s order (coordinate `c`'s row `r` at byte `32c + r`) to
-/// the interleaved order.
-const INTERLEAVE: [u8; 64] = {
-    let mut idx = [0u8; 64];
-    let mut o = 0;
-    while o < 64 {
-        let (r, c) = interleaved(o);
-        idx[o] = (32 * c + r) as u8;
-        o += 1;
-    }
-    idx
-};
+/// `vpermb` indices from [`field_byte`]'s order to the interleaved order ([`pair_codes_in`]'s
+/// `order`).
+const INTERLEAVE: [u8; 64] = field_order(true);
 
 /// `vpermi2b` indices of the 8-bit codes' nibbles, in the interleaved order, from the 64 bytes
 /// of nibble positions `2j..2j + 4` (`A`, lanes `P0..P3`): a code's low nibble is in lane `2c`
@@ -415,7 +547,7 @@ const NIBBLES: [[u8; 64]; 2] = {
 /// values[code_j(row r)]`, in `i32` per chunk of `INT_CHUNK` coordinates whose sums are added
 /// to `f32` totals, two coordinates per step: their 64 codes in the interleaved
 /// order (8 bits: two `vpermi2b` over the nibble positions and a bit select; 5-7 bits:
-/// [`pair_codes`] and one `vpermb`), the grid values' two byte planes looked up
+/// [`pair_codes_in`] placing them), the grid values' two byte planes looked up
 /// ([`look_up_ints`]) and unpacked into words, each row's `(j, j + 1)` pair in one 32-bit lane,
 /// so one `vpdpwssd` per 16 rows adds both products, for each of the `Q` weight vectors (all of
 /// one length) from one look-up. The same sums as the scalar twin.
@@ -486,14 +618,13 @@ unsafe fn dot_block_i16_vnni<const B: usize, const Q: usize>(
         } else {
             // SAFETY: coordinates j (and j + 1 when `second`) are below the weights' length, so
             // their nibble positions lie in the block; j % 4 is 0 or 2 as the pair's parity.
-            let codes = unsafe {
+            unsafe {
                 if pair % 2 == 0 {
-                    pair_codes::<B, 0>(block, j, second)
+                    pair_codes_in::<B, 0>(block, j, second, interleave)
                 } else {
-                    pair_codes::<B, 2>(block, j, second)
+                    pair_codes_in::<B, 2>(block, j, second, interleave)
                 }
-            };
-            _mm512_permutexvar_epi8(interleave, codes)
+            }
         };
         let (lo, hi) = look_up_ints::<B>(codes, planes);
         let (w0, w1) = (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi));
@@ -599,17 +730,8 @@ fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn decode_nibbles_512(block: &[u8], u: usize, planes: &[__m512i; 2]) -> [__m512i; 4] {
-    let (p, positions) = (4 * u, block.len() / 16);
-    // SAFETY: the positions read are inside the block; the masked load reads only those below
-    // `positions`.
-    let x = unsafe {
-        let at = block.as_ptr().add(16 * p);
-        if p + 4 <= positions {
-            _mm512_loadu_si512(at as *const _)
-        } else {
-            _mm512_maskz_loadu_epi8((1u64 << (16 * (positions - p))) - 1, at as *const i8)
-        }
-    };
+    // SAFETY: position 4u lies in the block (the caller's contract).
+    let x = unsafe { load_positions(block, 4 * u) };
     let nib = _mm512_set1_epi8(0x0F);
     let lo = _mm512_and_si512(x, nib);
     let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(x), nib);
