@@ -165,6 +165,38 @@ fn scan_in_cache(c: &mut Criterion) {
             })
         });
     }
+    // A decode step's key scores (`scan_blocks_scores_multi`, the path attention takes): d = 128,
+    // 8 192 rows of 4-bit codes, 1-4 grouped queries with full-range tables, scores written as
+    // floats; throughput counts (key, query) pairs.
+    let rows = 8192;
+    let data: Vec<u8> = (0..rows / scan::BLOCK * scan::block_bytes(row_bytes))
+        .map(|_| r.next_u64() as u8)
+        .collect();
+    let scales = vec![1.0f32; rows];
+    let mut scores = vec![vec![0.0f32; rows]; 4];
+    for nq in 1..=4 {
+        g.throughput(Throughput::Elements((rows * nq) as u64));
+        g.bench_function(format!("d128_b4_scores_queries{nq}"), |b| {
+            b.iter(|| {
+                let mut jobs: Vec<scan::ScoreJob<'_>> = tables[..nq]
+                    .iter()
+                    .zip(scores.iter_mut())
+                    .map(|(t, out)| scan::ScoreJob {
+                        tables: t,
+                        affine: scan::Affine {
+                            offset: 0.5,
+                            step: 0.01,
+                            bias: 0.0,
+                        },
+                        out,
+                        marks: None,
+                    })
+                    .collect();
+                scan::scan_blocks_scores_multi(&data, row_bytes, &scales, &mut jobs);
+                black_box(scores[0][0])
+            })
+        });
+    }
     // The same at 5 bits (row_bytes 80): each code rebuilt once per group of up to three queries.
     let row_bytes = 80;
     let blocks = (256 << 10) / scan::block_bytes(row_bytes);

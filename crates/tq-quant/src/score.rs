@@ -383,7 +383,8 @@ where
 pub(crate) const CHUNK_ROWS: usize = 8 * BLOCK;
 
 /// Queries a many-query top-k scans together: each chunk of rows is handed to the fused kernel
-/// with all their jobs, which scans it once per pair ([`tq_core::scan::FUSED_QUERIES`]) while the
+/// with all their jobs, which scans it once per pair ([`tq_core::scan::FUSED_QUERIES`]; per three
+/// with AVX-512 VL, [`tq_core::scan::FUSED_QUERIES_WIDE`]) while the
 /// chunk's codes stay in the first two cache levels, so the codes stream from memory once per
 /// group rather than once per pair.
 pub(crate) const SEARCH_QUERIES: usize = 8;

@@ -928,6 +928,112 @@ fn vbmi_kernels_equal_avx2_bit_for_bit() {
     }
 }
 
+/// The affine map of job `q` in [`fused_scores_with_32_registers_equal_avx2`].
+#[cfg(target_arch = "x86_64")]
+fn test_affine(q: usize) -> Affine {
+    Affine {
+        offset: -2.0 + q as f32,
+        step: 0.01 * (q + 1) as f32,
+        bias: 0.5 * q as f32,
+    }
+}
+
+/// One marked job per output: job `i` scans `tables[i]` with the affine map of job `first + i`.
+#[cfg(target_arch = "x86_64")]
+fn jobs_of<'a>(
+    tables: &'a [Vec<u8>],
+    first: usize,
+    above: f32,
+    out: &'a mut [Vec<f32>],
+    masks: &'a mut [Vec<u32>],
+) -> Vec<ScoreJob<'a>> {
+    out.iter_mut()
+        .zip(masks.iter_mut())
+        .zip(tables)
+        .enumerate()
+        .map(|(i, ((o, m), t))| ScoreJob {
+            tables: t,
+            affine: test_affine(first + i),
+            out: o.as_mut_slice(),
+            marks: Some((above, m.as_mut_slice())),
+        })
+        .collect()
+}
+
+/// The fused score kernel compiled with AVX-512 VL (up to three jobs per pass) gives every job
+/// the scores and marks of the AVX2 copy run one job at a time, with one-step and four-step
+/// look-up grouping (tables below 64 for the latter), over sizes that cross the 256-step flush
+/// and a partial last block. Without AVX-512 VL there is nothing to compare.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn fused_scores_with_32_registers_equal_avx2() {
+    use std::arch::is_x86_feature_detected as has;
+    if cfg!(miri) || !(has!("avx2") && has!("fma") && has!("avx512f") && has!("avx512vl")) {
+        eprintln!("no AVX-512 VL on this CPU: nothing to compare");
+        return;
+    }
+    for row_bytes in [1usize, 7, 16, 64, 129, 300] {
+        let rows = 3 * BLOCK - 5;
+        let bl = block_bytes(row_bytes);
+        let blocks = random_bytes(3 * bl, 70 + row_bytes as u64);
+        let scales: Vec<f32> = (0..rows).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+        for small in [false, true] {
+            let tables: Vec<Vec<u8>> = (0..3)
+                .map(|q| {
+                    let t = random_bytes(bl, 80 + q as u64 + row_bytes as u64);
+                    t.into_iter()
+                        .map(|x| if small { x % 64 } else { x })
+                        .collect()
+                })
+                .collect();
+            let above = 0.5;
+            let fresh = || (vec![vec![f32::NAN; rows]; 3], vec![vec![0u32; 3]; 3]);
+            // Runs `$jobs` through the body `$f`, `$q` jobs per pass.
+            macro_rules! go {
+                ($f:ident, $q:literal, $jobs:expr) => {{
+                    let jobs: &mut [ScoreJob<'_>; $q] =
+                        $jobs.as_mut_slice().try_into().expect("job count");
+                    // SAFETY: the CPU features are present (checked above); `blocks` holds one
+                    // block of `bl` bytes per 32 of the `rows` rows, every table `bl` bytes,
+                    // every output `rows` floats, every mask slice one entry per block, and
+                    // `small` tables have every entry below 64, as four-step grouping needs.
+                    unsafe {
+                        if small {
+                            super::x86::$f::<$q, 4>(&blocks, bl, &scales, jobs)
+                        } else {
+                            super::x86::$f::<$q, 1>(&blocks, bl, &scales, jobs)
+                        }
+                    }
+                }};
+            }
+            // One job at a time through the AVX2 copy.
+            let (mut want, mut want_masks) = fresh();
+            for q in 0..3 {
+                let (o, m) = (&mut want[q..q + 1], &mut want_masks[q..q + 1]);
+                let mut job = jobs_of(&tables[q..], q, above, o, m);
+                go!(scan_blocks_scores_avx2, 1, job);
+            }
+            for n in 1..=3 {
+                let (mut got, mut got_masks) = fresh();
+                let mut jobs = jobs_of(&tables, 0, above, &mut got[..n], &mut got_masks[..n]);
+                match n {
+                    3 => go!(scan_blocks_scores_vl, 3, jobs),
+                    2 => go!(scan_blocks_scores_vl, 2, jobs),
+                    _ => go!(scan_blocks_scores_vl, 1, jobs),
+                }
+                drop(jobs);
+                let what = format!("row_bytes={row_bytes} small={small} jobs={n}");
+                assert_eq!(got[..n], want[..n], "{what}");
+                assert_eq!(got_masks[..n], want_masks[..n], "{what}, marks");
+                assert!(
+                    want_masks.iter().flatten().any(|&m| m != 0),
+                    "{what}: some row marked"
+                );
+            }
+        }
+    }
+}
+
 /// The AVX-512 VNNI nibble dots equal the AVX2 ones (and so the scalar twin: integer sums) over
 /// awkward step counts (every remainder of the four-step group), one to three weight vectors per
 /// pass, random and saturated weights and nibbles. Without VNNI there is nothing to compare.

@@ -924,99 +924,121 @@ pub(super) unsafe fn scan_block_multi_avx2<const Q: usize>(
     }
 }
 
-/// AVX2 body of `scan_blocks_scores_multi`: per block, one nibble pass for the `Q` jobs' tables
-/// with each job's `u32` row sums kept in registers, then per job `out = scales · (offset + step ·
-/// sum) + bias` in `f32` (8 rows per FMA pair) and, with marks `(above, masks)`, bit `r` of
-/// `masks[b]` set iff row `32b + r`'s score is `> above`. Rows past `scales.len()` (the last
-/// block's empty slots) are computed and dropped. `G` look-up steps are added as bytes before
-/// they are accumulated ([`nibble_chunk`]), which needs every job's table entries at most
-/// `255 / G` (else the sums are wrong, though memory stays safe).
-///
-/// # Safety
-/// The CPU supports AVX2 and FMA; `block_len` is a positive multiple of 32, `blocks.len() ==
-/// scales.len().div_ceil(32) · block_len`, and every job has `tables.len() == block_len`,
-/// `out.len() == scales.len()` and masks, if any, of `scales.len().div_ceil(32)` entries.
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn scan_blocks_scores_avx2<const Q: usize, const G: usize>(
-    blocks: &[u8],
-    block_len: usize,
-    scales: &[f32],
-    jobs: &mut [super::ScoreJob<'_>; Q],
-) {
-    let steps = block_len / 32;
-    let rows = scales.len();
-    let tables: [&[u8]; Q] = std::array::from_fn(|q| jobs[q].tables);
-    for (b, block) in blocks.chunks_exact(block_len).enumerate() {
-        let zero = _mm256_setzero_si256();
-        let mut sums = [[zero; 4]; Q];
-        let mut done = 0;
-        while done < steps {
-            let chunk = (steps - done).min(256);
-            // SAFETY: forwarded from the caller; `done + chunk <= steps`.
-            let acc = unsafe { nibble_chunk::<Q, G>(block, tables, done, done + chunk) };
-            done += chunk;
-            for (s, a) in sums.iter_mut().zip(&acc) {
-                for (s, r) in s.iter_mut().zip(chunk_rows(a, steps <= SHORT_STEPS)) {
-                    *s = _mm256_add_epi32(*s, r);
+/// Stamps out the body of `scan_blocks_scores_multi` (docs below) for one instruction-set level:
+/// the same operations on 256-bit registers, compiled once for AVX2 (sixteen registers: two jobs
+/// per pass) and once with AVX-512 VL enabled, whose 32 registers hold the accumulators of
+/// [`super::FUSED_QUERIES_WIDE`] jobs.
+macro_rules! scan_scores_kernel {
+    ($(#[$attr:meta])* $name:ident) => {
+        $(#[$attr])*
+        pub(super) unsafe fn $name<const Q: usize, const G: usize>(
+            blocks: &[u8],
+            block_len: usize,
+            scales: &[f32],
+            jobs: &mut [super::ScoreJob<'_>; Q],
+        ) {
+            let steps = block_len / 32;
+            let rows = scales.len();
+            let tables: [&[u8]; Q] = std::array::from_fn(|q| jobs[q].tables);
+            for (b, block) in blocks.chunks_exact(block_len).enumerate() {
+                let zero = _mm256_setzero_si256();
+                let mut sums = [[zero; 4]; Q];
+                let mut done = 0;
+                while done < steps {
+                    let chunk = (steps - done).min(256);
+                    // SAFETY: forwarded from the caller; `done + chunk <= steps`.
+                    let acc = unsafe { nibble_chunk::<Q, G>(block, tables, done, done + chunk) };
+                    done += chunk;
+                    for (s, a) in sums.iter_mut().zip(&acc) {
+                        for (s, r) in s.iter_mut().zip(chunk_rows(a, steps <= SHORT_STEPS)) {
+                            *s = _mm256_add_epi32(*s, r);
+                        }
+                    }
                 }
-            }
-        }
-        let start = b * BLOCK;
-        let n = (rows - start).min(BLOCK);
-        // A whole block reads its scales and writes its scores in place (no copies through
-        // 32-float buffers, which cost as much as a short block's scan); the last block's empty
-        // slots go through the buffers.
-        let tail: [f32; BLOCK];
-        let scale: &[f32] = if n == BLOCK {
-            &scales[start..start + BLOCK]
-        } else {
-            let mut t = [0.0f32; BLOCK];
-            t[..n].copy_from_slice(&scales[start..start + n]);
-            tail = t;
-            &tail
-        };
-        for (job, sums) in jobs.iter_mut().zip(sums) {
-            let (offset, step, bias) = (
-                _mm256_set1_ps(job.affine.offset),
-                _mm256_set1_ps(job.affine.step),
-                _mm256_set1_ps(job.affine.bias),
-            );
-            let above = _mm256_set1_ps(job.marks.as_ref().map_or(f32::INFINITY, |m| m.0));
-            let affine = |res: &mut [f32]| {
-                let mut mask = 0u32;
-                for (k, s) in sums.into_iter().enumerate() {
-                    // SAFETY: `scale` and `res` hold 32 floats; sums are below 2^31 (the public
-                    // check bounds `row_bytes`), so the signed conversion rounds as `u32 as f32`.
-                    let v = unsafe {
-                        let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), step, offset);
-                        let sc = _mm256_loadu_ps(scale.as_ptr().add(8 * k));
-                        let v = _mm256_fmadd_ps(v, sc, bias);
-                        _mm256_storeu_ps(res.as_mut_ptr().add(8 * k), v);
-                        v
-                    };
-                    let gt = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, above)) as u32;
-                    mask |= gt << (8 * k);
-                }
-                mask
-            };
-            let mask = if n == BLOCK {
-                affine(&mut job.out[start..start + BLOCK])
-            } else {
-                let mut buf = [0.0f32; BLOCK];
-                let mask = affine(&mut buf);
-                job.out[start..start + n].copy_from_slice(&buf[..n]);
-                mask
-            };
-            if let Some((_, m)) = job.marks.as_mut() {
-                m[b] = if n == BLOCK {
-                    mask
+                let start = b * BLOCK;
+                let n = (rows - start).min(BLOCK);
+                // A whole block reads its scales and writes its scores in place (no copies through
+                // 32-float buffers, which cost as much as a short block's scan); the last block's empty
+                // slots go through the buffers.
+                let tail: [f32; BLOCK];
+                let scale: &[f32] = if n == BLOCK {
+                    &scales[start..start + BLOCK]
                 } else {
-                    mask & ((1u32 << n) - 1)
+                    let mut t = [0.0f32; BLOCK];
+                    t[..n].copy_from_slice(&scales[start..start + n]);
+                    tail = t;
+                    &tail
                 };
+                for (job, sums) in jobs.iter_mut().zip(sums) {
+                    let (offset, step, bias) = (
+                        _mm256_set1_ps(job.affine.offset),
+                        _mm256_set1_ps(job.affine.step),
+                        _mm256_set1_ps(job.affine.bias),
+                    );
+                    let above = _mm256_set1_ps(job.marks.as_ref().map_or(f32::INFINITY, |m| m.0));
+                    let affine = |res: &mut [f32]| {
+                        let mut mask = 0u32;
+                        for (k, s) in sums.into_iter().enumerate() {
+                            // SAFETY: `scale` and `res` hold 32 floats; sums are below 2^31 (the public
+                            // check bounds `row_bytes`), so the signed conversion rounds as `u32 as f32`.
+                            let v = unsafe {
+                                let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), step, offset);
+                                let sc = _mm256_loadu_ps(scale.as_ptr().add(8 * k));
+                                let v = _mm256_fmadd_ps(v, sc, bias);
+                                _mm256_storeu_ps(res.as_mut_ptr().add(8 * k), v);
+                                v
+                            };
+                            let gt = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, above)) as u32;
+                            mask |= gt << (8 * k);
+                        }
+                        mask
+                    };
+                    let mask = if n == BLOCK {
+                        affine(&mut job.out[start..start + BLOCK])
+                    } else {
+                        let mut buf = [0.0f32; BLOCK];
+                        let mask = affine(&mut buf);
+                        job.out[start..start + n].copy_from_slice(&buf[..n]);
+                        mask
+                    };
+                    if let Some((_, m)) = job.marks.as_mut() {
+                        m[b] = if n == BLOCK {
+                            mask
+                        } else {
+                            mask & ((1u32 << n) - 1)
+                        };
+                    }
+                }
             }
         }
-    }
+    };
 }
+
+scan_scores_kernel!(
+    /// AVX2 body of `scan_blocks_scores_multi`: per block, one nibble pass for the `Q` jobs' tables
+    /// with each job's `u32` row sums kept in registers, then per job `out = scales · (offset + step ·
+    /// sum) + bias` in `f32` (8 rows per FMA pair) and, with marks `(above, masks)`, bit `r` of
+    /// `masks[b]` set iff row `32b + r`'s score is `> above`. Rows past `scales.len()` (the last
+    /// block's empty slots) are computed and dropped. `G` look-up steps are added as bytes before
+    /// they are accumulated ([`nibble_chunk`]), which needs every job's table entries at most
+    /// `255 / G` (else the sums are wrong, though memory stays safe).
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; `block_len` is a positive multiple of 32, `blocks.len() ==
+    /// scales.len().div_ceil(32) · block_len`, and every job has `tables.len() == block_len`,
+    /// `out.len() == scales.len()` and masks, if any, of `scales.len().div_ceil(32)` entries.
+    #[target_feature(enable = "avx2,fma")]
+    scan_blocks_scores_avx2
+);
+
+scan_scores_kernel!(
+    /// [`scan_blocks_scores_avx2`] with AVX-512 F and VL enabled (32 registers).
+    ///
+    /// # Safety
+    /// As [`scan_blocks_scores_avx2`], and the CPU supports AVX-512 F and VL.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    scan_blocks_scores_vl
+);
 
 /// Whether every byte of `tables` is below 64: 128 bytes at a time, the OR of four loads with bit
 /// 6 of each byte shifted onto bit 7 (a 16-bit shift: the bit a low byte pushes out lands on bit
