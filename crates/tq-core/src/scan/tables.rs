@@ -390,24 +390,27 @@ impl pulp::WithSimd for QuantizeWeights<'_> {
             let start = c * INT_CHUNK;
             let x = &mut x[..w.len()];
             let scales = row_scales.map_or(&ONES[..w.len()], |s| &s[start..start + w.len()]);
-            for ((x, &w), &s) in x.iter_mut().zip(w).zip(scales) {
-                *x = w * s;
-            }
-            // The products' largest magnitude and their sum, in 16 lanes.
+            // The products, their largest magnitude and their sum, in 16 lanes (lane `i` takes
+            // rows `i mod 16`), in one pass.
             let (mut top, mut l1) = ([0.0f32; 16], [0.0f32; 16]);
-            let mut lanes = |part: &[f32]| {
-                for ((t, l), &v) in top.iter_mut().zip(l1.iter_mut()).zip(part) {
+            let mut xs = x.chunks_exact_mut(16);
+            let (mut ws, mut ss) = (w.chunks_exact(16), scales.chunks_exact(16));
+            for ((x, w), s) in (&mut xs).zip(&mut ws).zip(&mut ss) {
+                for i in 0..16 {
+                    x[i] = w[i] * s[i];
                     // A plain comparison (one `maxps`): NaN is caught by the sums below.
-                    let a = v.abs();
-                    *t = if a > *t { a } else { *t };
-                    *l += a;
+                    let a = x[i].abs();
+                    top[i] = if a > top[i] { a } else { top[i] };
+                    l1[i] += a;
                 }
-            };
-            let mut parts = x.chunks_exact(16);
-            for part in &mut parts {
-                lanes(part);
             }
-            lanes(parts.remainder());
+            let tail = xs.into_remainder().iter_mut().zip(ws.remainder());
+            for (i, ((x, &w), &s)) in tail.zip(ss.remainder()).enumerate() {
+                *x = w * s;
+                let a = x.abs();
+                top[i] = if a > top[i] { a } else { top[i] };
+                l1[i] += a;
+            }
             let top = fold(top, |a, b| if b > a { b } else { a });
             let l1 = fold(l1, |a, b| a + b);
             // A NaN product makes its lane's sum NaN, an infinite one makes `top` infinite.
@@ -428,11 +431,12 @@ impl pulp::WithSimd for QuantizeWeights<'_> {
                 let inv = 1.0 / s;
                 // `v · inv + 1.5 · 2^23` has the rounded integer in its low mantissa bits, above
                 // the bits of 1.5 · 2^23 (0x4B40_0000): integer operations that vectorize.
+                let mut total = 0i32;
                 for (o, &v) in ws.iter_mut().zip(x.iter()) {
                     let q = (v * inv).clamp(-32767.0, 32767.0);
                     *o = ((q + ROUND32).to_bits() as i32).wrapping_sub(0x4B40_0000) as i16;
+                    total += i32::from(*o);
                 }
-                let total: i32 = ws.iter().map(|&w| i32::from(w)).sum();
                 (f64::from(total), f64::from(s * step))
             } else {
                 // A chunk far below f32's normal range, where a subnormal step would keep too
