@@ -101,6 +101,16 @@ pub(crate) fn nibble_tables(
     let per = (4 / bits) as usize;
     let mask = (1usize << bits) - 1;
     let mut t = vec![0.0f32; 16 * positions];
+    if bits == 4 {
+        // One coordinate per nibble: the same sums (`0 + w · value`, so a zero product is +0)
+        // as the general loop below, in a loop that vectorizes.
+        for (table, &w) in t.chunks_exact_mut(16).zip(weights) {
+            for (e, &v) in table.iter_mut().zip(&values[..16]) {
+                *e = 0.0 + w * v;
+            }
+        }
+        return t;
+    }
     for (n, table) in t.chunks_exact_mut(16).enumerate() {
         for (v, e) in table.iter_mut().enumerate() {
             let mut s = 0.0f32;
@@ -570,6 +580,27 @@ pub(crate) fn rerank_candidates(k: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The 4-bit tables (one coordinate per nibble) hold `0 + w · value` bit for bit, +0 for a
+    /// zero product and for positions past the weights, as the general 1- and 2-bit loop
+    /// computes its sums.
+    #[test]
+    fn four_bit_nibble_tables_follow_the_general_sums() {
+        let values: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) * 0.37).collect();
+        let weights = [0.5f32, -1.25, 0.0, -0.0, 3.0e-3, 7.0];
+        let t = nibble_tables(&weights, &values, 4, 8);
+        assert_eq!(t.len(), 8 * 16);
+        for (n, table) in t.chunks_exact(16).enumerate() {
+            for (v, &e) in table.iter().enumerate() {
+                let want = weights.get(n).map_or(0.0, |&w| 0.0 + w * values[v]);
+                assert_eq!(e.to_bits(), want.to_bits(), "position {n}, entry {v}");
+            }
+        }
+        assert!(
+            t[3 * 16..4 * 16].iter().all(|&e| e.to_bits() == 0),
+            "-0 weight gives +0"
+        );
+    }
 
     /// The search chunks tile `0..len` in order from 32-aligned starts: the first fills the
     /// selection (whole blocks, at least one), then sizes double up to the cap.

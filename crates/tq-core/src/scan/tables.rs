@@ -53,6 +53,43 @@ impl QuantizedLut {
             "{} table entries are not whole {entries}-entry tables",
             tables.len()
         );
+        // Compiled for the CPU's vector width: lane-wise compare-selects and float operations,
+        // the same bytes on every CPU.
+        crate::simd::arch().dispatch(QuantizeTables {
+            tables,
+            entries,
+            max,
+            lut: self,
+        });
+    }
+
+    /// Converts a `u8` table sum to a score.
+    #[inline]
+    pub fn score(&self, sum: u32) -> f32 {
+        self.offset + self.step * sum as f32
+    }
+}
+
+/// The body of [`QuantizedLut::quantize_tables_to`] (arguments checked), compiled for the CPU's
+/// vector width.
+struct QuantizeTables<'a> {
+    tables: &'a [f32],
+    entries: usize,
+    max: u8,
+    lut: &'a mut QuantizedLut,
+}
+
+impl pulp::WithSimd for QuantizeTables<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let Self {
+            tables,
+            entries,
+            max,
+            lut,
+        } = self;
         // Each table's minimum and maximum (8 lanes of compare-selects, which vectorise; the
         // lane order does not change a minimum).
         let (mut lows, mut range) = (Vec::with_capacity(tables.len() / entries), 0.0f32);
@@ -77,12 +114,12 @@ impl QuantizedLut {
         let top = f32::from(max);
         let step = if range > 0.0 { range / top } else { 1.0 };
         let inv = 1.0 / step;
-        self.tables.clear();
-        self.tables.resize(tables.len(), 0);
+        lut.tables.clear();
+        lut.tables.resize(tables.len(), 0);
         let mut offset = 0.0f64;
         for ((t, out), &lo) in tables
             .chunks_exact(entries)
-            .zip(self.tables.chunks_exact_mut(entries))
+            .zip(lut.tables.chunks_exact_mut(entries))
             .zip(&lows)
         {
             offset += lo as f64;
@@ -96,14 +133,8 @@ impl QuantizedLut {
                 *o = ((x + 12_582_912.0).to_bits() & 0xFF) as u8;
             }
         }
-        self.offset = offset as f32;
-        self.step = step;
-    }
-
-    /// Converts a `u8` table sum to a score.
-    #[inline]
-    pub fn score(&self, sum: u32) -> f32 {
-        self.offset + self.step * sum as f32
+        lut.offset = offset as f32;
+        lut.step = step;
     }
 }
 
