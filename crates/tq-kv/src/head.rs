@@ -764,7 +764,8 @@ impl HeadCache {
         let codes = s..s + qn;
         out.fill(0.0);
         let n = self.len();
-        let mut probs: Vec<Vec<f32>> = vec![vec![0.0f32; n]; limits.len()];
+        // One zeroed allocation per query (`vec![row; m]` would copy the first row into the rest).
+        let mut probs: Vec<Vec<f32>> = (0..limits.len()).map(|_| vec![0.0f32; n]).collect();
         // Raw scores of every query with a token to attend to: the quantized keys of all such
         // queries in one call (queries sharing passes over the codes where the kind allows), the
         // sink and the window exactly.

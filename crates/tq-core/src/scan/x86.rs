@@ -1405,6 +1405,9 @@ macro_rules! int_sums_kernel {
             // A chunk's weights are kept for four blocks.
             const { assert!(super::INT_CHUNK / BLOCK == 4) };
             let mut local = vec![[0.0f32; W]; Q * groups];
+            // A chunk's weights for four blocks, set per chunk for its live blocks only (the
+            // others are not read), so the array is cleared once, not per chunk.
+            let mut wide = [[[$zero; $regs]; 4]; Q];
             for c in 0..nblocks.div_ceil(per_chunk) {
                 let range = c * per_chunk..((c + 1) * per_chunk).min(nblocks);
                 // The chunk's blocks where some weight vector weighs a row (found once).
@@ -1415,7 +1418,6 @@ macro_rules! int_sums_kernel {
                 if !live.contains(&true) {
                     continue;
                 }
-                let mut wide = [[[$zero; $regs]; 4]; Q];
                 for (i, b) in range.clone().enumerate().filter(|&(i, _)| live[i]) {
                     for (wq, w) in wide.iter_mut().zip(&weights) {
                         // SAFETY: each weight vector covers the blocks: rows 32b..32b + 32.
