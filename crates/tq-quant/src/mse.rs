@@ -957,8 +957,8 @@ impl MseBatch {
     }
 
     /// [`MseBatch::score_into`] for several queries (`outs[i]` for `queries[i]`): on a batch
-    /// scanned on this thread, 1-, 2- and 4-bit tables score in pairs (each block read once per
-    /// pair, [`scan::scan_blocks_scores_multi`]) and 5-8-bit queries on one integer grid in groups
+    /// scanned on this thread, 1-, 2- and 4-bit tables score in pairs, or threes with AVX-512 VL
+    /// (each block read once per group, [`scan::scan_blocks_scores_multi`]) and 5-8-bit queries on one integer grid in groups
     /// of three (each code cut out and looked up once per group,
     /// [`scan::dot_blocks_scores_i16_multi`]); else one query at a time (the integer dots give
     /// [`MseBatch::score_into`]'s bits). O(queries · n).
@@ -1190,7 +1190,7 @@ impl MseBatch {
     /// 64-level candidate tables); queries with 1-, 2- or 4-bit tables are scanned in groups of
     /// eight when the batch is scanned on this thread: each chunk of rows goes to
     /// [`scan::scan_blocks_scores_multi`] with the group's jobs, which reads the chunk once per
-    /// pair while it stays in cache. O(queries · n + k log k each).
+    /// pair (three jobs with AVX-512 VL) while it stays in cache. O(queries · n + k log k each).
     pub fn top_k_many(&self, queries: &[&MseQuery], k: usize) -> Vec<Vec<Hit>> {
         let pairable = |q: &MseQuery| {
             q.tables

@@ -98,8 +98,6 @@ pub(crate) fn nibble_tables(
     bits: u32,
     positions: usize,
 ) -> Vec<f32> {
-    let per = (4 / bits) as usize;
-    let mask = (1usize << bits) - 1;
     let mut t = vec![0.0f32; 16 * positions];
     if bits == 4 {
         // One coordinate per nibble: the same sums (`0 + w · value`, so a zero product is +0)
@@ -111,6 +109,15 @@ pub(crate) fn nibble_tables(
         }
         return t;
     }
+    general_nibble_tables(weights, values, bits, &mut t);
+    t
+}
+
+/// [`nibble_tables`]' sums at any width (`4 / bits` coordinates per nibble) into `t` (zeroed,
+/// 16 entries per nibble position).
+fn general_nibble_tables(weights: &[f32], values: &[f32], bits: u32, t: &mut [f32]) {
+    let per = (4 / bits) as usize;
+    let mask = (1usize << bits) - 1;
     for (n, table) in t.chunks_exact_mut(16).enumerate() {
         for (v, e) in table.iter_mut().enumerate() {
             let mut s = 0.0f32;
@@ -123,7 +130,6 @@ pub(crate) fn nibble_tables(
             *e = s;
         }
     }
-    t
 }
 
 /// The tables of a query: `f32` for the exact path and `u8` for the fast path, the latter
@@ -275,7 +281,7 @@ impl Tables {
     }
 
     /// [`Tables::scores_fast`] for several queries' tables over the same rows (`outs[i]` with
-    /// `biases[i]`, no marks): nibble tables in pairs through the fused kernel, 5-bit tables in
+    /// `biases[i]`, no marks): nibble tables in pairs (threes with AVX-512 VL) through the fused kernel, 5-bit tables in
     /// groups of up to three through [`tq_core::scan::scan_block_b5_multi`] (each code rebuilt
     /// once per group), other mixes one query at a time.
     pub(crate) fn scores_fast_many(
@@ -581,25 +587,30 @@ pub(crate) fn rerank_candidates(k: usize) -> usize {
 mod tests {
     use super::*;
 
-    /// The 4-bit tables (one coordinate per nibble) hold `0 + w · value` bit for bit, +0 for a
-    /// zero product and for positions past the weights, as the general 1- and 2-bit loop
-    /// computes its sums.
+    /// The 4-bit tables (one coordinate per nibble) equal the general loop's bit for bit: +0 for
+    /// a zero or -0 weight and for positions past the weights.
     #[test]
     fn four_bit_nibble_tables_follow_the_general_sums() {
         let values: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) * 0.37).collect();
         let weights = [0.5f32, -1.25, 0.0, -0.0, 3.0e-3, 7.0];
         let t = nibble_tables(&weights, &values, 4, 8);
-        assert_eq!(t.len(), 8 * 16);
-        for (n, table) in t.chunks_exact(16).enumerate() {
-            for (v, &e) in table.iter().enumerate() {
-                let want = weights.get(n).map_or(0.0, |&w| 0.0 + w * values[v]);
-                assert_eq!(e.to_bits(), want.to_bits(), "position {n}, entry {v}");
-            }
+        let mut want = vec![0.0f32; 8 * 16];
+        general_nibble_tables(&weights, &values, 4, &mut want);
+        assert_eq!(t.len(), want.len());
+        for (i, (&e, &w)) in t.iter().zip(&want).enumerate() {
+            assert_eq!(
+                e.to_bits(),
+                w.to_bits(),
+                "position {}, entry {}",
+                i / 16,
+                i % 16
+            );
         }
         assert!(
             t[3 * 16..4 * 16].iter().all(|&e| e.to_bits() == 0),
             "-0 weight gives +0"
         );
+        assert_ne!(t[16], 0.0, "a live position has entries");
     }
 
     /// The search chunks tile `0..len` in order from 32-aligned starts: the first fills the

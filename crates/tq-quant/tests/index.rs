@@ -31,8 +31,8 @@ fn decoded_l2(index: &Index, q: &[f32]) -> Vec<f32> {
 }
 
 /// Queries searched in groups (each chunk of codes scanned once per pair of the group's queries,
-/// 1-, 2- and 4-bit codes) give each query exactly its own top-k; groups of odd size leave a
-/// query alone in its last pass, 3-bit codes go one by one.
+/// or per three with AVX-512 VL, 1-, 2- and 4-bit codes) give each query exactly its own top-k;
+/// groups that do not divide evenly leave a query or two in a last pass, 3-bit codes go one by one.
 #[test]
 fn inner_product_search_is_the_batch_top_k_of_every_query() {
     let (d, n, nq, k) = (64, 500, 21, 7);

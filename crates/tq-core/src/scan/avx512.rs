@@ -140,8 +140,8 @@ fn interleave_planes(b: [__m512i; 4]) -> [__m512; 4] {
 /// when `second`, those of coordinate `j + 1` in the high 256 bits (zero otherwise), as
 /// [`decode_pair`] takes them: coordinate `c`'s row `r` at byte `32c + r`. Two 8-bit
 /// coordinates come from one load ([`byte_pair`]); 7-bit ones from the row windows of
-/// [`pair_codes_in`]; 5 and 6 bits (and a lone 8-bit coordinate) two [`wide_codes_k`] on AVX2
-/// registers. Chosen by measurement on Zen 4, where 512-bit permutes share two pipes: the
+/// [`pair_codes_in`]; 5 and 6 bits, and a lone 8-bit coordinate, by [`wide_codes_k`] on AVX2
+/// registers (one per coordinate). Chosen by measurement on Zen 4, where 512-bit permutes share two pipes: the
 /// windows' four permutes cost more than `wide_codes_k`'s shifts at 5 and 6 bits (f32 value sums
 /// 6% slower, integer sums no faster) and less at 7, where `wide_codes_k` reads three nibble
 /// positions per coordinate (integer value sums 8% faster, key dots 16%).

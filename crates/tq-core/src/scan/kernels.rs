@@ -292,9 +292,10 @@ pub fn scan_blocks_scores_multi(
                     .all(|j| unsafe { x86::entries_below_64(j.tables) });
                 macro_rules! run {
                     ($g:literal) => {
-                        // SAFETY: AVX2 and FMA are present (checked at run time), the checks
-                        // above proved every job's length preconditions, and every entry is
-                        // at most `255 / G` (below 64 with four steps, any with one).
+                        // SAFETY: AVX2 and FMA are present, and AVX-512 F and VL where `wide`
+                        // (both checked at run time), the checks above proved every job's length
+                        // preconditions, and every entry is at most `255 / G` (below 64 with four
+                        // steps, any with one).
                         unsafe {
                             match (wide, group.len()) {
                                 (true, 3) => x86::scan_blocks_scores_vl::<3, $g>(
