@@ -394,9 +394,8 @@ pub fn exp_affine_sum_scalar(x: &mut [f32], scale: f32, shift: f32) -> f32 {
 /// scale · m)` (one fused multiply-add per argument, so the largest one's is within half an ulp
 /// of `scale · m` of zero) and its sum on SIMD lanes ([`exp_affine_sum`]), then one multiply by
 /// `1 / Σ`. A scale that is not positive and finite, or a shift `scale · m` that overflows, scales
-/// the scores first instead (four passes).
-/// The attention of the quantized caches and the dense baselines it is measured against share it.
-/// NaN-free input; an empty slice is left as is. O(n).
+/// the scores first instead (four passes). The attention of the quantized caches and the dense
+/// baselines it is measured against share it. NaN-free input; an empty slice is left as is. O(n).
 pub fn softmax_in_place(x: &mut [f32], scale: f32) {
     if x.is_empty() {
         return;

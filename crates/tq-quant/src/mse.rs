@@ -958,8 +958,8 @@ impl MseBatch {
 
     /// [`MseBatch::score_into`] for several queries (`outs[i]` for `queries[i]`): on a batch
     /// scanned on this thread, 1-, 2- and 4-bit tables score in pairs, or threes with AVX-512 VL
-    /// (each block read once per group, [`scan::scan_blocks_scores_multi`]) and 5-8-bit queries on one integer grid in groups
-    /// of three (each code cut out and looked up once per group,
+    /// (each block read once per group, [`scan::scan_blocks_scores_multi`]) and 5-8-bit queries
+    /// on one integer grid in groups of three (each code cut out and looked up once per group,
     /// [`scan::dot_blocks_scores_i16_multi`]); else one query at a time (the integer dots give
     /// [`MseBatch::score_into`]'s bits). O(queries · n).
     ///

@@ -101,7 +101,7 @@ pub(crate) fn nibble_tables(
     let mut t = vec![0.0f32; 16 * positions];
     if bits == 4 {
         // One coordinate per nibble: the same sums (`0 + w · value`, so a zero product is +0)
-        // as the general loop below, in a loop that vectorizes.
+        // as `general_nibble_tables`, in a loop that vectorizes.
         for (table, &w) in t.chunks_exact_mut(16).zip(weights) {
             for (e, &v) in table.iter_mut().zip(&values[..16]) {
                 *e = 0.0 + w * v;

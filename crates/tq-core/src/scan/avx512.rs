@@ -141,10 +141,10 @@ fn interleave_planes(b: [__m512i; 4]) -> [__m512; 4] {
 /// [`decode_pair`] takes them: coordinate `c`'s row `r` at byte `32c + r`. Two 8-bit
 /// coordinates come from one load ([`byte_pair`]); 7-bit ones from the row windows of
 /// [`pair_codes_in`]; 5 and 6 bits, and a lone 8-bit coordinate, by [`wide_codes_k`] on AVX2
-/// registers (one per coordinate). Chosen by measurement on Zen 4, where 512-bit permutes share two pipes: the
-/// windows' four permutes cost more than `wide_codes_k`'s shifts at 5 and 6 bits (f32 value sums
-/// 6% slower, integer sums no faster) and less at 7, where `wide_codes_k` reads three nibble
-/// positions per coordinate (integer value sums 8% faster, key dots 16%).
+/// registers (one per coordinate). Chosen by measurement on Zen 4, where 512-bit permutes share
+/// two pipes: the windows' four permutes cost more than `wide_codes_k`'s shifts at 5 and 6 bits
+/// (f32 value sums 6% slower, integer sums no faster) and less at 7, where `wide_codes_k` reads
+/// three nibble positions per coordinate (integer value sums 8% faster, key dots 16%).
 ///
 /// # Safety
 /// The CPU supports AVX2 and AVX-512 F, BW and VBMI; `5 <= B <= 8`; `j % 4 == K`; the nibble
@@ -261,7 +261,8 @@ const WINDOW: [[u8; 64]; 2] = {
 /// from `B·j / 4` (masked past the block's end) holds both codes of every row, at bit offset
 /// `B·K mod 4` of the row's 16-bit window: two `vpermb`, two shifts and a bit select assemble
 /// the 32 windows, one `vpmultishiftqb` cuts each row's two fields out of them, a mask keeps
-/// their `B` bits and one `vpermb` places them: nine operations for 64 codes, four of them permutes.
+/// their `B` bits and one `vpermb` places them: nine operations for 64 codes, four of them
+/// permutes.
 ///
 /// # Safety
 /// The CPU supports AVX-512 F, BW and VBMI; `5 <= B <= 8`; `j % 4 == K`; the nibble positions of

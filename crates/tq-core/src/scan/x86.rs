@@ -957,9 +957,9 @@ macro_rules! scan_scores_kernel {
                 }
                 let start = b * BLOCK;
                 let n = (rows - start).min(BLOCK);
-                // A whole block reads its scales and writes its scores in place (no copies through
-                // 32-float buffers, which cost as much as a short block's scan); the last block's empty
-                // slots go through the buffers.
+                // A whole block reads its scales and writes its scores in place (no copies
+                // through 32-float buffers, which cost as much as a short block's scan); the last
+                // block's empty slots go through the buffers.
                 let tail: [f32; BLOCK];
                 let scale: &[f32] = if n == BLOCK {
                     &scales[start..start + BLOCK]
@@ -979,8 +979,9 @@ macro_rules! scan_scores_kernel {
                     let affine = |res: &mut [f32]| {
                         let mut mask = 0u32;
                         for (k, s) in sums.into_iter().enumerate() {
-                            // SAFETY: `scale` and `res` hold 32 floats; sums are below 2^31 (the public
-                            // check bounds `row_bytes`), so the signed conversion rounds as `u32 as f32`.
+                            // SAFETY: `scale` and `res` hold 32 floats; sums are below 2^31 (the
+                            // public check bounds `row_bytes`), so the signed conversion rounds as
+                            // `u32 as f32`.
                             let v = unsafe {
                                 let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), step, offset);
                                 let sc = _mm256_loadu_ps(scale.as_ptr().add(8 * k));
@@ -988,7 +989,8 @@ macro_rules! scan_scores_kernel {
                                 _mm256_storeu_ps(res.as_mut_ptr().add(8 * k), v);
                                 v
                             };
-                            let gt = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, above)) as u32;
+                            let gt = _mm256_cmp_ps::<_CMP_GT_OQ>(v, above);
+                            let gt = _mm256_movemask_ps(gt) as u32;
                             mask |= gt << (8 * k);
                         }
                         mask
@@ -1016,9 +1018,9 @@ macro_rules! scan_scores_kernel {
 
 scan_scores_kernel!(
     /// AVX2 body of `scan_blocks_scores_multi`: per block, one nibble pass for the `Q` jobs' tables
-    /// with each job's `u32` row sums kept in registers, then per job `out = scales · (offset + step ·
-    /// sum) + bias` in `f32` (8 rows per FMA pair) and, with marks `(above, masks)`, bit `r` of
-    /// `masks[b]` set iff row `32b + r`'s score is `> above`. Rows past `scales.len()` (the last
+    /// with each job's `u32` row sums kept in registers, then per job `out = scales · (offset +
+    /// step · sum) + bias` in `f32` (8 rows per FMA pair) and, with marks `(above, masks)`, bit `r`
+    /// of `masks[b]` set iff row `32b + r`'s score is `> above`. Rows past `scales.len()` (the last
     /// block's empty slots) are computed and dropped. `G` look-up steps are added as bytes before
     /// they are accumulated ([`nibble_chunk`]), which needs every job's table entries at most
     /// `255 / G` (else the sums are wrong, though memory stays safe).
