@@ -2,7 +2,7 @@
 //! up to 256 entries looked up with `vpermb` / `vpermi2b` instead of gathers, two coordinates' 32
 //! codes per 512-bit register) and VNNI nibble dot products (`vpdpbusd`: four nibble positions
 //! of a row against four `i8` weights into one `i32` lane; `vpdpwssd`: the integer weighted
-//! sums of 4-bit codes, four coordinates per register). Every function needs the AVX-512
+//! sums of 4-8-bit codes, four coordinates per register). Every function needs the AVX-512
 //! features it names (the callers check them once at run time); the `unsafe` ones also read
 //! memory, and their `# Safety` names the lengths the caller (the checked public kernels) must
 //! have proven.
@@ -143,8 +143,8 @@ fn interleave_planes(b: [__m512i; 4]) -> [__m512; 4] {
 /// [`pair_codes_in`]; 5 and 6 bits, and a lone 8-bit coordinate, by [`wide_codes_k`] on AVX2
 /// registers (one per coordinate). Chosen by measurement on Zen 4, where 512-bit permutes share
 /// two pipes: the windows' four permutes cost more than `wide_codes_k`'s shifts at 5 and 6 bits
-/// (f32 value sums 6% slower, integer sums no faster) and less at 7, where `wide_codes_k` reads
-/// three nibble positions per coordinate (integer value sums 8% faster, key dots 16%).
+/// (f32 value sums 6% slower) and less at 7, where `wide_codes_k` reads three nibble positions
+/// per coordinate (f32 value sums 2% faster, key dots 16%).
 ///
 /// # Safety
 /// The CPU supports AVX2 and AVX-512 F, BW and VBMI; `5 <= B <= 8`; `j % 4 == K`; the nibble
@@ -484,27 +484,34 @@ pub(super) unsafe fn dot_nibbles_i8_vnni<const Q: usize>(
 }
 
 /// An [`IntCodebook`]'s two byte planes in registers: `t[p][q]` holds byte `p` (little endian)
-/// of `values[64q..64q + 64]`, zero past the table's end.
+/// of `values[64q..64q + 64]`, zero past the table's end, except that for 5-bit codes entries
+/// 0..32 repeat at 32..64 (so a 5-bit code's look-up may leave its sixth bit set).
 pub(super) struct IntPlanes {
     t: [[__m512i; 4]; 2],
     folded: bool,
 }
 
 impl IntPlanes {
-    /// The planes of `codebook` (eight 64-byte loads).
+    /// The planes of `codebook` for `bits`-bit codes (eight 64-byte loads).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) fn new(codebook: &IntCodebook) -> Self {
+    pub(super) fn new(codebook: &IntCodebook, bits: u32) -> Self {
         let planes = codebook.planes();
-        let t = std::array::from_fn(|p| {
+        let mut t: [[__m512i; 4]; 2] = std::array::from_fn(|p| {
             std::array::from_fn(|q| {
                 // SAFETY: bytes 64q..64q + 64 of a 256-byte plane.
                 unsafe { _mm512_loadu_si512(planes[p][64 * q..].as_ptr() as *const _) }
             })
         });
+        if bits == 5 {
+            for t in &mut t {
+                // 128-bit lanes (0, 1, 0, 1): entries 0..32 again at 32..64.
+                t[0] = _mm512_shuffle_i64x2::<0b01_00_01_00>(t[0], t[0]);
+            }
+        }
         Self {
             t,
-            folded: codebook.folded(),
+            folded: codebook.folded() && std::env::var_os("TQ_X").is_none(),
         }
     }
 }
@@ -673,16 +680,13 @@ fn look_up_ints<const B: usize>(codes: __m512i, planes: &IntPlanes) -> (__m512i,
         _ => {
             let upper = _mm512_movepi8_mask(codes);
             if planes.folded {
-                // 0x7F - k has the low 7 bits of 255 - k, the ones `vpermi2b` reads.
-                let mirror = _mm512_mask_sub_epi8(codes, upper, _mm512_set1_epi8(0x7F), codes);
+                // All ones in the bytes of codes from 128: `k ^ 0xFF = 255 - k`, whose low 7
+                // bits are the ones `vpermi2b` reads, and the one's complement of both bytes.
+                let flip = _mm512_movm_epi8(upper);
+                let mirror = _mm512_xor_si512(codes, flip);
                 let lo = _mm512_permutex2var_epi8(t[0][0], mirror, t[0][1]);
                 let hi = _mm512_permutex2var_epi8(t[1][0], mirror, t[1][1]);
-                // -1 - x = !x, byte by byte: the word's one's complement.
-                let ones = _mm512_set1_epi8(-1);
-                (
-                    _mm512_mask_sub_epi8(lo, upper, ones, lo),
-                    _mm512_mask_sub_epi8(hi, upper, ones, hi),
-                )
+                (_mm512_xor_si512(lo, flip), _mm512_xor_si512(hi, flip))
             } else {
                 let plane = |p: usize| {
                     _mm512_mask_blend_epi8(
@@ -802,68 +806,153 @@ super::x86::int_sums_kernel!(
     fload: _mm512_loadu_ps, fstore: _mm512_storeu_ps, extra: (planes: [__m512i; 2])
 );
 
-/// The four 5-8-bit units' sums on AVX-512 (two coordinates per unit: 128-bit lanes 0-1 the
-/// first, 2-3 the second): the lanes' sums ([`reduce_lanes_512`]), then lanes 0 + 1 and 2 + 3,
-/// so the result holds the units' first coordinates in its low half and their second
-/// coordinates in its high half.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn reduce_pairs(a: [__m512i; 4]) -> __m256i {
-    let s = reduce_lanes_512(a);
-    // Lanes (1, 0, 3, 2) added to (0, 1, 2, 3); then lanes 0 and 2 into the low 256 bits.
-    let t = _mm512_add_epi32(s, _mm512_shuffle_i64x2::<0b10_11_00_01>(s, s));
-    _mm512_castsi512_si256(_mm512_shuffle_i64x2::<0b00_00_10_00>(t, t))
-}
-
-/// The weights of one block for the wide integer sums on AVX-512: rows 0-7 | 16-23 and
-/// 8-15 | 24-31, each twice (once per coordinate of a unit).
+/// The nibble positions holding unit `u`'s four coordinates `4u + c` for `B`-bit codes: lane
+/// `c` of piece `k` is position `B·u + ⌊B·c / 4⌋ + k` (a unit's `4B` bits are whole nibbles, so
+/// each unit starts one), zero past the block's end. A code lies at bit offset `B·c mod 4` of
+/// its piece 0, continues in piece 1 and, when `B·c mod 4 + B > 8`, in piece 2. At 5 bits the
+/// pieces are two 64-byte loads; wider, two loads of positions `B·u..B·u + 8` and one `vpermt2q`
+/// (or `vshufi64x2` at 8 bits) per piece. Piece 2 is zero except at 7 bits.
 ///
 /// # Safety
-/// 32 readable `i16` at `p`.
+/// AVX-512 F and BW; `5 <= B <= 8`; `block` is one block (16 bytes per nibble position) and
+/// position `B·u` lies in it.
 #[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn pair_weights(p: *const i16) -> [__m512i; 2] {
-    // SAFETY: the caller's 64 bytes.
-    let v = unsafe { _mm512_loadu_si512(p as *const _) };
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn unit_pieces<const B: usize>(block: &[u8], u: usize) -> [__m512i; 3] {
+    let first = B * u;
+    if B == 5 {
+        // SAFETY (both): position 5u lies in the block; 5u + 1 too, as coordinate 4u's code
+        // ends there; `load_positions` masks what is past the end.
+        return unsafe {
+            [
+                load_positions(block, first),
+                load_positions(block, first + 1),
+                _mm512_setzero_si512(),
+            ]
+        };
+    }
+    // SAFETY: position first lies in the block; the second load only when first + 4 does.
+    let (a, b) = unsafe {
+        let a = load_positions(block, first);
+        let b = if first + 4 < block.len() / 16 {
+            load_positions(block, first + 4)
+        } else {
+            _mm512_setzero_si512()
+        };
+        (a, b)
+    };
+    if B == 8 {
+        // Lanes (0, 2) of each load, then (1, 3).
+        let x = _mm512_shuffle_i64x2::<0b10_00_10_00>(a, b);
+        let y = _mm512_shuffle_i64x2::<0b11_01_11_01>(a, b);
+        return [x, y, _mm512_setzero_si512()];
+    }
+    // vpermt2q indices: qword 2c + h of piece k is qword 2p + h of (a, b), p = ⌊B·c / 4⌋ + k.
+    let index = |k: usize| {
+        let mut q = [0i64; 8];
+        for (i, q) in q.iter_mut().enumerate() {
+            let (c, h) = (i / 2, i % 2);
+            *q = (2 * (B * c / 4 + k) + h) as i64;
+        }
+        // SAFETY: 64 bytes.
+        unsafe { _mm512_loadu_si512(q.as_ptr() as *const _) }
+    };
+    let z = if B == 7 {
+        _mm512_permutex2var_epi64(a, index(2), b)
+    } else {
+        _mm512_setzero_si512()
+    };
     [
-        _mm512_shuffle_i64x2::<0b10_00_10_00>(v, v),
-        _mm512_shuffle_i64x2::<0b11_01_11_01>(v, v),
+        _mm512_permutex2var_epi64(a, index(0), b),
+        _mm512_permutex2var_epi64(a, index(1), b),
+        z,
     ]
 }
 
-/// The grid values of coordinates `2u` and `2u + 1` (the second zero past `dim`): their 64 codes
-/// ([`pair_codes`]), the grid's two byte planes looked up ([`look_up_ints`]) and interleaved into
-/// words: rows 0-7 | 16-23 and 8-15 | 24-31 of each coordinate.
+/// The grid values of unit `u`'s four coordinates `4u..4u + 4` (`5 <= B <= 8`), one coordinate
+/// per 128-bit lane as [`decode_nibbles_512`] gives 4-bit units: each lane's pieces
+/// ([`unit_positions`]) shifted by its own bit offset (`vpsrlvq` / `vpsllvq`) and joined by bit
+/// selects into the codes of rows 0-15 (low nibbles) and 16-31 (high nibbles), one code per
+/// byte; the grid's two byte planes looked up ([`look_up_ints`]) and interleaved into words of
+/// rows 0-7, 8-15, 16-23 and 24-31. Bits above a code's `B` are not cleared where the look-up
+/// ignores them (6 and 7 bits; 5 bits index a table repeated with period 32, [`IntPlanes`]).
+/// Lanes past `dim` hold codes of no coordinate (or zero), summed and never read.
 ///
 /// # Safety
-/// AVX2 and AVX-512 F, BW and VBMI; `5 <= B <= 8`; coordinates below `dim` have their nibble
-/// positions in `block`; `planes` is the grid's.
+/// AVX-512 F, BW and VBMI; `5 <= B <= 8`; `block` is one block; `planes` is the grid's.
 #[inline]
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi")]
-unsafe fn decode_pair_ints<const B: usize>(
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn decode_wide_512<const B: usize>(
     block: &[u8],
     u: usize,
-    dim: usize,
     planes: &IntPlanes,
-) -> [__m512i; 2] {
-    let (j, second) = (2 * u, 2 * u + 1 < dim);
-    // SAFETY: the caller's contract; j % 4 is 0 or 2 as u's parity.
-    let codes = unsafe {
-        if u.is_multiple_of(2) {
-            pair_codes::<B, 0>(block, j, second)
-        } else {
-            pair_codes::<B, 2>(block, j, second)
+) -> [__m512i; 4] {
+    // SAFETY: the caller's contract.
+    let [x, y, z] = unsafe { unit_pieces::<B>(block, u) };
+    let (low, high) = if B == 8 {
+        // Whole bytes: the low nibble from position 2j, the high one from 2j + 1.
+        let nib = _mm512_set1_epi8(0x0F);
+        (
+            _mm512_ternarylogic_epi32::<0xCA>(nib, x, _mm512_slli_epi64::<4>(y)),
+            _mm512_ternarylogic_epi32::<0xCA>(nib, _mm512_srli_epi64::<4>(x), y),
+        )
+    } else {
+        let (off, m1, m12) = const {
+            let (mut off, mut m1, mut m12) = ([0i64; 8], [0i64; 8], [0i64; 8]);
+            let mut q = 0;
+            while q < 8 {
+                let o = (B * (q / 2)) % 4;
+                off[q] = o as i64;
+                m1[q] = ((0x0F >> o) as u64 * 0x0101_0101_0101_0101) as i64;
+                m12[q] = ((0xFF >> o) as u64 * 0x0101_0101_0101_0101) as i64;
+                q += 1;
+            }
+            (off, m1, m12)
+        };
+        // SAFETY (the three): 64-byte constants.
+        let (off, m1, m12) = unsafe {
+            (
+                _mm512_loadu_si512(off.as_ptr() as *const _),
+                _mm512_loadu_si512(m1.as_ptr() as *const _),
+                _mm512_loadu_si512(m12.as_ptr() as *const _),
+            )
+        };
+        let four = _mm512_set1_epi64(4);
+        let (up4, down4) = (_mm512_sub_epi64(four, off), _mm512_add_epi64(four, off));
+        // A lane's code: bits 0..4 - o from the first position's nibble, shifted down by o;
+        // the next 4 from the second's nibble; at 7 bits, what is left from the third's.
+        let mut low = _mm512_ternarylogic_epi32::<0xCA>(
+            m1,
+            _mm512_srlv_epi64(x, off),
+            _mm512_sllv_epi64(y, up4),
+        );
+        let mut high = _mm512_ternarylogic_epi32::<0xCA>(
+            m1,
+            _mm512_srlv_epi64(x, down4),
+            _mm512_srlv_epi64(y, off),
+        );
+        if B == 7 {
+            let up8 = _mm512_add_epi64(up4, four);
+            low = _mm512_ternarylogic_epi32::<0xCA>(m12, low, _mm512_sllv_epi64(z, up8));
+            high = _mm512_ternarylogic_epi32::<0xCA>(m12, high, _mm512_sllv_epi64(z, up4));
         }
+        (low, high)
     };
-    let (lo, hi) = look_up_ints::<B>(codes, planes);
-    [_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi)]
+    let (l0, h0) = look_up_ints::<B>(low, planes);
+    let (l1, h1) = look_up_ints::<B>(high, planes);
+    [
+        _mm512_unpacklo_epi8(l0, h0),
+        _mm512_unpackhi_epi8(l0, h0),
+        _mm512_unpacklo_epi8(l1, h1),
+        _mm512_unpackhi_epi8(l1, h1),
+    ]
 }
 
 super::x86::int_sums_kernel!(
     #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni")]
-    accumulate_i16_wide_vnni, __m512i, per: 2, regs: 2, zero: _mm512_setzero_si512(),
-    decode: |block: &[u8], unit: usize, dim: usize| decode_pair_ints::<B>(block, unit, dim, planes),
-    weights: pair_weights, dot: dpwssd, reduce: reduce_pairs,
-    fsplat: _mm256_set1_ps, cvt: _mm256_cvtepi32_ps, fadd: _mm256_add_ps, fmul: _mm256_mul_ps,
-    fload: _mm256_loadu_ps, fstore: _mm256_storeu_ps, extra: (planes: &IntPlanes)
+    accumulate_i16_wide_vnni, __m512i, per: 4, regs: 4, zero: _mm512_setzero_si512(),
+    decode: |block: &[u8], unit: usize, _dim: usize| decode_wide_512::<B>(block, unit, planes),
+    weights: nibble_weights_512, dot: dpwssd, reduce: reduce_lanes_512,
+    fsplat: _mm512_set1_ps, cvt: _mm512_cvtepi32_ps, fadd: _mm512_add_ps, fmul: _mm512_mul_ps,
+    fload: _mm512_loadu_ps, fstore: _mm512_storeu_ps, extra: (planes: &IntPlanes)
 );

@@ -791,8 +791,10 @@ pub fn accumulate_blocks_multi(
 /// 4 bits: with AVX-512 BW and VNNI, four coordinates' 32 codes per 64-byte load, the nibbles
 /// split, each looked up in the grid's two byte planes by `vpshufb` and interleaved into `i16`
 /// pairs of rows, one `vpdpwssd` per 8 rows and weight vector; with AVX2 two coordinates at a
-/// time through `vpmaddwd`. 5-8 bits: with AVX-512 VBMI and VNNI, two coordinates' 64 codes cut
-/// out of the nibble layout and both byte planes looked up by `vpermb` / `vpermi2b`; with AVX2
+/// time through `vpmaddwd`. 5-8 bits: with AVX-512 VBMI and VNNI, four coordinates' 128 codes
+/// cut out of the nibble layout by per-lane shifts (each coordinate's code at its own bit offset
+/// in its 128-bit lane), both byte planes looked up by `vpermb` / `vpermi2b` and the same
+/// `vpdpwssd` loop as at 4 bits; with AVX2
 /// one coordinate's codes, looked up by `pshufb` (5 bits) or gathered (6-8 bits). A grouped-query
 /// head's weight vectors share each decode; other CPUs take [`accumulate_blocks_i16_scalar`] per
 /// vector. Blocks whose weights are all zero are skipped. O(rows · dim · (1 + vectors / 4)).
@@ -875,7 +877,7 @@ unsafe fn int_sums<const B: usize>(
             let planes = super::avx512::nibble_planes_512(codes.planes);
             int_groups!(accumulate_i16_vnni, B, codes, (planes), weights, accs);
         } else if B > 4 && has_avx512_vbmi() && has_avx512_vnni() {
-            let planes = super::avx512::IntPlanes::new(codebook);
+            let planes = super::avx512::IntPlanes::new(codebook, B as u32);
             int_groups!(accumulate_i16_wide_vnni, B, codes, (&planes), weights, accs);
         } else if B == 4 && has_avx2() {
             let planes = x86::nibble_planes_avx2(codes.planes);
@@ -1150,7 +1152,7 @@ fn int_group<const Q: usize>(
     {
         if has_avx512_vbmi() && has_avx512_vnni() {
             // SAFETY: AVX2 and AVX-512 F, BW, VBMI and VNNI are present (checked at run time).
-            let planes = unsafe { super::avx512::IntPlanes::new(codebook) };
+            let planes = unsafe { super::avx512::IntPlanes::new(codebook, bits) };
             int_blocks::<Q>(blocks, row_bytes, scales, jobs, |block, sums| {
                 // SAFETY: the CPU features as above; the checks proved the block's size, that
                 // every weight's coordinate lies in a row and that no partial sum overflows.

@@ -1218,7 +1218,7 @@ fn int_dot_bodies_agree(
         if vnni {
             // SAFETY: the AVX-512 features are present (checked above); shapes as above.
             unsafe {
-                let planes = super::avx512::IntPlanes::new(book);
+                let planes = super::avx512::IntPlanes::new(book, bits);
                 super::avx512::dot_block_i16_x86(block, bits, &planes, [w], &mut got);
             }
             assert_eq!(got[0].map(f32::to_bits), want, "{what}: AVX-512");
@@ -1248,7 +1248,7 @@ fn int_dot_bodies_agree(
         if vnni {
             // SAFETY: as above.
             unsafe {
-                let planes = super::avx512::IntPlanes::new(book);
+                let planes = super::avx512::IntPlanes::new(book, bits);
                 super::avx512::dot_block_i16_x86(block, bits, &planes, [w, &neg, w], &mut got3);
             }
             assert_eq!(
@@ -1514,6 +1514,13 @@ fn int_sums_equal_the_scalar_twin_and_the_rows() {
             assert!(book.folded());
             grids.push((bits, book));
         }
+        if bits == 5 {
+            // A grid longer than the codes need: a 5-bit code's stray sixth bit must not reach
+            // its upper half.
+            let mut long = values.clone();
+            long.extend(values.iter().map(|v| v / 2 + 77));
+            grids.push((bits, IntCodebook::from_values(long, 0.001)));
+        }
         grids.push((bits, IntCodebook::from_values(values, 0.001)));
     }
     for (bits, book) in grids {
@@ -1647,7 +1654,7 @@ fn int_sum_bodies_agree(
                         wide_avx2(bits, codes, book.wide(), halves, ws, &mut a3);
                     }
                     _ => {
-                        let planes = super::avx512::IntPlanes::new(book);
+                        let planes = super::avx512::IntPlanes::new(book, bits);
                         wide_vnni(bits, codes, &planes, [iw], &mut a1);
                         wide_vnni(bits, codes, &planes, w2, &mut a2);
                         wide_vnni(bits, codes, &planes, ws, &mut a3);
