@@ -165,11 +165,8 @@ pub(super) unsafe fn pair_codes<const B: usize, const K: usize>(
         return unsafe { byte_pair(block, j) };
     }
     if B == 7 {
-        // SAFETY: the caller's contract; `PAIR_ORDER` has 64 bytes.
-        return unsafe {
-            let order = _mm512_loadu_si512(PAIR_ORDER.as_ptr() as *const _);
-            pair_codes_in::<B, K>(block, j, second, order)
-        };
+        // SAFETY: the caller's contract.
+        return unsafe { pair_codes_in::<B, K>(block, j, second) };
     }
     // SAFETY: the caller's contract.
     let lo = unsafe { wide_codes_k::<B, K>(block, j) };
@@ -197,24 +194,15 @@ const fn field_byte(r: usize, c: usize) -> u8 {
 
 /// `vpermb` indices from [`field_byte`]'s order to [`pair_codes`]'s (coordinate `c`'s row `r` at
 /// byte `32c + r`).
-const PAIR_ORDER: [u8; 64] = field_order(false);
-
-/// `vpermb` indices from [`field_byte`]'s order to [`pair_codes`]'s (`interleaved_order` false) or
-/// to the interleaved order of [`interleaved`].
-const fn field_order(interleaved_order: bool) -> [u8; 64] {
+const PAIR_ORDER: [u8; 64] = {
     let mut idx = [0u8; 64];
     let mut o = 0;
     while o < 64 {
-        let (r, c) = if interleaved_order {
-            interleaved(o)
-        } else {
-            (o % 32, o / 32)
-        };
-        idx[o] = field_byte(r, c);
+        idx[o] = field_byte(o % 32, o / 32);
         o += 1;
     }
     idx
-}
+};
 
 /// Nibble positions `p..p + 4` of `block` (16 bytes each), those past its end zero (a masked
 /// load reads only the block's bytes).
@@ -256,8 +244,7 @@ const WINDOW: [[u8; 64]; 2] = {
 };
 
 /// The 64 `B`-bit codes of coordinates `j` and `j + 1` (`j mod 4 == K`, `K` 0 or 2; those of
-/// `j + 1` zero unless `second`), one per byte, placed by `order`: byte `o` of the result is
-/// byte `order[o]` of the [`field_byte`] order. One 64-byte load of the four nibble positions
+/// `j + 1` zero unless `second`), one per byte in [`pair_codes`]' order. One 64-byte load of the four nibble positions
 /// from `B·j / 4` (masked past the block's end) holds both codes of every row, at bit offset
 /// `B·K mod 4` of the row's 16-bit window: two `vpermb`, two shifts and a bit select assemble
 /// the 32 windows, one `vpmultishiftqb` cuts each row's two fields out of them, a mask keeps
@@ -266,15 +253,13 @@ const WINDOW: [[u8; 64]; 2] = {
 ///
 /// # Safety
 /// The CPU supports AVX-512 F, BW and VBMI; `5 <= B <= 8`; `j % 4 == K`; the nibble positions of
-/// coordinate `j` (and of `j + 1` when `second`) lie in the block (16 bytes each); `order` holds
-/// indices below 64.
+/// coordinate `j` (and of `j + 1` when `second`) lie in the block (16 bytes each).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-pub(super) unsafe fn pair_codes_in<const B: usize, const K: usize>(
+unsafe fn pair_codes_in<const B: usize, const K: usize>(
     block: &[u8],
     j: usize,
     second: bool,
-    order: __m512i,
 ) -> __m512i {
     // (Instantiated at every width by the AVX2 copies of the kernels, which never call it.)
     const { assert!(K == 0 || K == 2) };
@@ -314,6 +299,8 @@ pub(super) unsafe fn pair_codes_in<const B: usize, const K: usize>(
     let mask = const { ((1u64 << B) - 1) * 0x0101_0101 };
     let keep = if second { mask | (mask << 32) } else { mask };
     let codes = _mm512_and_si512(fields, _mm512_set1_epi64(keep as i64));
+    // SAFETY: 64 bytes.
+    let order = unsafe { _mm512_loadu_si512(PAIR_ORDER.as_ptr() as *const _) };
     _mm512_permutexvar_epi8(order, codes)
 }
 
@@ -511,54 +498,15 @@ impl IntPlanes {
         }
         Self {
             t,
-            folded: codebook.folded() && std::env::var_os("TQ_X").is_none(),
+            folded: codebook.folded(),
         }
     }
 }
 
-/// Where byte `o` of the interleaved code register comes from: 128-bit lane `k` holds, in bytes
-/// `0..8`, rows `4k..4k + 4` and in bytes `8..16` rows `16 + 4k..20 + 4k`, each row's codes of
-/// coordinates `j` and `j + 1` adjacent. Returns `(row, coordinate 0 or 1)`.
-const fn interleaved(o: usize) -> (usize, usize) {
-    let (k, b) = (o / 16, o % 16);
-    let row = if b < 8 {
-        4 * k + b / 2
-    } else {
-        16 + 4 * k + (b - 8) / 2
-    };
-    (row, b % 2)
-}
-
-/// `vpermb` indices from [`field_byte`]'s order to the interleaved order ([`pair_codes_in`]'s
-/// `order`).
-const INTERLEAVE: [u8; 64] = field_order(true);
-
-/// `vpermi2b` indices of the 8-bit codes' nibbles, in the interleaved order, from the 64 bytes
-/// of nibble positions `2j..2j + 4` (`A`, lanes `P0..P3`): a code's low nibble is in lane `2c`
-/// and its high nibble in lane `2c + 1`, byte `r mod 16`, in the low half of the byte for rows
-/// below 16 and the high half above. `NIBBLES[0]` picks the low nibbles from `(A, A >> 4)` (low
-/// half of the byte); `NIBBLES[1]` the high nibbles from `(A << 4, A)` (high half).
-const NIBBLES: [[u8; 64]; 2] = {
-    let mut idx = [[0u8; 64]; 2];
-    let mut o = 0;
-    while o < 64 {
-        let (r, c) = interleaved(o);
-        let table = if r >= 16 { 64 } else { 0 };
-        idx[0][o] = (table + 16 * (2 * c) + r % 16) as u8;
-        idx[1][o] = (table + 16 * (2 * c + 1) + r % 16) as u8;
-        o += 1;
-    }
-    idx
-};
-
 /// AVX-512 body of `dot_blocks_scores_i16` for one block: `out[r] = Σ_j weights[j] ·
 /// values[code_j(row r)]`, in `i32` per chunk of `INT_CHUNK` coordinates whose sums are added
-/// to `f32` totals, two coordinates per step: their 64 codes in the interleaved
-/// order (8 bits: two `vpermi2b` over the nibble positions and a bit select; 5-7 bits:
-/// [`pair_codes_in`] placing them), the grid values' two byte planes looked up
-/// ([`look_up_ints`]) and unpacked into words, each row's `(j, j + 1)` pair in one 32-bit lane,
-/// so one `vpdpwssd` per 16 rows adds both products, for each of the `Q` weight vectors (all of
-/// one length) from one look-up. The same sums as the scalar twin.
+/// to `f32` totals, four coordinates per step ([`dot_block_i16_vnni`]), for each of the `Q`
+/// weight vectors (all of one length) from one look-up. The same sums as the scalar twin.
 ///
 /// # Safety
 /// The CPU supports AVX2 and AVX-512 F, BW, VBMI and VNNI; `5 <= bits <= 8`; `block` is one block
@@ -583,7 +531,42 @@ pub(super) unsafe fn dot_block_i16_x86<const Q: usize>(
     }
 }
 
-/// [`dot_block_i16_x86`] for `B`-bit codes.
+/// `vpermb` indices from [`unit_codes`]' order (coordinate `c`'s row `r` at byte `16c + r`) to
+/// row-major order: row `r`'s four codes in bytes `4r..4r + 4`.
+const ROW_MAJOR: [u8; 64] = {
+    let mut idx = [0u8; 64];
+    let mut o = 0;
+    while o < 64 {
+        idx[o] = (16 * (o % 4) + o / 4) as u8;
+        o += 1;
+    }
+    idx
+};
+
+/// `vpermt2d` indices gathering 16 rows' sums in order from two registers of pair sums: after
+/// [`ROW_MAJOR`], the look-up and the byte interleaves, the first register holds rows `4L` and
+/// `4L + 1` of each 128-bit lane `L` and the second rows `4L + 2` and `4L + 3`, each row's sum
+/// (once its two 32-bit halves are added) in the low half of its own 64-bit word.
+const ROW_SUMS: [i32; 16] = {
+    let mut idx = [0i32; 16];
+    let mut r = 0;
+    while r < 16 {
+        let (lane, t) = (r / 4, r % 4);
+        idx[r] = if t < 2 {
+            2 * (2 * lane + t)
+        } else {
+            16 + 2 * (2 * lane + t - 2)
+        } as i32;
+        r += 1;
+    }
+    idx
+};
+
+/// [`dot_block_i16_x86`] for `B`-bit codes: four coordinates per step, their 128 codes cut by
+/// [`unit_codes`] and put in row-major order (one `vpermb` per 16 rows), the grid's two byte
+/// planes looked up and interleaved into words, so each 32-bit lane holds one row's products
+/// of two coordinates: one `vpdpwssd` per 8 rows adds a row's four products into two lanes
+/// (coordinates `(4u, 4u + 1)` and `(4u + 2, 4u + 3)`), whose sums are joined per chunk.
 ///
 /// # Safety
 /// As [`dot_block_i16_x86`] with `bits == B`.
@@ -594,60 +577,51 @@ unsafe fn dot_block_i16_vnni<const B: usize, const Q: usize>(
     weights: [&[i16]; Q],
     out: &mut [[f32; BLOCK]; Q],
 ) {
-    // SAFETY (the three loads): 64-byte constants.
-    let (interleave, low, high) = unsafe {
+    // SAFETY (both): 64-byte constants.
+    let (row_major, row_sums) = unsafe {
         (
-            _mm512_loadu_si512(INTERLEAVE.as_ptr() as *const _),
-            _mm512_loadu_si512(NIBBLES[0].as_ptr() as *const _),
-            _mm512_loadu_si512(NIBBLES[1].as_ptr() as *const _),
+            _mm512_loadu_si512(ROW_MAJOR.as_ptr() as *const _),
+            _mm512_loadu_si512(ROW_SUMS.as_ptr() as *const _),
         )
     };
-    const { assert!(super::INT_CHUNK.is_multiple_of(2)) };
+    const { assert!(super::INT_CHUNK.is_multiple_of(4)) };
     let dim = if Q == 0 { 0 } else { weights[0].len() };
-    let mut acc = [[_mm512_setzero_si512(); 2]; Q];
+    // acc[q][k]: the k-th register of rows (see `ROW_SUMS`); total[q]: rows 0-15, 16-31.
+    let mut acc = [[_mm512_setzero_si512(); 4]; Q];
     let mut total = [[_mm512_setzero_ps(); 2]; Q];
-    for pair in 0..dim.div_ceil(2) {
-        let (j, second) = (2 * pair, 2 * pair + 1 < dim);
-        let codes = if B == 8 {
-            // SAFETY: nibble positions 2j..2j + 2 (and 2j + 2..2j + 4 when `second`) belong
-            // to coordinates below the weights' length, inside the block.
-            let a = unsafe {
-                let p = block.as_ptr().add(32 * j);
-                if second {
-                    _mm512_loadu_si512(p as *const _)
-                } else {
-                    _mm512_zextsi256_si512(_mm256_loadu_si256(p as *const __m256i))
-                }
-            };
-            let lo = _mm512_permutex2var_epi8(a, low, _mm512_srli_epi16::<4>(a));
-            let hi = _mm512_permutex2var_epi8(_mm512_slli_epi16::<4>(a), high, a);
-            // Bit select: the low nibble from `lo`, the high one from `hi` (0xCA = a ? b : c).
-            _mm512_ternarylogic_epi32::<0xCA>(_mm512_set1_epi8(0x0F), lo, hi)
-        } else {
-            // SAFETY: coordinates j (and j + 1 when `second`) are below the weights' length, so
-            // their nibble positions lie in the block; j % 4 is 0 or 2 as the pair's parity.
-            unsafe {
-                if pair % 2 == 0 {
-                    pair_codes_in::<B, 0>(block, j, second, interleave)
-                } else {
-                    pair_codes_in::<B, 2>(block, j, second, interleave)
-                }
-            }
-        };
-        let (lo, hi) = look_up_ints::<B>(codes, planes);
-        let (w0, w1) = (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi));
-        let flush = (j + 2).is_multiple_of(super::INT_CHUNK) || j + 2 >= dim;
+    for u in 0..dim.div_ceil(4) {
+        let j = 4 * u;
+        // SAFETY: coordinate j is below the weights' length, so position B·u lies in the block.
+        let [low, high] = unsafe { unit_codes::<B>(block, u) };
+        let (l0, h0) = look_up_ints::<B>(_mm512_permutexvar_epi8(row_major, low), planes);
+        let (l1, h1) = look_up_ints::<B>(_mm512_permutexvar_epi8(row_major, high), planes);
+        let x = [
+            _mm512_unpacklo_epi8(l0, h0),
+            _mm512_unpackhi_epi8(l0, h0),
+            _mm512_unpacklo_epi8(l1, h1),
+            _mm512_unpackhi_epi8(l1, h1),
+        ];
+        let flush = (j + 4).is_multiple_of(super::INT_CHUNK) || j + 4 >= dim;
         for ((a, t), w) in acc.iter_mut().zip(&mut total).zip(weights) {
-            let second_weight = if second { w[j + 1] } else { 0 };
-            let pair_weights = u32::from(w[j] as u16) | (u32::from(second_weight as u16) << 16);
-            let wv = _mm512_set1_epi32(pair_weights as i32);
-            a[0] = _mm512_dpwssd_epi32(a[0], w0, wv);
-            a[1] = _mm512_dpwssd_epi32(a[1], w1, wv);
+            // The four weights as one 64-bit word, zero past the row's coordinates.
+            let four = if j + 4 <= dim {
+                // SAFETY: w[j..j + 4] are in the slice.
+                unsafe { std::ptr::read_unaligned(w.as_ptr().add(j) as *const u64) }
+            } else {
+                (j..dim).fold(0u64, |v, k| v | (u64::from(w[k] as u16) << (16 * (k - j))))
+            };
+            let wv = _mm512_set1_epi64(four as i64);
+            for (a, x) in a.iter_mut().zip(x) {
+                *a = dpwssd(*a, x, wv);
+            }
             if flush {
-                for (t, a) in t.iter_mut().zip(a.iter_mut()) {
-                    *t = _mm512_add_ps(*t, _mm512_cvtepi32_ps(*a));
-                    *a = _mm512_setzero_si512();
+                // Each row's two 32-bit sums added, then 16 rows gathered in order per half.
+                let s = a.map(|a| _mm512_add_epi32(a, _mm512_srli_epi64::<32>(a)));
+                for (h, t) in t.iter_mut().enumerate() {
+                    let rows = _mm512_permutex2var_epi32(s[2 * h], row_sums, s[2 * h + 1]);
+                    *t = _mm512_add_ps(*t, _mm512_cvtepi32_ps(rows));
                 }
+                *a = [_mm512_setzero_si512(); 4];
             }
         }
     }
@@ -869,17 +843,76 @@ unsafe fn unit_pieces<const B: usize>(block: &[u8], u: usize) -> [__m512i; 3] {
     ]
 }
 
-/// The grid values of unit `u`'s four coordinates `4u..4u + 4` (`5 <= B <= 8`), one coordinate
-/// per 128-bit lane as [`decode_nibbles_512`] gives 4-bit units: each lane's pieces
-/// ([`unit_positions`]) shifted by its own bit offset (`vpsrlvq` / `vpsllvq`) and joined by bit
-/// selects into the codes of rows 0-15 (low nibbles) and 16-31 (high nibbles), one code per
-/// byte; the grid's two byte planes looked up ([`look_up_ints`]) and interleaved into words of
-/// rows 0-7, 8-15, 16-23 and 24-31. Bits above a code's `B` are not cleared where the look-up
-/// ignores them (6 and 7 bits; 5 bits index a table repeated with period 32, [`IntPlanes`]).
-/// Lanes past `dim` hold codes of no coordinate (or zero), summed and never read.
+/// The `B`-bit codes (`5 <= B <= 8`) of unit `u`'s four coordinates `4u..4u + 4`, one
+/// coordinate per 128-bit lane and one code per byte: rows 0-15 (the low nibbles) in the first
+/// register, rows 16-31 (the high nibbles) in the second. Each lane's pieces
+/// ([`unit_pieces`]) are shifted by its own bit offset (`vpsrlvq` / `vpsllvq`) and joined by
+/// bit selects. Bits above a code's `B` are not cleared where the look-up ignores them (6 and 7
+/// bits; 5 bits index a table repeated with period 32, [`IntPlanes`]). Lanes past the row's
+/// coordinates hold codes of no coordinate, or zero.
 ///
 /// # Safety
-/// AVX-512 F, BW and VBMI; `5 <= B <= 8`; `block` is one block; `planes` is the grid's.
+/// AVX-512 F and BW; `5 <= B <= 8`; `block` is one block and position `B·u` lies in it.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn unit_codes<const B: usize>(block: &[u8], u: usize) -> [__m512i; 2] {
+    // SAFETY: the caller's contract.
+    let [x, y, z] = unsafe { unit_pieces::<B>(block, u) };
+    if B == 8 {
+        // Whole bytes: the low nibble from position 2j, the high one from 2j + 1.
+        let nib = _mm512_set1_epi8(0x0F);
+        return [
+            _mm512_ternarylogic_epi32::<0xCA>(nib, x, _mm512_slli_epi64::<4>(y)),
+            _mm512_ternarylogic_epi32::<0xCA>(nib, _mm512_srli_epi64::<4>(x), y),
+        ];
+    }
+    let (off, m1, m12) = const {
+        let (mut off, mut m1, mut m12) = ([0i64; 8], [0i64; 8], [0i64; 8]);
+        let mut q = 0;
+        while q < 8 {
+            let o = (B * (q / 2)) % 4;
+            off[q] = o as i64;
+            m1[q] = ((0x0F >> o) as u64 * 0x0101_0101_0101_0101) as i64;
+            m12[q] = ((0xFF >> o) as u64 * 0x0101_0101_0101_0101) as i64;
+            q += 1;
+        }
+        (off, m1, m12)
+    };
+    // SAFETY (the three): 64-byte constants.
+    let (off, m1, m12) = unsafe {
+        (
+            _mm512_loadu_si512(off.as_ptr() as *const _),
+            _mm512_loadu_si512(m1.as_ptr() as *const _),
+            _mm512_loadu_si512(m12.as_ptr() as *const _),
+        )
+    };
+    let four = _mm512_set1_epi64(4);
+    let (up4, down4) = (_mm512_sub_epi64(four, off), _mm512_add_epi64(four, off));
+    // A lane's code: bits 0..4 - o from the first position's nibble, shifted down by o; the
+    // next 4 from the second's nibble; at 7 bits, what is left from the third's.
+    let mut low =
+        _mm512_ternarylogic_epi32::<0xCA>(m1, _mm512_srlv_epi64(x, off), _mm512_sllv_epi64(y, up4));
+    let mut high = _mm512_ternarylogic_epi32::<0xCA>(
+        m1,
+        _mm512_srlv_epi64(x, down4),
+        _mm512_srlv_epi64(y, off),
+    );
+    if B == 7 {
+        let up8 = _mm512_add_epi64(up4, four);
+        low = _mm512_ternarylogic_epi32::<0xCA>(m12, low, _mm512_sllv_epi64(z, up8));
+        high = _mm512_ternarylogic_epi32::<0xCA>(m12, high, _mm512_sllv_epi64(z, up4));
+    }
+    [low, high]
+}
+
+/// The grid values of unit `u`'s four coordinates `4u..4u + 4` (`5 <= B <= 8`), one coordinate
+/// per 128-bit lane as [`decode_nibbles_512`] gives 4-bit units: the codes ([`unit_codes`]),
+/// the grid's two byte planes looked up ([`look_up_ints`]) and interleaved into words of rows
+/// 0-7, 8-15, 16-23 and 24-31. Lanes past `dim` are summed and never read.
+///
+/// # Safety
+/// AVX-512 F, BW and VBMI; `5 <= B <= 8`; `block` is one block and position `B·u` lies in it;
+/// `planes` is the grid's, made for `B`-bit codes.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
 unsafe fn decode_wide_512<const B: usize>(
@@ -888,56 +921,7 @@ unsafe fn decode_wide_512<const B: usize>(
     planes: &IntPlanes,
 ) -> [__m512i; 4] {
     // SAFETY: the caller's contract.
-    let [x, y, z] = unsafe { unit_pieces::<B>(block, u) };
-    let (low, high) = if B == 8 {
-        // Whole bytes: the low nibble from position 2j, the high one from 2j + 1.
-        let nib = _mm512_set1_epi8(0x0F);
-        (
-            _mm512_ternarylogic_epi32::<0xCA>(nib, x, _mm512_slli_epi64::<4>(y)),
-            _mm512_ternarylogic_epi32::<0xCA>(nib, _mm512_srli_epi64::<4>(x), y),
-        )
-    } else {
-        let (off, m1, m12) = const {
-            let (mut off, mut m1, mut m12) = ([0i64; 8], [0i64; 8], [0i64; 8]);
-            let mut q = 0;
-            while q < 8 {
-                let o = (B * (q / 2)) % 4;
-                off[q] = o as i64;
-                m1[q] = ((0x0F >> o) as u64 * 0x0101_0101_0101_0101) as i64;
-                m12[q] = ((0xFF >> o) as u64 * 0x0101_0101_0101_0101) as i64;
-                q += 1;
-            }
-            (off, m1, m12)
-        };
-        // SAFETY (the three): 64-byte constants.
-        let (off, m1, m12) = unsafe {
-            (
-                _mm512_loadu_si512(off.as_ptr() as *const _),
-                _mm512_loadu_si512(m1.as_ptr() as *const _),
-                _mm512_loadu_si512(m12.as_ptr() as *const _),
-            )
-        };
-        let four = _mm512_set1_epi64(4);
-        let (up4, down4) = (_mm512_sub_epi64(four, off), _mm512_add_epi64(four, off));
-        // A lane's code: bits 0..4 - o from the first position's nibble, shifted down by o;
-        // the next 4 from the second's nibble; at 7 bits, what is left from the third's.
-        let mut low = _mm512_ternarylogic_epi32::<0xCA>(
-            m1,
-            _mm512_srlv_epi64(x, off),
-            _mm512_sllv_epi64(y, up4),
-        );
-        let mut high = _mm512_ternarylogic_epi32::<0xCA>(
-            m1,
-            _mm512_srlv_epi64(x, down4),
-            _mm512_srlv_epi64(y, off),
-        );
-        if B == 7 {
-            let up8 = _mm512_add_epi64(up4, four);
-            low = _mm512_ternarylogic_epi32::<0xCA>(m12, low, _mm512_sllv_epi64(z, up8));
-            high = _mm512_ternarylogic_epi32::<0xCA>(m12, high, _mm512_sllv_epi64(z, up4));
-        }
-        (low, high)
-    };
+    let [low, high] = unsafe { unit_codes::<B>(block, u) };
     let (l0, h0) = look_up_ints::<B>(low, planes);
     let (l1, h1) = look_up_ints::<B>(high, planes);
     [
