@@ -227,7 +227,7 @@ fn scan_in_cache(c: &mut Criterion) {
 
 /// The rotated-domain value accumulation of a decode step (`accumulate_blocks_multi`) at every
 /// width, d = 128, 8 192 rows (the codes stay in L2 up to 4 bits), with one and three weight
-/// vectors (a grouped-query head's queries), and at 4-8 bits the integer fast path
+/// vectors (a grouped-query head's queries), and the integer fast path
 /// (`accumulate_blocks_i16`, weights quantized inside the loop); throughput counts (row, weight
 /// vector) pairs.
 fn accumulate(c: &mut Criterion) {
@@ -261,7 +261,7 @@ fn accumulate(c: &mut Criterion) {
                     black_box(a[0][0])
                 })
             });
-            if bits >= 4 {
+            {
                 // The fast path: the weights put on i16 (timed too, as each call pays it) and
                 // the integer sums on the codebook's grid.
                 let book = scan::IntCodebook::from_centroids(&values);

@@ -253,7 +253,7 @@ impl EncodedVectors for MseBatch {
     fn weighted_sums_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
         self.weighted_sums_with(weights, outs, false)
     }
-    /// At 4-8 bits, integer sums ([`MseBatch::accumulate_rotated_fast_multi`]).
+    /// Integer sums ([`MseBatch::accumulate_rotated_fast_multi`]).
     fn weighted_sums_fast_into(&self, weights: &[&[f32]], outs: &mut [&mut [f32]]) -> Result<()> {
         self.weighted_sums_with(weights, outs, true)
     }

@@ -420,7 +420,7 @@ impl GroupMseBatch {
     }
 
     /// [`GroupMseBatch::weighted_sums_into`] with the centred rows on the MSE batch's fast path
-    /// (integer sums at 4-8 bits, [`MseBatch::accumulate_rotated_fast_multi`]).
+    /// (integer sums, [`MseBatch::accumulate_rotated_fast_multi`]).
     ///
     /// # Errors
     /// As [`GroupMseBatch::weighted_sums_into`].

@@ -19,7 +19,7 @@ use crate::config::{MseConfig, ScaleMode, ScalePrecision};
 use crate::error::{check_batch, check_dim, check_finite, check_len, check_range, check_rows};
 use crate::packed::PackedRows;
 use crate::scales::RowScales;
-use crate::score::{self, Hit, INT_DOT_MIN_BITS, INT_SUM_MIN_BITS, TableKind, Tables};
+use crate::score::{self, Hit, INT_DOT_MIN_BITS, TableKind, Tables};
 use crate::{Error, Result};
 
 /// Rows summed per chunk by [`MseBatch::accumulate_rotated_multi`] (a multiple of the 32-row
@@ -35,10 +35,9 @@ pub struct MseQuantizer {
     row_bytes: usize,
     /// The calibrated mean subtracted before quantization (`config.centered`).
     mean: Option<Arc<[f32]>>,
-    /// The codebook on the integer grid of the fast paths (`None` below 4 bits): 5-8-bit keys
-    /// score through integer dots on it, 4-8-bit values are summed on it (below 5 bits keys scan
-    /// `u8` tables).
-    grid: Option<Arc<IntCodebook>>,
+    /// The codebook on the integer grid of the fast paths: 5-8-bit keys score through integer
+    /// dots on it (below 5 bits keys scan `u8` tables), values of every width are summed on it.
+    grid: Arc<IntCodebook>,
 }
 
 /// Reusable buffers for encoding.
@@ -63,8 +62,7 @@ impl MseQuantizer {
         }
         let rotation = Rotation::new(config.rotation, config.dim, config.seed)?;
         let codebook = Codebook::get(config.dim, config.bits)?;
-        let grid = (config.bits >= INT_SUM_MIN_BITS)
-            .then(|| Arc::new(IntCodebook::from_centroids(codebook.centroids())));
+        let grid = Arc::new(IntCodebook::from_centroids(codebook.centroids()));
         Ok(Self {
             config,
             rotation,
@@ -426,11 +424,8 @@ impl MseQuantizer {
         );
         // A query so small that one unit of its integer sums is not a normal f32 would lose the
         // fast scores' precision: it keeps the tables' fast path (5 bits) or the exact path.
-        let int = self
-            .grid
-            .as_ref()
-            .filter(|_| self.bits() >= INT_DOT_MIN_BITS)
-            .map(|g| (Arc::clone(g), g.quantize_query(&rotated)))
+        let int = (self.bits() >= INT_DOT_MIN_BITS)
+            .then(|| (Arc::clone(&self.grid), self.grid.quantize_query(&rotated)))
             .filter(|(_, iq)| iq.step == 0.0 || iq.step.is_normal());
         Ok(MseQuery {
             rotated,
@@ -808,13 +803,13 @@ impl MseBatch {
         self.accumulate_rotated_with(weights, outs, false)
     }
 
-    /// [`MseBatch::accumulate_rotated_multi`] on the fast path: with 4- to 8-bit codes each
-    /// weight vector goes on `i16` weights (one scale per 128 rows,
+    /// [`MseBatch::accumulate_rotated_multi`] on the fast path: each weight vector goes on `i16`
+    /// weights (one scale per 128 rows,
     /// [`IntCodebook::quantize_weights`]) and the codebook on its 14-bit grid, and the sums are
     /// exact integers ([`scan::accumulate_blocks_i16`]: `vpdpwssd` with AVX-512 VNNI, `vpmaddwd`
     /// with AVX2, the same bits on every CPU). The roundings add about 0.001 of the quantization
     /// error at 4 bits (RMS, see the accuracy tests; relatively more at 8 bits, whose own error is
-    /// 16 times smaller). Widths 1-3 take the exact path, and so does a part of
+    /// 16 times smaller). The exact path takes a part of
     /// [`ACCUMULATE_CHUNK_ROWS`] rows whose weights the grid cannot hold for some weight vector
     /// (a non-finite product `weight · norm`, or all of that vector's products in the part so
     /// small that a unit of its sums would not be a normal `f32`: below about `2^-96` for these
@@ -852,8 +847,8 @@ impl MseBatch {
                 &self.codes.blocks()[rows.start / BLOCK * bb..rows.end.div_ceil(BLOCK) * bb];
             let ws: Vec<&[f32]> = weights.iter().map(|w| &w[rows.clone()]).collect();
             let norms = self.norms.f32_range(rows);
-            let grid = self.quantizer.grid.as_deref();
-            if let Some(book) = grid.filter(|_| fast && self.quantizer.bits() >= INT_SUM_MIN_BITS) {
+            if fast {
+                let book = &*self.quantizer.grid;
                 let ints: Option<Vec<_>> = ws
                     .iter()
                     .map(|w| book.quantize_weights(w, Some(&norms)))

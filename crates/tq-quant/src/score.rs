@@ -46,11 +46,6 @@ pub(crate) enum TableKind {
 /// 0.01 (the 5-bit `f32` tables stay the exact path).
 pub(crate) const INT_DOT_MIN_BITS: u32 = 5;
 
-/// The narrowest width of MSE codes whose weighted sums (attention over values) have an integer
-/// fast path ([`tq_core::scan::accumulate_blocks_i16`], 4-8 bits; below 4 bits the codes' f32
-/// sums are table look-ups as cheap as the decode).
-pub(crate) const INT_SUM_MIN_BITS: u32 = 4;
-
 /// The table scheme for codes of `bits` bits, if any (widths 6-8 have none: their fast path is
 /// the integer dots, [`INT_DOT_MIN_BITS`], as is 5 bits' for MSE codes).
 #[inline]

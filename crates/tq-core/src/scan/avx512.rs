@@ -471,8 +471,9 @@ pub(super) unsafe fn dot_nibbles_i8_vnni<const Q: usize>(
 }
 
 /// An [`IntCodebook`]'s two byte planes in registers: `t[p][q]` holds byte `p` (little endian)
-/// of `values[64q..64q + 64]`, zero past the table's end, except that for 5-bit codes entries
-/// 0..32 repeat at 32..64 (so a 5-bit code's look-up may leave its sixth bit set).
+/// of `values[64q..64q + 64]`, zero past the table's end, except that for codes of `b <= 5`
+/// bits entries `0..2^b` repeat through the first 64 (so a look-up may leave the code's bits
+/// above `b` set).
 pub(super) struct IntPlanes {
     t: [[__m512i; 4]; 2],
     folded: bool,
@@ -484,18 +485,19 @@ impl IntPlanes {
     #[target_feature(enable = "avx512f")]
     pub(super) fn new(codebook: &IntCodebook, bits: u32) -> Self {
         let planes = codebook.planes();
-        let mut t: [[__m512i; 4]; 2] = std::array::from_fn(|p| {
+        let t = std::array::from_fn(|p| {
             std::array::from_fn(|q| {
-                // SAFETY: bytes 64q..64q + 64 of a 256-byte plane.
-                unsafe { _mm512_loadu_si512(planes[p][64 * q..].as_ptr() as *const _) }
+                if q == 0 && bits <= 5 {
+                    let period = 1usize << bits;
+                    let first: [u8; 64] = std::array::from_fn(|k| planes[p][k % period]);
+                    // SAFETY: 64 bytes.
+                    unsafe { _mm512_loadu_si512(first.as_ptr() as *const _) }
+                } else {
+                    // SAFETY: bytes 64q..64q + 64 of a 256-byte plane.
+                    unsafe { _mm512_loadu_si512(planes[p][64 * q..].as_ptr() as *const _) }
+                }
             })
         });
-        if bits == 5 {
-            for t in &mut t {
-                // 128-bit lanes (0, 1, 0, 1): entries 0..32 again at 32..64.
-                t[0] = _mm512_shuffle_i64x2::<0b01_00_01_00>(t[0], t[0]);
-            }
-        }
         Self {
             t,
             folded: codebook.folded(),
@@ -783,13 +785,14 @@ super::x86::int_sums_kernel!(
 /// The nibble positions holding unit `u`'s four coordinates `4u + c` for `B`-bit codes: lane
 /// `c` of piece `k` is position `B·u + ⌊B·c / 4⌋ + k` (a unit's `4B` bits are whole nibbles, so
 /// each unit starts one), zero past the block's end. A code lies at bit offset `B·c mod 4` of
-/// its piece 0, continues in piece 1 and, when `B·c mod 4 + B > 8`, in piece 2. At 5 bits the
-/// pieces are two 64-byte loads; wider, two loads of positions `B·u..B·u + 8` and one `vpermt2q`
-/// (or `vshufi64x2` at 8 bits) per piece. Piece 2 is zero except at 7 bits.
+/// its piece 0, continues in piece 1 when `B·c mod 4 + B > 4` and in piece 2 when it is above
+/// 8. At 5 bits the pieces are two 64-byte loads; otherwise one `vpermt2q` (or `vshufi64x2` at
+/// 8 bits) per piece from a load of positions `B·u..B·u + 4` and, above 4 bits, of the next
+/// four. Piece 2 is zero except at 7 bits.
 ///
 /// # Safety
-/// AVX-512 F and BW; `5 <= B <= 8`; `block` is one block (16 bytes per nibble position) and
-/// position `B·u` lies in it.
+/// AVX-512 F and BW; `1 <= B <= 8`, `B != 4`; `block` is one block (16 bytes per nibble
+/// position) and position `B·u` lies in it.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn unit_pieces<const B: usize>(block: &[u8], u: usize) -> [__m512i; 3] {
@@ -805,10 +808,11 @@ unsafe fn unit_pieces<const B: usize>(block: &[u8], u: usize) -> [__m512i; 3] {
             ]
         };
     }
-    // SAFETY: position first lies in the block; the second load only when first + 4 does.
+    // SAFETY: position first lies in the block; the second load only when first + 4 does
+    // (and is needed: below 4 bits a unit spans at most 3 positions).
     let (a, b) = unsafe {
         let a = load_positions(block, first);
-        let b = if first + 4 < block.len() / 16 {
+        let b = if B > 4 && first + 4 < block.len() / 16 {
             load_positions(block, first + 4)
         } else {
             _mm512_setzero_si512()
@@ -843,16 +847,18 @@ unsafe fn unit_pieces<const B: usize>(block: &[u8], u: usize) -> [__m512i; 3] {
     ]
 }
 
-/// The `B`-bit codes (`5 <= B <= 8`) of unit `u`'s four coordinates `4u..4u + 4`, one
+/// The `B`-bit codes (`1 <= B <= 8`, `B != 4`) of unit `u`'s four coordinates `4u..4u + 4`, one
 /// coordinate per 128-bit lane and one code per byte: rows 0-15 (the low nibbles) in the first
 /// register, rows 16-31 (the high nibbles) in the second. Each lane's pieces
 /// ([`unit_pieces`]) are shifted by its own bit offset (`vpsrlvq` / `vpsllvq`) and joined by
-/// bit selects. Bits above a code's `B` are not cleared where the look-up ignores them (6 and 7
-/// bits; 5 bits index a table repeated with period 32, [`IntPlanes`]). Lanes past the row's
-/// coordinates hold codes of no coordinate, or zero.
+/// bit selects (at 1 and 2 bits a code lies in one nibble: a shift alone). Bits above a code's
+/// `B` are not cleared where the look-up ignores them (bits 6 and 7; below 6 bits the table
+/// repeats with period `2^B`, [`IntPlanes`]). Lanes past the row's coordinates hold codes of no
+/// coordinate, or zero.
 ///
 /// # Safety
-/// AVX-512 F and BW; `5 <= B <= 8`; `block` is one block and position `B·u` lies in it.
+/// AVX-512 F and BW; `1 <= B <= 8`, `B != 4`; `block` is one block and position `B·u` lies in
+/// it.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn unit_codes<const B: usize>(block: &[u8], u: usize) -> [__m512i; 2] {
@@ -866,6 +872,8 @@ unsafe fn unit_codes<const B: usize>(block: &[u8], u: usize) -> [__m512i; 2] {
             _mm512_ternarylogic_epi32::<0xCA>(nib, _mm512_srli_epi64::<4>(x), y),
         ];
     }
+    // Per 64-bit word (lane c = word / 2): the offset B·c mod 4, the bits of the first nibble
+    // (0x0F >> offset) and of the first two (0xFF >> offset) in every byte.
     let (off, m1, m12) = const {
         let (mut off, mut m1, mut m12) = ([0i64; 8], [0i64; 8], [0i64; 8]);
         let mut q = 0;
@@ -888,6 +896,10 @@ unsafe fn unit_codes<const B: usize>(block: &[u8], u: usize) -> [__m512i; 2] {
     };
     let four = _mm512_set1_epi64(4);
     let (up4, down4) = (_mm512_sub_epi64(four, off), _mm512_add_epi64(four, off));
+    if B <= 2 {
+        // Every code lies in one nibble: shifted down by its offset, the bits above it ignored.
+        return [_mm512_srlv_epi64(x, off), _mm512_srlv_epi64(x, down4)];
+    }
     // A lane's code: bits 0..4 - o from the first position's nibble, shifted down by o; the
     // next 4 from the second's nibble; at 7 bits, what is left from the third's.
     let mut low =
@@ -905,14 +917,14 @@ unsafe fn unit_codes<const B: usize>(block: &[u8], u: usize) -> [__m512i; 2] {
     [low, high]
 }
 
-/// The grid values of unit `u`'s four coordinates `4u..4u + 4` (`5 <= B <= 8`), one coordinate
-/// per 128-bit lane as [`decode_nibbles_512`] gives 4-bit units: the codes ([`unit_codes`]),
-/// the grid's two byte planes looked up ([`look_up_ints`]) and interleaved into words of rows
-/// 0-7, 8-15, 16-23 and 24-31. Lanes past `dim` are summed and never read.
+/// The grid values of unit `u`'s four coordinates `4u..4u + 4` (`1 <= B <= 8`, `B != 4`), one
+/// coordinate per 128-bit lane as [`decode_nibbles_512`] gives 4-bit units: the codes
+/// ([`unit_codes`]), the grid's two byte planes looked up ([`look_up_ints`]) and interleaved
+/// into words of rows 0-7, 8-15, 16-23 and 24-31. Lanes past `dim` are summed and never read.
 ///
 /// # Safety
-/// AVX-512 F, BW and VBMI; `5 <= B <= 8`; `block` is one block and position `B·u` lies in it;
-/// `planes` is the grid's, made for `B`-bit codes.
+/// AVX-512 F, BW and VBMI; `1 <= B <= 8`, `B != 4`; `block` is one block and position `B·u`
+/// lies in it; `planes` is the grid's, made for `B`-bit codes.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
 unsafe fn decode_wide_512<const B: usize>(

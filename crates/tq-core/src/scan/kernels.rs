@@ -781,7 +781,7 @@ pub fn accumulate_blocks_multi(
     }
 }
 
-/// Weighted sums of 4- to 8-bit codes on an integer grid (the fast path of attention over
+/// Weighted sums of 1- to 8-bit codes on an integer grid (the fast path of attention over
 /// values): for each weight vector `q` and coordinate `j < dim`, chunk by chunk of
 /// [`INT_CHUNK`] rows, `S = Σ_{i in chunk} w_i · values[code_j(row i)]` exactly in `i32`
 /// (`w` = `weights[q]`'s `i16` weights, `values` the codebook's grid), then `local_j = local_j +
@@ -791,16 +791,16 @@ pub fn accumulate_blocks_multi(
 /// 4 bits: with AVX-512 BW and VNNI, four coordinates' 32 codes per 64-byte load, the nibbles
 /// split, each looked up in the grid's two byte planes by `vpshufb` and interleaved into `i16`
 /// pairs of rows, one `vpdpwssd` per 8 rows and weight vector; with AVX2 two coordinates at a
-/// time through `vpmaddwd`. 5-8 bits: with AVX-512 VBMI and VNNI, four coordinates' 128 codes
-/// cut out of the nibble layout by per-lane shifts (each coordinate's code at its own bit offset
-/// in its 128-bit lane), both byte planes looked up by `vpermb` / `vpermi2b` and the same
-/// `vpdpwssd` loop as at 4 bits; with AVX2
-/// one coordinate's codes, looked up by `pshufb` (5 bits) or gathered (6-8 bits). A grouped-query
+/// time through `vpmaddwd`. 1-3 and 5-8 bits: with AVX-512 VBMI and VNNI, four coordinates' 128
+/// codes cut out of the nibble layout by per-lane shifts (each coordinate's code at its own bit
+/// offset in its 128-bit lane), both byte planes looked up by `vpermb` / `vpermi2b` and the same
+/// `vpdpwssd` loop as at 4 bits; with AVX2 one coordinate's codes, looked up by `pshufb` (1-3
+/// and 5 bits) or gathered (6-8 bits). A grouped-query
 /// head's weight vectors share each decode; other CPUs take [`accumulate_blocks_i16_scalar`] per
 /// vector. Blocks whose weights are all zero are skipped. O(rows · dim · (1 + vectors / 4)).
 ///
 /// # Panics
-/// Before any memory is read, unless `4 <= bits <= 8`, `row_bytes >= 1`, `blocks` is a whole
+/// Before any memory is read, unless `1 <= bits <= 8`, `row_bytes >= 1`, `blocks` is a whole
 /// number of blocks of `32 · row_bytes` bytes, the codebook has at least `2^bits` values, there
 /// are as many accumulators as weight vectors, every weight vector covers exactly the blocks'
 /// rows ([`IntWeights::padded_len`]) and every accumulator has the same length `dim <= 8 ·
@@ -826,6 +826,9 @@ pub fn accumulate_blocks_i16(
         // code indexes the grid) and, with the weights' budget, that no sum overflows.
         let done = unsafe {
             match bits {
+                1 => int_sums::<1>(codes, codebook, weights, accs),
+                2 => int_sums::<2>(codes, codebook, weights, accs),
+                3 => int_sums::<3>(codes, codebook, weights, accs),
                 4 => int_sums::<4>(codes, codebook, weights, accs),
                 5 => int_sums::<5>(codes, codebook, weights, accs),
                 6 => int_sums::<6>(codes, codebook, weights, accs),
@@ -858,7 +861,7 @@ macro_rules! int_groups {
 }
 
 /// [`accumulate_blocks_i16`] at `B` bits on x86: `false` when the CPU has no body for it (4
-/// bits: AVX-512 BW + VNNI or AVX2; 5-8 bits: AVX-512 VBMI + VNNI or AVX2).
+/// bits: AVX-512 BW + VNNI or AVX2; other widths: AVX-512 VBMI + VNNI or AVX2).
 ///
 /// # Safety
 /// The arguments passed `check_int_sums` for `B` bits.
@@ -876,14 +879,14 @@ unsafe fn int_sums<const B: usize>(
         if B == 4 && has_avx512_bw_vnni() {
             let planes = super::avx512::nibble_planes_512(codes.planes);
             int_groups!(accumulate_i16_vnni, B, codes, (planes), weights, accs);
-        } else if B > 4 && has_avx512_vbmi() && has_avx512_vnni() {
+        } else if B != 4 && has_avx512_vbmi() && has_avx512_vnni() {
             let planes = super::avx512::IntPlanes::new(codebook, B as u32);
             int_groups!(accumulate_i16_wide_vnni, B, codes, (&planes), weights, accs);
         } else if B == 4 && has_avx2() {
             let planes = x86::nibble_planes_avx2(codes.planes);
             int_groups!(accumulate_i16_avx2, B, codes, (planes), weights, accs);
         } else if has_avx2() {
-            let halves = x86::plane_halves(codes.planes);
+            let halves = x86::plane_halves(codes.planes, B as u32);
             let wide = codebook.wide();
             int_groups!(
                 accumulate_i16_wide_avx2,
@@ -979,8 +982,8 @@ fn check_int_sums(
     accs: &[&mut [f32]],
 ) {
     assert!(
-        (4..=8).contains(&bits),
-        "integer sums take 4- to 8-bit codes, not {bits}"
+        (1..=8).contains(&bits),
+        "integer sums take 1- to 8-bit codes, not {bits}"
     );
     assert!(row_bytes > 0, "rows of 0 bytes hold no codes");
     let bb = block_bytes(row_bytes);

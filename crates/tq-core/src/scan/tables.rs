@@ -1,6 +1,6 @@
 //! The integer grids the scans take: `u8` look-up tables (float tables quantized with one shared
-//! step) and, for 4-8-bit codes, a codebook on an `i16` grid with a query (key dots, 5-8 bits)
-//! or a weight vector (value sums, 4-8 bits) on `i16` weights.
+//! step) and a codebook on an `i16` grid with a query (key dots, 5-8 bits) or a weight vector
+//! (value sums, every width) on `i16` weights.
 
 /// `u8` look-up tables for the scans: `entries` bytes per table (16 for
 /// [`scan_block`](super::scan_block) and [`scan_block_b3`](super::scan_block_b3), 32 for
@@ -326,8 +326,8 @@ impl IntCodebook {
         }
     }
 
-    /// A weight vector (e.g. a query's attention weights over the rows of a 4- to 8-bit value
-    /// batch) on `i16`, for [`super::accumulate_blocks_i16`]: row `i` weighs `x_i = weights[i] ·
+    /// A weight vector (e.g. a query's attention weights over the rows of a value batch) on
+    /// `i16`, for [`super::accumulate_blocks_i16`]: row `i` weighs `x_i = weights[i] ·
     /// s_i` (`s_i = row_scales[i]`, e.g. the rows' norms, or 1; the product rounded to `f32`).
     /// Each chunk of [`INT_CHUNK`] rows has its own step `s = max(Σ_chunk |x_i| / (B - rows),
     /// max_chunk |x_i| / 32767)` (`B` = [`INT_WEIGHT_BUDGET`]; in `f64` for a chunk whose `f32`

@@ -1481,7 +1481,7 @@ fn shipped_8_bit_grids_fold() {
     }
 }
 
-/// The integer weighted sums of 4- to 8-bit codes: the dispatching kernel, its scalar twin,
+/// The integer weighted sums of 1- to 8-bit codes: the dispatching kernel, its scalar twin,
 /// every x86 body the CPU runs (one and three weight vectors per pass) and an independent
 /// read-back of the rows give the same bits, over odd dimensions (a lone last nibble position or
 /// coordinate of a pair), partial last blocks and chunks, zero blocks, and sums at the edge of
@@ -1498,7 +1498,7 @@ fn int_sums_equal_the_scalar_twin_and_the_rows() {
         )
     };
     let mut grids = Vec::new();
-    for bits in 4..=8u32 {
+    for bits in 1..=8u32 {
         let mut values: Vec<i16> = (0..1 << bits)
             .map(|_| ((r.next_u64() % 16383) as i32 - 8192) as i16)
             .collect();
@@ -1648,7 +1648,7 @@ fn int_sum_bodies_agree(
                         f::<4, 3>(codes, planes, ws, &mut a3);
                     }
                     (_, 0) => {
-                        let halves = super::x86::plane_halves(book.planes());
+                        let halves = super::x86::plane_halves(book.planes(), bits);
                         wide_avx2(bits, codes, book.wide(), halves, [iw], &mut a1);
                         wide_avx2(bits, codes, book.wide(), halves, w2, &mut a2);
                         wide_avx2(bits, codes, book.wide(), halves, ws, &mut a3);
@@ -1701,6 +1701,9 @@ unsafe fn wide_avx2<const Q: usize>(
     // SAFETY: the caller's contract.
     unsafe {
         match bits {
+            1 => f::<1, Q>(codes, wide, halves, ws, accs),
+            2 => f::<2, Q>(codes, wide, halves, ws, accs),
+            3 => f::<3, Q>(codes, wide, halves, ws, accs),
             5 => f::<5, Q>(codes, wide, halves, ws, accs),
             6 => f::<6, Q>(codes, wide, halves, ws, accs),
             7 => f::<7, Q>(codes, wide, halves, ws, accs),
@@ -1725,6 +1728,9 @@ unsafe fn wide_vnni<const Q: usize>(
     // SAFETY: the caller's contract.
     unsafe {
         match bits {
+            1 => f::<1, Q>(codes, planes, ws, accs),
+            2 => f::<2, Q>(codes, planes, ws, accs),
+            3 => f::<3, Q>(codes, planes, ws, accs),
             5 => f::<5, Q>(codes, planes, ws, accs),
             6 => f::<6, Q>(codes, planes, ws, accs),
             7 => f::<7, Q>(codes, planes, ws, accs),

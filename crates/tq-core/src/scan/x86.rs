@@ -553,11 +553,12 @@ unsafe fn wide_codes<const B: usize>(block: &[u8], j: usize) -> __m256i {
     }
 }
 
-/// The 32 `B`-bit codes (`4 <= B <= 8`) of coordinate `j` (`j mod 4 == K`) of `block`, one per
+/// The 32 `B`-bit codes (`1 <= B <= 8`) of coordinate `j` (`j mod 4 == K`) of `block`, one per
 /// byte: rows 0..16 in the low lane, rows 16..32 in the high lane. The code's bits are gathered
-/// from two or three nibble positions, each piece masked before it is shifted so no bit crosses
+/// from one to three nibble positions, each piece masked before it is shifted so no bit crosses
 /// into a neighbouring byte; `K` makes the bit offset (`B·K mod 4`) and so every shift a
-/// constant.
+/// constant. Below 4 bits the bits of the first nibble above the code are kept (each byte stays
+/// below 16).
 ///
 /// # Safety
 /// The CPU supports AVX2; `j % 4 == K`; nibble positions `B·j/4 ..= (B·j + B - 1)/4` lie in the
@@ -687,7 +688,7 @@ unsafe fn dot_block_i16_b5<const Q: usize>(
     weights: [&[i16]; Q],
     out: &mut [[f32; BLOCK]; Q],
 ) {
-    let t = plane_halves(planes);
+    let t = plane_halves(planes, 5);
     let look_up = |codes: __m256i| look_up_b5(codes, &t);
     const { assert!(super::INT_CHUNK.is_multiple_of(2)) };
     let dim = if Q == 0 { 0 } else { weights[0].len() };
@@ -1587,13 +1588,14 @@ unsafe fn wide_weights(p: *const i16) -> [__m256i; 2] {
 }
 
 /// One coordinate's 32 grid values as [`int_sums_kernel`] takes them on AVX2: its codes
-/// cut out of the nibble layout ([`wide_codes`]), then at 5 bits the grid's two byte planes
-/// looked up by `pshufb` over their halves with a blend on bit 4 and interleaved into words,
-/// at 6-8 bits gathered as `i32` ([`gather_ints`]) and packed to words (the grid fits `i16`).
+/// cut out of the nibble layout ([`wide_codes`]), then below 4 bits the grid's two byte planes
+/// looked up by one `pshufb` each, at 5 bits by `pshufb` over their halves with a blend on bit
+/// 4, both interleaved into words; at 6-8 bits gathered as `i32` ([`gather_ints`]) and packed to
+/// words (the grid fits `i16`).
 ///
 /// # Safety
-/// AVX2; `B` as the codes; coordinate `j < dim` has its nibble positions in `block`; `wide` has
-/// `2^B` entries and `halves` holds the grid's bytes 0-15 and 16-31 of each plane (5 bits).
+/// AVX2; `B` as the codes (1-3 or 5-8); coordinate `j < dim` has its nibble positions in
+/// `block`; `wide` has `2^B` entries and `halves` is [`plane_halves`] of the grid for `B` bits.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn decode_wide_avx2<const B: usize>(
@@ -1604,7 +1606,15 @@ unsafe fn decode_wide_avx2<const B: usize>(
 ) -> [__m256i; 2] {
     // SAFETY: the caller's contract.
     let codes = unsafe { wide_codes::<B>(block, j) };
-    if B == 5 {
+    if B < 4 {
+        // Codes below 16 (bits above `B` set or not): one `pshufb` per plane of a table that
+        // repeats with period 2^B.
+        let (lo, hi) = (
+            _mm256_shuffle_epi8(halves[0][0], codes),
+            _mm256_shuffle_epi8(halves[1][0], codes),
+        );
+        [_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)]
+    } else if B == 5 {
         let (lo, hi) = look_up_b5(codes, halves);
         [_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)]
     } else {
@@ -1637,14 +1647,16 @@ fn look_up_b5(codes: __m256i, halves: &[[__m256i; 2]; 2]) -> (__m256i, __m256i) 
 }
 
 /// The grid's two 32-entry byte planes as 16-byte halves in both 128-bit lanes (the 5-bit
-/// look-up, [`look_up_b5`]).
+/// look-up, [`look_up_b5`]); for `bits < 4` the first half repeats entries `0..2^bits`.
 #[inline]
 #[target_feature(enable = "avx2")]
-pub(super) fn plane_halves(planes: &[[u8; 256]; 2]) -> [[__m256i; 2]; 2] {
+pub(super) fn plane_halves(planes: &[[u8; 256]; 2], bits: u32) -> [[__m256i; 2]; 2] {
     std::array::from_fn(|p| {
         std::array::from_fn(|h| {
-            // SAFETY: bytes 16h..16h + 16 of a 256-byte plane.
-            let half = unsafe { _mm_loadu_si128(planes[p][16 * h..].as_ptr() as *const __m128i) };
+            let period = if bits < 4 { 1usize << bits } else { 256 };
+            let half: [u8; 16] = std::array::from_fn(|k| planes[p][(16 * h + k) % period]);
+            // SAFETY: 16 bytes.
+            let half = unsafe { _mm_loadu_si128(half.as_ptr() as *const __m128i) };
             _mm256_broadcastsi128_si256(half)
         })
     })
