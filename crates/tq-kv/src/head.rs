@@ -13,7 +13,7 @@
 //! `Σ_t p_t ṽ_t` accumulated in the rotated domain of the value quantizer and rotated back once per
 //! query. With [`ScoreMode::Exact`] the result equals attention over the dequantized cache up to
 //! float rounding; [`ScoreMode::Fast`] scores through `u8` tables or, for TurboQuant keys of 5-8
-//! bits, integer dots, and sums 4-8-bit TurboQuant values in integers (see tq-quant).
+//! bits, integer dots, and sums TurboQuant values in integers (see tq-quant).
 
 use std::borrow::Cow;
 
@@ -29,7 +29,7 @@ use crate::rows::{PlainRows, WindowPrecision};
 use crate::store::{KeyStrategy, Store, StreamSpec, ValueStrategy};
 use crate::{Error, Result};
 
-/// How attention reads the codes: key scores, and the weighted sum of 4-8-bit TurboQuant values.
+/// How attention reads the codes: key scores, and the weighted sum of TurboQuant values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ScoreMode {

@@ -376,7 +376,7 @@ impl Store {
 
     /// `outs[q] += Σ_t weights[q][t] · ṽ_t` for every weight vector, part by part (each part's
     /// batch sums its own rows: MSE in the rotated domain, one inverse rotation per vector; with
-    /// `fast`, 4-8-bit MSE and grouped-MSE parts on integer sums).
+    /// `fast`, MSE and grouped-MSE parts on integer sums).
     pub(crate) fn weighted_sums_into(
         &self,
         weights: &[&[f32]],

@@ -167,7 +167,7 @@ pub trait EncodedVectors: Sync {
     }
 
     /// [`EncodedVectors::weighted_sums_into`] on the fast path, where a kind has one (MSE and
-    /// grouped MSE with 4-8-bit codes: integer sums on the codebook's grid, see
+    /// grouped MSE: integer sums on the codebook's grid, see
     /// [`crate::MseBatch::accumulate_rotated_fast_multi`]); the default is the exact route.
     ///
     /// # Errors

@@ -2,7 +2,8 @@
 //! up to 256 entries looked up with `vpermb` / `vpermi2b` instead of gathers, two coordinates' 32
 //! codes per 512-bit register) and VNNI nibble dot products (`vpdpbusd`: four nibble positions
 //! of a row against four `i8` weights into one `i32` lane; `vpdpwssd`: the integer weighted
-//! sums of 4-8-bit codes, four coordinates per register). Every function needs the AVX-512
+//! sums of codes of every width and the 5-8-bit integer key dots, four coordinates per
+//! register). Every function needs the AVX-512
 //! features it names (the callers check them once at run time); the `unsafe` ones also read
 //! memory, and their `# Safety` names the lengths the caller (the checked public kernels) must
 //! have proven.
@@ -244,12 +245,12 @@ const WINDOW: [[u8; 64]; 2] = {
 };
 
 /// The 64 `B`-bit codes of coordinates `j` and `j + 1` (`j mod 4 == K`, `K` 0 or 2; those of
-/// `j + 1` zero unless `second`), one per byte in [`pair_codes`]' order. One 64-byte load of the four nibble positions
-/// from `B·j / 4` (masked past the block's end) holds both codes of every row, at bit offset
-/// `B·K mod 4` of the row's 16-bit window: two `vpermb`, two shifts and a bit select assemble
-/// the 32 windows, one `vpmultishiftqb` cuts each row's two fields out of them, a mask keeps
-/// their `B` bits and one `vpermb` places them: nine operations for 64 codes, four of them
-/// permutes.
+/// `j + 1` zero unless `second`), one per byte in [`pair_codes`]' order. One 64-byte load of
+/// the four nibble positions from `B·j / 4` (masked past the block's end) holds both codes of
+/// every row, at bit offset `B·K mod 4` of the row's 16-bit window: two `vpermb`, two shifts
+/// and a bit select assemble the 32 windows, one `vpmultishiftqb` cuts each row's two fields
+/// out of them, a mask keeps their `B` bits and one `vpermb` places them: nine operations for
+/// 64 codes, four of them permutes.
 ///
 /// # Safety
 /// The CPU supports AVX-512 F, BW and VBMI; `5 <= B <= 8`; `j % 4 == K`; the nibble positions of

@@ -1051,11 +1051,12 @@ pub fn dot_block_codes(block: &[u8], bits: u32, values: &[f32], q: &[f32], out: 
 /// affine.step · S_i) + affine.bias` with `S_i = Σ_j weights[j] · codebook.values()[code_j(row
 /// i)]`, summed exactly in `i32` over each chunk of [`INT_CHUNK`] coordinates (the checks bound
 /// it) and the chunks' sums added in `f32`, in order. The fast path of 5-8-bit keys, with
-/// [`IntCodebook::quantize_query`]'s weights, offset and step. With AVX-512 VBMI and VNNI, each
-/// pair of coordinates' 64 codes is looked up in the grid's two byte planes by one `vpermb` /
-/// `vpermi2b` per plane (8 bits: one per plane when the grid is antisymmetric, else two and a
-/// blend), interleaved into `(j, j + 1)` word pairs per row and summed by two `vpdpwssd`; with
-/// AVX2, four gathers and multiplies per coordinate; else [`dot_blocks_scores_i16_scalar`]. Every
+/// [`IntCodebook::quantize_query`]'s weights, offset and step. With AVX-512 VBMI and VNNI, four
+/// coordinates' 128 codes at a time are cut out by per-lane shifts, put in row-major order, looked
+/// up in the grid's two byte planes by one `vpermb` / `vpermi2b` per plane (8 bits: one per plane
+/// when the grid is antisymmetric, else two and a blend), interleaved into word pairs of two
+/// coordinates per row and summed by `vpdpwssd`; with AVX2, a `pshufb` look-up (5 bits) or four
+/// gathers (6-8 bits) and multiplies per coordinate; else [`dot_blocks_scores_i16_scalar`]. Every
 /// path computes the same integers and converts them with the same float operations, so the
 /// scores are the same bits on every CPU. `out.len()` rows are scored (the last block's empty
 /// slots are not written). O(rows · weights.len()).
@@ -1462,7 +1463,8 @@ fn check_accumulate(
 /// AVX-512 F and VL give the fused score kernel 32 registers (three queries per pass),
 /// `+avx512vbmi` where AVX-512 F, BW and VBMI decode 5-8-bit values and 6-8-bit exact key dots by
 /// byte permutes, and `+avx512vnni` where AVX-512 F, VL and VNNI run the nibble dot products
-/// (with VBMI too, the 5-8-bit integer key dots; all off with `TQ_NO_AVX512=1`); `"scalar"`
+/// (with BW, the 4-bit integer value sums; with VBMI too, the 5-8-bit integer key dots and the
+/// other widths' integer value sums; all off with `TQ_NO_AVX512=1`); `"scalar"`
 /// otherwise (the portable twins). O(1) after the first call.
 pub fn kernel_isa() -> &'static str {
     #[cfg(target_arch = "x86_64")]

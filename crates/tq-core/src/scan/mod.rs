@@ -29,8 +29,8 @@
 //! the codebook on a 14-bit grid ([`IntCodebook`]) and the query on `i16` weights ([`IntQuery`])
 //! (at 5 bits too, where it rounds far less than `u8` tables), and [`dot_block_codes`] decodes
 //! exact floats. Weighted sums of decoded rows (attention over values) run in floats
-//! ([`accumulate_blocks_multi`], any width) or, for 4-8-bit codes, in integers on the same grid
-//! with `i16` weights ([`accumulate_blocks_i16`], [`IntWeights`]).
+//! ([`accumulate_blocks_multi`], any width) or in integers on the same grid with `i16` weights
+//! ([`accumulate_blocks_i16`], [`IntWeights`], any width).
 //!
 //! [`QuantizedLut`] turns float tables into `u8` tables with one shared step `Δ` and a per-table
 //! offset: `score ≈ offset + Δ · Σ u8`. Each entry is rounded to the nearest step, so the error of

@@ -154,7 +154,7 @@ pub const INT_CHUNK: usize = 128;
 pub const INT_WEIGHT_BUDGET: i64 = i32::MAX as i64 / (INT_CODE_MAX as i64 + 1);
 
 /// A codebook of up to 256 values on an integer grid, for the integer dot products of 5-8-bit
-/// codes ([`super::dot_blocks_scores_i16`]) and the integer weighted sums of 4-8-bit codes
+/// codes ([`super::dot_blocks_scores_i16`]) and the integer weighted sums of codes of any width
 /// ([`super::accumulate_blocks_i16`]): value `k` stands for `(values[k] + 1/2) · step`,
 /// within `step / 2` of the float it was made from, with `step = max |c| / INT_CODE_MAX`, about
 /// `2^-14` of the codebook's span, far below the spacing of a 256-entry Lloyd-Max codebook (so

@@ -1113,9 +1113,9 @@ fn chunk_l1(w: &[i16]) -> i64 {
 
 /// The integer dot kernel (the dispatching one, and on x86 each SIMD body it may pick) equals
 /// its scalar twin bit for bit and an independent read-back of every row, at 5-8 bits over
-/// awkward sizes (odd coordinate counts: a last pair with one coordinate; several chunks, the
-/// last one partial; partial last blocks), with general, antisymmetric (folded at 8 bits) and
-/// nearly antisymmetric grids, random weights and weights at the overflow limit.
+/// awkward sizes (coordinate counts that leave a last unit of one to three coordinates; several
+/// chunks, the last one partial; partial last blocks), with general, antisymmetric (folded at 8
+/// bits) and nearly antisymmetric grids, random weights and weights at the overflow limit.
 #[test]
 fn int_dots_equal_the_scalar_twin_and_the_rows() {
     let mut r = SeededRng::new(51, stream::DATA);
@@ -1684,7 +1684,7 @@ fn int_sum_bodies_agree(
     }
 }
 
-/// The AVX2 wide body at `bits` (5-8).
+/// The AVX2 wide body at `bits` (1-3 or 5-8).
 ///
 /// # Safety
 /// AVX2; the arguments as the body's.
@@ -1712,7 +1712,7 @@ unsafe fn wide_avx2<const Q: usize>(
     }
 }
 
-/// The AVX-512 wide body at `bits` (5-8).
+/// The AVX-512 wide body at `bits` (1-3 or 5-8).
 ///
 /// # Safety
 /// AVX2 and AVX-512 F, BW, VBMI and VNNI; the arguments as the body's.

@@ -534,7 +534,7 @@ unsafe fn decode_permute<const B: usize, const K: usize>(
     })
 }
 
-/// The 32 `B`-bit codes (`5 <= B <= 8`) of coordinate `j` of `block`, one per byte: rows 0..16
+/// The 32 `B`-bit codes (`1 <= B <= 8`) of coordinate `j` of `block`, one per byte: rows 0..16
 /// in the low lane, rows 16..32 in the high lane ([`wide_codes_k`] for `j`'s residue mod 4).
 ///
 /// # Safety
@@ -1366,14 +1366,14 @@ fn madd_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
 /// "unit" is what one decode yields: `$per` coordinates, their 32 rows' grid values as `$regs`
 /// registers of `i16` in which 32-bit lane `k` holds two adjacent rows of one coordinate;
 /// `$decode(block, unit, dim)` makes them and `$weights(p)` the matching `$regs` registers of
-/// the block's 32 weights at `p`. 4 bits: a unit is one load of nibble positions (one
-/// coordinate per 128-bit lane), four registers of rows 0-7, 8-15, 16-23 and 24-31. 5-8 bits:
-/// a unit is one coordinate (AVX2) or two (AVX-512, 128-bit lanes 0-1 and 2-3), two registers
-/// of rows 0-7 | 16-23 and 8-15 | 24-31. Units go four at a time with their accumulators in
-/// registers (`$dot` multiplies a unit by its weights and adds the pairs into `i32` sums); at a
-/// chunk's end `$reduce` turns the four units' lanes into one register of their `4 · $per`
-/// coordinate sums (element `4k + u` is coordinate `k` of unit `u`), converted, scaled and
-/// added to the `f32` locals.
+/// the block's 32 weights at `p`. AVX-512 (every width): a unit is four coordinates, one per
+/// 128-bit lane, four registers of rows 0-7, 8-15, 16-23 and 24-31. AVX2: at 4 bits a unit is
+/// one load of two nibble positions (one coordinate per 128-bit lane), four registers as above;
+/// at other widths one coordinate, two registers of rows 0-7 | 16-23 and 8-15 | 24-31. Units go
+/// four at a time with their accumulators in registers (`$dot` multiplies a unit by its weights
+/// and adds the pairs into `i32` sums); at a chunk's end `$reduce` turns the four units' lanes
+/// into one register of their `4 · $per` coordinate sums (element `4k + u` is coordinate `k` of
+/// unit `u`), converted, scaled and added to the `f32` locals.
 macro_rules! int_sums_kernel {
     (
         $(#[$attr:meta])* $name:ident, $reg:ty, per: $per:literal, regs: $regs:literal,
