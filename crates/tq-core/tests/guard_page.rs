@@ -1,0 +1,147 @@
+//! The SIMD kernels never read past the codes they are given: every call's blocks end right
+//! before a page the process may not read (`PROT_NONE`), so one byte too many faults. Covers the
+//! masked tails and lane gathers of the integer value sums (1-8 bits), the integer key dots and
+//! the f32 decodes (5-8 bits) and the f32 value sums (1-8 bits), over dimensions that leave
+//! partial units and rows that leave partial blocks.
+#![cfg(unix)]
+
+use tq_core::bitpack::packed_len;
+use tq_core::rng::{SeededRng, stream};
+use tq_core::scan::{
+    Affine, BLOCK, IntCodebook, accumulate_blocks_i16, accumulate_blocks_multi, block_bytes,
+    dot_block_codes, dot_blocks_scores_i16,
+};
+
+/// `len` writable bytes that end where an unreadable page begins.
+struct Guarded {
+    map: *mut libc::c_void,
+    map_len: usize,
+    data: *mut u8,
+    len: usize,
+}
+
+impl Guarded {
+    fn new(len: usize) -> Self {
+        // SAFETY: plain libc calls; the results are checked before use.
+        unsafe {
+            let page = libc::sysconf(libc::_SC_PAGESIZE);
+            assert!(page > 0, "page size");
+            let page = page as usize;
+            let data_pages = len.div_ceil(page).max(1);
+            let map_len = (data_pages + 1) * page;
+            let map = libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(map, libc::MAP_FAILED, "mmap");
+            let guard = (map as *mut u8).add(data_pages * page);
+            assert_eq!(
+                libc::mprotect(guard as *mut libc::c_void, page, libc::PROT_NONE),
+                0,
+                "mprotect"
+            );
+            Self {
+                map,
+                map_len,
+                data: guard.sub(len),
+                len,
+            }
+        }
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: `len` bytes inside the readable, writable pages, owned by `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.data, self.len) }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`.
+        unsafe { libc::munmap(self.map, self.map_len) };
+    }
+}
+
+const DIMS: &[usize] = &[1, 2, 3, 5, 6, 7, 9, 13, 31, 33, 63, 64, 65, 127, 129];
+const ROWS: &[usize] = &[1, 31, 33];
+
+/// A grid of `2^bits` values (antisymmetric, as the Lloyd-Max codebooks are, so 8 bits fold).
+fn grid(bits: u32) -> IntCodebook {
+    let n = 1i32 << bits;
+    let values = (0..n)
+        .map(|k| ((2 * k + 1 - n) * 4000 / n) as i16)
+        .collect();
+    IntCodebook::from_values(values, 0.001)
+}
+
+#[test]
+fn value_sums_read_only_their_blocks() {
+    let mut r = SeededRng::new(81, stream::DATA);
+    for bits in 1..=8u32 {
+        let book = grid(bits);
+        let centroids: Vec<f32> = book.values().iter().map(|&v| f32::from(v)).collect();
+        for &d in DIMS {
+            let rb = packed_len(d, bits);
+            for &rows in ROWS {
+                let mut mem = Guarded::new(rows.div_ceil(BLOCK) * block_bytes(rb));
+                let blocks = mem.bytes();
+                blocks.iter_mut().for_each(|b| *b = r.next_u64() as u8);
+                let w: Vec<f32> = (0..rows).map(|_| r.uniform() as f32).collect();
+                let iw = book.quantize_weights(&w, None).expect("finite weights");
+                let mut acc = vec![0f32; d];
+                accumulate_blocks_i16(
+                    blocks,
+                    rb,
+                    bits,
+                    &book,
+                    &[&iw, &iw, &iw],
+                    &mut [&mut acc.clone(), &mut acc.clone(), &mut acc],
+                );
+                let mut acc = vec![0f32; d];
+                accumulate_blocks_multi(blocks, rb, bits, &centroids, None, &[&w], &mut [&mut acc]);
+            }
+        }
+    }
+}
+
+#[test]
+fn key_dots_read_only_their_blocks() {
+    let mut r = SeededRng::new(82, stream::DATA);
+    for bits in 5..=8u32 {
+        let book = grid(bits);
+        let centroids: Vec<f32> = book.values().iter().map(|&v| f32::from(v)).collect();
+        for &d in DIMS {
+            let rb = packed_len(d, bits);
+            let q: Vec<f32> = (0..d).map(|_| r.gaussian() as f32).collect();
+            let iq = book.quantize_query(&q);
+            let affine = Affine {
+                offset: iq.offset,
+                step: iq.step,
+                bias: 0.0,
+            };
+            for &rows in ROWS {
+                let mut mem = Guarded::new(rows.div_ceil(BLOCK) * block_bytes(rb));
+                let blocks = mem.bytes();
+                blocks.iter_mut().for_each(|b| *b = r.next_u64() as u8);
+                let (scales, mut out) = (vec![1f32; rows], vec![0f32; rows]);
+                dot_blocks_scores_i16(
+                    blocks,
+                    rb,
+                    bits,
+                    &book,
+                    &iq.weights,
+                    affine,
+                    &scales,
+                    &mut out,
+                );
+                let last = &blocks[blocks.len() - block_bytes(rb)..];
+                let mut one = [0f32; BLOCK];
+                dot_block_codes(last, bits, &centroids, &q, &mut one);
+            }
+        }
+    }
+}
