@@ -512,10 +512,11 @@ impl IntPlanes {
 /// weight vectors (all of one length) from one look-up. The same sums as the scalar twin.
 ///
 /// # Safety
-/// The CPU supports AVX2 and AVX-512 F, BW, VBMI and VNNI; `5 <= bits <= 8`; `block` is one block
-/// of `32 · row_bytes` bytes; every weight slice has the same length `<= 8 · row_bytes / bits`;
-/// no chunk's partial sum overflows an `i32` (`Σ|w| · max|value| <= i32::MAX` per chunk).
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni")]
+/// The CPU supports AVX2, AVX-512 F, BW, VBMI and VNNI, and GFNI; `5 <= bits <= 8`; `block` is
+/// one block of `32 · row_bytes` bytes; every weight slice has the same length `<= 8 ·
+/// row_bytes / bits`; no chunk's partial sum overflows an `i32` (`Σ|w| · max|value| <=
+/// i32::MAX` per chunk).
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni,gfni")]
 pub(super) unsafe fn dot_block_i16_x86<const Q: usize>(
     block: &[u8],
     bits: u32,
@@ -573,7 +574,7 @@ const ROW_SUMS: [i32; 16] = {
 ///
 /// # Safety
 /// As [`dot_block_i16_x86`] with `bits == B`.
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni")]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni,gfni")]
 unsafe fn dot_block_i16_vnni<const B: usize, const Q: usize>(
     block: &[u8],
     planes: &IntPlanes,
@@ -637,12 +638,35 @@ unsafe fn dot_block_i16_vnni<const B: usize, const Q: usize>(
     }
 }
 
+/// `vgf2p8affineqb` matrices (row `i`, the bit-`i` mask of the result, in byte `7 - i`): [`SIGN`]
+/// copies a byte's bit 7 into every bit; [`MIRROR`] flips bits 0-6 when bit 7 is set (`k ^ 0xFF`
+/// for codes from 128, the byte unchanged below).
+const SIGN: i64 = gf_matrix(false);
+/// See [`SIGN`].
+const MIRROR: i64 = gf_matrix(true);
+
+const fn gf_matrix(mirror: bool) -> i64 {
+    let mut a = 0u64;
+    let mut i = 0;
+    while i < 8 {
+        let row = if mirror && i < 7 {
+            0x80 | (1u64 << i)
+        } else {
+            0x80
+        };
+        a |= row << (8 * (7 - i));
+        i += 1;
+    }
+    a as i64
+}
+
 /// The low and high bytes of the grid values of 64 `B`-bit codes: one `vpermb` (6 bits) or
 /// `vpermi2b` (7 bits) per plane; at 8 bits two and a blend on bit 7, or, when the grid is
 /// antisymmetric (`values[255 - k] == !values[k]`), one on the mirrored index `255 - k` for codes
-/// from 128, whose bytes are then complemented.
+/// from 128 (the index and the sign mask each one `vgf2p8affineqb`), whose bytes are then
+/// complemented.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni")]
 fn look_up_ints<const B: usize>(codes: __m512i, planes: &IntPlanes) -> (__m512i, __m512i) {
     let t = &planes.t;
     match B {
@@ -655,16 +679,17 @@ fn look_up_ints<const B: usize>(codes: __m512i, planes: &IntPlanes) -> (__m512i,
             _mm512_permutex2var_epi8(t[1][0], codes, t[1][1]),
         ),
         _ => {
-            let upper = _mm512_movepi8_mask(codes);
             if planes.folded {
-                // All ones in the bytes of codes from 128: `k ^ 0xFF = 255 - k`, whose low 7
-                // bits are the ones `vpermi2b` reads, and the one's complement of both bytes.
-                let flip = _mm512_movm_epi8(upper);
-                let mirror = _mm512_xor_si512(codes, flip);
+                // `flip`: all ones in the bytes of codes from 128; `mirror`: `k ^ flip`, for
+                // those `255 - k`, whose low 7 bits are the ones `vpermi2b` reads. The bytes
+                // looked up are then complemented under `flip` (the word's one's complement).
+                let flip = _mm512_gf2p8affine_epi64_epi8::<0>(codes, _mm512_set1_epi64(SIGN));
+                let mirror = _mm512_gf2p8affine_epi64_epi8::<0>(codes, _mm512_set1_epi64(MIRROR));
                 let lo = _mm512_permutex2var_epi8(t[0][0], mirror, t[0][1]);
                 let hi = _mm512_permutex2var_epi8(t[1][0], mirror, t[1][1]);
                 (_mm512_xor_si512(lo, flip), _mm512_xor_si512(hi, flip))
             } else {
+                let upper = _mm512_movepi8_mask(codes);
                 let plane = |p: usize| {
                     _mm512_mask_blend_epi8(
                         upper,
@@ -924,10 +949,10 @@ unsafe fn unit_codes<const B: usize>(block: &[u8], u: usize) -> [__m512i; 2] {
 /// into words of rows 0-7, 8-15, 16-23 and 24-31. Lanes past `dim` are summed and never read.
 ///
 /// # Safety
-/// AVX-512 F, BW and VBMI; `1 <= B <= 8`, `B != 4`; `block` is one block and position `B·u`
-/// lies in it; `planes` is the grid's, made for `B`-bit codes.
+/// AVX-512 F, BW and VBMI, and GFNI; `1 <= B <= 8`, `B != 4`; `block` is one block and position
+/// `B·u` lies in it; `planes` is the grid's, made for `B`-bit codes.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni")]
 unsafe fn decode_wide_512<const B: usize>(
     block: &[u8],
     u: usize,
@@ -946,7 +971,7 @@ unsafe fn decode_wide_512<const B: usize>(
 }
 
 super::x86::int_sums_kernel!(
-    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni,gfni")]
     accumulate_i16_wide_vnni, __m512i, per: 4, regs: 4, zero: _mm512_setzero_si512(),
     decode: |block: &[u8], unit: usize, _dim: usize| decode_wide_512::<B>(block, unit, planes),
     weights: nibble_weights_512, dot: dpwssd, reduce: reduce_lanes_512,

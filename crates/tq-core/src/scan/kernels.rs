@@ -1155,7 +1155,8 @@ fn int_group<const Q: usize>(
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx512_vbmi() && has_avx512_vnni() {
-            // SAFETY: AVX2 and AVX-512 F, BW, VBMI and VNNI are present (checked at run time).
+            // SAFETY: AVX2, AVX-512 F, BW, VBMI and VNNI, and GFNI are present (checked at run
+            // time).
             let planes = unsafe { super::avx512::IntPlanes::new(codebook, bits) };
             int_blocks::<Q>(blocks, row_bytes, scales, jobs, |block, sums| {
                 // SAFETY: the CPU features as above; the checks proved the block's size, that
@@ -1493,9 +1494,11 @@ fn has_avx2_fma() -> bool {
     })
 }
 
-/// AVX-512 F, BW and VBMI beside AVX2 and FMA: 5-8-bit values and 6-8-bit exact key dots
-/// decode through byte permutes. `TQ_NO_AVX512=1` in the environment turns every AVX-512 body
-/// off (to compare the paths on one machine).
+/// AVX-512 F, BW and VBMI, and GFNI, beside AVX2 and FMA: 5-8-bit values and 6-8-bit exact key
+/// dots decode through byte permutes, and the integer paths take the 8-bit fold's sign mask and
+/// mirrored index from `vgf2p8affineqb` (every CPU with VBMI and VNNI so far has GFNI).
+/// `TQ_NO_AVX512=1` in the environment turns every AVX-512 body off (to compare the paths on
+/// one machine).
 #[cfg(target_arch = "x86_64")]
 pub(super) fn has_avx512_vbmi() -> bool {
     use std::sync::OnceLock;
@@ -1504,6 +1507,7 @@ pub(super) fn has_avx512_vbmi() -> bool {
         avx512_allowed()
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vbmi")
+            && std::arch::is_x86_feature_detected!("gfni")
     })
 }
 

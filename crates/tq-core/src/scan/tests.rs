@@ -1204,7 +1204,11 @@ fn int_dot_bodies_agree(
     if cfg!(miri) || !has!("avx2") {
         return;
     }
-    let vnni = has!("avx512f") && has!("avx512bw") && has!("avx512vbmi") && has!("avx512vnni");
+    let vnni = has!("avx512f")
+        && has!("avx512bw")
+        && has!("avx512vbmi")
+        && has!("avx512vnni")
+        && has!("gfni");
     for block in blocks.chunks_exact(block_bytes(row_bytes)) {
         let mut want = [0f32; BLOCK];
         super::kernels::dot_block_i16_scalar(block, bits, book.values(), w, &mut want);
@@ -1615,7 +1619,7 @@ fn int_sum_bodies_agree(
         planes: book.planes(),
     };
     let vnni = has!("avx512f") && has!("avx512bw") && has!("avx512vnni");
-    let vbmi = vnni && has!("avx512vbmi");
+    let vbmi = vnni && has!("avx512vbmi") && has!("gfni");
     for body in 0..2 {
         if body == 1 && !(if bits == 4 { vnni } else { vbmi }) {
             continue;
@@ -1715,7 +1719,7 @@ unsafe fn wide_avx2<const Q: usize>(
 /// The AVX-512 wide body at `bits` (1-3 or 5-8).
 ///
 /// # Safety
-/// AVX2 and AVX-512 F, BW, VBMI and VNNI; the arguments as the body's.
+/// AVX2, AVX-512 F, BW, VBMI and VNNI, and GFNI; the arguments as the body's.
 #[cfg(target_arch = "x86_64")]
 unsafe fn wide_vnni<const Q: usize>(
     bits: u32,
