@@ -1462,8 +1462,8 @@ fn check_accumulate(
 /// The instruction set the scan and accumulation kernels use on this CPU: `"avx2+fma"` on x86-64
 /// CPUs with both (nibble tables up to 5 bits, gathers at 6-8), followed by `+avx512vl` where
 /// AVX-512 F and VL give the fused score kernel 32 registers (three queries per pass),
-/// `+avx512vbmi` where AVX-512 F, BW and VBMI decode 5-8-bit values and 6-8-bit exact key dots by
-/// byte permutes, and `+avx512vnni` where AVX-512 F, VL and VNNI run the nibble dot products
+/// `+avx512vbmi` where AVX-512 F, BW and VBMI (and GFNI) decode 5-8-bit values and 6-8-bit exact
+/// key dots by byte permutes, and `+avx512vnni` where AVX-512 F, VL and VNNI run the nibble dot products
 /// (with BW, the 4-bit integer value sums; with VBMI too, the 5-8-bit integer key dots and the
 /// other widths' integer value sums; all off with `TQ_NO_AVX512=1`); `"scalar"`
 /// otherwise (the portable twins). O(1) after the first call.
