@@ -1,8 +1,9 @@
-//! The SIMD kernels never read past the codes they are given: every call's blocks end right
-//! before a page the process may not read (`PROT_NONE`), so one byte too many faults. Covers the
-//! masked tails and lane gathers of the integer value sums (1-8 bits), the integer key dots and
-//! the f32 decodes (5-8 bits) and the f32 value sums (1-8 bits), over dimensions that leave
-//! partial units and rows that leave partial blocks.
+//! The code kernels below never read past the blocks they are given: every call's blocks end
+//! right before a page the process may not read (`PROT_NONE`), so one byte too many faults. Covers
+//! the bodies this CPU picks (on an AVX-512 VBMI machine the per-lane cuts and masked tails) of
+//! the integer value sums (1-8 bits, one and three weight vectors), the f32 value sums (1-8 bits),
+//! the integer key dots and the f32 key decode (5-8 bits), over dimensions that leave partial
+//! units and rows that leave partial blocks.
 #![cfg(unix)]
 
 use tq_core::bitpack::packed_len;
@@ -69,12 +70,15 @@ impl Drop for Guarded {
 const DIMS: &[usize] = &[1, 2, 3, 5, 6, 7, 9, 13, 31, 33, 63, 64, 65, 127, 129];
 const ROWS: &[usize] = &[1, 31, 33];
 
-/// A grid of `2^bits` values (antisymmetric, as the Lloyd-Max codebooks are, so 8 bits fold).
+/// A grid of `2^bits` increasing values, antisymmetric as the Lloyd-Max codebooks are
+/// (`values[n - 1 - k] == !values[k]`), so the 8-bit one folds.
 fn grid(bits: u32) -> IntCodebook {
-    let n = 1i32 << bits;
-    let values = (0..n)
-        .map(|k| ((2 * k + 1 - n) * 4000 / n) as i16)
-        .collect();
+    let n = 1usize << bits;
+    let mut values = vec![0i16; n];
+    for k in 0..n / 2 {
+        values[k] = -4000 + (k * 7900 / n) as i16;
+        values[n - 1 - k] = !values[k];
+    }
     IntCodebook::from_values(values, 0.001)
 }
 
@@ -93,6 +97,7 @@ fn value_sums_read_only_their_blocks() {
                 let w: Vec<f32> = (0..rows).map(|_| r.uniform() as f32).collect();
                 let iw = book.quantize_weights(&w, None).expect("finite weights");
                 let mut acc = vec![0f32; d];
+                accumulate_blocks_i16(blocks, rb, bits, &book, &[&iw], &mut [&mut acc.clone()]);
                 accumulate_blocks_i16(
                     blocks,
                     rb,

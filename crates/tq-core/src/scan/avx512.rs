@@ -639,8 +639,8 @@ unsafe fn dot_block_i16_vnni<const B: usize, const Q: usize>(
 }
 
 /// `vgf2p8affineqb` matrices (row `i`, the bit-`i` mask of the result, in byte `7 - i`): [`SIGN`]
-/// copies a byte's bit 7 into every bit; [`MIRROR`] flips bits 0-6 when bit 7 is set (`k ^ 0xFF`
-/// for codes from 128, the byte unchanged below).
+/// copies a byte's bit 7 into every bit; [`MIRROR`] flips bits 0-6 when bit 7 is set (`k ^ 0x7F`
+/// for codes from 128, whose low 7 bits are those of `255 - k`; the byte unchanged below).
 const SIGN: i64 = gf_matrix(false);
 /// See [`SIGN`].
 const MIRROR: i64 = gf_matrix(true);
@@ -680,8 +680,8 @@ fn look_up_ints<const B: usize>(codes: __m512i, planes: &IntPlanes) -> (__m512i,
         ),
         _ => {
             if planes.folded {
-                // `flip`: all ones in the bytes of codes from 128; `mirror`: `k ^ flip`, for
-                // those `255 - k`, whose low 7 bits are the ones `vpermi2b` reads. The bytes
+                // `flip`: all ones in the bytes of codes from 128; `mirror`: for those `k ^ 0x7F`,
+                // whose low 7 bits (the ones `vpermi2b` reads) are those of `255 - k`. The bytes
                 // looked up are then complemented under `flip` (the word's one's complement).
                 let flip = _mm512_gf2p8affine_epi64_epi8::<0>(codes, _mm512_set1_epi64(SIGN));
                 let mirror = _mm512_gf2p8affine_epi64_epi8::<0>(codes, _mm512_set1_epi64(MIRROR));

@@ -879,7 +879,7 @@ unsafe fn int_sums<const B: usize>(
         if B == 4 && has_avx512_bw_vnni() {
             let planes = super::avx512::nibble_planes_512(codes.planes);
             int_groups!(accumulate_i16_vnni, B, codes, (planes), weights, accs);
-        } else if B != 4 && has_avx512_vbmi() && has_avx512_vnni() {
+        } else if B != 4 && has_avx512_int() {
             let planes = super::avx512::IntPlanes::new(codebook, B as u32);
             int_groups!(accumulate_i16_wide_vnni, B, codes, (&planes), weights, accs);
         } else if B == 4 && has_avx2() {
@@ -1154,7 +1154,7 @@ fn int_group<const Q: usize>(
     let weights: [&[i16]; Q] = std::array::from_fn(|q| jobs[q].weights);
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx512_vbmi() && has_avx512_vnni() {
+        if has_avx512_int() {
             // SAFETY: AVX2, AVX-512 F, BW, VBMI and VNNI, and GFNI are present (checked at run
             // time).
             let planes = unsafe { super::avx512::IntPlanes::new(codebook, bits) };
@@ -1462,10 +1462,10 @@ fn check_accumulate(
 /// The instruction set the scan and accumulation kernels use on this CPU: `"avx2+fma"` on x86-64
 /// CPUs with both (nibble tables up to 5 bits, gathers at 6-8), followed by `+avx512vl` where
 /// AVX-512 F and VL give the fused score kernel 32 registers (three queries per pass),
-/// `+avx512vbmi` where AVX-512 F, BW and VBMI (and GFNI) decode 5-8-bit values and 6-8-bit exact
-/// key dots by byte permutes, and `+avx512vnni` where AVX-512 F, VL and VNNI run the nibble dot products
-/// (with BW, the 4-bit integer value sums; with VBMI too, the 5-8-bit integer key dots and the
-/// other widths' integer value sums; all off with `TQ_NO_AVX512=1`); `"scalar"`
+/// `+avx512vbmi` where AVX-512 F, BW and VBMI decode 5-8-bit values and 6-8-bit exact key dots by
+/// byte permutes, and `+avx512vnni` where AVX-512 F, VL and VNNI run the nibble dot products
+/// (with BW, the 4-bit integer value sums; with VBMI and GFNI too, the 5-8-bit integer key dots
+/// and the other widths' integer value sums; all off with `TQ_NO_AVX512=1`); `"scalar"`
 /// otherwise (the portable twins). O(1) after the first call.
 pub fn kernel_isa() -> &'static str {
     #[cfg(target_arch = "x86_64")]
@@ -1494,11 +1494,9 @@ fn has_avx2_fma() -> bool {
     })
 }
 
-/// AVX-512 F, BW and VBMI, and GFNI, beside AVX2 and FMA: 5-8-bit values and 6-8-bit exact key
-/// dots decode through byte permutes, and the integer paths take the 8-bit fold's sign mask and
-/// mirrored index from `vgf2p8affineqb` (every CPU with VBMI and VNNI so far has GFNI).
-/// `TQ_NO_AVX512=1` in the environment turns every AVX-512 body off (to compare the paths on
-/// one machine).
+/// AVX-512 F, BW and VBMI beside AVX2 and FMA: 5-8-bit values and 6-8-bit exact key dots
+/// decode through byte permutes. `TQ_NO_AVX512=1` in the environment turns every AVX-512 body
+/// off (to compare the paths on one machine).
 #[cfg(target_arch = "x86_64")]
 pub(super) fn has_avx512_vbmi() -> bool {
     use std::sync::OnceLock;
@@ -1507,7 +1505,19 @@ pub(super) fn has_avx512_vbmi() -> bool {
         avx512_allowed()
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vbmi")
-            && std::arch::is_x86_feature_detected!("gfni")
+    })
+}
+
+/// [`has_avx512_vbmi`] and [`has_avx512_vnni`], and GFNI: the integer key dots and the integer
+/// value sums other than 4-bit look codes up by byte permutes, add by `vpdpwssd` and take the
+/// 8-bit fold's sign mask and mirrored index from `vgf2p8affineqb` (every CPU with VBMI and VNNI
+/// so far has GFNI).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn has_avx512_int() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        has_avx512_vbmi() && has_avx512_vnni() && std::arch::is_x86_feature_detected!("gfni")
     })
 }
 
