@@ -791,13 +791,13 @@ pub fn accumulate_blocks_multi(
 /// 4 bits: with AVX-512 BW and VNNI, four coordinates' 32 codes per 64-byte load, the nibbles
 /// split, each looked up in the grid's two byte planes by `vpshufb` and interleaved into `i16`
 /// pairs of rows, one `vpdpwssd` per 8 rows and weight vector; with AVX2 two coordinates at a
-/// time through `vpmaddwd`. 1-3 and 5-8 bits: with AVX-512 VBMI and VNNI, four coordinates' 128
-/// codes cut out of the nibble layout by per-lane shifts (each coordinate's code at its own bit
-/// offset in its 128-bit lane), both byte planes looked up by `vpermb` / `vpermi2b` and the same
-/// `vpdpwssd` loop as at 4 bits; with AVX2 one coordinate's codes, looked up by `pshufb` (1-3
-/// and 5 bits) or gathered (6-8 bits). A grouped-query
-/// head's weight vectors share each decode; other CPUs take [`accumulate_blocks_i16_scalar`] per
-/// vector. Blocks whose weights are all zero are skipped. O(rows · dim · (1 + vectors / 4)).
+/// time through `vpmaddwd`. 1-3 and 5-8 bits: with AVX-512 VBMI and VNNI and GFNI, four
+/// coordinates' 128 codes cut out of the nibble layout by per-lane shifts (each coordinate's code
+/// at its own bit offset in its 128-bit lane), both byte planes looked up by `vpermb` /
+/// `vpermi2b` and the same `vpdpwssd` loop as at 4 bits; with AVX2 one coordinate's codes, looked
+/// up by `pshufb` (1-3 and 5 bits) or gathered (6-8 bits). A grouped-query head's weight vectors
+/// share each decode; other CPUs take [`accumulate_blocks_i16_scalar`] per vector. Blocks whose
+/// weights are all zero are skipped. O(rows · dim · (1 + vectors / 4)).
 ///
 /// # Panics
 /// Before any memory is read, unless `1 <= bits <= 8`, `row_bytes >= 1`, `blocks` is a whole
@@ -861,7 +861,7 @@ macro_rules! int_groups {
 }
 
 /// [`accumulate_blocks_i16`] at `B` bits on x86: `false` when the CPU has no body for it (4
-/// bits: AVX-512 BW + VNNI or AVX2; other widths: AVX-512 VBMI + VNNI or AVX2).
+/// bits: AVX-512 BW + VNNI or AVX2; other widths: AVX-512 VBMI + VNNI + GFNI or AVX2).
 ///
 /// # Safety
 /// The arguments passed `check_int_sums` for `B` bits.
@@ -1051,15 +1051,15 @@ pub fn dot_block_codes(block: &[u8], bits: u32, values: &[f32], q: &[f32], out: 
 /// affine.step · S_i) + affine.bias` with `S_i = Σ_j weights[j] · codebook.values()[code_j(row
 /// i)]`, summed exactly in `i32` over each chunk of [`INT_CHUNK`] coordinates (the checks bound
 /// it) and the chunks' sums added in `f32`, in order. The fast path of 5-8-bit keys, with
-/// [`IntCodebook::quantize_query`]'s weights, offset and step. With AVX-512 VBMI and VNNI, four
-/// coordinates' 128 codes at a time are cut out by per-lane shifts, put in row-major order, looked
-/// up in the grid's two byte planes by one `vpermb` / `vpermi2b` per plane (8 bits: one per plane
-/// when the grid is antisymmetric, else two and a blend), interleaved into word pairs of two
-/// coordinates per row and summed by `vpdpwssd`; with AVX2, a `pshufb` look-up (5 bits) or four
-/// gathers (6-8 bits) and multiplies per coordinate; else [`dot_blocks_scores_i16_scalar`]. Every
-/// path computes the same integers and converts them with the same float operations, so the
-/// scores are the same bits on every CPU. `out.len()` rows are scored (the last block's empty
-/// slots are not written). O(rows · weights.len()).
+/// [`IntCodebook::quantize_query`]'s weights, offset and step. With AVX-512 VBMI and VNNI and
+/// GFNI, four coordinates' 128 codes at a time are cut out by per-lane shifts, put in row-major
+/// order, looked up in the grid's two byte planes by one `vpermb` / `vpermi2b` per plane (8 bits:
+/// one per plane when the grid is antisymmetric, else two and a blend), interleaved into word
+/// pairs of two coordinates per row and summed by `vpdpwssd`; with AVX2, a `pshufb` look-up (5
+/// bits) or four gathers (6-8 bits) and multiplies per coordinate; else
+/// [`dot_blocks_scores_i16_scalar`]. Every path computes the same integers and converts them
+/// with the same float operations, so the scores are the same bits on every CPU. `out.len()`
+/// rows are scored (the last block's empty slots are not written). O(rows · weights.len()).
 ///
 /// # Panics
 /// Before any memory is read, unless `5 <= bits <= 8`, `row_bytes >= 1`, `blocks.len() ==
