@@ -808,8 +808,8 @@ impl MseBatch {
     /// [`IntCodebook::quantize_weights`]) and the codebook on its 14-bit grid, and the sums are
     /// exact integers ([`scan::accumulate_blocks_i16`]: `vpdpwssd` with AVX-512 VNNI, `vpmaddwd`
     /// with AVX2, the same bits on every CPU). The roundings add about 0.001 of the quantization
-    /// error at 4 bits (RMS, see the accuracy tests; relatively more at 8 bits, whose own error is
-    /// 16 times smaller). The exact path takes a part of
+    /// error at 4 bits (RMS, see the accuracy tests; 0.0001-0.0006 at 1-3 bits, relatively more at
+    /// 8 bits, whose own error is 16 times smaller). The exact path takes a part of
     /// [`ACCUMULATE_CHUNK_ROWS`] rows whose weights the grid cannot hold for some weight vector
     /// (a non-finite product `weight · norm`, or all of that vector's products in the part so
     /// small that a unit of its sums would not be a normal `f32`: below about `2^-96` for these

@@ -276,9 +276,10 @@ impl Tables {
     }
 
     /// [`Tables::scores_fast`] for several queries' tables over the same rows (`outs[i]` with
-    /// `biases[i]`, no marks): nibble tables in pairs (threes with AVX-512 VL) through the fused kernel, 5-bit tables in
-    /// groups of up to three through [`tq_core::scan::scan_block_b5_multi`] (each code rebuilt
-    /// once per group), other mixes one query at a time.
+    /// `biases[i]`, no marks): nibble tables in pairs (threes with AVX-512 VL) through the fused
+    /// kernel, 5-bit tables in groups of up to three through
+    /// [`tq_core::scan::scan_block_b5_multi`] (each code rebuilt once per group), other mixes one
+    /// query at a time.
     pub(crate) fn scores_fast_many(
         tables: &[&Tables],
         blocks: &[u8],
