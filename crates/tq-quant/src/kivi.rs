@@ -35,7 +35,7 @@ use half::f16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tq_core::scan::{self, BLOCK};
-use tq_core::{bitpack, simd};
+use tq_core::{bitpack, half_simd, simd};
 
 use crate::error::{check_batch, check_dim, check_finite, check_len, check_range};
 use crate::packed::PackedRows;
@@ -233,9 +233,8 @@ impl KiviQuery {
 /// Buffers of channel-axis group scoring, reused across the groups of a scoring call.
 #[derive(Default)]
 struct GroupScratch {
-    /// The group's scales and zeros in f32.
+    /// The group's scales in f32.
     scales: Vec<f32>,
-    zeros: Vec<f32>,
     /// One query's weights `q_c s_c` in f32 (the table path).
     products: Vec<f32>,
     /// Each query's `i8` weights (`2 · row_bytes` per query) on the fast 4-bit path.
@@ -244,41 +243,6 @@ struct GroupScratch {
     affine: Vec<(f32, f32)>,
     /// Each query's integer dots of one block.
     sums: Vec<[i32; BLOCK]>,
-}
-
-/// Rounds the weights `q_c · s_c` to `i8` with the shared step `max_c |q_c s_c| / 127` (ties to
-/// even, the same bytes on every CPU) into `out` (entries past `q.len()` zero) and returns the
-/// step (1 when every weight is zero). A weight's error is at most half a step, so a row's
-/// score moves by at most `step / 2 · Σ_c code_c`. O(d).
-fn i8_weights(q: &[f32], scales: &[f32], out: &mut [i8]) -> f32 {
-    debug_assert_eq!(q.len(), scales.len());
-    // The largest |q_c s_c| in 8 lanes of compare-selects, which vectorise (a fold of `f32::max`
-    // is one serial chain: it cost about a fifth of a grouped-query head's key scoring, called
-    // per query per group); the order does not change a maximum.
-    let mut lanes = [0.0f32; 8];
-    let (qs, ss) = (q.chunks_exact(8), scales.chunks_exact(8));
-    let (q_rest, s_rest) = (qs.remainder(), ss.remainder());
-    for (qc, sc) in qs.zip(ss) {
-        for k in 0..8 {
-            let w = (qc[k] * sc[k]).abs();
-            lanes[k] = if w > lanes[k] { w } else { lanes[k] };
-        }
-    }
-    for (a, b) in q_rest.iter().zip(s_rest) {
-        let w = (a * b).abs();
-        lanes[0] = if w > lanes[0] { w } else { lanes[0] };
-    }
-    let maxw = lanes.iter().fold(0.0f32, |m, &w| if w > m { w } else { m });
-    let step = if maxw > 0.0 { maxw / 127.0 } else { 1.0 };
-    let inv = 1.0 / step;
-    out.fill(0);
-    for ((o, a), b) in out.iter_mut().zip(q).zip(scales) {
-        // Round to nearest by adding 1.5 · 2^23 (the integer lands in the low mantissa bits,
-        // two's complement in the low byte); the clamp keeps `maxw · inv` rounding inside i8.
-        let x = (a * b * inv).clamp(-127.0, 127.0);
-        *o = ((x + 12_582_912.0).to_bits() & 0xFF) as u8 as i8;
-    }
-    step
 }
 
 /// A growable batch of KIVI codes (see the [module docs](self)).
@@ -748,18 +712,13 @@ impl KiviBatch {
         fast: bool,
         scratch: &mut GroupScratch,
     ) {
-        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
         let c = self.quantizer.config;
         let d = c.dim;
-        // The group's scales and zeros to f32 in one (SIMD where the CPU has F16C) pass each.
+        // The group's scales to f32 in one pass (eight per instruction where the CPU has F16C);
+        // its zeros enter only through `Σ_c q_c z_c`, read as f16 by `half_simd::dot`.
         scratch.scales.resize(d, 0.0);
-        scratch.zeros.resize(d, 0.0);
-        self.scales[g * d..(g + 1) * d]
-            .reinterpret_cast::<f16>()
-            .convert_to_f32_slice(&mut scratch.scales);
-        self.zeros[g * d..(g + 1) * d]
-            .reinterpret_cast::<f16>()
-            .convert_to_f32_slice(&mut scratch.zeros);
+        half_simd::widen(&self.scales[g * d..(g + 1) * d], &mut scratch.scales);
+        let zeros = &self.zeros[g * d..(g + 1) * d];
         if fast && c.bits == 4 {
             self.score_group_i8(queries, g, outs, at, scratch);
             return;
@@ -767,7 +726,7 @@ impl KiviBatch {
         let first = g * c.group;
         for (query, out) in queries.iter().zip(outs.iter_mut()) {
             let out = &mut out[at..at + c.group];
-            let offset = simd::dot(&query.q, &scratch.zeros);
+            let offset = half_simd::dot(&query.q, zeros);
             scratch.products.clear();
             scratch
                 .products
@@ -818,7 +777,7 @@ impl KiviBatch {
 
     /// The fast 4-bit path of [`KiviBatch::score_group`] (scales and zeros already in
     /// `scratch`): per query, weights `q_c s_c` rounded to `i8` with step `max_c |q_c s_c| / 127`
-    /// ([`i8_weights`]) and the offset `Σ_c q_c z_c`; then one integer pass over each block of the
+    /// ([`scan::nibble_weights_i8`]) and the offset `Σ_c q_c z_c`; then one integer pass over each block of the
     /// group for all queries ([`scan::dot_nibbles_i8`]). No per-query tables.
     fn score_group_i8(
         &self,
@@ -829,27 +788,39 @@ impl KiviBatch {
         scratch: &mut GroupScratch,
     ) {
         let c = self.quantizer.config;
+        let d = c.dim;
         let positions = 2 * self.quantizer.row_bytes;
         let nq = queries.len();
+        let zeros = &self.zeros[g * d..(g + 1) * d];
         scratch.weights.resize(nq * positions, 0);
         scratch.affine.clear();
         for (query, w) in queries
             .iter()
             .zip(scratch.weights.chunks_exact_mut(positions))
         {
-            let step = i8_weights(&query.q, &scratch.scales, w);
-            scratch
-                .affine
-                .push((simd::dot(&query.q, &scratch.zeros), step));
+            let step = scan::nibble_weights_i8(&query.q, &scratch.scales, w);
+            scratch.affine.push((half_simd::dot(&query.q, zeros), step));
         }
-        let weights: Vec<&[i8]> = scratch.weights.chunks_exact(positions).collect();
         scratch.sums.resize(nq, [0; BLOCK]);
         let first = g * c.group;
         let mut done = 0;
         while done < c.group {
             let row = first + done;
             let (b, slot) = (row / BLOCK, row % BLOCK);
-            scan::dot_nibbles_i8(self.codes.block(b), &weights, &mut scratch.sums);
+            let block = self.codes.block(b);
+            // The queries in passes of up to `DOT_QUERIES`, their weights named by a stack array
+            // (no allocation per group).
+            for (w, sums) in scratch
+                .weights
+                .chunks(scan::DOT_QUERIES * positions)
+                .zip(scratch.sums.chunks_mut(scan::DOT_QUERIES))
+            {
+                let mut refs: [&[i8]; scan::DOT_QUERIES] = [&[]; scan::DOT_QUERIES];
+                for (r, w) in refs.iter_mut().zip(w.chunks_exact(positions)) {
+                    *r = w;
+                }
+                scan::dot_nibbles_i8(block, &refs[..sums.len()], sums);
+            }
             let take = (BLOCK - slot).min(c.group - done);
             for ((out, sums), &(offset, step)) in
                 outs.iter_mut().zip(&scratch.sums).zip(&scratch.affine)
@@ -901,43 +872,5 @@ impl KiviBatch {
         let mut s = vec![0.0; self.len()];
         self.score_exact_into(query, &mut s)?;
         Ok(score::top_k_of(&s, k))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::i8_weights;
-
-    /// The lane-wise maximum gives the serial fold's step and bytes, for lengths with every
-    /// remainder of 8, signs mixed, and all-zero weights (step 1, zero bytes).
-    #[test]
-    fn i8_weights_match_the_serial_maximum() {
-        let mut state = 7u64;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
-        for d in [1usize, 7, 8, 9, 15, 16, 63, 64, 65, 130] {
-            let q: Vec<f32> = (0..d).map(|_| next()).collect();
-            let s: Vec<f32> = (0..d).map(|_| next().abs() + 0.01).collect();
-            let maxw = q
-                .iter()
-                .zip(&s)
-                .fold(0.0f32, |m, (a, b)| m.max((a * b).abs()));
-            let mut out = vec![0i8; d + 3];
-            let step = i8_weights(&q, &s, &mut out);
-            assert_eq!(step, maxw / 127.0, "d={d}");
-            for (c, (&o, (a, b))) in out.iter().zip(q.iter().zip(&s)).enumerate() {
-                let want = (a * b / step).round_ties_even().clamp(-127.0, 127.0) as i8;
-                assert_eq!(o, want, "d={d} c={c}");
-            }
-            assert!(out[d..].iter().all(|&o| o == 0));
-            assert!(out.iter().any(|&o| o.unsigned_abs() == 127), "d={d}");
-        }
-        let mut out = [5i8; 4];
-        assert_eq!(i8_weights(&[0.0; 4], &[1.0; 4], &mut out), 1.0);
-        assert_eq!(out, [0; 4]);
     }
 }

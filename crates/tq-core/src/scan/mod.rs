@@ -54,6 +54,7 @@ pub use layout::{
 };
 pub use tables::{
     INT_CHUNK, INT_CODE_MAX, INT_WEIGHT_BUDGET, IntCodebook, IntQuery, IntWeights, QuantizedLut,
+    nibble_weights_i8,
 };
 
 #[cfg(test)]

@@ -526,3 +526,68 @@ pub struct IntQuery {
     /// The value of one unit of `S`.
     pub step: f32,
 }
+
+/// Rounds the weights `q_c · s_c` to `i8` with the shared step `max_c |q_c s_c| / 127` (ties to
+/// even, the same bytes on every CPU) into `out` (entries past `q.len()` zero) and returns the
+/// step (1 when every weight is zero): the weights of [`super::dot_nibbles_i8`] for a query whose
+/// coordinates are scaled per channel (KIVI's 4-bit keys: `s_c` the channel's scale in a group).
+/// A weight's error is at most half a step, so a row's score moves by at most `step / 2 · Σ_c
+/// code_c`. Runtime-dispatched (plain lane-wise float operations and a maximum, so every vector
+/// width gives the same bytes). O(d).
+///
+/// # Panics
+/// Unless `q.len() == scales.len() <= out.len()`.
+pub fn nibble_weights_i8(q: &[f32], scales: &[f32], out: &mut [i8]) -> f32 {
+    assert!(
+        q.len() == scales.len() && q.len() <= out.len(),
+        "{} query values, {} scales and {} weights",
+        q.len(),
+        scales.len(),
+        out.len()
+    );
+    crate::simd::arch().dispatch(NibbleWeights { q, scales, out })
+}
+
+/// The body of [`nibble_weights_i8`].
+struct NibbleWeights<'a> {
+    q: &'a [f32],
+    scales: &'a [f32],
+    out: &'a mut [i8],
+}
+
+impl pulp::WithSimd for NibbleWeights<'_> {
+    type Output = f32;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) -> f32 {
+        let Self { q, scales, out } = self;
+        // The largest |q_c s_c| in 8 lanes of compare-selects, which vectorise (a fold of
+        // `f32::max` is one serial chain); the order does not change a maximum.
+        let mut lanes = [0.0f32; 8];
+        let (qs, ss) = (q.chunks_exact(8), scales.chunks_exact(8));
+        let (q_rest, s_rest) = (qs.remainder(), ss.remainder());
+        for (qc, sc) in qs.zip(ss) {
+            for k in 0..8 {
+                let w = (qc[k] * sc[k]).abs();
+                lanes[k] = if w > lanes[k] { w } else { lanes[k] };
+            }
+        }
+        for (a, b) in q_rest.iter().zip(s_rest) {
+            let w = (a * b).abs();
+            lanes[0] = if w > lanes[0] { w } else { lanes[0] };
+        }
+        let maxw = lanes.iter().fold(0.0f32, |m, &w| if w > m { w } else { m });
+        let step = if maxw > 0.0 { maxw / 127.0 } else { 1.0 };
+        let inv = 1.0 / step;
+        let (head, tail) = out.split_at_mut(q.len());
+        tail.fill(0);
+        for ((o, a), b) in head.iter_mut().zip(q).zip(scales) {
+            // Round to nearest by adding 1.5 · 2^23 (the integer lands in the low mantissa
+            // bits, two's complement in the low byte); the clamp keeps `maxw · inv` rounding
+            // inside i8.
+            let x = (a * b * inv).clamp(-127.0, 127.0);
+            *o = ((x + 12_582_912.0).to_bits() & 0xFF) as u8 as i8;
+        }
+        step
+    }
+}

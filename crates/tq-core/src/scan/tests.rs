@@ -1826,3 +1826,36 @@ fn int_weights_stay_in_budget_and_near_the_weights() {
     let empty = book.quantize_weights(&[], None).expect("no weights");
     assert_eq!(empty.padded_len(), 0);
 }
+
+/// The lane-wise maximum gives the serial fold's step and bytes, for lengths with every remainder
+/// of 8, signs mixed, entries past the query zeroed, and all-zero weights (step 1, zero bytes).
+#[test]
+fn nibble_weights_match_the_serial_maximum() {
+    let mut r = SeededRng::new(7, stream::DATA);
+    for d in [1usize, 7, 8, 9, 15, 16, 63, 64, 65, 130] {
+        let q: Vec<f32> = (0..d).map(|_| r.uniform() as f32 - 0.5).collect();
+        let s: Vec<f32> = (0..d).map(|_| r.uniform() as f32 + 0.01).collect();
+        let maxw = q
+            .iter()
+            .zip(&s)
+            .fold(0.0f32, |m, (a, b)| m.max((a * b).abs()));
+        let mut out = vec![5i8; d + 3];
+        let step = nibble_weights_i8(&q, &s, &mut out);
+        assert_eq!(step, maxw / 127.0, "d={d}");
+        for (c, (&o, (a, b))) in out.iter().zip(q.iter().zip(&s)).enumerate() {
+            let want = (a * b / step).round_ties_even().clamp(-127.0, 127.0) as i8;
+            assert_eq!(o, want, "d={d} c={c}");
+        }
+        assert!(out[d..].iter().all(|&o| o == 0), "d={d}");
+        assert!(out.iter().any(|&o| o.unsigned_abs() == 127), "d={d}");
+    }
+    let mut out = [5i8; 4];
+    assert_eq!(nibble_weights_i8(&[0.0; 4], &[1.0; 4], &mut out), 1.0);
+    assert_eq!(out, [0; 4]);
+}
+
+#[test]
+#[should_panic(expected = "weights")]
+fn nibble_weights_refuse_a_short_output() {
+    nibble_weights_i8(&[1.0; 4], &[1.0; 4], &mut [0i8; 3]);
+}
