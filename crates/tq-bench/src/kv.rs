@@ -279,6 +279,9 @@ pub fn uses_groups(cfg: &HeadConfig) -> bool {
 /// One `attention` result row.
 #[derive(Debug, Clone, Serialize)]
 pub struct AttentionRow {
+    /// The named configuration (`--config`) the cache was built with, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<&'static str>,
     pub tokens: usize,
     pub bits: f64,
     pub key_strategy: KeyStrategy,
@@ -481,6 +484,7 @@ pub fn eval_attention(
     let times = time_interleaved(budget, &mut [&mut quantized, &mut f32_run, &mut f16_run])?;
     let (quantized, f32_time, f16_time) = (times[0], times[1], times[2]);
     Ok(AttentionRow {
+        config: None,
         tokens,
         bits: cfg.key_precision.bits_per_coordinate(dim),
         key_strategy: cfg.key_strategy,

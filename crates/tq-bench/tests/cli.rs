@@ -576,6 +576,53 @@ fn attention_reports_speed_and_memory() {
     );
 }
 
+/// `--config` measures the named configurations (each row names its own, with its own memory) and
+/// refuses the grid options it replaces.
+#[test]
+fn attention_measures_named_configurations() {
+    let r = json(&bench(&[
+        "attention",
+        "--tokens",
+        "2048",
+        "--dim",
+        "64",
+        "--heads",
+        "3",
+        "--kv-heads",
+        "1",
+        "--config",
+        "recommended,paper",
+        "--budget",
+        "0.01",
+        "--json",
+    ]));
+    let rows = r["results"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["config"].as_str().unwrap()).collect();
+    assert_eq!(names, ["recommended", "paper"]);
+    assert_eq!(rows[0]["key_strategy"], "kivi");
+    assert_eq!(rows[1]["key_strategy"], "mse");
+    for row in rows {
+        assert_eq!(
+            (row["heads"].as_u64(), row["kv_heads"].as_u64()),
+            (Some(3), Some(1))
+        );
+        assert!(row["quantized_seconds_per_query"].as_f64().unwrap() > 0.0);
+    }
+    // At 2 048 tokens the default (3-bit values) stores fewer bytes than 4-bit keys and values.
+    assert!(rows[0]["cache_bytes"].as_u64() < rows[1]["cache_bytes"].as_u64());
+    let out = bench(&[
+        "attention",
+        "--config",
+        "paper",
+        "--bits",
+        "4",
+        "--tokens",
+        "10",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+}
+
 /// The scale options on real embeddings: the corrected scales lift recall at equal bits, the
 /// report names the options, and --scale / --center are refused for prod.
 #[test]

@@ -132,6 +132,20 @@ fn every_report_field_is_documented_in_its_section() {
             ],
         ),
         (
+            "attention",
+            vec![
+                "attention",
+                "--tokens",
+                "64",
+                "--dim",
+                "64",
+                "--config",
+                "recommended",
+                "--budget",
+                "0.01",
+            ],
+        ),
+        (
             "search",
             vec![
                 "search",

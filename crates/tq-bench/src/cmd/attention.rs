@@ -7,7 +7,7 @@ use serde::Serialize;
 use tq_bench::count;
 use tq_kv::{HeadConfig, KeyStrategy, Precision, ValueStrategy};
 
-use super::{Report, pool, progress_bar};
+use super::{NamedConfig, Report, pool, progress_bar};
 use crate::kv;
 
 /// `attention`'s options.
@@ -40,6 +40,18 @@ pub struct AttentionArgs {
     /// Stored widths of the MSE streams' per-vector scales, comma-separated: f32, f16.
     #[arg(long, value_delimiter = ',', default_value = "f32")]
     pub scale_precision: Vec<tq_quant::ScalePrecision>,
+    /// Named configurations instead of the --bits / --key-strategy grid, comma-separated:
+    /// recommended (tq_kv::HeadConfig::recommended, the documented default: KIVI 4-bit keys,
+    /// 3-bit TurboQuant_mse values, f16 sink and window), paper (TurboQuant_mse 4-bit keys and
+    /// values) and compact (HeadConfig::compact, its key split calibrated on the generated
+    /// keys), each at --dim.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        conflicts_with_all = ["bits", "key_strategy", "value_strategy", "group", "scale_precision"]
+    )]
+    pub config: Vec<NamedConfig>,
     /// Seconds spent timing each of the three caches (quantized, f32, f16) per row; they are
     /// timed in alternating rounds and each reports its median round.
     #[arg(long, default_value_t = 0.5)]
@@ -83,6 +95,7 @@ pub fn run(a: AttentionArgs) -> Result<AttentionReport> {
         value_strategy,
         group,
         scale_precision,
+        config,
         budget,
         threads,
         seed,
@@ -99,45 +112,51 @@ pub fn run(a: AttentionArgs) -> Result<AttentionReport> {
     } else {
         threads.into_iter().map(Some).collect()
     };
-    let precisions = bits
-        .iter()
-        .map(|b| Precision::parse(b, dim))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let pb = progress_bar(
-        json,
-        threads.len()
-            * tokens.len()
-            * precisions.len()
-            * key_strategy.len()
-            * scale_precision.len(),
-    );
+    // The caches of one set of rows: (named configuration, head configuration, progress label).
+    let mut caches: Vec<(Option<NamedConfig>, HeadConfig, String)> = Vec::new();
+    if config.is_empty() {
+        let precisions = bits
+            .iter()
+            .map(|b| Precision::parse(b, dim))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        for &p in &precisions {
+            for &ks in &key_strategy {
+                for &sp in &scale_precision {
+                    let cfg = HeadConfig {
+                        key_strategy: ks,
+                        value_strategy,
+                        group,
+                        seed,
+                        scale_precision: sp,
+                        ..HeadConfig::new(dim, p, p)
+                    };
+                    let label = format!("{p} bits, {} keys, {} scales", ks.name(), sp.name());
+                    caches.push((None, cfg, label));
+                }
+            }
+        }
+    } else {
+        for &n in &config {
+            let cfg = HeadConfig {
+                seed,
+                ..n.head(dim)
+            };
+            caches.push((Some(n), cfg, format!("{} configuration", n.name())));
+        }
+    }
+    let pb = progress_bar(json, threads.len() * tokens.len() * caches.len());
     let (mut results, mut counts) = (Vec::new(), Vec::new());
     for &th in &threads {
         let (count, pool) = pool(th)?;
         counts.push(count);
         pool.install(|| -> Result<()> {
             for &t in &tokens {
-                for &p in &precisions {
-                    for (&ks, &sp) in key_strategy
-                        .iter()
-                        .flat_map(|k| scale_precision.iter().map(move |s| (k, s)))
-                    {
-                        pb.set_message(format!(
-                            "{count} thr, T = {t}, {p} bits, {} keys, {} scales",
-                            ks.name(),
-                            sp.name()
-                        ));
-                        let cfg = HeadConfig {
-                            key_strategy: ks,
-                            value_strategy,
-                            group,
-                            seed,
-                            scale_precision: sp,
-                            ..HeadConfig::new(dim, p, p)
-                        };
-                        results.push(kv::eval_attention(&cfg, t, heads, kv_heads, budget)?);
-                        pb.inc(1);
-                    }
+                for (named, cfg, label) in &caches {
+                    pb.set_message(format!("{count} thr, T = {t}, {label}"));
+                    let mut row = kv::eval_attention(cfg, t, heads, kv_heads, budget)?;
+                    row.config = named.map(|n| n.name());
+                    results.push(row);
+                    pb.inc(1);
                 }
             }
             Ok(())
@@ -164,7 +183,7 @@ impl Report for AttentionReport {
             self.isa
         );
         println!(
-            "{:>8} {:>5} {:>10} {:>7} {:>5} {:>4} {:>10} {:>10} {:>10} {:>7} {:>7} {:>11} {:>6}",
+            "{:>8} {:>5} {:>12} {:>7} {:>5} {:>4} {:>10} {:>10} {:>10} {:>7} {:>7} {:>11} {:>6}",
             "tokens",
             "bits",
             "keys/vals",
@@ -181,14 +200,17 @@ impl Report for AttentionReport {
         );
         for r in &self.results {
             println!(
-                "{:>8} {:>5} {:>10} {:>7} {:>5} {:>4} {:>10.1} {:>10.1} {:>10.1} {:>7.2} {:>7.2} {:>11.1} {:>6.2}",
+                "{:>8} {:>5} {:>12} {:>7} {:>5} {:>4} {:>10.1} {:>10.1} {:>10.1} {:>7.2} {:>7.2} {:>11.1} {:>6.2}",
                 r.tokens,
                 r.bits,
-                crate::cmd::strategy_label(
-                    r.key_strategy,
-                    r.value_strategy,
-                    None,
-                    Some(r.scale_precision)
+                r.config.map_or_else(
+                    || crate::cmd::strategy_label(
+                        r.key_strategy,
+                        r.value_strategy,
+                        None,
+                        Some(r.scale_precision)
+                    ),
+                    String::from
                 ),
                 format!("{}/{}", r.heads, r.kv_heads),
                 r.dim,

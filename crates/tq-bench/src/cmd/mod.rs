@@ -226,6 +226,15 @@ pub enum NamedConfig {
 }
 
 impl NamedConfig {
+    /// The name `--config` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            NamedConfig::Recommended => "recommended",
+            NamedConfig::Paper => "paper",
+            NamedConfig::Compact => "compact",
+        }
+    }
+
     /// The configuration at head dimension `d`.
     pub fn head(self, d: usize) -> HeadConfig {
         match self {
