@@ -344,9 +344,45 @@ fn wide_dots(c: &mut Criterion) {
     g.finish();
 }
 
+/// The per-query step between key scores and value sums in attention on codes, 8 192 tokens:
+/// the softmax over the scores, then the weights put on `i16` with per-row scales (the values'
+/// norms), as `IntCodebook::quantize_weights` does for the integer value sums; throughput counts
+/// tokens.
+fn weights(c: &mut Criterion) {
+    let mut g = c.benchmark_group("weights");
+    let n = 8192usize;
+    let scores = gaussians(n, 9);
+    let norms: Vec<f32> = gaussians(n, 10)
+        .iter()
+        .map(|x| 1.0 + 0.1 * x.abs())
+        .collect();
+    let values = Codebook::get(128, 4)
+        .expect("valid codebook")
+        .centroids()
+        .to_vec();
+    let book = scan::IntCodebook::from_centroids(&values);
+    let mut p = scores.clone();
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function("softmax_8192", |b| {
+        b.iter(|| {
+            p.copy_from_slice(&scores);
+            tq_core::simd::softmax_in_place(&mut p, 0.125);
+            black_box(p[0])
+        })
+    });
+    tq_core::simd::softmax_in_place(&mut p, 0.125);
+    g.bench_function("quantize_weights_8192", |b| {
+        b.iter(|| {
+            let w = book.quantize_weights(black_box(&p), Some(&norms));
+            black_box(w)
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(2));
-    targets = rotations, codebook_search, nibble_scan, scan_in_cache, accumulate, wide_dots
+    targets = rotations, codebook_search, nibble_scan, scan_in_cache, accumulate, wide_dots, weights
 }
 criterion_main!(benches);
