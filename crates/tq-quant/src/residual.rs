@@ -12,7 +12,7 @@
 
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-use tq_core::simd;
+use tq_core::half_simd;
 
 use crate::{Error, Result};
 
@@ -108,9 +108,7 @@ impl Residual {
 
     /// Row `i < rows` as f32 into `out` (`d` values).
     pub(crate) fn row_into(&self, i: usize, out: &mut [f32]) {
-        self.bits[i * self.d..(i + 1) * self.d]
-            .reinterpret_cast::<f16>()
-            .convert_to_f32_slice(out);
+        half_simd::widen(&self.bits[i * self.d..(i + 1) * self.d], out);
     }
 
     /// Every row as f32, row-major.
@@ -123,21 +121,19 @@ impl Residual {
     }
 
     /// `out[i] = ⟨q, row_i⟩` for every row (`out.len() == rows`).
+    /// The rows are read as f16 and widened in registers ([`half_simd::dot`]).
     pub(crate) fn score_into(&self, q: &[f32], out: &mut [f32]) {
-        let mut row = vec![0.0f32; self.d];
-        for (i, o) in out.iter_mut().enumerate() {
-            self.row_into(i, &mut row);
-            *o = simd::dot(q, &row);
+        for (o, row) in out.iter_mut().zip(self.bits.chunks_exact(self.d)) {
+            *o = half_simd::dot(q, row);
         }
     }
 
-    /// `out += Σ_i w[i] · row_i` (`w.len() == rows`).
+    /// `out += Σ_i w[i] · row_i` (`w.len() == rows`), the rows widened in registers
+    /// ([`half_simd::axpy`]).
     pub(crate) fn add_weighted(&self, w: &[f32], out: &mut [f32]) {
-        let mut row = vec![0.0f32; self.d];
-        for (i, &wi) in w.iter().enumerate() {
+        for (&wi, row) in w.iter().zip(self.bits.chunks_exact(self.d)) {
             if wi != 0.0 {
-                self.row_into(i, &mut row);
-                simd::axpy(wi, &row, out);
+                half_simd::axpy(wi, row, out);
             }
         }
     }
