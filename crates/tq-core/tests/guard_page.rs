@@ -2,15 +2,16 @@
 //! right before a page the process may not read (`PROT_NONE`), so one byte too many faults. Covers
 //! the bodies this CPU picks (on an AVX-512 VBMI machine the per-lane cuts and masked tails) of
 //! the integer value sums (1-8 bits, one and three weight vectors), the f32 value sums (1-8 bits),
-//! the integer key dots and the f32 key decode (5-8 bits), over dimensions that leave partial
-//! units and rows that leave partial blocks.
+//! the integer key dots and the f32 key decode (5-8 bits) and the nibble dot products (KIVI's
+//! 4-bit keys, one to three weight vectors), over dimensions that leave partial units and rows
+//! that leave partial blocks.
 #![cfg(unix)]
 
 use tq_core::bitpack::packed_len;
 use tq_core::rng::{SeededRng, stream};
 use tq_core::scan::{
     Affine, BLOCK, IntCodebook, accumulate_blocks_i16, accumulate_blocks_multi, block_bytes,
-    dot_block_codes, dot_blocks_scores_i16,
+    dot_block_codes, dot_blocks_scores_i16, dot_nibbles_i8,
 };
 
 /// `len` writable bytes that end where an unreadable page begins.
@@ -147,6 +148,25 @@ fn key_dots_read_only_their_blocks() {
                 let mut one = [0f32; BLOCK];
                 dot_block_codes(last, bits, &centroids, &q, &mut one);
             }
+        }
+    }
+}
+
+#[test]
+fn nibble_dots_read_only_their_block() {
+    let mut r = SeededRng::new(83, stream::DATA);
+    for row_bytes in [1usize, 2, 3, 5, 8, 31, 32, 33, 64] {
+        let len = block_bytes(row_bytes);
+        let mut mem = Guarded::new(len);
+        let block = mem.bytes();
+        block.iter_mut().for_each(|b| *b = r.next_u64() as u8);
+        let weights: Vec<Vec<i8>> = (0..3)
+            .map(|_| (0..2 * row_bytes).map(|_| r.next_u64() as i8).collect())
+            .collect();
+        for n in 1..=3 {
+            let refs: Vec<&[i8]> = weights[..n].iter().map(Vec::as_slice).collect();
+            let mut outs = vec![[0i32; BLOCK]; n];
+            dot_nibbles_i8(block, &refs, &mut outs);
         }
     }
 }

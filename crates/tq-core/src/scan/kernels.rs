@@ -71,7 +71,8 @@ pub fn scan_block_multi(block: &[u8], tables: &[&[u8]], outs: &mut [[u32; BLOCK]
 /// tables to build, and the block's nibbles are split once for all queries. With AVX2, pairs of
 /// nibble positions go through `vpmaddubsw` (exact: a pair sums to at most `2 · 15 · 128`) into
 /// `i16` lanes flushed to `i32` every 16 positions, so no sum overflows; with AVX-512 VNNI, four
-/// positions per `vpdpbusd` straight into `i32` lanes; else
+/// positions per `vpdpbusd` straight into `i32` lanes (with VBMI too, each row's four nibbles
+/// put side by side by one `vpermb` per 64-byte load); else
 /// [`dot_nibbles_i8_scalar`] per query. Exact on every path (integer arithmetic).
 /// O(32 · positions · queries).
 ///
@@ -85,6 +86,20 @@ pub fn dot_nibbles_i8(block: &[u8], weights: &[&[i8]], outs: &mut [[i32; BLOCK]]
     }
     #[cfg(target_arch = "x86_64")]
     {
+        if has_avx512_vbmi() && has_avx512_vnni() {
+            // SAFETY: AVX2 and AVX-512 F, BW, VBMI and VNNI are present (checked at run time);
+            // the lengths as below.
+            unsafe {
+                in_groups!(
+                    super::avx512::dot_nibbles_i8_vbmi,
+                    block,
+                    weights,
+                    outs,
+                    DOT_QUERIES
+                )
+            };
+            return;
+        }
         if has_avx512_vnni() {
             // SAFETY: AVX2 and AVX-512 F, VL and VNNI are present (checked at run time); the
             // lengths as below.

@@ -1048,6 +1048,8 @@ fn vnni_dots_equal_avx2() {
         eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
         return;
     }
+    let vbmi = std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vbmi");
     let mut r = SeededRng::new(41, stream::DATA);
     for row_bytes in [1usize, 2, 3, 4, 5, 6, 7, 8, 9, 16, 31, 32, 33, 64, 65] {
         let positions = 2 * row_bytes;
@@ -1078,6 +1080,19 @@ fn vnni_dots_equal_avx2() {
                 assert_eq!(x2, y2, "row_bytes={row_bytes}, two vectors");
                 assert_eq!(x3, y3, "row_bytes={row_bytes}, three vectors");
                 assert_eq!(x1[0], x3[0], "row_bytes={row_bytes}, first of three");
+                if vbmi {
+                    let (mut z1, mut z2, mut z3) =
+                        ([[0i32; BLOCK]; 1], [[0i32; BLOCK]; 2], [[0i32; BLOCK]; 3]);
+                    // SAFETY: as above, and AVX-512 BW and VBMI are present.
+                    unsafe {
+                        super::avx512::dot_nibbles_i8_vbmi::<1>(block, [a], &mut z1);
+                        super::avx512::dot_nibbles_i8_vbmi::<2>(block, [a, b], &mut z2);
+                        super::avx512::dot_nibbles_i8_vbmi::<3>(block, [a, b, c], &mut z3);
+                    }
+                    assert_eq!(x1, z1, "row_bytes={row_bytes}, VBMI");
+                    assert_eq!(x2, z2, "row_bytes={row_bytes}, VBMI, two vectors");
+                    assert_eq!(x3, z3, "row_bytes={row_bytes}, VBMI, three vectors");
+                }
             }
         }
     }
