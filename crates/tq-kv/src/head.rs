@@ -140,8 +140,9 @@ impl HeadConfig {
     /// x1.006, top-1 0.952) and 299 tokens of each of two English texts, and greedy 64-token
     /// continuations of an 8-prompt suite. Its keys are KIVI's, not TurboQuant's: per-channel
     /// zero points remove the post-RoPE keys' channel offsets that a rotation would spread
-    /// (docs/REAL_MODEL.md). Decode attention on it takes about 1.15x the time of 4-bit
-    /// TurboQuant keys at 32 768 tokens (d = 128; integer dot products per key group).
+    /// (docs/REAL_MODEL.md). Decode attention on its keys takes 0.91x the time of 4-bit
+    /// TurboQuant keys at 32 768 tokens (d = 128, 4-bit values; integer dot products per key
+    /// group, on a CPU with AVX-512 VBMI and VNNI; 1.07x on its AVX2 kernels).
     pub fn recommended(head_dim: usize) -> Self {
         Self {
             key_strategy: KeyStrategy::Kivi,
