@@ -591,16 +591,19 @@ fn attention_measures_named_configurations() {
         "--kv-heads",
         "1",
         "--config",
-        "recommended,paper",
+        "recommended,paper,compact",
         "--budget",
         "0.01",
         "--json",
     ]));
     let rows = r["results"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["config"].as_str().unwrap()).collect();
-    assert_eq!(names, ["recommended", "paper"]);
+    assert_eq!(names, ["recommended", "paper", "compact"]);
     assert_eq!(rows[0]["key_strategy"], "kivi");
     assert_eq!(rows[1]["key_strategy"], "mse");
+    // Compact splits its KIVI keys by calibrated channels: fewer bits than the default.
+    assert_eq!(rows[2]["key_strategy"], "kivi");
+    assert!(rows[2]["cache_bytes"].as_u64() < rows[0]["cache_bytes"].as_u64());
     for row in rows {
         assert_eq!(
             (row["heads"].as_u64(), row["kv_heads"].as_u64()),

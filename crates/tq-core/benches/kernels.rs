@@ -1,5 +1,6 @@
-//! Kernel benchmarks for tq-core: rotations, codebook search, the nibble scan and the
-//! rotated-domain value accumulation.
+//! Kernel benchmarks for tq-core: rotations, codebook search, the nibble scan, the
+//! rotated-domain value accumulation, the 5-8-bit key dots and the per-query softmax and weight
+//! quantization.
 #![allow(clippy::expect_used)]
 //!
 //! Run with `cargo bench -p tq-core`. Pools are larger than the caches where the kernel streams
@@ -370,6 +371,8 @@ fn weights(c: &mut Criterion) {
             black_box(p[0])
         })
     });
+    // The softmax weights of the scores, whatever the filter ran before.
+    p.copy_from_slice(&scores);
     tq_core::simd::softmax_in_place(&mut p, 0.125);
     g.bench_function("quantize_weights_8192", |b| {
         b.iter(|| {

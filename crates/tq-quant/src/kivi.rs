@@ -775,10 +775,11 @@ impl KiviBatch {
         }
     }
 
-    /// The fast 4-bit path of [`KiviBatch::score_group`] (scales and zeros already in
+    /// The fast 4-bit path of [`KiviBatch::score_group`] (the group's scales already in
     /// `scratch`): per query, weights `q_c s_c` rounded to `i8` with step `max_c |q_c s_c| / 127`
-    /// ([`scan::nibble_weights_i8`]) and the offset `Σ_c q_c z_c`; then one integer pass over each block of the
-    /// group for all queries ([`scan::dot_nibbles_i8`]). No per-query tables.
+    /// ([`scan::nibble_weights_i8`]) and the offset `Σ_c q_c z_c` (the f16 zeros read by
+    /// `half_simd::dot`); then one integer pass over each block of the group for all queries
+    /// ([`scan::dot_nibbles_i8`]). No per-query tables.
     fn score_group_i8(
         &self,
         queries: &[&KiviQuery],

@@ -123,6 +123,7 @@ impl Residual {
     /// `out[i] = ⟨q, row_i⟩` for every row (`out.len() == rows`).
     /// The rows are read as f16 and widened in registers ([`half_simd::dot`]).
     pub(crate) fn score_into(&self, q: &[f32], out: &mut [f32]) {
+        debug_assert_eq!(out.len(), self.rows());
         for (o, row) in out.iter_mut().zip(self.bits.chunks_exact(self.d)) {
             *o = half_simd::dot(q, row);
         }
@@ -131,6 +132,7 @@ impl Residual {
     /// `out += Σ_i w[i] · row_i` (`w.len() == rows`), the rows widened in registers
     /// ([`half_simd::axpy`]).
     pub(crate) fn add_weighted(&self, w: &[f32], out: &mut [f32]) {
+        debug_assert_eq!(w.len(), self.rows());
         for (&wi, row) in w.iter().zip(self.bits.chunks_exact(self.d)) {
             if wi != 0.0 {
                 half_simd::axpy(wi, row, out);

@@ -1479,7 +1479,8 @@ fn check_accumulate(
 /// AVX-512 F and VL give the fused score kernel 32 registers (three queries per pass),
 /// `+avx512vbmi` where AVX-512 F, BW and VBMI decode 5-8-bit values and 6-8-bit exact key dots by
 /// byte permutes, and `+avx512vnni` where AVX-512 F, VL and VNNI run the nibble dot products
-/// (with BW, the 4-bit integer value sums; with VBMI and GFNI too, the 5-8-bit integer key dots
+/// (with VBMI, each row's nibbles gathered by one `vpermb` per four positions; with BW, the 4-bit
+/// integer value sums; with VBMI and GFNI too, the 5-8-bit integer key dots
 /// and the other widths' integer value sums; all off with `TQ_NO_AVX512=1`); `"scalar"`
 /// otherwise (the portable twins). O(1) after the first call.
 pub fn kernel_isa() -> &'static str {

@@ -1034,9 +1034,10 @@ fn fused_scores_with_32_registers_equal_avx2() {
     }
 }
 
-/// The AVX-512 VNNI nibble dots equal the AVX2 ones (and so the scalar twin: integer sums) over
-/// awkward step counts (every remainder of the four-step group), one to three weight vectors per
-/// pass, random and saturated weights and nibbles. Without VNNI there is nothing to compare.
+/// The AVX-512 VNNI nibble dots, and with BW and VBMI the `vpermb` body, equal the AVX2 ones (and
+/// so the scalar twin: integer sums) over awkward step counts (every remainder of the four-step
+/// group), one to three weight vectors per pass, random and saturated weights and nibbles.
+/// Without VNNI there is nothing to compare.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn vnni_dots_equal_avx2() {
@@ -1873,4 +1874,10 @@ fn nibble_weights_match_the_serial_maximum() {
 #[should_panic(expected = "weights")]
 fn nibble_weights_refuse_a_short_output() {
     nibble_weights_i8(&[1.0; 4], &[1.0; 4], &mut [0i8; 3]);
+}
+
+#[test]
+#[should_panic(expected = "3 scales")]
+fn nibble_weights_refuse_scales_of_another_length() {
+    nibble_weights_i8(&[1.0; 4], &[1.0; 3], &mut [0i8; 4]);
 }
