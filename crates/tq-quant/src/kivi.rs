@@ -718,11 +718,11 @@ impl KiviBatch {
         // its zeros enter only through `Σ_c q_c z_c`, read as f16 by `half_simd::dot`.
         scratch.scales.resize(d, 0.0);
         half_simd::widen(&self.scales[g * d..(g + 1) * d], &mut scratch.scales);
-        let zeros = &self.zeros[g * d..(g + 1) * d];
         if fast && c.bits == 4 {
             self.score_group_i8(queries, g, outs, at, scratch);
             return;
         }
+        let zeros = &self.zeros[g * d..(g + 1) * d];
         let first = g * c.group;
         for (query, out) in queries.iter().zip(outs.iter_mut()) {
             let out = &mut out[at..at + c.group];

@@ -87,9 +87,7 @@ impl Residual {
         }
         let take = full * self.group * self.d;
         let mut done = vec![0.0f32; take];
-        self.bits[..take]
-            .reinterpret_cast::<f16>()
-            .convert_to_f32_slice(&mut done);
+        half_simd::widen(&self.bits[..take], &mut done);
         self.bits.drain(..take);
         done
     }
@@ -114,9 +112,7 @@ impl Residual {
     /// Every row as f32, row-major.
     pub(crate) fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0.0f32; self.bits.len()];
-        self.bits
-            .reinterpret_cast::<f16>()
-            .convert_to_f32_slice(&mut out);
+        half_simd::widen(&self.bits, &mut out);
         out
     }
 
