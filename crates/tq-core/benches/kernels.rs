@@ -1,5 +1,5 @@
-//! Kernel benchmarks for tq-core: rotations, codebook search, the nibble scan, the
-//! rotated-domain value accumulation, the 5-8-bit key dots and the per-query softmax and weight
+//! Kernel benchmarks for tq-core: rotations, codebook search, the nibble scan and the byte dots,
+//! the rotated-domain value accumulation, the 5-8-bit key dots and the per-query softmax and weight
 //! quantization.
 #![allow(clippy::expect_used)]
 //!
@@ -166,37 +166,69 @@ fn scan_in_cache(c: &mut Criterion) {
             })
         });
     }
-    // A decode step's key scores (`scan_blocks_scores_multi`, the path attention takes): d = 128,
-    // 8 192 rows of 4-bit codes, 1-4 grouped queries with full-range tables, scores written as
-    // floats; throughput counts (key, query) pairs.
+    // A decode step's key scores, 8 192 rows of 4-bit codes, 1-4 grouped queries, scores written
+    // as floats, at d = 128 and at SmolLM2's d = 64: through the `u8` tables
+    // (`scan_blocks_scores_multi`, full-range tables; the path attention takes without AVX-512
+    // VBMI and VNNI) and through the byte dots (`dot_blocks_scores_u8`: the query on `i8`
+    // weights, the codebook on a `u8` grid; the path it takes with them, and elsewhere the byte
+    // dots' scalar twin). Throughput counts (key, query) pairs.
     let rows = 8192;
-    let data: Vec<u8> = (0..rows / scan::BLOCK * scan::block_bytes(row_bytes))
-        .map(|_| r.next_u64() as u8)
-        .collect();
     let scales = vec![1.0f32; rows];
     let mut scores = vec![vec![0.0f32; rows]; 4];
-    for nq in 1..=4 {
-        g.throughput(Throughput::Elements((rows * nq) as u64));
-        g.bench_function(format!("d128_b4_scores_queries{nq}"), |b| {
-            b.iter(|| {
-                let mut jobs: Vec<scan::ScoreJob<'_>> = tables[..nq]
-                    .iter()
-                    .zip(scores.iter_mut())
-                    .map(|(t, out)| scan::ScoreJob {
-                        tables: t,
-                        affine: scan::Affine {
-                            offset: 0.5,
-                            step: 0.01,
-                            bias: 0.0,
-                        },
-                        out,
-                        marks: None,
-                    })
-                    .collect();
-                scan::scan_blocks_scores_multi(&data, row_bytes, &scales, &mut jobs);
-                black_box(scores[0][0])
-            })
-        });
+    let centroids: Vec<f32> = Codebook::get(128, 4)
+        .expect("codebook")
+        .centroids()
+        .to_vec();
+    let book = scan::ByteCodebook::from_centroids(&centroids);
+    for (d, rb) in [(128usize, row_bytes), (64, 32)] {
+        let data: Vec<u8> = (0..rows / scan::BLOCK * scan::block_bytes(rb))
+            .map(|_| r.next_u64() as u8)
+            .collect();
+        let queries: Vec<scan::ByteQuery> = (0..4)
+            .map(|q| book.quantize_query(&gaussians(d, 40 + q), 2 * rb))
+            .collect();
+        for nq in 1..=4 {
+            g.throughput(Throughput::Elements((rows * nq) as u64));
+            g.bench_function(format!("d{d}_b4_scores_queries{nq}"), |b| {
+                b.iter(|| {
+                    let mut jobs: Vec<scan::ScoreJob<'_>> = tables[..nq]
+                        .iter()
+                        .zip(scores.iter_mut())
+                        .map(|(t, out)| scan::ScoreJob {
+                            tables: &t[..32 * rb],
+                            affine: scan::Affine {
+                                offset: 0.5,
+                                step: 0.01,
+                                bias: 0.0,
+                            },
+                            out,
+                            marks: None,
+                        })
+                        .collect();
+                    scan::scan_blocks_scores_multi(&data, rb, &scales, &mut jobs);
+                    black_box(scores[0][0])
+                })
+            });
+            g.bench_function(format!("d{d}_b4_bytes_queries{nq}"), |b| {
+                b.iter(|| {
+                    let mut jobs: Vec<scan::ByteJob<'_>> = queries[..nq]
+                        .iter()
+                        .zip(scores.iter_mut())
+                        .map(|(q, out)| scan::ByteJob {
+                            weights: &q.weights,
+                            affine: scan::Affine {
+                                offset: q.offset,
+                                step: q.step,
+                                bias: 0.0,
+                            },
+                            out,
+                        })
+                        .collect();
+                    scan::dot_blocks_scores_u8(&data, rb, &book, &scales, &mut jobs);
+                    black_box(scores[0][0])
+                })
+            });
+        }
     }
     // The same at 5 bits (row_bytes 80): each code rebuilt once per group of up to three queries.
     let row_bytes = 80;

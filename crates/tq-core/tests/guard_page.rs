@@ -2,16 +2,17 @@
 //! right before a page the process may not read (`PROT_NONE`), so one byte too many faults. Covers
 //! the bodies this CPU picks (on an AVX-512 VBMI machine the per-lane cuts and masked tails) of
 //! the integer value sums (1-8 bits, one and three weight vectors), the f32 value sums (1-8 bits),
-//! the integer key dots and the f32 key decode (5-8 bits) and the nibble dot products (KIVI's
-//! 4-bit keys, one to three weight vectors), over dimensions that leave partial units and rows
-//! that leave partial blocks.
+//! the integer key dots and the f32 key decode (5-8 bits), the byte dots of 4-bit keys (one to
+//! four queries) and the nibble dot products (KIVI's 4-bit keys, one to three weight vectors),
+//! over dimensions that leave partial units and rows that leave partial blocks.
 #![cfg(unix)]
 
 use tq_core::bitpack::packed_len;
 use tq_core::rng::{SeededRng, stream};
 use tq_core::scan::{
-    Affine, BLOCK, IntCodebook, accumulate_blocks_i16, accumulate_blocks_multi, block_bytes,
-    dot_block_codes, dot_blocks_scores_i16, dot_nibbles_i8,
+    Affine, BLOCK, ByteCodebook, ByteJob, IntCodebook, accumulate_blocks_i16,
+    accumulate_blocks_multi, block_bytes, dot_block_codes, dot_blocks_scores_i16,
+    dot_blocks_scores_u8, dot_nibbles_i8,
 };
 
 /// `len` writable bytes that end where an unreadable page begins.
@@ -167,6 +168,43 @@ fn nibble_dots_read_only_their_block() {
             let refs: Vec<&[i8]> = weights[..n].iter().map(Vec::as_slice).collect();
             let mut outs = vec![[0i32; BLOCK]; n];
             dot_nibbles_i8(block, &refs, &mut outs);
+        }
+    }
+}
+
+#[test]
+fn byte_dots_read_only_their_blocks() {
+    let mut r = SeededRng::new(84, stream::DATA);
+    let centroids: Vec<f32> = (0..16).map(|k| k as f32 - 7.5).collect();
+    let book = ByteCodebook::from_centroids(&centroids);
+    for &d in DIMS {
+        let rb = packed_len(d, 4);
+        let queries: Vec<_> = (0..4)
+            .map(|_| {
+                let q: Vec<f32> = (0..d).map(|_| r.gaussian() as f32).collect();
+                book.quantize_query(&q, 2 * rb)
+            })
+            .collect();
+        for &rows in ROWS {
+            let mut mem = Guarded::new(rows.div_ceil(BLOCK) * block_bytes(rb));
+            let blocks = mem.bytes();
+            blocks.iter_mut().for_each(|b| *b = r.next_u64() as u8);
+            let scales = vec![1f32; rows];
+            let mut outs = vec![vec![0f32; rows]; queries.len()];
+            let mut jobs: Vec<ByteJob<'_>> = queries
+                .iter()
+                .zip(outs.iter_mut())
+                .map(|(q, out)| ByteJob {
+                    weights: &q.weights,
+                    affine: Affine {
+                        offset: q.offset,
+                        step: q.step,
+                        bias: 0.0,
+                    },
+                    out,
+                })
+                .collect();
+            dot_blocks_scores_u8(blocks, rb, &book, &scales, &mut jobs);
         }
     }
 }

@@ -325,6 +325,83 @@ fn multi_and_fused_kernels_refuse_mismatched_lengths() {
 }
 
 #[test]
+fn byte_dots_refuse_mismatched_lengths() {
+    use scan::{Affine, ByteCodebook, ByteJob, dot_blocks_scores_u8, dot_blocks_scores_u8_scalar};
+    let centroids: Vec<f32> = (0..16).map(|k| k as f32 - 7.5).collect();
+    let book = ByteCodebook::from_centroids(&centroids);
+    let (rb, rows) = (10usize, 40usize);
+    let blocks = vec![0u8; 2 * block_bytes(rb)];
+    let scales = vec![1f32; rows];
+    let good = vec![1i8; 2 * rb];
+    let short = vec![1i8; 2 * rb - 1];
+    let affine = Affine {
+        offset: 0.0,
+        step: 1.0,
+        bias: 0.0,
+    };
+    let run = |blocks: &[u8], rb: usize, w: &[i8], scales: &[f32], out: &mut [f32]| {
+        let mut jobs = [ByteJob {
+            weights: w,
+            affine,
+            out,
+        }];
+        dot_blocks_scores_u8(blocks, rb, &book, scales, &mut jobs)
+    };
+    let mut out = vec![0f32; rows];
+    must_panic("byte dots: weights", || {
+        run(&blocks, rb, &short, &scales, &mut out)
+    });
+    must_panic("byte dots: blocks", || {
+        run(&blocks[32..], rb, &good, &scales, &mut out)
+    });
+    must_panic("byte dots: scales", || {
+        run(&blocks, rb, &good, &scales[1..], &mut out)
+    });
+    must_panic("byte dots: outputs", || {
+        run(&blocks, rb, &good, &scales, &mut out[1..])
+    });
+    must_panic("byte dots: row_bytes 0", || run(&[], 0, &[], &[], &mut []));
+    must_panic("byte dots: row_bytes past 2^15", || {
+        run(&[], (1 << 15) + 1, &vec![0i8; (1 << 16) + 2], &[], &mut [])
+    });
+    must_panic("byte dots: one job of two", || {
+        let mut a = vec![0f32; rows];
+        let mut jobs = [
+            ByteJob {
+                weights: &good,
+                affine,
+                out: &mut a,
+            },
+            ByteJob {
+                weights: &short,
+                affine,
+                out: &mut out,
+            },
+        ];
+        dot_blocks_scores_u8(&blocks, rb, &book, &scales, &mut jobs)
+    });
+    must_panic("byte dots scalar: weights", || {
+        dot_blocks_scores_u8_scalar(&blocks, rb, &book, &short, affine, &scales, &mut out)
+    });
+    must_panic("byte dots scalar: outputs", || {
+        dot_blocks_scores_u8_scalar(&blocks, rb, &book, &good, affine, &scales, &mut out[1..])
+    });
+    must_panic("byte codebook: 15 values", || {
+        ByteCodebook::from_centroids(&centroids[1..]);
+    });
+    must_panic("byte codebook: not finite", || {
+        let mut c = centroids.clone();
+        c[3] = f32::NAN;
+        ByteCodebook::from_centroids(&c);
+    });
+    must_panic("byte query: too long", || {
+        book.quantize_query(&[1.0; 21], 20);
+    });
+    // The well-formed call goes through.
+    run(&blocks, rb, &good, &scales, &mut out);
+}
+
+#[test]
 fn integer_value_sums_refuse_mismatched_lengths() {
     use scan::{IntCodebook, accumulate_blocks_i16, accumulate_blocks_i16_scalar};
     let (rb, dim, n) = (16usize, 32usize, 40usize);

@@ -12,14 +12,14 @@
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use tq_core::scan::{self, BLOCK, IntCodebook, IntQuery, block_bytes};
+use tq_core::scan::{self, BLOCK, ByteCodebook, ByteQuery, IntCodebook, IntQuery, block_bytes};
 use tq_core::{Codebook, Rotation, bitpack, simd};
 
 use crate::config::{MseConfig, ScaleMode, ScalePrecision};
 use crate::error::{check_batch, check_dim, check_finite, check_len, check_range, check_rows};
 use crate::packed::PackedRows;
 use crate::scales::RowScales;
-use crate::score::{self, Hit, INT_DOT_MIN_BITS, TableKind, Tables};
+use crate::score::{self, BYTE_DOT_BITS, Hit, INT_DOT_MIN_BITS, TableKind, Tables};
 use crate::{Error, Result};
 
 /// Rows summed per chunk by [`MseBatch::accumulate_rotated_multi`] (a multiple of the 32-row
@@ -38,6 +38,9 @@ pub struct MseQuantizer {
     /// The codebook on the integer grid of the fast paths: 5-8-bit keys score through integer
     /// dots on it (below 5 bits keys scan `u8` tables), values of every width are summed on it.
     grid: Arc<IntCodebook>,
+    /// 4 bits: the codebook on the byte grid that keys score through where the CPU runs the
+    /// byte dots ([`scan::byte_dots_native`]; else the `u8` tables).
+    bytes: Option<Arc<ByteCodebook>>,
 }
 
 /// Reusable buffers for encoding.
@@ -63,6 +66,8 @@ impl MseQuantizer {
         let rotation = Rotation::new(config.rotation, config.dim, config.seed)?;
         let codebook = Codebook::get(config.dim, config.bits)?;
         let grid = Arc::new(IntCodebook::from_centroids(codebook.centroids()));
+        let bytes = (config.bits == BYTE_DOT_BITS)
+            .then(|| Arc::new(ByteCodebook::from_centroids(codebook.centroids())));
         Ok(Self {
             config,
             rotation,
@@ -70,6 +75,7 @@ impl MseQuantizer {
             row_bytes: bitpack::packed_len(config.dim, config.bits),
             mean: None,
             grid,
+            bytes,
         })
     }
 
@@ -402,8 +408,9 @@ impl MseQuantizer {
     }
 
     /// Prepares a query for scoring: rotates it once, builds its look-up tables (1-5 bits; at 5
-    /// bits the exact path's only) and its `i16` weights on the codebook's integer grid (5-8 bits,
-    /// the fast path). O(d log d + 2^b·d) at 3 and 5 bits, O(d log d + 16·d) at 1, 2 and 4,
+    /// bits the exact path's only), its `i16` weights on the codebook's integer grid (5-8 bits,
+    /// the fast path) and, at 4 bits where the CPU runs the byte dots
+    /// ([`scan::byte_dots_native`]), its `i8` weights on the byte grid (the fast path there). O(d log d + 2^b·d) at 3 and 5 bits, O(d log d + 16·d) at 1, 2 and 4,
     /// O(d log d) at 6-8.
     ///
     /// # Errors
@@ -427,10 +434,21 @@ impl MseQuantizer {
         let int = (self.bits() >= INT_DOT_MIN_BITS)
             .then(|| (Arc::clone(&self.grid), self.grid.quantize_query(&rotated)))
             .filter(|(_, iq)| iq.step == 0.0 || iq.step.is_normal());
+        // The same for the byte grid (4 bits, where the CPU runs the byte dots natively).
+        let bytes = self
+            .bytes
+            .as_ref()
+            .filter(|_| scan::byte_dots_native())
+            .map(|book| {
+                let bq = book.quantize_query(&rotated, 2 * self.row_bytes);
+                (Arc::clone(book), bq)
+            })
+            .filter(|(_, bq)| bq.step.is_normal());
         Ok(MseQuery {
             rotated,
             tables,
             int,
+            bytes,
             centroids: self.codebook.centroids().to_vec(),
             offset,
         })
@@ -445,6 +463,9 @@ pub struct MseQuery {
     tables: Option<Tables>,
     /// 5-8 bits: the codebook's integer grid and the rotated query on it (the fast path).
     int: Option<(Arc<IntCodebook>, IntQuery)>,
+    /// 4 bits where the CPU runs the byte dots: the codebook's byte grid and the rotated query
+    /// on `i8` weights (the fast path, in place of the `u8` tables).
+    bytes: Option<(Arc<ByteCodebook>, ByteQuery)>,
     centroids: Vec<f32>,
     /// `⟨q, mean⟩` for a centred quantizer, added to every score.
     offset: f32,
@@ -499,20 +520,47 @@ impl MseQuery {
     /// Unit-scale dots of block `b` (`out.len() <= 32` rows) on the fast path: through the `u8`
     /// tables (1-4 bits) or the integer dots on the codebook's grid (5-8 bits), else exact.
     pub(crate) fn block_dots_fast(&self, rows: &PackedRows, b: usize, bits: u32, out: &mut [f32]) {
-        match (&self.int, &self.tables) {
-            (Some(grid), _) => {
-                let ones = [1.0f32; BLOCK];
-                let (rb, ones) = (rows.row_bytes(), &ones[..out.len()]);
-                int_scores(grid, rows.block(b), rb, bits, 0.0, ones, out);
-            }
-            (None, Some(t)) => t.block_fast(rows.block(b), out),
-            (None, None) => self.block_dots_exact(rows, b, bits, out),
+        let ones = [1.0f32; BLOCK];
+        let (rb, ones) = (rows.row_bytes(), &ones[..out.len()]);
+        match (&self.int, &self.bytes, &self.tables) {
+            (Some(grid), _, _) => int_scores(grid, rows.block(b), rb, bits, 0.0, ones, out),
+            (None, Some(grid), _) => byte_scores(grid, rows.block(b), rb, 0.0, ones, out),
+            (None, None, Some(t)) => t.block_fast(rows.block(b), out),
+            (None, None, None) => self.block_dots_exact(rows, b, bits, out),
         }
     }
 
-    /// True when the fast path differs from the exact one (`u8` tables or integer dots in use).
+    /// True when the fast path differs from the exact one (`u8` tables, byte or integer dots in
+    /// use).
     pub fn has_fast_path(&self) -> bool {
-        self.tables.is_some() || self.int.is_some()
+        self.tables.is_some() || self.int.is_some() || self.bytes.is_some()
+    }
+}
+
+/// Byte-dot scores `scales[i] · dot_i + bias` of `out.len()` rows of the consecutive `blocks`
+/// for a query on the byte grid `(book, weights)` ([`scan::dot_blocks_scores_u8`]).
+fn byte_scores(
+    (book, bq): &(Arc<ByteCodebook>, ByteQuery),
+    blocks: &[u8],
+    row_bytes: usize,
+    bias: f32,
+    scales: &[f32],
+    out: &mut [f32],
+) {
+    let mut jobs = [scan::ByteJob {
+        weights: &bq.weights,
+        affine: byte_affine(bq, bias),
+        out,
+    }];
+    scan::dot_blocks_scores_u8(blocks, row_bytes, book, scales, &mut jobs);
+}
+
+/// The map from a byte-grid query's integer sums to its scores, plus `bias`.
+fn byte_affine(bq: &ByteQuery, bias: f32) -> scan::Affine {
+    scan::Affine {
+        offset: bq.offset,
+        step: bq.step,
+        bias,
     }
 }
 
@@ -967,8 +1015,8 @@ impl MseBatch {
         }
         if let Some(book) = self.shared_grid(queries) {
             // 5-8 bits: the codes cut out and looked up once per group of three queries.
-            let (rb, n) = (self.codes.row_bytes(), self.len());
-            let blocks = &self.codes.blocks()[..n.div_ceil(BLOCK) * block_bytes(rb)];
+            let rb = self.codes.row_bytes();
+            let (blocks, scales) = self.chunk(0, self.len());
             let mut jobs: Vec<scan::IntJob<'_>> = queries
                 .iter()
                 .zip(outs.iter_mut())
@@ -985,16 +1033,38 @@ impl MseBatch {
                     })
                 })
                 .collect();
-            let scales = self.norms.to_f32();
             let bits = self.quantizer.bits();
             scan::dot_blocks_scores_i16_multi(blocks, rb, bits, book, &scales, &mut jobs);
             return Ok(());
         }
-        // Queries on the integer grid but not one shared grid score one at a time (as
-        // `score_into`, on their grids); the tables serve only queries without one.
+        if let Some(book) = self.shared_bytes(queries) {
+            // 4 bits: each unit of nibbles looked up once per group of three queries.
+            let rb = self.codes.row_bytes();
+            let (blocks, scales) = self.chunk(0, self.len());
+            let mut jobs: Vec<scan::ByteJob<'_>> = queries
+                .iter()
+                .zip(outs.iter_mut())
+                .filter_map(|(q, o)| {
+                    let (_, bq) = q.bytes.as_ref()?;
+                    Some(scan::ByteJob {
+                        weights: &bq.weights,
+                        affine: byte_affine(bq, q.offset),
+                        out: o,
+                    })
+                })
+                .collect();
+            scan::dot_blocks_scores_u8(blocks, rb, book, &scales, &mut jobs);
+            return Ok(());
+        }
+        // Queries on a grid but not one shared grid score one at a time (as `score_into`, on
+        // their grids); the tables serve only queries without one.
         let tables: Option<Vec<&Tables>> = queries
             .iter()
-            .map(|q| q.tables.as_ref().filter(|_| q.int.is_none()))
+            .map(|q| {
+                q.tables
+                    .as_ref()
+                    .filter(|_| q.int.is_none() && q.bytes.is_none())
+            })
             .collect();
         let (Some(tables), false) = (tables, score::split_rows(self.len())) else {
             return queries
@@ -1027,6 +1097,19 @@ impl MseBatch {
         (shared && !score::split_rows(self.len())).then_some(&**first)
     }
 
+    /// The byte grid every query in `queries` (at least one) is weighted on, when they share one
+    /// and the batch is scanned on this thread: then [`MseBatch::score_many_into`] scores them in
+    /// groups ([`scan::dot_blocks_scores_u8`]).
+    fn shared_bytes<'q>(&self, queries: &[&'q MseQuery]) -> Option<&'q ByteCodebook> {
+        let (first, _) = queries.first()?.bytes.as_ref()?;
+        let shared = queries.iter().all(|q| {
+            q.bytes
+                .as_ref()
+                .is_some_and(|(book, _)| Arc::ptr_eq(book, first))
+        });
+        (shared && !score::split_rows(self.len())).then_some(&**first)
+    }
+
     /// As [`MseBatch::score_into`] with the exact `f32` tables.
     ///
     /// # Errors
@@ -1039,11 +1122,14 @@ impl MseBatch {
     /// stored scale, plus the query's mean offset.
     fn score_blocks(&self, query: &MseQuery, out: &mut [f32], fast: bool) -> Result<()> {
         self.check_out(out)?;
-        match (&query.int, &query.tables, fast) {
-            (Some(grid), _, true) => {
+        match (&query.int, &query.bytes, &query.tables, fast) {
+            (Some(grid), _, _, true) => {
                 score::for_each_chunk(out, |start, o| self.int_chunk(grid, query, start, o))
             }
-            (None, Some(t), true) => {
+            (None, Some(grid), _, true) => {
+                score::for_each_chunk(out, |start, o| self.byte_chunk(grid, query, start, o))
+            }
+            (None, None, Some(t), true) => {
                 score::for_each_chunk(out, |start, o| self.fast_chunk(t, query, start, o, None))
             }
             _ => score::for_each_block(out, |b, o| self.score_block(query, b, o, fast)),
@@ -1076,10 +1162,7 @@ impl MseBatch {
         o: &mut [f32],
         select: Option<(f32, &mut [u32])>,
     ) {
-        let bb = block_bytes(self.codes.row_bytes());
-        let b0 = start / BLOCK;
-        let blocks = &self.codes.blocks()[b0 * bb..(b0 + o.len().div_ceil(BLOCK)) * bb];
-        let scales = self.norms.f32_range(start..start + o.len());
+        let (blocks, scales) = self.chunk(start, o.len());
         t.scores_fast(
             blocks,
             self.codes.row_bytes(),
@@ -1088,6 +1171,29 @@ impl MseBatch {
             o,
             select,
         );
+    }
+
+    /// The blocks and the stored scales of rows `start..start + len` (`start` a multiple of 32).
+    fn chunk(&self, start: usize, len: usize) -> (&[u8], std::borrow::Cow<'_, [f32]>) {
+        let bb = block_bytes(self.codes.row_bytes());
+        let b0 = start / BLOCK;
+        let blocks = &self.codes.blocks()[b0 * bb..(b0 + len.div_ceil(BLOCK)) * bb];
+        (blocks, self.norms.f32_range(start..start + len))
+    }
+
+    /// Byte-dot scores of rows `start..start + o.len()` (`start` a multiple of 32) for `query` on
+    /// its byte grid `grid` (4 bits): unit dots times the stored scale, plus the query's mean
+    /// offset, in one kernel call.
+    fn byte_chunk(
+        &self,
+        grid: &(Arc<ByteCodebook>, ByteQuery),
+        query: &MseQuery,
+        start: usize,
+        o: &mut [f32],
+    ) {
+        let rb = self.codes.row_bytes();
+        let (blocks, scales) = self.chunk(start, o.len());
+        byte_scores(grid, blocks, rb, query.offset, &scales, o);
     }
 
     /// Integer-dot scores of rows `start..start + o.len()` (`start` a multiple of 32) for `query`
@@ -1101,10 +1207,7 @@ impl MseBatch {
         o: &mut [f32],
     ) {
         let rb = self.codes.row_bytes();
-        let bb = block_bytes(rb);
-        let b0 = start / BLOCK;
-        let blocks = &self.codes.blocks()[b0 * bb..(b0 + o.len().div_ceil(BLOCK)) * bb];
-        let scales = self.norms.f32_range(start..start + o.len());
+        let (blocks, scales) = self.chunk(start, o.len());
         int_scores(
             grid,
             blocks,
@@ -1334,12 +1437,19 @@ mod tests {
             let mut batch = MseBatch::new(q.clone());
             batch.extend(&xs).unwrap();
             let (mut coarse_err, mut fine_err, mut quant_err) = (0.0f64, 0.0f64, 0.0f64);
+            let mut fast_err = 0.0f64;
             let (mut coarse, mut fine, mut exact) =
                 (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+            let mut fast = vec![0.0f32; n];
             for (qi, qv) in qs.chunks_exact(d).enumerate() {
                 let query = q.prepare_query(qv).unwrap();
                 batch.candidate_scores(&query, &mut coarse);
-                batch.score_into(&query, &mut fine).unwrap();
+                // The u8 tables (the fast path unless the byte dots run, 4 bits).
+                let t = query.tables.as_ref().unwrap();
+                score::for_each_chunk(&mut fine, |start, o| {
+                    batch.fast_chunk(t, &query, start, o, None)
+                });
+                batch.score_into(&query, &mut fast).unwrap();
                 batch.score_exact_into(&query, &mut exact).unwrap();
                 for i in 0..n {
                     let truth: f64 = qs[qi * d..(qi + 1) * d]
@@ -1349,15 +1459,33 @@ mod tests {
                         .sum();
                     coarse_err += ((coarse[i] - exact[i]) as f64).powi(2);
                     fine_err += ((fine[i] - exact[i]) as f64).powi(2);
+                    fast_err += ((fast[i] - exact[i]) as f64).powi(2);
                     quant_err += (exact[i] as f64 - truth).powi(2);
                 }
             }
-            let (rc, rf) = (
+            let (rc, rf, rb) = (
                 (coarse_err / quant_err).sqrt(),
                 (fine_err / quant_err).sqrt(),
+                (fast_err / quant_err).sqrt(),
             );
-            println!("bits {bits}: coarse {rc:.3}, u8 {rf:.3} of the quantization error");
+            println!(
+                "bits {bits}: coarse {rc:.3}, u8 {rf:.3}, fast path {rb:.3} of the quantization error"
+            );
             assert!(rc <= bound, "bits {bits}: {rc}");
+            if bits == BYTE_DOT_BITS && scan::byte_dots_native() {
+                // The byte grid rounds the query and the codebook on finer steps than the
+                // tables' shared one.
+                assert!(
+                    rb <= 0.6 * rf,
+                    "bits {bits}: byte dots {rb} vs u8 tables {rf}"
+                );
+            } else {
+                assert_eq!(
+                    rb.to_bits(),
+                    rf.to_bits(),
+                    "bits {bits}: the fast path is the u8 tables"
+                );
+            }
             // Four times the step: between 2.5x and 6x the u8 tables' rounding.
             assert!(
                 (2.5 * rf..=6.0 * rf).contains(&rc),

@@ -46,6 +46,15 @@ pub(crate) enum TableKind {
 /// 0.01 (the 5-bit `f32` tables stay the exact path).
 pub(crate) const INT_DOT_MIN_BITS: u32 = 5;
 
+/// The width whose fast path is the byte dots ([`tq_core::scan::dot_blocks_scores_u8`]) where
+/// the CPU runs them natively: one code per nibble, so a nibble's grid value times one `i8`
+/// weight is the whole product; the `u8` tables stay the fast path elsewhere. Against those
+/// tables the byte grid rounds the query and the codebook separately on finer steps
+/// (`max|q| / 127` and `max|c| / 127` against the tables' `max|q| · 2max|c| / 255`), and each
+/// further query of a grouped head costs one `vpdpbusd` per 64 products, not a table look-up
+/// per product.
+pub(crate) const BYTE_DOT_BITS: u32 = 4;
+
 /// The table scheme for codes of `bits` bits, if any (widths 6-8 have none: their fast path is
 /// the integer dots, [`INT_DOT_MIN_BITS`], as is 5 bits' for MSE codes).
 #[inline]

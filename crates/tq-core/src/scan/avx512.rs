@@ -540,6 +540,128 @@ pub(super) unsafe fn dot_nibbles_i8_vbmi<const Q: usize>(
     }
 }
 
+/// VBMI body of `dot_blocks_scores_u8` for `Q` jobs over every block: per four nibble
+/// positions one 64-byte load (masked past a block's end), one `vpermb` ([`ROW_QUADS`]) putting
+/// each row's four nibbles in one 32-bit lane, two `vpermb` looking the low and high nibbles up
+/// in the grid (`values` repeated through 64 entries, so the bits above a nibble are ignored),
+/// and per job one broadcast of its four weights and one `vpdpbusd` per 16 rows, alternating
+/// between two accumulators so the additions of one job do not wait on each other. A block's
+/// sums become its scores in registers (`scale · (offset + step · S) + bias`, separate
+/// multiplies and adds as the scalar twin). Missing positions of a last load look up entry 0
+/// but meet zero weights; the last block's empty rows are neither read nor written.
+///
+/// # Safety
+/// The CPU supports AVX2, AVX-512 F, BW, VBMI and VNNI; `block_bytes` is a multiple of 32 with
+/// `block_bytes / 32 <= 32 768`; `blocks.len() == scales.len().div_ceil(32) · block_bytes`; every
+/// job has `block_bytes / 16` weights and `scales.len()` outputs.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi,avx512vnni")]
+pub(super) unsafe fn dot_blocks_u8_vbmi<const Q: usize>(
+    blocks: &[u8],
+    block_bytes: usize,
+    values: &[u8; 16],
+    scales: &[f32],
+    jobs: &mut [super::ByteJob<'_>; Q],
+) {
+    let positions = block_bytes / 16;
+    let table: [u8; 64] = std::array::from_fn(|i| values[i % 16]);
+    // SAFETY (both): 64-byte arrays.
+    let (idx, table) = unsafe {
+        (
+            _mm512_loadu_si512(ROW_QUADS.as_ptr() as *const _),
+            _mm512_loadu_si512(table.as_ptr() as *const _),
+        )
+    };
+    let zero = _mm512_setzero_si512();
+    let owned: [Vec<i32>; Q] = std::array::from_fn(|q| weight_words(jobs[q].weights));
+    let words: [&[i32]; Q] = std::array::from_fn(|q| owned[q].as_slice());
+    let rows = scales.len();
+    let units = positions.div_ceil(4);
+    for (b, block) in blocks.chunks_exact(block_bytes).enumerate() {
+        // even[q] / odd[q]: job q's sums of even / odd units, rows 0-15 and 16-31.
+        let (mut even, mut odd) = ([[zero; 2]; Q], [[zero; 2]; Q]);
+        let mut u = 0;
+        while u + 1 < units {
+            // SAFETY (both): positions 4u and 4u + 4 lie in the block (`u + 1 < units`).
+            even = unsafe { byte_unit(block, u, idx, table, &words, even) };
+            odd = unsafe { byte_unit(block, u + 1, idx, table, &words, odd) };
+            u += 2;
+        }
+        if u < units {
+            // SAFETY: position 4u lies in the block (`u < units`).
+            even = unsafe { byte_unit(block, u, idx, table, &words, even) };
+        }
+        for h in 0..2 {
+            let first = BLOCK * b + 16 * h;
+            let n = rows.saturating_sub(first).min(16);
+            if n == 0 {
+                break;
+            }
+            let mask = ((1u32 << n) - 1) as __mmask16;
+            // SAFETY: rows first..first + n are below `scales.len()`.
+            let s = unsafe { _mm512_maskz_loadu_ps(mask, scales.as_ptr().add(first)) };
+            for q in 0..Q {
+                let job = &mut jobs[q];
+                let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(even[q][h], odd[q][h]));
+                let a = job.affine;
+                let dot = _mm512_add_ps(
+                    _mm512_set1_ps(a.offset),
+                    _mm512_mul_ps(_mm512_set1_ps(a.step), sum),
+                );
+                let v = _mm512_add_ps(_mm512_mul_ps(s, dot), _mm512_set1_ps(a.bias));
+                // SAFETY: the job has `rows` outputs, rows first..first + n among them.
+                unsafe { _mm512_mask_storeu_ps(job.out.as_mut_ptr().add(first), mask, v) };
+            }
+        }
+    }
+}
+
+/// `acc` plus unit `u`'s products for each of the `Q` weight vectors: the grid values of the 128
+/// nibbles at positions `4u..4u + 4` of `block` (zero past its end) by one load, one `vpermb`
+/// into row order ([`ROW_QUADS`], each row's four positions in one 32-bit lane) and one per half
+/// into `table` (a 16-entry grid repeated through 64 bytes, so the bits above a nibble do not
+/// matter), then per vector one broadcast of its four weights (`words[q][u]`, see
+/// [`weight_words`]) and one `vpdpbusd` for rows 0-15 and one for 16-31.
+///
+/// # Safety
+/// AVX-512 F, BW, VBMI and VNNI; position `4u` lies in `block` (16 bytes per position); every
+/// `words[q]` has more than `u` words.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+unsafe fn byte_unit<const Q: usize>(
+    block: &[u8],
+    u: usize,
+    idx: __m512i,
+    table: __m512i,
+    words: &[&[i32]; Q],
+    mut acc: [[__m512i; 2]; Q],
+) -> [[__m512i; 2]; Q] {
+    // SAFETY: position 4u lies in the block (the caller's contract).
+    let x = unsafe { load_positions(block, 4 * u) };
+    let t = _mm512_permutexvar_epi8(idx, x);
+    let lo = _mm512_permutexvar_epi8(t, table);
+    let hi = _mm512_permutexvar_epi8(_mm512_srli_epi16::<4>(t), table);
+    for q in 0..Q {
+        let wv = _mm512_set1_epi32(words[q][u]);
+        acc[q][0] = _mm512_dpbusd_epi32(acc[q][0], lo, wv);
+        acc[q][1] = _mm512_dpbusd_epi32(acc[q][1], hi, wv);
+    }
+    acc
+}
+
+/// The weights of `w` four at a time as little-endian 32-bit words, the last one zero padded:
+/// word `u` holds positions `4u..4u + 4`. O(w.len()).
+fn weight_words(w: &[i8]) -> Vec<i32> {
+    w.chunks(4)
+        .map(|c| {
+            let mut b = [0u8; 4];
+            for (d, &s) in b.iter_mut().zip(c) {
+                *d = s as u8;
+            }
+            i32::from_le_bytes(b)
+        })
+        .collect()
+}
+
 /// An [`IntCodebook`]'s two byte planes in registers: `t[p][q]` holds byte `p` (little endian)
 /// of `values[64q..64q + 64]`, zero past the table's end, except that for codes of `b <= 5`
 /// bits entries `0..2^b` repeat through the first 64 (so a look-up may leave the code's bits

@@ -4,7 +4,9 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{BLOCK, INT_CHUNK, IntCodebook, IntWeights, block_bytes, check_block, read_row};
+use super::{
+    BLOCK, ByteCodebook, INT_CHUNK, IntCodebook, IntWeights, block_bytes, check_block, read_row,
+};
 
 /// `out[r] = Σ_n tables[16n + nibble_n(row r)]` for the 32 rows of `block` (see the module docs).
 /// `tables.len()` must be `16 * positions` with `positions = 2 * row_bytes`, i.e. equal to
@@ -1295,6 +1297,177 @@ fn int_scores(sums: &[f32; BLOCK], affine: Affine, scales: &[f32], out: &mut [f3
     for ((o, &s), &sum) in out.iter_mut().zip(scales).zip(sums) {
         *o = s * (affine.offset + affine.step * sum) + affine.bias;
     }
+}
+
+/// One query of [`dot_blocks_scores_u8`]: its weights on the codebook's byte grid, its
+/// [`Affine`] and its output scores.
+#[derive(Debug)]
+pub struct ByteJob<'a> {
+    /// One weight per nibble position ([`super::ByteQuery::weights`]).
+    pub weights: &'a [i8],
+    /// Sum to score.
+    pub affine: Affine,
+    /// One score per row.
+    pub out: &'a mut [f32],
+}
+
+/// Queries [`dot_blocks_scores_u8`] scores per pass over a block (a grouped-query head of
+/// SmolLM2's shape in one pass).
+pub const BYTE_QUERIES: usize = 3;
+
+/// Whether [`dot_blocks_scores_u8`] runs a SIMD body on this CPU (AVX-512 F, BW, VBMI and VNNI,
+/// not turned off by `TQ_NO_AVX512=1`); elsewhere it runs its scalar twin, and callers that
+/// have another fast path (the `u8` table scan) should take it. O(1) after the first call.
+pub fn byte_dots_native() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx512_vbmi() && has_avx512_vnni()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Scores of consecutive blocks of 4-bit codes (rows of `row_bytes` bytes, one code per nibble)
+/// against several queries on a [`ByteCodebook`]'s grid: for job `q`, `out[i] = scales[i] ·
+/// (offset + step · S_i) + bias` (its [`Affine`], one rounding per operation) with `S_i = Σ_n
+/// w_n · values[code_n(row i)]`, exact in `i32`. `scales.len()` rows are scored (the last
+/// block's empty slots are not written). With AVX-512 VBMI and VNNI ([`byte_dots_native`]) each
+/// 64-byte load of four nibble positions is put in row order by one `vpermb`, each nibble looked
+/// up in the grid by one more (the table repeats through 64 entries, so the bits above a nibble
+/// need no mask), and one `vpdpbusd` per 16 rows and query adds four positions' products: the
+/// look-ups are shared by up to [`BYTE_QUERIES`] queries per pass, each query adds one
+/// instruction per 64 products. Else [`dot_blocks_scores_u8_scalar`] per job. Every path gives
+/// the same bits. O(rows · row_bytes · jobs).
+///
+/// # Panics
+/// Before any memory is read, unless `1 <= row_bytes <= 32 768` (so no sum overflows),
+/// `blocks.len() == scales.len().div_ceil(32) · 32 · row_bytes`, and every job has `2 ·
+/// row_bytes` weights and `scales.len()` outputs.
+pub fn dot_blocks_scores_u8(
+    blocks: &[u8],
+    row_bytes: usize,
+    codebook: &ByteCodebook,
+    scales: &[f32],
+    jobs: &mut [ByteJob<'_>],
+) {
+    for job in jobs.iter() {
+        check_byte_dots(
+            blocks.len(),
+            row_bytes,
+            job.weights.len(),
+            scales.len(),
+            job.out.len(),
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if byte_dots_native() {
+            let bb = block_bytes(row_bytes);
+            for group in jobs.chunks_mut(BYTE_QUERIES) {
+                // SAFETY: AVX2 and AVX-512 F, BW, VBMI and VNNI are present (checked at run
+                // time); the checks above proved the blocks' and every job's lengths.
+                unsafe {
+                    match group.len() {
+                        1 => super::avx512::dot_blocks_u8_vbmi::<1>(
+                            blocks,
+                            bb,
+                            codebook.values(),
+                            scales,
+                            first_n(group),
+                        ),
+                        2 => super::avx512::dot_blocks_u8_vbmi::<2>(
+                            blocks,
+                            bb,
+                            codebook.values(),
+                            scales,
+                            first_n(group),
+                        ),
+                        _ => super::avx512::dot_blocks_u8_vbmi::<3>(
+                            blocks,
+                            bb,
+                            codebook.values(),
+                            scales,
+                            first_n(group),
+                        ),
+                    }
+                }
+            }
+            return;
+        }
+    }
+    for job in jobs.iter_mut() {
+        dot_blocks_scores_u8_scalar(
+            blocks,
+            row_bytes,
+            codebook,
+            job.weights,
+            job.affine,
+            scales,
+            job.out,
+        );
+    }
+}
+
+/// Scalar twin of [`dot_blocks_scores_u8`] for one query (each row's nibbles read in order,
+/// summed in `i32`): the same integers, the same scores.
+///
+/// # Panics
+/// As [`dot_blocks_scores_u8`].
+pub fn dot_blocks_scores_u8_scalar(
+    blocks: &[u8],
+    row_bytes: usize,
+    codebook: &ByteCodebook,
+    weights: &[i8],
+    affine: Affine,
+    scales: &[f32],
+    out: &mut [f32],
+) {
+    check_byte_dots(
+        blocks.len(),
+        row_bytes,
+        weights.len(),
+        scales.len(),
+        out.len(),
+    );
+    let values = codebook.values();
+    for ((block, sc), o) in blocks
+        .chunks_exact(block_bytes(row_bytes))
+        .zip(scales.chunks(BLOCK))
+        .zip(out.chunks_mut(BLOCK))
+    {
+        let mut sums = [0i32; BLOCK];
+        for (bytes, &w) in block.chunks_exact(16).zip(weights) {
+            let w = i32::from(w);
+            for (i, &b) in bytes.iter().enumerate() {
+                sums[i] += w * i32::from(values[usize::from(b & 0x0F)]);
+                sums[i + 16] += w * i32::from(values[usize::from(b >> 4)]);
+            }
+        }
+        for ((o, &s), &sum) in o.iter_mut().zip(sc).zip(&sums) {
+            *o = s * (affine.offset + affine.step * sum as f32) + affine.bias;
+        }
+    }
+}
+
+/// Panics unless the arguments fit [`dot_blocks_scores_u8`].
+fn check_byte_dots(
+    blocks_len: usize,
+    row_bytes: usize,
+    weights: usize,
+    scales_len: usize,
+    rows: usize,
+) {
+    assert!(
+        (1..=1 << 15).contains(&row_bytes),
+        "byte dots take rows of 1 to 32 768 bytes, not {row_bytes}"
+    );
+    assert_eq!(weights, 2 * row_bytes, "one weight per nibble position");
+    assert!(
+        blocks_len == scales_len.div_ceil(BLOCK) * block_bytes(row_bytes) && scales_len == rows,
+        "{blocks_len} block bytes, {scales_len} scales and {rows} outputs do not fit rows of {row_bytes} bytes"
+    );
 }
 
 /// Panics unless the arguments fit [`dot_blocks_scores_i16`].

@@ -53,8 +53,8 @@ pub use layout::{
     write_row, write_rows,
 };
 pub use tables::{
-    INT_CHUNK, INT_CODE_MAX, INT_WEIGHT_BUDGET, IntCodebook, IntQuery, IntWeights, QuantizedLut,
-    nibble_weights_i8,
+    ByteCodebook, ByteQuery, INT_CHUNK, INT_CODE_MAX, INT_WEIGHT_BUDGET, IntCodebook, IntQuery,
+    IntWeights, QuantizedLut, nibble_weights_i8,
 };
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The integer grids the scans take: `u8` look-up tables (float tables quantized with one shared
-//! step) and a codebook on an `i16` grid with a query (key dots, 5-8 bits) or a weight vector
-//! (value sums, every width) on `i16` weights.
+//! step), a codebook on an `i16` grid with a query (key dots, 5-8 bits) or a weight vector
+//! (value sums, every width) on `i16` weights, and a 4-bit codebook on a `u8` grid with a query
+//! on `i8` weights (key dots, 4 bits).
 
 /// `u8` look-up tables for the scans: `entries` bytes per table (16 for
 /// [`scan_block`](super::scan_block) and [`scan_block_b3`](super::scan_block_b3), 32 for
@@ -490,6 +491,95 @@ impl pulp::WithSimd for QuantizeWeights<'_> {
             out.chunks.push((offset, unit));
         }
         Some(top_all)
+    }
+}
+
+/// A 4-bit codebook on an unsigned 8-bit grid, for the byte dot products of 4-bit codes
+/// ([`super::dot_blocks_scores_u8`]): entry `k` stands for `(values[k] - 128) · step`, with
+/// `step = max |c| / 127`, so every entry lies in `1..=255` and within `step / 2` of its
+/// centroid (about `2^-8` of the codebook's span; a 16-entry Lloyd-Max codebook's spacing is
+/// about 16 steps). One weight per nibble position times one entry fits the unsigned-by-signed
+/// byte products of `vpdpbusd`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ByteCodebook {
+    values: [u8; 16],
+    step: f32,
+}
+
+/// A query on a [`ByteCodebook`]'s grid ([`ByteCodebook::quantize_query`]): one `i8` weight per
+/// nibble position (zero past the query's coordinates) and the map from an integer sum `S = Σ_n
+/// w_n · values[k_n]` to the dot, `offset + step · S` (as [`super::Affine`]'s `offset` and
+/// `step`).
+#[derive(Debug, Clone, Default)]
+pub struct ByteQuery {
+    /// One weight per nibble position.
+    pub weights: Vec<i8>,
+    /// `-128 · Σ_n w_n` units (the grid's zero point), as a float.
+    pub offset: f32,
+    /// The value of one unit of `S`.
+    pub step: f32,
+}
+
+impl ByteCodebook {
+    /// The grid of 16 finite `centroids` (a 4-bit codebook). O(1).
+    ///
+    /// # Panics
+    /// Unless `centroids` holds exactly 16 finite values.
+    pub fn from_centroids(centroids: &[f32]) -> Self {
+        assert!(
+            centroids.len() == 16 && centroids.iter().all(|c| c.is_finite()),
+            "a 4-bit codebook takes 16 finite values, not {centroids:?}"
+        );
+        let top = centroids.iter().fold(0.0f32, |m, c| m.max(c.abs()));
+        let step = if top > 0.0 { top / 127.0 } else { 1.0 };
+        let values = std::array::from_fn(|k| {
+            let m = (f64::from(centroids[k]) / f64::from(step)).round();
+            (m.clamp(-127.0, 127.0) as i32 + 128) as u8
+        });
+        Self { values, step }
+    }
+
+    /// The grid values (zero point 128).
+    pub fn values(&self) -> &[u8; 16] {
+        &self.values
+    }
+
+    /// The value of one grid unit.
+    pub fn step(&self) -> f32 {
+        self.step
+    }
+
+    /// A query `q` (one value per coordinate, 4-bit codes: one coordinate per nibble position)
+    /// on this grid for rows of `positions` nibbles: `Σ_j q_j · c[k_j] ≈ offset + step · Σ_n w_n
+    /// · values[k_n]`. The weights share the step `s = max|q| / 127` (1 when `q` is zero), so
+    /// each `w_j · s` is within `s / 2` of `q_j` and `|w_j| <= 127`; a row's sum is then exact
+    /// in `i32` for up to 65 536 positions (`127 · 255` per position). O(positions).
+    ///
+    /// # Panics
+    /// If `q` holds a non-finite value or more than `positions` values.
+    pub fn quantize_query(&self, q: &[f32], positions: usize) -> ByteQuery {
+        assert!(
+            q.iter().all(|x| x.is_finite()) && q.len() <= positions,
+            "a query of {} values for {positions} positions (or not finite)",
+            q.len()
+        );
+        let top = q.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let s = if top > 0.0 {
+            f64::from(top) / 127.0
+        } else {
+            1.0
+        };
+        let mut weights = vec![0i8; positions];
+        for (w, &x) in weights.iter_mut().zip(q) {
+            *w = (f64::from(x) / s).round().clamp(-127.0, 127.0) as i8;
+        }
+        let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
+        let unit = s * f64::from(self.step);
+        ByteQuery {
+            weights,
+            offset: (-128.0 * total as f64 * unit) as f32,
+            step: unit as f32,
+        }
     }
 }
 

@@ -1881,3 +1881,157 @@ fn nibble_weights_refuse_a_short_output() {
 fn nibble_weights_refuse_scales_of_another_length() {
     nibble_weights_i8(&[1.0; 4], &[1.0; 3], &mut [0i8; 4]);
 }
+
+/// The byte dots of 4-bit codes give their scalar twin's scores bit for bit and an independent
+/// read-back of every row, for one to four jobs per call (one and two passes), over row widths
+/// whose last unit holds one to three positions, partial last blocks and weights at `±127`
+/// against the grid's extreme entries (the largest sums the kernel can meet).
+#[test]
+fn byte_dots_equal_the_scalar_twin_and_the_rows() {
+    let mut r = SeededRng::new(52, stream::DATA);
+    let row_widths: &[usize] = if cfg!(miri) {
+        &[3]
+    } else {
+        &[1, 2, 3, 4, 5, 7, 8, 31, 32, 33, 64, 65]
+    };
+    let centroids: Vec<f32> = (0..16).map(|k| (k as f32 - 7.5) * 0.37).collect();
+    let book = ByteCodebook::from_centroids(&centroids);
+    assert_eq!(book.values()[0], 1);
+    assert_eq!(book.values()[15], 255);
+    for &row_bytes in row_widths {
+        for rows in [1usize, 31, 32, 75] {
+            let bb = block_bytes(row_bytes);
+            let blocks = random_bytes(rows.div_ceil(BLOCK) * bb, 11 + row_bytes as u64);
+            let scales: Vec<f32> = (0..rows).map(|_| 0.5 + r.uniform() as f32).collect();
+            let weights: Vec<Vec<i8>> = (0..4)
+                .map(|q| {
+                    (0..2 * row_bytes)
+                        .map(|_| match q {
+                            0 => 127,
+                            1 => -127,
+                            _ => ((r.next_u64() % 255) as i32 - 127) as i8,
+                        })
+                        .collect()
+                })
+                .collect();
+            let affines: Vec<Affine> = (0..4)
+                .map(|q| Affine {
+                    offset: -0.5 + q as f32,
+                    step: 1.0e-4,
+                    bias: 0.25,
+                })
+                .collect();
+            for n in 1..=4 {
+                let mut outs = vec![vec![0f32; rows]; n];
+                let mut jobs: Vec<ByteJob<'_>> = weights
+                    .iter()
+                    .zip(&affines)
+                    .zip(outs.iter_mut())
+                    .map(|((w, &affine), out)| ByteJob {
+                        weights: w,
+                        affine,
+                        out,
+                    })
+                    .collect();
+                dot_blocks_scores_u8(&blocks, row_bytes, &book, &scales, &mut jobs);
+                for (q, got) in outs.iter().enumerate() {
+                    let what = format!("row_bytes={row_bytes} rows={rows} jobs={n} job {q}");
+                    let mut twin = vec![0f32; rows];
+                    #[rustfmt::skip]
+                    dot_blocks_scores_u8_scalar(&blocks, row_bytes, &book, &weights[q], affines[q], &scales, &mut twin);
+                    let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits_of(got), bits_of(&twin), "{what}");
+                    for (i, &g) in got.iter().enumerate() {
+                        let block = &blocks[i / BLOCK * bb..(i / BLOCK + 1) * bb];
+                        let sum: i64 = (0..2 * row_bytes)
+                            .map(|j| {
+                                let k = code_at(block, 4, j, i % BLOCK);
+                                i64::from(weights[q][j]) * i64::from(book.values()[k])
+                            })
+                            .sum();
+                        let a = affines[q];
+                        let want = scales[i] * (a.offset + a.step * sum as f32) + a.bias;
+                        assert_eq!(g.to_bits(), want.to_bits(), "{what} row {i}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A query on the byte grid scores within the bound its two roundings allow: the query's
+/// weights within half a step `s_q` and the centroids within half a grid step `s_c`, so a dot
+/// moves by at most `Σ_j (s_q / 2 · |c_j| + |q_j| · s_c / 2 + s_q · s_c / 4)`.
+#[test]
+fn byte_query_dots_stay_within_their_rounding_bound() {
+    let mut r = SeededRng::new(53, stream::DATA);
+    let d = 64;
+    let row_bytes = d / 2;
+    let centroids: Vec<f32> = (0..16)
+        .map(|k| ((k as f32 - 7.5) * 0.29).sinh() * 0.1)
+        .collect();
+    let book = ByteCodebook::from_centroids(&centroids);
+    let rows: usize = 96;
+    let mut blocks = vec![0u8; rows.div_ceil(BLOCK) * block_bytes(row_bytes)];
+    let codes: Vec<Vec<u8>> = (0..rows)
+        .map(|_| (0..d).map(|_| (r.next_u64() % 16) as u8).collect())
+        .collect();
+    for (i, c) in codes.iter().enumerate() {
+        let mut packed = vec![0u8; row_bytes];
+        crate::bitpack::pack(c, 4, &mut packed).unwrap();
+        let bb = block_bytes(row_bytes);
+        write_row(
+            &mut blocks[i / BLOCK * bb..(i / BLOCK + 1) * bb],
+            i % BLOCK,
+            &packed,
+        );
+    }
+    for trial in 0..8 {
+        let q: Vec<f32> = (0..d)
+            .map(|_| r.gaussian() as f32 * (1 + trial) as f32)
+            .collect();
+        let bq = book.quantize_query(&q, 2 * row_bytes);
+        let sq = f64::from(q.iter().fold(0.0f32, |m, x| m.max(x.abs()))) / 127.0;
+        let sc = f64::from(book.step());
+        let scales = vec![1.0f32; rows];
+        let mut out = vec![0f32; rows];
+        let affine = Affine {
+            offset: bq.offset,
+            step: bq.step,
+            bias: 0.0,
+        };
+        dot_blocks_scores_u8_scalar(
+            &blocks,
+            row_bytes,
+            &book,
+            &bq.weights,
+            affine,
+            &scales,
+            &mut out,
+        );
+        for (i, c) in codes.iter().enumerate() {
+            let exact: f64 = c
+                .iter()
+                .zip(&q)
+                .map(|(&k, &x)| f64::from(x) * f64::from(centroids[k as usize]))
+                .sum();
+            let bound: f64 = c
+                .iter()
+                .zip(&q)
+                .map(|(&k, &x)| {
+                    sq / 2.0 * f64::from(centroids[k as usize].abs())
+                        + f64::from(x.abs()) * sc / 2.0
+                        + sq * sc / 4.0
+                })
+                .sum();
+            // The f32 conversion of the sum and the affine's roundings: a few ulps of the
+            // terms' magnitude.
+            let slack = 1e-5 * (exact.abs() + bound + f64::from(bq.offset.abs()));
+            let err = (f64::from(out[i]) - exact).abs();
+            assert!(
+                err <= bound + slack,
+                "trial {trial} row {i}: {err} > {bound}"
+            );
+        }
+    }
+}
