@@ -506,36 +506,50 @@ pub(super) unsafe fn dot_nibbles_i8_vbmi<const Q: usize>(
     let idx = unsafe { _mm512_loadu_si512(ROW_QUADS.as_ptr() as *const _) };
     let mask = _mm512_set1_epi8(0x0F);
     let zero = _mm512_setzero_si512();
-    // acc[q][0]: rows 0-15, acc[q][1]: rows 16-31.
-    let mut acc = [[zero; 2]; Q];
-    for u in 0..positions.div_ceil(4) {
-        // SAFETY: position 4u lies in the block (`4u < positions`).
-        let x = unsafe { load_positions(block, 4 * u) };
-        let t = _mm512_permutexvar_epi8(idx, x);
-        let lo = _mm512_and_si512(t, mask);
-        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(t), mask);
-        for (a, w) in acc.iter_mut().zip(weights) {
-            // Positions 4u..4u + 4; past the last position, zeros.
-            let four = if 4 * u + 4 <= w.len() {
-                // SAFETY: 4u + 4 <= w.len(); an unaligned 4-byte read.
-                unsafe { (w.as_ptr().add(4 * u) as *const i32).read_unaligned() }
-            } else {
-                let mut b = [0u8; 4];
-                for (d, &s) in b.iter_mut().zip(&w[4 * u..]) {
-                    *d = s as u8;
-                }
-                i32::from_le_bytes(b)
+    let (mut even, mut odd) = ([[zero; 2]; Q], [[zero; 2]; Q]);
+    let full = positions / 4;
+    if Q == 1 {
+        // Even and odd units in separate accumulators, so one vector's additions do not wait on
+        // each other (alone, it was bound by `vpdpbusd`'s latency; with more vectors the extra
+        // registers measured slower).
+        let mut u = 0;
+        while u + 1 < full {
+            // SAFETY (all): units u and u + 1 are whole (`u + 1 < full`): positions 4u..4u + 8
+            // lie in the block and in every weight vector.
+            even = unsafe {
+                nibble_unit::<Q, false>(block, u, idx, mask, four_weights(&weights, u), even)
             };
-            let wv = _mm512_set1_epi32(four);
-            a[0] = _mm512_dpbusd_epi32(a[0], lo, wv);
-            a[1] = _mm512_dpbusd_epi32(a[1], hi, wv);
+            let w = unsafe { four_weights(&weights, u + 1) };
+            odd = unsafe { nibble_unit::<Q, false>(block, u + 1, idx, mask, w, odd) };
+            u += 2;
+        }
+        if u < full {
+            // SAFETY: unit u is whole (`u < full`).
+            even = unsafe {
+                nibble_unit::<Q, false>(block, u, idx, mask, four_weights(&weights, u), even)
+            };
+        }
+    } else {
+        for u in 0..full {
+            // SAFETY: unit u is whole (`u < full`).
+            even = unsafe {
+                nibble_unit::<Q, false>(block, u, idx, mask, four_weights(&weights, u), even)
+            };
         }
     }
-    for (a, o) in acc.iter().zip(outs.iter_mut()) {
-        // SAFETY: `o` holds 32 i32: rows 0-15, then 16-31.
+    if 4 * full < positions {
+        // The last unit's one to three positions, the weights zero-padded to a word.
+        // SAFETY: position 4 · full lies in the block (`4 · full < positions`).
+        even = unsafe {
+            nibble_unit::<Q, false>(block, full, idx, mask, last_weights(&weights), even)
+        };
+    }
+    for q in 0..Q {
+        // SAFETY: `outs[q]` holds 32 i32: rows 0-15, then 16-31.
         unsafe {
-            _mm512_storeu_si512(o.as_mut_ptr() as *mut _, a[0]);
-            _mm512_storeu_si512(o.as_mut_ptr().add(16) as *mut _, a[1]);
+            let o = outs[q].as_mut_ptr();
+            _mm512_storeu_si512(o as *mut _, _mm512_add_epi32(even[q][0], odd[q][0]));
+            _mm512_storeu_si512(o.add(16) as *mut _, _mm512_add_epi32(even[q][1], odd[q][1]));
         }
     }
 }
@@ -572,23 +586,31 @@ pub(super) unsafe fn dot_blocks_u8_vbmi<const Q: usize>(
         )
     };
     let zero = _mm512_setzero_si512();
-    let owned: [Vec<i32>; Q] = std::array::from_fn(|q| weight_words(jobs[q].weights));
-    let words: [&[i32]; Q] = std::array::from_fn(|q| owned[q].as_slice());
+    let weights: [&[i8]; Q] = std::array::from_fn(|q| jobs[q].weights);
+    let last = last_weights(&weights);
     let rows = scales.len();
-    let units = positions.div_ceil(4);
+    let full = positions / 4;
     for (b, block) in blocks.chunks_exact(block_bytes).enumerate() {
         // even[q] / odd[q]: job q's sums of even / odd units, rows 0-15 and 16-31.
         let (mut even, mut odd) = ([[zero; 2]; Q], [[zero; 2]; Q]);
         let mut u = 0;
-        while u + 1 < units {
-            // SAFETY (both): positions 4u and 4u + 4 lie in the block (`u + 1 < units`).
-            even = unsafe { byte_unit(block, u, idx, table, &words, even) };
-            odd = unsafe { byte_unit(block, u + 1, idx, table, &words, odd) };
+        while u + 1 < full {
+            // SAFETY (all): units u and u + 1 are whole (`u + 1 < full`): positions 4u..4u + 8
+            // lie in the block and in every weight vector.
+            let w = unsafe { four_weights(&weights, u) };
+            even = unsafe { nibble_unit::<Q, true>(block, u, idx, table, w, even) };
+            let w = unsafe { four_weights(&weights, u + 1) };
+            odd = unsafe { nibble_unit::<Q, true>(block, u + 1, idx, table, w, odd) };
             u += 2;
         }
-        if u < units {
-            // SAFETY: position 4u lies in the block (`u < units`).
-            even = unsafe { byte_unit(block, u, idx, table, &words, even) };
+        if u < full {
+            // SAFETY: unit u is whole (`u < full`).
+            let w = unsafe { four_weights(&weights, u) };
+            even = unsafe { nibble_unit::<Q, true>(block, u, idx, table, w, even) };
+        }
+        if 4 * full < positions {
+            // SAFETY: position 4 · full lies in the block (`4 · full < positions`).
+            odd = unsafe { nibble_unit::<Q, true>(block, full, idx, table, last, odd) };
         }
         for h in 0..2 {
             let first = BLOCK * b + 16 * h;
@@ -615,51 +637,71 @@ pub(super) unsafe fn dot_blocks_u8_vbmi<const Q: usize>(
     }
 }
 
-/// `acc` plus unit `u`'s products for each of the `Q` weight vectors: the grid values of the 128
-/// nibbles at positions `4u..4u + 4` of `block` (zero past its end) by one load, one `vpermb`
-/// into row order ([`ROW_QUADS`], each row's four positions in one 32-bit lane) and one per half
-/// into `table` (a 16-entry grid repeated through 64 bytes, so the bits above a nibble do not
-/// matter), then per vector one broadcast of its four weights (`words[q][u]`, see
-/// [`weight_words`]) and one `vpdpbusd` for rows 0-15 and one for 16-31.
+/// `acc` plus unit `u`'s products for each of the `Q` weight vectors: the 128 nibbles at
+/// positions `4u..4u + 4` of `block` (zero past its end) by one load and one `vpermb` into row
+/// order ([`ROW_QUADS`], each row's four positions in one 32-bit lane), split into rows 0-15 and
+/// 16-31 and, with `LOOK_UP`, looked up in `table` by one `vpermb` each (a 16-entry grid
+/// repeated through 64 bytes, so the bits above a nibble do not matter), else masked with it
+/// (`0x0F` in every byte: the nibbles themselves); then per vector one broadcast of its four
+/// weights (`four[q]`, broadcast) and one `vpdpbusd` for rows 0-15 and one for 16-31.
 ///
 /// # Safety
-/// AVX-512 F, BW, VBMI and VNNI; position `4u` lies in `block` (16 bytes per position); every
-/// `words[q]` has more than `u` words.
+/// AVX-512 F, BW, VBMI and VNNI; position `4u` lies in `block` (16 bytes per position).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
-unsafe fn byte_unit<const Q: usize>(
+unsafe fn nibble_unit<const Q: usize, const LOOK_UP: bool>(
     block: &[u8],
     u: usize,
     idx: __m512i,
     table: __m512i,
-    words: &[&[i32]; Q],
+    four: [__m512i; Q],
     mut acc: [[__m512i; 2]; Q],
 ) -> [[__m512i; 2]; Q] {
     // SAFETY: position 4u lies in the block (the caller's contract).
     let x = unsafe { load_positions(block, 4 * u) };
     let t = _mm512_permutexvar_epi8(idx, x);
-    let lo = _mm512_permutexvar_epi8(t, table);
-    let hi = _mm512_permutexvar_epi8(_mm512_srli_epi16::<4>(t), table);
+    let high = _mm512_srli_epi16::<4>(t);
+    let (lo, hi) = if LOOK_UP {
+        (
+            _mm512_permutexvar_epi8(t, table),
+            _mm512_permutexvar_epi8(high, table),
+        )
+    } else {
+        (_mm512_and_si512(t, table), _mm512_and_si512(high, table))
+    };
     for q in 0..Q {
-        let wv = _mm512_set1_epi32(words[q][u]);
-        acc[q][0] = _mm512_dpbusd_epi32(acc[q][0], lo, wv);
-        acc[q][1] = _mm512_dpbusd_epi32(acc[q][1], hi, wv);
+        acc[q][0] = _mm512_dpbusd_epi32(acc[q][0], lo, four[q]);
+        acc[q][1] = _mm512_dpbusd_epi32(acc[q][1], hi, four[q]);
     }
     acc
 }
 
-/// The weights of `w` four at a time as little-endian 32-bit words, the last one zero padded:
-/// word `u` holds positions `4u..4u + 4`. O(w.len()).
-fn weight_words(w: &[i8]) -> Vec<i32> {
-    w.chunks(4)
-        .map(|c| {
-            let mut b = [0u8; 4];
-            for (d, &s) in b.iter_mut().zip(c) {
-                *d = s as u8;
-            }
-            i32::from_le_bytes(b)
-        })
-        .collect()
+/// Weights `4u..4u + 4` of each vector as one 32-bit word in every lane (a broadcast straight
+/// from memory, not through a general register).
+///
+/// # Safety
+/// AVX-512 F; `4u + 4 <= w.len()` for every vector `w`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn four_weights<const Q: usize>(weights: &[&[i8]; Q], u: usize) -> [__m512i; Q] {
+    // SAFETY: 4u + 4 <= w.len() (the caller's contract); unaligned 4-byte loads.
+    std::array::from_fn(|q| unsafe {
+        _mm512_broadcastd_epi32(_mm_loadu_si32(weights[q].as_ptr().add(4 * u) as *const _))
+    })
+}
+
+/// The weights of each vector from position `4 · ⌊len / 4⌋` on (up to three), zero-padded to
+/// one 32-bit word (zero when the length is a multiple of four), in every lane.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn last_weights<const Q: usize>(weights: &[&[i8]; Q]) -> [__m512i; Q] {
+    weights.map(|w| {
+        let mut b = [0u8; 4];
+        for (d, &s) in b.iter_mut().zip(&w[w.len() / 4 * 4..]) {
+            *d = s as u8;
+        }
+        _mm512_set1_epi32(i32::from_le_bytes(b))
+    })
 }
 
 /// An [`IntCodebook`]'s two byte planes in registers: `t[p][q]` holds byte `p` (little endian)
