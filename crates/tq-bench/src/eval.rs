@@ -90,7 +90,7 @@ pub struct BitsResult {
     /// Prod only: the paper's bound `(π/2)·D_mse(b-1)` on `ip_mse_times_d` for unit vectors.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ip_mse_times_d_bound: Option<f64>,
-    /// RMS difference between the fast (u8-table) and exact scores.
+    /// RMS difference between the fast (u8 tables, byte or integer dots) and exact scores.
     pub fast_extra_rmse: f64,
     /// Fraction of queries whose true top-1 inner product is among the estimated top-k.
     pub recall_1_at_k: BTreeMap<String, f64>,

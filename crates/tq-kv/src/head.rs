@@ -13,7 +13,8 @@
 //! `Σ_t p_t ṽ_t` accumulated in the rotated domain of the value quantizer and rotated back once per
 //! query. With [`ScoreMode::Exact`] the result equals attention over the dequantized cache up to
 //! float rounding; [`ScoreMode::Fast`] scores through `u8` tables or, for TurboQuant keys of 5-8
-//! bits, integer dots, and sums TurboQuant values in integers (see tq-quant).
+//! bits, integer dots (4 bits with AVX-512 VBMI and VNNI: byte dots), and sums TurboQuant values
+//! in integers (see tq-quant).
 
 use std::borrow::Cow;
 

@@ -36,7 +36,8 @@ pub struct MseQuantizer {
     /// The calibrated mean subtracted before quantization (`config.centered`).
     mean: Option<Arc<[f32]>>,
     /// The codebook on the integer grid of the fast paths: 5-8-bit keys score through integer
-    /// dots on it (below 5 bits keys scan `u8` tables), values of every width are summed on it.
+    /// dots on it (below 5 bits keys scan `u8` tables or, at 4 bits, take the byte dots),
+    /// values of every width are summed on it.
     grid: Arc<IntCodebook>,
     /// 4 bits: the codebook on the byte grid that keys score through where the CPU runs the
     /// byte dots ([`scan::byte_dots_native`]; else the `u8` tables).
@@ -989,9 +990,11 @@ impl MseBatch {
     }
 
     /// Inner-product estimates `‖x_i‖ · ⟨Π q, c[codes_i]⟩` for every row on the fast path: the
-    /// `u8` tables at 1-4 bits, the integer dots on the codebook's grid at 5-8
-    /// ([`scan::dot_blocks_scores_i16`]; 0.003-0.030 of the quantization error). Parallel on the
-    /// current rayon pool for large batches.
+    /// `u8` tables at 1-4 bits (at 4 bits, where the CPU runs them, the byte dots instead,
+    /// [`scan::dot_blocks_scores_u8`]: 0.08 of the quantization error against the tables' 0.19),
+    /// the integer dots on the codebook's grid at 5-8 ([`scan::dot_blocks_scores_i16`];
+    /// 0.003-0.030 of the quantization error). Parallel on the current rayon pool for large
+    /// batches.
     ///
     /// # Errors
     /// `Core(LengthMismatch)` when `out.len() != len`.

@@ -9,7 +9,8 @@
 //! (16 and 32 entries). Widths 6-8 have no tables, and MSE codes take the same fast path at 5
 //! bits (finer than the 32-entry `u8` tables): it puts the codebook and the
 //! query on integer grids and sums `i16` products ([`tq_core::scan::dot_blocks_scores_i16`]);
-//! the exact path decodes each row.
+//! the exact path decodes each row. At 4 bits, where the CPU runs them natively, MSE codes take
+//! the byte dots instead of the `u8` tables (`BYTE_DOT_BITS`).
 
 use rayon::prelude::*;
 use tq_core::scan::{BLOCK, QuantizedLut};

@@ -32,6 +32,13 @@
 //! ([`accumulate_blocks_multi`], any width) or in integers on the same grid with `i16` weights
 //! ([`accumulate_blocks_i16`], [`IntWeights`], any width).
 //!
+//! At 4 bits a nibble is one code, so a score is also `Σ_n w_n · c[nibble_n]`: [`ByteCodebook`]
+//! puts the 16 centroids on a `u8` grid and the query on `i8` weights ([`ByteQuery`]), and
+//! [`dot_blocks_scores_u8`] sums their products exactly in `i32` (with AVX-512 VBMI and VNNI one
+//! `vpdpbusd` per 64 products and query, the look-ups shared by the queries of a pass:
+//! [`byte_dots_native`]). [`dot_nibbles_i8`] is the same sum with the nibbles themselves as the
+//! values (KIVI's integer levels).
+//!
 //! [`QuantizedLut`] turns float tables into `u8` tables with one shared step `Δ` and a per-table
 //! offset: `score ≈ offset + Δ · Σ u8`. Each entry is rounded to the nearest step, so the error of
 //! one table is at most `Δ/2` and the error of a score over `P` tables has standard deviation
