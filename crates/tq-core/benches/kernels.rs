@@ -175,12 +175,9 @@ fn scan_in_cache(c: &mut Criterion) {
     let rows = 8192;
     let scales = vec![1.0f32; rows];
     let mut scores = vec![vec![0.0f32; rows]; 4];
-    let centroids: Vec<f32> = Codebook::get(128, 4)
-        .expect("codebook")
-        .centroids()
-        .to_vec();
-    let book = scan::ByteCodebook::from_centroids(&centroids);
     for (d, rb) in [(128usize, row_bytes), (64, 32)] {
+        let centroids = Codebook::get(d, 4).expect("codebook").centroids().to_vec();
+        let book = scan::ByteCodebook::from_centroids(&centroids);
         let data: Vec<u8> = (0..rows / scan::BLOCK * scan::block_bytes(rb))
             .map(|_| r.next_u64() as u8)
             .collect();

@@ -35,10 +35,12 @@ use crate::{Error, Result};
 #[serde(rename_all = "lowercase")]
 pub enum ScoreMode {
     /// Keys: `u8` look-up tables and the SIMD scan (TurboQuant keys at 1-4 bits, KIVI keys),
-    /// integer dots on the codebook's grid (TurboQuant keys at 5-8 bits). Values: TurboQuant
+    /// byte dots on a `u8` grid (TurboQuant keys at 4 bits where the CPU has AVX-512 VBMI and
+    /// VNNI), integer dots on the codebook's grid (TurboQuant keys at 5-8 bits). Values: TurboQuant
     /// values summed in integers on the codebook's grid with the weights on `i16` (other values
     /// exactly). The extra error is a fraction of the quantization error: for TurboQuant keys an
-    /// RMS ratio of 0.19 at 4 bits (under 2% more RMS score error), 0.003 / 0.007 / 0.016 /
+    /// RMS ratio of 0.19 at 4 bits (under 2% more RMS score error; 0.08 with the byte dots),
+    /// 0.003 / 0.007 / 0.016 /
     /// 0.030 at 5 / 6 / 7 / 8 bits; for values 0.0001-0.0006 at 1-3 bits, 0.001 / 0.002 / 0.005 /
     /// 0.012 / 0.025 at 4-8 bits.
     #[default]

@@ -411,8 +411,8 @@ impl MseQuantizer {
     /// Prepares a query for scoring: rotates it once, builds its look-up tables (1-5 bits; at 5
     /// bits the exact path's only), its `i16` weights on the codebook's integer grid (5-8 bits,
     /// the fast path) and, at 4 bits where the CPU runs the byte dots
-    /// ([`scan::byte_dots_native`]), its `i8` weights on the byte grid (the fast path there). O(d log d + 2^b·d) at 3 and 5 bits, O(d log d + 16·d) at 1, 2 and 4,
-    /// O(d log d) at 6-8.
+    /// ([`scan::byte_dots_native`]), its `i8` weights on the byte grid (the fast path there).
+    /// O(d log d + 2^b·d) at 3 and 5 bits, O(d log d + 16·d) at 1, 2 and 4, O(d log d) at 6-8.
     ///
     /// # Errors
     /// [`Error::DimMismatch`], [`Error::NonFinite`]; [`Error::ValueOutOfRange`] for a value of
@@ -456,8 +456,9 @@ impl MseQuantizer {
     }
 }
 
-/// A query prepared for one [`MseQuantizer`]: the rotated query, its look-up tables (1-5 bits)
-/// and its integer weights (5-8 bits).
+/// A query prepared for one [`MseQuantizer`]: the rotated query, its look-up tables (1-5 bits),
+/// its byte weights (4 bits, where the CPU runs the byte dots) and its integer weights (5-8
+/// bits).
 #[derive(Debug, Clone)]
 pub struct MseQuery {
     rotated: Vec<f32>,
@@ -519,7 +520,8 @@ impl MseQuery {
     }
 
     /// Unit-scale dots of block `b` (`out.len() <= 32` rows) on the fast path: through the `u8`
-    /// tables (1-4 bits) or the integer dots on the codebook's grid (5-8 bits), else exact.
+    /// tables (1-4 bits), the byte dots (4 bits, where the CPU runs them) or the integer dots on
+    /// the codebook's grid (5-8 bits), else exact.
     pub(crate) fn block_dots_fast(&self, rows: &PackedRows, b: usize, bits: u32, out: &mut [f32]) {
         let ones = [1.0f32; BLOCK];
         let (rb, ones) = (rows.row_bytes(), &ones[..out.len()]);
@@ -1004,10 +1006,12 @@ impl MseBatch {
 
     /// [`MseBatch::score_into`] for several queries (`outs[i]` for `queries[i]`): on a batch
     /// scanned on this thread, 1-, 2- and 4-bit tables score in pairs, or threes with AVX-512 VL
-    /// (each block read once per group, [`scan::scan_blocks_scores_multi`]) and 5-8-bit queries
-    /// on one integer grid in groups of three (each code cut out and looked up once per group,
-    /// [`scan::dot_blocks_scores_i16_multi`]); else one query at a time (the integer dots give
-    /// [`MseBatch::score_into`]'s bits). O(queries · n).
+    /// (each block read once per group, [`scan::scan_blocks_scores_multi`]), 4-bit queries on one
+    /// byte grid in groups of three (each block's nibbles looked up once per group,
+    /// [`scan::dot_blocks_scores_u8`]) and 5-8-bit queries on one integer grid in groups of three
+    /// (each code cut out and looked up once per group, [`scan::dot_blocks_scores_i16_multi`]);
+    /// else one query at a time (the byte and integer dots give [`MseBatch::score_into`]'s bits).
+    /// O(queries · n).
     ///
     /// # Errors
     /// `Core(LengthMismatch)` when `outs.len() != queries.len()` or any `out.len() != len`.
@@ -1121,8 +1125,8 @@ impl MseBatch {
         self.score_blocks(query, out, false)
     }
 
-    /// Scores every row through the fast (`u8`) or exact (`f32`) tables: unit dots times the
-    /// stored scale, plus the query's mean offset.
+    /// Scores every row through the fast path (`u8` tables, byte or integer dots) or the exact
+    /// (`f32`) one: unit dots times the stored scale, plus the query's mean offset.
     fn score_blocks(&self, query: &MseQuery, out: &mut [f32], fast: bool) -> Result<()> {
         self.check_out(out)?;
         match (&query.int, &query.bytes, &query.tables, fast) {

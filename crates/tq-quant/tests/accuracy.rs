@@ -257,9 +257,9 @@ fn mse_one_bit_shrinks_by_two_over_pi() {
 /// Scores query `qi` into `(fast, exact)`.
 type Scorer<'a> = dyn Fn(usize, &mut [f32], &mut [f32]) + 'a;
 
-/// The u8 tables of the fast path add error; it must stay at most 1/5 of the quantization error
-/// (root mean square over all query/row pairs) up to 4 bits; the integer dots of 5-8 bits at
-/// most 0.06.
+/// The u8 tables of the fast path (or at 4 bits, on CPUs with AVX-512 VBMI and VNNI, the byte
+/// dots) add error; it must stay at most 1/5 of the quantization error (root mean square over
+/// all query/row pairs) up to 4 bits; the integer dots of 5-8 bits at most 0.06.
 #[test]
 fn fast_path_error_is_a_fifth_of_quantization_error_or_less() {
     let d = 128;
@@ -298,7 +298,8 @@ fn fast_path_error_is_a_fifth_of_quantization_error_or_less() {
         });
         // The u8 step is a fixed share of the widest table's range while the quantization error
         // halves with each bit, so the ratio grows about 2.3x per bit (measured with seed 1:
-        // 0.009, 0.029, 0.076, 0.188 for 1-4 bits; 5-bit u8 tables measured 0.432). Widths 5-8
+        // 0.009, 0.029, 0.076, 0.188 for 1-4 bits; 5-bit u8 tables measured 0.432; the 4-bit
+        // byte dots, which round the query and the codebook separately, 0.081). Widths 5-8
         // take the integer dots instead (a 14-bit codebook grid, ~11-bit query weights: 0.003,
         // 0.007, 0.016, 0.030 for 5-8 bits, about 0.05% of the RMS error at 8 bits); the bound
         // leaves 2x.

@@ -562,7 +562,8 @@ pub(super) unsafe fn dot_nibbles_i8_vbmi<const Q: usize>(
 /// between two accumulators so the additions of one job do not wait on each other. A block's
 /// sums become its scores in registers (`scale · (offset + step · S) + bias`, separate
 /// multiplies and adds as the scalar twin). Missing positions of a last load look up entry 0
-/// but meet zero weights; the last block's empty rows are neither read nor written.
+/// but meet zero weights; the last block's empty rows are computed from their codes, but their
+/// scales are not read and their outputs not written.
 ///
 /// # Safety
 /// The CPU supports AVX2, AVX-512 F, BW, VBMI and VNNI; `block_bytes` is a multiple of 32 with

@@ -1342,7 +1342,8 @@ pub fn byte_dots_native() -> bool {
 /// the same bits. O(rows · row_bytes · jobs).
 ///
 /// # Panics
-/// Before any memory is read, unless `1 <= row_bytes <= 32 768` (so no sum overflows),
+/// Before any memory is read, for each job, unless `1 <= row_bytes <= 32 768` (so no sum
+/// overflows),
 /// `blocks.len() == scales.len().div_ceil(32) · 32 · row_bytes`, and every job has `2 ·
 /// row_bytes` weights and `scales.len()` outputs.
 pub fn dot_blocks_scores_u8(
@@ -1652,8 +1653,8 @@ fn check_accumulate(
 /// AVX-512 F and VL give the fused score kernel 32 registers (three queries per pass),
 /// `+avx512vbmi` where AVX-512 F, BW and VBMI decode 5-8-bit values and 6-8-bit exact key dots by
 /// byte permutes, and `+avx512vnni` where AVX-512 F, VL and VNNI run the nibble dot products
-/// (with VBMI, each row's nibbles gathered by one `vpermb` per four positions; with BW, the 4-bit
-/// integer value sums; with VBMI and GFNI too, the 5-8-bit integer key dots
+/// (with VBMI, each row's nibbles gathered by one `vpermb` per four positions, and the byte dots
+/// of 4-bit keys; with BW, the 4-bit integer value sums; with VBMI and GFNI too, the 5-8-bit integer key dots
 /// and the other widths' integer value sums; all off with `TQ_NO_AVX512=1`); `"scalar"`
 /// otherwise (the portable twins). O(1) after the first call.
 pub fn kernel_isa() -> &'static str {

@@ -552,7 +552,8 @@ impl ByteCodebook {
     /// A query `q` (one value per coordinate, 4-bit codes: one coordinate per nibble position)
     /// on this grid for rows of `positions` nibbles: `Σ_j q_j · c[k_j] ≈ offset + step · Σ_n w_n
     /// · values[k_n]`. The weights share the step `s = max|q| / 127` (1 when `q` is zero), so
-    /// each `w_j · s` is within `s / 2` of `q_j` and `|w_j| <= 127`; a row's sum is then exact
+    /// each `w_j · s` is within `s / 2` of `q_j` (rounded to nearest, ties to even, on every CPU)
+    /// and `|w_j| <= 127`; a row's sum is then exact
     /// in `i32` for up to 65 536 positions (`127 · 255` per position). O(positions).
     ///
     /// # Panics
@@ -569,9 +570,14 @@ impl ByteCodebook {
         } else {
             1.0
         };
+        // Adding 1.5 · 2^52 rounds to the nearest integer, ties to even, in plain arithmetic
+        // (`f64::round` is a libm call per value without SSE4.1).
+        const ROUND64: f64 = 6_755_399_441_055_744.0;
+        let inv = 1.0 / s;
         let mut weights = vec![0i8; positions];
         for (w, &x) in weights.iter_mut().zip(q) {
-            *w = (f64::from(x) / s).round().clamp(-127.0, 127.0) as i8;
+            let v = (f64::from(x) * inv).clamp(-127.0, 127.0);
+            *w = ((v + ROUND64) - ROUND64) as i8;
         }
         let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
         let unit = s * f64::from(self.step);

@@ -1884,8 +1884,9 @@ fn nibble_weights_refuse_scales_of_another_length() {
 
 /// The byte dots of 4-bit codes give their scalar twin's scores bit for bit and an independent
 /// read-back of every row, for one to four jobs per call (one and two passes), over row widths
-/// whose last unit holds one to three positions, partial last blocks and weights at `±127`
-/// against the grid's extreme entries (the largest sums the kernel can meet).
+/// whose last unit holds two positions or four, partial last blocks and weights at `±127`; and
+/// at the widest rows the kernel takes (32 768 bytes) with every code on the grid's largest
+/// entry and every weight at -128, the largest sum magnitude it can meet.
 #[test]
 fn byte_dots_equal_the_scalar_twin_and_the_rows() {
     let mut r = SeededRng::new(52, stream::DATA);
@@ -1957,6 +1958,34 @@ fn byte_dots_equal_the_scalar_twin_and_the_rows() {
             }
         }
     }
+    let row_bytes = 1 << 15;
+    let blocks = vec![0xFFu8; block_bytes(row_bytes)];
+    let weights = vec![-128i8; 2 * row_bytes];
+    let (scales, affine) = (
+        vec![1.0f32; BLOCK],
+        Affine {
+            offset: 0.0,
+            step: 1.0,
+            bias: 0.0,
+        },
+    );
+    let (mut got, mut twin) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
+    let mut jobs = [ByteJob {
+        weights: &weights,
+        affine,
+        out: &mut got,
+    }];
+    dot_blocks_scores_u8(&blocks, row_bytes, &book, &scales, &mut jobs);
+    dot_blocks_scores_u8_scalar(
+        &blocks, row_bytes, &book, &weights, affine, &scales, &mut twin,
+    );
+    let want = (-128i64 * 255 * 2 * row_bytes as i64) as f32;
+    assert!(
+        got.iter().chain(&twin).all(|&v| v == want),
+        "{} {} {want}",
+        got[0],
+        twin[0]
+    );
 }
 
 /// A query on the byte grid scores within the bound its two roundings allow: the query's
