@@ -473,7 +473,9 @@ pub(super) unsafe fn dot_nibbles_i8_vnni<const Q: usize>(
 
 /// `vpermb` indices putting four nibble positions' bytes of one row side by side: byte `4k + c`
 /// of the result is byte `k` of 128-bit lane `c` (position `c`), so 32-bit lane `k` holds the
-/// four positions' nibbles of rows `k` (low halves) and `k + 16` (high halves).
+/// four positions' nibbles of rows `k` (low halves) and `k + 16` (high halves). The same
+/// permutation puts [`unit_codes`]' order (coordinate `c`'s row `r` at byte `16c + r`) in
+/// row-major order (row `r`'s four codes in bytes `4r..4r + 4`) for the integer key dots.
 const ROW_QUADS: [u8; 64] = {
     let mut idx = [0u8; 64];
     let mut o = 0;
@@ -769,20 +771,8 @@ pub(super) unsafe fn dot_block_i16_x86<const Q: usize>(
     }
 }
 
-/// `vpermb` indices from [`unit_codes`]' order (coordinate `c`'s row `r` at byte `16c + r`) to
-/// row-major order: row `r`'s four codes in bytes `4r..4r + 4`.
-const ROW_MAJOR: [u8; 64] = {
-    let mut idx = [0u8; 64];
-    let mut o = 0;
-    while o < 64 {
-        idx[o] = (16 * (o % 4) + o / 4) as u8;
-        o += 1;
-    }
-    idx
-};
-
 /// `vpermt2d` indices gathering 16 rows' sums in order from two registers of pair sums: after
-/// [`ROW_MAJOR`], the look-up and the byte interleaves, the first register holds rows `4L` and
+/// [`ROW_QUADS`], the look-up and the byte interleaves, the first register holds rows `4L` and
 /// `4L + 1` of each 128-bit lane `L` and the second rows `4L + 2` and `4L + 3`, each row's sum
 /// (once its two 32-bit halves are added) in the low half of its own 64-bit word.
 const ROW_SUMS: [i32; 16] = {
@@ -818,7 +808,7 @@ unsafe fn dot_block_i16_vnni<const B: usize, const Q: usize>(
     // SAFETY (both): 64-byte constants.
     let (row_major, row_sums) = unsafe {
         (
-            _mm512_loadu_si512(ROW_MAJOR.as_ptr() as *const _),
+            _mm512_loadu_si512(ROW_QUADS.as_ptr() as *const _),
             _mm512_loadu_si512(ROW_SUMS.as_ptr() as *const _),
         )
     };
