@@ -81,6 +81,12 @@ fn report(args: &[&str]) -> serde_json::Value {
 fn every_report_field_is_documented_in_its_section() {
     let glove = "fixtures/glove-2k.npy";
     let tiny = "fixtures/tiny-llama";
+    let attention = |flag: &'static str, value: &'static str| {
+        let args = [
+            "--tokens", "64", "--dim", "64", flag, value, "--budget", "0.01",
+        ];
+        ("attention", [&["attention"][..], &args].concat())
+    };
     let runs: Vec<(&str, Vec<&str>)> = vec![
         (
             "vectors",
@@ -117,34 +123,9 @@ fn every_report_field_is_documented_in_its_section() {
             ],
         ),
         ("trace", vec!["trace", "--quick", "--key-bits", "3,2.5"]),
-        (
-            "attention",
-            vec![
-                "attention",
-                "--tokens",
-                "64",
-                "--dim",
-                "64",
-                "--bits",
-                "2",
-                "--budget",
-                "0.01",
-            ],
-        ),
-        (
-            "attention",
-            vec![
-                "attention",
-                "--tokens",
-                "64",
-                "--dim",
-                "64",
-                "--config",
-                "recommended",
-                "--budget",
-                "0.01",
-            ],
-        ),
+        // A grid of bit widths and a named configuration.
+        attention("--bits", "2"),
+        attention("--config", "recommended"),
         (
             "search",
             vec![

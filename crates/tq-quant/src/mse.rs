@@ -1020,7 +1020,7 @@ impl MseBatch {
         for o in outs.iter() {
             self.check_out(o)?;
         }
-        if let Some(book) = self.shared_grid(queries) {
+        if let Some(book) = self.shared_book(queries, |q| q.int.as_ref().map(|(b, _)| b)) {
             // 5-8 bits: the codes cut out and looked up once per group of three queries.
             let rb = self.codes.row_bytes();
             let (blocks, scales) = self.chunk(0, self.len());
@@ -1044,7 +1044,7 @@ impl MseBatch {
             scan::dot_blocks_scores_i16_multi(blocks, rb, bits, book, &scales, &mut jobs);
             return Ok(());
         }
-        if let Some(book) = self.shared_bytes(queries) {
+        if let Some(book) = self.shared_book(queries, |q| q.bytes.as_ref().map(|(b, _)| b)) {
             // 4 bits: each unit of nibbles looked up once per group of three queries.
             let rb = self.codes.row_bytes();
             let (blocks, scales) = self.chunk(0, self.len());
@@ -1091,29 +1091,19 @@ impl MseBatch {
         Ok(())
     }
 
-    /// The integer grid every query in `queries` (at least one) is weighted on, when they share
-    /// one and the batch is scanned on this thread: then [`MseBatch::score_many_into`] scores
-    /// them in groups ([`scan::dot_blocks_scores_i16_multi`]).
-    fn shared_grid<'q>(&self, queries: &[&'q MseQuery]) -> Option<&'q IntCodebook> {
-        let (first, _) = queries.first()?.int.as_ref()?;
-        let shared = queries.iter().all(|q| {
-            q.int
-                .as_ref()
-                .is_some_and(|(book, _)| Arc::ptr_eq(book, first))
-        });
-        (shared && !score::split_rows(self.len())).then_some(&**first)
-    }
-
-    /// The byte grid every query in `queries` (at least one) is weighted on, when they share one
-    /// and the batch is scanned on this thread: then [`MseBatch::score_many_into`] scores them in
-    /// groups ([`scan::dot_blocks_scores_u8`]).
-    fn shared_bytes<'q>(&self, queries: &[&'q MseQuery]) -> Option<&'q ByteCodebook> {
-        let (first, _) = queries.first()?.bytes.as_ref()?;
-        let shared = queries.iter().all(|q| {
-            q.bytes
-                .as_ref()
-                .is_some_and(|(book, _)| Arc::ptr_eq(book, first))
-        });
+    /// The grid (`book` of a query: its integer or its byte grid) every query in `queries` (at
+    /// least one) is weighted on, when they share one and the batch is scanned on this thread:
+    /// then [`MseBatch::score_many_into`] scores them in groups
+    /// ([`scan::dot_blocks_scores_i16_multi`], [`scan::dot_blocks_scores_u8`]).
+    fn shared_book<'q, B>(
+        &self,
+        queries: &[&'q MseQuery],
+        book: impl Fn(&'q MseQuery) -> Option<&'q Arc<B>>,
+    ) -> Option<&'q B> {
+        let first = book(queries.first()?)?;
+        let shared = queries
+            .iter()
+            .all(|q| book(q).is_some_and(|b| Arc::ptr_eq(b, first)));
         (shared && !score::split_rows(self.len())).then_some(&**first)
     }
 

@@ -507,51 +507,21 @@ pub(super) unsafe fn dot_nibbles_i8_vbmi<const Q: usize>(
     // SAFETY: `ROW_QUADS` has 64 bytes.
     let idx = unsafe { _mm512_loadu_si512(ROW_QUADS.as_ptr() as *const _) };
     let mask = _mm512_set1_epi8(0x0F);
-    let zero = _mm512_setzero_si512();
-    let (mut even, mut odd) = ([[zero; 2]; Q], [[zero; 2]; Q]);
-    let full = positions / 4;
-    if Q == 1 {
-        // Even and odd units in separate accumulators, so one vector's additions do not wait on
-        // each other (alone, it was bound by `vpdpbusd`'s latency; with more vectors the extra
-        // registers measured slower).
-        let mut u = 0;
-        while u + 1 < full {
-            // SAFETY (all): units u and u + 1 are whole (`u + 1 < full`): positions 4u..4u + 8
-            // lie in the block and in every weight vector.
-            even = unsafe {
-                nibble_unit::<Q, false>(block, u, idx, mask, four_weights(&weights, u), even)
-            };
-            let w = unsafe { four_weights(&weights, u + 1) };
-            odd = unsafe { nibble_unit::<Q, false>(block, u + 1, idx, mask, w, odd) };
-            u += 2;
-        }
-        if u < full {
-            // SAFETY: unit u is whole (`u < full`).
-            even = unsafe {
-                nibble_unit::<Q, false>(block, u, idx, mask, four_weights(&weights, u), even)
-            };
-        }
+    // A lone vector alternates two accumulators (it was bound by `vpdpbusd`'s latency); with
+    // more vectors the extra registers measured slower for these per-block calls.
+    let last = if positions.is_multiple_of(4) {
+        [_mm512_setzero_si512(); Q]
     } else {
-        for u in 0..full {
-            // SAFETY: unit u is whole (`u < full`).
-            even = unsafe {
-                nibble_unit::<Q, false>(block, u, idx, mask, four_weights(&weights, u), even)
-            };
-        }
-    }
-    if 4 * full < positions {
-        // The last unit's one to three positions, the weights zero-padded to a word.
-        // SAFETY: position 4 · full lies in the block (`4 · full < positions`).
-        even = unsafe {
-            nibble_unit::<Q, false>(block, full, idx, mask, last_weights(&weights), even)
-        };
-    }
+        last_weights(&weights)
+    };
+    // SAFETY: the weight vectors hold `positions` entries (the caller's contract).
+    let sums = unsafe { block_units::<Q, false>(block, idx, mask, &weights, last, Q == 1) };
     for q in 0..Q {
         // SAFETY: `outs[q]` holds 32 i32: rows 0-15, then 16-31.
         unsafe {
             let o = outs[q].as_mut_ptr();
-            _mm512_storeu_si512(o as *mut _, _mm512_add_epi32(even[q][0], odd[q][0]));
-            _mm512_storeu_si512(o.add(16) as *mut _, _mm512_add_epi32(even[q][1], odd[q][1]));
+            _mm512_storeu_si512(o as *mut _, sums[q][0]);
+            _mm512_storeu_si512(o.add(16) as *mut _, sums[q][1]);
         }
     }
 }
@@ -579,7 +549,6 @@ pub(super) unsafe fn dot_blocks_u8_vbmi<const Q: usize>(
     scales: &[f32],
     jobs: &mut [super::ByteJob<'_>; Q],
 ) {
-    let positions = block_bytes / 16;
     let table: [u8; 64] = std::array::from_fn(|i| values[i % 16]);
     // SAFETY (both): 64-byte arrays.
     let (idx, table) = unsafe {
@@ -588,33 +557,12 @@ pub(super) unsafe fn dot_blocks_u8_vbmi<const Q: usize>(
             _mm512_loadu_si512(table.as_ptr() as *const _),
         )
     };
-    let zero = _mm512_setzero_si512();
     let weights: [&[i8]; Q] = std::array::from_fn(|q| jobs[q].weights);
     let last = last_weights(&weights);
     let rows = scales.len();
-    let full = positions / 4;
     for (b, block) in blocks.chunks_exact(block_bytes).enumerate() {
-        // even[q] / odd[q]: job q's sums of even / odd units, rows 0-15 and 16-31.
-        let (mut even, mut odd) = ([[zero; 2]; Q], [[zero; 2]; Q]);
-        let mut u = 0;
-        while u + 1 < full {
-            // SAFETY (all): units u and u + 1 are whole (`u + 1 < full`): positions 4u..4u + 8
-            // lie in the block and in every weight vector.
-            let w = unsafe { four_weights(&weights, u) };
-            even = unsafe { nibble_unit::<Q, true>(block, u, idx, table, w, even) };
-            let w = unsafe { four_weights(&weights, u + 1) };
-            odd = unsafe { nibble_unit::<Q, true>(block, u + 1, idx, table, w, odd) };
-            u += 2;
-        }
-        if u < full {
-            // SAFETY: unit u is whole (`u < full`).
-            let w = unsafe { four_weights(&weights, u) };
-            even = unsafe { nibble_unit::<Q, true>(block, u, idx, table, w, even) };
-        }
-        if 4 * full < positions {
-            // SAFETY: position 4 · full lies in the block (`4 · full < positions`).
-            odd = unsafe { nibble_unit::<Q, true>(block, full, idx, table, last, odd) };
-        }
+        // SAFETY: every job's weights hold `block_bytes / 16` entries (the caller's contract).
+        let sums = unsafe { block_units::<Q, true>(block, idx, table, &weights, last, true) };
         for h in 0..2 {
             let first = BLOCK * b + 16 * h;
             let n = rows.saturating_sub(first).min(16);
@@ -624,9 +572,8 @@ pub(super) unsafe fn dot_blocks_u8_vbmi<const Q: usize>(
             let mask = ((1u32 << n) - 1) as __mmask16;
             // SAFETY: rows first..first + n are below `scales.len()`.
             let s = unsafe { _mm512_maskz_loadu_ps(mask, scales.as_ptr().add(first)) };
-            for q in 0..Q {
-                let job = &mut jobs[q];
-                let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(even[q][h], odd[q][h]));
+            for (job, sum) in jobs.iter_mut().zip(&sums) {
+                let sum = _mm512_cvtepi32_ps(sum[h]);
                 let a = job.affine;
                 let dot = _mm512_add_ps(
                     _mm512_set1_ps(a.offset),
@@ -638,6 +585,58 @@ pub(super) unsafe fn dot_blocks_u8_vbmi<const Q: usize>(
             }
         }
     }
+}
+
+/// A block's sums over all its units for each of the `Q` weight vectors (rows 0-15 and 16-31):
+/// the whole units by [`nibble_unit`] (with `split`, even and odd units in two accumulators
+/// added at the end, so one vector's additions do not wait on each other), the last one to three
+/// positions with `last` (each vector's zero-padded last word, [`last_weights`]).
+///
+/// # Safety
+/// AVX-512 F, BW, VBMI and VNNI; `block.len()` is a multiple of 16 and every weight vector has
+/// `block.len() / 16` entries.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+unsafe fn block_units<const Q: usize, const LOOK_UP: bool>(
+    block: &[u8],
+    idx: __m512i,
+    table: __m512i,
+    weights: &[&[i8]; Q],
+    last: [__m512i; Q],
+    split: bool,
+) -> [[__m512i; 2]; Q] {
+    let positions = block.len() / 16;
+    let full = positions / 4;
+    let zero = _mm512_setzero_si512();
+    let (mut even, mut odd) = ([[zero; 2]; Q], [[zero; 2]; Q]);
+    let mut u = 0;
+    if split {
+        while u + 1 < full {
+            // SAFETY (all): units u and u + 1 are whole (`u + 1 < full`): positions 4u..4u + 8
+            // lie in the block and in every weight vector.
+            let w = unsafe { four_weights(weights, u) };
+            even = unsafe { nibble_unit::<Q, LOOK_UP>(block, u, idx, table, w, even) };
+            let w = unsafe { four_weights(weights, u + 1) };
+            odd = unsafe { nibble_unit::<Q, LOOK_UP>(block, u + 1, idx, table, w, odd) };
+            u += 2;
+        }
+    }
+    while u < full {
+        // SAFETY: unit u is whole (`u < full`).
+        let w = unsafe { four_weights(weights, u) };
+        even = unsafe { nibble_unit::<Q, LOOK_UP>(block, u, idx, table, w, even) };
+        u += 1;
+    }
+    if 4 * full < positions {
+        // SAFETY: position 4 · full lies in the block (`4 · full < positions`).
+        odd = unsafe { nibble_unit::<Q, LOOK_UP>(block, full, idx, table, last, odd) };
+    }
+    std::array::from_fn(|q| {
+        [
+            _mm512_add_epi32(even[q][0], odd[q][0]),
+            _mm512_add_epi32(even[q][1], odd[q][1]),
+        ]
+    })
 }
 
 /// `acc` plus unit `u`'s products for each of the `Q` weight vectors: the 128 nibbles at

@@ -2053,9 +2053,13 @@ fn byte_query_dots_stay_within_their_rounding_bound() {
                         + sq * sc / 4.0
                 })
                 .sum();
-            // The f32 conversion of the sum and the affine's roundings: a few ulps of the
-            // terms' magnitude.
-            let slack = 1e-5 * (exact.abs() + bound + f64::from(bq.offset.abs()));
+            // The float arithmetic on top: the sum is exact in f32 (below 2^24 here), the offset
+            // and the step are rounded once from f64 (half an ulp each: 2^-24 of |offset| and of
+            // |step · S|), the product and the sum once each (2^-24 of |step · S| and of the
+            // result); |step · S| <= |offset| + |result| and |result| <= |exact| + bound, so
+            // 4 · 2^-24 · (|offset| + |exact| + bound) covers them, doubled here.
+            let slack = 8.0 * f64::from(f32::EPSILON) / 2.0
+                * (f64::from(bq.offset.abs()) + exact.abs() + bound);
             let err = (f64::from(out[i]) - exact).abs();
             assert!(
                 err <= bound + slack,
