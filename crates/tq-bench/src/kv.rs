@@ -296,6 +296,8 @@ pub struct AttentionRow {
     pub heads: usize,
     pub kv_heads: usize,
     pub dim: usize,
+    /// Independent caches the timed steps cycle through (`--layers`), each step reading one.
+    pub layers: usize,
     /// Worker threads of this row.
     pub threads: usize,
     /// One decode step (one query per head) with the f32 baseline (median over timing rounds).
@@ -422,20 +424,35 @@ fn time_interleaved(budget: f64, fs: &mut [&mut dyn FnMut() -> Result<()>]) -> R
         .collect())
 }
 
+/// One layer of the `attention` workload: a quantized cache and the dense baselines of the same
+/// generated tokens.
+struct AttentionLayer {
+    cache: MultiHeadCache,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    keys16: Vec<u16>,
+    values16: Vec<u16>,
+}
+
 /// Decode-step attention over `tokens` random cached tokens for `heads` query heads sharing
 /// `kv_heads` kv heads, each head's cache configured by `cfg` (its dimension, precisions,
-/// strategies and seed).
+/// strategies and seed). With `layers > 1` each cache (quantized, f32, f16) has that many
+/// independent copies of its own generated tokens and the timed steps cycle through them, as a
+/// decoder's layers do: once the copies outgrow the CPU's last-level cache, every step reads its
+/// cache from memory. The row's times are per step (one layer). Layer 0 holds the tokens a
+/// one-layer run generates.
 pub fn eval_attention(
     cfg: &HeadConfig,
     tokens: usize,
     heads: usize,
     kv_heads: usize,
+    layers: usize,
     budget: f64,
 ) -> Result<AttentionRow> {
     let (dim, seed) = (cfg.head_dim, cfg.seed);
     ensure!(
-        tokens > 0 && heads > 0 && kv_heads > 0,
-        "tokens and heads must be positive"
+        tokens > 0 && heads > 0 && kv_heads > 0 && layers > 0,
+        "tokens, heads and layers must be positive"
     );
     ensure!(
         heads.is_multiple_of(kv_heads),
@@ -444,45 +461,65 @@ pub fn eval_attention(
     let group = heads / kv_heads;
     let mut r = SeededRng::new(seed, stream::DATA);
     let n = kv_heads * tokens * dim;
-    let keys: Vec<f32> = (0..n).map(|_| r.gaussian() as f32).collect();
-    let values: Vec<f32> = (0..n).map(|_| r.gaussian() as f32).collect();
-    let queries: Vec<f32> = (0..heads * dim).map(|_| r.gaussian() as f32).collect();
-    // One calibration per kv head (the caches hold kv heads; query heads share them).
-    let outliers = (0..kv_heads)
-        .map(|h| {
-            let rows = h * tokens * dim..(h + 1) * tokens * dim;
-            HeadCalibration::from_samples(
-                cfg,
-                &keys[rows.clone()],
-                &values[rows],
-                &OutlierChoice::Auto,
-            )
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let mut cache = MultiHeadCache::new(heads, kv_heads, cfg, &outliers)?;
-    cache.append(&keys, &values)?;
-    let mut out = vec![0.0f32; heads * dim];
-    let (keys16, values16) = (
-        keys.iter()
-            .map(|&x| f16::from_f32(x).to_bits())
-            .collect::<Vec<_>>(),
-        values
-            .iter()
-            .map(|&x| f16::from_f32(x).to_bits())
-            .collect::<Vec<_>>(),
+    let mut queries = Vec::new();
+    let mut built = Vec::with_capacity(layers);
+    for layer in 0..layers {
+        let keys: Vec<f32> = (0..n).map(|_| r.gaussian() as f32).collect();
+        let values: Vec<f32> = (0..n).map(|_| r.gaussian() as f32).collect();
+        if layer == 0 {
+            queries = (0..heads * dim).map(|_| r.gaussian() as f32).collect();
+        }
+        // One calibration per kv head (the caches hold kv heads; query heads share them).
+        let outliers = (0..kv_heads)
+            .map(|h| {
+                let rows = h * tokens * dim..(h + 1) * tokens * dim;
+                HeadCalibration::from_samples(
+                    cfg,
+                    &keys[rows.clone()],
+                    &values[rows],
+                    &OutlierChoice::Auto,
+                )
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut cache = MultiHeadCache::new(heads, kv_heads, cfg, &outliers)?;
+        cache.append(&keys, &values)?;
+        let half =
+            |x: &[f32]| -> Vec<u16> { x.iter().map(|&x| f16::from_f32(x).to_bits()).collect() };
+        built.push(AttentionLayer {
+            cache,
+            keys16: half(&keys),
+            values16: half(&values),
+            keys,
+            values,
+        });
+    }
+    let layers = built;
+    let (mut out, mut f32_out, mut f16_out) = (
+        vec![0.0f32; heads * dim],
+        vec![0.0f32; heads * dim],
+        vec![0.0f32; heads * dim],
     );
-    let (mut f32_out, mut f16_out) = (vec![0.0f32; heads * dim], vec![0.0f32; heads * dim]);
-    let mut quantized = || Ok(cache.attend(&queries, &mut out)?);
+    // Each closure steps through the layers in turn.
+    fn next<'a>(layers: &'a [AttentionLayer], at: &mut usize) -> &'a AttentionLayer {
+        let l = &layers[*at];
+        *at = (*at + 1) % layers.len();
+        l
+    }
+    let (mut at_q, mut at_32, mut at_16) = (0, 0, 0);
+    let mut quantized = || Ok(next(&layers, &mut at_q).cache.attend(&queries, &mut out)?);
     let mut f32_run = || {
-        dense_step(&queries, &keys, &values, dim, group, &mut f32_out);
+        let l = next(&layers, &mut at_32);
+        dense_step(&queries, &l.keys, &l.values, dim, group, &mut f32_out);
         Ok(())
     };
     let mut f16_run = || {
-        dense_step(&queries, &keys16, &values16, dim, group, &mut f16_out);
+        let l = next(&layers, &mut at_16);
+        dense_step(&queries, &l.keys16, &l.values16, dim, group, &mut f16_out);
         Ok(())
     };
     let times = time_interleaved(budget, &mut [&mut quantized, &mut f32_run, &mut f16_run])?;
     let (quantized, f32_time, f16_time) = (times[0], times[1], times[2]);
+    let cache = &layers[0].cache;
     Ok(AttentionRow {
         config: None,
         tokens,
@@ -495,6 +532,7 @@ pub fn eval_attention(
         heads,
         kv_heads,
         dim,
+        layers: layers.len(),
         threads: rayon::current_num_threads(),
         f32_seconds_per_query: f32_time,
         f16_seconds_per_query: f16_time,

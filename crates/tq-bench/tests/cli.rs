@@ -468,6 +468,7 @@ fn trace_errors_are_one_line() {
         vec!["trace", "--key-bits", "9"],
         vec!["trace", "--split", "1,x"],
         vec!["attention", "--bits", "0"],
+        vec!["attention", "--layers", "0", "--tokens", "10"],
     ] {
         let out = bench(&args);
         assert_ne!(out.status.code(), Some(0), "{args:?}");
@@ -541,6 +542,28 @@ fn attention_reports_speed_and_memory() {
         assert!(row["cache_bytes"].as_u64().unwrap() * 3 < row["f16_bytes"].as_u64().unwrap());
     }
     assert_eq!(rows[0]["cache_bytes"], 2 * 256 * 2 * (32 + 4));
+    assert_eq!(rows[0]["layers"], 1);
+    // Cycling through three layers' caches: the same shape per step, one layer's memory.
+    let cycled = json(&bench(&[
+        "attention",
+        "--tokens",
+        "256",
+        "--bits",
+        "4",
+        "--dim",
+        "64",
+        "--heads",
+        "2",
+        "--layers",
+        "3",
+        "--budget",
+        "0.01",
+        "--json",
+    ]));
+    let row = &cycled["results"][0];
+    assert_eq!(row["layers"], 3);
+    assert_eq!(row["cache_bytes"], rows[0]["cache_bytes"]);
+    assert!(row["quantized_seconds_per_query"].as_f64().unwrap() > 0.0);
     // Grouped-query: 4 query heads on 2 kv heads store 2 heads' worth.
     let r = json(&bench(&[
         "attention",
