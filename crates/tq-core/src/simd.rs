@@ -400,16 +400,28 @@ pub fn softmax_in_place(x: &mut [f32], scale: f32) {
     if x.is_empty() {
         return;
     }
+    let sum = softmax_numerators(x, scale);
+    scale_in_place(x, 1.0 / sum);
+}
+
+/// The first two passes of [`softmax_in_place`]: `x_i ← exp(scale · x_i − scale · m)` (`m` the
+/// largest `x_i`), returning their sum `Σ`, so the softmax is `x_i / Σ`. For callers that
+/// divide a weighted sum by `Σ` once instead of every weight (attention). The largest score
+/// gives about 1, so `Σ >= 1` less a few ulp for non-empty input; an empty slice gives 0.
+/// NaN-free input. O(n).
+pub fn softmax_numerators(x: &mut [f32], scale: f32) -> f32 {
+    if x.is_empty() {
+        return 0.0;
+    }
     let m = max(x);
     let shift = scale * m;
-    let sum = if scale > 0.0 && scale.is_finite() && shift.is_finite() {
+    if scale > 0.0 && scale.is_finite() && shift.is_finite() {
         exp_affine_sum(x, scale, shift)
     } else {
         scale_in_place(x, scale);
         let m = max(x);
         exp_affine_sum(x, 1.0, m)
-    };
-    scale_in_place(x, 1.0 / sum);
+    }
 }
 
 /// Unnormalised fast Walsh-Hadamard transform in place (`x ← H x` with `H` the ±1 Sylvester matrix).
@@ -658,6 +670,27 @@ mod tests {
         }
         let mut empty: [f32; 0] = [];
         softmax_in_place(&mut empty, 1.0);
+    }
+
+    /// The numerators and their sum are the softmax before its last pass: dividing by the sum
+    /// (as a multiply by its reciprocal) gives the same bits; the largest score's numerator is 1.
+    #[test]
+    fn softmax_numerators_are_the_softmax_before_normalising() {
+        let mut r = SeededRng::new(12, stream::DATA);
+        for (n, scale) in [(1, 0.125f32), (17, -0.5), (300, 1.0 / 8.0f32.sqrt())] {
+            let x: Vec<f32> = (0..n).map(|_| (r.gaussian() * 8.0) as f32).collect();
+            let (mut e, mut p) = (x.clone(), x.clone());
+            let sum = softmax_numerators(&mut e, scale);
+            softmax_in_place(&mut p, scale);
+            let inv = 1.0 / sum;
+            for (a, b) in e.iter().zip(&p) {
+                assert_eq!((a * inv).to_bits(), b.to_bits(), "n={n} scale={scale}");
+            }
+            let top = e.iter().copied().fold(0.0f32, f32::max);
+            assert!((top - 1.0).abs() <= 4.0 * f32::EPSILON, "n={n}: {top}");
+            assert!(sum >= top, "n={n}");
+        }
+        assert_eq!(softmax_numerators(&mut [], 1.0), 0.0);
     }
 
     /// Every boundary count 0-15 (the binary search pads to `2^L - 1`), every size, values that

@@ -240,6 +240,55 @@ fn truncate_rolls_back_exactly() {
     }
 }
 
+/// Attention keeps its weights in a per-thread scratch that it does not clear between steps: a
+/// step right after a longer one on another cache (whose weights stay in the scratch) gives the
+/// same bits as on a thread that never attended, on both score paths, with a sink, codes and a
+/// window, and limits ending in each.
+#[test]
+fn attention_is_untouched_by_the_scratch_of_earlier_steps() {
+    let d = 64;
+    for mode in [ScoreMode::Exact, ScoreMode::Fast] {
+        let mut long = HeadCache::new(
+            HeadConfig {
+                score_mode: mode,
+                ..config(d, "4", "4", KeyStrategy::Mse, 0)
+            },
+            &HeadCalibration::default(),
+        )
+        .unwrap();
+        long.append(&rows(700, d, 20), &rows(700, d, 21)).unwrap();
+        let cfg = HeadConfig {
+            sink: 3,
+            score_mode: mode,
+            ..config(d, "4", "3", KeyStrategy::Mse, 4)
+        };
+        let mut short = HeadCache::new(cfg, &HeadCalibration::default()).unwrap();
+        short.append(&rows(90, d, 22), &rows(90, d, 23)).unwrap();
+        let qs = rows(3, d, 24);
+        // In the sink, in the codes, through the window.
+        let limits = [2usize, 45, 90];
+        let step = || {
+            let mut out = vec![0.0; 3 * d];
+            short.attend_block(&qs, &limits, &mut out).unwrap();
+            out
+        };
+        let fresh = std::thread::scope(|s| s.spawn(step).join().unwrap());
+        let mut out = vec![0.0; 4 * d];
+        long.attend_block(&rows(4, d, 25), &[700; 4], &mut out)
+            .unwrap();
+        let after = step();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&after), bits(&fresh), "{mode:?}");
+        let (kd, vd) = (short.keys().unwrap(), short.values().unwrap());
+        if mode == ScoreMode::Exact {
+            for (i, &l) in limits.iter().enumerate() {
+                let want = attention(&qs[i * d..(i + 1) * d], &kd, &vd, d, l);
+                assert!(rel(&after[i * d..(i + 1) * d], &want) < 1e-4, "limit {l}");
+            }
+        }
+    }
+}
+
 #[test]
 fn block_attention_with_causal_limits() {
     let d = 64;
