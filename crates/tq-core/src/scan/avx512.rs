@@ -1028,7 +1028,70 @@ super::x86::int_sums_kernel!(
     decode: |block: &[u8], unit: usize, _dim: usize| decode_nibbles_512(block, unit, &planes),
     weights: nibble_weights_512, dot: dpwssd, reduce: reduce_lanes_512,
     fsplat: _mm512_set1_ps, cvt: _mm512_cvtepi32_ps, fadd: _mm512_add_ps, fmul: _mm512_mul_ps,
-    fload: _mm512_loadu_ps, fstore: _mm512_storeu_ps, extra: (planes: [__m512i; 2])
+    fload: _mm512_loadu_ps, fstore: _mm512_storeu_ps, wtype: super::IntWeights, extra: (planes: [__m512i; 2])
+);
+
+/// One unit of 4-bit codes for the byte sums on AVX-512: nibble positions `4u..4u + 4` (one
+/// coordinate per 128-bit lane, zeros past the block by a masked load) looked up in the signed
+/// grid (`table`, its 16 bytes in every lane) by `vpshufb`: rows 0-15 (the low nibbles), then
+/// rows 16-31 (the high ones), so each 32-bit lane holds four adjacent rows of one coordinate.
+///
+/// # Safety
+/// AVX-512 F and BW; `block` is one block (16 bytes per nibble position) and position `4u` lies
+/// in it.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn decode_nibbles_i8_512(block: &[u8], u: usize, table: __m512i) -> [__m512i; 2] {
+    // SAFETY: position 4u lies in the block (the caller's contract).
+    let x = unsafe { load_positions(block, 4 * u) };
+    let nib = _mm512_set1_epi8(0x0F);
+    let lo = _mm512_and_si512(x, nib);
+    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(x), nib);
+    [
+        _mm512_shuffle_epi8(table, lo),
+        _mm512_shuffle_epi8(table, hi),
+    ]
+}
+
+/// A 4-bit byte grid's 16 signed entries (`values[k] − 128`) in all four 128-bit lanes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) fn signed_grid_512(values: &[u8; 16]) -> __m512i {
+    let signed: [u8; 16] = std::array::from_fn(|k| values[k] ^ 0x80);
+    // SAFETY: 16 bytes.
+    unsafe { _mm512_broadcast_i32x4(_mm_loadu_si128(signed.as_ptr() as *const __m128i)) }
+}
+
+/// The `u8` weights of one block for the byte sums: rows 0-15, then 16-31, each in all four
+/// 128-bit lanes.
+///
+/// # Safety
+/// 32 readable bytes at `p`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn byte_weights_512(p: *const u8) -> [__m512i; 2] {
+    // SAFETY: the caller's 32 bytes.
+    std::array::from_fn(|h| unsafe {
+        _mm512_broadcast_i32x4(_mm_loadu_si128(p.add(16 * h) as *const __m128i))
+    })
+}
+
+/// `acc + Σ quads of weights · grid` in `i32` lanes (`u8` weights, `i8` grid values): one
+/// `vpdpbusd`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+fn dpbusd_grid(acc: __m512i, grid: __m512i, weights: __m512i) -> __m512i {
+    _mm512_dpbusd_epi32(acc, weights, grid)
+}
+
+super::x86::int_sums_kernel!(
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
+    accumulate_u8_vnni, __m512i, per: 4, regs: 2, zero: _mm512_setzero_si512(),
+    decode: |block: &[u8], unit: usize, _dim: usize| decode_nibbles_i8_512(block, unit, table),
+    weights: byte_weights_512, dot: dpbusd_grid, reduce: reduce_lanes_512,
+    fsplat: _mm512_set1_ps, cvt: _mm512_cvtepi32_ps, fadd: _mm512_add_ps, fmul: _mm512_mul_ps,
+    fload: _mm512_loadu_ps, fstore: _mm512_storeu_ps, wtype: super::ByteWeights,
+    extra: (table: __m512i)
 );
 
 /// The nibble positions holding unit `u`'s four coordinates `4u + c` for `B`-bit codes: lane
@@ -1199,5 +1262,5 @@ super::x86::int_sums_kernel!(
     decode: |block: &[u8], unit: usize, _dim: usize| decode_wide_512::<B>(block, unit, planes),
     weights: nibble_weights_512, dot: dpwssd, reduce: reduce_lanes_512,
     fsplat: _mm512_set1_ps, cvt: _mm512_cvtepi32_ps, fadd: _mm512_add_ps, fmul: _mm512_mul_ps,
-    fload: _mm512_loadu_ps, fstore: _mm512_storeu_ps, extra: (planes: &IntPlanes)
+    fload: _mm512_loadu_ps, fstore: _mm512_storeu_ps, wtype: super::IntWeights, extra: (planes: &IntPlanes)
 );

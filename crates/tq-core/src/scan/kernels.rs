@@ -5,7 +5,8 @@
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::{
-    BLOCK, ByteCodebook, INT_CHUNK, IntCodebook, IntWeights, block_bytes, check_block, read_row,
+    BLOCK, ByteCodebook, ByteWeights, ChunkWeights, INT_CHUNK, IntCodebook, IntWeights,
+    block_bytes, check_block, read_row,
 };
 
 /// `out[r] = Σ_n tables[16n + nibble_n(row r)]` for the 32 rows of `block` (see the module docs).
@@ -830,16 +831,19 @@ pub fn accumulate_blocks_i16(
     weights: &[&IntWeights],
     accs: &mut [&mut [f32]],
 ) {
-    check_int_sums(blocks.len(), row_bytes, bits, codebook, weights, accs);
+    check_sums(
+        blocks.len(),
+        row_bytes,
+        bits,
+        codebook.values().len(),
+        weights,
+        accs,
+    );
     #[cfg(target_arch = "x86_64")]
     {
-        let codes = IntSumCodes {
-            blocks,
-            row_bytes,
-            planes: codebook.planes(),
-        };
+        let codes = IntSumCodes { blocks, row_bytes };
         // SAFETY (each body): the CPU features each needs are checked at run time before it
-        // is called; `check_int_sums` proved the lengths it reads through (and that every
+        // is called; `check_sums` proved the lengths it reads through (and that every
         // code indexes the grid) and, with the weights' budget, that no sum overflows.
         let done = unsafe {
             match bits {
@@ -858,7 +862,8 @@ pub fn accumulate_blocks_i16(
         }
     }
     for (w, acc) in weights.iter().zip(accs.iter_mut()) {
-        int_sums_scalar(blocks, row_bytes, bits, codebook.values(), w, acc);
+        let values = codebook.values();
+        chunk_sums_scalar(blocks, row_bytes, bits, |k| values[k].into(), w, acc);
     }
 }
 
@@ -881,7 +886,7 @@ macro_rules! int_groups {
 /// bits: AVX-512 BW + VNNI or AVX2; other widths: AVX-512 VBMI + VNNI + GFNI or AVX2).
 ///
 /// # Safety
-/// The arguments passed `check_int_sums` for `B` bits.
+/// The arguments passed `check_sums` for `B` bits.
 #[cfg(target_arch = "x86_64")]
 unsafe fn int_sums<const B: usize>(
     codes: IntSumCodes<'_>,
@@ -894,16 +899,16 @@ unsafe fn int_sums<const B: usize>(
     // SAFETY (each): the CPU features the body needs are checked first; the caller's contract.
     unsafe {
         if B == 4 && has_avx512_bw_vnni() {
-            let planes = super::avx512::nibble_planes_512(codes.planes);
+            let planes = super::avx512::nibble_planes_512(codebook.planes());
             int_groups!(accumulate_i16_vnni, B, codes, (planes), weights, accs);
         } else if B != 4 && has_avx512_int() {
             let planes = super::avx512::IntPlanes::new(codebook, B as u32);
             int_groups!(accumulate_i16_wide_vnni, B, codes, (&planes), weights, accs);
         } else if B == 4 && has_avx2() {
-            let planes = x86::nibble_planes_avx2(codes.planes);
+            let planes = x86::nibble_planes_avx2(codebook.planes());
             int_groups!(accumulate_i16_avx2, B, codes, (planes), weights, accs);
         } else if has_avx2() {
-            let halves = x86::plane_halves(codes.planes, B as u32);
+            let halves = x86::plane_halves(codebook.planes(), B as u32);
             let wide = codebook.wide();
             int_groups!(
                 accumulate_i16_wide_avx2,
@@ -920,14 +925,13 @@ unsafe fn int_sums<const B: usize>(
     true
 }
 
-/// The codes an `accumulate_i16` body reads: whole blocks of `row_bytes`-byte rows and the
-/// grid's two byte planes.
+/// The codes an `accumulate_i16` or `accumulate_u8` body reads: whole blocks of
+/// `row_bytes`-byte rows.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 pub(super) struct IntSumCodes<'a> {
     pub(super) blocks: &'a [u8],
     pub(super) row_bytes: usize,
-    pub(super) planes: &'a [[u8; 256]; 2],
 }
 
 /// Scalar twin of [`accumulate_blocks_i16`] for one weight vector, the specification: each
@@ -943,23 +947,28 @@ pub fn accumulate_blocks_i16_scalar(
     weights: &IntWeights,
     acc: &mut [f32],
 ) {
-    check_int_sums(
+    let grid = codebook.values().len();
+    check_sums(
         blocks.len(),
         row_bytes,
         bits,
-        codebook,
+        grid,
         &[weights],
         &[&mut *acc],
     );
-    int_sums_scalar(blocks, row_bytes, bits, codebook.values(), weights, acc);
+    let values = codebook.values();
+    chunk_sums_scalar(blocks, row_bytes, bits, |k| values[k].into(), weights, acc);
 }
 
-fn int_sums_scalar(
+/// The scalar sums of [`accumulate_blocks_i16`] and [`accumulate_blocks_u8`] for one weight
+/// vector: each chunk's sums of `w_i · value(code)` row by row, in order, in `i32`, then
+/// `offset + step · sum` added to the chunk's float locals.
+fn chunk_sums_scalar<T: Copy + Into<i32>>(
     blocks: &[u8],
     row_bytes: usize,
     bits: u32,
-    values: &[i16],
-    weights: &IntWeights,
+    value: impl Fn(usize) -> i32,
+    weights: &ChunkWeights<T>,
     acc: &mut [f32],
 ) {
     let blocks_per_chunk = INT_CHUNK / BLOCK;
@@ -972,11 +981,11 @@ fn int_sums_scalar(
         sums.fill(0);
         for b in range.filter(|&b| weights.active[b]) {
             for slot in 0..BLOCK {
-                let w = i32::from(weights.weights[b * BLOCK + slot]);
+                let w: i32 = weights.weights[b * BLOCK + slot].into();
                 read_row(blocks[b], slot, &mut row);
                 crate::bitpack::unpack_unchecked(&row, bits, &mut codes);
                 for (s, &code) in sums.iter_mut().zip(&codes) {
-                    *s += w * i32::from(values[code as usize]);
+                    *s += w * value(code as usize);
                 }
             }
         }
@@ -989,13 +998,16 @@ fn int_sums_scalar(
     }
 }
 
-/// Panics unless the arguments fit [`accumulate_blocks_i16`].
-fn check_int_sums(
+/// Panics unless the arguments fit [`accumulate_blocks_i16`] or [`accumulate_blocks_u8`]:
+/// `bits` in 1-8 and a grid of `grid_len >= 2^bits` values, whole blocks of rows of
+/// `row_bytes > 0` bytes, one accumulator per weight vector, all of one length `<= 8 · row_bytes
+/// / bits`, each vector covering exactly the rows with their blocks and chunks.
+fn check_sums<T>(
     blocks_len: usize,
     row_bytes: usize,
     bits: u32,
-    codebook: &IntCodebook,
-    weights: &[&IntWeights],
+    grid_len: usize,
+    weights: &[&ChunkWeights<T>],
     accs: &[&mut [f32]],
 ) {
     assert!(
@@ -1010,9 +1022,8 @@ fn check_int_sums(
     );
     let rows = blocks_len / bb * BLOCK;
     assert!(
-        codebook.values().len() >= 1 << bits,
-        "a grid of {} values for {bits}-bit codes",
-        codebook.values().len()
+        grid_len >= 1 << bits,
+        "a grid of {grid_len} values for {bits}-bit codes"
     );
     assert_eq!(
         weights.len(),
@@ -1034,6 +1045,85 @@ fn check_int_sums(
         );
         assert_eq!(a.len(), dim, "accumulators of different lengths");
     }
+}
+
+/// Weighted sums of 4-bit rows on a byte grid, the fast path of attention over 4-bit values
+/// where the CPU has AVX-512 BW and VNNI ([`byte_sums_native`]): `accs[q][j] += Σ_c step_c ·
+/// Σ_{i in chunk c} w_i · (values[code_j(row i)] − 128)` for each weight vector `weights[q]`
+/// ([`ByteCodebook::quantize_weights`]: `u8` weights, one step per [`INT_CHUNK`] rows). The
+/// body looks each unit of four nibble positions up once per group of [`INT_QUERIES`] weight
+/// vectors (`vpshufb`) and adds its rows by one `vpdpbusd` per 16 rows, four coordinates and
+/// vector (half the `vpdpwssd` of [`accumulate_blocks_i16`], on grid entries of 8 bits rather
+/// than 14); each chunk's sums are exact in `i32`, converted and scaled as the scalar twin
+/// does, so the results are its bits. Elsewhere the scalar twin runs. O(rows · dim · vectors).
+///
+/// # Panics
+/// Unless `row_bytes > 0`, `blocks` is whole blocks, every weight vector covers exactly their
+/// rows, the accumulators have one length `<= 2 · row_bytes` (the nibbles a row holds) and
+/// there is one accumulator per weight vector.
+pub fn accumulate_blocks_u8(
+    blocks: &[u8],
+    row_bytes: usize,
+    codebook: &ByteCodebook,
+    weights: &[&ByteWeights],
+    accs: &mut [&mut [f32]],
+) {
+    check_sums(blocks.len(), row_bytes, 4, 16, weights, accs);
+    #[cfg(target_arch = "x86_64")]
+    if byte_sums_native() {
+        use super::avx512::accumulate_u8_vnni;
+        let codes = IntSumCodes { blocks, row_bytes };
+        const B: usize = 4;
+        // SAFETY: AVX-512 F, BW and VNNI are present (checked above); `check_sums` proved
+        // the lengths the body reads through; a chunk's sums stay below `128 · 255 · 128`.
+        unsafe {
+            let table = super::avx512::signed_grid_512(codebook.values());
+            int_groups!(accumulate_u8_vnni, B, codes, (table), weights, accs);
+        }
+        return;
+    }
+    for (w, acc) in weights.iter().zip(accs.iter_mut()) {
+        let values = codebook.values();
+        chunk_sums_scalar(blocks, row_bytes, 4, |k| i32::from(values[k]) - 128, w, acc);
+    }
+}
+
+/// Whether [`accumulate_blocks_u8`] runs a SIMD body on this CPU (AVX-512 F, BW and VNNI, not
+/// turned off by `TQ_NO_AVX512=1`); elsewhere callers should keep the `i16` weights of
+/// [`accumulate_blocks_i16`], which have SIMD bodies for AVX2. O(1) after the first call.
+pub fn byte_sums_native() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx512_bw_vnni()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Scalar twin of [`accumulate_blocks_u8`] for one weight vector, the specification: each
+/// chunk's sums row by row, in order.
+///
+/// # Panics
+/// As [`accumulate_blocks_u8`].
+pub fn accumulate_blocks_u8_scalar(
+    blocks: &[u8],
+    row_bytes: usize,
+    codebook: &ByteCodebook,
+    weights: &ByteWeights,
+    acc: &mut [f32],
+) {
+    check_sums(blocks.len(), row_bytes, 4, 16, &[weights], &[&mut *acc]);
+    let values = codebook.values();
+    chunk_sums_scalar(
+        blocks,
+        row_bytes,
+        4,
+        |k| i32::from(values[k]) - 128,
+        weights,
+        acc,
+    );
 }
 
 /// Unit dots of the 32 rows of one block with a rotated query, exactly in f32:

@@ -60,8 +60,8 @@ pub use layout::{
     write_row, write_rows,
 };
 pub use tables::{
-    ByteCodebook, ByteQuery, INT_CHUNK, INT_CODE_MAX, INT_WEIGHT_BUDGET, IntCodebook, IntQuery,
-    IntWeights, QuantizedLut, nibble_weights_i8,
+    ByteCodebook, ByteQuery, ByteWeights, ChunkWeights, INT_CHUNK, INT_CODE_MAX, INT_WEIGHT_BUDGET,
+    IntCodebook, IntQuery, IntWeights, QuantizedLut, nibble_weights_i8,
 };
 
 #[cfg(test)]

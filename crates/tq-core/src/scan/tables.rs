@@ -351,20 +351,7 @@ impl IntCodebook {
         weights: &[f32],
         row_scales: Option<&[f32]>,
     ) -> Option<IntWeights> {
-        if let Some(s) = row_scales {
-            assert!(
-                s.len() >= weights.len(),
-                "{} row scales for {} weights",
-                s.len(),
-                weights.len()
-            );
-        }
-        let n = weights.len();
-        let mut out = IntWeights {
-            weights: vec![0; n.div_ceil(super::BLOCK) * super::BLOCK],
-            chunks: Vec::with_capacity(n.div_ceil(INT_CHUNK)),
-            active: vec![false; n.div_ceil(super::BLOCK)],
-        };
+        let mut out = IntWeights::zeroed(weights.len(), row_scales);
         let op = QuantizeWeights {
             step: self.step,
             weights,
@@ -376,9 +363,7 @@ impl IntCodebook {
         if top > 0.0 && !(unit as f32).is_normal() {
             return None;
         }
-        for (a, w) in out.active.iter_mut().zip(out.weights.chunks(super::BLOCK)) {
-            *a = w.iter().any(|&w| w != 0);
-        }
+        out.mark_active();
         Some(out)
     }
 }
@@ -589,21 +574,173 @@ impl ByteCodebook {
     }
 }
 
-/// A weight vector on an [`IntCodebook`]'s grid ([`IntCodebook::quantize_weights`]): `i16`
-/// weights, one [`INT_CHUNK`] of rows per scale. Chunk `c` adds `offset_c + step_c · S_j` to
-/// coordinate `j`'s sum, with `S_j = Σ_{i in c} w_i · values[code_j(row i)]` exact in `i32`.
+impl ByteCodebook {
+    /// Non-negative weights (e.g. a query's softmax numerators over the rows of a 4-bit value
+    /// batch) on `u8`, for [`super::accumulate_blocks_u8`]: row `i` weighs `x_i = weights[i] ·
+    /// s_i` (`s_i = row_scales[i]`, e.g. the rows' norms, or 1; the product rounded to `f32`).
+    /// Each chunk of [`INT_CHUNK`] rows has its own step `s = max_chunk x_i / 255`, so every
+    /// `w_i · s` is within `s / 2` of `x_i` (rounded to nearest, ties to even, the same on every
+    /// CPU): 8 bits of the chunk's largest weight. A chunk's sums are then exact in `i32` (`128
+    /// · 255 · 127 < 2^23`). O(rows).
+    ///
+    /// `None` (callers then take the `i16` weights) when a product is negative or not finite,
+    /// or when a chunk's unit `s · step` is not a normal `f32` (weights or grids of extreme
+    /// range).
+    ///
+    /// # Panics
+    /// If `row_scales` is shorter than `weights`.
+    pub fn quantize_weights(
+        &self,
+        weights: &[f32],
+        row_scales: Option<&[f32]>,
+    ) -> Option<ByteWeights> {
+        let mut out = ByteWeights::zeroed(weights.len(), row_scales);
+        let op = QuantizeBytes {
+            weights,
+            row_scales,
+            out: &mut out,
+        };
+        crate::simd::arch().dispatch(op)?;
+        for (c, chunk) in out.chunks.iter_mut().enumerate() {
+            let unit = chunk.1 * self.step;
+            let live = out.weights[c * INT_CHUNK..]
+                .iter()
+                .take(INT_CHUNK)
+                .any(|&w| w != 0);
+            if live && !unit.is_normal() {
+                return None;
+            }
+            chunk.1 = if live { unit } else { 0.0 };
+        }
+        out.mark_active();
+        Some(out)
+    }
+}
+
+/// The body of [`ByteCodebook::quantize_weights`], compiled for the CPU's vector width (plain
+/// lane-wise float operations: the same results at any width). Leaves each chunk's step `s` in
+/// its `(0, s)`; `None` for a negative or non-finite product (or a chunk whose sum overflows).
+struct QuantizeBytes<'a> {
+    weights: &'a [f32],
+    row_scales: Option<&'a [f32]>,
+    out: &'a mut ByteWeights,
+}
+
+impl pulp::WithSimd for QuantizeBytes<'_> {
+    type Output = Option<()>;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) -> Option<()> {
+        // Adding 1.5 · 2^23 rounds a float of magnitude below 2^22 to the nearest integer, ties
+        // to even, in plain arithmetic.
+        const ROUND32: f32 = 12_582_912.0;
+        const ONES: [f32; INT_CHUNK] = [1.0; INT_CHUNK];
+        let Self {
+            weights,
+            row_scales,
+            out,
+        } = self;
+        let mut x = [0.0f32; INT_CHUNK];
+        // A partial last chunk is padded with zero weights (products 0: no effect below).
+        let (mut w_pad, mut s_pad) = ([0.0f32; INT_CHUNK], [0.0f32; INT_CHUNK]);
+        for (c, w) in weights.chunks(INT_CHUNK).enumerate() {
+            let start = c * INT_CHUNK;
+            let scales = row_scales.map_or(&ONES[..w.len()], |s| &s[start..start + w.len()]);
+            let (wf, sf): (&[f32; INT_CHUNK], &[f32; INT_CHUNK]) =
+                match (w.try_into(), scales.try_into()) {
+                    (Ok(w), Ok(s)) => (w, s),
+                    _ => {
+                        w_pad[..w.len()].copy_from_slice(w);
+                        w_pad[w.len()..].fill(0.0);
+                        s_pad[..w.len()].copy_from_slice(scales);
+                        (&w_pad, &s_pad)
+                    }
+                };
+            // The products and the largest of their bit patterns, in 16 lanes of fixed bounds
+            // (kept in registers), in one pass: non-negative floats order as their bits, and a
+            // negative product (sign bit set; -0 too), NaN or infinity has bits above
+            // `f32::MAX`'s, so one integer maximum finds the largest product and every product
+            // the `i16` weights must take instead.
+            let mut top = [0u32; 16];
+            for k in 0..INT_CHUNK / 16 {
+                for i in 0..16 {
+                    let v = wf[16 * k + i] * sf[16 * k + i];
+                    x[16 * k + i] = v;
+                    top[i] = top[i].max(v.to_bits());
+                }
+            }
+            let top = top.iter().fold(0, |a, &b| a.max(b));
+            if top > f32::MAX.to_bits() {
+                return None;
+            }
+            let top = f32::from_bits(top);
+            let x = &x[..w.len()];
+            let s = top / 255.0;
+            if s == 0.0 || !s.is_normal() {
+                // All zero, or so small that no weight is worth a unit: nothing to add.
+                out.chunks.push((0.0, 0.0));
+                continue;
+            }
+            let inv = 1.0 / s;
+            let ws = &mut out.weights[start..start + w.len()];
+            for (o, &v) in ws.iter_mut().zip(x.iter()) {
+                let q = (v * inv).min(255.0);
+                *o = ((q + ROUND32).to_bits() as i32).wrapping_sub(0x4B40_0000) as u8;
+            }
+            out.chunks.push((0.0, s));
+        }
+        Some(())
+    }
+}
+
+/// A weight vector on an integer grid, one [`INT_CHUNK`] of rows per scale: chunk `c` adds
+/// `offset_c + step_c · S_j` to coordinate `j`'s sum, with `S_j = Σ_{i in c} w_i · g(code_j(row
+/// i))` exact in `i32` (`g` the grid's value of a code). [`IntWeights`] and [`ByteWeights`].
 #[derive(Debug, Clone, Default)]
-pub struct IntWeights {
+pub struct ChunkWeights<T> {
     /// One weight per row, zero up to a whole number of blocks.
-    pub(super) weights: Vec<i16>,
-    /// Per chunk: `(offset, step)`; `offset` is `Σ w / 2` grid units (the half-integer grid's
-    /// offset) as a float.
+    pub(super) weights: Vec<T>,
+    /// Per chunk: `(offset, step)`.
     pub(super) chunks: Vec<(f32, f32)>,
     /// Per block of 32 rows: some weight is not zero.
     pub(super) active: Vec<bool>,
 }
 
-impl IntWeights {
+/// `i16` weights on an [`IntCodebook`]'s grid ([`IntCodebook::quantize_weights`]); a chunk's
+/// `offset` is `Σ w / 2` grid units (the half-integer grid's offset) as a float.
+pub type IntWeights = ChunkWeights<i16>;
+
+/// `u8` weights on a [`ByteCodebook`]'s signed grid (`values[k] − 128`;
+/// [`ByteCodebook::quantize_weights`]); every chunk's `offset` is 0.
+pub type ByteWeights = ChunkWeights<u8>;
+
+impl<T: Copy + Default + PartialEq> ChunkWeights<T> {
+    /// Zero weights for `n` rows, padded to whole blocks, with room for their chunks.
+    ///
+    /// # Panics
+    /// If `row_scales` is shorter than `n`.
+    fn zeroed(n: usize, row_scales: Option<&[f32]>) -> Self {
+        if let Some(s) = row_scales {
+            assert!(s.len() >= n, "{} row scales for {n} weights", s.len());
+        }
+        Self {
+            weights: vec![T::default(); n.div_ceil(super::BLOCK) * super::BLOCK],
+            chunks: Vec::with_capacity(n.div_ceil(INT_CHUNK)),
+            active: vec![false; n.div_ceil(super::BLOCK)],
+        }
+    }
+
+    /// Marks the blocks that hold a weight other than zero.
+    fn mark_active(&mut self) {
+        for (a, w) in self
+            .active
+            .iter_mut()
+            .zip(self.weights.chunks(super::BLOCK))
+        {
+            *a = w.iter().any(|&w| w != T::default());
+        }
+    }
+
     /// Rows covered (a whole number of blocks).
     pub fn padded_len(&self) -> usize {
         self.weights.len()

@@ -1629,11 +1629,7 @@ fn int_sum_bodies_agree(
     let iw2 = book.quantize_weights(&other, None).expect("finite");
     let mut want2 = start.clone();
     accumulate_blocks_i16_scalar(blocks, row_bytes, bits, book, &iw2, &mut want2);
-    let codes = super::kernels::IntSumCodes {
-        blocks,
-        row_bytes,
-        planes: book.planes(),
-    };
+    let codes = super::kernels::IntSumCodes { blocks, row_bytes };
     let vnni = has!("avx512f") && has!("avx512bw") && has!("avx512vnni");
     let vbmi = vnni && has!("avx512vbmi") && has!("gfni");
     for body in 0..2 {
@@ -2067,4 +2063,163 @@ fn byte_query_dots_stay_within_their_rounding_bound() {
             );
         }
     }
+}
+
+/// The byte sums of 4-bit rows give their scalar twin's bits and an independent read-back of
+/// every chunk's exact sums, for one to four weight vectors per call (one and two groups), over
+/// dimensions whose last unit is partial, partial last blocks and chunks, flat weights, one
+/// dominant weight per chunk (the rest rounding to 0 or 1), zero runs (whole inactive blocks and
+/// a whole chunk) and every weight and grid entry at its extreme (the largest sums a chunk
+/// holds).
+#[test]
+fn byte_sums_equal_the_scalar_twin_and_the_rows() {
+    let mut r = SeededRng::new(63, stream::DATA);
+    let (dims, row_counts): (&[usize], &[usize]) = if cfg!(miri) {
+        (&[5], &[33])
+    } else {
+        (
+            &[1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 33, 63, 64, 65, 128, 129],
+            &[1, 31, 32, 129, 300],
+        )
+    };
+    let centroids: Vec<f32> = (0..16).map(|k| (k as f32 - 7.5) * 0.37).collect();
+    let book = ByteCodebook::from_centroids(&centroids);
+    for &d in dims {
+        let row_bytes = crate::bitpack::packed_len(d, 4);
+        let bb = block_bytes(row_bytes);
+        for &rows in row_counts {
+            let nb = rows.div_ceil(BLOCK);
+            for case in 0..4 {
+                let blocks = match case {
+                    // Every code 0: the grid's most negative entry (-127).
+                    3 => vec![0u8; nb * bb],
+                    _ => random_bytes(nb * bb, 7 + d as u64 + rows as u64),
+                };
+                let weights: Vec<Vec<f32>> = (0..4)
+                    .map(|v| {
+                        (0..rows)
+                            .map(|i| match case {
+                                0 if (i / 130 + v) % 3 == 1 => 0.0,
+                                0 => r.uniform() as f32,
+                                1 if i % INT_CHUNK == 7 + v => 1.0,
+                                1 => r.uniform() as f32 * 4e-3,
+                                2 => (r.uniform() * 1e-3) as f32 * (1 << (i % 20)) as f32,
+                                _ => 2.0,
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let scales: Vec<f32> = (0..rows)
+                    .map(|_| {
+                        if case == 3 {
+                            1.0
+                        } else {
+                            0.5 + r.uniform() as f32
+                        }
+                    })
+                    .collect();
+                let bw: Vec<ByteWeights> = weights
+                    .iter()
+                    .map(|w| {
+                        book.quantize_weights(w, Some(&scales))
+                            .expect("non-negative")
+                    })
+                    .collect();
+                if case == 3 {
+                    assert!(
+                        bw.iter()
+                            .all(|w| w.weights[..rows].iter().all(|&x| x == 255))
+                    );
+                }
+                let start: Vec<f32> = (0..d).map(|j| j as f32 * 0.25).collect();
+                for k in 1..=4 {
+                    let what = format!("d={d} rows={rows} case {case} vectors {k}");
+                    let refs: Vec<&ByteWeights> = bw[..k].iter().collect();
+                    let mut accs = vec![start.clone(); k];
+                    {
+                        let mut a: Vec<&mut [f32]> = accs.iter_mut().map(|a| &mut a[..]).collect();
+                        accumulate_blocks_u8(&blocks, row_bytes, &book, &refs, &mut a);
+                    }
+                    for (w, got) in refs.iter().zip(&accs) {
+                        let mut twin = start.clone();
+                        accumulate_blocks_u8_scalar(&blocks, row_bytes, &book, w, &mut twin);
+                        assert_eq!(bits_of(got), bits_of(&twin), "{what}");
+                        // Independent read-back: each chunk's exact sum in i64, checked to fit.
+                        let mut local = vec![0.0f32; d];
+                        for (c, &(offset, step)) in w.chunks.iter().enumerate() {
+                            for (j, l) in local.iter_mut().enumerate() {
+                                let sum: i64 = (c * INT_CHUNK
+                                    ..((c + 1) * INT_CHUNK).min(nb * BLOCK))
+                                    .map(|i| {
+                                        let block = &blocks[i / BLOCK * bb..(i / BLOCK + 1) * bb];
+                                        let code = code_at(block, 4, j, i % BLOCK);
+                                        i64::from(w.weights[i])
+                                            * (i64::from(book.values()[code]) - 128)
+                                    })
+                                    .sum();
+                                let sum = i32::try_from(sum).expect("a chunk's sum fits i32");
+                                *l += offset + step * sum as f32;
+                            }
+                        }
+                        let want: Vec<f32> = start.iter().zip(&local).map(|(s, l)| s + l).collect();
+                        assert_eq!(bits_of(got), bits_of(&want), "{what}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `ByteCodebook::quantize_weights`: every weight within half its chunk's step of its product
+/// (the step the chunk's largest over 255), zero chunks inactive with no step, and the inputs it
+/// refuses (negative, NaN, infinite products) refused.
+#[test]
+fn byte_weights_stay_within_half_a_step() {
+    let mut r = SeededRng::new(64, stream::DATA);
+    let centroids: Vec<f32> = (0..16).map(|k| (k as f32 - 7.5) * 0.21).collect();
+    let book = ByteCodebook::from_centroids(&centroids);
+    let n = 1000usize;
+    let mut w: Vec<f32> = (0..n)
+        .map(|i| (r.uniform() as f32) * 10f32.powi(-((i / 128) as i32)))
+        .collect();
+    w[300..400].fill(0.0);
+    w[512..640].fill(0.0);
+    let scales: Vec<f32> = (0..n).map(|_| 0.25 + r.uniform() as f32).collect();
+    let q = book
+        .quantize_weights(&w, Some(&scales))
+        .expect("non-negative");
+    assert_eq!(q.padded_len(), n.div_ceil(BLOCK) * BLOCK);
+    for (c, &(offset, unit)) in q.chunks.iter().enumerate() {
+        assert_eq!(offset, 0.0);
+        let rows = c * INT_CHUNK..((c + 1) * INT_CHUNK).min(n);
+        let x: Vec<f32> = rows.clone().map(|i| w[i] * scales[i]).collect();
+        let top = x.iter().fold(0.0f32, |a, &b| a.max(b));
+        if top == 0.0 {
+            assert_eq!(unit, 0.0, "chunk {c}");
+            continue;
+        }
+        let s = f64::from(top) / 255.0;
+        assert!((f64::from(unit) / f64::from(book.step()) / s - 1.0).abs() < 1e-6);
+        for (i, &xi) in rows.zip(&x) {
+            let got = f64::from(q.weights[i]) * s;
+            // Half a step, and the f32 products and division's few 2^-24 of the chunk's top.
+            assert!(
+                (got - f64::from(xi)).abs() <= s * 0.5 + f64::from(top) * 1e-6,
+                "row {i}: {got} vs {xi}"
+            );
+        }
+    }
+    for b in 0..n.div_ceil(BLOCK) {
+        let live = q.weights[b * BLOCK..(b + 1) * BLOCK]
+            .iter()
+            .any(|&x| x != 0);
+        assert_eq!(q.active[b], live, "block {b}");
+    }
+    assert!(!q.active[16] && !q.active[17] && !q.active[18] && !q.active[19]);
+    for bad in [-1e-3f32, f32::NAN, f32::INFINITY] {
+        let mut v = w.clone();
+        v[777] = bad;
+        assert!(book.quantize_weights(&v, None).is_none(), "{bad}");
+    }
+    assert!(book.quantize_weights(&[], None).is_some());
 }

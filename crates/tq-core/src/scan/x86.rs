@@ -1387,28 +1387,31 @@ fn madd_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
 /// four at a time with their accumulators in registers (`$dot` multiplies a unit by its weights
 /// and adds the pairs into `i32` sums); at a chunk's end `$reduce` turns the four units' lanes
 /// into one register of their `4 · $per` coordinate sums (element `4k + u` is coordinate `k` of
-/// unit `u`), converted, scaled and added to the `f32` locals.
+/// unit `u`), converted, scaled and added to the `f32` locals. `$wt` is the weights' type
+/// (`IntWeights`; `ByteWeights` for the byte sums, whose registers hold bytes: lane `k` four
+/// adjacent rows, `$dot` a `vpdpbusd`).
 macro_rules! int_sums_kernel {
     (
         $(#[$attr:meta])* $name:ident, $reg:ty, per: $per:literal, regs: $regs:literal,
         zero: $zero:expr, decode: $decode:expr, weights: $weights:ident, dot: $dot:ident,
         reduce: $reduce:ident, fsplat: $fsplat:ident, cvt: $cvt:ident, fadd: $fadd:ident,
         fmul: $fmul:ident, fload: $fload:ident, fstore: $fstore:ident,
-        extra: ($($ex:ident: $ext:ty),*)
+        wtype: $wt:ty, extra: ($($ex:ident: $ext:ty),*)
     ) => {
         /// The `accumulate_blocks_i16` body for `B`-bit codes and `Q` weight vectors (see the
         /// macro's docs).
         ///
         /// # Safety
         /// The CPU has the features this copy is compiled with; `B` is a width the copy's
-        /// decode takes; the arguments passed `check_int_sums` for `B` bits (whole blocks,
+        /// decode takes; the arguments passed `check_sums` for `B` bits (whole blocks,
         /// weights covering them, `dim <= 8 · row_bytes / B`, a grid of at least `2^B` values)
-        /// and each weight vector is an `IntWeights` (its chunks' sums fit `i32`).
+        /// and each weight vector is its codebook's `IntWeights` or `ByteWeights` (its chunks'
+        /// sums fit `i32`).
         $(#[$attr])*
         pub(super) unsafe fn $name<const B: usize, const Q: usize>(
             codes: super::kernels::IntSumCodes<'_>,
             $($ex: $ext,)*
-            weights: [&super::IntWeights; Q],
+            weights: [&$wt; Q],
             accs: &mut [&mut [f32]; Q],
         ) {
             const W: usize = 4 * $per;
@@ -1581,7 +1584,7 @@ int_sums_kernel!(
     decode: |block: &[u8], unit: usize, _dim: usize| decode_nibbles_avx2(block, unit, &planes),
     weights: nibble_weights_avx2, dot: madd_add, reduce: reduce_lanes_avx2,
     fsplat: _mm256_set1_ps, cvt: _mm256_cvtepi32_ps, fadd: _mm256_add_ps, fmul: _mm256_mul_ps,
-    fload: _mm256_loadu_ps, fstore: _mm256_storeu_ps, extra: (planes: [__m256i; 2])
+    fload: _mm256_loadu_ps, fstore: _mm256_storeu_ps, wtype: super::IntWeights, extra: (planes: [__m256i; 2])
 );
 
 /// The four 5-8-bit units' sums on AVX2 (one coordinate per unit, in both 128-bit lanes): the
@@ -1691,5 +1694,6 @@ int_sums_kernel!(
     decode: |block: &[u8], unit: usize, _dim: usize| decode_wide_avx2::<B>(block, unit, wide, &halves),
     weights: wide_weights, dot: madd_add, reduce: reduce_units,
     fsplat: _mm_set1_ps, cvt: _mm_cvtepi32_ps, fadd: _mm_add_ps, fmul: _mm_mul_ps,
-    fload: _mm_loadu_ps, fstore: _mm_storeu_ps, extra: (wide: &[i32], halves: [[__m256i; 2]; 2])
+    fload: _mm_loadu_ps, fstore: _mm_storeu_ps, wtype: super::IntWeights,
+    extra: (wide: &[i32], halves: [[__m256i; 2]; 2])
 );
