@@ -462,7 +462,7 @@ pub fn eval_attention(
     let mut r = SeededRng::new(seed, stream::DATA);
     let n = kv_heads * tokens * dim;
     let mut queries = Vec::new();
-    let mut built = Vec::with_capacity(layers);
+    let mut all = Vec::with_capacity(layers);
     for layer in 0..layers {
         let keys: Vec<f32> = (0..n).map(|_| r.gaussian() as f32).collect();
         let values: Vec<f32> = (0..n).map(|_| r.gaussian() as f32).collect();
@@ -485,7 +485,7 @@ pub fn eval_attention(
         cache.append(&keys, &values)?;
         let half =
             |x: &[f32]| -> Vec<u16> { x.iter().map(|&x| f16::from_f32(x).to_bits()).collect() };
-        built.push(AttentionLayer {
+        all.push(AttentionLayer {
             cache,
             keys16: half(&keys),
             values16: half(&values),
@@ -493,7 +493,6 @@ pub fn eval_attention(
             values,
         });
     }
-    let layers = built;
     let (mut out, mut f32_out, mut f16_out) = (
         vec![0.0f32; heads * dim],
         vec![0.0f32; heads * dim],
@@ -506,20 +505,20 @@ pub fn eval_attention(
         l
     }
     let (mut at_q, mut at_32, mut at_16) = (0, 0, 0);
-    let mut quantized = || Ok(next(&layers, &mut at_q).cache.attend(&queries, &mut out)?);
+    let mut quantized = || Ok(next(&all, &mut at_q).cache.attend(&queries, &mut out)?);
     let mut f32_run = || {
-        let l = next(&layers, &mut at_32);
+        let l = next(&all, &mut at_32);
         dense_step(&queries, &l.keys, &l.values, dim, group, &mut f32_out);
         Ok(())
     };
     let mut f16_run = || {
-        let l = next(&layers, &mut at_16);
+        let l = next(&all, &mut at_16);
         dense_step(&queries, &l.keys16, &l.values16, dim, group, &mut f16_out);
         Ok(())
     };
     let times = time_interleaved(budget, &mut [&mut quantized, &mut f32_run, &mut f16_run])?;
     let (quantized, f32_time, f16_time) = (times[0], times[1], times[2]);
-    let cache = &layers[0].cache;
+    let cache = &all[0].cache;
     Ok(AttentionRow {
         config: None,
         tokens,
@@ -532,7 +531,7 @@ pub fn eval_attention(
         heads,
         kv_heads,
         dim,
-        layers: layers.len(),
+        layers,
         threads: rayon::current_num_threads(),
         f32_seconds_per_query: f32_time,
         f16_seconds_per_query: f16_time,

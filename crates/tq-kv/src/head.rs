@@ -28,6 +28,7 @@ use crate::error::{check_finite, check_len};
 use crate::precision::Precision;
 use crate::rows::{PlainRows, WindowPrecision};
 use crate::store::{KeyStrategy, Store, StreamSpec, ValueStrategy};
+use crate::{Error, Result};
 
 thread_local! {
     /// Scratch for [`HeadCache::attend_fresh`]'s attention weights, kept between calls on each
@@ -38,7 +39,6 @@ thread_local! {
 /// The largest scratch [`PROBS`] keeps between calls (4 MiB: a decode step's queries over a
 /// long context).
 const PROBS_KEPT: usize = 1 << 20;
-use crate::{Error, Result};
 
 /// How attention reads the codes: key scores, and the weighted sum of TurboQuant values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

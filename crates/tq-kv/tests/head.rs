@@ -243,11 +243,16 @@ fn truncate_rolls_back_exactly() {
 /// Attention keeps its weights in a per-thread scratch that it does not clear between steps: a
 /// step right after a longer one on another cache (whose weights stay in the scratch) gives the
 /// same bits as on a thread that never attended, on both score paths, with a sink, codes and a
-/// window, and limits ending in each.
+/// window, and limits ending in each; TurboQuant keys with 3-bit values (`i16` value sums) and
+/// KIVI keys with 4-bit values (byte sums where the CPU has them).
 #[test]
 fn attention_is_untouched_by_the_scratch_of_earlier_steps() {
     let d = 64;
-    for mode in [ScoreMode::Exact, ScoreMode::Fast] {
+    let kinds = [("3", KeyStrategy::Mse), ("4", KeyStrategy::Kivi)];
+    for (mode, (value_bits, keys)) in [ScoreMode::Exact, ScoreMode::Fast]
+        .into_iter()
+        .flat_map(|m| kinds.map(|k| (m, k)))
+    {
         let mut long = HeadCache::new(
             HeadConfig {
                 score_mode: mode,
@@ -260,7 +265,8 @@ fn attention_is_untouched_by_the_scratch_of_earlier_steps() {
         let cfg = HeadConfig {
             sink: 3,
             score_mode: mode,
-            ..config(d, "4", "3", KeyStrategy::Mse, 4)
+            group: 32,
+            ..config(d, "4", value_bits, keys, 4)
         };
         let mut short = HeadCache::new(cfg, &HeadCalibration::default()).unwrap();
         short.append(&rows(90, d, 22), &rows(90, d, 23)).unwrap();
@@ -278,7 +284,7 @@ fn attention_is_untouched_by_the_scratch_of_earlier_steps() {
             .unwrap();
         let after = step();
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&after), bits(&fresh), "{mode:?}");
+        assert_eq!(bits(&after), bits(&fresh), "{mode:?} {keys:?}");
         let (kd, vd) = (short.keys().unwrap(), short.values().unwrap());
         if mode == ScoreMode::Exact {
             for (i, &l) in limits.iter().enumerate() {

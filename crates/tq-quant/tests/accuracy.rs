@@ -347,7 +347,7 @@ fn softmax_weights(r: &mut SeededRng, n: usize, beta: f64) -> Vec<f32> {
 /// on an 8-bit grid: AVX-512 BW and VNNI), 0.080 / 0.050, about the share the 4-bit
 /// keys' byte dots add too.
 #[test]
-fn fast_weighted_sums_add_a_thousandth_of_quantization_error() {
+fn fast_weighted_sums_add_a_small_share_of_quantization_error() {
     use tq_quant::EncodedVectors;
     for (d, n) in [(64usize, 9000usize), (128, 2048)] {
         let mut r = SeededRng::new(7, stream::DATA);

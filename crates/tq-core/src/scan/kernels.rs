@@ -1088,9 +1088,11 @@ pub fn accumulate_blocks_u8(
     }
 }
 
-/// Whether [`accumulate_blocks_u8`] runs a SIMD body on this CPU (AVX-512 F, BW and VNNI, not
-/// turned off by `TQ_NO_AVX512=1`); elsewhere callers should keep the `i16` weights of
-/// [`accumulate_blocks_i16`], which have SIMD bodies for AVX2. O(1) after the first call.
+/// Whether [`accumulate_blocks_u8`] runs a SIMD body on this CPU (AVX2, FMA and AVX-512 F, VL,
+/// BW and VNNI, not turned off by `TQ_NO_AVX512=1`); elsewhere callers should keep the `i16`
+/// weights of [`accumulate_blocks_i16`], which have SIMD bodies for AVX2. The two paths round
+/// differently, so a 4-bit fast weighted sum depends on which one the CPU takes (each is the same
+/// on every CPU that takes it). O(1) after the first call.
 pub fn byte_sums_native() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -1824,7 +1826,7 @@ fn has_avx512_vl() -> bool {
 }
 
 /// [`has_avx512_vnni`] and AVX-512 BW: the 4-bit integer value sums (byte shuffles and masked
-/// byte loads on 512-bit registers, `vpdpwssd`).
+/// byte loads on 512-bit registers, `vpdpwssd`) and the byte sums (`vpdpbusd`).
 #[cfg(target_arch = "x86_64")]
 fn has_avx512_bw_vnni() -> bool {
     use std::sync::OnceLock;

@@ -30,7 +30,9 @@
 //! (at 5 bits too, where it rounds far less than `u8` tables), and [`dot_block_codes`] decodes
 //! exact floats. Weighted sums of decoded rows (attention over values) run in floats
 //! ([`accumulate_blocks_multi`], any width) or in integers on the same grid with `i16` weights
-//! ([`accumulate_blocks_i16`], [`IntWeights`], any width).
+//! ([`accumulate_blocks_i16`], [`IntWeights`], any width); at 4 bits, non-negative weights on
+//! `u8` against the byte grid below ([`accumulate_blocks_u8`], [`ByteWeights`]; with AVX-512 BW
+//! and VNNI, [`byte_sums_native`]).
 //!
 //! At 4 bits a nibble is one code, so a score is also `Σ_n w_n · c[nibble_n]`: [`ByteCodebook`]
 //! puts the 16 centroids on a `u8` grid and the query on `i8` weights ([`ByteQuery`]), and

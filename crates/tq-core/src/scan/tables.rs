@@ -1,7 +1,7 @@
 //! The integer grids the scans take: `u8` look-up tables (float tables quantized with one shared
 //! step), a codebook on an `i16` grid with a query (key dots, 5-8 bits) or a weight vector
 //! (value sums, every width) on `i16` weights, and a 4-bit codebook on a `u8` grid with a query
-//! on `i8` weights (key dots, 4 bits).
+//! on `i8` weights (key dots, 4 bits) or non-negative weights on `u8` (value sums, 4 bits).
 
 /// `u8` look-up tables for the scans: `entries` bytes per table (16 for
 /// [`scan_block`](super::scan_block) and [`scan_block_b3`](super::scan_block_b3), 32 for
@@ -583,9 +583,9 @@ impl ByteCodebook {
     /// CPU): 8 bits of the chunk's largest weight. A chunk's sums are then exact in `i32` (`128
     /// · 255 · 127 < 2^23`). O(rows).
     ///
-    /// `None` (callers then take the `i16` weights) when a product is negative or not finite,
-    /// or when a chunk's unit `s · step` is not a normal `f32` (weights or grids of extreme
-    /// range).
+    /// `None` (callers then take the `i16` weights) when a product is negative (or -0), NaN or
+    /// infinite, or when a chunk's step `s` or unit `s · step` would not be a normal `f32`
+    /// (weights or grids of extreme range). A chunk of zero products adds nothing (no step).
     ///
     /// # Panics
     /// If `row_scales` is shorter than `weights`.
@@ -619,7 +619,8 @@ impl ByteCodebook {
 
 /// The body of [`ByteCodebook::quantize_weights`], compiled for the CPU's vector width (plain
 /// lane-wise float operations: the same results at any width). Leaves each chunk's step `s` in
-/// its `(0, s)`; `None` for a negative or non-finite product (or a chunk whose sum overflows).
+/// its `(0, s)`; `None` for a negative (or -0), NaN or infinite product, or a chunk whose
+/// largest product is below `255 · 2^-126` (a subnormal step).
 struct QuantizeBytes<'a> {
     weights: &'a [f32],
     row_scales: Option<&'a [f32]>,
@@ -675,11 +676,15 @@ impl pulp::WithSimd for QuantizeBytes<'_> {
             }
             let top = f32::from_bits(top);
             let x = &x[..w.len()];
-            let s = top / 255.0;
-            if s == 0.0 || !s.is_normal() {
-                // All zero, or so small that no weight is worth a unit: nothing to add.
+            if top == 0.0 {
+                // All zero: nothing to add.
                 out.chunks.push((0.0, 0.0));
                 continue;
+            }
+            let s = top / 255.0;
+            if !s.is_normal() {
+                // Products below 255 · 2^-126: a subnormal step would keep too few bits.
+                return None;
             }
             let inv = 1.0 / s;
             let ws = &mut out.weights[start..start + w.len()];

@@ -2082,6 +2082,17 @@ fn byte_sums_equal_the_scalar_twin_and_the_rows() {
             &[1, 31, 32, 129, 300],
         )
     };
+    // Where the CPU has the byte sums' body (and it is not turned off), the comparisons below
+    // are the SIMD body against the scalar twin.
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let off = std::env::var("TQ_NO_AVX512").is_ok_and(|v| !v.is_empty() && v != "0");
+        let cpu = has!("avx2") && has!("fma") && has!("avx512f") && has!("avx512vl");
+        if cpu && has!("avx512bw") && has!("avx512vnni") && !off {
+            assert!(byte_sums_native());
+        }
+    }
     let centroids: Vec<f32> = (0..16).map(|k| (k as f32 - 7.5) * 0.37).collect();
     let book = ByteCodebook::from_centroids(&centroids);
     for &d in dims {
@@ -2216,10 +2227,20 @@ fn byte_weights_stay_within_half_a_step() {
         assert_eq!(q.active[b], live, "block {b}");
     }
     assert!(!q.active[16] && !q.active[17] && !q.active[18] && !q.active[19]);
-    for bad in [-1e-3f32, f32::NAN, f32::INFINITY] {
+    for bad in [-1e-3f32, -0.0, f32::NAN, f32::INFINITY] {
         let mut v = w.clone();
         v[777] = bad;
         assert!(book.quantize_weights(&v, None).is_none(), "{bad}");
     }
+    // Finite weights and scales whose product overflows, and a chunk whose largest product is
+    // so small that its step would be subnormal (the `i16` weights keep such chunks).
+    let mut v = w.clone();
+    v[5] = f32::MAX;
+    let mut s2 = scales.clone();
+    s2[5] = 4.0;
+    assert!(book.quantize_weights(&v, Some(&s2)).is_none());
+    let mut v = w.clone();
+    v[128..256].iter_mut().for_each(|x| *x = 1e-37 * (1.0 + *x));
+    assert!(book.quantize_weights(&v, None).is_none());
     assert!(book.quantize_weights(&[], None).is_some());
 }

@@ -4,17 +4,22 @@
 use super::BLOCK;
 use std::arch::x86_64::*;
 
-/// Asks for the cache lines of `bytes` ahead of their use (`prefetcht0`, one per 64 bytes; a
-/// hint: no fault, no effect on results). The hardware's stream prefetchers stop at 4 KiB pages,
+/// Asks for the cache lines of `bytes` ahead of their use (`prefetcht0`, one per 64-byte line it
+/// touches; a hint: no fault, no effect on results). The hardware's stream prefetchers stop at 4 KiB pages,
 /// and the integer sums read a chunk's blocks a quarter at a time, so a cache that has left the
 /// CPU's caches (a decoder's other layers ran in between) would otherwise wait on memory at
 /// every chunk.
 #[inline(always)]
 pub(super) fn prefetch(bytes: &[u8]) {
-    for line in bytes.chunks(64) {
-        // SAFETY: `prefetcht0` (SSE, in the x86-64 baseline) of an address inside `bytes`; it
-        // reads nothing architecturally.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8) };
+    // Every 64-byte line `bytes` touches, from the line holding its first byte (which may start
+    // before it: only the address is formed, with wrapping arithmetic, never dereferenced).
+    let first = bytes.as_ptr();
+    let skew = first as usize % 64;
+    let base = first.wrapping_sub(skew);
+    for at in (0..skew + bytes.len()).step_by(64) {
+        // SAFETY: `prefetcht0` (SSE, in the x86-64 baseline) is a hint: it never faults and
+        // reads nothing architecturally, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(at) as *const i8) };
     }
 }
 
@@ -1398,8 +1403,8 @@ macro_rules! int_sums_kernel {
         fmul: $fmul:ident, fload: $fload:ident, fstore: $fstore:ident,
         wtype: $wt:ty, extra: ($($ex:ident: $ext:ty),*)
     ) => {
-        /// The `accumulate_blocks_i16` body for `B`-bit codes and `Q` weight vectors (see the
-        /// macro's docs).
+        /// An `accumulate_blocks_i16` (or, on `ByteWeights`, `accumulate_blocks_u8`) body for
+        /// `B`-bit codes and `Q` weight vectors (see the macro's docs).
         ///
         /// # Safety
         /// The CPU has the features this copy is compiled with; `B` is a width the copy's
@@ -1450,11 +1455,11 @@ macro_rules! int_sums_kernel {
                     let n = (units - 4 * g4).min(4);
                     for (i, b) in range.clone().enumerate().filter(|&(i, _)| live[i]) {
                         let block = &blocks[b * bb..(b + 1) * bb];
-                        // With the first units of each block, the block two chunks ahead
-                        // (8 KiB at 4 bits and d = 64), so it arrives while this chunk and
-                        // the next are summed.
+                        // With the first units of each block, the block about 8 KiB ahead
+                        // (two chunks at 4 bits and d = 64; one block at least), so it arrives
+                        // while the blocks between are summed, without pushing them out of L1.
                         if g4 == 0 {
-                            let ahead = (b + 2 * per_chunk) * bb;
+                            let ahead = (b + (8192 / bb).max(1)) * bb;
                             if let Some(next) = blocks.get(ahead..ahead + bb) {
                                 super::x86::prefetch(next);
                             }
