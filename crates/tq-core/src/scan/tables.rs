@@ -601,16 +601,13 @@ impl ByteCodebook {
             out: &mut out,
         };
         crate::simd::arch().dispatch(op)?;
-        for (c, chunk) in out.chunks.iter_mut().enumerate() {
-            let unit = chunk.1 * self.step;
-            let live = out.weights[c * INT_CHUNK..]
-                .iter()
-                .take(INT_CHUNK)
-                .any(|&w| w != 0);
-            if live && !unit.is_normal() {
+        // A chunk with a step holds a weight of 255 (its largest product's); the others add
+        // nothing.
+        for chunk in out.chunks.iter_mut().filter(|c| c.1 > 0.0) {
+            chunk.1 *= self.step;
+            if !chunk.1.is_normal() {
                 return None;
             }
-            chunk.1 = if live { unit } else { 0.0 };
         }
         out.mark_active();
         Some(out)

@@ -2210,7 +2210,9 @@ fn byte_weights_stay_within_half_a_step() {
             continue;
         }
         let s = f64::from(top) / 255.0;
-        assert!((f64::from(unit) / f64::from(book.step()) / s - 1.0).abs() < 1e-6);
+        // The unit is `s · step` in f32: the division by 255 and the product, two roundings.
+        let tol = 4.0 * 2f64.powi(-24);
+        assert!((f64::from(unit) / f64::from(book.step()) / s - 1.0).abs() < tol);
         for (i, &xi) in rows.zip(&x) {
             let got = f64::from(q.weights[i]) * s;
             // Half a step, and the f32 products and division's few 2^-24 of the chunk's top.
