@@ -258,7 +258,7 @@ fn scan_in_cache(c: &mut Criterion) {
 /// The rotated-domain value accumulation of a decode step (`accumulate_blocks_multi`) at every
 /// width, d = 128, 8 192 rows (the codes stay in L2 up to 4 bits), with one and three weight
 /// vectors (a grouped-query head's queries), and the integer fast path
-/// (`accumulate_blocks_i16`, weights quantized inside the loop; at 4 bits with AVX-512 BW and
+/// (`accumulate_blocks_i16`, weights quantized inside the loop; at 1-4 bits with AVX-512 BW and
 /// VNNI the byte sums, `accumulate_blocks_u8`, too); throughput counts (row, weight vector)
 /// pairs.
 fn accumulate(c: &mut Criterion) {
@@ -310,11 +310,11 @@ fn accumulate(c: &mut Criterion) {
                     })
                 });
             }
-            if bits == 4 && scan::byte_sums_native() {
+            if bits <= 4 && scan::byte_sums_native() {
                 // The byte sums: the weights put on u8 (timed too) and the codebook on the
                 // byte dots' grid.
                 let book = scan::ByteCodebook::from_centroids(&values);
-                g.bench_function(format!("d128_b4_bytes_queries{nq}"), |b| {
+                g.bench_function(format!("d128_b{bits}_bytes_queries{nq}"), |b| {
                     b.iter(|| {
                         let bytes: Vec<scan::ByteWeights> = w
                             .iter()

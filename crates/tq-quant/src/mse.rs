@@ -19,7 +19,9 @@ use crate::config::{MseConfig, ScaleMode, ScalePrecision};
 use crate::error::{check_batch, check_dim, check_finite, check_len, check_range, check_rows};
 use crate::packed::PackedRows;
 use crate::scales::RowScales;
-use crate::score::{self, BYTE_DOT_BITS, Hit, INT_DOT_MIN_BITS, TableKind, Tables};
+use crate::score::{
+    self, BYTE_DOT_BITS, BYTE_SUM_MAX_BITS, Hit, INT_DOT_MIN_BITS, TableKind, Tables,
+};
 use crate::{Error, Result};
 
 /// Rows summed per chunk by [`MseBatch::accumulate_rotated_multi`] (a multiple of the 32-row
@@ -39,8 +41,9 @@ pub struct MseQuantizer {
     /// dots on it (below 5 bits keys scan `u8` tables or, at 4 bits, take the byte dots),
     /// values of every width are summed on it.
     grid: Arc<IntCodebook>,
-    /// 4 bits: the codebook on the byte grid that keys score through where the CPU runs the
-    /// byte dots ([`scan::byte_dots_native`]; else the `u8` tables).
+    /// 1-4 bits: the codebook on the byte grid that values are summed on where the CPU runs
+    /// the byte sums ([`scan::byte_sums_native`]) and, at 4 bits, keys score through where it
+    /// runs the byte dots ([`scan::byte_dots_native`]; else the `u8` tables).
     bytes: Option<Arc<ByteCodebook>>,
 }
 
@@ -67,7 +70,7 @@ impl MseQuantizer {
         let rotation = Rotation::new(config.rotation, config.dim, config.seed)?;
         let codebook = Codebook::get(config.dim, config.bits)?;
         let grid = Arc::new(IntCodebook::from_centroids(codebook.centroids()));
-        let bytes = (config.bits == BYTE_DOT_BITS)
+        let bytes = (config.bits <= BYTE_SUM_MAX_BITS)
             .then(|| Arc::new(ByteCodebook::from_centroids(codebook.centroids())));
         Ok(Self {
             config,
@@ -439,7 +442,7 @@ impl MseQuantizer {
         let bytes = self
             .bytes
             .as_ref()
-            .filter(|_| scan::byte_dots_native())
+            .filter(|_| self.bits() == BYTE_DOT_BITS && scan::byte_dots_native())
             .map(|book| {
                 let bq = book.quantize_query(&rotated, 2 * self.row_bytes);
                 (Arc::clone(book), bq)
@@ -860,13 +863,13 @@ impl MseBatch {
     /// exact integers ([`scan::accumulate_blocks_i16`]: `vpdpwssd` with AVX-512 VNNI, `vpmaddwd`
     /// with AVX2, the same bits on every CPU that takes it). The roundings add about 0.001 of the quantization
     /// error at 4 bits (RMS, see the accuracy tests; 0.0001-0.0006 at 1-3 bits, relatively more at
-    /// 8 bits, whose own error is 16 times smaller). At 4 bits, where the CPU has AVX-512 BW and
-    /// VNNI ([`scan::byte_sums_native`]), non-negative weights (attention's) go on `u8` instead
-    /// ([`tq_core::scan::ByteCodebook::quantize_weights`]) and the codebook on the 8-bit grid of
-    /// the byte dots ([`scan::accumulate_blocks_u8`]: one `vpdpbusd` per 16 rows, four
-    /// coordinates and vector, half the work): 0.05-0.08 of the quantization error, about what
-    /// the 4-bit keys' byte dots add (so at 4 bits the fast sums differ between CPUs with and
-    /// without it). The exact path takes a part of
+    /// 8 bits, whose own error is 16 times smaller). At 1-4 bits, where the CPU has AVX-512 BW
+    /// and VNNI ([`scan::byte_sums_native`]), non-negative weights (attention's) go on `u8`
+    /// instead ([`tq_core::scan::ByteCodebook::quantize_weights`]) and the codebook on the 8-bit
+    /// grid of the byte dots ([`scan::accumulate_blocks_u8`]: one `vpdpbusd` per 16 rows, four
+    /// coordinates and vector, half the work): 0.05-0.08 of the quantization error at 4 bits,
+    /// about what the 4-bit keys' byte dots add, and less below (so at 1-4 bits the fast sums
+    /// differ between CPUs with and without it). The exact path takes a part of
     /// [`ACCUMULATE_CHUNK_ROWS`] rows whose weights the grid cannot hold for some weight vector
     /// (a non-finite product `weight · norm`, or all of that vector's products in the part so
     /// small that a unit of its sums would not be a normal `f32`: below about `2^-96` for these
@@ -907,7 +910,7 @@ impl MseBatch {
             if let Some(book) = self.quantizer.bytes.as_deref().filter(|_| fast)
                 && scan::byte_sums_native()
             {
-                // 4 bits where the CPU has VNNI: non-negative weights (attention's) on `u8`.
+                // 1-4 bits where the CPU has VNNI: non-negative weights (attention's) on `u8`.
                 let bytes: Option<Vec<_>> = ws
                     .iter()
                     .map(|w| book.quantize_weights(w, Some(&norms)))

@@ -56,6 +56,11 @@ pub(crate) const INT_DOT_MIN_BITS: u32 = 5;
 /// per product.
 pub(crate) const BYTE_DOT_BITS: u32 = 4;
 
+/// The widest values summed on the byte grid ([`tq_core::scan::accumulate_blocks_u8`]) where
+/// the CPU runs the byte sums: a 1-4-bit codebook's 2-16 centroids lie within half a step of
+/// 255 steps across its span; wider codebooks' spacing is too fine for the 8-bit grid.
+pub(crate) const BYTE_SUM_MAX_BITS: u32 = 4;
+
 /// The table scheme for codes of `bits` bits, if any (widths 6-8 have none: their fast path is
 /// the integer dots, [`INT_DOT_MIN_BITS`], as is 5 bits' for MSE codes).
 #[inline]

@@ -1094,6 +1094,40 @@ super::x86::int_sums_kernel!(
     extra: (table: __m512i)
 );
 
+/// One unit of `B`-bit codes (`1 <= B <= 3`) for the byte sums on AVX-512: coordinates `4u..4u
+/// + 4`, one per 128-bit lane, rows 0-15 then rows 16-31 ([`unit_codes`]), each code masked to
+/// its `B` bits and looked up in the signed grid (`table`, its 16 bytes in every lane) by
+/// `vpshufb`: the shape of [`decode_nibbles_i8_512`]'s 4-bit units.
+///
+/// # Safety
+/// AVX-512 F and BW; `1 <= B <= 3`; `block` is one block and position `B·u` lies in it.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn decode_wide_i8_512<const B: usize>(
+    block: &[u8],
+    u: usize,
+    table: __m512i,
+) -> [__m512i; 2] {
+    const { assert!(B >= 1 && B <= 3) };
+    // SAFETY: the caller's contract.
+    let [low, high] = unsafe { unit_codes::<B>(block, u) };
+    let mask = _mm512_set1_epi8(((1u32 << B) - 1) as i8);
+    [
+        _mm512_shuffle_epi8(table, _mm512_and_si512(low, mask)),
+        _mm512_shuffle_epi8(table, _mm512_and_si512(high, mask)),
+    ]
+}
+
+super::x86::int_sums_kernel!(
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
+    accumulate_u8_wide_vnni, __m512i, per: 4, regs: 2, zero: _mm512_setzero_si512(),
+    decode: |block: &[u8], unit: usize, _dim: usize| decode_wide_i8_512::<B>(block, unit, table),
+    weights: byte_weights_512, dot: dpbusd_grid, reduce: reduce_lanes_512,
+    fsplat: _mm512_set1_ps, cvt: _mm512_cvtepi32_ps, fadd: _mm512_add_ps, fmul: _mm512_mul_ps,
+    fload: _mm512_loadu_ps, fstore: _mm512_storeu_ps, wtype: super::ByteWeights,
+    extra: (table: __m512i)
+);
+
 /// The nibble positions holding unit `u`'s four coordinates `4u + c` for `B`-bit codes: lane
 /// `c` of piece `k` is position `B·u + ⌊B·c / 4⌋ + k` (a unit's `4B` bits are whole nibbles, so
 /// each unit starts one), zero past the block's end. A code lies at bit offset `B·c mod 4` of

@@ -1047,20 +1047,22 @@ fn check_sums<T>(
     }
 }
 
-/// Weighted sums of 4-bit rows on a byte grid, the fast path of attention over 4-bit values
-/// where the CPU has AVX-512 BW and VNNI ([`byte_sums_native`]): `accs[q][j] += Σ_c step_c ·
-/// Σ_{i in chunk c} w_i · (values[code_j(row i)] − 128)` for each weight vector `weights[q]`
-/// ([`ByteCodebook::quantize_weights`]: `u8` weights, one step per [`INT_CHUNK`] rows). The
-/// body looks each unit of four nibble positions up once per group of [`INT_QUERIES`] weight
-/// vectors (`vpshufb`) and adds its rows by one `vpdpbusd` per 16 rows, four coordinates and
-/// vector (half the `vpdpwssd` of [`accumulate_blocks_i16`], on grid entries of 8 bits rather
-/// than 14); each chunk's sums are exact in `i32`, converted and scaled as the scalar twin
-/// does, so the results are its bits. Elsewhere the scalar twin runs. O(rows · dim · vectors).
+/// Weighted sums of 1-4-bit rows (the codebook's width) on a byte grid, the fast path of
+/// attention over 1-4-bit values where the CPU has AVX-512 BW and VNNI ([`byte_sums_native`]):
+/// `accs[q][j] += Σ_c step_c · Σ_{i in chunk c} w_i · (values[code_j(row i)] − 128)` for each
+/// weight vector `weights[q]` ([`ByteCodebook::quantize_weights`]: `u8` weights, one step per
+/// [`INT_CHUNK`] rows). The body decodes each unit of four coordinates once per group of
+/// [`INT_QUERIES`] weight vectors (4 bits: nibbles; 1-3 bits: the codes cut out of their
+/// nibble positions by shifts and selects) and looks them up in the grid (`vpshufb`), then
+/// adds its rows by one `vpdpbusd` per 16 rows, four coordinates and vector (half the
+/// `vpdpwssd` of [`accumulate_blocks_i16`], on grid entries of 8 bits rather than 14); each
+/// chunk's sums are exact in `i32`, converted and scaled as the scalar twin does, so the
+/// results are its bits. Elsewhere the scalar twin runs. O(rows · dim · vectors).
 ///
 /// # Panics
 /// Unless `row_bytes > 0`, `blocks` is whole blocks, every weight vector covers exactly their
-/// rows, the accumulators have one length `<= 2 · row_bytes` (the nibbles a row holds) and
-/// there is one accumulator per weight vector.
+/// rows, the accumulators have one length `<= 8 · row_bytes / bits` (the codes a row holds)
+/// and there is one accumulator per weight vector.
 pub fn accumulate_blocks_u8(
     blocks: &[u8],
     row_bytes: usize,
@@ -1068,23 +1070,39 @@ pub fn accumulate_blocks_u8(
     weights: &[&ByteWeights],
     accs: &mut [&mut [f32]],
 ) {
-    check_sums(blocks.len(), row_bytes, 4, 16, weights, accs);
+    let bits = codebook.bits();
+    check_sums(blocks.len(), row_bytes, bits, 16, weights, accs);
     #[cfg(target_arch = "x86_64")]
     if byte_sums_native() {
-        use super::avx512::accumulate_u8_vnni;
+        use super::avx512::{accumulate_u8_vnni, accumulate_u8_wide_vnni};
         let codes = IntSumCodes { blocks, row_bytes };
-        const B: usize = 4;
+        const B1: usize = 1;
+        const B2: usize = 2;
+        const B3: usize = 3;
+        const B4: usize = 4;
         // SAFETY: AVX-512 F, BW and VNNI are present (checked above); `check_sums` proved
         // the lengths the body reads through; a chunk's sums stay below `128 · 255 · 128`.
         unsafe {
             let table = super::avx512::signed_grid_512(codebook.values());
-            int_groups!(accumulate_u8_vnni, B, codes, (table), weights, accs);
+            match bits {
+                1 => int_groups!(accumulate_u8_wide_vnni, B1, codes, (table), weights, accs),
+                2 => int_groups!(accumulate_u8_wide_vnni, B2, codes, (table), weights, accs),
+                3 => int_groups!(accumulate_u8_wide_vnni, B3, codes, (table), weights, accs),
+                _ => int_groups!(accumulate_u8_vnni, B4, codes, (table), weights, accs),
+            }
         }
         return;
     }
     for (w, acc) in weights.iter().zip(accs.iter_mut()) {
         let values = codebook.values();
-        chunk_sums_scalar(blocks, row_bytes, 4, |k| i32::from(values[k]) - 128, w, acc);
+        chunk_sums_scalar(
+            blocks,
+            row_bytes,
+            bits,
+            |k| i32::from(values[k]) - 128,
+            w,
+            acc,
+        );
     }
 }
 
@@ -1116,12 +1134,13 @@ pub fn accumulate_blocks_u8_scalar(
     weights: &ByteWeights,
     acc: &mut [f32],
 ) {
-    check_sums(blocks.len(), row_bytes, 4, 16, &[weights], &[&mut *acc]);
+    let bits = codebook.bits();
+    check_sums(blocks.len(), row_bytes, bits, 16, &[weights], &[&mut *acc]);
     let values = codebook.values();
     chunk_sums_scalar(
         blocks,
         row_bytes,
-        4,
+        bits,
         |k| i32::from(values[k]) - 128,
         weights,
         acc,
@@ -1434,8 +1453,8 @@ pub fn byte_dots_native() -> bool {
 /// the same bits. O(rows · row_bytes · jobs).
 ///
 /// # Panics
-/// Before any memory is read, for each job, unless `1 <= row_bytes <= 32 768` (so no sum
-/// overflows),
+/// Before any memory is read, for each job, unless the codebook is 4-bit, `1 <= row_bytes <=
+/// 32 768` (so no sum overflows),
 /// `blocks.len() == scales.len().div_ceil(32) · 32 · row_bytes`, and every job has `2 ·
 /// row_bytes` weights and `scales.len()` outputs.
 pub fn dot_blocks_scores_u8(
@@ -1448,6 +1467,7 @@ pub fn dot_blocks_scores_u8(
     for job in jobs.iter() {
         check_byte_dots(
             blocks.len(),
+            codebook.bits(),
             row_bytes,
             job.weights.len(),
             scales.len(),
@@ -1519,6 +1539,7 @@ pub fn dot_blocks_scores_u8_scalar(
 ) {
     check_byte_dots(
         blocks.len(),
+        codebook.bits(),
         row_bytes,
         weights.len(),
         scales.len(),
@@ -1547,11 +1568,13 @@ pub fn dot_blocks_scores_u8_scalar(
 /// Panics unless the arguments fit [`dot_blocks_scores_u8`].
 fn check_byte_dots(
     blocks_len: usize,
+    bits: u32,
     row_bytes: usize,
     weights: usize,
     scales_len: usize,
     rows: usize,
 ) {
+    assert_eq!(bits, 4, "byte dots score 4-bit codes");
     assert!(
         (1..=1 << 15).contains(&row_bytes),
         "byte dots take rows of 1 to 32 768 bytes, not {row_bytes}"

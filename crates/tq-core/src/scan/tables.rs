@@ -479,16 +479,19 @@ impl pulp::WithSimd for QuantizeWeights<'_> {
     }
 }
 
-/// A 4-bit codebook on an unsigned 8-bit grid, for the byte dot products of 4-bit codes
-/// ([`super::dot_blocks_scores_u8`]): entry `k` stands for `(values[k] - 128) · step`, with
+/// A 1-4-bit codebook on an unsigned 8-bit grid, for the byte dot products of 4-bit codes
+/// ([`super::dot_blocks_scores_u8`]) and the byte sums of 1-4-bit values
+/// ([`super::accumulate_blocks_u8`]): entry `k` stands for `(values[k] - 128) · step`, with
 /// `step = max |c| / 127`, so every entry lies in `1..=255` and within `step / 2` of its
 /// centroid (about `2^-8` of the codebook's span; a 16-entry Lloyd-Max codebook's spacing is
 /// about 16 steps). One weight per nibble position times one entry fits the unsigned-by-signed
 /// byte products of `vpdpbusd`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ByteCodebook {
+    /// `2^bits` grid entries, then the grid's zero (128) up to 16.
     values: [u8; 16],
     step: f32,
+    bits: u32,
 }
 
 /// A query on a [`ByteCodebook`]'s grid ([`ByteCodebook::quantize_query`]): one `i8` weight per
@@ -506,27 +509,39 @@ pub struct ByteQuery {
 }
 
 impl ByteCodebook {
-    /// The grid of 16 finite `centroids` (a 4-bit codebook). O(1).
+    /// The grid of a `b`-bit codebook's `2^b` finite `centroids` (`b` in 1..=4: 2, 4, 8 or 16
+    /// values). O(1).
     ///
     /// # Panics
-    /// Unless `centroids` holds exactly 16 finite values.
+    /// Unless `centroids` holds 2, 4, 8 or 16 values, all finite.
     pub fn from_centroids(centroids: &[f32]) -> Self {
         assert!(
-            centroids.len() == 16 && centroids.iter().all(|c| c.is_finite()),
-            "a 4-bit codebook takes 16 finite values, not {centroids:?}"
+            matches!(centroids.len(), 2 | 4 | 8 | 16) && centroids.iter().all(|c| c.is_finite()),
+            "a 1-4-bit codebook takes 2, 4, 8 or 16 finite values, not {centroids:?}"
         );
         let top = centroids.iter().fold(0.0f32, |m, c| m.max(c.abs()));
         let step = if top > 0.0 { top / 127.0 } else { 1.0 };
         let values = std::array::from_fn(|k| {
-            let m = (f64::from(centroids[k]) / f64::from(step)).round();
-            (m.clamp(-127.0, 127.0) as i32 + 128) as u8
+            centroids.get(k).map_or(128, |&c| {
+                let m = (f64::from(c) / f64::from(step)).round();
+                (m.clamp(-127.0, 127.0) as i32 + 128) as u8
+            })
         });
-        Self { values, step }
+        Self {
+            values,
+            step,
+            bits: centroids.len().trailing_zeros(),
+        }
     }
 
-    /// The grid values (zero point 128).
+    /// The grid values (zero point 128): `2^bits` entries, then 128 up to 16.
     pub fn values(&self) -> &[u8; 16] {
         &self.values
+    }
+
+    /// The codebook's width: 1 to 4 bits.
+    pub fn bits(&self) -> u32 {
+        self.bits
     }
 
     /// The value of one grid unit.
@@ -542,8 +557,10 @@ impl ByteCodebook {
     /// in `i32` for up to 65 536 positions (`127 · 255` per position). O(positions).
     ///
     /// # Panics
-    /// If `q` holds a non-finite value or more than `positions` values.
+    /// If `q` holds a non-finite value or more than `positions` values, or the codebook is not
+    /// 4-bit.
     pub fn quantize_query(&self, q: &[f32], positions: usize) -> ByteQuery {
+        assert_eq!(self.bits, 4, "byte queries score 4-bit codes");
         assert!(
             q.iter().all(|x| x.is_finite()) && q.len() <= positions,
             "a query of {} values for {positions} positions (or not finite)",
@@ -575,7 +592,7 @@ impl ByteCodebook {
 }
 
 impl ByteCodebook {
-    /// Non-negative weights (e.g. a query's softmax numerators over the rows of a 4-bit value
+    /// Non-negative weights (e.g. a query's softmax numerators over the rows of a 1-4-bit value
     /// batch) on `u8`, for [`super::accumulate_blocks_u8`]: row `i` weighs `x_i = weights[i] ·
     /// s_i` (`s_i = row_scales[i]`, e.g. the rows' norms, or 1; the product rounded to `f32`).
     /// Each chunk of [`INT_CHUNK`] rows has its own step `s = max_chunk x_i / 255`, so every

@@ -2065,7 +2065,7 @@ fn byte_query_dots_stay_within_their_rounding_bound() {
     }
 }
 
-/// The byte sums of 4-bit rows give their scalar twin's bits and an independent read-back of
+/// The byte sums of 1-4-bit rows give their scalar twin's bits and an independent read-back of
 /// every chunk's exact sums, for one to four weight vectors per call (one and two groups), over
 /// dimensions whose last unit is partial, partial last blocks and chunks, flat weights, one
 /// dominant weight per chunk (the rest rounding to 0 or 1), zero runs (whole inactive blocks and
@@ -2093,87 +2093,96 @@ fn byte_sums_equal_the_scalar_twin_and_the_rows() {
             assert!(byte_sums_native());
         }
     }
-    let centroids: Vec<f32> = (0..16).map(|k| (k as f32 - 7.5) * 0.37).collect();
-    let book = ByteCodebook::from_centroids(&centroids);
-    for &d in dims {
-        let row_bytes = crate::bitpack::packed_len(d, 4);
-        let bb = block_bytes(row_bytes);
-        for &rows in row_counts {
-            let nb = rows.div_ceil(BLOCK);
-            for case in 0..4 {
-                let blocks = match case {
-                    // Every code 0: the grid's most negative entry (-127).
-                    3 => vec![0u8; nb * bb],
-                    _ => random_bytes(nb * bb, 7 + d as u64 + rows as u64),
-                };
-                let weights: Vec<Vec<f32>> = (0..4)
-                    .map(|v| {
-                        (0..rows)
-                            .map(|i| match case {
-                                0 if (i / 130 + v) % 3 == 1 => 0.0,
-                                0 => r.uniform() as f32,
-                                1 if i % INT_CHUNK == 7 + v => 1.0,
-                                1 => r.uniform() as f32 * 4e-3,
-                                2 => (r.uniform() * 1e-3) as f32 * (1 << (i % 20)) as f32,
-                                _ => 2.0,
-                            })
-                            .collect()
-                    })
-                    .collect();
-                let scales: Vec<f32> = (0..rows)
-                    .map(|_| {
-                        if case == 3 {
-                            1.0
-                        } else {
-                            0.5 + r.uniform() as f32
-                        }
-                    })
-                    .collect();
-                let bw: Vec<ByteWeights> = weights
-                    .iter()
-                    .map(|w| {
-                        book.quantize_weights(w, Some(&scales))
-                            .expect("non-negative")
-                    })
-                    .collect();
-                if case == 3 {
-                    assert!(
-                        bw.iter()
-                            .all(|w| w.weights[..rows].iter().all(|&x| x == 255))
-                    );
-                }
-                let start: Vec<f32> = (0..d).map(|j| j as f32 * 0.25).collect();
-                for k in 1..=4 {
-                    let what = format!("d={d} rows={rows} case {case} vectors {k}");
-                    let refs: Vec<&ByteWeights> = bw[..k].iter().collect();
-                    let mut accs = vec![start.clone(); k];
-                    {
-                        let mut a: Vec<&mut [f32]> = accs.iter_mut().map(|a| &mut a[..]).collect();
-                        accumulate_blocks_u8(&blocks, row_bytes, &book, &refs, &mut a);
-                    }
-                    for (w, got) in refs.iter().zip(&accs) {
-                        let mut twin = start.clone();
-                        accumulate_blocks_u8_scalar(&blocks, row_bytes, &book, w, &mut twin);
-                        assert_eq!(bits_of(got), bits_of(&twin), "{what}");
-                        // Independent read-back: each chunk's exact sum in i64, checked to fit.
-                        let mut local = vec![0.0f32; d];
-                        for (c, &(offset, step)) in w.chunks.iter().enumerate() {
-                            for (j, l) in local.iter_mut().enumerate() {
-                                let sum: i64 = (c * INT_CHUNK
-                                    ..((c + 1) * INT_CHUNK).min(nb * BLOCK))
-                                    .map(|i| {
-                                        let block = &blocks[i / BLOCK * bb..(i / BLOCK + 1) * bb];
-                                        let code = code_at(block, 4, j, i % BLOCK);
-                                        i64::from(w.weights[i])
-                                            * (i64::from(book.values()[code]) - 128)
-                                    })
-                                    .sum();
-                                let sum = i32::try_from(sum).expect("a chunk's sum fits i32");
-                                *l += offset + step * sum as f32;
+    for bits in 1..=4u32 {
+        let n = 1usize << bits;
+        let centroids: Vec<f32> = (0..n)
+            .map(|k| (k as f32 - (n - 1) as f32 / 2.0) * 0.37)
+            .collect();
+        let book = ByteCodebook::from_centroids(&centroids);
+        assert_eq!(book.bits(), bits);
+        for &d in dims {
+            let row_bytes = crate::bitpack::packed_len(d, bits);
+            let bb = block_bytes(row_bytes);
+            for &rows in row_counts {
+                let nb = rows.div_ceil(BLOCK);
+                for case in 0..4 {
+                    let blocks = match case {
+                        // Every code 0: the grid's most negative entry (-127).
+                        3 => vec![0u8; nb * bb],
+                        _ => random_bytes(nb * bb, 7 + d as u64 + rows as u64),
+                    };
+                    let weights: Vec<Vec<f32>> = (0..4)
+                        .map(|v| {
+                            (0..rows)
+                                .map(|i| match case {
+                                    0 if (i / 130 + v) % 3 == 1 => 0.0,
+                                    0 => r.uniform() as f32,
+                                    1 if i % INT_CHUNK == 7 + v => 1.0,
+                                    1 => r.uniform() as f32 * 4e-3,
+                                    2 => (r.uniform() * 1e-3) as f32 * (1 << (i % 20)) as f32,
+                                    _ => 2.0,
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    let scales: Vec<f32> = (0..rows)
+                        .map(|_| {
+                            if case == 3 {
+                                1.0
+                            } else {
+                                0.5 + r.uniform() as f32
                             }
+                        })
+                        .collect();
+                    let bw: Vec<ByteWeights> = weights
+                        .iter()
+                        .map(|w| {
+                            book.quantize_weights(w, Some(&scales))
+                                .expect("non-negative")
+                        })
+                        .collect();
+                    if case == 3 {
+                        assert!(
+                            bw.iter()
+                                .all(|w| w.weights[..rows].iter().all(|&x| x == 255))
+                        );
+                    }
+                    let start: Vec<f32> = (0..d).map(|j| j as f32 * 0.25).collect();
+                    for k in 1..=4 {
+                        let what = format!("{bits} bits d={d} rows={rows} case {case} vectors {k}");
+                        let refs: Vec<&ByteWeights> = bw[..k].iter().collect();
+                        let mut accs = vec![start.clone(); k];
+                        {
+                            let mut a: Vec<&mut [f32]> =
+                                accs.iter_mut().map(|a| &mut a[..]).collect();
+                            accumulate_blocks_u8(&blocks, row_bytes, &book, &refs, &mut a);
                         }
-                        let want: Vec<f32> = start.iter().zip(&local).map(|(s, l)| s + l).collect();
-                        assert_eq!(bits_of(got), bits_of(&want), "{what}");
+                        for (w, got) in refs.iter().zip(&accs) {
+                            let mut twin = start.clone();
+                            accumulate_blocks_u8_scalar(&blocks, row_bytes, &book, w, &mut twin);
+                            assert_eq!(bits_of(got), bits_of(&twin), "{what}");
+                            // Independent read-back: each chunk's exact sum in i64, checked to fit.
+                            let mut local = vec![0.0f32; d];
+                            for (c, &(offset, step)) in w.chunks.iter().enumerate() {
+                                for (j, l) in local.iter_mut().enumerate() {
+                                    let sum: i64 = (c * INT_CHUNK
+                                        ..((c + 1) * INT_CHUNK).min(nb * BLOCK))
+                                        .map(|i| {
+                                            let block =
+                                                &blocks[i / BLOCK * bb..(i / BLOCK + 1) * bb];
+                                            let code = code_at(block, bits, j, i % BLOCK);
+                                            i64::from(w.weights[i])
+                                                * (i64::from(book.values()[code]) - 128)
+                                        })
+                                        .sum();
+                                    let sum = i32::try_from(sum).expect("a chunk's sum fits i32");
+                                    *l += offset + step * sum as f32;
+                                }
+                            }
+                            let want: Vec<f32> =
+                                start.iter().zip(&local).map(|(s, l)| s + l).collect();
+                            assert_eq!(bits_of(got), bits_of(&want), "{what}");
+                        }
                     }
                 }
             }
