@@ -3,7 +3,7 @@
 //! codes per 512-bit register) and VNNI nibble dot products (`vpdpbusd`: four nibble positions
 //! of a row against four `i8` weights into one `i32` lane; `vpdpwssd`: the integer weighted
 //! sums of codes of every width and the 5-8-bit integer key dots, four coordinates per
-//! register). Every function needs the AVX-512
+//! register), and the `u8` weights of the byte sums on 512-bit lanes. Every function needs the AVX-512
 //! features it names (the callers check them once at run time); the `unsafe` ones also read
 //! memory, and their `# Safety` names the lengths the caller (the checked public kernels) must
 //! have proven.
@@ -1298,3 +1298,119 @@ super::x86::int_sums_kernel!(
     fsplat: _mm512_set1_ps, cvt: _mm512_cvtepi32_ps, fadd: _mm512_add_ps, fmul: _mm512_mul_ps,
     fload: _mm512_loadu_ps, fstore: _mm512_storeu_ps, wtype: super::IntWeights, extra: (planes: &IntPlanes)
 );
+
+/// The body of `ByteCodebook::quantize_weights` on 512-bit lanes, the same bytes as its
+/// lane-wise body: per chunk of [`super::INT_CHUNK`] rows the products `weights[i] ·
+/// row_scales[i]` (kept in eight registers; masked loads past the end read zeros), their largest
+/// bit pattern by one unsigned integer maximum, then each product times `1 / s` (`s` the
+/// largest over 255), capped at 255 and converted with round-to-nearest-even (`vcvtps2udq`
+/// with its rounding given, not the MXCSR's) and narrowed to bytes by one masked `vpmovdb`
+/// store. Leaves each chunk's `(0, s)` in `chunks` (`(0, 0)` for a chunk of zero products);
+/// `None` for a negative (or -0), NaN or infinite product or a subnormal step, as the lane-wise
+/// body.
+///
+/// # Safety
+/// AVX-512 F; `row_scales`, when given, and `out.weights` hold at least `weights.len()` values.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn quantize_bytes_512(
+    weights: &[f32],
+    row_scales: Option<&[f32]>,
+    out: &mut super::ByteWeights,
+) -> Option<()> {
+    // SAFETY (both): the caller's contract.
+    unsafe {
+        match row_scales {
+            Some(sc) => quantize_bytes_with::<true>(weights, sc, out),
+            None => quantize_bytes_with::<false>(weights, &[], out),
+        }
+    }
+}
+
+/// [`quantize_bytes_512`] with the scales (`SCALED`) or without (`scales` unread), whole chunks
+/// by unmasked loads.
+///
+/// # Safety
+/// As [`quantize_bytes_512`]; with `SCALED`, `scales` holds at least `weights.len()` values.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_bytes_with<const SCALED: bool>(
+    weights: &[f32],
+    scales: &[f32],
+    out: &mut super::ByteWeights,
+) -> Option<()> {
+    const CHUNK: usize = super::INT_CHUNK;
+    const REGS: usize = CHUNK / 16;
+    const { assert!(CHUNK == 128) };
+    let n = weights.len();
+    let (wp, sp, op) = (weights.as_ptr(), scales.as_ptr(), out.weights.as_mut_ptr());
+    let mut start = 0;
+    while start < n {
+        let len = (n - start).min(CHUNK);
+        // Per register: all 16 lanes, or the chunk's last `len mod 16`, or none.
+        let mask = |k: usize| -> __mmask16 {
+            let left = len.saturating_sub(16 * k);
+            if left >= 16 {
+                0xFFFF
+            } else {
+                ((1u32 << left) - 1) as __mmask16
+            }
+        };
+        let mut x = [_mm512_setzero_ps(); REGS];
+        for (k, xk) in x.iter_mut().enumerate() {
+            let at = start + 16 * k;
+            // SAFETY: a whole chunk reads `start..start + 128` inside the weights (and the
+            // scales); a partial one masks what lies past `n`.
+            *xk = unsafe {
+                let (w, sc) = if len == CHUNK {
+                    (
+                        _mm512_loadu_ps(wp.add(at)),
+                        SCALED.then(|| _mm512_loadu_ps(sp.add(at))),
+                    )
+                } else {
+                    let m = mask(k);
+                    (
+                        _mm512_maskz_loadu_ps(m, wp.add(at)),
+                        SCALED.then(|| _mm512_maskz_loadu_ps(m, sp.add(at))),
+                    )
+                };
+                sc.map_or(w, |sc| _mm512_mul_ps(w, sc))
+            };
+        }
+        let top = x.iter().fold(_mm512_setzero_si512(), |t, &v| {
+            _mm512_max_epu32(t, _mm512_castps_si512(v))
+        });
+        let top = _mm512_reduce_max_epu32(top);
+        if top > f32::MAX.to_bits() {
+            return None;
+        }
+        let top = f32::from_bits(top);
+        if top == 0.0 {
+            out.chunks.push((0.0, 0.0));
+            start += len;
+            continue;
+        }
+        let step = top / 255.0;
+        if !step.is_normal() {
+            return None;
+        }
+        let (inv, cap) = (_mm512_set1_ps(1.0 / step), _mm512_set1_ps(255.0));
+        for (k, &xk) in x.iter().enumerate() {
+            let q = _mm512_min_ps(_mm512_mul_ps(xk, inv), cap);
+            let b =
+                _mm512_cvt_roundps_epu32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
+            // SAFETY: the store covers the chunk's rows (masked past `n`), inside
+            // `out.weights` (the caller's contract).
+            unsafe {
+                let at = op.add(start + 16 * k) as *mut i8;
+                if len == CHUNK {
+                    _mm_storeu_si128(at as *mut __m128i, _mm512_cvtepi32_epi8(b));
+                } else {
+                    _mm512_mask_cvtepi32_storeu_epi8(at, mask(k), b);
+                }
+            }
+        }
+        out.chunks.push((0.0, step));
+        start += len;
+    }
+    Some(())
+}

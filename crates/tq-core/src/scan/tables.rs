@@ -612,12 +612,7 @@ impl ByteCodebook {
         row_scales: Option<&[f32]>,
     ) -> Option<ByteWeights> {
         let mut out = ByteWeights::zeroed(weights.len(), row_scales);
-        let op = QuantizeBytes {
-            weights,
-            row_scales,
-            out: &mut out,
-        };
-        crate::simd::arch().dispatch(op)?;
+        quantize_bytes(weights, row_scales, &mut out)?;
         // A chunk with a step holds a weight of 255 (its largest product's); the others add
         // nothing.
         for chunk in out.chunks.iter_mut().filter(|c| c.1 > 0.0) {
@@ -631,14 +626,35 @@ impl ByteCodebook {
     }
 }
 
+/// Fills `out` (zeroed for `weights`, [`ChunkWeights::zeroed`]) with the `u8` weights and each
+/// chunk's `(0, s)`: the 512-bit body where the CPU runs the byte sums, else [`QuantizeBytes`]
+/// (the same bytes). `None` as [`QuantizeBytes`].
+fn quantize_bytes(
+    weights: &[f32],
+    row_scales: Option<&[f32]>,
+    out: &mut ByteWeights,
+) -> Option<()> {
+    #[cfg(target_arch = "x86_64")]
+    if super::byte_sums_native() {
+        // SAFETY: AVX-512 F is present (one of the byte sums' features, checked at run time);
+        // `zeroed` proved the scales cover the weights and padded `out.weights` past them.
+        return unsafe { super::avx512::quantize_bytes_512(weights, row_scales, out) };
+    }
+    crate::simd::arch().dispatch(QuantizeBytes {
+        weights,
+        row_scales,
+        out,
+    })
+}
+
 /// The body of [`ByteCodebook::quantize_weights`], compiled for the CPU's vector width (plain
 /// lane-wise float operations: the same results at any width). Leaves each chunk's step `s` in
 /// its `(0, s)`; `None` for a negative (or -0), NaN or infinite product, or a chunk whose
 /// largest product is below `255 · 2^-126` (a subnormal step).
-struct QuantizeBytes<'a> {
-    weights: &'a [f32],
-    row_scales: Option<&'a [f32]>,
-    out: &'a mut ByteWeights,
+pub(super) struct QuantizeBytes<'a> {
+    pub(super) weights: &'a [f32],
+    pub(super) row_scales: Option<&'a [f32]>,
+    pub(super) out: &'a mut ByteWeights,
 }
 
 impl pulp::WithSimd for QuantizeBytes<'_> {
@@ -738,7 +754,7 @@ impl<T: Copy + Default + PartialEq> ChunkWeights<T> {
     ///
     /// # Panics
     /// If `row_scales` is shorter than `n`.
-    fn zeroed(n: usize, row_scales: Option<&[f32]>) -> Self {
+    pub(super) fn zeroed(n: usize, row_scales: Option<&[f32]>) -> Self {
         if let Some(s) = row_scales {
             assert!(s.len() >= n, "{} row scales for {n} weights", s.len());
         }

@@ -2255,3 +2255,66 @@ fn byte_weights_stay_within_half_a_step() {
     assert!(book.quantize_weights(&v, None).is_none());
     assert!(book.quantize_weights(&[], None).is_some());
 }
+
+/// The 512-bit body of `ByteCodebook::quantize_weights` gives the lane-wise body's bytes and
+/// chunk steps, and refuses what it refuses, over lengths with partial registers and chunks,
+/// zero chunks, weights spanning many binades, ties of the rounding (products on exact halves
+/// of a step) and each refused kind of product at several places.
+#[test]
+fn byte_weights_512_equal_the_lane_wise_body() {
+    if !byte_sums_native() {
+        return;
+    }
+    let mut r = SeededRng::new(65, stream::DATA);
+    let run = |w: &[f32], s: Option<&[f32]>| {
+        let mut fast = ChunkWeights::<u8>::zeroed(w.len(), s);
+        let mut lanes = ChunkWeights::<u8>::zeroed(w.len(), s);
+        // SAFETY: the byte sums' features include AVX-512 F; `zeroed` covers the weights.
+        let a = unsafe { super::avx512::quantize_bytes_512(w, s, &mut fast) };
+        let b = crate::simd::arch().dispatch(super::tables::QuantizeBytes {
+            weights: w,
+            row_scales: s,
+            out: &mut lanes,
+        });
+        assert_eq!(a.is_some(), b.is_some(), "{} weights", w.len());
+        if a.is_some() {
+            assert_eq!(fast.weights, lanes.weights, "{} weights", w.len());
+            assert_eq!(fast.chunks, lanes.chunks, "{} weights", w.len());
+        }
+    };
+    for n in [0usize, 1, 15, 16, 17, 127, 128, 129, 255, 300, 1000] {
+        let w: Vec<f32> = (0..n)
+            .map(|i| match i % 7 {
+                0 => 0.0,
+                1 => (i % 255) as f32 + 0.5,
+                _ => r.uniform() as f32 * 10f32.powi(-((i / 40) as i32 % 30)),
+            })
+            .collect();
+        let s: Vec<f32> = (0..n).map(|_| 0.25 + r.uniform() as f32).collect();
+        run(&w, None);
+        run(&w, Some(&s));
+        let mut z = w.clone();
+        z[..n.min(200)].fill(0.0);
+        run(&z, Some(&s));
+        // A top of 255 (a step of 1) and products on exact halves: ties, to even.
+        let ties: Vec<f32> = (0..n)
+            .map(|i| {
+                if i % 128 == 0 {
+                    255.0
+                } else {
+                    (i % 255) as f32 + 0.5
+                }
+            })
+            .collect();
+        run(&ties, None);
+        for bad in [-1e-3f32, -0.0, f32::NAN, f32::INFINITY, 1e-37] {
+            for at in [0, n / 2, n.saturating_sub(1)] {
+                if at < n {
+                    let mut v = w.clone();
+                    v[at] = bad;
+                    run(&v, None);
+                }
+            }
+        }
+    }
+}
