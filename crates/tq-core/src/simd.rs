@@ -340,10 +340,21 @@ fn exp_lanes<S: Simd>(simd: S, x: S::f32s) -> S::f32s {
 /// The softmax numerator in place: `x_i ← exp(scale · x_i − shift)` (one fused multiply-add for
 /// the argument), returning `Σ_i x_i`. Each element is bit-identical to
 /// [`exp_affine_sum_scalar`]'s; the sum keeps 8-lane partial sums, folded into an `f64` every
-/// 512 elements. Arguments below −87 give `e^−87` (about 1.6e-38) instead of smaller values, so
+/// 512 elements (on AVX-512 F the elements come 16 at a time, their two halves added to the
+/// 8-lane sums in order: the same sums as on AVX2). Arguments below −87 give `e^−87` (about 1.6e-38) instead of smaller values, so
 /// the softmax weight of a token more than 87 nats below the maximum is at most that. About
 /// 2 ulp per element. O(n).
 pub fn exp_affine_sum(x: &mut [f32], scale: f32, shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::scan::avx512f_native() && matches!(arch(), Arch::V3(_)) {
+        // SAFETY: AVX-512 F, AVX2 and FMA are present (checked at run time).
+        return unsafe { x86_exp::exp_affine_sum_512(x, scale, shift) };
+    }
+    exp_affine_sum_lanes(x, scale, shift)
+}
+
+/// The pulp body of [`exp_affine_sum`] (8 lanes on AVX2).
+fn exp_affine_sum_lanes(x: &mut [f32], scale: f32, shift: f32) -> f32 {
     struct Op<'a>(&'a mut [f32], f32, f32);
     impl WithSimd for Op<'_> {
         type Output = f32;
@@ -378,6 +389,98 @@ pub fn exp_affine_sum(x: &mut [f32], scale: f32, shift: f32) -> f32 {
         }
     }
     arch().dispatch(Op(x, scale, shift))
+}
+
+/// [`exp_affine_sum`] on 512-bit lanes.
+#[cfg(target_arch = "x86_64")]
+mod x86_exp {
+    use super::{EXP_HI, EXP_LO, EXP_MAGIC, EXP_P, LN2_HI, LN2_LO, exp_lane};
+    use std::arch::x86_64::*;
+
+    /// `exp_lanes` on 16 lanes: the same operations in the same order.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn exp16(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(EXP_LO)),
+            _mm512_set1_ps(EXP_HI),
+        );
+        let magic = _mm512_set1_ps(EXP_MAGIC);
+        let t = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), magic);
+        let n = _mm512_sub_ps(t, magic);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
+        let mut p = _mm512_set1_ps(EXP_P[0]);
+        for &c in &EXP_P[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let y = _mm512_fmadd_ps(
+            p,
+            _mm512_mul_ps(r, r),
+            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+        );
+        let bits = _mm512_slli_epi32::<23>(_mm512_castps_si512(t));
+        _mm512_mul_ps(y, _mm512_castsi512_ps(bits))
+    }
+
+    /// The eight lanes of `acc` summed as pulp's AVX2 `reduce_sum_f32s` does: the two halves
+    /// added, then lanes (0 + 2) + (1 + 3).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn reduce8(acc: __m256) -> f32 {
+        let r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let hi = _mm_movehl_ps(r, r);
+        let r0 = _mm_add_ps(r, hi);
+        let shuffled = _mm_shuffle_ps::<0b0001>(r0, r0);
+        _mm_cvtss_f32(_mm_add_ss(r0, shuffled))
+    }
+
+    /// The AVX2 body of `exp_affine_sum` on 16 lanes: per 512 elements an 8-lane sum that adds
+    /// each register's low half then its high half (the AVX2 body's order of 8-lane vectors),
+    /// folded into an `f64`; the last `len mod 8` elements one at a time, as there.
+    ///
+    /// # Safety
+    /// AVX-512 F, AVX2 and FMA.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn exp_affine_sum_512(x: &mut [f32], scale: f32, shift: f32) -> f32 {
+        let (sc, sh) = (_mm512_set1_ps(scale), _mm512_set1_ps(-shift));
+        let head = x.len() / 8 * 8;
+        let (body, tail) = x.split_at_mut(head);
+        let mut total = 0.0f64;
+        for chunk in body.chunks_mut(512) {
+            let mut acc = _mm256_setzero_ps();
+            let p = chunk.as_mut_ptr();
+            let whole = chunk.len() / 16 * 16;
+            for at in (0..whole).step_by(16) {
+                // SAFETY: `at + 16 <= chunk.len()`.
+                let e = unsafe {
+                    let e = exp16(_mm512_fmadd_ps(_mm512_loadu_ps(p.add(at)), sc, sh));
+                    _mm512_storeu_ps(p.add(at), e);
+                    e
+                };
+                let lo = _mm512_castps512_ps256(e);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
+                acc = _mm256_add_ps(_mm256_add_ps(acc, lo), hi);
+            }
+            if whole < chunk.len() {
+                // One 8-lane vector left (chunks hold whole vectors of 8).
+                // SAFETY: the masked load and store touch `whole..whole + 8`, inside.
+                let e = unsafe {
+                    let v = _mm512_maskz_loadu_ps(0xFF, p.add(whole));
+                    let e = exp16(_mm512_fmadd_ps(v, sc, sh));
+                    _mm512_mask_storeu_ps(p.add(whole), 0xFF, e);
+                    e
+                };
+                acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+            }
+            total += reduce8(acc) as f64;
+        }
+        for v in tail.iter_mut() {
+            *v = exp_lane(v.mul_add(scale, -shift));
+            total += *v as f64;
+        }
+        total as f32
+    }
 }
 
 /// Scalar twin of [`exp_affine_sum`] (sequential `f64` sum).
@@ -594,6 +697,27 @@ mod tests {
             assert_eq!(max(&x).to_bits(), max_scalar(&x).to_bits(), "n={n}");
         }
         assert_eq!(max(&[]), f32::NEG_INFINITY);
+    }
+
+    /// The 512-bit body of `exp_affine_sum` gives the AVX2 body's elements and sum bit for bit,
+    /// over lengths with a last register of 8 lanes, a scalar tail and several 512-element folds.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp_affine_sum_512_equals_the_avx2_body() {
+        if !(crate::scan::avx512f_native() && matches!(arch(), Arch::V3(_))) {
+            return;
+        }
+        let mut r = SeededRng::new(11, stream::DATA);
+        for n in SIZES.iter().copied().chain([512, 520, 1032, 4096, 5003]) {
+            let x: Vec<f32> = (0..n).map(|_| (r.uniform() * 95.0 - 90.0) as f32).collect();
+            let (mut a, mut b) = (x.clone(), x.clone());
+            // SAFETY: the test returned above unless AVX-512 F, AVX2 and FMA are present.
+            let sa = unsafe { x86_exp::exp_affine_sum_512(&mut a, 0.75, 1.5) };
+            let sb = exp_affine_sum_lanes(&mut b, 0.75, 1.5);
+            assert_eq!(sa.to_bits(), sb.to_bits(), "n={n}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "n={n}");
+        }
     }
 
     /// Every element against `f64::exp` (relative error within 4 ulp, measured about 2), and

@@ -1857,6 +1857,16 @@ fn has_avx512_bw_vnni() -> bool {
     *OK.get_or_init(|| has_avx512_vnni() && std::arch::is_x86_feature_detected!("avx512bw"))
 }
 
+/// AVX-512 F beside AVX2 and FMA, not turned off by `TQ_NO_AVX512=1`: the float kernels with a
+/// 512-bit body (the softmax numerators, [`crate::simd::exp_affine_sum`]) take it. O(1) after
+/// the first call.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx512f_native() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(avx512_allowed)
+}
+
 /// AVX2, FMA and AVX-512 F present, and `TQ_NO_AVX512` unset (or empty or `0`).
 #[cfg(target_arch = "x86_64")]
 fn avx512_allowed() -> bool {
