@@ -1,12 +1,11 @@
 //! [`RowScales`]: the per-row scales of a batch, stored at the width its configuration names
 //! ([`ScalePrecision`]). The kernels read scales as `f32`: an f32 batch lends its slice, an f16
-//! batch converts the rows asked for (F16C where the CPU has it, through `half`).
+//! batch converts the rows asked for (F16C where the CPU has it, [`tq_core::half_simd::widen`]).
 
 use std::borrow::Cow;
 use std::ops::Range;
 
 use half::f16;
-use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 use crate::config::ScalePrecision;
 use crate::{Error, Result};
@@ -114,8 +113,7 @@ impl RowScales {
             Self::F16(v) => {
                 let bits = &v[rows];
                 let mut out = vec![0.0f32; bits.len()];
-                bits.reinterpret_cast::<f16>()
-                    .convert_to_f32_slice(&mut out);
+                tq_core::half_simd::widen(bits, &mut out);
                 Cow::Owned(out)
             }
         }
