@@ -230,16 +230,23 @@ impl KiviQuery {
     }
 }
 
+/// Groups of channel-axis scoring per batch on the fast 4-bit path
+/// ([`KiviBatch::score_groups_i8`]): their weights are computed in one loop before their codes
+/// are read; eight groups of 64 tokens are 512 rows.
+const GROUP_BATCH: usize = 8;
+
 /// Buffers of channel-axis group scoring, reused across the groups of a scoring call.
 #[derive(Default)]
 struct GroupScratch {
-    /// The group's scales in f32.
+    /// The group's scales in f32 (on the fast 4-bit path, those of every group of a batch).
     scales: Vec<f32>,
-    /// One query's weights `q_c s_c` in f32 (the table path).
+    /// One query's weights `q_c s_c` in f32 (the table path); each query's and group's steps
+    /// (the fast 4-bit path).
     products: Vec<f32>,
-    /// Each query's `i8` weights (`2 · row_bytes` per query) on the fast 4-bit path.
+    /// Each query's and group's `i8` weights (`2 · row_bytes` per query and group) on the fast
+    /// 4-bit path.
     weights: Vec<i8>,
-    /// Each query's `(offset, step)`: score = offset + step · integer dot.
+    /// Each query's and group's `(offset, step)`: score = offset + step · integer dot.
     affine: Vec<(f32, f32)>,
     /// Each query's integer dots of one block.
     sums: Vec<[i32; BLOCK]>,
@@ -628,7 +635,7 @@ impl KiviBatch {
     }
 
     /// Inner-product estimates `⟨q, x̃_i⟩` of every row for each query into `outs[j]`:
-    /// channel-axis groups through [`KiviBatch::score_group`] (all queries per pass over a
+    /// channel-axis groups in batches through [`KiviBatch::score_groups`] (all queries per pass over a
     /// group's codes on the fast 4-bit path), the residual and the token axis exactly.
     fn score_rows(
         &self,
@@ -652,28 +659,33 @@ impl KiviBatch {
         }
         match c.axis {
             KiviAxis::Channel if score::split_rows(q) => {
-                // Each group's slice of every query's output, so groups can run in parallel.
-                let mut groups: Vec<Vec<&mut [f32]>> = (0..q / c.group)
+                // Each batch's slice of every query's output, so batches can run in parallel.
+                let rows = GROUP_BATCH * c.group;
+                let mut batches: Vec<Vec<&mut [f32]>> = (0..q.div_ceil(rows))
                     .map(|_| Vec::with_capacity(queries.len()))
                     .collect();
                 for o in coded {
-                    for (g, chunk) in groups.iter_mut().zip(o.chunks_mut(c.group)) {
-                        g.push(chunk);
+                    for (b, chunk) in batches.iter_mut().zip(o.chunks_mut(rows)) {
+                        b.push(chunk);
                     }
                 }
-                groups
-                    .into_par_iter()
-                    .enumerate()
-                    .for_each_init(GroupScratch::default, |scratch, (g, mut o)| {
-                        self.score_group(queries, g, &mut o, 0, fast, scratch)
-                    });
+                let groups = q / c.group;
+                batches.into_par_iter().enumerate().for_each_init(
+                    GroupScratch::default,
+                    |scratch, (b, mut o)| {
+                        let range = b * GROUP_BATCH..((b + 1) * GROUP_BATCH).min(groups);
+                        self.score_groups(queries, range, &mut o, 0, fast, scratch)
+                    },
+                );
             }
             KiviAxis::Channel => {
-                // One thread: every group writes its rows of the whole outputs, nothing allocated
-                // per group.
+                // One thread: every batch writes its rows of the whole outputs, nothing allocated
+                // per batch.
                 let mut scratch = GroupScratch::default();
-                for g in 0..q / c.group {
-                    self.score_group(queries, g, &mut coded, g * c.group, fast, &mut scratch);
+                let groups = q / c.group;
+                for b in (0..groups).step_by(GROUP_BATCH) {
+                    let range = b..(b + GROUP_BATCH).min(groups);
+                    self.score_groups(queries, range, &mut coded, b * c.group, fast, &mut scratch);
                 }
             }
             KiviAxis::Token => {
@@ -699,10 +711,33 @@ impl KiviBatch {
         Ok(())
     }
 
-    /// Scores the rows of channel-axis group `g` for every query into `outs[j][at..at + G]`, with
-    /// buffers reused across the groups. 4-bit codes on the fast path take integer dot products
-    /// against `i8` weights ([`KiviBatch::score_group_i8`]); other widths and the exact path
-    /// per-group tables, one query at a time.
+    /// Scores the rows of the channel-axis groups `groups` for every query into `outs[j][at..at
+    /// + groups.len() · G]`, with buffers reused across the batches. 4-bit codes on the fast
+    /// path take integer dot products against `i8` weights ([`KiviBatch::score_groups_i8`]);
+    /// other widths and the exact path per-group tables, one group and query at a time
+    /// ([`KiviBatch::score_group`]).
+    fn score_groups(
+        &self,
+        queries: &[&KiviQuery],
+        groups: std::ops::Range<usize>,
+        outs: &mut [&mut [f32]],
+        at: usize,
+        fast: bool,
+        scratch: &mut GroupScratch,
+    ) {
+        let c = self.quantizer.config;
+        if fast && c.bits == 4 {
+            self.score_groups_i8(queries, groups, outs, at, scratch);
+            return;
+        }
+        let first = groups.start;
+        for g in groups {
+            self.score_group(queries, g, outs, at + (g - first) * c.group, fast, scratch);
+        }
+    }
+
+    /// Scores the rows of channel-axis group `g` for every query into `outs[j][at..at + G]`
+    /// through per-group tables (the exact path, and widths other than 4 on the fast one).
     fn score_group(
         &self,
         queries: &[&KiviQuery],
@@ -718,10 +753,6 @@ impl KiviBatch {
         // its zeros enter only through `Σ_c q_c z_c`, read as f16 by `half_simd::dot`.
         scratch.scales.resize(d, 0.0);
         half_simd::widen(&self.scales[g * d..(g + 1) * d], &mut scratch.scales);
-        if fast && c.bits == 4 {
-            self.score_group_i8(queries, g, outs, at, scratch);
-            return;
-        }
         let zeros = &self.zeros[g * d..(g + 1) * d];
         let first = g * c.group;
         for (query, out) in queries.iter().zip(outs.iter_mut()) {
@@ -775,15 +806,16 @@ impl KiviBatch {
         }
     }
 
-    /// The fast 4-bit path of [`KiviBatch::score_group`] (the group's scales already in
-    /// `scratch`): per query, weights `q_c s_c` rounded to `i8` with step `max_c |q_c s_c| / 127`
-    /// ([`scan::nibble_weights_i8`]) and the offset `Σ_c q_c z_c` (the f16 zeros read by
-    /// `half_simd::dot`); then one integer pass over each block of the group for all queries
+    /// The fast 4-bit path of [`KiviBatch::score_groups`]: first every group's scales to f32,
+    /// then per query the weights `q_c s_c` of every group of the batch rounded to `i8` with
+    /// step `max_c |q_c s_c| / 127` ([`scan::nibble_weights_i8_groups`]: the groups' short
+    /// dependent chains overlap) and each offset `Σ_c q_c z_c` (the f16 zeros read by
+    /// `half_simd::dot`); then one integer pass over each block of each group for all queries
     /// ([`scan::dot_nibbles_i8`]). No per-query tables.
-    fn score_group_i8(
+    fn score_groups_i8(
         &self,
         queries: &[&KiviQuery],
-        g: usize,
+        groups: std::ops::Range<usize>,
         outs: &mut [&mut [f32]],
         at: usize,
         scratch: &mut GroupScratch,
@@ -791,49 +823,61 @@ impl KiviBatch {
         let c = self.quantizer.config;
         let d = c.dim;
         let positions = 2 * self.quantizer.row_bytes;
-        let nq = queries.len();
-        let zeros = &self.zeros[g * d..(g + 1) * d];
-        scratch.weights.resize(nq * positions, 0);
+        let (nq, ng) = (queries.len(), groups.len());
+        let per_query = ng * positions;
+        scratch.scales.resize(ng * d, 0.0);
+        scratch.weights.resize(nq * per_query, 0);
+        scratch.products.resize(nq * ng, 0.0);
         scratch.affine.clear();
-        for (query, w) in queries
+        // Every group's scales first: the weights read them whole registers at a time, which
+        // a load just behind the narrower stores of the widening would wait for.
+        for (g, scales) in groups.clone().zip(scratch.scales.chunks_exact_mut(d)) {
+            half_simd::widen(&self.scales[g * d..(g + 1) * d], scales);
+        }
+        // Per query, every group's weights (query-major: `weights[(j · ng + k) · positions..]`)
+        // and steps, then the affine maps in the same order.
+        for ((query, w), steps) in queries
             .iter()
-            .zip(scratch.weights.chunks_exact_mut(positions))
+            .zip(scratch.weights.chunks_exact_mut(per_query))
+            .zip(scratch.products.chunks_exact_mut(ng))
         {
-            let step = scan::nibble_weights_i8(&query.q, &scratch.scales, w);
-            scratch.affine.push((half_simd::dot(&query.q, zeros), step));
+            scan::nibble_weights_i8_groups(&query.q, &scratch.scales, w, steps);
+            for (g, &step) in groups.clone().zip(steps.iter()) {
+                let zeros = &self.zeros[g * d..(g + 1) * d];
+                scratch.affine.push((half_simd::dot(&query.q, zeros), step));
+            }
         }
         scratch.sums.resize(nq, [0; BLOCK]);
-        let first = g * c.group;
-        let mut done = 0;
-        while done < c.group {
-            let row = first + done;
-            let (b, slot) = (row / BLOCK, row % BLOCK);
-            let block = self.codes.block(b);
-            // The queries in passes of up to `DOT_QUERIES`, their weights named by a stack array
-            // (no allocation per group).
-            for (w, sums) in scratch
-                .weights
-                .chunks(scan::DOT_QUERIES * positions)
-                .zip(scratch.sums.chunks_mut(scan::DOT_QUERIES))
-            {
-                let mut refs: [&[i8]; scan::DOT_QUERIES] = [&[]; scan::DOT_QUERIES];
-                for (r, w) in refs.iter_mut().zip(w.chunks_exact(positions)) {
-                    *r = w;
+        for (k, g) in groups.enumerate() {
+            let (first, base) = (g * c.group, at + k * c.group);
+            let mut done = 0;
+            while done < c.group {
+                let row = first + done;
+                let (b, slot) = (row / BLOCK, row % BLOCK);
+                let block = self.codes.block(b);
+                // The queries in passes of up to `DOT_QUERIES`, their weights named by a stack
+                // array (no allocation per group).
+                for (pass, sums) in scratch.sums.chunks_mut(scan::DOT_QUERIES).enumerate() {
+                    let mut refs: [&[i8]; scan::DOT_QUERIES] = [&[]; scan::DOT_QUERIES];
+                    for (i, r) in refs.iter_mut().enumerate().take(sums.len()) {
+                        let j = pass * scan::DOT_QUERIES + i;
+                        let from = (j * ng + k) * positions;
+                        *r = &scratch.weights[from..from + positions];
+                    }
+                    scan::dot_nibbles_i8(block, &refs[..sums.len()], sums);
                 }
-                scan::dot_nibbles_i8(block, &refs[..sums.len()], sums);
-            }
-            let take = (BLOCK - slot).min(c.group - done);
-            for ((out, sums), &(offset, step)) in
-                outs.iter_mut().zip(&scratch.sums).zip(&scratch.affine)
-            {
-                for (o, &v) in out[at + done..at + done + take]
-                    .iter_mut()
-                    .zip(&sums[slot..])
-                {
-                    *o = offset + step * v as f32;
+                let take = (BLOCK - slot).min(c.group - done);
+                for (j, (out, sums)) in outs.iter_mut().zip(&scratch.sums).enumerate() {
+                    let (offset, step) = scratch.affine[j * ng + k];
+                    for (o, &v) in out[base + done..base + done + take]
+                        .iter_mut()
+                        .zip(&sums[slot..])
+                    {
+                        *o = offset + step * v as f32;
+                    }
                 }
+                done += take;
             }
-            done += take;
         }
     }
 

@@ -1414,3 +1414,72 @@ unsafe fn quantize_bytes_with<const SCALED: bool>(
     }
     Some(())
 }
+
+/// `nibble_weights_i8_groups` (and, for one group, `nibble_weights_i8`) on 512-bit lanes for
+/// a query of whole registers, the same bytes and steps as the lane-wise body: per group the
+/// products `q_c · s_c`, their largest magnitude (`vmaxps` of the products with the sign
+/// cleared: a maximum does not depend on the order), the step `max / 127` (1 when zero), then
+/// each `q_c · s_c · (1 / step)` clamped to `±127`, converted with round-to-nearest-even given
+/// in the instruction (`vcvtps2dq`) and narrowed to bytes in a register (`vpmovdb`); a group's
+/// entries of `out` past `q.len()` are zeroed. Three passes over the groups (each group's
+/// largest product into `steps`, then each step, then each group's weights), so no group
+/// waits on another's maximum and divisions.
+///
+/// # Safety
+/// AVX-512 F; `q.len()` is a multiple of 16, `scales.len() == steps.len() · q.len()`,
+/// `out.len() == steps.len() · p` with `p >= q.len()`, `steps` not empty.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn query_nibble_weights_groups_512(
+    q: &[f32],
+    scales: &[f32],
+    out: &mut [i8],
+    steps: &mut [f32],
+) {
+    let (n, groups) = (q.len(), steps.len());
+    let p = out.len() / groups;
+    let (qp, sp, op) = (q.as_ptr(), scales.as_ptr(), out.as_mut_ptr());
+    let abs = _mm512_set1_epi32(0x7FFF_FFFF);
+    for (g, top_g) in steps.iter_mut().enumerate() {
+        let mut top = _mm512_setzero_ps();
+        for at in (0..n).step_by(16) {
+            // SAFETY: `g · n + at + 16 <= scales.len()` and `at + 16 <= n` (whole registers).
+            let w = unsafe {
+                _mm512_mul_ps(
+                    _mm512_loadu_ps(qp.add(at)),
+                    _mm512_loadu_ps(sp.add(g * n + at)),
+                )
+            };
+            let w = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(w), abs));
+            // A NaN product (none from finite inputs) is passed over, as the lane-wise
+            // compares do.
+            top = _mm512_max_ps(w, top);
+        }
+        *top_g = _mm512_reduce_max_ps(top);
+    }
+    for s in steps.iter_mut() {
+        *s = if *s > 0.0 { *s / 127.0 } else { 1.0 };
+    }
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    for (g, &step) in steps.iter().enumerate() {
+        let inv = _mm512_set1_ps(1.0 / step);
+        for at in (0..n).step_by(16) {
+            // SAFETY: as above for `q` and `scales`; `g · p + at + 16 <= g · p + n <=
+            // out.len()`.
+            unsafe {
+                let w = _mm512_mul_ps(
+                    _mm512_loadu_ps(qp.add(at)),
+                    _mm512_loadu_ps(sp.add(g * n + at)),
+                );
+                // NaN (an infinite product times a zero `1 / step`) passes the clamp and
+                // converts to `i32::MIN`, whose low byte is 0: the lane-wise body's byte.
+                let x = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(w, inv)));
+                let b = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    x,
+                );
+                _mm_storeu_si128(op.add(g * p + at) as *mut __m128i, _mm512_cvtepi32_epi8(b));
+            }
+        }
+        // SAFETY: `g · p + n..(g + 1) · p` lies in `out`.
+        unsafe { std::ptr::write_bytes(op.add(g * p + n), 0, p - n) };
+    }
+}

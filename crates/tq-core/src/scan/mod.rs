@@ -63,7 +63,7 @@ pub use layout::{
 };
 pub use tables::{
     ByteCodebook, ByteQuery, ByteWeights, ChunkWeights, INT_CHUNK, INT_CODE_MAX, INT_WEIGHT_BUDGET,
-    IntCodebook, IntQuery, IntWeights, QuantizedLut, nibble_weights_i8,
+    IntCodebook, IntQuery, IntWeights, QuantizedLut, nibble_weights_i8, nibble_weights_i8_groups,
 };
 
 #[cfg(test)]

@@ -813,14 +813,61 @@ pub fn nibble_weights_i8(q: &[f32], scales: &[f32], out: &mut [i8]) -> f32 {
         scales.len(),
         out.len()
     );
+    #[cfg(target_arch = "x86_64")]
+    if q.len().is_multiple_of(16) && super::avx512f_native() {
+        let mut step = [0.0f32];
+        // SAFETY: AVX-512 F is present (checked at run time); the lengths were checked above
+        // (one group of `out.len()` weights), whole registers just now.
+        unsafe { super::avx512::query_nibble_weights_groups_512(q, scales, out, &mut step) };
+        return step[0];
+    }
     crate::simd::arch().dispatch(NibbleWeights { q, scales, out })
 }
 
-/// The body of [`nibble_weights_i8`].
-struct NibbleWeights<'a> {
-    q: &'a [f32],
-    scales: &'a [f32],
-    out: &'a mut [i8],
+/// [`nibble_weights_i8`] for one query against the scales of several groups (KIVI's channel
+/// groups of a batch): group `g`'s weights from `scales[g·d..(g+1)·d]` (`d = q.len()`) into
+/// `out[g·p..(g+1)·p]` (`p = out.len() / groups`) and its step into `steps[g]`, for `groups =
+/// steps.len()`: each group's bytes and step are [`nibble_weights_i8`]'s. With AVX-512 F and
+/// `d` a multiple of 16 the groups go phase by phase (every group's largest product, then
+/// every step, then every rounding), so their short dependent chains overlap instead of
+/// running one after another. O(groups · d).
+///
+/// # Panics
+/// Unless `scales.len() == groups · d`, `out.len()` is a multiple of `groups` with `p >= d`
+/// (any `out` and `scales` when `groups == 0`).
+pub fn nibble_weights_i8_groups(q: &[f32], scales: &[f32], out: &mut [i8], steps: &mut [f32]) {
+    let (d, groups) = (q.len(), steps.len());
+    if groups == 0 {
+        return;
+    }
+    let p = out.len() / groups;
+    assert!(
+        scales.len() == groups * d && out.len() == groups * p && p >= d,
+        "{d} query values, {} scales and {} weights for {groups} groups",
+        scales.len(),
+        out.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(16) && super::avx512f_native() {
+        // SAFETY: AVX-512 F is present (checked at run time); the lengths were checked above,
+        // whole registers just now.
+        unsafe { super::avx512::query_nibble_weights_groups_512(q, scales, out, steps) };
+        return;
+    }
+    for ((s, o), step) in scales
+        .chunks_exact(d.max(1))
+        .zip(out.chunks_exact_mut(p.max(1)))
+        .zip(steps.iter_mut())
+    {
+        *step = nibble_weights_i8(q, &s[..d], o);
+    }
+}
+
+/// The lane-wise body of [`nibble_weights_i8`].
+pub(super) struct NibbleWeights<'a> {
+    pub(super) q: &'a [f32],
+    pub(super) scales: &'a [f32],
+    pub(super) out: &'a mut [i8],
 }
 
 impl pulp::WithSimd for NibbleWeights<'_> {

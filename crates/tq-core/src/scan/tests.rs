@@ -2318,3 +2318,80 @@ fn byte_weights_512_equal_the_lane_wise_body() {
         }
     }
 }
+
+/// The 512-bit body of `nibble_weights_i8` (one group) gives the lane-wise body's bytes and
+/// step over every length of whole registers it takes up to 128, longer outputs (zeroed past
+/// the query), zero queries, exact ties and infinite products (a step of infinity).
+#[test]
+fn nibble_weights_512_equal_the_lane_wise_body() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !avx512f_native() {
+            return;
+        }
+        let mut r = SeededRng::new(66, stream::DATA);
+        for n in [0usize, 16, 32, 48, 64, 128] {
+            let q: Vec<f32> = (0..n).map(|_| r.gaussian() as f32).collect();
+            let s: Vec<f32> = (0..n).map(|_| r.uniform() as f32 * 3.0).collect();
+            let mut big = q.clone();
+            if n > 3 {
+                big[3] = f32::MAX;
+            }
+            let mut ties = q.clone();
+            // `127 · k / 2` over a top of 127 (a step of 1, scales of 1): exact halves.
+            ties.iter_mut().enumerate().for_each(|(i, x)| {
+                *x = if i == 0 {
+                    127.0
+                } else {
+                    (i % 127) as f32 - 63.5
+                }
+            });
+            let ones = vec![1.0f32; n];
+            for (q, s) in [(&q, &s), (&big, &s), (&ties, &ones), (&vec![0.0; n], &s)] {
+                let mut a = vec![7i8; n + 9];
+                let mut b = vec![7i8; n + 9];
+                // SAFETY: AVX-512 F is present (checked above); equal lengths, a longer output.
+                let mut sa = [0.0f32];
+                unsafe { super::avx512::query_nibble_weights_groups_512(q, s, &mut a, &mut sa) };
+                let sa = sa[0];
+                let sb = crate::simd::arch().dispatch(super::tables::NibbleWeights {
+                    q,
+                    scales: s,
+                    out: &mut b,
+                });
+                assert_eq!(sa.to_bits(), sb.to_bits(), "n={n}");
+                assert_eq!(a, b, "n={n}");
+            }
+        }
+    }
+}
+
+/// `nibble_weights_i8_groups` gives each group `nibble_weights_i8`'s bytes (zero past the
+/// query) and step, for group counts 0-9, query lengths of whole registers and not, and wider
+/// outputs; groups of zero scales and of infinite products among them.
+#[test]
+fn nibble_weights_for_many_groups_equal_one_group_at_a_time() {
+    let mut r = SeededRng::new(67, stream::DATA);
+    for d in [7usize, 16, 64, 128] {
+        let q: Vec<f32> = (0..d).map(|_| r.gaussian() as f32).collect();
+        for groups in 0..=9usize {
+            for p in [d, d + 5] {
+                let mut scales: Vec<f32> =
+                    (0..groups * d).map(|_| r.uniform() as f32 * 2.0).collect();
+                if groups > 2 {
+                    scales[d..2 * d].fill(0.0);
+                    scales[2 * d] = f32::MAX;
+                }
+                let mut out = vec![9i8; groups * p];
+                let mut steps = vec![-1.0f32; groups];
+                nibble_weights_i8_groups(&q, &scales, &mut out, &mut steps);
+                for g in 0..groups {
+                    let mut one = vec![9i8; p];
+                    let step = nibble_weights_i8(&q, &scales[g * d..(g + 1) * d], &mut one);
+                    assert_eq!(steps[g].to_bits(), step.to_bits(), "d={d} g={g}/{groups}");
+                    assert_eq!(&out[g * p..(g + 1) * p], &one[..], "d={d} g={g}/{groups}");
+                }
+            }
+        }
+    }
+}
