@@ -47,13 +47,13 @@ pub enum ScoreMode {
     /// Keys: `u8` look-up tables and the SIMD scan (TurboQuant keys at 1-4 bits, KIVI keys),
     /// byte dots on a `u8` grid (TurboQuant keys at 4 bits where the CPU has AVX-512 VBMI and
     /// VNNI), integer dots on the codebook's grid (TurboQuant keys at 5-8 bits). Values: TurboQuant
-    /// values summed in integers on the codebook's grid with the weights on `i16` (4 bits where
-    /// the CPU has AVX-512 BW and VNNI: byte sums, the codebook on an 8-bit grid and the weights
-    /// on `u8`; other values exactly). The extra error is a fraction of the quantization error:
-    /// for TurboQuant keys an RMS ratio of 0.19 at 4 bits (under 2% more RMS score error; 0.08
-    /// with the byte dots), 0.003 / 0.007 / 0.016 / 0.030 at 5 / 6 / 7 / 8 bits; for values
-    /// 0.0001-0.0006 at 1-3 bits, 0.001 / 0.002 / 0.005 / 0.012 / 0.025 at 4-8 bits (0.05-0.08
-    /// with the byte sums, under 0.4% more RMS output error).
+    /// values summed in integers on the codebook's grid with the weights on `i16` (1-4 bits
+    /// where the CPU has AVX-512 BW and VNNI: byte sums, the codebook on an 8-bit grid and the
+    /// weights on `u8`; other values exactly). The extra error is a fraction of the quantization
+    /// error: for TurboQuant keys an RMS ratio of 0.19 at 4 bits (under 2% more RMS score error;
+    /// 0.08 with the byte dots), 0.003 / 0.007 / 0.016 / 0.030 at 5 / 6 / 7 / 8 bits; for values
+    /// 0.0001-0.0006 at 1-3 bits, 0.001 / 0.002 / 0.005 / 0.012 / 0.025 at 4-8 bits (with the
+    /// byte sums 0.003-0.033 at 1-3 bits and 0.05-0.08 at 4, under 0.4% more RMS output error).
     #[default]
     Fast,
     /// `f32` look-up tables and `f32` sums: the same function as attention over the dequantized

@@ -865,11 +865,11 @@ impl MseBatch {
     /// error at 4 bits (RMS, see the accuracy tests; 0.0001-0.0006 at 1-3 bits, relatively more at
     /// 8 bits, whose own error is 16 times smaller). At 1-4 bits, where the CPU has AVX-512 BW
     /// and VNNI ([`scan::byte_sums_native`]), non-negative weights (attention's) go on `u8`
-    /// instead ([`tq_core::scan::ByteCodebook::quantize_weights`]) and the codebook on the 8-bit
-    /// grid of the byte dots ([`scan::accumulate_blocks_u8`]: one `vpdpbusd` per 16 rows, four
-    /// coordinates and vector, half the work): 0.05-0.08 of the quantization error at 4 bits,
-    /// about what the 4-bit keys' byte dots add, and less below (so at 1-4 bits the fast sums
-    /// differ between CPUs with and without it). The exact path takes a part of
+    /// instead ([`tq_core::scan::ByteCodebook::quantize_weights`]) and the codebook on an 8-bit
+    /// grid (the byte dots' at 4 bits; [`scan::accumulate_blocks_u8`]: one `vpdpbusd` per 16
+    /// rows, four coordinates and vector, half the work): 0.05-0.08 of the quantization error at
+    /// 4 bits, about what the 4-bit keys' byte dots add, 0.003-0.033 at 1-3 bits (so at 1-4 bits
+    /// the fast sums differ between CPUs with and without it). The exact path takes a part of
     /// [`ACCUMULATE_CHUNK_ROWS`] rows whose weights the grid cannot hold for some weight vector
     /// (a non-finite product `weight · norm`, or all of that vector's products in the part so
     /// small that a unit of its sums would not be a normal `f32`: below about `2^-96` for these
