@@ -311,8 +311,8 @@ fn accumulate(c: &mut Criterion) {
                 });
             }
             if bits <= 4 && scan::byte_sums_native() {
-                // The byte sums: the weights put on u8 (timed too) and the codebook on the
-                // byte dots' grid.
+                // The byte sums: the weights put on u8 (timed too) and the codebook on an
+                // 8-bit grid.
                 let book = scan::ByteCodebook::from_centroids(&values);
                 g.bench_function(format!("d128_b{bits}_bytes_queries{nq}"), |b| {
                     b.iter(|| {

@@ -341,9 +341,9 @@ fn exp_lanes<S: Simd>(simd: S, x: S::f32s) -> S::f32s {
 /// the argument), returning `Σ_i x_i`. Each element is bit-identical to
 /// [`exp_affine_sum_scalar`]'s; the sum keeps 8-lane partial sums, folded into an `f64` every
 /// 512 elements (on AVX-512 F the elements come 16 at a time, their two halves added to the
-/// 8-lane sums in order: the same sums as on AVX2). Arguments below −87 give `e^−87` (about 1.6e-38) instead of smaller values, so
-/// the softmax weight of a token more than 87 nats below the maximum is at most that. About
-/// 2 ulp per element. O(n).
+/// 8-lane sums in order: the same sums as on AVX2). Arguments below −87 give `e^−87` (about
+/// 1.6e-38) instead of smaller values, so the softmax weight of a token more than 87 nats below
+/// the maximum is at most that. About 2 ulp per element. O(n).
 pub fn exp_affine_sum(x: &mut [f32], scale: f32, shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if crate::scan::avx512f_native() && matches!(arch(), Arch::V3(_)) {
@@ -709,7 +709,13 @@ mod tests {
         }
         let mut r = SeededRng::new(11, stream::DATA);
         for n in SIZES.iter().copied().chain([512, 520, 1032, 4096, 5003]) {
-            let x: Vec<f32> = (0..n).map(|_| (r.uniform() * 95.0 - 90.0) as f32).collect();
+            let mut x: Vec<f32> = (0..n).map(|_| (r.uniform() * 95.0 - 90.0) as f32).collect();
+            // Infinite scores clamp to the argument range on every path.
+            for (i, inf) in [(n / 3, f32::INFINITY), (n / 2, f32::NEG_INFINITY)] {
+                if i < n {
+                    x[i] = inf;
+                }
+            }
             let (mut a, mut b) = (x.clone(), x.clone());
             // SAFETY: the test returned above unless AVX-512 F, AVX2 and FMA are present.
             let sa = unsafe { x86_exp::exp_affine_sum_512(&mut a, 0.75, 1.5) };

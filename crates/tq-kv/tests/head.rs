@@ -243,8 +243,8 @@ fn truncate_rolls_back_exactly() {
 /// Attention keeps its weights in a per-thread scratch that it does not clear between steps: a
 /// step right after a longer one on another cache (whose weights stay in the scratch) gives the
 /// same bits as on a thread that never attended, on both score paths, with a sink, codes and a
-/// window, and limits ending in each; TurboQuant keys with 3-bit values (`i16` value sums) and
-/// KIVI keys with 4-bit values (byte sums where the CPU has them).
+/// window, and limits ending in each; TurboQuant keys with 3-bit values and KIVI keys with 4-bit
+/// values (byte sums where the CPU has them, else the `i16` value sums).
 #[test]
 fn attention_is_untouched_by_the_scratch_of_earlier_steps() {
     let d = 64;

@@ -230,9 +230,9 @@ impl KiviQuery {
     }
 }
 
-/// Groups of channel-axis scoring per batch on the fast 4-bit path
-/// ([`KiviBatch::score_groups_i8`]): their weights are computed in one loop before their codes
-/// are read; eight groups of 64 tokens are 512 rows.
+/// Groups of channel-axis scoring per batch ([`KiviBatch::score_groups`]; threads split the
+/// batches): on the fast 4-bit path ([`KiviBatch::score_groups_i8`]) their weights are computed
+/// in one loop before their codes are read. Eight groups of 64 tokens are 512 rows.
 const GROUP_BATCH: usize = 8;
 
 /// Buffers of channel-axis group scoring, reused across the groups of a scoring call.
@@ -635,8 +635,8 @@ impl KiviBatch {
     }
 
     /// Inner-product estimates `⟨q, x̃_i⟩` of every row for each query into `outs[j]`:
-    /// channel-axis groups in batches through [`KiviBatch::score_groups`] (all queries per pass over a
-    /// group's codes on the fast 4-bit path), the residual and the token axis exactly.
+    /// channel-axis groups in batches through [`KiviBatch::score_groups`] (all queries per pass
+    /// over a group's codes on the fast 4-bit path), the residual and the token axis exactly.
     fn score_rows(
         &self,
         queries: &[&KiviQuery],

@@ -3,8 +3,9 @@
 //! codes per 512-bit register) and VNNI nibble dot products (`vpdpbusd`: four nibble positions
 //! of a row against four `i8` weights into one `i32` lane; `vpdpwssd`: the integer weighted
 //! sums of codes of every width and the 5-8-bit integer key dots, four coordinates per
-//! register), and the `u8` weights of the byte sums on 512-bit lanes. Every function needs the AVX-512
-//! features it names (the callers check them once at run time); the `unsafe` ones also read
+//! register; `vpdpbusd` again for the byte sums of 1-4-bit values), and the `u8` and `i8`
+//! weights of attention (the byte sums' and KIVI's query weights). Every function needs the
+//! AVX-512 features it names (the callers check them once at run time); the `unsafe` ones also read
 //! memory, and their `# Safety` names the lengths the caller (the checked public kernels) must
 //! have proven.
 
@@ -1053,7 +1054,8 @@ unsafe fn decode_nibbles_i8_512(block: &[u8], u: usize, table: __m512i) -> [__m5
     ]
 }
 
-/// A 4-bit byte grid's 16 signed entries (`values[k] − 128`) in all four 128-bit lanes.
+/// A byte grid's 16 signed entries (`values[k] − 128`; 0 past a 1-3-bit codebook's `2^B`) in
+/// all four 128-bit lanes.
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub(super) fn signed_grid_512(values: &[u8; 16]) -> __m512i {
@@ -1355,11 +1357,14 @@ unsafe fn quantize_bytes_with<const SCALED: bool>(
                 ((1u32 << left) - 1) as __mmask16
             }
         };
+        // Registers holding rows of the chunk (the rest stay zero and are not stored, so no
+        // pointer is offset past the buffers).
+        let regs = len.div_ceil(16);
         let mut x = [_mm512_setzero_ps(); REGS];
-        for (k, xk) in x.iter_mut().enumerate() {
+        for (k, xk) in x.iter_mut().enumerate().take(regs) {
             let at = start + 16 * k;
-            // SAFETY: a whole chunk reads `start..start + 128` inside the weights (and the
-            // scales); a partial one masks what lies past `n`.
+            // SAFETY: `at < n`; a whole chunk reads `start..start + 128` inside the weights (and
+            // the scales); a partial one masks what lies past `n`.
             *xk = unsafe {
                 let (w, sc) = if len == CHUNK {
                     (
@@ -1394,7 +1399,7 @@ unsafe fn quantize_bytes_with<const SCALED: bool>(
             return None;
         }
         let (inv, cap) = (_mm512_set1_ps(1.0 / step), _mm512_set1_ps(255.0));
-        for (k, &xk) in x.iter().enumerate() {
+        for (k, &xk) in x.iter().enumerate().take(regs) {
             let q = _mm512_min_ps(_mm512_mul_ps(xk, inv), cap);
             let b =
                 _mm512_cvt_roundps_epu32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);

@@ -1109,7 +1109,7 @@ pub fn accumulate_blocks_u8(
 /// Whether [`accumulate_blocks_u8`] runs a SIMD body on this CPU (AVX2, FMA and AVX-512 F, VL,
 /// BW and VNNI, not turned off by `TQ_NO_AVX512=1`); elsewhere callers should keep the `i16`
 /// weights of [`accumulate_blocks_i16`], which have SIMD bodies for AVX2. The two paths round
-/// differently, so a 4-bit fast weighted sum depends on which one the CPU takes (each is the same
+/// differently, so a 1-4-bit fast weighted sum depends on which one the CPU takes (each is the same
 /// on every CPU that takes it). O(1) after the first call.
 pub fn byte_sums_native() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -1858,8 +1858,9 @@ fn has_avx512_bw_vnni() -> bool {
 }
 
 /// AVX-512 F beside AVX2 and FMA, not turned off by `TQ_NO_AVX512=1`: the float kernels with a
-/// 512-bit body (the softmax numerators, [`crate::simd::exp_affine_sum`]) take it. O(1) after
-/// the first call.
+/// 512-bit body (the softmax numerators, [`crate::simd::exp_affine_sum`], and KIVI's query
+/// weights, [`nibble_weights_i8`] and [`nibble_weights_i8_groups`]) take it. O(1) after the
+/// first call.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn avx512f_native() -> bool {
     use std::sync::OnceLock;

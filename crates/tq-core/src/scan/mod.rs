@@ -30,12 +30,12 @@
 //! (at 5 bits too, where it rounds far less than `u8` tables), and [`dot_block_codes`] decodes
 //! exact floats. Weighted sums of decoded rows (attention over values) run in floats
 //! ([`accumulate_blocks_multi`], any width) or in integers on the same grid with `i16` weights
-//! ([`accumulate_blocks_i16`], [`IntWeights`], any width); at 4 bits, non-negative weights on
-//! `u8` against the byte grid below ([`accumulate_blocks_u8`], [`ByteWeights`]; with AVX-512 BW
-//! and VNNI, [`byte_sums_native`]).
+//! ([`accumulate_blocks_i16`], [`IntWeights`], any width); at 1-4 bits, non-negative weights on
+//! `u8` against the codebook on a byte grid ([`ByteCodebook`], [`accumulate_blocks_u8`],
+//! [`ByteWeights`]; with AVX-512 BW and VNNI, [`byte_sums_native`]).
 //!
 //! At 4 bits a nibble is one code, so a score is also `Σ_n w_n · c[nibble_n]`: [`ByteCodebook`]
-//! puts the 16 centroids on a `u8` grid and the query on `i8` weights ([`ByteQuery`]), and
+//! puts the 16 centroids (2-16 of a 1-4-bit codebook) on a `u8` grid and the query on `i8` weights ([`ByteQuery`]), and
 //! [`dot_blocks_scores_u8`] sums their products exactly in `i32` (with AVX-512 VBMI and VNNI one
 //! `vpdpbusd` per 64 products and query, the look-ups shared by the queries of a pass:
 //! [`byte_dots_native`]). [`dot_nibbles_i8`] is the same sum with the nibbles themselves as the

@@ -801,7 +801,8 @@ pub struct IntQuery {
 /// coordinates are scaled per channel (KIVI's 4-bit keys: `s_c` the channel's scale in a group).
 /// A weight's error is at most half a step, so a row's score moves by at most `step / 2 · Σ_c
 /// code_c`. Runtime-dispatched (plain lane-wise float operations and a maximum, so every vector
-/// width gives the same bytes). O(d).
+/// width gives the same bytes for finite `q` and `scales`; a NaN may leave another byte on the
+/// lane-wise body than on the 512-bit one). O(d).
 ///
 /// # Panics
 /// Unless `q.len() == scales.len() <= out.len()`.
@@ -854,12 +855,8 @@ pub fn nibble_weights_i8_groups(q: &[f32], scales: &[f32], out: &mut [i8], steps
         unsafe { super::avx512::query_nibble_weights_groups_512(q, scales, out, steps) };
         return;
     }
-    for ((s, o), step) in scales
-        .chunks_exact(d.max(1))
-        .zip(out.chunks_exact_mut(p.max(1)))
-        .zip(steps.iter_mut())
-    {
-        *step = nibble_weights_i8(q, &s[..d], o);
+    for (g, step) in steps.iter_mut().enumerate() {
+        *step = nibble_weights_i8(q, &scales[g * d..(g + 1) * d], &mut out[g * p..(g + 1) * p]);
     }
 }
 

@@ -2260,6 +2260,7 @@ fn byte_weights_stay_within_half_a_step() {
 /// chunk steps, and refuses what it refuses, over lengths with partial registers and chunks,
 /// zero chunks, weights spanning many binades, ties of the rounding (products on exact halves
 /// of a step) and each refused kind of product at several places.
+#[cfg(target_arch = "x86_64")]
 #[test]
 fn byte_weights_512_equal_the_lane_wise_body() {
     if !byte_sums_native() {
@@ -2332,10 +2333,12 @@ fn nibble_weights_512_equal_the_lane_wise_body() {
         let mut r = SeededRng::new(66, stream::DATA);
         for n in [0usize, 16, 32, 48, 64, 128] {
             let q: Vec<f32> = (0..n).map(|_| r.gaussian() as f32).collect();
-            let s: Vec<f32> = (0..n).map(|_| r.uniform() as f32 * 3.0).collect();
+            let mut s: Vec<f32> = (0..n).map(|_| r.uniform() as f32 * 3.0).collect();
+            // `f32::MAX · 2`: an infinite product, a step of infinity.
             let mut big = q.clone();
             if n > 3 {
                 big[3] = f32::MAX;
+                s[3] = 2.0;
             }
             let mut ties = q.clone();
             // `127 · k / 2` over a top of 127 (a step of 1, scales of 1): exact halves.
@@ -2373,12 +2376,15 @@ fn nibble_weights_512_equal_the_lane_wise_body() {
 fn nibble_weights_for_many_groups_equal_one_group_at_a_time() {
     let mut r = SeededRng::new(67, stream::DATA);
     for d in [7usize, 16, 64, 128] {
-        let q: Vec<f32> = (0..d).map(|_| r.gaussian() as f32).collect();
+        let mut q: Vec<f32> = (0..d).map(|_| r.gaussian() as f32).collect();
+        // `q_0 · f32::MAX` overflows: the third group's step is infinite.
+        q[0] = 2.0;
         for groups in 0..=9usize {
             for p in [d, d + 5] {
                 let mut scales: Vec<f32> =
                     (0..groups * d).map(|_| r.uniform() as f32 * 2.0).collect();
                 if groups > 2 {
+                    // A group of zero scales and one with an infinite product.
                     scales[d..2 * d].fill(0.0);
                     scales[2 * d] = f32::MAX;
                 }
@@ -2394,4 +2400,35 @@ fn nibble_weights_for_many_groups_equal_one_group_at_a_time() {
             }
         }
     }
+}
+
+/// Byte queries take 4-bit codebooks only: a 3-bit byte codebook (the byte sums' at 3 bits)
+/// refuses to put a query on its grid.
+#[test]
+#[should_panic(expected = "byte queries score 4-bit codes")]
+fn byte_queries_refuse_a_three_bit_codebook() {
+    let book = ByteCodebook::from_centroids(&[-1.0, -0.5, -0.2, -0.1, 0.1, 0.2, 0.5, 1.0]);
+    assert_eq!(book.bits(), 3);
+    book.quantize_query(&[1.0; 8], 16);
+}
+
+/// Byte dots score 4-bit codes only: a 3-bit byte codebook is refused before any memory is read.
+#[test]
+#[should_panic(expected = "byte dots score 4-bit codes")]
+fn byte_dots_refuse_a_three_bit_codebook() {
+    let book = ByteCodebook::from_centroids(&[-1.0, -0.5, -0.2, -0.1, 0.1, 0.2, 0.5, 1.0]);
+    let row_bytes = 4;
+    let blocks = vec![0u8; block_bytes(row_bytes)];
+    let (weights, scales, mut out) = (vec![1i8; 2 * row_bytes], vec![1.0f32; BLOCK], [0f32; BLOCK]);
+    let affine = Affine {
+        offset: 0.0,
+        step: 1.0,
+        bias: 0.0,
+    };
+    let mut jobs = [ByteJob {
+        weights: &weights,
+        affine,
+        out: &mut out,
+    }];
+    dot_blocks_scores_u8(&blocks, row_bytes, &book, &scales, &mut jobs);
 }
