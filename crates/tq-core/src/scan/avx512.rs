@@ -1086,31 +1086,22 @@ fn dpbusd_grid(acc: __m512i, grid: __m512i, weights: __m512i) -> __m512i {
     _mm512_dpbusd_epi32(acc, weights, grid)
 }
 
-super::x86::int_sums_kernel!(
-    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
-    accumulate_u8_vnni, __m512i, per: 4, regs: 2, zero: _mm512_setzero_si512(),
-    decode: |block: &[u8], unit: usize, _dim: usize| decode_nibbles_i8_512(block, unit, table),
-    weights: byte_weights_512, dot: dpbusd_grid, reduce: reduce_lanes_512,
-    fsplat: _mm512_set1_ps, cvt: _mm512_cvtepi32_ps, fadd: _mm512_add_ps, fmul: _mm512_mul_ps,
-    fload: _mm512_loadu_ps, fstore: _mm512_storeu_ps, wtype: super::ByteWeights,
-    extra: (table: __m512i)
-);
-
-/// One unit of `B`-bit codes (`1 <= B <= 3`) for the byte sums on AVX-512: coordinates `4u..4u
-/// + 4`, one per 128-bit lane, rows 0-15 then rows 16-31 ([`unit_codes`]), each code masked to
-/// its `B` bits and looked up in the signed grid (`table`, its 16 bytes in every lane) by
-/// `vpshufb`: the shape of [`decode_nibbles_i8_512`]'s 4-bit units.
+/// One unit of `B`-bit codes (`1 <= B <= 4`) for the byte sums on AVX-512: the four
+/// coordinates from `4u`, one per 128-bit lane, rows 0-15 then rows 16-31, looked up in the
+/// signed grid (`table`, its 16 bytes in every lane) by `vpshufb`: 4-bit nibbles straight from
+/// their load ([`decode_nibbles_i8_512`]), 1-3-bit codes cut out by [`unit_codes`] and masked
+/// to their `B` bits.
 ///
 /// # Safety
-/// AVX-512 F and BW; `1 <= B <= 3`; `block` is one block and position `B·u` lies in it.
+/// AVX-512 F and BW; `1 <= B <= 4`; `block` is one block and position `B·u` lies in it.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn decode_wide_i8_512<const B: usize>(
-    block: &[u8],
-    u: usize,
-    table: __m512i,
-) -> [__m512i; 2] {
-    const { assert!(B >= 1 && B <= 3) };
+unsafe fn decode_i8_512<const B: usize>(block: &[u8], u: usize, table: __m512i) -> [__m512i; 2] {
+    const { assert!(B >= 1 && B <= 4) };
+    if B == 4 {
+        // SAFETY: the caller's contract.
+        return unsafe { decode_nibbles_i8_512(block, u, table) };
+    }
     // SAFETY: the caller's contract.
     let [low, high] = unsafe { unit_codes::<B>(block, u) };
     let mask = _mm512_set1_epi8(((1u32 << B) - 1) as i8);
@@ -1122,8 +1113,8 @@ unsafe fn decode_wide_i8_512<const B: usize>(
 
 super::x86::int_sums_kernel!(
     #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
-    accumulate_u8_wide_vnni, __m512i, per: 4, regs: 2, zero: _mm512_setzero_si512(),
-    decode: |block: &[u8], unit: usize, _dim: usize| decode_wide_i8_512::<B>(block, unit, table),
+    accumulate_u8_vnni, __m512i, per: 4, regs: 2, zero: _mm512_setzero_si512(),
+    decode: |block: &[u8], unit: usize, _dim: usize| decode_i8_512::<B>(block, unit, table),
     weights: byte_weights_512, dot: dpbusd_grid, reduce: reduce_lanes_512,
     fsplat: _mm512_set1_ps, cvt: _mm512_cvtepi32_ps, fadd: _mm512_add_ps, fmul: _mm512_mul_ps,
     fload: _mm512_loadu_ps, fstore: _mm512_storeu_ps, wtype: super::ByteWeights,

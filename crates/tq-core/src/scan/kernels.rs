@@ -1074,7 +1074,7 @@ pub fn accumulate_blocks_u8(
     check_sums(blocks.len(), row_bytes, bits, 16, weights, accs);
     #[cfg(target_arch = "x86_64")]
     if byte_sums_native() {
-        use super::avx512::{accumulate_u8_vnni, accumulate_u8_wide_vnni};
+        use super::avx512::accumulate_u8_vnni;
         let codes = IntSumCodes { blocks, row_bytes };
         const B1: usize = 1;
         const B2: usize = 2;
@@ -1085,9 +1085,9 @@ pub fn accumulate_blocks_u8(
         unsafe {
             let table = super::avx512::signed_grid_512(codebook.values());
             match bits {
-                1 => int_groups!(accumulate_u8_wide_vnni, B1, codes, (table), weights, accs),
-                2 => int_groups!(accumulate_u8_wide_vnni, B2, codes, (table), weights, accs),
-                3 => int_groups!(accumulate_u8_wide_vnni, B3, codes, (table), weights, accs),
+                1 => int_groups!(accumulate_u8_vnni, B1, codes, (table), weights, accs),
+                2 => int_groups!(accumulate_u8_vnni, B2, codes, (table), weights, accs),
+                3 => int_groups!(accumulate_u8_vnni, B3, codes, (table), weights, accs),
                 _ => int_groups!(accumulate_u8_vnni, B4, codes, (table), weights, accs),
             }
         }
