@@ -1094,15 +1094,7 @@ pub fn accumulate_blocks_u8(
         return;
     }
     for (w, acc) in weights.iter().zip(accs.iter_mut()) {
-        let values = codebook.values();
-        chunk_sums_scalar(
-            blocks,
-            row_bytes,
-            bits,
-            |k| i32::from(values[k]) - 128,
-            w,
-            acc,
-        );
+        accumulate_blocks_u8_scalar(blocks, row_bytes, codebook, w, acc);
     }
 }
 
