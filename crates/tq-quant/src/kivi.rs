@@ -240,9 +240,10 @@ const GROUP_BATCH: usize = 8;
 struct GroupScratch {
     /// The group's scales in f32 (on the fast 4-bit path, those of every group of a batch).
     scales: Vec<f32>,
-    /// One query's weights `q_c s_c` in f32 (the table path); each query's and group's steps
-    /// (the fast 4-bit path).
+    /// One query's weights `q_c s_c` in f32 (the table path).
     products: Vec<f32>,
+    /// Each query's and group's `i8` weight step (the fast 4-bit path).
+    steps: Vec<f32>,
     /// Each query's and group's `i8` weights (`2 · row_bytes` per query and group) on the fast
     /// 4-bit path.
     weights: Vec<i8>,
@@ -827,7 +828,7 @@ impl KiviBatch {
         let per_query = ng * positions;
         scratch.scales.resize(ng * d, 0.0);
         scratch.weights.resize(nq * per_query, 0);
-        scratch.products.resize(nq * ng, 0.0);
+        scratch.steps.resize(nq * ng, 0.0);
         scratch.affine.clear();
         // Every group's scales first: the weights read them whole registers at a time, which
         // a load just behind the narrower stores of the widening would wait for.
@@ -839,7 +840,7 @@ impl KiviBatch {
         for ((query, w), steps) in queries
             .iter()
             .zip(scratch.weights.chunks_exact_mut(per_query))
-            .zip(scratch.products.chunks_exact_mut(ng))
+            .zip(scratch.steps.chunks_exact_mut(ng))
         {
             scan::nibble_weights_i8_groups(&query.q, &scratch.scales, w, steps);
             for (g, &step) in groups.clone().zip(steps.iter()) {

@@ -861,9 +861,9 @@ impl MseBatch {
     /// weights (one scale per 128 rows,
     /// [`IntCodebook::quantize_weights`]) and the codebook on its 14-bit grid, and the sums are
     /// exact integers ([`scan::accumulate_blocks_i16`]: `vpdpwssd` with AVX-512 VNNI, `vpmaddwd`
-    /// with AVX2, the same bits on every CPU that takes it). The roundings add about 0.001 of the quantization
-    /// error at 4 bits (RMS, see the accuracy tests; 0.0001-0.0006 at 1-3 bits, relatively more at
-    /// 8 bits, whose own error is 16 times smaller). At 1-4 bits, where the CPU has AVX-512 BW
+    /// with AVX2, the same bits on every CPU that takes it). The roundings add about 0.001 of the
+    /// quantization error at 4 bits (RMS, see the accuracy tests; 0.0001-0.0006 at 1-3 bits,
+    /// relatively more at 8 bits, whose own error is 16 times smaller). At 1-4 bits, where the CPU has AVX-512 BW
     /// and VNNI ([`scan::byte_sums_native`]), non-negative weights (attention's) go on `u8`
     /// instead ([`tq_core::scan::ByteCodebook::quantize_weights`]) and the codebook on an 8-bit
     /// grid (the byte dots' at 4 bits; [`scan::accumulate_blocks_u8`]: one `vpdpbusd` per 16

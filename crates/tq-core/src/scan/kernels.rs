@@ -1101,8 +1101,8 @@ pub fn accumulate_blocks_u8(
 /// Whether [`accumulate_blocks_u8`] runs a SIMD body on this CPU (AVX2, FMA and AVX-512 F, VL,
 /// BW and VNNI, not turned off by `TQ_NO_AVX512=1`); elsewhere callers should keep the `i16`
 /// weights of [`accumulate_blocks_i16`], which have SIMD bodies for AVX2. The two paths round
-/// differently, so a 1-4-bit fast weighted sum depends on which one the CPU takes (each is the same
-/// on every CPU that takes it). O(1) after the first call.
+/// differently, so a 1-4-bit fast weighted sum depends on which one the CPU takes (each is the
+/// same on every CPU that takes it). O(1) after the first call.
 pub fn byte_sums_native() -> bool {
     #[cfg(target_arch = "x86_64")]
     {

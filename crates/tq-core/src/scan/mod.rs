@@ -35,7 +35,8 @@
 //! [`ByteWeights`]; with AVX-512 BW and VNNI, [`byte_sums_native`]).
 //!
 //! At 4 bits a nibble is one code, so a score is also `Σ_n w_n · c[nibble_n]`: [`ByteCodebook`]
-//! puts the 16 centroids (2-16 of a 1-4-bit codebook) on a `u8` grid and the query on `i8` weights ([`ByteQuery`]), and
+//! puts the 16 centroids (2-16 of a 1-4-bit codebook) on a `u8` grid and the query on `i8`
+//! weights ([`ByteQuery`]), and
 //! [`dot_blocks_scores_u8`] sums their products exactly in `i32` (with AVX-512 VBMI and VNNI one
 //! `vpdpbusd` per 64 products and query, the look-ups shared by the queries of a pass:
 //! [`byte_dots_native`]). [`dot_nibbles_i8`] is the same sum with the nibbles themselves as the

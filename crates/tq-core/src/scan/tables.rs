@@ -1,7 +1,8 @@
 //! The integer grids the scans take: `u8` look-up tables (float tables quantized with one shared
 //! step), a codebook on an `i16` grid with a query (key dots, 5-8 bits) or a weight vector
-//! (value sums, every width) on `i16` weights, and a 4-bit codebook on a `u8` grid with a query
-//! on `i8` weights (key dots, 4 bits) or non-negative weights on `u8` (value sums, 4 bits).
+//! (value sums, every width) on `i16` weights, and a 1-4-bit codebook on a `u8` grid with a
+//! query on `i8` weights (key dots, 4 bits) or non-negative weights on `u8` (value sums, 1-4
+//! bits).
 
 /// `u8` look-up tables for the scans: `entries` bytes per table (16 for
 /// [`scan_block`](super::scan_block) and [`scan_block_b3`](super::scan_block_b3), 32 for

@@ -5,10 +5,10 @@ use super::BLOCK;
 use std::arch::x86_64::*;
 
 /// Asks for the cache lines of `bytes` ahead of their use (`prefetcht0`, one per 64-byte line it
-/// touches; a hint: no fault, no effect on results). The hardware's stream prefetchers stop at 4 KiB pages,
-/// and the integer sums read a chunk's blocks a quarter at a time, so a cache that has left the
-/// CPU's caches (a decoder's other layers ran in between) would otherwise wait on memory at
-/// every chunk.
+/// touches; a hint: no fault, no effect on results). The hardware's stream prefetchers stop at
+/// 4 KiB pages, and the integer sums read a chunk's blocks a quarter at a time, so a cache that
+/// has left the CPU's caches (a decoder's other layers ran in between) would otherwise wait on
+/// memory at every chunk.
 #[inline(always)]
 pub(super) fn prefetch(bytes: &[u8]) {
     // Every 64-byte line `bytes` touches, from the line holding its first byte (which may start
