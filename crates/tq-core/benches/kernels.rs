@@ -9,6 +9,7 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use tq_core::prefetch::Ahead;
 use tq_core::{Codebook, Rotation, RotationKind, SeededRng, rng::stream, scan};
 
 fn gaussians(n: usize, seed: u64) -> Vec<f32> {
@@ -202,7 +203,7 @@ fn scan_in_cache(c: &mut Criterion) {
                             marks: None,
                         })
                         .collect();
-                    scan::scan_blocks_scores_multi(&data, rb, &scales, &mut jobs);
+                    scan::scan_blocks_scores_multi(&data, rb, &scales, &mut jobs, Ahead::NONE);
                     black_box(scores[0][0])
                 })
             });
@@ -221,7 +222,7 @@ fn scan_in_cache(c: &mut Criterion) {
                             out,
                         })
                         .collect();
-                    scan::dot_blocks_scores_u8(&data, rb, &book, &scales, &mut jobs);
+                    scan::dot_blocks_scores_u8(&data, rb, &book, &scales, &mut jobs, Ahead::NONE);
                     black_box(scores[0][0])
                 })
             });

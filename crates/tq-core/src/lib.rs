@@ -5,6 +5,8 @@
 //!   `(d, b)`;
 //! - [`bitpack`]: LSB-first packing of `b`-bit codes, `b` in `1..=8`;
 //! - [`simd`] and [`scan`]: runtime-dispatched kernels with scalar twins;
+//! - [`prefetch`]: a second stream asked for in step with a scan (attention's value rows while
+//!   its keys are scored);
 //! - [`SeededRng`]: the portable random source behind every seed;
 //! - [`fsio`]: crash-safe file writes (temporary file, sync, rename).
 //!
@@ -31,6 +33,7 @@ pub mod codebook;
 mod error;
 pub mod fsio;
 pub mod half_simd;
+pub mod prefetch;
 pub mod rng;
 pub mod rotation;
 pub mod scan;

@@ -8,6 +8,7 @@
 #![cfg(unix)]
 
 use tq_core::bitpack::packed_len;
+use tq_core::prefetch::Ahead;
 use tq_core::rng::{SeededRng, stream};
 use tq_core::scan::{
     Affine, BLOCK, ByteCodebook, ByteJob, IntCodebook, accumulate_blocks_i16,
@@ -204,7 +205,7 @@ fn byte_dots_read_only_their_blocks() {
                     out,
                 })
                 .collect();
-            dot_blocks_scores_u8(blocks, rb, &book, &scales, &mut jobs);
+            dot_blocks_scores_u8(blocks, rb, &book, &scales, &mut jobs, Ahead::NONE);
         }
     }
 }

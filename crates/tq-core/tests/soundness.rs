@@ -7,6 +7,7 @@
 //! `debug_assert!` is compiled out.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use tq_core::prefetch::Ahead;
 
 use tq_core::scan::{
     self, BLOCK, accumulate_block_scalar, accumulate_blocks, accumulate_blocks_multi, block_bytes,
@@ -299,7 +300,7 @@ fn multi_and_fused_kernels_refuse_mismatched_lengths() {
                 marks: None,
             },
         ];
-        scan::scan_blocks_scores_multi(&blocks, rb, &scales, &mut jobs)
+        scan::scan_blocks_scores_multi(&blocks, rb, &scales, &mut jobs, Ahead::NONE)
     });
     must_panic("mark_above: masks", || {
         mark_above(&out, 0.0, &mut masks[..1])
@@ -320,7 +321,7 @@ fn multi_and_fused_kernels_refuse_mismatched_lengths() {
             marks: Some((0.0, &mut masks)),
         },
     ];
-    scan::scan_blocks_scores_multi(&blocks, rb, &scales, &mut jobs);
+    scan::scan_blocks_scores_multi(&blocks, rb, &scales, &mut jobs, Ahead::NONE);
     mark_above(&first, 0.0, &mut masks);
 }
 
@@ -345,7 +346,7 @@ fn byte_dots_refuse_mismatched_lengths() {
             affine,
             out,
         }];
-        dot_blocks_scores_u8(blocks, rb, &book, scales, &mut jobs)
+        dot_blocks_scores_u8(blocks, rb, &book, scales, &mut jobs, Ahead::NONE)
     };
     let mut out = vec![0f32; rows];
     must_panic("byte dots: weights", || {
@@ -378,7 +379,7 @@ fn byte_dots_refuse_mismatched_lengths() {
                 out: &mut out,
             },
         ];
-        dot_blocks_scores_u8(&blocks, rb, &book, &scales, &mut jobs)
+        dot_blocks_scores_u8(&blocks, rb, &book, &scales, &mut jobs, Ahead::NONE)
     });
     must_panic("byte dots scalar: weights", || {
         dot_blocks_scores_u8_scalar(&blocks, rb, &book, &short, affine, &scales, &mut out)

@@ -805,10 +805,13 @@ impl HeadCache {
                 .filter(|(i, _)| limits[*i] > 0)
                 .map(|(_, p)| &mut p[codes.clone()])
                 .collect();
+            // The value rows are asked for as the keys are scanned, so they come in from memory
+            // with the keys instead of after the softmax.
             self.keys.scores_many(
                 &prepared,
                 &mut outs,
                 self.config.score_mode == ScoreMode::Fast,
+                self.values.ahead(),
             )?;
         }
         let scale = 1.0 / (d as f32).sqrt();

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
+use tq_core::prefetch::Ahead;
 use tq_quant::{
     AnyBatch, AnyQuery, EncodedVectors, KiviAxis, QuantizerKind, QuantizerSpec, ScaleMode,
     ScalePrecision,
@@ -304,6 +305,17 @@ impl Store {
         }
     }
 
+    /// Every part's rows ([`EncodedVectors::ahead`]), for a scan of another store of as many rows
+    /// to ask for as it goes (the keys' scan asking for the values). O(parts).
+    pub(crate) fn ahead(&self) -> Ahead<'_> {
+        match &self.parts[..] {
+            [one] => one.batch.ahead(),
+            parts => parts
+                .iter()
+                .fold(Ahead::over(self.len()), |a, p| a.and(&p.batch.ahead())),
+        }
+    }
+
     /// Prepares a (trusted) query against every part.
     pub(crate) fn prepare(&self, q: &[f32]) -> Result<Vec<AnyQuery>> {
         self.parts
@@ -347,6 +359,7 @@ impl Store {
         queries: &[Vec<AnyQuery>],
         outs: &mut [&mut [f32]],
         fast: bool,
+        ahead: Ahead<'_>,
     ) -> Result<()> {
         if !fast || queries.is_empty() {
             for (q, o) in queries.iter().zip(outs.iter_mut()) {
@@ -363,7 +376,7 @@ impl Store {
         for (i, p) in self.parts.iter().enumerate() {
             let qs: Vec<&AnyQuery> = queries.iter().map(|q| &q[i]).collect();
             if i == 0 {
-                p.batch.score_many_into(&qs, outs)?;
+                p.batch.score_many_ahead(&qs, outs, ahead)?;
             } else {
                 let mut refs: Vec<&mut [f32]> = tmp.iter_mut().map(Vec::as_mut_slice).collect();
                 p.batch.score_many_into(&qs, &mut refs)?;

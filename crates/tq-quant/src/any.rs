@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tq_core::RotationKind;
+use tq_core::prefetch::Ahead;
 
 use crate::encoded::EncodedVectors;
 use crate::gmse::{GroupMseBatch, GroupMseConfig, GroupMseQuantizer, GroupMseQuery};
@@ -546,8 +547,16 @@ impl EncodedVectors for AnyBatch {
         qs.iter().map(|q| self.top_k(q, k)).collect()
     }
     fn score_many_into(&self, qs: &[&AnyQuery], outs: &mut [&mut [f32]]) -> Result<()> {
+        self.score_many_ahead(qs, outs, Ahead::NONE)
+    }
+    fn score_many_ahead(
+        &self,
+        qs: &[&AnyQuery],
+        outs: &mut [&mut [f32]],
+        ahead: Ahead<'_>,
+    ) -> Result<()> {
         if let (AnyBatch::Mse(b), Some(mse)) = (self, queries_of(qs, as_mse)) {
-            return b.score_many_into(&mse, outs);
+            return b.score_many_ahead(&mse, outs, ahead);
         }
         if let (AnyBatch::Kivi(b), Some(kivi)) = (self, queries_of(qs, as_kivi)) {
             return b.score_many_into(&kivi, outs);
@@ -556,6 +565,9 @@ impl EncodedVectors for AnyBatch {
         qs.iter()
             .zip(outs.iter_mut())
             .try_for_each(|(q, o)| self.score_into(q, o))
+    }
+    fn ahead(&self) -> Ahead<'_> {
+        each!(self, b => EncodedVectors::ahead(b))
     }
     fn dequantize_row(&self, i: usize, out: &mut [f32]) -> Result<()> {
         each!(self, b => b.dequantize_row(i, out))

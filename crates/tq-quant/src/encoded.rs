@@ -11,6 +11,7 @@
 //! scope); the trait's methods delegate to them.
 
 use rayon::prelude::*;
+use tq_core::prefetch::Ahead;
 use tq_core::simd;
 
 use crate::error::{check_batch, check_dim, check_len, check_range};
@@ -109,6 +110,32 @@ pub trait EncodedVectors: Sync {
         qs.iter()
             .zip(outs.iter_mut())
             .try_for_each(|(q, o)| self.score_into(q, o))
+    }
+
+    /// [`EncodedVectors::score_many_into`] (the same scores) asking, as the rows are scanned, for
+    /// the lines of `ahead`'s regions that the same rows cover: the decode attention of a KV cache
+    /// scores its keys with the value rows' [`EncodedVectors::ahead`], so the values come in from
+    /// memory with the keys instead of after the softmax. MSE batches scanned on this thread
+    /// ask (their tables, byte and integer dots, several queries per pass); the other kinds,
+    /// and scans split over threads, ignore it.
+    ///
+    /// # Errors
+    /// As [`EncodedVectors::score_many_into`].
+    fn score_many_ahead(
+        &self,
+        qs: &[&Self::Query],
+        outs: &mut [&mut [f32]],
+        ahead: Ahead<'_>,
+    ) -> Result<()> {
+        let _ = ahead;
+        self.score_many_into(qs, outs)
+    }
+
+    /// The bytes that hold the rows (codes and per-row scales, in row order), for a scan over as
+    /// many rows of another batch to ask for ([`EncodedVectors::score_many_ahead`]); names nothing
+    /// for kinds without such a layout. O(1).
+    fn ahead(&self) -> Ahead<'_> {
+        Ahead::NONE
     }
 
     /// The `k` rows with the largest estimated inner product, best first (ties by index).
@@ -241,6 +268,17 @@ impl EncodedVectors for MseBatch {
     }
     fn score_many_into(&self, qs: &[&MseQuery], outs: &mut [&mut [f32]]) -> Result<()> {
         MseBatch::score_many_into(self, qs, outs)
+    }
+    fn score_many_ahead(
+        &self,
+        qs: &[&MseQuery],
+        outs: &mut [&mut [f32]],
+        ahead: Ahead<'_>,
+    ) -> Result<()> {
+        MseBatch::score_many_ahead(self, qs, outs, ahead)
+    }
+    fn ahead(&self) -> Ahead<'_> {
+        MseBatch::ahead(self)
     }
     fn dequantize_row(&self, i: usize, out: &mut [f32]) -> Result<()> {
         MseBatch::dequantize_row(self, i, out)
@@ -392,6 +430,12 @@ impl EncodedVectors for KiviBatch {
     }
     fn score_exact_into(&self, q: &KiviQuery, out: &mut [f32]) -> Result<()> {
         KiviBatch::score_exact_into(self, q, out)
+    }
+    fn score_many_into(&self, qs: &[&KiviQuery], outs: &mut [&mut [f32]]) -> Result<()> {
+        KiviBatch::score_many_into(self, qs, outs)
+    }
+    fn ahead(&self) -> Ahead<'_> {
+        KiviBatch::ahead(self)
     }
     fn top_k(&self, q: &KiviQuery, k: usize) -> Result<Vec<Hit>> {
         KiviBatch::top_k(self, q, k)

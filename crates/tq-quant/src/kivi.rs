@@ -34,6 +34,7 @@ use std::sync::Arc;
 use half::f16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use tq_core::prefetch::Ahead;
 use tq_core::scan::{self, BLOCK};
 use tq_core::{bitpack, half_simd, simd};
 
@@ -899,6 +900,16 @@ impl KiviBatch {
     /// [`Error::DimMismatch`] for a query of another dimension.
     pub fn score_many_into(&self, queries: &[&KiviQuery], outs: &mut [&mut [f32]]) -> Result<()> {
         self.score_rows(queries, outs, true)
+    }
+
+    /// The quantized rows' codes, scales and zeros (not the newest incomplete group's f16 rows),
+    /// for a scan of another batch of as many rows to ask for
+    /// ([`EncodedVectors::ahead`](crate::EncodedVectors::ahead)). O(1).
+    pub fn ahead(&self) -> Ahead<'_> {
+        Ahead::over(self.quantized_len())
+            .with(self.codes.blocks())
+            .with(&self.scales)
+            .with(&self.zeros)
     }
 
     /// As [`KiviBatch::score_into`] with exact `f32` tables: equal to scoring the decoded rows up

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use rayon::prelude::*;
+use tq_core::prefetch::Ahead;
 use tq_core::scan::{self, BLOCK, ByteCodebook, ByteQuery, IntCodebook, IntQuery, block_bytes};
 use tq_core::{Codebook, Rotation, bitpack, simd};
 
@@ -558,7 +559,7 @@ fn byte_scores(
         affine: byte_affine(bq, bias),
         out,
     }];
-    scan::dot_blocks_scores_u8(blocks, row_bytes, book, scales, &mut jobs);
+    scan::dot_blocks_scores_u8(blocks, row_bytes, book, scales, &mut jobs, Ahead::NONE);
 }
 
 /// The map from a byte-grid query's integer sums to its scores, plus `bias`.
@@ -1040,6 +1041,21 @@ impl MseBatch {
     /// # Errors
     /// `Core(LengthMismatch)` when `outs.len() != queries.len()` or any `out.len() != len`.
     pub fn score_many_into(&self, queries: &[&MseQuery], outs: &mut [&mut [f32]]) -> Result<()> {
+        self.score_many_ahead(queries, outs, Ahead::NONE)
+    }
+
+    /// [`MseBatch::score_many_into`] asking for `ahead`'s lines of each block's rows as the
+    /// grouped scans walk them (tables, byte and integer dots; not the one-query-at-a-time
+    /// fallback): the same scores. See [`EncodedVectors::score_many_ahead`].
+    ///
+    /// # Errors
+    /// As [`MseBatch::score_many_into`].
+    pub fn score_many_ahead(
+        &self,
+        queries: &[&MseQuery],
+        outs: &mut [&mut [f32]],
+        ahead: Ahead<'_>,
+    ) -> Result<()> {
         check_len("score outputs", outs.len(), queries.len())?;
         for o in outs.iter() {
             self.check_out(o)?;
@@ -1065,7 +1081,7 @@ impl MseBatch {
                 })
                 .collect();
             let bits = self.quantizer.bits();
-            scan::dot_blocks_scores_i16_multi(blocks, rb, bits, book, &scales, &mut jobs);
+            scan::dot_blocks_scores_i16_multi(blocks, rb, bits, book, &scales, &mut jobs, ahead);
             return Ok(());
         }
         if let Some(book) = self.shared_book(queries, |q| q.bytes.as_ref().map(|(b, _)| b)) {
@@ -1084,7 +1100,7 @@ impl MseBatch {
                     })
                 })
                 .collect();
-            scan::dot_blocks_scores_u8(blocks, rb, book, &scales, &mut jobs);
+            scan::dot_blocks_scores_u8(blocks, rb, book, &scales, &mut jobs, ahead);
             return Ok(());
         }
         // Queries on a grid but not one shared grid score one at a time (as `score_into`, on
@@ -1111,8 +1127,19 @@ impl MseBatch {
             &self.norms.to_f32(),
             &biases,
             outs,
+            ahead,
         );
         Ok(())
+    }
+
+    /// The codes' blocks and the per-row norms, for a scan of another batch of as many rows to
+    /// ask for ([`EncodedVectors::ahead`]). O(1).
+    pub fn ahead(&self) -> Ahead<'_> {
+        let a = Ahead::over(self.len()).with(self.codes.blocks());
+        match &self.norms {
+            RowScales::F32(v) => a.with(v),
+            RowScales::F16(v) => a.with(v),
+        }
     }
 
     /// The grid (`book` of a query: its integer or its byte grid) every query in `queries` (at
@@ -1359,6 +1386,7 @@ impl MseBatch {
                     rb,
                     &self.norms.f32_range(start..start + n),
                     &mut jobs,
+                    Ahead::NONE,
                 );
                 drop(jobs);
                 for ((sel, o), m) in sels.iter_mut().zip(&outs).zip(&masks) {

@@ -13,6 +13,7 @@
 //! the byte dots instead of the `u8` tables (`BYTE_DOT_BITS`).
 
 use rayon::prelude::*;
+use tq_core::prefetch::Ahead;
 use tq_core::scan::{BLOCK, QuantizedLut};
 
 /// Rows from which scoring is split across the rayon pool.
@@ -294,7 +295,8 @@ impl Tables {
     /// `biases[i]`, no marks): nibble tables in pairs (threes with AVX-512 VL) through the fused
     /// kernel, 5-bit tables in groups of up to three through
     /// [`tq_core::scan::scan_block_b5_multi`] (each code rebuilt once per group), other mixes one
-    /// query at a time.
+    /// query at a time. The nibble and 5-bit scans ask for `ahead`'s lines of each block's rows
+    /// as they walk them.
     pub(crate) fn scores_fast_many(
         tables: &[&Tables],
         blocks: &[u8],
@@ -302,6 +304,7 @@ impl Tables {
         scales: &[f32],
         biases: &[f32],
         outs: &mut [&mut [f32]],
+        ahead: Ahead<'_>,
     ) {
         let all = |k: TableKind| tables.iter().all(|t| t.kind == k);
         if all(TableKind::Nibble) {
@@ -320,7 +323,7 @@ impl Tables {
                     marks: None,
                 })
                 .collect();
-            tq_core::scan::scan_blocks_scores_multi(blocks, row_bytes, scales, &mut jobs);
+            tq_core::scan::scan_blocks_scores_multi(blocks, row_bytes, scales, &mut jobs, ahead);
         } else if all(TableKind::Code5) {
             let refs: Vec<&[u8]> = tables.iter().map(|t| t.fast().tables.as_slice()).collect();
             let mut sums = vec![[0u32; BLOCK]; tables.len()];
@@ -330,6 +333,7 @@ impl Tables {
                 .zip(scales.chunks(BLOCK))
                 .enumerate()
             {
+                ahead.rows(b * BLOCK..(b + 1) * BLOCK);
                 tq_core::scan::scan_block_b5_multi(block, &refs, &mut sums);
                 for (((t, &bias), o), sum) in
                     tables.iter().zip(biases).zip(outs.iter_mut()).zip(&sums)

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use tq_core::{RotationKind, SeededRng, rng::stream};
 use tq_quant::{
-    Error, MseBatch, MseConfig, MseQuantizer, ProdBatch, ProdConfig, ProdQuantizer, ScaleMode,
-    ScalePrecision, SketchKind,
+    EncodedVectors, Error, MseBatch, MseConfig, MseQuantizer, ProdBatch, ProdConfig, ProdQuantizer,
+    ScaleMode, ScalePrecision, SketchKind,
 };
 
 fn gaussian_rows(n: usize, d: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -413,6 +413,41 @@ fn score_many_with_mixed_grids_equals_score_into() {
                 let mut want = vec![0.0f32; n];
                 batch.score_into(query, &mut want).unwrap();
                 assert_eq!(got, &want, "bits {bits} query {k}");
+            }
+        }
+    }
+}
+
+/// Asking for another batch's rows while scanning (the values of a KV cache while its keys are
+/// scored) leaves every score's bits as `score_many_into` gives them, at every width, for one
+/// query and for groups, with f32 and f16 norms, and with an `Ahead` over fewer or more rows
+/// than the scan.
+#[test]
+fn score_many_ahead_equals_score_many_into() {
+    let d = 64;
+    for bits in 1u32..=8 {
+        let q = mse(d, bits, RotationKind::Hadamard);
+        let n = 100;
+        let mut batch = MseBatch::new(q.clone());
+        batch.extend(&gaussian_rows(n, d, 7, 1.0)).unwrap();
+        let raw = gaussian_rows(4, d, 8, 1.0);
+        let queries: Vec<_> = raw.chunks(d).map(|x| q.prepare_query(x).unwrap()).collect();
+        for m in [n - 37, n, n + 50] {
+            let mut cfg = MseConfig::new(d, 3, RotationKind::Hadamard, 5);
+            if m == n {
+                cfg.scale_precision = ScalePrecision::F16;
+            }
+            let mut other = MseBatch::new(Arc::new(MseQuantizer::new(cfg).unwrap()));
+            other.extend(&gaussian_rows(m, d, 9, 1.0)).unwrap();
+            for count in [1, 3, 4] {
+                let refs: Vec<_> = queries[..count].iter().collect();
+                let mut want = vec![vec![0.0f32; n]; count];
+                let mut outs: Vec<&mut [f32]> = want.iter_mut().map(Vec::as_mut_slice).collect();
+                batch.score_many_into(&refs, &mut outs).unwrap();
+                let mut got = vec![vec![0.0f32; n]; count];
+                let mut outs: Vec<&mut [f32]> = got.iter_mut().map(Vec::as_mut_slice).collect();
+                EncodedVectors::score_many_ahead(&batch, &refs, &mut outs, other.ahead()).unwrap();
+                assert_eq!(got, want, "bits {bits}, {m} other rows, {count} queries");
             }
         }
     }

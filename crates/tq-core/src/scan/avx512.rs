@@ -11,6 +11,7 @@
 
 use super::x86::{store_rows, wide_codes_k};
 use super::{BLOCK, IntCodebook};
+use crate::prefetch::Ahead;
 use std::arch::x86_64::*;
 
 /// The four byte planes of a value table of up to 256 entries: `t[p][q]` holds byte `p` (little
@@ -549,6 +550,7 @@ pub(super) unsafe fn dot_blocks_u8_vbmi<const Q: usize>(
     values: &[u8; 16],
     scales: &[f32],
     jobs: &mut [super::ByteJob<'_>; Q],
+    ahead: Ahead<'_>,
 ) {
     let table: [u8; 64] = std::array::from_fn(|i| values[i % 16]);
     // SAFETY (both): 64-byte arrays.
@@ -562,6 +564,7 @@ pub(super) unsafe fn dot_blocks_u8_vbmi<const Q: usize>(
     let last = last_weights(&weights);
     let rows = scales.len();
     for (b, block) in blocks.chunks_exact(block_bytes).enumerate() {
+        ahead.rows(BLOCK * b..BLOCK * (b + 1));
         // SAFETY: every job's weights hold `block_bytes / 16` entries (the caller's contract).
         let sums = unsafe { block_units::<Q, true>(block, idx, table, &weights, last, true) };
         for h in 0..2 {

@@ -8,6 +8,7 @@ use super::{
     BLOCK, ByteCodebook, ByteWeights, ChunkWeights, INT_CHUNK, IntCodebook, IntWeights,
     block_bytes, check_block, read_row,
 };
+use crate::prefetch::Ahead;
 
 /// `out[r] = Σ_n tables[16n + nibble_n(row r)]` for the 32 rows of `block` (see the module docs).
 /// `tables.len()` must be `16 * positions` with `positions = 2 * row_bytes`, i.e. equal to
@@ -235,7 +236,7 @@ fn fused_scores(
         out,
         marks,
     }];
-    scan_blocks_scores_multi(blocks, row_bytes, scales, &mut jobs);
+    scan_blocks_scores_multi(blocks, row_bytes, scales, &mut jobs, Ahead::NONE);
 }
 
 /// One query of [`scan_blocks_scores_multi`]: its `u8` tables, its [`Affine`], its output scores
@@ -264,7 +265,8 @@ pub const FUSED_QUERIES_WIDE: usize = 3;
 /// [`scan_blocks_scores_above`] for several queries over the same rows: each block is read and its
 /// nibbles split once per group of up to [`FUSED_QUERIES`] jobs ([`FUSED_QUERIES_WIDE`] with
 /// AVX-512 VL), and every job gets its scores
-/// (and marks, if asked) as if scanned alone. O(rows · row_bytes · jobs).
+/// (and marks, if asked) as if scanned alone. The first group asks for `ahead`'s lines of each
+/// block's rows as it walks them (the scalar fallback does not). O(rows · row_bytes · jobs).
 ///
 /// # Panics
 /// Before any memory is read, unless every job fits [`scan_blocks_scores_above`]'s checks for
@@ -274,6 +276,7 @@ pub fn scan_blocks_scores_multi(
     row_bytes: usize,
     scales: &[f32],
     jobs: &mut [ScoreJob<'_>],
+    ahead: Ahead<'_>,
 ) {
     let rows = scales.len();
     for job in jobs.iter() {
@@ -298,7 +301,8 @@ pub fn scan_blocks_scores_multi(
             } else {
                 FUSED_QUERIES
             };
-            for group in jobs.chunks_mut(per_pass) {
+            for (i, group) in jobs.chunks_mut(per_pass).enumerate() {
+                let ahead = if i == 0 { ahead } else { Ahead::NONE };
                 // Tables whose entries are all below 64 let four steps' look-ups add as bytes
                 // first. The check stops at the first 128 bytes holding a larger entry, which for
                 // `u8` tables on the full grid is almost always the first (a 64-level table is
@@ -321,30 +325,35 @@ pub fn scan_blocks_scores_multi(
                                     bl,
                                     scales,
                                     first_n(group),
+                                    ahead,
                                 ),
                                 (true, 2) => x86::scan_blocks_scores_vl::<2, $g>(
                                     blocks,
                                     bl,
                                     scales,
                                     first_n(group),
+                                    ahead,
                                 ),
                                 (true, _) => x86::scan_blocks_scores_vl::<1, $g>(
                                     blocks,
                                     bl,
                                     scales,
                                     first_n(group),
+                                    ahead,
                                 ),
                                 (false, 2) => x86::scan_blocks_scores_avx2::<2, $g>(
                                     blocks,
                                     bl,
                                     scales,
                                     first_n(group),
+                                    ahead,
                                 ),
                                 (false, _) => x86::scan_blocks_scores_avx2::<1, $g>(
                                     blocks,
                                     bl,
                                     scales,
                                     first_n(group),
+                                    ahead,
                                 ),
                             }
                         }
@@ -1202,7 +1211,15 @@ pub fn dot_blocks_scores_i16(
         affine,
         out,
     }];
-    dot_blocks_scores_i16_multi(blocks, row_bytes, bits, codebook, scales, &mut jobs);
+    dot_blocks_scores_i16_multi(
+        blocks,
+        row_bytes,
+        bits,
+        codebook,
+        scales,
+        &mut jobs,
+        Ahead::NONE,
+    );
 }
 
 /// One query of [`dot_blocks_scores_i16_multi`]: its weights on the codebook's grid, its
@@ -1223,7 +1240,8 @@ pub const INT_QUERIES: usize = 3;
 
 /// [`dot_blocks_scores_i16`] for several queries over the same rows: each block's codes are cut
 /// out and looked up once per group of up to [`INT_QUERIES`] jobs (with AVX2, gathered once), and
-/// every job gets the scores it would get alone (the same bits). O(rows · d · jobs).
+/// every job gets the scores it would get alone (the same bits). The first group asks for
+/// `ahead`'s lines of each block's rows as it walks them. O(rows · d · jobs).
 ///
 /// # Panics
 /// Before any memory is read, unless every job fits [`dot_blocks_scores_i16`]'s checks for
@@ -1235,6 +1253,7 @@ pub fn dot_blocks_scores_i16_multi(
     codebook: &IntCodebook,
     scales: &[f32],
     jobs: &mut [IntJob<'_>],
+    ahead: Ahead<'_>,
 ) {
     let dim = jobs.first().map_or(0, |j| j.weights.len());
     for job in jobs.iter() {
@@ -1253,11 +1272,12 @@ pub fn dot_blocks_scores_i16_multi(
             job.out.len(),
         );
     }
-    for group in jobs.chunks_mut(INT_QUERIES) {
+    for (i, group) in jobs.chunks_mut(INT_QUERIES).enumerate() {
+        let ahead = if i == 0 { ahead } else { Ahead::NONE };
         match group.len() {
-            1 => int_group::<1>(blocks, row_bytes, bits, codebook, scales, group),
-            2 => int_group::<2>(blocks, row_bytes, bits, codebook, scales, group),
-            _ => int_group::<3>(blocks, row_bytes, bits, codebook, scales, group),
+            1 => int_group::<1>(blocks, row_bytes, bits, codebook, scales, group, ahead),
+            2 => int_group::<2>(blocks, row_bytes, bits, codebook, scales, group, ahead),
+            _ => int_group::<3>(blocks, row_bytes, bits, codebook, scales, group, ahead),
         }
     }
 }
@@ -1270,6 +1290,7 @@ fn int_group<const Q: usize>(
     codebook: &IntCodebook,
     scales: &[f32],
     jobs: &mut [IntJob<'_>],
+    ahead: Ahead<'_>,
 ) {
     let weights: [&[i16]; Q] = std::array::from_fn(|q| jobs[q].weights);
     #[cfg(target_arch = "x86_64")]
@@ -1278,7 +1299,7 @@ fn int_group<const Q: usize>(
             // SAFETY: AVX2, AVX-512 F, BW, VBMI and VNNI, and GFNI are present (checked at run
             // time).
             let planes = unsafe { super::avx512::IntPlanes::new(codebook, bits) };
-            int_blocks::<Q>(blocks, row_bytes, scales, jobs, |block, sums| {
+            int_blocks::<Q>(blocks, row_bytes, scales, jobs, ahead, |block, sums| {
                 // SAFETY: the CPU features as above; the checks proved the block's size, that
                 // every weight's coordinate lies in a row and that no partial sum overflows.
                 unsafe { super::avx512::dot_block_i16_x86(block, bits, &planes, weights, sums) }
@@ -1286,7 +1307,7 @@ fn int_group<const Q: usize>(
             return;
         }
         if has_avx2_fma() {
-            int_blocks::<Q>(blocks, row_bytes, scales, jobs, |block, sums| {
+            int_blocks::<Q>(blocks, row_bytes, scales, jobs, ahead, |block, sums| {
                 // SAFETY: AVX2 is present (checked at run time); the checks as above, and every
                 // code indexes the widened table (at least 2^bits entries).
                 unsafe {
@@ -1297,21 +1318,23 @@ fn int_group<const Q: usize>(
             return;
         }
     }
-    int_blocks::<Q>(blocks, row_bytes, scales, jobs, |block, sums| {
+    int_blocks::<Q>(blocks, row_bytes, scales, jobs, ahead, |block, sums| {
         for (w, s) in weights.iter().zip(sums.iter_mut()) {
             dot_block_i16_scalar(block, bits, codebook.values(), w, s);
         }
     });
 }
 
-/// Runs `body` (one block's sums for each of the `Q` jobs) over each block and converts every
-/// job's sums to its scores ([`int_scores`]).
+/// Runs `body` (one block's sums for each of the `Q` jobs) over each block, asking for
+/// `ahead`'s lines of its rows first, and converts every job's sums to its scores
+/// ([`int_scores`]).
 #[inline(always)]
 fn int_blocks<const Q: usize>(
     blocks: &[u8],
     row_bytes: usize,
     scales: &[f32],
     jobs: &mut [IntJob<'_>],
+    ahead: Ahead<'_>,
     mut body: impl FnMut(&[u8], &mut [[f32; BLOCK]; Q]),
 ) {
     let mut sums = [[0f32; BLOCK]; Q];
@@ -1320,6 +1343,7 @@ fn int_blocks<const Q: usize>(
         .zip(scales.chunks(BLOCK))
         .enumerate()
     {
+        ahead.rows(BLOCK * b..BLOCK * (b + 1));
         body(block, &mut sums);
         for (job, s) in jobs.iter_mut().zip(&sums) {
             let o = &mut job.out[b * BLOCK..b * BLOCK + sc.len()];
@@ -1358,9 +1382,14 @@ pub fn dot_blocks_scores_i16_scalar(
         affine,
         out,
     }];
-    int_blocks::<1>(blocks, row_bytes, scales, &mut jobs, |block, sums| {
-        dot_block_i16_scalar(block, bits, codebook.values(), weights, &mut sums[0])
-    });
+    int_blocks::<1>(
+        blocks,
+        row_bytes,
+        scales,
+        &mut jobs,
+        Ahead::NONE,
+        |block, sums| dot_block_i16_scalar(block, bits, codebook.values(), weights, &mut sums[0]),
+    );
 }
 
 /// One block's sums, row by row (the specification of the SIMD bodies): each chunk of
@@ -1442,7 +1471,8 @@ pub fn byte_dots_native() -> bool {
 /// need no mask), and one `vpdpbusd` per 16 rows and query adds four positions' products: the
 /// look-ups are shared by up to [`BYTE_QUERIES`] queries per pass, each query adds one
 /// instruction per 64 products. Else [`dot_blocks_scores_u8_scalar`] per job. Every path gives
-/// the same bits. O(rows · row_bytes · jobs).
+/// the same bits. The first pass asks for `ahead`'s lines of each block's rows as it walks them
+/// (the fallback does not). O(rows · row_bytes · jobs).
 ///
 /// # Panics
 /// Before any memory is read, for each job, unless the codebook is 4-bit, `1 <= row_bytes <=
@@ -1455,6 +1485,7 @@ pub fn dot_blocks_scores_u8(
     codebook: &ByteCodebook,
     scales: &[f32],
     jobs: &mut [ByteJob<'_>],
+    ahead: Ahead<'_>,
 ) {
     for job in jobs.iter() {
         check_byte_dots(
@@ -1470,7 +1501,8 @@ pub fn dot_blocks_scores_u8(
     {
         if byte_dots_native() {
             let bb = block_bytes(row_bytes);
-            for group in jobs.chunks_mut(BYTE_QUERIES) {
+            for (i, group) in jobs.chunks_mut(BYTE_QUERIES).enumerate() {
+                let ahead = if i == 0 { ahead } else { Ahead::NONE };
                 // SAFETY: AVX2 and AVX-512 F, BW, VBMI and VNNI are present (checked at run
                 // time); the checks above proved the blocks' and every job's lengths.
                 unsafe {
@@ -1481,6 +1513,7 @@ pub fn dot_blocks_scores_u8(
                             codebook.values(),
                             scales,
                             first_n(group),
+                            ahead,
                         ),
                         2 => super::avx512::dot_blocks_u8_vbmi::<2>(
                             blocks,
@@ -1488,6 +1521,7 @@ pub fn dot_blocks_scores_u8(
                             codebook.values(),
                             scales,
                             first_n(group),
+                            ahead,
                         ),
                         _ => super::avx512::dot_blocks_u8_vbmi::<3>(
                             blocks,
@@ -1495,6 +1529,7 @@ pub fn dot_blocks_scores_u8(
                             codebook.values(),
                             scales,
                             first_n(group),
+                            ahead,
                         ),
                     }
                 }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::prefetch::Ahead;
 use crate::rng::{SeededRng, stream};
 
 /// SIMD and scalar accumulation differ only by summation order: each coordinate sums 32 terms,
@@ -502,7 +503,7 @@ fn blocks_scores_grouped_look_ups_equal_scan_sums() {
                             marks: None,
                         },
                     ];
-                    scan_blocks_scores_multi(&blocks, row_bytes, &scales, &mut jobs);
+                    scan_blocks_scores_multi(&blocks, row_bytes, &scales, &mut jobs, Ahead::NONE);
                     let what = format!("pair {other}, row_bytes={row_bytes} top={top}");
                     assert_eq!(a, want[0], "{what}");
                     assert_eq!(b, want[other], "{what}");
@@ -664,7 +665,7 @@ fn blocks_scores_multi_equal_one_job_at_a_time() {
                     marks: (q % 2 == 0).then_some((above[q], m.as_mut_slice())),
                 })
                 .collect();
-            scan_blocks_scores_multi(&blocks, row_bytes, &scales, &mut list);
+            scan_blocks_scores_multi(&blocks, row_bytes, &scales, &mut list, Ahead::NONE);
             drop(list);
             for q in 0..jobs {
                 assert_eq!(outs[q], alone[q], "row_bytes={row_bytes} jobs={jobs} q={q}");
@@ -989,8 +990,10 @@ fn fused_scores_with_32_registers_equal_avx2() {
             let above = 0.5;
             let fresh = || (vec![vec![f32::NAN; rows]; 3], vec![vec![0u32; 3]; 3]);
             // Runs `$jobs` through the body `$f`, `$q` jobs per pass.
+            // The AVX2 copy walks without prefetches, the VL copy asks for a second region (the
+            // tables, as rows of some other data) as it goes: the same bits either way.
             macro_rules! go {
-                ($f:ident, $q:literal, $jobs:expr) => {{
+                ($f:ident, $q:literal, $jobs:expr, $ahead:expr) => {{
                     let jobs: &mut [ScoreJob<'_>; $q] =
                         $jobs.as_mut_slice().try_into().expect("job count");
                     // SAFETY: the CPU features are present (checked above); `blocks` holds one
@@ -999,9 +1002,9 @@ fn fused_scores_with_32_registers_equal_avx2() {
                     // `small` tables have every entry below 64, as four-step grouping needs.
                     unsafe {
                         if small {
-                            super::x86::$f::<$q, 4>(&blocks, bl, &scales, jobs)
+                            super::x86::$f::<$q, 4>(&blocks, bl, &scales, jobs, $ahead)
                         } else {
-                            super::x86::$f::<$q, 1>(&blocks, bl, &scales, jobs)
+                            super::x86::$f::<$q, 1>(&blocks, bl, &scales, jobs, $ahead)
                         }
                     }
                 }};
@@ -1011,15 +1014,16 @@ fn fused_scores_with_32_registers_equal_avx2() {
             for q in 0..3 {
                 let (o, m) = (&mut want[q..q + 1], &mut want_masks[q..q + 1]);
                 let mut job = jobs_of(&tables[q..], q, above, o, m);
-                go!(scan_blocks_scores_avx2, 1, job);
+                go!(scan_blocks_scores_avx2, 1, job, Ahead::NONE);
             }
             for n in 1..=3 {
                 let (mut got, mut got_masks) = fresh();
                 let mut jobs = jobs_of(&tables, 0, above, &mut got[..n], &mut got_masks[..n]);
+                let ahead = Ahead::over(rows).with(&tables[0]).with(&scales);
                 match n {
-                    3 => go!(scan_blocks_scores_vl, 3, jobs),
-                    2 => go!(scan_blocks_scores_vl, 2, jobs),
-                    _ => go!(scan_blocks_scores_vl, 1, jobs),
+                    3 => go!(scan_blocks_scores_vl, 3, jobs, ahead),
+                    2 => go!(scan_blocks_scores_vl, 2, jobs, ahead),
+                    _ => go!(scan_blocks_scores_vl, 1, jobs, ahead),
                 }
                 drop(jobs);
                 let what = format!("row_bytes={row_bytes} small={small} jobs={n}");
@@ -1417,7 +1421,11 @@ fn int_dots_multi_equal_one_query_at_a_time() {
                         out: o,
                     })
                     .collect();
-                dot_blocks_scores_i16_multi(&blocks, row_bytes, bits, &book, &scales, &mut jobs);
+                // Asking for a second region's rows as the blocks are walked changes nothing.
+                let ahead = Ahead::over(rows).with(&scales).with(&blocks).from_row(n);
+                dot_blocks_scores_i16_multi(
+                    &blocks, row_bytes, bits, &book, &scales, &mut jobs, ahead,
+                );
                 for (k, o) in outs.iter().enumerate() {
                     let got: Vec<u32> = o.iter().map(|x| x.to_bits()).collect();
                     assert_eq!(got, alone[k], "bits={bits} d={d} {n} jobs, job {k}");
@@ -1930,7 +1938,9 @@ fn byte_dots_equal_the_scalar_twin_and_the_rows() {
                         out,
                     })
                     .collect();
-                dot_blocks_scores_u8(&blocks, row_bytes, &book, &scales, &mut jobs);
+                // Asking for a second region's rows as the blocks are walked changes nothing.
+                let ahead = Ahead::over(rows).with(&scales).with(&blocks[1..]);
+                dot_blocks_scores_u8(&blocks, row_bytes, &book, &scales, &mut jobs, ahead);
                 for (q, got) in outs.iter().enumerate() {
                     let what = format!("row_bytes={row_bytes} rows={rows} jobs={n} job {q}");
                     let mut twin = vec![0f32; rows];
@@ -1971,7 +1981,7 @@ fn byte_dots_equal_the_scalar_twin_and_the_rows() {
         affine,
         out: &mut got,
     }];
-    dot_blocks_scores_u8(&blocks, row_bytes, &book, &scales, &mut jobs);
+    dot_blocks_scores_u8(&blocks, row_bytes, &book, &scales, &mut jobs, Ahead::NONE);
     dot_blocks_scores_u8_scalar(
         &blocks, row_bytes, &book, &weights, affine, &scales, &mut twin,
     );
@@ -2430,5 +2440,5 @@ fn byte_dots_refuse_a_three_bit_codebook() {
         affine,
         out: &mut out,
     }];
-    dot_blocks_scores_u8(&blocks, row_bytes, &book, &scales, &mut jobs);
+    dot_blocks_scores_u8(&blocks, row_bytes, &book, &scales, &mut jobs, Ahead::NONE);
 }

@@ -956,11 +956,13 @@ macro_rules! scan_scores_kernel {
             block_len: usize,
             scales: &[f32],
             jobs: &mut [super::ScoreJob<'_>; Q],
+            ahead: crate::prefetch::Ahead<'_>,
         ) {
             let steps = block_len / 32;
             let rows = scales.len();
             let tables: [&[u8]; Q] = std::array::from_fn(|q| jobs[q].tables);
             for (b, block) in blocks.chunks_exact(block_len).enumerate() {
+                ahead.rows(b * BLOCK..(b + 1) * BLOCK);
                 let zero = _mm256_setzero_si256();
                 let mut sums = [[zero; 4]; Q];
                 let mut done = 0;
@@ -1043,7 +1045,8 @@ scan_scores_kernel!(
     /// of `masks[b]` set iff row `32b + r`'s score is `> above`. Rows past `scales.len()` (the last
     /// block's empty slots) are computed and dropped. `G` look-up steps are added as bytes before
     /// they are accumulated ([`nibble_chunk`]), which needs every job's table entries at most
-    /// `255 / G` (else the sums are wrong, though memory stays safe).
+    /// `255 / G` (else the sums are wrong, though memory stays safe). Each block asks for
+    /// `ahead`'s lines of its rows before it is scanned.
     ///
     /// # Safety
     /// The CPU supports AVX2 and FMA; `block_len` is a positive multiple of 32, `blocks.len() ==
