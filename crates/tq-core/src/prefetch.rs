@@ -1,11 +1,12 @@
 //! Software prefetch of a second stream in step with a scan: [`Ahead`].
 //!
 //! A decode step of attention reads two streams from memory, the key codes (scored first) and
-//! the value codes (summed once the softmax is known). Read one after the other, each runs at
-//! the speed a single stream gets from memory, and the value pass waits for its data while the
-//! memory sat idle during the softmax. A key scan that carries an [`Ahead`] naming the value
-//! rows' bytes asks for them as it goes, a few cache lines per block of keys, so both streams
-//! come in together and the value pass finds its rows in the core's caches.
+//! the value codes (summed once the softmax is known). Read one after the other, the value pass
+//! waits for its rows while the memory sat idle during the softmax. A key scan that carries an
+//! [`Ahead`] naming the value rows' bytes asks for them as it goes, a few cache lines per block
+//! of keys, so both streams come in from memory together and the value pass finds its rows in
+//! the core's caches (in its second-level cache when one head's value rows fit there, else in
+//! the caches behind it).
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -13,26 +14,39 @@ use std::ops::Range;
 /// Most regions one [`Ahead`] names.
 pub const AHEAD_REGIONS: usize = 8;
 
-/// Byte regions to fetch toward the core (into the second-level cache) in step with a walk over
-/// `rows` rows: walking rows `a..b` asks for each region's bytes `[a · len / rows, b · len /
-/// rows)`, rounded out to whole cache lines. The regions are other data laid out by row (codes in
-/// row order, one scale per row), so the lines asked for are the ones their own walk over the
-/// same rows will read. A hint only: nothing is read or written, no result depends on it, and on
-/// CPUs other than x86-64 it does nothing. [`Ahead::NONE`] names nothing. `Copy` and cheap to
-/// pass (a fixed array of at most [`AHEAD_REGIONS`] regions).
+/// Cache line size the hints step by.
+const LINE: usize = 64;
+
+/// One named region: start, length in bytes, and bytes per row in 32.32 fixed point
+/// (`len · 2^32 / rows` for the rows it was spread over, so a walk maps rows to bytes by one
+/// multiply and no division).
+#[derive(Clone, Copy)]
+struct Region {
+    ptr: *const u8,
+    len: usize,
+    per_row: u128,
+}
+
+/// Byte regions to fetch toward the core (`prefetcht1`) in step with a walk over `rows` rows:
+/// walking rows `a..b` asks for the cache lines holding each region's bytes `[a · len / rows,
+/// b · len / rows)` (all of its last bytes once the walk reaches row `rows`). The regions are
+/// other data laid out by row (codes in row order, one scale per row), so the lines asked for
+/// are the ones their own walk over the same rows will read. A hint only: nothing is read or
+/// written, no result depends on it, and on CPUs other than x86-64 (and under Miri) it does
+/// nothing. [`Ahead::NONE`] names nothing. `Copy`: a fixed array of at most [`AHEAD_REGIONS`]
+/// regions (about 300 bytes).
 #[derive(Clone, Copy)]
 pub struct Ahead<'a> {
-    /// Start, length in bytes, and bytes per row in 32.32 fixed point (`len · 2^32 / rows`,
-    /// so a walk maps rows to bytes by one multiply and no division).
-    regions: [(*const u8, usize, u128); AHEAD_REGIONS],
+    regions: [Region; AHEAD_REGIONS],
     n: usize,
     rows: usize,
     first: usize,
     _bytes: PhantomData<&'a [u8]>,
 }
 
-// SAFETY: an `Ahead` is a shared borrow of its regions' bytes (the `PhantomData`) that is never
-// dereferenced: its pointers only feed prefetch hints, which cannot fault or race.
+// SAFETY: an `Ahead` never dereferences its pointers (they only feed prefetch hints, which do
+// not access memory in the language's sense and cannot fault), so sharing or sending one across
+// threads cannot race, whatever the regions hold.
 unsafe impl Send for Ahead<'_> {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for Ahead<'_> {}
@@ -56,7 +70,11 @@ impl Default for Ahead<'_> {
 impl<'a> Ahead<'a> {
     /// Names nothing: walks ask for nothing.
     pub const NONE: Ahead<'static> = Ahead {
-        regions: [(std::ptr::null(), 0, 0); AHEAD_REGIONS],
+        regions: [Region {
+            ptr: std::ptr::null(),
+            len: 0,
+            per_row: 0,
+        }; AHEAD_REGIONS],
         n: 0,
         rows: 0,
         first: 0,
@@ -71,27 +89,34 @@ impl<'a> Ahead<'a> {
         }
     }
 
-    /// Adds `data` (any plain values laid out by row: its bytes are spread evenly over the rows).
+    /// Adds `data` (any values laid out by row: its bytes are spread evenly over the rows).
     /// Empty slices and regions past the [`AHEAD_REGIONS`]-th are left out (a hint, so nothing
     /// fails). O(1).
     pub fn with<T>(self, data: &'a [T]) -> Self {
-        self.push(data.as_ptr() as *const u8, std::mem::size_of_val(data))
+        let len = std::mem::size_of_val(data);
+        let per_row = ((len as u128) << 32) / self.rows.max(1) as u128;
+        self.push(Region {
+            ptr: data.as_ptr() as *const u8,
+            len,
+            per_row,
+        })
     }
 
-    /// Adds the region of `bytes` bytes at `ptr` unless it is empty or the array is full.
-    fn push(mut self, ptr: *const u8, bytes: usize) -> Self {
-        if bytes > 0 && self.n < AHEAD_REGIONS {
-            let per_row = ((bytes as u128) << 32) / self.rows.max(1) as u128;
-            self.regions[self.n] = (ptr, bytes, per_row);
-            self.n += 1;
+    /// Every region of `self` and then of `other` (up to [`AHEAD_REGIONS`]), each spread over
+    /// the rows it was named for; walks count `self`'s rows, and a walk past `other`'s rows asks
+    /// for none of its regions. O(regions).
+    pub fn and(mut self, other: &Ahead<'a>) -> Self {
+        for &r in &other.regions[..other.n] {
+            self = self.push(r);
         }
         self
     }
 
-    /// Every region of `self` and then of `other` (up to [`AHEAD_REGIONS`]), over `self`'s rows.
-    pub fn and(mut self, other: &Ahead<'a>) -> Self {
-        for &(ptr, bytes, _) in &other.regions[..other.n] {
-            self = self.push(ptr, bytes);
+    /// Adds `r` unless it is empty or the array is full.
+    fn push(mut self, r: Region) -> Self {
+        if r.len > 0 && self.n < AHEAD_REGIONS {
+            self.regions[self.n] = r;
+            self.n += 1;
         }
         self
     }
@@ -112,76 +137,169 @@ impl<'a> Ahead<'a> {
     /// end ask for nothing. O(bytes of those rows / 64) hints.
     #[inline]
     pub fn rows(&self, rows: Range<usize>) {
-        if self.is_none() {
+        if cfg!(any(not(target_arch = "x86_64"), miri)) {
             return;
         }
+        let Some((a, b)) = self.walk(rows) else {
+            return;
+        };
+        for r in &self.regions[..self.n] {
+            let (mut off, end) = self.span(r, a, b);
+            while off < end {
+                hint(r.ptr.wrapping_offset(off));
+                off += LINE as isize;
+            }
+        }
+    }
+
+    /// The regions' rows a walk over `rows` covers, `None` when there are none.
+    #[inline]
+    fn walk(&self, rows: Range<usize>) -> Option<(usize, usize)> {
         let (a, b) = (
             self.first.saturating_add(rows.start).min(self.rows),
             self.first.saturating_add(rows.end).min(self.rows),
         );
-        if a >= b {
-            return;
-        }
-        for &(ptr, len, per_row) in &self.regions[..self.n] {
-            // Rows below `self.rows` map below `len` (the fixed point rounds down).
-            let start = ((a as u128 * per_row) >> 32) as usize;
-            let end = ((b as u128 * per_row) >> 32) as usize;
-            fetch(ptr, start & !63, end.min(len));
-        }
+        (!self.is_none() && a < b).then_some((a, b))
+    }
+
+    /// The offsets from `r`'s start of the lines rows `a..b` (`a < b <= self.rows`) ask for:
+    /// the 64-byte-aligned lines that start among their bytes, and for the rows from the
+    /// region's first byte on the line holding that byte too (up to 63 bytes before the
+    /// region). Consecutive walks so ask for each line holding a byte of the region exactly
+    /// once.
+    #[inline]
+    fn span(&self, r: &Region, a: usize, b: usize) -> (isize, isize) {
+        // Rows up to `self.rows` map at most to `len` (the fixed point rounds down); the walk's
+        // last row takes the region to its end.
+        let at = |row: usize| (((row as u128 * r.per_row) >> 32) as usize).min(r.len);
+        let end = if b == self.rows { r.len } else { at(b) };
+        let start = at(a);
+        let into = (r.ptr as usize).wrapping_add(start) % LINE;
+        // Both fit `isize`: they lie within (or one line before) an allocation.
+        let first = if start == 0 {
+            -(into as isize)
+        } else {
+            (start + (LINE - into) % LINE) as isize
+        };
+        (first, end as isize)
     }
 }
 
-/// Hints the lines of `ptr[at..end]`, `at` a multiple of 64 (the walk starts at the line holding
-/// the first byte and stays inside the region).
-#[inline]
-fn fetch(ptr: *const u8, mut at: usize, end: usize) {
-    while at < end {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `at < end <= len`, an offset inside the region `ptr` starts; a prefetch hint
-        // neither faults nor reads into the program (SSE, part of x86-64).
-        unsafe {
-            use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-            _mm_prefetch::<_MM_HINT_T1>(ptr.add(at) as *const i8);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = ptr;
-        at += 64;
+/// A `prefetcht1` hint for the line holding `p` (which need not be dereferenceable).
+#[inline(always)]
+fn hint(p: *const u8) {
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    // SAFETY: a prefetch hint neither faults nor accesses memory in the language's sense, for
+    // any address (SSE, part of x86-64).
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
     }
+    #[cfg(any(not(target_arch = "x86_64"), miri))]
+    let _ = p;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The lines a walk over `rows` asks for, region by region, as absolute addresses (none at
+    /// all when the walk covers no rows).
+    fn lines(a: &Ahead<'_>, rows: Range<usize>) -> Vec<Vec<usize>> {
+        let Some((lo, hi)) = a.walk(rows) else {
+            return Vec::new();
+        };
+        a.regions[..a.n]
+            .iter()
+            .map(|r| {
+                let (start, end) = a.span(r, lo, hi);
+                (start..end)
+                    .step_by(LINE)
+                    .map(|off| (r.ptr as isize + off) as usize)
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Walks over consecutive row ranges ask, region by region, for exactly the aligned lines
+    /// that hold its bytes (every one once, none past its last byte's line), whatever the
+    /// region's alignment and length against the row count, for walks of one row, of a block,
+    /// and of all rows at once.
     #[test]
-    fn walks_stay_inside_and_name_nothing_past_the_rows() {
-        let codes = vec![7u8; 1000];
-        let scales = vec![1.0f32; 33];
-        let a = Ahead::over(33).with(&codes).with(&scales);
-        assert!(!a.is_none());
-        // Every row range, inside and past the end, offset or not: hints only, nothing fails.
-        for first in [0, 5, 32, 33, usize::MAX] {
-            let b = a.from_row(first);
-            for s in 0..40 {
-                b.rows(s..s + 3);
-                b.rows(s..s);
+    fn consecutive_walks_cover_every_line_of_every_region() {
+        let store = vec![0u8; 5000];
+        for (offset, len, rows) in [(0, 1000, 33), (1, 1000, 33), (17, 4096, 100), (63, 65, 7)] {
+            let codes = &store[offset..offset + len];
+            let scales = vec![0.5f32; rows];
+            let a = Ahead::over(rows).with(codes).with(&scales);
+            let regions = [
+                (codes.as_ptr() as usize, len),
+                (scales.as_ptr() as usize, 4 * rows),
+            ];
+            for step in [1, 32, rows] {
+                for (k, &(lo, bytes)) in regions.iter().enumerate() {
+                    let want: Vec<usize> = (lo / LINE * LINE..lo + bytes).step_by(LINE).collect();
+                    let got: Vec<usize> = (0..rows)
+                        .step_by(step)
+                        .flat_map(|s| lines(&a, s..s + step).swap_remove(k))
+                        .collect();
+                    assert_eq!(
+                        got, want,
+                        "offset {offset} len {len} step {step} region {k}"
+                    );
+                }
             }
+        }
+    }
+
+    #[test]
+    fn offsets_empty_walks_and_names_of_nothing() {
+        let codes = vec![7u8; 1000];
+        let a = Ahead::over(40).with(&codes);
+        // A walk from row 0 of a slice starting at row k asks for what rows k.. ask for.
+        for k in [0, 5, 32, 39] {
+            assert_eq!(lines(&a.from_row(k), 0..1), lines(&a, k..k + 1), "row {k}");
+        }
+        // Nothing for empty walks, walks past the end, or offsets past it (hints only: these
+        // calls must not fail either).
+        for (b, r) in [(a, 3..3), (a, 40..45), (a.from_row(usize::MAX), 0..10)] {
+            assert!(lines(&b, r.clone()).is_empty());
+            b.rows(r);
         }
         assert!(Ahead::NONE.is_none());
         assert!(Ahead::over(0).with(&codes).is_none());
         assert!(Ahead::over(10).with::<u8>(&[]).is_none());
+        assert!(lines(&Ahead::NONE, 0..10).is_empty());
     }
 
+    /// `and` keeps the other's regions spread over its own rows (a walk past them asks for them
+    /// to their ends) and stops at the limit.
     #[test]
-    fn regions_past_the_limit_are_left_out() {
-        let data = [1u16; 4];
-        let mut a = Ahead::over(4);
-        for _ in 0..AHEAD_REGIONS + 3 {
-            a = a.with(&data);
+    fn joined_regions_keep_their_rows_and_the_limit() {
+        let short = vec![1u8; 640];
+        let long = vec![2u8; 6400];
+        let a = Ahead::over(100)
+            .with(&long)
+            .and(&Ahead::over(10).with(&short));
+        // Rows 0..5 are 320 bytes of either region from its first byte: five lines, six when
+        // the region is not aligned.
+        for (k, l) in lines(&a, 0..5).iter().enumerate() {
+            assert!((5..=6).contains(&l.len()), "region {k}: {} lines", l.len());
         }
-        assert_eq!(a.n, AHEAD_REGIONS);
-        let b = Ahead::over(4).with(&data).and(&a);
+        let past = lines(&a, 20..21);
+        assert!(
+            past[1].is_empty(),
+            "rows past the short region's ask for none of it"
+        );
+        assert!(!past[0].is_empty());
+        let data = [1u16; 4];
+        let mut b = Ahead::over(4);
+        for _ in 0..AHEAD_REGIONS + 3 {
+            b = b.with(&data);
+        }
         assert_eq!(b.n, AHEAD_REGIONS);
-        assert_eq!(format!("{b:?}"), "Ahead { regions: 8, rows: 4, first: 0 }");
+        let c = Ahead::over(4).with(&data).and(&b);
+        assert_eq!(c.n, AHEAD_REGIONS);
+        assert_eq!(format!("{c:?}"), "Ahead { regions: 8, rows: 4, first: 0 }");
     }
 }

@@ -145,9 +145,7 @@ impl PlainRows {
     }
 
     /// The values as f32: borrowed for f32 rows, widened (exactly) for f16 rows, eight per
-    /// instruction where the CPU has F16C (`half_simd::widen`; `half`'s slice conversion checked
-    /// the CPU and called a function per eight values: 3% of a default-cache decode step). O(n)
-    /// for f16.
+    /// instruction where the CPU has F16C, AVX2 and FMA (`half_simd::widen`). O(n) for f16.
     pub(crate) fn to_f32(&self) -> Cow<'_, [f32]> {
         match self {
             PlainRows::F32(v) => Cow::Borrowed(v),
@@ -195,13 +193,21 @@ impl PlainRows {
 mod tests {
     use super::*;
 
-    /// f16 rows widen to exactly each value's f32 (every binade, subnormals, signed zeros), at
-    /// lengths that leave partial vectors.
+    /// f16 rows widen to exactly each value's f32 (signed zeros, subnormals, the largest finite
+    /// values, every binade), at lengths that leave partial vectors.
     #[test]
     fn f16_rows_widen_exactly() {
         for n in [0usize, 1, 7, 8, 9, 63, 64, 65, 200] {
+            // Signed zeros, the smallest and largest subnormals, the smallest normals, the
+            // largest finite values, then a spread over every binade and both signs.
+            let edges = [
+                0x0000u16, 0x8000, 0x0001, 0x8001, 0x03FF, 0x0400, 0x8400, 0x7BFF, 0xFBFF,
+            ];
             let bits: Vec<u16> = (0..n as u32)
-                .map(|i| (i.wrapping_mul(40_503) % 0x7C00) as u16 | (((i & 1) as u16) << 15))
+                .map(|i| match edges.get(i as usize) {
+                    Some(&e) => e,
+                    None => (i.wrapping_mul(40_503) % 0x7C00) as u16 | (((i & 1) as u16) << 15),
+                })
                 .collect();
             let v: Vec<f16> = bits.iter().map(|&b| f16::from_bits(b)).collect();
             let want: Vec<u32> = v.iter().map(|x| x.to_f32().to_bits()).collect();

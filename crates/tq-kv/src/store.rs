@@ -353,7 +353,8 @@ impl Store {
     /// [`Store::scores`] for several prepared queries (`outs[i]` for `queries[i]`): each part
     /// scores all of them in one call, so kinds that share a pass over the codes between queries
     /// (MSE on the fast path: tables at 1, 2 and 4 bits or byte dots at 4, integer dots at 5-8)
-    /// do.
+    /// do. On the fast path the first part's scan asks for `ahead`'s rows as it walks its own
+    /// ([`EncodedVectors::score_many_ahead`]); the exact path ignores it.
     pub(crate) fn scores_many(
         &self,
         queries: &[Vec<AnyQuery>],

@@ -116,8 +116,10 @@ pub trait EncodedVectors: Sync {
     /// the lines of `ahead`'s regions that the same rows cover: the decode attention of a KV cache
     /// scores its keys with the value rows' [`EncodedVectors::ahead`], so the values come in from
     /// memory with the keys instead of after the softmax. MSE batches scanned on this thread
-    /// ask (their tables, byte and integer dots, several queries per pass); the other kinds,
-    /// and scans split over threads, ignore it.
+    /// ask where their grouped scans run: 1-, 2- and 4-bit nibble tables (AVX2 bodies), 5-bit
+    /// tables, 4-bit byte dots (AVX-512 VBMI and VNNI) and 5-8-bit integer dots, for one query
+    /// or several; 3-bit tables, queries on different grids, scalar fallbacks, scans split over
+    /// threads and the other kinds ignore it.
     ///
     /// # Errors
     /// As [`EncodedVectors::score_many_into`].
@@ -132,8 +134,8 @@ pub trait EncodedVectors: Sync {
     }
 
     /// The bytes that hold the rows (codes and per-row scales, in row order), for a scan over as
-    /// many rows of another batch to ask for ([`EncodedVectors::score_many_ahead`]); names nothing
-    /// for kinds without such a layout. O(1).
+    /// many rows of another batch to ask for ([`EncodedVectors::score_many_ahead`]): MSE and KIVI
+    /// batches name theirs, the other kinds name nothing. O(1).
     fn ahead(&self) -> Ahead<'_> {
         Ahead::NONE
     }
@@ -430,9 +432,6 @@ impl EncodedVectors for KiviBatch {
     }
     fn score_exact_into(&self, q: &KiviQuery, out: &mut [f32]) -> Result<()> {
         KiviBatch::score_exact_into(self, q, out)
-    }
-    fn score_many_into(&self, qs: &[&KiviQuery], outs: &mut [&mut [f32]]) -> Result<()> {
-        KiviBatch::score_many_into(self, qs, outs)
     }
     fn ahead(&self) -> Ahead<'_> {
         KiviBatch::ahead(self)

@@ -1045,8 +1045,9 @@ impl MseBatch {
     }
 
     /// [`MseBatch::score_many_into`] asking for `ahead`'s lines of each block's rows as the
-    /// grouped scans walk them (tables, byte and integer dots; not the one-query-at-a-time
-    /// fallback): the same scores. See [`EncodedVectors::score_many_ahead`].
+    /// grouped scans walk them (nibble tables on AVX2, 5-bit tables, byte and integer dots; not
+    /// the one-query-at-a-time fallback of 3-bit tables, mixed grids or scans split over
+    /// threads): the same scores. See [`EncodedVectors::score_many_ahead`].
     ///
     /// # Errors
     /// As [`MseBatch::score_many_into`].
@@ -1133,7 +1134,8 @@ impl MseBatch {
     }
 
     /// The codes' blocks and the per-row norms, for a scan of another batch of as many rows to
-    /// ask for ([`EncodedVectors::ahead`]). O(1).
+    /// ask for ([`EncodedVectors::ahead`]; the blocks hold whole 32-row blocks, so a walk asks
+    /// for the codes up to one block early). O(1).
     pub fn ahead(&self) -> Ahead<'_> {
         let a = Ahead::over(self.len()).with(self.codes.blocks());
         match &self.norms {

@@ -295,8 +295,8 @@ impl Tables {
     /// `biases[i]`, no marks): nibble tables in pairs (threes with AVX-512 VL) through the fused
     /// kernel, 5-bit tables in groups of up to three through
     /// [`tq_core::scan::scan_block_b5_multi`] (each code rebuilt once per group), other mixes one
-    /// query at a time. The nibble and 5-bit scans ask for `ahead`'s lines of each block's rows
-    /// as they walk them.
+    /// query at a time. The nibble scans (on their AVX2 bodies) and the 5-bit scans ask for
+    /// `ahead`'s lines of each block's rows as they walk them.
     pub(crate) fn scores_fast_many(
         tables: &[&Tables],
         blocks: &[u8],

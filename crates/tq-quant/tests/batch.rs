@@ -447,7 +447,16 @@ fn score_many_ahead_equals_score_many_into() {
                 let mut got = vec![vec![0.0f32; n]; count];
                 let mut outs: Vec<&mut [f32]> = got.iter_mut().map(Vec::as_mut_slice).collect();
                 EncodedVectors::score_many_ahead(&batch, &refs, &mut outs, other.ahead()).unwrap();
-                assert_eq!(got, want, "bits {bits}, {m} other rows, {count} queries");
+                let bits_of = |v: &[Vec<f32>]| -> Vec<Vec<u32>> {
+                    v.iter()
+                        .map(|o| o.iter().map(|x| x.to_bits()).collect())
+                        .collect()
+                };
+                assert_eq!(
+                    bits_of(&got),
+                    bits_of(&want),
+                    "bits {bits}, {m} other rows, {count} queries"
+                );
             }
         }
     }

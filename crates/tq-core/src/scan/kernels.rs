@@ -278,6 +278,8 @@ pub fn scan_blocks_scores_multi(
     jobs: &mut [ScoreJob<'_>],
     ahead: Ahead<'_>,
 ) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ahead;
     let rows = scales.len();
     for job in jobs.iter() {
         check_blocks_scores(
@@ -1487,6 +1489,8 @@ pub fn dot_blocks_scores_u8(
     jobs: &mut [ByteJob<'_>],
     ahead: Ahead<'_>,
 ) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ahead;
     for job in jobs.iter() {
         check_byte_dots(
             blocks.len(),
