@@ -5,7 +5,8 @@
 //! `[n_q_heads, m, d]` (a block), outputs like the queries. Query head `h` reads kv head
 //! `h / (n_q_heads / n_kv_heads)`; the queries of one group attend together and share one decode
 //! of the value codes. KV heads run in parallel on the current rayon pool when there is enough
-//! work ([`PARALLEL_MIN_WORK`] tokens × heads).
+//! work ([`PARALLEL_MIN_WORK`] tokens × heads); with at least as many kv heads as threads each
+//! head's scans then stay on its thread, else long caches also split their rows over the pool.
 
 use rayon::prelude::*;
 
@@ -206,14 +207,13 @@ impl MultiHeadCache {
             .chunks_exact(group * per)
             .zip(out.chunks_exact_mut(group * per))
             .enumerate();
-        let run = |(h, (q, o)): (usize, (&[f32], &mut [f32]))| {
-            self.heads[h].attend_block(q, &limits_rep, o)
-        };
-        if self.parallel(self.len() * limits.len() * group) {
-            jobs.collect::<Vec<_>>().into_par_iter().try_for_each(run)
-        } else {
-            jobs.into_iter().try_for_each(run)
-        }
+        let par = self.parallel(self.len() * limits.len() * group);
+        let limits_rep = &limits_rep;
+        run_heads(
+            jobs.map(|(h, (q, o))| move || self.heads[h].attend_block(q, limits_rep, o)),
+            par,
+            self.heads.len(),
+        )
     }
 
     /// One decoder step: appends `n` tokens (`keys`, `values` `[n_kv_heads, n, d]`) and computes
@@ -273,19 +273,36 @@ impl MultiHeadCache {
                 let (k, v) = (&keys[r.clone()], &values[r]);
                 move || head.append_attend(k, v, q, limits_rep, o)
             });
-        if par {
-            jobs.collect::<Vec<_>>()
-                .into_par_iter()
-                .try_for_each(|mut job| job())
-        } else {
-            jobs.into_iter().try_for_each(|mut job| job())
-        }
+        run_heads(jobs, par, kv)
     }
 
     /// Keeps the first `n` tokens in every head.
     pub fn truncate(&mut self, n: usize) {
         self.heads.iter_mut().for_each(|h| h.truncate(n));
     }
+}
+
+/// Runs one job per kv head (`heads` of them), in parallel on the rayon pool when `par`. With at
+/// least as many kv heads as threads each head's scans stay on its thread
+/// ([`tq_quant::score::sequential`]): they keep their grouped passes and the value rows asked
+/// for while the keys are scanned, instead of splitting their rows over the pool again.
+fn run_heads<J>(jobs: impl Iterator<Item = J>, par: bool, heads: usize) -> Result<()>
+where
+    J: FnOnce() -> Result<()> + Send,
+{
+    if !par {
+        return jobs.into_iter().try_for_each(|job| job());
+    }
+    let own = heads >= rayon::current_num_threads();
+    jobs.collect::<Vec<_>>()
+        .into_par_iter()
+        .try_for_each(|job| {
+            if own {
+                tq_quant::score::sequential(job)
+            } else {
+                job()
+            }
+        })
 }
 
 /// The caches of every layer of a model.

@@ -60,6 +60,40 @@ fn gqa_maps_query_heads_to_their_kv_head_and_parallel_equals_serial() {
     assert_eq!(&ob[4 * 2 * d..5 * 2 * d], &one[..]);
 }
 
+/// Long caches (rows past `tq_quant::score::PARALLEL_MIN_ROWS`, where one head's scans would
+/// split over the pool) attended by as many threads as kv heads, each head's scans on its own
+/// thread, give the one-thread outputs bit for bit, for `attend` and for `append_attend`.
+#[test]
+fn long_caches_on_as_many_threads_as_kv_heads_equal_one_thread() {
+    let (d, nq, nkv) = (16, 4, 2);
+    let t = tq_quant::score::PARALLEL_MIN_ROWS + 40;
+    let cfg = HeadConfig::new(d, Precision::Uniform(4), Precision::Uniform(4));
+    let mut cache = MultiHeadCache::new(nq, nkv, &cfg, &[]).unwrap();
+    cache
+        .append(&rows(nkv * t * d, 7), &rows(nkv * t * d, 8))
+        .unwrap();
+    let q = rows(nq * d, 9);
+    let pool = |n| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap()
+    };
+    let (one, two) = (pool(1), pool(nkv));
+    let mut want = vec![0.0; nq * d];
+    one.install(|| cache.attend(&q, &mut want)).unwrap();
+    let mut got = vec![0.0; nq * d];
+    two.install(|| cache.attend(&q, &mut got)).unwrap();
+    assert_eq!(got, want);
+    let (k, v) = (rows(nkv * d, 10), rows(nkv * d, 11));
+    let mut again = cache.clone();
+    one.install(|| cache.append_attend(&k, &v, &q, &[t + 1], &mut want))
+        .unwrap();
+    two.install(|| again.append_attend(&k, &v, &q, &[t + 1], &mut got))
+        .unwrap();
+    assert_eq!(got, want);
+}
+
 #[test]
 fn model_cache_and_errors() {
     let cfg = HeadConfig::new(32, Precision::Uniform(4), Precision::Uniform(2));

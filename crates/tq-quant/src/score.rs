@@ -370,9 +370,12 @@ thread_local! {
     static SEQUENTIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs `f` with this thread's row scans kept sequential: for callers that already give the pool
-/// one task per query, where splitting each query's rows again only adds scheduling.
-pub(crate) fn sequential<R>(f: impl FnOnce() -> R) -> R {
+/// Runs `f` with this thread's row scans kept sequential (no batch splits its rows over the
+/// rayon pool inside `f`): for callers that already give the pool one task per query or per
+/// batch (the kv heads of a multi-head cache), where splitting each task's rows again only adds
+/// scheduling and gives up the scans that run on one thread (several queries per pass, the
+/// value rows asked for while the keys are scanned). Results do not depend on it.
+pub fn sequential<R>(f: impl FnOnce() -> R) -> R {
     struct Restore(bool);
     impl Drop for Restore {
         fn drop(&mut self) {
