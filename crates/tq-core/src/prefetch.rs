@@ -40,7 +40,6 @@ pub struct Ahead<'a> {
     regions: [Region; AHEAD_REGIONS],
     n: usize,
     rows: usize,
-    first: usize,
     _bytes: PhantomData<&'a [u8]>,
 }
 
@@ -56,7 +55,6 @@ impl std::fmt::Debug for Ahead<'_> {
         f.debug_struct("Ahead")
             .field("regions", &self.n)
             .field("rows", &self.rows)
-            .field("first", &self.first)
             .finish()
     }
 }
@@ -77,7 +75,6 @@ impl<'a> Ahead<'a> {
         }; AHEAD_REGIONS],
         n: 0,
         rows: 0,
-        first: 0,
         _bytes: PhantomData,
     };
 
@@ -121,13 +118,6 @@ impl<'a> Ahead<'a> {
         self
     }
 
-    /// The same regions, with row `0` of a walk standing for row `first` of the regions' rows (a
-    /// walk over a slice of the rows starting at `first`).
-    pub fn from_row(mut self, first: usize) -> Self {
-        self.first = self.first.saturating_add(first);
-        self
-    }
-
     /// `true` when walks ask for nothing.
     pub fn is_none(&self) -> bool {
         self.n == 0 || self.rows == 0
@@ -155,10 +145,7 @@ impl<'a> Ahead<'a> {
     /// The regions' rows a walk over `rows` covers, `None` when there are none.
     #[inline]
     fn walk(&self, rows: Range<usize>) -> Option<(usize, usize)> {
-        let (a, b) = (
-            self.first.saturating_add(rows.start).min(self.rows),
-            self.first.saturating_add(rows.end).min(self.rows),
-        );
+        let (a, b) = (rows.start.min(self.rows), rows.end.min(self.rows));
         (!self.is_none() && a < b).then_some((a, b))
     }
 
@@ -253,16 +240,12 @@ mod tests {
     }
 
     #[test]
-    fn offsets_empty_walks_and_names_of_nothing() {
+    fn empty_walks_and_names_of_nothing() {
         let codes = vec![7u8; 1000];
         let a = Ahead::over(40).with(&codes);
-        // A walk from row 0 of a slice starting at row k asks for what rows k.. ask for.
-        for k in [0, 5, 32, 39] {
-            assert_eq!(lines(&a.from_row(k), 0..1), lines(&a, k..k + 1), "row {k}");
-        }
-        // Nothing for empty walks, walks past the end, or offsets past it (hints only: these
-        // calls must not fail either).
-        for (b, r) in [(a, 3..3), (a, 40..45), (a.from_row(usize::MAX), 0..10)] {
+        // Nothing for empty walks or walks past the end (hints only: these calls must not fail
+        // either).
+        for (b, r) in [(a, 3..3), (a, 40..45), (a, usize::MAX - 1..usize::MAX)] {
             assert!(lines(&b, r.clone()).is_empty());
             b.rows(r);
         }
@@ -300,6 +283,6 @@ mod tests {
         assert_eq!(b.n, AHEAD_REGIONS);
         let c = Ahead::over(4).with(&data).and(&b);
         assert_eq!(c.n, AHEAD_REGIONS);
-        assert_eq!(format!("{c:?}"), "Ahead { regions: 8, rows: 4, first: 0 }");
+        assert_eq!(format!("{c:?}"), "Ahead { regions: 8, rows: 4 }");
     }
 }

@@ -1422,7 +1422,7 @@ fn int_dots_multi_equal_one_query_at_a_time() {
                     })
                     .collect();
                 // Asking for a second region's rows as the blocks are walked changes nothing.
-                let ahead = Ahead::over(rows).with(&scales).with(&blocks).from_row(n);
+                let ahead = Ahead::over(rows + n).with(&scales).with(&blocks);
                 dot_blocks_scores_i16_multi(
                     &blocks, row_bytes, bits, &book, &scales, &mut jobs, ahead,
                 );
